@@ -1,0 +1,116 @@
+"""The ``sspo`` command line: one subcommand per module (``python -m sspo`` works too)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import SSPOError
+
+
+def _base(args) -> None:
+    from .base import BaseConfig, build_base
+
+    path = build_base(BaseConfig.preset("quick" if args.quick else "default"), output=args.out, force=args.force)
+    print(path)
+
+
+def _sample(args) -> None:
+    from .models.pipeline import load_pipeline
+    from .sample import generate, image_grid, save_png
+    from .trainer import resolve_model
+
+    pipe = load_pipeline(resolve_model(args.model), lora=args.lora)
+    prompts = args.prompt
+    if args.shapes_check:
+        from .worlds.shapes import parse_prompt
+
+        for prompt in prompts:
+            parse_prompt(prompt)
+    seeds = list(range(args.seeds))
+    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale) for seed in seeds]
+    save_png(image_grid(rows, [f"seed {s}" for s in seeds], prompts), args.out)
+    print(args.out)
+
+
+def _eval(args) -> None:
+    from .config import apply_overrides, from_dict
+    from .evaluate import EvalConfig, evaluate_model, format_table, write_results
+    from .trainer import resolve_model
+
+    cfg = from_dict(EvalConfig, apply_overrides({}, args.overrides))
+    summary, _ = evaluate_model(resolve_model(args.model), cfg, lora=args.lora)
+    name = args.name or args.model
+    print(format_table({name: summary}))
+    if args.out:
+        write_results({name: summary}, args.out)
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train_config import TrainConfig
+    from .trainer import train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    print(train(cfg, resume=args.resume))
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("base", help="build the shapes world's tiny base model (cached)")
+    p.add_argument("--quick", action="store_true", help="the small size used by tests")
+    p.add_argument("--out", help="folder to write (default: the cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_base)
+
+    p = sub.add_parser("sample", help="write a PNG grid of samples")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id or shapes-base[:quick]")
+    p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--seeds", type=int, default=2, help="rows of the grid (seeds 0..N-1)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
+    p.add_argument("--out", default="grid.png")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="score a model on the shapes world's seen and held-out prompts")
+    p.add_argument("--model", required=True)
+    p.add_argument("--lora")
+    p.add_argument("--name", help="row label in the table")
+    p.add_argument("--out", help="write the summary as JSON here")
+    p.add_argument("overrides", nargs="*", help="EvalConfig overrides, e.g. prompts_per_split=48")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")
+    p.add_argument("config", help="YAML file, e.g. configs/demo-shapes.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
+    p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except SSPOError as exc:
+        print(f"sspo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

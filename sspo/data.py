@@ -1,0 +1,445 @@
+"""Training data: preference pairs or captioned images, as image tensors in [-1, 1] with their prompt.
+
+Sources: a Pick-a-Pic-style parquet file or folder of shards, an imagefolder with ``metadata.jsonl``,
+or a ``datasets`` dataset (a ``save_to_disk`` folder, a local dataset folder or a hub id). A table
+with the two image columns (``data.image_0_column``) is read as preference pairs; otherwise as
+single images (``data.image_column`` + ``data.text_column``), which gives winners only.
+
+Every random choice (SSPOr's side, crop offsets, flips) is a pure function of ``(seed, source row,
+epoch)``, so a resumed run sees exactly the images an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import check, one_of
+from .errors import DataError
+from .worlds.shapes import load_image
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("parquet", "imagefolder", "hf", "shapes")
+MODES = ("winners", "random")
+TIE = 0.5
+# Tags keep the random streams of different decisions independent even for equal (seed, row, epoch).
+_SIDE_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "parquet"  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes"
+    path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl | hf folder or id
+    split: str = "train"  # hf split; for an imagefolder, a subfolder used when it exists
+    caption_column: str = "caption"  # pairs: prompt text
+    image_0_column: str = "jpg_0"  # pairs: first image (encoded bytes or {'bytes': ...})
+    image_1_column: str = "jpg_1"  # pairs: second image
+    label_column: str = "label_0"  # pairs: 1 = image_0 wins, 0 = image_1 wins, 0.5 = tie
+    image_column: str = "image"  # single images (imagefolder / hf)
+    text_column: str = "text"  # single images: prompt text
+    remove_ties: bool = True  # drop pairs with label 0.5 (kept ties get a random winner, as in "random")
+    mode: str = "winners"  # "winners": winner from the label | "random": SSPOr, random side per row
+    resolution: int = 512  # shorter side resized to this, then cropped square
+    center_crop: bool = True  # False: random crop (deterministic per seed, row and epoch)
+    random_flip: bool = False  # horizontal flip with probability 0.5
+    max_samples: int | None = None  # keep only the first N rows (after tie removal); None = all
+    seed: int = 0  # seeds SSPOr sides, random crops and flips
+    streaming: bool = False  # iterate rows without loading the table (datasets larger than memory)
+    world_pairs_per_prompt: int = 4  # source "shapes": pairs rendered per alignment-train combination
+    world_split_seed: int = 0  # source "shapes": the world's train / held-out split
+
+    def __post_init__(self) -> None:
+        one_of(self.source, SOURCES, "data.source")
+        one_of(self.mode, MODES, "data.mode")
+        check(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
+        check(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be positive or null")
+        check(self.seed >= 0, "data.seed", f"must be non-negative, got {self.seed}")
+        for name in ("caption_column", "image_0_column", "image_1_column", "label_column", "image_column", "text_column"):
+            check(bool(getattr(self, name)), f"data.{name}", "must be a column name, got an empty string")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: each yields plain row dicts, plus the column names of every file for validation.
+
+
+@dataclasses.dataclass
+class _Source:
+    where: str  # what error messages call it
+    files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
+    # load(columns, streaming): map-style rows (len, [i], .column(name)), or for streaming a
+    # picklable callable (DataLoader workers may not fork) returning an iterator of rows.
+    load: Callable[[list[str], bool], Any]
+
+
+class _ArrowRows:
+    """Row access to a pyarrow table; images stay encoded until an item is requested."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+
+class _HFRows:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i]
+
+    def column(self, name: str) -> list:
+        return list(self.ds[name])
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    # Hidden and underscore files are temporaries and markers (atomic writes, _SUCCESS), not shards.
+    files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"no .parquet files in folder {path} (data.path)")
+    return files
+
+
+def _open_parquet(cfg: DataConfig) -> _Source:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(Path(cfg.path))
+    try:
+        schemas = [(str(f), pq.read_schema(f).names) for f in files]
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
+
+    def load(columns: list[str], streaming: bool) -> Any:
+        if streaming:
+            return functools.partial(_iter_parquet, files, columns)
+        tables = [pq.read_table(f, columns=columns) for f in files]
+        return _ArrowRows(pa.concat_tables(tables, promote_options="permissive"))
+
+    return _Source(cfg.path, schemas, load)
+
+
+def _iter_parquet(files: list[Path], columns: list[str]) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
+            yield from batch.to_pylist()
+
+
+def _open_imagefolder(cfg: DataConfig) -> _Source:
+    import pyarrow as pa
+
+    folder = Path(cfg.path)
+    if (folder / cfg.split / "metadata.jsonl").is_file():
+        folder = folder / cfg.split
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise DataError(f"imagefolder {folder} (data.path) has no metadata.jsonl with file_name and text columns")
+    rows = []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta} line {n} is not valid JSON: {exc}") from None
+        # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
+        row = {}
+        for key, value in entry.items():
+            if key == "file_name":
+                row["image"] = str(folder / value)
+            elif key.endswith("_file_name"):
+                row[key[: -len("_file_name")]] = str(folder / value)
+            else:
+                row[key] = value
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{meta} lists no images")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+
+    def load(columns: list[str], streaming: bool) -> Any:
+        selected = [{c: row.get(c) for c in columns} for row in rows]
+        return functools.partial(iter, selected) if streaming else _ArrowRows(pa.Table.from_pylist(selected))
+
+    return _Source(str(meta), [(str(meta), names)], load)
+
+
+def _open_hf(cfg: DataConfig) -> _Source:
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    saved = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+    if not path.exists() and cfg.path.startswith(("/", ".", "~")):
+        raise DataError(f"data.path {cfg.path} does not exist")
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise DataError(f"{cfg.path} has no split {cfg.split!r} (data.split); splits: {', '.join(ds)}")
+                ds = ds[cfg.split]
+            if cfg.streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=cfg.streaming)
+    except DataError:
+        raise
+    except Exception as exc:  # hub, network and format errors all mean "cannot load this"
+        raise DataError(f"cannot load dataset {cfg.path!r} (data.path, split {cfg.split!r}): {exc}") from None
+    names = list(ds.column_names or next(iter(ds)).keys())
+
+    def load(columns: list[str], streaming: bool) -> Any:
+        selected = ds.select_columns(columns)
+        # Keep images encoded: decoding happens per item, where a corrupt one can be skipped.
+        for name, feature in (selected.features or {}).items():
+            if isinstance(feature, datasets.Image):
+                selected = selected.cast_column(name, datasets.Image(decode=False))
+        return functools.partial(iter, selected) if streaming else _HFRows(selected)
+
+    return _Source(cfg.path, [(cfg.path, names)], load)
+
+
+_OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "hf": _open_hf}
+
+
+# --------------------------------------------------------------------------------------------------
+# From a row dict to an item
+
+
+def _open_image(value: Any, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):  # how datasets stores an Image feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return load_image(bytes(value), where)
+    if isinstance(value, (str, Path)):
+        return load_image(value, where)
+    raise DataError(f"cannot read image {where}: expected encoded bytes or a path, got {type(value).__name__}")
+
+
+def _resize_crop_flip(image: Image.Image, size: int, offset: tuple[float, float] | None, flip: bool) -> Image.Image:
+    w, h = image.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new != image.size:
+        image = image.resize(new, Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
+    fx, fy = offset or (0.5, 0.5)
+    left, top = round(fx * (new[0] - size)), round(fy * (new[1] - size))
+    image = image.crop((left, top, left + size, top + size))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class _Reader:
+    """Turns a source row into an item; shared by the map-style and streaming datasets."""
+
+    def __init__(self, cfg: DataConfig, source: _Source):
+        self.cfg = cfg
+        self.where = source.where
+        self.epoch = 0
+        self.skipped = 0
+        self._bad: set[int] = set()
+        first = source.files[0][1]
+        # Without the pair columns a table of single images is meant; if it has neither, the
+        # missing pair columns are reported, since pairs are what preference training needs.
+        self.pairs = cfg.image_0_column in first or cfg.image_column not in first
+        if self.pairs:
+            keys = ("caption_column", "image_0_column", "image_1_column", "label_column")
+        else:
+            keys = ("text_column", "image_column")
+            if cfg.mode == "random":
+                raise DataError(
+                    f"data.mode='random' (SSPOr) draws the winner from a pair, but {source.where} has "
+                    f"single images (no column {cfg.image_0_column!r}, data.image_0_column)"
+                )
+        self.keys = {getattr(cfg, k): f"data.{k}" for k in keys}
+        for name, columns in source.files:
+            missing = [f"{column!r} (set {key})" for column, key in self.keys.items() if column not in columns]
+            if missing:
+                raise DataError(
+                    f"{name} has no column {', '.join(missing)}; available columns: {', '.join(columns)}"
+                )
+        self.columns = list(self.keys)
+
+    def keep(self, label: Any) -> bool:
+        return not (self.pairs and self.cfg.remove_ties and float(label) == TIE)
+
+    def item(self, index: int, row_id: int, row: dict) -> dict:
+        cfg = self.cfg
+        where = f"{self.where} row {row_id}"
+        if self.pairs:
+            prompt = row[cfg.caption_column]
+            label = float(row[cfg.label_column])
+            if cfg.mode == "random" or label == TIE:
+                swap = bool(np.random.default_rng([_SIDE_STREAM, cfg.seed, row_id]).random() < 0.5)
+            else:
+                swap = label < TIE
+            names = [cfg.image_1_column, cfg.image_0_column] if swap else [cfg.image_0_column, cfg.image_1_column]
+        else:
+            prompt, names = row[cfg.text_column], [cfg.image_column]
+        images = [_open_image(row[n], f"{where} column {n!r}") for n in names]
+        # One draw per item, shared by winner and loser, so a pair stays aligned.
+        fx, fy, u = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(3)
+        offset = None if cfg.center_crop else (fx, fy)
+        flip = cfg.random_flip and u < 0.5
+        tensors = [_to_tensor(_resize_crop_flip(im, cfg.resolution, offset, flip)) for im in images]
+        return {
+            "prompt": "" if prompt is None else str(prompt),
+            "winner": tensors[0],
+            "loser": tensors[1] if len(tensors) > 1 else None,
+            "index": index,
+        }
+
+    def skip(self, row_id: int, error: DataError) -> None:
+        """Count and log an unreadable row once; a long run must not die on one bad image."""
+        if row_id not in self._bad:
+            self._bad.add(row_id)
+            self.skipped += 1
+            log.warning("skipping unreadable row: %s", error)
+
+    def is_bad(self, row_id: int) -> bool:
+        return row_id in self._bad
+
+
+class _Common:
+    _reader: _Reader
+
+    @property
+    def has_losers(self) -> bool:
+        return self._reader.pairs
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable rows seen so far (per process: DataLoader workers count their own)."""
+        return self._reader.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random crops and flips; call before each epoch to vary them."""
+        self._reader.epoch = int(epoch)
+
+
+class PreferenceDataset(_Common, torch.utils.data.Dataset):
+    """Map-style dataset; items are ``{prompt, winner, loser, index}``.
+
+    An unreadable row is replaced by the next readable one (``index`` is the row served), so a
+    batch always has its full size and the replacement is the same on every run.
+    """
+
+    def __init__(self, cfg: DataConfig, rows: Any, reader: _Reader):
+        self._reader = reader
+        self._rows = rows
+        row_ids = range(len(rows))
+        if reader.pairs:
+            labels = rows.column(cfg.label_column)
+            row_ids = [i for i in row_ids if reader.keep(labels[i])]
+        self._row_ids = list(row_ids)[: cfg.max_samples]
+        if not self._row_ids:
+            ties = " after removing ties (data.remove_ties)" if reader.pairs and cfg.remove_ties else ""
+            raise DataError(f"{reader.where} has no rows{ties}")
+
+    def __len__(self) -> int:
+        return len(self._row_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} items")
+        for step in range(n):
+            i = (index + step) % n
+            row_id = self._row_ids[i]
+            if self._reader.is_bad(row_id):
+                continue
+            try:
+                return self._reader.item(i, row_id, self._rows[row_id])
+            except DataError as exc:
+                self._reader.skip(row_id, exc)
+        raise DataError(f"no readable image in any row of {self._reader.where}")
+
+
+class StreamingPreferenceDataset(_Common, torch.utils.data.IterableDataset):
+    """Rows in file order without loading the table; same items as :class:`PreferenceDataset`.
+
+    Item ``index`` k goes to shard ``k % (world_size * workers)``. Every shard reads all rows but
+    decodes only its own, which keeps shards balanced for any number of files or row groups.
+    Unreadable rows are skipped (not replaced). Shuffle shards beforehand if file order is sorted.
+    """
+
+    def __init__(self, cfg: DataConfig, stream: Callable[[], Iterator[dict]], reader: _Reader, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+        self._reader = reader
+        self._stream = stream
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        shards, shard = self.world_size * workers, self.rank * workers + worker_id
+        kept = 0
+        for row_id, row in enumerate(self._stream()):
+            if self.cfg.max_samples is not None and kept >= self.cfg.max_samples:
+                return
+            if not self._reader.keep(row.get(self.cfg.label_column)):
+                continue
+            index, kept = kept, kept + 1
+            if index % shards == shard:
+                try:
+                    yield self._reader.item(index, row_id, row)
+                except DataError as exc:
+                    self._reader.skip(row_id, exc)
+
+
+def load_dataset_from_config(
+    cfg: DataConfig, rank: int = 0, world_size: int = 1
+) -> PreferenceDataset | StreamingPreferenceDataset:
+    """Open ``cfg.path``; validates columns now so a wrong config fails before any training."""
+    if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
+        from .worlds.shapes import cached_pickapic_parquet
+
+        path = cached_pickapic_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution)
+        cfg = dataclasses.replace(cfg, source="parquet", path=str(path))
+    check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
+    if cfg.source != "hf" and not Path(cfg.path).exists():
+        raise DataError(f"data.path {cfg.path} does not exist")
+    source = _OPENERS[cfg.source](cfg)
+    reader = _Reader(cfg, source)
+    rows = source.load(reader.columns, cfg.streaming)
+    if cfg.streaming:
+        return StreamingPreferenceDataset(cfg, rows, reader, rank, world_size)
+    return PreferenceDataset(cfg, rows, reader)
+
+
+def collate(items: list[dict]) -> dict:
+    losers = [item["loser"] for item in items]
+    return {
+        "prompts": [item["prompt"] for item in items],
+        "winner": torch.stack([item["winner"] for item in items]),
+        "loser": None if losers[0] is None else torch.stack(losers),
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }

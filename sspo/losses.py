@@ -1,0 +1,76 @@
+"""Training losses: pure functions of per-sample denoising errors (SPEC.md §2).
+
+Inputs are the per-sample errors ``L_m(x0)`` of the policy and the reference on the winner
+``x_w`` and the loser ``x_l``; each function returns the scalar loss and a dict of detached step
+metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SSR_VARIANTS = ("sign", "indicator", "off")
+
+
+def sft_loss(policy_w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SFT, eq. (2): ``mean(L_theta(x_w))``."""
+    loss = policy_w.mean()
+    return loss, {"loss": loss.detach()}
+
+
+def ssr_coefficient(policy_w: torch.Tensor, ref_w: torch.Tensor, ssr: str = "sign") -> torch.Tensor:
+    """The Self-Sampling Regularization switch ``K`` of eq. (9), computed without gradient.
+
+    The switch fires when the reference already denoises the winner better than the policy
+    (``L_theta(x_w) > L_ref(x_w)``): its own sample is then probably good, not a loser.
+    ``sign``: K = +1 when it fires (SFT on both samples), else -1 (DPO).
+    ``indicator``: K = 0 when it fires (learn from the winner only), else -1.
+    ``off``: K = -1 always (every self-sample is a loser: plain DPO).
+    """
+    with torch.no_grad():
+        fires = policy_w > ref_w
+        minus_one = torch.full_like(policy_w, -1.0)
+        if ssr == "sign":
+            return torch.where(fires, torch.ones_like(policy_w), minus_one)
+        if ssr == "indicator":
+            return torch.where(fires, torch.zeros_like(policy_w), minus_one)
+        if ssr == "off":
+            return minus_one
+    raise ValueError(f"ssr must be one of {SSR_VARIANTS}, got {ssr!r}")
+
+
+def sspo_loss(
+    policy_w: torch.Tensor,
+    policy_l: torch.Tensor,
+    ref_w: torch.Tensor,
+    ref_l: torch.Tensor,
+    beta: float,
+    ssr: str = "sign",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SSPO, eq. (8): ``-mean(logsigmoid(-beta/2 * (dw + K * dl)))`` with ``K`` from eq. (9).
+
+    ``dw = L_theta(x_w) - L_ref(x_w)``, ``dl = L_theta(x_l) - L_ref(x_l)``. With ``ssr="off"``
+    (K = -1) this is exactly Diffusion-DPO's eq. (4/5); see :func:`dpo_loss`.
+    Metrics: ``implicit_acc = mean(inside > 0)``, ``ssr_rate`` = share of samples whose switch
+    fired (``K != -1``; ``mean(K == +1)`` for ``sign``, Figure 4), mean ``dw`` and ``dl``.
+    """
+    ref_w, ref_l = ref_w.detach(), ref_l.detach()
+    k = ssr_coefficient(policy_w, ref_w, ssr)
+    dw = policy_w - ref_w
+    dl = policy_l - ref_l
+    inside = -0.5 * beta * (dw + k * dl)
+    loss = -F.logsigmoid(inside).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "implicit_acc": (inside > 0).float().mean().detach(),
+        "ssr_rate": (k != -1).float().mean(),
+        "dw": dw.mean().detach(),
+        "dl": dl.mean().detach(),
+    }
+    return loss, metrics
+
+
+def dpo_loss(policy_w, policy_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO, eq. (4/5): ``-mean(logsigmoid(-beta/2 * (dw - dl)))``."""
+    return sspo_loss(policy_w, policy_l, ref_w, ref_l, beta, ssr="off")

@@ -1,0 +1,147 @@
+"""Diffusers pipelines as the trainer sees them: load, encode prompts once, denoising errors, sampling.
+
+One code path serves SD-1.5 and SDXL (and the tiny shapes-world pipeline, which is an SD-1.5
+pipeline with small sizes): :class:`TextCondition` carries whatever the UNet needs besides the
+noisy latents (SDXL adds pooled embeddings and ``add_time_ids``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import ModelError
+
+
+@dataclasses.dataclass
+class TextCondition:
+    """Text conditioning of a batch, computed once and shared by policy, reference and sampler."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL only
+    time_ids: torch.Tensor | None = None  # SDXL only
+
+    def _map(self, fn) -> "TextCondition":
+        return TextCondition(*(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.time_ids)))
+
+    def to(self, device, dtype=None) -> "TextCondition":
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype))
+
+    def __getitem__(self, index) -> "TextCondition":
+        return self._map(lambda t: t[index])
+
+    def repeat(self, times: int) -> "TextCondition":
+        return self._map(lambda t: torch.cat([t] * times))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @staticmethod
+    def cat(conditions: Sequence["TextCondition"]) -> "TextCondition":
+        first = conditions[0]
+        fields = [f.name for f in dataclasses.fields(first)]
+        return TextCondition(
+            **{name: None if getattr(first, name) is None else torch.cat([getattr(c, name) for c in conditions]) for name in fields}
+        )
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def pipeline_kwargs(self, negative: "TextCondition | None") -> dict:
+        """Arguments that make a diffusers pipeline skip its own text encoding."""
+        kwargs = {"prompt_embeds": self.embeds}
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = negative.embeds
+        if self.pooled is not None:
+            kwargs["pooled_prompt_embeds"] = self.pooled
+            if negative is not None:
+                kwargs["negative_pooled_prompt_embeds"] = negative.pooled
+        return kwargs
+
+
+def is_sdxl(pipe) -> bool:
+    return hasattr(pipe, "text_encoder_2")
+
+
+def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None):
+    """Load an SD-1.5 or SDXL pipeline from a hub id or a local folder, with an optional LoRA."""
+    from diffusers import DiffusionPipeline
+
+    model = str(model)
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not (Path(model).expanduser() / "model_index.json").is_file():
+        raise ModelError(
+            f"model path {model} is not a diffusers pipeline folder (no model_index.json there); "
+            "build the shapes-world base with `sspo base` or pass a hub id / a save_pretrained folder"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(Path(model).expanduser()) if looks_local else model,
+            torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load diffusion model {model!r}: {exc}") from None
+    if lora:
+        lora_path = Path(lora)
+        if not lora_path.exists():
+            raise ModelError(f"LoRA path {lora} does not exist")
+        pipe.load_lora_weights(str(lora_path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str], device) -> TextCondition:
+    """Encode prompts with the pipeline's own text encoder(s), as the pipeline itself would."""
+    prompts = list(prompts)
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        size = (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
+        projection_dim = pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
+        return TextCondition(embeds, pooled, time_ids.to(device).repeat(len(prompts), 1))
+    embeds, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return TextCondition(embeds)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] to scaled latents (the posterior mean, so the same image gives the same x0)."""
+    latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents to images in [0, 1]."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ModelError(f"prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
+
+
+def denoising_errors(unet, scheduler, latents, noise, timesteps, cond: TextCondition) -> torch.Tensor:
+    """Per-sample denoising error ``L_m(x0)``: mean over all non-batch dims of (m(x_t,t,c) - target)^2.
+
+    Inputs stay in the latents' dtype: under mixed precision, autocast picks the compute dtype.
+    """
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, **cond.to(latents.device).unet_kwargs()).sample
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))

@@ -1,0 +1,384 @@
+"""The one training recipe for sft, dpo, spin and sspo (SPEC.md §2-4), read top to bottom.
+
+    for each iteration:                                  (the pool changes only here)
+        build the iteration's pairs                      (pregenerate: grouped by checkpoint)
+        for each optimizer step:
+            for each micro-batch: policy errors -> loss -> backward
+            clip, step, log
+        add theta_n to the pool; save a resumable state; validate
+    save the final model (diffusers folder or LoRA weights)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import save_yaml
+from .data import collate, load_dataset_from_config
+from .errors import ConfigError, DataError
+from .io import atomic_write_json
+from .losses import sft_loss, sspo_loss
+from .models.pipeline import encode_images, encode_prompts, denoising_errors, load_pipeline
+from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness
+from .pool import CheckpointPool
+from .reference import POLICY, ReferenceModel
+from .train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+
+
+def resolve_model(name: str) -> str:
+    """``shapes-base[:quick]`` is the shapes world's base model (built and cached on first use)."""
+    if name.startswith("shapes-base"):
+        from .base import BaseConfig, build_base
+
+        preset = name.partition(":")[2] or "default"
+        return str(build_base(BaseConfig.preset(preset)))
+    return name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    states = sorted((run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+    return states[-1].parent if states else None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
+
+        self.dataset = load_dataset_from_config(cfg.data, self.accelerator.process_index, self.accelerator.num_processes)
+        if cfg.method == "dpo" and not self.dataset.has_losers:
+            raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
+        if cfg.data.streaming:
+            raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; stream to cache latents first")
+
+        self.pipe = load_pipeline(resolve_model(cfg.model.pretrained), dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)
+        self.pipe.to(self.device)
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        unet = self._prepare_unet(self.pipe.unet)
+        from diffusers import DDPMScheduler
+
+        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+        self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
+        self.reference = ReferenceModel(unet, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
+        self.pairs = PairBuilder(self.pipe, self.reference, self.train_scheduler, cfg.negatives, self.device, self.accelerator.autocast)
+        self.uncond = encode_prompts(self.pipe, [""], self.device).to("cpu")
+
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = self._optimizer(params)
+        from diffusers.optimization import get_scheduler
+
+        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps)
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
+        self.params = params
+
+        self.global_step = 0
+        state_dir = latest_checkpoint(self.run_dir) if resume else None
+        if resume and state_dir is None:
+            log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        if state_dir is not None:
+            self._load_state(state_dir)
+        else:
+            self._start_fresh()
+
+        if self.accelerator.is_main_process:
+            save_yaml(cfg, self.run_dir / "config.yaml")
+            if cfg.report_to != "none":
+                self.accelerator.init_trackers("sspo", config=_flat(dataclasses.asdict(cfg)))
+
+    # ----------------------------------------------------------------------------------------------
+    # Set-up
+
+    def _prepare_unet(self, unet):
+        mcfg = self.cfg.model
+        if mcfg.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+        if mcfg.lora:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False).to(self.weight_dtype)
+            unet.add_adapter(LoraConfig(r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, init_lora_weights="gaussian", target_modules=list(mcfg.lora_targets)), adapter_name=POLICY)
+            for p in unet.parameters():  # trainable LoRA weights stay fp32 under mixed precision
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            unet.to(torch.float32).requires_grad_(True)
+        if mcfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        return unet
+
+    def _optimizer(self, params):
+        o = self.cfg.optim
+        if o.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ConfigError("config key 'optim.use_8bit_adam' needs bitsandbytes: pip install 'sspo[bnb]'") from None
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        return cls(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
+
+    @property
+    def policy(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    @property
+    def micro_batches_per_iteration(self) -> int:
+        return self.cfg.steps_per_iteration * self.cfg.optim.gradient_accumulation_steps
+
+    # ----------------------------------------------------------------------------------------------
+    # Pairs
+
+    def _indices(self, m: int) -> list[int]:
+        """Dataset rows of micro-batch ``m`` on this process: a seeded permutation per epoch."""
+        b, world, n = self.cfg.optim.batch_size, self.accelerator.num_processes, len(self.dataset)
+        rows = []
+        for position in range((m * world + self.accelerator.process_index) * b, (m * world + self.accelerator.process_index + 1) * b):
+            epoch, offset = divmod(position, n)
+            rows.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[offset]))
+        return rows
+
+    @torch.no_grad()
+    def prepare(self, m: int) -> PairBatch:
+        """Winners (and dataset losers) as latents, text conditions, and every random draw of ``m``."""
+        batch = collate([self.dataset[i] for i in self._indices(m)])
+        cond = encode_prompts(self.pipe, batch["prompts"], self.device).to("cpu")
+        winners = encode_images(self.pipe.vae, batch["winner"]).float().cpu()
+        pair = PairBatch(index=m, prompts=batch["prompts"], cond=cond, winners=winners, noise=None, timesteps=None)
+        if self.cfg.method == "dpo":
+            pair.losers = encode_images(self.pipe.vae, batch["loser"]).float().cpu()
+        generator = batch_generator(self.cfg.seed, m * self.accelerator.num_processes + self.accelerator.process_index)
+        draw_randomness(pair, generator, self.pool, self.cfg.effective_erd, self.cfg.erd_per, self.train_scheduler.config.num_train_timesteps)
+        return pair
+
+    def build(self, indices: list[int], with_reference: bool) -> list[PairBatch]:
+        """Pairs for micro-batches ``indices``: one at a time (online) or an iteration (pregenerated)."""
+        batches = [self.prepare(m) for m in indices]
+        if self.cfg.generates_negatives:
+            self.pairs.generate_negatives(batches, self.uncond)
+        if self.cfg.uses_reference and with_reference:
+            self.pairs.reference_errors(batches, self.cfg.negatives.batch_size)
+        if self.reference is not None:
+            self.reference.offload()
+        return batches
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+
+    def loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict]:
+        if self.cfg.uses_reference and batch.ref_w is None:  # online, or reference errors not cached
+            self.pairs.reference_errors([batch], len(batch))
+            self.reference.offload()
+        dev = self.device
+        if self.cfg.method == "sft":
+            errors = denoising_errors(self.unet, self.train_scheduler, batch.winners.to(dev), batch.noise.to(dev), batch.timesteps.to(dev), batch.cond)
+            return sft_loss(errors)
+        # Winner and loser of every pair in one forward.
+        latents = torch.cat([batch.winners, batch.losers]).to(dev)
+        noise = batch.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
+        errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, batch.timesteps.repeat(2).to(dev), batch.cond.repeat(2))
+        policy_w, policy_l = errors.chunk(2)
+        loss, metrics = sspo_loss(policy_w, policy_l, batch.ref_w.to(dev), batch.ref_l.to(dev), self.cfg.beta, self.cfg.effective_ssr)
+        metrics["reference"] = torch.tensor(sum(batch.checkpoints) / len(batch.checkpoints), dtype=torch.float32)
+        return loss, metrics
+
+    def optimizer_step(self, batches: list[PairBatch]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        accum = len(batches)
+        for k, batch in enumerate(batches):
+            # Gradients are synchronised across processes only on the last micro-batch.
+            sync = contextlib.nullcontext() if k == accum - 1 else self.accelerator.no_sync(self.unet)
+            with sync:
+                loss, metrics = self.loss(batch)
+                self.accelerator.backward(loss / accum)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / accum
+        totals["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return totals
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        accum = cfg.optim.gradient_accumulation_steps
+        total = cfg.iterations * cfg.steps_per_iteration
+        bar = tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process)
+        while self.global_step < total:
+            iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
+            first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
+            last = (iteration + 1) * self.micro_batches_per_iteration
+            pregenerated = self.build(list(range(first, last)), cfg.cache_reference_errors) if cfg.pregenerate else None
+            for m in range(first, last, accum):
+                batches = pregenerated[m - first : m - first + accum] if pregenerated else self.build(list(range(m, m + accum)), True)
+                metrics = self.optimizer_step(batches)
+                metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
+                self._log(metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics))
+                if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
+                    self.save_state()
+            self.end_iteration(iteration)
+        bar.close()
+        final = self.save_final()
+        self.accelerator.end_training()
+        return final
+
+    def end_iteration(self, iteration: int) -> None:
+        if self.cfg.generates_negatives:
+            if self.accelerator.is_main_process:
+                self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
+            self._sync_pool()
+        self.save_state()
+        every = self.cfg.validation.every_iterations
+        if every and ((iteration + 1) % every == 0 or iteration + 1 == self.cfg.iterations):
+            self.validate()
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging, validation, state
+
+    def _log(self, metrics: dict) -> None:
+        self.accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=self.global_step)
+        if self.accelerator.is_main_process and self.global_step % self.cfg.log_every == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Sample fixed prompts/seeds with the policy; score them when they are shapes-world prompts."""
+        from .evaluate import EvalConfig, evaluate_pipeline
+
+        vcfg = self.cfg.validation
+        if not (self.accelerator.is_main_process and vcfg.shapes_eval):
+            return {}
+        self.policy.eval()
+        with self.accelerator.autocast():
+            summary, images = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
+        self.policy.train()
+        metrics = {f"reward_{split}": scores["reward"] for split, scores in summary.items()}
+        self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
+        with open(self.run_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
+        return metrics
+
+    def _start_fresh(self) -> None:
+        """Clear what an earlier run left in the output folder; the pool restarts as {theta_0}."""
+        if self.accelerator.is_main_process:
+            for name in ("checkpoints", "metrics.jsonl", "validation.jsonl", "final"):
+                path = self.run_dir / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if self.pool is not None:
+                self.pool.truncate(0)
+                self.pool.add(self.reference.policy_state(), step=0)  # theta_0
+        self._sync_pool()
+
+    def _sync_pool(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.pool is not None:
+            self.pool = CheckpointPool(self.pool.root)
+            self.reference.pool = self.pool
+            self.reference.loaded = None
+            self.pairs.reference = self.reference
+
+    def save_state(self) -> Path:
+        """A resumable state (weights, optimizer, RNG, step, pool size), written then renamed."""
+        final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
+        staging = final.with_name(final.name + ".partial")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        if self.accelerator.is_main_process:
+            atomic_write_json(staging / STATE_FILE, {"global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0})
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            kept = sorted(p.parent for p in (self.run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+            for old in kept[: -self.cfg.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _load_state(self, state_dir: Path) -> None:
+        state = json.loads((state_dir / STATE_FILE).read_text())
+        self.accelerator.load_state(str(state_dir))
+        self.global_step = state["global_step"]
+        if self.pool is not None:
+            if self.accelerator.is_main_process:
+                self.pool.truncate(state["pool_size"])
+            self._sync_pool()
+        log.info("resumed from %s at step %d", state_dir, self.global_step)
+
+    def save_final(self) -> Path:
+        """The final model: LoRA weights that ``pipe.load_lora_weights`` reads, or a diffusers folder."""
+        final = self.run_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            staging = final.with_name("final.partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.cfg.model.lora:
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
+                self.pipe.__class__.save_lora_weights(save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True)
+            else:
+                pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
+                pipe.save_pretrained(str(staging), safe_serialization=True)
+            save_yaml(self.cfg, staging / "sspo_config.yaml")
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _postfix(metrics: dict) -> dict:
+    shown = {"loss": f"{metrics['loss']:.4f}"}
+    if "ssr_rate" in metrics:
+        shown["ssr"] = f"{metrics['ssr_rate']:.2f}"
+        shown["ref"] = f"{metrics['reference']:.1f}/{metrics['pool_size'] - 1}"
+    return shown
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    return Trainer(cfg, resume=resume).train()
