@@ -136,11 +136,19 @@ class HPSv2Scorer(_ClipScorer):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | None = None, *, version: str = "hpsv2", processor: str = CLIP_H_PROCESSOR, **kwargs
+        cls,
+        path_or_id: str | None = None,
+        *,
+        version: str = "hpsv2",
+        processor: str = CLIP_H_PROCESSOR,
+        antialias: bool = True,
+        **kwargs,
     ) -> "HPSv2Scorer":
         """``path_or_id``: the checkpoint file, a folder or hub repo holding it (default ``xswu/HPSv2``).
 
         ``processor``: where ``config.json`` (the ViT-H-14 architecture) and the tokenizer come from.
+        ``antialias``: the ``hpsv2`` package resizes with whatever torchvision is installed, which
+        antialiases since 0.17 (default here); ``False`` reproduces installs with an older one.
         """
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
@@ -153,7 +161,7 @@ class HPSv2Scorer(_ClipScorer):
         config = from_pretrained(CLIPConfig, processor, "CLIP-H config")
         model = hf_from_state_dict(CLIPModel, config, openclip_to_hf(weights), what)
         tokenizer = from_pretrained(AutoTokenizer, processor, "CLIP-H tokenizer")
-        transform = LongestSideTransform(size=config.vision_config.image_size)
+        transform = LongestSideTransform(size=config.vision_config.image_size, antialias=antialias)
         scorer = cls(ClipEmbedder(model, tokenizer, transform, clean_text=clean), **kwargs)
         scorer.name = version
         return scorer

@@ -7,8 +7,8 @@ Two recipes cover every scorer here:
   CLIP's torchvision ``Resize/CenterCrop/ToTensor/Normalize`` on PIL images (LAION aesthetic,
   ImageReward). The two differ only in how an odd crop margin is split, hence ``crop_rounding``.
 * :class:`LongestSideTransform` -- HPSv2's ``ResizeMaxSize``: to a [0, 1] tensor first, then resize
-  the longest side with torch's antialiased bicubic (what torchvision does to tensors) and pad with
-  zeros to a square.
+  the longest side with torch's bicubic (what torchvision does to tensors; antialiased since
+  torchvision 0.17) and pad with zeros to a square.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ class LongestSideTransform:
     size: int = 224
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
+    # torchvision >= 0.17 antialiases tensor resizes by default; 0.15/0.16 (2023 installs) did not.
+    antialias: bool = True
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self.one(image) for image in images])
@@ -113,7 +115,7 @@ class LongestSideTransform:
         scale = self.size / max(height, width)
         if scale != 1.0:
             new_h, new_w = round(height * scale), round(width * scale)
-            pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+            pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=self.antialias)[0]
         # HPSv2 pads only when it resized; padding a non-square image that is already at size too
         # keeps the batch square (the original would hand the model a non-square tensor).
         pad_h, pad_w = self.size - pixels.shape[1], self.size - pixels.shape[2]
