@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the libraries' per-call notices (safety checker, state files) drown our progress
+        for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        import warnings
+
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         args.func(args)
     except SSPOError as exc:

@@ -9,6 +9,7 @@ Range checks live in each dataclass's ``__post_init__`` and raise :class:`Config
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,21 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so ``ssr: off`` stays the string 'off'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -109,7 +125,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.learning_rate=1e-5)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -125,7 +141,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

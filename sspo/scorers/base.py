@@ -33,7 +33,9 @@ class Scorer:
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         images, prompts = list(images), list(prompts)
         if len(images) != len(prompts):
-            raise SSPOError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+            raise SSPOError(
+                f"{self.name}: got {len(images)} images but {len(prompts)} prompts; pass one prompt per image"
+            )
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise SSPOError(f"{self.name}: image {i} is a {type(image).__name__}, expected a PIL.Image")
@@ -49,7 +51,7 @@ class Scorer:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, device={self.device}, dtype={self.dtype}, batch_size={self.batch_size})"
+        return f"{type(self).__name__}(device={self.device}, dtype={self.dtype}, batch_size={self.batch_size})"
 
 
 def require(module: str, extra: str, purpose: str):
@@ -65,7 +67,7 @@ def _looks_local(path_or_id: str) -> bool:
     return path_or_id.startswith(("/", ".", "~")) or path_or_id.lower().endswith(_WEIGHT_SUFFIXES)
 
 
-def resolve_file(path_or_id: str, filename: str, what: str, *, repo_type: str = "model", optional: bool = False) -> Path | None:
+def resolve_file(path_or_id: str, filename: str, what: str, *, optional: bool = False) -> Path | None:
     """Find ``filename`` for ``path_or_id``: a file itself, a folder holding it, a URL, or a hub repo id.
 
     ``optional`` returns None instead of failing when a folder or repo simply lacks the file.
@@ -87,7 +89,7 @@ def resolve_file(path_or_id: str, filename: str, what: str, *, repo_type: str = 
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return Path(hf_hub_download(path_or_id, filename, repo_type=repo_type))
+        return Path(hf_hub_download(path_or_id, filename))
     except EntryNotFoundError:
         if optional:
             return None
@@ -129,11 +131,14 @@ def load_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
         except Exception as exc:
             lines = str(exc).splitlines() or [type(exc).__name__]
             reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+            convert = (
+                f"import torch, safetensors.torch as st; sd = torch.load('{path}', weights_only=False); "
+                f"sd = sd.get('state_dict', sd); "
+                f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')"
+            )
             raise ModelError(
                 f"{what}: {path} cannot be loaded safely; torch.load(weights_only=True) refused it ({reason}). "
-                f"If you trust the file, convert it once to safetensors and pass that instead: python -c "
-                f"\"import torch, safetensors.torch as st; sd = torch.load('{path}', weights_only=False); "
-                f"sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\""
+                f"If you trust the file, convert it once to safetensors and pass that instead: python -c \"{convert}\""
             ) from None
     for envelope in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(envelope), dict):

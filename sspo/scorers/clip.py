@@ -41,8 +41,8 @@ class ClipEmbedder:
     ):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.transform = transform or ClipTransform(size=model.config.vision_config.image_size,
-                                                    crop_size=model.config.vision_config.image_size)
+        side = model.config.vision_config.image_size
+        self.transform = transform or ClipTransform(size=side, crop_size=side)
         self.clean_text = clean_text
         self.max_length = model.config.text_config.max_position_embeddings
         if tokenizer is not None:
@@ -70,7 +70,9 @@ class ClipEmbedder:
         return F.normalize(_features(output).float(), dim=-1)
 
     @classmethod
-    def from_pretrained(cls, model_id: str, processor_id: str | None, crop_rounding: str, text: bool = True) -> "ClipEmbedder":
+    def from_pretrained(
+        cls, model_id: str, processor_id: str | None, crop_rounding: str, text: bool = True
+    ) -> "ClipEmbedder":
         """Model weights from ``model_id``; tokenizer and ``preprocessor_config.json`` from ``processor_id``."""
         from transformers import AutoTokenizer, CLIPModel
 

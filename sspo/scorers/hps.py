@@ -35,8 +35,18 @@ _TOP = {
 }
 # open_clip multiplies by these ([width, embed]); nn.Linear stores the transpose.
 _PROJECTIONS = {"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}
-_TOWERS = {"transformer.resblocks.": "text_model.encoder.layers.", "visual.transformer.resblocks.": "vision_model.encoder.layers."}
-_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_TOWERS = {
+    "transformer.resblocks.": "text_model.encoder.layers.",
+    "visual.transformer.resblocks.": "vision_model.encoder.layers.",
+}
+# Inside a residual block; attn.in_proj_{weight,bias} (q, k, v stacked) are split separately.
+_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 _IGNORED = re.compile(r"(^|\.)attn_mask$")  # the causal-mask buffer older open_clip versions saved
 
 

@@ -36,7 +36,14 @@ _VISION_TOP = {
     "patch_embed.proj.": "embeddings.patch_embedding.",
     "norm.": "post_layernorm.",
 }
-_VISION_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_VISION_BLOCK = {
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+    "attn.qkv": "self_attn.qkv",
+    "attn.proj": "self_attn.projection",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
 # BLIP_Pretrain's contrastive projections and the position-id buffer are not used for the reward.
 _UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
 
@@ -115,11 +122,14 @@ def text_config_from_med(med: dict, encoder_width: int):
 
 
 class ImageRewardModel(nn.Module):
+    """BLIP image encoder -> BLIP text encoder cross-attending to the image tokens -> linear head on [CLS]."""
+
     def __init__(self, vision, text, mlp: LinearMLP):
         super().__init__()
         self.vision, self.text, self.mlp = vision, text, mlp
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The normalised reward, one per (image, prompt) row."""
         image_tokens = self.vision(pixel_values=pixel_values).last_hidden_state
         # ImageReward passes an all-ones image mask, the same as none; is_decoder=False keeps the
         # text self-attention bidirectional, as BLIP's encoder mode does.
@@ -138,7 +148,9 @@ class ImageRewardModel(nn.Module):
         vision_config = vision_config_from_weights(parts["vision"])
         vision = hf_from_state_dict(BlipVisionModel, vision_config, parts["vision"], "ImageReward image encoder")
         text_config = text_config_from_med(med_config, vision_config.hidden_size)
-        text = hf_from_state_dict(BlipTextModel, text_config, parts["text"], "ImageReward text encoder", add_pooling_layer=False)
+        text = hf_from_state_dict(
+            BlipTextModel, text_config, parts["text"], "ImageReward text encoder", add_pooling_layer=False
+        )
         return cls(vision, text, LinearMLP.from_state_dict(parts["mlp"], "ImageReward MLP head"))
 
 
@@ -167,7 +179,9 @@ class ImageRewardScorer(Scorer):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | None = None, *, tokenizer: str = BERT_TOKENIZER, **kwargs):
-        """``path_or_id``: a folder or hub repo with ``ImageReward.pt`` and ``med_config.json`` (default THUDM/ImageReward).
+        """``path_or_id``: a folder or hub repo with ``ImageReward.pt`` and ``med_config.json``
+        (default ``THUDM/ImageReward``), or the ``.pt`` file with ``med_config.json`` beside it.
+
 
         ``tokenizer``: ``bert-base-uncased`` as BLIP uses (its two added tokens never occur in prompts).
         """

@@ -115,7 +115,9 @@ class LongestSideTransform:
         scale = self.size / max(height, width)
         if scale != 1.0:
             new_h, new_w = round(height * scale), round(width * scale)
-            pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=self.antialias)[0]
+            pixels = F.interpolate(
+                pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=self.antialias
+            )[0]
         # HPSv2 pads only when it resized; padding a non-square image that is already at size too
         # keeps the batch square (the original would hand the model a non-square tensor).
         pad_h, pad_w = self.size - pixels.shape[1], self.size - pixels.shape[2]

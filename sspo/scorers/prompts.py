@@ -103,12 +103,14 @@ def _from_rows(rows: list[dict], where) -> list[PromptItem]:
         return []
     prompt_col = next((c for c in PROMPT_COLUMNS if c in rows[0]), None)
     if prompt_col is None:
-        raise DataError(f"{where}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}, got {', '.join(rows[0])}")
+        raise DataError(
+            f"{where}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}, got {', '.join(rows[0])}"
+        )
     category_col = next((c for c in CATEGORY_COLUMNS if c in rows[0]), None)
-    return [
-        PromptItem(str(row[prompt_col]), str(row[category_col]) if category_col and row[category_col] is not None else None)
-        for row in rows
-    ]
+    def category(row: dict) -> str | None:
+        return None if category_col is None or row[category_col] is None else str(row[category_col])
+
+    return [PromptItem(str(row[prompt_col]), category(row)) for row in rows]
 
 
 def _read_parquet(files: Iterable[Path], columns: list[str] | None = None) -> list[dict]:
@@ -162,7 +164,8 @@ def _hpsv2_file(source: str | None, style: str) -> Path:
         try:
             return Path(hf_hub_download(HPSV2_HUB, f"{style}.json", subfolder="benchmark", repo_type="dataset"))
         except Exception as exc:
-            raise DataError(_hub_hint(f"{HPSV2_HUB} benchmark/{style}.json", exc, "the folder holding the 4 style files")) from None
+            hint = _hub_hint(f"{HPSV2_HUB} benchmark/{style}.json", exc, "the folder holding the 4 style files")
+            raise DataError(hint) from None
     for candidate in (Path(source) / f"{style}.json", Path(source) / "benchmark" / f"{style}.json"):
         if candidate.expanduser().is_file():
             return candidate.expanduser()

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scorer_models import HEADS, LAYERS, PATCH, PROMPTS, TEXT_WIDTH, VISION_WIDTH, tiny_openclip_state_dict
+from scorer_models import HEADS, LAYERS, PATCH, PROMPTS, TEXT_WIDTH, VISION_WIDTH
 from sspo.errors import ModelError, SSPOError
 from sspo.scorers import build_scorer
+from sspo.scorers.clip import _features  # projected features on transformers 4 and 5
 from sspo.scorers.base import hf_from_state_dict, load_weights
+from sspo.scorers import hps
 from sspo.scorers.hps import hf_to_openclip, openclip_to_hf
 from sspo.scorers.preprocess import LongestSideTransform
 
@@ -74,8 +76,8 @@ def test_converted_clipmodel_computes_the_open_clip_forward(hps_checkpoint, clip
     tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours_text = model.get_text_features(**tokens).pooler_output
-        ours_image = model.get_image_features(pixel_values=pixels).pooler_output
+        ours_text = _features(model.get_text_features(**tokens))
+        ours_image = _features(model.get_image_features(pixel_values=pixels))
     assert torch.allclose(ours_text, openclip_encode_text(sd, tokens["input_ids"], tokenizer.eos_token_id), atol=1e-5)
     assert torch.allclose(ours_image, openclip_encode_image(sd, pixels), atol=1e-5)
 
@@ -91,9 +93,13 @@ def test_wrong_shapes_name_the_keys(hps_checkpoint, clip_processor_dir):
         hf_from_state_dict(CLIPModel, CLIPConfig.from_pretrained(clip_processor_dir), converted, "tiny HPS")
 
 
-def test_hpsv2_scorer_is_100_times_open_clip_cosine(hps_checkpoint, clip_processor_dir, shape_images):
-    pytest.importorskip("ftfy", reason="HPSv2 needs the scorers extra (ftfy)")
+def test_hpsv2_scorer_is_100_times_open_clip_cosine(monkeypatch, hps_checkpoint, clip_processor_dir, shape_images):
     from transformers import AutoTokenizer
+
+    try:
+        import ftfy  # noqa: F401
+    except ImportError:  # without the extra, still run the scorer: cleaning plain ASCII prompts is a no-op
+        monkeypatch.setattr(hps, "openclip_clean", str.strip)
 
     path, sd = hps_checkpoint
     scorer = build_scorer("hpsv2", str(path), processor=str(clip_processor_dir), batch_size=1)

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scorer_models import IR_PATCH, IR_VISION, PROMPTS, tiny_imagereward_state_dict, tiny_med_config
+from scorer_models import IR_PATCH, PROMPTS, tiny_imagereward_state_dict, tiny_med_config
 from sspo.errors import ModelError
 from sspo.scorers import build_scorer
 from sspo.scorers.imagereward import REWARD_MEAN, REWARD_STD, ImageRewardModel, imagereward_to_hf
 
 
-def blip_vit_forward(sd, pixels, heads=IR_VISION // 64 or 1):
+def blip_vit_forward(sd, pixels, heads):
     """BLIP's timm-style ViT, written from the published keys (LayerNorm eps 1e-6, fused qkv)."""
     p = "blip.visual_encoder."
     x = F.conv2d(pixels, sd[p + "patch_embed.proj.weight"], sd[p + "patch_embed.proj.bias"], stride=IR_PATCH)

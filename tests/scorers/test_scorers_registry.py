@@ -98,3 +98,28 @@ def test_shapes_scorer_prefers_the_clean_render():
     assert (scores[0] > scores[1:]).all()
     with pytest.raises(SSPOError, match="no weights"):
         build_scorer("shapes", "some/model")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scorers_run_on_cuda_in_half_precision(
+    tmp_path, monkeypatch, clip_model_dir, clip_processor_dir, hps_checkpoint, imagereward_dir, bert_tokenizer_dir,
+    shape_images,
+):
+    from scorer_models import EMBED, linear_mlp_state_dict
+    from sspo.scorers import hps
+    from sspo.scorers.clip import AESTHETIC_HEAD_FILE
+
+    monkeypatch.setattr(hps, "openclip_clean", str.strip)  # plain ASCII prompts; no ftfy needed
+    torch.save(linear_mlp_state_dict(torch.Generator().manual_seed(0), EMBED), tmp_path / AESTHETIC_HEAD_FILE)
+    builds = {
+        "pickscore": (clip_model_dir, {"processor": str(clip_processor_dir)}),
+        "hpsv2": (hps_checkpoint[0], {"processor": str(clip_processor_dir)}),
+        "imagereward": (imagereward_dir, {"tokenizer": str(bert_tokenizer_dir)}),
+        "aesthetic": (tmp_path, {"clip_model": str(clip_model_dir)}),
+    }
+    for name, (path, options) in builds.items():
+        cpu = build_scorer(name, str(path), **options).score(shape_images, PROMPTS)
+        gpu = build_scorer(name, str(path), device="cuda", dtype=torch.float16, **options).score(shape_images, PROMPTS)
+        assert gpu.device.type == "cpu" and gpu.dtype == torch.float32, name
+        assert torch.allclose(gpu, cpu, rtol=0.02, atol=0.05), (name, gpu, cpu)

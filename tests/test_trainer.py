@@ -1,0 +1,155 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sspo.config import apply_overrides, from_dict, load_yaml
+from sspo.errors import DataError, ModelError
+from sspo.train_config import TrainConfig
+from sspo.trainer import Trainer, train
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo-shapes.yaml"
+
+
+def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
+    """The demo config shrunk to seconds: 2 iterations of 2 steps, batch 4, 2 sampler steps."""
+    base = [
+        f"model.pretrained={model}", f"output_dir={out}", "report_to=none", "iterations=2", "steps_per_iteration=2",
+        "optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1",
+        "data.max_samples=64", "validation.every_iterations=0",
+    ]
+    return from_dict(TrainConfig, apply_overrides(load_yaml(DEMO), base + list(overrides)))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+ARMS = {
+    "sft": ["method=sft"],
+    "dpo": ["method=dpo"],
+    "spin": ["method=spin"],
+    "sspo": ["method=sspo"],
+    "sspo_indicator": ["ssr=indicator"],
+    "sspo_ssr_off": ["ssr=off"],
+    "sspo_erd_initial": ["erd=initial"],
+    "sspo_erd_last": ["erd=last"],
+    "sspo_erd_per_sample": ["erd_per=sample"],
+    "sspo_r": ["data.mode=random"],
+    "sspo_full_finetune": ["model.lora=false"],
+    "sspo_online": ["pregenerate=false"],
+    "sspo_uncached_reference": ["cache_reference_errors=false", "optim.gradient_accumulation_steps=2"],
+}
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
+    cfg = tiny_config(tmp_path / arm, quick_base, *ARMS[arm])
+    final = train(cfg)
+    rows = metrics(tmp_path / arm)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if cfg.method == "sft":
+        assert "ssr_rate" not in rows[0]
+    else:
+        assert {"implicit_acc", "ssr_rate", "dw", "dl", "reference"} <= set(rows[0])
+    pool = json.loads((tmp_path / arm / "pool" / "pool.json").read_text())["entries"] if cfg.uses_reference else []
+    if cfg.generates_negatives:
+        assert [e["step"] for e in pool] == [0, 2, 4]  # theta_0 plus one checkpoint per iteration
+        if cfg.effective_erd == "last":
+            assert [r["reference"] for r in rows] == [0, 0, 1, 1]
+        if cfg.effective_erd == "initial":
+            assert all(r["reference"] == 0 for r in rows)
+    if cfg.effective_ssr == "off":
+        assert all(r["ssr_rate"] == 0 for r in rows)
+    weights = final / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "unet/diffusion_pytorch_model.safetensors")
+    assert weights.is_file()
+
+
+def test_online_and_pregenerated_give_the_same_training(quick_base, tmp_path):
+    runs = {}
+    for pregenerate in (True, False):
+        cfg = tiny_config(tmp_path / str(pregenerate), quick_base, f"pregenerate={str(pregenerate).lower()}", "erd_per=sample")
+        runs[pregenerate] = (metrics(tmp_path / str(pregenerate)), load_file(train(cfg) / "pytorch_lora_weights.safetensors"))
+    (rows_pre, weights_pre), (rows_online, weights_online) = runs[True], runs[False]
+    for a, b in zip(rows_pre, rows_online):
+        assert a["reference"] == b["reference"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["ssr_rate"] == b["ssr_rate"]
+    for key in weights_pre:
+        torch.testing.assert_close(weights_pre[key], weights_online[key], rtol=1e-4, atol=1e-5)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_killed_run_resumes_to_the_same_pool_and_weights(quick_base, tmp_path, monkeypatch, lora):
+    extra = ["iterations=3", f"model.lora={str(lora).lower()}"]
+    whole = train(tiny_config(tmp_path / "whole", quick_base, *extra))
+
+    cfg = tiny_config(tmp_path / "killed", quick_base, *extra)
+    real_step = Trainer.optimizer_step
+
+    def crash_mid_iteration(self, batches):
+        if self.global_step == 3:  # the middle of the second iteration
+            raise Crash
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", crash_mid_iteration)
+    with pytest.raises(Crash):
+        train(cfg)
+    monkeypatch.setattr(Trainer, "optimizer_step", real_step)
+    resumed = train(cfg, resume=True)
+
+    pools = [json.loads((tmp_path / name / "pool" / "pool.json").read_text())["entries"] for name in ("whole", "killed")]
+    assert pools[0] == pools[1]
+    for entry in pools[0]:
+        a = load_file(tmp_path / "whole" / "pool" / entry["file"])
+        b = load_file(tmp_path / "killed" / "pool" / entry["file"])
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    name = "pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(whole / name), load_file(resumed / name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in metrics(tmp_path / "killed")][-1] == 6
+
+
+def test_lora_output_loads_in_stock_diffusers(quick_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    final = train(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=0.01"))
+    pipe = StableDiffusionPipeline.from_pretrained(quick_base)
+    before = pipe("a small red circle on the left, white background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    pipe.load_lora_weights(str(final))
+    after = pipe("a small red circle on the left, white background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert not torch.allclose(before, after)
+
+
+def test_full_finetune_output_is_a_diffusers_folder(quick_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    final = train(tiny_config(tmp_path / "run", quick_base, "model.lora=false", "method=sft"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(final))
+    base = StableDiffusionPipeline.from_pretrained(quick_base)
+    changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters())]
+    assert any(changed)
+
+
+def test_dpo_without_pairs_is_a_clear_error(quick_base, tmp_path):
+    from sspo.worlds.shapes import make_split, write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", make_split().train[:4])
+    cfg = tiny_config(tmp_path / "run", quick_base, "method=dpo", "data.source=imagefolder", f"data.path={folder}")
+    with pytest.raises(DataError, match="needs \\(winner, loser\\) pairs"):
+        Trainer(cfg)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    cfg = tiny_config(tmp_path / "run", str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelError, match="no-such-model"):
+        Trainer(cfg)
