@@ -21,13 +21,13 @@ def _sample(args) -> None:
     from .sample import generate, image_grid, save_png
     from .trainer import resolve_model
 
-    pipe = load_pipeline(resolve_model(args.model), lora=args.lora)
     prompts = args.prompt
     if args.shapes_check:
         from .worlds.shapes import parse_prompt
 
         for prompt in prompts:
             parse_prompt(prompt)
+    pipe = load_pipeline(resolve_model(args.model), lora=args.lora)
     seeds = list(range(args.seeds))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale) for seed in seeds]
     save_png(image_grid(rows, [f"seed {s}" for s in seeds], prompts), args.out)
@@ -50,10 +50,10 @@ def _eval(args) -> None:
 def _train(args) -> None:
     from .config import load_config
     from .train_config import TrainConfig
-    from .trainer import train
+    from .trainer import dry_run, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    print(train(cfg, resume=args.resume))
+    print(dry_run(cfg) if args.dry_run else train(cfg, resume=args.resume))
 
 
 def _demo(args) -> None:
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file, e.g. configs/demo-shapes.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
+    p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")

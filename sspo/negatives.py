@@ -83,11 +83,12 @@ def make_sampler_scheduler(pipe, cfg: SamplerConfig):
 
 
 @torch.no_grad()
-def sample_reference(pipe, unet, scheduler, cond: TextCondition, uncond: TextCondition, seeds: Sequence[int], cfg: SamplerConfig, device) -> torch.Tensor:
-    """Latents ``x_l`` that ``unet`` (a pool checkpoint) generates for ``cond`` with its own sampler.
+def sample_reference(pipe, unet, scheduler, cond: TextCondition, uncond: TextCondition, seeds: Sequence[int], cfg: SamplerConfig, device, latent_size: Sequence[int]) -> torch.Tensor:
+    """Latents ``x_l`` of ``latent_size`` that ``unet`` (a pool checkpoint) generates for ``cond``.
 
     Latents are returned directly (``output_type="latent"``): decoding to pixels and re-encoding
-    would only add the VAE's round-trip error to the negatives.
+    would only add the VAE's round-trip error to the negatives. They are sampled at the winners'
+    size, which need not be the model's native resolution.
     """
     sampler = pipe.__class__(**{**pipe.components, "unet": unet, "scheduler": scheduler})
     sampler.set_progress_bar_config(disable=True)
@@ -99,6 +100,8 @@ def sample_reference(pipe, unet, scheduler, cond: TextCondition, uncond: TextCon
         num_inference_steps=cfg.steps,
         guidance_scale=cfg.guidance_scale,
         generator=generators,
+        height=latent_size[0] * pipe.vae_scale_factor,
+        width=latent_size[1] * pipe.vae_scale_factor,
         output_type="latent",
         **extra,
     )
@@ -122,7 +125,7 @@ class PairBuilder:
                 for chunk in _chunks(members, self.sampler_cfg.batch_size):
                     cond = TextCondition.cat([b.cond[i : i + 1] for b, i in chunk])
                     seeds = [b.sample_seeds[i] for b, i in chunk]
-                    latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, uncond, seeds, self.sampler_cfg, self.device)
+                    latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, uncond, seeds, self.sampler_cfg, self.device, chunk[0][0].winners.shape[-2:])
                     for (batch, i), latent in zip(chunk, latents):
                         batch.losers[i] = latent
 

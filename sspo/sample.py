@@ -21,14 +21,18 @@ def generate(
     steps: int = 20,
     guidance_scale: float = 5.0,
     batch_size: int = 32,
+    size: int | None = None,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed) pair; a seed fixes its image whatever the batching."""
+    """One image per (prompt, seed) pair, ``size`` pixels square (default: the model's native size).
+
+    A seed fixes its image whatever the batching.
+    """
     images: list[Image.Image] = []
     device = pipe.device
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, output_type="pil")
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, height=size, width=size, output_type="pil")
         images.extend(out.images)
     return images
 

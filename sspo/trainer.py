@@ -6,7 +6,15 @@
             for each micro-batch: policy errors -> loss -> backward
             clip, step, log
         add theta_n to the pool; save a resumable state; validate
-    save the final model (diffusers folder or LoRA weights)
+    save the final model (diffusers folder or LoRA weights) and its model card
+
+Several processes (``accelerate launch``, DDP): every process builds the pairs of its own
+micro-batches — rows, ``t``, ``eps``, the pool checkpoint and the sampler seeds all come from
+``(seed, m * num_processes + rank)``, so each process draws its own checkpoints and generates its
+own negatives, and the run is reproducible for a given process count. Gradients are averaged
+across processes at each optimizer step, so every process holds the same weights (checked at
+each save: ``replicas`` in the state file). The pool is written by the main process only; the
+others wait, then reload it (:meth:`Trainer._sync_pool`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,7 +36,7 @@ from .data import collate, load_dataset_from_config
 from .errors import ConfigError, DataError
 from .io import atomic_write_json
 from .losses import sft_loss, sspo_loss
-from .models.pipeline import encode_images, encode_prompts, denoising_errors, load_pipeline
+from .models.pipeline import encode_images, encode_prompts, encode_unconditional, denoising_errors, load_pipeline, load_pipeline_config
 from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
@@ -45,6 +54,16 @@ def resolve_model(name: str) -> str:
         preset = name.partition(":")[2] or "default"
         return str(build_base(BaseConfig.preset(preset)))
     return name
+
+
+def open_dataset(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+    """The training data, checked against what ``cfg.method`` needs from it."""
+    if cfg.data.streaming:
+        raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; stream to cache latents first")
+    dataset = load_dataset_from_config(cfg.data, rank, world_size)
+    if cfg.method == "dpo" and not dataset.has_losers:
+        raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
+    return dataset
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -68,13 +87,10 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
 
-        self.dataset = load_dataset_from_config(cfg.data, self.accelerator.process_index, self.accelerator.num_processes)
-        if cfg.method == "dpo" and not self.dataset.has_losers:
-            raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
-        if cfg.data.streaming:
-            raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; stream to cache latents first")
+        self.dataset = open_dataset(cfg, self.accelerator.process_index, self.accelerator.num_processes)
 
-        self.pipe = load_pipeline(resolve_model(cfg.model.pretrained), dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)
+        self.base_model = resolve_model(cfg.model.pretrained)
+        self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)
         self.pipe.to(self.device)
         for name in ("vae", "text_encoder", "text_encoder_2"):
             module = getattr(self.pipe, name, None)
@@ -88,7 +104,7 @@ class Trainer:
         self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
         self.reference = ReferenceModel(unet, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
         self.pairs = PairBuilder(self.pipe, self.reference, self.train_scheduler, cfg.negatives, self.device, self.accelerator.autocast)
-        self.uncond = encode_prompts(self.pipe, [""], self.device).to("cpu")
+        self.uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
 
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
@@ -170,7 +186,7 @@ class Trainer:
     def prepare(self, m: int) -> PairBatch:
         """Winners (and dataset losers) as latents, text conditions, and every random draw of ``m``."""
         batch = collate([self.dataset[i] for i in self._indices(m)])
-        cond = encode_prompts(self.pipe, batch["prompts"], self.device).to("cpu")
+        cond = encode_prompts(self.pipe, batch["prompts"], self.device, self.cfg.data.resolution).to("cpu")
         winners = encode_images(self.pipe.vae, batch["winner"]).float().cpu()
         pair = PairBatch(index=m, prompts=batch["prompts"], cond=cond, winners=winners, noise=None, timesteps=None)
         if self.cfg.method == "dpo":
@@ -276,18 +292,43 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Sample fixed prompts/seeds with the policy; score them when they are shapes-world prompts."""
+        """On the main process: a grid of the fixed prompts, and shapes-world scores if asked."""
+        if not self.accelerator.is_main_process:
+            return {}
+        if self.cfg.validation.prompts:
+            self.validation_grid()
+        return self.shapes_eval() if self.cfg.validation.shapes_eval else {}
+
+    @contextlib.contextmanager
+    def _sampling(self):
+        self.policy.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                yield
+        finally:
+            self.policy.train()
+
+    def validation_grid(self) -> Path:
+        """``validation.prompts`` sampled with the policy: a PNG in the run dir and a tensorboard image."""
+        from .sample import generate, image_grid, save_png
+
+        vcfg, sampler = self.cfg.validation, self.cfg.negatives
+        with self._sampling():
+            images = generate(self.pipe, vcfg.prompts, [vcfg.seed] * len(vcfg.prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale, size=self.cfg.data.resolution)
+        grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)
+        if self.cfg.report_to == "tensorboard":
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("validation/grid", np.asarray(grid), self.global_step, dataformats="HWC")
+        return save_png(grid, self.run_dir / "validation" / f"step-{self.global_step:08d}.png")
+
+    def shapes_eval(self) -> dict:
+        """The shapes world's exact rewards on seen and held-out prompts."""
         from .evaluate import EvalConfig, evaluate_pipeline
 
         vcfg = self.cfg.validation
-        if not (self.accelerator.is_main_process and vcfg.shapes_eval):
-            return {}
-        self.policy.eval()
-        with self.accelerator.autocast():
-            summary, images = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
-        self.policy.train()
+        with self._sampling():
+            summary, _ = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
         metrics = {f"reward_{split}": scores["reward"] for split, scores in summary.items()}
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
         with open(self.run_dir / "validation.jsonl", "a") as f:
@@ -297,7 +338,7 @@ class Trainer:
     def _start_fresh(self) -> None:
         """Clear what an earlier run left in the output folder; the pool restarts as {theta_0}."""
         if self.accelerator.is_main_process:
-            for name in ("checkpoints", "metrics.jsonl", "validation.jsonl", "final"):
+            for name in ("checkpoints", "metrics.jsonl", "validation.jsonl", "validation", "final"):
                 path = self.run_dir / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             if self.pool is not None:
@@ -318,9 +359,10 @@ class Trainer:
         final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
         staging = final.with_name(final.name + ".partial")
         self.accelerator.wait_for_everyone()
+        replicas = self._replica_fingerprints()
         self.accelerator.save_state(str(staging))
         if self.accelerator.is_main_process:
-            atomic_write_json(staging / STATE_FILE, {"global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0})
+            atomic_write_json(staging / STATE_FILE, {"global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas})
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
             kept = sorted(p.parent for p in (self.run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
@@ -328,6 +370,26 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _replica_fingerprints(self) -> list[list[float]] | None:
+        """(sum, sum of squares) of the trainable weights, in float64, from every process.
+
+        Under DDP each process holds a whole replica and applies the same all-reduced gradients,
+        so the replicas stay bitwise equal; a difference means a process trained on something the
+        others did not. FSDP and DeepSpeed shard the weights: nothing to compare there.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return None
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for p in self.params:
+            weights = p.detach().double()
+            local += torch.stack([weights.sum(), weights.square().sum()])
+        replicas = self.accelerator.gather(local[None]).tolist()
+        if any(r != replicas[0] for r in replicas):
+            log.error("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
+        return replicas
 
     def _load_state(self, state_dir: Path) -> None:
         state = json.loads((state_dir / STATE_FILE).read_text())
@@ -356,10 +418,24 @@ class Trainer:
                 pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
                 pipe.save_pretrained(str(staging), safe_serialization=True)
             save_yaml(self.cfg, staging / "sspo_config.yaml")
+            self._write_card(staging, final)
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
         self.accelerator.wait_for_everyone()
         return final
+
+
+    def _write_card(self, staging: Path, final: Path) -> None:
+        from .card import model_card
+
+        grids = sorted((self.run_dir / "validation").glob("step-*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], staging / "validation.png")
+        card = model_card(
+            self.cfg, base=self.base_model, pipeline_class=type(self.pipe).__name__, folder=str(final.resolve()),
+            processes=self.accelerator.num_processes, grid="validation.png" if grids else None,
+        )
+        (staging / "README.md").write_text(card)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -382,3 +458,23 @@ def _postfix(metrics: dict) -> dict:
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return Trainer(cfg, resume=resume).train()
+
+
+def dry_run(cfg: TrainConfig) -> str:
+    """A summary of the run ``cfg`` describes, once its data and model config open (no weights load)."""
+    from accelerate import PartialState
+
+    from .card import effective_batch, summarize
+
+    dataset = open_dataset(cfg)
+    name = cfg.model.pretrained
+    if name.startswith("shapes-base"):
+        model = f"{name} (the shapes world's tiny SD pipeline, built and cached on first use)"
+    else:
+        model = f"{name} ({load_pipeline_config(name, cfg.model.revision)['_class_name']})"
+    processes = PartialState().num_processes
+    rows = {"model": model, **summarize(cfg, processes)}
+    epochs = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes) / len(dataset)
+    rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs:.2f} epochs"
+    rows["output"] = cfg.output_dir
+    return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

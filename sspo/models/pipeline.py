@@ -69,24 +69,40 @@ def is_sdxl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
-def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None):
-    """Load an SD-1.5 or SDXL pipeline from a hub id or a local folder, with an optional LoRA."""
-    from diffusers import DiffusionPipeline
-
+def _locate(model: str | Path) -> str:
+    """A hub id as given, or a local folder that must hold a diffusers pipeline."""
     model = str(model)
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
-    if looks_local and not (Path(model).expanduser() / "model_index.json").is_file():
+    if not (model.startswith((".", "/", "~")) or Path(model).exists()):
+        return model
+    if not (Path(model).expanduser() / "model_index.json").is_file():
         raise ModelError(
             f"model path {model} is not a diffusers pipeline folder (no model_index.json there); "
             "build the shapes-world base with `sspo base` or pass a hub id / a save_pretrained folder"
         )
+    return str(Path(model).expanduser())
+
+
+def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict:
+    """A pipeline's ``model_index.json`` (class and components), without loading any weights."""
+    from diffusers import DiffusionPipeline
+
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(Path(model).expanduser()) if looks_local else model,
-            torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None,
-        )
+        config = dict(DiffusionPipeline.load_config(_locate(model), revision=revision))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load diffusion model {model!r}: {exc}") from None
+        raise ModelError(f"cannot load diffusion model {str(model)!r}: {exc}") from None
+    if "unet" not in config:
+        raise ModelError(f"model {model} ({config.get('_class_name')}) has no UNet; sspo trains UNet pipelines such as SD-1.5 and SDXL")
+    return config
+
+
+def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None):
+    """Load an SD-1.5 or SDXL pipeline from a hub id or a local folder, with an optional LoRA."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load diffusion model {str(model)!r}: {exc}") from None
     if lora:
         lora_path = Path(lora)
         if not lora_path.exists():
@@ -97,17 +113,31 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str], device) -> TextCondition:
-    """Encode prompts with the pipeline's own text encoder(s), as the pipeline itself would."""
+def encode_prompts(pipe, prompts: Sequence[str], device, size: int | None = None) -> TextCondition:
+    """Encode prompts with the pipeline's own text encoder(s), as the pipeline itself would.
+
+    SDXL's ``add_time_ids`` say "an uncropped ``size`` x ``size`` image rendered at that size":
+    for training, ``size`` is the data resolution (images are resized, then cropped square), as
+    the pipeline's own sampling at that resolution says. Default: the model's native resolution.
+    """
     prompts = list(prompts)
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        size = (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
+        side = (size or pipe.default_sample_size * pipe.vae_scale_factor,) * 2
         projection_dim = pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
+        time_ids = pipe._get_add_time_ids(side, (0, 0), side, dtype=embeds.dtype, text_encoder_projection_dim=projection_dim)
         return TextCondition(embeds, pooled, time_ids.to(device).repeat(len(prompts), 1))
     embeds, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     return TextCondition(embeds)
+
+
+@torch.no_grad()
+def encode_unconditional(pipe, device, size: int | None = None) -> TextCondition:
+    """The empty prompt as the pipeline's classifier-free guidance uses it (SDXL: zeros by default)."""
+    cond = encode_prompts(pipe, [""], device, size)
+    if is_sdxl(pipe) and pipe.config.force_zeros_for_empty_prompt:
+        return TextCondition(torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled), cond.time_ids)
+    return cond
 
 
 @torch.no_grad()

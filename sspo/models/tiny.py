@@ -77,25 +77,74 @@ def write_word_tokenizer(folder: str | Path, words: Sequence[str], max_length: i
 
 def build_components(size: TinySize, tokenizer) -> dict:
     """Randomly initialised text encoder, VAE and UNet of the given size, plus the scheduler."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    text_encoder = _text_encoder(size, tokenizer)
+    vae = _vae(size)
+    unet = _unet(size, cross_attention_dim=size.text_hidden)
+    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": _scheduler()}
 
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=size.text_hidden,
-            intermediate_size=size.text_hidden * 4,
-            num_hidden_layers=size.text_layers,
-            num_attention_heads=size.text_hidden // 16,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=size.text_hidden,
-        )
+
+def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny ``StableDiffusionXLPipeline`` (the SDXL code path, offline).
+
+    As in SDXL: two text encoders whose penultimate hidden states are concatenated (the second
+    with a projection giving the pooled embedding), and a UNet with ``text_time`` added
+    conditioning on the pooled embedding plus six size/crop ids.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from ..worlds.shapes import vocabulary
+
+    folder = Path(folder)
+    size = size or TinySize.preset("quick")
+    words = list(words or vocabulary())
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
+    time_dim = 8
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(size),
+        text_encoder=_text_encoder(size, tokenizer),
+        text_encoder_2=_text_encoder(size, tokenizer_2, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_unet(
+            size,
+            cross_attention_dim=2 * size.text_hidden,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + size.text_hidden,
+        ),
+        scheduler=_scheduler(),
+        add_watermarker=False,
     )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _text_encoder(size: TinySize, tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_hidden,
+        intermediate_size=size.text_hidden * 4,
+        num_hidden_layers=size.text_layers,
+        num_attention_heads=size.text_hidden // 16,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=size.text_hidden,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _vae(size: TinySize):
+    from diffusers import AutoencoderKL
+
     n_vae = len(size.vae_channels)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n_vae,
@@ -106,21 +155,32 @@ def build_components(size: TinySize, tokenizer) -> dict:
         norm_num_groups=min(size.vae_channels) // 2,
         sample_size=size.image_size,
     )
+
+
+def _unet(size: TinySize, cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
+
     n_unet = len(size.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=size.image_size // 2 ** (n_vae - 1),
+    return UNet2DConditionModel(
+        sample_size=size.image_size // 2 ** (len(size.vae_channels) - 1),
         in_channels=size.latent_channels,
         out_channels=size.latent_channels,
         block_out_channels=size.unet_channels,
         layers_per_block=size.unet_layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
-        cross_attention_dim=size.text_hidden,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=min(size.unet_channels) // 2,
+        **extra,
     )
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
     # SD-1.5's noise schedule; DDIM is its usual fast sampler.
-    scheduler = DDIMScheduler(
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -130,4 +190,3 @@ def build_components(size: TinySize, tokenizer) -> dict:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}

@@ -1,0 +1,81 @@
+"""What a run is, in words: the model card (``README.md`` beside the final weights) and the dry run's summary."""
+
+from __future__ import annotations
+
+from .train_config import TrainConfig
+
+_METHODS = {
+    "sft": "supervised fine-tuning on the preferred images",
+    "dpo": "Diffusion-DPO on the dataset's (preferred, rejected) pairs",
+    "spin": "SPIN-Diffusion-style self-play against the latest checkpoint",
+    "sspo": "Self-Sampling Preference Optimization (SSPO)",
+}
+
+
+def summarize(cfg: TrainConfig, processes: int) -> dict[str, str]:
+    """The settings that define a run, one line each (model card and ``sspo train --dry-run``)."""
+    o = cfg.optim
+    rows = {
+        "method": f"{cfg.method}: {_METHODS[cfg.method]}",
+        "fine-tuning": f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" if cfg.model.lora else "full UNet",
+        "data": f"{cfg.data.source} {cfg.data.path or '(shapes world)'}, {cfg.data.resolution} px, mode {cfg.data.mode}",
+        "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
+        "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} processes = {effective_batch(cfg, processes)} effective",
+        "optimizer": f"AdamW, learning rate {o.learning_rate:g}, weight decay {o.weight_decay:g}, {cfg.mixed_precision} mixed precision, seed {cfg.seed}",
+    }
+    if cfg.generates_negatives:
+        rows["reference"] = (
+            f"pool checkpoint drawn '{cfg.effective_erd}' per {cfg.erd_per}, one added every {cfg.steps_per_iteration} steps; "
+            f"ssr {cfg.effective_ssr}; negatives: {cfg.negatives.scheduler}, {cfg.negatives.steps} steps, guidance {cfg.negatives.guidance_scale:g}"
+        )
+    elif cfg.uses_reference:
+        rows["reference"] = "the frozen initial model"
+    if cfg.uses_reference:
+        rows["beta"] = f"{cfg.beta:g}"
+    return rows
+
+
+def effective_batch(cfg: TrainConfig, processes: int) -> int:
+    return cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * processes
+
+
+def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str, processes: int, grid: str | None) -> str:
+    """Markdown with a Hugging Face metadata header: what was trained, how, and how to load it."""
+    table = "\n".join(f"| {key} | {value} |" for key, value in summarize(cfg, processes).items())
+    if cfg.model.lora:
+        load = f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16)\npipe.load_lora_weights("{folder}")'
+    else:
+        load = f'pipe = {pipeline_class}.from_pretrained("{folder}", torch_dtype=torch.bfloat16)'
+    prompt = cfg.validation.prompts[0] if cfg.validation.prompts else "a photo of a cat"
+    tags = ["diffusers", "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else [])
+    sections = [
+        "---",
+        "library_name: diffusers",
+        f"base_model: {base}",
+        "tags:",
+        *[f"- {tag}" for tag in tags],
+        "---",
+        "",
+        f"# {cfg.method.upper()} fine-tune of {cfg.model.pretrained}",
+        "",
+        f"Trained with sspo (\"Bridging SFT and DPO for Diffusion Model Alignment with Self-Sampling Preference "
+        f"Optimization\"): {_METHODS[cfg.method]}. The full training config is `sspo_config.yaml` in this folder.",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        table,
+        "",
+        "## Use with diffusers",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {pipeline_class}",
+        "",
+        load,
+        'pipe.to("cuda")',
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+    ]
+    if grid:
+        sections += ["", "## Validation", "", f"Fixed prompts and seed {cfg.validation.seed} at the end of training:", "", f"![validation grid]({grid})"]
+    return "\n".join(sections) + "\n"

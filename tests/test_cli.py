@@ -1,0 +1,44 @@
+import json
+
+import pytest
+from PIL import Image
+
+from sspo.cli import main
+
+
+def test_sample_writes_a_grid(quick_base, tmp_path):
+    out = tmp_path / "grid.png"
+    code = main(["sample", "--model", quick_base, "--prompt", "a large red circle on the left, white background",
+                 "--prompt", "a small blue square at the top, black background", "--seeds", "2", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    grid = Image.open(out)
+    assert grid.width > 2 * 96 and grid.height > 2 * 96
+
+
+def test_eval_prints_a_table_and_writes_json(quick_base, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    code = main(["eval", "--model", quick_base, "--name", "quick", "--out", str(out), "prompts_per_split=2", "seeds=[0]", "steps=2"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| quick | seen |" in table and "| quick | heldout |" in table
+    summary = json.loads(out.read_text())["quick"]
+    assert summary["seen"]["n"] == 2 and 0 <= summary["heldout"]["reward"] <= 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--model", "{base}", "--shapes-check", "--prompt", "a large red hexagon on the left, white background"], "unknown word 'hexagon'"),
+        (["eval", "--model", "{tmp}/missing-model"], "missing-model"),
+        (["train", "{tmp}/missing.yaml"], "missing.yaml does not exist"),
+        (["train", "configs/demo-shapes.yaml", "optim.lr=0.1"], "unknown config key 'optim.lr'"),
+        (["train", "configs/demo-shapes.yaml", "method=ppo"], "config key 'method'"),
+    ],
+)
+def test_bad_input_is_one_clear_error(argv, message, quick_base, tmp_path, capsys):
+    argv = [a.format(base=quick_base, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("sspo: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert "Traceback" not in err
