@@ -62,6 +62,13 @@ def _demo(args) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+def _compare(args) -> None:
+    from .compare import run_compare
+
+    arms = [a for a in (args.methods + "," + args.ablations).split(",") if a]
+    run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")
+    p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
+    p.add_argument("--methods", default="base,sft,dpo,spin,sspo,sspo_r")
+    p.add_argument("--ablations", default="ssr_off,indicator,erd_initial,erd_last")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
+    p.set_defaults(func=_compare)
+
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
@@ -107,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops positionals at the first option).
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the libraries' per-call notices (safety checker, state files) drown our progress
         for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):

@@ -64,6 +64,15 @@ def evaluate_model(model: str | Path, cfg: EvalConfig, lora: str | Path | None =
     return evaluate_pipeline(pipe, cfg)
 
 
+def showcase(cfg: EvalConfig, images: Sequence, per_split: int = 4) -> tuple[list, list[str]]:
+    """The first seed's images of ``per_split`` seen and held-out prompts, with captions."""
+    items = shapes_eval_items(cfg)
+    n_seeds = len(cfg.seeds)
+    block = cfg.prompts_per_split * n_seeds
+    picks = [i * n_seeds for i in range(per_split)] + [block + i * n_seeds for i in range(per_split)]
+    return [images[i] for i in picks], [f"[{items[i][0]}] {items[i][1].prompt}" for i in picks]
+
+
 TABLE_COLUMNS = ("reward", "color", "shape", "size", "position", "background", "quality")
 
 
