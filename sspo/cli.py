@@ -69,6 +69,12 @@ def _compare(args) -> None:
     run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]))
 
 
+def _bench(args) -> None:
+    from .bench import cli
+
+    cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -115,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
+    p.add_argument("--model", default="tiny", help="tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder")
+    p.add_argument("--batch-size", type=int, help="per micro-batch (default: the demo config's 16)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
+    p.add_argument("--arms", default="sft,dpo,dpo-cached,sspo-online,sspo-pregenerated")
+    p.add_argument("--sampler-steps", default="20,50", help="also measure negative generation at these sampler steps")
+    p.add_argument("--steps-per-iteration", type=int, help="K_updates (default: the demo config's 20)")
+    p.add_argument("--pool-size", type=int, default=3, help="checkpoints in the pool for the sspo arms")
+    p.add_argument("--resolution", type=int, help="training resolution (default: the model's native)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--in-process", action="store_true", help="run arms in this process (CPU memory numbers then less clean)")
+    p.add_argument("--allow-cpu", action="store_true", help="run --model sd15/sdxl without a GPU")
+    p.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
     p.add_argument("--out", default="runs/demo")

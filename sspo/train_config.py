@@ -68,9 +68,9 @@ class SamplerConfig:
 
 @dataclasses.dataclass
 class ValidationConfig:
-    every_iterations: int = 0  # 0: only at the end
+    every_iterations: int = 0  # 0: off; N: every N iterations and after the last
     shapes_eval: bool = False  # score the shapes world's eval prompts with the exact evaluator
-    prompts: tuple[str, ...] = ()  # fixed prompts for a logged image grid
+    prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
     seed: int = 0
     prompts_per_split: int = 8
 

@@ -80,9 +80,11 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
+        self._check_distributed()
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
@@ -110,7 +112,8 @@ class Trainer:
         optimizer = self._optimizer(params)
         from diffusers.optimization import get_scheduler
 
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps)
+        # A prepared scheduler steps once per process at each optimizer step (accelerate's convention).
+        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps * self.accelerator.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
         self.params = params
 
@@ -130,6 +133,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     # Set-up
+
+    def _check_distributed(self) -> None:
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError(
+                "FSDP is not supported: every process samples negatives and computes reference errors with a whole "
+                "UNet outside the sharded forward; launch with configs/accelerate/ddp.yaml, or deepspeed-zero2.yaml to shard optimizer state"
+            )
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None:
+            if plugin.zero_stage == 3:
+                raise ConfigError("DeepSpeed ZeRO-3 shards the UNet's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
+            # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.optim.batch_size
 
     def _prepare_unet(self, unet):
         mcfg = self.cfg.model
@@ -229,15 +247,16 @@ class Trainer:
     def optimizer_step(self, batches: list[PairBatch]) -> dict[str, float]:
         totals: dict[str, float] = {}
         accum = len(batches)
-        for k, batch in enumerate(batches):
-            # Gradients are synchronised across processes only on the last micro-batch.
-            sync = contextlib.nullcontext() if k == accum - 1 else self.accelerator.no_sync(self.unet)
-            with sync:
+        for batch in batches:
+            # Divides the loss by accum; gradients are synchronised across processes (and DeepSpeed
+            # steps) on the last micro-batch only.
+            with self.accelerator.accumulate(self.unet):
                 loss, metrics = self.loss(batch)
-                self.accelerator.backward(loss / accum)
+                self.accelerator.backward(loss)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
-        totals["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+        norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
+        totals["grad_norm"] = float("nan") if norm is None else float(norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

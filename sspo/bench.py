@@ -1,0 +1,787 @@
+"""``sspo bench``: time and peak memory of one optimizer step of sft, Diffusion-DPO and SSPO.
+
+Every arm runs the real :class:`~sspo.trainer.Trainer` on the same model, batch and precision;
+only what happens inside the timed region differs, matching how each method runs in training:
+
+=====================  ==========================================================================
+arm                    timed per optimizer step
+=====================  ==========================================================================
+``sft``                policy forward + backward on the winners
+``dpo``                Diffusion-DPO as published: reference forward (x_w, x_l) + policy forward
+                       and backward (``cache_reference_errors=false``)
+``dpo-cached``         sspo's trainer default for dpo: reference errors computed once per iteration
+                       up front, so the step is policy-only (that phase is timed separately)
+``sspo-online``        ``pregenerate=false``: the checkpoint samples x_l, reference forward, policy
+                       forward + backward, all in the step
+``sspo-pregenerated``  the default: an iteration's negatives and reference errors are built up
+                       front, grouped by checkpoint (timed separately as the *pregeneration phase*);
+                       the step is policy-only
+=====================  ==========================================================================
+
+Data preparation (VAE-encoding winners and dataset losers, text encoding) is common to every
+method and timed separately per step. "All-in" per-step cost = data preparation + step +
+the pregeneration phase divided by the optimizer steps of an iteration.
+
+Memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up).
+On the CPU, each arm runs in a fresh subprocess (``--in-process`` turns that off) and reports its
+peak resident set size during the timed steps minus the process's RSS just before the trainer
+was built, i.e. model weights, optimizer state, data and activations, not the Python / torch
+libraries themselves. The peak is exact (the kernel's ``VmHWM``, reset through
+``/proc/self/clear_refs`` after warm-up), not sampled; where that file is not writable the
+process-lifetime ``ru_maxrss`` is used and the result says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import apply_overrides, check, from_dict, load_yaml, one_of
+from .errors import SSPOError
+
+ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
+BASELINE = "dpo"
+MODELS = ("tiny", "quick", "sd15", "sdxl")  # or a local diffusers pipeline folder
+ARCH_MODELS = ("sd15", "sdxl")
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-shapes.yaml"
+# The issue's targets: SSPO's step vs Diffusion-DPO's, and negative generation's share of wall time.
+TARGET_STEP_RATIO, TARGET_GENERATION_SHARE = 1.1, 0.30
+
+_ARM_OVERRIDES = {
+    "sft": ["method=sft"],
+    "dpo": ["method=dpo", "pregenerate=true", "cache_reference_errors=false"],
+    "dpo-cached": ["method=dpo", "pregenerate=true", "cache_reference_errors=true"],
+    "sspo-online": ["method=sspo", "pregenerate=false"],
+    "sspo-pregenerated": ["method=sspo", "pregenerate=true", "cache_reference_errors=true"],
+}
+_PREGENERATED = ("dpo-cached", "sspo-pregenerated")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    model: str = "tiny"  # tiny | quick | sd15 | sdxl (random weights) | a diffusers pipeline folder
+    batch_size: int | None = None  # per micro-batch; None: the demo config's (16)
+    gradient_accumulation_steps: int | None = None
+    precision: str = "no"  # no | fp16 | bf16 (mixed_precision)
+    lora: bool = True  # False: full fine-tuning
+    gradient_checkpointing: bool = False
+    warmup: int = 2  # optimizer steps before timing (first steps allocate optimizer state)
+    steps: int = 10  # timed optimizer steps per arm; median and p90 are reported
+    arms: tuple[str, ...] = ARMS
+    sampler_steps: tuple[int, ...] = (20, 50)  # also measure generation at these (the paper's 20-50)
+    steps_per_iteration: int | None = None  # K_updates; None: the demo config's (20)
+    pool_size: int = 3  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
+    resolution: int | None = None  # training resolution; None: the model's native one
+    threads: int | None = None  # torch intra-op threads on the CPU; None: torch's default
+    isolate: bool = True  # one subprocess per arm (clean memory numbers)
+    allow_cpu: bool = False  # run sd15 / sdxl on the CPU anyway
+    overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
+
+    def __post_init__(self) -> None:
+        self.arms, self.sampler_steps, self.overrides = tuple(self.arms), tuple(self.sampler_steps), tuple(self.overrides)
+        check(self.model in MODELS or Path(self.model).expanduser().is_dir(), "model", f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder")
+        one_of(self.precision, ("no", "fp16", "bf16"), "precision")
+        check(bool(self.arms), "arms", "name at least one arm")
+        for arm in self.arms:
+            one_of(arm, ARMS, "arms")
+        check(self.warmup >= 0, "warmup", "must be >= 0")
+        check(self.steps >= 1, "steps", "must be >= 1")
+        check(all(s > 0 for s in self.sampler_steps), "sampler_steps", "must be positive")
+        check(self.pool_size >= 1, "pool_size", "must be >= 1")
+        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        for name in ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "resolution"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, "must be positive")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: the shapes world's tiny base, or SD-1.5 / SDXL architectures with random weights.
+
+
+def _unet_kwargs(name: str, small: bool) -> dict:
+    """``UNet2DConditionModel`` arguments of SD-1.5 / SDXL (``small``: same topology, tiny widths; tests)."""
+    if name == "sd15":
+        return dict(
+            sample_size=8 if small else 64, in_channels=4, out_channels=4, layers_per_block=1 if small else 2,
+            block_out_channels=(32, 32, 64, 64) if small else (320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32 if small else 768, attention_head_dim=8, norm_num_groups=8 if small else 32,
+        )
+    return dict(  # SDXL base 1.0
+        sample_size=8 if small else 128, in_channels=4, out_channels=4, layers_per_block=1 if small else 2,
+        block_out_channels=(40, 80, 160) if small else (320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2) if small else (1, 2, 10),
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, norm_num_groups=8 if small else 32,
+        cross_attention_dim=64 if small else 2048,  # text_encoder + text_encoder_2 hidden sizes
+        addition_embed_type="text_time", addition_time_embed_dim=8 if small else 256,
+        projection_class_embeddings_input_dim=32 + 6 * 8 if small else 1280 + 6 * 256,  # pooled + 6 time ids
+    )
+
+
+def _text_kwargs(kind: str, small: bool) -> dict:
+    """CLIP text encoders: ``clip-l`` (SD-1.5, SDXL's first), ``clip-bigg`` (SDXL's second)."""
+    if kind == "clip-l":
+        sizes = (32, 2, 2, 32) if small else (768, 12, 12, 768)
+        act = "quick_gelu"
+    else:
+        sizes = (32, 2, 2, 32) if small else (1280, 32, 20, 1280)
+        act = "gelu"
+    hidden, layers, heads, projection = sizes
+    return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                projection_dim=projection, hidden_act=act, max_position_embeddings=77, vocab_size=1000 if small else 49408)
+
+
+def _vae_kwargs(name: str, small: bool) -> dict:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1 if small else 2,
+        block_out_channels=(8, 8, 16, 16) if small else (128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4 if small else 32, sample_size=(64 if small else 512) * (2 if name == "sdxl" else 1),
+        scaling_factor=0.13025 if name == "sdxl" else 0.18215, force_upcast=name == "sdxl",
+    )
+
+
+def arch_components(name: str, tokenizer, small: bool = False) -> dict:
+    """Randomly initialised components of SD-1.5 or SDXL (``small``: the same topology, tiny widths)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    components = {
+        "unet": UNet2DConditionModel(**_unet_kwargs(name, small)),
+        "vae": AutoencoderKL(**_vae_kwargs(name, small)),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**_text_kwargs("clip-l", small), **ids)),
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"),
+    }
+    if name == "sdxl":
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_text_kwargs("clip-bigg", small), **ids))
+        components["tokenizer_2"] = tokenizer
+    return components
+
+
+def build_arch(name: str, folder: str | Path | None = None, small: bool = False) -> Path:
+    """A diffusers folder with SD-1.5's or SDXL's architecture and random weights (fp16), cached.
+
+    The tokenizer is the shapes world's word-level CLIP tokenizer with CLIP's 77-token length, so
+    prompts are the world's; the text encoders keep CLIP's 49408-token embedding tables.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from filelock import FileLock
+
+    from .base import cache_root
+    from .models.tiny import write_word_tokenizer
+    from .worlds import shapes
+
+    one_of(name, ARCH_MODELS, "model")
+    folder = Path(folder) if folder else cache_root() / "bench" / f"{name}{'-small' if small else ''}-random-v1"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "model_index.json").is_file():
+            return folder
+        staging = folder.with_name(folder.name + ".partial")
+        tokenizer = write_word_tokenizer(staging / "tokenizer-build", shapes.vocabulary(), max_length=77)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(device):  # random init of billions of parameters is much faster on a GPU
+            components = arch_components(name, tokenizer, small)
+        if name == "sdxl":
+            pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.to(torch.float16).save_pretrained(str(staging), safe_serialization=True)
+        import shutil
+
+        shutil.rmtree(staging / "tokenizer-build", ignore_errors=True)
+        staging.rename(folder)
+    return folder
+
+
+def native_resolution(folder: str | Path) -> int:
+    folder = Path(folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def bench_pairs(resolution: int, rows: int = 64) -> Path:
+    """A small Pick-a-Pic-style parquet of shapes-world pairs rendered at ``resolution``, cached."""
+    from filelock import FileLock
+
+    from .base import cache_root
+    from .worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+
+    path = cache_root() / "bench" / f"shapes-pairs-r{resolution}-n{rows}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            write_pickapic_parquet(path, preference_pairs(make_split(0).train[:rows], 1, seed=0, size=resolution))
+    return path
+
+
+def _model_overrides(b: BenchConfig) -> list[str]:
+    """TrainConfig overrides that point the demo config at the benchmarked model and its data."""
+    if b.model in ("tiny", "quick"):
+        out = [f"model.pretrained=shapes-base{':quick' if b.model == 'quick' else ''}"]
+        return out + ([f"data.resolution={b.resolution}"] if b.resolution else [])
+    folder = build_arch(b.model) if b.model in ARCH_MODELS else Path(b.model).expanduser().resolve()
+    resolution = b.resolution or native_resolution(folder)
+    return [f"model.pretrained={folder}", "data.source=parquet", f"data.path={bench_pairs(resolution)}", f"data.resolution={resolution}"]
+
+
+def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
+    from .train_config import TrainConfig
+
+    overrides = [
+        f"output_dir={output_dir}", "report_to=none", "validation.every_iterations=0", "validation.shapes_eval=false",
+        f"mixed_precision={b.precision}", f"model.lora={str(b.lora).lower()}",
+        f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
+    ]
+    overrides += _model_overrides(b) + _ARM_OVERRIDES[arm]
+    if b.batch_size:
+        overrides.append(f"optim.batch_size={b.batch_size}")
+    if b.gradient_accumulation_steps:
+        overrides.append(f"optim.gradient_accumulation_steps={b.gradient_accumulation_steps}")
+    if b.steps_per_iteration:
+        overrides.append(f"steps_per_iteration={b.steps_per_iteration}")
+    return from_dict(TrainConfig, apply_overrides(load_yaml(DEMO_CONFIG), overrides + list(b.overrides)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring one arm (in this process).
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _preimport() -> None:
+    """Import what the trainer imports lazily, so library code does not count as the arm's memory."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+    from . import data, trainer  # noqa: F401
+
+    for name in ("pandas", "pyarrow.parquet", "datasets", "diffusers.schedulers", "diffusers.guiders"):  # the data layer's readers
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def _rss_peak() -> int:
+    peak = _proc_status("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class Meter:
+    """Peak memory of a region: CUDA allocator peak on a GPU, peak RSS on the CPU (see module doc)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.baseline = 0 if self.cuda else (_proc_status("VmRSS") or _rss_peak())
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS - RSS before the trainer"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset(self) -> None:
+        self.sync()
+        gc.collect()
+        _malloc_trim()  # freed heap memory back to the OS, so an earlier phase does not count here
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif not _reset_rss_peak():
+            self.method = "ru_maxrss (process lifetime peak: /proc/self/clear_refs not writable) - RSS before the trainer"
+
+    def peak_mb(self) -> dict:
+        self.sync()
+        if self.cuda:
+            return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+        peak = _rss_peak()
+        return {"peak_mb": (peak - self.baseline) / 2**20, "peak_rss_mb": peak / 2**20}
+
+
+def _with_prepared(trainer, prepared: list, with_reference: bool) -> list:
+    """``trainer.build`` on micro-batches that were already prepared (data preparation timed apart)."""
+    queue = iter(prepared)
+    trainer.prepare = lambda m: next(queue)  # shadows the method for this call only
+    try:
+        return trainer.build(list(range(len(prepared))), with_reference)
+    finally:
+        del trainer.prepare
+
+
+class _PhaseTimer:
+    """Wraps the PairBuilder's phases so the time spent generating / in reference forwards is known."""
+
+    def __init__(self, pairs, meter: Meter):
+        self.pairs, self.meter, self.seconds = pairs, meter, {"generate": 0.0, "reference": 0.0}
+        for phase, name in (("generate", "generate_negatives"), ("reference", "reference_errors")):
+            setattr(pairs, name, self._timed(phase, getattr(pairs, name)))
+
+    def _timed(self, phase: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            self.meter.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.meter.sync()
+                self.seconds[phase] += time.perf_counter() - start
+
+        return wrapper
+
+    def take(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {"generate": 0.0, "reference": 0.0}
+        return seconds
+
+
+def run_arm(b: BenchConfig, arm: str) -> dict:
+    """Build a trainer for ``arm`` and time its optimizer steps (and pregeneration phase)."""
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    with tempfile.TemporaryDirectory(prefix=f"sspo-bench-{arm}-") as out:
+        cfg = train_config(b, arm, out)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _preimport()
+        from .trainer import Trainer
+
+        gc.collect()
+        _malloc_trim()
+        meter = Meter(device)  # RSS baseline: libraries imported, no model loaded yet
+
+        trainer = Trainer(cfg)
+        try:
+            return _measure(trainer, cfg, b, arm, meter)
+        except torch.OutOfMemoryError as exc:
+            return {"arm": arm, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        finally:
+            del trainer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
+    accum, batch = cfg.optim.gradient_accumulation_steps, cfg.optim.batch_size
+    if cfg.generates_negatives:  # a pool as in the middle of training: more checkpoints, smaller groups
+        for k in range(1, b.pool_size):
+            trainer.pool.add(trainer.reference.policy_state(), step=k * cfg.steps_per_iteration)
+    phases = _PhaseTimer(trainer.pairs, meter)
+    prep_seconds: list[float] = []
+
+    def prepare(first: int, count: int) -> list:
+        batches = []
+        for m in range(first, first + count):
+            meter.sync()
+            start = time.perf_counter()
+            batches.append(trainer.prepare(m))
+            meter.sync()
+            prep_seconds.append(time.perf_counter() - start)
+        return batches
+
+    result: dict = {"arm": arm, "device": str(trainer.device), "threads": torch.get_num_threads(), "batch_size": batch,
+                    "gradient_accumulation_steps": accum, "steps_per_iteration": cfg.steps_per_iteration,
+                    "mixed_precision": cfg.mixed_precision, "lora": cfg.model.lora, "memory_method": meter.method}
+    total = b.warmup + b.steps
+    if arm in _PREGENERATED:
+        k_updates = cfg.steps_per_iteration
+        # Warm the generation / reference code paths on a throwaway micro-batch, then one iteration.
+        _with_prepared(trainer, prepare(10**6, 1), True)
+        prep_seconds.clear()
+        phases.take()
+        prepared = prepare(0, k_updates * accum)
+        meter.reset()
+        start = time.perf_counter()
+        batches = _with_prepared(trainer, prepared, True)
+        meter.sync()
+        seconds = phases.take()
+        result["pregeneration"] = {
+            "micro_batches": len(batches), "images": len(batches) * batch if cfg.generates_negatives else 0,
+            "seconds": time.perf_counter() - start, "generate_s": seconds["generate"], "reference_s": seconds["reference"],
+            **meter.peak_mb(),
+        }
+        groups = [batches[i * accum : (i + 1) * accum] for i in range(k_updates)]
+        work = [groups[i % k_updates] for i in range(total)]  # cached reference errors: reuse is exact
+
+        def step(group):
+            return trainer.optimizer_step(group)
+    else:
+        work = [prepare(i * accum, accum) for i in range(total)]
+        if arm == "sspo-online":
+
+            def step(group):
+                return trainer.optimizer_step(_with_prepared(trainer, group, True))
+        else:
+            work = [_with_prepared(trainer, group, False) for group in work]
+
+            def step(group):
+                return trainer.optimizer_step(group)
+
+    times, breakdown = [], []
+    for i, group in enumerate(work):
+        if i == b.warmup:
+            meter.reset()
+            phases.take()
+        meter.sync()
+        start = time.perf_counter()
+        step(group)
+        meter.sync()
+        times.append(time.perf_counter() - start)
+        if i >= b.warmup:
+            breakdown.append(phases.take())
+    result.update(meter.peak_mb())
+    result["step_s"] = times[b.warmup :]
+    result["warmup_s"] = times[: b.warmup]
+    result["prepare_s_per_step"] = statistics.median(prep_seconds) * accum
+    result["in_step_generate_s"] = statistics.median(x["generate"] for x in breakdown)
+    result["in_step_reference_s"] = statistics.median(x["reference"] for x in breakdown)
+    if arm == "sspo-pregenerated":
+        result["generation"] = _generation_rates(trainer, cfg, b, batches, phases)
+    return result
+
+
+def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _PhaseTimer) -> dict:
+    """Images/s of negative generation at the configured and the paper's sampler step counts.
+
+    Measured on one generation chunk (``negatives.batch_size`` images, or the iteration if fewer)
+    drawn from the iteration's micro-batches, so every step count sees the same batching.
+    """
+    per_batch = len(batches[0])
+    chunk = batches[: max(1, min(len(batches), math.ceil(cfg.negatives.batch_size / per_batch)))]
+    images = sum(len(x) for x in chunk)
+    original = trainer.pairs.sampler_cfg
+    rates = {}
+    try:
+        for steps in sorted({cfg.negatives.steps, *b.sampler_steps}):
+            trainer.pairs.sampler_cfg = dataclasses.replace(original, steps=steps)
+            phases.take()
+            _with_prepared(trainer, chunk, False)  # generation only
+            rates[str(steps)] = images / phases.take()["generate"]
+    finally:
+        trainer.pairs.sampler_cfg = original
+    return {"images": images, "images_per_s": rates, "configured_steps": cfg.negatives.steps, "scheduler": cfg.negatives.scheduler,
+            "guidance_scale": cfg.negatives.guidance_scale, "generation_batch_size": cfg.negatives.batch_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole benchmark: arms in subprocesses, summary, table.
+
+
+def machine_info(device: str | None = None) -> dict:
+    import diffusers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def check_device(b: BenchConfig) -> None:
+    if b.model in ARCH_MODELS and not torch.cuda.is_available() and not b.allow_cpu:
+        raise SSPOError(
+            f"model {b.model!r} is the full {b.model.upper()} architecture, meant for a GPU, and no CUDA device is available; "
+            "use --model tiny on the CPU, or pass --allow-cpu to run it here anyway (slow, many GB of RAM)"
+        )
+
+
+def _run_isolated(b: BenchConfig, arm: str, workdir: Path) -> dict:
+    config, out = workdir / f"{arm}.config.json", workdir / f"{arm}.result.json"
+    config.write_text(json.dumps(dataclasses.asdict(b)))
+    cmd = [sys.executable, "-m", "sspo", "bench", "--worker", arm, "--worker-config", str(config), "--worker-out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        return {"arm": arm, "error": f"worker exited with {proc.returncode}:\n{tail}"}
+    return json.loads(out.read_text())
+
+
+def worker(arm: str, config_path: str | Path, out_path: str | Path) -> None:
+    """Subprocess entry point: run one arm, write its result as JSON."""
+    from .io import atomic_write_json
+
+    b = BenchConfig(**json.loads(Path(config_path).read_text()))
+    atomic_write_json(out_path, run_arm(b, arm))
+
+
+def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    check_device(b)
+    started = time.perf_counter()
+    info = machine_info()
+    if b.model in ("tiny", "quick"):  # build the cached base once, not in every worker
+        from .trainer import resolve_model
+
+        resolve_model(f"shapes-base{':quick' if b.model == 'quick' else ''}")
+    else:
+        _model_overrides(b)  # builds the architecture folder and the data at the right resolution
+    arms: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="sspo-bench-") as workdir:
+        for arm in b.arms:
+            log(f"bench: {arm} ...")
+            t0 = time.perf_counter()
+            arms[arm] = _run_isolated(b, arm, Path(workdir)) if b.isolate else run_arm(b, arm)
+            log(f"bench: {arm} done in {time.perf_counter() - t0:.0f} s" + (f" -- {arms[arm]['error']}" if "error" in arms[arm] else ""))
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    first = next((r for r in arms.values() if "error" not in r), {})
+    info.update({k: first[k] for k in ("device", "threads") if k in first})
+    return {"bench": dataclasses.asdict(b), "machine": info, "settings": {k: first.get(k) for k in ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "mixed_precision", "lora")},
+            "arms": arms, "summary": summarize(arms), "wall_s": time.perf_counter() - started}
+
+
+def _p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]  # nearest rank
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(arms: dict[str, dict]) -> dict:
+    """Per-arm medians, all-in per-step cost, ratios to dpo, generation share, and the targets."""
+    rows = {}
+    for arm, r in arms.items():
+        if "error" in r:
+            rows[arm] = {"error": r["error"]}
+            continue
+        row = {"step_s": statistics.median(r["step_s"]), "p90_s": _p90(r["step_s"]), "peak_mb": r["peak_mb"],
+               "prepare_s": r["prepare_s_per_step"], "in_step_generate_s": r["in_step_generate_s"], "in_step_reference_s": r["in_step_reference_s"]}
+        row["all_in_s"] = row["prepare_s"] + row["step_s"]
+        row["all_in_peak_mb"] = r["peak_mb"]
+        if "pregeneration" in r:
+            pre = r["pregeneration"]
+            row["pregeneration_s_per_step"] = pre["seconds"] / r["steps_per_iteration"]
+            row["pregeneration_peak_mb"] = pre["peak_mb"]
+            row["all_in_s"] += row["pregeneration_s_per_step"]
+            row["all_in_peak_mb"] = max(r["peak_mb"], pre["peak_mb"])
+        rows[arm] = row
+    base = rows.get(BASELINE, {})
+    for row in rows.values():
+        if "error" not in row:
+            row["time_ratio"] = _ratio(row["step_s"], base.get("step_s"))
+            row["memory_ratio"] = _ratio(row["peak_mb"], base.get("peak_mb"))
+            row["all_in_ratio"] = _ratio(row["all_in_s"], base.get("all_in_s"))
+            row["all_in_memory_ratio"] = _ratio(row["all_in_peak_mb"], base.get("all_in_peak_mb"))
+    summary: dict = {"rows": rows}
+    sspo = arms.get("sspo-pregenerated", {})
+    if "generation" in sspo:
+        summary["generation"] = generation_share(sspo)
+    summary["targets"] = _targets(rows, summary.get("generation"))
+    return summary
+
+
+def generation_share(r: dict) -> dict:
+    """Negative generation's share of training wall time, per sampler step count.
+
+    An iteration = pregeneration (generation + reference errors + data preparation) + K_updates
+    policy-only steps. Generation time at other step counts scales the measured iteration's by the
+    ratio of throughputs measured on the same chunk. (The share does not depend on K_updates: each
+    step consumes batch x accumulation fresh negatives either way.)
+    """
+    gen, pre, k = r["generation"], r["pregeneration"], r["steps_per_iteration"]
+    rates = gen["images_per_s"]
+    configured = rates[str(gen["configured_steps"])]
+    prepare_iteration = r["prepare_s_per_step"] * k
+    train_iteration = statistics.median(r["step_s"]) * k
+    rows = {}
+    for steps, rate in rates.items():
+        generate = pre["generate_s"] * configured / rate
+        total = generate + pre["reference_s"] + prepare_iteration + train_iteration
+        rows[steps] = {"images_per_s": rate, "generate_s_per_iteration": generate, "iteration_s": total, "share": generate / total}
+    return {"images_per_iteration": pre["images"], "measured_on_images": gen["images"], "steps": rows,
+            "scheduler": gen["scheduler"], "guidance_scale": gen["guidance_scale"], "generation_batch_size": gen["generation_batch_size"],
+            "configured_steps": gen["configured_steps"]}
+
+
+def _targets(rows: dict, generation: dict | None) -> dict:
+    targets = {}
+    sspo, dpo = rows.get("sspo-pregenerated", {}), rows.get(BASELINE, {})
+    if "error" not in sspo and "error" not in dpo and sspo and dpo:
+        targets["step_time"] = {"ratio": sspo["time_ratio"], "target": f"<= {TARGET_STEP_RATIO}", "met": sspo["time_ratio"] <= TARGET_STEP_RATIO}
+        mem = max(sspo["peak_mb"], sspo.get("pregeneration_peak_mb", 0.0)) / dpo["peak_mb"]
+        targets["peak_memory"] = {"ratio": mem, "target": "<= 1.0 (step and pregeneration phase)", "met": mem <= 1.0}
+    if generation:
+        paper = {s: v for s, v in generation["steps"].items() if 20 <= int(s) <= 50}
+        where = "at the paper's 20-50 sampler steps" if paper else "at the measured sampler steps (none in the paper's 20-50)"
+        paper = paper or generation["steps"]
+        worst = max(v["share"] for v in paper.values())
+        targets["generation_share"] = {"share": {s: v["share"] for s, v in paper.items()}, "target": f"<= {TARGET_GENERATION_SHARE:.0%} {where}", "met": worst <= TARGET_GENERATION_SHARE}
+    return targets
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    b, info, s = result["bench"], result["machine"], result["settings"]
+    rows, lines = result["summary"]["rows"], []
+    device = info.get("gpu") or f"{info['cpu']}, {info.get('threads', '?')} thread(s)"
+    lines.append(f"sspo bench: model {b['model']}, batch {s.get('batch_size')} x accum {s.get('gradient_accumulation_steps')}, "
+                 f"precision {s.get('mixed_precision')}, {'LoRA' if s.get('lora') else 'full fine-tuning'}, "
+                 f"K_updates {s.get('steps_per_iteration')}, pool {b['pool_size']}; {device}; median of {b['steps']} steps after {b['warmup']} warm-up")
+    lines.append("")
+    lines.append("| arm | step s (median) | p90 s | peak MB | time / dpo | memory / dpo | all-in s/step | all-in / dpo |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for arm, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {arm} | {row['error'].splitlines()[0]} | | | | | | |")
+            continue
+        lines.append(f"| {arm} | {_f(row['step_s'])} | {_f(row['p90_s'])} | {_f(row['peak_mb'], 0)} | {_f(row['time_ratio'], 2)} | "
+                     f"{_f(row['memory_ratio'], 2)} | {_f(row['all_in_s'])} | {_f(row['all_in_ratio'], 2)} |")
+    lines.append("")
+    lines.append("All-in = data preparation (VAE + text encoding, the same work for every method) + step + pregeneration phase / K_updates.")
+    pre_rows = [(arm, row) for arm, row in rows.items() if "pregeneration_s_per_step" in row]
+    if pre_rows:
+        lines.append("")
+        lines.append("| pregeneration phase | s / iteration | s / step (amortised) | generation s | reference s | peak MB | memory / dpo |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for arm, row in pre_rows:
+            pre = result["arms"][arm]["pregeneration"]
+            lines.append(f"| {arm} | {_f(pre['seconds'], 2)} | {_f(row['pregeneration_s_per_step'])} | {_f(pre['generate_s'], 2)} | "
+                         f"{_f(pre['reference_s'], 2)} | {_f(pre['peak_mb'], 0)} | {_f(_ratio(pre['peak_mb'], rows.get(BASELINE, {}).get('peak_mb')), 2)} |")
+    online = rows.get("sspo-online", {})
+    if "step_s" in online:
+        lines.append("")
+        lines.append(f"sspo-online step = generation {_f(online['in_step_generate_s'])} s + reference {_f(online['in_step_reference_s'])} s "
+                     f"+ policy {_f(online['step_s'] - online['in_step_generate_s'] - online['in_step_reference_s'])} s (medians).")
+    gen = result["summary"].get("generation")
+    if gen:
+        lines.append("")
+        lines.append(f"Negative generation ({gen['scheduler']}, guidance {gen['guidance_scale']}, generation batch {gen['generation_batch_size']}; "
+                     f"{gen['images_per_iteration']} negatives per iteration; rates measured on {gen['measured_on_images']} images):")
+        lines.append("")
+        lines.append("| sampler steps | images/s | generation s / iteration | share of training wall time |")
+        lines.append("| ---: | ---: | ---: | ---: |")
+        for steps, row in sorted(gen["steps"].items(), key=lambda kv: int(kv[0])):
+            mark = " (configured)" if int(steps) == gen["configured_steps"] else ""
+            lines.append(f"| {steps}{mark} | {_f(row['images_per_s'], 1)} | {_f(row['generate_s_per_iteration'], 2)} | {row['share']:.0%} |")
+    targets = result["summary"].get("targets", {})
+    if targets:
+        lines.append("")
+        lines.append("Targets (issue): " + "; ".join(
+            f"{name} {_target_value(t)} {t['target']}: {'met' if t['met'] else 'NOT met'}" for name, t in targets.items()))
+    return "\n".join(lines)
+
+
+def _target_value(t: dict) -> str:
+    if "ratio" in t:
+        return f"{t['ratio']:.2f}"
+    return "/".join(f"{v:.0%}@{s}" for s, v in sorted(t["share"].items(), key=lambda kv: int(kv[0])))
+
+
+def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
+    """``<stem>.json`` (everything, with the machine) and ``<stem>.md`` (the table and the machine)."""
+    from .io import atomic_write_json, atomic_write_text
+
+    stem = Path(stem)
+    if stem.suffix in (".json", ".md"):
+        stem = stem.with_suffix("")
+    atomic_write_json(stem.with_suffix(".json"), result)
+    info = result["machine"]
+    machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    b = result["bench"]
+    command = "sspo bench " + " ".join(_cli_args(b))
+    atomic_write_text(stem.with_suffix(".md"), f"# `{command}`\n\n{format_table(result)}\n\n## Machine\n\n{machine}\n\nWall time: {result['wall_s']:.0f} s.\n")
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def _cli_args(b: dict) -> list[str]:
+    default = dataclasses.asdict(BenchConfig())
+    args = []
+    for key, value in b.items():
+        if value == default[key] or key in ("isolate", "allow_cpu", "overrides"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if key != "lora" else "--full")
+        elif isinstance(value, (list, tuple)):
+            args.append(f"{flag} {','.join(map(str, value))}")
+        else:
+            args.append(f"{flag} {value}")
+    return args + list(b.get("overrides", ()))
+
+
+def cli(args) -> None:
+    """``sspo bench`` (arguments defined in :mod:`sspo.cli`)."""
+    if args.worker:
+        worker(args.worker, args.worker_config, args.worker_out)
+        return
+    split = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+    b = BenchConfig(
+        model=args.model, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, precision=args.precision,
+        lora=not args.full, gradient_checkpointing=args.gradient_checkpointing, warmup=args.warmup, steps=args.steps,
+        arms=split(args.arms), sampler_steps=tuple(int(x) for x in split(args.sampler_steps)), steps_per_iteration=args.steps_per_iteration,
+        pool_size=args.pool_size, resolution=args.resolution, threads=args.threads, isolate=not args.in_process,
+        allow_cpu=args.allow_cpu, overrides=tuple(args.overrides),
+    )
+    result = run_bench(b)
+    print(format_table(result))
+    if args.out:
+        for path in write_results(result, args.out):
+            print(path)
