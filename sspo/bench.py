@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,7 @@ class BenchConfig:
     pool_size: int = 3  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
     resolution: int | None = None  # training resolution; None: the model's native one
     threads: int | None = None  # torch intra-op threads on the CPU; None: torch's default
+    clock: str = "wall"  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
     isolate: bool = True  # one subprocess per arm (clean memory numbers)
     allow_cpu: bool = False  # run sd15 / sdxl on the CPU anyway
     overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
@@ -96,6 +98,7 @@ class BenchConfig:
         self.arms, self.sampler_steps, self.overrides = tuple(self.arms), tuple(self.sampler_steps), tuple(self.overrides)
         check(self.model in MODELS or Path(self.model).expanduser().is_dir(), "model", f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder")
         one_of(self.precision, ("no", "fp16", "bf16"), "precision")
+        one_of(self.clock, ("wall", "cpu"), "clock")
         check(bool(self.arms), "arms", "name at least one arm")
         for arm in self.arms:
             one_of(arm, ARMS, "arms")
@@ -146,7 +149,7 @@ def _text_kwargs(kind: str, small: bool) -> dict:
         act = "gelu"
     hidden, layers, heads, projection = sizes
     return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                projection_dim=projection, hidden_act=act, max_position_embeddings=77, vocab_size=1000 if small else 49408)
+                projection_dim=projection, hidden_act=act, max_position_embeddings=77, vocab_size=49408)
 
 
 def _vae_kwargs(name: str, small: bool) -> dict:
@@ -165,16 +168,18 @@ def arch_components(name: str, tokenizer, small: bool = False) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if small:
+        ids["vocab_size"] = len(tokenizer)
     components = {
         "unet": UNet2DConditionModel(**_unet_kwargs(name, small)),
         "vae": AutoencoderKL(**_vae_kwargs(name, small)),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**_text_kwargs("clip-l", small), **ids)),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**{**_text_kwargs("clip-l", small), **ids})),
         "tokenizer": tokenizer,
         "scheduler": DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"),
     }
     if name == "sdxl":
-        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**_text_kwargs("clip-bigg", small), **ids))
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**{**_text_kwargs("clip-bigg", small), **ids}))
         components["tokenizer_2"] = tokenizer
     return components
 
@@ -199,6 +204,7 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False)
         if (folder / "model_index.json").is_file():
             return folder
         staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
         tokenizer = write_word_tokenizer(staging / "tokenizer-build", shapes.vocabulary(), max_length=77)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
@@ -209,8 +215,6 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False)
         else:
             pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.to(torch.float16).save_pretrained(str(staging), safe_serialization=True)
-        import shutil
-
         shutil.rmtree(staging / "tokenizer-build", ignore_errors=True)
         staging.rename(folder)
     return folder
@@ -363,20 +367,20 @@ def _with_prepared(trainer, prepared: list, with_reference: bool) -> list:
 class _PhaseTimer:
     """Wraps the PairBuilder's phases so the time spent generating / in reference forwards is known."""
 
-    def __init__(self, pairs, meter: Meter):
-        self.pairs, self.meter, self.seconds = pairs, meter, {"generate": 0.0, "reference": 0.0}
+    def __init__(self, pairs, meter: Meter, clock: Callable[[], float]):
+        self.pairs, self.meter, self.clock, self.seconds = pairs, meter, clock, {"generate": 0.0, "reference": 0.0}
         for phase, name in (("generate", "generate_negatives"), ("reference", "reference_errors")):
             setattr(pairs, name, self._timed(phase, getattr(pairs, name)))
 
     def _timed(self, phase: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
             self.meter.sync()
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.meter.sync()
-                self.seconds[phase] += time.perf_counter() - start
+                self.seconds[phase] += self.clock() - start
 
         return wrapper
 
@@ -416,17 +420,18 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
     if cfg.generates_negatives:  # a pool as in the middle of training: more checkpoints, smaller groups
         for k in range(1, b.pool_size):
             trainer.pool.add(trainer.reference.policy_state(), step=k * cfg.steps_per_iteration)
-    phases = _PhaseTimer(trainer.pairs, meter)
+    clock = time.process_time if b.clock == "cpu" else time.perf_counter
+    phases = _PhaseTimer(trainer.pairs, meter, clock)
     prep_seconds: list[float] = []
 
     def prepare(first: int, count: int) -> list:
         batches = []
         for m in range(first, first + count):
             meter.sync()
-            start = time.perf_counter()
+            start = clock()
             batches.append(trainer.prepare(m))
             meter.sync()
-            prep_seconds.append(time.perf_counter() - start)
+            prep_seconds.append(clock() - start)
         return batches
 
     result: dict = {"arm": arm, "device": str(trainer.device), "threads": torch.get_num_threads(), "batch_size": batch,
@@ -441,13 +446,13 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
         phases.take()
         prepared = prepare(0, k_updates * accum)
         meter.reset()
-        start = time.perf_counter()
+        start = clock()
         batches = _with_prepared(trainer, prepared, True)
         meter.sync()
-        seconds = phases.take()
+        elapsed, seconds = clock() - start, phases.take()
         result["pregeneration"] = {
             "micro_batches": len(batches), "images": len(batches) * batch if cfg.generates_negatives else 0,
-            "seconds": time.perf_counter() - start, "generate_s": seconds["generate"], "reference_s": seconds["reference"],
+            "seconds": elapsed, "generate_s": seconds["generate"], "reference_s": seconds["reference"],
             **meter.peak_mb(),
         }
         groups = [batches[i * accum : (i + 1) * accum] for i in range(k_updates)]
@@ -467,20 +472,24 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
             def step(group):
                 return trainer.optimizer_step(group)
 
-    times, breakdown = [], []
+    times, walls, cpus, breakdown = [], [], [], []
     for i, group in enumerate(work):
         if i == b.warmup:
             meter.reset()
             phases.take()
         meter.sync()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         step(group)
         meter.sync()
-        times.append(time.perf_counter() - start)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        times.append(cpus[-1] if b.clock == "cpu" else walls[-1])
         if i >= b.warmup:
             breakdown.append(phases.take())
     result.update(meter.peak_mb())
-    result["step_s"] = times[b.warmup :]
+    result["clock"] = b.clock
+    result["step_s"] = times[b.warmup :]  # in the chosen clock; both clocks below
+    result["step_wall_s"], result["step_cpu_s"] = walls[b.warmup :], cpus[b.warmup :]
     result["warmup_s"] = times[: b.warmup]
     result["prepare_s_per_step"] = statistics.median(prep_seconds) * accum
     result["in_step_generate_s"] = statistics.median(x["generate"] for x in breakdown)
@@ -542,6 +551,8 @@ def machine_info(device: str | None = None) -> dict:
 
 
 def check_device(b: BenchConfig) -> None:
+    if b.clock == "cpu" and torch.cuda.is_available():
+        raise SSPOError("--clock cpu measures this process's CPU time, which says nothing about GPU work; use the default --clock wall on a GPU")
     if b.model in ARCH_MODELS and not torch.cuda.is_available() and not b.allow_cpu:
         raise SSPOError(
             f"model {b.model!r} is the full {b.model.upper()} architecture, meant for a GPU, and no CUDA device is available; "
@@ -684,7 +695,12 @@ def format_table(result: dict) -> str:
     device = info.get("gpu") or f"{info['cpu']}, {info.get('threads', '?')} thread(s)"
     lines.append(f"sspo bench: model {b['model']}, batch {s.get('batch_size')} x accum {s.get('gradient_accumulation_steps')}, "
                  f"precision {s.get('mixed_precision')}, {'LoRA' if s.get('lora') else 'full fine-tuning'}, "
-                 f"K_updates {s.get('steps_per_iteration')}, pool {b['pool_size']}; {device}; median of {b['steps']} steps after {b['warmup']} warm-up")
+                 f"K_updates {s.get('steps_per_iteration')}, pool {b['pool_size']}; {device}; median of {b['steps']} steps after {b['warmup']} warm-up; "
+                 f"{'process CPU time' if b.get('clock') == 'cpu' else 'wall-clock time'}")
+    load = info.get("load_average_at_start")
+    if load and b.get("clock") != "cpu" and not info.get("gpu") and load[0] > 1.0:
+        lines.append(f"Warning: the CPU was busy with other work (load average {load[0]} at start); wall-clock times are noisy, "
+                     "rerun with --threads 1 --clock cpu for comparable numbers.")
     lines.append("")
     lines.append("| arm | step s (median) | p90 s | peak MB | time / dpo | memory / dpo | all-in s/step | all-in / dpo |")
     lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -735,6 +751,29 @@ def _target_value(t: dict) -> str:
     return "/".join(f"{v:.0%}@{s}" for s, v in sorted(t["share"].items(), key=lambda kv: int(kv[0])))
 
 
+NOTES = """\
+- **Arms** (same model, batch, precision; each in a fresh process): `sft` = policy forward + backward on
+  winners; `dpo` = Diffusion-DPO as published, reference forward on (x_w, x_l) inside the step;
+  `dpo-cached` = sspo's trainer default for dpo (reference errors computed once per iteration);
+  `sspo-online` = the checkpoint samples x_l, reference forward and policy step, all inside the step;
+  `sspo-pregenerated` = the default: an iteration's negatives and reference errors are built up front,
+  grouped by checkpoint (the *pregeneration phase*), so the step is policy-only.
+- **step s**: one optimizer step, median (p90: nearest rank) of the timed steps after warm-up.
+  **all-in s/step**: data preparation (VAE + text encoding, which every method does) + step +
+  pregeneration phase / K_updates: the time training actually spends per step.
+- **peak MB**: GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: peak RSS over the timed
+  steps (kernel VmHWM, reset after warm-up) minus the RSS before the trainer was built (libraries
+  imported, no model loaded): weights, optimizer state, data and activations. The pregeneration table
+  gives that phase's own peak.
+- **Generation share**: generation time / (generation + reference errors + data preparation +
+  K_updates steps) per iteration; other sampler step counts scale the measured iteration by the
+  throughput ratio measured on the same generation chunk. It does not depend on K_updates: every step
+  consumes batch x accumulation fresh negatives.
+- **Clock**: `--clock cpu` reports process CPU time; with `--threads 1` that is the uncontended wall time
+  of one core, and it stays comparable when other jobs share the CPU (wall-clock times do not).
+"""
+
+
 def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
     """``<stem>.json`` (everything, with the machine) and ``<stem>.md`` (the table and the machine)."""
     from .io import atomic_write_json, atomic_write_text
@@ -746,8 +785,10 @@ def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
     info = result["machine"]
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
     b = result["bench"]
-    command = "sspo bench " + " ".join(_cli_args(b))
-    atomic_write_text(stem.with_suffix(".md"), f"# `{command}`\n\n{format_table(result)}\n\n## Machine\n\n{machine}\n\nWall time: {result['wall_s']:.0f} s.\n")
+    command = " ".join(["sspo bench", *_cli_args(b)])
+    atomic_write_text(stem.with_suffix(".md"), f"# `{command}`\n\n{format_table(result)}\n\n## How to read it\n\n{NOTES}\n## Machine\n\n{machine}\n\nBenchmark wall time: {result['wall_s']:.0f} s.\n")
+    for path in (stem.with_suffix(".json"), stem.with_suffix(".md")):
+        path.chmod(0o644)  # meant to be committed; atomic writes create 0600 files
     return stem.with_suffix(".json"), stem.with_suffix(".md")
 
 
@@ -777,7 +818,7 @@ def cli(args) -> None:
         model=args.model, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, precision=args.precision,
         lora=not args.full, gradient_checkpointing=args.gradient_checkpointing, warmup=args.warmup, steps=args.steps,
         arms=split(args.arms), sampler_steps=tuple(int(x) for x in split(args.sampler_steps)), steps_per_iteration=args.steps_per_iteration,
-        pool_size=args.pool_size, resolution=args.resolution, threads=args.threads, isolate=not args.in_process,
+        pool_size=args.pool_size, resolution=args.resolution, threads=args.threads, clock=args.clock, isolate=not args.in_process,
         allow_cpu=args.allow_cpu, overrides=tuple(args.overrides),
     )
     result = run_bench(b)

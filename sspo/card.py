@@ -20,7 +20,7 @@ def summarize(cfg: TrainConfig, processes: int) -> dict[str, str]:
         "fine-tuning": f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" if cfg.model.lora else "full UNet",
         "data": f"{cfg.data.source} {cfg.data.path or '(shapes world)'}, {cfg.data.resolution} px, mode {cfg.data.mode}",
         "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
-        "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} processes = {effective_batch(cfg, processes)} effective",
+        "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} = {effective_batch(cfg, processes)} effective",
         "optimizer": f"AdamW, learning rate {o.learning_rate:g}, weight decay {o.weight_decay:g}, {cfg.mixed_precision} mixed precision, seed {cfg.seed}",
     }
     if cfg.generates_negatives:
@@ -47,7 +47,7 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str,
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{folder}", torch_dtype=torch.bfloat16)'
     prompt = cfg.validation.prompts[0] if cfg.validation.prompts else "a photo of a cat"
-    tags = ["diffusers", "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else [])
+    tags = dict.fromkeys(["diffusers", "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
     sections = [
         "---",
         "library_name: diffusers",
@@ -58,8 +58,8 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str,
         "",
         f"# {cfg.method.upper()} fine-tune of {cfg.model.pretrained}",
         "",
-        f"Trained with sspo (\"Bridging SFT and DPO for Diffusion Model Alignment with Self-Sampling Preference "
-        f"Optimization\"): {_METHODS[cfg.method]}. The full training config is `sspo_config.yaml` in this folder.",
+        f"Fine-tuned by {_METHODS[cfg.method]} with sspo, an implementation of *Bridging SFT and DPO for Diffusion "
+        "Model Alignment with Self-Sampling Preference Optimization*. The full training config is `sspo_config.yaml` here.",
         "",
         "| setting | value |",
         "| --- | --- |",

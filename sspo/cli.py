@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=3, help="checkpoints in the pool for the sspo arms")
     p.add_argument("--resolution", type=int, help="training resolution (default: the model's native)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu: process CPU time (with --threads 1, robust on a shared CPU)")
     p.add_argument("--in-process", action="store_true", help="run arms in this process (CPU memory numbers then less clean)")
     p.add_argument("--allow-cpu", action="store_true", help="run --model sd15/sdxl without a GPU")
     p.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")

@@ -1,11 +1,9 @@
-import os
-
 import pytest
 import torch
 
-# Two pytest-xdist workers on two cores: one intra-op thread each, or OpenMP threads fight.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Tiny models gain nothing from intra-op threads, and OpenMP threads spinning against other
+# processes (xdist workers, anything else on a small machine) slow them down by orders of magnitude.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,11 @@ def _locate(model: str | Path) -> str:
     return str(Path(model).expanduser())
 
 
+def _load_error(model: str | Path, exc: Exception) -> ModelError:
+    hint = "" if Path(str(model)).expanduser().exists() else " (a hub id needs the hub or its local cache; offline, download the model and pass its folder)"
+    return ModelError(f"cannot load diffusion model {str(model)!r}: {exc}{hint}")
+
+
 def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict:
     """A pipeline's ``model_index.json`` (class and components), without loading any weights."""
     from diffusers import DiffusionPipeline
@@ -89,7 +94,7 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     try:
         config = dict(DiffusionPipeline.load_config(_locate(model), revision=revision))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load diffusion model {str(model)!r}: {exc}") from None
+        raise _load_error(model, exc) from None
     if "unet" not in config:
         raise ModelError(f"model {model} ({config.get('_class_name')}) has no UNet; sspo trains UNet pipelines such as SD-1.5 and SDXL")
     return config
@@ -102,7 +107,7 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
     try:
         pipe = DiffusionPipeline.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load diffusion model {str(model)!r}: {exc}") from None
+        raise _load_error(model, exc) from None
     if lora:
         lora_path = Path(lora)
         if not lora_path.exists():

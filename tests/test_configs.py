@@ -1,0 +1,65 @@
+"""The shipped configs: every training YAML loads, the real-model ones run on tiny stand-ins, accelerate's parse."""
+
+from pathlib import Path
+
+import pytest
+
+from sspo.config import load_config
+from sspo.models.tiny import build_sdxl_pipeline
+from sspo.train_config import TrainConfig
+from sspo.trainer import train
+from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TRAINING = sorted(CONFIGS.glob("*.yaml"))
+ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+REAL = ["sd15-lora.yaml", "sd15-full.yaml", "sdxl-lora.yaml"]
+
+
+def test_the_real_model_configs_exist():
+    assert set(REAL) <= {p.name for p in TRAINING}
+    assert {"ddp.yaml", "deepspeed-zero2.yaml"} <= {p.name for p in ACCELERATE}
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.iterations * cfg.steps_per_iteration > 0
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_are_valid(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))  # rejects unknown keys
+    assert cfg.num_processes > 1 and not cfg.use_cpu
+
+
+@pytest.fixture
+def bf16_runs():
+    """These configs train in bf16, the rest of the suite in fp32: accelerate keeps the first run's
+    mixed precision process-wide, so start from, and leave, a fresh state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
+    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_configs_train_with_tiny_stand_ins(name, quick_base, pairs, tmp_path, bf16_runs):
+    """The config's own settings (bf16, gradient checkpointing, sampler, validation grid) on tiny sizes."""
+    model = str(build_sdxl_pipeline(tmp_path / "sdxl")) if "sdxl" in name else quick_base
+    tiny = [
+        f"model.pretrained={model}", f"data.path={pairs}", "data.resolution=32", f"output_dir={tmp_path / 'run'}",
+        "report_to=none", "iterations=1", "steps_per_iteration=1", "optim.batch_size=2",
+        "optim.gradient_accumulation_steps=2", "negatives.steps=2", "validation.prompts=[a large red circle on the left, white background]",
+    ]
+    final = train(load_config(TrainConfig, CONFIGS / name, tiny))
+    assert (final / "README.md").is_file() and (final / "validation.png").is_file()

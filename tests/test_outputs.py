@@ -1,0 +1,54 @@
+"""What a run leaves for people: validation grids (PNG and tensorboard) and a model card beside the weights."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from sspo.card import model_card
+from sspo.config import from_dict
+from sspo.train_config import TrainConfig
+from sspo.trainer import train
+from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+
+PROMPTS = ["a large red circle on the left, white background", "a small blue square at the top, black background"]
+
+
+def test_validation_grids_and_model_card(quick_base, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = write_pickapic_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:4], per_spec=1, seed=0))
+    run = tmp_path / "run"
+    cfg = from_dict(TrainConfig, {
+        "model": {"pretrained": quick_base},
+        "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2},
+        "negatives": {"steps": 2},
+        "validation": {"prompts": PROMPTS, "every_iterations": 1},
+        "iterations": 2,
+        "steps_per_iteration": 1,
+        "output_dir": str(run),
+        "report_to": "tensorboard",
+    })
+    final = train(cfg)
+
+    grids = sorted((run / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-00000001.png", "step-00000002.png"]
+    assert Image.open(grids[0]).width > 2 * 96  # a row label and one cell per prompt
+    events = EventAccumulator(str(next(run.glob("logs/**/events.out.tfevents*")).parent), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("validation/grid")] == [1, 2]
+
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n")
+    assert f'StableDiffusionPipeline.from_pretrained("{quick_base}"' in card
+    assert f'pipe.load_lora_weights("{final.resolve()}")' in card
+    assert "![validation grid](validation.png)" in card and PROMPTS[0] in card
+    assert (final / "validation.png").read_bytes() == grids[-1].read_bytes()
+
+
+def test_full_finetune_card_loads_the_folder():
+    cfg = from_dict(TrainConfig, {"model": {"lora": False}, "method": "sft"})
+    card = model_card(cfg, base="base/model", pipeline_class="StableDiffusionXLPipeline", folder="/runs/x/final", processes=8, grid=None)
+    assert 'pipe = StableDiffusionXLPipeline.from_pretrained("/runs/x/final"' in card
+    assert "load_lora_weights" not in card and "Validation" not in card
+    assert "4 per process x 1 accumulation x 8 processes = 32 effective" in card
+    assert "| fine-tuning | full UNet |" in card
