@@ -796,6 +796,8 @@ def _cli_args(b: dict) -> list[str]:
     default = dataclasses.asdict(BenchConfig())
     args = []
     for key, value in b.items():
+        if isinstance(value, list):  # after a JSON round trip
+            value = tuple(value)
         if value == default[key] or key in ("isolate", "allow_cpu", "overrides"):
             continue
         flag = "--" + key.replace("_", "-")

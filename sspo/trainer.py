@@ -219,9 +219,10 @@ class Trainer:
         if self.cfg.generates_negatives:
             self.pairs.generate_negatives(batches, self.uncond)
         if self.cfg.uses_reference and with_reference:
-            self.pairs.reference_errors(batches, self.cfg.negatives.batch_size)
-        if self.reference is not None:
-            self.reference.offload()
+            # Chunks of one training batch of pairs: no-grad forwards never peak above the step.
+            self.pairs.reference_errors(batches, self.cfg.optim.batch_size)
+        if self.reference is not None and self.cfg.pregenerate and self.cfg.cache_reference_errors:
+            self.reference.offload()  # the policy steps of this iteration never need it
         return batches
 
     # ----------------------------------------------------------------------------------------------
@@ -230,7 +231,6 @@ class Trainer:
     def loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict]:
         if self.cfg.uses_reference and batch.ref_w is None:  # online, or reference errors not cached
             self.pairs.reference_errors([batch], len(batch))
-            self.reference.offload()
         dev = self.device
         if self.cfg.method == "sft":
             errors = denoising_errors(self.unet, self.train_scheduler, batch.winners.to(dev), batch.noise.to(dev), batch.timesteps.to(dev), batch.cond)
