@@ -1,0 +1,501 @@
+"""``sspo eval --prompts ...``: models x prompt set x seeds -> images -> reward models -> Table 1.
+
+:func:`run_eval` generates one image per (model, prompt, seed), scores every image with every
+metric (a :func:`sspo.scorers.build_scorer` name) and writes, under ``out``::
+
+    images/<model>/<prompt_index>-<seed>.png   every sample, written atomically; never regenerated
+    images/<model>/manifest.json               the generation settings and the prompt of every index
+    scores.csv                                 one row per image, one column per metric
+    scorers.json                               the weights behind each complete metric column
+    summary.json, summary.md                   mean and 95% CI per model x category x metric
+    reward_hist.png                            one panel per metric, one histogram per model
+    grid.png                                   rows = models, columns = the first prompts (first seed)
+
+Everything is resumable: images on disk are kept (a folder made with other settings is an
+error, not silently mixed), and scores in ``scores.csv`` are reused while the scorer's weights
+and the image's prompt are unchanged. Scorers are loaded one at a time and each scores every
+model's images, so only one reward model is in memory.
+
+Statistics: each prompt's score is the mean over its seeds; the mean and Student-t 95% interval
+are over prompts (seeds of one prompt are not independent samples).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from .errors import DataError, ModelError, SSPOError
+from .io import atomic_path, atomic_write_json, atomic_write_text
+from .sample import generate, image_grid, save_png
+from .scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
+from .scorers.prompts import PromptItem, load_prompt_set
+from .scorers.stats import summarize
+
+log = logging.getLogger(__name__)
+
+PROMPT_SETS = ("shapes", "pickapic_val", "hpsv2", "parti")
+SHAPES_METRICS = ("shapes",)
+ALL = "all"  # the summary group holding every prompt
+KEY_COLUMNS = ("model", "prompt_set", "category", "prompt_index", "seed", "prompt")
+SCORE_CHUNK = 256  # images read from disk at a time while scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A row of the table: a diffusers folder or hub id, optionally with LoRA weights."""
+
+    name: str
+    path: str
+    lora: str | None = None
+
+    @property
+    def folder(self) -> str:
+        """The name made safe as a folder name."""
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", self.name).strip("._") or "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image of every model: prompt ``prompt_index`` of the set, sampled with ``seed``."""
+
+    prompt_index: int
+    seed: int
+    prompt: str
+    category: str | None
+
+
+def model_specs(models: Sequence[str], loras: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[ModelSpec]:
+    """Pair ``--model`` / ``--lora`` / ``--name`` values; a LoRA of ``none`` or ``-`` means the bare model.
+
+    Default names are the model argument (plus `` + <lora>``); they must be unique.
+    """
+    loras, names = list(loras or []), list(names or [])
+    for flag, values in (("--lora", loras), ("--name", names)):
+        if values and len(values) != len(models):
+            raise SSPOError(
+                f"{len(models)} --model but {len(values)} {flag}: give one {flag} per --model, in the same order"
+                + (" (--lora none for a model without one)" if flag == "--lora" else "")
+            )
+    specs = []
+    for i, model in enumerate(models):
+        lora = loras[i] if loras else None
+        lora = None if lora in (None, "", "none", "-") else lora
+        name = names[i] if names else model + (f" + {lora}" if lora else "")
+        specs.append(ModelSpec(name, model, lora))
+    check_models(specs)
+    return specs
+
+
+def check_models(models: Sequence[ModelSpec]) -> None:
+    if not models:
+        raise SSPOError("no models to evaluate: pass at least one --model")
+    for attr, what in (("name", "name"), ("folder", "folder name")):
+        values = [getattr(m, attr) for m in models]
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        if dupes:
+            raise SSPOError(f"two models share the {what} {dupes[0]!r}; give each --model its own --name")
+
+
+def default_metrics(prompts: str) -> tuple[str, ...]:
+    """The exact evaluator for the shapes world, the paper's four reward models otherwise."""
+    return SHAPES_METRICS if prompts == "shapes" else PAPER_METRICS
+
+
+def check_metrics(metrics: Sequence[str]) -> list[str]:
+    metrics = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
+    if not metrics:
+        raise SSPOError(f"no metrics given; choose from {', '.join(SCORER_NAMES)}")
+    for metric in metrics:
+        if metric not in SCORER_NAMES:
+            raise SSPOError(f"unknown metric {metric!r}; expected one of {', '.join(SCORER_NAMES)}")
+    return metrics
+
+
+def select_prompts(items: Sequence[PromptItem], limit: int | None) -> list[tuple[int, PromptItem]]:
+    """(index in the full set, item); ``limit`` keeps the first prompts of every category."""
+    if limit is not None and limit < 1:
+        raise SSPOError(f"limit must be >= 1, got {limit}")
+    taken: dict[str | None, int] = {}
+    selected = []
+    for index, item in enumerate(items):
+        if limit is None or taken.get(item.category, 0) < limit:
+            taken[item.category] = taken.get(item.category, 0) + 1
+            selected.append((index, item))
+    return selected
+
+
+def image_path(out: Path, model: ModelSpec, item: Item) -> Path:
+    return out / "images" / model.folder / f"{item.prompt_index}-{item.seed}.png"
+
+
+def run_eval(
+    models: Sequence[ModelSpec],
+    prompts: str,
+    metrics: Sequence[str] | None,
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    prompt_source: str | None = None,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    batch_size: int = 16,
+    limit: int | None = None,
+    resolution: int | None = None,
+    scorer_paths: Mapping[str, str] | None = None,
+    scorer_options: Mapping[str, Mapping] | None = None,
+    scorer_batch_size: int = 16,
+    split_seed: int = 0,
+    per_split: int = 24,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    grid_prompts: int = 8,
+) -> dict:
+    """Generate (what is missing), score (what is not cached) and write every output; returns the summary.
+
+    ``prompts``: ``shapes``, ``pickapic_val``, ``hpsv2``, ``parti`` (``prompt_source``: a local copy,
+    default the hub) or a prompt file; ``split_seed`` / ``per_split`` pick the shapes prompts.
+    ``scorer_paths`` / ``scorer_options``: per metric, the weights and ``build_scorer`` options.
+    """
+    out = Path(out)
+    check_models(models)
+    metrics = check_metrics(default_metrics(prompts) if metrics is None else metrics)
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise SSPOError("no seeds given; pass e.g. --seeds 0,1")
+    positive = {"steps": steps, "batch_size": batch_size, "scorer_batch_size": scorer_batch_size, "per_split": per_split, "grid_prompts": grid_prompts}
+    for key, value in positive.items():
+        if value < 1:
+            raise SSPOError(f"{key} must be >= 1, got {value}")
+    scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
+    for metric in [*scorer_paths, *scorer_options]:
+        if metric not in SCORER_NAMES:
+            raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(SCORER_NAMES)}")
+    for metric, path in scorer_paths.items():
+        if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+            raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    set_name = prompts if prompts in PROMPT_SETS else Path(prompts).name
+    try:
+        prompt_items = load_prompt_set(prompts, prompt_source, seed=split_seed, per_split=per_split)
+    except DataError as exc:
+        hint = " (CLI: --prompt-source PATH)" if prompts in PROMPT_SETS and prompts != "shapes" and prompt_source is None else ""
+        raise DataError(f"{exc}{hint}") from None
+    selected = select_prompts(prompt_items, limit)
+    if "shapes" in metrics:
+        _check_shapes_prompts(item.prompt for _, item in selected)
+    items = [Item(index, seed, p.prompt, p.category) for index, p in selected for seed in seeds]
+
+    settings = {
+        "prompt_set": set_name, "steps": steps, "guidance_scale": guidance_scale, "resolution": resolution,
+        "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
+    }
+    for model in models:
+        generate_missing(model, items, out, settings, batch_size=batch_size, device=device, dtype=dtype)
+
+    identities = {m: {"path": scorer_paths.get(m), "options": {k: str(v) for k, v in sorted(scorer_options.get(m, {}).items())}} for m in metrics}
+    rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=scorer_batch_size, device=device)
+
+    summary = {
+        "prompt_set": set_name,
+        "prompt_source": prompt_source,
+        "n_prompts": len(selected),
+        "seeds": seeds,
+        "metrics": metrics,
+        "settings": settings | {"limit": limit} | ({"split_seed": split_seed, "per_split": per_split} if prompts == "shapes" else {}),
+        "models": [dataclasses.asdict(m) for m in models],
+        "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
+        "results": summarize_rows(rows, models, metrics),
+    }
+    atomic_write_json(out / "summary.json", _json_safe(summary))
+    atomic_write_text(out / "summary.md", format_summary(summary))
+    plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
+    write_grid(models, selected, seeds[0], out, grid_prompts)
+    return summary
+
+
+def _check_shapes_prompts(prompts) -> None:
+    from .worlds.shapes import parse_prompt
+
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except SSPOError as exc:
+            raise SSPOError(f"metric 'shapes' scores shapes-world prompts only (use --prompts shapes): {exc}") from None
+
+
+def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, settings: dict, *, batch_size: int, device: str, dtype: torch.dtype) -> int:
+    """Generate the images of ``items`` not yet on disk; returns how many were generated."""
+    from tqdm.auto import tqdm
+
+    folder = out / "images" / model.folder
+    settings = {"model": _normalized(model.path), "lora": _normalized(model.lora)} | settings
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"settings": settings, "prompts": {}}
+    if manifest["settings"] != settings:
+        changed = ", ".join(
+            f"{k}: {manifest['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if manifest["settings"].get(k) != v
+        )
+        raise SSPOError(
+            f"{folder} holds images made with other settings ({changed}); delete that folder or use another --out"
+        )
+    recorded = manifest["prompts"]
+    for item in items:
+        old = recorded.get(str(item.prompt_index))
+        if old is not None and old != item.prompt:
+            raise SSPOError(
+                f"{folder}: prompt {item.prompt_index} was generated for {old!r}, not {item.prompt!r} "
+                "(another prompt set or file?); delete that folder or use another --out"
+            )
+    todo = [item for item in items if not image_path(out, model, item).is_file()]
+    if not todo:
+        return 0
+    # Record the prompts before any image exists, so that every image on disk has its prompt on record.
+    recorded.update({str(item.prompt_index): item.prompt for item in todo})
+    atomic_write_json(manifest_path, manifest)
+
+    from .models.pipeline import load_pipeline
+
+    pipe = load_pipeline(model.path, lora=model.lora, dtype=dtype).to(device)
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"generate {model.name}", unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            images = generate(
+                pipe, [i.prompt for i in chunk], [i.seed for i in chunk], steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"], batch_size=batch_size, size=settings["resolution"],
+            )
+            for item, image in zip(chunk, images):
+                save_png(image, image_path(out, model, item))
+            bar.update(len(chunk))
+    del pipe
+    _free_memory()
+    return len(todo)
+
+
+def _normalized(path: str | None) -> str | None:
+    """A local path made absolute (so ``./run`` and ``run`` match on resume); hub ids as given."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score_all(
+    models: Sequence[ModelSpec], items: Sequence[Item], set_name: str, metrics: Sequence[str], out: Path,
+    identities: dict[str, dict], *, scorer_batch_size: int, device: str,
+) -> list[dict]:
+    """Rows of ``scores.csv`` for every (model, item), cached scores reused, the rest computed metric by metric."""
+    from tqdm.auto import tqdm
+
+    csv_path, ident_path = out / "scores.csv", out / "scorers.json"
+    cached_ident = json.loads(ident_path.read_text()) if ident_path.is_file() else {}
+    valid = [m for m in metrics if cached_ident.get(m) == identities[m]]
+    cache = _read_scores(csv_path)
+    rows = []
+    for model in models:
+        for item in items:
+            row = {"model": model.name, "prompt_set": set_name, "category": item.category or "",
+                   "prompt_index": item.prompt_index, "seed": item.seed, "prompt": item.prompt}
+            old = cache.get((model.name, set_name, item.prompt_index, item.seed))
+            if old is not None and old["prompt"] == item.prompt:
+                row |= {m: float(old[m]) for m in valid if old.get(m) not in (None, "")}
+            rows.append(row)
+
+    done = list(valid)
+    for metric in metrics:
+        missing = [r for r in rows if metric not in r]
+        if not missing:
+            continue
+        try:
+            options = {"batch_size": scorer_batch_size} | _parse_options(identities[metric]["options"])
+            scorer = build_scorer(metric, identities[metric]["path"], device=device, **options)
+        except ModelError as exc:
+            raise ModelError(
+                f"metric {metric!r}: {exc} (pass local weights with --scorer-path {metric}=PATH; docs/scorers.md lists the files)"
+            ) from None
+        by_name = {m.name: m for m in models}
+        with tqdm(total=len(missing), desc=f"score {metric}", unit="img") as bar:
+            for start in range(0, len(missing), SCORE_CHUNK):
+                chunk = missing[start : start + SCORE_CHUNK]
+                images = []
+                for r in chunk:
+                    with Image.open(image_path(out, by_name[r["model"]], Item(r["prompt_index"], r["seed"], r["prompt"], None))) as im:
+                        images.append(im.convert("RGB"))
+                for r, value in zip(chunk, scorer.score(images, [r["prompt"] for r in chunk]).tolist()):
+                    r[metric] = value
+                bar.update(len(chunk))
+        del scorer
+        _free_memory()
+        # scorers.json never claims a column that scores.csv does not hold complete: drop, write, claim.
+        atomic_write_json(ident_path, {m: identities[m] for m in done if m != metric})
+        _write_scores(csv_path, rows, metrics)
+        done.append(metric)
+        atomic_write_json(ident_path, {m: identities[m] for m in done})
+    _write_scores(csv_path, rows, metrics)
+    atomic_write_json(ident_path, {m: identities[m] for m in metrics})
+    return rows
+
+
+def _parse_options(options: dict[str, str]) -> dict:
+    from .config import parse_yaml
+
+    parsed = {}
+    for key, raw in options.items():
+        value = parse_yaml(raw) if raw else raw
+        parsed[key] = value if isinstance(value, (int, float, bool)) else raw
+    return parsed
+
+
+def _read_scores(path: Path) -> dict[tuple, dict]:
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return {(r["model"], r["prompt_set"], int(r["prompt_index"]), int(r["seed"])): r for r in rows}
+    except (KeyError, ValueError, TypeError):
+        log.warning("ignoring %s: not a scores file this version wrote", path)
+        return {}
+
+
+def _write_scores(path: Path, rows: Sequence[dict], metrics: Sequence[str]) -> None:
+    with atomic_path(path) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *metrics], restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def summarize_rows(rows: Sequence[dict], models: Sequence[ModelSpec], metrics: Sequence[str]) -> dict:
+    """``{model: {group: {metric: summarize(...)}}}``; groups: ``all``, then each category in order."""
+    categories = list(dict.fromkeys(r["category"] for r in rows if r["category"]))
+    results: dict = {}
+    for model in models:
+        mine = [r for r in rows if r["model"] == model.name]
+        results[model.name] = {}
+        for group in (ALL, *categories):
+            members = [r for r in mine if group == ALL or r["category"] == group]
+            per_prompt: dict[int, list[dict]] = {}
+            for r in members:
+                per_prompt.setdefault(r["prompt_index"], []).append(r)
+            results[model.name][group] = {
+                metric: summarize(math.fsum(r[metric] for r in rs) / len(rs) for rs in per_prompt.values())
+                for metric in metrics
+            }
+    return results
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _cell(stats: dict, best: bool) -> str:
+    mean, low, high = stats["mean"], stats["ci95_low"], stats["ci95_high"]
+    text = f"{mean:.3f}"
+    if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+        text += f" ± {(high - low) / 2:.3f}"
+    return f"**{text}**" if best else text
+
+
+def format_summary(summary: dict) -> str:
+    """Markdown: one Table-1-style table (models x metrics, mean ± 95% CI half-width) per category."""
+    results, metrics = summary["results"], summary["metrics"]
+    settings = summary["settings"]
+    lines = [
+        f"# Evaluation on {summary['prompt_set']}",
+        "",
+        f"{summary['n_prompts']} prompts x {len(summary['seeds'])} seed{'s' if len(summary['seeds']) > 1 else ''} "
+        f"({', '.join(map(str, summary['seeds']))}), "
+        f"{settings['steps']} sampler steps, guidance scale {settings['guidance_scale']}. "
+        "Cells: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); bold: best mean.",
+    ]
+    first = next(iter(results.values()))
+    for group in first:
+        n = first[group][metrics[0]]["n"]
+        lines += ["", f"## {group} ({n} prompts)", "", "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        best = {m: max(r[group][m]["mean"] for r in results.values()) for m in metrics}
+        for name, groups in results.items():
+            cells = [_cell(groups[group][m], len(results) > 1 and groups[group][m]["mean"] == best[m]) for m in metrics]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Models", "", "| name | model | lora |", "|---|---|---|"]
+    lines += [f"| {m['name']} | {m['path']} | {m['lora'] or '-'} |" for m in summary["models"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_reward_hist(rows: Sequence[dict], models: Sequence[ModelSpec], metrics: Sequence[str], path: str | Path) -> None:
+    """Reward distributions (the paper's Figure 7): a panel per metric, a histogram and normal fit per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes[0], metrics):
+        values = {m.name: np.array([r[metric] for r in rows if r["model"] == m.name], dtype=float) for m in models}
+        everything = np.concatenate(list(values.values()))
+        lo, hi = float(everything.min()), float(everything.max())
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, int(np.clip(np.sqrt(len(everything) / len(models)) * 2, 8, 40)) + 1)
+        grid = np.linspace(lo, hi, 200)
+        for i, (name, v) in enumerate(values.items()):
+            color = colors[i % len(colors)]
+            ax.hist(v, bins=bins, density=True, alpha=0.35, color=color, label=f"{name} (mean {v.mean():.3f})")
+            ax.axvline(v.mean(), color=color, linestyle="--", linewidth=1)
+            if len(v) > 1 and v.std() > 0:
+                ax.plot(grid, np.exp(-0.5 * ((grid - v.mean()) / v.std()) ** 2) / (v.std() * math.sqrt(2 * math.pi)), color=color, linewidth=1.2)
+        ax.set(title=metric, xlabel="score", ylabel="density")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_grid(models: Sequence[ModelSpec], selected: Sequence[tuple[int, PromptItem]], seed: int, out: Path, n_prompts: int) -> Path:
+    """``grid.png``: a row per model, a column per prompt (taken from each category in turn), first seed."""
+    by_category: dict[str | None, list[tuple[int, PromptItem]]] = {}
+    for index, item in selected:
+        by_category.setdefault(item.category, []).append((index, item))
+    picks, queues = [], [list(q) for q in by_category.values()]
+    while len(picks) < n_prompts and any(queues):
+        for queue in queues:
+            if queue and len(picks) < n_prompts:
+                picks.append(queue.pop(0))
+    items = [Item(index, seed, p.prompt, p.category) for index, p in picks]
+    rows = []
+    for model in models:
+        row = []
+        for item in items:
+            with Image.open(image_path(out, model, item)) as im:
+                row.append(im.convert("RGB"))
+        rows.append(row)
+    cell = max(96, min(256, rows[0][0].width)) if rows and rows[0] else 96
+    captions = [f"[{i.category}] {i.prompt}" if i.category else i.prompt for i in items]
+    return save_png(image_grid(rows, [m.name for m in models], captions, cell=cell), out / "grid.png")

@@ -1,0 +1,152 @@
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import sspo.benchmark_eval as bench_eval
+from sspo.benchmark_eval import ModelSpec, model_specs, run_eval
+from sspo.cli import main
+
+# The tiny random CLIP builders of the scorer tests (a module, not a conftest, so it can be imported).
+sys.path.insert(0, str(Path(__file__).parent / "scorers"))
+from scorer_models import clip_model_dir, clip_processor_dir  # noqa: E402,F401
+
+
+def _argv(base, clip_model_dir, clip_processor_dir, out):
+    return [
+        "eval", "--model", base, "--name", "base", "--model", base, "--name", "again",
+        "--prompts", "shapes", "--per-split", "2", "--seeds", "0", "--steps", "2", "--batch-size", "3",
+        "--metrics", "shapes,pickscore", "--scorer-path", f"pickscore={clip_model_dir}",
+        "--scorer-option", f"pickscore.processor={clip_processor_dir}", "--out", str(out),
+    ]
+
+
+@pytest.fixture(scope="module")
+def first_run(quick_base, clip_model_dir, clip_processor_dir, tmp_path_factory):
+    """Two names for the quick base, 4 shapes prompts (2 seen, 2 held out), 1 seed, shapes + tiny PickScore, via the CLI."""
+    out = tmp_path_factory.mktemp("eval")
+    assert main(_argv(quick_base, clip_model_dir, clip_processor_dir, out)) == 0
+    return out
+
+
+def _rows(out):
+    with (out / "scores.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_writes_images_scores_summary_and_plots(first_run):
+    out = first_run
+    for name in ("base", "again"):
+        pngs = sorted(p.name for p in (out / "images" / name).glob("*.png"))
+        assert len(pngs) == 4 and all(p.endswith("-0.png") for p in pngs)
+    rows = _rows(out)
+    assert list(rows[0]) == ["model", "prompt_set", "category", "prompt_index", "seed", "prompt", "shapes", "pickscore"]
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"base", "again"}
+    assert [r["category"] for r in rows[:4]] == ["seen", "seen", "heldout", "heldout"]
+    assert all(0 <= float(r["shapes"]) <= 1 for r in rows)
+    # Same weights, same seeds: the two names must score identically image for image.
+    by_key = {(r["model"], r["prompt_index"]): (r["shapes"], r["pickscore"]) for r in rows}
+    assert all(by_key[("base", i)] == by_key[("again", i)] for _, i in by_key)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"] == ["shapes", "pickscore"] and summary["n_prompts"] == 4
+    stats = summary["results"]["base"]
+    assert list(stats) == ["all", "seen", "heldout"]
+    for group, n in (("all", 4), ("seen", 2), ("heldout", 2)):
+        assert set(stats[group]["pickscore"]) == {"mean", "ci95_low", "ci95_high", "n"} and stats[group]["pickscore"]["n"] == n
+        low, high = stats[group]["pickscore"]["ci95_low"], stats[group]["pickscore"]["ci95_high"]
+        assert low <= stats[group]["pickscore"]["mean"] <= high
+    md = (out / "summary.md").read_text()
+    assert "## seen (2 prompts)" in md and "## heldout (2 prompts)" in md and "| model | shapes | pickscore |" in md
+    assert "| base |" in md and "| again |" in md and "±" in md
+
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 4 * 96 and grid.height >= 2 * 96
+    assert Image.open(out / "reward_hist.png").width > 400
+
+
+def test_rerun_reuses_images_and_scores(first_run, quick_base, clip_model_dir, clip_processor_dir, monkeypatch):
+    out = first_run
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    before = _rows(out)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("an image on disk was generated again")
+
+    def no_scorer(*args, **kwargs):
+        raise AssertionError("a cached score was computed again")
+
+    monkeypatch.setattr(bench_eval, "generate", no_generation)
+    monkeypatch.setattr(bench_eval, "build_scorer", no_scorer)
+    assert main(_argv(quick_base, clip_model_dir, clip_processor_dir, out)) == 0
+    assert _rows(out) == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
+
+    # A new seed generates and scores only its own images.
+    monkeypatch.undo()
+    calls = []
+    real = bench_eval.generate
+
+    def counting(pipe, prompts, seeds, **kwargs):
+        calls.extend(seeds)
+        return real(pipe, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(bench_eval, "generate", counting)
+    run_eval([ModelSpec("base", quick_base)], "shapes", ["shapes"], [0, 1], out, steps=2, batch_size=3, per_split=2)
+    assert sorted(calls) == [1, 1, 1, 1]
+    rows = _rows(out)
+    assert len(rows) == 8 and list(rows[0])[-1] == "shapes"
+    assert [r["shapes"] for r in rows if r["seed"] == "0"] == [r["shapes"] for r in before if r["model"] == "base"]
+
+
+def test_other_settings_in_the_same_folder_are_an_error(first_run, quick_base):
+    with pytest.raises(bench_eval.SSPOError, match="other settings.*steps: 2 -> 3"):
+        run_eval([ModelSpec("base", quick_base)], "shapes", ["shapes"], [0], first_run, steps=3, per_split=2)
+
+
+def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
+    prompts = {
+        "red": ["a large red circle on the left, white background", "a small red square at the top, black background"],
+        "blue": ["a large blue diamond on the right, gray background", "a small blue triangle at the bottom, white background"],
+    }
+    (tmp_path / "mine.json").write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    summary = run_eval([ModelSpec("base", quick_base)], str(tmp_path / "mine.json"), ["shapes"], [3], out, steps=2, limit=1, grid_prompts=5)
+    assert summary["prompt_set"] == "mine.json" and summary["n_prompts"] == 2
+    assert list(summary["results"]["base"]) == ["all", "red", "blue"]
+    assert sorted(p.name for p in (out / "images" / "base").glob("*.png")) == ["0-3.png", "2-3.png"]
+    assert [r["prompt_index"] for r in _rows(out)] == ["0", "2"]
+    assert json.loads((out / "summary.json").read_text())["results"]["base"]["red"]["shapes"]["ci95_low"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompts", "shapes", "--metrics", "shapes,pickscor"], "unknown metric 'pickscor'; expected one of pickscore, hpsv2"),
+        (["--prompts", "nope"], "unknown prompt set 'nope'"),
+        (["--prompts", "shapes", "--lora", "a", "--lora", "b"], "1 --model but 2 --lora"),
+        (["--metrics", "shapes"], "--metrics need --prompts"),
+        (["--prompts", "shapes", "--scorer-path", "pickscore"], "--scorer-path takes METRIC=PATH"),
+        (["--prompts", "shapes", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
+        (["--prompts", "shapes", "--metrics", "pickscore", "--scorer-path", "pickscore=/nonexistent/ps"], "no such file or folder: /nonexistent/ps"),
+        (["--prompts", "parti", "--metrics", "shapes", "--prompt-source", "{prompts}"], "metric 'shapes' scores shapes-world prompts only"),
+        (["--prompts", "shapes", "--limit", "0"], "limit must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(extra, message, quick_base, tmp_path, capsys):
+    (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nan astronaut riding a horse\tPeople\n")
+    extra = [a.format(prompts=tmp_path / "parti.tsv") for a in extra]
+    assert main(["eval", "--model", quick_base, "--out", str(tmp_path / "e"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "sspo: error: " in err and message in err and "Traceback" not in err
+
+
+def test_model_specs_names_and_loras():
+    specs = model_specs(["m", "m"], ["none", "runs/x/final"])
+    assert specs == [ModelSpec("m", "m"), ModelSpec("m + runs/x/final", "m", "runs/x/final")]
+    assert specs[1].folder == "m_+_runs_x_final"
+    with pytest.raises(bench_eval.SSPOError, match="share the name 'm'"):
+        model_specs(["m", "m"])
