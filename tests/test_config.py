@@ -4,6 +4,7 @@ import pathlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sspo.config import apply_overrides, from_dict, load_config, save_yaml, to_dict
 from sspo.errors import ConfigError
@@ -32,12 +33,13 @@ def test_demo_yaml_loads():
     assert cfg.method == "sspo"
     assert cfg.beta == 5000.0 and isinstance(cfg.beta, float)
     assert cfg.ssr == "sign" and cfg.erd == "uniform"
-    assert cfg.iterations == 5 and cfg.steps_per_iteration == 20
-    assert cfg.optim.learning_rate == pytest.approx(1e-3)
-    assert cfg.optim.batch_size == 16
+    raw = yaml.safe_load(DEMO.read_text())  # every value in the file arrives typed, nothing dropped
+    assert cfg.iterations == raw["iterations"] and cfg.steps_per_iteration == raw["steps_per_iteration"]
+    assert cfg.optim.learning_rate == pytest.approx(float(raw["optim"]["learning_rate"]))
+    assert cfg.optim.batch_size == raw["optim"]["batch_size"]
     assert cfg.model.pretrained == "shapes-base" and cfg.model.lora is True
     assert cfg.data.source == "shapes" and cfg.data.resolution == 32
-    assert cfg.negatives.steps == 10 and cfg.negatives.batch_size == 128
+    assert cfg.negatives.steps == raw["negatives"]["steps"] and cfg.negatives.batch_size == raw["negatives"]["batch_size"]
     assert cfg.validation.shapes_eval is True
     # keys the file leaves out keep their defaults
     assert cfg.optim.weight_decay == pytest.approx(1e-2)
