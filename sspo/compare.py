@@ -74,7 +74,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]], arms: Sequence[str], split: str) -> str:
-    lines = [f"| arm | " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---|" * len(TABLE_COLUMNS)]
+    lines = ["| arm | " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---|" * len(TABLE_COLUMNS)]
     for arm in arms:
         if arm in results:
             cells = [mean_std([seed[split][c] for seed in results[arm]]) for c in TABLE_COLUMNS]

@@ -56,6 +56,11 @@ class DataConfig:
     streaming: bool = False  # iterate rows without loading the table (datasets larger than memory)
     world_pairs_per_prompt: int = 4  # source "shapes": pairs rendered per alignment-train combination
     world_split_seed: int = 0  # source "shapes": the world's train / held-out split
+    # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
+    # (sspo/latent_cache.py). Needs center_crop true and random_flip false: augmentation would
+    # change an item's latents from epoch to epoch.
+    cache_latents: bool = False
+    cache_dir: str | None = None  # None: $SSPO_CACHE/latents/<hash of model, dtype, data config, data files>
 
     def __post_init__(self) -> None:
         one_of(self.source, SOURCES, "data.source")
@@ -63,6 +68,9 @@ class DataConfig:
         check(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
         check(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be positive or null")
         check(self.seed >= 0, "data.seed", f"must be non-negative, got {self.seed}")
+        if self.cache_latents:
+            augmented = [key for key, on in (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip)) if on]
+            check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; set data.center_crop: true and data.random_flip: false, or data.cache_latents: false")
         for name in ("caption_column", "image_0_column", "image_1_column", "label_column", "image_column", "text_column"):
             check(bool(getattr(self, name)), f"data.{name}", "must be a column name, got an empty string")
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 from .config import save_yaml
 from .data import collate, load_dataset_from_config
 from .errors import ConfigError, DataError
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .losses import sft_loss, sspo_loss
 from .models.pipeline import encode_images, encode_prompts, encode_unconditional, denoising_errors, load_pipeline, load_pipeline_config
 from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness
+from .plots import read_jsonl
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
 from .train_config import TrainConfig
@@ -197,8 +198,12 @@ class Trainer:
         rows = []
         for position in range((m * world + self.accelerator.process_index) * b, (m * world + self.accelerator.process_index + 1) * b):
             epoch, offset = divmod(position, n)
-            rows.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[offset]))
+            rows.append(int(self._epoch_order(epoch)[offset]))
         return rows
+
+    @functools.lru_cache(maxsize=2)  # a micro-batch spans at most two epochs
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     @torch.no_grad()
     def prepare(self, m: int) -> PairBatch:
@@ -414,6 +419,11 @@ class Trainer:
         state = json.loads((state_dir / STATE_FILE).read_text())
         self.accelerator.load_state(str(state_dir))
         self.global_step = state["global_step"]
+        if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
+            for name in ("metrics.jsonl", "validation.jsonl"):
+                log_file = self.run_dir / name
+                kept = [row for row in read_jsonl(log_file) if row["step"] <= self.global_step]
+                atomic_write_text(log_file, "".join(json.dumps(row) + "\n" for row in kept))
         if self.pool is not None:
             if self.accelerator.is_main_process:
                 self.pool.truncate(state["pool_size"])

@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import torch
 
 from sspo.base import BaseConfig, build_base
 

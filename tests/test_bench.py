@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sspo.bench import ARMS, BenchConfig, arch_components, build_arch, format_table, run_bench, write_results
+from sspo.bench import ARMS, BenchConfig, arch_components, build_arch, format_table, run_bench
 from sspo.cli import main
 from sspo.errors import SSPOError
 

@@ -1,6 +1,5 @@
 """What a run leaves for people: validation grids (PNG and tensorboard) and a model card beside the weights."""
 
-from pathlib import Path
 
 from PIL import Image
 
