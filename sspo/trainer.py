@@ -32,11 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import save_yaml
-from .data import collate, load_dataset_from_config
+from .data import load_dataset_from_config
 from .errors import ConfigError, DataError
 from .io import atomic_write_json, atomic_write_text
+from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
-from .models.pipeline import encode_images, encode_prompts, encode_unconditional, denoising_errors, load_pipeline, load_pipeline_config
+from .models.pipeline import encode_unconditional, denoising_errors, load_pipeline, load_pipeline_config
 from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness
 from .plots import read_jsonl
 from .pool import CheckpointPool
@@ -108,6 +109,7 @@ class Trainer:
         self.reference = ReferenceModel(unet, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
         self.pairs = PairBuilder(self.pipe, self.reference, self.train_scheduler, cfg.negatives, self.device, self.accelerator.autocast)
         self.uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
+        self.latents = self._latent_cache() if cfg.data.cache_latents else None
 
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
@@ -169,6 +171,12 @@ class Trainer:
         unet.train()
         return unet
 
+    def _latent_cache(self) -> LatentCache:
+        """Every row's latents and text condition (sspo/latent_cache.py), encoded now if not cached yet."""
+        key = cache_key(self.cfg, self.base_model, self.pipe, len(self.dataset))
+        root = self.cfg.data.cache_dir or default_dir(key)
+        return LatentCache.build(self.pipe, self.dataset, key, root, self.device, self.cfg.optim.batch_size, self.cfg.data.resolution, self.accelerator)
+
     def _optimizer(self, params):
         o = self.cfg.optim
         if o.use_8bit_adam:
@@ -208,12 +216,14 @@ class Trainer:
     @torch.no_grad()
     def prepare(self, m: int) -> PairBatch:
         """Winners (and dataset losers) as latents, text conditions, and every random draw of ``m``."""
-        batch = collate([self.dataset[i] for i in self._indices(m)])
-        cond = encode_prompts(self.pipe, batch["prompts"], self.device, self.cfg.data.resolution).to("cpu")
-        winners = encode_images(self.pipe.vae, batch["winner"]).float().cpu()
-        pair = PairBatch(index=m, prompts=batch["prompts"], cond=cond, winners=winners, noise=None, timesteps=None)
-        if self.cfg.method == "dpo":
-            pair.losers = encode_images(self.pipe.vae, batch["loser"]).float().cpu()
+        rows, dpo = self._indices(m), self.cfg.method == "dpo"
+        if self.latents is not None:  # data.cache_latents: encoded once, before training
+            prompts, cond, winners, losers = self.latents.rows(rows)
+        else:
+            prompts, cond, winners, losers = encode_rows(self.pipe, [self.dataset[i] for i in rows], self.device, self.cfg.data.resolution, losers=dpo)
+        pair = PairBatch(index=m, prompts=prompts, cond=cond, winners=winners, noise=None, timesteps=None)
+        if dpo:
+            pair.losers = losers
         generator = batch_generator(self.cfg.seed, m * self.accelerator.num_processes + self.accelerator.process_index)
         draw_randomness(pair, generator, self.pool, self.cfg.effective_erd, self.cfg.erd_per, self.train_scheduler.config.num_train_timesteps)
         return pair
