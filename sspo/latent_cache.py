@@ -26,8 +26,8 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -52,8 +52,10 @@ def encode_rows(pipe, items: list[dict], device, resolution: int, losers: bool =
     """Dataset items to ``(prompts, TextCondition, winner latents, loser latents or None)`` on the CPU."""
     batch = collate(items)
     cond = encode_prompts(pipe, batch["prompts"], device, resolution).to("cpu")
-    winners = encode_images(pipe.vae, batch["winner"]).float().cpu()
-    encoded_losers = encode_images(pipe.vae, batch["loser"]).float().cpu() if losers and batch["loser"] is not None else None
+    # Contiguous: the VAE's posterior mean is a strided view, and the UNet rounds differently for
+    # another memory layout; this way live and cached latents are the same tensors, bit for bit.
+    winners = encode_images(pipe.vae, batch["winner"]).float().cpu().contiguous()
+    encoded_losers = encode_images(pipe.vae, batch["loser"]).float().cpu().contiguous() if losers and batch["loser"] is not None else None
     return batch["prompts"], cond, winners, encoded_losers
 
 
@@ -105,7 +107,7 @@ def _check_key(root: Path, found: dict, key: dict) -> None:
     if found != key:
         differ = sorted(k for k in key.keys() | found.keys() if found.get(k) != key.get(k))
         if "data" in differ and isinstance(found.get("data"), dict):
-            differ += [f"data.{k}" for k in sorted(key["data"]) if found["data"].get(k) != key["data"][k]]
+            differ = [k for k in differ if k != "data"] + [f"data.{k}" for k in sorted(key["data"]) if found["data"].get(k) != key["data"][k]]
         raise ConfigError(
             f"config key 'data.cache_dir': {root} holds latents of another model or data (differs in {', '.join(differ)}); "
             "delete it, choose another folder, or leave data.cache_dir unset for a folder per model and data"
@@ -125,7 +127,7 @@ class LatentCache:
             _check_key(self.root, index["key"], key)
         self.rows_total, self.shard_rows = index["rows"], index["shard_rows"]
         self.has_losers = index["has_losers"]
-        self._shards: dict[int, tuple] = {}  # shard number -> (safe_open handle, prompts)
+        self._shards: dict[int, tuple] = {}  # shard number -> (safe_open handle, prompts, tensor names)
 
     def __len__(self) -> int:
         return self.rows_total
@@ -135,7 +137,7 @@ class LatentCache:
             from safetensors import safe_open
 
             handle = safe_open(str(self.root / _shard_name(number)), framework="pt")
-            self._shards[number] = (handle, json.loads(handle.metadata()["prompts"]))
+            self._shards[number] = (handle, json.loads(handle.metadata()["prompts"]), handle.keys())
         return self._shards[number]
 
     def rows(self, indices: Sequence[int]) -> tuple[list[str], TextCondition, torch.Tensor, torch.Tensor | None]:
@@ -145,9 +147,9 @@ class LatentCache:
             if not 0 <= i < self.rows_total:
                 raise IndexError(f"row {i} out of range for a latent cache of {self.rows_total} rows")
             shard, offset = divmod(i, self.shard_rows)
-            handle, shard_prompts = self._shard(shard)
+            handle, shard_prompts, names = self._shard(shard)
             prompts.append(shard_prompts[offset])
-            for name in handle.keys():
+            for name in names:
                 parts[name].append(handle.get_slice(name)[offset : offset + 1])
         tensors = {name: torch.cat(values) if values else None for name, values in parts.items()}
         cond = TextCondition(**{name: tensors[name] for name in _COND_FIELDS})
@@ -155,7 +157,7 @@ class LatentCache:
         return prompts, cond, tensors["winners"].float(), losers
 
     @classmethod
-    def build(cls, pipe, dataset, key: dict, root: str | Path, device, batch_size: int, resolution: int, state=None, shard_rows: int = SHARD_ROWS) -> "LatentCache":
+    def build(cls, pipe, dataset, key: dict, root: str | Path, device, batch_size: int, resolution: int, state=None, shard_rows: int = SHARD_ROWS) -> LatentCache:
         """Encode the missing shards of ``dataset`` into ``root`` (each process its share), then open it.
 
         ``state`` is the Accelerator (or accelerate ``PartialState``) of a run; every process must call this.

@@ -37,7 +37,7 @@ from .errors import ConfigError, DataError
 from .io import atomic_write_json, atomic_write_text
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
-from .models.pipeline import encode_unconditional, denoising_errors, load_pipeline, load_pipeline_config
+from .models.pipeline import denoising_errors, encode_unconditional, load_pipeline, load_pipeline_config
 from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness
 from .plots import read_jsonl
 from .pool import CheckpointPool
@@ -61,7 +61,7 @@ def resolve_model(name: str) -> str:
 def open_dataset(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
     """The training data, checked against what ``cfg.method`` needs from it."""
     if cfg.data.streaming:
-        raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; stream to cache latents first")
+        raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; or convert it to parquet shards")
     dataset = load_dataset_from_config(cfg.data, rank, world_size)
     if cfg.method == "dpo" and not dataset.has_losers:
         raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
@@ -200,14 +200,16 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # Pairs
 
-    def _indices(self, m: int) -> list[int]:
-        """Dataset rows of micro-batch ``m`` on this process: a seeded permutation per epoch."""
+    def _indices(self, m: int) -> list[tuple[int, int]]:
+        """(row, epoch) of micro-batch ``m`` on this process: a seeded permutation per epoch."""
         b, world, n = self.cfg.optim.batch_size, self.accelerator.num_processes, len(self.dataset)
-        rows = []
-        for position in range((m * world + self.accelerator.process_index) * b, (m * world + self.accelerator.process_index + 1) * b):
-            epoch, offset = divmod(position, n)
-            rows.append(int(self._epoch_order(epoch)[offset]))
-        return rows
+        first = (m * world + self.accelerator.process_index) * b
+        placed = [divmod(position, n) for position in range(first, first + b)]
+        return [(int(self._epoch_order(epoch)[offset]), epoch) for epoch, offset in placed]
+
+    def _item(self, row: int, epoch: int) -> dict:
+        self.dataset.set_epoch(epoch)  # random crops and flips differ per epoch, reproducibly
+        return self.dataset[row]
 
     @functools.lru_cache(maxsize=2)  # a micro-batch spans at most two epochs
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -216,11 +218,12 @@ class Trainer:
     @torch.no_grad()
     def prepare(self, m: int) -> PairBatch:
         """Winners (and dataset losers) as latents, text conditions, and every random draw of ``m``."""
-        rows, dpo = self._indices(m), self.cfg.method == "dpo"
+        placed, dpo = self._indices(m), self.cfg.method == "dpo"
         if self.latents is not None:  # data.cache_latents: encoded once, before training
-            prompts, cond, winners, losers = self.latents.rows(rows)
+            prompts, cond, winners, losers = self.latents.rows([row for row, _ in placed])
         else:
-            prompts, cond, winners, losers = encode_rows(self.pipe, [self.dataset[i] for i in rows], self.device, self.cfg.data.resolution, losers=dpo)
+            items = [self._item(row, epoch) for row, epoch in placed]
+            prompts, cond, winners, losers = encode_rows(self.pipe, items, self.device, self.cfg.data.resolution, losers=dpo)
         pair = PairBatch(index=m, prompts=prompts, cond=cond, winners=winners, noise=None, timesteps=None)
         if dpo:
             pair.losers = losers

@@ -5,16 +5,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import metrics, tiny_config
 
-import sspo.latent_cache as latent_cache
+from sspo import latent_cache
 from sspo.config import apply_overrides, from_dict
 from sspo.errors import ConfigError
 from sspo.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.models.pipeline import load_pipeline
-from sspo.trainer import open_dataset, train
 from sspo.train_config import TrainConfig
-
-from test_trainer import metrics, tiny_config
+from sspo.trainer import open_dataset, train
 
 
 @pytest.mark.parametrize("method", ["sspo", "dpo"])  # dpo: dataset losers come from the cache too
@@ -46,7 +45,7 @@ def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, m
     pipe = load_pipeline(quick_base)
     dataset = open_dataset(cfg)
     key = cache_key(cfg, quick_base, pipe, len(dataset))
-    build = dict(pipe=pipe, dataset=dataset, key=key, root=tmp_path / "c", device="cpu", batch_size=8, resolution=32, shard_rows=10)
+    build = {"pipe": pipe, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
     full = LatentCache.build(**build).rows(range(24))
     (tmp_path / "c" / "index.json").unlink()  # as if killed while writing the last shard
     (tmp_path / "c" / "shard-00002.safetensors").unlink()

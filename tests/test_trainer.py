@@ -156,3 +156,12 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     cfg = tiny_config(tmp_path / "run", str(tmp_path / "no-such-model"))
     with pytest.raises(ModelError, match="no-such-model"):
         Trainer(cfg)
+
+
+def test_random_flips_change_from_epoch_to_epoch(quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft", "data.random_flip=true", "data.max_samples=4"))
+    rows = [row for m in range(8) for row, _ in trainer._indices(m)]
+    assert sorted(rows[:4]) == [0, 1, 2, 3]  # one epoch is a permutation of the rows
+    views = {epoch: trainer._item(0, epoch)["winner"] for epoch in range(8)}
+    assert any(not torch.equal(views[0], views[e]) for e in range(1, 8))
+    assert torch.equal(views[3], trainer._item(0, 3)["winner"])  # and reproducible
