@@ -122,7 +122,7 @@ def run_compare(config: str | Path, arms: Sequence[str], seeds: Sequence[int], o
     eval_cfg = EvalConfig(prompts_per_split=8 if quick else 24)
     results: dict[str, list[dict]] = {}
     for arm in arms:
-        for seed in seeds:
+        for seed in seeds[:1] if arm == "base" else seeds:  # the untrained base has no seed
             log.info("arm %s, seed %d", arm, seed)
             results.setdefault(arm, []).append(run_arm(config, arm, seed, out, extra, eval_cfg))
             write_report(out, results, command, seeds)

@@ -115,7 +115,6 @@ class PairBuilder:
         self.pipe, self.reference, self.train_scheduler = pipe, reference, train_scheduler
         self.sampler_cfg, self.device, self.autocast = sampler_cfg, device, autocast
         self.sampler_scheduler = make_sampler_scheduler(pipe, sampler_cfg)
-        self.uncond: TextCondition | None = None
 
     def generate_negatives(self, batches: Sequence[PairBatch], uncond: TextCondition) -> None:
         for batch in batches:
