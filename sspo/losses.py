@@ -47,6 +47,7 @@ def sspo_loss(
     ref_l: torch.Tensor,
     beta: float,
     ssr: str = "sign",
+    switch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SSPO, eq. (8): ``-mean(logsigmoid(-beta/2 * (dw + K * dl)))`` with ``K`` from eq. (9).
 
@@ -54,9 +55,11 @@ def sspo_loss(
     (K = -1) this is exactly Diffusion-DPO's eq. (4/5); see :func:`dpo_loss`.
     Metrics: ``implicit_acc = mean(inside > 0)``, ``ssr_rate`` = share of samples whose switch
     fired (``K != -1``; ``mean(K == +1)`` for ``sign``, Figure 4), mean ``dw`` and ``dl``.
+    ``switch``: (policy, reference) errors on ``x_w`` averaged over more ``(t, eps)`` draws, to
+    decide K from a less noisy comparison (``ssr_draws``); by default K uses the loss's own draw.
     """
     ref_w, ref_l = ref_w.detach(), ref_l.detach()
-    k = ssr_coefficient(policy_w, ref_w, ssr)
+    k = ssr_coefficient(*(switch or (policy_w, ref_w)), ssr)
     dw = policy_w - ref_w
     dl = policy_l - ref_l
     inside = -0.5 * beta * (dw + k * dl)

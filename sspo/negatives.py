@@ -37,6 +37,10 @@ class PairBatch:
     sample_seeds: list[int] = dataclasses.field(default_factory=list)  # the sampler's noise
     ref_w: torch.Tensor | None = None
     ref_l: torch.Tensor | None = None
+    # ssr_draws > 1: extra (t, eps) per winner ([B, d], [B, d, ...]) for a less noisy SSR switch.
+    switch_timesteps: torch.Tensor | None = None
+    switch_noise: torch.Tensor | None = None
+    ref_switch: torch.Tensor | None = None  # reference error on x_w, mean over all ssr_draws draws
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -46,8 +50,8 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-def draw_randomness(batch: PairBatch, generator: torch.Generator, pool: CheckpointPool | None, erd: str, erd_per: str, num_train_timesteps: int) -> None:
-    """Draw ``t``, ``eps``, the reference checkpoint(s) and the sampler seeds of a batch."""
+def draw_randomness(batch: PairBatch, generator: torch.Generator, pool: CheckpointPool | None, erd: str, erd_per: str, num_train_timesteps: int, ssr_draws: int = 1) -> None:
+    """Draw ``t``, ``eps``, the reference checkpoint(s), the sampler seeds and the switch's extra draws."""
     n = len(batch)
     batch.timesteps = torch.randint(0, num_train_timesteps, (n,), generator=generator)
     batch.noise = torch.randn(batch.winners.shape, generator=generator)
@@ -58,6 +62,18 @@ def draw_randomness(batch: PairBatch, generator: torch.Generator, pool: Checkpoi
         else:
             batch.checkpoints = [pool.draw(erd, rng) for _ in range(n)]
         batch.sample_seeds = torch.randint(2**62, (n,), generator=generator).tolist()
+    if ssr_draws > 1:  # drawn last, so ssr_draws = 1 leaves every other draw as it was
+        batch.switch_timesteps = torch.randint(0, num_train_timesteps, (n, ssr_draws - 1), generator=generator)
+        batch.switch_noise = torch.randn((n, ssr_draws - 1, *batch.winners.shape[1:]), generator=generator)
+
+
+@torch.no_grad()
+def extra_draw_errors(unet, scheduler, winners, noise, timesteps, cond: TextCondition, device) -> torch.Tensor:
+    """Sum over the extra draws of each winner's denoising error: ``[B]`` from ``noise`` ``[B, d, ...]``."""
+    draws = noise.shape[1]
+    latents = winners.repeat_interleave(draws, dim=0).to(device)
+    errors = denoising_errors(unet, scheduler, latents, noise.flatten(0, 1).to(device), timesteps.flatten().to(device), cond.repeat_each(draws))
+    return errors.view(-1, draws).sum(dim=1).cpu()
 
 
 def _by_checkpoint(batches: Sequence[PairBatch]) -> dict[int, list[tuple[PairBatch, int]]]:
@@ -132,6 +148,7 @@ class PairBuilder:
     def reference_errors(self, batches: Sequence[PairBatch], chunk_size: int) -> None:
         for batch in batches:
             batch.ref_w, batch.ref_l = torch.empty(len(batch)), torch.empty(len(batch))
+            batch.ref_switch = None if batch.switch_noise is None else torch.empty(len(batch))
         for checkpoint, members in _by_checkpoint(batches).items():
             with self.reference.activate(checkpoint) as unet, self.autocast():
                 for chunk in _chunks(members, chunk_size):
@@ -143,3 +160,10 @@ class PairBuilder:
                     errors = denoising_errors(unet, self.train_scheduler, latents.to(self.device), noise.to(self.device), t.to(self.device), cond).cpu()
                     for k, (batch, i) in enumerate(chunk):
                         batch.ref_w[i], batch.ref_l[i] = errors[k], errors[len(chunk) + k]
+                    if chunk[0][0].switch_noise is not None:
+                        extra = extra_draw_errors(
+                            unet, self.train_scheduler, latents[: len(chunk)], torch.stack([b.switch_noise[i] for b, i in chunk]),
+                            torch.stack([b.switch_timesteps[i] for b, i in chunk]), cond[: len(chunk)], self.device,
+                        )
+                        for k, (batch, i) in enumerate(chunk):
+                            batch.ref_switch[i] = (errors[k] + extra[k]) / (1 + batch.switch_noise.shape[1])

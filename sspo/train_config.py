@@ -85,6 +85,7 @@ class TrainConfig:
     method: str = "sspo"  # sft | dpo | spin | sspo
     beta: float = 5000.0  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
     ssr: str = "sign"  # sign | indicator | off (Table 6 ablations); spin and dpo force off
+    ssr_draws: int = 1  # (t, eps) draws whose mean errors decide K; 1 = the paper (the loss's own draw)
     erd: str = "uniform"  # uniform (RCR) | initial | last; spin forces last, dpo initial
     erd_per: str = "batch"  # batch (paper) | sample
     iterations: int = 4  # the pool grows once per iteration
@@ -107,6 +108,7 @@ class TrainConfig:
         one_of(self.mixed_precision, ("no", "fp16", "bf16"), "mixed_precision")
         one_of(self.report_to, ("tensorboard", "wandb", "none"), "report_to")
         check(self.beta > 0, "beta", "must be positive")
+        check(self.ssr_draws >= 1, "ssr_draws", "must be at least 1")
         check(self.iterations > 0, "iterations", "must be positive")
         check(self.steps_per_iteration > 0, "steps_per_iteration", "must be positive")
         check(self.checkpoints_total_limit > 0, "checkpoints_total_limit", "must be positive")

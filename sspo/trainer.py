@@ -38,7 +38,7 @@ from .io import atomic_write_json, atomic_write_text
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
 from .models.pipeline import denoising_errors, encode_unconditional, load_pipeline, load_pipeline_config
-from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness
+from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness, extra_draw_errors
 from .plots import read_jsonl
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
@@ -228,7 +228,8 @@ class Trainer:
         if dpo:
             pair.losers = losers
         generator = batch_generator(self.cfg.seed, m * self.accelerator.num_processes + self.accelerator.process_index)
-        draw_randomness(pair, generator, self.pool, self.cfg.effective_erd, self.cfg.erd_per, self.train_scheduler.config.num_train_timesteps)
+        ssr_draws = self.cfg.ssr_draws if self.cfg.effective_ssr != "off" else 1
+        draw_randomness(pair, generator, self.pool, self.cfg.effective_erd, self.cfg.erd_per, self.train_scheduler.config.num_train_timesteps, ssr_draws)
         return pair
 
     def build(self, indices: list[int], with_reference: bool) -> list[PairBatch]:
@@ -258,7 +259,11 @@ class Trainer:
         noise = batch.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
         errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, batch.timesteps.repeat(2).to(dev), batch.cond.repeat(2))
         policy_w, policy_l = errors.chunk(2)
-        loss, metrics = sspo_loss(policy_w, policy_l, batch.ref_w.to(dev), batch.ref_l.to(dev), self.cfg.beta, self.cfg.effective_ssr)
+        switch = None
+        if batch.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
+            extra = extra_draw_errors(self.unet, self.train_scheduler, batch.winners, batch.switch_noise, batch.switch_timesteps, batch.cond, dev)
+            switch = ((policy_w.detach() + extra.to(dev)) / self.cfg.ssr_draws, batch.ref_switch.to(dev))
+        loss, metrics = sspo_loss(policy_w, policy_l, batch.ref_w.to(dev), batch.ref_l.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
         metrics["reference"] = torch.tensor(sum(batch.checkpoints) / len(batch.checkpoints), dtype=torch.float32)
         return loss, metrics
 

@@ -346,3 +346,15 @@ def test_denoising_errors_passes_sdxl_conditioning():
     added = kwargs["added_cond_kwargs"]
     assert torch.equal(added["text_embeds"], cond.pooled)
     assert torch.equal(added["time_ids"], cond.time_ids)
+
+
+def test_switch_errors_decide_k_instead_of_the_loss_draw():
+    # The loss's own draw says the policy is worse on x_w (1.0 > 0.5: K = +1); the averaged
+    # switch errors say it is better (0.2 < 0.4: K = -1), and K follows the switch.
+    policy_w, policy_l = torch.tensor([1.0]), torch.tensor([0.3])
+    ref_w, ref_l = torch.tensor([0.5]), torch.tensor([0.1])
+    _, own = sspo_loss(policy_w, policy_l, ref_w, ref_l, beta=2.0)
+    loss, switched = sspo_loss(policy_w, policy_l, ref_w, ref_l, beta=2.0, switch=(torch.tensor([0.2]), torch.tensor([0.4])))
+    assert own["ssr_rate"] == 1.0 and switched["ssr_rate"] == 0.0
+    # K = -1: inside = -beta/2 * (dw - dl) = -(0.5 - 0.2) = -0.3; loss = -log(sigmoid(-0.3))
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(0.3))), rel=1e-6)

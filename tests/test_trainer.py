@@ -41,6 +41,8 @@ ARMS = {
     "sspo_full_finetune": ["model.lora=false"],
     "sspo_online": ["pregenerate=false"],
     "sspo_uncached_reference": ["cache_reference_errors=false", "optim.gradient_accumulation_steps=2"],
+    "sspo_ssr_draws": ["ssr_draws=3"],
+    "sspo_ssr_draws_online": ["ssr_draws=3", "pregenerate=false"],
 }
 
 

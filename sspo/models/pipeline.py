@@ -36,6 +36,9 @@ class TextCondition:
     def repeat(self, times: int) -> "TextCondition":
         return self._map(lambda t: torch.cat([t] * times))
 
+    def repeat_each(self, times: int) -> "TextCondition":
+        return self._map(lambda t: t.repeat_interleave(times, dim=0))
+
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
