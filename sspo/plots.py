@@ -74,4 +74,4 @@ def plot_panels(panels: Sequence[tuple[str, str, Series]], path: str | Path) -> 
 
 
 REWARD_PANEL = ("reward during training", "exact reward")
-SSR_PANEL = ("SSR rate (share of K = +1)", "SSR rate")
+SSR_PANEL = ("SSR rate (share of samples whose switch fired)", "SSR rate")
