@@ -283,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
         warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
