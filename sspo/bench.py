@@ -52,7 +52,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import apply_overrides, check, from_dict, load_yaml, one_of
+from .config import check, load_config, one_of
 from .errors import SSPOError
 
 ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
@@ -267,7 +267,7 @@ def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
         overrides.append(f"optim.gradient_accumulation_steps={b.gradient_accumulation_steps}")
     if b.steps_per_iteration:
         overrides.append(f"steps_per_iteration={b.steps_per_iteration}")
-    return from_dict(TrainConfig, apply_overrides(load_yaml(DEMO_CONFIG), overrides + list(b.overrides)))
+    return load_config(TrainConfig, DEMO_CONFIG, overrides + list(b.overrides))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from .config import apply_overrides, from_dict, load_yaml
+from .config import load_config
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .errors import ConfigError
 from .evaluate import TABLE_COLUMNS, EvalConfig, evaluate_model, shapes_eval_items, showcase
@@ -44,7 +44,7 @@ QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=
 
 def arm_config(config: str | Path, arm: str, seed: int, out: Path, extra: Sequence[str]) -> TrainConfig:
     overrides = [*extra, *ARMS[arm], f"seed={seed}", f"output_dir={out / 'runs' / f'{arm}-seed{seed}'}", "validation.every_iterations=1", "validation.shapes_eval=true"]
-    return from_dict(TrainConfig, apply_overrides(load_yaml(config), overrides))
+    return load_config(TrainConfig, config, overrides)
 
 
 def run_arm(config, arm: str, seed: int, out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict:

@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from .config import apply_overrides, from_dict, load_yaml
+from .config import load_config
 from .evaluate import EvalConfig, evaluate_model, format_table, showcase, write_results
 from .io import atomic_write_text
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
@@ -24,11 +24,10 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-shapes.yaml"
 
 
 def demo_config(out: Path, method: str, quick: bool) -> TrainConfig:
-    data = load_yaml(DEMO_CONFIG)
     overrides = [f"method={method}", f"output_dir={out / method}"]
     if quick:
         overrides += ["model.pretrained=shapes-base:quick", "iterations=2", "steps_per_iteration=2", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
-    return from_dict(TrainConfig, apply_overrides(data, overrides))
+    return load_config(TrainConfig, DEMO_CONFIG, overrides)
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sspo.config import apply_overrides, from_dict, load_yaml
+from sspo.config import load_config
 from sspo.errors import DataError, ModelError
 from sspo.train_config import TrainConfig
 from sspo.trainer import Trainer, train
@@ -20,7 +20,7 @@ def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
         "optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1",
         "data.max_samples=64", "validation.every_iterations=0",
     ]
-    return from_dict(TrainConfig, apply_overrides(load_yaml(DEMO), base + list(overrides)))
+    return load_config(TrainConfig, DEMO, base + list(overrides))
 
 
 def metrics(run: Path) -> list[dict]:
