@@ -172,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("base", help="build the shapes world's tiny base model (cached)")
+    p = sub.add_parser("base", help="build the shapes world's tiny base model (shipped for the default size; cached)")
     p.add_argument("--quick", action="store_true", help="the small size used by tests")
     p.add_argument("--out", help="folder to write (default: the cache)")
-    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--force", action="store_true", help="rebuild even if shipped or cached")
     p.set_defaults(func=_base)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples")

@@ -53,7 +53,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
         results[name], images[name] = evaluate_model(model, eval_cfg, lora=lora)
     timings["eval"] = time.time() - t0
 
-    table = format_table(results)
+    table = format_table(results, baseline="base")
     print("\n" + table)
     write_results({"results": results, "seconds": timings}, out / "results.json")
     atomic_write_text(out / "results.md", table + "\n")

@@ -51,8 +51,10 @@ def evaluate_pipeline(pipe, cfg: EvalConfig) -> tuple[dict, list]:
     per_split: dict[str, list[dict]] = {}
     for (split, spec, _), image in zip(items, images):
         per_split.setdefault(split, []).append(score_image(image, spec).as_dict())
+    # Per-image rewards (fixed order of prompts and seeds) for paired confidence intervals.
     summary = {
-        split: {key: float(np.mean([s[key] for s in scores])) for key in scores[0]} | {"n": len(scores)}
+        split: {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+        | {"n": len(scores), "rewards": [s["reward"] for s in scores]}
         for split, scores in per_split.items()
     }
     return summary, images
@@ -76,12 +78,32 @@ def showcase(cfg: EvalConfig, images: Sequence, per_split: int = 4) -> tuple[lis
 TABLE_COLUMNS = ("reward", "color", "shape", "size", "position", "background", "quality")
 
 
-def format_table(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """A markdown table: one row per (model, split)."""
-    lines = ["| model | prompts | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+def reward_gain(scores: dict, baseline: dict) -> dict:
+    """Mean reward gain over ``baseline`` on the same images' prompts and seeds, with a 95% CI.
+
+    Paired: each (prompt, seed) is compared with the baseline's image of the same prompt and seed,
+    so the interval is over prompts and seeds, not over two independent means.
+    """
+    from .scorers.stats import summarize
+
+    return summarize(np.subtract(scores["rewards"], baseline["rewards"]))
+
+
+def format_table(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS, baseline: str | None = None) -> str:
+    """A markdown table: one row per (model, split); with ``baseline``, each model's reward gain over it."""
+    gain = baseline is not None and baseline in results
+    header = list(columns) + (["reward gain vs " + baseline + " [95% CI]"] if gain else [])
+    lines = ["| model | prompts | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
     for model, summary in results.items():
         for split, scores in summary.items():
-            lines.append(f"| {model} | {split} | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " |")
+            cells = [f"{scores[c]:.3f}" for c in columns]
+            if gain:
+                if model == baseline:
+                    cells.append("")
+                else:
+                    g = reward_gain(scores, results[baseline][split])
+                    cells.append(f"{g['mean']:+.3f} [{g['ci95_low']:+.3f}, {g['ci95_high']:+.3f}]")
+            lines.append(f"| {model} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

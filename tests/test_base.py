@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -40,3 +41,74 @@ def test_world_words_are_single_tokens(quick_base):
     ids = tokenizer("a small red circle on the left, white background").input_ids
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.eos_token_id not in ids[1:-1]  # the comma is a real token, not unknown
+
+
+def _weight_hashes(folder) -> dict:
+    import hashlib
+    from pathlib import Path
+
+    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("*/*.safetensors"))}
+
+
+def test_quick_build_is_bitwise_repeatable(quick_base, tmp_path):
+    """The cache key promises one model per seed: same machine and thread count, same bytes."""
+    import torch
+
+    cfg = BaseConfig.preset("quick")
+    info = json.loads((Path(quick_base) / "sspo_base.json").read_text())
+    first = quick_base if info.get("threads") == torch.get_num_threads() else build_base(cfg, tmp_path / "a", force=True)
+    second = build_base(cfg, tmp_path / "b", force=True)
+    assert set(_weight_hashes(first)) == {"text_encoder", "unet", "vae"}
+    assert _weight_hashes(first) == _weight_hashes(second)
+
+
+def test_word_table_text_encoder_keeps_words_apart(quick_base):
+    """Each world word has its own orthogonal vector; a prompt's hidden states are its words' vectors."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(quick_base, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(quick_base, subfolder="text_encoder")
+    left, right = ("a small red circle on the " + side + ", white background" for side in ("left", "right"))
+    ids = tokenizer([left, right], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = encoder(ids)[0]
+    differs = (states[0] - states[1]).abs().sum(-1) > 1e-4
+    assert differs.sum() == 1  # only the position word's state changes: no mixing between tokens
+    i = int(differs.nonzero())
+    assert abs(float(torch.cosine_similarity(states[0, i], states[1, i], dim=0))) < 1e-4
+
+
+def test_quick_base_follows_its_prompts(quick_base):
+    """Held-out attribute combinations: every attribute well above chance (the exact evaluator)."""
+    import random
+
+    import numpy as np
+
+    from sspo.models.pipeline import load_pipeline
+    from sspo.sample import generate
+    from sspo.worlds import shapes
+    from sspo.worlds.shapes_eval import evaluate
+
+    specs = random.Random(0).sample(list(shapes.make_split(0).heldout), 24)
+    images = generate(load_pipeline(quick_base), [s.prompt for s in specs], [0] * len(specs), steps=20, guidance_scale=5.0, batch_size=24)
+    scores = [evaluate(image, spec) for image, spec in zip(images, specs)]
+    chance = {name: 1 / len(values) for name, values in shapes.ATTRIBUTES.items()}
+    for name, level in chance.items():
+        accuracy = float(np.mean([getattr(s, name) for s in scores]))
+        assert accuracy >= level + MARGIN[name], (name, accuracy, level)
+
+
+# Margins over chance on the quick preset, set well below what it reaches (see the test above).
+MARGIN = {"shape": 0.25, "color": 0.35, "size": 0.25, "position": 0.35, "background": 0.35}
+
+
+def test_shipped_base_is_the_current_recipe():
+    """The packaged default base was built by today's recipe, is small, and loads as plain diffusers."""
+    from pathlib import Path
+
+    from sspo.base import PACKAGED_BASE, packaged_base
+
+    assert packaged_base(BaseConfig()) == PACKAGED_BASE, "rebuild it: sspo base --force --out sspo/weights/shapes-base"
+    assert sum(p.stat().st_size for p in Path(PACKAGED_BASE).rglob("*") if p.is_file()) <= 10 * 2**20
+    assert build_base(BaseConfig()) == PACKAGED_BASE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +28,7 @@ class TinySize:
     vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 blocks: 32x32 images -> 8x8 latents
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: int = 1
-    latent_channels: int = 4
+    latent_channels: int = 8  # 8x8x4 latents round-trip shapes too softly; 8 channels keep more
 
     def __post_init__(self) -> None:
         check(self.image_size % 2 ** (len(self.vae_channels) - 1) == 0, "image_size", "must divide by the VAE's downsampling")
@@ -46,24 +47,18 @@ class TinySize:
 def write_word_tokenizer(folder: str | Path, words: Sequence[str], max_length: int = 16):
     """Write a CLIP tokenizer (vocab.json + merges.txt) in which every world word is one token.
 
-    The merges come from training a real BPE on the words with CLIP's ``</w>`` end-of-word
+    The merges are byte-pair merges learned on the words with CLIP's ``</w>`` end-of-word
     suffix, so stock ``CLIPTokenizer`` reproduces them exactly.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, special_tokens=[BOS, EOS], end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator([" ".join(words)], trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    alphabet, merges = _learn_bpe(words)
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    vocab = {token: i for i, token in enumerate([BOS, EOS, *alphabet, *merged])}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     tokenizer = CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"),
         bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=max_length,
@@ -75,12 +70,87 @@ def write_word_tokenizer(folder: str | Path, words: Sequence[str], max_length: i
     return tokenizer
 
 
-def build_components(size: TinySize, tokenizer) -> dict:
-    """Randomly initialised text encoder, VAE and UNet of the given size, plus the scheduler."""
-    text_encoder = _text_encoder(size, tokenizer)
+def _learn_bpe(words: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-pair encoding learned on ``words`` until each is one token: (alphabet, merges).
+
+    Written out rather than taken from ``tokenizers``, whose trainer breaks ties between equally
+    frequent pairs in hash-map order: its merges, token ids and so the built models changed from
+    run to run. Here ties go to the alphabetically first pair.
+    """
+    pieces = [tuple(word[:-1]) + (word[-1] + "</w>",) for word in sorted(set(words))]
+    alphabet = sorted({piece for word in pieces for piece in word})
+    merges = []
+    while True:
+        counts = Counter(pair for word in pieces for pair in zip(word, word[1:]))
+        if not counts:
+            return alphabet, merges
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        pieces = [_merge_pair(word, pair) for word in pieces]
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def build_components(size: TinySize, tokenizer, words: Sequence[str], seed: int = 0) -> dict:
+    """A fixed word-table text encoder, randomly initialised VAE and UNet, and the scheduler.
+
+    The UNet also reads a pooled text embedding (``addition_embed_type="text"``: attention pooling
+    of the encoder's hidden states, added to the time embedding), so the prompt reaches every
+    ResNet block, not only the cross-attention layers; stock ``StableDiffusionPipeline`` needs
+    nothing extra for it.
+    """
+    text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed)
     vae = _vae(size)
-    unet = _unet(size, cross_attention_dim=size.text_hidden)
+    unet = _unet(
+        size,
+        cross_attention_dim=size.text_hidden,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=max(1, size.text_hidden // 16),
+    )
     return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": _scheduler()}
+
+
+def word_table_text_encoder(text_encoder, tokenizer, words: Sequence[str], seed: int = 0):
+    """Make a stock ``CLIPTextModel`` a fixed table of orthogonal word vectors (not trained).
+
+    A text encoder co-trained with the tiny UNet collapses the prompts ('left' and 'right' end up
+    at cosine 0.998), and a random frozen one mixes tokens through its causal attention, so the
+    UNet cannot tell the attributes apart. Here every world word (and BOS/EOS) gets its own
+    orthogonal, zero-mean vector of norm sqrt(d), positions get none, and every layer's
+    ``out_proj`` and ``fc2`` are zeroed: each residual layer is then the identity and the final
+    LayerNorm leaves a zero-mean vector of norm sqrt(d) unchanged, so the hidden state of a token
+    *is* its word's vector.
+    """
+    import torch
+
+    hidden = text_encoder.config.hidden_size
+    ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(" ".join(words))} | {tokenizer.bos_token_id, tokenizer.eos_token_id})
+    check(len(ids) < hidden, "text_hidden", f"needs more than {len(ids)} dimensions for orthogonal word vectors")
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(hidden, hidden, generator=generator)
+    basis -= basis.mean(dim=0, keepdim=True)  # columns in the zero-mean subspace
+    q, _ = torch.linalg.qr(basis[:, : len(ids)])
+    with torch.no_grad():
+        model = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 wraps it
+        embeddings = model.embeddings
+        embeddings.token_embedding.weight.zero_()
+        embeddings.token_embedding.weight[ids] = q.T * hidden**0.5
+        embeddings.position_embedding.weight.zero_()
+        for layer in model.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    return text_encoder.requires_grad_(False).eval()
 
 
 def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
