@@ -56,7 +56,7 @@ class BaseConfig:
     @classmethod
     def preset(cls, name: str) -> "BaseConfig":
         if name == "quick":
-            return cls(size="quick", vae_steps=100, unet_steps=150, images_per_spec=2, batch_size=32)
+            return cls(size="quick", vae_steps=200, unet_steps=500, images_per_spec=2, batch_size=32)
         check(name == "default", "size", f"got {name!r}, expected default or quick")
         return cls()
 
