@@ -159,7 +159,15 @@ def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = 
         if (output / "model_index.json").is_file() and not force:
             log.info("base model cached at %s", output)
             return output
-        return _build(cfg, output)
+        # One thread: the build is then bitwise repeatable whatever the machine's thread setting
+        # (float sums depend on how work is split), and the tiny models gain little from more;
+        # on a busy 2-core machine two threads made it many times slower.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _build(cfg, output)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _build(cfg: BaseConfig, output: Path) -> Path:
@@ -185,7 +193,7 @@ def _build(cfg: BaseConfig, output: Path) -> Path:
         **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / "sspo_base.json").write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "threads": torch.get_num_threads(), "seconds": round(time.time() - started, 1)}, indent=2))
+    (staging / "sspo_base.json").write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
     shutil.rmtree(output, ignore_errors=True)
     os.replace(staging, output)
     log.info("built base model in %.0f s at %s", time.time() - started, output)

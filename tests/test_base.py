@@ -51,15 +51,10 @@ def _weight_hashes(folder) -> dict:
 
 
 def test_quick_build_is_bitwise_repeatable(quick_base, tmp_path):
-    """The cache key promises one model per seed: same machine and thread count, same bytes."""
-    import torch
-
-    cfg = BaseConfig.preset("quick")
-    info = json.loads((Path(quick_base) / "sspo_base.json").read_text())
-    first = quick_base if info.get("threads") == torch.get_num_threads() else build_base(cfg, tmp_path / "a", force=True)
-    second = build_base(cfg, tmp_path / "b", force=True)
-    assert set(_weight_hashes(first)) == {"text_encoder", "unet", "vae"}
-    assert _weight_hashes(first) == _weight_hashes(second)
+    """The cache key promises one model per seed: on one machine, a rebuild gives the same bytes."""
+    again = build_base(BaseConfig.preset("quick"), tmp_path / "again", force=True)
+    assert set(_weight_hashes(quick_base)) == {"text_encoder", "unet", "vae"}
+    assert _weight_hashes(again) == _weight_hashes(quick_base)
 
 
 def test_word_table_text_encoder_keeps_words_apart(quick_base):
