@@ -460,7 +460,12 @@ class Trainer:
                 from peft import get_peft_model_state_dict
 
                 layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
-                self.pipe.__class__.save_lora_weights(save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True)
+                # The adapter's config travels with the weights: without it load_lora_weights assumes
+                # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
+                self.pipe.__class__.save_lora_weights(
+                    save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True,
+                    unet_lora_adapter_metadata=self.policy.peft_config[POLICY].to_dict(),
+                )
             else:
                 pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
                 pipe.save_pretrained(str(staging), safe_serialization=True)
@@ -470,7 +475,6 @@ class Trainer:
             staging.rename(final)
         self.accelerator.wait_for_everyone()
         return final
-
 
     def _write_card(self, staging: Path, final: Path) -> None:
         from .card import model_card

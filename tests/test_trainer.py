@@ -10,6 +10,8 @@ from sspo.errors import DataError, ModelError
 from sspo.train_config import TrainConfig
 from sspo.trainer import Trainer, train
 
+from conftest import assert_lora_reloads_as_trained
+
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo-shapes.yaml"
 
 
@@ -133,6 +135,12 @@ def test_lora_output_loads_in_stock_diffusers(quick_base, tmp_path):
     pipe.load_lora_weights(str(final))
     after = pipe("a small red circle on the left, white background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert not torch.allclose(before, after)
+
+
+def test_lora_with_alpha_not_rank_reloads_at_its_trained_scale(quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=0.01", "model.lora_rank=4", "model.lora_alpha=16"))
+    final = trainer.train()
+    assert_lora_reloads_as_trained(trainer, quick_base, final, "a small red circle on the left, white background")
 
 
 def test_full_finetune_output_is_a_diffusers_folder(quick_base, tmp_path):
