@@ -20,7 +20,7 @@ def _base(args) -> None:
 def _sample(args) -> None:
     from .models.pipeline import load_pipeline
     from .sample import generate, image_grid, save_png
-    from .trainer import resolve_model
+    from .models.names import resolve_model
 
     prompts = args.prompt
     if args.shapes_check:
@@ -45,7 +45,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def _eval(args) -> None:
     from .benchmark_eval import check_metrics, model_specs
-    from .trainer import resolve_model
+    from .models.names import resolve_model
 
     specs = model_specs(args.model, args.lora, args.name)
     seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else None
@@ -237,28 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
-    p.add_argument("--model", default="tiny", help="tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder")
-    p.add_argument("--batch-size", type=int, help="per micro-batch (default: the demo config's 16)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"))
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
-    p.add_argument("--arms", default="sft,dpo,dpo-cached,sspo-online,sspo-pregenerated")
-    p.add_argument("--sampler-steps", default="20,50", help="also measure negative generation at these sampler steps")
-    p.add_argument("--steps-per-iteration", type=int, help="K_updates (default: the demo config's 20)")
-    p.add_argument("--pool-size", type=int, default=3, help="checkpoints in the pool for the sspo arms")
-    p.add_argument("--resolution", type=int, help="training resolution (default: the model's native)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu: process CPU time (with --threads 1, robust on a shared CPU)")
-    p.add_argument("--in-process", action="store_true", help="run arms in this process (CPU memory numbers then less clean)")
-    p.add_argument("--allow-cpu", action="store_true", help="run --model sd15/sdxl without a GPU")
-    p.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-config", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
+    from .bench import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")

@@ -20,7 +20,8 @@ from .evaluate import TABLE_COLUMNS, EvalConfig, evaluate_model, shapes_eval_ite
 from .io import atomic_write_json, atomic_write_text
 from .sample import image_grid, save_png
 from .train_config import TrainConfig
-from .trainer import latest_checkpoint, resolve_model, train
+from .models.names import resolve_model
+from .trainer import latest_checkpoint, train
 
 log = logging.getLogger(__name__)
 

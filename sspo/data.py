@@ -24,7 +24,6 @@ from PIL import Image
 
 from .config import check, one_of
 from .errors import DataError
-from .worlds.shapes import load_image
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +233,18 @@ _OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "hf": _o
 # --------------------------------------------------------------------------------------------------
 # From a row dict to an item
 
+
+
+def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
+    """Open an image as RGB, turning a corrupt file into a DataError that names it."""
+    import io
+
+    try:
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None
 
 def _open_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, Image.Image):

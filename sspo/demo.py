@@ -17,7 +17,8 @@ from .io import atomic_write_text
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .sample import image_grid, save_png
 from .train_config import TrainConfig
-from .trainer import resolve_model, train
+from .models.names import resolve_model
+from .trainer import train
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-shapes.yaml"

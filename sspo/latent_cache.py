@@ -98,7 +98,7 @@ def key_digest(key: dict) -> str:
 
 
 def default_dir(key: dict) -> Path:
-    from .base import cache_root
+    from .paths import cache_root
 
     return cache_root() / "latents" / key_digest(key)
 

@@ -34,28 +34,18 @@ from tqdm.auto import tqdm
 from .config import save_yaml
 from .data import load_dataset_from_config
 from .errors import ConfigError, DataError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
+from .models.names import resolve_model
 from .models.pipeline import denoising_errors, encode_unconditional, load_pipeline, load_pipeline_config
 from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness, extra_draw_errors
-from .plots import read_jsonl
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
-
-
-def resolve_model(name: str) -> str:
-    """``shapes-base[:quick]`` is the shapes world's base model (built and cached on first use)."""
-    if name.startswith("shapes-base"):
-        from .base import BaseConfig, build_base
-
-        preset = name.partition(":")[2] or "default"
-        return str(build_base(BaseConfig.preset(preset)))
-    return name
 
 
 def open_dataset(cfg: TrainConfig, rank: int = 0, world_size: int = 1):

@@ -102,7 +102,7 @@ def resolve_file(path_or_id: str, filename: str, what: str, *, optional: bool = 
 
 
 def _download_url(url: str, what: str) -> Path:
-    from ..base import cache_root
+    from ..paths import cache_root
 
     target = cache_root() / "scorers" / url.rstrip("/").rsplit("/", 1)[-1].replace("%2B", "+")
     if not target.is_file():
