@@ -12,11 +12,10 @@ epoch)``, so a resumed run sees exactly the images an uninterrupted one would ha
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,7 +51,6 @@ class DataConfig:
     random_flip: bool = False  # horizontal flip with probability 0.5
     max_samples: int | None = None  # keep only the first N rows (after tie removal); None = all
     seed: int = 0  # seeds SSPOr sides, random crops and flips
-    streaming: bool = False  # iterate rows without loading the table (datasets larger than memory)
     world_pairs_per_prompt: int = 4  # source "shapes": pairs rendered per alignment-train combination
     world_split_seed: int = 0  # source "shapes": the world's train / held-out split
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
@@ -82,9 +80,7 @@ class DataConfig:
 class _Source:
     where: str  # what error messages call it
     files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
-    # load(columns, streaming): map-style rows (len, [i], .column(name)), or for streaming a
-    # picklable callable (DataLoader workers may not fork) returning an iterator of rows.
-    load: Callable[[list[str], bool], Any]
+    load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
 
 
 class _ArrowRows:
@@ -137,21 +133,11 @@ def _open_parquet(cfg: DataConfig) -> _Source:
     except Exception as exc:  # pyarrow raises several types for a non-parquet file
         raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
 
-    def load(columns: list[str], streaming: bool) -> Any:
-        if streaming:
-            return functools.partial(_iter_parquet, files, columns)
+    def load(columns: list[str]) -> Any:
         tables = [pq.read_table(f, columns=columns) for f in files]
         return _ArrowRows(pa.concat_tables(tables, promote_options="permissive"))
 
     return _Source(cfg.path, schemas, load)
-
-
-def _iter_parquet(files: list[Path], columns: list[str]) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
-            yield from batch.to_pylist()
 
 
 def _open_imagefolder(cfg: DataConfig) -> _Source:
@@ -185,9 +171,8 @@ def _open_imagefolder(cfg: DataConfig) -> _Source:
         raise DataError(f"{meta} lists no images")
     names = list(dict.fromkeys(k for row in rows for k in row))
 
-    def load(columns: list[str], streaming: bool) -> Any:
-        selected = [{c: row.get(c) for c in columns} for row in rows]
-        return functools.partial(iter, selected) if streaming else _ArrowRows(pa.Table.from_pylist(selected))
+    def load(columns: list[str]) -> Any:
+        return _ArrowRows(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]))
 
     return _Source(str(meta), [(str(meta), names)], load)
 
@@ -206,23 +191,21 @@ def _open_hf(cfg: DataConfig) -> _Source:
                 if cfg.split not in ds:
                     raise DataError(f"{cfg.path} has no split {cfg.split!r} (data.split); splits: {', '.join(ds)}")
                 ds = ds[cfg.split]
-            if cfg.streaming:
-                ds = ds.to_iterable_dataset()
         else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=cfg.streaming)
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
     except DataError:
         raise
     except Exception as exc:  # hub, network and format errors all mean "cannot load this"
         raise DataError(f"cannot load dataset {cfg.path!r} (data.path, split {cfg.split!r}): {exc}") from None
     names = list(ds.column_names or next(iter(ds)).keys())
 
-    def load(columns: list[str], streaming: bool) -> Any:
+    def load(columns: list[str]) -> Any:
         selected = ds.select_columns(columns)
         # Keep images encoded: decoding happens per item, where a corrupt one can be skipped.
         for name, feature in (selected.features or {}).items():
             if isinstance(feature, datasets.Image):
                 selected = selected.cast_column(name, datasets.Image(decode=False))
-        return functools.partial(iter, selected) if streaming else _HFRows(selected)
+        return _HFRows(selected)
 
     return _Source(cfg.path, [(cfg.path, names)], load)
 
@@ -276,7 +259,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class _Reader:
-    """Turns a source row into an item; shared by the map-style and streaming datasets."""
+    """Turns a source row into an item: decoding, winner choice, crop, flip."""
 
     def __init__(self, cfg: DataConfig, source: _Source):
         self.cfg = cfg
@@ -346,24 +329,7 @@ class _Reader:
         return row_id in self._bad
 
 
-class _Common:
-    _reader: _Reader
-
-    @property
-    def has_losers(self) -> bool:
-        return self._reader.pairs
-
-    @property
-    def skipped(self) -> int:
-        """Unreadable rows seen so far (per process: DataLoader workers count their own)."""
-        return self._reader.skipped
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's random crops and flips; call before each epoch to vary them."""
-        self._reader.epoch = int(epoch)
-
-
-class PreferenceDataset(_Common, torch.utils.data.Dataset):
+class PreferenceDataset(torch.utils.data.Dataset):
     """Map-style dataset; items are ``{prompt, winner, loser, index}``.
 
     An unreadable row is replaced by the next readable one (``index`` is the row served), so a
@@ -381,6 +347,19 @@ class PreferenceDataset(_Common, torch.utils.data.Dataset):
         if not self._row_ids:
             ties = " after removing ties (data.remove_ties)" if reader.pairs and cfg.remove_ties else ""
             raise DataError(f"{reader.where} has no rows{ties}")
+
+    @property
+    def has_losers(self) -> bool:
+        return self._reader.pairs
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable rows seen so far."""
+        return self._reader.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random crops and flips; call before each epoch to vary them."""
+        self._reader.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self._row_ids)
@@ -401,42 +380,7 @@ class PreferenceDataset(_Common, torch.utils.data.Dataset):
         raise DataError(f"no readable image in any row of {self._reader.where}")
 
 
-class StreamingPreferenceDataset(_Common, torch.utils.data.IterableDataset):
-    """Rows in file order without loading the table; same items as :class:`PreferenceDataset`.
-
-    Item ``index`` k goes to shard ``k % (world_size * workers)``. Every shard reads all rows but
-    decodes only its own, which keeps shards balanced for any number of files or row groups.
-    Unreadable rows are skipped (not replaced). Shuffle shards beforehand if file order is sorted.
-    """
-
-    def __init__(self, cfg: DataConfig, stream: Callable[[], Iterator[dict]], reader: _Reader, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
-        self._reader = reader
-        self._stream = stream
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-
-    def __iter__(self) -> Iterator[dict]:
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        shards, shard = self.world_size * workers, self.rank * workers + worker_id
-        kept = 0
-        for row_id, row in enumerate(self._stream()):
-            if self.cfg.max_samples is not None and kept >= self.cfg.max_samples:
-                return
-            if not self._reader.keep(row.get(self.cfg.label_column)):
-                continue
-            index, kept = kept, kept + 1
-            if index % shards == shard:
-                try:
-                    yield self._reader.item(index, row_id, row)
-                except DataError as exc:
-                    self._reader.skip(row_id, exc)
-
-
-def load_dataset_from_config(
-    cfg: DataConfig, rank: int = 0, world_size: int = 1
-) -> PreferenceDataset | StreamingPreferenceDataset:
+def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
     """Open ``cfg.path``; validates columns now so a wrong config fails before any training."""
     if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
         from .worlds.shapes import cached_pickapic_parquet
@@ -448,10 +392,7 @@ def load_dataset_from_config(
         raise DataError(f"data.path {cfg.path} does not exist")
     source = _OPENERS[cfg.source](cfg)
     reader = _Reader(cfg, source)
-    rows = source.load(reader.columns, cfg.streaming)
-    if cfg.streaming:
-        return StreamingPreferenceDataset(cfg, rows, reader, rank, world_size)
-    return PreferenceDataset(cfg, rows, reader)
+    return PreferenceDataset(cfg, source.load(reader.columns), reader)
 
 
 def collate(items: list[dict]) -> dict:

@@ -77,7 +77,7 @@ def cache_key(cfg, model: str, pipe, rows: int) -> dict:
     """
     model_path = Path(model).expanduser()
     data = dataclasses.asdict(cfg.data)
-    for setting in ("cache_latents", "cache_dir", "streaming"):
+    for setting in ("cache_latents", "cache_dir"):
         data.pop(setting)
     data_path = Path(cfg.data.path).expanduser() if cfg.data.path and cfg.data.source != "shapes" else None
     return {

@@ -48,11 +48,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 
 
-def open_dataset(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+def open_dataset(cfg: TrainConfig):
     """The training data, checked against what ``cfg.method`` needs from it."""
-    if cfg.data.streaming:
-        raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; or convert it to parquet shards")
-    dataset = load_dataset_from_config(cfg.data, rank, world_size)
+    dataset = load_dataset_from_config(cfg.data)
     if cfg.method == "dpo" and not dataset.has_losers:
         raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
     return dataset
@@ -81,7 +79,7 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
 
-        self.dataset = open_dataset(cfg, self.accelerator.process_index, self.accelerator.num_processes)
+        self.dataset = open_dataset(cfg)
 
         self.base_model = resolve_model(cfg.model.pretrained)
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)

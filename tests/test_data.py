@@ -1,6 +1,5 @@
 import io
 import logging
-import pickle
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 from PIL import Image
 
 from sspo.config import from_dict
-from sspo.data import DataConfig, PreferenceDataset, StreamingPreferenceDataset, collate, load_dataset_from_config
+from sspo.data import DataConfig, PreferenceDataset, collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
 from sspo.worlds.shapes import all_specs, parse_prompt, preference_pairs, render, write_imagefolder, write_pickapic_parquet
 
@@ -134,9 +133,6 @@ def test_imagefolder_and_corrupt_file(tmp_path):
     assert item["loser"] is None and item["prompt"] == SPECS[0].prompt
     assert torch.allclose(item["winner"], _tensor(render(SPECS[0], RES)))
     assert ds[2]["prompt"] == SPECS[3].prompt and ds.skipped == 1
-    stream = pickle.loads(pickle.dumps(load_dataset_from_config(_cfg(folder, source="imagefolder", streaming=True))))
-    assert [it["prompt"] for it in stream] == [s.prompt for i, s in enumerate(SPECS[:4]) if i != 2]
-    assert stream.skipped == 1
     with pytest.raises(DataError, match="random"):
         load_dataset_from_config(_cfg(folder, source="imagefolder", mode="random"))
 
@@ -200,26 +196,6 @@ def test_resize_crop_flip(tmp_path):
             if flipped != same:  # symmetric images cannot tell
                 seen.add(flipped)
     assert seen == {True, False}
-
-
-@pytest.mark.parametrize("source", ["parquet", "hf"])
-def test_streaming_matches_map_style(tmp_path, source):
-    rows = _rows(tie_fraction=0.3, per_spec=2)
-    path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
-    if source == "hf":
-        import datasets
-
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
-        path = tmp_path / "hf"
-    mapped = load_dataset_from_config(_cfg(path, source=source, mode="random", max_samples=7))
-    stream = load_dataset_from_config(_cfg(path, source=source, mode="random", max_samples=7, streaming=True))
-    assert isinstance(stream, StreamingPreferenceDataset) and stream.has_losers
-    items = list(stream)
-    assert [it["prompt"] for it in items] == [mapped[i]["prompt"] for i in range(len(mapped))]
-    assert all(torch.equal(it["winner"], mapped[i]["winner"]) for i, it in enumerate(items))
-    shards = [list(load_dataset_from_config(_cfg(path, source=source, streaming=True), rank=r, world_size=2)) for r in (0, 1)]
-    assert sorted(it["index"] for s in shards for it in s) == list(range(len(load_dataset_from_config(_cfg(path, source=source)))))
-    assert all(it["index"] % 2 == r for r, s in enumerate(shards) for it in s)
 
 
 def test_collate_shapes(parquet, tmp_path):

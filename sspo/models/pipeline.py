@@ -156,14 +156,6 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents to images in [0, 1]."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
     kind = scheduler.config.prediction_type
