@@ -53,21 +53,40 @@ import torch
 
 from .config import check, load_config, one_of
 from .errors import SSPOError
+from .methods import METHODS
 from .models.architectures import ARCH_MODELS, build_arch, native_resolution
 
+# The default arms: the baselines and SSPO, each as published and as sspo runs it.
 ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
 BASELINE = "dpo"
 MODELS = ("tiny", "quick", "sd15", "sdxl")  # or a local diffusers pipeline folder
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-shapes.yaml"
 
-_ARM_OVERRIDES = {
-    "sft": ["method=sft"],
-    "dpo": ["method=dpo", "pregenerate=true", "cache_reference_errors=false"],
-    "dpo-cached": ["method=dpo", "pregenerate=true", "cache_reference_errors=true"],
-    "sspo-online": ["method=sspo", "pregenerate=false"],
-    "sspo-pregenerated": ["method=sspo", "pregenerate=true", "cache_reference_errors=true"],
-}
-_PREGENERATED = ("dpo-cached", "sspo-pregenerated")
+
+def arm_overrides() -> dict[str, list[str]]:
+    """Every arm the bench can time, from the method table (sspo/methods.py).
+
+    A method without a reference is one arm. One with dataset losers runs as published (``<m>``,
+    reference forward inside the step) and as sspo trains it (``<m>-cached``); one that generates
+    negatives runs online and pregenerated (see the module doc).
+    """
+    arms = {}
+    for m in METHODS.values():
+        method = f"method={m.name}"
+        if not m.uses_reference:
+            arms[m.name] = [method]
+        elif m.generates_negatives:
+            arms[f"{m.name}-online"] = [method, "pregenerate=false"]
+            arms[f"{m.name}-pregenerated"] = [method, "pregenerate=true", "cache_reference_errors=true"]
+        else:
+            arms[m.name] = [method, "pregenerate=true", "cache_reference_errors=false"]
+            arms[f"{m.name}-cached"] = [method, "pregenerate=true", "cache_reference_errors=true"]
+    return arms
+
+
+def _pregenerated(arm: str) -> bool:
+    """Its reference errors (and negatives) are built in a phase before the steps, timed apart."""
+    return "cache_reference_errors=true" in arm_overrides()[arm]
 
 
 @dataclasses.dataclass
@@ -98,7 +117,7 @@ class BenchConfig:
         one_of(self.clock, ("wall", "cpu"), "clock")
         check(bool(self.arms), "arms", "name at least one arm")
         for arm in self.arms:
-            one_of(arm, ARMS, "arms")
+            one_of(arm, arm_overrides(), "arms")
         check(self.warmup >= 0, "warmup", "must be >= 0")
         check(self.steps >= 1, "steps", "must be >= 1")
         check(all(s > 0 for s in self.sampler_steps), "sampler_steps", "must be positive")
@@ -146,7 +165,7 @@ def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
         f"mixed_precision={b.precision}", f"model.lora={str(b.lora).lower()}",
         f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
     ]
-    overrides += _model_overrides(b) + _ARM_OVERRIDES[arm]
+    overrides += _model_overrides(b) + arm_overrides()[arm]
     if b.batch_size:
         overrides.append(f"optim.batch_size={b.batch_size}")
     if b.gradient_accumulation_steps:
@@ -240,23 +259,24 @@ class Meter:
         return {"peak_mb": (peak - self.baseline) / 2**20, "peak_rss_mb": peak / 2**20}
 
 
-def _with_prepared(trainer, prepared: list, with_reference: bool) -> list:
-    """``trainer.build`` on micro-batches that were already prepared (data preparation timed apart)."""
-    queue = iter(prepared)
-    trainer.prepare = lambda m: next(queue)  # shadows the method for this call only
+def _from_rows(build: Callable[[list[int]], list], trainer, prepared: list[tuple[int, object]]) -> list:
+    """``build`` (pairs of micro-batch numbers) on rows read before (data preparation is timed apart)."""
+    rows = dict(prepared)
+    builder = trainer.pair_builder
+    builder.read_rows = rows.__getitem__  # shadows the trainer's reader for this call only
     try:
-        return trainer.build(list(range(len(prepared))), with_reference)
+        return build([m for m, _ in prepared])
     finally:
-        del trainer.prepare
+        builder.read_rows = trainer.read_rows
 
 
 class _PhaseTimer:
     """Wraps the PairBuilder's phases so the time spent generating / in reference forwards is known."""
 
-    def __init__(self, pairs, meter: Meter, clock: Callable[[], float]):
-        self.pairs, self.meter, self.clock, self.seconds = pairs, meter, clock, {"generate": 0.0, "reference": 0.0}
-        for phase, name in (("generate", "generate_negatives"), ("reference", "reference_errors")):
-            setattr(pairs, name, self._timed(phase, getattr(pairs, name)))
+    def __init__(self, builder, meter: Meter, clock: Callable[[], float]):
+        self.meter, self.clock, self.seconds = meter, clock, {"generate": 0.0, "reference": 0.0}
+        for phase, name in (("generate", "_generate_negatives"), ("reference", "_reference_errors")):
+            setattr(builder, name, self._timed(phase, getattr(builder, name)))
 
     def _timed(self, phase: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -307,7 +327,8 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
         for k in range(1, b.pool_size):
             trainer.pool.add(trainer.reference.policy_state(), step=k * cfg.steps_per_iteration)
     clock = time.process_time if b.clock == "cpu" else time.perf_counter
-    phases = _PhaseTimer(trainer.pairs, meter, clock)
+    phases = _PhaseTimer(trainer.pair_builder, meter, clock)
+    builder = trainer.pair_builder
     prep_seconds: list[float] = []
 
     def prepare(first: int, count: int) -> list:
@@ -315,7 +336,7 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
         for m in range(first, first + count):
             meter.sync()
             start = clock()
-            batches.append(trainer.prepare(m))
+            batches.append((m, trainer.read_rows(m)))
             meter.sync()
             prep_seconds.append(clock() - start)
         return batches
@@ -324,16 +345,16 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
                     "gradient_accumulation_steps": accum, "steps_per_iteration": cfg.steps_per_iteration,
                     "mixed_precision": cfg.mixed_precision, "lora": cfg.model.lora, "memory_method": meter.method}
     total = b.warmup + b.steps
-    if arm in _PREGENERATED:
+    if _pregenerated(arm):
         k_updates = cfg.steps_per_iteration
         # Warm the generation / reference code paths on a throwaway micro-batch, then one iteration.
-        _with_prepared(trainer, prepare(10**6, 1), True)
+        _from_rows(trainer.iteration_pairs, trainer, prepare(10**6, 1))
         prep_seconds.clear()
         phases.take()
         prepared = prepare(0, k_updates * accum)
         meter.reset()
         start = clock()
-        batches = _with_prepared(trainer, prepared, True)
+        batches = _from_rows(trainer.iteration_pairs, trainer, prepared)
         meter.sync()
         elapsed, seconds = clock() - start, phases.take()
         result["pregeneration"] = {
@@ -348,15 +369,15 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
             return trainer.optimizer_step(group)
     else:
         work = [prepare(i * accum, accum) for i in range(total)]
-        if arm == "sspo-online":
+        if not cfg.pregenerate:  # online: the step builds its pairs
 
             def step(group):
-                return trainer.optimizer_step(_with_prepared(trainer, group, True))
-        else:
-            work = [_with_prepared(trainer, group, False) for group in work]
+                return trainer.optimizer_step(_from_rows(builder.build, trainer, group))
+        else:  # reference errors not cached: computed in the step, as Diffusion-DPO does
+            work = [_from_rows(lambda ms: builder.build(ms, with_reference=False), trainer, group) for group in work]
 
             def step(group):
-                return trainer.optimizer_step(group)
+                return trainer.optimizer_step(builder.complete(group))
 
     times, walls, cpus, breakdown = [], [], [], []
     for i, group in enumerate(work):
@@ -394,16 +415,16 @@ def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _Phas
     per_batch = len(batches[0])
     chunk = batches[: max(1, min(len(batches), math.ceil(cfg.negatives.batch_size / per_batch)))]
     images = sum(len(x) for x in chunk)
-    original = trainer.pairs.sampler_cfg
+    original = trainer.pair_builder.sampler_cfg
     rates = {}
     try:
         for steps in sorted({cfg.negatives.steps, *b.sampler_steps}):
-            trainer.pairs.sampler_cfg = dataclasses.replace(original, steps=steps)
+            trainer.pair_builder.sampler_cfg = dataclasses.replace(original, steps=steps)
             phases.take()
-            _with_prepared(trainer, chunk, False)  # generation only
+            _from_rows(lambda ms: trainer.pair_builder.build(ms, with_reference=False), trainer, [(x.index, x.rows) for x in chunk])  # generation only
             rates[str(steps)] = images / phases.take()["generate"]
     finally:
-        trainer.pairs.sampler_cfg = original
+        trainer.pair_builder.sampler_cfg = original
     return {"images": images, "images_per_s": rates, "configured_steps": cfg.negatives.steps, "scheduler": cfg.negatives.scheduler,
             "guidance_scale": cfg.negatives.guidance_scale, "generation_batch_size": cfg.negatives.batch_size}
 
@@ -660,7 +681,7 @@ FLAG_HELP = {
     "gradient_checkpointing": "recompute activations in the backward pass",
     "warmup": "optimizer steps before timing",
     "steps": "timed optimizer steps per arm",
-    "arms": f"comma-separated, some of {','.join(ARMS)}",
+    "arms": f"comma-separated, some of {','.join(arm_overrides())}",
     "sampler_steps": "also measure negative generation at these sampler steps (comma-separated)",
     "steps_per_iteration": "K_updates (default: the demo config's 20)",
     "pool_size": "checkpoints in the pool for the sspo arms",

@@ -157,7 +157,10 @@ def _demo(args) -> None:
 def _compare(args) -> None:
     from .compare import run_compare
 
-    arms = [a for a in (args.methods + "," + args.ablations).split(",") if a]
+    from .compare import table1
+
+    methods = ",".join(table1()) if args.methods is None else args.methods
+    arms = [a for a in (methods + "," + args.ablations).split(",") if a]
     run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]))
 
 
@@ -228,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
-    p.add_argument("--methods", default="base,sft,dpo,spin,sspo,sspo_r")
+    p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
     p.add_argument("--ablations", default="ssr_off,indicator,erd_initial,erd_last")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
     p.add_argument("--out", default="runs/compare")

@@ -37,9 +37,10 @@ from .errors import ConfigError, DataError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
+from .methods import METHODS
 from .models.names import resolve_model
 from .models.pipeline import denoising_errors, encode_unconditional, load_pipeline, load_pipeline_config
-from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness, extra_draw_errors
+from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
 from .train_config import TrainConfig
@@ -51,8 +52,9 @@ STATE_FILE = "trainer_state.json"
 def open_dataset(cfg: TrainConfig):
     """The training data, checked against what ``cfg.method`` needs from it."""
     dataset = load_dataset_from_config(cfg.data)
-    if cfg.method == "dpo" and not dataset.has_losers:
-        raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
+    if cfg.spec.needs_dataset_losers and not dataset.has_losers:
+        others = "/".join(m.name for m in METHODS.values() if not m.needs_dataset_losers)
+        raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
     return dataset
 
 
@@ -95,9 +97,9 @@ class Trainer:
 
         self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
         self.reference = ReferenceModel(unet, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
-        self.pairs = PairBuilder(self.pipe, self.reference, self.train_scheduler, cfg.negatives, self.device, self.accelerator.autocast)
-        self.uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
-        self.latents = self._latent_cache() if cfg.data.cache_latents else None
+        self.latent_cache = self._latent_cache() if cfg.data.cache_latents else None
+        uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
+        self.pair_builder = PairBuilder(cfg, self.pipe, self.reference, self.train_scheduler, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
 
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
@@ -204,31 +206,25 @@ class Trainer:
         return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     @torch.no_grad()
-    def prepare(self, m: int) -> PairBatch:
-        """Winners (and dataset losers) as latents, text conditions, and every random draw of ``m``."""
-        placed, dpo = self._indices(m), self.cfg.method == "dpo"
-        if self.latents is not None:  # data.cache_latents: encoded once, before training
-            prompts, cond, winners, losers = self.latents.rows([row for row, _ in placed])
+    def read_rows(self, m: int) -> Rows:
+        """Micro-batch ``m``'s winners (and dataset losers) as latents, with their prompts' text condition."""
+        placed, dataset_losers = self._indices(m), self.cfg.spec.needs_dataset_losers
+        if self.latent_cache is not None:  # data.cache_latents: encoded once, before training
+            prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in placed])
         else:
             items = [self._item(row, epoch) for row, epoch in placed]
-            prompts, cond, winners, losers = encode_rows(self.pipe, items, self.device, self.cfg.data.resolution, losers=dpo)
-        pair = PairBatch(index=m, prompts=prompts, cond=cond, winners=winners, noise=None, timesteps=None)
-        if dpo:
-            pair.losers = losers
-        generator = batch_generator(self.cfg.seed, m * self.accelerator.num_processes + self.accelerator.process_index)
-        ssr_draws = self.cfg.ssr_draws if self.cfg.effective_ssr != "off" else 1
-        draw_randomness(pair, generator, self.pool, self.cfg.effective_erd, self.cfg.erd_per, self.train_scheduler.config.num_train_timesteps, ssr_draws)
-        return pair
+            prompts, cond, winners, losers = encode_rows(self.pipe, items, self.device, self.cfg.data.resolution, losers=dataset_losers)
+        return Rows(prompts, cond, winners, losers if dataset_losers else None)
 
-    def build(self, indices: list[int], with_reference: bool) -> list[PairBatch]:
-        """Pairs for micro-batches ``indices``: one at a time (online) or an iteration (pregenerated)."""
-        batches = [self.prepare(m) for m in indices]
-        if self.cfg.generates_negatives:
-            self.pairs.generate_negatives(batches, self.uncond)
-        if self.cfg.uses_reference and with_reference:
-            # Chunks of one training batch of pairs: no-grad forwards never peak above the step.
-            self.pairs.reference_errors(batches, self.cfg.optim.batch_size)
-        if self.reference is not None and self.cfg.pregenerate and self.cfg.cache_reference_errors:
+    def _stream(self, m: int) -> int:
+        """The random stream of micro-batch ``m`` on this process (docs/method.md "Pairs")."""
+        return m * self.accelerator.num_processes + self.accelerator.process_index
+
+    def iteration_pairs(self, indices: list[int]) -> list[PairBatch]:
+        """pregenerate: an iteration's pairs up front, negatives grouped by checkpoint; with
+        cache_reference_errors their reference errors too, and the reference leaves the accelerator."""
+        batches = self.pair_builder.build(indices, with_reference=self.cfg.cache_reference_errors)
+        if self.reference is not None and self.cfg.cache_reference_errors:
             self.reference.offload()  # the policy steps of this iteration never need it
         return batches
 
@@ -236,23 +232,22 @@ class Trainer:
     # The step
 
     def loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict]:
-        if self.cfg.uses_reference and batch.ref_w is None:  # online, or reference errors not cached
-            self.pairs.reference_errors([batch], len(batch))
-        dev = self.device
-        if self.cfg.method == "sft":
-            errors = denoising_errors(self.unet, self.train_scheduler, batch.winners.to(dev), batch.noise.to(dev), batch.timesteps.to(dev), batch.cond)
+        dev, rows, draws = self.device, batch.rows, batch.draws
+        if not self.cfg.uses_reference:  # SFT: the winners only
+            errors = denoising_errors(self.unet, self.train_scheduler, rows.winners.to(dev), draws.noise.to(dev), draws.timesteps.to(dev), rows.cond)
             return sft_loss(errors)
         # Winner and loser of every pair in one forward.
-        latents = torch.cat([batch.winners, batch.losers]).to(dev)
-        noise = batch.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
-        errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, batch.timesteps.repeat(2).to(dev), batch.cond.repeat(2))
+        latents = torch.cat([rows.winners, batch.losers]).to(dev)
+        noise = draws.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
+        errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, draws.timesteps.repeat(2).to(dev), rows.cond.repeat(2))
         policy_w, policy_l = errors.chunk(2)
+        ref = batch.reference
         switch = None
-        if batch.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
-            extra = extra_draw_errors(self.unet, self.train_scheduler, batch.winners, batch.switch_noise, batch.switch_timesteps, batch.cond, dev)
-            switch = ((policy_w.detach() + extra.to(dev)) / self.cfg.ssr_draws, batch.ref_switch.to(dev))
-        loss, metrics = sspo_loss(policy_w, policy_l, batch.ref_w.to(dev), batch.ref_l.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
-        metrics["reference"] = torch.tensor(sum(batch.checkpoints) / len(batch.checkpoints), dtype=torch.float32)
+        if draws.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
+            policy_mean = mean_over_draws(self.unet, self.train_scheduler, policy_w, rows.winners, draws.switch_timesteps, draws.switch_noise, rows.cond, dev)
+            switch = (policy_mean, ref.switch.to(dev))
+        loss, metrics = sspo_loss(policy_w, policy_l, ref.winners.to(dev), ref.losers.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
+        metrics["reference"] = torch.tensor(sum(draws.checkpoints) / len(draws.checkpoints), dtype=torch.float32)
         return loss, metrics
 
     def optimizer_step(self, batches: list[PairBatch]) -> dict[str, float]:
@@ -287,10 +282,10 @@ class Trainer:
             iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
             first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
             last = (iteration + 1) * self.micro_batches_per_iteration
-            pregenerated = self.build(list(range(first, last)), cfg.cache_reference_errors) if cfg.pregenerate else None
+            pregenerated = self.iteration_pairs(list(range(first, last))) if cfg.pregenerate else None
             for m in range(first, last, accum):
-                batches = pregenerated[m - first : m - first + accum] if pregenerated else self.build(list(range(m, m + accum)), True)
-                metrics = self.optimizer_step(batches)
+                batches = pregenerated[m - first : m - first + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
+                metrics = self.optimizer_step(self.pair_builder.complete(batches))
                 metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
                 self._log(metrics)
                 bar.update(1)
@@ -382,7 +377,6 @@ class Trainer:
             self.pool = CheckpointPool(self.pool.root)
             self.reference.pool = self.pool
             self.reference.loaded = None
-            self.pairs.reference = self.reference
 
     def save_state(self) -> Path:
         """A resumable state (weights, optimizer, RNG, step, pool size), written then renamed."""

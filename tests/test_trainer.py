@@ -59,6 +59,8 @@ def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
         assert "ssr_rate" not in rows[0]
     else:
         assert {"implicit_acc", "ssr_rate", "dw", "dl", "reference"} <= set(rows[0])
+        if cfg.effective_ssr == "off":
+            assert all(r["ssr_rate"] == 0 for r in rows)
     pool = json.loads((tmp_path / arm / "pool" / "pool.json").read_text())["entries"] if cfg.uses_reference else []
     if cfg.generates_negatives:
         assert [e["step"] for e in pool] == [0, 2, 4]  # theta_0 plus one checkpoint per iteration
@@ -66,8 +68,6 @@ def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
             assert [r["reference"] for r in rows] == [0, 0, 1, 1]
         if cfg.effective_erd == "initial":
             assert all(r["reference"] == 0 for r in rows)
-    if cfg.effective_ssr == "off":
-        assert all(r["ssr_rate"] == 0 for r in rows)
     weights = final / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "unet/diffusion_pytorch_model.safetensors")
     assert weights.is_file()
 
