@@ -169,6 +169,9 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 def denoising_errors(unet, scheduler, latents, noise, timesteps, cond: TextCondition) -> torch.Tensor:
     """Per-sample denoising error ``L_m(x0)``: mean over all non-batch dims of (m(x_t,t,c) - target)^2.
 
+    Latents of any rank: ``(B, C, H, W)`` images, ``(B, C, F, H, W)`` videos. ``cond`` holds one text
+    condition per sample; repeating it per frame is the UNet's business (diffusers' video UNets,
+    ``UNet3DConditionModel`` and ``UNetMotionModel``, do it inside), so no caller branches on rank.
     Inputs stay in the latents' dtype: under mixed precision, autocast picks the compute dtype.
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)
