@@ -252,6 +252,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(quiet: bool) -> None:
+    """Without --verbose, the libraries' notices and progress bars give way to sspo's own output."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Every pipeline load draws "Loading pipeline components" / "Loading weights" bars, dozens per
+    # run; sspo's own bars (one per phase) and summaries stay.
+    for library in (diffusers_logging, transformers_logging):
+        if quiet:
+            library.disable_progress_bar()
+        else:
+            library.enable_progress_bar()
+    if not quiet:
+        return
+    for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):  # per-call notices (safety checker, state files)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
+    warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -261,18 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # the libraries' per-call notices (safety checker, state files) drown our progress
-        for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        import warnings
-
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
-        warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_libraries(not args.verbose)
     try:
         args.func(args)
     except SSPOError as exc:

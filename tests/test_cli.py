@@ -15,6 +15,17 @@ def test_sample_writes_a_grid(quick_base, tmp_path):
     assert grid.width > 2 * 96 and grid.height > 2 * 96
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_progress_bars_only_when_verbose(verbose, quick_base, capsys):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    assert main([*(["--verbose"] if verbose else []), "base", "--quick"]) == 0  # cached: prints its folder
+    assert capsys.readouterr().out.strip() == quick_base
+    assert diffusers_logging.is_progress_bar_enabled() is verbose
+    assert transformers_logging.is_progress_bar_enabled() is verbose
+
+
 def test_eval_prints_a_table_and_writes_json(quick_base, tmp_path, capsys):
     out = tmp_path / "scores.json"
     code = main(["eval", "--model", quick_base, "--name", "quick", "--out", str(out), "prompts_per_split=2", "seeds=[0]", "steps=2"])
