@@ -35,78 +35,54 @@ def _sample(args) -> None:
     print(args.out)
 
 
-# `sspo eval` options that only the benchmark mode (--prompts) reads.
-_BENCHMARK_ONLY = (
-    "metrics", "prompt_source", "limit", "resolution", "scorer_path", "scorer_option", "scorer_batch_size",
-    "dtype", "split_seed", "per_split", "grid_prompts",
-)
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def _eval(args) -> None:
-    from .benchmark_eval import check_metrics, model_specs
+    from .benchmark_eval import format_summary, model_specs, run_eval
+    from .evaluate import EvalConfig
     from .models.names import resolve_model
 
-    specs = model_specs(args.model, args.lora, args.name)
-    seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else None
-    if args.prompts is not None and args.metrics is not None:
-        check_metrics(args.metrics.split(","))  # before building any shapes-base model
-    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in specs]
-    if args.prompts is None:
-        given = [f"--{k.replace('_', '-')}" for k in _BENCHMARK_ONLY if getattr(args, k) is not None]
-        if given:
-            raise SSPOError(f"{', '.join(given)} need --prompts (e.g. --prompts shapes)")
-        _eval_shapes_table(args, specs, seeds)
-        return
-    if args.overrides:
-        raise SSPOError(
-            f"key=value overrides ({' '.join(args.overrides)}) configure the shapes table without --prompts; "
-            "with --prompts use --steps, --seeds, --guidance-scale, --batch-size, --per-split"
-        )
-    import torch
-
-    from .benchmark_eval import format_summary, run_eval
-
-    out = _default(args.out, "runs/eval")
-    summary = run_eval(
-        specs, args.prompts, args.metrics.split(",") if args.metrics is not None else None,
-        _default(seeds, [0, 1]), out,
-        prompt_source=args.prompt_source,
-        steps=_default(args.steps, 20),
-        guidance_scale=_default(args.guidance_scale, 5.0),
-        batch_size=_default(args.batch_size, 16),
-        limit=args.limit,
-        resolution=args.resolution,
-        scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"),
-        scorer_options=_scorer_options(args.scorer_option),
-        scorer_batch_size=_default(args.scorer_batch_size, 16),
-        split_seed=_default(args.split_seed, 0),
-        per_split=_default(args.per_split, 24),
-        dtype=getattr(torch, _DTYPES[_default(args.dtype, "fp32")]),
-        grid_prompts=_default(args.grid_prompts, 8),
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
+    values["metrics"] = tuple(args.metrics.split(",")) if args.metrics else ()
+    values["seeds"] = tuple(_int_list(args.seeds, "--seeds"))
+    cfg = EvalConfig(**values)  # checked before any shapes-base model is built
+    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in model_specs(args.model, args.lora, args.name)]
+    summary = run_eval(specs, cfg, args.out, scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
     print(format_summary(summary))
-    print(out)
+    print(args.out)
 
 
-def _default(value, default):
-    return default if value is None else value
+def _add_eval_arguments(p) -> None:
+    """One flag per :class:`~sspo.evaluate.EvalConfig` field, defaults from the config itself."""
+    from .evaluate import DTYPES, PROMPT_SETS, EvalConfig
+    from .scorers import PAPER_METRICS, SCORER_NAMES
 
-
-def _eval_shapes_table(args, specs, seeds) -> None:
-    """The original `sspo eval`: the exact evaluator's table on seen and held-out prompts."""
-    from .config import apply_overrides, from_dict
-    from .evaluate import EvalConfig, evaluate_model, format_table, write_results
-
-    flags = {"steps": args.steps, "guidance_scale": args.guidance_scale, "batch_size": args.batch_size}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if seeds is not None:
-        overrides.append(f"seeds=[{','.join(map(str, seeds))}]")
-    cfg = from_dict(EvalConfig, apply_overrides({}, [*overrides, *args.overrides]))
-    results = {spec.name: evaluate_model(spec.path, cfg, lora=spec.lora)[0] for spec in specs}
-    print(format_table(results))
-    if args.out:
-        write_results(results, args.out)
+    help = {
+        "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
+        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: shapes for --prompts shapes, else {','.join(PAPER_METRICS)})",
+        "seeds": "comma-separated sampler seeds",
+        "steps": "sampler steps",
+        "batch_size": "images per generation batch",
+        "resolution": "image side in pixels (default: the model's native)",
+        "dtype": f"diffusion model precision: {' | '.join(DTYPES)}",
+        "limit": "at most N prompts per category (quick runs)",
+        "split_seed": "--prompts shapes: the world's train/held-out split",
+        "prompts_per_split": "--prompts shapes: prompts per split (seen, held-out)",
+        "prompt_source": "local copy of a named prompt set (default: its hub dataset); see docs/scorers.md",
+        "scorer_batch_size": "images per scorer batch",
+        "grid_prompts": "columns of grid.png",
+    }
+    defaults = EvalConfig()
+    for field in dataclasses.fields(EvalConfig):
+        default = getattr(defaults, field.name)
+        kind = str(field.type)
+        flag = "--" + field.name.replace("_", "-")
+        text = help.get(field.name, field.name.replace("_", " "))
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if shown not in (None, ""):
+            text += f" (default: {shown})"
+        if kind.startswith("tuple"):
+            p.add_argument(flag, default=shown, help=text)
+        else:
+            p.add_argument(flag, type=int if "int" in kind else float if "float" in kind else str, default=default, help=text)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -194,32 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="score models: the shapes world's exact table, or a benchmark with reward models (--prompts)",
-        description="Without --prompts: the shapes world's exact scores on seen and held-out prompts (key=value "
-        "EvalConfig overrides, --out FILE.json). With --prompts: generate with fixed seeds (resumable), score with "
-        "--metrics, write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out DIR.",
+        help="score models on a prompt set with metrics (the shapes world's exact evaluator or reward models)",
+        description="Generate one image per (model, prompt, seed) (resumable), score every image with every metric, "
+        "write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out.",
     )
     p.add_argument("--model", action="append", required=True, help="diffusers folder, hub id or shapes-base[:quick]; repeat for several")
     p.add_argument("--lora", action="append", help="LoRA folder per --model, in order (none: no LoRA)")
     p.add_argument("--name", action="append", help="row label per --model, in order")
-    p.add_argument("--out", help="without --prompts: write the summary as JSON here; with --prompts: output folder (default runs/eval)")
-    p.add_argument("--prompts", help="shapes | pickapic_val | hpsv2 | parti | a prompt file (.txt .json .jsonl .tsv .csv .parquet)")
-    p.add_argument("--prompt-source", help="local copy of a named prompt set (default: its hub dataset); see docs/scorers.md")
-    p.add_argument("--metrics", help="comma-separated scorers (default: shapes for --prompts shapes, else pickscore,hpsv2,imagereward,aesthetic)")
-    p.add_argument("--seeds", help="comma-separated sampler seeds (default 0,1)")
-    p.add_argument("--steps", type=int, help="sampler steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, help="default 5.0")
-    p.add_argument("--batch-size", type=int, help="images per generation batch (default 16)")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), help="diffusion model precision (default fp32)")
-    p.add_argument("--limit", type=int, help="at most N prompts per category (quick runs)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    _add_eval_arguments(p)
     p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat")
     p.add_argument("--scorer-option", action="append", metavar="METRIC.OPTION=VALUE", help="a build_scorer option, e.g. pickscore.processor=PATH; repeat")
-    p.add_argument("--scorer-batch-size", type=int, help="images per scorer batch (default 16)")
-    p.add_argument("--split-seed", type=int, help="--prompts shapes: the world's train/held-out split (default 0)")
-    p.add_argument("--per-split", type=int, help="--prompts shapes: prompts per split (default 24)")
-    p.add_argument("--grid-prompts", type=int, help="columns of grid.png (default 8)")
-    p.add_argument("overrides", nargs="*", help="without --prompts: EvalConfig overrides, e.g. prompts_per_split=48")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")

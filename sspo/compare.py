@@ -16,7 +16,7 @@ from typing import Sequence
 from .config import load_config
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .errors import ConfigError
-from .evaluate import TABLE_COLUMNS, EvalConfig, evaluate_model, shapes_eval_items, showcase
+from .evaluate import TABLE_COLUMNS, EvalConfig, eval_items, evaluate_model, showcase
 from .io import atomic_write_json, atomic_write_text
 from .methods import METHODS, Method
 from .sample import image_grid, save_png
@@ -120,7 +120,7 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], eval_cf
         for _, path in strips:
             with Image.open(path) as strip:
                 rows.append([strip.crop((i * SHOWCASE_CELL, 0, (i + 1) * SHOWCASE_CELL, SHOWCASE_CELL)) for i in range(strip.width // SHOWCASE_CELL)])
-        captions = showcase(eval_cfg, [None] * len(shapes_eval_items(eval_cfg)))[1]
+        captions = showcase(eval_cfg, [None] * len(eval_items(eval_cfg)))[1]
         save_png(image_grid(rows, [arm for arm, _ in strips], captions), out / "grid.png")
 
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import EvalConfig, evaluate_model, format_table, showcase, write_results
-from .io import atomic_write_text
+from .evaluate import EvalConfig, evaluate_model, format_table, showcase
+from .io import atomic_write_json, atomic_write_text
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .sample import image_grid, save_png
 from .train_config import TrainConfig
@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
 
     table = format_table(results)
     print("\n" + table)
-    write_results({"results": results, "seconds": timings}, out / "results.json")
+    atomic_write_json(out / "results.json", {"results": results, "seconds": timings})
     atomic_write_text(out / "results.md", table + "\n")
     # Same prompts and seeds in every row.
     rows = {name: showcase(eval_cfg, images[name]) for name in models}

@@ -354,7 +354,7 @@ class Trainer:
         vcfg = self.cfg.validation
         with self._sampling():
             summary, _ = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
-        metrics = {f"reward_{split}": scores["reward"] for split, scores in summary.items()}
+        metrics = {f"reward_{split}": scores["shapes"] for split, scores in summary.items()}
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
