@@ -1,4 +1,4 @@
-"""The checkpoint pool of Random Checkpoint Replay (SPEC.md §3).
+"""The checkpoint pool of Random Checkpoint Replay (docs/method.md, "Random Checkpoint Replay").
 
 The pool starts as ``{theta_0}`` and grows by one checkpoint per iteration. Each entry is a
 safetensors file in the run directory (a LoRA adapter, megabytes, or a full UNet state dict),

@@ -1,8 +1,9 @@
-"""The one training recipe for sft, dpo, spin and sspo (SPEC.md §2-4), read top to bottom.
+"""The one training recipe for every method of sspo/methods.py (docs/method.md), read top to bottom.
 
     for each iteration:                                  (the pool changes only here)
         build the iteration's pairs                      (pregenerate: grouped by checkpoint)
         for each optimizer step:
+            complete its pairs (online: build them)      (sspo/pairs.py: the step only consumes them)
             for each micro-batch: policy errors -> loss -> backward
             clip, step, log
         add theta_n to the pool; save a resumable state; validate

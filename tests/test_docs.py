@@ -1,0 +1,33 @@
+"""Every reference in the repository's text points inside it: a clone has no dangling links."""
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LINK = re.compile(r"\]\(([^)#\s]+)")  # markdown link targets
+
+
+def tracked_text_files() -> list[Path]:
+    names = subprocess.run(["git", "ls-files", "*.md", "*.py", "*.yaml", "*.toml"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / name for name in names if (ROOT / name).is_file()]
+
+
+def test_no_link_or_citation_points_outside_the_repository():
+    outside = []
+    for path in tracked_text_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "SPEC.md" in text and path.name != "test_docs.py":
+            outside.append(f"{path.relative_to(ROOT)}: cites SPEC.md")
+        for target in LINK.findall(text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            resolved = (path.parent / target).resolve()
+            if ROOT not in resolved.parents and resolved != ROOT:
+                outside.append(f"{path.relative_to(ROOT)}: links {target}")
+    assert outside == []
+
+
+def test_method_doc_cites_the_paper():
+    text = (ROOT / "docs" / "method.md").read_text()
+    assert "2410.05255" in text and all(f"eq. {n}" in text for n in (2, 8, 9))
