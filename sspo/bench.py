@@ -23,7 +23,7 @@ method and timed separately per step. "All-in" per-step cost = data preparation 
 the pregeneration phase divided by the optimizer steps of an iteration.
 
 Memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up).
-On the CPU, each arm runs in a fresh subprocess (``--in-process`` turns that off) and reports its
+On the CPU, each arm runs in a fresh subprocess (``--no-isolate`` turns that off) and reports its
 peak resident set size during the timed steps minus the process's RSS just before the trainer
 was built, i.e. model weights, optimizer state, data and activations, not the Python / torch
 libraries themselves. The peak is exact (the kernel's ``VmHWM``, reset through

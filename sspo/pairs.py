@@ -100,11 +100,11 @@ def mean_over_draws(unet, scheduler, first: torch.Tensor, winners, switch_timest
     return (first.detach().to(device) + errors.view(-1, extra).sum(dim=1)) / (1 + extra)
 
 
-def _by_checkpoint(batches: Sequence[PairBatch]) -> dict[int, list[tuple[int, int]]]:
-    """checkpoint -> (batch number, sample) of every sample that uses it, in order."""
+def _by_checkpoint(draws: Sequence[Draws]) -> dict[int, list[tuple[int, int]]]:
+    """checkpoint -> (micro-batch number in ``draws``, sample) of every sample that uses it, in order."""
     groups: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for b, batch in enumerate(batches):
-        for i, checkpoint in enumerate(batch.draws.checkpoints):
+    for b, batch_draws in enumerate(draws):
+        for i, checkpoint in enumerate(batch_draws.checkpoints):
             groups[checkpoint].append((b, i))
     return dict(sorted(groups.items()))
 
@@ -176,9 +176,8 @@ class PairBuilder:
             draw(batch_generator(cfg.seed, self.stream(m)), r.winners.shape, pool, cfg.effective_erd, cfg.erd_per, self.train_scheduler.config.num_train_timesteps, ssr_draws)
             for m, r in zip(indices, rows)
         ]
-        batches = [PairBatch(m, r, d, losers=r.losers) for m, r, d in zip(indices, rows, draws)]
-        if cfg.generates_negatives:
-            batches = [dataclasses.replace(b, losers=losers) for b, losers in zip(batches, self._generate_negatives(batches))]
+        losers = self._generate_negatives(rows, draws) if cfg.generates_negatives else [r.losers for r in rows]
+        batches = [PairBatch(m, r, d, x_l) for m, r, d, x_l in zip(indices, rows, draws, losers)]
         return self.complete(batches) if with_reference else batches
 
     def complete(self, batches: list[PairBatch]) -> list[PairBatch]:
@@ -189,14 +188,15 @@ class PairBuilder:
         errors = self._reference_errors(batches, self.cfg.optim.batch_size)
         return [dataclasses.replace(b, reference=e) for b, e in zip(batches, errors)]
 
-    def _generate_negatives(self, batches: Sequence[PairBatch]) -> list[torch.Tensor]:
-        losers = [torch.empty_like(b.rows.winners) for b in batches]
-        for checkpoint, members in _by_checkpoint(batches).items():
+    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws]) -> list[torch.Tensor]:
+        """Every micro-batch's losers x_l, sampled by its pool checkpoints, grouped by checkpoint."""
+        losers = [torch.empty_like(r.winners) for r in rows]
+        for checkpoint, members in _by_checkpoint(draws).items():
             with self.reference.activate(checkpoint) as unet, self.autocast():
                 for chunk in _chunks(members, self.sampler_cfg.batch_size):
-                    cond = TextCondition.cat([batches[b].rows.cond[i : i + 1] for b, i in chunk])
-                    seeds = [batches[b].draws.sample_seeds[i] for b, i in chunk]
-                    size = batches[chunk[0][0]].rows.winners.shape[2:]
+                    cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
+                    seeds = [draws[b].sample_seeds[i] for b, i in chunk]
+                    size = rows[chunk[0][0]].winners.shape[2:]
                     latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, self.uncond, seeds, self.sampler_cfg, self.device, size)
                     for (b, i), latent in zip(chunk, latents):
                         losers[b][i] = latent
@@ -207,7 +207,7 @@ class PairBuilder:
         n = [len(b) for b in batches]
         ref_w, ref_l = [torch.empty(k) for k in n], [torch.empty(k) for k in n]
         switch = [torch.empty(k) if b.draws.switch_noise is not None else None for k, b in zip(n, batches)]
-        for checkpoint, members in _by_checkpoint(batches).items():
+        for checkpoint, members in _by_checkpoint([b.draws for b in batches]).items():
             with self.reference.activate(checkpoint) as unet, self.autocast():
                 for chunk in _chunks(members, chunk_size):
                     # Winner and loser of every pair in one forward.
