@@ -1,21 +1,23 @@
 """Every reference in the repository's text points inside it: a clone has no dangling links."""
 
 import re
-import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"\]\(([^)#\s]+)")  # markdown link targets
 
 
-def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files", "*.md", "*.py", "*.yaml", "*.toml"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [ROOT / name for name in names if (ROOT / name).is_file()]
+def text_files() -> list[Path]:
+    """The project's own text: the README, docs, package, configs and tests."""
+    files = [ROOT / "README.md", ROOT / "pyproject.toml"]
+    for folder in ("docs", "sspo", "configs", "tests"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".md", ".py", ".yaml") and "__pycache__" not in p.parts]
+    return files
 
 
 def test_no_link_or_citation_points_outside_the_repository():
     outside = []
-    for path in tracked_text_files():
+    for path in text_files():
         text = path.read_text(encoding="utf-8", errors="replace")
         if "SPEC.md" in text and path.name != "test_docs.py":
             outside.append(f"{path.relative_to(ROOT)}: cites SPEC.md")
