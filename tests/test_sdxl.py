@@ -13,7 +13,7 @@ from sspo.train_config import TrainConfig
 from sspo.trainer import Trainer, train
 from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
 
-from conftest import assert_lora_reloads_as_trained
+from lora_checks import assert_lora_reloads_as_trained
 
 PROMPT = "a large red circle on the left, white background"
 

@@ -10,7 +10,7 @@ from sspo.errors import DataError, ModelError
 from sspo.train_config import TrainConfig
 from sspo.trainer import Trainer, train
 
-from conftest import assert_lora_reloads_as_trained
+from lora_checks import assert_lora_reloads_as_trained
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo-shapes.yaml"
 
