@@ -386,9 +386,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         replicas = self._replica_fingerprints()
         # accelerate creates the folder on the main process only, but every process writes its RNG
-        # state into it: without this, a process that gets there first fails.
+        # state into it: every process makes it, and all have written before the main one renames it.
         staging.mkdir(parents=True, exist_ok=True)
         self.accelerator.save_state(str(staging))
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             atomic_write_json(staging / STATE_FILE, {"global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas})
             shutil.rmtree(final, ignore_errors=True)
