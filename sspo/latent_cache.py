@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import collate
 from .errors import ConfigError
+from .faults import fault_point
 from .io import atomic_write_json, save_tensors
 from .models.pipeline import TextCondition, encode_images, encode_prompts
 
@@ -179,6 +180,7 @@ class LatentCache:
             for number in tqdm(mine, desc="latent cache", disable=not state.is_local_main_process):
                 rows = range(number * shard_rows, min(len(dataset), (number + 1) * shard_rows))
                 _write_shard(pipe, dataset, rows, root / _shard_name(number), device, batch_size, resolution)
+                fault_point("latent_cache")
         state.wait_for_everyone()
         if state.is_main_process and not (root / INDEX_FILE).is_file():
             index = {"rows": len(dataset), "shard_rows": shard_rows, "has_losers": dataset.has_losers, "key": key}

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .faults import fault_point
 from .models.pipeline import TextCondition, denoising_errors
 from .reference import ReferenceModel
 from .train_config import SamplerConfig, TrainConfig
@@ -200,6 +201,7 @@ class PairBuilder:
                     latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, self.uncond, seeds, self.sampler_cfg, self.device, size)
                     for (b, i), latent in zip(chunk, latents):
                         losers[b][i] = latent
+                    fault_point("negatives")
         return losers
 
     @torch.no_grad()

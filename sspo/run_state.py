@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 # Keys a resumed run may change without changing what it computes. `iterations` only extends
-# (or shortens) the run: no draw depends on the total.
-HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "log_every", "save_every_steps", "checkpoints_total_limit", "validation", "data.cache_dir")
+# (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
+# would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for.
+HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "log_every", "save_every_steps", "checkpoints_total_limit", "validation", "data.cache_dir", "nonfinite")
 
 
 def file_digest(path: Path) -> dict:
@@ -46,11 +47,12 @@ def manifest_problems(root: Path, recorded: dict[str, dict]) -> list[str]:
     return problems
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a.b': value}`` of a nested dict; tuples become lists, as a YAML round trip makes them."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat
@@ -62,7 +64,7 @@ def _harmless(key: str) -> bool:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every result-changing key on which two configs differ."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

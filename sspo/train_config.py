@@ -98,6 +98,7 @@ class TrainConfig:
     log_every: int = 1
     save_every_steps: int = 0  # 0: save a resumable state at iteration ends only
     checkpoints_total_limit: int = 2
+    nonfinite: str = "error"  # a non-finite loss or gradient: error (stop; the last state stays) | skip (count it, step nothing)
 
     def __post_init__(self) -> None:
         one_of(self.method, METHODS, "method")
@@ -106,6 +107,7 @@ class TrainConfig:
         one_of(self.erd_per, ("batch", "sample"), "erd_per")
         one_of(self.mixed_precision, ("no", "fp16", "bf16"), "mixed_precision")
         one_of(self.report_to, ("tensorboard", "wandb", "none"), "report_to")
+        one_of(self.nonfinite, ("error", "skip"), "nonfinite")
         check(self.beta > 0, "beta", "must be positive")
         check(self.ssr_draws >= 1, "ssr_draws", "must be at least 1")
         check(self.iterations > 0, "iterations", "must be positive")

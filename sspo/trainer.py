@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -32,9 +33,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import save_yaml
+from .config import load_yaml, save_yaml
 from .data import load_dataset_from_config
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
+from .faults import fault_point
 from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
@@ -44,6 +46,8 @@ from .models.pipeline import denoising_errors, encode_unconditional, load_pipeli
 from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
+from .run_lock import RunLock
+from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -59,9 +63,28 @@ def open_dataset(cfg: TrainConfig):
     return dataset
 
 
+def saved_states(run_dir: Path) -> list[Path]:
+    """The folders of the complete resumable states in ``run_dir``, oldest first."""
+    return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    states = sorted((run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
-    return states[-1].parent if states else None
+    states = saved_states(run_dir)
+    return states[-1] if states else None
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, staging: Path | None = None):
+    """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging`` removed."""
+    try:
+        yield
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingError(
+            f"could not write {what}: {exc.strerror or exc} ({exc.filename or staging}); earlier saved states are intact: "
+            "free disk space or fix the folder's permissions, then run again with --resume"
+        ) from None
 
 
 class Trainer:
@@ -78,6 +101,8 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
         self._check_distributed()
+        if resume:
+            self._check_resumed_config()
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
@@ -112,9 +137,8 @@ class Trainer:
         self.params = params
 
         self.global_step = 0
-        state_dir = latest_checkpoint(self.run_dir) if resume else None
-        if resume and state_dir is None:
-            log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
+        state_dir = self._resumable_state() if resume else None
         if state_dir is not None:
             self._load_state(state_dir)
         else:
@@ -123,7 +147,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")
             if cfg.report_to != "none":
-                self.accelerator.init_trackers("sspo", config=_flat(dataclasses.asdict(cfg)))
+                scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
+                self.accelerator.init_trackers("sspo", config=scalars)
 
     # ----------------------------------------------------------------------------------------------
     # Set-up
@@ -142,6 +167,18 @@ class Trainer:
                 raise ConfigError("DeepSpeed ZeRO-3 shards the UNet's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
             # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none.
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.optim.batch_size
+
+    def _check_resumed_config(self) -> None:
+        """A resumed run must compute what the saved one did: result-changing keys may not differ."""
+        saved = self.run_dir / "config.yaml"
+        if latest_checkpoint(self.run_dir) is None or not saved.is_file():
+            return  # nothing to resume: the run starts from scratch
+        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg))
+        if differences:
+            raise ConfigError(
+                f"--resume: the config differs from the one {self.run_dir} was trained with ({'; '.join(differences)}); "
+                f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
+            )
 
     def _prepare_unet(self, unet):
         mcfg = self.cfg.model
@@ -264,11 +301,24 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
         totals["grad_norm"] = float("nan") if norm is None else float(norm)
-        self.optimizer.step()
+        # The norm is taken after the gradients are averaged, so every process decides alike.
+        if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"])):
+            self.optimizer.step()
+        elif self.cfg.nonfinite == "skip":
+            self.nonfinite_skips += 1
+        else:
+            last = latest_checkpoint(self.run_dir)
+            raise TrainingError(
+                f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss {totals['loss']} or gradient norm {totals['grad_norm']}, "
+                f"nothing saved from it; the last good state is {last or 'none (no state saved yet)'}: lower optim.learning_rate, "
+                "or set nonfinite: skip to skip such steps, and run again with --resume"
+            )
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if self.cfg.nonfinite == "skip":
+            totals["nonfinite_skips"] = self.nonfinite_skips
         return totals
 
     # ----------------------------------------------------------------------------------------------
@@ -278,23 +328,24 @@ class Trainer:
         cfg = self.cfg
         accum = cfg.optim.gradient_accumulation_steps
         total = cfg.iterations * cfg.steps_per_iteration
-        bar = tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process)
-        while self.global_step < total:
-            iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
-            first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
-            last = (iteration + 1) * self.micro_batches_per_iteration
-            pregenerated = self.iteration_pairs(list(range(first, last))) if cfg.pregenerate else None
-            for m in range(first, last, accum):
-                batches = pregenerated[m - first : m - first + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
-                metrics = self.optimizer_step(self.pair_builder.complete(batches))
-                metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
-                self._log(metrics)
-                bar.update(1)
-                bar.set_postfix(_postfix(metrics))
-                if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
-                    self.save_state()
-            self.end_iteration(iteration)
-        bar.close()
+        # Closed on an error too, so that the error is printed on a line of its own.
+        with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process) as bar:
+            while self.global_step < total:
+                iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
+                first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
+                last = (iteration + 1) * self.micro_batches_per_iteration
+                pregenerated = self.iteration_pairs(list(range(first, last))) if cfg.pregenerate else None
+                for m in range(first, last, accum):
+                    batches = pregenerated[m - first : m - first + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
+                    metrics = self.optimizer_step(self.pair_builder.complete(batches))
+                    fault_point("step")
+                    metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
+                    self._log(metrics)
+                    bar.update(1)
+                    bar.set_postfix(_postfix(metrics))
+                    if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
+                        self.save_state()
+                self.end_iteration(iteration)
         final = self.save_final()
         self.accelerator.end_training()
         return final
@@ -302,7 +353,8 @@ class Trainer:
     def end_iteration(self, iteration: int) -> None:
         if self.cfg.generates_negatives:
             if self.accelerator.is_main_process:
-                self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
+                with disk_errors(f"pool checkpoint {len(self.pool)} in {self.pool.root}"):
+                    self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
             self._sync_pool()
         self.save_state()
         every = self.cfg.validation.every_iterations
@@ -342,6 +394,7 @@ class Trainer:
         vcfg, sampler = self.cfg.validation, self.cfg.negatives
         with self._sampling():
             images = generate(self.pipe, vcfg.prompts, [vcfg.seed] * len(vcfg.prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale, size=self.cfg.data.resolution)
+        fault_point("validation")
         grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)
         if self.cfg.report_to == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -355,6 +408,7 @@ class Trainer:
         vcfg = self.cfg.validation
         with self._sampling():
             summary, _ = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
+        fault_point("validation")
         metrics = {f"reward_{split}": scores["shapes"] for split, scores in summary.items()}
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
         with open(self.run_dir / "validation.jsonl", "a") as f:
@@ -369,7 +423,8 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             if self.pool is not None:
                 self.pool.truncate(0)
-                self.pool.add(self.reference.policy_state(), step=0)  # theta_0
+                with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):
+                    self.pool.add(self.reference.policy_state(), step=0)  # theta_0
         self._sync_pool()
 
     def _sync_pool(self) -> None:
@@ -380,22 +435,34 @@ class Trainer:
             self.reference.loaded = None
 
     def save_state(self) -> Path:
-        """A resumable state (weights, optimizer, RNG, step, pool size), written then renamed."""
+        """A resumable state (weights, optimizer, RNG, step, pool size, file manifests), written then renamed.
+
+        The state file records the size and SHA-256 of the state's files and of the pool files it
+        depends on, so a resume can tell an intact state from a truncated or corrupted one.
+        """
         final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
         staging = final.with_name(final.name + ".partial")
         self.accelerator.wait_for_everyone()
         replicas = self._replica_fingerprints()
-        # accelerate creates the folder on the main process only, but every process writes its RNG
-        # state into it: every process makes it, and all have written before the main one renames it.
-        staging.mkdir(parents=True, exist_ok=True)
-        self.accelerator.save_state(str(staging))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            atomic_write_json(staging / STATE_FILE, {"global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas})
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
-            kept = sorted(p.parent for p in (self.run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
-            for old in kept[: -self.cfg.checkpoints_total_limit]:
+        with disk_errors(f"the resumable state {final}", staging):
+            # accelerate creates the folder on the main process only, but every process writes its RNG
+            # state into it: every process makes it, and all have written before the main one renames it.
+            staging.mkdir(parents=True, exist_ok=True)
+            self.accelerator.save_state(str(staging))
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                fault_point("checkpoint_save")
+                state = {
+                    "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
+                    "nonfinite_skips": self.nonfinite_skips,
+                    "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
+                    "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
+                }
+                atomic_write_json(staging / STATE_FILE, state)
+                shutil.rmtree(final, ignore_errors=True)
+                staging.rename(final)
+        if self.accelerator.is_main_process:  # only now that the new state is complete may old ones go
+            for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
@@ -420,11 +487,36 @@ class Trainer:
             log.error("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
         return replicas
 
+    def _resumable_state(self) -> Path | None:
+        """The newest saved state whose files, and the pool files it depends on, are as they were saved."""
+        damaged = []
+        for state_dir in reversed(saved_states(self.run_dir)):
+            try:
+                state = json.loads((state_dir / STATE_FILE).read_text())
+            except ValueError:
+                damaged.append(f"{state_dir / STATE_FILE} is not valid JSON")
+                continue
+            problems = manifest_problems(state_dir, state.get("files", {}))
+            if self.pool is not None:
+                problems += manifest_problems(self.pool.root, state.get("pool_files", {}))
+            if not problems:
+                if damaged:
+                    log.warning("resuming from the older state %s: %s", state_dir, "; ".join(damaged))
+                return state_dir
+            damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
+        if damaged:
+            raise TrainingError(f"--resume: no intact saved state in {self.run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
+        log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        return None
+
     def _load_state(self, state_dir: Path) -> None:
         state = json.loads((state_dir / STATE_FILE).read_text())
         self.accelerator.load_state(str(state_dir))
         self.global_step = state["global_step"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
+            for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
+                shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
             for name in ("metrics.jsonl", "validation.jsonl"):
                 log_file = self.run_dir / name
                 kept = [row for row in read_jsonl(log_file) if row["step"] <= self.global_step]
@@ -442,26 +534,31 @@ class Trainer:
         if self.accelerator.is_main_process:
             staging = final.with_name("final.partial")
             shutil.rmtree(staging, ignore_errors=True)
-            if self.cfg.model.lora:
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft import get_peft_model_state_dict
-
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
-                # The adapter's config travels with the weights: without it load_lora_weights assumes
-                # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
-                self.pipe.__class__.save_lora_weights(
-                    save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True,
-                    unet_lora_adapter_metadata=self.policy.peft_config[POLICY].to_dict(),
-                )
-            else:
-                pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
-                pipe.save_pretrained(str(staging), safe_serialization=True)
-            save_yaml(self.cfg, staging / "sspo_config.yaml")
-            self._write_card(staging, final)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
+            with disk_errors(f"the final model {final}", staging):
+                self._write_final(staging, final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _write_final(self, staging: Path, final: Path) -> None:
+        if self.cfg.model.lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
+            # The adapter's config travels with the weights: without it load_lora_weights assumes
+            # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
+            self.pipe.__class__.save_lora_weights(
+                save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True,
+                unet_lora_adapter_metadata=self.policy.peft_config[POLICY].to_dict(),
+            )
+        else:
+            pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
+            pipe.save_pretrained(str(staging), safe_serialization=True)
+        save_yaml(self.cfg, staging / "sspo_config.yaml")
+        self._write_card(staging, final)
+        fault_point("final_save")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
 
     def _write_card(self, staging: Path, final: Path) -> None:
         from .card import model_card
@@ -476,16 +573,6 @@ class Trainer:
         (staging / "README.md").write_text(card)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 def _postfix(metrics: dict) -> dict:
     shown = {"loss": f"{metrics['loss']:.4f}"}
     if "ssr_rate" in metrics:
@@ -495,7 +582,12 @@ def _postfix(metrics: dict) -> dict:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    return Trainer(cfg, resume=resume).train()
+    """Train ``cfg`` while holding its output folder's lock: a second run into a live run's folder is refused."""
+    from accelerate import PartialState
+
+    # The main process holds the lock; the others write nothing the main process does not wait for.
+    with RunLock(cfg.output_dir) if PartialState().is_main_process else contextlib.nullcontext():
+        return Trainer(cfg, resume=resume).train()
 
 
 def dry_run(cfg: TrainConfig) -> str:

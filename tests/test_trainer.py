@@ -15,14 +15,17 @@ from lora_checks import assert_lora_reloads_as_trained
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo-shapes.yaml"
 
 
-def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
+def tiny_overrides(out: Path, model: str) -> list[str]:
     """The demo config shrunk to seconds: 2 iterations of 2 steps, batch 4, 2 sampler steps."""
-    base = [
+    return [
         f"model.pretrained={model}", f"output_dir={out}", "report_to=none", "iterations=2", "steps_per_iteration=2",
         "optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1",
         "data.max_samples=64", "validation.every_iterations=0",
     ]
-    return load_config(TrainConfig, DEMO, base + list(overrides))
+
+
+def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, DEMO, tiny_overrides(out, model) + list(overrides))
 
 
 def metrics(run: Path) -> list[dict]:
