@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("parquet", "imagefolder", "hf", "shapes")
 MODES = ("winners", "random")
 TIE = 0.5
+LABELS = (0.0, TIE, 1.0)  # image_1 wins, a tie, image_0 wins
 # Tags keep the random streams of different decisions independent even for equal (seed, row, epoch).
 _SIDE_STREAM, _AUGMENT_STREAM = 1, 2
 
@@ -172,7 +173,10 @@ def _open_imagefolder(cfg: DataConfig) -> _Source:
     names = list(dict.fromkeys(k for row in rows for k in row))
 
     def load(columns: list[str]) -> Any:
-        return _ArrowRows(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]))
+        try:
+            return _ArrowRows(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
+            raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
 
     return _Source(str(meta), [(str(meta), names)], load)
 
@@ -225,13 +229,24 @@ def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Imag
     try:
         source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
         with Image.open(source) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # PIL raises many types for corrupt data
+            return _rgb(image)
+    except Exception as exc:  # PIL raises many types for corrupt data (and DecompressionBombError for huge images)
         raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode: 16-bit values scaled down (PIL's own conversion clips them, turning
+    most of an image white) and transparent pixels over white (not the colour hidden under them)."""
+    if image.mode.startswith("I"):  # 16-bit grayscale PNGs open as I;16 or I
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("RGB")
 
 def _open_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return _rgb(value)
     if isinstance(value, dict):  # how datasets stores an Image feature
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -289,6 +304,15 @@ class _Reader:
                 )
         self.columns = list(self.keys)
 
+    def check_labels(self, labels: list) -> None:
+        """Every label must say who won; anything else would silently train on the wrong side."""
+        for row_id, label in enumerate(labels):
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
+                raise DataError(
+                    f"{self.where} row {row_id}: label {label!r} in column {self.cfg.label_column!r} (data.label_column) "
+                    "must be 1 (image_0 wins), 0 (image_1 wins) or 0.5 (a tie); fix or drop the row"
+                )
+
     def keep(self, label: Any) -> bool:
         return not (self.pairs and self.cfg.remove_ties and float(label) == TIE)
 
@@ -305,6 +329,9 @@ class _Reader:
             names = [cfg.image_1_column, cfg.image_0_column] if swap else [cfg.image_0_column, cfg.image_1_column]
         else:
             prompt, names = row[cfg.text_column], [cfg.image_column]
+        if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
+            column = cfg.caption_column if self.pairs else cfg.text_column
+            raise DataError(f"{where}: caption {prompt!r} in column {column!r} is not a non-empty string")
         images = [_open_image(row[n], f"{where} column {n!r}") for n in names]
         # One draw per item, shared by winner and loser, so a pair stays aligned.
         fx, fy, u = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(3)
@@ -312,7 +339,7 @@ class _Reader:
         flip = cfg.random_flip and u < 0.5
         tensors = [_to_tensor(_resize_crop_flip(im, cfg.resolution, offset, flip)) for im in images]
         return {
-            "prompt": "" if prompt is None else str(prompt),
+            "prompt": prompt,
             "winner": tensors[0],
             "loser": tensors[1] if len(tensors) > 1 else None,
             "index": index,
@@ -323,7 +350,7 @@ class _Reader:
         if row_id not in self._bad:
             self._bad.add(row_id)
             self.skipped += 1
-            log.warning("skipping unreadable row: %s", error)
+            log.warning("skipping unreadable row (%d so far): %s", self.skipped, error)
 
     def is_bad(self, row_id: int) -> bool:
         return row_id in self._bad
@@ -342,6 +369,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         row_ids = range(len(rows))
         if reader.pairs:
             labels = rows.column(cfg.label_column)
+            reader.check_labels(labels)
             row_ids = [i for i in row_ids if reader.keep(labels[i])]
         self._row_ids = list(row_ids)[: cfg.max_samples]
         if not self._row_ids:
@@ -377,7 +405,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 return self._reader.item(i, row_id, self._rows[row_id])
             except DataError as exc:
                 self._reader.skip(row_id, exc)
-        raise DataError(f"no readable image in any row of {self._reader.where}")
+        raise DataError(f"no readable row (image and caption) in {self._reader.where}")
 
 
 def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
