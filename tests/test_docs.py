@@ -33,3 +33,10 @@ def test_no_link_or_citation_points_outside_the_repository():
 def test_method_doc_cites_the_paper():
     text = (ROOT / "docs" / "method.md").read_text()
     assert "2410.05255" in text and all(f"eq. {n}" in text for n in (2, 8, 9))
+
+
+def test_reliability_doc_names_tests_that_exist():
+    cases = re.findall(r"\[(tests/[\w/]+\.py)::(\w+)\]", (ROOT / "docs" / "reliability.md").read_text())
+    assert len(cases) >= 30
+    missing = [f"{file}::{name}" for file, name in cases if f"def {name}(" not in (ROOT / file).read_text()]
+    assert missing == []
