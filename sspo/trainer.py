@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -301,7 +302,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
         totals["grad_norm"] = float("nan") if norm is None else float(norm)
-        # The norm is taken after the gradients are averaged, so every process decides alike.
+        # A non-finite loss on any process makes the averaged gradients, and so the norm every process sees, non-finite.
         if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"])):
             self.optimizer.step()
         elif self.cfg.nonfinite == "skip":
@@ -547,9 +548,11 @@ class Trainer:
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
             # The adapter's config travels with the weights: without it load_lora_weights assumes
             # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
+            adapter = self.policy.peft_config[POLICY].to_dict()
+            # A set lists in another order in another process (string hashing): sorted, the file is the same.
+            adapter["target_modules"] = sorted(adapter["target_modules"])
             self.pipe.__class__.save_lora_weights(
-                save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True,
-                unet_lora_adapter_metadata=self.policy.peft_config[POLICY].to_dict(),
+                save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=adapter,
             )
         else:
             pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
@@ -583,10 +586,11 @@ def _postfix(metrics: dict) -> dict:
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train ``cfg`` while holding its output folder's lock: a second run into a live run's folder is refused."""
-    from accelerate import PartialState
-
     # The main process holds the lock; the others write nothing the main process does not wait for.
-    with RunLock(cfg.output_dir) if PartialState().is_main_process else contextlib.nullcontext():
+    # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
+    # an accelerate state made before the Accelerator would miss the launch's CPU flag.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(cfg.output_dir) if main_process else contextlib.nullcontext():
         return Trainer(cfg, resume=resume).train()
 
 
