@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import check, to_dict
 from .models.pipeline import TextCondition, denoising_errors, encode_images
 from .models.tiny import TinySize, build_components, write_word_tokenizer
+from .paths import cache_root
 from .worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,6 @@ class BaseConfig:
     def cache_key(self) -> str:
         blob = json.dumps({"v": _FORMAT_VERSION, **to_dict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SSPO_CACHE", Path.home() / ".cache" / "sspo"))
 
 
 def _pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:

@@ -23,7 +23,7 @@ method and timed separately per step. "All-in" per-step cost = data preparation 
 the pregeneration phase divided by the optimizer steps of an iteration.
 
 Memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up).
-On the CPU, each arm runs in a fresh subprocess (``--in-process`` turns that off) and reports its
+On the CPU, each arm runs in a fresh subprocess (``--no-isolate`` turns that off) and reports its
 peak resident set size during the timed steps minus the process's RSS just before the trainer
 was built, i.e. model weights, optimizer state, data and activations, not the Python / torch
 libraries themselves. The peak is exact (the kernel's ``VmHWM``, reset through
@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -54,23 +53,40 @@ import torch
 
 from .config import check, load_config, one_of
 from .errors import SSPOError
+from .methods import METHODS
+from .models.architectures import ARCH_MODELS, build_arch, native_resolution
 
+# The default arms: the baselines and SSPO, each as published and as sspo runs it.
 ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
 BASELINE = "dpo"
 MODELS = ("tiny", "quick", "sd15", "sdxl")  # or a local diffusers pipeline folder
-ARCH_MODELS = ("sd15", "sdxl")
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-shapes.yaml"
-# The issue's targets: SSPO's step vs Diffusion-DPO's, and negative generation's share of wall time.
-TARGET_STEP_RATIO, TARGET_GENERATION_SHARE = 1.1, 0.30
 
-_ARM_OVERRIDES = {
-    "sft": ["method=sft"],
-    "dpo": ["method=dpo", "pregenerate=true", "cache_reference_errors=false"],
-    "dpo-cached": ["method=dpo", "pregenerate=true", "cache_reference_errors=true"],
-    "sspo-online": ["method=sspo", "pregenerate=false"],
-    "sspo-pregenerated": ["method=sspo", "pregenerate=true", "cache_reference_errors=true"],
-}
-_PREGENERATED = ("dpo-cached", "sspo-pregenerated")
+
+def arm_overrides() -> dict[str, list[str]]:
+    """Every arm the bench can time, from the method table (sspo/methods.py).
+
+    A method without a reference is one arm. One with dataset losers runs as published (``<m>``,
+    reference forward inside the step) and as sspo trains it (``<m>-cached``); one that generates
+    negatives runs online and pregenerated (see the module doc).
+    """
+    arms = {}
+    for m in METHODS.values():
+        method = f"method={m.name}"
+        if not m.uses_reference:
+            arms[m.name] = [method]
+        elif m.generates_negatives:
+            arms[f"{m.name}-online"] = [method, "pregenerate=false"]
+            arms[f"{m.name}-pregenerated"] = [method, "pregenerate=true", "cache_reference_errors=true"]
+        else:
+            arms[m.name] = [method, "pregenerate=true", "cache_reference_errors=false"]
+            arms[f"{m.name}-cached"] = [method, "pregenerate=true", "cache_reference_errors=true"]
+    return arms
+
+
+def _pregenerated(arm: str) -> bool:
+    """Its reference errors (and negatives) are built in a phase before the steps, timed apart."""
+    return "cache_reference_errors=true" in arm_overrides()[arm]
 
 
 @dataclasses.dataclass
@@ -101,7 +117,7 @@ class BenchConfig:
         one_of(self.clock, ("wall", "cpu"), "clock")
         check(bool(self.arms), "arms", "name at least one arm")
         for arm in self.arms:
-            one_of(arm, ARMS, "arms")
+            one_of(arm, arm_overrides(), "arms")
         check(self.warmup >= 0, "warmup", "must be >= 0")
         check(self.steps >= 1, "steps", "must be >= 1")
         check(all(s > 0 for s in self.sampler_steps), "sampler_steps", "must be positive")
@@ -116,122 +132,11 @@ class BenchConfig:
 # Models: the shapes world's tiny base, or SD-1.5 / SDXL architectures with random weights.
 
 
-def _unet_kwargs(name: str, small: bool) -> dict:
-    """``UNet2DConditionModel`` arguments of SD-1.5 / SDXL (``small``: same topology, tiny widths; tests)."""
-    if name == "sd15":
-        return dict(
-            sample_size=8 if small else 64, in_channels=4, out_channels=4, layers_per_block=1 if small else 2,
-            block_out_channels=(32, 32, 64, 64) if small else (320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=32 if small else 768, attention_head_dim=8, norm_num_groups=8 if small else 32,
-        )
-    return dict(  # SDXL base 1.0
-        sample_size=8 if small else 128, in_channels=4, out_channels=4, layers_per_block=1 if small else 2,
-        block_out_channels=(40, 80, 160) if small else (320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2) if small else (1, 2, 10),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True, norm_num_groups=8 if small else 32,
-        cross_attention_dim=64 if small else 2048,  # text_encoder + text_encoder_2 hidden sizes
-        addition_embed_type="text_time", addition_time_embed_dim=8 if small else 256,
-        projection_class_embeddings_input_dim=32 + 6 * 8 if small else 1280 + 6 * 256,  # pooled + 6 time ids
-    )
-
-
-def _text_kwargs(kind: str, small: bool) -> dict:
-    """CLIP text encoders: ``clip-l`` (SD-1.5, SDXL's first), ``clip-bigg`` (SDXL's second)."""
-    if kind == "clip-l":
-        sizes = (32, 2, 2, 32) if small else (768, 12, 12, 768)
-        act = "quick_gelu"
-    else:
-        sizes = (32, 2, 2, 32) if small else (1280, 32, 20, 1280)
-        act = "gelu"
-    hidden, layers, heads, projection = sizes
-    return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                projection_dim=projection, hidden_act=act, max_position_embeddings=77, vocab_size=49408)
-
-
-def _vae_kwargs(name: str, small: bool) -> dict:
-    return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1 if small else 2,
-        block_out_channels=(8, 8, 16, 16) if small else (128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4 if small else 32, sample_size=(64 if small else 512) * (2 if name == "sdxl" else 1),
-        scaling_factor=0.13025 if name == "sdxl" else 0.18215, force_upcast=name == "sdxl",
-    )
-
-
-def arch_components(name: str, tokenizer, small: bool = False) -> dict:
-    """Randomly initialised components of SD-1.5 or SDXL (``small``: the same topology, tiny widths)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if small:
-        ids["vocab_size"] = len(tokenizer)
-    components = {
-        "unet": UNet2DConditionModel(**_unet_kwargs(name, small)),
-        "vae": AutoencoderKL(**_vae_kwargs(name, small)),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**{**_text_kwargs("clip-l", small), **ids})),
-        "tokenizer": tokenizer,
-        "scheduler": DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"),
-    }
-    if name == "sdxl":
-        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**{**_text_kwargs("clip-bigg", small), **ids}))
-        components["tokenizer_2"] = tokenizer
-    return components
-
-
-def build_arch(name: str, folder: str | Path | None = None, small: bool = False) -> Path:
-    """A diffusers folder with SD-1.5's or SDXL's architecture and random weights (fp16), cached.
-
-    The tokenizer is the shapes world's word-level CLIP tokenizer with CLIP's 77-token length, so
-    prompts are the world's; the text encoders keep CLIP's 49408-token embedding tables.
-    """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from filelock import FileLock
-
-    from .base import cache_root
-    from .models.tiny import write_word_tokenizer
-    from .worlds import shapes
-
-    one_of(name, ARCH_MODELS, "model")
-    folder = Path(folder) if folder else cache_root() / "bench" / f"{name}{'-small' if small else ''}-random-v1"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if (folder / "model_index.json").is_file():
-            return folder
-        staging = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        tokenizer = write_word_tokenizer(staging / "tokenizer-build", shapes.vocabulary(), max_length=77)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.manual_seed(0)
-        with torch.device(device):  # random init of billions of parameters is much faster on a GPU
-            components = arch_components(name, tokenizer, small)
-        if name == "sdxl":
-            pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
-        else:
-            pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.to(torch.float16).save_pretrained(str(staging), safe_serialization=True)
-        shutil.rmtree(staging / "tokenizer-build", ignore_errors=True)
-        staging.rename(folder)
-    return folder
-
-
-def native_resolution(folder: str | Path) -> int:
-    folder = Path(folder)
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
 def bench_pairs(resolution: int, rows: int = 64) -> Path:
     """A small Pick-a-Pic-style parquet of shapes-world pairs rendered at ``resolution``, cached."""
     from filelock import FileLock
 
-    from .base import cache_root
+    from .paths import cache_root
     from .worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
 
     path = cache_root() / "bench" / f"shapes-pairs-r{resolution}-n{rows}.parquet"
@@ -260,7 +165,7 @@ def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
         f"mixed_precision={b.precision}", f"model.lora={str(b.lora).lower()}",
         f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
     ]
-    overrides += _model_overrides(b) + _ARM_OVERRIDES[arm]
+    overrides += _model_overrides(b) + arm_overrides()[arm]
     if b.batch_size:
         overrides.append(f"optim.batch_size={b.batch_size}")
     if b.gradient_accumulation_steps:
@@ -354,23 +259,24 @@ class Meter:
         return {"peak_mb": (peak - self.baseline) / 2**20, "peak_rss_mb": peak / 2**20}
 
 
-def _with_prepared(trainer, prepared: list, with_reference: bool) -> list:
-    """``trainer.build`` on micro-batches that were already prepared (data preparation timed apart)."""
-    queue = iter(prepared)
-    trainer.prepare = lambda m: next(queue)  # shadows the method for this call only
+def _from_rows(build: Callable[[list[int]], list], trainer, prepared: list[tuple[int, object]]) -> list:
+    """``build`` (pairs of micro-batch numbers) on rows read before (data preparation is timed apart)."""
+    rows = dict(prepared)
+    builder = trainer.pair_builder
+    builder.read_rows = rows.__getitem__  # shadows the trainer's reader for this call only
     try:
-        return trainer.build(list(range(len(prepared))), with_reference)
+        return build([m for m, _ in prepared])
     finally:
-        del trainer.prepare
+        builder.read_rows = trainer.read_rows
 
 
 class _PhaseTimer:
     """Wraps the PairBuilder's phases so the time spent generating / in reference forwards is known."""
 
-    def __init__(self, pairs, meter: Meter, clock: Callable[[], float]):
-        self.pairs, self.meter, self.clock, self.seconds = pairs, meter, clock, {"generate": 0.0, "reference": 0.0}
-        for phase, name in (("generate", "generate_negatives"), ("reference", "reference_errors")):
-            setattr(pairs, name, self._timed(phase, getattr(pairs, name)))
+    def __init__(self, builder, meter: Meter, clock: Callable[[], float]):
+        self.meter, self.clock, self.seconds = meter, clock, {"generate": 0.0, "reference": 0.0}
+        for phase, name in (("generate", "_generate_negatives"), ("reference", "_reference_errors")):
+            setattr(builder, name, self._timed(phase, getattr(builder, name)))
 
     def _timed(self, phase: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -421,7 +327,8 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
         for k in range(1, b.pool_size):
             trainer.pool.add(trainer.reference.policy_state(), step=k * cfg.steps_per_iteration)
     clock = time.process_time if b.clock == "cpu" else time.perf_counter
-    phases = _PhaseTimer(trainer.pairs, meter, clock)
+    phases = _PhaseTimer(trainer.pair_builder, meter, clock)
+    builder = trainer.pair_builder
     prep_seconds: list[float] = []
 
     def prepare(first: int, count: int) -> list:
@@ -429,7 +336,7 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
         for m in range(first, first + count):
             meter.sync()
             start = clock()
-            batches.append(trainer.prepare(m))
+            batches.append((m, trainer.read_rows(m)))
             meter.sync()
             prep_seconds.append(clock() - start)
         return batches
@@ -438,16 +345,16 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
                     "gradient_accumulation_steps": accum, "steps_per_iteration": cfg.steps_per_iteration,
                     "mixed_precision": cfg.mixed_precision, "lora": cfg.model.lora, "memory_method": meter.method}
     total = b.warmup + b.steps
-    if arm in _PREGENERATED:
+    if _pregenerated(arm):
         k_updates = cfg.steps_per_iteration
         # Warm the generation / reference code paths on a throwaway micro-batch, then one iteration.
-        _with_prepared(trainer, prepare(10**6, 1), True)
+        _from_rows(trainer.iteration_pairs, trainer, prepare(10**6, 1))
         prep_seconds.clear()
         phases.take()
         prepared = prepare(0, k_updates * accum)
         meter.reset()
         start = clock()
-        batches = _with_prepared(trainer, prepared, True)
+        batches = _from_rows(trainer.iteration_pairs, trainer, prepared)
         meter.sync()
         elapsed, seconds = clock() - start, phases.take()
         result["pregeneration"] = {
@@ -462,15 +369,15 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
             return trainer.optimizer_step(group)
     else:
         work = [prepare(i * accum, accum) for i in range(total)]
-        if arm == "sspo-online":
+        if not cfg.pregenerate:  # online: the step builds its pairs
 
             def step(group):
-                return trainer.optimizer_step(_with_prepared(trainer, group, True))
-        else:
-            work = [_with_prepared(trainer, group, False) for group in work]
+                return trainer.optimizer_step(_from_rows(builder.build, trainer, group))
+        else:  # reference errors not cached: computed in the step, as Diffusion-DPO does
+            work = [_from_rows(lambda ms: builder.build(ms, with_reference=False), trainer, group) for group in work]
 
             def step(group):
-                return trainer.optimizer_step(group)
+                return trainer.optimizer_step(builder.complete(group))
 
     times, walls, cpus, breakdown = [], [], [], []
     for i, group in enumerate(work):
@@ -508,16 +415,16 @@ def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _Phas
     per_batch = len(batches[0])
     chunk = batches[: max(1, min(len(batches), math.ceil(cfg.negatives.batch_size / per_batch)))]
     images = sum(len(x) for x in chunk)
-    original = trainer.pairs.sampler_cfg
+    original = trainer.pair_builder.sampler_cfg
     rates = {}
     try:
         for steps in sorted({cfg.negatives.steps, *b.sampler_steps}):
-            trainer.pairs.sampler_cfg = dataclasses.replace(original, steps=steps)
+            trainer.pair_builder.sampler_cfg = dataclasses.replace(original, steps=steps)
             phases.take()
-            _with_prepared(trainer, chunk, False)  # generation only
+            _from_rows(lambda ms: trainer.pair_builder.build(ms, with_reference=False), trainer, [(x.index, x.rows) for x in chunk])  # generation only
             rates[str(steps)] = images / phases.take()["generate"]
     finally:
-        trainer.pairs.sampler_cfg = original
+        trainer.pair_builder.sampler_cfg = original
     return {"images": images, "images_per_s": rates, "configured_steps": cfg.negatives.steps, "scheduler": cfg.negatives.scheduler,
             "guidance_scale": cfg.negatives.guidance_scale, "generation_batch_size": cfg.negatives.batch_size}
 
@@ -614,7 +521,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize(arms: dict[str, dict]) -> dict:
-    """Per-arm medians, all-in per-step cost, ratios to dpo, generation share, and the targets."""
+    """Per-arm medians, all-in per-step cost, ratios to dpo and generation share."""
     rows = {}
     for arm, r in arms.items():
         if "error" in r:
@@ -642,7 +549,6 @@ def summarize(arms: dict[str, dict]) -> dict:
     sspo = arms.get("sspo-pregenerated", {})
     if "generation" in sspo:
         summary["generation"] = generation_share(sspo)
-    summary["targets"] = _targets(rows, summary.get("generation"))
     return summary
 
 
@@ -667,22 +573,6 @@ def generation_share(r: dict) -> dict:
     return {"images_per_iteration": pre["images"], "measured_on_images": gen["images"], "steps": rows,
             "scheduler": gen["scheduler"], "guidance_scale": gen["guidance_scale"], "generation_batch_size": gen["generation_batch_size"],
             "configured_steps": gen["configured_steps"]}
-
-
-def _targets(rows: dict, generation: dict | None) -> dict:
-    targets = {}
-    sspo, dpo = rows.get("sspo-pregenerated", {}), rows.get(BASELINE, {})
-    if "error" not in sspo and "error" not in dpo and sspo and dpo:
-        targets["step_time"] = {"ratio": sspo["time_ratio"], "target": f"<= {TARGET_STEP_RATIO}", "met": sspo["time_ratio"] <= TARGET_STEP_RATIO}
-        mem = max(sspo["peak_mb"], sspo.get("pregeneration_peak_mb", 0.0)) / dpo["peak_mb"]
-        targets["peak_memory"] = {"ratio": mem, "target": "<= 1.0 (step and pregeneration phase)", "met": mem <= 1.0}
-    if generation:
-        paper = {s: v for s, v in generation["steps"].items() if 20 <= int(s) <= 50}
-        where = "at the paper's 20-50 sampler steps" if paper else "at the measured sampler steps (none in the paper's 20-50)"
-        paper = paper or generation["steps"]
-        worst = max(v["share"] for v in paper.values())
-        targets["generation_share"] = {"share": {s: v["share"] for s, v in paper.items()}, "target": f"<= {TARGET_GENERATION_SHARE:.0%} {where}", "met": worst <= TARGET_GENERATION_SHARE}
-    return targets
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -737,18 +627,7 @@ def format_table(result: dict) -> str:
         for steps, row in sorted(gen["steps"].items(), key=lambda kv: int(kv[0])):
             mark = " (configured)" if int(steps) == gen["configured_steps"] else ""
             lines.append(f"| {steps}{mark} | {_f(row['images_per_s'], 1)} | {_f(row['generate_s_per_iteration'], 2)} | {row['share']:.0%} |")
-    targets = result["summary"].get("targets", {})
-    if targets:
-        lines.append("")
-        lines.append("Targets (issue): " + "; ".join(
-            f"{name} {_target_value(t)} {t['target']}: {'met' if t['met'] else 'NOT met'}" for name, t in targets.items()))
     return "\n".join(lines)
-
-
-def _target_value(t: dict) -> str:
-    if "ratio" in t:
-        return f"{t['ratio']:.2f}"
-    return "/".join(f"{v:.0%}@{s}" for s, v in sorted(t["share"].items(), key=lambda kv: int(kv[0])))
 
 
 NOTES = """\
@@ -792,38 +671,88 @@ def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".json"), stem.with_suffix(".md")
 
 
+# Flags are the config's fields (``--batch-size`` sets ``batch_size``); help says what the field does.
+FLAG_HELP = {
+    "model": "tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder",
+    "batch_size": "per micro-batch (default: the demo config's 16)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
+    "precision": "mixed precision: no | fp16 | bf16",
+    "lora": "LoRA (--no-lora: full fine-tuning)",
+    "gradient_checkpointing": "recompute activations in the backward pass",
+    "warmup": "optimizer steps before timing",
+    "steps": "timed optimizer steps per arm",
+    "arms": f"comma-separated, some of {','.join(arm_overrides())}",
+    "sampler_steps": "also measure negative generation at these sampler steps (comma-separated)",
+    "steps_per_iteration": "K_updates (default: the demo config's 20)",
+    "pool_size": "checkpoints in the pool for the sspo arms",
+    "resolution": "training resolution (default: the model's native)",
+    "threads": "torch CPU threads (default: torch's)",
+    "clock": "wall | cpu (process CPU time: with --threads 1, robust on a shared CPU)",
+    "isolate": "each arm in a fresh subprocess (--no-isolate: in this process, CPU memory numbers less clean)",
+    "allow_cpu": "run --model sd15/sdxl without a GPU",
+}
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def add_arguments(parser) -> None:
+    """``sspo bench``'s flags, one per :class:`BenchConfig` field; key=value TrainConfig overrides last."""
+    import argparse
+
+    for field in dataclasses.fields(BenchConfig):
+        if field.name == "overrides":
+            continue
+        kind, default = str(field.type), field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if kind == "bool":
+            parser.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, help=FLAG_HELP[field.name])
+        elif kind.startswith("tuple"):
+            parser.add_argument(_flag(field), default=",".join(map(str, default)), help=FLAG_HELP[field.name])
+        else:
+            parser.add_argument(_flag(field), type=int if "int" in kind else str, default=default, help=FLAG_HELP[field.name])
+    parser.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
+
+
+def config_from_args(args) -> BenchConfig:
+    values = {}
+    for field in dataclasses.fields(BenchConfig):
+        value = getattr(args, field.name)
+        if str(field.type).startswith("tuple") and isinstance(value, str):
+            value = tuple((int(x) if "int" in str(field.type) else x) for x in value.split(",") if x)
+        values[field.name] = tuple(value) if field.name == "overrides" else value
+    return BenchConfig(**values)
+
+
 def _cli_args(b: dict) -> list[str]:
+    """The flags that reproduce ``b`` (a :class:`BenchConfig` as a dict), defaults left out."""
     default = dataclasses.asdict(BenchConfig())
     args = []
-    for key, value in b.items():
+    for field in dataclasses.fields(BenchConfig):
+        value = b[field.name]
         if isinstance(value, list):  # after a JSON round trip
             value = tuple(value)
-        if value == default[key] or key in ("isolate", "allow_cpu", "overrides"):
+        if value == default[field.name] or field.name == "overrides":
             continue
-        flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            args.append(flag if key != "lora" else "--full")
-        elif isinstance(value, (list, tuple)):
-            args.append(f"{flag} {','.join(map(str, value))}")
+            args.append(_flag(field) if value else "--no-" + _flag(field)[2:])
+        elif isinstance(value, tuple):
+            args.append(f"{_flag(field)} {','.join(map(str, value))}")
         else:
-            args.append(f"{flag} {value}")
+            args.append(f"{_flag(field)} {value}")
     return args + list(b.get("overrides", ()))
 
 
 def cli(args) -> None:
-    """``sspo bench`` (arguments defined in :mod:`sspo.cli`)."""
+    """``sspo bench`` (flags: :func:`add_arguments`)."""
     if args.worker:
         worker(args.worker, args.worker_config, args.worker_out)
         return
-    split = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
-    b = BenchConfig(
-        model=args.model, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, precision=args.precision,
-        lora=not args.full, gradient_checkpointing=args.gradient_checkpointing, warmup=args.warmup, steps=args.steps,
-        arms=split(args.arms), sampler_steps=tuple(int(x) for x in split(args.sampler_steps)), steps_per_iteration=args.steps_per_iteration,
-        pool_size=args.pool_size, resolution=args.resolution, threads=args.threads, clock=args.clock, isolate=not args.in_process,
-        allow_cpu=args.allow_cpu, overrides=tuple(args.overrides),
-    )
-    result = run_bench(b)
+    result = run_bench(config_from_args(args))
     print(format_table(result))
     if args.out:
         for path in write_results(result, args.out):

@@ -1,11 +1,12 @@
-"""``sspo eval --prompts ...``: models x prompt set x seeds -> images -> reward models -> Table 1.
+"""``sspo eval``: models x prompt set x seeds -> images -> metrics -> Table 1, on disk and resumable.
 
-:func:`run_eval` generates one image per (model, prompt, seed), scores every image with every
-metric (a :func:`sspo.scorers.build_scorer` name) and writes, under ``out``::
+:func:`run_eval` generates one image per (model, prompt, seed) of :func:`sspo.evaluate.eval_items`,
+scores every image with every metric (a :func:`sspo.scorers.build_scorer` name; the ``shapes``
+metric adds a column per component) and writes, under ``out``::
 
     images/<model>/<prompt_index>-<seed>.png   every sample, written atomically; never regenerated
     images/<model>/manifest.json               the generation settings and the prompt of every index
-    scores.csv                                 one row per image, one column per metric
+    scores.csv                                 one row per image, one column per metric column
     scorers.json                               the weights behind each complete metric column
     summary.json, summary.md                   mean and 95% CI per model x category x metric
     reward_hist.png                            one panel per metric, one histogram per model
@@ -36,16 +37,15 @@ import torch
 from PIL import Image
 
 from .errors import DataError, ModelError, SSPOError
+from .evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, metric_columns, score_columns, select_prompts
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .sample import generate, image_grid, save_png
-from .scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
-from .scorers.prompts import PromptItem, load_prompt_set
+from .scorers import SCORER_NAMES, build_scorer
+from .scorers.prompts import PromptItem
 from .scorers.stats import summarize
 
 log = logging.getLogger(__name__)
 
-PROMPT_SETS = ("shapes", "pickapic_val", "hpsv2", "parti")
-SHAPES_METRICS = ("shapes",)
 ALL = "all"  # the summary group holding every prompt
 KEY_COLUMNS = ("model", "prompt_set", "category", "prompt_index", "seed", "prompt")
 SCORE_CHUNK = 256  # images read from disk at a time while scoring
@@ -63,16 +63,6 @@ class ModelSpec:
     def folder(self) -> str:
         """The name made safe as a folder name."""
         return re.sub(r"[^A-Za-z0-9._+-]+", "_", self.name).strip("._") or "model"
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One image of every model: prompt ``prompt_index`` of the set, sampled with ``seed``."""
-
-    prompt_index: int
-    seed: int
-    prompt: str
-    category: str | None
 
 
 def model_specs(models: Sequence[str], loras: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[ModelSpec]:
@@ -107,76 +97,26 @@ def check_models(models: Sequence[ModelSpec]) -> None:
             raise SSPOError(f"two models share the {what} {dupes[0]!r}; give each --model its own --name")
 
 
-def default_metrics(prompts: str) -> tuple[str, ...]:
-    """The exact evaluator for the shapes world, the paper's four reward models otherwise."""
-    return SHAPES_METRICS if prompts == "shapes" else PAPER_METRICS
-
-
-def check_metrics(metrics: Sequence[str]) -> list[str]:
-    metrics = list(dict.fromkeys(m.strip() for m in metrics if m.strip()))
-    if not metrics:
-        raise SSPOError(f"no metrics given; choose from {', '.join(SCORER_NAMES)}")
-    for metric in metrics:
-        if metric not in SCORER_NAMES:
-            raise SSPOError(f"unknown metric {metric!r}; expected one of {', '.join(SCORER_NAMES)}")
-    return metrics
-
-
-def select_prompts(items: Sequence[PromptItem], limit: int | None) -> list[tuple[int, PromptItem]]:
-    """(index in the full set, item); ``limit`` keeps the first prompts of every category."""
-    if limit is not None and limit < 1:
-        raise SSPOError(f"limit must be >= 1, got {limit}")
-    taken: dict[str | None, int] = {}
-    selected = []
-    for index, item in enumerate(items):
-        if limit is None or taken.get(item.category, 0) < limit:
-            taken[item.category] = taken.get(item.category, 0) + 1
-            selected.append((index, item))
-    return selected
-
-
 def image_path(out: Path, model: ModelSpec, item: Item) -> Path:
     return out / "images" / model.folder / f"{item.prompt_index}-{item.seed}.png"
 
 
 def run_eval(
     models: Sequence[ModelSpec],
-    prompts: str,
-    metrics: Sequence[str] | None,
-    seeds: Sequence[int],
+    cfg: EvalConfig,
     out: str | Path,
     *,
-    prompt_source: str | None = None,
-    steps: int = 20,
-    guidance_scale: float = 5.0,
-    batch_size: int = 16,
-    limit: int | None = None,
-    resolution: int | None = None,
     scorer_paths: Mapping[str, str] | None = None,
     scorer_options: Mapping[str, Mapping] | None = None,
-    scorer_batch_size: int = 16,
-    split_seed: int = 0,
-    per_split: int = 24,
     device: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    grid_prompts: int = 8,
 ) -> dict:
     """Generate (what is missing), score (what is not cached) and write every output; returns the summary.
 
-    ``prompts``: ``shapes``, ``pickapic_val``, ``hpsv2``, ``parti`` (``prompt_source``: a local copy,
-    default the hub) or a prompt file; ``split_seed`` / ``per_split`` pick the shapes prompts.
     ``scorer_paths`` / ``scorer_options``: per metric, the weights and ``build_scorer`` options.
     """
     out = Path(out)
     check_models(models)
-    metrics = check_metrics(default_metrics(prompts) if metrics is None else metrics)
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not seeds:
-        raise SSPOError("no seeds given; pass e.g. --seeds 0,1")
-    positive = {"steps": steps, "batch_size": batch_size, "scorer_batch_size": scorer_batch_size, "per_split": per_split, "grid_prompts": grid_prompts}
-    for key, value in positive.items():
-        if value < 1:
-            raise SSPOError(f"{key} must be >= 1, got {value}")
+    metrics = cfg.metric_names
     scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
     for metric in [*scorer_paths, *scorer_options]:
         if metric not in SCORER_NAMES:
@@ -186,53 +126,42 @@ def run_eval(
             raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    set_name = prompts if prompts in PROMPT_SETS else Path(prompts).name
+    set_name = cfg.prompts if cfg.prompts in PROMPT_SETS else Path(cfg.prompts).name
     try:
-        prompt_items = load_prompt_set(prompts, prompt_source, seed=split_seed, per_split=per_split)
+        selected = select_prompts(cfg)
     except DataError as exc:
-        hint = " (CLI: --prompt-source PATH)" if prompts in PROMPT_SETS and prompts != "shapes" and prompt_source is None else ""
+        hint = " (CLI: --prompt-source PATH)" if cfg.prompts in PROMPT_SETS and cfg.prompts != "shapes" and cfg.prompt_source is None else ""
         raise DataError(f"{exc}{hint}") from None
-    selected = select_prompts(prompt_items, limit)
-    if "shapes" in metrics:
-        _check_shapes_prompts(item.prompt for _, item in selected)
-    items = [Item(index, seed, p.prompt, p.category) for index, p in selected for seed in seeds]
+    items = [Item(index, seed, p.prompt, p.category) for index, p in selected for seed in cfg.seeds]
 
     settings = {
-        "prompt_set": set_name, "steps": steps, "guidance_scale": guidance_scale, "resolution": resolution,
-        "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type,
+        "prompt_set": set_name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "resolution": cfg.resolution,
+        "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."), "device": torch.device(device).type,
     }
     for model in models:
-        generate_missing(model, items, out, settings, batch_size=batch_size, device=device, dtype=dtype)
+        generate_missing(model, items, out, settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
 
     identities = {m: {"path": scorer_paths.get(m), "options": {k: str(v) for k, v in sorted(scorer_options.get(m, {}).items())}} for m in metrics}
-    rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=scorer_batch_size, device=device)
+    rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=cfg.scorer_batch_size, device=device)
+    columns = [c for m in metrics for c in metric_columns(m)]
 
     summary = {
         "prompt_set": set_name,
-        "prompt_source": prompt_source,
+        "prompt_source": cfg.prompt_source,
         "n_prompts": len(selected),
-        "seeds": seeds,
-        "metrics": metrics,
-        "settings": settings | {"limit": limit} | ({"split_seed": split_seed, "per_split": per_split} if prompts == "shapes" else {}),
+        "seeds": list(cfg.seeds),
+        "metrics": list(metrics),
+        "columns": columns,
+        "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.prompts == "shapes" else {}),
         "models": [dataclasses.asdict(m) for m in models],
         "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
-        "results": summarize_rows(rows, models, metrics),
+        "results": summarize_rows(rows, models, columns),
     }
     atomic_write_json(out / "summary.json", _json_safe(summary))
     atomic_write_text(out / "summary.md", format_summary(summary))
     plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
-    write_grid(models, selected, seeds[0], out, grid_prompts)
+    write_grid(models, selected, cfg.seeds[0], out, cfg.grid_prompts)
     return summary
-
-
-def _check_shapes_prompts(prompts) -> None:
-    from .worlds.shapes import parse_prompt
-
-    for prompt in prompts:
-        try:
-            parse_prompt(prompt)
-        except SSPOError as exc:
-            raise SSPOError(f"metric 'shapes' scores shapes-world prompts only (use --prompts shapes): {exc}") from None
 
 
 def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, settings: dict, *, batch_size: int, device: str, dtype: torch.dtype) -> int:
@@ -306,6 +235,7 @@ def score_all(
     csv_path, ident_path = out / "scores.csv", out / "scorers.json"
     cached_ident = json.loads(ident_path.read_text()) if ident_path.is_file() else {}
     valid = [m for m in metrics if cached_ident.get(m) == identities[m]]
+    columns = {m: metric_columns(m) for m in metrics}
     cache = _read_scores(csv_path)
     rows = []
     for model in models:
@@ -314,12 +244,12 @@ def score_all(
                    "prompt_index": item.prompt_index, "seed": item.seed, "prompt": item.prompt}
             old = cache.get((model.name, set_name, item.prompt_index, item.seed))
             if old is not None and old["prompt"] == item.prompt:
-                row |= {m: float(old[m]) for m in valid if old.get(m) not in (None, "")}
+                row |= {c: float(old[c]) for m in valid for c in columns[m] if old.get(c) not in (None, "")}
             rows.append(row)
 
     done = list(valid)
     for metric in metrics:
-        missing = [r for r in rows if metric not in r]
+        missing = [r for r in rows if any(c not in r for c in columns[metric])]
         if not missing:
             continue
         try:
@@ -337,17 +267,18 @@ def score_all(
                 for r in chunk:
                     with Image.open(image_path(out, by_name[r["model"]], Item(r["prompt_index"], r["seed"], r["prompt"], None))) as im:
                         images.append(im.convert("RGB"))
-                for r, value in zip(chunk, scorer.score(images, [r["prompt"] for r in chunk]).tolist()):
-                    r[metric] = value
+                scores = score_columns(scorer, metric, images, [r["prompt"] for r in chunk])
+                for k, r in enumerate(chunk):
+                    r |= {c: values[k] for c, values in scores.items()}
                 bar.update(len(chunk))
         del scorer
         _free_memory()
         # scorers.json never claims a column that scores.csv does not hold complete: drop, write, claim.
         atomic_write_json(ident_path, {m: identities[m] for m in done if m != metric})
-        _write_scores(csv_path, rows, metrics)
+        _write_scores(csv_path, rows, [c for m in metrics for c in columns[m]])
         done.append(metric)
         atomic_write_json(ident_path, {m: identities[m] for m in done})
-    _write_scores(csv_path, rows, metrics)
+    _write_scores(csv_path, rows, [c for m in metrics for c in columns[m]])
     atomic_write_json(ident_path, {m: identities[m] for m in metrics})
     return rows
 
@@ -374,17 +305,17 @@ def _read_scores(path: Path) -> dict[tuple, dict]:
         return {}
 
 
-def _write_scores(path: Path, rows: Sequence[dict], metrics: Sequence[str]) -> None:
+def _write_scores(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
     with atomic_path(path) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *metrics], restval="")
+            writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *columns], restval="")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def summarize_rows(rows: Sequence[dict], models: Sequence[ModelSpec], metrics: Sequence[str]) -> dict:
-    """``{model: {group: {metric: summarize(...)}}}``; groups: ``all``, then each category in order."""
+def summarize_rows(rows: Sequence[dict], models: Sequence[ModelSpec], columns: Sequence[str]) -> dict:
+    """``{model: {group: {column: summarize(...)}}}``; groups: ``all``, then each category in order."""
     categories = list(dict.fromkeys(r["category"] for r in rows if r["category"]))
     results: dict = {}
     for model in models:
@@ -396,8 +327,8 @@ def summarize_rows(rows: Sequence[dict], models: Sequence[ModelSpec], metrics: S
             for r in members:
                 per_prompt.setdefault(r["prompt_index"], []).append(r)
             results[model.name][group] = {
-                metric: summarize(math.fsum(r[metric] for r in rs) / len(rs) for rs in per_prompt.values())
-                for metric in metrics
+                column: summarize(math.fsum(r[column] for r in rs) / len(rs) for rs in per_prompt.values())
+                for column in columns
             }
     return results
 
@@ -421,8 +352,8 @@ def _cell(stats: dict, best: bool) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    """Markdown: one Table-1-style table (models x metrics, mean ± 95% CI half-width) per category."""
-    results, metrics = summary["results"], summary["metrics"]
+    """Markdown: one Table-1-style table (models x metric columns, mean ± 95% CI half-width) per category."""
+    results, metrics = summary["results"], summary["columns"]
     settings = summary["settings"]
     lines = [
         f"# Evaluation on {summary['prompt_set']}",

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 from .train_config import TrainConfig
 
-_METHODS = {
-    "sft": "supervised fine-tuning on the preferred images",
-    "dpo": "Diffusion-DPO on the dataset's (preferred, rejected) pairs",
-    "spin": "SPIN-Diffusion-style self-play against the latest checkpoint",
-    "sspo": "Self-Sampling Preference Optimization (SSPO)",
-}
-
 
 def summarize(cfg: TrainConfig, processes: int) -> dict[str, str]:
     """The settings that define a run, one line each (model card and ``sspo train --dry-run``)."""
     o = cfg.optim
     rows = {
-        "method": f"{cfg.method}: {_METHODS[cfg.method]}",
+        "method": f"{cfg.method}: {cfg.spec.description}",
         "fine-tuning": f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" if cfg.model.lora else "full UNet",
         "data": f"{cfg.data.source} {cfg.data.path or '(shapes world)'}, {cfg.data.resolution} px, mode {cfg.data.mode}",
         "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
@@ -58,7 +51,7 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str,
         "",
         f"# {cfg.method.upper()} fine-tune of {cfg.model.pretrained}",
         "",
-        f"Fine-tuned by {_METHODS[cfg.method]} with sspo, an implementation of *Bridging SFT and DPO for Diffusion "
+        f"Fine-tuned by {cfg.spec.description} with sspo, an implementation of *Bridging SFT and DPO for Diffusion "
         "Model Alignment with Self-Sampling Preference Optimization*. The full training config is `sspo_config.yaml` here.",
         "",
         "| setting | value |",

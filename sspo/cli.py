@@ -20,7 +20,7 @@ def _base(args) -> None:
 def _sample(args) -> None:
     from .models.pipeline import load_pipeline
     from .sample import generate, image_grid, save_png
-    from .trainer import resolve_model
+    from .models.names import resolve_model
 
     prompts = args.prompt
     if args.shapes_check:
@@ -35,78 +35,54 @@ def _sample(args) -> None:
     print(args.out)
 
 
-# `sspo eval` options that only the benchmark mode (--prompts) reads.
-_BENCHMARK_ONLY = (
-    "metrics", "prompt_source", "limit", "resolution", "scorer_path", "scorer_option", "scorer_batch_size",
-    "dtype", "split_seed", "per_split", "grid_prompts",
-)
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def _eval(args) -> None:
-    from .benchmark_eval import check_metrics, model_specs
-    from .trainer import resolve_model
+    from .benchmark_eval import format_summary, model_specs, run_eval
+    from .evaluate import EvalConfig
+    from .models.names import resolve_model
 
-    specs = model_specs(args.model, args.lora, args.name)
-    seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else None
-    if args.prompts is not None and args.metrics is not None:
-        check_metrics(args.metrics.split(","))  # before building any shapes-base model
-    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in specs]
-    if args.prompts is None:
-        given = [f"--{k.replace('_', '-')}" for k in _BENCHMARK_ONLY if getattr(args, k) is not None]
-        if given:
-            raise SSPOError(f"{', '.join(given)} need --prompts (e.g. --prompts shapes)")
-        _eval_shapes_table(args, specs, seeds)
-        return
-    if args.overrides:
-        raise SSPOError(
-            f"key=value overrides ({' '.join(args.overrides)}) configure the shapes table without --prompts; "
-            "with --prompts use --steps, --seeds, --guidance-scale, --batch-size, --per-split"
-        )
-    import torch
-
-    from .benchmark_eval import format_summary, run_eval
-
-    out = _default(args.out, "runs/eval")
-    summary = run_eval(
-        specs, args.prompts, args.metrics.split(",") if args.metrics is not None else None,
-        _default(seeds, [0, 1]), out,
-        prompt_source=args.prompt_source,
-        steps=_default(args.steps, 20),
-        guidance_scale=_default(args.guidance_scale, 5.0),
-        batch_size=_default(args.batch_size, 16),
-        limit=args.limit,
-        resolution=args.resolution,
-        scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"),
-        scorer_options=_scorer_options(args.scorer_option),
-        scorer_batch_size=_default(args.scorer_batch_size, 16),
-        split_seed=_default(args.split_seed, 0),
-        per_split=_default(args.per_split, 24),
-        dtype=getattr(torch, _DTYPES[_default(args.dtype, "fp32")]),
-        grid_prompts=_default(args.grid_prompts, 8),
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
+    values["metrics"] = tuple(args.metrics.split(",")) if args.metrics else ()
+    values["seeds"] = tuple(_int_list(args.seeds, "--seeds"))
+    cfg = EvalConfig(**values)  # checked before any shapes-base model is built
+    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in model_specs(args.model, args.lora, args.name)]
+    summary = run_eval(specs, cfg, args.out, scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
     print(format_summary(summary))
-    print(out)
+    print(args.out)
 
 
-def _default(value, default):
-    return default if value is None else value
+def _add_eval_arguments(p) -> None:
+    """One flag per :class:`~sspo.evaluate.EvalConfig` field, defaults from the config itself."""
+    from .evaluate import DTYPES, PROMPT_SETS, EvalConfig
+    from .scorers import PAPER_METRICS, SCORER_NAMES
 
-
-def _eval_shapes_table(args, specs, seeds) -> None:
-    """The original `sspo eval`: the exact evaluator's table on seen and held-out prompts."""
-    from .config import apply_overrides, from_dict
-    from .evaluate import EvalConfig, evaluate_model, format_table, write_results
-
-    flags = {"steps": args.steps, "guidance_scale": args.guidance_scale, "batch_size": args.batch_size}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if seeds is not None:
-        overrides.append(f"seeds=[{','.join(map(str, seeds))}]")
-    cfg = from_dict(EvalConfig, apply_overrides({}, [*overrides, *args.overrides]))
-    results = {spec.name: evaluate_model(spec.path, cfg, lora=spec.lora)[0] for spec in specs}
-    print(format_table(results))
-    if args.out:
-        write_results(results, args.out)
+    help = {
+        "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
+        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: shapes for --prompts shapes, else {','.join(PAPER_METRICS)})",
+        "seeds": "comma-separated sampler seeds",
+        "steps": "sampler steps",
+        "batch_size": "images per generation batch",
+        "resolution": "image side in pixels (default: the model's native)",
+        "dtype": f"diffusion model precision: {' | '.join(DTYPES)}",
+        "limit": "at most N prompts per category (quick runs)",
+        "split_seed": "--prompts shapes: the world's train/held-out split",
+        "prompts_per_split": "--prompts shapes: prompts per split (seen, held-out)",
+        "prompt_source": "local copy of a named prompt set (default: its hub dataset); see docs/scorers.md",
+        "scorer_batch_size": "images per scorer batch",
+        "grid_prompts": "columns of grid.png",
+    }
+    defaults = EvalConfig()
+    for field in dataclasses.fields(EvalConfig):
+        default = getattr(defaults, field.name)
+        kind = str(field.type)
+        flag = "--" + field.name.replace("_", "-")
+        text = help.get(field.name, field.name.replace("_", " "))
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if shown not in (None, ""):
+            text += f" (default: {shown})"
+        if kind.startswith("tuple"):
+            p.add_argument(flag, default=shown, help=text)
+        else:
+            p.add_argument(flag, type=int if "int" in kind else float if "float" in kind else str, default=default, help=text)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -157,7 +133,10 @@ def _demo(args) -> None:
 def _compare(args) -> None:
     from .compare import run_compare
 
-    arms = [a for a in (args.methods + "," + args.ablations).split(",") if a]
+    from .compare import table1
+
+    methods = ",".join(table1()) if args.methods is None else args.methods
+    arms = [a for a in (methods + "," + args.ablations).split(",") if a]
     run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]))
 
 
@@ -191,32 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="score models: the shapes world's exact table, or a benchmark with reward models (--prompts)",
-        description="Without --prompts: the shapes world's exact scores on seen and held-out prompts (key=value "
-        "EvalConfig overrides, --out FILE.json). With --prompts: generate with fixed seeds (resumable), score with "
-        "--metrics, write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out DIR.",
+        help="score models on a prompt set with metrics (the shapes world's exact evaluator or reward models)",
+        description="Generate one image per (model, prompt, seed) (resumable), score every image with every metric, "
+        "write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out.",
     )
     p.add_argument("--model", action="append", required=True, help="diffusers folder, hub id or shapes-base[:quick]; repeat for several")
     p.add_argument("--lora", action="append", help="LoRA folder per --model, in order (none: no LoRA)")
     p.add_argument("--name", action="append", help="row label per --model, in order")
-    p.add_argument("--out", help="without --prompts: write the summary as JSON here; with --prompts: output folder (default runs/eval)")
-    p.add_argument("--prompts", help="shapes | pickapic_val | hpsv2 | parti | a prompt file (.txt .json .jsonl .tsv .csv .parquet)")
-    p.add_argument("--prompt-source", help="local copy of a named prompt set (default: its hub dataset); see docs/scorers.md")
-    p.add_argument("--metrics", help="comma-separated scorers (default: shapes for --prompts shapes, else pickscore,hpsv2,imagereward,aesthetic)")
-    p.add_argument("--seeds", help="comma-separated sampler seeds (default 0,1)")
-    p.add_argument("--steps", type=int, help="sampler steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, help="default 5.0")
-    p.add_argument("--batch-size", type=int, help="images per generation batch (default 16)")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), help="diffusion model precision (default fp32)")
-    p.add_argument("--limit", type=int, help="at most N prompts per category (quick runs)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    _add_eval_arguments(p)
     p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat")
     p.add_argument("--scorer-option", action="append", metavar="METRIC.OPTION=VALUE", help="a build_scorer option, e.g. pickscore.processor=PATH; repeat")
-    p.add_argument("--scorer-batch-size", type=int, help="images per scorer batch (default 16)")
-    p.add_argument("--split-seed", type=int, help="--prompts shapes: the world's train/held-out split (default 0)")
-    p.add_argument("--per-split", type=int, help="--prompts shapes: prompts per split (default 24)")
-    p.add_argument("--grid-prompts", type=int, help="columns of grid.png (default 8)")
-    p.add_argument("overrides", nargs="*", help="without --prompts: EvalConfig overrides, e.g. prompts_per_split=48")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")
@@ -228,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
-    p.add_argument("--methods", default="base,sft,dpo,spin,sspo,sspo_r")
+    p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
     p.add_argument("--ablations", default="ssr_off,indicator,erd_initial,erd_last")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
     p.add_argument("--out", default="runs/compare")
@@ -237,28 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
-    p.add_argument("--model", default="tiny", help="tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder")
-    p.add_argument("--batch-size", type=int, help="per micro-batch (default: the demo config's 16)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--precision", default="no", choices=("no", "fp16", "bf16"))
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per arm")
-    p.add_argument("--arms", default="sft,dpo,dpo-cached,sspo-online,sspo-pregenerated")
-    p.add_argument("--sampler-steps", default="20,50", help="also measure negative generation at these sampler steps")
-    p.add_argument("--steps-per-iteration", type=int, help="K_updates (default: the demo config's 20)")
-    p.add_argument("--pool-size", type=int, default=3, help="checkpoints in the pool for the sspo arms")
-    p.add_argument("--resolution", type=int, help="training resolution (default: the model's native)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu: process CPU time (with --threads 1, robust on a shared CPU)")
-    p.add_argument("--in-process", action="store_true", help="run arms in this process (CPU memory numbers then less clean)")
-    p.add_argument("--allow-cpu", action="store_true", help="run --model sd15/sdxl without a GPU")
-    p.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-config", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
+    from .bench import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
@@ -266,6 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """Without --verbose, the libraries' notices and progress bars give way to sspo's own output."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Every pipeline load draws "Loading pipeline components" / "Loading weights" bars, dozens per
+    # run; sspo's own bars (one per phase) and summaries stay.
+    for library in (diffusers_logging, transformers_logging):
+        if quiet:
+            library.disable_progress_bar()
+        else:
+            library.enable_progress_bar()
+    if not quiet:
+        return
+    for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):  # per-call notices (safety checker, state files)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
+    warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,18 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # the libraries' per-call notices (safety checker, state files) drown our progress
-        for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        import warnings
-
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
-        warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_libraries(not args.verbose)
     try:
         args.func(args)
     except SSPOError as exc:

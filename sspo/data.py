@@ -12,11 +12,10 @@ epoch)``, so a resumed run sees exactly the images an uninterrupted one would ha
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,13 +23,13 @@ from PIL import Image
 
 from .config import check, one_of
 from .errors import DataError
-from .worlds.shapes import load_image
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("parquet", "imagefolder", "hf", "shapes")
 MODES = ("winners", "random")
 TIE = 0.5
+LABELS = (0.0, TIE, 1.0)  # image_1 wins, a tie, image_0 wins
 # Tags keep the random streams of different decisions independent even for equal (seed, row, epoch).
 _SIDE_STREAM, _AUGMENT_STREAM = 1, 2
 
@@ -53,7 +52,6 @@ class DataConfig:
     random_flip: bool = False  # horizontal flip with probability 0.5
     max_samples: int | None = None  # keep only the first N rows (after tie removal); None = all
     seed: int = 0  # seeds SSPOr sides, random crops and flips
-    streaming: bool = False  # iterate rows without loading the table (datasets larger than memory)
     world_pairs_per_prompt: int = 4  # source "shapes": pairs rendered per alignment-train combination
     world_split_seed: int = 0  # source "shapes": the world's train / held-out split
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
@@ -83,9 +81,7 @@ class DataConfig:
 class _Source:
     where: str  # what error messages call it
     files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
-    # load(columns, streaming): map-style rows (len, [i], .column(name)), or for streaming a
-    # picklable callable (DataLoader workers may not fork) returning an iterator of rows.
-    load: Callable[[list[str], bool], Any]
+    load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
 
 
 class _ArrowRows:
@@ -138,21 +134,11 @@ def _open_parquet(cfg: DataConfig) -> _Source:
     except Exception as exc:  # pyarrow raises several types for a non-parquet file
         raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
 
-    def load(columns: list[str], streaming: bool) -> Any:
-        if streaming:
-            return functools.partial(_iter_parquet, files, columns)
+    def load(columns: list[str]) -> Any:
         tables = [pq.read_table(f, columns=columns) for f in files]
         return _ArrowRows(pa.concat_tables(tables, promote_options="permissive"))
 
     return _Source(cfg.path, schemas, load)
-
-
-def _iter_parquet(files: list[Path], columns: list[str]) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
-            yield from batch.to_pylist()
 
 
 def _open_imagefolder(cfg: DataConfig) -> _Source:
@@ -186,9 +172,11 @@ def _open_imagefolder(cfg: DataConfig) -> _Source:
         raise DataError(f"{meta} lists no images")
     names = list(dict.fromkeys(k for row in rows for k in row))
 
-    def load(columns: list[str], streaming: bool) -> Any:
-        selected = [{c: row.get(c) for c in columns} for row in rows]
-        return functools.partial(iter, selected) if streaming else _ArrowRows(pa.Table.from_pylist(selected))
+    def load(columns: list[str]) -> Any:
+        try:
+            return _ArrowRows(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
+            raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
 
     return _Source(str(meta), [(str(meta), names)], load)
 
@@ -207,23 +195,21 @@ def _open_hf(cfg: DataConfig) -> _Source:
                 if cfg.split not in ds:
                     raise DataError(f"{cfg.path} has no split {cfg.split!r} (data.split); splits: {', '.join(ds)}")
                 ds = ds[cfg.split]
-            if cfg.streaming:
-                ds = ds.to_iterable_dataset()
         else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split, streaming=cfg.streaming)
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
     except DataError:
         raise
     except Exception as exc:  # hub, network and format errors all mean "cannot load this"
         raise DataError(f"cannot load dataset {cfg.path!r} (data.path, split {cfg.split!r}): {exc}") from None
     names = list(ds.column_names or next(iter(ds)).keys())
 
-    def load(columns: list[str], streaming: bool) -> Any:
+    def load(columns: list[str]) -> Any:
         selected = ds.select_columns(columns)
         # Keep images encoded: decoding happens per item, where a corrupt one can be skipped.
         for name, feature in (selected.features or {}).items():
             if isinstance(feature, datasets.Image):
                 selected = selected.cast_column(name, datasets.Image(decode=False))
-        return functools.partial(iter, selected) if streaming else _HFRows(selected)
+        return _HFRows(selected)
 
     return _Source(cfg.path, [(cfg.path, names)], load)
 
@@ -235,9 +221,32 @@ _OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "hf": _o
 # From a row dict to an item
 
 
+
+def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
+    """Open an image as RGB, turning a corrupt file into a DataError that names it."""
+    import io
+
+    try:
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with Image.open(source) as image:
+            return _rgb(image)
+    except Exception as exc:  # PIL raises many types for corrupt data (and DecompressionBombError for huge images)
+        raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode: 16-bit values scaled down (PIL's own conversion clips them, turning
+    most of an image white) and transparent pixels over white (not the colour hidden under them)."""
+    if image.mode.startswith("I"):  # 16-bit grayscale PNGs open as I;16 or I
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("RGB")
+
 def _open_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return _rgb(value)
     if isinstance(value, dict):  # how datasets stores an Image feature
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -265,7 +274,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class _Reader:
-    """Turns a source row into an item; shared by the map-style and streaming datasets."""
+    """Turns a source row into an item: decoding, winner choice, crop, flip."""
 
     def __init__(self, cfg: DataConfig, source: _Source):
         self.cfg = cfg
@@ -295,6 +304,15 @@ class _Reader:
                 )
         self.columns = list(self.keys)
 
+    def check_labels(self, labels: list) -> None:
+        """Every label must say who won; anything else would silently train on the wrong side."""
+        for row_id, label in enumerate(labels):
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
+                raise DataError(
+                    f"{self.where} row {row_id}: label {label!r} in column {self.cfg.label_column!r} (data.label_column) "
+                    "must be 1 (image_0 wins), 0 (image_1 wins) or 0.5 (a tie); fix or drop the row"
+                )
+
     def keep(self, label: Any) -> bool:
         return not (self.pairs and self.cfg.remove_ties and float(label) == TIE)
 
@@ -311,6 +329,9 @@ class _Reader:
             names = [cfg.image_1_column, cfg.image_0_column] if swap else [cfg.image_0_column, cfg.image_1_column]
         else:
             prompt, names = row[cfg.text_column], [cfg.image_column]
+        if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
+            column = cfg.caption_column if self.pairs else cfg.text_column
+            raise DataError(f"{where}: caption {prompt!r} in column {column!r} is not a non-empty string")
         images = [_open_image(row[n], f"{where} column {n!r}") for n in names]
         # One draw per item, shared by winner and loser, so a pair stays aligned.
         fx, fy, u = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(3)
@@ -318,7 +339,7 @@ class _Reader:
         flip = cfg.random_flip and u < 0.5
         tensors = [_to_tensor(_resize_crop_flip(im, cfg.resolution, offset, flip)) for im in images]
         return {
-            "prompt": "" if prompt is None else str(prompt),
+            "prompt": prompt,
             "winner": tensors[0],
             "loser": tensors[1] if len(tensors) > 1 else None,
             "index": index,
@@ -329,30 +350,13 @@ class _Reader:
         if row_id not in self._bad:
             self._bad.add(row_id)
             self.skipped += 1
-            log.warning("skipping unreadable row: %s", error)
+            log.warning("skipping unreadable row (%d so far): %s", self.skipped, error)
 
     def is_bad(self, row_id: int) -> bool:
         return row_id in self._bad
 
 
-class _Common:
-    _reader: _Reader
-
-    @property
-    def has_losers(self) -> bool:
-        return self._reader.pairs
-
-    @property
-    def skipped(self) -> int:
-        """Unreadable rows seen so far (per process: DataLoader workers count their own)."""
-        return self._reader.skipped
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's random crops and flips; call before each epoch to vary them."""
-        self._reader.epoch = int(epoch)
-
-
-class PreferenceDataset(_Common, torch.utils.data.Dataset):
+class PreferenceDataset(torch.utils.data.Dataset):
     """Map-style dataset; items are ``{prompt, winner, loser, index}``.
 
     An unreadable row is replaced by the next readable one (``index`` is the row served), so a
@@ -365,11 +369,25 @@ class PreferenceDataset(_Common, torch.utils.data.Dataset):
         row_ids = range(len(rows))
         if reader.pairs:
             labels = rows.column(cfg.label_column)
+            reader.check_labels(labels)
             row_ids = [i for i in row_ids if reader.keep(labels[i])]
         self._row_ids = list(row_ids)[: cfg.max_samples]
         if not self._row_ids:
             ties = " after removing ties (data.remove_ties)" if reader.pairs and cfg.remove_ties else ""
             raise DataError(f"{reader.where} has no rows{ties}")
+
+    @property
+    def has_losers(self) -> bool:
+        return self._reader.pairs
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable rows seen so far."""
+        return self._reader.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random crops and flips; call before each epoch to vary them."""
+        self._reader.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self._row_ids)
@@ -387,45 +405,10 @@ class PreferenceDataset(_Common, torch.utils.data.Dataset):
                 return self._reader.item(i, row_id, self._rows[row_id])
             except DataError as exc:
                 self._reader.skip(row_id, exc)
-        raise DataError(f"no readable image in any row of {self._reader.where}")
+        raise DataError(f"no readable row (image and caption) in {self._reader.where}")
 
 
-class StreamingPreferenceDataset(_Common, torch.utils.data.IterableDataset):
-    """Rows in file order without loading the table; same items as :class:`PreferenceDataset`.
-
-    Item ``index`` k goes to shard ``k % (world_size * workers)``. Every shard reads all rows but
-    decodes only its own, which keeps shards balanced for any number of files or row groups.
-    Unreadable rows are skipped (not replaced). Shuffle shards beforehand if file order is sorted.
-    """
-
-    def __init__(self, cfg: DataConfig, stream: Callable[[], Iterator[dict]], reader: _Reader, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
-        self._reader = reader
-        self._stream = stream
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-
-    def __iter__(self) -> Iterator[dict]:
-        worker = torch.utils.data.get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        shards, shard = self.world_size * workers, self.rank * workers + worker_id
-        kept = 0
-        for row_id, row in enumerate(self._stream()):
-            if self.cfg.max_samples is not None and kept >= self.cfg.max_samples:
-                return
-            if not self._reader.keep(row.get(self.cfg.label_column)):
-                continue
-            index, kept = kept, kept + 1
-            if index % shards == shard:
-                try:
-                    yield self._reader.item(index, row_id, row)
-                except DataError as exc:
-                    self._reader.skip(row_id, exc)
-
-
-def load_dataset_from_config(
-    cfg: DataConfig, rank: int = 0, world_size: int = 1
-) -> PreferenceDataset | StreamingPreferenceDataset:
+def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
     """Open ``cfg.path``; validates columns now so a wrong config fails before any training."""
     if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
         from .worlds.shapes import cached_pickapic_parquet
@@ -437,10 +420,7 @@ def load_dataset_from_config(
         raise DataError(f"data.path {cfg.path} does not exist")
     source = _OPENERS[cfg.source](cfg)
     reader = _Reader(cfg, source)
-    rows = source.load(reader.columns, cfg.streaming)
-    if cfg.streaming:
-        return StreamingPreferenceDataset(cfg, rows, reader, rank, world_size)
-    return PreferenceDataset(cfg, rows, reader)
+    return PreferenceDataset(cfg, source.load(reader.columns), reader)
 
 
 def collate(items: list[dict]) -> dict:

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import EvalConfig, evaluate_model, format_table, showcase, write_results
-from .io import atomic_write_text
+from .evaluate import EvalConfig, evaluate_model, format_table, showcase
+from .io import atomic_write_json, atomic_write_text
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .sample import image_grid, save_png
 from .train_config import TrainConfig
-from .trainer import resolve_model, train
+from .models.names import resolve_model
+from .trainer import train
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo-shapes.yaml"
@@ -61,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
 
     table = format_table(results, baseline="base")
     print("\n" + table)
-    write_results({"results": results, "seconds": timings}, out / "results.json")
+    atomic_write_json(out / "results.json", {"results": results, "seconds": timings})
     atomic_write_text(out / "results.md", table + "\n")
     # Same prompts and seeds in every row.
     rows = {name: showcase(eval_cfg, images[name]) for name in models}

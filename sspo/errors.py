@@ -15,3 +15,7 @@ class DataError(SSPOError):
 
 class ModelError(SSPOError):
     """A model path or hub id cannot be loaded."""
+
+
+class TrainingError(SSPOError):
+    """Training cannot go on (a non-finite loss, a failed save, a damaged saved state); earlier output is intact."""

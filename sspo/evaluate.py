@@ -1,7 +1,13 @@
-"""``sspo eval``: sample the shapes world's evaluation prompts with fixed seeds and score them exactly.
+"""Evaluation: a prompt set, sampled with fixed seeds, scored by metrics. One config, two runners.
 
-Seen prompts are attribute combinations in the alignment data, held-out ones are not: a method
-that only memorizes its data improves seen prompts, one that generalizes improves both.
+:func:`evaluate_pipeline` scores a pipeline in memory (the demo, ``sspo compare``, the trainer's
+validation); :func:`sspo.benchmark_eval.run_eval` (``sspo eval``) does the same for several models
+on disk, resumable, with confidence intervals. Both list their images with :func:`eval_items` and
+score them with :func:`score_columns`, from one :class:`EvalConfig`.
+
+The shapes world is one prompt set (``shapes``: seen combinations, which are in the alignment data,
+then held-out ones) and one metric (``shapes``: the exact reward, with a column per component).
+A method that only memorizes its data improves seen prompts, one that generalizes improves both.
 """
 
 from __future__ import annotations
@@ -13,99 +19,175 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import check
-from .io import atomic_write_json
-from .models.pipeline import load_pipeline
-from .sample import generate
-from .worlds import shapes
-from .worlds.shapes_eval import evaluate as score_image
+from .config import check, one_of
+from .errors import SSPOError
+from .scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
+from .scorers.prompts import PromptItem, load_prompt_set
+
+PROMPT_SETS = ("shapes", "pickapic_val", "hpsv2", "parti")  # or a prompt file
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    split_seed: int = 0  # the world's train/held-out split (must match the training data's)
-    prompts_per_split: int = 24
-    seeds: tuple[int, ...] = (0, 1)
-    steps: int = 20
+    prompts: str = "shapes"  # a prompt set (shapes | pickapic_val | hpsv2 | parti) or a prompt file
+    metrics: tuple[str, ...] = ()  # scorers; empty: shapes for the shapes prompts, else the paper's four
+    seeds: tuple[int, ...] = (0, 1)  # sampler seeds: one image per (prompt, seed)
+    steps: int = 20  # sampler steps
     guidance_scale: float = 5.0
-    batch_size: int = 48
+    batch_size: int = 16  # images per generation batch (a seed fixes its image whatever the batching)
+    resolution: int | None = None  # image side in pixels; None: the model's native
+    dtype: str = "fp32"  # diffusion model precision: fp32 | fp16 | bf16
+    limit: int | None = None  # at most N prompts per category (quick runs)
+    split_seed: int = 0  # shapes: the world's train/held-out split (must match the training data's)
+    prompts_per_split: int = 24  # shapes: prompts per split (seen, held-out)
+    prompt_source: str | None = None  # a local copy of a named prompt set (default: its hub dataset)
+    scorer_batch_size: int = 16  # images per scorer batch
+    grid_prompts: int = 8  # sspo eval: columns of grid.png
 
     def __post_init__(self) -> None:
-        check(self.prompts_per_split > 0, "prompts_per_split", "must be positive")
-        check(len(self.seeds) > 0, "seeds", "needs at least one seed")
+        self.metrics, self.seeds = tuple(dict.fromkeys(m.strip() for m in self.metrics if m.strip())), tuple(dict.fromkeys(int(s) for s in self.seeds))
+        check(bool(self.seeds), "seeds", "needs at least one seed, e.g. 0,1")
+        for name in ("steps", "batch_size", "prompts_per_split", "scorer_batch_size", "grid_prompts"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
+        one_of(self.dtype, DTYPES, "dtype")
+        for metric in self.metrics:
+            one_of(metric, SCORER_NAMES, "metrics")
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The exact evaluator for the shapes world, the paper's four reward models otherwise."""
+        return self.metrics or (("shapes",) if self.prompts == "shapes" else PAPER_METRICS)
 
 
-def shapes_eval_items(cfg: EvalConfig) -> list[tuple[str, shapes.ShapeSpec, int]]:
-    """(split name, spec, seed) for every image the evaluation generates, in a fixed order."""
-    specs = shapes.eval_prompts(shapes.make_split(cfg.split_seed), cfg.prompts_per_split, seed=cfg.split_seed)
-    return [(split, spec, seed) for split, items in specs.items() for spec in items for seed in cfg.seeds]
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image of every model: prompt ``prompt_index`` of the set, sampled with ``seed``."""
+
+    prompt_index: int
+    seed: int
+    prompt: str
+    category: str | None
 
 
-def evaluate_pipeline(pipe, cfg: EvalConfig) -> tuple[dict, list]:
-    """Scores of ``pipe`` on the world's evaluation prompts: a summary per split and the images."""
-    items = shapes_eval_items(cfg)
+def select_prompts(cfg: EvalConfig) -> list[tuple[int, PromptItem]]:
+    """(index in the full set, prompt) of the set's prompts; ``limit`` keeps the first of every category."""
+    items = load_prompt_set(cfg.prompts, cfg.prompt_source, seed=cfg.split_seed, per_split=cfg.prompts_per_split)
+    taken: dict[str | None, int] = {}
+    selected = []
+    for index, item in enumerate(items):
+        if cfg.limit is None or taken.get(item.category, 0) < cfg.limit:
+            taken[item.category] = taken.get(item.category, 0) + 1
+            selected.append((index, item))
+    if "shapes" in cfg.metric_names:
+        _check_shapes_prompts(item.prompt for _, item in selected)
+    return selected
+
+
+def eval_items(cfg: EvalConfig) -> list[Item]:
+    """Every image the evaluation samples, prompt by prompt, seed by seed."""
+    return [Item(index, seed, p.prompt, p.category) for index, p in select_prompts(cfg) for seed in cfg.seeds]
+
+
+def _check_shapes_prompts(prompts) -> None:
+    from .worlds.shapes import parse_prompt
+
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except SSPOError as exc:
+            raise SSPOError(f"metric 'shapes' scores shapes-world prompts only (use --prompts shapes): {exc}") from None
+
+
+def metric_columns(metric: str) -> tuple[str, ...]:
+    """A metric's score columns: its own, then ``<metric>.<part>`` where it has parts (shapes)."""
+    if metric == "shapes":
+        from .worlds.shapes_eval import COMPONENT_NAMES
+
+        return ("shapes", *(f"shapes.{part}" for part in COMPONENT_NAMES if part != "reward"))
+    return (metric,)
+
+
+def score_columns(scorer, metric: str, images: Sequence, prompts: Sequence[str]) -> dict[str, list[float]]:
+    """Every column of ``metric`` for (image, prompt) pairs, from one scorer pass."""
+    parts = scorer.score_parts(images, prompts)
+    return {column: parts[column.partition(".")[2]].tolist() for column in metric_columns(metric)}
+
+
+def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None = None) -> tuple[dict, list]:
+    """Scores of ``pipe`` on ``cfg``'s prompts: per category the mean of every column over its images, and the images."""
+    from .sample import generate
+
+    items = eval_items(cfg)
     images = generate(
-        pipe, [spec.prompt for _, spec, _ in items], [seed for *_, seed in items],
-        steps=cfg.steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
+        pipe, [i.prompt for i in items], [i.seed for i in items], steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+        batch_size=cfg.batch_size, size=cfg.resolution,
     )
-    per_split: dict[str, list[dict]] = {}
-    for (split, spec, _), image in zip(items, images):
-        per_split.setdefault(split, []).append(score_image(image, spec).as_dict())
-    # Per-image rewards (fixed order of prompts and seeds) for paired confidence intervals.
-    summary = {
-        split: {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
-        | {"n": len(scores), "rewards": [s["reward"] for s in scores]}
-        for split, scores in per_split.items()
-    }
+    prompts = [i.prompt for i in items]
+    scores: dict[str, list[float]] = {}
+    for metric in cfg.metric_names:
+        scorer = build_scorer(metric, device=device or pipe.device, batch_size=cfg.scorer_batch_size)
+        scores |= score_columns(scorer, metric, images, prompts)
+    primary = cfg.metric_names[0]
+    summary = {}
+    for category in dict.fromkeys(i.category for i in items):
+        members = [k for k, i in enumerate(items) if i.category == category]
+        summary[category or "all"] = {c: float(np.mean([values[k] for k in members])) for c, values in scores.items()} | {
+            "n": len(members),
+            # The first metric per image, in the fixed order of prompts and seeds: paired CIs between models.
+            "per_image": [scores[primary][k] for k in members],
+        }
     return summary, images
 
 
 def evaluate_model(model: str | Path, cfg: EvalConfig, lora: str | Path | None = None, device: str | None = None) -> tuple[dict, list]:
+    from .models.pipeline import load_pipeline
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(model, lora=lora).to(device)
-    return evaluate_pipeline(pipe, cfg)
+    pipe = load_pipeline(model, lora=lora, dtype=DTYPES[cfg.dtype]).to(device)
+    return evaluate_pipeline(pipe, cfg, device)
 
 
-def showcase(cfg: EvalConfig, images: Sequence, per_split: int = 4) -> tuple[list, list[str]]:
-    """The first seed's images of ``per_split`` seen and held-out prompts, with captions."""
-    items = shapes_eval_items(cfg)
-    n_seeds = len(cfg.seeds)
-    block = cfg.prompts_per_split * n_seeds
-    picks = [i * n_seeds for i in range(per_split)] + [block + i * n_seeds for i in range(per_split)]
-    return [images[i] for i in picks], [f"[{items[i][0]}] {items[i][1].prompt}" for i in picks]
+def showcase(cfg: EvalConfig, images: Sequence, per_category: int = 4) -> tuple[list, list[str]]:
+    """The first seed's images of the first ``per_category`` prompts of each category, with captions."""
+    items = eval_items(cfg)
+    picks = []
+    for category in dict.fromkeys(i.category for i in items):
+        firsts = [k for k, i in enumerate(items) if i.category == category and i.seed == cfg.seeds[0]]
+        picks += firsts[:per_category]
+    return [images[k] for k in picks], [f"[{items[k].category}] {items[k].prompt}" for k in picks]
 
 
-TABLE_COLUMNS = ("reward", "color", "shape", "size", "position", "background", "quality")
+# The shapes world's table: the reward and the components a prompt asks for.
+TABLE_COLUMNS = ("shapes", "shapes.color", "shapes.shape", "shapes.size", "shapes.position", "shapes.background", "shapes.quality")
 
 
 def reward_gain(scores: dict, baseline: dict) -> dict:
-    """Mean reward gain over ``baseline`` on the same images' prompts and seeds, with a 95% CI.
+    """Mean gain of the first metric over ``baseline``, with a 95% CI.
 
     Paired: each (prompt, seed) is compared with the baseline's image of the same prompt and seed,
     so the interval is over prompts and seeds, not over two independent means.
     """
     from .scorers.stats import summarize
 
-    return summarize(np.subtract(scores["rewards"], baseline["rewards"]))
+    return summarize(np.subtract(scores["per_image"], baseline["per_image"]))
 
 
 def format_table(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS, baseline: str | None = None) -> str:
-    """A markdown table: one row per (model, split); with ``baseline``, each model's reward gain over it."""
+    """A markdown table: one row per (model, category) of :func:`evaluate_pipeline` summaries; with
+    ``baseline``, each model's gain over it in the first metric."""
     gain = baseline is not None and baseline in results
-    header = list(columns) + (["reward gain vs " + baseline + " [95% CI]"] if gain else [])
+    header = list(columns) + ([f"{columns[0]} gain vs {baseline} [95% CI]"] if gain else [])
     lines = ["| model | prompts | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
     for model, summary in results.items():
-        for split, scores in summary.items():
+        for category, scores in summary.items():
             cells = [f"{scores[c]:.3f}" for c in columns]
             if gain:
                 if model == baseline:
                     cells.append("")
                 else:
-                    g = reward_gain(scores, results[baseline][split])
+                    g = reward_gain(scores, results[baseline][category])
                     cells.append(f"{g['mean']:+.3f} [{g['ci95_low']:+.3f}, {g['ci95_high']:+.3f}]")
-            lines.append(f"| {model} | {split} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_results(results: dict, path: str | Path) -> None:
-    atomic_write_json(path, results)

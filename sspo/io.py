@@ -52,3 +52,8 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path), device=device)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log; none if it does not exist yet."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

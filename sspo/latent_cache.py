@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import collate
 from .errors import ConfigError
+from .faults import fault_point
 from .io import atomic_write_json, save_tensors
 from .models.pipeline import TextCondition, encode_images, encode_prompts
 
@@ -77,7 +78,7 @@ def cache_key(cfg, model: str, pipe, rows: int) -> dict:
     """
     model_path = Path(model).expanduser()
     data = dataclasses.asdict(cfg.data)
-    for setting in ("cache_latents", "cache_dir", "streaming"):
+    for setting in ("cache_latents", "cache_dir"):
         data.pop(setting)
     data_path = Path(cfg.data.path).expanduser() if cfg.data.path and cfg.data.source != "shapes" else None
     return {
@@ -98,7 +99,7 @@ def key_digest(key: dict) -> str:
 
 
 def default_dir(key: dict) -> Path:
-    from .base import cache_root
+    from .paths import cache_root
 
     return cache_root() / "latents" / key_digest(key)
 
@@ -179,6 +180,7 @@ class LatentCache:
             for number in tqdm(mine, desc="latent cache", disable=not state.is_local_main_process):
                 rows = range(number * shard_rows, min(len(dataset), (number + 1) * shard_rows))
                 _write_shard(pipe, dataset, rows, root / _shard_name(number), device, batch_size, resolution)
+                fault_point("latent_cache")
         state.wait_for_everyone()
         if state.is_main_process and not (root / INDEX_FILE).is_file():
             index = {"rows": len(dataset), "shard_rows": shard_rows, "has_losers": dataset.has_losers, "key": key}

@@ -1,4 +1,4 @@
-"""Training losses: pure functions of per-sample denoising errors (SPEC.md §2).
+"""Training losses: pure functions of per-sample denoising errors (docs/method.md, "Losses").
 
 Inputs are the per-sample errors ``L_m(x0)`` of the policy and the reference on the winner
 ``x_w`` and the loser ``x_l``; each function returns the scalar loss and a dict of detached step

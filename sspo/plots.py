@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .io import atomic_path
+from .io import atomic_path, read_jsonl
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (steps, values)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def mean_curve(runs: Sequence[Path], file: str, key: str, window: int = 1) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,4 +1,4 @@
-"""The checkpoint pool of Random Checkpoint Replay (SPEC.md §3).
+"""The checkpoint pool of Random Checkpoint Replay (docs/method.md, "Random Checkpoint Replay").
 
 The pool starts as ``{theta_0}`` and grows by one checkpoint per iteration. Each entry is a
 safetensors file in the run directory (a LoRA adapter, megabytes, or a full UNet state dict),
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .faults import fault_point
 from .io import atomic_write_json, load_tensors, save_tensors
 
 ERD_STRATEGIES = ("uniform", "initial", "last")
@@ -33,6 +34,7 @@ class CheckpointPool:
         index = len(self.entries)
         name = f"checkpoint-{index:03d}.safetensors"
         save_tensors(state_dict, self.root / name, metadata={"step": str(step)})
+        fault_point("pool_write")
         self.entries.append({"file": name, "step": step})
         atomic_write_json(self.root / "pool.json", {"entries": self.entries})
         return index

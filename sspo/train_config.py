@@ -1,4 +1,4 @@
-"""The training config: one dataclass tree for every method (``sft``, ``dpo``, ``spin``, ``sspo``)."""
+"""The training config: one dataclass tree for every method of :data:`sspo.methods.METHODS`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import dataclasses
 from .config import check, one_of
 from .data import DataConfig
 from .losses import SSR_VARIANTS
+from .methods import METHODS, Method
 from .pool import ERD_STRATEGIES
-
-METHODS = ("sft", "dpo", "spin", "sspo")
 
 
 @dataclasses.dataclass
@@ -82,7 +81,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
-    method: str = "sspo"  # sft | dpo | spin | sspo
+    method: str = "sspo"  # a name in sspo.methods.METHODS: sft | dpo | spin | sspo
     beta: float = 5000.0  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
     ssr: str = "sign"  # sign | indicator | off (Table 6 ablations); spin and dpo force off
     ssr_draws: int = 1  # (t, eps) draws whose mean errors decide K; 1 = the paper (the loss's own draw)
@@ -99,6 +98,7 @@ class TrainConfig:
     log_every: int = 1
     save_every_steps: int = 0  # 0: save a resumable state at iteration ends only
     checkpoints_total_limit: int = 2
+    nonfinite: str = "error"  # a non-finite loss or gradient: error (stop; the last state stays) | skip (count it, step nothing)
 
     def __post_init__(self) -> None:
         one_of(self.method, METHODS, "method")
@@ -107,25 +107,30 @@ class TrainConfig:
         one_of(self.erd_per, ("batch", "sample"), "erd_per")
         one_of(self.mixed_precision, ("no", "fp16", "bf16"), "mixed_precision")
         one_of(self.report_to, ("tensorboard", "wandb", "none"), "report_to")
+        one_of(self.nonfinite, ("error", "skip"), "nonfinite")
         check(self.beta > 0, "beta", "must be positive")
         check(self.ssr_draws >= 1, "ssr_draws", "must be at least 1")
         check(self.iterations > 0, "iterations", "must be positive")
         check(self.steps_per_iteration > 0, "steps_per_iteration", "must be positive")
         check(self.checkpoints_total_limit > 0, "checkpoints_total_limit", "must be positive")
 
-    # The table of SPEC.md §4: what each method implies.
+    # What the method implies (sspo/methods.py); a method's fixed erd / ssr wins over the keys.
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
     @property
     def uses_reference(self) -> bool:
-        return self.method != "sft"
+        return self.spec.uses_reference
 
     @property
     def generates_negatives(self) -> bool:
-        return self.method in ("spin", "sspo")
+        return self.spec.generates_negatives
 
     @property
     def effective_erd(self) -> str:
-        return {"dpo": "initial", "spin": "last"}.get(self.method, self.erd)
+        return self.spec.erd or self.erd
 
     @property
     def effective_ssr(self) -> str:
-        return "sign" if self.method == "sft" else ("off" if self.method in ("dpo", "spin") else self.ssr)
+        return self.spec.ssr or self.ssr

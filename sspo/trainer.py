@@ -1,8 +1,9 @@
-"""The one training recipe for sft, dpo, spin and sspo (SPEC.md §2-4), read top to bottom.
+"""The one training recipe for every method of sspo/methods.py (docs/method.md), read top to bottom.
 
     for each iteration:                                  (the pool changes only here)
         build the iteration's pairs                      (pregenerate: grouped by checkpoint)
         for each optimizer step:
+            complete its pairs (online: build them)      (sspo/pairs.py: the step only consumes them)
             for each micro-batch: policy errors -> loss -> backward
             clip, step, log
         add theta_n to the pool; save a resumable state; validate
@@ -24,6 +25,8 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -31,46 +34,58 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import save_yaml
+from .config import load_yaml, save_yaml
 from .data import load_dataset_from_config
-from .errors import ConfigError, DataError
-from .io import atomic_write_json, atomic_write_text
+from .errors import ConfigError, DataError, TrainingError
+from .faults import fault_point
+from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
+from .methods import METHODS
+from .models.names import resolve_model
 from .models.pipeline import denoising_errors, encode_unconditional, load_pipeline, load_pipeline_config
-from .negatives import PairBatch, PairBuilder, batch_generator, draw_randomness, extra_draw_errors
-from .plots import read_jsonl
+from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
+from .run_lock import RunLock
+from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 
 
-def resolve_model(name: str) -> str:
-    """``shapes-base[:quick]`` is the shapes world's base model (built and cached on first use)."""
-    if name.startswith("shapes-base"):
-        from .base import BaseConfig, build_base
-
-        preset = name.partition(":")[2] or "default"
-        return str(build_base(BaseConfig.preset(preset)))
-    return name
-
-
-def open_dataset(cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+def open_dataset(cfg: TrainConfig):
     """The training data, checked against what ``cfg.method`` needs from it."""
-    if cfg.data.streaming:
-        raise ConfigError("config key 'data.streaming': training needs a map-style dataset for reproducible, resumable order; or convert it to parquet shards")
-    dataset = load_dataset_from_config(cfg.data, rank, world_size)
-    if cfg.method == "dpo" and not dataset.has_losers:
-        raise DataError(f"method 'dpo' needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method sft/spin/sspo")
+    dataset = load_dataset_from_config(cfg.data)
+    if cfg.spec.needs_dataset_losers and not dataset.has_losers:
+        others = "/".join(m.name for m in METHODS.values() if not m.needs_dataset_losers)
+        raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
     return dataset
 
 
+def saved_states(run_dir: Path) -> list[Path]:
+    """The folders of the complete resumable states in ``run_dir``, oldest first."""
+    return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    states = sorted((run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
-    return states[-1].parent if states else None
+    states = saved_states(run_dir)
+    return states[-1] if states else None
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, staging: Path | None = None):
+    """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging`` removed."""
+    try:
+        yield
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingError(
+            f"could not write {what}: {exc.strerror or exc} ({exc.filename or staging}); earlier saved states are intact: "
+            "free disk space or fix the folder's permissions, then run again with --resume"
+        ) from None
 
 
 class Trainer:
@@ -87,11 +102,13 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
         self._check_distributed()
+        if resume:
+            self._check_resumed_config()
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
 
-        self.dataset = open_dataset(cfg, self.accelerator.process_index, self.accelerator.num_processes)
+        self.dataset = open_dataset(cfg)
 
         self.base_model = resolve_model(cfg.model.pretrained)
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)
@@ -107,9 +124,9 @@ class Trainer:
 
         self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
         self.reference = ReferenceModel(unet, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
-        self.pairs = PairBuilder(self.pipe, self.reference, self.train_scheduler, cfg.negatives, self.device, self.accelerator.autocast)
-        self.uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
-        self.latents = self._latent_cache() if cfg.data.cache_latents else None
+        self.latent_cache = self._latent_cache() if cfg.data.cache_latents else None
+        uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
+        self.pair_builder = PairBuilder(cfg, self.pipe, self.reference, self.train_scheduler, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
 
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
@@ -121,9 +138,8 @@ class Trainer:
         self.params = params
 
         self.global_step = 0
-        state_dir = latest_checkpoint(self.run_dir) if resume else None
-        if resume and state_dir is None:
-            log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
+        state_dir = self._resumable_state() if resume else None
         if state_dir is not None:
             self._load_state(state_dir)
         else:
@@ -132,7 +148,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")
             if cfg.report_to != "none":
-                self.accelerator.init_trackers("sspo", config=_flat(dataclasses.asdict(cfg)))
+                scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
+                self.accelerator.init_trackers("sspo", config=scalars)
 
     # ----------------------------------------------------------------------------------------------
     # Set-up
@@ -151,6 +168,18 @@ class Trainer:
                 raise ConfigError("DeepSpeed ZeRO-3 shards the UNet's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
             # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none.
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.optim.batch_size
+
+    def _check_resumed_config(self) -> None:
+        """A resumed run must compute what the saved one did: result-changing keys may not differ."""
+        saved = self.run_dir / "config.yaml"
+        if latest_checkpoint(self.run_dir) is None or not saved.is_file():
+            return  # nothing to resume: the run starts from scratch
+        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg))
+        if differences:
+            raise ConfigError(
+                f"--resume: the config differs from the one {self.run_dir} was trained with ({'; '.join(differences)}); "
+                f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
+            )
 
     def _prepare_unet(self, unet):
         mcfg = self.cfg.model
@@ -216,31 +245,25 @@ class Trainer:
         return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
     @torch.no_grad()
-    def prepare(self, m: int) -> PairBatch:
-        """Winners (and dataset losers) as latents, text conditions, and every random draw of ``m``."""
-        placed, dpo = self._indices(m), self.cfg.method == "dpo"
-        if self.latents is not None:  # data.cache_latents: encoded once, before training
-            prompts, cond, winners, losers = self.latents.rows([row for row, _ in placed])
+    def read_rows(self, m: int) -> Rows:
+        """Micro-batch ``m``'s winners (and dataset losers) as latents, with their prompts' text condition."""
+        placed, dataset_losers = self._indices(m), self.cfg.spec.needs_dataset_losers
+        if self.latent_cache is not None:  # data.cache_latents: encoded once, before training
+            prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in placed])
         else:
             items = [self._item(row, epoch) for row, epoch in placed]
-            prompts, cond, winners, losers = encode_rows(self.pipe, items, self.device, self.cfg.data.resolution, losers=dpo)
-        pair = PairBatch(index=m, prompts=prompts, cond=cond, winners=winners, noise=None, timesteps=None)
-        if dpo:
-            pair.losers = losers
-        generator = batch_generator(self.cfg.seed, m * self.accelerator.num_processes + self.accelerator.process_index)
-        ssr_draws = self.cfg.ssr_draws if self.cfg.effective_ssr != "off" else 1
-        draw_randomness(pair, generator, self.pool, self.cfg.effective_erd, self.cfg.erd_per, self.train_scheduler.config.num_train_timesteps, ssr_draws)
-        return pair
+            prompts, cond, winners, losers = encode_rows(self.pipe, items, self.device, self.cfg.data.resolution, losers=dataset_losers)
+        return Rows(prompts, cond, winners, losers if dataset_losers else None)
 
-    def build(self, indices: list[int], with_reference: bool) -> list[PairBatch]:
-        """Pairs for micro-batches ``indices``: one at a time (online) or an iteration (pregenerated)."""
-        batches = [self.prepare(m) for m in indices]
-        if self.cfg.generates_negatives:
-            self.pairs.generate_negatives(batches, self.uncond)
-        if self.cfg.uses_reference and with_reference:
-            # Chunks of one training batch of pairs: no-grad forwards never peak above the step.
-            self.pairs.reference_errors(batches, self.cfg.optim.batch_size)
-        if self.reference is not None and self.cfg.pregenerate and self.cfg.cache_reference_errors:
+    def _stream(self, m: int) -> int:
+        """The random stream of micro-batch ``m`` on this process (docs/method.md "Pairs")."""
+        return m * self.accelerator.num_processes + self.accelerator.process_index
+
+    def iteration_pairs(self, indices: list[int]) -> list[PairBatch]:
+        """pregenerate: an iteration's pairs up front, negatives grouped by checkpoint; with
+        cache_reference_errors their reference errors too, and the reference leaves the accelerator."""
+        batches = self.pair_builder.build(indices, with_reference=self.cfg.cache_reference_errors)
+        if self.reference is not None and self.cfg.cache_reference_errors:
             self.reference.offload()  # the policy steps of this iteration never need it
         return batches
 
@@ -248,23 +271,22 @@ class Trainer:
     # The step
 
     def loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict]:
-        if self.cfg.uses_reference and batch.ref_w is None:  # online, or reference errors not cached
-            self.pairs.reference_errors([batch], len(batch))
-        dev = self.device
-        if self.cfg.method == "sft":
-            errors = denoising_errors(self.unet, self.train_scheduler, batch.winners.to(dev), batch.noise.to(dev), batch.timesteps.to(dev), batch.cond)
+        dev, rows, draws = self.device, batch.rows, batch.draws
+        if not self.cfg.uses_reference:  # SFT: the winners only
+            errors = denoising_errors(self.unet, self.train_scheduler, rows.winners.to(dev), draws.noise.to(dev), draws.timesteps.to(dev), rows.cond)
             return sft_loss(errors)
         # Winner and loser of every pair in one forward.
-        latents = torch.cat([batch.winners, batch.losers]).to(dev)
-        noise = batch.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
-        errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, batch.timesteps.repeat(2).to(dev), batch.cond.repeat(2))
+        latents = torch.cat([rows.winners, batch.losers]).to(dev)
+        noise = draws.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
+        errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, draws.timesteps.repeat(2).to(dev), rows.cond.repeat(2))
         policy_w, policy_l = errors.chunk(2)
+        ref = batch.reference
         switch = None
-        if batch.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
-            extra = extra_draw_errors(self.unet, self.train_scheduler, batch.winners, batch.switch_noise, batch.switch_timesteps, batch.cond, dev)
-            switch = ((policy_w.detach() + extra.to(dev)) / self.cfg.ssr_draws, batch.ref_switch.to(dev))
-        loss, metrics = sspo_loss(policy_w, policy_l, batch.ref_w.to(dev), batch.ref_l.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
-        metrics["reference"] = torch.tensor(sum(batch.checkpoints) / len(batch.checkpoints), dtype=torch.float32)
+        if draws.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
+            policy_mean = mean_over_draws(self.unet, self.train_scheduler, policy_w, rows.winners, draws.switch_timesteps, draws.switch_noise, rows.cond, dev)
+            switch = (policy_mean, ref.switch.to(dev))
+        loss, metrics = sspo_loss(policy_w, policy_l, ref.winners.to(dev), ref.losers.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
+        metrics["reference"] = torch.tensor(sum(draws.checkpoints) / len(draws.checkpoints), dtype=torch.float32)
         return loss, metrics
 
     def optimizer_step(self, batches: list[PairBatch]) -> dict[str, float]:
@@ -280,11 +302,24 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
         totals["grad_norm"] = float("nan") if norm is None else float(norm)
-        self.optimizer.step()
+        # A non-finite loss on any process makes the averaged gradients, and so the norm every process sees, non-finite.
+        if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"])):
+            self.optimizer.step()
+        elif self.cfg.nonfinite == "skip":
+            self.nonfinite_skips += 1
+        else:
+            last = latest_checkpoint(self.run_dir)
+            raise TrainingError(
+                f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss {totals['loss']} or gradient norm {totals['grad_norm']}, "
+                f"nothing saved from it; the last good state is {last or 'none (no state saved yet)'}: lower optim.learning_rate, "
+                "or set nonfinite: skip to skip such steps, and run again with --resume"
+            )
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if self.cfg.nonfinite == "skip":
+            totals["nonfinite_skips"] = self.nonfinite_skips
         return totals
 
     # ----------------------------------------------------------------------------------------------
@@ -294,23 +329,24 @@ class Trainer:
         cfg = self.cfg
         accum = cfg.optim.gradient_accumulation_steps
         total = cfg.iterations * cfg.steps_per_iteration
-        bar = tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process)
-        while self.global_step < total:
-            iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
-            first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
-            last = (iteration + 1) * self.micro_batches_per_iteration
-            pregenerated = self.build(list(range(first, last)), cfg.cache_reference_errors) if cfg.pregenerate else None
-            for m in range(first, last, accum):
-                batches = pregenerated[m - first : m - first + accum] if pregenerated else self.build(list(range(m, m + accum)), True)
-                metrics = self.optimizer_step(batches)
-                metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
-                self._log(metrics)
-                bar.update(1)
-                bar.set_postfix(_postfix(metrics))
-                if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
-                    self.save_state()
-            self.end_iteration(iteration)
-        bar.close()
+        # Closed on an error too, so that the error is printed on a line of its own.
+        with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process) as bar:
+            while self.global_step < total:
+                iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
+                first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
+                last = (iteration + 1) * self.micro_batches_per_iteration
+                pregenerated = self.iteration_pairs(list(range(first, last))) if cfg.pregenerate else None
+                for m in range(first, last, accum):
+                    batches = pregenerated[m - first : m - first + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
+                    metrics = self.optimizer_step(self.pair_builder.complete(batches))
+                    fault_point("step")
+                    metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
+                    self._log(metrics)
+                    bar.update(1)
+                    bar.set_postfix(_postfix(metrics))
+                    if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
+                        self.save_state()
+                self.end_iteration(iteration)
         final = self.save_final()
         self.accelerator.end_training()
         return final
@@ -318,7 +354,8 @@ class Trainer:
     def end_iteration(self, iteration: int) -> None:
         if self.cfg.generates_negatives:
             if self.accelerator.is_main_process:
-                self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
+                with disk_errors(f"pool checkpoint {len(self.pool)} in {self.pool.root}"):
+                    self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
             self._sync_pool()
         self.save_state()
         every = self.cfg.validation.every_iterations
@@ -358,6 +395,7 @@ class Trainer:
         vcfg, sampler = self.cfg.validation, self.cfg.negatives
         with self._sampling():
             images = generate(self.pipe, vcfg.prompts, [vcfg.seed] * len(vcfg.prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale, size=self.cfg.data.resolution)
+        fault_point("validation")
         grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)
         if self.cfg.report_to == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -371,7 +409,8 @@ class Trainer:
         vcfg = self.cfg.validation
         with self._sampling():
             summary, _ = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
-        metrics = {f"reward_{split}": scores["reward"] for split, scores in summary.items()}
+        fault_point("validation")
+        metrics = {f"reward_{split}": scores["shapes"] for split, scores in summary.items()}
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
@@ -385,7 +424,8 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             if self.pool is not None:
                 self.pool.truncate(0)
-                self.pool.add(self.reference.policy_state(), step=0)  # theta_0
+                with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):
+                    self.pool.add(self.reference.policy_state(), step=0)  # theta_0
         self._sync_pool()
 
     def _sync_pool(self) -> None:
@@ -394,21 +434,36 @@ class Trainer:
             self.pool = CheckpointPool(self.pool.root)
             self.reference.pool = self.pool
             self.reference.loaded = None
-            self.pairs.reference = self.reference
 
     def save_state(self) -> Path:
-        """A resumable state (weights, optimizer, RNG, step, pool size), written then renamed."""
+        """A resumable state (weights, optimizer, RNG, step, pool size, file manifests), written then renamed.
+
+        The state file records the size and SHA-256 of the state's files and of the pool files it
+        depends on, so a resume can tell an intact state from a truncated or corrupted one.
+        """
         final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
         staging = final.with_name(final.name + ".partial")
         self.accelerator.wait_for_everyone()
         replicas = self._replica_fingerprints()
-        self.accelerator.save_state(str(staging))
-        if self.accelerator.is_main_process:
-            atomic_write_json(staging / STATE_FILE, {"global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas})
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
-            kept = sorted(p.parent for p in (self.run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
-            for old in kept[: -self.cfg.checkpoints_total_limit]:
+        with disk_errors(f"the resumable state {final}", staging):
+            # accelerate creates the folder on the main process only, but every process writes its RNG
+            # state into it: every process makes it, and all have written before the main one renames it.
+            staging.mkdir(parents=True, exist_ok=True)
+            self.accelerator.save_state(str(staging))
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                fault_point("checkpoint_save")
+                state = {
+                    "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
+                    "nonfinite_skips": self.nonfinite_skips,
+                    "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
+                    "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
+                }
+                atomic_write_json(staging / STATE_FILE, state)
+                shutil.rmtree(final, ignore_errors=True)
+                staging.rename(final)
+        if self.accelerator.is_main_process:  # only now that the new state is complete may old ones go
+            for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
@@ -433,11 +488,36 @@ class Trainer:
             log.error("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
         return replicas
 
+    def _resumable_state(self) -> Path | None:
+        """The newest saved state whose files, and the pool files it depends on, are as they were saved."""
+        damaged = []
+        for state_dir in reversed(saved_states(self.run_dir)):
+            try:
+                state = json.loads((state_dir / STATE_FILE).read_text())
+            except ValueError:
+                damaged.append(f"{state_dir / STATE_FILE} is not valid JSON")
+                continue
+            problems = manifest_problems(state_dir, state.get("files", {}))
+            if self.pool is not None:
+                problems += manifest_problems(self.pool.root, state.get("pool_files", {}))
+            if not problems:
+                if damaged:
+                    log.warning("resuming from the older state %s: %s", state_dir, "; ".join(damaged))
+                return state_dir
+            damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
+        if damaged:
+            raise TrainingError(f"--resume: no intact saved state in {self.run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
+        log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        return None
+
     def _load_state(self, state_dir: Path) -> None:
         state = json.loads((state_dir / STATE_FILE).read_text())
         self.accelerator.load_state(str(state_dir))
         self.global_step = state["global_step"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
+            for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
+                shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
             for name in ("metrics.jsonl", "validation.jsonl"):
                 log_file = self.run_dir / name
                 kept = [row for row in read_jsonl(log_file) if row["step"] <= self.global_step]
@@ -455,22 +535,33 @@ class Trainer:
         if self.accelerator.is_main_process:
             staging = final.with_name("final.partial")
             shutil.rmtree(staging, ignore_errors=True)
-            if self.cfg.model.lora:
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft import get_peft_model_state_dict
-
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
-                self.pipe.__class__.save_lora_weights(save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True)
-            else:
-                pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
-                pipe.save_pretrained(str(staging), safe_serialization=True)
-            save_yaml(self.cfg, staging / "sspo_config.yaml")
-            self._write_card(staging, final)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
+            with disk_errors(f"the final model {final}", staging):
+                self._write_final(staging, final)
         self.accelerator.wait_for_everyone()
         return final
 
+    def _write_final(self, staging: Path, final: Path) -> None:
+        if self.cfg.model.lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
+            # The adapter's config travels with the weights: without it load_lora_weights assumes
+            # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
+            adapter = self.policy.peft_config[POLICY].to_dict()
+            # A set lists in another order in another process (string hashing): sorted, the file is the same.
+            adapter["target_modules"] = sorted(adapter["target_modules"])
+            self.pipe.__class__.save_lora_weights(
+                save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=adapter,
+            )
+        else:
+            pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
+            pipe.save_pretrained(str(staging), safe_serialization=True)
+        save_yaml(self.cfg, staging / "sspo_config.yaml")
+        self._write_card(staging, final)
+        fault_point("final_save")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
 
     def _write_card(self, staging: Path, final: Path) -> None:
         from .card import model_card
@@ -485,16 +576,6 @@ class Trainer:
         (staging / "README.md").write_text(card)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 def _postfix(metrics: dict) -> dict:
     shown = {"loss": f"{metrics['loss']:.4f}"}
     if "ssr_rate" in metrics:
@@ -504,7 +585,13 @@ def _postfix(metrics: dict) -> dict:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    return Trainer(cfg, resume=resume).train()
+    """Train ``cfg`` while holding its output folder's lock: a second run into a live run's folder is refused."""
+    # The main process holds the lock; the others write nothing the main process does not wait for.
+    # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
+    # an accelerate state made before the Accelerator would miss the launch's CPU flag.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(cfg.output_dir) if main_process else contextlib.nullcontext():
+        return Trainer(cfg, resume=resume).train()
 
 
 def dry_run(cfg: TrainConfig) -> str:

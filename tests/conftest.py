@@ -1,9 +1,20 @@
+import os
+
 import pytest
 import torch
 
 # Tiny models gain nothing from intra-op threads, and OpenMP threads spinning against other
 # processes (xdist workers, anything else on a small machine) slow them down by orders of magnitude.
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() or os.environ.get("SSPO_GPU_TESTS_ON_CPU"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu-check --smoke runs it on the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from sspo.bench import ARMS, BenchConfig, arch_components, build_arch, format_table, run_bench
+from sspo.bench import ARMS, BenchConfig, format_table, run_bench
+from sspo.models.architectures import arch_components, build_arch
 from sspo.cli import main
 from sspo.errors import SSPOError
 
@@ -46,8 +47,7 @@ def test_every_arm_gives_a_row_with_positive_ratios_to_dpo(quick_base):
     assert set(generation["steps"]) == {"2", "3"}
     for row in generation["steps"].values():
         assert _positive(row["images_per_s"]) and 0 < row["share"] < 1
-    assert "images/s" in table and "Targets" in table
-    assert set(result["summary"]["targets"]) == {"step_time", "peak_memory", "generation_share"}
+    assert "images/s" in table and "issue" not in table.lower()  # product output speaks to users
 
 
 def test_cli_runs_arms_in_subprocesses_and_writes_json_and_markdown(quick_base, tmp_path, capsys):

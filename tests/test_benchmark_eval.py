@@ -9,6 +9,7 @@ from PIL import Image
 import sspo.benchmark_eval as bench_eval
 from sspo.benchmark_eval import ModelSpec, model_specs, run_eval
 from sspo.cli import main
+from sspo.evaluate import EvalConfig
 
 # The tiny random CLIP builders of the scorer tests (a module, not a conftest, so it can be imported).
 sys.path.insert(0, str(Path(__file__).parent / "scorers"))
@@ -18,7 +19,7 @@ from scorer_models import clip_model_dir, clip_processor_dir  # noqa: E402,F401
 def _argv(base, clip_model_dir, clip_processor_dir, out):
     return [
         "eval", "--model", base, "--name", "base", "--model", base, "--name", "again",
-        "--prompts", "shapes", "--per-split", "2", "--seeds", "0", "--steps", "2", "--batch-size", "3",
+        "--prompts", "shapes", "--prompts-per-split", "2", "--seeds", "0", "--steps", "2", "--batch-size", "3",
         "--metrics", "shapes,pickscore", "--scorer-path", f"pickscore={clip_model_dir}",
         "--scorer-option", f"pickscore.processor={clip_processor_dir}", "--out", str(out),
     ]
@@ -43,7 +44,9 @@ def test_writes_images_scores_summary_and_plots(first_run):
         pngs = sorted(p.name for p in (out / "images" / name).glob("*.png"))
         assert len(pngs) == 4 and all(p.endswith("-0.png") for p in pngs)
     rows = _rows(out)
-    assert list(rows[0]) == ["model", "prompt_set", "category", "prompt_index", "seed", "prompt", "shapes", "pickscore"]
+    shapes_parts = ["shapes.background", "shapes.color", "shapes.shape", "shapes.size", "shapes.position"]  # the shapes metric's components
+    assert list(rows[0])[:7] == ["model", "prompt_set", "category", "prompt_index", "seed", "prompt", "shapes"]
+    assert set(shapes_parts) < set(list(rows[0])[7:-1]) and list(rows[0])[-1] == "pickscore"
     assert len(rows) == 8 and {r["model"] for r in rows} == {"base", "again"}
     assert [r["category"] for r in rows[:4]] == ["seen", "seen", "heldout", "heldout"]
     assert all(0 <= float(r["shapes"]) <= 1 for r in rows)
@@ -53,6 +56,7 @@ def test_writes_images_scores_summary_and_plots(first_run):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == ["shapes", "pickscore"] and summary["n_prompts"] == 4
+    assert summary["columns"][0] == "shapes" and "shapes.color" in summary["columns"]
     stats = summary["results"]["base"]
     assert list(stats) == ["all", "seen", "heldout"]
     for group, n in (("all", 4), ("seen", 2), ("heldout", 2)):
@@ -60,7 +64,7 @@ def test_writes_images_scores_summary_and_plots(first_run):
         low, high = stats[group]["pickscore"]["ci95_low"], stats[group]["pickscore"]["ci95_high"]
         assert low <= stats[group]["pickscore"]["mean"] <= high
     md = (out / "summary.md").read_text()
-    assert "## seen (2 prompts)" in md and "## heldout (2 prompts)" in md and "| model | shapes | pickscore |" in md
+    assert "## seen (2 prompts)" in md and "## heldout (2 prompts)" in md and "| model | shapes | shapes." in md and "| pickscore |" in md
     assert "| base |" in md and "| again |" in md and "±" in md
 
     grid = Image.open(out / "grid.png")
@@ -95,16 +99,16 @@ def test_rerun_reuses_images_and_scores(first_run, quick_base, clip_model_dir, c
         return real(pipe, prompts, seeds, **kwargs)
 
     monkeypatch.setattr(bench_eval, "generate", counting)
-    run_eval([ModelSpec("base", quick_base)], "shapes", ["shapes"], [0, 1], out, steps=2, batch_size=3, per_split=2)
+    run_eval([ModelSpec("base", quick_base)], EvalConfig(metrics=("shapes",), seeds=(0, 1), steps=2, batch_size=3, prompts_per_split=2), out)
     assert sorted(calls) == [1, 1, 1, 1]
     rows = _rows(out)
-    assert len(rows) == 8 and list(rows[0])[-1] == "shapes"
+    assert len(rows) == 8 and "shapes" in rows[0] and "pickscore" not in rows[0]
     assert [r["shapes"] for r in rows if r["seed"] == "0"] == [r["shapes"] for r in before if r["model"] == "base"]
 
 
 def test_other_settings_in_the_same_folder_are_an_error(first_run, quick_base):
     with pytest.raises(bench_eval.SSPOError, match="other settings.*steps: 2 -> 3"):
-        run_eval([ModelSpec("base", quick_base)], "shapes", ["shapes"], [0], first_run, steps=3, per_split=2)
+        run_eval([ModelSpec("base", quick_base)], EvalConfig(metrics=("shapes",), seeds=(0,), steps=3, prompts_per_split=2), first_run)
 
 
 def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
@@ -114,7 +118,7 @@ def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
     }
     (tmp_path / "mine.json").write_text(json.dumps(prompts))
     out = tmp_path / "out"
-    summary = run_eval([ModelSpec("base", quick_base)], str(tmp_path / "mine.json"), ["shapes"], [3], out, steps=2, limit=1, grid_prompts=5)
+    summary = run_eval([ModelSpec("base", quick_base)], EvalConfig(prompts=str(tmp_path / "mine.json"), metrics=("shapes",), seeds=(3,), steps=2, limit=1, grid_prompts=5), out)
     assert summary["prompt_set"] == "mine.json" and summary["n_prompts"] == 2
     assert list(summary["results"]["base"]) == ["all", "red", "blue"]
     assert sorted(p.name for p in (out / "images" / "base").glob("*.png")) == ["0-3.png", "2-3.png"]
@@ -125,15 +129,14 @@ def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompts", "shapes", "--metrics", "shapes,pickscor"], "unknown metric 'pickscor'; expected one of pickscore, hpsv2"),
+        (["--prompts", "shapes", "--metrics", "shapes,pickscor"], "config key 'metrics': got 'pickscor', expected one of 'pickscore', 'hpsv2'"),
         (["--prompts", "nope"], "unknown prompt set 'nope'"),
         (["--prompts", "shapes", "--lora", "a", "--lora", "b"], "1 --model but 2 --lora"),
-        (["--metrics", "shapes"], "--metrics need --prompts"),
         (["--prompts", "shapes", "--scorer-path", "pickscore"], "--scorer-path takes METRIC=PATH"),
         (["--prompts", "shapes", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
         (["--prompts", "shapes", "--metrics", "pickscore", "--scorer-path", "pickscore=/nonexistent/ps"], "no such file or folder: /nonexistent/ps"),
         (["--prompts", "parti", "--metrics", "shapes", "--prompt-source", "{prompts}"], "metric 'shapes' scores shapes-world prompts only"),
-        (["--prompts", "shapes", "--limit", "0"], "limit must be >= 1"),
+        (["--prompts", "shapes", "--limit", "0"], "config key 'limit': must be >= 1"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(extra, message, quick_base, tmp_path, capsys):

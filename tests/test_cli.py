@@ -15,14 +15,37 @@ def test_sample_writes_a_grid(quick_base, tmp_path):
     assert grid.width > 2 * 96 and grid.height > 2 * 96
 
 
-def test_eval_prints_a_table_and_writes_json(quick_base, tmp_path, capsys):
-    out = tmp_path / "scores.json"
-    code = main(["eval", "--model", quick_base, "--name", "quick", "--out", str(out), "prompts_per_split=2", "seeds=[0]", "steps=2"])
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_progress_bars_only_when_verbose(verbose, quick_base, capsys):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    assert main([*(["--verbose"] if verbose else []), "base", "--quick"]) == 0  # cached: prints its folder
+    assert capsys.readouterr().out.strip() == quick_base
+    assert diffusers_logging.is_progress_bar_enabled() is verbose
+    assert transformers_logging.is_progress_bar_enabled() is verbose
+
+
+def test_eval_defaults_to_the_shapes_world_and_its_components(quick_base, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", quick_base, "--name", "quick", "--out", str(out), "--prompts-per-split", "2", "--seeds", "0", "--steps", "2"])
     assert code == 0
     table = capsys.readouterr().out
-    assert "| quick | seen |" in table and "| quick | heldout |" in table
-    summary = json.loads(out.read_text())["quick"]
-    assert summary["seen"]["n"] == 2 and 0 <= summary["heldout"]["reward"] <= 1
+    assert "## seen (2 prompts)" in table and "## heldout (2 prompts)" in table and "| quick |" in table
+    results = json.loads((out / "summary.json").read_text())["results"]["quick"]
+    assert results["seen"]["shapes"]["n"] == 2 and 0 <= results["heldout"]["shapes"]["mean"] <= 1
+    assert 0 <= results["heldout"]["shapes.color"]["mean"] <= 1
+
+
+def test_eval_help_names_every_metric_and_prompt_set(capsys):
+    from sspo.evaluate import PROMPT_SETS
+    from sspo.scorers import SCORER_NAMES
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in (*SCORER_NAMES, *PROMPT_SETS))
+    assert "EvalConfig overrides" not in text and "without --prompts" not in text
 
 
 @pytest.mark.parametrize(

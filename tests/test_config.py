@@ -199,7 +199,7 @@ def test_tuple_items_type_checked():
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC.md §4: what each method implies
+# docs/method.md, "Methods": what each method implies
 
 
 @pytest.mark.parametrize("erd", ["uniform", "initial", "last"])

@@ -1,6 +1,6 @@
 import io
+import json
 import logging
-import pickle
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sspo.config import from_dict
-from sspo.data import DataConfig, PreferenceDataset, StreamingPreferenceDataset, collate, load_dataset_from_config
+from sspo.data import DataConfig, PreferenceDataset, collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
 from sspo.worlds.shapes import all_specs, parse_prompt, preference_pairs, render, write_imagefolder, write_pickapic_parquet
 
@@ -134,9 +134,6 @@ def test_imagefolder_and_corrupt_file(tmp_path):
     assert item["loser"] is None and item["prompt"] == SPECS[0].prompt
     assert torch.allclose(item["winner"], _tensor(render(SPECS[0], RES)))
     assert ds[2]["prompt"] == SPECS[3].prompt and ds.skipped == 1
-    stream = pickle.loads(pickle.dumps(load_dataset_from_config(_cfg(folder, source="imagefolder", streaming=True))))
-    assert [it["prompt"] for it in stream] == [s.prompt for i, s in enumerate(SPECS[:4]) if i != 2]
-    assert stream.skipped == 1
     with pytest.raises(DataError, match="random"):
         load_dataset_from_config(_cfg(folder, source="imagefolder", mode="random"))
 
@@ -202,26 +199,6 @@ def test_resize_crop_flip(tmp_path):
     assert seen == {True, False}
 
 
-@pytest.mark.parametrize("source", ["parquet", "hf"])
-def test_streaming_matches_map_style(tmp_path, source):
-    rows = _rows(tie_fraction=0.3, per_spec=2)
-    path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
-    if source == "hf":
-        import datasets
-
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
-        path = tmp_path / "hf"
-    mapped = load_dataset_from_config(_cfg(path, source=source, mode="random", max_samples=7))
-    stream = load_dataset_from_config(_cfg(path, source=source, mode="random", max_samples=7, streaming=True))
-    assert isinstance(stream, StreamingPreferenceDataset) and stream.has_losers
-    items = list(stream)
-    assert [it["prompt"] for it in items] == [mapped[i]["prompt"] for i in range(len(mapped))]
-    assert all(torch.equal(it["winner"], mapped[i]["winner"]) for i, it in enumerate(items))
-    shards = [list(load_dataset_from_config(_cfg(path, source=source, streaming=True), rank=r, world_size=2)) for r in (0, 1)]
-    assert sorted(it["index"] for s in shards for it in s) == list(range(len(load_dataset_from_config(_cfg(path, source=source)))))
-    assert all(it["index"] % 2 == r for r, s in enumerate(shards) for it in s)
-
-
 def test_collate_shapes(parquet, tmp_path):
     path, _ = parquet
     ds = load_dataset_from_config(_cfg(path))
@@ -234,3 +211,66 @@ def test_collate_shapes(parquet, tmp_path):
     loader = torch.utils.data.DataLoader(single, batch_size=2, collate_fn=collate)
     batch = next(iter(loader))
     assert batch["loser"] is None and batch["winner"].shape == (2, 3, RES, RES)
+
+
+def _pairs_dataset(tmp_path, first_row: dict):
+    """A pairs dataset whose row 0 is replaced by ``first_row``'s columns (label 1: image_0 is the winner)."""
+    rows = _rows()
+    rows[0] = {**rows[0], "label_0": 1.0, **first_row}
+    return load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+
+
+@pytest.mark.parametrize(
+    "image, pixel",
+    [
+        (Image.new("L", (RES, RES), 100), [100, 100, 100]),  # grayscale: three equal channels
+        (Image.new("RGBA", (RES, RES), (255, 0, 0, 0)), [255, 255, 255]),  # transparent: over white, not the hidden red
+        (Image.fromarray(np.full((RES, RES), 32896, np.uint16)), [128, 128, 128]),  # 16-bit: scaled, not clipped to white
+        (Image.new("RGB", (1, 1), (0, 0, 255)), [0, 0, 255]),  # tiny: upscaled to data.resolution
+    ],
+    ids=["grayscale", "rgba", "16-bit", "1x1"],
+)
+def test_any_image_mode_and_size_becomes_rgb_at_the_resolution(image, pixel, tmp_path):
+    item = _pairs_dataset(tmp_path, {"jpg_0": _png(image)})[0]
+    assert item["winner"].shape == (3, RES, RES)
+    assert torch.allclose(item["winner"][:, RES // 2, RES // 2], torch.tensor(pixel) / 127.5 - 1)
+
+
+def test_huge_and_truncated_images_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # a decompression bomb past 2x that: 64 x 64 here
+    rows = _rows()
+    rows[0] = {**rows[0], "jpg_0": _png(Image.new("RGB", (64, 64)))}
+    rows[1] = {**rows[1], "jpg_1": rows[1]["jpg_1"][: len(rows[1]["jpg_1"]) // 2]}
+    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+    with caplog.at_level(logging.WARNING, logger="sspo.data"):
+        assert [ds[i]["index"] for i in range(3)] == [2, 2, 2]
+    assert ds.skipped == 2
+    assert "decompression bomb" in caplog.text and "row 1 column 'jpg_1'" in caplog.text
+
+
+@pytest.mark.parametrize("label", [2.0, -1.0, float("nan"), None])
+def test_labels_other_than_0_half_and_1_are_an_error_naming_the_row(label, tmp_path):
+    with pytest.raises(DataError, match=r"row 0: label .* must be 1 \(image_0 wins\), 0 \(image_1 wins\) or 0.5"):
+        _pairs_dataset(tmp_path, {"label_0": label})
+
+
+def test_empty_missing_and_non_string_captions_skip_the_row(tmp_path, caplog):
+    folder = write_imagefolder(tmp_path / "imgs", SPECS[:4], size=RES)
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    lines[0]["text"], lines[1]["text"] = "", None
+    del lines[2]["text"]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ds = load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    with caplog.at_level(logging.WARNING, logger="sspo.data"):
+        assert ds[0]["prompt"] == SPECS[3].prompt and ds.skipped == 3
+    assert "caption '' in column 'text'" in caplog.text and "caption None" in caplog.text
+    lines[0]["text"] = 7  # a number among strings
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(DataError, match="a column mixes types"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+
+
+def test_duplicate_rows_are_kept_like_any_other(tmp_path):
+    rows = _rows()
+    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows + rows[:2])))
+    assert len(ds) == len(rows) + 2 and ds[len(rows)]["prompt"] == rows[0]["caption"]

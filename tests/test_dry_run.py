@@ -45,7 +45,7 @@ def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
         (["data.path={tmp}/missing.parquet"], "missing.parquet does not exist"),
         (["model.pretrained={tmp}"], "no model_index.json there"),
         (["method=dpo", "data.source=imagefolder", "data.path={images}"], "needs (winner, loser) pairs"),
-        (["data.streaming=true"], "data.streaming"),
+        (["data.streaming=true"], "unknown config key 'data.streaming'"),
     ],
 )
 def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Losses of SPEC.md §2 against values computed by hand, and the pipeline's denoising error."""
+"""Losses of docs/method.md ("Losses") against values computed by hand, and the pipeline's denoising error."""
 
 import math
 from types import SimpleNamespace

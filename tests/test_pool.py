@@ -1,4 +1,4 @@
-"""The checkpoint pool of Random Checkpoint Replay (SPEC.md §3)."""
+"""The checkpoint pool of Random Checkpoint Replay (docs/method.md)."""
 
 import json
 import random

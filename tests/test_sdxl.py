@@ -10,8 +10,10 @@ from sspo.config import apply_overrides, from_dict
 from sspo.models.pipeline import encode_prompts, encode_unconditional, load_pipeline
 from sspo.models.tiny import build_sdxl_pipeline
 from sspo.train_config import TrainConfig
-from sspo.trainer import train
+from sspo.trainer import Trainer, train
 from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+
+from lora_checks import assert_lora_reloads_as_trained
 
 PROMPT = "a large red circle on the left, white background"
 
@@ -67,6 +69,12 @@ def test_sdxl_lora_training_loads_with_stock_load_lora_weights(tiny_sdxl, pairs,
     pipe.load_lora_weights(str(final))
     after = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert not torch.allclose(before, after)
+
+
+def test_sdxl_lora_with_alpha_not_rank_reloads_at_its_trained_scale(tiny_sdxl, pairs, tmp_path):
+    trainer = Trainer(sdxl_config(tmp_path / "run", tiny_sdxl, pairs, "model.lora_rank=4", "model.lora_alpha=16"))
+    final = trainer.train()
+    assert_lora_reloads_as_trained(trainer, tiny_sdxl, final, PROMPT)
 
 
 def test_sdxl_full_finetune_loads_with_from_pretrained(tiny_sdxl, pairs, tmp_path):

@@ -10,17 +10,22 @@ from sspo.errors import DataError, ModelError
 from sspo.train_config import TrainConfig
 from sspo.trainer import Trainer, train
 
+from lora_checks import assert_lora_reloads_as_trained
+
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo-shapes.yaml"
 
 
-def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
+def tiny_overrides(out: Path, model: str) -> list[str]:
     """The demo config shrunk to seconds: 2 iterations of 2 steps, batch 4, 2 sampler steps."""
-    base = [
+    return [
         f"model.pretrained={model}", f"output_dir={out}", "report_to=none", "iterations=2", "steps_per_iteration=2",
         "optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1",
         "data.max_samples=64", "validation.every_iterations=0",
     ]
-    return load_config(TrainConfig, DEMO, base + list(overrides))
+
+
+def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, DEMO, tiny_overrides(out, model) + list(overrides))
 
 
 def metrics(run: Path) -> list[dict]:
@@ -57,6 +62,8 @@ def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
         assert "ssr_rate" not in rows[0]
     else:
         assert {"implicit_acc", "ssr_rate", "dw", "dl", "reference"} <= set(rows[0])
+        if cfg.effective_ssr == "off":
+            assert all(r["ssr_rate"] == 0 for r in rows)
     pool = json.loads((tmp_path / arm / "pool" / "pool.json").read_text())["entries"] if cfg.uses_reference else []
     if cfg.generates_negatives:
         assert [e["step"] for e in pool] == [0, 2, 4]  # theta_0 plus one checkpoint per iteration
@@ -64,8 +71,6 @@ def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
             assert [r["reference"] for r in rows] == [0, 0, 1, 1]
         if cfg.effective_erd == "initial":
             assert all(r["reference"] == 0 for r in rows)
-    if cfg.effective_ssr == "off":
-        assert all(r["ssr_rate"] == 0 for r in rows)
     weights = final / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "unet/diffusion_pytorch_model.safetensors")
     assert weights.is_file()
 
@@ -133,6 +138,12 @@ def test_lora_output_loads_in_stock_diffusers(quick_base, tmp_path):
     pipe.load_lora_weights(str(final))
     after = pipe("a small red circle on the left, white background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert not torch.allclose(before, after)
+
+
+def test_lora_with_alpha_not_rank_reloads_at_its_trained_scale(quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=0.01", "model.lora_rank=4", "model.lora_alpha=16"))
+    final = trainer.train()
+    assert_lora_reloads_as_trained(trainer, quick_base, final, "a small red circle on the left, white background")
 
 
 def test_full_finetune_output_is_a_diffusers_folder(quick_base, tmp_path):

@@ -107,6 +107,7 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
     """Load an SD-1.5 or SDXL pipeline from a hub id or a local folder, with an optional LoRA."""
     from diffusers import DiffusionPipeline
 
+    load_pipeline_config(model, revision)  # a model without a UNet is named here, before any weights load
     try:
         pipe = DiffusionPipeline.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None)
     except (OSError, ValueError) as exc:
@@ -115,9 +116,30 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
         lora_path = Path(lora)
         if not lora_path.exists():
             raise ModelError(f"LoRA path {lora} does not exist")
-        pipe.load_lora_weights(str(lora_path))
+        try:
+            pipe.load_lora_weights(str(lora_path))
+        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. torch's size mismatch, many lines long
+            raise ModelError(f"LoRA {lora} does not fit model {model}: {str(exc).splitlines()[-1].strip().rstrip('.')}; pass the base model the LoRA was trained on") from None
+        _check_lora_loaded(pipe, lora_path, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_lora_loaded(pipe, lora: Path, model: str | Path) -> None:
+    """A LoRA of another base loads without an error (diffusers only logs the keys it dropped):
+    every UNet tensor of a diffusers-format LoRA file must be in the UNet's adapter now, as saved."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
+    if not file.is_file() or file.suffix != ".safetensors":
+        return  # another layout: diffusers' own checks are all there is
+    saved = convert_unet_state_dict_to_peft({key.removeprefix("unet."): value for key, value in load_file(str(file)).items() if key.startswith("unet.")})
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][-1])
+    misfits = [key for key, value in saved.items() if key not in loaded or not torch.equal(loaded[key].cpu().to(value.dtype), value)]
+    if misfits:
+        raise ModelError(f"LoRA {lora} does not fit model {model}: {len(misfits)} of its {len(saved)} UNet tensors (e.g. {misfits[0]}) have no place in its UNet; pass the base model the LoRA was trained on")
 
 
 @torch.no_grad()
@@ -156,14 +178,6 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents to images in [0, 1]."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
     kind = scheduler.config.prediction_type
@@ -177,6 +191,9 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 def denoising_errors(unet, scheduler, latents, noise, timesteps, cond: TextCondition) -> torch.Tensor:
     """Per-sample denoising error ``L_m(x0)``: mean over all non-batch dims of (m(x_t,t,c) - target)^2.
 
+    Latents of any rank: ``(B, C, H, W)`` images, ``(B, C, F, H, W)`` videos. ``cond`` holds one text
+    condition per sample; repeating it per frame is the UNet's business (diffusers' video UNets,
+    ``UNet3DConditionModel`` and ``UNetMotionModel``, do it inside), so no caller branches on rank.
     Inputs stay in the latents' dtype: under mixed precision, autocast picks the compute dtype.
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -47,6 +47,10 @@ class Scorer:
                 scores.append(batch.detach().float().reshape(-1).cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 
+    def score_parts(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The score (key ``""``) and, for a scorer made of parts, each part by name."""
+        return {"": self.score(images, prompts)}
+
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -102,7 +106,7 @@ def resolve_file(path_or_id: str, filename: str, what: str, *, optional: bool = 
 
 
 def _download_url(url: str, what: str) -> Path:
-    from ..base import cache_root
+    from ..paths import cache_root
 
     target = cache_root() / "scorers" / url.rstrip("/").rsplit("/", 1)[-1].replace("%2B", "+")
     if not target.is_file():

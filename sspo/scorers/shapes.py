@@ -9,14 +9,20 @@ from .base import Scorer
 
 
 class ShapesScorer(Scorer):
-    """``sspo.worlds.shapes_eval.evaluate_prompt(image, prompt).reward`` (in [0, 1]) for each pair."""
+    """``sspo.worlds.shapes_eval.evaluate_prompt(image, prompt).reward`` (in [0, 1]) for each pair,
+    in float64 (the evaluator's own precision); :meth:`score_parts` adds every component."""
 
     name = "shapes"
 
     def _score_batch(self, images, prompts):
+        return self.score_parts(images, prompts)[""]
+
+    def score_parts(self, images, prompts) -> dict[str, torch.Tensor]:
         from ..worlds.shapes_eval import evaluate_prompt
 
-        return torch.tensor([evaluate_prompt(image, prompt).reward for image, prompt in zip(images, prompts)])
+        scores = [evaluate_prompt(image, prompt).as_dict() for image, prompt in zip(images, prompts)]
+        parts = {name: torch.tensor([s[name] for s in scores], dtype=torch.float64) for name in scores[0]} if scores else {}
+        return {"" if name == "reward" else name: values for name, values in parts.items()}
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | None = None, **kwargs) -> "ShapesScorer":

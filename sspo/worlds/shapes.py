@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..errors import DataError, SSPOError
+from ..errors import SSPOError
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -321,7 +321,7 @@ def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int) -
     """The world's alignment data (train combinations only) as a cached Pick-a-Pic parquet."""
     from filelock import FileLock
 
-    from ..base import cache_root
+    from ..paths import cache_root
 
     path = cache_root() / "data" / f"shapes-pairs-s{split_seed}-n{pairs_per_prompt}-r{size}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,15 +346,3 @@ def write_imagefolder(folder: str | Path, specs: Iterable[ShapeSpec], size: int 
         lines.append(json.dumps({"file_name": name, "text": spec.prompt}))
     atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
     return folder
-
-
-def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
-    """Open an image as RGB, turning a corrupt file into a DataError that names it."""
-    import io
-
-    try:
-        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sspo.data import load_image
 from sspo.errors import DataError, SSPOError
 from sspo.worlds.shapes import (
     ATTRIBUTES,
@@ -20,7 +21,6 @@ from sspo.worlds.shapes import (
     UnknownAttributeError,
     all_specs,
     eval_prompts,
-    load_image,
     make_split,
     object_mask,
     parse_prompt,

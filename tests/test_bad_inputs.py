@@ -1,0 +1,79 @@
+"""Bad models, prompt files and config files: one `sspo: error:` line naming the problem, no traceback
+(docs/reliability.md lists every bad-input case and its test)."""
+
+import json
+
+import pytest
+import torch
+
+from sspo.cli import main
+from sspo.errors import DataError, ModelError
+from sspo.models.pipeline import load_pipeline
+from sspo.scorers.prompts import load_prompt_set
+
+PROMPT = "a small red circle on the left, white background"
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def write_lora(folder, quick_base, change=None):
+    """A diffusers-format LoRA of the quick base's UNet, its tensors passed through ``change(key, tensor)``."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(quick_base, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    if change is not None:
+        layers = dict(change(key, value) for key, value in layers.items())
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+def wider(key, value):  # a base with twice the channels
+    return key, torch.zeros(value.shape[0] * 2, value.shape[1]) if "lora.up" in key else value
+
+
+def renamed(key, value):  # a base whose blocks have other names (another architecture)
+    return key.replace("down_blocks", "input_blocks"), value
+
+
+def test_a_lora_of_this_base_loads(quick_base, tmp_path):
+    pipe = load_pipeline(quick_base, lora=write_lora(tmp_path / "lora", quick_base))
+    assert pipe.get_list_adapters()["unet"]
+
+
+@pytest.mark.parametrize("change, named", [(wider, "size mismatch"), (renamed, "have no place in its UNet")], ids=["wider", "renamed"])
+def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, capsys):
+    lora = write_lora(tmp_path / "lora", quick_base, change)
+    assert main(["sample", "--model", quick_base, "--lora", str(lora), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
+    line = one_error_line(capsys)
+    assert f"LoRA {lora} does not fit model" in line and named in line and "pass the base model the LoRA was trained on" in line
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_model_of_another_family_is_named_before_loading(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    with pytest.raises(ModelError, match=r"\(PixArtAlphaPipeline\) has no UNet"):
+        load_pipeline(tmp_path)
+    assert main(["train", "configs/demo-shapes.yaml", f"model.pretrained={tmp_path}", f"output_dir={tmp_path / 'run'}", "report_to=none"]) == 2
+    assert "has no UNet; sspo trains UNet pipelines such as SD-1.5 and SDXL" in one_error_line(capsys)
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "prompts.txt").write_bytes("a red circle\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"cannot read prompts from .*prompts.txt: 'utf-8' codec can't decode"):
+        load_prompt_set(str(tmp_path / "prompts.txt"))
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("optim: [learning_rate: 1\n")
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
+    assert f"config file {tmp_path / 'bad.yaml'} is not valid YAML" in one_error_line(capsys)
