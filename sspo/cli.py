@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(quiet: bool) -> None:
+def quiet_libraries(quiet: bool) -> None:
     """Without --verbose, the libraries' notices and progress bars give way to sspo's own output."""
     import warnings
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries(not args.verbose)
+    quiet_libraries(not args.verbose)
     try:
         args.func(args)
     except SSPOError as exc:
