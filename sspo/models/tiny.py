@@ -249,30 +249,12 @@ def _unet(size: TinySize, cross_attention_dim: int, **extra):
 def _scheduler(zero_terminal_snr: bool = False):
     from diffusers import DDIMScheduler
 
+    # SD-1.5's noise schedule; DDIM is its usual fast sampler.
+    sd15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
     if zero_terminal_snr:
         # SD-1.5's schedule leaves signal at t=T (alpha_bar 0.005). On an 8x8 latent the initial
         # noise's per-channel mean (std 1/8) is then mistaken for that signal: samples took
         # their background from the seed, not the prompt. Rescaled to zero terminal SNR, with
         # v-prediction and trailing timesteps (Lin et al. 2024; SD-2.1's prediction type).
-        return DDIMScheduler(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            prediction_type="v_prediction",
-            rescale_betas_zero_snr=True,
-            timestep_spacing="trailing",
-        )
-    # SD-1.5's noise schedule; DDIM is its usual fast sampler.
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+        return DDIMScheduler(**sd15, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return DDIMScheduler(**sd15, steps_offset=1, prediction_type="epsilon")
