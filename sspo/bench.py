@@ -235,6 +235,11 @@ class Meter:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        if not self.cuda:
+            # The same clean-up as reset(): an earlier arm's garbage (in-process runs) freed after the
+            # baseline was read would make the peak above it too small, even negative.
+            gc.collect()
+            _malloc_trim()
         self.baseline = 0 if self.cuda else (_proc_status("VmRSS") or _rss_peak())
         self.method = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS - RSS before the trainer"
 
