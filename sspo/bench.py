@@ -440,6 +440,7 @@ def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _Phas
 
 def machine_info(device: str | None = None) -> dict:
     import diffusers
+    import transformers
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -449,7 +450,7 @@ def machine_info(device: str | None = None) -> dict:
         pass
     info = {
         "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "transformers": transformers.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -303,7 +303,9 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
         totals["grad_norm"] = float("nan") if norm is None else float(norm)
         # A non-finite loss on any process makes the averaged gradients, and so the norm every process sees, non-finite.
-        if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"])):
+        # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers its scale.
+        scaler = self.accelerator.scaler
+        if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"]) or scaler is not None):
             self.optimizer.step()
         elif self.cfg.nonfinite == "skip":
             self.nonfinite_skips += 1
@@ -320,6 +322,8 @@ class Trainer:
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]
         if self.cfg.nonfinite == "skip":
             totals["nonfinite_skips"] = self.nonfinite_skips
+        if scaler is not None:
+            totals["loss_scale"] = scaler.get_scale()
         return totals
 
     # ----------------------------------------------------------------------------------------------
