@@ -54,6 +54,7 @@ class DataConfig:
     seed: int = 0  # seeds SSPOr sides, random crops and flips
     world_pairs_per_prompt: int = 4  # source "shapes": pairs rendered per alignment-train combination
     world_split_seed: int = 0  # source "shapes": the world's train / held-out split
+    world_without_validation: bool = False  # source "shapes": leave out the validation combinations (choosing settings)
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
     # (sspo/latent_cache.py). Needs center_crop true and random_flip false: augmentation would
     # change an item's latents from epoch to epoch.
@@ -413,7 +414,7 @@ def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
     if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
         from .worlds.shapes import cached_pickapic_parquet
 
-        path = cached_pickapic_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution)
+        path = cached_pickapic_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution, cfg.world_without_validation)
         cfg = dataclasses.replace(cfg, source="parquet", path=str(path))
     check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
     if cfg.source != "hf" and not Path(cfg.path).exists():

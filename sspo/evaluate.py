@@ -24,13 +24,14 @@ from .errors import SSPOError
 from .scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
 from .scorers.prompts import PromptItem, load_prompt_set
 
-PROMPT_SETS = ("shapes", "pickapic_val", "hpsv2", "parti")  # or a prompt file
+SHAPES_PROMPT_SETS = ("shapes", "shapes-validation")
+PROMPT_SETS = (*SHAPES_PROMPT_SETS, "pickapic_val", "hpsv2", "parti")  # or a prompt file
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    prompts: str = "shapes"  # a prompt set (shapes | pickapic_val | hpsv2 | parti) or a prompt file
+    prompts: str = "shapes"  # a prompt set (shapes | shapes-validation | pickapic_val | hpsv2 | parti) or a prompt file
     metrics: tuple[str, ...] = ()  # scorers; empty: shapes for the shapes prompts, else the paper's four
     seeds: tuple[int, ...] = (0, 1)  # sampler seeds: one image per (prompt, seed)
     steps: int = 20  # sampler steps
@@ -58,7 +59,7 @@ class EvalConfig:
     @property
     def metric_names(self) -> tuple[str, ...]:
         """The exact evaluator for the shapes world, the paper's four reward models otherwise."""
-        return self.metrics or (("shapes",) if self.prompts == "shapes" else PAPER_METRICS)
+        return self.metrics or (("shapes",) if self.prompts in SHAPES_PROMPT_SETS else PAPER_METRICS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,8 @@
   columns), or by default hub dataset ``nateraw/parti-prompts``.
 * ``shapes`` -- the shapes world's evaluation specs, seen then held-out combinations (category
   ``seen`` / ``heldout``), from :func:`sspo.worlds.shapes.make_split` and ``eval_prompts``.
+* ``shapes-validation`` -- the split's validation combinations (category ``validation``): for
+  choosing training settings, never the held-out ones.
 * a path to a ``.txt`` (one prompt a line), ``.json``, ``.jsonl``, ``.tsv``, ``.csv`` or ``.parquet``
   file with a prompt column (``prompt``, ``Prompt``, ``caption`` or ``text``) and optionally a
   category column (``category``, ``Category`` or ``style``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import random
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -48,15 +51,15 @@ def load_prompt_set(
 
     ``limit`` keeps the first prompts (quick runs); ``seed`` and ``per_split`` pick the shapes split.
     """
-    if name_or_path == "shapes":
-        items = _shapes(seed, per_split)
+    if name_or_path in ("shapes", "shapes-validation"):
+        items = _shapes(seed, per_split, validation=name_or_path == "shapes-validation")
     elif name_or_path in _NAMED:
         items = _NAMED[name_or_path](source)
     elif Path(name_or_path).expanduser().exists():
         items = read_prompt_file(Path(name_or_path).expanduser())
     else:
         raise DataError(
-            f"unknown prompt set {name_or_path!r}: not one of {', '.join(['shapes', *_NAMED])} and no such file"
+            f"unknown prompt set {name_or_path!r}: not one of {', '.join(['shapes', 'shapes-validation', *_NAMED])} and no such file"
         )
     if not items:
         raise DataError(f"prompt set {name_or_path!r} ({source or 'default source'}) has no prompts")
@@ -181,10 +184,14 @@ def _parti(source: str | None) -> list[PromptItem]:
     return read_prompt_file(Path(source).expanduser())
 
 
-def _shapes(seed: int, per_split: int) -> list[PromptItem]:
+def _shapes(seed: int, per_split: int, validation: bool = False) -> list[PromptItem]:
     from ..worlds import shapes
 
-    groups = shapes.eval_prompts(shapes.make_split(seed), per_split=per_split, seed=seed)
+    split = shapes.make_split(seed)
+    if validation:
+        specs = random.Random(seed + 2).sample(list(split.validation), min(per_split, len(split.validation)))
+        return [PromptItem(spec.prompt, "validation") for spec in sorted(specs)]
+    groups = shapes.eval_prompts(split, per_split=per_split, seed=seed)
     return [PromptItem(spec.prompt, group) for group in ("seen", "heldout") for spec in groups[group]]
 
 
