@@ -15,7 +15,7 @@ from typing import Any, Iterable
 # Keys a resumed run may change without changing what it computes. `iterations` only extends
 # (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
 # would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for.
-HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "log_every", "save_every_steps", "checkpoints_total_limit", "validation", "data.cache_dir", "nonfinite")
+HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "log_every", "save_every_steps", "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "nonfinite")
 
 
 def file_digest(path: Path) -> dict:

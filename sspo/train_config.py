@@ -75,12 +75,23 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass
+class DiagnosticsConfig:
+    # Shapes world: score every negative exactly and, for this many pairs per iteration, the policy's
+    # own sample too: SSR and RCR against ground truth (<output_dir>/ssr_truth.jsonl). 0: off.
+    ssr_truth_samples: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.ssr_truth_samples >= 0, "diagnostics.ssr_truth_samples", "must be 0 (off) or positive")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
     method: str = "sspo"  # a name in sspo.methods.METHODS: sft | dpo | spin | sspo
     beta: float = 5000.0  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
     ssr: str = "sign"  # sign | indicator | off (Table 6 ablations); spin and dpo force off
@@ -113,6 +124,8 @@ class TrainConfig:
         check(self.iterations > 0, "iterations", "must be positive")
         check(self.steps_per_iteration > 0, "steps_per_iteration", "must be positive")
         check(self.checkpoints_total_limit > 0, "checkpoints_total_limit", "must be positive")
+        check(not self.diagnostics.ssr_truth_samples or self.data.source == "shapes", "diagnostics.ssr_truth_samples",
+              "needs data.source: shapes (the exact evaluator scores the world's prompts only); set it to 0 for other data")
 
     # What the method implies (sspo/methods.py); a method's fixed erd / ssr wins over the keys.
     @property

@@ -49,6 +49,8 @@ from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
 from .run_lock import RunLock
 from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems
+from .ssr_truth import FILE as SSR_TRUTH_FILE
+from .ssr_truth import SSRTruth
 from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,10 @@ class Trainer:
             self._load_state(state_dir)
         else:
             self._start_fresh()
+
+        self.ssr_truth = None
+        if cfg.diagnostics.ssr_truth_samples and cfg.generates_negatives and self.accelerator.is_main_process:
+            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_samples, self.run_dir, self.pipe, self.train_scheduler, self.pair_builder, self.device)
 
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")
@@ -342,7 +348,11 @@ class Trainer:
                 pregenerated = self.iteration_pairs(list(range(first, last))) if cfg.pregenerate else None
                 for m in range(first, last, accum):
                     batches = pregenerated[m - first : m - first + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
-                    metrics = self.optimizer_step(self.pair_builder.complete(batches))
+                    batches = self.pair_builder.complete(batches)
+                    if self.ssr_truth is not None:
+                        with self._sampling():
+                            self.ssr_truth.observe(batches, self.policy, iteration, self.global_step + 1)
+                    metrics = self.optimizer_step(batches)
                     fault_point("step")
                     metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
                     self._log(metrics)
@@ -522,7 +532,7 @@ class Trainer:
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
             for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
                 shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
-            for name in ("metrics.jsonl", "validation.jsonl"):
+            for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE):
                 log_file = self.run_dir / name
                 kept = [row for row in read_jsonl(log_file) if row["step"] <= self.global_step]
                 atomic_write_text(log_file, "".join(json.dumps(row) + "\n" for row in kept))

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import ModelError
@@ -176,6 +177,14 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_images(vae, latents: torch.Tensor) -> np.ndarray:
+    """Scaled image latents to ``uint8`` RGB arrays ``[B, H, W, 3]``, rounded as diffusers' pipelines do."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift).sample
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
