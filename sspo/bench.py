@@ -137,9 +137,9 @@ def bench_pairs(resolution: int, rows: int = 64) -> Path:
     from filelock import FileLock
 
     from .paths import cache_root
-    from .worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+    from .worlds.shapes import WORLD_VERSION, make_split, preference_pairs, write_pickapic_parquet
 
-    path = cache_root() / "bench" / f"shapes-pairs-r{resolution}-n{rows}.parquet"
+    path = cache_root() / "bench" / f"shapes-pairs-v{WORLD_VERSION}-r{resolution}-n{rows}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():

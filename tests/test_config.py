@@ -31,7 +31,7 @@ def test_demo_yaml_loads():
     cfg = load()
     assert isinstance(cfg, TrainConfig)
     assert cfg.method == "sspo"
-    assert cfg.beta == 5000.0 and isinstance(cfg.beta, float)
+    assert cfg.beta == 500.0 and isinstance(cfg.beta, float)
     assert cfg.ssr == "sign" and cfg.erd == "uniform"
     raw = yaml.safe_load(DEMO.read_text())  # every value in the file arrives typed, nothing dropped
     assert cfg.iterations == raw["iterations"] and cfg.steps_per_iteration == raw["steps_per_iteration"]

@@ -25,7 +25,8 @@ class TinySize:
     image_size: int = 32
     text_hidden: int = 64
     text_layers: int = 2
-    vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 blocks: 32x32 images -> 8x8 latents
+    # 3 blocks: 32x32 images -> 8x8 latents; 64 channels at 8x8 sharpen the round trip for ~30% more compute
+    vae_channels: tuple[int, ...] = (16, 32, 64)
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: int = 1
     latent_channels: int = 8  # 8x8x4 latents round-trip shapes too softly; 8 channels keep more

@@ -222,6 +222,22 @@ def smear(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
     return Image.fromarray(np.mean(frames, axis=0).astype(np.uint8))
 
 
+def checker(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
+    """Checkerboard artifacts in the background, as transposed convolutions leave in generated
+    images: a +-20-30 gray level checkerboard on every pure background pixel. Its cells (4 px at 32)
+    match the 8x8 latent's grid, so a VAE that has seen it keeps it (pixel noise is too fine for
+    that); the object is left intact, so the defect is one of quality, not of attributes."""
+    clean = np.asarray(render(spec, size), dtype=np.float32)
+    background = np.abs(clean - np.array(BACKGROUNDS[spec.background], dtype=np.float32)).max(axis=-1, keepdims=True) < 1
+    cell = max(1, size // 8)
+    rows, cols = np.mgrid[0:size, 0:size] // cell
+    pattern = np.where((rows + cols) % 2 == 0, 1.0, -1.0)[..., None]
+    return Image.fromarray(np.clip(clean + rng.uniform(20, 30) * pattern * background, 0, 255).astype(np.uint8))
+
+
+# Bump when renders, defects or pairs change, so that cached world data is rebuilt.
+WORLD_VERSION = 2
+
 DEFECTS: dict[str, Callable[[ShapeSpec, random.Random, int], Image.Image]] = {
     "blur": blur,
     "noise": noise,
@@ -229,6 +245,7 @@ DEFECTS: dict[str, Callable[[ShapeSpec, random.Random, int], Image.Image]] = {
     "wrong_shape": wrong_shape,
     "wrong_position": wrong_position,
     "smear": smear,
+    "checker": checker,
 }
 
 
@@ -246,18 +263,35 @@ def render_defect(spec: ShapeSpec, rng: random.Random, size: int = 32, defect: s
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Attribute combinations used for alignment data (``train``) and held out of it (``heldout``)."""
+    """Attribute combinations used for alignment data (``train``) and held out of it (``heldout``).
+
+    ``validation`` is a part of ``train`` set aside for choosing training settings (learning rate,
+    beta): runs that choose settings train on ``train_without_validation`` and score ``validation``,
+    so no choice ever looks at a held-out combination.
+    """
 
     train: tuple[ShapeSpec, ...]
     heldout: tuple[ShapeSpec, ...]
+    validation: tuple[ShapeSpec, ...] = ()
+
+    @property
+    def train_without_validation(self) -> tuple[ShapeSpec, ...]:
+        excluded = set(self.validation)
+        return tuple(spec for spec in self.train if spec not in excluded)
 
 
-def make_split(seed: int = 0, heldout_fraction: float = 0.25) -> Split:
-    """Deterministic split of all combinations into alignment-train and held-out sets."""
+def make_split(seed: int = 0, heldout_fraction: float = 0.25, validation_fraction: float = 0.1) -> Split:
+    """Deterministic split of all combinations into alignment-train and held-out sets, and a
+    validation part of train (``validation_fraction`` of all combinations)."""
     specs = all_specs()
     random.Random(seed).shuffle(specs)
     n_heldout = int(round(len(specs) * heldout_fraction))
-    return Split(train=tuple(sorted(specs[n_heldout:])), heldout=tuple(sorted(specs[:n_heldout])))
+    n_validation = int(round(len(specs) * validation_fraction))
+    return Split(
+        train=tuple(sorted(specs[n_heldout:])),
+        heldout=tuple(sorted(specs[:n_heldout])),
+        validation=tuple(sorted(specs[n_heldout : n_heldout + n_validation])),
+    )
 
 
 def eval_prompts(split: Split, per_split: int = 24, seed: int = 0) -> dict[str, list[ShapeSpec]]:
@@ -317,17 +351,21 @@ def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int) -> Path:
-    """The world's alignment data (train combinations only) as a cached Pick-a-Pic parquet."""
+def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int, without_validation: bool = False) -> Path:
+    """The world's alignment data (train combinations only, less the validation ones if asked) as a
+    cached Pick-a-Pic parquet."""
     from filelock import FileLock
 
     from ..paths import cache_root
 
-    path = cache_root() / "data" / f"shapes-pairs-s{split_seed}-n{pairs_per_prompt}-r{size}.parquet"
+    suffix = "-noval" if without_validation else ""
+    path = cache_root() / "data" / f"shapes-pairs-v{WORLD_VERSION}-s{split_seed}-n{pairs_per_prompt}-r{size}{suffix}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
-            rows = preference_pairs(make_split(split_seed).train, pairs_per_prompt, seed=split_seed, size=size)
+            split = make_split(split_seed)
+            specs = split.train_without_validation if without_validation else split.train
+            rows = preference_pairs(specs, pairs_per_prompt, seed=split_seed, size=size)
             write_pickapic_parquet(path, rows)
     return path
 

@@ -31,6 +31,7 @@ DEFECT_COMPONENT = {
     "blur": ("sharpness", 0.6),
     "smear": ("sharpness", 0.8),
     "noise": ("noise", 0.2),
+    "checker": ("noise", 0.75),
     "wrong_color": ("color", 0.1),
     "wrong_shape": ("shape", 0.1),
     "wrong_position": ("position", 0.1),
