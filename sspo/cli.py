@@ -15,6 +15,13 @@ def _base(args) -> None:
 
     path = build_base(BaseConfig.preset("quick" if args.quick else "default"), output=args.out, force=args.force)
     print(path)
+    if args.round_trip:
+        from .base import round_trip_scores
+
+        print("VAE round trip of 96 held-out renders (exact scores; clean = the ceiling):")
+        print("| render | reward | quality | attributes |\n| --- | ---: | ---: | ---: |")
+        for name, scores in round_trip_scores(path).items():
+            print(f"| {name} | {scores['reward']:.3f} | {scores['quality']:.3f} | {scores['attributes']:.3f} |")
 
 
 def _sample(args) -> None:
@@ -131,13 +138,12 @@ def _demo(args) -> None:
 
 
 def _compare(args) -> None:
-    from .compare import run_compare
-
-    from .compare import table1
+    from .compare import run_compare, table1
 
     methods = ",".join(table1()) if args.methods is None else args.methods
     arms = [a for a in (methods + "," + args.ablations).split(",") if a]
-    run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]))
+    run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]),
+                grid=args.grid or (), prompts_per_split=args.prompts_per_split)
 
 
 def _bench(args) -> None:
@@ -155,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the small size used by tests")
     p.add_argument("--out", help="folder to write (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if shipped or cached")
+    p.add_argument("--round-trip", action="store_true", help="also score clean and defective renders after a VAE round trip (the ceiling)")
     p.set_defaults(func=_base)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples")
@@ -197,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "
+                   "optim.learning_rate=3e-4,1e-3 (beta only for arms with a reference); repeat for several keys")
+    p.add_argument("--prompts-per-split", type=int, help="evaluation prompts per split, seen and held-out (default 24; "
+                   "more than the held-out combinations means all of them)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
 

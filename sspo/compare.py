@@ -1,27 +1,39 @@
-"""``sspo compare``: every method and ablation with the same data, budget and seeds (Tables 1 and 6).
+"""``sspo compare``: every method and ablation with the same data and budget (Tables 1 and 6).
 
-Each arm is the base config plus a few overrides (:func:`arms`); only the method-defining keys
-differ, so optimizer steps, samples seen, learning rate, beta and iteration length are the same
-for every arm. Finished arms are reused, killed ones resumed, so the command can be re-run.
+The protocol (docs/results/README.md):
+
+1. **Settings per arm, on a validation split.** With ``--grid KEY=V1,V2,...`` every trained arm is
+   run once per combination of the grid (``beta`` only for arms with a reference), on the world's
+   alignment data *without* its validation combinations, and scored on those validation
+   combinations (prompt set ``shapes-validation``); the best combination is that arm's setting.
+   Held-out combinations are never looked at while choosing.
+2. **Seeds at the chosen settings**, every arm with the same budget (optimizer steps, batch,
+   iterations), evaluated on held-out and seen combinations.
+3. **Tables with 95% CIs** over training seeds and prompts, and paired differences SSPO - each arm
+   (same training seed, prompt and sampler seed), and which of the paper's claims the CIs decide.
+
+Finished runs are reused and killed ones resumed, so the command can be re-run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import statistics
+import time
 from pathlib import Path
 from typing import Sequence
 
 from .config import load_config
-from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .errors import ConfigError
 from .evaluate import TABLE_COLUMNS, EvalConfig, eval_items, evaluate_model, showcase
 from .io import atomic_write_json, atomic_write_text
 from .methods import METHODS, Method
-from .sample import image_grid, save_png
-from .train_config import TrainConfig
 from .models.names import resolve_model
+from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
+from .sample import image_grid, save_png
+from .scorers.stats import summarize_crossed
+from .train_config import TrainConfig
 from .trainer import latest_checkpoint, train
 
 log = logging.getLogger(__name__)
@@ -35,6 +47,10 @@ VARIANTS: dict[str, list[str]] = {
     "erd_last": ["method=sspo", "erd=last"],
 }
 ABLATIONS = ("ssr_off", "indicator", "erd_initial", "erd_last")
+PREFERENCE_ONLY_KEYS = ("beta",)  # grid keys searched only for arms with a reference model
+# The paper's claims the comparison can decide: (arm, what the paper reports for SSPO - arm).
+CLAIMS = (("sft", "higher"), ("dpo", "higher"), ("spin", "higher"), ("ssr_off", "higher"), ("erd_initial", "higher"),
+          ("erd_last", "higher"), ("indicator", "about equal"), ("sspo_r", "about equal"), ("base", "higher"))
 
 
 def arms() -> dict[str, list[str]]:
@@ -48,8 +64,8 @@ SHOWCASE_CELL = 96
 QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=4", "negatives.steps=5"]
 
 
-def arm_config(config: str | Path, arm: str, seed: int, out: Path, extra: Sequence[str]) -> TrainConfig:
-    overrides = [*extra, *arms()[arm], f"seed={seed}", f"output_dir={out / 'runs' / f'{arm}-seed{seed}'}", "validation.every_iterations=1", "validation.shapes_eval=true"]
+def arm_config(config: str | Path, arm: str, seed: int, run_dir: Path, extra: Sequence[str]) -> TrainConfig:
+    overrides = [*extra, *arms()[arm], f"seed={seed}", f"output_dir={run_dir}", "validation.every_iterations=1", "validation.shapes_eval=true"]
     return load_config(TrainConfig, config, overrides)
 
 
@@ -58,49 +74,120 @@ def arm_method(arm: str) -> Method:
     return METHODS[next(o.partition("=")[2] for o in arms()[arm] if o.startswith("method="))]
 
 
-def run_arm(config, arm: str, seed: int, out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict:
+def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict:
     """Train (or reuse / resume) one arm for one seed and evaluate it; cached in ``eval.json``."""
-    cfg = arm_config(config, arm, seed, out, extra)
-    run = Path(cfg.output_dir)
-    cached = run / "eval.json"
+    cfg = arm_config(config, arm, seed, run_dir, extra)
+    cached = run_dir / "eval.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     base = resolve_model(cfg.model.pretrained)
     if arm == "base":
         model, lora = base, None
     else:
-        final = train(cfg, resume=latest_checkpoint(run) is not None)
+        final = train(cfg, resume=latest_checkpoint(run_dir) is not None)
         model, lora = (base, final) if cfg.model.lora else (final, None)
     summary, images = evaluate_model(model, eval_cfg, lora=lora)
-    run.mkdir(parents=True, exist_ok=True)
-    save_png(image_grid([showcase(eval_cfg, images)[0]], cell=SHOWCASE_CELL), run / "showcase.png")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_png(image_grid([showcase(eval_cfg, images)[0]], cell=SHOWCASE_CELL), run_dir / "showcase.png")
     atomic_write_json(cached, summary)
     return summary
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """``["optim.learning_rate=3e-4,1e-3", "beta=500,5000"]`` -> ``{key: [values]}``."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. optim.learning_rate=3e-4,1e-3")
+        grid[key] = [v for v in values.split(",") if v]
+    return grid
 
 
-def table(results: dict[str, list[dict]], arms: Sequence[str], split: str) -> str:
-    lines = ["| arm | " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---|" * len(TABLE_COLUMNS)]
-    for arm in arms:
-        if arm in results:
-            cells = [mean_std([seed[split][c] for seed in results[arm]]) for c in TABLE_COLUMNS]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+def grid_points(grid: dict[str, list[str]], arm: str) -> list[list[str]]:
+    """Every combination of the grid's values that applies to ``arm``, as overrides."""
+    keys = [k for k in grid if k not in PREFERENCE_ONLY_KEYS or arm_method(arm).uses_reference]
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seed: int, out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict[str, dict]:
+    """Each trained arm's best grid point by exact reward on the validation combinations."""
+    chosen = {}
+    for arm in names:
+        points = grid_points(grid, arm) if arm != "base" else [[]]
+        if len(points) == 1:
+            chosen[arm] = {"overrides": points[0], "grid": []}
+            continue
+        rows = []
+        for point in points:
+            log.info("choosing settings: arm %s, %s", arm, " ".join(point))
+            run_dir = out / "select" / f"{arm}-{'-'.join(point)}-seed{seed}"
+            summary = run_arm(config, arm, seed, run_dir, [*extra, *point, "data.world_without_validation=true"], eval_cfg)
+            rows.append({"overrides": point, "validation_reward": summary["validation"]["shapes"]})
+        best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
+        chosen[arm] = {"overrides": best["overrides"], "grid": rows}
+    return chosen
+
+
+def _matrix(runs: list[dict], split: str, seeds: int) -> list[list[float]]:
+    """Per-image rewards ``[seeds][images]`` of an arm; the untrained base repeats its one evaluation."""
+    rows = [run[split]["per_image"] for run in runs]
+    return rows * seeds if len(rows) == 1 else rows
+
+
+def _ci(stats: dict) -> str:
+    return f"{stats['mean']:.3f} [{stats['ci95_low']:.3f}, {stats['ci95_high']:.3f}]"
+
+
+def table(results: dict[str, list[dict]], names: Sequence[str], split: str, seeds: int) -> str:
+    columns = TABLE_COLUMNS[1:]
+    lines = ["| arm | reward [95% CI] | " + " | ".join(c.removeprefix("shapes.") for c in columns) + " | SSPO - arm [95% CI] |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
+    sspo = _matrix(results["sspo"], split, seeds) if "sspo" in results else None
+    for arm in names:
+        if arm not in results:
+            continue
+        runs, rewards = results[arm], _matrix(results[arm], split, seeds)
+        cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
+        diff = "" if sspo is None or arm == "sspo" else _ci(summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, rewards)]))
+        lines.append(f"| {arm} | {_ci(summarize_crossed(rewards))} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
-def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int]) -> None:
-    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nSeeds: {list(seeds)}; mean ± std over seeds of the exact reward and its components.\n"]
-    for title, arms in (("Table 1: methods", table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS))):
+def claims(results: dict[str, list[dict]], seeds: int) -> list[dict]:
+    """Each paper claim SSPO - arm on held-out prompts, decided by the 95% CI of the paired difference."""
+    found = []
+    for arm, paper in CLAIMS:
+        if arm not in results or "sspo" not in results:
+            continue
+        diff = summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(_matrix(results["sspo"], "heldout", seeds), _matrix(results[arm], "heldout", seeds))])
+        verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
+        found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
+    return found
+
+
+def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float) -> None:
+    n = len(seeds)
+    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; wall time so far {seconds / 60:.0f} min. "
+                "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
+                "sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).\n"]
+    if any(c["grid"] for c in chosen.values()):
+        lines = ["## Settings chosen on the validation split\n", "| arm | chosen | validation reward of every grid point |", "|---|---|---|"]
+        for arm, c in chosen.items():
+            grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}" for row in c["grid"])
+            lines.append(f"| {arm} | {' '.join(c['overrides']) or '-'} | {grid or '-'} |")
+        sections.append("\n".join(lines) + "\n")
+    for title, names in (("Table 1: methods", table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS))):
         for split, label in (("seen", "seen prompts (combinations in the alignment data)"), ("heldout", "held-out prompts")):
-            if any(a in results for a in arms):
-                sections.append(f"## {title} — {label}\n\n{table(results, arms, split)}\n")
+            if any(a in results for a in names):
+                sections.append(f"## {title} — {label}\n\n{table(results, names, split, n)}\n")
+    found = claims(results, n)
+    if found:
+        lines = ["## The paper's claims on held-out prompts\n", "| SSPO vs | paper | SSPO - arm [95% CI] | here |", "|---|---|---|---|"]
+        lines += [f"| {c['arm']} | {c['paper']} | {_ci(c['difference'])} | {c['verdict']} |" for c in found]
+        sections.append("\n".join(lines) + "\n")
     atomic_write_text(out / "results.md", "\n".join(sections))
-    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "results": results})
+    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "chosen": chosen, "claims": found, "results": results})
 
 
 def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], eval_cfg: EvalConfig) -> None:
@@ -124,19 +211,24 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], eval_cf
         save_png(image_grid(rows, [arm for arm, _ in strips], captions), out / "grid.png")
 
 
-def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False, command: str = "") -> dict:
+def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
+                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None) -> dict:
     unknown = [a for a in names if a not in arms()]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")
+    started = time.time()
     out = Path(out)
     extra = [*(QUICK if quick else []), *overrides]
-    eval_cfg = EvalConfig(prompts_per_split=8 if quick else 24)
+    eval_cfg = EvalConfig(prompts_per_split=prompts_per_split or (8 if quick else 24))
+    validation_cfg = EvalConfig(prompts="shapes-validation", prompts_per_split=8 if quick else 1000)
+    chosen = select_settings(config, names, parse_grid(grid), seeds[0], out, extra, validation_cfg)
     results: dict[str, list[dict]] = {}
     for arm in names:
         for seed in seeds[:1] if arm == "base" else seeds:  # the untrained base has no seed
             log.info("arm %s, seed %d", arm, seed)
-            results.setdefault(arm, []).append(run_arm(config, arm, seed, out, extra, eval_cfg))
-            write_report(out, results, command, seeds)
+            run_dir = out / "runs" / f"{arm}-seed{seed}"
+            results.setdefault(arm, []).append(run_arm(config, arm, seed, run_dir, [*extra, *chosen[arm]["overrides"]], eval_cfg))
+            write_report(out, results, command, seeds, chosen, time.time() - started)
     write_figures(out, names, seeds, eval_cfg)
     print((out / "results.md").read_text())
     return results

@@ -16,13 +16,14 @@ def test_compare_writes_tables_and_figures_and_reuses_finished_arms(quick_base, 
     assert len(results["base"]) == 1 and len(results["sspo"]) == 2  # the base is not trained: one seed
     report = (out / "results.md").read_text()
     assert "Table 1: methods — held-out prompts" in report and "Table 6: SSPO ablations — seen prompts" in report
-    assert "| sspo | " in report and "±" in report
+    assert "| sspo | " in report and "SSPO - arm [95% CI]" in report
+    assert "## The paper's claims on held-out prompts" in report and "| sft | higher |" in report
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["results"]) == {"base", "sft", "sspo", "ssr_off"}
     for name in ("figure9_reward.png", "figure4_ssr_rate.png", "grid.png"):
         assert (out / name).stat().st_size > 0
-    # Every arm shares the budget: same steps, batch and learning rate.
-    configs = [json.loads(json.dumps(compare.arm_config(CONFIG, arm, 0, out, [*compare.QUICK, *overrides]).optim.__dict__)) for arm in ("sft", "sspo")]
+    # Without a grid every arm shares the budget: same steps, batch and learning rate.
+    configs = [json.loads(json.dumps(compare.arm_config(CONFIG, arm, 0, out / arm, [*compare.QUICK, *overrides]).optim.__dict__)) for arm in ("sft", "sspo")]
     assert configs[0] == configs[1]
 
     def no_training(*args, **kwargs):
@@ -31,6 +32,37 @@ def test_compare_writes_tables_and_figures_and_reuses_finished_arms(quick_base, 
     monkeypatch.setattr(compare, "train", no_training)
     again = compare.run_compare(CONFIG, ["base", "sft", "sspo", "ssr_off"], [0, 1], out, overrides=overrides, quick=True)
     assert again == results
+
+
+def test_grid_settings_are_chosen_per_arm_on_the_validation_split(quick_base, tmp_path):
+    from sspo.config import load_yaml
+
+    out = tmp_path / "cmp"
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=64", "negatives.steps=2", "optim.batch_size=4"]
+    grid = ["optim.learning_rate=1e-4,1e-3", "beta=500,5000"]
+    compare.run_compare(CONFIG, ["sft", "sspo"], [0], out, overrides=overrides, quick=True, grid=grid)
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["chosen"]["sft"]["grid"]) == 2 and len(saved["chosen"]["sspo"]["grid"]) == 4  # beta: preference arms only
+    for arm, chosen in saved["chosen"].items():
+        best = max(chosen["grid"], key=lambda row: row["validation_reward"])
+        assert chosen["overrides"] == best["overrides"]
+        final = load_yaml(out / "runs" / f"{arm}-seed0" / "config.yaml")
+        for override in chosen["overrides"]:
+            key, _, value = override.partition("=")
+            section, _, name = key.rpartition(".")
+            assert float((final[section] if section else final)[name]) == float(value)
+    selection_runs = sorted((out / "select").iterdir())
+    assert len(selection_runs) == 6
+    for run in selection_runs:  # chosen on the validation combinations, trained without them
+        assert load_yaml(run / "config.yaml")["data"]["world_without_validation"] is True
+        assert set(json.loads((run / "eval.json").read_text())) == {"validation"}
+    assert "## Settings chosen on the validation split" in (out / "results.md").read_text()
+
+
+def test_grid_must_name_values():
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        compare.parse_grid(["optim.learning_rate"])
+    assert compare.parse_grid(["beta=1,2"]) == {"beta": ["1", "2"]}
 
 
 def test_unknown_arm_is_a_clear_error(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ..errors import SSPOError
 
@@ -23,6 +23,30 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> dict[str, fl
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+
+
+def summarize_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95) -> dict[str, float | int]:
+    """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
+    differences), where both the runs and the prompts are samples: the mean's variance is taken as
+    ``var(run means) / runs + var(prompt means) / prompts``, with ``min(runs, prompts) - 1`` degrees
+    of freedom (conservative). One run: the interval is over prompts alone.
+    """
+    rows = [[float(v) for v in row] for row in values]
+    runs, prompts = len(rows), len(rows[0]) if rows else 0
+    if not runs or not prompts or any(len(row) != prompts for row in rows):
+        raise SSPOError("summarize_crossed: needs a non-empty table with the same prompts in every run")
+    if runs == 1:
+        return summarize(rows[0], confidence) | {"runs": 1}
+    run_means = [math.fsum(row) / prompts for row in rows]
+    prompt_means = [math.fsum(row[j] for row in rows) / runs for j in range(prompts)]
+    mean = math.fsum(run_means) / runs
+
+    def variance(xs: list[float]) -> float:
+        m = math.fsum(xs) / len(xs)
+        return math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+
+    half = t_quantile(0.5 + confidence / 2, max(1, min(runs, prompts) - 1)) * math.sqrt(variance(run_means) / runs + variance(prompt_means) / prompts)
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
 
 
 def t_quantile(p: float, df: float) -> float:
