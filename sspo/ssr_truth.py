@@ -3,12 +3,13 @@
 The switch of eq. 9 sets ``K = +1`` when ``L_theta(x_w) > L_ref(x_w)``, on the assumption that the
 reference's own sample ``x_l`` is then probably good; Random Checkpoint Replay assumes that older
 checkpoints give worse samples. Real data cannot test either. The shapes world scores every image
-exactly, so during training (``diagnostics.ssr_truth_samples > 0``):
+exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
 
 * every negative ``x_l`` is scored, with the pool checkpoint that drew it;
-* for the first ``ssr_truth_samples`` pairs of every iteration the policy, just before the step that
-  uses the pair, samples the same prompt from the same seed with the same sampler, and that sample
-  is scored too; the pair's switch margin ``L_theta(x_w) - L_ref(x_w)`` and its ``K`` are recorded.
+* for the first ``ssr_truth_per_batch`` pairs of every micro-batch (so spread evenly over training)
+  the policy, just before the step that uses the pair, samples the same prompt from the same seed
+  with the same sampler, and that sample is scored too; the pair's switch margin
+  ``L_theta(x_w) - L_ref(x_w)`` and its ``K`` are recorded for every pair.
 
 Rows go to ``<run>/ssr_truth.jsonl``; :func:`summarize` turns them into per-iteration agreement of
 ``K`` with "``x_l`` is at least as good as the policy's own sample" (accuracy, precision, recall),
@@ -36,14 +37,10 @@ FILE = "ssr_truth.jsonl"
 class SSRTruth:
     """Scores a run's pairs exactly (see the module docstring); main process only."""
 
-    def __init__(self, samples_per_iteration: int, run_dir: Path, pipe, train_scheduler, pair_builder, device):
-        self.samples_per_iteration = samples_per_iteration
+    def __init__(self, per_batch: int, run_dir: Path, pipe, train_scheduler, pair_builder, device):
+        self.per_batch = per_batch
         self.path = Path(run_dir) / FILE
         self.pipe, self.train_scheduler, self.pairs, self.device = pipe, train_scheduler, pair_builder, device
-        self._observed: dict[int, int] = defaultdict(int)  # iteration -> pairs given a policy sample
-        if self.path.is_file():  # resumed: the rows kept are those of the steps that were saved
-            for row in read_rows(self.path):
-                self._observed[row["iteration"]] += row["reward_policy"] is not None
 
     @torch.no_grad()
     def observe(self, batches: list[PairBatch], unet, iteration: int, step: int) -> None:
@@ -63,13 +60,11 @@ class SSRTruth:
             margin = (policy_w.float().cpu() - reference_w.float().cpu()).tolist()
             specs = [parse_prompt(p) for p in prompts]
             rewards_l = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, batch.losers), specs)]
-            n_policy = max(0, min(len(prompts), self.samples_per_iteration - self._observed[iteration]))
-            rewards_policy: list[float | None] = [None] * len(prompts)
-            if n_policy:
-                own = sample_reference(self.pipe, unet, self.pairs.sampler_scheduler, cond[:n_policy], self.pairs.uncond, draws.sample_seeds[:n_policy],
-                                       self.pairs.sampler_cfg, self.device, batch.losers.shape[2:])
-                rewards_policy[:n_policy] = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, own), specs[:n_policy])]
-                self._observed[iteration] += n_policy
+            n_policy = min(len(prompts), self.per_batch)
+            own = sample_reference(self.pipe, unet, self.pairs.sampler_scheduler, cond[:n_policy], self.pairs.uncond, draws.sample_seeds[:n_policy],
+                                   self.pairs.sampler_cfg, self.device, batch.losers.shape[2:])
+            rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, own), specs[:n_policy])]
+            rewards_policy += [None] * (len(prompts) - n_policy)
             for i in range(len(prompts)):
                 rows.append({"step": step, "iteration": iteration, "micro_batch": batch.index, "sample": i, "checkpoint": draws.checkpoints[i],
                              "margin": margin[i], "K": 1 if margin[i] > 0 else -1, "reward_l": rewards_l[i], "reward_policy": rewards_policy[i]})

@@ -76,12 +76,12 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class DiagnosticsConfig:
-    # Shapes world: score every negative exactly and, for this many pairs per iteration, the policy's
-    # own sample too: SSR and RCR against ground truth (<output_dir>/ssr_truth.jsonl). 0: off.
-    ssr_truth_samples: int = 0
+    # Shapes world: score every negative exactly and, for this many pairs of every micro-batch, the
+    # policy's own sample too: SSR and RCR against ground truth (<output_dir>/ssr_truth.jsonl). 0: off.
+    ssr_truth_per_batch: int = 0
 
     def __post_init__(self) -> None:
-        check(self.ssr_truth_samples >= 0, "diagnostics.ssr_truth_samples", "must be 0 (off) or positive")
+        check(self.ssr_truth_per_batch >= 0, "diagnostics.ssr_truth_per_batch", "must be 0 (off) or positive")
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ class TrainConfig:
         check(self.iterations > 0, "iterations", "must be positive")
         check(self.steps_per_iteration > 0, "steps_per_iteration", "must be positive")
         check(self.checkpoints_total_limit > 0, "checkpoints_total_limit", "must be positive")
-        check(not self.diagnostics.ssr_truth_samples or self.data.source == "shapes", "diagnostics.ssr_truth_samples",
+        check(not self.diagnostics.ssr_truth_per_batch or self.data.source == "shapes", "diagnostics.ssr_truth_per_batch",
               "needs data.source: shapes (the exact evaluator scores the world's prompts only); set it to 0 for other data")
 
     # What the method implies (sspo/methods.py); a method's fixed erd / ssr wins over the keys.

@@ -148,8 +148,8 @@ class Trainer:
             self._start_fresh()
 
         self.ssr_truth = None
-        if cfg.diagnostics.ssr_truth_samples and cfg.generates_negatives and self.accelerator.is_main_process:
-            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_samples, self.run_dir, self.pipe, self.train_scheduler, self.pair_builder, self.device)
+        if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
+            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pipe, self.train_scheduler, self.pair_builder, self.device)
 
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")

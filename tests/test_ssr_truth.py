@@ -54,7 +54,7 @@ def test_ground_truth_rows_on_the_quick_world_leave_training_unchanged(ssr_draws
     common = ["iterations=2", "steps_per_iteration=2", f"ssr_draws={ssr_draws}"]
     plain = Trainer(tiny_config(tmp_path / "plain", quick_base, *common))
     plain.train()
-    watched = Trainer(tiny_config(tmp_path / "watched", quick_base, *common, "diagnostics.ssr_truth_samples=3"))
+    watched = Trainer(tiny_config(tmp_path / "watched", quick_base, *common, "diagnostics.ssr_truth_per_batch=3"))
     watched.train()
     for name, value in _weights(plain).items():  # diagnostics draw no random numbers the run uses
         assert torch.equal(value, _weights(watched)[name]), name
@@ -63,16 +63,17 @@ def test_ground_truth_rows_on_the_quick_world_leave_training_unchanged(ssr_draws
     batch = watched.cfg.optim.batch_size
     assert len(rows) == 2 * 2 * batch  # every negative of every step
     assert {r["step"] for r in rows} == {1, 2, 3, 4}
+    for step in (1, 2, 3, 4):  # one micro-batch per step: its first 3 pairs get the policy's own sample
+        assert [r["reward_policy"] is not None for r in rows if r["step"] == step] == [True] * 3 + [False] * (batch - 3)
     for iteration in (0, 1):
-        assert sum(r["reward_policy"] is not None for r in rows if r["iteration"] == iteration) == 3
         assert {r["checkpoint"] for r in rows if r["iteration"] == iteration} <= set(range(iteration + 1))
     for row in rows:
         assert 0.0 <= row["reward_l"] <= 1.0
         assert row["K"] == (1 if row["margin"] > 0 else -1)
     summary = summarize(rows)
-    assert set(summary["iterations"]) == {0, 1} and summary["overall"]["n"] == 6
+    assert set(summary["iterations"]) == {0, 1} and summary["overall"]["n"] == 12
 
 
 def test_needs_the_shapes_world(quick_base, tmp_path):
     with pytest.raises(ConfigError, match="data.source: shapes"):
-        tiny_config(tmp_path, quick_base, "diagnostics.ssr_truth_samples=2", "data.source=parquet", "data.path=x.parquet")
+        tiny_config(tmp_path, quick_base, "diagnostics.ssr_truth_per_batch=2", "data.source=parquet", "data.path=x.parquet")
