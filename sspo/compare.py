@@ -129,44 +129,55 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
     return chosen
 
 
-def _matrix(runs: list[dict], split: str, seeds: int) -> list[list[float]]:
-    """Per-image rewards ``[seeds][images]`` of an arm; the untrained base repeats its one evaluation."""
-    rows = [run[split]["per_image"] for run in runs]
+def _matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:
+    """Rewards ``[training seeds][prompts]`` of an arm, each prompt averaged over its sampler seeds
+    (images are listed prompt by prompt); ``seeds``: repeat a single evaluation (the untrained base)
+    to pair it with every training seed of another arm."""
+    rows = []
+    for run in runs:
+        images = run[split]["per_image"]
+        rows.append([sum(images[i : i + sampler_seeds]) / sampler_seeds for i in range(0, len(images), sampler_seeds)])
     return rows * seeds if len(rows) == 1 else rows
+
+
+def _paired(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, seeds: int) -> dict:
+    """SSPO - arm, per training seed and prompt."""
+    sspo, other = _matrix(results["sspo"], split, sampler_seeds, seeds), _matrix(results[arm], split, sampler_seeds, seeds)
+    return summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
 
 
 def _ci(stats: dict) -> str:
     return f"{stats['mean']:.3f} [{stats['ci95_low']:.3f}, {stats['ci95_high']:.3f}]"
 
 
-def table(results: dict[str, list[dict]], names: Sequence[str], split: str, seeds: int) -> str:
+def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, seeds: int) -> str:
     columns = TABLE_COLUMNS[1:]
     lines = ["| arm | reward [95% CI] | " + " | ".join(c.removeprefix("shapes.") for c in columns) + " | SSPO - arm [95% CI] |",
              "|---|---|" + "---|" * len(columns) + "---|"]
-    sspo = _matrix(results["sspo"], split, seeds) if "sspo" in results else None
     for arm in names:
         if arm not in results:
             continue
-        runs, rewards = results[arm], _matrix(results[arm], split, seeds)
+        runs = results[arm]
         cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
-        diff = "" if sspo is None or arm == "sspo" else _ci(summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, rewards)]))
-        lines.append(f"| {arm} | {_ci(summarize_crossed(rewards))} | " + " | ".join(cells) + f" | {diff} |")
+        diff = "" if "sspo" not in results or arm == "sspo" else _ci(_paired(results, arm, split, sampler_seeds, seeds))
+        lines.append(f"| {arm} | {_ci(summarize_crossed(_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
-def claims(results: dict[str, list[dict]], seeds: int) -> list[dict]:
+def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> list[dict]:
     """Each paper claim SSPO - arm on held-out prompts, decided by the 95% CI of the paired difference."""
     found = []
     for arm, paper in CLAIMS:
         if arm not in results or "sspo" not in results:
             continue
-        diff = summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(_matrix(results["sspo"], "heldout", seeds), _matrix(results[arm], "heldout", seeds))])
+        diff = _paired(results, arm, "heldout", sampler_seeds, seeds)
         verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
         found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
     return found
 
 
-def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float) -> None:
+def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
+                 sampler_seeds: int) -> None:
     n = len(seeds)
     sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; wall time so far {seconds / 60:.0f} min. "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
@@ -180,8 +191,8 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
     for title, names in (("Table 1: methods", table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS))):
         for split, label in (("seen", "seen prompts (combinations in the alignment data)"), ("heldout", "held-out prompts")):
             if any(a in results for a in names):
-                sections.append(f"## {title} — {label}\n\n{table(results, names, split, n)}\n")
-    found = claims(results, n)
+                sections.append(f"## {title} — {label}\n\n{table(results, names, split, sampler_seeds, n)}\n")
+    found = claims(results, sampler_seeds, n)
     if found:
         lines = ["## The paper's claims on held-out prompts\n", "| SSPO vs | paper | SSPO - arm [95% CI] | here |", "|---|---|---|---|"]
         lines += [f"| {c['arm']} | {c['paper']} | {_ci(c['difference'])} | {c['verdict']} |" for c in found]
@@ -228,7 +239,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
             log.info("arm %s, seed %d", arm, seed)
             run_dir = out / "runs" / f"{arm}-seed{seed}"
             results.setdefault(arm, []).append(run_arm(config, arm, seed, run_dir, [*extra, *chosen[arm]["overrides"]], eval_cfg))
-            write_report(out, results, command, seeds, chosen, time.time() - started)
+            write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds))
     write_figures(out, names, seeds, eval_cfg)
     print((out / "results.md").read_text())
     return results

@@ -28,8 +28,8 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> dict[str, fl
 def summarize_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95) -> dict[str, float | int]:
     """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
     differences), where both the runs and the prompts are samples: the mean's variance is taken as
-    ``var(run means) / runs + var(prompt means) / prompts``, with ``min(runs, prompts) - 1`` degrees
-    of freedom (conservative). One run: the interval is over prompts alone.
+    ``var(run means) / runs + var(prompt means) / prompts``, with Welch-Satterthwaite degrees of
+    freedom. One run: the interval is over prompts alone.
     """
     rows = [[float(v) for v in row] for row in values]
     runs, prompts = len(rows), len(rows[0]) if rows else 0
@@ -45,7 +45,12 @@ def summarize_crossed(values: Sequence[Sequence[float]], confidence: float = 0.9
         m = math.fsum(xs) / len(xs)
         return math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
 
-    half = t_quantile(0.5 + confidence / 2, max(1, min(runs, prompts) - 1)) * math.sqrt(variance(run_means) / runs + variance(prompt_means) / prompts)
+    between_runs, between_prompts = variance(run_means) / runs, variance(prompt_means) / prompts
+    total = between_runs + between_prompts
+    if total == 0:
+        return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "n": runs * prompts, "runs": runs}
+    df = total**2 / (between_runs**2 / (runs - 1) + between_prompts**2 / (prompts - 1))
+    half = t_quantile(0.5 + confidence / 2, df) * math.sqrt(total)
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
 
 

@@ -38,12 +38,15 @@ def test_summarize_crossed_by_hand():
 
     table = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]  # run means 2, 4; prompt means 2, 3, 4
     got = summarize_crossed(table)
-    half = t_quantile(0.975, 1) * math.sqrt(2.0 / 2 + 1.0 / 3)
+    a, b = 2.0 / 2, 1.0 / 3  # var(run means) / runs, var(prompt means) / prompts
+    half = t_quantile(0.975, (a + b) ** 2 / (a**2 / 1 + b**2 / 2)) * math.sqrt(a + b)
     assert got["mean"] == pytest.approx(3.0)
     assert got["ci95_high"] - got["mean"] == pytest.approx(half)
     assert got["n"] == 6 and got["runs"] == 2
     one = summarize_crossed([[1.0, 2.0, 3.0]])  # one run: over prompts only
     assert one["mean"] == pytest.approx(2.0) and one["runs"] == 1
     assert summarize_crossed([[0.5, 0.5], [0.5, 0.5]])["ci95_low"] == pytest.approx(0.5)
+    # no spread between runs: the prompts' own interval
+    assert summarize_crossed([[1.0, 2.0, 3.0]] * 4)["ci95_high"] == pytest.approx(summarize([1.0, 2.0, 3.0])["ci95_high"])
     with pytest.raises(SSPOError):
         summarize_crossed([[1.0, 2.0], [1.0]])
