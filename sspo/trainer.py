@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -111,6 +110,7 @@ class Trainer:
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
 
         self.dataset = open_dataset(cfg)
+        self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
 
         self.base_model = resolve_model(cfg.model.pretrained)
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)
@@ -246,9 +246,15 @@ class Trainer:
         self.dataset.set_epoch(epoch)  # random crops and flips differ per epoch, reproducibly
         return self.dataset[row]
 
-    @functools.lru_cache(maxsize=2)  # a micro-batch spans at most two epochs
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        # Kept per trainer (a functools.lru_cache on the method would keep every trainer, models
+        # included, alive in a class-level cache); a micro-batch spans at most two epochs.
+        orders = self._epoch_orders
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            while len(orders) > 2:
+                del orders[min(orders)]
+        return orders[epoch]
 
     @torch.no_grad()
     def read_rows(self, m: int) -> Rows:

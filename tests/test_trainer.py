@@ -179,3 +179,16 @@ def test_random_flips_change_from_epoch_to_epoch(quick_base, tmp_path):
     # Some rows are mirror-symmetric (a circle in the center); the others must flip in some epoch.
     assert any(not torch.equal(views[row, 0], views[row, e]) for row in range(4) for e in range(1, 8))
     assert torch.equal(views[2, 3], trainer._item(2, 3)["winner"])  # and reproducible
+
+
+def test_a_finished_trainer_is_freed(quick_base, tmp_path):
+    """Nothing outside a trainer keeps it (and its models) alive: compare and bench run many in one process."""
+    import gc
+    import weakref
+
+    trainer = Trainer(tiny_config(tmp_path, quick_base, "method=sft", "iterations=1", "steps_per_iteration=1"))
+    trainer.train()
+    ref = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert ref() is None
