@@ -60,6 +60,8 @@ def arms() -> dict[str, list[str]]:
 
 def table1() -> tuple[str, ...]:
     return ("base", *METHODS, "sspo_r")
+
+
 SHOWCASE_CELL = 96
 QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=4", "negatives.steps=5"]
 

@@ -22,7 +22,6 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
