@@ -86,10 +86,15 @@ def _pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor,
                 image = shapes.render_defect(spec, rng, image_size, rng.choice(cfg.defects))
             else:
                 image = shapes.render(spec, image_size)
-            images.append(np.asarray(image))
+            images.append(image)
             prompts.append(spec.prompt)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels, prompts
+    return _pixels(images), prompts
+
+
+def _pixels(images) -> torch.Tensor:
+    """RGB images as one [-1, 1] batch. Its memory stays in the images' channels-last order: the
+    shipped base was built from that layout, and a contiguous copy changes its bits."""
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def _train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg: BaseConfig, generator: torch.Generator, phase: str) -> None:
@@ -229,6 +234,5 @@ def round_trip_scores(model: str | Path, n: int = 96, seed: int = 1) -> dict[str
     result = {}
     for name in ("clean", *shapes.DEFECTS):
         images = [shapes.render(spec, size) if name == "clean" else shapes.render_defect(spec, rng, size, name) for spec in specs]
-        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        result[name] = mean_scores(evaluate_batch(decode_images(vae, encode_images(vae, pixels)), specs))
+        result[name] = mean_scores(evaluate_batch(decode_images(vae, encode_images(vae, _pixels(images))), specs))
     return result

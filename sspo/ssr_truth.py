@@ -11,7 +11,8 @@ exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
   with the same sampler, and that sample is scored too; the pair's switch margin
   ``L_theta(x_w) - L_ref(x_w)`` and its ``K`` are recorded for every pair.
 
-Rows go to ``<run>/ssr_truth.jsonl``; :func:`summarize` turns them into per-iteration agreement of
+Rows go to ``<run>/ssr_truth.jsonl`` (read with :func:`sspo.io.read_jsonl`; a resumed run keeps
+only those of saved steps); :func:`summarize` turns them into per-iteration agreement of
 ``K`` with "``x_l`` is at least as good as the policy's own sample" (accuracy, precision, recall),
 the correlation of the margin with the reward gap, and the mean reward of negatives per checkpoint.
 """
@@ -26,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import read_jsonl
 from .models.pipeline import decode_images, denoising_errors
 from .pairs import PairBatch, mean_over_draws, sample_reference
 
@@ -44,7 +44,6 @@ class SSRTruth:
     @torch.no_grad()
     def observe(self, batches: list[PairBatch], unet, iteration: int, step: int) -> None:
         """Before ``step`` (counted from 1) on ``batches``: margins, K, exact rewards of x_l and of the policy's sample."""
-        from .worlds.shapes import parse_prompt
         from .worlds.shapes_eval import evaluate_batch
 
         rows = []
@@ -57,23 +56,17 @@ class SSRTruth:
                 policy_w = mean_over_draws(unet, self.train_scheduler, policy_w, batch.rows.winners, draws.switch_timesteps, draws.switch_noise, cond, self.device)
                 reference_w = batch.reference.switch
             margin = (policy_w.float().cpu() - reference_w.float().cpu()).tolist()
-            specs = [parse_prompt(p) for p in prompts]
-            rewards_l = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, batch.losers), specs)]
+            rewards_l = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, batch.losers), prompts)]
             n_policy = min(len(prompts), self.per_batch)
             own = sample_reference(self.pipe, unet, self.pairs.sampler_scheduler, cond[:n_policy], self.pairs.uncond, draws.sample_seeds[:n_policy],
                                    self.pairs.sampler_cfg, self.device, batch.losers.shape[2:])
-            rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, own), specs[:n_policy])]
+            rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, own), prompts[:n_policy])]
             rewards_policy += [None] * (len(prompts) - n_policy)
             for i in range(len(prompts)):
                 rows.append({"step": step, "iteration": iteration, "micro_batch": batch.index, "sample": i, "checkpoint": draws.checkpoints[i],
                              "margin": margin[i], "K": 1 if margin[i] > 0 else -1, "reward_l": rewards_l[i], "reward_policy": rewards_policy[i]})
         with open(self.path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a run's ``ssr_truth.jsonl`` (a resumed run keeps only those of saved steps)."""
-    return read_jsonl(Path(path))
 
 
 def agreement(k_positive: list[bool], reference_as_good: list[bool]) -> dict[str, float]:
@@ -97,28 +90,24 @@ def correlation(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def _judge(rows: list[dict]) -> dict:
+    """K's agreement with the ground truth and the margin/reward-gap correlation, over the pairs that
+    have the policy's own sample."""
+    judged = [r for r in rows if r["reward_policy"] is not None]
+    gap = [r["reward_l"] - r["reward_policy"] for r in judged]
+    return agreement([r["K"] > 0 for r in judged], [g >= 0 for g in gap]) | {"margin_gap_correlation": correlation([r["margin"] for r in judged], gap)}
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per iteration: K's agreement with the ground truth and the margin/reward-gap correlation (pairs
-    with a policy sample), and the mean exact reward of negatives by pool checkpoint (all pairs)."""
+    """Per iteration and overall: :func:`_judge`; and the mean exact reward of negatives by pool
+    checkpoint (all pairs)."""
     by_iteration: dict[int, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_iteration[row["iteration"]].append(row)
-    iterations = {}
-    for iteration, its in sorted(by_iteration.items()):
-        judged = [r for r in its if r["reward_policy"] is not None]
-        gap = [r["reward_l"] - r["reward_policy"] for r in judged]
-        iterations[iteration] = agreement([r["K"] > 0 for r in judged], [g >= 0 for g in gap]) | {
-            "margin_gap_correlation": correlation([r["margin"] for r in judged], gap),
-        }
     by_checkpoint: dict[int, list[float]] = defaultdict(list)
     for row in rows:
+        by_iteration[row["iteration"]].append(row)
         by_checkpoint[row["checkpoint"]].append(row["reward_l"])
-    judged = [r for r in rows if r["reward_policy"] is not None]
-    overall = agreement([r["K"] > 0 for r in judged], [r["reward_l"] >= r["reward_policy"] for r in judged]) | {
-        "margin_gap_correlation": correlation([r["margin"] for r in judged], [r["reward_l"] - r["reward_policy"] for r in judged]),
-    }
     return {
-        "iterations": iterations,
-        "overall": overall,
+        "iterations": {iteration: _judge(its) for iteration, its in sorted(by_iteration.items())},
+        "overall": _judge(rows),
         "negative_reward_by_checkpoint": {c: {"n": len(v), "mean": float(np.mean(v))} for c, v in sorted(by_checkpoint.items())},
     }

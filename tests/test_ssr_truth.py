@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sspo.errors import ConfigError
-from sspo.ssr_truth import FILE, agreement, correlation, read_rows, summarize
+from sspo.io import read_jsonl
+from sspo.ssr_truth import FILE, agreement, correlation, summarize
 from sspo.trainer import Trainer
 
 from test_trainer import tiny_config
@@ -59,7 +60,7 @@ def test_ground_truth_rows_on_the_quick_world_leave_training_unchanged(ssr_draws
     for name, value in _weights(plain).items():  # diagnostics draw no random numbers the run uses
         assert torch.equal(value, _weights(watched)[name]), name
 
-    rows = read_rows(tmp_path / "watched" / FILE)
+    rows = read_jsonl(tmp_path / "watched" / FILE)
     batch = watched.cfg.optim.batch_size
     assert len(rows) == 2 * 2 * batch  # every negative of every step
     assert {r["step"] for r in rows} == {1, 2, 3, 4}
