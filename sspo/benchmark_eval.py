@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError, ModelError, SSPOError
-from .evaluate import DTYPES, PROMPT_SETS, SHAPES_PROMPT_SETS, EvalConfig, Item, metric_columns, score_columns, select_prompts
+from .evaluate import DTYPES, PROMPT_SETS, WORLD_METRICS, EvalConfig, Item, metric_columns, score_columns, select_prompts
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .sample import generate, image_grid, save_png
 from .scorers import SCORER_NAMES, build_scorer
@@ -130,7 +130,7 @@ def run_eval(
     try:
         selected = select_prompts(cfg)
     except DataError as exc:
-        hint = " (CLI: --prompt-source PATH)" if cfg.prompts in PROMPT_SETS and cfg.prompts not in SHAPES_PROMPT_SETS and cfg.prompt_source is None else ""
+        hint = " (CLI: --prompt-source PATH)" if cfg.prompts in PROMPT_SETS and cfg.prompts not in WORLD_METRICS and cfg.prompt_source is None else ""
         raise DataError(f"{exc}{hint}") from None
     items = [Item(index, seed, p.prompt, p.category) for index, p in selected for seed in cfg.seeds]
 
@@ -152,7 +152,7 @@ def run_eval(
         "seeds": list(cfg.seeds),
         "metrics": list(metrics),
         "columns": columns,
-        "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.prompts in SHAPES_PROMPT_SETS else {}),
+        "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.prompts in WORLD_METRICS else {}),
         "models": [dataclasses.asdict(m) for m in models],
         "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
         "results": summarize_rows(rows, models, columns),

@@ -5,12 +5,19 @@ from __future__ import annotations
 from .train_config import TrainConfig
 
 
-def summarize(cfg: TrainConfig, processes: int) -> dict[str, str]:
+def _fine_tuning(cfg: TrainConfig, video: bool) -> str:
+    motion = cfg.model.train_modules == "motion" or (cfg.model.train_modules == "auto" and video)
+    if cfg.model.lora:
+        return f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" + (" of the motion modules" if motion else "")
+    return "full motion modules" if motion else "full UNet"
+
+
+def summarize(cfg: TrainConfig, processes: int, video: bool = False) -> dict[str, str]:
     """The settings that define a run, one line each (model card and ``sspo train --dry-run``)."""
     o = cfg.optim
     rows = {
         "method": f"{cfg.method}: {cfg.spec.description}",
-        "fine-tuning": f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" if cfg.model.lora else "full UNet",
+        "fine-tuning": _fine_tuning(cfg, video),
         "data": f"{cfg.data.source} {cfg.data.path or '(shapes world)'}, {cfg.data.resolution} px, mode {cfg.data.mode}",
         "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
         "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} = {effective_batch(cfg, processes)} effective",
@@ -34,13 +41,14 @@ def effective_batch(cfg: TrainConfig, processes: int) -> int:
 
 def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str, processes: int, grid: str | None) -> str:
     """Markdown with a Hugging Face metadata header: what was trained, how, and how to load it."""
-    table = "\n".join(f"| {key} | {value} |" for key, value in summarize(cfg, processes).items())
+    video = pipeline_class.startswith("AnimateDiff")
+    table = "\n".join(f"| {key} | {value} |" for key, value in summarize(cfg, processes, video).items())
     if cfg.model.lora:
         load = f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16)\npipe.load_lora_weights("{folder}")'
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{folder}", torch_dtype=torch.bfloat16)'
     prompt = cfg.validation.prompts[0] if cfg.validation.prompts else "a photo of a cat"
-    tags = dict.fromkeys(["diffusers", "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
+    tags = dict.fromkeys(["diffusers", "text-to-video" if video else "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
     sections = [
         "---",
         "library_name: diffusers",
@@ -66,9 +74,11 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str,
         "",
         load,
         'pipe.to("cuda")',
-        f'image = pipe("{prompt}").images[0]',
+        f'frames = pipe("{prompt}", num_frames={cfg.data.frames}).frames[0]' if video else f'image = pipe("{prompt}").images[0]',
         "```",
     ]
+    if video and not cfg.model.lora:
+        sections += ["", f"The trained motion modules alone: `MotionAdapter.from_pretrained(\"{folder}/motion_adapter\")`."]
     if grid:
         sections += ["", "## Validation", "", f"Fixed prompts and seed {cfg.validation.seed} at the end of training:", "", f"![validation grid]({grid})"]
     return "\n".join(sections) + "\n"

@@ -43,6 +43,10 @@ def _sample(args) -> None:
 
 
 def _eval(args) -> None:
+    if args.videos or args.reference_videos:
+        return _eval_videos(args)
+    if not args.model:
+        raise SSPOError("pass --model (generate images and score them) or --videos DIR (score clips)")
     from .benchmark_eval import format_summary, model_specs, run_eval
     from .evaluate import EvalConfig
     from .models.names import resolve_model
@@ -57,14 +61,35 @@ def _eval(args) -> None:
     print(args.out)
 
 
+def _eval_videos(args) -> None:
+    from .benchmark_eval import model_specs
+    from .evaluate import EvalConfig
+    from .video_eval import format_video_summary, run_video_eval
+    from .video_metrics import VIDEO_METRICS
+
+    if args.model:
+        raise SSPOError("--model generates images, --videos scores clips: give one or the other")
+    if not args.videos:
+        raise SSPOError("--reference-videos needs --videos DIR, a folder of generated clips")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
+    cfg = EvalConfig(**values | {"metrics": (), "seeds": tuple(_int_list(args.seeds, "--seeds"))})  # video metrics are not image scorers
+    metrics = tuple(args.metrics.split(",")) if args.metrics else VIDEO_METRICS
+    summary = run_video_eval(model_specs(args.videos, None, args.name), cfg, args.out, metrics=metrics, reference=args.reference_videos,
+                             scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
+    print(format_video_summary(summary))
+    print(args.out)
+
+
 def _add_eval_arguments(p) -> None:
     """One flag per :class:`~sspo.evaluate.EvalConfig` field, defaults from the config itself."""
     from .evaluate import DTYPES, PROMPT_SETS, EvalConfig
     from .scorers import PAPER_METRICS, SCORER_NAMES
+    from .video_metrics import VIDEO_METRICS
 
     help = {
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
-        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: shapes for --prompts shapes, else {','.join(PAPER_METRICS)})",
+        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
+        f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds",
         "steps": "sampler steps",
         "batch_size": "images per generation batch",
@@ -181,13 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate one image per (model, prompt, seed) (resumable), score every image with every metric, "
         "write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out.",
     )
-    p.add_argument("--model", action="append", required=True, help="diffusers folder, hub id or shapes-base[:quick]; repeat for several")
+    p.add_argument("--model", action="append", help="diffusers folder, hub id or shapes-base[:quick]; repeat for several")
+    p.add_argument("--videos", action="append", metavar="DIR", help="instead of --model: score the generated clips in DIR (<prompt_index>-<seed>.<ext>) "
+                   "with the paper's video metrics (docs/video-metrics.md); repeat for several models, --name labels them")
+    p.add_argument("--reference-videos", metavar="DIR", help="with --videos: each prompt's reference clip (<prompt_index>.<ext>), for fid, fvd and psnr")
     p.add_argument("--lora", action="append", help="LoRA folder per --model, in order (none: no LoRA)")
-    p.add_argument("--name", action="append", help="row label per --model, in order")
+    p.add_argument("--name", action="append", help="row label per --model (or --videos), in order")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
     _add_eval_arguments(p)
-    p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat")
-    p.add_argument("--scorer-option", action="append", metavar="METRIC.OPTION=VALUE", help="a build_scorer option, e.g. pickscore.processor=PATH; repeat")
+    p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat. "
+                   "With --videos: a video metric's TorchScript backbone (fid=pixels: exact shapes-world features)")
+    p.add_argument("--scorer-option", action="append", metavar="METRIC.OPTION=VALUE", help="a build_scorer option, e.g. pickscore.processor=PATH; repeat "
+                   "(with --videos: e.g. fvd.frames=16, fid.bootstrap=0)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")

@@ -1,12 +1,17 @@
 """Training data: preference pairs or captioned images, as image tensors in [-1, 1] with their prompt.
 
-Sources: a Pick-a-Pic-style parquet file or folder of shards, an imagefolder with ``metadata.jsonl``,
-or a ``datasets`` dataset (a ``save_to_disk`` folder, a local dataset folder or a hub id). A table
-with the two image columns (``data.image_0_column``) is read as preference pairs; otherwise as
-single images (``data.image_column`` + ``data.text_column``), which gives winners only.
+With ``data.frames`` each image is a clip instead (a video file, a multi-frame image or a folder of
+frames, see docs/data.md): ``[F, 3, H, W]``, every frame resized and cropped as an image would be.
 
-Every random choice (SSPOr's side, crop offsets, flips) is a pure function of ``(seed, source row,
-epoch)``, so a resumed run sees exactly the images an uninterrupted one would have.
+Sources: a Pick-a-Pic-style parquet file or folder of shards, an imagefolder with ``metadata.jsonl``
+or ``metadata.csv``, or a ``datasets`` dataset (a ``save_to_disk`` folder, a local dataset folder or
+a hub id). A table with the two image columns (``data.image_0_column``) is read as preference
+pairs; otherwise as single images (``data.image_column`` + ``data.text_column``), which gives
+winners only.
+
+Every random choice (SSPOr's side, crop offsets, flips, clip starts) is a pure function of
+``(seed, source row, epoch)``, so a resumed run sees exactly the images an uninterrupted one would
+have.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from PIL import Image
 
 from .config import check, one_of
 from .errors import DataError
+from .video_io import VIDEO_SUFFIXES, read_clip, sample_frames
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("parquet", "imagefolder", "hf", "shapes")
+SOURCES = ("parquet", "imagefolder", "hf", "shapes", "motion")
 MODES = ("winners", "random")
+FRAME_STARTS = ("first", "random")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 TIE = 0.5
 LABELS = (0.0, TIE, 1.0)  # image_1 wins, a tie, image_0 wins
 # Tags keep the random streams of different decisions independent even for equal (seed, row, epoch).
@@ -36,8 +44,8 @@ _SIDE_STREAM, _AUGMENT_STREAM = 1, 2
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "parquet"  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes"
-    path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl | hf folder or id
+    source: str = "parquet"  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes" | "motion" (the moving-shapes world, clips)
+    path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl or .csv | hf folder or id
     split: str = "train"  # hf split; for an imagefolder, a subfolder used when it exists
     caption_column: str = "caption"  # pairs: prompt text
     image_0_column: str = "jpg_0"  # pairs: first image (encoded bytes or {'bytes': ...})
@@ -51,13 +59,18 @@ class DataConfig:
     center_crop: bool = True  # False: random crop (deterministic per seed, row and epoch)
     random_flip: bool = False  # horizontal flip with probability 0.5
     max_samples: int | None = None  # keep only the first N rows (after tie removal); None = all
+    # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
+    # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
+    frames: int = 0  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
+    frame_stride: int = 1  # take every k-th source frame (2: every other frame)
+    frame_start: str = "first"  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
     seed: int = 0  # seeds SSPOr sides, random crops and flips
-    world_pairs_per_prompt: int = 4  # source "shapes": pairs rendered per alignment-train combination
-    world_split_seed: int = 0  # source "shapes": the world's train / held-out split
-    world_without_validation: bool = False  # source "shapes": leave out the validation combinations (choosing settings)
+    world_pairs_per_prompt: int = 4  # worlds (source shapes / motion): pairs rendered per alignment-train combination
+    world_split_seed: int = 0  # worlds (source shapes / motion): the world's train / held-out split
+    world_without_validation: bool = False  # worlds (source shapes / motion): leave out the validation combinations (choosing settings)
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
-    # (sspo/latent_cache.py). Needs center_crop true and random_flip false: augmentation would
-    # change an item's latents from epoch to epoch.
+    # (sspo/latent_cache.py). Needs center_crop true, random_flip false and frame_start first:
+    # augmentation would change an item's latents from epoch to epoch.
     cache_latents: bool = False
     cache_dir: str | None = None  # None: $SSPO_CACHE/latents/<hash of model, dtype, data config, data files>
 
@@ -67,9 +80,12 @@ class DataConfig:
         check(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
         check(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be positive or null")
         check(self.seed >= 0, "data.seed", f"must be non-negative, got {self.seed}")
+        check(self.frames >= 0, "data.frames", f"must be 0 (images) or the frames per clip, got {self.frames}")
+        check(self.frame_stride >= 1, "data.frame_stride", f"must be at least 1 (every frame), got {self.frame_stride}")
+        one_of(self.frame_start, FRAME_STARTS, "data.frame_start")
         if self.cache_latents:
-            augmented = [key for key, on in (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip)) if on]
-            check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; set data.center_crop: true and data.random_flip: false, or data.cache_latents: false")
+            augmented = [key for key, on in (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip), ("data.frame_start: random", self.frames and self.frame_start == "random")) if on]
+            check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; set data.center_crop: true, data.random_flip: false and data.frame_start: first, or data.cache_latents: false")
         for name in ("caption_column", "image_0_column", "image_1_column", "label_column", "image_column", "text_column"):
             check(bool(getattr(self, name)), f"data.{name}", "must be a column name, got an empty string")
 
@@ -142,30 +158,57 @@ def _open_parquet(cfg: DataConfig) -> _Source:
     return _Source(cfg.path, schemas, load)
 
 
-def _open_imagefolder(cfg: DataConfig) -> _Source:
-    import pyarrow as pa
+def _metadata_file(cfg: DataConfig) -> Path:
+    root = Path(cfg.path)
+    for folder in (root / cfg.split, root):
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        if len(found) > 1:
+            raise DataError(f"imagefolder {folder} has both {found[0].name} and {found[1].name}; keep one")
+        if found:
+            return found[0]
+    raise DataError(
+        f"imagefolder {root} (data.path) has no metadata.jsonl or metadata.csv; expected one with a file_name column "
+        "(an image, clip or frame folder, relative to it) and a text column (the prompt)"
+    )
 
-    folder = Path(cfg.path)
-    if (folder / cfg.split / "metadata.jsonl").is_file():
-        folder = folder / cfg.split
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise DataError(f"imagefolder {folder} (data.path) has no metadata.jsonl with file_name and text columns")
-    rows = []
+
+def _metadata_entries(meta: Path, cfg: DataConfig) -> list[dict]:
+    """The lines of ``metadata.jsonl`` or the rows of ``metadata.csv`` (MagicTime / ChronoMagic
+    captions come as CSV), as dicts; numbers in a CSV stay numbers, captions stay strings."""
+    if meta.suffix == ".csv":
+        import pyarrow as pa
+        import pyarrow.csv
+
+        text = pyarrow.csv.ConvertOptions(column_types={cfg.text_column: pa.string(), cfg.caption_column: pa.string()})
+        try:
+            return pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"cannot read {meta}: {exc}") from None
+    entries = []
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
+            entries.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{meta} line {n} is not valid JSON: {exc}") from None
+    return entries
+
+
+def _open_imagefolder(cfg: DataConfig) -> _Source:
+    import pyarrow as pa
+
+    meta = _metadata_file(cfg)
+    folder = meta.parent
+    rows = []
+    for entry in _metadata_entries(meta, cfg):
         # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
         row = {}
         for key, value in entry.items():
             if key == "file_name":
-                row["image"] = str(folder / value)
+                row["image"] = str(folder / str(value))  # str: a CSV's file names may read as numbers
             elif key.endswith("_file_name"):
-                row[key[: -len("_file_name")]] = str(folder / value)
+                row[key[: -len("_file_name")]] = str(folder / str(value))
             else:
                 row[key] = value
         rows.append(row)
@@ -206,16 +249,21 @@ def _open_hf(cfg: DataConfig) -> _Source:
 
     def load(columns: list[str]) -> Any:
         selected = ds.select_columns(columns)
-        # Keep images encoded: decoding happens per item, where a corrupt one can be skipped.
+        # Keep images and videos encoded: decoding happens per item, where a corrupt one can be skipped.
+        encoded = tuple(getattr(datasets, kind) for kind in ("Image", "Video") if hasattr(datasets, kind))  # Video: datasets >= 3.1
         for name, feature in (selected.features or {}).items():
-            if isinstance(feature, datasets.Image):
-                selected = selected.cast_column(name, datasets.Image(decode=False))
+            if isinstance(feature, encoded):
+                selected = selected.cast_column(name, type(feature)(decode=False))
         return _HFRows(selected)
 
     return _Source(cfg.path, [(cfg.path, names)], load)
 
 
 _OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "hf": _open_hf}
+_EXPECTED = {
+    "parquet": "a parquet file or a folder of parquet shards",
+    "imagefolder": "a folder with metadata.jsonl or metadata.csv (file_name, text) and the files it names",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,16 +293,35 @@ def _rgb(image: Image.Image) -> Image.Image:
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     return image.convert("RGB")
 
-def _open_image(value: Any, where: str) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return _rgb(value)
+def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
+    """Encoded bytes or a path, however a table stores a file, and ``where`` with the path in
+    front: the log line of a skipped row then names the file to fix."""
     if isinstance(value, dict):  # how datasets stores an Image feature
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return load_image(bytes(value), where)
+        return bytes(value), where
     if isinstance(value, (str, Path)):
-        return load_image(value, where)
-    raise DataError(f"cannot read image {where}: expected encoded bytes or a path, got {type(value).__name__}")
+        return str(value), f"{value} ({where})"
+    raise DataError(f"cannot read {what} {where}: expected encoded bytes or a path, got {type(value).__name__}")
+
+
+def _open_image(value: Any, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return _rgb(value)
+    data, where = _file(value, "image", where)
+    if isinstance(data, str) and (Path(data).is_dir() or Path(data).suffix.lower() in VIDEO_SUFFIXES):
+        raise DataError(f"cannot read image {where}: it is a clip; set data.frames to the frames per clip")
+    return load_image(data, where)
+
+
+def _open_clip(value: Any, where: str, cfg: DataConfig, start: float) -> np.ndarray:
+    """The ``data.frames`` frames of a clip; ``start`` in [0, 1) picks a random start among the possible ones."""
+    data, where = _file(value, "clip", where)
+    span = (cfg.frames - 1) * cfg.frame_stride + 1
+    random_start = cfg.frame_start == "random"
+    clip = read_clip(data, where, max_frames=None if random_start else span)  # "first" needs no more
+    first = int(start * max(0, len(clip) - span + 1)) if random_start else 0
+    return sample_frames(clip, cfg.frames, cfg.frame_stride, first, where)
 
 
 def _resize_crop_flip(image: Image.Image, size: int, offset: tuple[float, float] | None, flip: bool) -> Image.Image:
@@ -333,12 +400,19 @@ class _Reader:
         if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
             column = cfg.caption_column if self.pairs else cfg.text_column
             raise DataError(f"{where}: caption {prompt!r} in column {column!r} is not a non-empty string")
-        images = [_open_image(row[n], f"{where} column {n!r}") for n in names]
-        # One draw per item, shared by winner and loser, so a pair stays aligned.
-        fx, fy, u = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(3)
+        # One draw per item, shared by winner and loser (and all frames), so a pair stays aligned.
+        fx, fy, u, start = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(4)
         offset = None if cfg.center_crop else (fx, fy)
         flip = cfg.random_flip and u < 0.5
-        tensors = [_to_tensor(_resize_crop_flip(im, cfg.resolution, offset, flip)) for im in images]
+
+        def pixels(image: Image.Image) -> torch.Tensor:
+            return _to_tensor(_resize_crop_flip(image, cfg.resolution, offset, flip))
+
+        if cfg.frames:
+            clips = [_open_clip(row[n], f"{where} column {n!r}", cfg, start) for n in names]
+            tensors = [torch.stack([pixels(Image.fromarray(frame)) for frame in clip]) for clip in clips]
+        else:
+            tensors = [pixels(_open_image(row[n], f"{where} column {n!r}")) for n in names]
         return {
             "prompt": prompt,
             "winner": tensors[0],
@@ -411,6 +485,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
     """Open ``cfg.path``; validates columns now so a wrong config fails before any training."""
+    if cfg.source == "motion":  # the moving-shapes world: clip pairs in the same layout
+        from .worlds.motion import cached_motion_parquet
+
+        check(cfg.frames > 0, "data.frames", "source motion is clips: set the frames per clip, e.g. 8")
+        path = cached_motion_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.frames, cfg.resolution, cfg.world_without_validation)
+        cfg = dataclasses.replace(cfg, source="parquet", path=str(path), image_0_column="video_0", image_1_column="video_1")
     if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
         from .worlds.shapes import cached_pickapic_parquet
 
@@ -418,7 +498,7 @@ def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
         cfg = dataclasses.replace(cfg, source="parquet", path=str(path))
     check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
     if cfg.source != "hf" and not Path(cfg.path).exists():
-        raise DataError(f"data.path {cfg.path} does not exist")
+        raise DataError(f"data.path {cfg.path} does not exist; expected {_EXPECTED[cfg.source]}")
     source = _OPENERS[cfg.source](cfg)
     reader = _Reader(cfg, source)
     return PreferenceDataset(cfg, source.load(reader.columns), reader)

@@ -24,20 +24,22 @@ from .errors import SSPOError
 from .scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
 from .scorers.prompts import PromptItem, load_prompt_set
 
-SHAPES_PROMPT_SETS = ("shapes", "shapes-validation")
-PROMPT_SETS = (*SHAPES_PROMPT_SETS, "pickapic_val", "hpsv2", "parti")  # or a prompt file
+# The worlds' prompt sets and their exact evaluators: shapes (images), motion (clips).
+WORLD_METRICS = {"shapes": "shapes", "shapes-validation": "shapes", "motion": "motion", "motion-validation": "motion"}
+PROMPT_SETS = (*WORLD_METRICS, "pickapic_val", "hpsv2", "parti")  # or a prompt file
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    prompts: str = "shapes"  # a prompt set (shapes | shapes-validation | pickapic_val | hpsv2 | parti) or a prompt file
+    prompts: str = "shapes"  # a prompt set (shapes | shapes-validation | motion | motion-validation | pickapic_val | hpsv2 | parti) or a prompt file
     metrics: tuple[str, ...] = ()  # scorers; empty: shapes for the shapes prompts, else the paper's four
     seeds: tuple[int, ...] = (0, 1)  # sampler seeds: one image per (prompt, seed)
     steps: int = 20  # sampler steps
     guidance_scale: float = 5.0
     batch_size: int = 16  # images per generation batch (a seed fixes its image whatever the batching)
     resolution: int | None = None  # image side in pixels; None: the model's native
+    frames: int = 8  # video models: frames per clip
     dtype: str = "fp32"  # diffusion model precision: fp32 | fp16 | bf16
     limit: int | None = None  # at most N prompts per category (quick runs)
     split_seed: int = 0  # shapes: the world's train/held-out split (must match the training data's)
@@ -58,8 +60,8 @@ class EvalConfig:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        """The exact evaluator for the shapes world, the paper's four reward models otherwise."""
-        return self.metrics or (("shapes",) if self.prompts in SHAPES_PROMPT_SETS else PAPER_METRICS)
+        """A world's exact evaluator for its prompts, the paper's four reward models otherwise."""
+        return self.metrics or ((WORLD_METRICS[self.prompts],) if self.prompts in WORLD_METRICS else PAPER_METRICS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +83,8 @@ def select_prompts(cfg: EvalConfig) -> list[tuple[int, PromptItem]]:
         if cfg.limit is None or taken.get(item.category, 0) < cfg.limit:
             taken[item.category] = taken.get(item.category, 0) + 1
             selected.append((index, item))
-    if "shapes" in cfg.metric_names:
-        _check_shapes_prompts(item.prompt for _, item in selected)
+    for world in set(cfg.metric_names) & {"shapes", "motion"}:
+        _check_world_prompts(world, (item.prompt for _, item in selected))
     return selected
 
 
@@ -91,22 +93,25 @@ def eval_items(cfg: EvalConfig) -> list[Item]:
     return [Item(index, seed, p.prompt, p.category) for index, p in select_prompts(cfg) for seed in cfg.seeds]
 
 
-def _check_shapes_prompts(prompts) -> None:
+def _check_world_prompts(world: str, prompts) -> None:
+    from .worlds.motion import parse_motion_prompt
     from .worlds.shapes import parse_prompt
 
+    parse = {"shapes": parse_prompt, "motion": parse_motion_prompt}[world]
     for prompt in prompts:
         try:
-            parse_prompt(prompt)
+            parse(prompt)
         except SSPOError as exc:
-            raise SSPOError(f"metric 'shapes' scores shapes-world prompts only (use --prompts shapes): {exc}") from None
+            raise SSPOError(f"metric {world!r} scores its world's prompts only (use --prompts {world}): {exc}") from None
 
 
 def metric_columns(metric: str) -> tuple[str, ...]:
-    """A metric's score columns: its own, then ``<metric>.<part>`` where it has parts (shapes)."""
-    if metric == "shapes":
-        from .worlds.shapes_eval import COMPONENT_NAMES
+    """A metric's score columns: its own, then ``<metric>.<part>`` where it has parts (the worlds')."""
+    if metric in ("shapes", "motion"):
+        from .worlds import motion_eval, shapes_eval
 
-        return ("shapes", *(f"shapes.{part}" for part in COMPONENT_NAMES if part != "reward"))
+        parts = (shapes_eval if metric == "shapes" else motion_eval).COMPONENT_NAMES
+        return (metric, *(f"{metric}.{part}" for part in parts if part != "reward"))
     return (metric,)
 
 
@@ -123,7 +128,7 @@ def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None =
     items = eval_items(cfg)
     images = generate(
         pipe, [i.prompt for i in items], [i.seed for i in items], steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-        batch_size=cfg.batch_size, size=cfg.resolution,
+        batch_size=cfg.batch_size, size=cfg.resolution, frames=cfg.frames,
     )
     prompts = [i.prompt for i in items]
     scores: dict[str, list[float]] = {}

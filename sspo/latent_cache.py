@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 SHARD_ROWS = 1024
 KEY_FILE, INDEX_FILE = "key.json", "index.json"
 _COND_FIELDS = tuple(f.name for f in dataclasses.fields(TextCondition))
-_DATA_SUFFIXES = {".parquet", ".arrow", ".json", ".jsonl"}
+_DATA_SUFFIXES = {".parquet", ".arrow", ".json", ".jsonl", ".csv"}
 _ENCODERS = ("vae", "text_encoder", "text_encoder_2")
 
 

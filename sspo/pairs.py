@@ -149,7 +149,7 @@ def sample_reference(pipe, unet, scheduler, cond: TextCondition, uncond: TextCon
         output_type="latent",
         **extra,
     )
-    return out.images.float().cpu()
+    return (out.frames if len(latent_size) == 3 else out.images).float().cpu()
 
 
 class PairBuilder:

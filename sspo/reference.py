@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from .errors import TrainingError
 from .pool import CheckpointPool
 
 POLICY, REFERENCE = "default", "reference"
@@ -34,12 +35,13 @@ class ReferenceModel:
             self.copy = copy.deepcopy(unet).to(dtype=dtype).requires_grad_(False).eval()
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """What the pool stores for the current policy: its adapter, or its whole state dict."""
+        """What the pool stores for the current policy: its adapter, or its trained weights (all
+        of the UNet, or only the motion modules; the frozen rest is the same in every checkpoint)."""
         if self.lora:
             from peft import get_peft_model_state_dict
 
             return get_peft_model_state_dict(self.unet, adapter_name=POLICY)
-        return self.unet.state_dict()
+        return {name: p.detach() for name, p in self.unet.named_parameters() if p.requires_grad}
 
     def _load(self, index: int) -> None:
         if self.loaded == index:
@@ -50,7 +52,9 @@ class ReferenceModel:
 
             set_peft_model_state_dict(self.unet, state, adapter_name=REFERENCE)
         else:
-            self.copy.load_state_dict(state)
+            unexpected = self.copy.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected:
+                raise TrainingError(f"pool checkpoint {index} in {self.pool.root} holds weights the UNet does not have, e.g. {unexpected[0]}")
         self.loaded = index
 
     @contextlib.contextmanager

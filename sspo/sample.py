@@ -1,4 +1,4 @@
-"""``sspo sample``: generate images with fixed seeds and write a captioned PNG grid."""
+"""``sspo sample``: generate images (or clips) with fixed seeds and write a captioned PNG (or GIF) grid."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -22,18 +23,25 @@ def generate(
     guidance_scale: float = 5.0,
     batch_size: int = 32,
     size: int | None = None,
-) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, ``size`` pixels square (default: the model's native size).
+    frames: int = 8,
+) -> list:
+    """One image per (prompt, seed) pair, ``size`` pixels square (default: the model's native size);
+    for a video pipeline one clip of ``frames`` frames, ``uint8 [F, H, W, 3]`` (sspo/video_io.py).
 
     A seed fixes its image whatever the batching.
     """
-    images: list[Image.Image] = []
+    from .models.pipeline import is_video
+
+    video = is_video(pipe)
+    extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
+    images: list = []
     device = pipe.device
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, height=size, width=size, output_type="pil")
-        images.extend(out.images)
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, height=size, width=size, **extra)
+        # Rounded as diffusers' numpy_to_pil rounds images.
+        images.extend(list((out.frames * 255).round().astype(np.uint8)) if video else out.images)
     return images
 
 
@@ -54,6 +62,19 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] 
         for c, image in enumerate(row):
             grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label_width + c * cell, caption_height + r * cell))
     return grid
+
+
+def clip_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96) -> list[Image.Image]:
+    """:func:`image_grid` of clips: one grid per frame, the frames of an animated GIF."""
+    frames = max(len(clip) for row in rows for clip in row)
+    return [image_grid([[Image.fromarray(clip[min(f, len(clip) - 1)]) for clip in row] for row in rows], row_labels, captions, cell) for f in range(frames)]
+
+
+def save_gif(frames: Sequence[Image.Image], path: str | Path) -> Path:
+    """An animated GIF, looping (a grid has few colours: GIF's palette keeps them)."""
+    from .video_io import write_clip
+
+    return write_clip(path, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:

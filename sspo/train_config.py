@@ -11,12 +11,21 @@ from .methods import METHODS, Method
 from .pool import ERD_STRATEGIES
 
 
+TRAIN_MODULES = ("auto", "unet", "motion")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     pretrained: str = "shapes-base"  # hub id, local diffusers folder, or shapes-base[:quick]
     revision: str | None = None
     variant: str | None = None  # e.g. fp16 weights on the hub
-    lora: bool = True  # False: full fine-tuning of the UNet
+    # AnimateDiff: a MotionAdapter (hub id or from_pretrained folder) joined to an image pipeline
+    # (pretrained: SD-1.5), as AnimateDiffPipeline.from_pretrained(..., motion_adapter=...) does.
+    motion_adapter: str | None = None
+    lora: bool = True  # False: full fine-tuning of what `train_modules` names
+    # What trains: "unet" (every UNet layer), "motion" (a video UNet's motion modules only, as
+    # AnimateDiff LoRAs do), "auto" (motion for video pipelines, unet for image ones).
+    train_modules: str = "auto"
     lora_rank: int = 8
     lora_alpha: int = 8
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -27,6 +36,7 @@ class ModelConfig:
         check(bool(self.pretrained), "model.pretrained", "set a hub id or a diffusers folder")
         check(self.lora_rank > 0, "model.lora_rank", "must be positive")
         one_of(self.attention, ("sdpa", "xformers"), "model.attention")
+        one_of(self.train_modules, TRAIN_MODULES, "model.train_modules")
 
 
 @dataclasses.dataclass
@@ -68,7 +78,7 @@ class SamplerConfig:
 @dataclasses.dataclass
 class ValidationConfig:
     every_iterations: int = 0  # 0: off; N: every N iterations and after the last
-    shapes_eval: bool = False  # score the shapes world's eval prompts with the exact evaluator
+    shapes_eval: bool = False  # score the world's eval prompts (shapes; motion for clips) exactly, sampled as the negatives are
     prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
     seed: int = 0
     prompts_per_split: int = 8

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
 from .methods import METHODS
 from .models.names import resolve_model
-from .models.pipeline import denoising_errors, encode_unconditional, load_pipeline, load_pipeline_config
+from .models.pipeline import denoising_errors, encode_unconditional, is_video, load_pipeline, load_pipeline_config, motion_adapter_of, trained_modules
 from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
@@ -113,7 +114,7 @@ class Trainer:
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
 
         self.base_model = resolve_model(cfg.model.pretrained)
-        self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant)
+        self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant, motion_adapter=cfg.model.motion_adapter)
         self.pipe.to(self.device)
         for name in ("vae", "text_encoder", "text_encoder_2"):
             module = getattr(self.pipe, name, None)
@@ -189,18 +190,22 @@ class Trainer:
 
     def _prepare_unet(self, unet):
         mcfg = self.cfg.model
+        motion_only = trained_modules(self.pipe, mcfg.train_modules) == "motion"
         if mcfg.attention == "xformers":
             unet.enable_xformers_memory_efficient_attention()
         if mcfg.lora:
             from peft import LoraConfig
 
+            targets = lora_target_modules(mcfg.lora_targets, motion_only)
             unet.requires_grad_(False).to(self.weight_dtype)
-            unet.add_adapter(LoraConfig(r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, init_lora_weights="gaussian", target_modules=list(mcfg.lora_targets)), adapter_name=POLICY)
+            unet.add_adapter(LoraConfig(r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets), adapter_name=POLICY)
             for p in unet.parameters():  # trainable LoRA weights stay fp32 under mixed precision
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
             unet.to(torch.float32).requires_grad_(True)
+            if motion_only:
+                unet.freeze_unet2d_params()
         if mcfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -409,28 +414,39 @@ class Trainer:
             self.policy.train()
 
     def validation_grid(self) -> Path:
-        """``validation.prompts`` sampled with the policy: a PNG in the run dir and a tensorboard image."""
-        from .sample import generate, image_grid, save_png
+        """``validation.prompts`` sampled with the policy: a PNG in the run dir and a tensorboard image
+        (for clips, their middle frames; the whole clips beside it as a GIF)."""
+        from .sample import clip_grid, generate, image_grid, save_gif, save_png
 
         vcfg, sampler = self.cfg.validation, self.cfg.negatives
         with self._sampling():
-            images = generate(self.pipe, vcfg.prompts, [vcfg.seed] * len(vcfg.prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale, size=self.cfg.data.resolution)
+            images = generate(self.pipe, vcfg.prompts, [vcfg.seed] * len(vcfg.prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+                              size=self.cfg.data.resolution, frames=self.cfg.data.frames)
         fault_point("validation")
-        grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)
+        name = self.run_dir / "validation" / f"step-{self.global_step:08d}"
+        if is_video(self.pipe):
+            frames = clip_grid([images], [f"step {self.global_step}"], vcfg.prompts)
+            save_gif(frames, name.with_suffix(".gif"))
+            grid = frames[len(frames) // 2]
+        else:
+            grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)
         if self.cfg.report_to == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation/grid", np.asarray(grid), self.global_step, dataformats="HWC")
-        return save_png(grid, self.run_dir / "validation" / f"step-{self.global_step:08d}.png")
+        return save_png(grid, name.with_suffix(".png"))
 
     def shapes_eval(self) -> dict:
-        """The shapes world's exact rewards on seen and held-out prompts."""
+        """The world's exact rewards (shapes, or motion for clips) on seen and held-out prompts,
+        sampled as the negatives are."""
         from .evaluate import EvalConfig, evaluate_pipeline
 
-        vcfg = self.cfg.validation
+        vcfg, data, sampler = self.cfg.validation, self.cfg.data, self.cfg.negatives
+        eval_cfg = EvalConfig(prompts="motion" if data.frames else "shapes", split_seed=data.world_split_seed, prompts_per_split=vcfg.prompts_per_split,
+                              seeds=(vcfg.seed,), steps=sampler.steps, guidance_scale=sampler.guidance_scale, frames=data.frames or 8)
         with self._sampling():
-            summary, _ = evaluate_pipeline(self.pipe, EvalConfig(split_seed=self.cfg.data.world_split_seed, prompts_per_split=vcfg.prompts_per_split, seeds=(vcfg.seed,)))
+            summary, _ = evaluate_pipeline(self.pipe, eval_cfg)
         fault_point("validation")
-        metrics = {f"reward_{split}": scores["shapes"] for split, scores in summary.items()}
+        metrics = {f"reward_{split}": scores[eval_cfg.metric_names[0]] for split, scores in summary.items()}
         self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
@@ -570,13 +586,16 @@ class Trainer:
             # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
             adapter = self.policy.peft_config[POLICY].to_dict()
             # A set lists in another order in another process (string hashing): sorted, the file is the same.
-            adapter["target_modules"] = sorted(adapter["target_modules"])
+            if not isinstance(adapter["target_modules"], str):  # a pattern (motion modules only) stays as it is
+                adapter["target_modules"] = sorted(adapter["target_modules"])
             self.pipe.__class__.save_lora_weights(
                 save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=adapter,
             )
         else:
-            pipe = self.pipe.__class__(**{**self.pipe.components, "unet": self.policy})
-            pipe.save_pretrained(str(staging), safe_serialization=True)
+            components = {**self.pipe.components, "unet": self.policy}
+            if is_video(self.pipe):  # motion_adapter/ as trained: MotionAdapter.from_pretrained reads it alone
+                components["motion_adapter"] = motion_adapter_of(self.pipe.motion_adapter, self.policy)
+            self.pipe.__class__(**components).save_pretrained(str(staging), safe_serialization=True)
         save_yaml(self.cfg, staging / "sspo_config.yaml")
         self._write_card(staging, final)
         fault_point("final_save")
@@ -594,6 +613,13 @@ class Trainer:
             processes=self.accelerator.num_processes, grid="validation.png" if grids else None,
         )
         (staging / "README.md").write_text(card)
+
+
+def lora_target_modules(targets, motion_only: bool) -> list[str] | str:
+    """peft's ``target_modules``: the layer names, or a pattern matching them inside motion modules only."""
+    if not motion_only:
+        return list(targets)
+    return rf".*motion_modules\..*\.({'|'.join(re.escape(t) for t in targets)})"
 
 
 def _postfix(metrics: dict) -> dict:
@@ -623,11 +649,13 @@ def dry_run(cfg: TrainConfig) -> str:
     dataset = open_dataset(cfg)
     name = cfg.model.pretrained
     if name.startswith("shapes-base"):
-        model = f"{name} (the shapes world's tiny SD pipeline, built and cached on first use)"
+        model, video = f"{name} (the shapes world's tiny SD pipeline, built and cached on first use)", False
     else:
-        model = f"{name} ({load_pipeline_config(name, cfg.model.revision)['_class_name']})"
+        config = load_pipeline_config(name, cfg.model.revision)
+        video = "motion_adapter" in config or cfg.model.motion_adapter is not None
+        model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
     processes = PartialState().num_processes
-    rows = {"model": model, **summarize(cfg, processes)}
+    rows = {"model": model, **summarize(cfg, processes, video)}
     epochs = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes) / len(dataset)
     rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs:.2f} epochs"
     rows["output"] = cfg.output_dir

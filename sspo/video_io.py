@@ -5,36 +5,52 @@ sspo's own clip data is multi-page TIFF (deflate): lossless, and every frame is 
 encoders merge identical consecutive frames into one longer frame (lossless WebP even drops the
 duration of a clip that is one frame throughout), so they are for viewing; reading them expands
 each frame by its duration in frame periods.
+
+Users' clips come as video files (MP4, WebM, MOV, MKV, AVI), read and written through PyAV
+(FFmpeg's own decoders, no second torch), or as folders of frame images; :func:`read_clip` takes
+all of these, and :func:`sample_frames` picks the frames a model trains on.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from .errors import DataError
 from .io import atomic_path
 
 FRAME_MS = 100  # 10 frames per second: GIF stores durations in 10 ms units
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
+# Writing: the first encoder this PyAV build has. yuv420p (what players expect) needs even sizes.
+_VIDEO_ENCODERS = {"mp4": ("libx264", "mpeg4"), "mov": ("libx264", "mpeg4"), "mkv": ("libx264", "mpeg4"), "webm": ("libvpx-vp9", "libvpx")}
+_MUXERS = {"mkv": "matroska"}
 
 
-def _frames_as_images(frames: np.ndarray) -> list[Image.Image]:
+def _checked(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"a clip is uint8 RGB frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    return [Image.fromarray(frame) for frame in frames]
+    return frames
+
+
+def _frames_as_images(frames: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray(frame) for frame in _checked(frames)]
 
 
 _OPTIONS = {"tiff": {"compression": "tiff_deflate"}, "gif": {"loop": 0, "duration": FRAME_MS}, "webp": {"lossless": True, "duration": FRAME_MS}}
 
 
 def encode_clip(frames: np.ndarray, fmt: str = "tiff") -> bytes:
-    """A clip as the bytes of a multi-page ``tiff`` (lossless), or an animated ``gif`` / ``webp``."""
+    """A clip as the bytes of a multi-page ``tiff`` (lossless), an animated ``gif`` / ``webp``, or a
+    ``mp4`` / ``mov`` / ``mkv`` (H.264) or ``webm`` (VP9) video at 1000 / :data:`FRAME_MS` fps."""
+    if fmt in _VIDEO_ENCODERS:
+        return _encode_video(frames, fmt)
     if fmt not in _OPTIONS:
-        raise ValueError(f"clip format {fmt!r}: expected one of {', '.join(_OPTIONS)}")
+        raise ValueError(f"clip format {fmt!r}: expected one of {', '.join([*_OPTIONS, *_VIDEO_ENCODERS])}")
     images = _frames_as_images(frames)
     buffer = io.BytesIO()
     images[0].save(buffer, format=fmt.upper(), save_all=True, append_images=images[1:], **_OPTIONS[fmt])
@@ -51,15 +67,123 @@ def decode_clip(source: bytes | str | Path, where: str = "") -> np.ndarray:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as clip:
             frames = [(np.asarray(frame.convert("RGB")), frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(clip)]
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise DataError(f"cannot read clip {where or source}: {exc}") from None
+        raise DataError(f"cannot read clip {_name(source, where)}: {_reason(exc)}") from None
     durations = [round(d) for _, d in frames]
     period = FRAME_MS if all(d and d % FRAME_MS == 0 for d in durations) else min(durations) or 1
     return np.stack([frame for frame, d in frames for _ in range(max(1, round(d / period)))])
 
 
 def write_clip(path: str | Path, frames: np.ndarray) -> Path:
-    """Write a clip to ``path``; the suffix (``.tiff``, ``.gif``, ``.webp``) names the format."""
+    """Write a clip to ``path``; the suffix (``.tiff``, ``.gif``, ``.webp``, ``.mp4``, ...) names the format."""
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(encode_clip(frames, {"tif": "tiff"}.get(fmt := path.suffix.lstrip(".").lower(), fmt)))
     return path
+
+
+def _encode_video(frames: np.ndarray, fmt: str) -> bytes:
+    """A lossy video for viewing; an odd width or height gets its last column or row repeated."""
+    import av
+
+    frames = _checked(frames)
+    encoder = next((name for name in _VIDEO_ENCODERS[fmt] if name in av.codecs_available), None)
+    if encoder is None:
+        raise ValueError(f"this PyAV build has no {fmt} encoder ({' or '.join(_VIDEO_ENCODERS[fmt])}); write tiff or gif instead")
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=_MUXERS.get(fmt, fmt)) as container:
+        stream = container.add_stream(encoder, rate=1000 // FRAME_MS)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
+    return buffer.getvalue()
+
+
+def read_clip(source: bytes | str | Path, where: str = "", max_frames: int | None = None) -> np.ndarray:
+    """Frames ``uint8 [F, H, W, 3]`` of a clip in any form users keep one: a video file
+    (:data:`VIDEO_SUFFIXES`; bytes are recognised by their header), a multi-frame image
+    (:func:`decode_clip`), or a folder of frame images in name order (``frame_2`` before ``frame_10``).
+
+    ``max_frames`` stops reading there: 16 frames of a long 1080p video need not decode all of it.
+    Anything unreadable is a DataError naming ``where`` (default: the path).
+    """
+    where = _name(source, where)
+    if not isinstance(source, bytes) and Path(source).is_dir():
+        return _read_frame_folder(Path(source), where, max_frames)
+    if _is_video(source):
+        return _read_video(source, where, max_frames)
+    return decode_clip(source, where)[:max_frames]
+
+
+def _name(source: bytes | str | Path, where: str) -> str:
+    return where or ("(bytes)" if isinstance(source, bytes) else str(source))
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file is unreadable, without the errno and file object FFmpeg's and PIL's messages carry."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not a video ({', '.join(VIDEO_SUFFIXES)}) or a multi-frame image (TIFF, GIF, WebP, APNG)"
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _is_video(source: bytes | str | Path) -> bool:
+    if not isinstance(source, bytes):
+        return Path(source).suffix.lower() in VIDEO_SUFFIXES
+    # ISO media (MP4, MOV) has an 'ftyp' box first; Matroska (MKV, WebM) an EBML header; AVI is RIFF.
+    return source[4:8] == b"ftyp" or source[:4] == b"\x1a\x45\xdf\xa3" or (source[:4] == b"RIFF" and source[8:12] == b"AVI ")
+
+
+def _read_video(source: bytes | str | Path, where: str, max_frames: int | None) -> np.ndarray:
+    import av
+
+    frames = []
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
+            if not container.streams.video:
+                raise ValueError("it has no video stream")
+            for frame in container.decode(container.streams.video[0]):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == max_frames:
+                    break
+    except Exception as exc:  # FFmpeg raises many types for damaged or truncated files
+        raise DataError(f"cannot read clip {where}: {_reason(exc)}") from None
+    if not frames:
+        raise DataError(f"cannot read clip {where}: it has no frames")
+    return np.stack(frames)
+
+
+def _natural(path: Path) -> list:
+    """Sort key: digit runs compare as numbers, so unpadded frame numbers keep their order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _read_frame_folder(folder: Path, where: str, max_frames: int | None) -> np.ndarray:
+    suffixes = Image.registered_extensions()
+    paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")), key=_natural)
+    if not paths:
+        raise DataError(f"cannot read clip {where}: frame folder {folder} has no image files")
+    frames = []
+    for path in paths[:max_frames]:
+        try:
+            with Image.open(path) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise DataError(f"cannot read clip {where}: frame {path.name}: {_reason(exc)}") from None
+        if frames[-1].shape != frames[0].shape:
+            (h0, w0), (h, w) = frames[0].shape[:2], frames[-1].shape[:2]
+            raise DataError(f"cannot read clip {where}: frame {path.name} is {w}x{h} but frame {paths[0].name} is {w0}x{h0}; every frame needs one size")
+    return np.stack(frames)
+
+
+def sample_frames(clip: np.ndarray, frames: int, stride: int = 1, start: int = 0, where: str = "") -> np.ndarray:
+    """``frames`` frames of ``clip``, one every ``stride`` source frames from frame ``start``;
+    a clip too short for them is a DataError naming ``where``, its length and the length needed."""
+    needed = start + (frames - 1) * stride + 1
+    if len(clip) < needed:
+        raise DataError(
+            f"clip {where or '(unnamed)'} is too short: it has {len(clip)} frames, {needed} are needed for "
+            f"{frames} frames one every {stride} from frame {start}"
+        )
+    return clip[start:needed:stride]

@@ -64,7 +64,7 @@ def test_a_model_of_another_family_is_named_before_loading(tmp_path, capsys):
     with pytest.raises(ModelError, match=r"\(PixArtAlphaPipeline\) has no UNet"):
         load_pipeline(tmp_path)
     assert main(["train", "configs/demo-shapes.yaml", f"model.pretrained={tmp_path}", f"output_dir={tmp_path / 'run'}", "report_to=none"]) == 2
-    assert "has no UNet; sspo trains UNet pipelines such as SD-1.5 and SDXL" in one_error_line(capsys)
+    assert "has no UNet; sspo trains UNet pipelines such as SD-1.5, SDXL and AnimateDiff" in one_error_line(capsys)
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):

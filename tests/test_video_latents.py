@@ -15,10 +15,12 @@ SHAPES = {"image": (3, 4, 8, 8), "video": (3, 4, 5, 8, 8)}
 
 
 class HalfUNet(torch.nn.Module):
-    """Predicts half its input, whatever its rank; checks that the text condition is one per sample."""
+    """Predicts half its input, whatever its rank; checks that the text condition is one per sample
+    (images) or per frame (videos, as AnimateDiff's UNetMotionModel takes it)."""
 
     def forward(self, noisy, timesteps, encoder_hidden_states):
-        assert encoder_hidden_states.shape[0] == noisy.shape[0] == timesteps.shape[0]
+        frames = noisy.shape[2] if noisy.ndim == 5 else 1
+        assert noisy.shape[0] == timesteps.shape[0] and encoder_hidden_states.shape[0] == noisy.shape[0] * frames
         return types.SimpleNamespace(sample=0.5 * noisy)
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 def resolve_model(name: str) -> str:
-    """``shapes-base[:quick]`` is the shapes world's base model (built and cached on first use)."""
+    """``shapes-base[:quick]`` is the shapes world's base model, ``shapes-video-base[:quick]`` the
+    moving-shapes world's (shipped, or built and cached on first use)."""
+    if name.startswith("shapes-video-base"):
+        from ..video_base import VideoBaseConfig, build_video_base
+
+        return str(build_video_base(VideoBaseConfig.preset(name.partition(":")[2] or "default")))
     if name.startswith("shapes-base"):
         from ..base import BaseConfig, build_base
 

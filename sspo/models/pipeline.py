@@ -1,8 +1,9 @@
 """Diffusers pipelines as the trainer sees them: load, encode prompts once, denoising errors, sampling.
 
-One code path serves SD-1.5 and SDXL (and the tiny shapes-world pipeline, which is an SD-1.5
-pipeline with small sizes): :class:`TextCondition` carries whatever the UNet needs besides the
-noisy latents (SDXL adds pooled embeddings and ``add_time_ids``).
+One code path serves SD-1.5, SDXL and AnimateDiff (and the tiny shapes-world pipelines, which are
+the same classes with small sizes): :class:`TextCondition` carries whatever the UNet needs besides
+the noisy latents (SDXL adds pooled embeddings and ``add_time_ids``); video latents are
+``(B, C, F, H, W)``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,31 @@ def is_sdxl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
+def is_video(pipe) -> bool:
+    """An AnimateDiff-style pipeline: an SD UNet with motion modules (``UNetMotionModel``)."""
+    return hasattr(pipe, "motion_adapter")
+
+
+def trained_modules(pipe, train_modules: str) -> str:
+    """``model.train_modules`` resolved for ``pipe``: "motion" or "unet"."""
+    if train_modules == "auto":
+        return "motion" if is_video(pipe) else "unet"
+    if train_modules == "motion" and not is_video(pipe):
+        raise ModelError(f"model.train_modules: motion trains a video UNet's motion modules, but {type(pipe).__name__} has none; use unet or auto")
+    return train_modules
+
+
+def motion_adapter_of(adapter, unet):
+    """A ``MotionAdapter`` like ``adapter`` holding ``unet``'s motion modules as they are now (a
+    pipeline's ``motion_adapter`` keeps the weights it was loaded with: training changes the UNet's)."""
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter.from_config(adapter.config)
+    state = {key: value for key, value in unet.state_dict().items() if "motion_modules." in key}
+    adapter.load_state_dict(state)
+    return adapter.to(next(unet.parameters()).dtype)
+
+
 def _locate(model: str | Path) -> str:
     """A hub id as given, or a local folder that must hold a diffusers pipeline."""
     model = str(model)
@@ -100,17 +126,32 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
     if "unet" not in config:
-        raise ModelError(f"model {model} ({config.get('_class_name')}) has no UNet; sspo trains UNet pipelines such as SD-1.5 and SDXL")
+        raise ModelError(f"model {model} ({config.get('_class_name')}) has no UNet; sspo trains UNet pipelines such as SD-1.5, SDXL and AnimateDiff")
+    if "motion_adapter" not in config and "MotionModel" in str(config["unet"]):
+        raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
     return config
 
 
-def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None):
-    """Load an SD-1.5 or SDXL pipeline from a hub id or a local folder, with an optional LoRA."""
-    from diffusers import DiffusionPipeline
+def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None,
+                  variant: str | None = None, motion_adapter: str | Path | None = None):
+    """Load an SD-1.5, SDXL or AnimateDiff pipeline from a hub id or a local folder, with an optional
+    LoRA; ``motion_adapter`` makes an image pipeline (SD-1.5) an AnimateDiff one."""
+    from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter
 
-    load_pipeline_config(model, revision)  # a model without a UNet is named here, before any weights load
+    config = load_pipeline_config(model, revision)  # a model without a UNet is named here, before any weights load
+    extra = {"safety_checker": None} if "safety_checker" in config else {}
+    loader = DiffusionPipeline
+    if motion_adapter:
+        local = Path(str(motion_adapter)).expanduser()
+        if local.exists() and not (local / "config.json").is_file():
+            raise ModelError(f"model.motion_adapter {motion_adapter} is not a MotionAdapter folder (no config.json there)")
+        try:
+            extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), torch_dtype=dtype)}
+        except (OSError, ValueError) as exc:
+            raise _load_error(motion_adapter, exc) from None
+        loader = AnimateDiffPipeline
     try:
-        pipe = DiffusionPipeline.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, safety_checker=None)
+        pipe = loader.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, **extra)
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
     if lora:
@@ -173,7 +214,12 @@ def encode_unconditional(pipe, device, size: int | None = None) -> TextCondition
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] to scaled latents (the posterior mean, so the same image gives the same x0)."""
+    """Images ``[B, 3, H, W]`` in [-1, 1] to scaled latents ``[B, C, h, w]`` (the posterior mean, so
+    the same image gives the same x0). Clips ``[B, F, 3, H, W]`` go through the image VAE as B * F
+    images and come back as ``[B, C, F, h, w]``, the layout of diffusers' video UNets (AnimateDiff)."""
+    if images.ndim == 5:
+        latents = encode_images(vae, images.flatten(0, 1))
+        return latents.unflatten(0, images.shape[:2]).transpose(1, 2).contiguous()
     latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
@@ -181,7 +227,11 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_images(vae, latents: torch.Tensor) -> np.ndarray:
-    """Scaled image latents to ``uint8`` RGB arrays ``[B, H, W, 3]``, rounded as diffusers' pipelines do."""
+    """Scaled image latents to ``uint8`` RGB arrays ``[B, H, W, 3]``, rounded as diffusers' pipelines
+    do; clip latents ``[B, C, F, h, w]`` to clips ``[B, F, H, W, 3]``, frame by frame."""
+    if latents.ndim == 5:
+        frames = decode_images(vae, latents.transpose(1, 2).flatten(0, 1))
+        return frames.reshape(latents.shape[0], latents.shape[2], *frames.shape[1:])
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift).sample
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -201,11 +251,14 @@ def denoising_errors(unet, scheduler, latents, noise, timesteps, cond: TextCondi
     """Per-sample denoising error ``L_m(x0)``: mean over all non-batch dims of (m(x_t,t,c) - target)^2.
 
     Latents of any rank: ``(B, C, H, W)`` images, ``(B, C, F, H, W)`` videos. ``cond`` holds one text
-    condition per sample; repeating it per frame is the UNet's business (diffusers' video UNets,
-    ``UNet3DConditionModel`` and ``UNetMotionModel``, do it inside), so no caller branches on rank.
+    condition per sample; a video UNet (``UNetMotionModel``) takes one per frame, as
+    ``AnimateDiffPipeline`` passes it, so it is repeated here and no caller branches on rank.
     Inputs stay in the latents' dtype: under mixed precision, autocast picks the compute dtype.
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, **cond.to(latents.device).unet_kwargs()).sample
+    cond = cond.to(latents.device)
+    if latents.ndim == 5:
+        cond = cond.repeat_each(latents.shape[2])
+    pred = unet(noisy, timesteps, **cond.unet_kwargs()).sample
     target = diffusion_target(scheduler, latents, noise, timesteps)
     return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))

@@ -154,6 +154,66 @@ def word_table_text_encoder(text_encoder, tokenizer, words: Sequence[str], seed:
     return text_encoder.requires_grad_(False).eval()
 
 
+def video_size(preset: str) -> TinySize:
+    """Sizes of the moving-shapes world's models: both worlds' words need more orthogonal word
+    vectors than the quick preset's 32 dimensions hold."""
+    return dataclasses.replace(TinySize.preset(preset), text_hidden=64)
+
+
+def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0, identity: bool = True):
+    """AnimateDiff motion modules that fit ``unet`` (``identity``: leaving it unchanged at first).
+
+    Channels, layers and norm groups are the UNet's (diffusers checks none of them; a mismatch
+    fails deep in a forward, or silently for the norm groups). A fresh ``MotionAdapter`` is not
+    zero-initialised: with ``identity`` its ``proj_out`` layers are zeroed, so every motion module
+    starts as the identity and the video model equals the image model frame by frame. (A LoRA on
+    the motion attention of such an adapter cannot learn: no gradient passes a zero ``proj_out``.
+    A pretrained adapter, as AnimateDiff's, has none.)
+    """
+    import torch
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    config = unet.config
+    adapter = MotionAdapter(
+        block_out_channels=tuple(config.block_out_channels), motion_layers_per_block=config.layers_per_block,
+        motion_norm_num_groups=config.norm_num_groups, motion_num_attention_heads=heads, motion_max_seq_length=max_frames,
+    )
+    with torch.no_grad():
+        for name, module in adapter.named_modules():
+            if identity and name.endswith("proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    return adapter
+
+
+def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySize | None = None, max_frames: int = 32, seed: int = 0, identity_motion: bool = True) -> Path:
+    """Save a tiny ``AnimateDiffPipeline``: word-table text encoder, VAE, a UNet and motion modules
+    (:func:`motion_adapter_for`; the AnimateDiff code path, offline).
+
+    The UNet has no pooled-text embedding (the image world's ``addition_embed_type="text"``):
+    ``UNetMotionModel`` supports only SDXL's ``text_time`` and drops it without a word.
+    """
+    import torch
+    from diffusers import AnimateDiffPipeline
+
+    folder = Path(folder)
+    size = size or video_size("quick")
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    unet = _unet(size, cross_attention_dim=size.text_hidden)
+    pipe = AnimateDiffPipeline(
+        vae=_vae(size),
+        text_encoder=word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed),
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=motion_adapter_for(unet, max_frames, seed=seed, identity=identity_motion),
+        scheduler=_scheduler(zero_terminal_snr=True),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
     """Save a randomly initialised tiny ``StableDiffusionXLPipeline`` (the SDXL code path, offline).
 

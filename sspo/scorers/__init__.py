@@ -22,6 +22,7 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "aesthetic": ("clip", "AestheticScorer", {}),
     "clip": ("clip", "ClipScoreScorer", {}),
     "shapes": ("shapes", "ShapesScorer", {}),
+    "motion": ("shapes", "MotionScorer", {}),
 }
 SCORER_NAMES = tuple(_REGISTRY)
 # The metrics of the paper's tables, in its column order.

@@ -23,6 +23,8 @@ class Scorer:
 
     name = "scorer"
 
+    input_type: type = Image.Image  # what it scores: images (clips for the moving-shapes world)
+
     def __init__(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16):
         if batch_size < 1:
             raise SSPOError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
@@ -37,13 +39,13 @@ class Scorer:
                 f"{self.name}: got {len(images)} images but {len(prompts)} prompts; pass one prompt per image"
             )
         for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise SSPOError(f"{self.name}: image {i} is a {type(image).__name__}, expected a PIL.Image")
+            if not isinstance(image, self.input_type):
+                raise SSPOError(f"{self.name}: image {i} is a {type(image).__name__}, expected a {self.input_type.__module__.split('.')[0]}.{self.input_type.__name__}")
         scores = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 stop = start + self.batch_size
-                batch = self._score_batch([im.convert("RGB") for im in images[start:stop]], prompts[start:stop])
+                batch = self._score_batch([im.convert("RGB") if isinstance(im, Image.Image) else im for im in images[start:stop]], prompts[start:stop])
                 scores.append(batch.detach().float().reshape(-1).cpu())
         return torch.cat(scores) if scores else torch.empty(0)
 

@@ -51,15 +51,16 @@ def load_prompt_set(
 
     ``limit`` keeps the first prompts (quick runs); ``seed`` and ``per_split`` pick the shapes split.
     """
-    if name_or_path in ("shapes", "shapes-validation"):
-        items = _shapes(seed, per_split, validation=name_or_path == "shapes-validation")
+    if name_or_path in WORLD_PROMPT_SETS:
+        world, _, validation = name_or_path.partition("-")
+        items = _world(world, seed, per_split, validation=bool(validation))
     elif name_or_path in _NAMED:
         items = _NAMED[name_or_path](source)
     elif Path(name_or_path).expanduser().exists():
         items = read_prompt_file(Path(name_or_path).expanduser())
     else:
         raise DataError(
-            f"unknown prompt set {name_or_path!r}: not one of {', '.join(['shapes', 'shapes-validation', *_NAMED])} and no such file"
+            f"unknown prompt set {name_or_path!r}: not one of {', '.join([*WORLD_PROMPT_SETS, *_NAMED])} and no such file"
         )
     if not items:
         raise DataError(f"prompt set {name_or_path!r} ({source or 'default source'}) has no prompts")
@@ -184,14 +185,19 @@ def _parti(source: str | None) -> list[PromptItem]:
     return read_prompt_file(Path(source).expanduser())
 
 
-def _shapes(seed: int, per_split: int, validation: bool = False) -> list[PromptItem]:
-    from ..worlds import shapes
+WORLD_PROMPT_SETS = ("shapes", "shapes-validation", "motion", "motion-validation")
 
-    split = shapes.make_split(seed)
+
+def _world(world: str, seed: int, per_split: int, validation: bool = False) -> list[PromptItem]:
+    """A world's (shapes: images, motion: clips) seen and held-out combinations, or its validation ones."""
+    from ..worlds import motion, shapes
+
+    make_split, eval_prompts = {"shapes": (shapes.make_split, shapes.eval_prompts), "motion": (motion.make_motion_split, motion.motion_eval_prompts)}[world]
+    split = make_split(seed)
     if validation:
         specs = random.Random(seed + 2).sample(list(split.validation), min(per_split, len(split.validation)))
         return [PromptItem(spec.prompt, "validation") for spec in sorted(specs)]
-    groups = shapes.eval_prompts(split, per_split=per_split, seed=seed)
+    groups = eval_prompts(split, per_split=per_split, seed=seed)
     return [PromptItem(spec.prompt, group) for group in ("seen", "heldout") for spec in groups[group]]
 
 

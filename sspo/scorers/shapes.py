@@ -1,7 +1,8 @@
-"""The shapes world's exact evaluator as a scorer: its reward, computed from the pixels, no learned model."""
+"""The worlds' exact evaluators as scorers: their reward, computed from the pixels, no learned model."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import SSPOError
@@ -17,16 +18,34 @@ class ShapesScorer(Scorer):
     def _score_batch(self, images, prompts):
         return self.score_parts(images, prompts)[""]
 
-    def score_parts(self, images, prompts) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _evaluate(image, prompt: str) -> dict[str, float]:
         from ..worlds.shapes_eval import evaluate_prompt
 
-        scores = [evaluate_prompt(image, prompt).as_dict() for image, prompt in zip(images, prompts)]
+        return evaluate_prompt(image, prompt).as_dict()
+
+    def score_parts(self, images, prompts) -> dict[str, torch.Tensor]:
+        scores = [self._evaluate(image, prompt) for image, prompt in zip(images, prompts)]
         parts = {name: torch.tensor([s[name] for s in scores], dtype=torch.float64) for name in scores[0]} if scores else {}
         return {"" if name == "reward" else name: values for name, values in parts.items()}
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | None = None, **kwargs) -> "ShapesScorer":
         if path_or_id is not None:
-            raise SSPOError(f"the shapes scorer has no weights to load, got {path_or_id!r}")
+            raise SSPOError(f"the {cls.name} scorer has no weights to load, got {path_or_id!r}")
         kwargs.pop("dtype", None)  # nothing to cast: the evaluator is numpy analysis of the pixels
         return cls(**kwargs)
+
+
+class MotionScorer(ShapesScorer):
+    """The moving-shapes world's exact temporal evaluator: ``sspo.worlds.motion_eval.evaluate_clip``
+    of each clip (``uint8 [F, H, W, 3]``) and prompt, its reward and every component."""
+
+    name = "motion"
+    input_type = np.ndarray
+
+    @staticmethod
+    def _evaluate(clip, prompt: str) -> dict[str, float]:
+        from ..worlds.motion_eval import evaluate_clip
+
+        return evaluate_clip(clip, prompt).as_dict()

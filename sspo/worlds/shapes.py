@@ -172,6 +172,8 @@ def object_mask(spec: ShapeSpec, size: int = 32, **overrides) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------
 # Defects: each makes a low-quality or wrong image for the same prompt. Signature: (spec, rng, size).
+# The quality defects (blur, noise, smear, checker) also take :func:`render`'s keyword overrides, so
+# that the motion world can apply them to frames whose object is between the image world's places.
 
 
 def _other(values: Sequence[str], current: str, rng: random.Random) -> str:
@@ -181,14 +183,14 @@ def _other(values: Sequence[str], current: str, rng: random.Random) -> str:
 # Quality defects must survive the VAE's 8x8 latent, or a base pretrained on them never shows
 # them and clean-vs-defect pairs carry no signal: a blur of sigma 1.2-2 px or a short smear
 # round-trips to the same image as a clean render; these strengths do not.
-def blur(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
-    return render(spec, size).filter(ImageFilter.GaussianBlur(radius=size / 32 * rng.uniform(2.0, 3.0)))
+def blur(spec: ShapeSpec, rng: random.Random, size: int = 32, **overrides) -> Image.Image:
+    return render(spec, size, **overrides).filter(ImageFilter.GaussianBlur(radius=size / 32 * rng.uniform(2.0, 3.0)))
 
 
-def noise(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
+def noise(spec: ShapeSpec, rng: random.Random, size: int = 32, **overrides) -> Image.Image:
     """Pixel noise. Too fine for the 8x8 latent (it round-trips to a clean image), so the base is
     not pretrained on it; it stays a defect of the preference pairs and of the evaluator's tests."""
-    pixels = np.asarray(render(spec, size), dtype=np.float32)
+    pixels = np.asarray(render(spec, size, **overrides), dtype=np.float32)
     sigma = rng.uniform(35, 60)
     noisy = pixels + np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, pixels.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
@@ -206,15 +208,22 @@ def wrong_position(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image
     return render(spec.replace(position=_other(POSITIONS, spec.position, rng)), size)
 
 
-def smear(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
+def smear(
+    spec: ShapeSpec, rng: random.Random, size: int = 32, center: tuple[float, float] | None = None, **overrides
+) -> Image.Image:
     """Smeared edges: the object dragged along one direction, like a motion-blurred render."""
-    cx, cy = POSITION_CENTER[spec.position]
+    cx, cy = center or POSITION_CENTER[spec.position]
     angle = rng.uniform(0, 2 * math.pi)
     steps = 8
     length = rng.uniform(0.20, 0.28)
     frames = [
         np.asarray(
-            render(spec, size, center=(cx + k / steps * length * math.cos(angle), cy + k / steps * length * math.sin(angle))),
+            render(
+                spec,
+                size,
+                center=(cx + k / steps * length * math.cos(angle), cy + k / steps * length * math.sin(angle)),
+                **overrides,
+            ),
             dtype=np.float32,
         )
         for k in range(-steps // 2, steps // 2 + 1)
@@ -222,12 +231,12 @@ def smear(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
     return Image.fromarray(np.mean(frames, axis=0).astype(np.uint8))
 
 
-def checker(spec: ShapeSpec, rng: random.Random, size: int = 32) -> Image.Image:
+def checker(spec: ShapeSpec, rng: random.Random, size: int = 32, **overrides) -> Image.Image:
     """Checkerboard artifacts in the background, as transposed convolutions leave in generated
     images: a +-20-30 gray level checkerboard on every pure background pixel. Its cells (4 px at 32)
     match the 8x8 latent's grid, so a VAE that has seen it keeps it (pixel noise is too fine for
     that); the object is left intact, so the defect is one of quality, not of attributes."""
-    clean = np.asarray(render(spec, size), dtype=np.float32)
+    clean = np.asarray(render(spec, size, **overrides), dtype=np.float32)
     background = np.abs(clean - np.array(BACKGROUNDS[spec.background], dtype=np.float32)).max(axis=-1, keepdims=True) < 1
     cell = max(1, size // 8)
     rows, cols = np.mgrid[0:size, 0:size] // cell
@@ -283,7 +292,12 @@ class Split:
 def make_split(seed: int = 0, heldout_fraction: float = 0.25, validation_fraction: float = 0.1) -> Split:
     """Deterministic split of all combinations into alignment-train and held-out sets, and a
     validation part of train (``validation_fraction`` of all combinations)."""
-    specs = all_specs()
+    return split_specs(all_specs(), seed, heldout_fraction, validation_fraction)
+
+
+def split_specs(specs: Sequence, seed: int, heldout_fraction: float, validation_fraction: float) -> Split:
+    """Deterministic split of a world's combinations (any sortable specs), as :func:`make_split`."""
+    specs = list(specs)
     random.Random(seed).shuffle(specs)
     n_heldout = int(round(len(specs) * heldout_fraction))
     n_validation = int(round(len(specs) * validation_fraction))
@@ -319,18 +333,44 @@ def preference_pairs(
     The clean render wins against a defective render of the same prompt; the winner's column is
     random. ``tie_fraction`` of rows are ties (``label_0 == 0.5``), as Pick-a-Pic has.
     """
+    return pair_rows(
+        specs,
+        per_spec,
+        seed,
+        clean=lambda spec: _png_bytes(render(spec, size)),
+        defective=lambda spec, rng, defect: _png_bytes(render_defect(spec, rng, size, defect)),
+        defects=sorted(DEFECTS),
+        columns=("jpg_0", "jpg_1"),
+        tie_fraction=tie_fraction,
+    )
+
+
+def pair_rows(
+    specs: Iterable,
+    per_spec: int,
+    seed: int,
+    clean: Callable[[object], bytes],
+    defective: Callable[[object, random.Random, str], bytes],
+    defects: Sequence[str],
+    columns: tuple[str, str],
+    tie_fraction: float = 0.0,
+) -> list[dict]:
+    """Preference rows of any world: ``caption``, the two ``columns`` (encoded media), ``label_0``
+    and ``defect``. ``clean(spec)`` wins against ``defective(spec, rng, defect)`` for a defect
+    drawn from ``defects``; the winner's column is random; ``tie_fraction`` of rows are ties."""
     rng = random.Random(seed)
+    first, second = columns
     rows = []
     for spec in specs:
         for _ in range(per_spec):
-            clean = _png_bytes(render(spec, size))
-            defect = rng.choice(sorted(DEFECTS))
-            bad = _png_bytes(render_defect(spec, rng, size, defect))
+            good = clean(spec)
+            defect = rng.choice(defects)
+            bad = defective(spec, rng, defect)
             tie = rng.random() < tie_fraction
             if rng.random() < 0.5:
-                row = {"jpg_0": clean, "jpg_1": bad, "label_0": 1.0}
+                row = {first: good, second: bad, "label_0": 1.0}
             else:
-                row = {"jpg_0": bad, "jpg_1": clean, "label_0": 0.0}
+                row = {first: bad, second: good, "label_0": 0.0}
             if tie:
                 row["label_0"] = 0.5
             rows.append({"caption": spec.prompt, **row, "defect": defect})
@@ -354,33 +394,49 @@ def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
 def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int, without_validation: bool = False) -> Path:
     """The world's alignment data (train combinations only, less the validation ones if asked) as a
     cached Pick-a-Pic parquet."""
+    suffix = "-noval" if without_validation else ""
+
+    def rows() -> list[dict]:
+        split = make_split(split_seed)
+        specs = split.train_without_validation if without_validation else split.train
+        return preference_pairs(specs, pairs_per_prompt, seed=split_seed, size=size)
+
+    return cached_parquet(f"shapes-pairs-v{WORLD_VERSION}-s{split_seed}-n{pairs_per_prompt}-r{size}{suffix}.parquet", rows)
+
+
+def cached_parquet(name: str, rows: Callable[[], list[dict]]) -> Path:
+    """``cache_root()/data/name``, written from ``rows()`` once: under a file lock (parallel workers
+    share one build) and atomically; the name must carry every setting the rows depend on."""
     from filelock import FileLock
 
     from ..paths import cache_root
 
-    suffix = "-noval" if without_validation else ""
-    path = cache_root() / "data" / f"shapes-pairs-v{WORLD_VERSION}-s{split_seed}-n{pairs_per_prompt}-r{size}{suffix}.parquet"
+    path = cache_root() / "data" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
-            split = make_split(split_seed)
-            specs = split.train_without_validation if without_validation else split.train
-            rows = preference_pairs(specs, pairs_per_prompt, seed=split_seed, size=size)
-            write_pickapic_parquet(path, rows)
+            write_pickapic_parquet(path, rows())
     return path
 
 
 def write_imagefolder(folder: str | Path, specs: Iterable[ShapeSpec], size: int = 32) -> Path:
     """Write clean renders as a diffusers/datasets imagefolder with ``metadata.jsonl``."""
+    return write_captioned_folder(folder, specs, "png", lambda spec, path: render(spec, size).save(path, format="PNG"))
+
+
+def write_captioned_folder(folder: str | Path, specs: Iterable, suffix: str, save: Callable[[object, Path], None]) -> Path:
+    """An imagefolder-style folder of any world: ``save(spec, path)`` writes each spec's file
+    (``00000.<suffix>``, ...; atomically, through a temporary path) and ``metadata.jsonl`` has a
+    line ``{"file_name", "text": spec.prompt}`` for each."""
     from ..io import atomic_path, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, spec in enumerate(specs):
-        name = f"{i:05d}.png"
+        name = f"{i:05d}.{suffix}"
         with atomic_path(folder / name) as tmp:
-            render(spec, size).save(tmp, format="PNG")
+            save(spec, tmp)
         lines.append(json.dumps({"file_name": name, "text": spec.prompt}))
     atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
     return folder

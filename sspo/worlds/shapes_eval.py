@@ -301,7 +301,27 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / max(float(np.maximum(a, b).sum()), 1e-6))
 
 
-def _analyze(image, spec: ShapeSpec) -> dict:
+def size_match(radii: Iterable[float], expected: float) -> float:
+    """The size score: 1 when one of the object's plausible radii is within 8% of ``expected``
+    (fractions of the side), then a Gaussian fall-off on the log ratio."""
+    return max(float(_soft_window(math.log(r / expected), _SIZE_TOL, _SIZE_SCALE)) for r in radii)
+
+
+def position_match(center: tuple[float, float], expected: tuple[float, float]) -> float:
+    """The position score: 1 when ``center`` is within 3% of the side of ``expected``, ~0.4 at 10%."""
+    return float(_soft_window(math.hypot(center[0] - expected[0], center[1] - expected[1]), _POS_TOL, _POS_SCALE))
+
+
+def analyze(image, spec: ShapeSpec) -> dict:
+    """The measurements behind :func:`evaluate`, for evaluators built on this one (the motion world).
+
+    Always: ``side``, ``bg_obs`` (observed background RGB), ``found`` (an object was found),
+    ``sigma`` (noise level) and ``scores`` (the :class:`ShapeScore` fields). With an object also:
+    ``obj_color`` (its most distinct RGB), ``fill`` (its RGB unmixed from the background at
+    antialiased edges and averaged), ``area`` (pixels), ``center`` (fractions of the side), ``ious`` and
+    ``radii`` (per shape: its fit's overlap and radius), ``plausible`` (the shapes that fit about as
+    well as the best), ``best_shape`` and ``radius`` (the best fit's).
+    """
     x = _to_array(image)
     side = x.shape[0]
     unit = side / 32.0
@@ -364,14 +384,12 @@ def _analyze(image, spec: ShapeSpec) -> dict:
         # is the best match, or any shape that fits about as well (a blurred triangle is also a
         # blurred circle): the most favourable reading among those, so size is judged on its own.
         plausible = [s for s in SHAPES if ious[s] >= iou.max() - _SHAPE_TAU]
-        scores["size"] = max(
-            float(_soft_window(math.log(fits[s][0] / SIZE_RADIUS[spec.size]), _SIZE_TOL, _SIZE_SCALE))
-            for s in plausible
-        )
+        radii = {s: fits[s][0] for s in SHAPES}
+        scores["size"] = size_match([radii[s] for s in plausible], SIZE_RADIUS[spec.size])
+        info.update(radii=radii, plausible=plausible)
 
         # Position: centroid vs the prompt's position center.
-        ex, ey = POSITION_CENTER[spec.position]
-        scores["position"] = float(_soft_window(math.hypot(cx - ex, cy - ey), _POS_TOL, _POS_SCALE))
+        scores["position"] = position_match((cx, cy), POSITION_CENTER[spec.position])
 
         # Color: unmix the object pixels from the background, classify each against the palette.
         alpha_s = info["alpha_s"]
@@ -381,6 +399,8 @@ def _analyze(image, spec: ShapeSpec) -> dict:
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         weights = alpha_s[solid]
+        # its fill: the unmixed pixels' weighted mean, steadier than obj_color (the motion world tracks it)
+        info["fill"] = (pure * weights[:, None]).sum(axis=0) / weights.sum() if weights.sum() > 0 else info["obj_color"]
         target = _PALETTE_NAMES.index(spec.color)
         scores["color"] = float((probs[:, target] * weights).sum() / max(float(weights.sum()), 1e-6))
 
@@ -429,7 +449,7 @@ def evaluate(image, spec: ShapeSpec) -> ShapeScore:
     """Score ``image`` (PIL image or HxWx3 uint8 array, any square size) against ``spec``."""
     if isinstance(spec, str):
         spec = parse_prompt(spec)
-    return ShapeScore(**_analyze(image, spec)["scores"])
+    return ShapeScore(**analyze(image, spec)["scores"])
 
 
 def evaluate_prompt(image, prompt: str) -> ShapeScore:

@@ -14,7 +14,7 @@ from sspo.worlds import shapes
 
 
 def test_registry_names_and_unknown_scorer():
-    assert set(SCORER_NAMES) == {"pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "shapes"}
+    assert set(SCORER_NAMES) == {"pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "shapes", "motion"}
     assert set(PAPER_METRICS) <= set(SCORER_NAMES)
     with pytest.raises(SSPOError, match="unknown scorer 'pick'.*pickscore"):
         build_scorer("pick")
@@ -123,3 +123,17 @@ def test_scorers_run_on_cuda_in_half_precision(
         gpu = build_scorer(name, str(path), device="cuda", dtype=torch.float16, **options).score(shape_images, PROMPTS)
         assert gpu.device.type == "cpu" and gpu.dtype == torch.float32, name
         assert torch.allclose(gpu, cpu, rtol=0.02, atol=0.05), (name, gpu, cpu)
+
+
+def test_motion_scorer_prefers_the_clean_clip_and_gives_every_component():
+    from sspo.worlds import motion
+
+    scorer = build_scorer("motion", batch_size=4)
+    spec = motion.parse_motion_prompt("a small red circle moving from left to right, white background")
+    rng = random.Random(0)
+    clips = [motion.render_clip(spec)] + [motion.render_motion_defect(spec, rng, defect=d) for d in ("reversed", "static", "wrong_color")]
+    scores = scorer.score(clips, [spec.prompt] * len(clips))
+    assert (scores[0] > 0.9) and (scores[0] > scores[1:]).all()
+    parts = scorer.score_parts(clips, [spec.prompt] * len(clips))
+    assert {"", "direction", "amplitude", "color"} <= set(parts)
+    assert parts["direction"][1] < parts["direction"][0]  # reversed: the direction is wrong

@@ -1,0 +1,141 @@
+"""``sspo base --video``: the moving-shapes world's base model (its "AnimateDiff"), built offline.
+
+The image world's VAE encodes every frame (its latents hold the image defects, and a clip's
+temporal defects are differences between frames, which any latent holds). A word-table text
+encoder covers both worlds' words; the UNet and its zero-initialised motion modules are then
+pretrained together on clean and defective clips of every combination, so the base is right in
+what a frame shows but often wrong in how the clip moves. A plain ``AnimateDiffPipeline`` folder,
+deterministic from the seed, cached by settings, and shipped in the package like the image base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import BaseConfig, _train_denoiser, build_base
+from .config import check, to_dict
+from .models.pipeline import encode_images, motion_adapter_of
+from .models.tiny import TinySize, _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
+from .paths import cache_root
+from .worlds import motion, shapes
+
+log = logging.getLogger(__name__)
+_FORMAT_VERSION = 1  # bump when the recipe changes, so stale caches are rebuilt
+
+
+@dataclasses.dataclass
+class VideoBaseConfig:
+    size: str = "default"  # TinySize preset (and the image base preset whose VAE is reused): default | quick
+    seed: int = 0
+    frames: int = 8
+    clips_per_spec: int = 2  # pretraining clips rendered per combination
+    # Share of defective clips the UNet learns from, and which: temporal defects make the base's
+    # motion often wrong or frozen; the image defect keeps its frames mediocre too.
+    defect_fraction: float = 0.6
+    defects: tuple[str, ...] = ("frozen", "static", "reversed", "checker")
+    unet_steps: int = 2000
+    batch_size: int = 8  # clips per step
+    unet_learning_rate: float = 2e-3  # peak of the one-cycle schedule
+    caption_dropout: float = 0.1  # empty prompts, so classifier-free guidance works
+
+    def __post_init__(self) -> None:
+        TinySize.preset(self.size)
+        check(0 <= self.defect_fraction <= 1, "defect_fraction", "must be in [0, 1]")
+        check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
+        check(all(d in motion.MOTION_DEFECTS for d in self.defects), "defects", f"expected names from {', '.join(motion.MOTION_DEFECTS)}")
+        check(self.frames >= 2 and self.unet_steps > 0 and self.clips_per_spec > 0, "frames/unet_steps/clips_per_spec", "must be positive (frames >= 2)")
+
+    @classmethod
+    def preset(cls, name: str) -> "VideoBaseConfig":
+        if name == "quick":
+            return cls(size="quick", unet_steps=300, clips_per_spec=1, batch_size=8)
+        check(name == "default", "size", f"got {name!r}, expected default or quick")
+        return cls()
+
+    def cache_key(self) -> str:
+        blob = json.dumps({"v": _FORMAT_VERSION, **to_dict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def vocabulary() -> list[str]:
+    """Both worlds' words: the video base's tokenizer knows image prompts too."""
+    return sorted(set(shapes.vocabulary()) | set(motion.motion_vocabulary()))
+
+
+def _pretraining_clips(cfg: VideoBaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Clips ``[N, F, 3, H, W]`` in [-1, 1] and their prompts."""
+    rng = random.Random(cfg.seed)
+    clips, prompts = [], []
+    for spec in motion.all_motion_specs():
+        for _ in range(cfg.clips_per_spec):
+            if rng.random() < cfg.defect_fraction:
+                clip = motion.render_motion_defect(spec, rng, cfg.frames, image_size, rng.choice(cfg.defects))
+            else:
+                clip = motion.render_clip(spec, cfg.frames, image_size)
+            clips.append(clip)
+            prompts.append(spec.prompt)
+    return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1, prompts
+
+
+PACKAGED_VIDEO_BASE = Path(__file__).resolve().parent / "weights" / "shapes-video-base"
+
+
+def build_video_base(cfg: VideoBaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
+    """The video base pipeline folder: shipped, cached, or built now; returns its path."""
+    from filelock import FileLock
+
+    info = PACKAGED_VIDEO_BASE / "sspo_base.json"
+    if output is None and not force and info.is_file() and json.loads(info.read_text()).get("cache_key") == cfg.cache_key():
+        return PACKAGED_VIDEO_BASE
+    output = Path(output) if output else cache_root() / f"video-base-{cfg.size}-{cfg.cache_key()}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output) + ".lock"):
+        if (output / "model_index.json").is_file() and not force:
+            return output
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # bitwise repeatable, as the image base (sspo/base.py)
+        try:
+            return _build(cfg, output)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _build(cfg: VideoBaseConfig, output: Path) -> Path:
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, UNetMotionModel
+
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    size = video_size(cfg.size)
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    image_base = build_base(BaseConfig.preset(cfg.size))
+    vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae").eval().requires_grad_(False)
+    words = vocabulary()
+    tokenizer = write_word_tokenizer(staging / "tokenizer", words)
+    text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, cfg.seed)
+    unet2d = _unet(size, cross_attention_dim=size.text_hidden)
+    adapter = motion_adapter_for(unet2d, seed=cfg.seed)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    pixels, prompts = _pretraining_clips(cfg, size.image_size)
+    latents = torch.cat([encode_images(vae, chunk) for chunk in pixels.split(32)])
+    components = {"text_encoder": text_encoder, "unet": unet, "scheduler": _scheduler(zero_terminal_snr=True)}
+    _train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
+    pipe = AnimateDiffPipeline(vae=vae, tokenizer=tokenizer, motion_adapter=motion_adapter_of(adapter, unet), **components)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    (staging / "sspo_base.json").write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(staging, output)
+    log.info("built video base model in %.0f s at %s", time.time() - started, output)
+    return output
