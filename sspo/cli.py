@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from .errors import SSPOError
 
@@ -13,7 +14,13 @@ from .errors import SSPOError
 def _base(args) -> None:
     from .base import BaseConfig, build_base
 
-    path = build_base(BaseConfig.preset("quick" if args.quick else "default"), output=args.out, force=args.force)
+    preset = "quick" if args.quick else "default"
+    if args.video:
+        from .video_base import VideoBaseConfig, build_video_base
+
+        print(build_video_base(VideoBaseConfig.preset(preset), output=args.out, force=args.force))
+        return
+    path = build_base(BaseConfig.preset(preset), output=args.out, force=args.force)
     print(path)
     if args.round_trip:
         from .base import round_trip_scores
@@ -25,9 +32,9 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
-    from .models.pipeline import load_pipeline
-    from .sample import generate, image_grid, save_png
     from .models.names import resolve_model
+    from .models.pipeline import is_video, load_pipeline
+    from .sample import clip_grid, generate, image_grid, save_png
 
     prompts = args.prompt
     if args.shapes_check:
@@ -35,11 +42,21 @@ def _sample(args) -> None:
 
         for prompt in prompts:
             parse_prompt(prompt)
-    pipe = load_pipeline(resolve_model(args.model), lora=args.lora)
+    pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter)
     seeds = list(range(args.seeds))
-    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale) for seed in seeds]
-    save_png(image_grid(rows, [f"seed {s}" for s in seeds], prompts), args.out)
-    print(args.out)
+    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale, frames=args.frames) for seed in seeds]
+    labels = [f"seed {s}" for s in seeds]
+    out = Path(args.out)
+    if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
+        import numpy as np
+
+        from .video_io import write_clip
+
+        out = out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif")
+        write_clip(out, np.stack([np.asarray(frame) for frame in clip_grid(rows, labels, prompts)]))
+    else:
+        save_png(image_grid(rows, labels, prompts), out)
+    print(out)
 
 
 def _eval(args) -> None:
@@ -159,7 +176,7 @@ def _train(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, video=args.video)
 
 
 def _compare(args) -> None:
@@ -187,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if shipped or cached")
     p.add_argument("--round-trip", action="store_true", help="also score clean and defective renders after a VAE round trip (the ceiling)")
+    p.add_argument("--video", action="store_true", help="the moving-shapes world's AnimateDiff base instead (shipped for the default size)")
     p.set_defaults(func=_base)
 
-    p = sub.add_parser("sample", help="write a PNG grid of samples")
-    p.add_argument("--model", required=True, help="diffusers folder, hub id or shapes-base[:quick]")
+    p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, shapes-base[:quick] or shapes-video-base[:quick]")
+    p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
+    p.add_argument("--frames", type=int, default=8, help="video models: frames per clip")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--seeds", type=int, default=2, help="rows of the grid (seeds 0..N-1)")
@@ -250,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
+    p.add_argument("--video", action="store_true", help="the moving-shapes world: AnimateDiff base -> SFT and SSPO -> temporal evaluation, GIF grid")
     p.set_defaults(func=_demo)
     return parser
 

@@ -14,10 +14,11 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TRAINING = sorted(CONFIGS.glob("*.yaml"))
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 REAL = ["sd15-lora.yaml", "sd15-full.yaml", "sdxl-lora.yaml"]
+VIDEO = "animatediff-lora.yaml"
 
 
 def test_the_real_model_configs_exist():
-    assert set(REAL) <= {p.name for p in TRAINING}
+    assert {*REAL, VIDEO} <= {p.name for p in TRAINING}
     assert {"ddp.yaml", "deepspeed-zero2.yaml"} <= {p.name for p in ACCELERATE}
 
 
@@ -63,3 +64,26 @@ def test_real_configs_train_with_tiny_stand_ins(name, quick_base, pairs, tmp_pat
     ]
     final = train(load_config(TrainConfig, CONFIGS / name, tiny))
     assert (final / "README.md").is_file() and (final / "validation.png").is_file()
+
+
+def test_the_animatediff_config_runs_on_tiny_stand_ins(tmp_path, bf16_runs):
+    """An image pipeline plus a motion adapter (as SD-1.5 + AnimateDiff's) and a clip folder with
+    metadata: the dry run validates it, then the config's own settings train on tiny sizes."""
+    from sspo.trainer import dry_run
+    from sspo.models.tiny import build_video_pipeline
+    from sspo.video_base import vocabulary
+    from sspo.worlds.motion import make_motion_split, write_clip_folder
+
+    parts = build_video_pipeline(tmp_path / "model", vocabulary(), max_frames=16, identity_motion=False, separate=True)
+    clips = write_clip_folder(tmp_path / "clips", make_motion_split().train[:4], frames=8)
+    tiny = [
+        f"model.pretrained={parts / 'image'}", f"model.motion_adapter={parts / 'motion_adapter'}", f"data.path={clips}", "data.resolution=32",
+        "data.frames=4", "data.frame_stride=2", f"output_dir={tmp_path / 'run'}", "report_to=none", "iterations=1", "steps_per_iteration=1",
+        "optim.gradient_accumulation_steps=2", "negatives.steps=2", "validation.prompts=[a red circle growing, white background]",
+    ]
+    cfg = load_config(TrainConfig, CONFIGS / VIDEO, tiny)
+    summary = dry_run(cfg)
+    assert "StableDiffusionPipeline + motion adapter" in summary and "of the motion modules" in summary and "4 rows of single images" in summary
+    final = train(cfg)
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "validation.png").is_file()
+    assert (tmp_path / "run" / "validation" / "step-00000001.gif").is_file()

@@ -149,6 +149,7 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
             extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), torch_dtype=dtype)}
         except (OSError, ValueError) as exc:
             raise _load_error(motion_adapter, exc) from None
+        _check_motion_adapter(model, motion_adapter, extra["motion_adapter"].config, revision)
         loader = AnimateDiffPipeline
     try:
         pipe = loader.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, **extra)
@@ -165,6 +166,18 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
         _check_lora_loaded(pipe, lora_path, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_motion_adapter(model, adapter_name, adapter: dict, revision: str | None) -> None:
+    """What ``UNetMotionModel.from_unet2d`` does not check: channels (a mismatch fails deep in the
+    first forward) and the image UNet's extra conditioning (all but SDXL's is dropped silently)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(_locate(model), subfolder="unet", revision=revision)
+    if list(unet["block_out_channels"]) != list(adapter["block_out_channels"]):
+        raise ModelError(f"motion adapter {adapter_name} is for UNet channels {list(adapter['block_out_channels'])}, but {model}'s UNet has {list(unet['block_out_channels'])}; pass an adapter made for this base")
+    if unet.get("addition_embed_type") not in (None, "text_time"):
+        raise ModelError(f"{model}'s UNet has addition_embed_type {unet['addition_embed_type']!r}, which AnimateDiff's UNetMotionModel ignores; use an image model without it (e.g. SD-1.5)")
 
 
 def _check_lora_loaded(pipe, lora: Path, model: str | Path) -> None:

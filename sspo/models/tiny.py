@@ -187,9 +187,12 @@ def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0
     return adapter
 
 
-def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySize | None = None, max_frames: int = 32, seed: int = 0, identity_motion: bool = True) -> Path:
+def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySize | None = None, max_frames: int = 32, seed: int = 0,
+                         identity_motion: bool = True, separate: bool = False) -> Path:
     """Save a tiny ``AnimateDiffPipeline``: word-table text encoder, VAE, a UNet and motion modules
-    (:func:`motion_adapter_for`; the AnimateDiff code path, offline).
+    (:func:`motion_adapter_for`; the AnimateDiff code path, offline). ``separate``: as users get
+    real weights instead, an image pipeline in ``folder/image`` and a ``MotionAdapter`` in
+    ``folder/motion_adapter`` (SD-1.5 plus an AnimateDiff adapter).
 
     The UNet has no pooled-text embedding (the image world's ``addition_embed_type="text"``):
     ``UNetMotionModel`` supports only SDXL's ``text_time`` and drops it without a word.
@@ -200,17 +203,18 @@ def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySiz
     folder = Path(folder)
     size = size or video_size("quick")
     torch.manual_seed(seed)
-    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    tokenizer = write_word_tokenizer(folder / ("image" if separate else "") / "tokenizer", words)
     unet = _unet(size, cross_attention_dim=size.text_hidden)
-    pipe = AnimateDiffPipeline(
-        vae=_vae(size),
-        text_encoder=word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed),
-        tokenizer=tokenizer,
-        unet=unet,
-        motion_adapter=motion_adapter_for(unet, max_frames, seed=seed, identity=identity_motion),
-        scheduler=_scheduler(zero_terminal_snr=True),
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    components = dict(vae=_vae(size), text_encoder=word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed),
+                      tokenizer=tokenizer, unet=unet, scheduler=_scheduler(zero_terminal_snr=True))
+    adapter = motion_adapter_for(unet, max_frames, seed=seed, identity=identity_motion)
+    if separate:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder / "image", safe_serialization=True)
+        adapter.save_pretrained(folder / "motion_adapter", safe_serialization=True)
+    else:
+        AnimateDiffPipeline(**components, motion_adapter=adapter).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

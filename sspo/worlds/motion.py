@@ -195,7 +195,9 @@ def parse_motion_prompt(text: str) -> MotionSpec:
     if verb == "moving":
         motion = "-to-".join(found["place"])
         if motion not in MOVES:
-            raise UnknownAttributeError(f"prompt {text!r}: expected 'moving from <place> to <opposite place>', found places {found['place']}")
+            raise UnknownAttributeError(
+                f"prompt {text!r}: expected 'moving from <place> to <opposite place>', found places {found['place']}"
+            )
     elif found["place"]:
         raise UnknownAttributeError(f"prompt {text!r}: a {verb} object has no places, found {', '.join(found['place'])}")
     if verb == "turning":

@@ -31,13 +31,14 @@ Motion (does the object *do what the prompt says*?)
                     then a Gaussian fall-off of width 0.15 (~0 for half the path).
 
 Coherence (is it *one object moving steadily*?)
-    ``smoothness``  jerk: second differences between consecutive frames of the state, each
-                    quantity in units of a just-visible change (0.02 of the side for the center,
-                    0.01 for the radius, an RGB distance of 16 for fill and background), the
-                    animated quantity as its distance along the path and the others as deviations
-                    from the path. The root mean square over frames of the largest of them: 1 up
-                    to 1.5 units, then a Gaussian fall-off of width 1. Constant speed has no jerk;
-                    a dropped, shuffled, shaking or flickering frame has (a stop has a little).
+    ``smoothness``  jerk: second differences between consecutive frames of the state: the
+                    animated quantity's distance along the path, and the deviations from the path
+                    of the center, the radius and the brightness of fill and background; each in
+                    units of a just-visible change (about 0.02 of the side for center and radius,
+                    16 levels of brightness; see ``_ALONG_UNIT``). The root mean square over frames
+                    of the largest of them: 1 up to 1.5 units, then a Gaussian fall-off of width 1.
+                    Constant speed has no jerk; a dropped, shuffled, shaking or flickering frame
+                    has (a stop has a little).
     ``persistence`` the share of frames that lack an object or show one that does not fit the
                     clip's identity shape, in a Gaussian window of width 0.2: 0.82 when one frame
                     of 8 fails, 0.46 when two do; popping or morphing is glaring in a clip.
@@ -56,11 +57,20 @@ clip progress and amplitude), ``coherence = sqrt(smoothness * persistence)``, an
 Why this form: the four groups are each necessary, so they multiply, as the image evaluator's
 alignment and quality do. A crisp clip of the right object moving the wrong way, a right motion of
 the wrong object, a jumpy clip and a blurred one are each a bad clip whatever the others score, and
-a product keeps any one of them from being bought back by the rest; a mean would rate a clip that
-moves backwards at 3/4. Within a group the mean gives graded credit, which keeps the reward
-informative for ranking a mediocre model's samples.
+a product keeps any one of them from being bought back by the rest; a mean of the four would rate
+a crisp clip that moves backwards at 0.85. Within a group the mean gives graded credit, which keeps
+the reward informative for ranking a mediocre model's samples.
 
-About 25 ms per clip of 8 32x32 frames on one CPU core (the image evaluator's 4 ms a frame).
+Through the VAE (:func:`round_trip_clip_scores`, the shipped image VAE): clean moving, growing and
+shrinking clips keep ~0.84, the VAE's own image ceiling (its frames' quality), and every temporal
+defect stays a defect. Turning clips fall to ~0.3: that VAE has only seen palette colors and snaps
+the in-between hues to them, so the color jumps midway (progress and smoothness). Pixel noise
+vanishes in the latent, as in the image world, and so does brightness flicker on a black
+background (the VAE restores palette colors). A video base that must show color changes needs a
+VAE trained on the world's frames.
+
+About 20 ms per clip of 8 32x32 frames on one CPU core (200 clips in 4 s): the image evaluator's
+analysis of each frame is nearly all of it.
 """
 
 from __future__ import annotations
@@ -90,7 +100,7 @@ from .motion import (
     render_motion_defect,
 )
 from .shapes import BACKGROUNDS, SHAPES
-from .shapes_eval import _SHAPE_TAU, _soft_window, analyze, position_match, size_match
+from .shapes_eval import _soft_window, analyze, position_match, size_match
 
 ATTRIBUTE_NAMES = ("background", "color", "shape", "size", "position")
 MOTION_NAMES = ("progress", "direction", "amplitude")
@@ -101,10 +111,14 @@ _GRID = 1025  # states per path for locating a frame on it: 1/1024 of the path a
 _COLOR_TOL, _COLOR_SCALE = 30.0, 20.0  # fill vs expected fill (RGB distance): tolerance, fall-off
 _DIRECTION_EPS = 0.05  # path units: a clip that travels less has no direction (scores ~0.5)
 _AMPLITUDE_TOL, _AMPLITUDE_SCALE = 0.1, 0.15  # uncovered share of the path: tolerance, fall-off
-# Just-visible changes, the units of smoothness: center (0.64 px at 32) and radius (0.32 px) in
-# fractions of the side, fill and background in RGB distance. The VAE round trip of a clean clip
-# moves its center and fill by about one unit between frames; a dropped or jittered frame by 3 or more.
-_UNITS = {"position": 0.02, "size": 0.01, "color": 16.0}
+# Just-visible changes, the units of smoothness, set just above what the VAE round trip of a clean
+# clip changes between frames (a dropped, shuffled or jittered frame changes 3 or more): along the
+# path, the center and radius in fractions of the side (0.02 is 0.64 px at 32) and the fill in RGB
+# distance; off it, the center, the radius (a moving object's wobbles by up to 0.03 through the VAE
+# as it crosses the latent grid, a centred growing one's by 0.01) and the brightness of fill and
+# background (their mean RGB: the VAE's frame-to-frame hue wobble of a small object is no flicker).
+_ALONG_UNIT = {"position": 0.02, "size": 0.01, "color": 16.0}
+_CENTER_UNIT, _RADIUS_UNIT, _BRIGHTNESS_UNIT = 0.02, 0.02, 16.0
 _JERK_TOL, _JERK_SCALE = 1.5, 1.0  # jerk (in those units): tolerance, fall-off
 _PERSISTENCE_SCALE = 0.2  # share of frames without the object (or another one): Gaussian fall-off
 
@@ -146,7 +160,7 @@ class _Path:
         self.fills = np.array([s.fill for s in states])
         self.animated = np.array([self.quantity(s) for s in states])
         # its length, in just-visible changes of the animated quantity (the unit of smoothness)
-        self.length = float(np.linalg.norm(np.diff(self.animated, axis=0), axis=1).sum()) / _UNITS[self.kind]
+        self.length = float(np.linalg.norm(np.diff(self.animated, axis=0), axis=1).sum()) / _ALONG_UNIT[self.kind]
 
     def quantity(self, state: MotionState) -> np.ndarray:
         """The animated quantity of a state: its center, radius or fill."""
@@ -187,9 +201,10 @@ def _identity_shape(infos: list[dict], prompted: str) -> str:
 def _frame(info: dict, path: _Path, identity: str, t: float) -> tuple[dict[str, float], float, np.ndarray]:
     """One frame with an object: its attribute, progress and quality scores, its measured progress
     and its state for smoothness (distance along the path, then the deviations from the path's state
-    there of center, radius unless animated, fill and background), in just-visible units."""
+    there of center, radius unless animated, and the brightness of fill and background), in
+    just-visible units."""
     radius = info["radii"][identity]
-    value = {"position": np.array(info["center"]), "size": np.array([radius]), "color": np.asarray(info["fill"], dtype=np.float64)}[path.kind]
+    value = {"position": np.array(info["center"]), "size": np.array([radius]), "color": np.asarray(info["fill"])}[path.kind]
     nearest = path.locate(value)
     scores = {name: info["scores"][name] for name in (*ATTRIBUTE_NAMES[1:], "quality")}
     scores[path.kind] = path.match(value, path.animated[nearest])
@@ -197,10 +212,10 @@ def _frame(info: dict, path: _Path, identity: str, t: float) -> tuple[dict[str, 
     state = np.concatenate(
         [
             [path.t[nearest] * path.length],
-            (np.array(info["center"]) - path.centers[nearest]) / _UNITS["position"],
-            [(radius - path.radii[nearest]) / _UNITS["size"]] if path.kind != "size" else [],
-            (np.asarray(info["fill"]) - path.fills[nearest]) / _UNITS["color"],
-            (np.asarray(info["bg_obs"]) - np.array(BACKGROUNDS[path.spec.background])) / _UNITS["color"],
+            (np.array(info["center"]) - path.centers[nearest]) / _CENTER_UNIT,
+            [(radius - path.radii[nearest]) / _RADIUS_UNIT] if path.kind != "size" else [],
+            [np.mean(info["fill"] - path.fills[nearest]) / _BRIGHTNESS_UNIT],
+            [np.mean(info["bg_obs"] - np.array(BACKGROUNDS[path.spec.background])) / _BRIGHTNESS_UNIT],
         ]
     )
     return scores, float(path.t[nearest]), state
@@ -235,7 +250,8 @@ def evaluate_clip(clip, spec: MotionSpec | str) -> MotionScore:
     times = frame_times(len(frames))
     seen = [f for f, info in enumerate(infos) if info["found"]]
     rows = [_frame(infos[f], path, identity, float(times[f])) for f in seen]
-    result = {name: float(np.mean([row[0][name] for row in rows])) if rows else 0.0 for name in (*ATTRIBUTE_NAMES[1:], "progress", "quality")}
+    per_frame = (*ATTRIBUTE_NAMES[1:], "progress", "quality")
+    result = {name: float(np.mean([row[0][name] for row in rows])) if rows else 0.0 for name in per_frame}
     result["background"] = float(np.mean([info["scores"]["background"] for info in infos]))
     result.update(_trajectory_scores(len(frames), seen, [row[1] for row in rows], [row[2] for row in rows]))
     consistent = sum(identity in infos[f]["plausible"] for f in seen)
