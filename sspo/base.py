@@ -16,6 +16,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -148,28 +149,26 @@ def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConf
 PACKAGED_BASE = Path(__file__).resolve().parent / "weights" / "shapes-base"
 
 
-def packaged_base(cfg: BaseConfig) -> Path | None:
+def packaged_base(cfg, packaged: Path = PACKAGED_BASE) -> Path | None:
     """The shipped base folder if it was built from ``cfg`` (same recipe version and settings)."""
-    info = PACKAGED_BASE / "sspo_base.json"
+    info = packaged / "sspo_base.json"
     if info.is_file() and json.loads(info.read_text()).get("cache_key") == cfg.cache_key():
-        return PACKAGED_BASE
+        return packaged
     return None
 
 
-def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
-    """The base pipeline folder: shipped, cached, or built now; returns its path.
-
-    ``force`` builds it even when shipped or cached (``sspo base --force`` reproduces the shipped one).
-    """
+def cached_build(cfg, build: Callable[[Any, Path], Path], name: str, packaged: Path, output: str | Path | None = None, force: bool = False) -> Path:
+    """A world's base folder: shipped in ``packaged``, cached as ``name-<size>-<key>``, or built now
+    by ``build(cfg, folder)``; ``force`` builds it even when shipped or cached."""
     from filelock import FileLock
 
-    if output is None and not force and (shipped := packaged_base(cfg)):
+    if output is None and not force and (shipped := packaged_base(cfg, packaged)):
         return shipped
-    output = Path(output) if output else cache_root() / f"base-{cfg.size}-{cfg.cache_key()}"
+    output = Path(output) if output else cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(output) + ".lock"):  # parallel test workers and runs share one build
         if (output / "model_index.json").is_file() and not force:
-            log.info("base model cached at %s", output)
+            log.info("%s model cached at %s", name, output)
             return output
         # One thread: the build is then bitwise repeatable whatever the machine's thread setting
         # (float sums depend on how work is split), and the tiny models gain little from more;
@@ -177,9 +176,17 @@ def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return _build(cfg, output)
+            return build(cfg, output)
         finally:
             torch.set_num_threads(threads)
+
+
+def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
+    """The base pipeline folder: shipped, cached, or built now; returns its path.
+
+    ``force`` builds it even when shipped or cached (``sspo base --force`` reproduces the shipped one).
+    """
+    return cached_build(cfg, _build, "base", PACKAGED_BASE, output, force)
 
 
 def _build(cfg: BaseConfig, output: Path) -> Path:

@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from PIL import Image
+
 from .config import load_config
 from .errors import ConfigError
-from .evaluate import TABLE_COLUMNS, EvalConfig, eval_items, evaluate_model, showcase
+from .evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from .io import atomic_write_json, atomic_write_text
 from .methods import METHODS, Method
 from .models.names import resolve_model
@@ -90,7 +93,10 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
         model, lora = (base, final) if cfg.model.lora else (final, None)
     summary, images = evaluate_model(model, eval_cfg, lora=lora)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_png(image_grid([showcase(eval_cfg, images)[0]], cell=SHOWCASE_CELL), run_dir / "showcase.png")
+    shown = showcase(eval_cfg, images)[0]
+    if isinstance(shown[0], np.ndarray):  # clips: their middle frames
+        shown = [Image.fromarray(clip[len(clip) // 2]) for clip in shown]
+    save_png(image_grid([shown], cell=SHOWCASE_CELL), run_dir / "showcase.png")
     atomic_write_json(cached, summary)
     return summary
 
@@ -125,7 +131,7 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
             log.info("choosing settings: arm %s, %s", arm, " ".join(point))
             run_dir = out / "select" / f"{arm}-{'-'.join(point)}-seed{seed}"
             summary = run_arm(config, arm, seed, run_dir, [*extra, *point, "data.world_without_validation=true"], eval_cfg)
-            rows.append({"overrides": point, "validation_reward": summary["validation"]["shapes"]})
+            rows.append({"overrides": point, "validation_reward": summary["validation"][eval_cfg.metric_names[0]]})
         best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
         chosen[arm] = {"overrides": best["overrides"], "grid": rows}
     return chosen
@@ -153,8 +159,8 @@ def _ci(stats: dict) -> str:
 
 
 def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, seeds: int) -> str:
-    columns = TABLE_COLUMNS[1:]
-    lines = ["| arm | reward [95% CI] | " + " | ".join(c.removeprefix("shapes.") for c in columns) + " | SSPO - arm [95% CI] |",
+    columns = table_columns(results[next(iter(results))][0])[1:]
+    lines = ["| arm | reward [95% CI] | " + " | ".join(c.partition(".")[2] for c in columns) + " | SSPO - arm [95% CI] |",
              "|---|---|" + "---|" * len(columns) + "---|"]
     for arm in names:
         if arm not in results:
@@ -232,8 +238,12 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     started = time.time()
     out = Path(out)
     extra = [*(QUICK if quick else []), *overrides]
-    eval_cfg = EvalConfig(prompts_per_split=prompts_per_split or (8 if quick else 24))
-    validation_cfg = EvalConfig(prompts="shapes-validation", prompts_per_split=8 if quick else 1000)
+    # The config's world (clips: the moving-shapes one), sampled as its negatives are.
+    probe = load_config(TrainConfig, config, extra)
+    world = "motion" if probe.data.frames else "shapes"
+    sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
+    eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
+    validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
     chosen = select_settings(config, names, parse_grid(grid), seeds[0], out, extra, validation_cfg)
     results: dict[str, list[dict]] = {}
     for arm in names:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .evaluate import TABLE_COLUMNS, EvalConfig, evaluate_model, format_table, showcase
+from .evaluate import MOTION_TABLE_COLUMNS, TABLE_COLUMNS, EvalConfig, evaluate_model, format_table, showcase
 from .io import atomic_write_json, atomic_write_text
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from .sample import clip_grid, image_grid, save_gif, save_png
@@ -39,8 +39,7 @@ class World:
 # excluding zero. Clips: 48 x 2, sampled as the video demo's negatives (10 steps), for its time budget.
 WORLDS = {
     "image": World(CONFIGS / "demo-shapes.yaml", "shapes-base", ("sft", "dpo", "sspo"), EvalConfig(prompts_per_split=96), TABLE_COLUMNS),
-    "video": World(CONFIGS / "demo-motion.yaml", "shapes-video-base", ("sft", "sspo"), EvalConfig(prompts="motion", prompts_per_split=48, steps=10),
-                   ("motion", "motion.attributes", "motion.motion", "motion.coherence", "motion.quality", "motion.direction", "motion.amplitude")),
+    "video": World(CONFIGS / "demo-motion.yaml", "shapes-video-base", ("sft", "sspo"), EvalConfig(prompts="motion", prompts_per_split=48, steps=10), MOTION_TABLE_COLUMNS),
 }
 
 

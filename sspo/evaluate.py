@@ -165,8 +165,15 @@ def showcase(cfg: EvalConfig, images: Sequence, per_category: int = 4) -> tuple[
     return [images[k] for k in picks], [f"[{items[k].category}] {items[k].prompt}" for k in picks]
 
 
-# The shapes world's table: the reward and the components a prompt asks for.
+# The worlds' tables: the reward and the components a prompt asks for (clips: the groups, and the
+# two motion components a frozen or reversed clip fails).
 TABLE_COLUMNS = ("shapes", "shapes.color", "shapes.shape", "shapes.size", "shapes.position", "shapes.background", "shapes.quality")
+MOTION_TABLE_COLUMNS = ("motion", "motion.attributes", "motion.motion", "motion.coherence", "motion.quality", "motion.direction", "motion.amplitude")
+
+
+def table_columns(summary: dict) -> tuple[str, ...]:
+    """The table of the world an :func:`evaluate_pipeline` summary scored."""
+    return MOTION_TABLE_COLUMNS if "motion" in next(iter(summary.values())) else TABLE_COLUMNS
 
 
 def reward_gain(scores: dict, baseline: dict) -> dict:

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import BaseConfig, _train_denoiser, _train_vae, build_base
+from .base import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build
 from .config import check, to_dict
 from .models.pipeline import encode_images, motion_adapter_of
 from .models.tiny import TinySize, _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
-from .paths import cache_root
 from .worlds import motion, shapes
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class VideoBaseConfig:
     @classmethod
     def preset(cls, name: str) -> "VideoBaseConfig":
         if name == "quick":
-            return cls(size="quick", vae_steps=20, unet_steps=100, clips_per_spec=1, batch_size=8)
+            return cls(size="quick", vae_steps=40, unet_steps=100, clips_per_spec=1, batch_size=8)
         check(name == "default", "size", f"got {name!r}, expected default or quick")
         return cls()
 
@@ -97,22 +96,7 @@ PACKAGED_VIDEO_BASE = Path(__file__).resolve().parent / "weights" / "shapes-vide
 
 def build_video_base(cfg: VideoBaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
     """The video base pipeline folder: shipped, cached, or built now; returns its path."""
-    from filelock import FileLock
-
-    info = PACKAGED_VIDEO_BASE / "sspo_base.json"
-    if output is None and not force and info.is_file() and json.loads(info.read_text()).get("cache_key") == cfg.cache_key():
-        return PACKAGED_VIDEO_BASE
-    output = Path(output) if output else cache_root() / f"video-base-{cfg.size}-{cfg.cache_key()}"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(output) + ".lock"):
-        if (output / "model_index.json").is_file() and not force:
-            return output
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # bitwise repeatable, as the image base (sspo/base.py)
-        try:
-            return _build(cfg, output)
-        finally:
-            torch.set_num_threads(threads)
+    return cached_build(cfg, _build, "video-base", PACKAGED_VIDEO_BASE, output, force)
 
 
 def _build(cfg: VideoBaseConfig, output: Path) -> Path:
