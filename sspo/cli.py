@@ -18,7 +18,14 @@ def _base(args) -> None:
     if args.video:
         from .video_base import VideoBaseConfig, build_video_base
 
-        print(build_video_base(VideoBaseConfig.preset(preset), output=args.out, force=args.force))
+        path = build_video_base(VideoBaseConfig.preset(preset), output=args.out, force=args.force)
+        print(path)
+        if args.round_trip:
+            from .worlds.motion_eval import round_trip_clip_scores
+
+            print("VAE round trip of held-out clips (exact reward; clean = the ceiling):\n| clip | reward |\n| --- | ---: |")
+            for name, reward in round_trip_clip_scores(path).items():
+                print(f"| {name} | {reward:.3f} |")
         return
     path = build_base(BaseConfig.preset(preset), output=args.out, force=args.force)
     print(path)

@@ -1,0 +1,24 @@
+"""The moving-shapes world's base: shipped for the default recipe, a plain AnimateDiff folder."""
+
+from pathlib import Path
+
+from sspo.base import packaged_base
+from sspo.video_base import PACKAGED_VIDEO_BASE, VideoBaseConfig, build_video_base
+
+
+def test_the_shipped_video_base_is_the_default_recipe():
+    assert packaged_base(VideoBaseConfig(), PACKAGED_VIDEO_BASE) == PACKAGED_VIDEO_BASE, "rebuild it: sspo base --video --force --out sspo/weights/shapes-video-base"
+    assert sum(p.stat().st_size for p in Path(PACKAGED_VIDEO_BASE).rglob("*") if p.is_file()) <= 10 * 2**20
+    assert build_video_base(VideoBaseConfig()) == PACKAGED_VIDEO_BASE
+
+
+def test_the_video_base_loads_with_stock_diffusers():
+    from diffusers import AnimateDiffPipeline, UNetMotionModel
+
+    pipe = AnimateDiffPipeline.from_pretrained(str(PACKAGED_VIDEO_BASE))
+    assert isinstance(pipe.unet, UNetMotionModel) and pipe.tokenizer.model_max_length == 16
+    # every prompt of the world is one token per word and fits the tokenizer
+    from sspo.worlds.motion import all_motion_specs
+
+    longest = max(len(pipe.tokenizer(spec.prompt).input_ids) for spec in all_motion_specs())
+    assert longest <= 16
