@@ -3,7 +3,7 @@
 The image world's VAE encodes every frame, fine-tuned on this world's frames first: it knows only
 the six palette colours and snaps the in-between hues of a colour change to them (a clean
 "turning" clip kept 0.29 of its reward through it, a moving one 0.84). A word-table text encoder
-covers both worlds' words; the UNet and its zero-initialised motion modules are then pretrained
+covers both worlds' words and their positions (a direction is in the word order); the UNet and its zero-initialised motion modules are then pretrained
 together on clean and defective clips of every combination, so the base is right in what a frame
 shows more often than in how the clip moves. A plain ``AnimateDiffPipeline`` folder, deterministic
 from the seed, cached by settings, and shipped in the package like the image base.
@@ -31,7 +31,7 @@ from .models.tiny import TinySize, _scheduler, _text_encoder, _unet, motion_adap
 from .worlds import motion, shapes
 
 log = logging.getLogger(__name__)
-_FORMAT_VERSION = 1  # bump when the recipe changes, so stale caches are rebuilt
+_FORMAT_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
 
 
 @dataclasses.dataclass
@@ -112,7 +112,7 @@ def _build(cfg: VideoBaseConfig, output: Path) -> Path:
     vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae")
     words = vocabulary()
     tokenizer = write_word_tokenizer(staging / "tokenizer", words)
-    text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, cfg.seed)
+    text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, cfg.seed, positions=True)  # "from A to B"
     unet2d = _unet(size, cross_attention_dim=size.text_hidden)
     adapter = motion_adapter_for(unet2d, seed=cfg.seed)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)

@@ -22,3 +22,16 @@ def test_the_video_base_loads_with_stock_diffusers():
 
     longest = max(len(pipe.tokenizer(spec.prompt).input_ids) for spec in all_motion_specs())
     assert longest <= 16
+
+
+def test_the_video_base_reads_word_order():
+    """"from left to right" and "from right to left" are the same words: only positions tell them apart."""
+    import torch
+    from diffusers import AnimateDiffPipeline
+
+    from sspo.models.pipeline import encode_prompts
+
+    pipe = AnimateDiffPipeline.from_pretrained(str(PACKAGED_VIDEO_BASE))
+    cond = encode_prompts(pipe, ["a small red circle moving from left to right, white background",
+                                 "a small red circle moving from right to left, white background"], "cpu")
+    assert not torch.allclose(cond.embeds[0], cond.embeds[1], atol=1e-3)

@@ -123,3 +123,16 @@ def test_motion_modules_on_an_image_model_is_a_config_error(tmp_path):
 
     with pytest.raises(ModelError, match="model.train_modules: motion"):
         trained_modules(ImagePipeline(), "motion")
+
+
+def test_word_table_positions_keep_the_words_and_add_the_order(tmp_path):
+    from sspo.models.tiny import _text_encoder, video_size, word_table_text_encoder, write_word_tokenizer
+
+    tokenizer = write_word_tokenizer(tmp_path / "tokenizer", vocabulary())
+    ids = tokenizer(["a red circle growing, white background"], padding="max_length", return_tensors="pt").input_ids
+    bag = word_table_text_encoder(_text_encoder(video_size("quick"), tokenizer), tokenizer, vocabulary())(ids)[0]
+    ordered = word_table_text_encoder(_text_encoder(video_size("quick"), tokenizer), tokenizer, vocabulary(), positions=True)(ids)[0]
+    positions = ordered * 2**0.5 - bag  # (word + position) / sqrt(2), the words' vectors unchanged
+    gram = positions[0] @ positions[0].T
+    torch.testing.assert_close(gram, torch.eye(len(gram)) * gram.diagonal().mean(), atol=1e-3, rtol=1e-3)  # orthogonal, one per position
+    assert torch.allclose(bag[0] @ positions[0].T, torch.zeros(len(gram), len(gram)), atol=1e-3)  # and orthogonal to the words

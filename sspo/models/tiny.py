@@ -121,32 +121,38 @@ def build_components(size: TinySize, tokenizer, words: Sequence[str], seed: int 
     return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": _scheduler(zero_terminal_snr=True)}
 
 
-def word_table_text_encoder(text_encoder, tokenizer, words: Sequence[str], seed: int = 0):
+def word_table_text_encoder(text_encoder, tokenizer, words: Sequence[str], seed: int = 0, positions: bool = False):
     """Make a stock ``CLIPTextModel`` a fixed table of orthogonal word vectors (not trained).
 
     A text encoder co-trained with the tiny UNet collapses the prompts ('left' and 'right' end up
     at cosine 0.998), and a random frozen one mixes tokens through its causal attention, so the
     UNet cannot tell the attributes apart. Here every world word (and BOS/EOS) gets its own
-    orthogonal, zero-mean vector of norm sqrt(d), positions get none, and every layer's
-    ``out_proj`` and ``fc2`` are zeroed: each residual layer is then the identity and the final
-    LayerNorm leaves a zero-mean vector of norm sqrt(d) unchanged, so the hidden state of a token
-    *is* its word's vector.
+    orthogonal, zero-mean vector of norm sqrt(d), and every layer's ``out_proj`` and ``fc2`` are
+    zeroed: each residual layer is then the identity and the final LayerNorm leaves a zero-mean
+    vector of norm sqrt(d) unchanged, so the hidden state of a token *is* its word's vector.
+
+    Without ``positions`` the prompt is a bag of words, which the image world's attributes are.
+    "moving from left to right" and "from right to left" are the same bag: with ``positions``
+    every position gets its own vector too, orthogonal to the words', and a token's hidden state
+    is ``(word + position) / sqrt(2)``.
     """
     import torch
 
     hidden = text_encoder.config.hidden_size
     ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(" ".join(words))} | {tokenizer.bos_token_id, tokenizer.eos_token_id})
-    check(len(ids) < hidden, "text_hidden", f"needs more than {len(ids)} dimensions for orthogonal word vectors")
+    places = tokenizer.model_max_length if positions else 0
+    check(len(ids) + places < hidden, "text_hidden", f"needs more than {len(ids) + places} dimensions for orthogonal word (and position) vectors")
     generator = torch.Generator().manual_seed(seed)
     basis = torch.randn(hidden, hidden, generator=generator)
     basis -= basis.mean(dim=0, keepdim=True)  # columns in the zero-mean subspace
-    q, _ = torch.linalg.qr(basis[:, : len(ids)])
+    q, _ = torch.linalg.qr(basis[:, : len(ids) + places])  # the words' columns do not depend on `places`
     with torch.no_grad():
         model = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 wraps it
         embeddings = model.embeddings
         embeddings.token_embedding.weight.zero_()
-        embeddings.token_embedding.weight[ids] = q.T * hidden**0.5
+        embeddings.token_embedding.weight[ids] = q[:, : len(ids)].T * hidden**0.5
         embeddings.position_embedding.weight.zero_()
+        embeddings.position_embedding.weight[:places] = q[:, len(ids) :].T * hidden**0.5
         for layer in model.encoder.layers:
             for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
                 linear.weight.zero_()
