@@ -78,17 +78,21 @@ class BaseConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
+def pretraining_renders(specs, per_spec: int, cfg, render: Callable, render_defect: Callable) -> tuple[list, list[str]]:
+    """``per_spec`` renders of every spec, ``cfg.defect_fraction`` of them with one of ``cfg.defects``
+    (``render_defect(spec, rng, defect)``), and their prompts; seeded by ``cfg.seed``."""
     rng = random.Random(cfg.seed)
-    images, prompts = [], []
-    for spec in shapes.all_specs():
-        for _ in range(cfg.images_per_spec):
-            if rng.random() < cfg.defect_fraction:
-                image = shapes.render_defect(spec, rng, image_size, rng.choice(cfg.defects))
-            else:
-                image = shapes.render(spec, image_size)
-            images.append(image)
+    renders, prompts = [], []
+    for spec in specs:
+        for _ in range(per_spec):
+            renders.append(render_defect(spec, rng, rng.choice(cfg.defects)) if rng.random() < cfg.defect_fraction else render(spec))
             prompts.append(spec.prompt)
+    return renders, prompts
+
+
+def _pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    images, prompts = pretraining_renders(shapes.all_specs(), cfg.images_per_spec, cfg, lambda spec: shapes.render(spec, image_size),
+                                          lambda spec, rng, defect: shapes.render_defect(spec, rng, image_size, defect))
     return _pixels(images), prompts
 
 

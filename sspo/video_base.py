@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build
+from .base import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build, pretraining_renders
 from .config import check, to_dict
 from .models.pipeline import encode_images, motion_adapter_of
 from .models.tiny import TinySize, _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
@@ -78,16 +77,8 @@ def vocabulary() -> list[str]:
 
 def _pretraining_clips(cfg: VideoBaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
     """Clips ``[N, F, 3, H, W]`` in [-1, 1] and their prompts."""
-    rng = random.Random(cfg.seed)
-    clips, prompts = [], []
-    for spec in motion.all_motion_specs():
-        for _ in range(cfg.clips_per_spec):
-            if rng.random() < cfg.defect_fraction:
-                clip = motion.render_motion_defect(spec, rng, cfg.frames, image_size, rng.choice(cfg.defects))
-            else:
-                clip = motion.render_clip(spec, cfg.frames, image_size)
-            clips.append(clip)
-            prompts.append(spec.prompt)
+    clips, prompts = pretraining_renders(motion.all_motion_specs(), cfg.clips_per_spec, cfg, lambda spec: motion.render_clip(spec, cfg.frames, image_size),
+                                         lambda spec, rng, defect: motion.render_motion_defect(spec, rng, cfg.frames, image_size, defect))
     return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1, prompts
 
 
