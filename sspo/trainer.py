@@ -648,8 +648,9 @@ def dry_run(cfg: TrainConfig) -> str:
 
     dataset = open_dataset(cfg)
     name = cfg.model.pretrained
-    if name.startswith("shapes-base"):
-        model, video = f"{name} (the shapes world's tiny SD pipeline, built and cached on first use)", False
+    if name.startswith(("shapes-base", "shapes-video-base")):
+        video = name.startswith("shapes-video-base")
+        model = f"{name} (the {'moving-shapes world' if video else 'shapes world'}'s tiny {'AnimateDiff' if video else 'SD'} pipeline, shipped or built and cached on first use)"
     else:
         config = load_pipeline_config(name, cfg.model.revision)
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None
