@@ -212,19 +212,29 @@ def _build(cfg: BaseConfig, output: Path) -> Path:
         _train_vae(vae, mix, cfg.vae_defect_steps, cfg.vae_defect_learning_rate, cfg, generator, "defects")
     vae.eval().requires_grad_(False)
     pixels, prompts = _pretraining_images(cfg, size.image_size)
-    raw = torch.cat([encode_images(vae, chunk) / vae.config.scaling_factor for chunk in pixels.split(256)])
-    # Like SD's 0.18215: scale latents to unit variance so the noise schedule fits them.
-    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
-    latents = raw * vae.config.scaling_factor
+    latents = unit_variance_latents(vae, pixels, chunk=256)
     _train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
     pipe = StableDiffusionPipeline(
         **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+    return save_base(pipe, cfg, staging, output, started)
+
+
+def unit_variance_latents(vae, pixels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Every sample's latents, the VAE's ``scaling_factor`` set first so that they have unit variance
+    (as SD's 0.18215 does: the noise schedule fits them)."""
+    raw = torch.cat([encode_images(vae, part) / vae.config.scaling_factor for part in pixels.split(chunk)])
+    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    return raw * vae.config.scaling_factor
+
+
+def save_base(pipe, cfg, staging: Path, output: Path, started: float) -> Path:
+    """Save a built base with its recipe (``sspo_base.json``) in ``staging``, then move it to ``output``."""
     pipe.save_pretrained(staging, safe_serialization=True)
     (staging / "sspo_base.json").write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
     shutil.rmtree(output, ignore_errors=True)
     os.replace(staging, output)
-    log.info("built base model in %.0f s at %s", time.time() - started, output)
+    log.info("built %s in %.0f s at %s", type(pipe).__name__, time.time() - started, output)
     return output
 
 

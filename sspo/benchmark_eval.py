@@ -31,7 +31,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -351,6 +351,26 @@ def _cell(stats: dict, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
+def metric_tables(results: dict, metrics: Sequence[str], headers: Sequence[str] | None = None, lower_is_better: Sequence[str] = (),
+                  cells: dict[str, Callable[[dict, bool], str]] | None = None) -> list[str]:
+    """Markdown lines: one table per category of ``results`` (``{model: {category: {metric: stats}}}``),
+    models x metrics, the best mean in bold (the lowest for ``lower_is_better``); ``cells``: a cell
+    formatter per metric (default: mean ± CI half-width)."""
+    first = next(iter(results.values()))
+    lines = []
+    for group in first:
+        n = first[group][metrics[0]]["n"]
+        lines += ["", f"## {group} ({n} prompts)", "", "| model | " + " | ".join(headers or metrics) + " |", "|---|" + "---|" * len(metrics)]
+        best = {}
+        for m in metrics:
+            means = [r[group][m]["mean"] for r in results.values() if math.isfinite(r[group][m]["mean"])]
+            best[m] = (min if m in lower_is_better else max)(means) if means else None
+        for name, groups in results.items():
+            row = [(cells or {}).get(m, _cell)(groups[group][m], len(results) > 1 and groups[group][m]["mean"] == best[m]) for m in metrics]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """Markdown: one Table-1-style table (models x metric columns, mean ± 95% CI half-width) per category."""
     results, metrics = summary["results"], summary["columns"]
@@ -363,14 +383,7 @@ def format_summary(summary: dict) -> str:
         f"{settings['steps']} sampler steps, guidance scale {settings['guidance_scale']}. "
         "Cells: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); bold: best mean.",
     ]
-    first = next(iter(results.values()))
-    for group in first:
-        n = first[group][metrics[0]]["n"]
-        lines += ["", f"## {group} ({n} prompts)", "", "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        best = {m: max(r[group][m]["mean"] for r in results.values()) for m in metrics}
-        for name, groups in results.items():
-            cells = [_cell(groups[group][m], len(results) > 1 and groups[group][m]["mean"] == best[m]) for m in metrics]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += metric_tables(results, metrics)
     lines += ["", "## Models", "", "| name | model | lora |", "|---|---|---|"]
     lines += [f"| {m['name']} | {m['path']} | {m['lora'] or '-'} |" for m in summary["models"]]
     return "\n".join(lines) + "\n"

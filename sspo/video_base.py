@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build, pretraining_renders
+from .base import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build, pretraining_renders, save_base, unit_variance_latents
 from .config import check, to_dict
-from .models.pipeline import encode_images, motion_adapter_of
+from .models.pipeline import motion_adapter_of
 from .models.tiny import TinySize, _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
 from .worlds import motion, shapes
 
@@ -111,15 +110,8 @@ def _build(cfg: VideoBaseConfig, output: Path) -> Path:
     if cfg.vae_steps:
         _train_vae(vae.train(), pixels.flatten(0, 1), cfg.vae_steps, cfg.vae_learning_rate, cfg, generator, "motion frames")
     vae.eval().requires_grad_(False)
-    raw = torch.cat([encode_images(vae, chunk) / vae.config.scaling_factor for chunk in pixels.split(32)])
-    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))  # unit-variance latents, as the image base
-    latents = raw * vae.config.scaling_factor
+    latents = unit_variance_latents(vae, pixels, chunk=32)
     components = {"text_encoder": text_encoder, "unet": unet, "scheduler": _scheduler(zero_terminal_snr=True)}
     _train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
     pipe = AnimateDiffPipeline(vae=vae, tokenizer=tokenizer, motion_adapter=motion_adapter_of(adapter, unet), **components)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / "sspo_base.json").write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(staging, output)
-    log.info("built video base model in %.0f s at %s", time.time() - started, output)
-    return output
+    return save_base(pipe, cfg, staging, output, started)

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .benchmark_eval import ALL, ModelSpec, _cell, _free_memory, _json_safe, _parse_options, _write_scores, check_models, plot_reward_hist, summarize_rows
+from .benchmark_eval import ALL, ModelSpec, _free_memory, _json_safe, _parse_options, _write_scores, check_models, metric_tables, plot_reward_hist, summarize_rows
 from .errors import DataError, ModelError, SSPOError
 from .evaluate import PROMPT_SETS, EvalConfig, select_prompts
 from .io import atomic_write_json, atomic_write_text
@@ -257,21 +257,8 @@ def format_video_summary(summary: dict) -> str:
         "psnr, mtscore, chscore: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); "
         "fid, fvd: the distance over all clips [95% bootstrap interval over prompts]. Bold: best.",
     ]
-    first = next(iter(results.values()))
-    for group in first:
-        n = first[group][metrics[0]]["n"]
-        header = [f"{m} {'↓' if m in DISTANCE_METRICS else '↑'}" for m in metrics]
-        lines += ["", f"## {group} ({n} prompts)", "", "| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(metrics)]
-        best = {}
-        for m in metrics:
-            means = [r[group][m]["mean"] for r in results.values() if math.isfinite(r[group][m]["mean"])]
-            best[m] = (min if m in DISTANCE_METRICS else max)(means) if means else None
-        for name, groups in results.items():
-            cells = []
-            for m in metrics:
-                stats, is_best = groups[group][m], len(results) > 1 and groups[group][m]["mean"] == best[m]
-                cells.append(_distance_cell(stats, is_best) if m in DISTANCE_METRICS else _cell(stats, is_best))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    headers = [f"{m} {'↓' if m in DISTANCE_METRICS else '↑'}" for m in metrics]
+    lines += metric_tables(results, metrics, headers, DISTANCE_METRICS, {m: _distance_cell for m in DISTANCE_METRICS})
     lines += ["", "## Clips", "", "| name | folder |", "|---|---|"]
     lines += [f"| {m['name']} | {m['path']} |" for m in summary["models"]]
     if summary["reference"]:
