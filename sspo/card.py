@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .train_config import TrainConfig
+from .train_config import TrainConfig, resolve_train_modules
 
 
 def _fine_tuning(cfg: TrainConfig, video: bool) -> str:
-    motion = cfg.model.train_modules == "motion" or (cfg.model.train_modules == "auto" and video)
+    motion = resolve_train_modules(cfg.model.train_modules, video) == "motion"
     if cfg.model.lora:
         return f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" + (" of the motion modules" if motion else "")
     return "full motion modules" if motion else "full UNet"

@@ -41,7 +41,7 @@ def _base(args) -> None:
 def _sample(args) -> None:
     from .models.names import resolve_model
     from .models.pipeline import is_video, load_pipeline
-    from .sample import clip_grid, generate, image_grid, save_png
+    from .sample import clip_grid, generate, image_grid, save_animation, save_png
 
     prompts = args.prompt
     if args.shapes_check:
@@ -55,12 +55,7 @@ def _sample(args) -> None:
     labels = [f"seed {s}" for s in seeds]
     out = Path(args.out)
     if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
-        import numpy as np
-
-        from .video_io import write_clip
-
-        out = out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif")
-        write_clip(out, np.stack([np.asarray(frame) for frame in clip_grid(rows, labels, prompts)]))
+        out = save_animation(clip_grid(rows, labels, prompts), out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif"))
     else:
         save_png(image_grid(rows, labels, prompts), out)
     print(out)

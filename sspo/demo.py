@@ -17,7 +17,7 @@ from .config import load_config
 from .evaluate import MOTION_TABLE_COLUMNS, TABLE_COLUMNS, EvalConfig, evaluate_model, format_table, showcase
 from .io import atomic_write_json, atomic_write_text
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
-from .sample import clip_grid, image_grid, save_gif, save_png
+from .sample import clip_grid, image_grid, save_animation, save_png
 from .train_config import TrainConfig
 from .models.names import resolve_model
 from .trainer import train
@@ -89,7 +89,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, video: bool = F
     rows = {name: showcase(eval_cfg, images[name]) for name in models}
     captions = next(iter(rows.values()))[1]
     if video:
-        grid = save_gif(clip_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.gif")
+        grid = save_animation(clip_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.gif")
     else:
         grid = save_png(image_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.png")
     runs = {name: [path] for name, path in runs.items()}

@@ -70,8 +70,9 @@ def clip_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] = 
     return [image_grid([[Image.fromarray(clip[min(f, len(clip) - 1)]) for clip in row] for row in rows], row_labels, captions, cell) for f in range(frames)]
 
 
-def save_gif(frames: Sequence[Image.Image], path: str | Path) -> Path:
-    """An animated GIF, looping (a grid has few colours: GIF's palette keeps them)."""
+def save_animation(frames: Sequence[Image.Image], path: str | Path) -> Path:
+    """Frames as one animated file, its suffix naming the format (``.gif``, looping: a grid has few
+    colours and GIF's palette keeps them; ``.mp4``, ``.webp``)."""
     from .video_io import write_clip
 
     return write_clip(path, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))

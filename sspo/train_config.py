@@ -14,6 +14,11 @@ from .pool import ERD_STRATEGIES
 TRAIN_MODULES = ("auto", "unet", "motion")
 
 
+def resolve_train_modules(train_modules: str, video: bool) -> str:
+    """``model.train_modules`` for a video or an image model: "auto" is "motion" for video, else "unet"."""
+    return ("motion" if video else "unet") if train_modules == "auto" else train_modules
+
+
 @dataclasses.dataclass
 class ModelConfig:
     pretrained: str = "shapes-base"  # hub id, local diffusers folder, or shapes-base[:quick]

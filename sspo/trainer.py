@@ -416,7 +416,7 @@ class Trainer:
     def validation_grid(self) -> Path:
         """``validation.prompts`` sampled with the policy: a PNG in the run dir and a tensorboard image
         (for clips, their middle frames; the whole clips beside it as a GIF)."""
-        from .sample import clip_grid, generate, image_grid, save_gif, save_png
+        from .sample import clip_grid, generate, image_grid, save_animation, save_png
 
         vcfg, sampler = self.cfg.validation, self.cfg.negatives
         with self._sampling():
@@ -426,7 +426,7 @@ class Trainer:
         name = self.run_dir / "validation" / f"step-{self.global_step:08d}"
         if is_video(self.pipe):
             frames = clip_grid([images], [f"step {self.global_step}"], vcfg.prompts)
-            save_gif(frames, name.with_suffix(".gif"))
+            save_animation(frames, name.with_suffix(".gif"))
             grid = frames[len(frames) // 2]
         else:
             grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)

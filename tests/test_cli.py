@@ -15,6 +15,19 @@ def test_sample_writes_a_grid(quick_base, tmp_path):
     assert grid.width > 2 * 96 and grid.height > 2 * 96
 
 
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
+    from sspo.models.tiny import build_video_pipeline
+    from sspo.video_base import vocabulary
+    from sspo.video_io import read_clip
+
+    model = build_video_pipeline(tmp_path / "video", vocabulary(), max_frames=16)
+    out = tmp_path / f"grid{suffix}"
+    assert main(["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--seeds", "2", "--steps", "2", "--frames", "6", "--out", str(out)]) == 0
+    grid = read_clip(str(out))
+    assert len(grid) == 6 and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_library_progress_bars_only_when_verbose(verbose, quick_base, capsys):
     from diffusers.utils import logging as diffusers_logging

@@ -81,11 +81,11 @@ def is_video(pipe) -> bool:
 
 def trained_modules(pipe, train_modules: str) -> str:
     """``model.train_modules`` resolved for ``pipe``: "motion" or "unet"."""
-    if train_modules == "auto":
-        return "motion" if is_video(pipe) else "unet"
+    from ..train_config import resolve_train_modules
+
     if train_modules == "motion" and not is_video(pipe):
         raise ModelError(f"model.train_modules: motion trains a video UNet's motion modules, but {type(pipe).__name__} has none; use unet or auto")
-    return train_modules
+    return resolve_train_modules(train_modules, is_video(pipe))
 
 
 def motion_adapter_of(adapter, unet):
