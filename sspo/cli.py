@@ -14,7 +14,7 @@ from .errors import SSPOError
 def _base(args) -> None:
     from .base import BaseConfig, build_base
 
-    preset = "quick" if args.quick else "default"
+    preset = "quick" if args.quick else args.size
     if args.video:
         from .video_base import VideoBaseConfig, build_video_base
 
@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("base", help="build the shapes world's tiny base model (shipped for the default size; cached)")
-    p.add_argument("--quick", action="store_true", help="the small size used by tests")
+    p.add_argument("--quick", action="store_true", help="the small size used by tests (--size quick)")
+    p.add_argument("--size", default="default", choices=("default", "quick", "64px"),
+                   help="the image base's size: default (32 px, shipped), quick, or 64px (16x16 latents)")
     p.add_argument("--out", help="folder to write (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if shipped or cached")
     p.add_argument("--round-trip", action="store_true", help="also score clean and defective renders after a VAE round trip (the ceiling)")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 import subprocess
@@ -108,3 +109,18 @@ def test_shipped_base_is_the_current_recipe():
     assert packaged_base(BaseConfig()) == PACKAGED_BASE, "rebuild it: sspo base --force --out sspo/weights/shapes-base"
     assert sum(p.stat().st_size for p in Path(PACKAGED_BASE).rglob("*") if p.is_file()) <= 10 * 2**20
     assert build_base(BaseConfig()) == PACKAGED_BASE
+
+
+def test_64px_preset_has_16x16_latents_and_its_own_cache_key():
+    """The 64 px preset (the SSR analysis's second latent size) is the default recipe at 64x64."""
+    import torch
+
+    from sspo.models.tiny import TinySize, _vae
+
+    size = TinySize.preset("64px")
+    assert size.image_size == 64 and dataclasses.replace(size, image_size=32) == TinySize.preset("default")
+    latents = _vae(size).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, size.latent_channels, 16, 16)
+    cfg = BaseConfig.preset("64px")
+    assert cfg.size == "64px" and dataclasses.replace(cfg, size="default") == BaseConfig()
+    assert cfg.cache_key() != BaseConfig().cache_key()
