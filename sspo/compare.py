@@ -118,6 +118,12 @@ def grid_points(grid: dict[str, list[str]], arm: str) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
+    """A run's folder name: its arm, settings and seed, so that a changed setting (a wider grid
+    choosing another point) trains anew instead of reusing a run trained at the old one."""
+    return "-".join([arm, *overrides, f"seed{seed}"])
+
+
 def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seed: int, out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict[str, dict]:
     """Each trained arm's best grid point by exact reward on the validation combinations."""
     chosen = {}
@@ -129,7 +135,7 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
         rows = []
         for point in points:
             log.info("choosing settings: arm %s, %s", arm, " ".join(point))
-            run_dir = out / "select" / f"{arm}-{'-'.join(point)}-seed{seed}"
+            run_dir = out / "select" / run_name(arm, point, seed)
             summary = run_arm(config, arm, seed, run_dir, [*extra, *point, "data.world_without_validation=true"], eval_cfg)
             rows.append({"overrides": point, "validation_reward": summary["validation"][eval_cfg.metric_names[0]]})
         best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
@@ -209,15 +215,14 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
     atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "chosen": chosen, "claims": found, "results": results})
 
 
-def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], eval_cfg: EvalConfig) -> None:
-    runs = out / "runs"
-    by_arm = {arm: [runs / f"{arm}-seed{seed}" for seed in seeds] for arm in names}
+def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen: dict[str, dict], eval_cfg: EvalConfig) -> None:
+    by_arm = {arm: [out / "runs" / run_name(arm, chosen[arm]["overrides"], seed) for seed in seeds] for arm in names}
     figure9 = {arm: by_arm[arm] for arm in ("sft", "sspo") if arm in by_arm}
     plot_panels([(*REWARD_PANEL, reward_series(figure9, splits=("heldout",)))], out / "figure9_reward.png")
     preference_arms = {arm: dirs for arm, dirs in by_arm.items() if arm != "base" and arm_method(arm).uses_reference}
     plot_panels([(*SSR_PANEL, ssr_series(preference_arms))], out / "figure4_ssr_rate.png")
     # The arms' showcase strips (same prompts, first seed) stacked into one labelled grid.
-    strips = [(arm, runs / f"{arm}-seed{seeds[0]}" / "showcase.png") for arm in names]
+    strips = [(arm, by_arm[arm][0] / "showcase.png") for arm in names]
     strips = [(arm, path) for arm, path in strips if path.is_file()]
     if strips:
         from PIL import Image
@@ -249,9 +254,9 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     for arm in names:
         for seed in seeds[:1] if arm == "base" else seeds:  # the untrained base has no seed
             log.info("arm %s, seed %d", arm, seed)
-            run_dir = out / "runs" / f"{arm}-seed{seed}"
+            run_dir = out / "runs" / run_name(arm, chosen[arm]["overrides"], seed)
             results.setdefault(arm, []).append(run_arm(config, arm, seed, run_dir, [*extra, *chosen[arm]["overrides"]], eval_cfg))
             write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds))
-    write_figures(out, names, seeds, eval_cfg)
+    write_figures(out, names, seeds, chosen, eval_cfg)
     print((out / "results.md").read_text())
     return results

@@ -46,7 +46,7 @@ def test_grid_settings_are_chosen_per_arm_on_the_validation_split(quick_base, tm
     for arm, chosen in saved["chosen"].items():
         best = max(chosen["grid"], key=lambda row: row["validation_reward"])
         assert chosen["overrides"] == best["overrides"]
-        final = load_yaml(out / "runs" / f"{arm}-seed0" / "config.yaml")
+        final = load_yaml(out / "runs" / compare.run_name(arm, chosen["overrides"], 0) / "config.yaml")
         for override in chosen["overrides"]:
             key, _, value = override.partition("=")
             section, _, name = key.rpartition(".")
@@ -57,6 +57,22 @@ def test_grid_settings_are_chosen_per_arm_on_the_validation_split(quick_base, tm
         assert load_yaml(run / "config.yaml")["data"]["world_without_validation"] is True
         assert set(json.loads((run / "eval.json").read_text())) == {"validation"}
     assert "## Settings chosen on the validation split" in (out / "results.md").read_text()
+
+
+def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base, tmp_path, monkeypatch):
+    """Re-running with another grid (e.g. one widened past its edge) must not reuse a run trained
+    at the setting chosen before."""
+    out = tmp_path / "cmp"
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=32", "optim.batch_size=4"]
+    compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-4"])
+    trained = []
+    real_train = compare.train
+    monkeypatch.setattr(compare, "train", lambda cfg, **kw: trained.append(cfg.optim.learning_rate) or real_train(cfg, **kw))
+    compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-4"])
+    assert trained == []  # same setting: reused
+    compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-3"])
+    assert trained == [1e-3]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["sft-optim.learning_rate=1e-3-seed0", "sft-optim.learning_rate=1e-4-seed0"]
 
 
 def test_grid_must_name_values():
