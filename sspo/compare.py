@@ -202,9 +202,10 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
             grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}" for row in c["grid"])
             lines.append(f"| {arm} | {' '.join(c['overrides']) or '-'} | {grid or '-'} |")
         sections.append("\n".join(lines) + "\n")
-    for title, names in (("Table 1: methods", table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS))):
+    # Table 6 only when an ablation ran: SSPO's row alone repeats Table 1.
+    for title, names, shown_by in (("Table 1: methods", table1(), table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS), ABLATIONS)):
         for split, label in (("seen", "seen prompts (combinations in the alignment data)"), ("heldout", "held-out prompts")):
-            if any(a in results for a in names):
+            if any(a in results for a in shown_by):
                 sections.append(f"## {title} — {label}\n\n{table(results, names, split, sampler_seeds, n)}\n")
     found = claims(results, sampler_seeds, n)
     if found:

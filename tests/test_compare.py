@@ -73,6 +73,7 @@ def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base
     compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-3"])
     assert trained == [1e-3]
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["sft-optim.learning_rate=1e-3-seed0", "sft-optim.learning_rate=1e-4-seed0"]
+    assert "Table 6" not in (out / "results.md").read_text()  # no ablation ran
 
 
 def test_grid_must_name_values():
