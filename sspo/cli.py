@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def _compare(args) -> None:
 
     methods = ",".join(table1()) if args.methods is None else args.methods
     arms = [a for a in (methods + "," + args.ablations).split(",") if a]
-    run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=" ".join(["sspo", *sys.argv[1:]]),
+    run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split)
 
 

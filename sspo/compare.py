@@ -193,7 +193,7 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> li
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
                  sampler_seeds: int) -> None:
     n = len(seeds)
-    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; wall time so far {seconds / 60:.0f} min. "
+    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {seconds / 60:.0f} min of wall time (finished runs are reused, not timed again). "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
                 "sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).\n"]
     if any(c["grid"] for c in chosen.values()):
