@@ -12,7 +12,8 @@ The protocol (docs/results/README.md):
 3. **Tables with 95% CIs** over training seeds and prompts, and paired differences SSPO - each arm
    (same training seed, prompt and sampler seed), and which of the paper's claims the CIs decide.
 
-Finished runs are reused and killed ones resumed, so the command can be re-run.
+Finished runs are reused and killed ones resumed, so the command can be re-run; a run's folder names
+its arm, settings and seed, so a re-run with a wider grid trains an arm anew where its choice moved.
 """
 
 from __future__ import annotations
