@@ -188,7 +188,7 @@ def _compare(args) -> None:
     methods = ",".join(table1()) if args.methods is None else args.methods
     arms = [a for a in (methods + "," + args.ablations).split(",") if a]
     run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
-                grid=args.grid or (), prompts_per_split=args.prompts_per_split)
+                grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds)
 
 
 def _bench(args) -> None:
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "
                    "optim.learning_rate=3e-4,1e-3 (beta only for arms with a reference); repeat for several keys")
+    p.add_argument("--selection-seeds", type=int, default=1, help="training seeds per grid point when choosing settings "
+                   "(mean validation reward; more than 1 keeps an unstable setting from winning on one lucky seed)")
     p.add_argument("--prompts-per-split", type=int, help="evaluation prompts per split, seen and held-out (default 24; "
                    "more than the held-out combinations means all of them)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")

@@ -3,7 +3,8 @@
 The protocol (docs/results/README.md):
 
 1. **Settings per arm, on a validation split.** With ``--grid KEY=V1,V2,...`` every trained arm is
-   run once per combination of the grid (``beta`` only for arms with a reference), on the world's
+   run per combination of the grid (``beta`` only for arms with a reference) and per selection seed
+   (``--selection-seeds N``: the first N training seeds, mean reward; default 1), on the world's
    alignment data *without* its validation combinations, and scored on those validation
    combinations (prompt set ``shapes-validation``); the best combination is that arm's setting.
    Held-out combinations are never looked at while choosing.
@@ -125,8 +126,9 @@ def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
     return "-".join([arm, *overrides, f"seed{seed}"])
 
 
-def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seed: int, out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict[str, dict]:
-    """Each trained arm's best grid point by exact reward on the validation combinations."""
+def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict[str, dict]:
+    """Each trained arm's best grid point by exact reward on the validation combinations, averaged
+    over training ``seeds`` (one seed can make an unstable setting look best)."""
     chosen = {}
     for arm in names:
         points = grid_points(grid, arm) if arm != "base" else [[]]
@@ -136,9 +138,9 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
         rows = []
         for point in points:
             log.info("choosing settings: arm %s, %s", arm, " ".join(point))
-            run_dir = out / "select" / run_name(arm, point, seed)
-            summary = run_arm(config, arm, seed, run_dir, [*extra, *point, "data.world_without_validation=true"], eval_cfg)
-            rows.append({"overrides": point, "validation_reward": summary["validation"][eval_cfg.metric_names[0]]})
+            rewards = [run_arm(config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
+                               eval_cfg)["validation"][eval_cfg.metric_names[0]] for seed in seeds]
+            rows.append({"overrides": point, "validation_reward": sum(rewards) / len(rewards), "per_seed": rewards})
         best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
         chosen[arm] = {"overrides": best["overrides"], "grid": rows}
     return chosen
@@ -200,7 +202,8 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
     if any(c["grid"] for c in chosen.values()):
         lines = ["## Settings chosen on the validation split\n", "| arm | chosen | validation reward of every grid point |", "|---|---|---|"]
         for arm, c in chosen.items():
-            grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}" for row in c["grid"])
+            grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}"
+                             + (f" ({', '.join(f'{r:.3f}' for r in row['per_seed'])})" if len(row["per_seed"]) > 1 else "") for row in c["grid"])
             lines.append(f"| {arm} | {' '.join(c['overrides']) or '-'} | {grid or '-'} |")
         sections.append("\n".join(lines) + "\n")
     # Table 6 only when an ablation ran: SSPO's row alone repeats Table 1.
@@ -238,7 +241,7 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen:
 
 
 def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
-                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None) -> dict:
+                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 1) -> dict:
     unknown = [a for a in names if a not in arms()]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")
@@ -251,7 +254,9 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
     eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
-    chosen = select_settings(config, names, parse_grid(grid), seeds[0], out, extra, validation_cfg)
+    if not 1 <= selection_seeds <= len(seeds):
+        raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --seeds ({len(seeds)})")
+    chosen = select_settings(config, names, parse_grid(grid), seeds[:selection_seeds], out, extra, validation_cfg)
     results: dict[str, list[dict]] = {}
     for arm in names:
         for seed in seeds[:1] if arm == "base" else seeds:  # the untrained base has no seed

@@ -76,6 +76,34 @@ def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base
     assert "Table 6" not in (out / "results.md").read_text()  # no ablation ran
 
 
+def test_selection_over_several_seeds_keeps_a_lucky_seed_from_choosing(tmp_path, monkeypatch):
+    """A rate that is best on seed 0 only (0.9, then 0.1) loses to a steady one (0.6, 0.6) once
+    settings are chosen on the mean over two seeds; every (point, seed) is its own run."""
+    rewards = {("optim.learning_rate=1e-3", 0): 0.9, ("optim.learning_rate=1e-3", 1): 0.1,
+               ("optim.learning_rate=1e-4", 0): 0.6, ("optim.learning_rate=1e-4", 1): 0.6}
+    runs = []
+
+    def fake_run_arm(config, arm, seed, run_dir, extra, eval_cfg):
+        runs.append(run_dir.name)
+        return {"validation": {eval_cfg.metric_names[0]: rewards[(extra[-2], seed)]}}
+
+    monkeypatch.setattr(compare, "run_arm", fake_run_arm)
+    grid = compare.parse_grid(["optim.learning_rate=1e-4,1e-3"])
+    eval_cfg = compare.EvalConfig(prompts="shapes-validation")
+    one = compare.select_settings(CONFIG, ["sft"], grid, [0], tmp_path, [], eval_cfg)["sft"]
+    assert one["overrides"] == ["optim.learning_rate=1e-3"]
+    two = compare.select_settings(CONFIG, ["sft"], grid, [0, 1], tmp_path, [], eval_cfg)["sft"]
+    assert two["overrides"] == ["optim.learning_rate=1e-4"]
+    assert [row["per_seed"] for row in two["grid"]] == [[0.6, 0.6], [0.9, 0.1]]
+    assert two["grid"][1]["validation_reward"] == pytest.approx(0.5)
+    assert len(set(runs)) == 4  # seed 0's runs are shared by both selections
+
+
+def test_more_selection_seeds_than_seeds_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--selection-seeds 3: expected 1 to --seeds"):
+        compare.run_compare(CONFIG, ["sft"], [0, 1], tmp_path, selection_seeds=3)
+
+
 def test_grid_must_name_values():
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         compare.parse_grid(["optim.learning_rate"])
