@@ -117,16 +117,6 @@ def _train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg:
         optimizer.zero_grad(set_to_none=True)
 
 
-def _timesteps(batch: int, num_train_timesteps: int, high_noise_share: float, generator) -> torch.Tensor:
-    """Uniform timesteps, a ``high_noise_share`` of them drawn from the noisiest 30% instead: where
-    a sample's layout is decided (for a clip, where the object is in each frame)."""
-    t = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    if high_noise_share > 0:  # no extra draws otherwise, so existing recipes rebuild bit for bit
-        high = torch.randint(int(0.7 * num_train_timesteps), num_train_timesteps, (batch,), generator=generator)
-        t = torch.where(torch.rand(batch, generator=generator) < high_noise_share, high, t)
-    return t
-
-
 def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConfig, generator) -> None:
     """Pretrain the UNet on (latent, prompt) pairs; the word-table text encoder stays fixed."""
     from diffusers import DDPMScheduler
@@ -148,7 +138,7 @@ def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConf
         batch_embeds[drop] = empty
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
-        t = _timesteps(cfg.batch_size, scheduler.config.num_train_timesteps, getattr(cfg, "high_noise_share", 0.0), generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
         loss = denoising_errors(unet, scheduler, x0, noise, t, TextCondition(batch_embeds)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

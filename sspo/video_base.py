@@ -48,17 +48,12 @@ class VideoBaseConfig:
     unet_steps: int = 2000
     batch_size: int = 8  # clips per step
     unet_learning_rate: float = 2e-3  # peak of the one-cycle schedule
-    high_noise_share: float = 0.0  # share of timesteps from the noisiest 30%, where each frame's object position is decided
-    motion_heads: int = 4
-    motion_layers: int = 1  # temporal transformer layers per motion module
     caption_dropout: float = 0.1  # empty prompts, so classifier-free guidance works
 
     def __post_init__(self) -> None:
         TinySize.preset(self.size)
         check(0 <= self.defect_fraction <= 1, "defect_fraction", "must be in [0, 1]")
         check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
-        check(0 <= self.high_noise_share <= 1, "high_noise_share", "must be in [0, 1]")
-        check(self.motion_heads > 0 and self.motion_layers > 0, "motion_heads/motion_layers", "must be positive")
         check(all(d in motion.MOTION_DEFECTS for d in self.defects), "defects", f"expected names from {', '.join(motion.MOTION_DEFECTS)}")
         check(self.frames >= 2 and self.unet_steps > 0 and self.clips_per_spec > 0 and self.vae_steps >= 0, "frames/unet_steps/clips_per_spec/vae_steps", "must be positive (frames >= 2, vae_steps >= 0)")
 
@@ -109,7 +104,7 @@ def _build(cfg: VideoBaseConfig, output: Path) -> Path:
     tokenizer = write_word_tokenizer(staging / "tokenizer", words)
     text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, cfg.seed, positions=True)  # "from A to B"
     unet2d = _unet(size, cross_attention_dim=size.text_hidden)
-    adapter = motion_adapter_for(unet2d, heads=cfg.motion_heads, seed=cfg.seed, transformer_layers=cfg.motion_layers)
+    adapter = motion_adapter_for(unet2d, seed=cfg.seed)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     pixels, prompts = _pretraining_clips(cfg, size.image_size)
     if cfg.vae_steps:

@@ -169,10 +169,9 @@ def video_size(preset: str) -> TinySize:
     return dataclasses.replace(TinySize.preset(preset), text_hidden=64)
 
 
-def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0, identity: bool = True, transformer_layers: int = 1):
+def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0, identity: bool = True):
     """AnimateDiff motion modules that fit ``unet`` (``identity``: leaving it unchanged at first).
 
-    ``transformer_layers``: temporal transformer layers in each motion module (AnimateDiff's have 1).
     Channels, layers and norm groups are the UNet's (diffusers checks none of them; a mismatch
     fails deep in a forward, or silently for the norm groups). A fresh ``MotionAdapter`` is not
     zero-initialised: with ``identity`` its ``proj_out`` layers are zeroed, so every motion module
@@ -188,7 +187,6 @@ def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0
     adapter = MotionAdapter(
         block_out_channels=tuple(config.block_out_channels), motion_layers_per_block=config.layers_per_block,
         motion_norm_num_groups=config.norm_num_groups, motion_num_attention_heads=heads, motion_max_seq_length=max_frames,
-        motion_transformer_layers_per_block=transformer_layers, motion_transformer_layers_per_mid_block=transformer_layers,
     )
     with torch.no_grad():
         for name, module in adapter.named_modules():
