@@ -5,12 +5,14 @@ scores every image with every metric (a :func:`sspo.scorers.build_scorer` name; 
 metric adds a column per component) and writes, under ``out``::
 
     images/<model>/<prompt_index>-<seed>.png   every sample, written atomically; never regenerated
+                                               (.tiff for a video model: the clip's frames, lossless)
     images/<model>/manifest.json               the generation settings and the prompt of every index
     scores.csv                                 one row per image, one column per metric column
     scorers.json                               the weights behind each complete metric column
     summary.json, summary.md                   mean and 95% CI per model x category x metric
     reward_hist.png                            one panel per metric, one histogram per model
-    grid.png                                   rows = models, columns = the first prompts (first seed)
+    grid.png                                   rows = models, columns = the first prompts (first seed;
+                                               a clip's middle frame)
 
 Everything is resumable: images on disk are kept (a folder made with other settings is an
 error, not silently mixed), and scores in ``scores.csv`` are reused while the scorer's weights
@@ -33,6 +35,7 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -40,6 +43,7 @@ from .errors import DataError, ModelError, SSPOError
 from .evaluate import DTYPES, PROMPT_SETS, WORLD_METRICS, EvalConfig, Item, metric_columns, score_columns, select_prompts
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .sample import generate, image_grid, save_png
+from .video_io import decode_clip, write_clip
 from .scorers import SCORER_NAMES, build_scorer
 from .scorers.prompts import PromptItem
 from .scorers.stats import summarize
@@ -97,8 +101,26 @@ def check_models(models: Sequence[ModelSpec]) -> None:
             raise SSPOError(f"two models share the {what} {dupes[0]!r}; give each --model its own --name")
 
 
-def image_path(out: Path, model: ModelSpec, item: Item) -> Path:
-    return out / "images" / model.folder / f"{item.prompt_index}-{item.seed}.png"
+def sample_path(out: Path, model: ModelSpec, item: Item) -> Path:
+    """Where ``item``'s sample lies: ``.png`` for an image, ``.tiff`` (every frame, lossless) for a
+    video model's clip; the ``.png`` name while neither exists."""
+    png = out / "images" / model.folder / f"{item.prompt_index}-{item.seed}.png"
+    clip = png.with_suffix(".tiff")
+    return clip if clip.is_file() else png
+
+
+def _save_sample(sample, png: Path) -> None:
+    if isinstance(sample, np.ndarray):  # a clip, uint8 [F, H, W, 3]
+        write_clip(png.with_suffix(".tiff"), sample)
+    else:
+        save_png(sample, png)
+
+
+def _load_sample(path: Path):
+    if path.suffix == ".tiff":
+        return decode_clip(path)
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def run_eval(
@@ -136,7 +158,7 @@ def run_eval(
 
     settings = {
         "prompt_set": set_name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "resolution": cfg.resolution,
-        "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."), "device": torch.device(device).type,
+        "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."), "device": torch.device(device).type, "frames": cfg.frames,
     }
     for model in models:
         generate_missing(model, items, out, settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
@@ -187,7 +209,7 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
                 f"{folder}: prompt {item.prompt_index} was generated for {old!r}, not {item.prompt!r} "
                 "(another prompt set or file?); delete that folder or use another --out"
             )
-    todo = [item for item in items if not image_path(out, model, item).is_file()]
+    todo = [item for item in items if not sample_path(out, model, item).is_file()]
     if not todo:
         return 0
     # Record the prompts before any image exists, so that every image on disk has its prompt on record.
@@ -202,10 +224,10 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
             chunk = todo[start : start + batch_size]
             images = generate(
                 pipe, [i.prompt for i in chunk], [i.seed for i in chunk], steps=settings["steps"],
-                guidance_scale=settings["guidance_scale"], batch_size=batch_size, size=settings["resolution"],
+                guidance_scale=settings["guidance_scale"], batch_size=batch_size, size=settings["resolution"], frames=settings["frames"],
             )
             for item, image in zip(chunk, images):
-                save_png(image, image_path(out, model, item))
+                _save_sample(image, sample_path(out, model, item))
             bar.update(len(chunk))
     del pipe
     _free_memory()
@@ -263,10 +285,14 @@ def score_all(
         with tqdm(total=len(missing), desc=f"score {metric}", unit="img") as bar:
             for start in range(0, len(missing), SCORE_CHUNK):
                 chunk = missing[start : start + SCORE_CHUNK]
-                images = []
-                for r in chunk:
-                    with Image.open(image_path(out, by_name[r["model"]], Item(r["prompt_index"], r["seed"], r["prompt"], None))) as im:
-                        images.append(im.convert("RGB"))
+                images = [_load_sample(sample_path(out, by_name[r["model"]], Item(r["prompt_index"], r["seed"], r["prompt"], None))) for r in chunk]
+                for r, image in zip(chunk, images):
+                    if isinstance(image, scorer.input_type):
+                        continue
+                    if isinstance(image, np.ndarray):
+                        raise SSPOError(f"metric {metric!r} scores images, but model {r['model']!r} makes clips: score them with --metrics motion "
+                                        "(the moving-shapes world), or save them and score with --videos DIR (the paper's video metrics)")
+                    raise SSPOError(f"metric {metric!r} scores clips, but model {r['model']!r} makes images: pick an image metric (--metrics shapes, pickscore, ...)")
                 scores = score_columns(scorer, metric, images, [r["prompt"] for r in chunk])
                 for k, r in enumerate(chunk):
                     r |= {c: values[k] for c, values in scores.items()}
@@ -437,8 +463,8 @@ def write_grid(models: Sequence[ModelSpec], selected: Sequence[tuple[int, Prompt
     for model in models:
         row = []
         for item in items:
-            with Image.open(image_path(out, model, item)) as im:
-                row.append(im.convert("RGB"))
+            sample = _load_sample(sample_path(out, model, item))
+            row.append(Image.fromarray(sample[len(sample) // 2]) if isinstance(sample, np.ndarray) else sample)  # a clip: its middle frame
         rows.append(row)
     cell = max(96, min(256, rows[0][0].width)) if rows and rows[0] else 96
     captions = [f"[{i.category}] {i.prompt}" if i.category else i.prompt for i in items]

@@ -153,3 +153,28 @@ def test_model_specs_names_and_loras():
     assert specs[1].folder == "m_+_runs_x_final"
     with pytest.raises(bench_eval.SSPOError, match="share the name 'm'"):
         model_specs(["m", "m"])
+
+
+def test_a_video_model_is_scored_clip_by_clip_and_kept_for_resume(tmp_path):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", "shapes-video-base:quick", "--name", "video", "--prompts", "motion", "--prompts-per-split", "1",
+            "--seeds", "0", "--steps", "2", "--metrics", "motion", "--out", str(out)]
+    assert main(argv) == 0
+    clips = sorted((out / "images" / "video").glob("*.tiff"))
+    assert len(clips) == 2 and not list((out / "images" / "video").glob("*.png"))
+    from sspo.video_io import decode_clip
+
+    assert decode_clip(clips[0]).shape == (8, 32, 32, 3)
+    rows = _rows(out)
+    assert len(rows) == 2 and all(0 <= float(r["motion"]) <= 1 and r["motion.direction"] != "" for r in rows)
+    assert Image.open(out / "grid.png").width > 0
+    mtimes = {p: p.stat().st_mtime_ns for p in clips}
+    assert main(argv) == 0  # resumed: nothing generated again
+    assert {p: p.stat().st_mtime_ns for p in clips} == mtimes
+
+
+def test_a_clip_metric_on_an_image_model_is_a_clear_error(quick_base, tmp_path, capsys):
+    argv = ["eval", "--model", quick_base, "--name", "image", "--prompts", "motion", "--prompts-per-split", "1", "--seeds", "0", "--steps", "2",
+            "--metrics", "motion", "--out", str(tmp_path / "eval")]
+    assert main(argv) == 2
+    assert "metric 'motion' scores clips, but model 'image' makes images: pick an image metric" in capsys.readouterr().err
