@@ -194,6 +194,7 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
     settings = {"model": _normalized(model.path), "lora": _normalized(model.lora)} | settings
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"settings": settings, "prompts": {}}
+    manifest["settings"].setdefault("frames", settings["frames"])  # folders from before it was recorded hold images, made at any frame count
     if manifest["settings"] != settings:
         changed = ", ".join(
             f"{k}: {manifest['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if manifest["settings"].get(k) != v
