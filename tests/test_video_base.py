@@ -35,3 +35,18 @@ def test_the_video_base_reads_word_order():
     cond = encode_prompts(pipe, ["a small red circle moving from left to right, white background",
                                  "a small red circle moving from right to left, white background"], "cpu")
     assert not torch.allclose(cond.embeds[0], cond.embeds[1], atol=1e-3)
+
+
+def test_the_shipped_video_base_moves_objects_the_prompted_way():
+    """What the video base learned last: the sign of a motion (each axis had one direction whatever
+    the prompt said until late in its pretraining)."""
+    from diffusers import AnimateDiffPipeline
+
+    from sspo.sample import generate
+    from sspo.worlds.motion_eval import evaluate_clip
+
+    pipe = AnimateDiffPipeline.from_pretrained(str(PACKAGED_VIDEO_BASE))
+    prompts = [f"a large red circle moving from {a} to {b}, white background" for a, b in (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))]
+    clips = generate(pipe, prompts, [0] * len(prompts), steps=10, guidance_scale=5.0, frames=8)
+    directions = [evaluate_clip(clip, prompt).as_dict()["direction"] for clip, prompt in zip(clips, prompts)]
+    assert min(directions) > 0.9, dict(zip(prompts, directions))
