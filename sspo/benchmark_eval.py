@@ -43,10 +43,10 @@ from .errors import DataError, ModelError, SSPOError
 from .evaluate import DTYPES, PROMPT_SETS, WORLD_METRICS, EvalConfig, Item, metric_columns, score_columns, select_prompts
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .sample import generate, image_grid, save_png
-from .video_io import decode_clip, write_clip
 from .scorers import SCORER_NAMES, build_scorer
 from .scorers.prompts import PromptItem
 from .scorers.stats import summarize
+from .video_io import decode_clip, write_clip
 
 log = logging.getLogger(__name__)
 
