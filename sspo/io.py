@@ -48,6 +48,27 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys in sorted order.
+
+    safetensors writes the metadata from a Rust hash map, whose order is seeded per process: the same
+    tensors and metadata saved by two processes give two files that differ in bytes when the metadata
+    has more than one key. Sorted, they are the same file. Tensor data and offsets do not move.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if len(header.get("__metadata__") or {}) < 2:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    # safetensors' own layout: compact JSON, padded with spaces so the tensor data stays 8-byte aligned.
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
 def load_tensors(path: str | Path, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 

@@ -581,6 +581,8 @@ class Trainer:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft import get_peft_model_state_dict
 
+            from .io import sort_safetensors_metadata
+
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
             # The adapter's config travels with the weights: without it load_lora_weights assumes
             # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
@@ -591,6 +593,8 @@ class Trainer:
             self.pipe.__class__.save_lora_weights(
                 save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=adapter,
             )
+            # Its two metadata keys come out in a per-process order: sorted, a resumed run's file is the same bytes.
+            sort_safetensors_metadata(staging / "pytorch_lora_weights.safetensors")
         else:
             components = {**self.pipe.components, "unet": self.policy}
             if is_video(self.pipe):  # motion_adapter/ as trained: MotionAdapter.from_pretrained reads it alone
