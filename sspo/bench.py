@@ -33,8 +33,10 @@ process-lifetime ``ru_maxrss`` is used and the result says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -47,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -266,34 +268,26 @@ class Meter:
 
 def _from_rows(build: Callable[[list[int]], list], trainer, prepared: list[tuple[int, object]]) -> list:
     """``build`` (pairs of micro-batch numbers) on rows read before (data preparation is timed apart)."""
-    rows = dict(prepared)
-    builder = trainer.pair_builder
-    builder.read_rows = rows.__getitem__  # shadows the trainer's reader for this call only
-    try:
+    with trainer.pair_builder.rows_from(dict(prepared)):
         return build([m for m, _ in prepared])
-    finally:
-        builder.read_rows = trainer.read_rows
 
 
 class _PhaseTimer:
-    """Wraps the PairBuilder's phases so the time spent generating / in reference forwards is known."""
+    """Times the PairBuilder's phases (its ``around_phase`` hook): generating negatives, reference forwards."""
 
     def __init__(self, builder, meter: Meter, clock: Callable[[], float]):
         self.meter, self.clock, self.seconds = meter, clock, {"generate": 0.0, "reference": 0.0}
-        for phase, name in (("generate", "_generate_negatives"), ("reference", "_reference_errors")):
-            setattr(builder, name, self._timed(phase, getattr(builder, name)))
+        builder.around_phase = self._timed
 
-    def _timed(self, phase: str, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        self.meter.sync()
+        start = self.clock()
+        try:
+            yield
+        finally:
             self.meter.sync()
-            start = self.clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.meter.sync()
-                self.seconds[phase] += self.clock() - start
-
-        return wrapper
+            self.seconds[phase] += self.clock() - start
 
     def take(self) -> dict[str, float]:
         seconds, self.seconds = self.seconds, {"generate": 0.0, "reference": 0.0}
@@ -420,16 +414,12 @@ def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _Phas
     per_batch = len(batches[0])
     chunk = batches[: max(1, min(len(batches), math.ceil(cfg.negatives.batch_size / per_batch)))]
     images = sum(len(x) for x in chunk)
-    original = trainer.pair_builder.sampler_cfg
     rates = {}
-    try:
-        for steps in sorted({cfg.negatives.steps, *b.sampler_steps}):
-            trainer.pair_builder.sampler_cfg = dataclasses.replace(original, steps=steps)
-            phases.take()
-            _from_rows(lambda ms: trainer.pair_builder.build(ms, with_reference=False), trainer, [(x.index, x.rows) for x in chunk])  # generation only
-            rates[str(steps)] = images / phases.take()["generate"]
-    finally:
-        trainer.pair_builder.sampler_cfg = original
+    for steps in sorted({cfg.negatives.steps, *b.sampler_steps}):
+        phases.take()
+        generate = functools.partial(trainer.pair_builder.build, with_reference=False, sampler_steps=steps)  # generation only
+        _from_rows(generate, trainer, [(x.index, x.rows) for x in chunk])
+        rates[str(steps)] = images / phases.take()["generate"]
     return {"images": images, "images_per_s": rates, "configured_steps": cfg.negatives.steps, "scheduler": cfg.negatives.scheduler,
             "guidance_scale": cfg.negatives.guidance_scale, "generation_batch_size": cfg.negatives.batch_size}
 

@@ -11,10 +11,11 @@ Latents may have any rank: ``(B, C, H, W)`` images or ``(B, C, F, H, W)`` videos
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -157,17 +158,37 @@ class PairBuilder:
 
     ``read_rows(m)`` gives micro-batch ``m``'s :class:`Rows` (the trainer's data order);
     ``stream(m)`` the number its random draws are seeded with (``m`` and the process).
+    ``around_phase(name)``, a public attribute that may be set after construction, is a context
+    manager entered around each costly phase: ``"generate"`` (sampling the negatives) and
+    ``"reference"`` (the reference's forwards). It does nothing by default; ``sspo bench`` times
+    the phases with it.
     """
 
     def __init__(self, cfg: TrainConfig, pipe, reference: ReferenceModel | None, train_scheduler, uncond: TextCondition,
-                 read_rows: Callable[[int], Rows], stream: Callable[[int], int], device, autocast: Callable):
+                 read_rows: Callable[[int], Rows], stream: Callable[[int], int], device, autocast: Callable,
+                 around_phase: Callable[[str], contextlib.AbstractContextManager] | None = None):
         self.cfg, self.pipe, self.reference, self.train_scheduler, self.uncond = cfg, pipe, reference, train_scheduler, uncond
         self.read_rows, self.stream, self.device, self.autocast = read_rows, stream, device, autocast
+        self.around_phase = around_phase or (lambda name: contextlib.nullcontext())
         self.sampler_cfg = cfg.negatives
         self.sampler_scheduler = make_sampler_scheduler(pipe, cfg.negatives)
 
-    def build(self, indices: Sequence[int], with_reference: bool = True) -> list[PairBatch]:
-        """The pairs of micro-batches ``indices``; without reference errors, :meth:`complete` adds them later."""
+    @contextlib.contextmanager
+    def rows_from(self, rows: Mapping[int, Rows]) -> Iterator[None]:
+        """Within it, micro-batch ``m``'s rows are ``rows[m]`` instead of ``read_rows(m)``: rows read
+        beforehand, so that building the pairs is timed apart from reading the data (``sspo bench``)."""
+        read_rows, self.read_rows = self.read_rows, rows.__getitem__
+        try:
+            yield
+        finally:
+            self.read_rows = read_rows
+
+    def build(self, indices: Sequence[int], with_reference: bool = True, sampler_steps: int | None = None) -> list[PairBatch]:
+        """The pairs of micro-batches ``indices``; without reference errors, :meth:`complete` adds them later.
+
+        ``sampler_steps`` replaces ``negatives.steps`` for this call (``sspo bench`` measures
+        generation at several step counts); the sampler is otherwise the configured one.
+        """
         cfg = self.cfg
         rows = [self.read_rows(m) for m in indices]
         # A switch that never fires needs no extra draws (sft, dpo, spin, ssr off).
@@ -177,7 +198,12 @@ class PairBuilder:
             draw(batch_generator(cfg.seed, self.stream(m)), r.winners.shape, pool, cfg.effective_erd, cfg.erd_per, self.train_scheduler.config.num_train_timesteps, ssr_draws)
             for m, r in zip(indices, rows)
         ]
-        losers = self._generate_negatives(rows, draws) if cfg.generates_negatives else [r.losers for r in rows]
+        if cfg.generates_negatives:
+            sampler = self.sampler_cfg if sampler_steps is None else dataclasses.replace(self.sampler_cfg, steps=sampler_steps)
+            with self.around_phase("generate"):
+                losers = self._generate_negatives(rows, draws, sampler)
+        else:
+            losers = [r.losers for r in rows]
         batches = [PairBatch(m, r, d, x_l) for m, r, d, x_l in zip(indices, rows, draws, losers)]
         return self.complete(batches) if with_reference else batches
 
@@ -186,19 +212,20 @@ class PairBuilder:
         if not self.cfg.uses_reference or all(b.reference is not None for b in batches):
             return batches
         # Chunks of one training batch of pairs: no-grad forwards never peak above the step.
-        errors = self._reference_errors(batches, self.cfg.optim.batch_size)
+        with self.around_phase("reference"):
+            errors = self._reference_errors(batches, self.cfg.optim.batch_size)
         return [dataclasses.replace(b, reference=e) for b, e in zip(batches, errors)]
 
-    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws]) -> list[torch.Tensor]:
+    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws], sampler: SamplerConfig) -> list[torch.Tensor]:
         """Every micro-batch's losers x_l, sampled by its pool checkpoints, grouped by checkpoint."""
         losers = [torch.empty_like(r.winners) for r in rows]
         for checkpoint, members in _by_checkpoint(draws).items():
             with self.reference.activate(checkpoint) as unet, self.autocast():
-                for chunk in _chunks(members, self.sampler_cfg.batch_size):
+                for chunk in _chunks(members, sampler.batch_size):
                     cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
                     seeds = [draws[b].sample_seeds[i] for b, i in chunk]
                     size = rows[chunk[0][0]].winners.shape[2:]
-                    latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, self.uncond, seeds, self.sampler_cfg, self.device, size)
+                    latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, self.uncond, seeds, sampler, self.device, size)
                     for (b, i), latent in zip(chunk, latents):
                         losers[b][i] = latent
                     fault_point("negatives")
