@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .config import check, to_dict
 from .models.pipeline import TextCondition, denoising_errors, encode_images
 from .models.tiny import TinySize, build_components, write_word_tokenizer
-from .paths import cache_root
+from .paths import build_lock, cache_root
 from .worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def cached_build(cfg, build: Callable[[Any, Path], Path], name: str, packaged: P
         return shipped
     output = Path(output) if output else cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
     output.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(output) + ".lock"):  # parallel test workers and runs share one build
+    with FileLock(build_lock(output)):  # parallel test workers and runs share one build
         if (output / "model_index.json").is_file() and not force:
             log.info("%s model cached at %s", name, output)
             return output

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import one_of
-from ..paths import cache_root
+from ..paths import build_lock, cache_root
 from .tiny import _scheduler as sd15_scheduler
 from .tiny import write_word_tokenizer
 
@@ -100,7 +100,7 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False)
     one_of(name, ARCH_MODELS, "model")
     folder = Path(folder) if folder else cache_root() / "bench" / f"{name}{'-small' if small else ''}-random-v1"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
+    with FileLock(build_lock(folder)):
         if (folder / "model_index.json").is_file():
             return folder
         staging = folder.with_name(folder.name + ".partial")
