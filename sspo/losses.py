@@ -52,7 +52,8 @@ def sspo_loss(
     """SSPO, eq. (8): ``-mean(logsigmoid(-beta/2 * (dw + K * dl)))`` with ``K`` from eq. (9).
 
     ``dw = L_theta(x_w) - L_ref(x_w)``, ``dl = L_theta(x_l) - L_ref(x_l)``. With ``ssr="off"``
-    (K = -1) this is exactly Diffusion-DPO's eq. (4/5); see :func:`dpo_loss`.
+    (K = -1) this is exactly Diffusion-DPO's eq. (4/5), ``-mean(logsigmoid(-beta/2 * (dw - dl)))``:
+    the loss the ``dpo`` and ``spin`` methods train with.
     Metrics: ``implicit_acc = mean(inside > 0)``, ``ssr_rate`` = share of samples whose switch
     fired (``K != -1``; ``mean(K == +1)`` for ``sign``, Figure 4), mean ``dw`` and ``dl``.
     ``switch``: (policy, reference) errors on ``x_w`` averaged over more ``(t, eps)`` draws, to
@@ -72,8 +73,3 @@ def sspo_loss(
         "dl": dl.mean().detach(),
     }
     return loss, metrics
-
-
-def dpo_loss(policy_w, policy_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO, eq. (4/5): ``-mean(logsigmoid(-beta/2 * (dw - dl)))``."""
-    return sspo_loss(policy_w, policy_l, ref_w, ref_l, beta, ssr="off")

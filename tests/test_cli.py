@@ -17,9 +17,9 @@ def test_sample_writes_a_grid(quick_base, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".gif", ".mp4"])
 def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
-    from sspo.models.tiny import build_video_pipeline
     from sspo.video_base import vocabulary
     from sspo.video_io import read_clip
+    from tiny_pipelines import build_video_pipeline
 
     model = build_video_pipeline(tmp_path / "video", vocabulary(), max_frames=16)
     out = tmp_path / f"grid{suffix}"

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from sspo.config import load_config
-from sspo.models.tiny import build_sdxl_pipeline
 from sspo.train_config import TrainConfig
 from sspo.trainer import train
 from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+
+from tiny_pipelines import build_sdxl_pipeline
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TRAINING = sorted(CONFIGS.glob("*.yaml"))
@@ -70,7 +71,7 @@ def test_the_animatediff_config_runs_on_tiny_stand_ins(tmp_path, bf16_runs):
     """An image pipeline plus a motion adapter (as SD-1.5 + AnimateDiff's) and a clip folder with
     metadata: the dry run validates it, then the config's own settings train on tiny sizes."""
     from sspo.trainer import dry_run
-    from sspo.models.tiny import build_video_pipeline
+    from tiny_pipelines import build_video_pipeline
     from sspo.video_base import vocabulary
     from sspo.worlds.motion import make_motion_split, write_clip_folder
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from sspo.cli import main
-from sspo.models.tiny import build_sdxl_pipeline
 from sspo.worlds.shapes import make_split, preference_pairs, write_imagefolder, write_pickapic_parquet
+
+from tiny_pipelines import build_sdxl_pipeline
 
 SD15 = str(Path(__file__).resolve().parent.parent / "configs" / "sd15-lora.yaml")
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sspo.errors import ModelError
-from sspo.losses import dpo_loss, sft_loss, ssr_coefficient, sspo_loss
+from sspo.losses import sft_loss, ssr_coefficient, sspo_loss
 from sspo.models.pipeline import TextCondition, denoising_errors, diffusion_target
 
 
@@ -58,7 +58,17 @@ def test_sft_loss_gradient_is_one_over_n():
 
 
 # ----------------------------------------------------------------------------------------------
-# Diffusion-DPO, eq. (4/5)
+# Diffusion-DPO, eq. (4/5): sspo_loss with the switch off (K = -1), as the dpo and spin methods train
+
+
+def diffusion_dpo(policy_w, policy_l, ref_w, ref_l, beta: float) -> torch.Tensor:
+    """Diffusion-DPO's eq. (4/5) as published, written apart from sspo_loss: the reference it must equal."""
+    return -torch.nn.functional.logsigmoid(-beta / 2 * ((policy_w - ref_w) - (policy_l - ref_l))).mean()
+
+
+def dpo_loss(policy_w, policy_l, ref_w, ref_l, beta: float):
+    """The loss the dpo and spin methods train with (their switch is always off)."""
+    return sspo_loss(policy_w, policy_l, ref_w, ref_l, beta, ssr="off")
 
 
 def test_dpo_loss_matches_eq4_by_hand_beta2():
@@ -70,6 +80,7 @@ def test_dpo_loss_matches_eq4_by_hand_beta2():
     loss, metrics = dpo_loss(*example(), beta=2.0)
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     assert metrics["loss"].item() == pytest.approx(expected, abs=1e-12)
+    assert diffusion_dpo(*example(), beta=2.0).item() == pytest.approx(expected, abs=1e-12)
     # implicit accuracy: inside > 0 for [no, yes] -> 0.5
     assert metrics["implicit_acc"].item() == pytest.approx(0.5)
     # K = -1 everywhere: no switch fires
@@ -85,10 +96,18 @@ def test_dpo_loss_beta_halved():
     assert loss.item() == pytest.approx(expected, abs=1e-12)
 
 
-def test_dpo_equals_sspo_with_ssr_off():
-    a, _ = dpo_loss(*example(), beta=3.0)
-    b, _ = sspo_loss(*example(), beta=3.0, ssr="off")
-    assert a.item() == b.item()
+@pytest.mark.parametrize("beta", [0.5, 3.0, 500.0])
+def test_sspo_with_the_switch_off_is_diffusion_dpo_in_value_and_gradient(beta):
+    gen = torch.Generator().manual_seed(0)
+    errors = [torch.rand(16, generator=gen, dtype=torch.float64) for _ in range(4)]
+    ours, theirs = [[e.clone().requires_grad_() for e in errors] for _ in range(2)]
+    loss, _ = dpo_loss(*ours, beta=beta)
+    expected = diffusion_dpo(*theirs, beta=beta)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    for mine, published in zip(ours[:2], theirs[:2]):  # the reference's errors get no gradient in ours
+        torch.testing.assert_close(mine.grad, published.grad, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,14 +135,6 @@ def test_sspo_indicator_by_hand():
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     assert metrics["ssr_rate"].item() == pytest.approx(0.5)  # the switch fired once (K = 0)
     assert metrics["implicit_acc"].item() == pytest.approx(0.5)
-
-
-def test_sspo_off_by_hand():
-    # K = [-1, -1]: inside = [-0.3, 0.8] (as DPO)
-    expected = (softplus_neg(-0.3) + softplus_neg(0.8)) / 2
-    loss, metrics = sspo_loss(*example(), beta=2.0, ssr="off")
-    assert loss.item() == pytest.approx(expected, abs=1e-12)
-    assert metrics["ssr_rate"].item() == 0.0
 
 
 def test_sspo_all_fire_implicit_acc_and_rate():
@@ -189,14 +200,6 @@ def test_gradients_only_reach_policy(ssr):
     assert policy_l.grad is not None
     for name, value in metrics.items():
         assert not value.requires_grad, name
-
-
-def test_dpo_gradients_only_reach_policy():
-    policy_w, policy_l = t(POLICY_W, grad=True), t(POLICY_L, grad=True)
-    ref_w, ref_l = t(REF_W, grad=True), t(REF_L, grad=True)
-    loss, _ = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta=2.0)
-    loss.backward()
-    assert ref_w.grad is None and ref_l.grad is None
 
 
 def test_k_plus_one_pushes_both_errors_down():

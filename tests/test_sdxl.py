@@ -8,12 +8,12 @@ import torch
 
 from sspo.config import apply_overrides, from_dict
 from sspo.models.pipeline import encode_prompts, encode_unconditional, load_pipeline
-from sspo.models.tiny import build_sdxl_pipeline
 from sspo.train_config import TrainConfig
 from sspo.trainer import Trainer, train
 from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
 
 from lora_checks import assert_lora_reloads_as_trained
+from tiny_pipelines import build_sdxl_pipeline
 
 PROMPT = "a large red circle on the left, white background"
 

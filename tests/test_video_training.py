@@ -10,10 +10,12 @@ from sspo.compare import VARIANTS
 from sspo.config import load_config
 from sspo.methods import METHODS
 from sspo.models.pipeline import denoising_errors, encode_prompts, load_pipeline
-from sspo.models.tiny import build_video_pipeline, motion_adapter_for
+from sspo.models.tiny import motion_adapter_for
 from sspo.train_config import TrainConfig
 from sspo.trainer import train
 from sspo.video_base import vocabulary
+
+from tiny_pipelines import build_video_pipeline
 
 PROMPT = "a red circle growing, white background"
 

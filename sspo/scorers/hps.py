@@ -95,40 +95,6 @@ def openclip_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def hf_to_openclip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`openclip_to_hf` (for tests and for exporting a converted model)."""
-    top = {v: k for k, v in _TOP.items()}
-    towers = {v: k for k, v in _TOWERS.items()}
-    block = {v: k for k, v in _BLOCK.items()}
-    projections = {v: k for k, v in _PROJECTIONS.items()}
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if key.endswith("position_ids"):
-            continue
-        if key in projections:
-            out[projections[key]] = value.t().contiguous()
-            continue
-        tower = next((t for t in towers if key.startswith(t)), None)
-        if tower is None:
-            new = _rename(key, top)
-            if new is None:
-                raise ModelError(f"not a CLIPModel key: {key}")
-            out[new] = value
-            continue
-        index, rest = key[len(tower):].split(".", 1)
-        prefix = f"{towers[tower]}{index}."
-        match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-        if match:
-            qkv.setdefault(f"{prefix}attn.in_proj_{match[2]}", {})[match[1]] = value
-            continue
-        module, param = rest.rsplit(".", 1)
-        out[f"{prefix}{block[module]}.{param}"] = value
-    for key, parts in qkv.items():
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
-
-
 def openclip_clean(text: str) -> str:
     """open_clip's tokenizer text cleaning (ftfy, HTML unescape, whitespace), which HF's CLIP tokenizer skips."""
     ftfy = require("ftfy", "scorers", "HPSv2 (which cleans prompts with ftfy, as open_clip does)")

@@ -162,14 +162,6 @@ def render(
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def object_mask(spec: ShapeSpec, size: int = 32, **overrides) -> np.ndarray:
-    """Fractional coverage (0..1) of the object in the ideal render, per pixel."""
-    white = render(spec.replace(background="black"), size, fill=(255, 255, 255), **overrides)
-    floor = float(BACKGROUNDS["black"][0])  # the black background is not 0: rescale so it reads 0
-    luma = np.asarray(white.convert("L"), dtype=np.float32)
-    return np.clip((luma - floor) / (255.0 - floor), 0.0, 1.0)
-
-
 # --------------------------------------------------------------------------------------------------
 # Defects: each makes a low-quality or wrong image for the same prompt. Signature: (spec, rng, size).
 # The quality defects (blur, noise, smear, checker) also take :func:`render`'s keyword overrides, so

@@ -1,6 +1,7 @@
 """HPSv2: open_clip -> transformers key mapping, checked against an open_clip-style forward written here."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from sspo.scorers import build_scorer
 from sspo.scorers.clip import _features  # projected features on transformers 4 and 5
 from sspo.scorers.base import hf_from_state_dict, load_weights
 from sspo.scorers import hps
-from sspo.scorers.hps import hf_to_openclip, openclip_to_hf
+from sspo.scorers.hps import openclip_to_hf
 from sspo.scorers.preprocess import LongestSideTransform
 
 
@@ -49,6 +50,39 @@ def openclip_encode_image(sd, pixels):
     for i in range(LAYERS):
         x = _block(x, sd, f"visual.transformer.resblocks.{i}.", VISION_WIDTH)
     return F.layer_norm(x[:, 0], (VISION_WIDTH,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+
+
+def hf_to_openclip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hps.openclip_to_hf`, from its tables: the mapping loses no key."""
+    top = {v: k for k, v in hps._TOP.items()}
+    towers = {v: k for k, v in hps._TOWERS.items()}
+    block = {v: k for k, v in hps._BLOCK.items()}
+    projections = {v: k for k, v in hps._PROJECTIONS.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in projections:
+            out[projections[key]] = value.t().contiguous()
+            continue
+        tower = next((t for t in towers if key.startswith(t)), None)
+        if tower is None:
+            new = hps._rename(key, top)
+            assert new is not None, f"not a CLIPModel key: {key}"
+            out[new] = value
+            continue
+        index, rest = key[len(tower):].split(".", 1)
+        prefix = f"{towers[tower]}{index}."
+        match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        if match:
+            qkv.setdefault(f"{prefix}attn.in_proj_{match[2]}", {})[match[1]] = value
+            continue
+        module, param = rest.rsplit(".", 1)
+        out[f"{prefix}{block[module]}.{param}"] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
 
 
 def test_key_mapping_round_trips(hps_checkpoint):

@@ -22,7 +22,6 @@ from sspo.worlds.shapes import (
     all_specs,
     eval_prompts,
     make_split,
-    object_mask,
     parse_prompt,
     preference_pairs,
     render,
@@ -132,14 +131,22 @@ def test_render_draws_the_spec(size):
     assert tuple(left[size // 2, int(0.72 * size)]) == BACKGROUNDS["white"]
 
 
-def test_object_mask_is_coverage():
-    mask = object_mask(SPEC)
+def coverage(spec: ShapeSpec, size: int = 32) -> np.ndarray:
+    """How much of each pixel the object covers (0..1): a white object rendered on the black background."""
+    white = render(spec.replace(background="black"), size, fill=(255, 255, 255))
+    floor = float(BACKGROUNDS["black"][0])  # the black background is not 0: rescale so it reads 0
+    luma = np.asarray(white.convert("L"), dtype=np.float32)
+    return np.clip((luma - floor) / (255.0 - floor), 0.0, 1.0)
+
+
+def test_a_render_covers_its_shapes_area():
+    mask = coverage(SPEC)
     assert mask.shape == (32, 32)
     assert mask.min() == 0.0 and mask.max() == 1.0
-    assert mask[0, 0] == 0.0 and mask[16, 16] == 1.0  # background is 0, not the black's 15/255
+    assert mask[0, 0] == 0.0 and mask[16, 16] == 1.0
     radius = 0.26 * 32
     assert mask.sum() == pytest.approx(np.pi * radius**2, rel=0.06)
-    assert object_mask(SPEC.replace(shape="triangle")).sum() < object_mask(SPEC.replace(shape="diamond")).sum()
+    assert coverage(SPEC.replace(shape="triangle")).sum() < coverage(SPEC.replace(shape="diamond")).sum()
 
 
 @pytest.mark.parametrize("defect", sorted(DEFECTS))

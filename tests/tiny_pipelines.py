@@ -1,0 +1,73 @@
+"""Tiny AnimateDiff and SDXL pipelines, saved offline from sspo's tiny components: the video and
+SDXL code paths in tests (a module, not a conftest, so it can be imported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from sspo.models.tiny import TinySize, _scheduler, _text_encoder, _unet, _vae, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
+from sspo.worlds.shapes import vocabulary
+
+
+def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySize | None = None, max_frames: int = 32, seed: int = 0,
+                         identity_motion: bool = True, separate: bool = False) -> Path:
+    """Save a tiny ``AnimateDiffPipeline``: word-table text encoder, VAE, a UNet and motion modules
+    (:func:`motion_adapter_for`; the AnimateDiff code path, offline). ``separate``: as users get
+    real weights instead, an image pipeline in ``folder/image`` and a ``MotionAdapter`` in
+    ``folder/motion_adapter`` (SD-1.5 plus an AnimateDiff adapter).
+
+    The UNet has no pooled-text embedding (the image world's ``addition_embed_type="text"``):
+    ``UNetMotionModel`` supports only SDXL's ``text_time`` and drops it without a word.
+    """
+    folder = Path(folder)
+    size = size or video_size("quick")
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / ("image" if separate else "") / "tokenizer", words)
+    unet = _unet(size, cross_attention_dim=size.text_hidden)
+    components = dict(vae=_vae(size), text_encoder=word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed),
+                      tokenizer=tokenizer, unet=unet, scheduler=_scheduler(zero_terminal_snr=True))
+    adapter = motion_adapter_for(unet, max_frames, seed=seed, identity=identity_motion)
+    if separate:
+        StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder / "image", safe_serialization=True)
+        adapter.save_pretrained(folder / "motion_adapter", safe_serialization=True)
+    else:
+        AnimateDiffPipeline(**components, motion_adapter=adapter).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny ``StableDiffusionXLPipeline`` (the SDXL code path, offline).
+
+    As in SDXL: two text encoders whose penultimate hidden states are concatenated (the second
+    with a projection giving the pooled embedding), and a UNet with ``text_time`` added
+    conditioning on the pooled embedding plus six size/crop ids.
+    """
+    folder = Path(folder)
+    size = size or TinySize.preset("quick")
+    words = list(words or vocabulary())
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
+    time_dim = 8
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(size),
+        text_encoder=_text_encoder(size, tokenizer),
+        text_encoder_2=_text_encoder(size, tokenizer_2, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_unet(
+            size,
+            cross_attention_dim=2 * size.text_hidden,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + size.text_hidden,
+        ),
+        scheduler=_scheduler(),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
