@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import check, to_dict
+from .config import check, setting, to_dict, validate
 from .models.pipeline import TextCondition, denoising_errors, encode_images
 from .models.tiny import TinySize, build_components, write_word_tokenizer
 from .paths import build_lock, cache_root
@@ -35,42 +35,37 @@ _FORMAT_VERSION = 3  # bump when the recipe changes, so stale caches are rebuilt
 
 @dataclasses.dataclass
 class BaseConfig:
-    size: str = "default"  # TinySize preset: default | quick | 64px
-    seed: int = 0
+    size: str = setting("default", choices=("default", "quick", "64px"))  # TinySize preset
+    seed: int = setting(0, at_least=0)
     # The VAE learns in two phases: clean renders first (sharp edges: clean round trips score 0.90,
     # where learning from the mix at once gave 0.61), then the mix of clean and defective renders
     # at a lower rate, so that the latent also holds the defects (a VAE that never saw a blur
     # sharpens it away, and a base pretrained on such latents never shows a defect).
-    vae_steps: int = 2000
-    vae_defect_steps: int = 600
-    vae_batch_size: int = 32
-    learning_rate: float = 2e-3  # VAE clean phase, peak of the one-cycle schedule
-    vae_defect_learning_rate: float = 5e-4  # VAE mix phase, peak of its one-cycle schedule
-    vae_defect_fraction: float = 0.5  # share of defective renders in the VAE's mix phase
-    vae_defects: tuple[str, ...] = ("blur", "smear", "checker")  # pixel noise is too fine for any 8x8 latent
-    unet_steps: int = 1500
-    batch_size: int = 64  # UNet
-    unet_learning_rate: float = 2e-3  # peak of the one-cycle schedule
-    images_per_spec: int = 6  # pretraining images rendered per attribute combination
-    defect_fraction: float = 0.6  # share of defective renders the UNet learns from: makes the base mediocre
+    vae_steps: int = setting(2000, at_least=1)
+    vae_defect_steps: int = setting(600, at_least=0)
+    vae_batch_size: int = setting(32, at_least=1)
+    learning_rate: float = setting(2e-3, above=0)  # VAE clean phase, peak of the one-cycle schedule
+    vae_defect_learning_rate: float = setting(5e-4, above=0)  # VAE mix phase, peak of its one-cycle schedule
+    vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # share of defective renders in the VAE's mix phase
+    vae_defects: tuple[str, ...] = setting(("blur", "smear", "checker"), choices=shapes.DEFECTS)  # pixel noise is too fine for any 8x8 latent
+    unet_steps: int = setting(1500, at_least=1)
+    batch_size: int = setting(64, at_least=1)  # UNet
+    unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
+    images_per_spec: int = setting(6, at_least=1)  # pretraining images rendered per attribute combination
+    defect_fraction: float = setting(0.6, at_least=0, at_most=1)  # share of defective renders the UNet learns from: makes the base mediocre
     # Quality defects the latent holds; attribute errors are left to the model's own.
-    defects: tuple[str, ...] = ("checker",)
-    caption_dropout: float = 0.1  # empty prompts, so classifier-free guidance works
+    defects: tuple[str, ...] = setting(("checker",), choices=shapes.DEFECTS)
+    caption_dropout: float = setting(0.1, at_least=0, below=1)  # empty prompts, so classifier-free guidance works
 
     def __post_init__(self) -> None:
-        TinySize.preset(self.size)
-        for name in ("defect_fraction", "vae_defect_fraction"):
-            check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
-        check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
-        for name in ("defects", "vae_defects"):
-            check(all(d in shapes.DEFECTS for d in getattr(self, name)), name, f"expected names from {', '.join(shapes.DEFECTS)}")
-        check(self.vae_steps > 0 and self.unet_steps > 0 and self.vae_defect_steps >= 0, "vae_steps/vae_defect_steps/unet_steps", "must be positive")
+        validate(self)
+        for fraction, defects in (("defect_fraction", "defects"), ("vae_defect_fraction", "vae_defects")):
+            check(not getattr(self, fraction) or getattr(self, defects), defects, f"is empty, so {fraction} has no defect to render; name some of {', '.join(shapes.DEFECTS)}, or set {fraction}: 0")
 
     @classmethod
     def preset(cls, name: str) -> "BaseConfig":
         if name == "quick":
             return cls(size="quick", vae_steps=200, vae_defect_steps=60, unet_steps=500, images_per_spec=2, batch_size=32)
-        check(name in ("default", "64px"), "size", f"got {name!r}, expected default, quick or 64px")
         return cls(size=name)
 
     def cache_key(self) -> str:

@@ -53,7 +53,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import check, load_config, one_of
+from .config import check, load_config, setting, validate
 from .errors import SSPOError
 from .methods import METHODS
 from .models.architectures import ARCH_MODELS, build_arch, native_resolution
@@ -94,40 +94,28 @@ def _pregenerated(arm: str) -> bool:
 @dataclasses.dataclass
 class BenchConfig:
     model: str = "tiny"  # tiny | quick | sd15 | sdxl (random weights) | a diffusers pipeline folder
-    batch_size: int | None = None  # per micro-batch; None: the demo config's (16)
-    gradient_accumulation_steps: int | None = None
-    precision: str = "no"  # no | fp16 | bf16 (mixed_precision)
+    batch_size: int | None = setting(None, at_least=1)  # per micro-batch; None: the demo config's (16)
+    gradient_accumulation_steps: int | None = setting(None, at_least=1)
+    precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16 (mixed_precision)
     lora: bool = True  # False: full fine-tuning
     gradient_checkpointing: bool = False
-    warmup: int = 2  # optimizer steps before timing (first steps allocate optimizer state)
-    steps: int = 10  # timed optimizer steps per arm; median and p90 are reported
-    arms: tuple[str, ...] = ARMS
-    sampler_steps: tuple[int, ...] = (20, 50)  # also measure generation at these (the paper's 20-50)
-    steps_per_iteration: int | None = None  # K_updates; None: the demo config's (20)
-    pool_size: int = 3  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
-    resolution: int | None = None  # training resolution; None: the model's native one
-    threads: int | None = None  # torch intra-op threads on the CPU; None: torch's default
-    clock: str = "wall"  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
+    warmup: int = setting(2, at_least=0)  # optimizer steps before timing (first steps allocate optimizer state)
+    steps: int = setting(10, at_least=1)  # timed optimizer steps per arm; median and p90 are reported
+    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)
+    sampler_steps: tuple[int, ...] = setting((20, 50), at_least=1)  # also measure generation at these (the paper's 20-50)
+    steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates; None: the demo config's (20)
+    pool_size: int = setting(3, at_least=1)  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
+    resolution: int | None = setting(None, at_least=8, multiple_of=8)  # training resolution (a multiple of the VAE's 8); None: the model's native one
+    threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU; None: torch's default
+    clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
     isolate: bool = True  # one subprocess per arm (clean memory numbers)
     allow_cpu: bool = False  # run sd15 / sdxl on the CPU anyway
     overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
 
     def __post_init__(self) -> None:
         self.arms, self.sampler_steps, self.overrides = tuple(self.arms), tuple(self.sampler_steps), tuple(self.overrides)
+        validate(self)
         check(self.model in MODELS or Path(self.model).expanduser().is_dir(), "model", f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder")
-        one_of(self.precision, ("no", "fp16", "bf16"), "precision")
-        one_of(self.clock, ("wall", "cpu"), "clock")
-        check(bool(self.arms), "arms", "name at least one arm")
-        for arm in self.arms:
-            one_of(arm, arm_overrides(), "arms")
-        check(self.warmup >= 0, "warmup", "must be >= 0")
-        check(self.steps >= 1, "steps", "must be >= 1")
-        check(all(s > 0 for s in self.sampler_steps), "sampler_steps", "must be positive")
-        check(self.pool_size >= 1, "pool_size", "must be >= 1")
-        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
-        for name in ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "resolution"):
-            value = getattr(self, name)
-            check(value is None or value >= 1, name, "must be positive")
 
 
 # --------------------------------------------------------------------------------------------------

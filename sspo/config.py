@@ -2,13 +2,21 @@
 
 Every component owns its own config dataclass; this module only knows how to build any of them
 from plain data, rejecting unknown keys and wrong types with a message that names the key.
-Range checks live in each dataclass's ``__post_init__`` and raise :class:`ConfigError` via
-:func:`check`.
+A field states what it accepts where it is declared, with :func:`setting` (a range, choices, a
+multiple, non-empty); :func:`validate` checks a whole config tree against those declarations and
+every config dataclass calls it when it is built, so a config from a file, from the command line
+or from Python is checked the same way. Checks that relate several fields stay in the
+dataclass's ``__post_init__``, raising :class:`ConfigError` via :func:`check`.
+
+A list value is a YAML list, ``key=[a, b]`` on the command line (quote an item that holds a comma:
+``validation.prompts='["a red circle, white background"]'``). A bare string is a one-item list;
+one holding a comma is refused, since it could be meant as one item or as several.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -48,6 +56,125 @@ def one_of(value: Any, choices: typing.Iterable[Any], key: str) -> None:
     check(value in choices, key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
 
 
+ALLOWED = "sspo.allowed"  # the dataclass field metadata key of a field's Allowed
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    """What a config field accepts beyond its type. On a list field every constraint is about each
+    of its items, except that ``nonempty`` also refuses the empty list."""
+
+    choices: tuple | None = None
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+    multiple_of: int | None = None
+    nonempty: bool = False
+    own_folder: bool = False  # a folder sspo writes into: never empty, root-like, home or current
+
+    def admits(self, value: Any) -> bool:
+        """Whether one value (an item, on a list field) is allowed; an empty list is refused by :func:`validate`."""
+        try:
+            return (
+                (self.choices is None or value in self.choices)
+                and (self.at_least is None or value >= self.at_least)
+                and (self.above is None or value > self.above)
+                and (self.at_most is None or value <= self.at_most)
+                and (self.below is None or value < self.below)
+                and (self.multiple_of is None or value % self.multiple_of == 0)
+                and not (self.nonempty and isinstance(value, str) and not value.strip())
+                and not (self.own_folder and _root_like(value))
+            )
+        except TypeError:  # a wrong type built from Python (from_dict checks types first)
+            return False
+
+    def describe(self, item_type: Any) -> str:
+        """What :meth:`admits` accepts, for an error message: "an integer >= 1", "one of 'a', 'b'"."""
+        if self.own_folder:
+            return "a folder of the run's own (not empty, '.', '/', '~', the home folder, the current folder or a folder holding them)"
+        if self.choices is not None:
+            return "one of " + ", ".join(map(repr, self.choices))
+        if item_type is str:
+            return "a non-empty string" if self.nonempty else "a string"
+        text = "an integer" if item_type is int else "a number"
+        low = (self.at_least, "[", ">=") if self.at_least is not None else (self.above, "(", ">") if self.above is not None else None
+        high = (self.at_most, "]", "<=") if self.at_most is not None else (self.below, ")", "<") if self.below is not None else None
+        if low and high:
+            text += f" in {low[1]}{_number(low[0])}, {_number(high[0])}{high[1]}"
+        elif low or high:
+            bound, _, sign = low or high
+            text += f" {sign} {_number(bound)}"
+        if self.multiple_of is not None:
+            text += f" that is a multiple of {self.multiple_of}"
+        return text
+
+
+def setting(default: Any = dataclasses.MISSING, *, choices: typing.Iterable[Any] | None = None, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None, below: float | None = None, multiple_of: int | None = None, nonempty: bool = False,
+            own_folder: bool = False) -> Any:
+    """A config field with ``default`` (none: a required field) that accepts only what the keywords
+    allow (see :class:`Allowed`); :func:`validate` checks it whenever its dataclass is built."""
+    allowed = Allowed(tuple(choices) if choices is not None else None, at_least, above, at_most, below, multiple_of, nonempty, own_folder)
+    return dataclasses.field(default=default, metadata={ALLOWED: allowed})
+
+
+def allowed(field: dataclasses.Field) -> Allowed | None:
+    """What ``field`` was declared to accept with :func:`setting`; None for a field of any value of its type."""
+    return field.metadata.get(ALLOWED)
+
+
+@functools.cache
+def field_type(cls: type, name: str) -> tuple[Any, bool, bool]:
+    """(the type of a field's value or, on a list field, of its items; whether None is allowed; whether it is a list)."""
+    tp = typing.get_type_hints(cls)[name]
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        tp = next(a for a in args if a is not type(None))
+    is_list = typing.get_origin(tp) in (list, tuple)
+    return (typing.get_args(tp)[0] if is_list else tp), optional, is_list
+
+
+def validate(config: Any, prefix: str = "") -> None:
+    """Check every field of dataclass ``config``, and of its sections, against what its declaration
+    allows (:func:`setting`): a ConfigError names the key, the value and what is allowed."""
+    for field in dataclasses.fields(config):
+        value, key = getattr(config, field.name), f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{key}.")
+            continue
+        rule = allowed(field)
+        if rule is None:
+            continue
+        item_type, optional, is_list = field_type(type(config), field.name)
+        if value is None and optional:
+            continue
+        expected = rule.describe(item_type) + (", or null" if optional else "")
+        if is_list:
+            check(not (rule.nonempty and not value), key, "got [], expected a non-empty list")
+            for i, item in enumerate(value):
+                check(rule.admits(item), f"{key}[{i}]", f"got {item!r}, expected {expected}")
+        else:
+            check(rule.admits(value), key, f"got {value!r}, expected {expected}")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _root_like(path: str) -> bool:
+    """An empty path, the filesystem root, the home or current folder, or a folder holding one of them."""
+    if not str(path).strip():
+        return True
+    try:
+        folder = Path(path).expanduser().resolve()
+        anchors = {Path.home().resolve(), Path.cwd()}
+    except (OSError, RuntimeError):  # no home folder, or a deleted current one: nothing to compare with
+        return False
+    return folder == Path(folder.anchor) or any(folder == a or folder in a.parents for a in anchors)
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -69,8 +196,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         check(isinstance(value, dict), key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
-        if isinstance(value, str):  # CLI convenience: a,b,c
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # a bare string is one item; a comma could mean one item or several
+            check("," not in value, key, f"got {value!r}, a string holding a comma where a list goes; write a YAML list: "
+                  f"{key}='[\"{value}\"]' for one item, {key}='[{value}]' for several")
+            value = [value]
         check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
         inner = args[0] if args else Any
         items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -93,6 +222,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        check(value is not None, key, "expected a string, got null (YAML reads a bare ~ or null as no value: quote it)")
         check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
     return value

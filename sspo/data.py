@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import check, one_of
+from .config import check, setting, validate
 from .errors import DataError
 from .video_io import VIDEO_SUFFIXES, read_clip, sample_frames
 
@@ -44,29 +44,31 @@ _SIDE_STREAM, _AUGMENT_STREAM = 1, 2
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "parquet"  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes" | "motion" (the moving-shapes world, clips)
+    source: str = setting("parquet", choices=SOURCES)  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes" | "motion" (the moving-shapes world, clips)
     path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl or .csv | hf folder or id
     split: str = "train"  # hf split; for an imagefolder, a subfolder used when it exists
-    caption_column: str = "caption"  # pairs: prompt text
-    image_0_column: str = "jpg_0"  # pairs: first image (encoded bytes or {'bytes': ...})
-    image_1_column: str = "jpg_1"  # pairs: second image
-    label_column: str = "label_0"  # pairs: 1 = image_0 wins, 0 = image_1 wins, 0.5 = tie
-    image_column: str = "image"  # single images (imagefolder / hf)
-    text_column: str = "text"  # single images: prompt text
+    caption_column: str = setting("caption", nonempty=True)  # pairs: prompt text
+    image_0_column: str = setting("jpg_0", nonempty=True)  # pairs: first image (encoded bytes or {'bytes': ...})
+    image_1_column: str = setting("jpg_1", nonempty=True)  # pairs: second image
+    label_column: str = setting("label_0", nonempty=True)  # pairs: 1 = image_0 wins, 0 = image_1 wins, 0.5 = tie
+    image_column: str = setting("image", nonempty=True)  # single images (imagefolder / hf)
+    text_column: str = setting("text", nonempty=True)  # single images: prompt text
     remove_ties: bool = True  # drop pairs with label 0.5 (kept ties get a random winner, as in "random")
-    mode: str = "winners"  # "winners": winner from the label | "random": SSPOr, random side per row
-    resolution: int = 512  # shorter side resized to this, then cropped square
+    mode: str = setting("winners", choices=MODES)  # "winners": winner from the label | "random": SSPOr, random side per row
+    # Shorter side resized to this, then cropped square. A multiple of 8, the VAE's downsampling
+    # factor in SD-1.5, SDXL and AnimateDiff (the tiny worlds' VAEs downsample by 4).
+    resolution: int = setting(512, at_least=8, multiple_of=8)
     center_crop: bool = True  # False: random crop (deterministic per seed, row and epoch)
     random_flip: bool = False  # horizontal flip with probability 0.5
-    max_samples: int | None = None  # keep only the first N rows (after tie removal); None = all
+    max_samples: int | None = setting(None, at_least=1)  # keep only the first N rows (after tie removal); None = all
     # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
     # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
-    frames: int = 0  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
-    frame_stride: int = 1  # take every k-th source frame (2: every other frame)
-    frame_start: str = "first"  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
-    seed: int = 0  # seeds SSPOr sides, random crops and flips
-    world_pairs_per_prompt: int = 4  # worlds (source shapes / motion): pairs rendered per alignment-train combination
-    world_split_seed: int = 0  # worlds (source shapes / motion): the world's train / held-out split
+    frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
+    frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
+    frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
+    seed: int = setting(0, at_least=0)  # seeds SSPOr sides, random crops and flips
+    world_pairs_per_prompt: int = setting(4, at_least=1)  # worlds (source shapes / motion): pairs rendered per alignment-train combination
+    world_split_seed: int = setting(0, at_least=0)  # worlds (source shapes / motion): the world's train / held-out split
     world_without_validation: bool = False  # worlds (source shapes / motion): leave out the validation combinations (choosing settings)
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
     # (sspo/latent_cache.py). Needs center_crop true, random_flip false and frame_start first:
@@ -75,19 +77,10 @@ class DataConfig:
     cache_dir: str | None = None  # None: $SSPO_CACHE/latents/<hash of model, dtype, data config, data files>
 
     def __post_init__(self) -> None:
-        one_of(self.source, SOURCES, "data.source")
-        one_of(self.mode, MODES, "data.mode")
-        check(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
-        check(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be positive or null")
-        check(self.seed >= 0, "data.seed", f"must be non-negative, got {self.seed}")
-        check(self.frames >= 0, "data.frames", f"must be 0 (images) or the frames per clip, got {self.frames}")
-        check(self.frame_stride >= 1, "data.frame_stride", f"must be at least 1 (every frame), got {self.frame_stride}")
-        one_of(self.frame_start, FRAME_STARTS, "data.frame_start")
+        validate(self, "data.")
         if self.cache_latents:
             augmented = [key for key, on in (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip), ("data.frame_start: random", self.frames and self.frame_start == "random")) if on]
             check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; set data.center_crop: true, data.random_flip: false and data.frame_start: first, or data.cache_latents: false")
-        for name in ("caption_column", "image_0_column", "image_1_column", "label_column", "image_column", "text_column"):
-            check(bool(getattr(self, name)), f"data.{name}", "must be a column name, got an empty string")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import check, one_of
+from .config import setting, validate
 from .errors import SSPOError
 from .scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
 from .scorers.prompts import PromptItem, load_prompt_set
@@ -32,31 +32,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclasses.dataclass
 class EvalConfig:
-    prompts: str = "shapes"  # a prompt set (shapes | shapes-validation | motion | motion-validation | pickapic_val | hpsv2 | parti) or a prompt file
-    metrics: tuple[str, ...] = ()  # scorers; empty: shapes for the shapes prompts, else the paper's four
-    seeds: tuple[int, ...] = (0, 1)  # sampler seeds: one image per (prompt, seed)
-    steps: int = 20  # sampler steps
-    guidance_scale: float = 5.0
-    batch_size: int = 16  # images per generation batch (a seed fixes its image whatever the batching)
-    resolution: int | None = None  # image side in pixels; None: the model's native
-    frames: int = 8  # video models: frames per clip
-    dtype: str = "fp32"  # diffusion model precision: fp32 | fp16 | bf16
-    limit: int | None = None  # at most N prompts per category (quick runs)
-    split_seed: int = 0  # shapes: the world's train/held-out split (must match the training data's)
-    prompts_per_split: int = 24  # shapes: prompts per split (seen, held-out)
+    prompts: str = setting("shapes", nonempty=True)  # a prompt set (shapes | shapes-validation | motion | motion-validation | pickapic_val | hpsv2 | parti) or a prompt file
+    metrics: tuple[str, ...] = setting((), choices=SCORER_NAMES)  # scorers; empty: shapes for the shapes prompts, else the paper's four
+    seeds: tuple[int, ...] = setting((0, 1), at_least=0, nonempty=True)  # sampler seeds: one image per (prompt, seed)
+    steps: int = setting(20, at_least=1)  # sampler steps
+    guidance_scale: float = setting(5.0, at_least=0)  # at most 1: no classifier-free guidance
+    batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
+    resolution: int | None = setting(None, at_least=8, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
+    frames: int = setting(8, at_least=1)  # video models: frames per clip
+    dtype: str = setting("fp32", choices=DTYPES)  # diffusion model precision: fp32 | fp16 | bf16
+    limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
+    split_seed: int = setting(0, at_least=0)  # shapes: the world's train/held-out split (must match the training data's)
+    prompts_per_split: int = setting(24, at_least=1)  # shapes: prompts per split (seen, held-out)
     prompt_source: str | None = None  # a local copy of a named prompt set (default: its hub dataset)
-    scorer_batch_size: int = 16  # images per scorer batch
-    grid_prompts: int = 8  # sspo eval: columns of grid.png
+    scorer_batch_size: int = setting(16, at_least=1)  # images per scorer batch
+    grid_prompts: int = setting(8, at_least=1)  # sspo eval: columns of grid.png
 
     def __post_init__(self) -> None:
-        self.metrics, self.seeds = tuple(dict.fromkeys(m.strip() for m in self.metrics if m.strip())), tuple(dict.fromkeys(int(s) for s in self.seeds))
-        check(bool(self.seeds), "seeds", "needs at least one seed, e.g. 0,1")
-        for name in ("steps", "batch_size", "prompts_per_split", "scorer_batch_size", "grid_prompts"):
-            check(getattr(self, name) >= 1, name, "must be >= 1")
-        check(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
-        one_of(self.dtype, DTYPES, "dtype")
-        for metric in self.metrics:
-            one_of(metric, SCORER_NAMES, "metrics")
+        self.metrics, self.seeds = tuple(dict.fromkeys(m.strip() for m in self.metrics if m.strip())), tuple(dict.fromkeys(self.seeds))
+        validate(self)
 
     @property
     def metric_names(self) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
 from .methods import METHODS
+from .models.lora_targets import check_lora_targets
 from .models.names import resolve_model
 from .models.pipeline import denoising_errors, encode_unconditional, is_video, load_pipeline, load_pipeline_config, motion_adapter_of, trained_modules
 from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
@@ -51,7 +52,7 @@ from .run_lock import RunLock
 from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems
 from .ssr_truth import FILE as SSR_TRUTH_FILE
 from .ssr_truth import SSRTruth
-from .train_config import TrainConfig
+from .train_config import TrainConfig, check_environment
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -196,6 +197,7 @@ class Trainer:
         if mcfg.lora:
             from peft import LoraConfig
 
+            check_lora_targets(unet, mcfg.lora_targets, motion_only)
             targets = lora_target_modules(mcfg.lora_targets, motion_only)
             unet.requires_grad_(False).to(self.weight_dtype)
             unet.add_adapter(LoraConfig(r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets), adapter_name=POLICY)
@@ -636,6 +638,7 @@ def _postfix(metrics: dict) -> dict:
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train ``cfg`` while holding its output folder's lock: a second run into a live run's folder is refused."""
+    check_environment(cfg)
     # The main process holds the lock; the others write nothing the main process does not wait for.
     # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
     # an accelerate state made before the Accelerator would miss the launch's CPU flag.
@@ -650,6 +653,7 @@ def dry_run(cfg: TrainConfig) -> str:
 
     from .card import effective_batch, summarize
 
+    check_environment(cfg)
     dataset = open_dataset(cfg)
     name = cfg.model.pretrained
     if name.startswith(("shapes-base", "shapes-video-base")):

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from .base import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build, pretraining_renders, save_base, unit_variance_latents
-from .config import check, to_dict
+from .config import check, setting, to_dict, validate
 from .models.pipeline import motion_adapter_of
-from .models.tiny import TinySize, _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
+from .models.tiny import _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
 from .worlds import motion, shapes
 
 log = logging.getLogger(__name__)
@@ -36,38 +36,34 @@ _FORMAT_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
 
 @dataclasses.dataclass
 class VideoBaseConfig:
-    size: str = "default"  # TinySize preset (and the image base preset whose VAE is reused): default | quick
-    seed: int = 0
-    frames: int = 8
-    clips_per_spec: int = 2  # pretraining clips rendered per combination
+    size: str = setting("default", choices=("default", "quick"))  # TinySize preset (and the image base preset whose VAE is reused)
+    seed: int = setting(0, at_least=0)
+    frames: int = setting(8, at_least=2)  # a clip of one frame has no motion to learn
+    clips_per_spec: int = setting(2, at_least=1)  # pretraining clips rendered per combination
     # Share of defective clips the UNet learns from, and which. None by default: with 60% of them
     # (frozen, static, reversed, checker) the base's objects stood still (amplitude 0.01), and
     # neither SFT nor SSPO could make them move.
-    defect_fraction: float = 0.0
-    defects: tuple[str, ...] = ("frozen", "static", "reversed", "checker")
-    vae_steps: int = 600  # fine-tuning the image world's VAE on this world's frames
-    vae_batch_size: int = 32  # frames
-    vae_learning_rate: float = 5e-4  # peak of its one-cycle schedule (the image VAE's second phase)
+    defect_fraction: float = setting(0.0, at_least=0, at_most=1)
+    defects: tuple[str, ...] = setting(("frozen", "static", "reversed", "checker"), choices=motion.MOTION_DEFECTS)
+    vae_steps: int = setting(600, at_least=0)  # fine-tuning the image world's VAE on this world's frames (0: as it is)
+    vae_batch_size: int = setting(32, at_least=1)  # frames
+    vae_learning_rate: float = setting(5e-4, above=0)  # peak of its one-cycle schedule (the image VAE's second phase)
     # Motion modules learn a motion's direction late: at 2,000 and 4,000 steps each axis had one
     # direction whatever the prompt said; at 10,000 every translation goes the prompted way.
-    unet_steps: int = 10000
-    batch_size: int = 8  # clips per step
-    unet_learning_rate: float = 2e-3  # peak of the one-cycle schedule
-    caption_dropout: float = 0.1  # empty prompts, so classifier-free guidance works
+    unet_steps: int = setting(10000, at_least=1)
+    batch_size: int = setting(8, at_least=1)  # clips per step
+    unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
+    caption_dropout: float = setting(0.1, at_least=0, below=1)  # empty prompts, so classifier-free guidance works
 
     def __post_init__(self) -> None:
-        TinySize.preset(self.size)
-        check(0 <= self.defect_fraction <= 1, "defect_fraction", "must be in [0, 1]")
-        check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
-        check(all(d in motion.MOTION_DEFECTS for d in self.defects), "defects", f"expected names from {', '.join(motion.MOTION_DEFECTS)}")
-        check(self.frames >= 2 and self.unet_steps > 0 and self.clips_per_spec > 0 and self.vae_steps >= 0, "frames/unet_steps/clips_per_spec/vae_steps", "must be positive (frames >= 2, vae_steps >= 0)")
+        validate(self)
+        check(not self.defect_fraction or self.defects, "defects", f"is empty, so defect_fraction has no defect to render; name some of {', '.join(motion.MOTION_DEFECTS)}, or set defect_fraction: 0")
 
     @classmethod
     def preset(cls, name: str) -> "VideoBaseConfig":
         if name == "quick":
             return cls(size="quick", vae_steps=40, unet_steps=100, clips_per_spec=1, batch_size=8)
-        check(name == "default", "size", f"got {name!r}, expected default or quick")
-        return cls()
+        return cls(size=name)
 
     def cache_key(self) -> str:
         blob = json.dumps({"v": _FORMAT_VERSION, **to_dict(self)}, sort_keys=True)

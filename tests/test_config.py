@@ -1,15 +1,24 @@
 """Typed configs (from_dict / apply_overrides / load_config) with TrainConfig, and atomic writes."""
 
+import ast
+import dataclasses
+import importlib
 import pathlib
+import sys
+import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from sspo.config import apply_overrides, from_dict, load_config, save_yaml, to_dict
+import sspo
+from sspo.base import BaseConfig
+from sspo.cli import main
+from sspo.config import allowed, apply_overrides, field_type, from_dict, load_config, save_yaml, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import atomic_path, atomic_write_text
-from sspo.train_config import TrainConfig
+from sspo.train_config import OptimConfig, TrainConfig, check_environment
 
 _ROOT = Path(__file__).resolve().parents[1]
 # the demo config lives in configs/ (possibly a link to the packaged sspo/configs/)
@@ -57,7 +66,7 @@ def test_missing_file_is_config_error(tmp_path):
 
 
 def test_save_yaml_roundtrip(tmp_path):
-    cfg = load("method=dpo", "model.lora_targets=to_q,to_v")
+    cfg = load("method=dpo", "model.lora_targets=[to_q, to_v]", 'validation.prompts=["a red circle, white background"]')
     save_yaml(cfg, tmp_path / "cfg.yaml")
     again = load_config(TrainConfig, tmp_path / "cfg.yaml")
     assert to_dict(again) == to_dict(cfg)
@@ -182,20 +191,293 @@ def test_int_accepted_for_float():
     assert isinstance(cfg.optim.learning_rate, float)
 
 
-def test_tuple_fields_from_comma_strings():
-    cfg = load("model.lora_targets=to_q,to_v", "validation.prompts=a red circle,a blue square")
+def test_list_values_are_yaml_lists_and_a_bare_string_is_one_item():
+    cfg = load("model.lora_targets=[to_q, to_v]", 'validation.prompts=["a red circle, white background", a blue square]')
     assert cfg.model.lora_targets == ("to_q", "to_v")
     assert isinstance(cfg.model.lora_targets, tuple)
-    assert cfg.validation.prompts == ("a red circle", "a blue square")
-    # a YAML list works too, and a single item
-    assert load("model.lora_targets=[to_k]").model.lora_targets == ("to_k",)
+    assert cfg.validation.prompts == ("a red circle, white background", "a blue square")  # a quoted comma stays in its item
     assert load("model.lora_targets=to_k").model.lora_targets == ("to_k",)
+    assert load("validation.prompts=a small red circle on the left").validation.prompts == ("a small red circle on the left",)
     assert from_dict(TrainConfig, {"model": {"lora_targets": ["a", "b"]}}).model.lora_targets == ("a", "b")
+
+
+@pytest.mark.parametrize("override", ["validation.prompts=a red circle, white background", "model.lora_targets=to_q,to_v"])
+def test_a_bare_string_holding_a_comma_is_refused_with_the_list_forms(override):
+    """One item or several? Neither guess is safe (every shapes prompt holds a comma)."""
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as info:
+        load(override)
+    assert str(info.value).startswith(f"config key '{key}': got {value!r}")
+    assert f"""{key}='["{value}"]' for one item""" in str(info.value) and f"{key}='[{value}]' for several" in str(info.value)
+
+
+def test_a_comma_in_a_yaml_file_scalar_is_refused_too(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("validation:\n  prompts: a red circle, white background\n")
+    with pytest.raises(ConfigError, match=r"'validation\.prompts'.*holding a comma"):
+        load_config(TrainConfig, path)
+    path.write_text("validation:\n  prompts: [\"a red circle, white background\"]\n")
+    assert load_config(TrainConfig, path).validation.prompts == ("a red circle, white background",)
 
 
 def test_tuple_items_type_checked():
     with pytest.raises(ConfigError, match=r"model\.lora_targets\[1\]"):
         from_dict(TrainConfig, {"model": {"lora_targets": ["to_q", 3]}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Declared constraints: every config field states what it accepts; one validator enforces it
+
+
+def _config_classes() -> list[type]:
+    """Every config dataclass of the package (a dataclass named *Config), found in its source."""
+    package = Path(sspo.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+                module = importlib.import_module(".".join(path.relative_to(package.parent).with_suffix("").parts))
+                found.append(getattr(module, node.name))
+    return found
+
+
+CONFIG_CLASSES = _config_classes()
+# Strings any value of which is fine (paths, ids, free text); every other string field declares its choices.
+FREE_TEXT = {
+    "ModelConfig": {"revision", "variant", "motion_adapter"},
+    "DataConfig": {"path", "split", "cache_dir"},
+    "ValidationConfig": {"prompts"},
+    "EvalConfig": {"prompt_source"},
+    "BenchConfig": {"model", "overrides"},  # model: a name or a folder, checked in __post_init__; overrides: TrainConfig's own checks
+}
+
+
+def _roots() -> list[tuple[type, tuple[str, ...]]]:
+    """(class, its path from a root config) of every config class: a section under the config that holds it."""
+    nested = {}
+    for cls in CONFIG_CLASSES:
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                nested[tp] = (cls, f.name)
+    located = []
+    for cls in CONFIG_CLASSES:
+        path, top = [], cls
+        while top in nested:
+            top, name = nested[top]
+            path.insert(0, name)
+        located.append((cls, top, tuple(path)))
+    return located
+
+
+def _valid(rule, item_type):
+    """A value ``rule`` allows (for a required field the bad-value cases leave alone)."""
+    if rule is None:
+        return {int: 1, float: 1.0, str: "x", bool: False}[item_type]
+    if rule.choices:
+        return rule.choices[0]
+    low = rule.at_least if rule.at_least is not None else (rule.above + 1 if rule.above is not None else 1)
+    return type(1 if item_type is int else 1.0)(rule.multiple_of or low)
+
+
+def _bad_values(rule, item_type) -> list:
+    """Values just outside what ``rule`` allows, one per constraint it declares."""
+    step = 1 if item_type is int else 0.5
+    bad = []
+    if rule.own_folder:
+        bad += ["", ".", "/", "~", "..", str(Path.home()), str(Path.cwd())]
+    if rule.choices is not None:
+        bad.append("no-such-choice")
+    if rule.nonempty and item_type is str and not rule.own_folder:
+        bad.append("")
+    if rule.at_least is not None:
+        bad.append(item_type(rule.at_least - step))
+    if rule.above is not None:
+        bad.append(item_type(rule.above))
+    if rule.at_most is not None:
+        bad.append(item_type(rule.at_most + step))
+    if rule.below is not None:
+        bad.append(item_type(rule.below))
+    if rule.multiple_of is not None:
+        bad.append(item_type((rule.at_least or rule.multiple_of) + 1))
+    return bad
+
+
+def _cases():
+    for cls, root, path in _roots():
+        required = {f.name: _valid(allowed(f), field_type(cls, f.name)[0]) for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        for f in dataclasses.fields(cls):
+            rule = allowed(f)
+            if rule is None:
+                continue
+            item_type, optional, is_list = field_type(cls, f.name)
+            key = ".".join([*path, f.name])
+            if is_list and rule.nonempty:
+                yield pytest.param(root, path, required, f.name, (), key, "got [], expected a non-empty list", id=f"{root.__name__}:{key}=[]")
+            for value in _bad_values(rule, item_type):
+                expected = f"expected {rule.describe(item_type)}{', or null' if optional else ''}"
+                shown_key = f"{key}[0]" if is_list else key
+                yield pytest.param(root, path, required, f.name, (value,) if is_list else value, shown_key, f"got {value!r}, {expected}", id=f"{root.__name__}:{key}={value!r}")
+
+
+def _nested(path: tuple[str, ...], values: dict) -> dict:
+    for name in reversed(path):
+        values = {name: values}
+    return values
+
+
+def test_every_config_class_is_found():
+    names = {cls.__name__ for cls in CONFIG_CLASSES}
+    assert {"TrainConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "ValidationConfig", "DiagnosticsConfig",
+            "DataConfig", "EvalConfig", "BaseConfig", "VideoBaseConfig", "BenchConfig"} <= names
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda c: c.__name__)
+def test_every_number_and_choice_field_declares_what_it_accepts(cls):
+    """A new int, float or string field without a declared range or choices fails here."""
+    for f in dataclasses.fields(cls):
+        item_type, _, _ = field_type(cls, f.name)
+        rule = allowed(f)
+        if item_type in (int, float):
+            assert rule is not None and any(b is not None for b in (rule.at_least, rule.above, rule.at_most, rule.below, rule.choices)), \
+                f"{cls.__name__}.{f.name}: declare its range with setting(..., at_least=/above=/at_most=/below=)"
+        elif item_type is str:
+            assert rule is not None or f.name in FREE_TEXT.get(cls.__name__, ()), \
+                f"{cls.__name__}.{f.name}: declare its choices with setting(..., choices=...), or list it in FREE_TEXT if any string will do"
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda c: c.__name__)
+def test_every_default_is_allowed(cls):
+    for _, root, path in [r for r in _roots() if r[0] is cls]:
+        required = {f.name: _valid(allowed(f), field_type(cls, f.name)[0]) for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        validate(from_dict(root, _nested(path, required)))
+
+
+@pytest.mark.parametrize("root, path, required, name, value, key, message", list(_cases()))
+def test_every_constrained_field_refuses_values_outside_its_range(root, path, required, name, value, key, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(root, _nested(path, {**required, name: value}))
+    assert str(info.value) == f"config key '{key}': {message}"
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("optim.batch_size=0", "config key 'optim.batch_size': got 0, expected an integer >= 1"),
+        ("log_every=0", "config key 'log_every': got 0, expected an integer >= 1"),
+        ("save_every_steps=-1", "config key 'save_every_steps': got -1, expected an integer >= 0"),
+        ("model.lora_alpha=0", "config key 'model.lora_alpha': got 0, expected an integer >= 1"),
+        ("model.lora_targets=[]", "config key 'model.lora_targets': got [], expected a non-empty list"),
+        ("negatives.steps=0", "config key 'negatives.steps': got 0, expected an integer >= 1"),
+        ("negatives.eta=1.5", "config key 'negatives.eta': got 1.5, expected a number in [0, 1]"),
+        ("negatives.guidance_scale=-1", "config key 'negatives.guidance_scale': got -1.0, expected a number >= 0"),
+        ("validation.every_iterations=-1", "config key 'validation.every_iterations': got -1, expected an integer >= 0"),
+        ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer >= 8 that is a multiple of 8"),
+        ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
+        ("optim.learning_rate=0", "config key 'optim.learning_rate': got 0.0, expected a number > 0"),
+        ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler'"),
+    ],
+)
+def test_the_dry_run_refuses_an_out_of_range_value_in_one_line(override, line, tmp_path, capsys):
+    """The dry run and a real run load the config the same way, so both stop here, before anything else."""
+    assert main(["train", str(DEMO), override, f"output_dir={tmp_path / 'run'}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert [l for l in err.splitlines() if l.startswith("sspo: error:")] == [f"sspo: error: {line}"]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_an_out_of_range_flag_before_loading_a_model(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--steps", "0", "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert [l for l in err.splitlines() if l.startswith("sspo: error:")] == ["sspo: error: config key 'steps': got 0, expected an integer >= 1"]
+    assert not (tmp_path / "eval").exists()
+
+
+def test_sections_built_in_python_are_checked_too():
+    with pytest.raises(ConfigError, match=r"^config key 'optim\.batch_size': got 0, expected an integer >= 1$"):
+        OptimConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"^config key 'size': got 'huge'"):
+        BaseConfig.preset("huge")
+
+
+# ----------------------------------------------------------------------------------------------
+# output_dir
+
+
+@pytest.mark.parametrize("output_dir", ["", ".", "./", "/", '"~"', "..", "{home}", "{cwd}"])
+def test_an_empty_or_root_like_output_dir_is_refused(output_dir, tmp_path, capsys):
+    value = output_dir.format(home=Path.home(), cwd=Path.cwd())
+    assert main(["train", str(DEMO), f"output_dir={value}", "--dry-run"]) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("sspo: error:")]
+    assert len(errors) == 1 and errors[0].startswith("sspo: error: config key 'output_dir': got ")
+    assert "expected a folder of the run's own" in errors[0]
+
+
+def test_a_bare_tilde_output_dir_is_refused_as_null():
+    with pytest.raises(ConfigError, match=r"'output_dir': expected a string, got null .*quote it"):
+        load("output_dir=~")
+
+
+def test_an_output_dir_of_its_own_is_accepted(tmp_path):
+    assert load(f"output_dir={tmp_path / 'run'}").output_dir == str(tmp_path / "run")
+    assert load("output_dir=runs/sspo").output_dir == "runs/sspo"
+
+
+# ----------------------------------------------------------------------------------------------
+# What the machine can run: checked before anything is loaded or written
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.fixture
+def a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_fp16_without_a_gpu_is_refused_and_bf16_runs(no_gpu):
+    with pytest.raises(ConfigError, match=r"^config key 'mixed_precision': fp16 needs a GPU.*mixed_precision=bf16.*mixed_precision=no$"):
+        check_environment(load("mixed_precision=fp16"))
+    check_environment(load("mixed_precision=bf16"))  # accelerate runs bf16 autocast on the CPU
+    check_environment(load("mixed_precision=no"))
+
+
+def test_fp16_without_a_gpu_stops_a_real_run_before_its_folder_is_made(no_gpu, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(DEMO), "mixed_precision=fp16", f"output_dir={run}"]) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("sspo: error:")]
+    assert len(errors) == 1 and "'mixed_precision': fp16 needs a GPU" in errors[0]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "override, module, fix",
+    [
+        ("optim.use_8bit_adam=true", "bitsandbytes", "pip install 'sspo[bnb]', or set optim.use_8bit_adam=false"),
+        ("report_to=wandb", "wandb", "pip install 'sspo[wandb]', or set report_to=tensorboard or none"),
+        ("model.attention=xformers", "xformers", "pip install xformers, or set model.attention=sdpa"),
+    ],
+)
+def test_a_missing_optional_package_is_named_with_its_install_command(override, module, fix, a_gpu, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError, as when it is not installed
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        check_environment(load(override))
+    assert str(info.value) == f"config key '{key}': needs {module}, which is not installed; {fix}"
+
+
+def test_xformers_without_a_gpu_is_refused(no_gpu):
+    with pytest.raises(ConfigError, match=r"^config key 'model.attention': xformers runs on a GPU only.*model.attention=sdpa$"):
+        check_environment(load("model.attention=xformers"))
+
+
+def test_the_defaults_need_nothing_optional(no_gpu):
+    check_environment(load())
 
 
 # ----------------------------------------------------------------------------------------------

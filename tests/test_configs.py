@@ -61,7 +61,7 @@ def test_real_configs_train_with_tiny_stand_ins(name, quick_base, pairs, tmp_pat
     tiny = [
         f"model.pretrained={model}", f"data.path={pairs}", "data.resolution=32", f"output_dir={tmp_path / 'run'}",
         "report_to=none", "iterations=1", "steps_per_iteration=1", "optim.batch_size=2",
-        "optim.gradient_accumulation_steps=2", "negatives.steps=2", "validation.prompts=[a large red circle on the left, white background]",
+        "optim.gradient_accumulation_steps=2", "negatives.steps=2", 'validation.prompts=["a large red circle on the left, white background"]',
     ]
     final = train(load_config(TrainConfig, CONFIGS / name, tiny))
     assert (final / "README.md").is_file() and (final / "validation.png").is_file()
@@ -80,7 +80,7 @@ def test_the_animatediff_config_runs_on_tiny_stand_ins(tmp_path, bf16_runs):
     tiny = [
         f"model.pretrained={parts / 'image'}", f"model.motion_adapter={parts / 'motion_adapter'}", f"data.path={clips}", "data.resolution=32",
         "data.frames=4", "data.frame_stride=2", f"output_dir={tmp_path / 'run'}", "report_to=none", "iterations=1", "steps_per_iteration=1",
-        "optim.gradient_accumulation_steps=2", "negatives.steps=2", "validation.prompts=[a red circle growing, white background]",
+        "optim.gradient_accumulation_steps=2", "negatives.steps=2", 'validation.prompts=["a red circle growing, white background"]',
     ]
     cfg = load_config(TrainConfig, CONFIGS / VIDEO, tiny)
     summary = dry_run(cfg)
