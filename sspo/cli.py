@@ -191,6 +191,32 @@ def _compare(args) -> None:
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds)
 
 
+def _pairs(args) -> None:
+    from .worlds.shapes_pairs import LEVEL_STEPS, LEVEL_TARGETS, PairsConfig, build_pairs, format_sweep, sweep
+
+    chosen = [flag for flag, value in (("--level", args.level), ("--steps", args.steps), ("--sweep", args.sweep)) if value is not None]
+    if len(chosen) > 1 or not (chosen or args.quick):
+        raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")
+    # --quick: the tests' small base, 16 prompts and 2 SFT steps: a smoke test, not a level.
+    steps = 2 if args.quick and args.steps is None else args.steps if args.steps is not None else LEVEL_STEPS.get(args.level, 0)
+    cfg = PairsConfig(steps=steps, base="shapes-base:quick" if args.quick else "shapes-base", tie_threshold=args.tie_threshold,
+                      bt_temperature=args.bt_temperature, seed=args.seed, max_prompts=16 if args.quick else None, pairs_per_prompt=args.pairs_per_prompt)
+    if args.sweep is not None:
+        print(format_sweep(sweep(cfg, _int_list(args.sweep, "--sweep"))))
+        return
+    folder, record, reused = build_pairs(cfg, args.out, args.level)
+    target = f" (level {args.level}: target R_win {LEVEL_TARGETS[args.level]:.2f})" if args.level else ""
+    print(f"{'reused' if reused else 'wrote'} {folder / 'pairs.parquet'}{target}")
+    print(f"  G: the base after {cfg.steps} SFT steps on clean renders; {record['prompts']} training prompts, {cfg.pairs_per_prompt * 2} samples each")
+    print(f"  pairs: {record['pairs']} kept, {record['ties_dropped']} ties dropped (|reward difference| < {cfg.tie_threshold:g})"
+          + (f"; labels Bradley-Terry at T={cfg.bt_temperature:g}, {record['label_agreement']:.0%} agree with the reward" if cfg.bt_temperature else ""))
+    print(f"  R_win {record['R_win']:.3f}, R_lose {record['R_lose']:.3f} (mean exact reward after a VAE round trip, as training encodes them; "
+          f"as stored {record['R_win_stored']:.3f}, {record['R_lose_stored']:.3f})")
+    print(f"  R_base {record['R_base']:.3f} (the base's samples, same prompts and seeds), R_ceil {record['R_ceil']:.3f} (clean renders after a VAE round trip)")
+    print(f"  record: {folder / 'pairs.json'}")
+    print(f"  train on it: sspo train configs/demo-shapes.yaml data.source=parquet data.path={folder / 'pairs.parquet'}")
+
+
 def _bench(args) -> None:
     from .bench import cli
 
@@ -269,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
+    p = sub.add_parser("pairs", help="Pick-a-Pic-shaped pairs of the shapes world: two samples of a generator, ranked by the exact reward",
+                       description="G (the base after N SFT steps) samples two images per alignment-train prompt; the higher exact reward "
+                       "wins, near-ties are dropped. Writes pairs.parquet (caption, jpg_0, jpg_1, label_0) and pairs.json (recipe, counts, "
+                       "R_base, R_win, R_lose, R_ceil) for data.source=parquet.")
+    p.add_argument("--level", choices=("low", "mid", "high"), help="winner quality: R_win about 0.65, 0.72 or 0.80 (G's steps measured for it)")
+    p.add_argument("--steps", type=int, help="instead of --level: G's SFT steps on clean renders")
+    p.add_argument("--sweep", metavar="N1,N2,...", help="instead: print winner statistics at each number of G's SFT steps (0: the base); writes no pairs")
+    p.add_argument("--out", help="folder for pairs.parquet and pairs.json (default: the cache, keyed by the settings)")
+    p.add_argument("--tie-threshold", type=float, default=0.02, help="drop pairs whose rewards differ by less (default: 0.02)")
+    p.add_argument("--bt-temperature", type=float, default=0.0, help="> 0: labels drawn from a Bradley-Terry model of the reward difference at this temperature (default: 0, off)")
+    p.add_argument("--pairs-per-prompt", type=int, default=1, help="pairs drawn per training prompt, two samples each (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="G's training seed, the sampler's seeds and the labels' sides (default: 0)")
+    p.add_argument("--quick", action="store_true", help="the small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
+    p.set_defaults(func=_pairs)
+
     from .bench import add_arguments
 
     add_arguments(p)
