@@ -4,20 +4,25 @@
 scores every image with every metric (a :func:`sspo.scorers.build_scorer` name; the ``shapes``
 metric adds a column per component) and writes, under ``out``::
 
-    images/<model>/<prompt_index>-<seed>.png   every sample, written atomically; never regenerated
-                                               (.tiff for a video model: the clip's frames, lossless)
+    images/<model>/<prompt_index>-<seed>.png   every sample, written atomically; regenerated only when
+                                               missing or damaged (.tiff for a video model: the clip's
+                                               frames, lossless)
     images/<model>/manifest.json               the generation settings and the prompt of every index
-    scores.csv                                 one row per image, one column per metric column
-    scorers.json                               the weights behind each complete metric column
-    summary.json, summary.md                   mean and 95% CI per model x category x metric
-    reward_hist.png                            one panel per metric, one histogram per model
+    scores.csv                                 one row per image, one column per metric column: this
+                                               call's images first, then every other row it held
+    scorers.json                               the weights behind each metric column's scores
+    summary.json, summary.md                   mean and 95% CI per model x category x metric, of this
+                                               call's models, prompts and seeds
+    reward_hist.png                            one panel per metric, one histogram per model (this call's)
     grid.png                                   rows = models, columns = the first prompts (first seed;
                                                a clip's middle frame)
 
-Everything is resumable: images on disk are kept (a folder made with other settings is an
-error, not silently mixed), and scores in ``scores.csv`` are reused while the scorer's weights
-and the image's prompt are unchanged. Scorers are loaded one at a time and each scores every
-model's images, so only one reward model is in memory.
+Everything is resumable and a re-run adds to the folder: images on disk are kept (a folder made
+with other settings is an error, not silently mixed), and scores in ``scores.csv`` are reused while
+the scorer's weights and the image's prompt are unchanged. Rows of models, seeds or prompt sets
+this call does not ask for stay in ``scores.csv`` as they were. A damaged image is generated
+again and a damaged score computed again, with a warning naming the file. Scorers are loaded one
+at a time and each scores every model's images, so only one reward model is in memory.
 
 Statistics: each prompt's score is the mean over its seeds; the mean and Student-t 95% interval
 are over prompts (seeds of one prompt are not independent samples).
@@ -28,12 +33,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
-import json
+import io
 import logging
 import math
 import re
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +46,7 @@ from PIL import Image
 
 from .errors import DataError, ModelError, SSPOError
 from .evaluate import DTYPES, PROMPT_SETS, WORLD_METRICS, EvalConfig, Item, metric_columns, score_columns, select_prompts
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, read_json
 from .sample import generate, image_grid, save_png
 from .scorers import SCORER_NAMES, build_scorer
 from .scorers.prompts import PromptItem
@@ -116,11 +121,31 @@ def _save_sample(sample, png: Path) -> None:
         save_png(sample, png)
 
 
+_AGAIN = "delete it and run sspo eval again to generate it again"
+
+
 def _load_sample(path: Path):
-    if path.suffix == ".tiff":
-        return decode_clip(path)
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        if path.suffix == ".tiff":
+            return decode_clip(path)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (DataError, OSError, SyntaxError, ValueError) as exc:
+        raise DamagedFileError(f"sample {path} is damaged ({str(exc).splitlines()[0]})", _AGAIN) from None
+
+
+def _sample_damage(path: Path) -> str | None:
+    """Why the sample file at ``path`` cannot be read back, or None (also when there is none yet)."""
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".tiff":
+            _load_sample(path)
+        else:
+            check_image(path, what="sample", fix=_AGAIN)
+    except DamagedFileError as exc:
+        return exc.problem
+    return None
 
 
 def run_eval(
@@ -160,11 +185,18 @@ def run_eval(
         "prompt_set": set_name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "resolution": cfg.resolution,
         "dtype": str(DTYPES[cfg.dtype]).removeprefix("torch."), "device": torch.device(device).type, "frames": cfg.frames,
     }
+    from .models.pipeline import check_lora_path
+
+    for model in models:  # before any folder is made
+        if model.lora:
+            check_lora_path(Path(model.lora).expanduser())
+    generated = set()
     for model in models:
-        generate_missing(model, items, out, settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
+        made = generate_missing(model, items, out, settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
+        generated |= {(model.name, item.prompt_index, item.seed) for item in made}
 
     identities = {m: {"path": scorer_paths.get(m), "options": {k: str(v) for k, v in sorted(scorer_options.get(m, {}).items())}} for m in metrics}
-    rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=cfg.scorer_batch_size, device=device)
+    rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=cfg.scorer_batch_size, device=device, generated=generated)
     columns = [c for m in metrics for c in metric_columns(m)]
 
     summary = {
@@ -186,14 +218,16 @@ def run_eval(
     return summary
 
 
-def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, settings: dict, *, batch_size: int, device: str, dtype: torch.dtype) -> int:
-    """Generate the images of ``items`` not yet on disk; returns how many were generated."""
+def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, settings: dict, *, batch_size: int, device: str, dtype: torch.dtype) -> list[Item]:
+    """Generate the images of ``items`` not on disk, or damaged there; returns the items generated."""
     from tqdm.auto import tqdm
 
     folder = out / "images" / model.folder
     settings = {"model": _normalized(model.path), "lora": _normalized(model.lora)} | settings
     manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"settings": settings, "prompts": {}}
+    manifest = read_json(manifest_path, what="the image manifest", shape={"settings": dict, "prompts": {str: str}}, default=None,
+                         fix=f"it records what the images in {folder} were made with: delete that folder to generate them again, or use another --out")
+    manifest = manifest or {"settings": settings, "prompts": {}}
     manifest["settings"].setdefault("frames", settings["frames"])  # folders from before it was recorded hold images, made at any frame count
     if manifest["settings"] != settings:
         changed = ", ".join(
@@ -210,9 +244,12 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
                 f"{folder}: prompt {item.prompt_index} was generated for {old!r}, not {item.prompt!r} "
                 "(another prompt set or file?); delete that folder or use another --out"
             )
-    todo = [item for item in items if not sample_path(out, model, item).is_file()]
+    damage = {item: _sample_damage(sample_path(out, model, item)) for item in items}
+    for problem in filter(None, damage.values()):
+        log.warning("%s; generating it again", problem)
+    todo = [item for item in items if damage[item] or not sample_path(out, model, item).is_file()]
     if not todo:
-        return 0
+        return []
     # Record the prompts before any image exists, so that every image on disk has its prompt on record.
     recorded.update({str(item.prompt_index): item.prompt for item in todo})
     atomic_write_json(manifest_path, manifest)
@@ -232,7 +269,7 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
             bar.update(len(chunk))
     del pipe
     _free_memory()
-    return len(todo)
+    return todo
 
 
 def _normalized(path: str | None) -> str | None:
@@ -250,25 +287,41 @@ def _free_memory() -> None:
 
 def score_all(
     models: Sequence[ModelSpec], items: Sequence[Item], set_name: str, metrics: Sequence[str], out: Path,
-    identities: dict[str, dict], *, scorer_batch_size: int, device: str,
+    identities: dict[str, dict], *, scorer_batch_size: int, device: str, generated: Collection[tuple] = (),
 ) -> list[dict]:
-    """Rows of ``scores.csv`` for every (model, item), cached scores reused, the rest computed metric by metric."""
+    """Rows of ``scores.csv`` for every (model, item), cached scores reused, the rest computed metric by metric.
+
+    ``generated``: ``(model name, prompt index, seed)`` of the images made by this call, whose
+    cached scores (of an image since lost) do not count. The rows ``scores.csv`` holds for other
+    models, seeds or prompt sets are written back as they were; their cells of a metric whose
+    scorer changed are emptied, so that every score in the file is one of the scorer
+    ``scorers.json`` names.
+    """
     from tqdm.auto import tqdm
 
     csv_path, ident_path = out / "scores.csv", out / "scorers.json"
-    cached_ident = json.loads(ident_path.read_text()) if ident_path.is_file() else {}
+    cached_ident = read_json(ident_path, what="the scorer record", shape={str: dict}, fix="its scores are computed again", default={}, cache=True)
     valid = [m for m in metrics if cached_ident.get(m) == identities[m]]
     columns = {m: metric_columns(m) for m in metrics}
-    cache = _read_scores(csv_path)
+    old_columns, cache = read_scores(csv_path)
+    ours = [c for m in metrics for c in columns[m]]
     rows = []
     for model in models:
         for item in items:
             row = {"model": model.name, "prompt_set": set_name, "category": item.category or "",
                    "prompt_index": item.prompt_index, "seed": item.seed, "prompt": item.prompt}
-            old = cache.get((model.name, set_name, item.prompt_index, item.seed))
-            if old is not None and old["prompt"] == item.prompt:
-                row |= {c: float(old[c]) for m in valid for c in columns[m] if old.get(c) not in (None, "")}
+            old = cache.pop(_row_key(row), None)
+            if old is not None and old["prompt"] == item.prompt and (model.name, item.prompt_index, item.seed) not in generated:
+                row |= {c: old[c] for c in old_columns if c not in ours}  # other metrics' scores of the same image, as they were
+                row |= _cached_scores(old, [c for m in valid for c in columns[m]], csv_path)
             rows.append(row)
+    kept = list(cache.values())
+    for metric in metrics:
+        if metric not in valid:
+            for row in kept:
+                row.update(dict.fromkeys(columns[metric], ""))
+    others = {m: i for m, i in cached_ident.items() if m not in metrics}  # the scorers of the kept rows' other columns
+    all_columns = [*ours, *old_columns]
 
     done = list(valid)
     for metric in metrics:
@@ -300,13 +353,13 @@ def score_all(
                 bar.update(len(chunk))
         del scorer
         _free_memory()
-        # scorers.json never claims a column that scores.csv does not hold complete: drop, write, claim.
-        atomic_write_json(ident_path, {m: identities[m] for m in done if m != metric})
-        _write_scores(csv_path, rows, [c for m in metrics for c in columns[m]])
+        # scorers.json never claims a column that scores.csv does not hold from that scorer: drop, write, claim.
+        atomic_write_json(ident_path, others | {m: identities[m] for m in done if m != metric})
+        write_scores(csv_path, [*rows, *kept], all_columns)
         done.append(metric)
-        atomic_write_json(ident_path, {m: identities[m] for m in done})
-    _write_scores(csv_path, rows, [c for m in metrics for c in columns[m]])
-    atomic_write_json(ident_path, {m: identities[m] for m in metrics})
+        atomic_write_json(ident_path, others | {m: identities[m] for m in done})
+    write_scores(csv_path, [*rows, *kept], all_columns)
+    atomic_write_json(ident_path, others | {m: identities[m] for m in metrics})
     return rows
 
 
@@ -320,22 +373,65 @@ def _parse_options(options: dict[str, str]) -> dict:
     return parsed
 
 
-def _read_scores(path: Path) -> dict[tuple, dict]:
+def _row_key(row: Mapping) -> tuple:
+    """What a row of ``scores.csv`` is the scores of: (model, prompt set, prompt index, seed)."""
+    return row["model"], row["prompt_set"], int(row["prompt_index"]), int(row["seed"])
+
+
+def read_scores(path: Path) -> tuple[list[str], dict[tuple, dict]]:
+    """The score columns of a scores file, and its rows (of strings) by :func:`_row_key`, in file order.
+
+    A file cut short, bytes that are not UTF-8, or a row without its key or with a cell too many or
+    too few damage only their rows: those are left out with a warning naming the file and the
+    line, and their scores computed again when their model is evaluated again.
+    """
     if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        return [], {}
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        return {(r["model"], r["prompt_set"], int(r["prompt_index"]), int(r["seed"])): r for r in rows}
-    except (KeyError, ValueError, TypeError):
-        log.warning("ignoring %s: not a scores file this version wrote", path)
-        return {}
+        header = next(reader, [])
+        records = [(reader.line_num, record) for record in reader]
+    except csv.Error as exc:
+        log.warning("score cache %s is damaged (%s); every score is computed again", path, exc)
+        return [], {}
+    if header[: len(KEY_COLUMNS)] != list(KEY_COLUMNS):
+        log.warning("score cache %s is damaged (its first line is not the header sspo writes); every score is computed again", path)
+        return [], {}
+    if records and not text.endswith("\n"):
+        records[-1] = (records[-1][0], [])  # cut short: its last cell may be a prefix of the number written
+    rows = {}
+    for line, record in records:
+        row = dict(zip(header, record))
+        try:
+            key = _row_key(row) if len(record) == len(header) else None
+        except ValueError:
+            key = None
+        if key is None or "\ufffd" in "".join(record[: len(KEY_COLUMNS)]):
+            log.warning("score cache %s: leaving out line %d, damaged; its scores are computed again", path, line)
+            continue
+        rows[key] = row
+    return header[len(KEY_COLUMNS) :], rows
 
 
-def _write_scores(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+def _cached_scores(row: dict, columns: Sequence[str], path: Path) -> dict[str, float]:
+    """The cells of ``columns`` in a cached row that hold numbers (an empty or damaged cell is computed again)."""
+    scores = {}
+    for column in columns:
+        try:
+            scores[column] = float(row[column])
+        except (KeyError, ValueError):
+            if row.get(column):
+                log.warning("score cache %s: %s of %s, prompt %s, seed %s is not a number (%r); computing it again",
+                            path, column, row["model"], row["prompt_index"], row["seed"], row[column])
+    return scores
+
+
+def write_scores(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """``rows`` as a scores file: the key columns, then ``columns`` (each once, in order)."""
     with atomic_path(path) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *columns], restval="")
+            writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *dict.fromkeys(columns)], restval="")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})

@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-videos", metavar="DIR", help="with --videos: each prompt's reference clip (<prompt_index>.<ext>), for fid, fvd and psnr")
     p.add_argument("--lora", action="append", help="LoRA folder per --model, in order (none: no LoRA)")
     p.add_argument("--name", action="append", help="row label per --model (or --videos), in order")
-    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval); a re-run adds to it: scores.csv keeps the rows of "
+                   "models and seeds this call does not ask for, summary.md/.json, reward_hist.png and grid.png show this call's models")
     _add_eval_arguments(p)
     p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat. "
                    "With --videos: a video metric's TorchScript backbone (fid=pixels: exact shapes-world features)")

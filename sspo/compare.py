@@ -20,7 +20,6 @@ its arm, settings and seed, so a re-run with a wider grid trains an arm anew whe
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from PIL import Image
 from .config import load_config
 from .errors import ConfigError
 from .evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, read_json
 from .methods import METHODS, Method
 from .models.names import resolve_model
 from .plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
@@ -85,8 +84,9 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     """Train (or reuse / resume) one arm for one seed and evaluate it; cached in ``eval.json``."""
     cfg = arm_config(config, arm, seed, run_dir, extra)
     cached = run_dir / "eval.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
+    summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
+    if summary is not None:
+        return summary
     base = resolve_model(cfg.model.pretrained)
     if arm == "base":
         model, lora = base, None

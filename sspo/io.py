@@ -1,13 +1,26 @@
-"""Atomic file writes: output is written to a temporary name and renamed, never left half-written."""
+"""Files sspo writes and reads back.
+
+Writes are atomic: output is written to a temporary name and renamed, never left half-written.
+Every file sspo reads back from a run folder, an eval folder or a cache goes through
+:func:`read_json`, :func:`read_jsonl`, :func:`read_tensors`, :func:`open_tensors` or
+:func:`check_image`: a file that does not parse, is cut short or holds the wrong shape of data is a
+:class:`DamagedFileError` naming the file and the way out, never a traceback from a parser. A caller
+whose file is a cache catches it and computes the entry again.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import SSPOError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -69,12 +82,163 @@ def sort_safetensors_metadata(path: str | Path) -> None:
         tmp.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
 
 
-def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+class DamagedFileError(SSPOError):
+    """A file sspo wrote cannot be read back as written. ``problem`` names the file and what is wrong
+    with it; ``fix`` says what to do about it."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix = problem, fix
+
+
+_NO_DEFAULT = object()
+_KINDS = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+
+# A shape is what the JSON must hold: a type (int also takes no bool, float takes an int), a list
+# of one shape (every item), a mapping of required keys to shapes, or {str: shape} (every value).
+
+
+def _kind(value) -> str:
+    return next((name for kind, name in reversed(_KINDS.items()) if isinstance(value, kind)), type(value).__name__)
+
+
+def shape_problem(value, shape, where: str = "") -> str | None:
+    """What in ``value`` does not have ``shape`` (see above), or None."""
+    if isinstance(shape, type):
+        fits = isinstance(value, (int, float) if shape is float else shape) and not (shape in (int, float) and isinstance(value, bool))
+        return None if fits else f"{where or 'the top level'} is {_kind(value)}, not {_KINDS.get(shape, shape.__name__)}"
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return shape_problem(value, list, where)
+        return next((p for i, item in enumerate(value) if (p := shape_problem(item, shape[0], f"{where}[{i}]"))), None)
+    if not isinstance(value, dict):
+        return shape_problem(value, dict, where)
+    if list(shape) == [str]:
+        return next((p for key, item in value.items() if (p := shape_problem(item, shape[str], f"{where}[{key!r}]"))), None)
+    for key, sub in shape.items():
+        at = f"{where}.{key}" if where else key
+        if key not in value:
+            return f"{at} is missing"
+        if problem := shape_problem(value[key], sub, at):
+            return problem
+    return None
+
+
+def _read_text(path: Path, what: str, fix: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DamagedFileError(f"{what} {path} is damaged (not UTF-8 text at byte {exc.start})", fix) from None
+    except OSError as exc:
+        raise DamagedFileError(f"{what} {path} cannot be read ({exc.strerror or exc})", fix) from None
+
+
+def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
+    if not text.strip():
+        return "empty"
+    cut = " (cut short?)" if exc.pos >= len(text.rstrip()) else ""
+    return f"not valid JSON{cut}: {exc.msg} at line {exc.lineno} column {exc.colno}"
+
+
+def read_json(path: str | Path, *, what: str, fix: str, shape=dict, default=_NO_DEFAULT, cache: bool = False) -> Any:
+    """The JSON value in ``path``, checked to have ``shape``.
+
+    ``what`` names the file in messages ("the pool index"), ``fix`` is the way out. A missing file
+    gives ``default`` (an error without one). With ``cache``, a damaged file gives ``default`` too,
+    with a warning that it is computed again.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if default is _NO_DEFAULT:
+            raise DamagedFileError(f"{what} {path} is missing", fix)
+        return default
+    try:
+        text = _read_text(path, what, fix)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DamagedFileError(f"{what} {path} is damaged ({_json_problem(text, exc)})", fix) from None
+        if problem := shape_problem(value, shape):
+            raise DamagedFileError(f"{what} {path} is damaged ({problem})", fix)
+    except DamagedFileError as exc:
+        if not cache or default is _NO_DEFAULT:
+            raise
+        log.warning("%s; computing it again", exc.problem)
+        return default
+    return value
+
+
+def read_jsonl(path: str | Path, *, what: str = "the log", fix: str = "delete the named line, or the file", shape=dict) -> list:
+    """The rows of a JSON-lines log, each checked to have ``shape``; none if it does not exist yet.
+
+    A last line without its newline that does not parse is a write cut short (the process was
+    killed while logging): it is left out with a warning, as if it had never been written.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = _read_text(path, what, fix)
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # no newline after it
+                log.warning("%s %s: leaving out its last line, cut short (%s)", what, path, exc.msg)
+                continue
+            raise DamagedFileError(f"{what} {path} is damaged (line {number} is not valid JSON: {exc.msg})", fix) from None
+        if problem := shape_problem(row, shape):
+            raise DamagedFileError(f"{what} {path} is damaged (line {number}: {problem})", fix)
+        rows.append(row)
+    return rows
+
+
+def _tensor_errors():
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError, ValueError)
+
+
+def read_tensors(path: str | Path, *, what: str, fix: str, device: str = "cpu") -> dict:
+    """Every tensor of the safetensors file ``path``."""
     from safetensors.torch import load_file
 
-    return load_file(str(path), device=device)
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{what} {path} is missing", fix)
+    try:
+        return load_file(str(path), device=device)
+    except _tensor_errors() as exc:
+        raise DamagedFileError(f"{what} {path} is damaged ({str(exc).splitlines()[0]})", fix) from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines log; none if it does not exist yet."""
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def open_tensors(path: str | Path, *, what: str, fix: str):
+    """``(safe_open handle, metadata)`` of the safetensors file ``path``: its header read, the tensors
+    mapped, not yet read."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{what} {path} is missing", fix)
+    try:
+        handle = safe_open(str(path), framework="pt")
+        return handle, handle.metadata() or {}
+    except _tensor_errors() as exc:
+        raise DamagedFileError(f"{what} {path} is damaged ({str(exc).splitlines()[0]})", fix) from None
+
+
+def check_image(path: str | Path, *, what: str, fix: str) -> None:
+    """That ``path`` is a whole image file (PIL's check of its structure and checksums, no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{what} {path} is missing", fix)
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL reports a bad chunk as SyntaxError
+        raise DamagedFileError(f"{what} {path} is damaged ({exc})", fix) from None

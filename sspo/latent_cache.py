@@ -11,7 +11,7 @@ sizes and times of the data files), ``shard-00000.safetensors``, ... of ``SHARD_
 in the metadata), and ``index.json``, written once every shard is there. By default the folder is
 ``$SSPO_CACHE/latents/<hash of key.json>``, so runs that encode the same rows the same way share
 it whatever their method or output folder. Shards are written atomically: an interrupted build
-keeps its finished shards and resumes. Several processes build their shares of the shards, then
+keeps its finished shards and resumes; a damaged shard or index is encoded or written again. Several processes build their shares of the shards, then
 all read the whole cache, so the folder must be on a file system they all see.
 
 Row ``i`` of the cache is what ``dataset[i]`` serves (an unreadable row's replacement included),
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .data import collate
 from .errors import ConfigError
 from .faults import fault_point
-from .io import atomic_write_json, save_tensors
+from .io import DamagedFileError, atomic_write_json, open_tensors, read_json, save_tensors
 from .models.pipeline import TextCondition, encode_images, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ KEY_FILE, INDEX_FILE = "key.json", "index.json"
 _COND_FIELDS = tuple(f.name for f in dataclasses.fields(TextCondition))
 _DATA_SUFFIXES = {".parquet", ".arrow", ".json", ".jsonl", ".csv"}
 _ENCODERS = ("vae", "text_encoder", "text_encoder_2")
+INDEX_SHAPE = {"rows": int, "shard_rows": int, "has_losers": bool, "key": dict}
 
 
 @torch.no_grad()
@@ -123,7 +124,7 @@ class LatentCache:
         index_file = self.root / INDEX_FILE
         if not index_file.is_file():
             raise ConfigError(f"config key 'data.cache_dir': {self.root} has no complete latent cache (no {INDEX_FILE})")
-        index = json.loads(index_file.read_text())
+        index = read_json(index_file, what="the latent cache index", shape=INDEX_SHAPE, fix=_REBUILD)
         if key is not None:
             _check_key(self.root, index["key"], key)
         self.rows_total, self.shard_rows = index["rows"], index["shard_rows"]
@@ -135,10 +136,7 @@ class LatentCache:
 
     def _shard(self, number: int):
         if number not in self._shards:
-            from safetensors import safe_open
-
-            handle = safe_open(str(self.root / _shard_name(number)), framework="pt")
-            self._shards[number] = (handle, json.loads(handle.metadata()["prompts"]), handle.keys())
+            self._shards[number] = _open_shard(self.root / _shard_name(number))
         return self._shards[number]
 
     def rows(self, indices: Sequence[int]) -> tuple[list[str], TextCondition, torch.Tensor, torch.Tensor | None]:
@@ -168,9 +166,13 @@ class LatentCache:
 
             state = PartialState()
         root = Path(root)
+        if state.is_main_process:
+            _drop_damaged(root)
+        state.wait_for_everyone()
         if not (root / INDEX_FILE).is_file():
             if (root / KEY_FILE).is_file():
-                _check_key(root, json.loads((root / KEY_FILE).read_text()), key)
+                found = read_json(root / KEY_FILE, what="the latent cache key", fix=f"delete {root} to encode the latents again")
+                _check_key(root, found, key)
             elif state.is_main_process:
                 atomic_write_json(root / KEY_FILE, key)
             shards = math.ceil(len(dataset) / shard_rows)
@@ -189,8 +191,43 @@ class LatentCache:
         return cls(root, key)
 
 
+_REBUILD = "delete it: the next run writes it again"
+
+
 def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
+
+
+def _open_shard(path: Path) -> tuple:
+    """``(safe_open handle, prompts, tensor names)`` of a shard."""
+    handle, metadata = open_tensors(path, what="latent cache shard", fix=_REBUILD)
+    try:
+        prompts = json.loads(metadata["prompts"])
+    except (KeyError, ValueError):
+        raise DamagedFileError(f"latent cache shard {path} is damaged (no list of prompts in its metadata)", _REBUILD) from None
+    if not isinstance(prompts, list) or "winners" not in handle.keys():
+        raise DamagedFileError(f"latent cache shard {path} is damaged (not a shard this version wrote)", _REBUILD)
+    return handle, prompts, handle.keys()
+
+
+def _drop_damaged(root: Path) -> None:
+    """Delete the cache's damaged shards and index (with a warning naming each): the build writes them again."""
+    damaged = []
+    for path in sorted(root.glob("shard-*.safetensors")):
+        try:
+            _open_shard(path)
+        except DamagedFileError as exc:
+            damaged += [(path, exc.problem)]
+    try:
+        read_json(root / INDEX_FILE, what="the latent cache index", shape=INDEX_SHAPE, fix=_REBUILD, default=None)
+    except DamagedFileError as exc:
+        damaged += [(root / INDEX_FILE, exc.problem)]
+    if any(path.name != INDEX_FILE for path, _ in damaged):  # the index says every shard is there
+        damaged.append((root / INDEX_FILE, None))
+    for path, problem in damaged:
+        if problem:
+            log.warning("%s; %s it again", problem, "writing" if path.name == INDEX_FILE else "encoding")
+        path.unlink(missing_ok=True)
 
 
 def _write_shard(pipe, dataset, rows: range, path: Path, device, batch_size: int, resolution: int) -> None:

@@ -2,21 +2,25 @@
 
 The pool starts as ``{theta_0}`` and grows by one checkpoint per iteration. Each entry is a
 safetensors file in the run directory (a LoRA adapter, megabytes, or a full UNet state dict),
-so the pool survives a restart; only one entry is loaded at a time.
+so the pool survives a restart; only one entry is loaded at a time. ``pool.json`` lists them; it
+only indexes the files (each records its step), so a damaged one is rebuilt from them.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 from pathlib import Path
 
 import torch
 
 from .faults import fault_point
-from .io import atomic_write_json, load_tensors, save_tensors
+from .io import DamagedFileError, atomic_write_json, open_tensors, read_json, read_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 ERD_STRATEGIES = ("uniform", "initial", "last")
+INDEX_SHAPE = {"entries": [{"file": str, "step": int}]}
 
 
 class CheckpointPool:
@@ -24,7 +28,23 @@ class CheckpointPool:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         index = self.root / "pool.json"
-        self.entries: list[dict] = json.loads(index.read_text())["entries"] if index.is_file() else []
+        try:
+            recorded = read_json(index, what="the checkpoint pool index", fix="it is rebuilt from the checkpoint files", shape=INDEX_SHAPE, default=None)
+        except DamagedFileError as exc:
+            log.warning("%s; rebuilding it from the checkpoint files", exc.problem)
+            recorded = None
+        self.entries: list[dict] = recorded["entries"] if recorded is not None else self._entries_on_disk()
+
+    def _entries_on_disk(self) -> list[dict]:
+        """The entries of the consecutive readable checkpoint files, as :meth:`add` recorded them."""
+        entries = []
+        while (path := self.root / _file_name(len(entries))).is_file():
+            try:
+                _, metadata = open_tensors(path, what="pool checkpoint", fix="the index ends before it")
+                entries.append({"file": path.name, "step": int(metadata["step"])})
+            except (DamagedFileError, KeyError, ValueError):
+                break  # a resume names a damaged file its state depends on
+        return entries
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -32,7 +52,7 @@ class CheckpointPool:
     def add(self, state_dict: dict[str, torch.Tensor], step: int) -> int:
         """Store a checkpoint (taken after ``step`` optimizer steps); returns its pool index."""
         index = len(self.entries)
-        name = f"checkpoint-{index:03d}.safetensors"
+        name = _file_name(index)
         save_tensors(state_dict, self.root / name, metadata={"step": str(step)})
         fault_point("pool_write")
         self.entries.append({"file": name, "step": step})
@@ -59,7 +79,12 @@ class CheckpointPool:
         raise ValueError(f"erd must be one of {ERD_STRATEGIES}, got {strategy!r}")
 
     def load(self, index: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return load_tensors(self.root / self.entries[index]["file"], device=str(device))
+        return read_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}", device=str(device),
+                            fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
 
     def steps(self) -> list[int]:
         return [entry["step"] for entry in self.entries]
+
+
+def _file_name(index: int) -> str:
+    return f"checkpoint-{index:03d}.safetensors"

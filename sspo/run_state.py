@@ -47,6 +47,16 @@ def manifest_problems(root: Path, recorded: dict[str, dict]) -> list[str]:
     return problems
 
 
+STATE_SHAPE = {"global_step": int, "pool_size": int, "files": {str: {"size": int, "sha256": str}}, "pool_files": {str: {"size": int, "sha256": str}}}
+
+
+def read_state(path: Path) -> dict:
+    """A resumable state's state file, checked to hold what a resume reads (a DamagedFileError if not)."""
+    from .io import read_json
+
+    return read_json(path, what="the resumable state", shape=STATE_SHAPE, fix="restore it, or train without --resume to start again")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """``{'a.b': value}`` of a nested dict; tuples become lists, as a YAML round trip makes them."""
     flat = {}

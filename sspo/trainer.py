@@ -38,7 +38,7 @@ from .config import load_yaml, save_yaml
 from .data import load_dataset_from_config
 from .errors import ConfigError, DataError, TrainingError
 from .faults import fault_point
-from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .io import DamagedFileError, atomic_write_json, atomic_write_text, read_jsonl
 from .latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from .losses import sft_loss, sspo_loss
 from .methods import METHODS
@@ -49,7 +49,7 @@ from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
 from .run_lock import RunLock
-from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems
+from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems, read_state
 from .ssr_truth import FILE as SSR_TRUTH_FILE
 from .ssr_truth import SSRTruth
 from .train_config import TrainConfig, check_environment
@@ -531,9 +531,9 @@ class Trainer:
         damaged = []
         for state_dir in reversed(saved_states(self.run_dir)):
             try:
-                state = json.loads((state_dir / STATE_FILE).read_text())
-            except ValueError:
-                damaged.append(f"{state_dir / STATE_FILE} is not valid JSON")
+                state = read_state(state_dir / STATE_FILE)
+            except DamagedFileError as exc:
+                damaged.append(exc.problem)
                 continue
             problems = manifest_problems(state_dir, state.get("files", {}))
             if self.pool is not None:
@@ -549,17 +549,18 @@ class Trainer:
         return None
 
     def _load_state(self, state_dir: Path) -> None:
-        state = json.loads((state_dir / STATE_FILE).read_text())
+        state = read_state(state_dir / STATE_FILE)
         self.accelerator.load_state(str(state_dir))
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
             for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
                 shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
-            for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE):
-                log_file = self.run_dir / name
-                kept = [row for row in read_jsonl(log_file) if row["step"] <= self.global_step]
-                atomic_write_text(log_file, "".join(json.dumps(row) + "\n" for row in kept))
+            logs = {name: read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
+                    for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)}  # every log read before any is rewritten
+            for name, rows in logs.items():
+                kept = [row for row in rows if row["step"] <= self.global_step]
+                atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in kept))
         if self.pool is not None:
             if self.accelerator.is_main_process:
                 self.pool.truncate(state["pool_size"])

@@ -6,7 +6,8 @@ its images); fid, fvd and psnr also need the prompt's reference clip ``<prompt_i
 the reference folder. Clips are read with :func:`sspo.video_io.read_clip`: video files,
 multi-frame images or frame folders. Written under ``out``::
 
-    video_scores.csv     one row per generated clip: its per-clip metrics (psnr, mtscore, chscore)
+    video_scores.csv     one row per generated clip: its per-clip metrics (psnr, mtscore, chscore);
+                         the rows of models, seeds or prompt sets this call does not score stay
     video_summary.json   per model x category x metric: value, 95% interval and n
     video_summary.md     the table
     video_hist.png       the per-clip metrics' distributions, one histogram per model
@@ -15,7 +16,8 @@ Statistics. Per-clip metrics: each prompt's score is the mean over its seeds, th
 Student-t 95% interval over prompts, as for images. FID and FVD are one distance between two sets
 of features, the generated clips' and the references', over the group's prompts; their interval is
 a percentile bootstrap over prompts (the same resampled prompt sets for every model).
-Backbones are loaded one at a time; everything is recomputed on each run.
+Backbones are loaded one at a time; everything this call asks for is recomputed on each run, and
+the summary holds this call's models only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .benchmark_eval import ALL, ModelSpec, _free_memory, _json_safe, _parse_options, _write_scores, check_models, metric_tables, plot_reward_hist, summarize_rows
+from .benchmark_eval import (ALL, ModelSpec, _free_memory, _json_safe, _parse_options, _row_key, check_models, metric_tables, plot_reward_hist, read_scores,
+                             summarize_rows, write_scores)
 from .errors import DataError, ModelError, SSPOError
 from .evaluate import PROMPT_SETS, EvalConfig, select_prompts
 from .io import atomic_write_json, atomic_write_text
@@ -138,7 +141,10 @@ def run_video_eval(
         "fid, fvd: the distance over all of the group's clips, 95% percentile bootstrap interval over prompts",
         "results": results,
     }
-    _write_scores(out / "video_scores.csv", rows, per_clip)
+    old_columns, kept = read_scores(out / "video_scores.csv")
+    for row in rows:
+        kept.pop(_row_key(row), None)
+    write_scores(out / "video_scores.csv", [*rows, *kept.values()], [*per_clip, *old_columns])
     atomic_write_json(out / "video_summary.json", _json_safe(summary))
     atomic_write_text(out / "video_summary.md", format_video_summary(summary))
     if per_clip:

@@ -1,10 +1,18 @@
-import json
+"""sspo/io.py: safetensors headers made byte-identical; readers that turn a damaged file into one
+DamagedFileError naming it and the way out."""
 
+import json
+import logging
+
+import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sspo.io import sort_safetensors_metadata
+from sspo.errors import SSPOError
+from sspo.io import (DamagedFileError, check_image, open_tensors, read_json, read_jsonl, read_tensors, save_tensors, shape_problem,
+                     sort_safetensors_metadata)
 
 METADATA = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 4, "target_modules": ["to_k", "to_q"]}, indent=2)}
 TENSORS = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3, dtype=torch.float16)}
@@ -42,3 +50,92 @@ def test_sorting_an_already_sorted_header_changes_no_byte(tmp_path):
     written = path.read_bytes()
     sort_safetensors_metadata(path)
     assert path.read_bytes() == written
+
+
+SHAPE = {"entries": [{"file": str, "step": int}], "sizes": {str: float}}
+GOOD = {"entries": [{"file": "a", "step": 1}], "sizes": {"a": 1.5, "b": 2}}
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty"),
+    (json.dumps(GOOD)[:20], "not valid JSON (cut short?)"),
+    ("\x00\x01garbage", "not valid JSON: Expecting value at line 1 column 1"),
+    ("[1, 2]", "the top level is a list, not a mapping"),
+    ('{"entries": []}', "sizes is missing"),
+    ('{"entries": [{"file": "a", "step": "1"}], "sizes": {}}', "entries[0].step is a string, not an integer"),
+    ('{"entries": [{"file": "a", "step": true}], "sizes": {}}', "entries[0].step is true or false, not an integer"),
+    ('{"entries": [], "sizes": {"a": null}}', "sizes['a'] is null, not a number"),
+])
+def test_read_json_names_the_file_what_is_wrong_and_the_way_out(text, problem, tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text(text)
+    with pytest.raises(DamagedFileError) as caught:
+        read_json(path, what="the index", fix="delete it", shape=SHAPE)
+    assert str(caught.value) == f"the index {path} is damaged ({problem}" + str(caught.value).partition(problem)[2]
+    assert str(caught.value).endswith("; delete it") and "\n" not in str(caught.value)
+    assert isinstance(caught.value, SSPOError) and caught.value.fix == "delete it"
+
+
+def test_read_json_reads_what_fits_and_handles_missing_and_cached_files(tmp_path, caplog):
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(GOOD))
+    assert read_json(path, what="the index", fix="", shape=SHAPE) == GOOD
+    assert read_json(tmp_path / "none.json", what="the index", fix="", default=7) == 7
+    with pytest.raises(DamagedFileError, match=r"the index .*none.json is missing; restore it"):
+        read_json(tmp_path / "none.json", what="the index", fix="restore it")
+    path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(DamagedFileError, match=r"is damaged \(not UTF-8 text at byte 0\)"):
+        read_json(path, what="the index", fix="")
+    with caplog.at_level(logging.WARNING):
+        assert read_json(path, what="the cache", fix="", default={}, cache=True) == {}
+    assert f"the cache {path} is damaged" in caplog.text and "computing it again" in caplog.text
+
+
+def test_read_jsonl_leaves_out_a_last_line_cut_short_and_names_any_other_damage(tmp_path, caplog):
+    path = tmp_path / "log.jsonl"
+    assert read_jsonl(path) == []
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed while writing step 3
+    with caplog.at_level(logging.WARNING):
+        assert read_jsonl(path, shape={"step": int}) == [{"step": 1}, {"step": 2}]
+    assert "leaving out its last line, cut short" in caplog.text
+    path.write_text('{"step": 1}\n{"step": 2')  # the last line is whole when it parses, newline or not
+    assert read_jsonl(path) == [{"step": 1}]
+    path.write_text('{"step": 1}\n{"step": 2}')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
+    with pytest.raises(DamagedFileError, match=r"the log .*log.jsonl is damaged \(line 2 is not valid JSON: .*\); fix it"):
+        read_jsonl(path, fix="fix it")
+    path.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(DamagedFileError, match=r"line 2: the top level is a list, not a mapping"):
+        read_jsonl(path)
+    path.write_text('{"step": 1}\n{"loss": 2}\n')
+    with pytest.raises(DamagedFileError, match=r"line 2: step is missing"):
+        read_jsonl(path, shape={"step": int})
+
+
+def test_shape_problem_walks_nested_shapes():
+    assert shape_problem(GOOD, SHAPE) is None
+    assert shape_problem({"a": [1, 2.5]}, {"a": [float]}) is None
+    assert shape_problem({"a": [1, "x"]}, {"a": [float]}) == "a[1] is a string, not a number"
+    assert shape_problem(3, dict) == "the top level is an integer, not a mapping"
+
+
+def test_tensor_and_image_readers_name_a_damaged_file(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_tensors({"w": torch.arange(100.0)}, path, metadata={"step": "3"})
+    assert torch.equal(read_tensors(path, what="weights", fix="")["w"], torch.arange(100.0))
+    assert open_tensors(path, what="weights", fix="")[1] == {"step": "3"}
+    path.write_bytes(path.read_bytes()[:-40])
+    for read in (read_tensors, open_tensors):
+        with pytest.raises(DamagedFileError, match=rf"weights {path} is damaged \(.*\); train again"):
+            read(path, what="weights", fix="train again")
+    with pytest.raises(DamagedFileError, match="is missing"):
+        read_tensors(tmp_path / "none.safetensors", what="weights", fix="")
+
+    image = tmp_path / "i.png"
+    Image.new("RGB", (16, 16), "red").save(image)
+    check_image(image, what="sample", fix="")
+    for damaged in (image.read_bytes()[:-30], b"garbage"):
+        image.write_bytes(damaged)
+        with pytest.raises(DamagedFileError, match=rf"sample {image} is damaged \(.*\); generate it"):
+            check_image(image, what="sample", fix="generate it")

@@ -10,6 +10,7 @@ from test_trainer import metrics, tiny_config
 from sspo import latent_cache
 from sspo.config import apply_overrides, from_dict
 from sspo.errors import ConfigError
+from sspo.io import DamagedFileError
 from sspo.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.models.pipeline import load_pipeline
 from sspo.train_config import TrainConfig
@@ -67,6 +68,35 @@ def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, m
     assert live[0] == prompts
     torch.testing.assert_close(live[2], winners, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(live[1].embeds, cond.embeds, rtol=1e-4, atol=1e-5)
+
+
+def test_damaged_shards_and_index_are_encoded_and_written_again(quick_base, tmp_path, monkeypatch, caplog):
+    cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
+    pipe = load_pipeline(quick_base)
+    dataset = open_dataset(cfg)
+    key = cache_key(cfg, quick_base, pipe, len(dataset))
+    build = {"pipe": pipe, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+    full = LatentCache.build(**build).rows(range(24))
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    (tmp_path / "c" / "index.json").write_text("[]")
+    encoded = []
+
+    def counting(pipe, items, *args, **kwargs):
+        encoded.extend(item["index"] for item in items)
+        return encode_rows(pipe, items, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache, "encode_rows", counting)
+    cache = LatentCache.build(**build)
+    assert encoded == list(range(10, 20))
+    assert f"latent cache shard {shard} is damaged" in caplog.text and "the latent cache index" in caplog.text
+    again = cache.rows(range(24))
+    assert again[0] == full[0] and torch.equal(again[2], full[2]) and torch.equal(again[1].embeds, full[1].embeds)
+
+    (tmp_path / "c" / "index.json").unlink()
+    (tmp_path / "c" / "key.json").write_bytes(b"\x00garbage")
+    with pytest.raises(DamagedFileError, match=rf"the latent cache key {tmp_path / 'c' / 'key.json'} is damaged \(.*\); delete {tmp_path / 'c'} to encode"):
+        LatentCache.build(**build)
 
 
 def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):

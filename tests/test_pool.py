@@ -151,3 +151,32 @@ def test_truncate_noop_and_no_temp_files_left(tmp_path):
     pool.truncate(5)
     assert len(pool) == 2
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"entries": [{"file": "checkpoint-000.safetensors"}]}', b"[]", b"\x00\xff", None])
+def test_a_damaged_or_missing_index_is_rebuilt_from_the_checkpoint_files(damage, tmp_path):
+    filled(tmp_path / "pool", 3)
+    index = tmp_path / "pool" / "pool.json"
+    expected = json.loads(index.read_text())["entries"]
+    index.unlink() if damage is None else index.write_bytes(damage)
+    pool = CheckpointPool(tmp_path / "pool")
+    assert pool.entries == expected and pool.steps() == [0, 10, 20]
+    assert torch.equal(pool.load(2)["down.weight"], state(2.0)["down.weight"])
+
+
+def test_the_rebuilt_index_ends_before_an_unreadable_checkpoint(tmp_path):
+    filled(tmp_path / "pool", 3)
+    checkpoint = tmp_path / "pool" / "checkpoint-001.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:50])
+    (tmp_path / "pool" / "pool.json").write_text("garbage")
+    assert CheckpointPool(tmp_path / "pool").steps() == [0]
+
+
+def test_loading_a_damaged_checkpoint_names_it(tmp_path):
+    from sspo.io import DamagedFileError
+
+    pool = filled(tmp_path / "pool", 2)
+    checkpoint = tmp_path / "pool" / "checkpoint-001.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-20])
+    with pytest.raises(DamagedFileError, match=rf"pool checkpoint 1 {checkpoint} is damaged \(.*\); resume the run"):
+        pool.load(1)

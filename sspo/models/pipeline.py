@@ -156,16 +156,54 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
     if lora:
-        lora_path = Path(lora)
-        if not lora_path.exists():
-            raise ModelError(f"LoRA path {lora} does not exist")
+        lora_path = Path(lora).expanduser()
+        check_lora_path(lora_path)
         try:
             pipe.load_lora_weights(str(lora_path))
+        except OSError as exc:
+            raise ModelError(f"cannot read LoRA {lora}: {str(exc).splitlines()[0].strip()}; pass a LoRA folder ({LORA_FILE}) or weights file") from None
         except (RuntimeError, ValueError, KeyError) as exc:  # e.g. torch's size mismatch, many lines long
             raise ModelError(f"LoRA {lora} does not fit model {model}: {str(exc).splitlines()[-1].strip().rstrip('.')}; pass the base model the LoRA was trained on") from None
         _check_lora_loaded(pipe, lora_path, model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights looks for
+
+
+def check_lora_path(lora: Path) -> None:
+    """A LoRA path is a LoRA folder or file; sspo's other folders and files are named with what to pass instead."""
+    if not lora.exists():
+        raise ModelError(f"LoRA path {lora} does not exist")
+    folder = lora if lora.is_dir() else lora.parent
+    if (folder / "pool.json").is_file():
+        raise ModelError(f"LoRA path {lora} is in a training run's checkpoint pool (sspo's own format, not a LoRA diffusers loads); {_final_of(folder.parent)}")
+    if (folder / "trainer_state.json").is_file() or folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+        run = folder.parent if folder.name == "checkpoints" else folder.parent.parent
+        raise ModelError(f"LoRA path {lora} is in a training run's resumable states, not a LoRA; {_final_of(run)}")
+    if lora.is_dir():
+        if (lora / "model_index.json").is_file():
+            raise ModelError(f"LoRA path {lora} is a whole diffusers pipeline, not a LoRA; pass it as the model (--model {lora}) without a LoRA")
+        if not (lora / LORA_FILE).is_file() and ((lora / "config.yaml").is_file() or (lora / "final").is_dir()):
+            raise ModelError(f"LoRA path {lora} is a training run's folder; {_final_of(lora)}")
+        if not any(lora.glob("*.safetensors")) and not any(lora.glob("*.bin")):
+            raise ModelError(f"LoRA folder {lora} holds no LoRA weights ({LORA_FILE}); pass the folder save_lora_weights wrote (a run's final/) or the weights file")
+    file = lora / LORA_FILE if lora.is_dir() else lora
+    if file.suffix == ".safetensors" and file.is_file():
+        from ..io import open_tensors
+
+        open_tensors(file, what="LoRA weights", fix="pass an intact copy, or train the run again")
+
+
+def _final_of(run: Path) -> str:
+    """What to pass instead of a training run's folder ``run`` or a file in it."""
+    final = run / "final"
+    if (final / "model_index.json").is_file():
+        return f"the run trained the whole model: pass --model {final} without a LoRA"
+    if (final / LORA_FILE).is_file():
+        return f"pass its final LoRA: {final}"
+    return f"pass its final LoRA, {final}, once the run has finished (sspo train CONFIG --resume finishes it)"
 
 
 def _check_motion_adapter(model, adapter_name, adapter: dict, revision: str | None) -> None:
@@ -187,11 +225,14 @@ def _check_lora_loaded(pipe, lora: Path, model: str | Path) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    file = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
+    file = lora / LORA_FILE if lora.is_dir() else lora
     if not file.is_file() or file.suffix != ".safetensors":
         return  # another layout: diffusers' own checks are all there is
     saved = convert_unet_state_dict_to_peft({key.removeprefix("unet."): value for key, value in load_file(str(file)).items() if key.startswith("unet.")})
-    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_list_adapters()["unet"][-1])
+    adapters = pipe.get_list_adapters().get("unet")
+    if not adapters:
+        raise ModelError(f"LoRA {lora} holds no UNet LoRA weights that diffusers recognizes; pass a LoRA saved with save_lora_weights (a run's final/)")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapters[-1])
     misfits = [key for key, value in saved.items() if key not in loaded or not torch.equal(loaded[key].cpu().to(value.dtype), value)]
     if misfits:
         raise ModelError(f"LoRA {lora} does not fit model {model}: {len(misfits)} of its {len(saved)} UNet tensors (e.g. {misfits[0]}) have no place in its UNet; pass the base model the LoRA was trained on")

@@ -12,13 +12,13 @@ published weights load by renaming keys (:func:`imagereward_to_hf`); nothing is 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..io import read_json
 from .base import Scorer, from_pretrained, hf_from_state_dict, load_weights, resolve_file
 from .heads import LinearMLP
 from .preprocess import ClipTransform
@@ -190,6 +190,6 @@ class ImageRewardScorer(Scorer):
         source = path_or_id or IMAGEREWARD_REPO
         weights = load_weights(resolve_file(source, "ImageReward.pt", "ImageReward"), "ImageReward")
         beside = str(Path(source).expanduser().parent) if Path(source).expanduser().is_file() else source
-        med_config = json.loads(resolve_file(beside, "med_config.json", "ImageReward").read_text())
+        med_config = read_json(resolve_file(beside, "med_config.json", "ImageReward"), what="ImageReward's BLIP config", fix="pass an intact med_config.json beside the weights, or download it again")
         model = ImageRewardModel.from_published(weights, med_config)
         return cls(model, from_pretrained(AutoTokenizer, tokenizer, "ImageReward BERT tokenizer"), **kwargs)

@@ -14,14 +14,14 @@ Two recipes cover every scorer here:
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..io import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,7 +77,7 @@ class ClipTransform:
     @classmethod
     def from_processor_config(cls, path: str | None, default_size: int, **overrides) -> "ClipTransform":
         """Read ``preprocessor_config.json`` (transformers' CLIPImageProcessor fields); defaults without one."""
-        config = json.loads(Path(path).read_text()) if path else {}
+        config = read_json(path, what="the image processor config", fix="pass an intact preprocessor_config.json, or download it again") if path else {}
         size = _side(config.get("size"), default_size)
         fields = dict(
             size=size,
