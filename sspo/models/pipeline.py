@@ -233,7 +233,8 @@ def _check_lora_loaded(pipe, lora: Path, model: str | Path) -> None:
     if not adapters:
         raise ModelError(f"LoRA {lora} holds no UNet LoRA weights that diffusers recognizes; pass a LoRA saved with save_lora_weights (a run's final/)")
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapters[-1])
-    misfits = [key for key, value in saved.items() if key not in loaded or not torch.equal(loaded[key].cpu().to(value.dtype), value)]
+    # Compared in the pipeline's dtype: a LoRA saved in fp32 is loaded rounded into an fp16 pipeline.
+    misfits = [key for key, value in saved.items() if key not in loaded or not torch.equal(loaded[key].cpu(), value.to(loaded[key].dtype))]
     if misfits:
         raise ModelError(f"LoRA {lora} does not fit model {model}: {len(misfits)} of its {len(saved)} UNet tensors (e.g. {misfits[0]}) have no place in its UNet; pass the base model the LoRA was trained on")
 
