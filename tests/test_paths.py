@@ -17,7 +17,8 @@ def test_a_build_into_a_named_folder_leaves_no_lock_beside_it(tmp_path, monkeypa
     monkeypatch.setenv("SSPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "weights" / "shapes-base"
 
-    def build(cfg, output: Path) -> Path:
+    def build(cfg, *folders: Path) -> Path:  # the folder to build is the last argument
+        output = folders[-1]
         output.mkdir()
         (output / "model_index.json").write_text("{}")
         return output
