@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import check, setting, to_dict, validate
+from .errors import ConfigError
 from .models.pipeline import TextCondition, denoising_errors, encode_images
 from .models.tiny import TinySize, build_components, write_word_tokenizer
 from .paths import build_lock, cache_root
+from .run_folder import entry_list
 from .worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -148,36 +150,76 @@ def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConf
 PACKAGED_BASE = Path(__file__).resolve().parent / "weights" / "shapes-base"
 
 
+RECORD = "sspo_base.json"  # a built base's recipe: its config and cache key (save_base)
+
+
+def _record(folder: Path) -> dict | None:
+    """``folder``'s recipe record (None: there is no readable one)."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _built_from(folder: Path, cfg) -> bool:
+    return (_record(folder) or {}).get("cache_key") == cfg.cache_key() and (folder / "model_index.json").is_file()
+
+
 def packaged_base(cfg, packaged: Path = PACKAGED_BASE) -> Path | None:
     """The shipped base folder if it was built from ``cfg`` (same recipe version and settings)."""
-    info = packaged / "sspo_base.json"
-    if info.is_file() and json.loads(info.read_text()).get("cache_key") == cfg.cache_key():
-        return packaged
-    return None
+    return packaged if _built_from(packaged, cfg) else None
 
 
-def cached_build(cfg, build: Callable[[Any, Path], Path], name: str, packaged: Path, output: str | Path | None = None, force: bool = False) -> Path:
+def check_base_folder(output: Path, cfg, force: bool) -> None:
+    """Refuse to build into a folder that holds anything but a base sspo built, or (unless ``force``)
+    a base built with other settings: its files stay as they are."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"base folder {output} is a file, not a folder; choose an empty or new folder")
+    names, record = [p.name for p in output.iterdir()], _record(output)
+    if names and record is None:
+        raise ConfigError(f"base folder {output} holds files that are not an sspo base ({entry_list(names)}); choose an empty or new folder")
+    if names and record.get("cache_key") != cfg.cache_key() and not force:
+        saved, wanted = record.get("config") or {}, json.loads(json.dumps(to_dict(cfg)))
+        differences = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value] or ["another recipe version"]
+        raise ConfigError(f"base folder {output} holds a base built with other settings ({'; '.join(differences)}); choose another folder, or rebuild it there with --force")
+
+
+def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packaged: Path, output: str | Path | None = None, force: bool = False) -> Path:
     """A world's base folder: shipped in ``packaged``, cached as ``name-<size>-<key>``, or built now
-    by ``build(cfg, folder)``; ``force`` builds it even when shipped or cached."""
+    by ``build(cfg, staging, folder)``; ``force`` builds it even when shipped or cached.
+
+    A given ``output`` is checked before anything is built (:func:`check_base_folder`); ``build``
+    writes ``staging`` beside it and :func:`save_base` moves the finished base into place, so a
+    failed build leaves ``output`` as it was and no staging behind.
+    """
     from filelock import FileLock
 
     if output is None and not force and (shipped := packaged_base(cfg, packaged)):
         return shipped
-    output = Path(output) if output else cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
+    given = output is not None
+    output = Path(output) if given else cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(build_lock(output)):  # parallel test workers and runs share one build
-        if (output / "model_index.json").is_file() and not force:
+        if not force and _built_from(output, cfg):
             log.info("%s model cached at %s", name, output)
             return output
+        if given:  # a cache folder is sspo's own: a damaged or stale one is rebuilt
+            check_base_folder(output, cfg, force)
+        staging = output.with_name(f".{output.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
         # One thread: the build is then bitwise repeatable whatever the machine's thread setting
         # (float sums depend on how work is split), and the tiny models gain little from more;
         # on a busy 2-core machine two threads made it many times slower.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return build(cfg, output)
+            return build(cfg, staging, output)
         finally:
             torch.set_num_threads(threads)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
@@ -188,15 +230,13 @@ def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = 
     return cached_build(cfg, _build, "base", PACKAGED_BASE, output, force)
 
 
-def _build(cfg: BaseConfig, output: Path) -> Path:
+def _build(cfg: BaseConfig, staging: Path, output: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     started = time.time()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = TinySize.preset(cfg.size)
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     tokenizer = write_word_tokenizer(staging / "tokenizer", shapes.vocabulary())
     components = build_components(size, tokenizer, shapes.vocabulary(), seed=cfg.seed)
     vae = components["vae"]
@@ -226,7 +266,7 @@ def unit_variance_latents(vae, pixels: torch.Tensor, chunk: int) -> torch.Tensor
 def save_base(pipe, cfg, staging: Path, output: Path, started: float) -> Path:
     """Save a built base with its recipe (``sspo_base.json``) in ``staging``, then move it to ``output``."""
     pipe.save_pretrained(staging, safe_serialization=True)
-    (staging / "sspo_base.json").write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
+    (staging / RECORD).write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
     shutil.rmtree(output, ignore_errors=True)
     os.replace(staging, output)
     log.info("built %s in %.0f s at %s", type(pipe).__name__, time.time() - started, output)

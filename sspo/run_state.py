@@ -12,6 +12,14 @@ import hashlib
 from pathlib import Path
 from typing import Any, Iterable
 
+STATE_FILE = "trainer_state.json"  # in each resumable state's folder: its step, pool size and file manifests
+
+
+def saved_states(run_dir: Path) -> list[Path]:
+    """The folders of the complete resumable states in ``run_dir``, oldest first."""
+    return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+
+
 # Keys a resumed run may change without changing what it computes. `iterations` only extends
 # (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
 # would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for.

@@ -48,28 +48,23 @@ from .models.pipeline import denoising_errors, encode_unconditional, is_video, l
 from .pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from .pool import CheckpointPool
 from .reference import POLICY, ReferenceModel
-from .run_lock import RunLock
-from .run_state import HARMLESS_KEYS, config_differences, flatten, manifest, manifest_problems, read_state
+from .run_folder import check_output_dir, claimed, discard_previous, start_fresh
+from .run_state import HARMLESS_KEYS, STATE_FILE, config_differences, flatten, manifest, manifest_problems, read_state, saved_states
 from .ssr_truth import FILE as SSR_TRUTH_FILE
 from .ssr_truth import SSRTruth
 from .train_config import TrainConfig, check_environment
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
 
 
 def open_dataset(cfg: TrainConfig):
-    """The training data, checked against what ``cfg.method`` needs from it."""
+    """The training data, checked against what ``cfg.method`` needs from it and to hold a readable row."""
     dataset = load_dataset_from_config(cfg.data)
     if cfg.spec.needs_dataset_losers and not dataset.has_losers:
         others = "/".join(m.name for m in METHODS.values() if not m.needs_dataset_losers)
         raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
+    dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
     return dataset
-
-
-def saved_states(run_dir: Path) -> list[Path]:
-    """The folders of the complete resumable states in ``run_dir``, oldest first."""
-    return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -104,6 +99,8 @@ class Trainer:
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
+        if self.accelerator.is_main_process:  # before it writes anything there (the others may see its files)
+            check_output_dir(self.run_dir)
         self._check_distributed()
         if resume:
             self._check_resumed_config()
@@ -141,6 +138,11 @@ class Trainer:
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
         self.params = params
 
+        self.ssr_truth = None
+        if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
+            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pipe, self.train_scheduler, self.pair_builder, self.device)
+
+        # Nothing in the output folder is moved or rewritten before this point: data, model and optimizer are set up first.
         self.global_step = 0
         self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
         state_dir = self._resumable_state() if resume else None
@@ -148,10 +150,6 @@ class Trainer:
             self._load_state(state_dir)
         else:
             self._start_fresh()
-
-        self.ssr_truth = None
-        if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
-            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pipe, self.train_scheduler, self.pair_builder, self.device)
 
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")
@@ -455,13 +453,13 @@ class Trainer:
         return metrics
 
     def _start_fresh(self) -> None:
-        """Clear what an earlier run left in the output folder; the pool restarts as {theta_0}."""
+        """Set an earlier run in the output folder aside, deleted once this run saves its first state
+        (sspo/run_folder.py); the pool restarts as {theta_0}."""
+        self.accelerator.wait_for_everyone()  # every process has opened the earlier run's pool before it moves
         if self.accelerator.is_main_process:
-            for name in ("checkpoints", "metrics.jsonl", "validation.jsonl", "validation", "final"):
-                path = self.run_dir / name
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            start_fresh(self.run_dir)
             if self.pool is not None:
-                self.pool.truncate(0)
+                self.pool = CheckpointPool(self.pool.root)
                 with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):
                     self.pool.add(self.reference.policy_state(), step=0)  # theta_0
         self._sync_pool()
@@ -501,6 +499,7 @@ class Trainer:
                 shutil.rmtree(final, ignore_errors=True)
                 staging.rename(final)
         if self.accelerator.is_main_process:  # only now that the new state is complete may old ones go
+            discard_previous(self.run_dir)
             for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -638,13 +637,14 @@ def _postfix(metrics: dict) -> dict:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train ``cfg`` while holding its output folder's lock: a second run into a live run's folder is refused."""
+    """Train ``cfg`` in its output folder, checked and locked for the run (sspo/run_folder.py): a second run
+    into a live run's folder is refused, and a run that fails before its first saved state leaves the folder as it was."""
     check_environment(cfg)
     # The main process holds the lock; the others write nothing the main process does not wait for.
     # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
     # an accelerate state made before the Accelerator would miss the launch's CPU flag.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with RunLock(cfg.output_dir) if main_process else contextlib.nullcontext():
+    with claimed(cfg.output_dir) if main_process else contextlib.nullcontext():
         return Trainer(cfg, resume=resume).train()
 
 
@@ -655,6 +655,7 @@ def dry_run(cfg: TrainConfig) -> str:
     from .card import effective_batch, summarize
 
     check_environment(cfg)
+    check_output_dir(cfg.output_dir)
     dataset = open_dataset(cfg)
     name = cfg.model.pretrained
     if name.startswith(("shapes-base", "shapes-video-base")):

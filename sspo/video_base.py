@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -90,15 +89,13 @@ def build_video_base(cfg: VideoBaseConfig, output: str | Path | None = None, for
     return cached_build(cfg, _build, "video-base", PACKAGED_VIDEO_BASE, output, force)
 
 
-def _build(cfg: VideoBaseConfig, output: Path) -> Path:
+def _build(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
     from diffusers import AnimateDiffPipeline, AutoencoderKL, UNetMotionModel
 
     started = time.time()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = video_size(cfg.size)
-    staging = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     image_base = build_base(BaseConfig.preset(cfg.size))
     vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae")
     words = vocabulary()

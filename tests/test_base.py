@@ -124,3 +124,56 @@ def test_64px_preset_has_16x16_latents_and_its_own_cache_key():
     cfg = BaseConfig.preset("64px")
     assert cfg.size == "64px" and dataclasses.replace(cfg, size="default") == BaseConfig()
     assert cfg.cache_key() != BaseConfig().cache_key()
+
+
+def _no_build(monkeypatch):
+    import sspo.base
+
+    def build(*args):
+        raise AssertionError("a refused folder must be refused before anything is built")
+
+    monkeypatch.setattr(sspo.base, "_build", build)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def _one_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    return errors[0]
+
+
+def test_base_out_into_a_folder_of_user_files_is_refused_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    from sspo.cli import main
+
+    folder = tmp_path / "mine"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "photos" / "cat.jpg").write_bytes(bytes(range(256)))
+    (folder / "notes.txt").write_text("my notes\n")
+    before = _snapshot(folder)
+    _no_build(monkeypatch)
+    for force in ([], ["--force"]):  # --force rebuilds a base, never replaces a user's folder
+        assert main(["base", "--quick", "--out", str(folder), *force]) == 2
+        error = _one_error(capsys.readouterr().err)
+        assert f"base folder {folder} holds files that are not an sspo base (notes.txt, photos); choose an empty or new folder" in error
+        assert _snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging or lock left beside it
+
+
+def test_base_out_holding_a_base_of_another_size_is_refused(quick_base, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from sspo.cli import main
+
+    folder = tmp_path / "base"
+    shutil.copytree(quick_base, folder)
+    before = _snapshot(folder)
+    _no_build(monkeypatch)
+    assert main(["base", "--out", str(folder)]) == 2
+    error = _one_error(capsys.readouterr().err)
+    assert "holds a base built with other settings (size: 'quick' -> 'default'; " in error and error.endswith("rebuild it there with --force")
+    assert _snapshot(folder) == before
+    assert build_base(BaseConfig.preset("quick"), folder) == folder  # the same settings: cached, as it is
+    assert _snapshot(folder) == before

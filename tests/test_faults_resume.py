@@ -162,7 +162,7 @@ def test_resume_may_change_harmless_keys(reference, quick_base, tmp_path):
     assert results(run) == results(reference("sspo"))
 
 
-HOLD = "import sys, time\nfrom sspo.run_lock import RunLock\nRunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n"
+HOLD = "import sys, time\nfrom sspo.run_lock import RunLock\nlock = RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n"
 
 
 def test_a_second_train_into_a_live_runs_folder_is_refused_with_its_pid(reference, quick_base, tmp_path, capsys):

@@ -13,7 +13,7 @@ HOLD = textwrap.dedent(
     """
     import sys, time
     from sspo.run_lock import RunLock
-    RunLock(sys.argv[1]).acquire()
+    lock = RunLock(sys.argv[1]).acquire()  # held while referenced
     print("held", flush=True)
     time.sleep(60)
     """
@@ -41,9 +41,16 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with RunLock(tmp_path) as lock:
-        assert lock.path.read_text().strip() == str(os.getpid())
+        assert lock.holder() == str(os.getpid())
 
 
-def test_released_lock_can_be_taken_again(tmp_path):
+def test_released_lock_can_be_taken_again_and_leaves_no_file(tmp_path):
     RunLock(tmp_path).acquire().release()
     RunLock(tmp_path).acquire().release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(ConfigError, match=r"cannot write output_dir .*file/run: .*; choose a folder you can write to"):
+        RunLock(tmp_path / "file" / "run").acquire()

@@ -1,0 +1,160 @@
+"""Which folder a run may write, and how a new run replaces an earlier one there without losing it.
+
+``sspo train`` writes only into a folder it can tell is a run folder: a new or empty one, or one
+holding ``sspo-run.json`` (MANIFEST), which a run writes when it starts. Folders of runs from
+before the manifest are known by their layout: a ``config.yaml`` that reads as a TrainConfig, a
+run's output beside it, and nothing but entries a run writes. Any other folder that holds files
+is refused, so a mistyped ``output_dir`` (or an empty one: the current folder) cannot clear a
+user's files. In a run folder only the run's own entries (RUN_ENTRIES) are ever moved or deleted.
+
+A fresh start (no ``--resume``, or nothing to resume) deletes nothing up front: it moves the
+earlier run's entries into ``.sspo-previous`` (PREVIOUS) and deletes them only once the new run's
+first resumable state is complete. A run that fails before then (a bad setting, a diverging first
+step, Ctrl-C) leaves the folder as it found it: the earlier run back in place, none of its own
+files (manifest, lock, config, logs), and no folder it created. A start killed before its first
+state (SIGKILL) leaves the earlier run in PREVIOUS; the next run into the folder puts it back
+before anything else, as if that start had failed (so ``--resume`` then resumes the earlier run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .config import load_config
+from .errors import ConfigError, SSPOError
+from .io import atomic_write_json
+from .run_lock import HOLDER_FILE, LOCK_FILE, RunLock
+from .run_state import saved_states
+from .train_config import TrainConfig
+
+MANIFEST = "sspo-run.json"
+PREVIOUS = ".sspo-previous"
+_KIND, _VERSION = "sspo-run", 1
+# Everything a run writes into its folder; eval.json and showcase.png are sspo compare's scores of it.
+RUN_ENTRIES = frozenset({
+    MANIFEST, "config.yaml", "checkpoints", "pool", "final", "final.partial", "metrics.jsonl", "validation.jsonl",
+    "validation", "ssr_truth.jsonl", "logs", "eval.json", "showcase.png",
+})
+_LOCKS = frozenset({LOCK_FILE, HOLDER_FILE})
+_OUTPUTS = ("checkpoints", "pool", "final", "metrics.jsonl")  # a pre-manifest run holds at least one
+_TEMPORARY = re.compile(r"\..+\.tmp")  # sspo/io.py's atomic writes, left by a killed run
+
+
+def _is_own(name: str) -> bool:
+    return name in RUN_ENTRIES or name in _LOCKS or name == PREVIOUS or bool(_TEMPORARY.fullmatch(name))
+
+
+def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
+    if names <= _LOCKS:  # empty, or the lock an earlier version left behind
+        return True
+    if MANIFEST in names:
+        try:
+            return json.loads((run_dir / MANIFEST).read_text()).get("kind") == _KIND
+        except (OSError, ValueError, AttributeError):
+            return False
+    if "config.yaml" not in names or not names & set(_OUTPUTS) or not all(map(_is_own, names)):
+        return False
+    try:
+        load_config(TrainConfig, run_dir / "config.yaml")
+    except SSPOError:
+        return False
+    return True
+
+
+def check_output_dir(run_dir: str | Path) -> None:
+    """Refuse an ``output_dir`` that exists and holds files but is not a run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a folder; choose an empty or new folder")
+    names = {p.name for p in run_dir.iterdir()}
+    if _is_run_folder(run_dir, names):
+        return
+    foreign = [n for n in names if not _is_own(n)] or names - _LOCKS
+    raise ConfigError(f"output_dir {run_dir.resolve()} holds files that are not an sspo run ({entry_list(foreign)}); choose an empty or new folder")
+
+
+def entry_list(names: Iterable[str], shown: int = 5) -> str:
+    """``a, b, c`` of a folder's entries, cut short after ``shown`` of them."""
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f", and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _entries(run_dir: Path) -> list[Path]:
+    """The run's own entries in ``run_dir``, neither the lock nor PREVIOUS."""
+    return [p for p in run_dir.iterdir() if _is_own(p.name) and p.name not in _LOCKS and p.name != PREVIOUS] if run_dir.is_dir() else []
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def _mark(run_dir: Path) -> None:
+    atomic_write_json(run_dir / MANIFEST, {"kind": _KIND, "version": _VERSION})
+
+
+def start_fresh(run_dir: Path) -> None:
+    """Set the earlier run in ``run_dir`` aside into PREVIOUS and mark the folder as a run's (main process)."""
+    previous, entries = run_dir / PREVIOUS, _entries(run_dir)
+    if previous.exists():  # a start killed before its first state: the earlier run stays in PREVIOUS
+        for entry in entries:
+            _remove(entry)
+    elif entries:
+        previous.mkdir()
+        for entry in entries:
+            entry.rename(previous / entry.name)
+    _mark(run_dir)
+
+
+def discard_previous(run_dir: Path) -> None:
+    """The new run has a complete resumable state: the earlier run it replaces can go (main process)."""
+    shutil.rmtree(run_dir / PREVIOUS, ignore_errors=True)
+
+
+def _put_back(run_dir: Path) -> None:
+    """The earlier run set aside in PREVIOUS in place of what a start without a saved state wrote."""
+    previous = run_dir / PREVIOUS
+    if previous.is_dir():
+        for entry in _entries(run_dir):
+            _remove(entry)
+        for entry in previous.iterdir():
+            entry.rename(run_dir / entry.name)
+        previous.rmdir()
+
+
+@contextlib.contextmanager
+def claimed(run_dir: str | Path) -> Iterator[None]:
+    """Check ``run_dir``, then hold its lock while a run writes it; a run that fails before its first
+    resumable state leaves the folder as it was (module docstring). Main process only."""
+    run_dir = Path(run_dir)
+    check_output_dir(run_dir)
+    created = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]  # innermost first
+    lock = RunLock(run_dir).acquire()
+    try:
+        if saved_states(run_dir):
+            discard_previous(run_dir)
+        else:
+            _put_back(run_dir)  # a start killed before its first state is undone, as a failed one is
+        before = {p.name for p in run_dir.iterdir()}
+        if MANIFEST not in before:  # at once: a run killed while it sets up leaves a folder the next run knows as its own
+            _mark(run_dir)
+        try:
+            yield
+        except BaseException:
+            if not saved_states(run_dir):
+                _put_back(run_dir)
+                for entry in _entries(run_dir):
+                    if entry.name not in before:
+                        _remove(entry)
+            raise
+    finally:
+        lock.release()
+        for folder in created:
+            with contextlib.suppress(OSError):  # only an empty folder goes
+                folder.rmdir()
