@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="G (the base after N SFT steps) samples two images per alignment-train prompt; the higher exact reward "
                        "wins, near-ties are dropped. Writes pairs.parquet (caption, jpg_0, jpg_1, label_0) and pairs.json (recipe, counts, "
                        "R_base, R_win, R_lose, R_ceil) for data.source=parquet.")
-    p.add_argument("--level", choices=("low", "mid", "high"), help="winner quality: R_win about 0.65, 0.72 or 0.80 (G's steps measured for it)")
+    p.add_argument("--level", choices=("low", "mid", "high"), help="winner quality, by G's measured steps: R_win about 0.65, 0.72, or G saturated (about 0.78; see docs/data.md)")
     p.add_argument("--steps", type=int, help="instead of --level: G's SFT steps on clean renders")
     p.add_argument("--sweep", metavar="N1,N2,...", help="instead: print winner statistics at each number of G's SFT steps (0: the base); writes no pairs")
     p.add_argument("--out", help="folder for pairs.parquet and pairs.json (default: the cache, keyed by the settings)")
