@@ -9,20 +9,20 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import SSPOError
+from sspo.errors import SSPOError
 
 
 def _base(args) -> None:
-    from .base import BaseConfig, build_base
+    from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
     preset = "quick" if args.quick else args.size
     if args.video:
-        from .video_base import VideoBaseConfig, build_video_base
+        from sspo.worlds.moving_shapes.base_model import VideoBaseConfig, build_video_base
 
         path = build_video_base(VideoBaseConfig.preset(preset), output=args.out, force=args.force)
         print(path)
         if args.round_trip:
-            from .worlds.motion_eval import round_trip_clip_scores
+            from sspo.worlds.moving_shapes.evaluator import round_trip_clip_scores
 
             print("VAE round trip of held-out clips (exact reward; clean = the ceiling):\n| clip | reward |\n| --- | ---: |")
             for name, reward in round_trip_clip_scores(path).items():
@@ -31,7 +31,7 @@ def _base(args) -> None:
     path = build_base(BaseConfig.preset(preset), output=args.out, force=args.force)
     print(path)
     if args.round_trip:
-        from .base import round_trip_scores
+        from sspo.worlds.shapes.base_model import round_trip_scores
 
         print("VAE round trip of 96 held-out renders (exact scores; clean = the ceiling):")
         print("| render | reward | quality | attributes |\n| --- | ---: | ---: | ---: |")
@@ -40,13 +40,13 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
-    from .models.names import resolve_model
-    from .models.pipeline import is_video, load_pipeline
-    from .sample import clip_grid, generate, image_grid, save_animation, save_png
+    from sspo.worlds.names import resolve_model
+    from sspo.models.pipeline import is_video, load_pipeline
+    from sspo.evaluation.sampling import clip_grid, generate, image_grid, save_animation, save_png
 
     prompts = args.prompt
     if args.shapes_check:
-        from .worlds.shapes import parse_prompt
+        from sspo.worlds.shapes.world import parse_prompt
 
         for prompt in prompts:
             parse_prompt(prompt)
@@ -67,9 +67,9 @@ def _eval(args) -> None:
         return _eval_videos(args)
     if not args.model:
         raise SSPOError("pass --model (generate images and score them) or --videos DIR (score clips)")
-    from .benchmark_eval import format_summary, model_specs, run_eval
-    from .evaluate import EvalConfig
-    from .models.names import resolve_model
+    from sspo.commands.eval import format_summary, model_specs, run_eval
+    from sspo.evaluation.evaluate import EvalConfig
+    from sspo.worlds.names import resolve_model
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
     values["metrics"] = tuple(args.metrics.split(",")) if args.metrics else ()
@@ -82,10 +82,10 @@ def _eval(args) -> None:
 
 
 def _eval_videos(args) -> None:
-    from .benchmark_eval import model_specs
-    from .evaluate import EvalConfig
-    from .video_eval import format_video_summary, run_video_eval
-    from .video_metrics import VIDEO_METRICS
+    from sspo.commands.eval import model_specs
+    from sspo.evaluation.evaluate import EvalConfig
+    from sspo.commands.eval_videos import format_video_summary, run_video_eval
+    from sspo.evaluation.video_metrics import VIDEO_METRICS
 
     if args.model:
         raise SSPOError("--model generates images, --videos scores clips: give one or the other")
@@ -101,10 +101,10 @@ def _eval_videos(args) -> None:
 
 
 def _add_eval_arguments(p) -> None:
-    """One flag per :class:`~sspo.evaluate.EvalConfig` field, defaults from the config itself."""
-    from .evaluate import DTYPES, PROMPT_SETS, EvalConfig
-    from .scorers import PAPER_METRICS, SCORER_NAMES
-    from .video_metrics import VIDEO_METRICS
+    """One flag per :class:`~sspo.evaluation.evaluate.EvalConfig` field, defaults from the config itself."""
+    from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig
+    from sspo.evaluation.scorers import PAPER_METRICS, SCORER_NAMES
+    from sspo.evaluation.video_metrics import VIDEO_METRICS
 
     help = {
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
@@ -168,22 +168,22 @@ def _scorer_options(pairs: list[str] | None) -> dict[str, dict[str, str]]:
 
 
 def _train(args) -> None:
-    from .config import load_config
-    from .train_config import TrainConfig
-    from .trainer import dry_run, train
+    from sspo.config import load_config
+    from sspo.training.config import TrainConfig
+    from sspo.training.trainer import dry_run, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     print(dry_run(cfg) if args.dry_run else train(cfg, resume=args.resume))
 
 
 def _demo(args) -> None:
-    from .demo import run_demo
+    from sspo.commands.demo import run_demo
 
     run_demo(args.out, quick=args.quick, video=args.video)
 
 
 def _compare(args) -> None:
-    from .compare import run_compare, table1
+    from sspo.commands.compare import run_compare, table1
 
     methods = ",".join(table1()) if args.methods is None else args.methods
     arms = [a for a in (methods + "," + args.ablations).split(",") if a]
@@ -192,7 +192,7 @@ def _compare(args) -> None:
 
 
 def _pairs(args) -> None:
-    from .worlds.shapes_pairs import LEVEL_STEPS, LEVEL_TARGETS, PairsConfig, build_pairs, format_sweep, sweep
+    from sspo.worlds.shapes.pairs import LEVEL_STEPS, LEVEL_TARGETS, PairsConfig, build_pairs, format_sweep, sweep
 
     chosen = [flag for flag, value in (("--level", args.level), ("--steps", args.steps), ("--sweep", args.sweep)) if value is not None]
     if len(chosen) > 1 or not (chosen or args.quick):
@@ -218,7 +218,7 @@ def _pairs(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import cli
+    from sspo.commands.bench import cli
 
     cli(args)
 
@@ -295,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
     p = sub.add_parser("pairs", help="Pick-a-Pic-shaped pairs of the shapes world: two samples of a generator, ranked by the exact reward",
                        description="G (the base after N SFT steps) samples two images per alignment-train prompt; the higher exact reward "
                        "wins, near-ties are dropped. Writes pairs.parquet (caption, jpg_0, jpg_1, label_0) and pairs.json (recipe, counts, "
@@ -311,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
     p.set_defaults(func=_pairs)
 
-    from .bench import add_arguments
+    p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
+    from sspo.commands.bench import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=_bench)

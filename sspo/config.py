@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from sspo.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -285,6 +285,6 @@ def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequenc
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    from .io import atomic_write_text
+    from sspo.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

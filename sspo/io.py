@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import SSPOError
+from sspo.errors import SSPOError
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs (configs/ in a checkout links here)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SSPO_CACHE", Path.home() / ".cache" / "sspo"))
 

@@ -25,12 +25,12 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .config import load_config
-from .errors import ConfigError, SSPOError
-from .io import atomic_write_json
-from .run_lock import HOLDER_FILE, LOCK_FILE, RunLock
-from .run_state import saved_states
-from .train_config import TrainConfig
+from sspo.config import load_config
+from sspo.errors import ConfigError, SSPOError
+from sspo.io import atomic_write_json
+from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
+from sspo.training.run_state import saved_states
+from sspo.training.config import TrainConfig
 
 MANIFEST = "sspo-run.json"
 PREVIOUS = ".sspo-previous"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from .errors import DataError
-from .io import atomic_path
+from sspo.errors import DataError
+from sspo.io import atomic_path
 
 FRAME_MS = 100  # 10 frames per second: GIF stores durations in 10 ms units
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")

@@ -20,6 +20,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def quick_base() -> str:
     """The quick-size shapes-world base pipeline (built once, cached in $SSPO_CACHE)."""
-    from sspo.base import BaseConfig, build_base
+    from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
     return str(build_base(BaseConfig.preset("quick")))

@@ -9,7 +9,7 @@ import torch
 from sspo.cli import main
 from sspo.errors import DataError, ModelError
 from sspo.models.pipeline import load_pipeline
-from sspo.scorers.prompts import load_prompt_set
+from sspo.evaluation.scorers.prompts import load_prompt_set
 
 PROMPT = "a small red circle on the left, white background"
 

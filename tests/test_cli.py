@@ -17,7 +17,7 @@ def test_sample_writes_a_grid(quick_base, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".gif", ".mp4"])
 def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
-    from sspo.video_base import vocabulary
+    from sspo.worlds.moving_shapes.base_model import vocabulary
     from sspo.video_io import read_clip
     from tiny_pipelines import build_video_pipeline
 
@@ -51,8 +51,8 @@ def test_eval_defaults_to_the_shapes_world_and_its_components(quick_base, tmp_pa
 
 
 def test_eval_help_names_every_metric_and_prompt_set(capsys):
-    from sspo.evaluate import PROMPT_SETS
-    from sspo.scorers import SCORER_NAMES
+    from sspo.evaluation.evaluate import PROMPT_SETS
+    from sspo.evaluation.scorers import SCORER_NAMES
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])

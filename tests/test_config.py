@@ -13,12 +13,12 @@ import torch
 import yaml
 
 import sspo
-from sspo.base import BaseConfig
+from sspo.worlds.shapes.base_model import BaseConfig
 from sspo.cli import main
 from sspo.config import allowed, apply_overrides, field_type, from_dict, load_config, save_yaml, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import atomic_path, atomic_write_text
-from sspo.train_config import OptimConfig, TrainConfig, check_environment
+from sspo.training.config import OptimConfig, TrainConfig, check_environment
 
 _ROOT = Path(__file__).resolve().parents[1]
 # the demo config lives in configs/ (possibly a link to the packaged sspo/configs/)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from sspo.config import load_config
-from sspo.train_config import TrainConfig
-from sspo.trainer import train
-from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+from sspo.training.config import TrainConfig
+from sspo.training.trainer import train
+from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
 
 from tiny_pipelines import build_sdxl_pipeline
 
@@ -70,10 +70,10 @@ def test_real_configs_train_with_tiny_stand_ins(name, quick_base, pairs, tmp_pat
 def test_the_animatediff_config_runs_on_tiny_stand_ins(tmp_path, bf16_runs):
     """An image pipeline plus a motion adapter (as SD-1.5 + AnimateDiff's) and a clip folder with
     metadata: the dry run validates it, then the config's own settings train on tiny sizes."""
-    from sspo.trainer import dry_run
+    from sspo.training.trainer import dry_run
     from tiny_pipelines import build_video_pipeline
-    from sspo.video_base import vocabulary
-    from sspo.worlds.motion import make_motion_split, write_clip_folder
+    from sspo.worlds.moving_shapes.base_model import vocabulary
+    from sspo.worlds.moving_shapes.world import make_motion_split, write_clip_folder
 
     parts = build_video_pipeline(tmp_path / "model", vocabulary(), max_frames=16, identity_motion=False, separate=True)
     clips = write_clip_folder(tmp_path / "clips", make_motion_split().train[:4], frames=8)

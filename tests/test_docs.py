@@ -168,7 +168,7 @@ def test_the_readme_demo_runs(quick_base, workspace):
 
 def test_every_other_readme_command_runs_in_order(quick_base, workspace, clip_model_dir, clip_processor_dir, hps_checkpoint,
                                                    imagereward_dir, bert_tokenizer_dir):
-    from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+    from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
 
     # What the README's real-model commands assume on disk, in the same formats, tiny.
     aesthetic = workspace / "stand-ins" / "sac+logos+ava1-l14-linearMSE.pth"

@@ -7,7 +7,7 @@ runs them on the CPU (the CUDA-only checks skip themselves there) so they cannot
 import pytest
 import torch
 
-from sspo.trainer import Trainer
+from sspo.training.trainer import Trainer
 
 from test_trainer import metrics, tiny_config
 

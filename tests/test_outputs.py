@@ -3,11 +3,11 @@
 
 from PIL import Image
 
-from sspo.card import model_card
+from sspo.training.model_card import model_card
 from sspo.config import from_dict
-from sspo.train_config import TrainConfig
-from sspo.trainer import train
-from sspo.worlds.shapes import make_split, preference_pairs, write_pickapic_parquet
+from sspo.training.config import TrainConfig
+from sspo.training.trainer import train
+from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
 
 PROMPTS = ["a large red circle on the left, white background", "a small blue square at the top, black background"]
 

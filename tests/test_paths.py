@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import sspo
-from sspo.base import BaseConfig, cached_build
+from sspo.worlds.shapes.base_model import BaseConfig, cached_build
 from sspo.paths import build_lock
 
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sspo.models.tiny import TinySize, _scheduler, _text_encoder, _unet, _vae, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
-from sspo.worlds.shapes import vocabulary
+from sspo.worlds.shapes.world import vocabulary
 
 
 def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySize | None = None, max_frames: int = 32, seed: int = 0,

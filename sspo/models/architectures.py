@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import one_of
-from ..paths import build_lock, cache_root
-from .tiny import _scheduler as sd15_scheduler
-from .tiny import write_word_tokenizer
+from sspo.config import one_of
+from sspo.paths import build_lock, cache_root
+from sspo.models.tiny import _scheduler as sd15_scheduler
+from sspo.models.tiny import write_word_tokenizer
 
 ARCH_MODELS = ("sd15", "sdxl")
 
@@ -95,7 +95,7 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from filelock import FileLock
 
-    from ..worlds import shapes
+    from sspo.worlds.shapes import world as shapes
 
     one_of(name, ARCH_MODELS, "model")
     folder = Path(folder) if folder else cache_root() / "bench" / f"{name}{'-small' if small else ''}-random-v1"

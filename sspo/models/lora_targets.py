@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError
+from sspo.errors import ConfigError
 
 # The layer types peft's LoRA wraps (diffusers' LoRA-compatible layers subclass them).
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from sspo.errors import ModelError
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ def is_video(pipe) -> bool:
 
 def trained_modules(pipe, train_modules: str) -> str:
     """``model.train_modules`` resolved for ``pipe``: "motion" or "unet"."""
-    from ..train_config import resolve_train_modules
+    from sspo.training.config import resolve_train_modules
 
     if train_modules == "motion" and not is_video(pipe):
         raise ModelError(f"model.train_modules: motion trains a video UNet's motion modules, but {type(pipe).__name__} has none; use unet or auto")
@@ -191,7 +191,7 @@ def check_lora_path(lora: Path) -> None:
             raise ModelError(f"LoRA folder {lora} holds no LoRA weights ({LORA_FILE}); pass the folder save_lora_weights wrote (a run's final/) or the weights file")
     file = lora / LORA_FILE if lora.is_dir() else lora
     if file.suffix == ".safetensors" and file.is_file():
-        from ..io import open_tensors
+        from sspo.io import open_tensors
 
         open_tensors(file, what="LoRA weights", fix="pass an intact copy, or train the run again")
 

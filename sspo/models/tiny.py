@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from ..config import check
+from sspo.config import check
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -5,7 +5,7 @@ import pytest
 from sspo.cli import main
 from sspo.errors import ConfigError
 from sspo.models.lora_targets import check_lora_targets
-from sspo.models.names import resolve_model
+from sspo.worlds.names import resolve_model
 from sspo.models.pipeline import load_pipeline
 
 

@@ -1,0 +1,747 @@
+"""``sspo bench``: time and peak memory of one optimizer step of sft, Diffusion-DPO and SSPO.
+
+Every arm runs the real :class:`~sspo.training.trainer.Trainer` on the same model, batch and precision;
+only what happens inside the timed region differs, matching how each method runs in training:
+
+=====================  ==========================================================================
+arm                    timed per optimizer step
+=====================  ==========================================================================
+``sft``                policy forward + backward on the winners
+``dpo``                Diffusion-DPO as published: reference forward (x_w, x_l) + policy forward
+                       and backward (``cache_reference_errors=false``)
+``dpo-cached``         sspo's trainer default for dpo: reference errors computed once per iteration
+                       up front, so the step is policy-only (that phase is timed separately)
+``sspo-online``        ``pregenerate=false``: the checkpoint samples x_l, reference forward, policy
+                       forward + backward, all in the step
+``sspo-pregenerated``  the default: an iteration's negatives and reference errors are built up
+                       front, grouped by checkpoint (timed separately as the *pregeneration phase*);
+                       the step is policy-only
+=====================  ==========================================================================
+
+Data preparation (VAE-encoding winners and dataset losers, text encoding) is common to every
+method and timed separately per step. "All-in" per-step cost = data preparation + step +
+the pregeneration phase divided by the optimizer steps of an iteration.
+
+Memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up).
+On the CPU, each arm runs in a fresh subprocess (``--no-isolate`` turns that off) and reports its
+peak resident set size during the timed steps minus the process's RSS just before the trainer
+was built, i.e. model weights, optimizer state, data and activations, not the Python / torch
+libraries themselves. The peak is exact (the kernel's ``VmHWM``, reset through
+``/proc/self/clear_refs`` after warm-up), not sampled; where that file is not writable the
+process-lifetime ``ru_maxrss`` is used and the result says so.
+"""
+
+from __future__ import annotations
+
+from sspo.paths import CONFIGS
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from sspo.config import check, load_config, setting, validate
+from sspo.errors import SSPOError
+from sspo.training.methods import METHODS
+from sspo.models.architectures import ARCH_MODELS, build_arch, native_resolution
+
+# The default arms: the baselines and SSPO, each as published and as sspo runs it.
+ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
+BASELINE = "dpo"
+MODELS = ("tiny", "quick", "sd15", "sdxl")  # or a local diffusers pipeline folder
+DEMO_CONFIG = CONFIGS / "demo-shapes.yaml"
+
+
+def arm_overrides() -> dict[str, list[str]]:
+    """Every arm the bench can time, from the method table (sspo/training/methods.py).
+
+    A method without a reference is one arm. One with dataset losers runs as published (``<m>``,
+    reference forward inside the step) and as sspo trains it (``<m>-cached``); one that generates
+    negatives runs online and pregenerated (see the module doc).
+    """
+    arms = {}
+    for m in METHODS.values():
+        method = f"method={m.name}"
+        if not m.uses_reference:
+            arms[m.name] = [method]
+        elif m.generates_negatives:
+            arms[f"{m.name}-online"] = [method, "pregenerate=false"]
+            arms[f"{m.name}-pregenerated"] = [method, "pregenerate=true", "cache_reference_errors=true"]
+        else:
+            arms[m.name] = [method, "pregenerate=true", "cache_reference_errors=false"]
+            arms[f"{m.name}-cached"] = [method, "pregenerate=true", "cache_reference_errors=true"]
+    return arms
+
+
+def _pregenerated(arm: str) -> bool:
+    """Its reference errors (and negatives) are built in a phase before the steps, timed apart."""
+    return "cache_reference_errors=true" in arm_overrides()[arm]
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    model: str = "tiny"  # tiny | quick | sd15 | sdxl (random weights) | a diffusers pipeline folder
+    batch_size: int | None = setting(None, at_least=1)  # per micro-batch; None: the demo config's (16)
+    gradient_accumulation_steps: int | None = setting(None, at_least=1)
+    precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16 (mixed_precision)
+    lora: bool = True  # False: full fine-tuning
+    gradient_checkpointing: bool = False
+    warmup: int = setting(2, at_least=0)  # optimizer steps before timing (first steps allocate optimizer state)
+    steps: int = setting(10, at_least=1)  # timed optimizer steps per arm; median and p90 are reported
+    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)
+    sampler_steps: tuple[int, ...] = setting((20, 50), at_least=1)  # also measure generation at these (the paper's 20-50)
+    steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates; None: the demo config's (20)
+    pool_size: int = setting(3, at_least=1)  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
+    resolution: int | None = setting(None, at_least=8, multiple_of=8)  # training resolution (a multiple of the VAE's 8); None: the model's native one
+    threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU; None: torch's default
+    clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
+    isolate: bool = True  # one subprocess per arm (clean memory numbers)
+    allow_cpu: bool = False  # run sd15 / sdxl on the CPU anyway
+    overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
+
+    def __post_init__(self) -> None:
+        self.arms, self.sampler_steps, self.overrides = tuple(self.arms), tuple(self.sampler_steps), tuple(self.overrides)
+        validate(self)
+        check(self.model in MODELS or Path(self.model).expanduser().is_dir(), "model", f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: the shapes world's tiny base, or SD-1.5 / SDXL architectures with random weights.
+
+
+def bench_pairs(resolution: int, rows: int = 64) -> Path:
+    """A small Pick-a-Pic-style parquet of shapes-world pairs rendered at ``resolution``, cached."""
+    from filelock import FileLock
+
+    from sspo.paths import cache_root
+    from sspo.worlds.shapes.world import WORLD_VERSION, make_split, preference_pairs, write_pickapic_parquet
+
+    path = cache_root() / "bench" / f"shapes-pairs-v{WORLD_VERSION}-r{resolution}-n{rows}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            write_pickapic_parquet(path, preference_pairs(make_split(0).train[:rows], 1, seed=0, size=resolution))
+    return path
+
+
+def _model_overrides(b: BenchConfig) -> list[str]:
+    """TrainConfig overrides that point the demo config at the benchmarked model and its data."""
+    if b.model in ("tiny", "quick"):
+        out = [f"model.pretrained=shapes-base{':quick' if b.model == 'quick' else ''}"]
+        return out + ([f"data.resolution={b.resolution}"] if b.resolution else [])
+    folder = build_arch(b.model) if b.model in ARCH_MODELS else Path(b.model).expanduser().resolve()
+    resolution = b.resolution or native_resolution(folder)
+    return [f"model.pretrained={folder}", "data.source=parquet", f"data.path={bench_pairs(resolution)}", f"data.resolution={resolution}"]
+
+
+def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
+    from sspo.training.config import TrainConfig
+
+    overrides = [
+        f"output_dir={output_dir}", "report_to=none", "validation.every_iterations=0", "validation.shapes_eval=false",
+        f"mixed_precision={b.precision}", f"model.lora={str(b.lora).lower()}",
+        f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
+    ]
+    overrides += _model_overrides(b) + arm_overrides()[arm]
+    if b.batch_size:
+        overrides.append(f"optim.batch_size={b.batch_size}")
+    if b.gradient_accumulation_steps:
+        overrides.append(f"optim.gradient_accumulation_steps={b.gradient_accumulation_steps}")
+    if b.steps_per_iteration:
+        overrides.append(f"steps_per_iteration={b.steps_per_iteration}")
+    return load_config(TrainConfig, DEMO_CONFIG, overrides + list(b.overrides))
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring one arm (in this process).
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _preimport() -> None:
+    """Import what the trainer imports lazily, so library code does not count as the arm's memory."""
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+    from sspo.training import data
+
+    from sspo.training import trainer  # noqa: F401
+
+    for name in ("pandas", "pyarrow.parquet", "datasets", "diffusers.schedulers", "diffusers.guiders"):  # the data layer's readers
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def _rss_peak() -> int:
+    peak = _proc_status("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class Meter:
+    """Peak memory of a region: CUDA allocator peak on a GPU, peak RSS on the CPU (see module doc)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if not self.cuda:
+            # The same clean-up as reset(): an earlier arm's garbage (in-process runs) freed after the
+            # baseline was read would make the peak above it too small, even negative.
+            gc.collect()
+            _malloc_trim()
+        self.baseline = 0 if self.cuda else (_proc_status("VmRSS") or _rss_peak())
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS - RSS before the trainer"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset(self) -> None:
+        self.sync()
+        gc.collect()
+        _malloc_trim()  # freed heap memory back to the OS, so an earlier phase does not count here
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif not _reset_rss_peak():
+            self.method = "ru_maxrss (process lifetime peak: /proc/self/clear_refs not writable) - RSS before the trainer"
+
+    def peak_mb(self) -> dict:
+        self.sync()
+        if self.cuda:
+            return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+        peak = _rss_peak()
+        return {"peak_mb": (peak - self.baseline) / 2**20, "peak_rss_mb": peak / 2**20}
+
+
+def _from_rows(build: Callable[[list[int]], list], trainer, prepared: list[tuple[int, object]]) -> list:
+    """``build`` (pairs of micro-batch numbers) on rows read before (data preparation is timed apart)."""
+    with trainer.pair_builder.rows_from(dict(prepared)):
+        return build([m for m, _ in prepared])
+
+
+class _PhaseTimer:
+    """Times the PairBuilder's phases (its ``around_phase`` hook): generating negatives, reference forwards."""
+
+    def __init__(self, builder, meter: Meter, clock: Callable[[], float]):
+        self.meter, self.clock, self.seconds = meter, clock, {"generate": 0.0, "reference": 0.0}
+        builder.around_phase = self._timed
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        self.meter.sync()
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.meter.sync()
+            self.seconds[phase] += self.clock() - start
+
+    def take(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {"generate": 0.0, "reference": 0.0}
+        return seconds
+
+
+def run_arm(b: BenchConfig, arm: str) -> dict:
+    """Build a trainer for ``arm`` and time its optimizer steps (and pregeneration phase)."""
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    with tempfile.TemporaryDirectory(prefix=f"sspo-bench-{arm}-") as out:
+        cfg = train_config(b, arm, out)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _preimport()
+        from sspo.training.trainer import Trainer
+
+        gc.collect()
+        _malloc_trim()
+        meter = Meter(device)  # RSS baseline: libraries imported, no model loaded yet
+
+        trainer = Trainer(cfg)
+        try:
+            return _measure(trainer, cfg, b, arm, meter)
+        except torch.OutOfMemoryError as exc:
+            return {"arm": arm, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        finally:
+            del trainer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
+    accum, batch = cfg.optim.gradient_accumulation_steps, cfg.optim.batch_size
+    if cfg.generates_negatives:  # a pool as in the middle of training: more checkpoints, smaller groups
+        for k in range(1, b.pool_size):
+            trainer.pool.add(trainer.reference.policy_state(), step=k * cfg.steps_per_iteration)
+    clock = time.process_time if b.clock == "cpu" else time.perf_counter
+    phases = _PhaseTimer(trainer.pair_builder, meter, clock)
+    builder = trainer.pair_builder
+    prep_seconds: list[float] = []
+
+    def prepare(first: int, count: int) -> list:
+        batches = []
+        for m in range(first, first + count):
+            meter.sync()
+            start = clock()
+            batches.append((m, trainer.read_rows(m)))
+            meter.sync()
+            prep_seconds.append(clock() - start)
+        return batches
+
+    result: dict = {"arm": arm, "device": str(trainer.device), "threads": torch.get_num_threads(), "batch_size": batch,
+                    "gradient_accumulation_steps": accum, "steps_per_iteration": cfg.steps_per_iteration,
+                    "mixed_precision": cfg.mixed_precision, "lora": cfg.model.lora, "memory_method": meter.method}
+    total = b.warmup + b.steps
+    if _pregenerated(arm):
+        k_updates = cfg.steps_per_iteration
+        # Warm the generation / reference code paths on a throwaway micro-batch, then one iteration.
+        _from_rows(trainer.iteration_pairs, trainer, prepare(10**6, 1))
+        prep_seconds.clear()
+        phases.take()
+        prepared = prepare(0, k_updates * accum)
+        meter.reset()
+        start = clock()
+        batches = _from_rows(trainer.iteration_pairs, trainer, prepared)
+        meter.sync()
+        elapsed, seconds = clock() - start, phases.take()
+        result["pregeneration"] = {
+            "micro_batches": len(batches), "images": len(batches) * batch if cfg.generates_negatives else 0,
+            "seconds": elapsed, "generate_s": seconds["generate"], "reference_s": seconds["reference"],
+            **meter.peak_mb(),
+        }
+        groups = [batches[i * accum : (i + 1) * accum] for i in range(k_updates)]
+        work = [groups[i % k_updates] for i in range(total)]  # cached reference errors: reuse is exact
+
+        def step(group):
+            return trainer.optimizer_step(group)
+    else:
+        work = [prepare(i * accum, accum) for i in range(total)]
+        if not cfg.pregenerate:  # online: the step builds its pairs
+
+            def step(group):
+                return trainer.optimizer_step(_from_rows(builder.build, trainer, group))
+        else:  # reference errors not cached: computed in the step, as Diffusion-DPO does
+            work = [_from_rows(lambda ms: builder.build(ms, with_reference=False), trainer, group) for group in work]
+
+            def step(group):
+                return trainer.optimizer_step(builder.complete(group))
+
+    times, walls, cpus, breakdown = [], [], [], []
+    for i, group in enumerate(work):
+        if i == b.warmup:
+            meter.reset()
+            phases.take()
+        meter.sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        step(group)
+        meter.sync()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        times.append(cpus[-1] if b.clock == "cpu" else walls[-1])
+        if i >= b.warmup:
+            breakdown.append(phases.take())
+    result.update(meter.peak_mb())
+    result["clock"] = b.clock
+    result["step_s"] = times[b.warmup :]  # in the chosen clock; both clocks below
+    result["step_wall_s"], result["step_cpu_s"] = walls[b.warmup :], cpus[b.warmup :]
+    result["warmup_s"] = times[: b.warmup]
+    result["prepare_s_per_step"] = statistics.median(prep_seconds) * accum
+    result["in_step_generate_s"] = statistics.median(x["generate"] for x in breakdown)
+    result["in_step_reference_s"] = statistics.median(x["reference"] for x in breakdown)
+    if arm == "sspo-pregenerated":
+        result["generation"] = _generation_rates(trainer, cfg, b, batches, phases)
+    return result
+
+
+def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _PhaseTimer) -> dict:
+    """Images/s of negative generation at the configured and the paper's sampler step counts.
+
+    Measured on one generation chunk (``negatives.batch_size`` images, or the iteration if fewer)
+    drawn from the iteration's micro-batches, so every step count sees the same batching.
+    """
+    per_batch = len(batches[0])
+    chunk = batches[: max(1, min(len(batches), math.ceil(cfg.negatives.batch_size / per_batch)))]
+    images = sum(len(x) for x in chunk)
+    rates = {}
+    for steps in sorted({cfg.negatives.steps, *b.sampler_steps}):
+        phases.take()
+        generate = functools.partial(trainer.pair_builder.build, with_reference=False, sampler_steps=steps)  # generation only
+        _from_rows(generate, trainer, [(x.index, x.rows) for x in chunk])
+        rates[str(steps)] = images / phases.take()["generate"]
+    return {"images": images, "images_per_s": rates, "configured_steps": cfg.negatives.steps, "scheduler": cfg.negatives.scheduler,
+            "guidance_scale": cfg.negatives.guidance_scale, "generation_batch_size": cfg.negatives.batch_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole benchmark: arms in subprocesses, summary, table.
+
+
+def machine_info(device: str | None = None) -> dict:
+    import diffusers
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def check_device(b: BenchConfig) -> None:
+    if b.clock == "cpu" and torch.cuda.is_available():
+        raise SSPOError("--clock cpu measures this process's CPU time, which says nothing about GPU work; use the default --clock wall on a GPU")
+    if b.model in ARCH_MODELS and not torch.cuda.is_available() and not b.allow_cpu:
+        raise SSPOError(
+            f"model {b.model!r} is the full {b.model.upper()} architecture, meant for a GPU, and no CUDA device is available; "
+            "use --model tiny on the CPU, or pass --allow-cpu to run it here anyway (slow, many GB of RAM)"
+        )
+
+
+def _run_isolated(b: BenchConfig, arm: str, workdir: Path) -> dict:
+    config, out = workdir / f"{arm}.config.json", workdir / f"{arm}.result.json"
+    config.write_text(json.dumps(dataclasses.asdict(b)))
+    cmd = [sys.executable, "-m", "sspo", "bench", "--worker", arm, "--worker-config", str(config), "--worker-out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        return {"arm": arm, "error": f"worker exited with {proc.returncode}:\n{tail}"}
+    return json.loads(out.read_text())
+
+
+def worker(arm: str, config_path: str | Path, out_path: str | Path) -> None:
+    """Subprocess entry point: run one arm, write its result as JSON."""
+    from sspo.io import atomic_write_json
+
+    b = BenchConfig(**json.loads(Path(config_path).read_text()))
+    atomic_write_json(out_path, run_arm(b, arm))
+
+
+def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    check_device(b)
+    started = time.perf_counter()
+    info = machine_info()
+    if b.model in ("tiny", "quick"):  # build the cached base once, not in every worker
+        from sspo.training.trainer import resolve_model
+
+        resolve_model(f"shapes-base{':quick' if b.model == 'quick' else ''}")
+    else:
+        _model_overrides(b)  # builds the architecture folder and the data at the right resolution
+    arms: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="sspo-bench-") as workdir:
+        for arm in b.arms:
+            log(f"bench: {arm} ...")
+            t0 = time.perf_counter()
+            arms[arm] = _run_isolated(b, arm, Path(workdir)) if b.isolate else run_arm(b, arm)
+            log(f"bench: {arm} done in {time.perf_counter() - t0:.0f} s" + (f" -- {arms[arm]['error']}" if "error" in arms[arm] else ""))
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    first = next((r for r in arms.values() if "error" not in r), {})
+    info.update({k: first[k] for k in ("device", "threads") if k in first})
+    return {"bench": dataclasses.asdict(b), "machine": info, "settings": {k: first.get(k) for k in ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "mixed_precision", "lora")},
+            "arms": arms, "summary": summarize(arms), "wall_s": time.perf_counter() - started}
+
+
+def _p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]  # nearest rank
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(arms: dict[str, dict]) -> dict:
+    """Per-arm medians, all-in per-step cost, ratios to dpo and generation share."""
+    rows = {}
+    for arm, r in arms.items():
+        if "error" in r:
+            rows[arm] = {"error": r["error"]}
+            continue
+        row = {"step_s": statistics.median(r["step_s"]), "p90_s": _p90(r["step_s"]), "peak_mb": r["peak_mb"],
+               "prepare_s": r["prepare_s_per_step"], "in_step_generate_s": r["in_step_generate_s"], "in_step_reference_s": r["in_step_reference_s"]}
+        row["all_in_s"] = row["prepare_s"] + row["step_s"]
+        row["all_in_peak_mb"] = r["peak_mb"]
+        if "pregeneration" in r:
+            pre = r["pregeneration"]
+            row["pregeneration_s_per_step"] = pre["seconds"] / r["steps_per_iteration"]
+            row["pregeneration_peak_mb"] = pre["peak_mb"]
+            row["all_in_s"] += row["pregeneration_s_per_step"]
+            row["all_in_peak_mb"] = max(r["peak_mb"], pre["peak_mb"])
+        rows[arm] = row
+    base = rows.get(BASELINE, {})
+    for row in rows.values():
+        if "error" not in row:
+            row["time_ratio"] = _ratio(row["step_s"], base.get("step_s"))
+            row["memory_ratio"] = _ratio(row["peak_mb"], base.get("peak_mb"))
+            row["all_in_ratio"] = _ratio(row["all_in_s"], base.get("all_in_s"))
+            row["all_in_memory_ratio"] = _ratio(row["all_in_peak_mb"], base.get("all_in_peak_mb"))
+    summary: dict = {"rows": rows}
+    sspo = arms.get("sspo-pregenerated", {})
+    if "generation" in sspo:
+        summary["generation"] = generation_share(sspo)
+    return summary
+
+
+def generation_share(r: dict) -> dict:
+    """Negative generation's share of training wall time, per sampler step count.
+
+    An iteration = pregeneration (generation + reference errors + data preparation) + K_updates
+    policy-only steps. Generation time at other step counts scales the measured iteration's by the
+    ratio of throughputs measured on the same chunk. (The share does not depend on K_updates: each
+    step consumes batch x accumulation fresh negatives either way.)
+    """
+    gen, pre, k = r["generation"], r["pregeneration"], r["steps_per_iteration"]
+    rates = gen["images_per_s"]
+    configured = rates[str(gen["configured_steps"])]
+    prepare_iteration = r["prepare_s_per_step"] * k
+    train_iteration = statistics.median(r["step_s"]) * k
+    rows = {}
+    for steps, rate in rates.items():
+        generate = pre["generate_s"] * configured / rate
+        total = generate + pre["reference_s"] + prepare_iteration + train_iteration
+        rows[steps] = {"images_per_s": rate, "generate_s_per_iteration": generate, "iteration_s": total, "share": generate / total}
+    return {"images_per_iteration": pre["images"], "measured_on_images": gen["images"], "steps": rows,
+            "scheduler": gen["scheduler"], "guidance_scale": gen["guidance_scale"], "generation_batch_size": gen["generation_batch_size"],
+            "configured_steps": gen["configured_steps"]}
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    b, info, s = result["bench"], result["machine"], result["settings"]
+    rows, lines = result["summary"]["rows"], []
+    device = info.get("gpu") or f"{info['cpu']}, {info.get('threads', '?')} thread(s)"
+    lines.append(f"sspo bench: model {b['model']}, batch {s.get('batch_size')} x accum {s.get('gradient_accumulation_steps')}, "
+                 f"precision {s.get('mixed_precision')}, {'LoRA' if s.get('lora') else 'full fine-tuning'}, "
+                 f"K_updates {s.get('steps_per_iteration')}, pool {b['pool_size']}; {device}; median of {b['steps']} steps after {b['warmup']} warm-up; "
+                 f"{'process CPU time' if b.get('clock') == 'cpu' else 'wall-clock time'}")
+    load = info.get("load_average_at_start")
+    if load and b.get("clock") != "cpu" and not info.get("gpu") and load[0] > 1.0:
+        lines.append(f"Warning: the CPU was busy with other work (load average {load[0]} at start); wall-clock times are noisy, "
+                     "rerun with --threads 1 --clock cpu for comparable numbers.")
+    lines.append("")
+    lines.append("| arm | step s (median) | p90 s | peak MB | time / dpo | memory / dpo | all-in s/step | all-in / dpo |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for arm, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {arm} | {row['error'].splitlines()[0]} | | | | | | |")
+            continue
+        lines.append(f"| {arm} | {_f(row['step_s'])} | {_f(row['p90_s'])} | {_f(row['peak_mb'], 0)} | {_f(row['time_ratio'], 2)} | "
+                     f"{_f(row['memory_ratio'], 2)} | {_f(row['all_in_s'])} | {_f(row['all_in_ratio'], 2)} |")
+    lines.append("")
+    lines.append("All-in = data preparation (VAE + text encoding, the same work for every method) + step + pregeneration phase / K_updates.")
+    pre_rows = [(arm, row) for arm, row in rows.items() if "pregeneration_s_per_step" in row]
+    if pre_rows:
+        lines.append("")
+        lines.append("| pregeneration phase | s / iteration | s / step (amortised) | generation s | reference s | peak MB | memory / dpo |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for arm, row in pre_rows:
+            pre = result["arms"][arm]["pregeneration"]
+            lines.append(f"| {arm} | {_f(pre['seconds'], 2)} | {_f(row['pregeneration_s_per_step'])} | {_f(pre['generate_s'], 2)} | "
+                         f"{_f(pre['reference_s'], 2)} | {_f(pre['peak_mb'], 0)} | {_f(_ratio(pre['peak_mb'], rows.get(BASELINE, {}).get('peak_mb')), 2)} |")
+    online = rows.get("sspo-online", {})
+    if "step_s" in online:
+        lines.append("")
+        lines.append(f"sspo-online step = generation {_f(online['in_step_generate_s'])} s + reference {_f(online['in_step_reference_s'])} s "
+                     f"+ policy {_f(online['step_s'] - online['in_step_generate_s'] - online['in_step_reference_s'])} s (medians).")
+    gen = result["summary"].get("generation")
+    if gen:
+        lines.append("")
+        lines.append(f"Negative generation ({gen['scheduler']}, guidance {gen['guidance_scale']}, generation batch {gen['generation_batch_size']}; "
+                     f"{gen['images_per_iteration']} negatives per iteration; rates measured on {gen['measured_on_images']} images):")
+        lines.append("")
+        lines.append("| sampler steps | images/s | generation s / iteration | share of training wall time |")
+        lines.append("| ---: | ---: | ---: | ---: |")
+        for steps, row in sorted(gen["steps"].items(), key=lambda kv: int(kv[0])):
+            mark = " (configured)" if int(steps) == gen["configured_steps"] else ""
+            lines.append(f"| {steps}{mark} | {_f(row['images_per_s'], 1)} | {_f(row['generate_s_per_iteration'], 2)} | {row['share']:.0%} |")
+    return "\n".join(lines)
+
+
+NOTES = """\
+- **Arms** (same model, batch, precision; each in a fresh process): `sft` = policy forward + backward on
+  winners; `dpo` = Diffusion-DPO as published, reference forward on (x_w, x_l) inside the step;
+  `dpo-cached` = sspo's trainer default for dpo (reference errors computed once per iteration);
+  `sspo-online` = the checkpoint samples x_l, reference forward and policy step, all inside the step;
+  `sspo-pregenerated` = the default: an iteration's negatives and reference errors are built up front,
+  grouped by checkpoint (the *pregeneration phase*), so the step is policy-only.
+- **step s**: one optimizer step, median (p90: nearest rank) of the timed steps after warm-up.
+  **all-in s/step**: data preparation (VAE + text encoding, which every method does) + step +
+  pregeneration phase / K_updates: the time training actually spends per step.
+- **peak MB**: GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: peak RSS over the timed
+  steps (kernel VmHWM, reset after warm-up) minus the RSS before the trainer was built (libraries
+  imported, no model loaded): weights, optimizer state, data and activations. The pregeneration table
+  gives that phase's own peak.
+- **Generation share**: generation time / (generation + reference errors + data preparation +
+  K_updates steps) per iteration; other sampler step counts scale the measured iteration by the
+  throughput ratio measured on the same generation chunk. It does not depend on K_updates: every step
+  consumes batch x accumulation fresh negatives.
+- **Clock**: `--clock cpu` reports process CPU time; with `--threads 1` that is the uncontended wall time
+  of one core, and it stays comparable when other jobs share the CPU (wall-clock times do not).
+"""
+
+
+def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
+    """``<stem>.json`` (everything, with the machine) and ``<stem>.md`` (the table and the machine)."""
+    from sspo.io import atomic_write_json, atomic_write_text
+
+    stem = Path(stem)
+    if stem.suffix in (".json", ".md"):
+        stem = stem.with_suffix("")
+    atomic_write_json(stem.with_suffix(".json"), result)
+    info = result["machine"]
+    machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    b = result["bench"]
+    command = " ".join(["sspo bench", *_cli_args(b)])
+    atomic_write_text(stem.with_suffix(".md"), f"# `{command}`\n\n{format_table(result)}\n\n## How to read it\n\n{NOTES}\n## Machine\n\n{machine}\n\nBenchmark wall time: {result['wall_s']:.0f} s.\n")
+    for path in (stem.with_suffix(".json"), stem.with_suffix(".md")):
+        path.chmod(0o644)  # meant to be committed; atomic writes create 0600 files
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+# Flags are the config's fields (``--batch-size`` sets ``batch_size``); help says what the field does.
+FLAG_HELP = {
+    "model": "tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder",
+    "batch_size": "per micro-batch (default: the demo config's 16)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
+    "precision": "mixed precision: no | fp16 | bf16",
+    "lora": "LoRA (--no-lora: full fine-tuning)",
+    "gradient_checkpointing": "recompute activations in the backward pass",
+    "warmup": "optimizer steps before timing",
+    "steps": "timed optimizer steps per arm",
+    "arms": f"comma-separated, some of {','.join(arm_overrides())}",
+    "sampler_steps": "also measure negative generation at these sampler steps (comma-separated)",
+    "steps_per_iteration": "K_updates (default: the demo config's 20)",
+    "pool_size": "checkpoints in the pool for the sspo arms",
+    "resolution": "training resolution (default: the model's native)",
+    "threads": "torch CPU threads (default: torch's)",
+    "clock": "wall | cpu (process CPU time: with --threads 1, robust on a shared CPU)",
+    "isolate": "each arm in a fresh subprocess (--no-isolate: in this process, CPU memory numbers less clean)",
+    "allow_cpu": "run --model sd15/sdxl without a GPU",
+}
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def add_arguments(parser) -> None:
+    """``sspo bench``'s flags, one per :class:`BenchConfig` field; key=value TrainConfig overrides last."""
+    import argparse
+
+    for field in dataclasses.fields(BenchConfig):
+        if field.name == "overrides":
+            continue
+        kind, default = str(field.type), field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if kind == "bool":
+            parser.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, help=FLAG_HELP[field.name])
+        elif kind.startswith("tuple"):
+            parser.add_argument(_flag(field), default=",".join(map(str, default)), help=FLAG_HELP[field.name])
+        else:
+            parser.add_argument(_flag(field), type=int if "int" in kind else str, default=default, help=FLAG_HELP[field.name])
+    parser.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
+
+
+def config_from_args(args) -> BenchConfig:
+    values = {}
+    for field in dataclasses.fields(BenchConfig):
+        value = getattr(args, field.name)
+        if str(field.type).startswith("tuple") and isinstance(value, str):
+            value = tuple((int(x) if "int" in str(field.type) else x) for x in value.split(",") if x)
+        values[field.name] = tuple(value) if field.name == "overrides" else value
+    return BenchConfig(**values)
+
+
+def _cli_args(b: dict) -> list[str]:
+    """The flags that reproduce ``b`` (a :class:`BenchConfig` as a dict), defaults left out."""
+    default = dataclasses.asdict(BenchConfig())
+    args = []
+    for field in dataclasses.fields(BenchConfig):
+        value = b[field.name]
+        if isinstance(value, list):  # after a JSON round trip
+            value = tuple(value)
+        if value == default[field.name] or field.name == "overrides":
+            continue
+        if isinstance(value, bool):
+            args.append(_flag(field) if value else "--no-" + _flag(field)[2:])
+        elif isinstance(value, tuple):
+            args.append(f"{_flag(field)} {','.join(map(str, value))}")
+        else:
+            args.append(f"{_flag(field)} {value}")
+    return args + list(b.get("overrides", ()))
+
+
+def cli(args) -> None:
+    """``sspo bench`` (flags: :func:`add_arguments`)."""
+    if args.worker:
+        worker(args.worker, args.worker_config, args.worker_out)
+        return
+    result = run_bench(config_from_args(args))
+    print(format_table(result))
+    if args.out:
+        for path in write_results(result, args.out):
+            print(path)

@@ -1,0 +1,269 @@
+"""``sspo compare``: every method and ablation with the same data and budget (Tables 1 and 6).
+
+The protocol (docs/results/README.md):
+
+1. **Settings per arm, on a validation split.** With ``--grid KEY=V1,V2,...`` every trained arm is
+   run per combination of the grid (``beta`` only for arms with a reference) and per selection seed
+   (``--selection-seeds N``: the first N training seeds, mean reward; default 1), on the world's
+   alignment data *without* its validation combinations, and scored on those validation
+   combinations (prompt set ``shapes-validation``); the best combination is that arm's setting.
+   Held-out combinations are never looked at while choosing.
+2. **Seeds at the chosen settings**, every arm with the same budget (optimizer steps, batch,
+   iterations), evaluated on held-out and seen combinations.
+3. **Tables with 95% CIs** over training seeds and prompts, and paired differences SSPO - each arm
+   (same training seed, prompt and sampler seed), and which of the paper's claims the CIs decide.
+
+Finished runs are reused and killed ones resumed, so the command can be re-run; a run's folder names
+its arm, settings and seed, so a re-run with a wider grid trains an arm anew where its choice moved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from sspo.config import load_config
+from sspo.errors import ConfigError
+from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
+from sspo.io import atomic_write_json, atomic_write_text, read_json
+from sspo.training.methods import METHODS, Method
+from sspo.worlds.names import resolve_model
+from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
+from sspo.evaluation.sampling import image_grid, save_png
+from sspo.evaluation.scorers.stats import summarize_crossed
+from sspo.training.config import TrainConfig
+from sspo.training.trainer import latest_checkpoint, train
+
+log = logging.getLogger(__name__)
+
+# SSPO's variants: SSPOr (random side of each pair as winner) and the Table 6 ablations.
+VARIANTS: dict[str, list[str]] = {
+    "sspo_r": ["method=sspo", "data.mode=random"],
+    "ssr_off": ["method=sspo", "ssr=off"],
+    "indicator": ["method=sspo", "ssr=indicator"],
+    "erd_initial": ["method=sspo", "erd=initial"],
+    "erd_last": ["method=sspo", "erd=last"],
+}
+ABLATIONS = ("ssr_off", "indicator", "erd_initial", "erd_last")
+PREFERENCE_ONLY_KEYS = ("beta",)  # grid keys searched only for arms with a reference model
+# The paper's claims the comparison can decide: (arm, what the paper reports for SSPO - arm).
+CLAIMS = (("sft", "higher"), ("dpo", "higher"), ("spin", "higher"), ("ssr_off", "higher"), ("erd_initial", "higher"),
+          ("erd_last", "higher"), ("indicator", "about equal"), ("sspo_r", "about equal"), ("base", "higher"))
+
+
+def arms() -> dict[str, list[str]]:
+    """Arm -> overrides: the untrained base, every method of the table (sspo/training/methods.py), SSPO's variants."""
+    return {"base": [], **{name: [f"method={name}"] for name in METHODS}, **VARIANTS}
+
+
+def table1() -> tuple[str, ...]:
+    return ("base", *METHODS, "sspo_r")
+
+
+SHOWCASE_CELL = 96
+QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=4", "negatives.steps=5"]
+
+
+def arm_config(config: str | Path, arm: str, seed: int, run_dir: Path, extra: Sequence[str]) -> TrainConfig:
+    overrides = [*extra, *arms()[arm], f"seed={seed}", f"output_dir={run_dir}", "validation.every_iterations=1", "validation.shapes_eval=true"]
+    return load_config(TrainConfig, config, overrides)
+
+
+def arm_method(arm: str) -> Method:
+    """The method an arm trains (its ``method=`` override)."""
+    return METHODS[next(o.partition("=")[2] for o in arms()[arm] if o.startswith("method="))]
+
+
+def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict:
+    """Train (or reuse / resume) one arm for one seed and evaluate it; cached in ``eval.json``."""
+    cfg = arm_config(config, arm, seed, run_dir, extra)
+    cached = run_dir / "eval.json"
+    summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
+    if summary is not None:
+        return summary
+    base = resolve_model(cfg.model.pretrained)
+    if arm == "base":
+        model, lora = base, None
+    else:
+        final = train(cfg, resume=latest_checkpoint(run_dir) is not None)
+        model, lora = (base, final) if cfg.model.lora else (final, None)
+    summary, images = evaluate_model(model, eval_cfg, lora=lora)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shown = showcase(eval_cfg, images)[0]
+    if isinstance(shown[0], np.ndarray):  # clips: their middle frames
+        shown = [Image.fromarray(clip[len(clip) // 2]) for clip in shown]
+    save_png(image_grid([shown], cell=SHOWCASE_CELL), run_dir / "showcase.png")
+    atomic_write_json(cached, summary)
+    return summary
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """``["optim.learning_rate=3e-4,1e-3", "beta=500,5000"]`` -> ``{key: [values]}``."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. optim.learning_rate=3e-4,1e-3")
+        grid[key] = [v for v in values.split(",") if v]
+    return grid
+
+
+def grid_points(grid: dict[str, list[str]], arm: str) -> list[list[str]]:
+    """Every combination of the grid's values that applies to ``arm``, as overrides."""
+    keys = [k for k in grid if k not in PREFERENCE_ONLY_KEYS or arm_method(arm).uses_reference]
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
+    """A run's folder name: its arm, settings and seed, so that a changed setting (a wider grid
+    choosing another point) trains anew instead of reusing a run trained at the old one."""
+    return "-".join([arm, *overrides, f"seed{seed}"])
+
+
+def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict[str, dict]:
+    """Each trained arm's best grid point by exact reward on the validation combinations, averaged
+    over training ``seeds`` (one seed can make an unstable setting look best)."""
+    chosen = {}
+    for arm in names:
+        points = grid_points(grid, arm) if arm != "base" else [[]]
+        if len(points) == 1:
+            chosen[arm] = {"overrides": points[0], "grid": []}
+            continue
+        rows = []
+        for point in points:
+            log.info("choosing settings: arm %s, %s", arm, " ".join(point))
+            rewards = [run_arm(config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
+                               eval_cfg)["validation"][eval_cfg.metric_names[0]] for seed in seeds]
+            rows.append({"overrides": point, "validation_reward": sum(rewards) / len(rewards), "per_seed": rewards})
+        best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
+        chosen[arm] = {"overrides": best["overrides"], "grid": rows}
+    return chosen
+
+
+def _matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:
+    """Rewards ``[training seeds][prompts]`` of an arm, each prompt averaged over its sampler seeds
+    (images are listed prompt by prompt); ``seeds``: repeat a single evaluation (the untrained base)
+    to pair it with every training seed of another arm."""
+    rows = []
+    for run in runs:
+        images = run[split]["per_image"]
+        rows.append([sum(images[i : i + sampler_seeds]) / sampler_seeds for i in range(0, len(images), sampler_seeds)])
+    return rows * seeds if len(rows) == 1 else rows
+
+
+def _paired(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, seeds: int) -> dict:
+    """SSPO - arm, per training seed and prompt."""
+    sspo, other = _matrix(results["sspo"], split, sampler_seeds, seeds), _matrix(results[arm], split, sampler_seeds, seeds)
+    return summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
+
+
+def _ci(stats: dict) -> str:
+    return f"{stats['mean']:.3f} [{stats['ci95_low']:.3f}, {stats['ci95_high']:.3f}]"
+
+
+def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, seeds: int) -> str:
+    columns = table_columns(results[next(iter(results))][0])[1:]
+    lines = ["| arm | reward [95% CI] | " + " | ".join(c.partition(".")[2] for c in columns) + " | SSPO - arm [95% CI] |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
+    for arm in names:
+        if arm not in results:
+            continue
+        runs = results[arm]
+        cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
+        diff = "" if "sspo" not in results or arm == "sspo" else _ci(_paired(results, arm, split, sampler_seeds, seeds))
+        lines.append(f"| {arm} | {_ci(summarize_crossed(_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
+    return "\n".join(lines)
+
+
+def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> list[dict]:
+    """Each paper claim SSPO - arm on held-out prompts, decided by the 95% CI of the paired difference."""
+    found = []
+    for arm, paper in CLAIMS:
+        if arm not in results or "sspo" not in results:
+            continue
+        diff = _paired(results, arm, "heldout", sampler_seeds, seeds)
+        verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
+        found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
+    return found
+
+
+def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
+                 sampler_seeds: int) -> None:
+    n = len(seeds)
+    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {seconds / 60:.0f} min of wall time (finished runs are reused, not timed again). "
+                "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
+                "sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).\n"]
+    if any(c["grid"] for c in chosen.values()):
+        lines = ["## Settings chosen on the validation split\n", "| arm | chosen | validation reward of every grid point |", "|---|---|---|"]
+        for arm, c in chosen.items():
+            grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}"
+                             + (f" ({', '.join(f'{r:.3f}' for r in row['per_seed'])})" if len(row["per_seed"]) > 1 else "") for row in c["grid"])
+            lines.append(f"| {arm} | {' '.join(c['overrides']) or '-'} | {grid or '-'} |")
+        sections.append("\n".join(lines) + "\n")
+    # Table 6 only when an ablation ran: SSPO's row alone repeats Table 1.
+    for title, names, shown_by in (("Table 1: methods", table1(), table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS), ABLATIONS)):
+        for split, label in (("seen", "seen prompts (combinations in the alignment data)"), ("heldout", "held-out prompts")):
+            if any(a in results for a in shown_by):
+                sections.append(f"## {title} — {label}\n\n{table(results, names, split, sampler_seeds, n)}\n")
+    found = claims(results, sampler_seeds, n)
+    if found:
+        lines = ["## The paper's claims on held-out prompts\n", "| SSPO vs | paper | SSPO - arm [95% CI] | here |", "|---|---|---|---|"]
+        lines += [f"| {c['arm']} | {c['paper']} | {_ci(c['difference'])} | {c['verdict']} |" for c in found]
+        sections.append("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(sections))
+    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "chosen": chosen, "claims": found, "results": results})
+
+
+def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen: dict[str, dict], eval_cfg: EvalConfig) -> None:
+    by_arm = {arm: [out / "runs" / run_name(arm, chosen[arm]["overrides"], seed) for seed in seeds] for arm in names}
+    figure9 = {arm: by_arm[arm] for arm in ("sft", "sspo") if arm in by_arm}
+    plot_panels([(*REWARD_PANEL, reward_series(figure9, splits=("heldout",)))], out / "figure9_reward.png")
+    preference_arms = {arm: dirs for arm, dirs in by_arm.items() if arm != "base" and arm_method(arm).uses_reference}
+    plot_panels([(*SSR_PANEL, ssr_series(preference_arms))], out / "figure4_ssr_rate.png")
+    # The arms' showcase strips (same prompts, first seed) stacked into one labelled grid.
+    strips = [(arm, by_arm[arm][0] / "showcase.png") for arm in names]
+    strips = [(arm, path) for arm, path in strips if path.is_file()]
+    if strips:
+        from PIL import Image
+
+        rows = []
+        for _, path in strips:
+            with Image.open(path) as strip:
+                rows.append([strip.crop((i * SHOWCASE_CELL, 0, (i + 1) * SHOWCASE_CELL, SHOWCASE_CELL)) for i in range(strip.width // SHOWCASE_CELL)])
+        captions = showcase(eval_cfg, [None] * len(eval_items(eval_cfg)))[1]
+        save_png(image_grid(rows, [arm for arm, _ in strips], captions), out / "grid.png")
+
+
+def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
+                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 1) -> dict:
+    unknown = [a for a in names if a not in arms()]
+    if unknown:
+        raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")
+    started = time.time()
+    out = Path(out)
+    extra = [*(QUICK if quick else []), *overrides]
+    # The config's world (clips: the moving-shapes one), sampled as its negatives are.
+    probe = load_config(TrainConfig, config, extra)
+    world = "motion" if probe.data.frames else "shapes"
+    sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
+    eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
+    validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
+    if not 1 <= selection_seeds <= len(seeds):
+        raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --seeds ({len(seeds)})")
+    chosen = select_settings(config, names, parse_grid(grid), seeds[:selection_seeds], out, extra, validation_cfg)
+    results: dict[str, list[dict]] = {}
+    for arm in names:
+        for seed in seeds[:1] if arm == "base" else seeds:  # the untrained base has no seed
+            log.info("arm %s, seed %d", arm, seed)
+            run_dir = out / "runs" / run_name(arm, chosen[arm]["overrides"], seed)
+            results.setdefault(arm, []).append(run_arm(config, arm, seed, run_dir, [*extra, *chosen[arm]["overrides"]], eval_cfg))
+            write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds))
+    write_figures(out, names, seeds, chosen, eval_cfg)
+    print((out / "results.md").read_text())
+    return results

@@ -1,0 +1,201 @@
+"""Evaluation: a prompt set, sampled with fixed seeds, scored by metrics. One config, two runners.
+
+:func:`evaluate_pipeline` scores a pipeline in memory (the demo, ``sspo compare``, the trainer's
+validation); :func:`sspo.commands.eval.run_eval` (``sspo eval``) does the same for several models
+on disk, resumable, with confidence intervals. Both list their images with :func:`eval_items` and
+score them with :func:`score_columns`, from one :class:`EvalConfig`.
+
+The shapes world is one prompt set (``shapes``: seen combinations, which are in the alignment data,
+then held-out ones) and one metric (``shapes``: the exact reward, with a column per component).
+A method that only memorizes its data improves seen prompts, one that generalizes improves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sspo.config import setting, validate
+from sspo.errors import SSPOError
+from sspo.evaluation.scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
+from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set
+
+# The worlds' prompt sets and their exact evaluators: shapes (images), motion (clips).
+WORLD_METRICS = {"shapes": "shapes", "shapes-validation": "shapes", "motion": "motion", "motion-validation": "motion"}
+PROMPT_SETS = (*WORLD_METRICS, "pickapic_val", "hpsv2", "parti")  # or a prompt file
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    prompts: str = setting("shapes", nonempty=True)  # a prompt set (shapes | shapes-validation | motion | motion-validation | pickapic_val | hpsv2 | parti) or a prompt file
+    metrics: tuple[str, ...] = setting((), choices=SCORER_NAMES)  # scorers; empty: shapes for the shapes prompts, else the paper's four
+    seeds: tuple[int, ...] = setting((0, 1), at_least=0, nonempty=True)  # sampler seeds: one image per (prompt, seed)
+    steps: int = setting(20, at_least=1)  # sampler steps
+    guidance_scale: float = setting(5.0, at_least=0)  # at most 1: no classifier-free guidance
+    batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
+    resolution: int | None = setting(None, at_least=8, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
+    frames: int = setting(8, at_least=1)  # video models: frames per clip
+    dtype: str = setting("fp32", choices=DTYPES)  # diffusion model precision: fp32 | fp16 | bf16
+    limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
+    split_seed: int = setting(0, at_least=0)  # shapes: the world's train/held-out split (must match the training data's)
+    prompts_per_split: int = setting(24, at_least=1)  # shapes: prompts per split (seen, held-out)
+    prompt_source: str | None = None  # a local copy of a named prompt set (default: its hub dataset)
+    scorer_batch_size: int = setting(16, at_least=1)  # images per scorer batch
+    grid_prompts: int = setting(8, at_least=1)  # sspo eval: columns of grid.png
+
+    def __post_init__(self) -> None:
+        self.metrics, self.seeds = tuple(dict.fromkeys(m.strip() for m in self.metrics if m.strip())), tuple(dict.fromkeys(self.seeds))
+        validate(self)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """A world's exact evaluator for its prompts, the paper's four reward models otherwise."""
+        return self.metrics or ((WORLD_METRICS[self.prompts],) if self.prompts in WORLD_METRICS else PAPER_METRICS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image of every model: prompt ``prompt_index`` of the set, sampled with ``seed``."""
+
+    prompt_index: int
+    seed: int
+    prompt: str
+    category: str | None
+
+
+def select_prompts(cfg: EvalConfig) -> list[tuple[int, PromptItem]]:
+    """(index in the full set, prompt) of the set's prompts; ``limit`` keeps the first of every category."""
+    items = load_prompt_set(cfg.prompts, cfg.prompt_source, seed=cfg.split_seed, per_split=cfg.prompts_per_split)
+    taken: dict[str | None, int] = {}
+    selected = []
+    for index, item in enumerate(items):
+        if cfg.limit is None or taken.get(item.category, 0) < cfg.limit:
+            taken[item.category] = taken.get(item.category, 0) + 1
+            selected.append((index, item))
+    for world in set(cfg.metric_names) & {"shapes", "motion"}:
+        _check_world_prompts(world, (item.prompt for _, item in selected))
+    return selected
+
+
+def eval_items(cfg: EvalConfig) -> list[Item]:
+    """Every image the evaluation samples, prompt by prompt, seed by seed."""
+    return [Item(index, seed, p.prompt, p.category) for index, p in select_prompts(cfg) for seed in cfg.seeds]
+
+
+def _check_world_prompts(world: str, prompts) -> None:
+    from sspo.worlds.moving_shapes.world import parse_motion_prompt
+    from sspo.worlds.shapes.world import parse_prompt
+
+    parse = {"shapes": parse_prompt, "motion": parse_motion_prompt}[world]
+    for prompt in prompts:
+        try:
+            parse(prompt)
+        except SSPOError as exc:
+            raise SSPOError(f"metric {world!r} scores its world's prompts only (use --prompts {world}): {exc}") from None
+
+
+def metric_columns(metric: str) -> tuple[str, ...]:
+    """A metric's score columns: its own, then ``<metric>.<part>`` where it has parts (the worlds')."""
+    if metric in ("shapes", "motion"):
+        from sspo.worlds.moving_shapes import evaluator as motion_eval
+        from sspo.worlds.shapes import evaluator as shapes_eval
+
+        parts = (shapes_eval if metric == "shapes" else motion_eval).COMPONENT_NAMES
+        return (metric, *(f"{metric}.{part}" for part in parts if part != "reward"))
+    return (metric,)
+
+
+def score_columns(scorer, metric: str, images: Sequence, prompts: Sequence[str]) -> dict[str, list[float]]:
+    """Every column of ``metric`` for (image, prompt) pairs, from one scorer pass."""
+    parts = scorer.score_parts(images, prompts)
+    return {column: parts[column.partition(".")[2]].tolist() for column in metric_columns(metric)}
+
+
+def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None = None) -> tuple[dict, list]:
+    """Scores of ``pipe`` on ``cfg``'s prompts: per category the mean of every column over its images, and the images."""
+    from sspo.evaluation.sampling import generate
+
+    items = eval_items(cfg)
+    images = generate(
+        pipe, [i.prompt for i in items], [i.seed for i in items], steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+        batch_size=cfg.batch_size, size=cfg.resolution, frames=cfg.frames,
+    )
+    prompts = [i.prompt for i in items]
+    scores: dict[str, list[float]] = {}
+    for metric in cfg.metric_names:
+        scorer = build_scorer(metric, device=device or pipe.device, batch_size=cfg.scorer_batch_size)
+        scores |= score_columns(scorer, metric, images, prompts)
+    primary = cfg.metric_names[0]
+    summary = {}
+    for category in dict.fromkeys(i.category for i in items):
+        members = [k for k, i in enumerate(items) if i.category == category]
+        summary[category or "all"] = {c: float(np.mean([values[k] for k in members])) for c, values in scores.items()} | {
+            "n": len(members),
+            # The first metric per image, in the fixed order of prompts and seeds: paired CIs between models.
+            "per_image": [scores[primary][k] for k in members],
+        }
+    return summary, images
+
+
+def evaluate_model(model: str | Path, cfg: EvalConfig, lora: str | Path | None = None, device: str | None = None) -> tuple[dict, list]:
+    from sspo.models.pipeline import load_pipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(model, lora=lora, dtype=DTYPES[cfg.dtype]).to(device)
+    return evaluate_pipeline(pipe, cfg, device)
+
+
+def showcase(cfg: EvalConfig, images: Sequence, per_category: int = 4) -> tuple[list, list[str]]:
+    """The first seed's images of the first ``per_category`` prompts of each category, with captions."""
+    items = eval_items(cfg)
+    picks = []
+    for category in dict.fromkeys(i.category for i in items):
+        firsts = [k for k, i in enumerate(items) if i.category == category and i.seed == cfg.seeds[0]]
+        picks += firsts[:per_category]
+    return [images[k] for k in picks], [f"[{items[k].category}] {items[k].prompt}" for k in picks]
+
+
+# The worlds' tables: the reward and the components a prompt asks for (clips: the groups, and the
+# two motion components a frozen or reversed clip fails).
+TABLE_COLUMNS = ("shapes", "shapes.color", "shapes.shape", "shapes.size", "shapes.position", "shapes.background", "shapes.quality")
+MOTION_TABLE_COLUMNS = ("motion", "motion.attributes", "motion.motion", "motion.coherence", "motion.quality", "motion.direction", "motion.amplitude")
+
+
+def table_columns(summary: dict) -> tuple[str, ...]:
+    """The table of the world an :func:`evaluate_pipeline` summary scored."""
+    return MOTION_TABLE_COLUMNS if "motion" in next(iter(summary.values())) else TABLE_COLUMNS
+
+
+def reward_gain(scores: dict, baseline: dict) -> dict:
+    """Mean gain of the first metric over ``baseline``, with a 95% CI.
+
+    Paired: each (prompt, seed) is compared with the baseline's image of the same prompt and seed,
+    so the interval is over prompts and seeds, not over two independent means.
+    """
+    from sspo.evaluation.scorers.stats import summarize
+
+    return summarize(np.subtract(scores["per_image"], baseline["per_image"]))
+
+
+def format_table(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS, baseline: str | None = None) -> str:
+    """A markdown table: one row per (model, category) of :func:`evaluate_pipeline` summaries; with
+    ``baseline``, each model's gain over it in the first metric."""
+    gain = baseline is not None and baseline in results
+    header = list(columns) + ([f"{columns[0]} gain vs {baseline} [95% CI]"] if gain else [])
+    lines = ["| model | prompts | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
+    for model, summary in results.items():
+        for category, scores in summary.items():
+            cells = [f"{scores[c]:.3f}" for c in columns]
+            if gain:
+                if model == baseline:
+                    cells.append("")
+                else:
+                    g = reward_gain(scores, results[baseline][category])
+                    cells.append(f"{g['mean']:+.3f} [{g['ci95_low']:+.3f}, {g['ci95_high']:+.3f}]")
+            lines.append(f"| {model} | {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""``sspo sample``: generate images (or clips) with fixed seeds and write a captioned PNG (or GIF) grid."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from sspo.io import atomic_path
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    batch_size: int = 32,
+    size: int | None = None,
+    frames: int = 8,
+) -> list:
+    """One image per (prompt, seed) pair, ``size`` pixels square (default: the model's native size);
+    for a video pipeline one clip of ``frames`` frames, ``uint8 [F, H, W, 3]`` (sspo/video_io.py).
+
+    A seed fixes its image whatever the batching.
+    """
+    from sspo.models.pipeline import is_video
+
+    video = is_video(pipe)
+    extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
+    images: list = []
+    device = pipe.device
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators, height=size, width=size, **extra)
+        # Rounded as diffusers' numpy_to_pil rounds images.
+        images.extend(list((out.frames * 255).round().astype(np.uint8)) if video else out.images)
+    return images
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96) -> Image.Image:
+    """A grid with one row per model (labelled on the left) and one captioned column per prompt."""
+    n_cols = max(len(r) for r in rows)
+    font = ImageFont.load_default()
+    label_width = 90 if row_labels else 0
+    caption_height = 44 if captions else 0
+    grid = Image.new("RGB", (label_width + n_cols * cell, caption_height + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions):
+        lines = textwrap.wrap(caption, width=max(8, cell // 6))[:4]
+        draw.multiline_text((label_width + c * cell + 2, 1), "\n".join(lines), fill="black", font=font, spacing=0)
+    for r, row in enumerate(rows):
+        if r < len(row_labels):
+            draw.text((4, caption_height + r * cell + cell // 2 - 6), row_labels[r], fill="black", font=font)
+        for c, image in enumerate(row):
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label_width + c * cell, caption_height + r * cell))
+    return grid
+
+
+def clip_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96) -> list[Image.Image]:
+    """:func:`image_grid` of clips: one grid per frame, the frames of an animated GIF."""
+    frames = max(len(clip) for row in rows for clip in row)
+    return [image_grid([[Image.fromarray(clip[min(f, len(clip) - 1)]) for clip in row] for row in rows], row_labels, captions, cell) for f in range(frames)]
+
+
+def save_animation(frames: Sequence[Image.Image], path: str | Path) -> Path:
+    """Frames as one animated file, its suffix naming the format (``.gif``, looping: a grid has few
+    colours and GIF's palette keeps them; ``.mp4``, ``.webp``)."""
+    from sspo.video_io import write_clip
+
+    return write_clip(path, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

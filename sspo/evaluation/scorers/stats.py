@@ -1,0 +1,105 @@
+"""Mean and Student-t 95% confidence interval of per-prompt scores, with no scipy dependency."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+from sspo.errors import SSPOError
+
+
+def summarize(values: Iterable[float], confidence: float = 0.95) -> dict[str, float | int]:
+    """``{"mean", "ci95_low", "ci95_high", "n"}``; the interval is NaN for a single value.
+
+    A t-interval rather than a bootstrap: exact for the mean of independent scores, and deterministic.
+    """
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        raise SSPOError("summarize: no values (did the prompt set or the generation produce nothing?)")
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return {"mean": mean, "ci95_low": math.nan, "ci95_high": math.nan, "n": 1}
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+
+
+def summarize_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95) -> dict[str, float | int]:
+    """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
+    differences), where both the runs and the prompts are samples: the mean's variance is taken as
+    ``var(run means) / runs + var(prompt means) / prompts``, with Welch-Satterthwaite degrees of
+    freedom. One run: the interval is over prompts alone.
+    """
+    rows = [[float(v) for v in row] for row in values]
+    runs, prompts = len(rows), len(rows[0]) if rows else 0
+    if not runs or not prompts or any(len(row) != prompts for row in rows):
+        raise SSPOError("summarize_crossed: needs a non-empty table with the same prompts in every run")
+    if runs == 1:
+        return summarize(rows[0], confidence) | {"runs": 1}
+    run_means = [math.fsum(row) / prompts for row in rows]
+    prompt_means = [math.fsum(row[j] for row in rows) / runs for j in range(prompts)]
+    mean = math.fsum(run_means) / runs
+
+    def variance(xs: list[float]) -> float:
+        m = math.fsum(xs) / len(xs)
+        return math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+
+    between_runs, between_prompts = variance(run_means) / runs, variance(prompt_means) / prompts
+    total = between_runs + between_prompts
+    if total == 0:
+        return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "n": runs * prompts, "runs": runs}
+    df = total**2 / (between_runs**2 / (runs - 1) + between_prompts**2 / (prompts - 1))
+    half = t_quantile(0.5 + confidence / 2, df) * math.sqrt(total)
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile (p in [0.5, 1)) of Student's t with ``df`` degrees of freedom, by bisection."""
+    if not 0.5 <= p < 1:
+        raise ValueError(f"p must be in [0.5, 1), got {p}")
+    tail = 2 * (1 - p)  # two-sided: P(|T| > t) = I_{df / (df + t^2)}(df / 2, 1 / 2)
+
+    def two_sided(t: float) -> float:
+        return _betainc(df / 2, 0.5, df / (df + t * t))
+
+    lo, hi = 0.0, 1.0
+    while two_sided(hi) > tail:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if two_sided(mid) > tail else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (Numerical Recipes' continued fraction, Lentz's method)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use the symmetry
+        return 1.0 - front * _beta_fraction(b, a, 1 - x) / b
+    return front * _beta_fraction(a, b, x) / a
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+
+    def guard(v: float) -> float:
+        return v if abs(v) > tiny else tiny
+
+    c, d = 1.0, 1.0 / guard(1 - (a + b) * x / (a + 1))
+    result = d
+    for m in range(1, 500):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 / guard(1 + numerator * d)
+            c = guard(1 + numerator / c)
+            result *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return result

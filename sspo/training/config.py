@@ -1,0 +1,184 @@
+"""The training config: one dataclass tree for every method of :data:`sspo.training.methods.METHODS`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from sspo.config import check, setting, validate
+from sspo.training.data import DataConfig
+from sspo.training.losses import SSR_VARIANTS
+from sspo.training.methods import METHODS, Method
+from sspo.training.pool import ERD_STRATEGIES
+
+TRAIN_MODULES = ("auto", "unet", "motion")
+SCHEDULERS = ("ddim", "pipeline", "dpm++", "euler")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORTERS = ("tensorboard", "wandb", "none")
+
+
+def resolve_train_modules(train_modules: str, video: bool) -> str:
+    """``model.train_modules`` for a video or an image model: "auto" is "motion" for video, else "unet"."""
+    return ("motion" if video else "unet") if train_modules == "auto" else train_modules
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    pretrained: str = setting("shapes-base", nonempty=True)  # hub id, local diffusers folder, or shapes-base[:quick]
+    revision: str | None = None
+    variant: str | None = None  # e.g. fp16 weights on the hub
+    # AnimateDiff: a MotionAdapter (hub id or from_pretrained folder) joined to an image pipeline
+    # (pretrained: SD-1.5), as AnimateDiffPipeline.from_pretrained(..., motion_adapter=...) does.
+    motion_adapter: str | None = None
+    lora: bool = True  # False: full fine-tuning of what `train_modules` names
+    # What trains: "unet" (every UNet layer), "motion" (a video UNet's motion modules only, as
+    # AnimateDiff LoRAs do), "auto" (motion for video pipelines, unet for image ones).
+    train_modules: str = setting("auto", choices=TRAIN_MODULES)
+    lora_rank: int = setting(8, at_least=1)
+    lora_alpha: int = setting(8, at_least=1)  # the LoRA update is scaled by lora_alpha / lora_rank
+    # Module names (or name endings) the LoRA wraps; the trainer refuses names the UNet lacks.
+    lora_targets: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), nonempty=True)
+    gradient_checkpointing: bool = False
+    attention: str = setting("sdpa", choices=("sdpa", "xformers"))  # xformers: enable_xformers_memory_efficient_attention (CUDA only)
+
+    def __post_init__(self) -> None:
+        validate(self, "model.")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = setting(1e-4, above=0)
+    weight_decay: float = setting(1e-2, at_least=0)
+    adam_beta1: float = setting(0.9, at_least=0, below=1)  # torch's AdamW takes betas in [0, 1)
+    adam_beta2: float = setting(0.999, at_least=0, below=1)
+    adam_epsilon: float = setting(1e-8, above=0)  # 0 divides 0 by 0 for a parameter whose gradient stays 0
+    max_grad_norm: float = setting(1.0, above=0)
+    batch_size: int = setting(4, at_least=1)  # per device and micro-batch (pairs for preference methods)
+    gradient_accumulation_steps: int = setting(1, at_least=1)
+    lr_warmup_steps: int = setting(0, at_least=0)
+    use_8bit_adam: bool = False  # bitsandbytes, `pip install 'sspo[bnb]'`
+
+    def __post_init__(self) -> None:
+        validate(self, "optim.")
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    """How a pool checkpoint generates negatives ``x_l`` (its own inference pipeline)."""
+
+    scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler
+    steps: int = setting(20, at_least=1)
+    # SD-1.5's usual is 7.5; the shapes world's base likes 5. At most 1: no classifier-free guidance.
+    guidance_scale: float = setting(5.0, at_least=0)
+    eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
+    batch_size: int = setting(64, at_least=1)  # generation batch (grouped by checkpoint), independent of training batch
+
+    def __post_init__(self) -> None:
+        validate(self, "negatives.")
+
+
+@dataclasses.dataclass
+class ValidationConfig:
+    every_iterations: int = setting(0, at_least=0)  # 0: off; N: every N iterations and after the last
+    shapes_eval: bool = False  # score the world's eval prompts (shapes; motion for clips) exactly, sampled as the negatives are
+    prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
+    seed: int = setting(0, at_least=0)
+    prompts_per_split: int = setting(8, at_least=1)
+
+    def __post_init__(self) -> None:
+        validate(self, "validation.")
+
+
+@dataclasses.dataclass
+class DiagnosticsConfig:
+    # Shapes world: score every negative exactly and, for this many pairs of every micro-batch, the
+    # policy's own sample too: SSR and RCR against ground truth (<output_dir>/ssr_truth.jsonl). 0: off.
+    ssr_truth_per_batch: int = setting(0, at_least=0)
+
+    def __post_init__(self) -> None:
+        validate(self, "diagnostics.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    method: str = setting("sspo", choices=METHODS)  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
+    beta: float = setting(5000.0, above=0)  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
+    ssr: str = setting("sign", choices=SSR_VARIANTS)  # sign | indicator | off (Table 6 ablations); spin and dpo force off
+    ssr_draws: int = setting(1, at_least=1)  # (t, eps) draws whose mean errors decide K; 1 = the paper (the loss's own draw)
+    erd: str = setting("uniform", choices=ERD_STRATEGIES)  # uniform (RCR) | initial | last; spin forces last, dpo initial
+    erd_per: str = setting("batch", choices=("batch", "sample"))  # batch (paper) | sample
+    iterations: int = setting(4, at_least=1)  # the pool grows once per iteration
+    steps_per_iteration: int = setting(25, at_least=1)  # K_updates: optimizer steps per iteration
+    pregenerate: bool = True  # generate an iteration's negatives up front, grouped by checkpoint
+    cache_reference_errors: bool = True  # with pregenerate: reference errors computed then, too
+    seed: int = setting(0, at_least=0, at_most=2**32 - 1)  # accelerate's set_seed seeds numpy too, which takes 32 bits
+    mixed_precision: str = setting("no", choices=MIXED_PRECISIONS)  # no | fp16 (needs a GPU) | bf16
+    output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
+    report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
+    log_every: int = setting(1, at_least=1)  # optimizer steps between metrics lines
+    save_every_steps: int = setting(0, at_least=0)  # 0: save a resumable state at iteration ends only
+    checkpoints_total_limit: int = setting(2, at_least=1)
+    nonfinite: str = setting("error", choices=("error", "skip"))  # a non-finite loss or gradient: error (stop; the last state stays) | skip (count it, step nothing)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        check(not self.diagnostics.ssr_truth_per_batch or self.data.source == "shapes", "diagnostics.ssr_truth_per_batch",
+              "needs data.source: shapes (the exact evaluator scores the world's prompts only); set it to 0 for other data")
+
+    # What the method implies (sspo/training/methods.py); a method's fixed erd / ssr wins over the keys.
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.spec.uses_reference
+
+    @property
+    def generates_negatives(self) -> bool:
+        return self.spec.generates_negatives
+
+    @property
+    def effective_erd(self) -> str:
+        return self.spec.erd or self.erd
+
+    @property
+    def effective_ssr(self) -> str:
+        return self.spec.ssr or self.ssr
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """Refuse, before anything is loaded or written, a setting this machine cannot run: fp16 or
+    xformers without a GPU, or an optional package that is not installed."""
+    if not _has_gpu():
+        check(cfg.mixed_precision != "fp16", "mixed_precision", "fp16 needs a GPU and torch sees none; set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
+        check(cfg.model.attention != "xformers", "model.attention", "xformers runs on a GPU only and torch sees none; set model.attention=sdpa")
+    needs = (
+        (cfg.model.attention == "xformers", "model.attention", "xformers", "pip install xformers, or set model.attention=sdpa"),
+        (cfg.optim.use_8bit_adam, "optim.use_8bit_adam", "bitsandbytes", "pip install 'sspo[bnb]', or set optim.use_8bit_adam=false"),
+        (cfg.report_to == "wandb", "report_to", "wandb", "pip install 'sspo[wandb]', or set report_to=tensorboard or none"),
+    )
+    for wanted, key, module, fix in needs:
+        check(not wanted or _importable(module), key, f"needs {module}, which is not installed; {fix}")
+
+
+def _has_gpu() -> bool:
+    """Whether accelerate will train on a GPU: CUDA (or Apple's MPS) is there and the launch did not ask for the CPU."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return not parse_flag_from_env("ACCELERATE_USE_CPU") and (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,507 @@
+"""Training data: preference pairs or captioned images, as image tensors in [-1, 1] with their prompt.
+
+With ``data.frames`` each image is a clip instead (a video file, a multi-frame image or a folder of
+frames, see docs/data.md): ``[F, 3, H, W]``, every frame resized and cropped as an image would be.
+
+Sources: a Pick-a-Pic-style parquet file or folder of shards, an imagefolder with ``metadata.jsonl``
+or ``metadata.csv``, or a ``datasets`` dataset (a ``save_to_disk`` folder, a local dataset folder or
+a hub id). A table with the two image columns (``data.image_0_column``) is read as preference
+pairs; otherwise as single images (``data.image_column`` + ``data.text_column``), which gives
+winners only.
+
+Every random choice (SSPOr's side, crop offsets, flips, clip starts) is a pure function of
+``(seed, source row, epoch)``, so a resumed run sees exactly the images an uninterrupted one would
+have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sspo.config import check, setting, validate
+from sspo.errors import DataError
+from sspo.video_io import VIDEO_SUFFIXES, read_clip, sample_frames
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("parquet", "imagefolder", "hf", "shapes", "motion")
+MODES = ("winners", "random")
+FRAME_STARTS = ("first", "random")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+TIE = 0.5
+LABELS = (0.0, TIE, 1.0)  # image_1 wins, a tie, image_0 wins
+# Tags keep the random streams of different decisions independent even for equal (seed, row, epoch).
+_SIDE_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = setting("parquet", choices=SOURCES)  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes" | "motion" (the moving-shapes world, clips)
+    path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl or .csv | hf folder or id
+    split: str = "train"  # hf split; for an imagefolder, a subfolder used when it exists
+    caption_column: str = setting("caption", nonempty=True)  # pairs: prompt text
+    image_0_column: str = setting("jpg_0", nonempty=True)  # pairs: first image (encoded bytes or {'bytes': ...})
+    image_1_column: str = setting("jpg_1", nonempty=True)  # pairs: second image
+    label_column: str = setting("label_0", nonempty=True)  # pairs: 1 = image_0 wins, 0 = image_1 wins, 0.5 = tie
+    image_column: str = setting("image", nonempty=True)  # single images (imagefolder / hf)
+    text_column: str = setting("text", nonempty=True)  # single images: prompt text
+    remove_ties: bool = True  # drop pairs with label 0.5 (kept ties get a random winner, as in "random")
+    mode: str = setting("winners", choices=MODES)  # "winners": winner from the label | "random": SSPOr, random side per row
+    # Shorter side resized to this, then cropped square. A multiple of 8, the VAE's downsampling
+    # factor in SD-1.5, SDXL and AnimateDiff (the tiny worlds' VAEs downsample by 4).
+    resolution: int = setting(512, at_least=8, multiple_of=8)
+    center_crop: bool = True  # False: random crop (deterministic per seed, row and epoch)
+    random_flip: bool = False  # horizontal flip with probability 0.5
+    max_samples: int | None = setting(None, at_least=1)  # keep only the first N rows (after tie removal); None = all
+    # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
+    # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
+    frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
+    frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
+    frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
+    seed: int = setting(0, at_least=0)  # seeds SSPOr sides, random crops and flips
+    world_pairs_per_prompt: int = setting(4, at_least=1)  # worlds (source shapes / motion): pairs rendered per alignment-train combination
+    world_split_seed: int = setting(0, at_least=0)  # worlds (source shapes / motion): the world's train / held-out split
+    world_without_validation: bool = False  # worlds (source shapes / motion): leave out the validation combinations (choosing settings)
+    # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
+    # (sspo/training/latent_cache.py). Needs center_crop true, random_flip false and frame_start first:
+    # augmentation would change an item's latents from epoch to epoch.
+    cache_latents: bool = False
+    cache_dir: str | None = None  # None: $SSPO_CACHE/latents/<hash of model, dtype, data config, data files>
+
+    def __post_init__(self) -> None:
+        validate(self, "data.")
+        if self.cache_latents:
+            augmented = [key for key, on in (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip), ("data.frame_start: random", self.frames and self.frame_start == "random")) if on]
+            check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; set data.center_crop: true, data.random_flip: false and data.frame_start: first, or data.cache_latents: false")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: each yields plain row dicts, plus the column names of every file for validation.
+
+
+@dataclasses.dataclass
+class _Source:
+    where: str  # what error messages call it
+    files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
+    load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
+
+
+class _ArrowRows:
+    """Row access to a pyarrow table; images stay encoded until an item is requested."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+
+class _HFRows:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i]
+
+    def column(self, name: str) -> list:
+        return list(self.ds[name])
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    # Hidden and underscore files are temporaries and markers (atomic writes, _SUCCESS), not shards.
+    files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"no .parquet files in folder {path} (data.path)")
+    return files
+
+
+def _open_parquet(cfg: DataConfig) -> _Source:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(Path(cfg.path))
+    try:
+        schemas = [(str(f), pq.read_schema(f).names) for f in files]
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
+
+    def load(columns: list[str]) -> Any:
+        tables = [pq.read_table(f, columns=columns) for f in files]
+        return _ArrowRows(pa.concat_tables(tables, promote_options="permissive"))
+
+    return _Source(cfg.path, schemas, load)
+
+
+def _metadata_file(cfg: DataConfig) -> Path:
+    root = Path(cfg.path)
+    for folder in (root / cfg.split, root):
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        if len(found) > 1:
+            raise DataError(f"imagefolder {folder} has both {found[0].name} and {found[1].name}; keep one")
+        if found:
+            return found[0]
+    raise DataError(
+        f"imagefolder {root} (data.path) has no metadata.jsonl or metadata.csv; expected one with a file_name column "
+        "(an image, clip or frame folder, relative to it) and a text column (the prompt)"
+    )
+
+
+def _metadata_entries(meta: Path, cfg: DataConfig) -> list[dict]:
+    """The lines of ``metadata.jsonl`` or the rows of ``metadata.csv`` (MagicTime / ChronoMagic
+    captions come as CSV), as dicts; numbers in a CSV stay numbers, captions stay strings."""
+    if meta.suffix == ".csv":
+        import pyarrow as pa
+        import pyarrow.csv
+
+        text = pyarrow.csv.ConvertOptions(column_types={cfg.text_column: pa.string(), cfg.caption_column: pa.string()})
+        try:
+            return pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"cannot read {meta}: {exc}") from None
+    entries = []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta} line {n} is not valid JSON: {exc}") from None
+    return entries
+
+
+def _open_imagefolder(cfg: DataConfig) -> _Source:
+    import pyarrow as pa
+
+    meta = _metadata_file(cfg)
+    folder = meta.parent
+    rows = []
+    for entry in _metadata_entries(meta, cfg):
+        # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
+        row = {}
+        for key, value in entry.items():
+            if key == "file_name":
+                row["image"] = str(folder / str(value))  # str: a CSV's file names may read as numbers
+            elif key.endswith("_file_name"):
+                row[key[: -len("_file_name")]] = str(folder / str(value))
+            else:
+                row[key] = value
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{meta} lists no images")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+
+    def load(columns: list[str]) -> Any:
+        try:
+            return _ArrowRows(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
+            raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
+
+    return _Source(str(meta), [(str(meta), names)], load)
+
+
+def _open_hf(cfg: DataConfig) -> _Source:
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    saved = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+    if not path.exists() and cfg.path.startswith(("/", ".", "~")):
+        raise DataError(f"data.path {cfg.path} does not exist")
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise DataError(f"{cfg.path} has no split {cfg.split!r} (data.split); splits: {', '.join(ds)}")
+                ds = ds[cfg.split]
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except DataError:
+        raise
+    except Exception as exc:  # hub, network and format errors all mean "cannot load this"
+        raise DataError(f"cannot load dataset {cfg.path!r} (data.path, split {cfg.split!r}): {exc}") from None
+    names = list(ds.column_names or next(iter(ds)).keys())
+
+    def load(columns: list[str]) -> Any:
+        selected = ds.select_columns(columns)
+        # Keep images and videos encoded: decoding happens per item, where a corrupt one can be skipped.
+        encoded = tuple(getattr(datasets, kind) for kind in ("Image", "Video") if hasattr(datasets, kind))  # Video: datasets >= 3.1
+        for name, feature in (selected.features or {}).items():
+            if isinstance(feature, encoded):
+                selected = selected.cast_column(name, type(feature)(decode=False))
+        return _HFRows(selected)
+
+    return _Source(cfg.path, [(cfg.path, names)], load)
+
+
+_OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "hf": _open_hf}
+_EXPECTED = {
+    "parquet": "a parquet file or a folder of parquet shards",
+    "imagefolder": "a folder with metadata.jsonl or metadata.csv (file_name, text) and the files it names",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# From a row dict to an item
+
+
+
+def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
+    """Open an image as RGB, turning a corrupt file into a DataError that names it."""
+    import io
+
+    try:
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with Image.open(source) as image:
+            return _rgb(image)
+    except Exception as exc:  # PIL raises many types for corrupt data (and DecompressionBombError for huge images)
+        raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode: 16-bit values scaled down (PIL's own conversion clips them, turning
+    most of an image white) and transparent pixels over white (not the colour hidden under them)."""
+    if image.mode.startswith("I"):  # 16-bit grayscale PNGs open as I;16 or I
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("RGB")
+
+def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
+    """Encoded bytes or a path, however a table stores a file, and ``where`` with the path in
+    front: the log line of a skipped row then names the file to fix."""
+    if isinstance(value, dict):  # how datasets stores an Image feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), where
+    if isinstance(value, (str, Path)):
+        return str(value), f"{value} ({where})"
+    raise DataError(f"cannot read {what} {where}: expected encoded bytes or a path, got {type(value).__name__}")
+
+
+def _open_image(value: Any, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return _rgb(value)
+    data, where = _file(value, "image", where)
+    if isinstance(data, str) and (Path(data).is_dir() or Path(data).suffix.lower() in VIDEO_SUFFIXES):
+        raise DataError(f"cannot read image {where}: it is a clip; set data.frames to the frames per clip")
+    return load_image(data, where)
+
+
+def _open_clip(value: Any, where: str, cfg: DataConfig, start: float) -> np.ndarray:
+    """The ``data.frames`` frames of a clip; ``start`` in [0, 1) picks a random start among the possible ones."""
+    data, where = _file(value, "clip", where)
+    span = (cfg.frames - 1) * cfg.frame_stride + 1
+    random_start = cfg.frame_start == "random"
+    clip = read_clip(data, where, max_frames=None if random_start else span)  # "first" needs no more
+    first = int(start * max(0, len(clip) - span + 1)) if random_start else 0
+    return sample_frames(clip, cfg.frames, cfg.frame_stride, first, where)
+
+
+def _resize_crop_flip(image: Image.Image, size: int, offset: tuple[float, float] | None, flip: bool) -> Image.Image:
+    w, h = image.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new != image.size:
+        image = image.resize(new, Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
+    fx, fy = offset or (0.5, 0.5)
+    left, top = round(fx * (new[0] - size)), round(fy * (new[1] - size))
+    image = image.crop((left, top, left + size, top + size))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class _Reader:
+    """Turns a source row into an item: decoding, winner choice, crop, flip."""
+
+    def __init__(self, cfg: DataConfig, source: _Source):
+        self.cfg = cfg
+        self.where = source.where
+        self.epoch = 0
+        self.skipped = 0
+        self._bad: set[int] = set()
+        first = source.files[0][1]
+        # Without the pair columns a table of single images is meant; if it has neither, the
+        # missing pair columns are reported, since pairs are what preference training needs.
+        self.pairs = cfg.image_0_column in first or cfg.image_column not in first
+        if self.pairs:
+            keys = ("caption_column", "image_0_column", "image_1_column", "label_column")
+        else:
+            keys = ("text_column", "image_column")
+            if cfg.mode == "random":
+                raise DataError(
+                    f"data.mode='random' (SSPOr) draws the winner from a pair, but {source.where} has "
+                    f"single images (no column {cfg.image_0_column!r}, data.image_0_column)"
+                )
+        self.keys = {getattr(cfg, k): f"data.{k}" for k in keys}
+        for name, columns in source.files:
+            missing = [f"{column!r} (set {key})" for column, key in self.keys.items() if column not in columns]
+            if missing:
+                raise DataError(
+                    f"{name} has no column {', '.join(missing)}; available columns: {', '.join(columns)}"
+                )
+        self.columns = list(self.keys)
+
+    def check_labels(self, labels: list) -> None:
+        """Every label must say who won; anything else would silently train on the wrong side."""
+        for row_id, label in enumerate(labels):
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
+                raise DataError(
+                    f"{self.where} row {row_id}: label {label!r} in column {self.cfg.label_column!r} (data.label_column) "
+                    "must be 1 (image_0 wins), 0 (image_1 wins) or 0.5 (a tie); fix or drop the row"
+                )
+
+    def keep(self, label: Any) -> bool:
+        return not (self.pairs and self.cfg.remove_ties and float(label) == TIE)
+
+    def item(self, index: int, row_id: int, row: dict) -> dict:
+        cfg = self.cfg
+        where = f"{self.where} row {row_id}"
+        if self.pairs:
+            prompt = row[cfg.caption_column]
+            label = float(row[cfg.label_column])
+            if cfg.mode == "random" or label == TIE:
+                swap = bool(np.random.default_rng([_SIDE_STREAM, cfg.seed, row_id]).random() < 0.5)
+            else:
+                swap = label < TIE
+            names = [cfg.image_1_column, cfg.image_0_column] if swap else [cfg.image_0_column, cfg.image_1_column]
+        else:
+            prompt, names = row[cfg.text_column], [cfg.image_column]
+        if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
+            column = cfg.caption_column if self.pairs else cfg.text_column
+            raise DataError(f"{where}: caption {prompt!r} in column {column!r} is not a non-empty string")
+        # One draw per item, shared by winner and loser (and all frames), so a pair stays aligned.
+        fx, fy, u, start = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(4)
+        offset = None if cfg.center_crop else (fx, fy)
+        flip = cfg.random_flip and u < 0.5
+
+        def pixels(image: Image.Image) -> torch.Tensor:
+            return _to_tensor(_resize_crop_flip(image, cfg.resolution, offset, flip))
+
+        if cfg.frames:
+            clips = [_open_clip(row[n], f"{where} column {n!r}", cfg, start) for n in names]
+            tensors = [torch.stack([pixels(Image.fromarray(frame)) for frame in clip]) for clip in clips]
+        else:
+            tensors = [pixels(_open_image(row[n], f"{where} column {n!r}")) for n in names]
+        return {
+            "prompt": prompt,
+            "winner": tensors[0],
+            "loser": tensors[1] if len(tensors) > 1 else None,
+            "index": index,
+        }
+
+    def skip(self, row_id: int, error: DataError) -> None:
+        """Count and log an unreadable row once; a long run must not die on one bad image."""
+        if row_id not in self._bad:
+            self._bad.add(row_id)
+            self.skipped += 1
+            log.warning("skipping unreadable row (%d so far): %s", self.skipped, error)
+
+    def is_bad(self, row_id: int) -> bool:
+        return row_id in self._bad
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Map-style dataset; items are ``{prompt, winner, loser, index}``.
+
+    An unreadable row is replaced by the next readable one (``index`` is the row served), so a
+    batch always has its full size and the replacement is the same on every run.
+    """
+
+    def __init__(self, cfg: DataConfig, rows: Any, reader: _Reader):
+        self._reader = reader
+        self._rows = rows
+        row_ids = range(len(rows))
+        if reader.pairs:
+            labels = rows.column(cfg.label_column)
+            reader.check_labels(labels)
+            row_ids = [i for i in row_ids if reader.keep(labels[i])]
+        self._row_ids = list(row_ids)[: cfg.max_samples]
+        if not self._row_ids:
+            ties = " after removing ties (data.remove_ties)" if reader.pairs and cfg.remove_ties else ""
+            raise DataError(f"{reader.where} has no rows{ties}")
+
+    @property
+    def has_losers(self) -> bool:
+        return self._reader.pairs
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable rows seen so far."""
+        return self._reader.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random crops and flips; call before each epoch to vary them."""
+        self._reader.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._row_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} items")
+        for step in range(n):
+            i = (index + step) % n
+            row_id = self._row_ids[i]
+            if self._reader.is_bad(row_id):
+                continue
+            try:
+                return self._reader.item(i, row_id, self._rows[row_id])
+            except DataError as exc:
+                self._reader.skip(row_id, exc)
+        raise DataError(f"no readable row (image and caption) in {self._reader.where}")
+
+
+def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
+    """Open ``cfg.path``; validates columns now so a wrong config fails before any training."""
+    if cfg.source == "motion":  # the moving-shapes world: clip pairs in the same layout
+        from sspo.worlds.moving_shapes.world import cached_motion_parquet
+
+        check(cfg.frames > 0, "data.frames", "source motion is clips: set the frames per clip, e.g. 8")
+        path = cached_motion_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.frames, cfg.resolution, cfg.world_without_validation)
+        cfg = dataclasses.replace(cfg, source="parquet", path=str(path), image_0_column="video_0", image_1_column="video_1")
+    if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
+        from sspo.worlds.shapes.world import cached_pickapic_parquet
+
+        path = cached_pickapic_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution, cfg.world_without_validation)
+        cfg = dataclasses.replace(cfg, source="parquet", path=str(path))
+    check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
+    if cfg.source != "hf" and not Path(cfg.path).exists():
+        raise DataError(f"data.path {cfg.path} does not exist; expected {_EXPECTED[cfg.source]}")
+    source = _OPENERS[cfg.source](cfg)
+    reader = _Reader(cfg, source)
+    return PreferenceDataset(cfg, source.load(reader.columns), reader)
+
+
+def collate(items: list[dict]) -> dict:
+    losers = [item["loser"] for item in items]
+    return {
+        "prompts": [item["prompt"] for item in items],
+        "winner": torch.stack([item["winner"] for item in items]),
+        "loser": None if losers[0] is None else torch.stack(losers),
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }

@@ -1,0 +1,90 @@
+"""The checkpoint pool of Random Checkpoint Replay (docs/method.md, "Random Checkpoint Replay").
+
+The pool starts as ``{theta_0}`` and grows by one checkpoint per iteration. Each entry is a
+safetensors file in the run directory (a LoRA adapter, megabytes, or a full UNet state dict),
+so the pool survives a restart; only one entry is loaded at a time. ``pool.json`` lists them; it
+only indexes the files (each records its step), so a damaged one is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from sspo.training.faults import fault_point
+from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, read_tensors, save_tensors
+
+log = logging.getLogger(__name__)
+
+ERD_STRATEGIES = ("uniform", "initial", "last")
+INDEX_SHAPE = {"entries": [{"file": str, "step": int}]}
+
+
+class CheckpointPool:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        index = self.root / "pool.json"
+        try:
+            recorded = read_json(index, what="the checkpoint pool index", fix="it is rebuilt from the checkpoint files", shape=INDEX_SHAPE, default=None)
+        except DamagedFileError as exc:
+            log.warning("%s; rebuilding it from the checkpoint files", exc.problem)
+            recorded = None
+        self.entries: list[dict] = recorded["entries"] if recorded is not None else self._entries_on_disk()
+
+    def _entries_on_disk(self) -> list[dict]:
+        """The entries of the consecutive readable checkpoint files, as :meth:`add` recorded them."""
+        entries = []
+        while (path := self.root / _file_name(len(entries))).is_file():
+            try:
+                _, metadata = open_tensors(path, what="pool checkpoint", fix="the index ends before it")
+                entries.append({"file": path.name, "step": int(metadata["step"])})
+            except (DamagedFileError, KeyError, ValueError):
+                break  # a resume names a damaged file its state depends on
+        return entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, state_dict: dict[str, torch.Tensor], step: int) -> int:
+        """Store a checkpoint (taken after ``step`` optimizer steps); returns its pool index."""
+        index = len(self.entries)
+        name = _file_name(index)
+        save_tensors(state_dict, self.root / name, metadata={"step": str(step)})
+        fault_point("pool_write")
+        self.entries.append({"file": name, "step": step})
+        atomic_write_json(self.root / "pool.json", {"entries": self.entries})
+        return index
+
+    def truncate(self, size: int) -> None:
+        """Forget entries past ``size`` (a resumed run rewinds to the pool of its saved state)."""
+        for entry in self.entries[size:]:
+            (self.root / entry["file"]).unlink(missing_ok=True)
+        self.entries = self.entries[:size]
+        atomic_write_json(self.root / "pool.json", {"entries": self.entries})
+
+    def draw(self, strategy: str, rng: random.Random) -> int:
+        """A pool index by the experience-replay distribution ``strategy``."""
+        if not self.entries:
+            raise RuntimeError("the checkpoint pool is empty: add theta_0 first")
+        if strategy == "uniform":
+            return rng.randrange(len(self.entries))
+        if strategy == "initial":
+            return 0
+        if strategy == "last":
+            return len(self.entries) - 1
+        raise ValueError(f"erd must be one of {ERD_STRATEGIES}, got {strategy!r}")
+
+    def load(self, index: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return read_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}", device=str(device),
+                            fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
+
+    def steps(self) -> list[int]:
+        return [entry["step"] for entry in self.entries]
+
+
+def _file_name(index: int) -> str:
+    return f"checkpoint-{index:03d}.safetensors"

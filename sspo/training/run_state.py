@@ -1,0 +1,90 @@
+"""What a resume may trust: file manifests of saved states and the config keys a resume may change.
+
+A resumable state records the size and SHA-256 of every file it depends on (its own files and
+the pool checkpoints up to its pool size). A resume checks them before loading, so a truncated
+or corrupted file is named instead of crashing deep inside torch or, worse, training on garbage,
+and the trainer falls back to the previous complete state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable
+
+STATE_FILE = "trainer_state.json"  # in each resumable state's folder: its step, pool size and file manifests
+
+
+def saved_states(run_dir: Path) -> list[Path]:
+    """The folders of the complete resumable states in ``run_dir``, oldest first."""
+    return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+
+
+# Keys a resumed run may change without changing what it computes. `iterations` only extends
+# (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
+# would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for.
+HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "log_every", "save_every_steps", "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "nonfinite")
+
+
+def file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def manifest(root: Path, files: Iterable[Path]) -> dict[str, dict]:
+    """``{path relative to root: {size, sha256}}`` of ``files``."""
+    return {str(path.relative_to(root)): file_digest(path) for path in sorted(files)}
+
+
+def manifest_problems(root: Path, recorded: dict[str, dict]) -> list[str]:
+    """Human-readable problems of the files ``recorded`` under ``root`` (empty: all intact)."""
+    problems = []
+    for name, expected in recorded.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        size = path.stat().st_size
+        if size != expected["size"]:
+            problems.append(f"{path} has {size} bytes, {expected['size']} were saved (truncated?)")
+        elif file_digest(path)["sha256"] != expected["sha256"]:
+            problems.append(f"{path} differs from what was saved (corrupted)")
+    return problems
+
+
+STATE_SHAPE = {"global_step": int, "pool_size": int, "files": {str: {"size": int, "sha256": str}}, "pool_files": {str: {"size": int, "sha256": str}}}
+
+
+def read_state(path: Path) -> dict:
+    """A resumable state's state file, checked to hold what a resume reads (a DamagedFileError if not)."""
+    from sspo.io import read_json
+
+    return read_json(path, what="the resumable state", shape=STATE_SHAPE, fix="restore it, or train without --resume to start again")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a.b': value}`` of a nested dict; tuples become lists, as a YAML round trip makes them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every result-changing key on which two configs differ."""
+    old, new = flatten(saved), flatten(current)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if not _harmless(key) and old.get(key) != new.get(key)
+    ]

@@ -1,0 +1,294 @@
+"""``sspo base``: build and pretrain the shapes world's base model (its "Stable Diffusion 1.5").
+
+The VAE is trained for reconstruction; then the text encoder and UNet are pretrained on a mix of
+clean and defective renders of every attribute combination, so the base model is recognisably
+right but mediocre, as a real base model is. Deterministic from the seed; cached by settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sspo.config import check, setting, to_dict, validate
+from sspo.errors import ConfigError
+from sspo.models.pipeline import TextCondition, denoising_errors, encode_images
+from sspo.models.tiny import TinySize, build_components, write_word_tokenizer
+from sspo.paths import build_lock, cache_root
+from sspo.run_folder import entry_list
+from sspo.worlds.shapes import world as shapes
+
+log = logging.getLogger(__name__)
+_FORMAT_VERSION = 3  # bump when the recipe changes, so stale caches are rebuilt
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    size: str = setting("default", choices=("default", "quick", "64px"))  # TinySize preset
+    seed: int = setting(0, at_least=0)
+    # The VAE learns in two phases: clean renders first (sharp edges: clean round trips score 0.90,
+    # where learning from the mix at once gave 0.61), then the mix of clean and defective renders
+    # at a lower rate, so that the latent also holds the defects (a VAE that never saw a blur
+    # sharpens it away, and a base pretrained on such latents never shows a defect).
+    vae_steps: int = setting(2000, at_least=1)
+    vae_defect_steps: int = setting(600, at_least=0)
+    vae_batch_size: int = setting(32, at_least=1)
+    learning_rate: float = setting(2e-3, above=0)  # VAE clean phase, peak of the one-cycle schedule
+    vae_defect_learning_rate: float = setting(5e-4, above=0)  # VAE mix phase, peak of its one-cycle schedule
+    vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # share of defective renders in the VAE's mix phase
+    vae_defects: tuple[str, ...] = setting(("blur", "smear", "checker"), choices=shapes.DEFECTS)  # pixel noise is too fine for any 8x8 latent
+    unet_steps: int = setting(1500, at_least=1)
+    batch_size: int = setting(64, at_least=1)  # UNet
+    unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
+    images_per_spec: int = setting(6, at_least=1)  # pretraining images rendered per attribute combination
+    defect_fraction: float = setting(0.6, at_least=0, at_most=1)  # share of defective renders the UNet learns from: makes the base mediocre
+    # Quality defects the latent holds; attribute errors are left to the model's own.
+    defects: tuple[str, ...] = setting(("checker",), choices=shapes.DEFECTS)
+    caption_dropout: float = setting(0.1, at_least=0, below=1)  # empty prompts, so classifier-free guidance works
+
+    def __post_init__(self) -> None:
+        validate(self)
+        for fraction, defects in (("defect_fraction", "defects"), ("vae_defect_fraction", "vae_defects")):
+            check(not getattr(self, fraction) or getattr(self, defects), defects, f"is empty, so {fraction} has no defect to render; name some of {', '.join(shapes.DEFECTS)}, or set {fraction}: 0")
+
+    @classmethod
+    def preset(cls, name: str) -> "BaseConfig":
+        if name == "quick":
+            return cls(size="quick", vae_steps=200, vae_defect_steps=60, unet_steps=500, images_per_spec=2, batch_size=32)
+        return cls(size=name)
+
+    def cache_key(self) -> str:
+        blob = json.dumps({"v": _FORMAT_VERSION, **to_dict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pretraining_renders(specs, per_spec: int, cfg, render: Callable, render_defect: Callable) -> tuple[list, list[str]]:
+    """``per_spec`` renders of every spec, ``cfg.defect_fraction`` of them with one of ``cfg.defects``
+    (``render_defect(spec, rng, defect)``), and their prompts; seeded by ``cfg.seed``."""
+    rng = random.Random(cfg.seed)
+    renders, prompts = [], []
+    for spec in specs:
+        for _ in range(per_spec):
+            renders.append(render_defect(spec, rng, rng.choice(cfg.defects)) if rng.random() < cfg.defect_fraction else render(spec))
+            prompts.append(spec.prompt)
+    return renders, prompts
+
+
+def _pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    images, prompts = pretraining_renders(shapes.all_specs(), cfg.images_per_spec, cfg, lambda spec: shapes.render(spec, image_size),
+                                          lambda spec, rng, defect: shapes.render_defect(spec, rng, image_size, defect))
+    return _pixels(images), prompts
+
+
+def _pixels(images) -> torch.Tensor:
+    """RGB images as one [-1, 1] batch. Its memory stays in the images' channels-last order: the
+    shipped base was built from that layout, and a contiguous copy changes its bits."""
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg: BaseConfig, generator: torch.Generator, phase: str) -> None:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
+    # One-cycle: a VAE trained at a constant rate reconstructs edges too softly for the evaluator.
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
+    for _ in tqdm(range(steps), desc=f"base: VAE ({phase})", leave=False):
+        batch = pixels[torch.randint(len(pixels), (cfg.vae_batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConfig, generator) -> None:
+    """Pretrain the UNet on (latent, prompt) pairs; the word-table text encoder stays fixed."""
+    from diffusers import DDPMScheduler
+
+    text_encoder, unet = components["text_encoder"], components["unet"]
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    params = list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.unet_learning_rate, total_steps=cfg.unet_steps, pct_start=0.05)
+    tokens = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():  # the encoder is fixed: encode every prompt once
+        embeds = text_encoder(tokens(prompts))[0]
+        empty = text_encoder(tokens([""]))[0]
+    bar = tqdm(range(cfg.unet_steps), desc="base: UNet", leave=False)
+    for _ in bar:
+        index = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
+        batch_embeds = embeds[index].clone()
+        drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+        batch_embeds[drop] = empty
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
+        loss = denoising_errors(unet, scheduler, x0, noise, t, TextCondition(batch_embeds)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+# The default base, as built by ``sspo base --force`` and shipped in the package: its build takes
+# longer than the demo's 10-minute budget on a 2-core CPU. A plain diffusers folder.
+PACKAGED_BASE = Path(__file__).resolve().parent / "weights" / "shapes-base"
+
+
+RECORD = "sspo_base.json"  # a built base's recipe: its config and cache key (save_base)
+
+
+def _record(folder: Path) -> dict | None:
+    """``folder``'s recipe record (None: there is no readable one)."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _built_from(folder: Path, cfg) -> bool:
+    return (_record(folder) or {}).get("cache_key") == cfg.cache_key() and (folder / "model_index.json").is_file()
+
+
+def packaged_base(cfg, packaged: Path = PACKAGED_BASE) -> Path | None:
+    """The shipped base folder if it was built from ``cfg`` (same recipe version and settings)."""
+    return packaged if _built_from(packaged, cfg) else None
+
+
+def check_base_folder(output: Path, cfg, force: bool) -> None:
+    """Refuse to build into a folder that holds anything but a base sspo built, or (unless ``force``)
+    a base built with other settings: its files stay as they are."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"base folder {output} is a file, not a folder; choose an empty or new folder")
+    names, record = [p.name for p in output.iterdir()], _record(output)
+    if names and record is None:
+        raise ConfigError(f"base folder {output} holds files that are not an sspo base ({entry_list(names)}); choose an empty or new folder")
+    if names and record.get("cache_key") != cfg.cache_key() and not force:
+        saved, wanted = record.get("config") or {}, json.loads(json.dumps(to_dict(cfg)))
+        differences = [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value] or ["another recipe version"]
+        raise ConfigError(f"base folder {output} holds a base built with other settings ({'; '.join(differences)}); choose another folder, or rebuild it there with --force")
+
+
+def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packaged: Path, output: str | Path | None = None, force: bool = False) -> Path:
+    """A world's base folder: shipped in ``packaged``, cached as ``name-<size>-<key>``, or built now
+    by ``build(cfg, staging, folder)``; ``force`` builds it even when shipped or cached.
+
+    A given ``output`` is checked before anything is built (:func:`check_base_folder`); ``build``
+    writes ``staging`` beside it and :func:`save_base` moves the finished base into place, so a
+    failed build leaves ``output`` as it was and no staging behind.
+    """
+    from filelock import FileLock
+
+    if output is None and not force and (shipped := packaged_base(cfg, packaged)):
+        return shipped
+    given = output is not None
+    output = Path(output) if given else cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(build_lock(output)):  # parallel test workers and runs share one build
+        if not force and _built_from(output, cfg):
+            log.info("%s model cached at %s", name, output)
+            return output
+        if given:  # a cache folder is sspo's own: a damaged or stale one is rebuilt
+            check_base_folder(output, cfg, force)
+        staging = output.with_name(f".{output.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        # One thread: the build is then bitwise repeatable whatever the machine's thread setting
+        # (float sums depend on how work is split), and the tiny models gain little from more;
+        # on a busy 2-core machine two threads made it many times slower.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return build(cfg, staging, output)
+        finally:
+            torch.set_num_threads(threads)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_base(cfg: BaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
+    """The base pipeline folder: shipped, cached, or built now; returns its path.
+
+    ``force`` builds it even when shipped or cached (``sspo base --force`` reproduces the shipped one).
+    """
+    return cached_build(cfg, _build, "base", PACKAGED_BASE, output, force)
+
+
+def _build(cfg: BaseConfig, staging: Path, output: Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    size = TinySize.preset(cfg.size)
+    tokenizer = write_word_tokenizer(staging / "tokenizer", shapes.vocabulary())
+    components = build_components(size, tokenizer, shapes.vocabulary(), seed=cfg.seed)
+    vae = components["vae"]
+    clean = _pretraining_images(dataclasses.replace(cfg, defect_fraction=0.0), size.image_size)[0]
+    _train_vae(vae, clean, cfg.vae_steps, cfg.learning_rate, cfg, generator, "clean")
+    if cfg.vae_defect_steps:
+        mix = _pretraining_images(dataclasses.replace(cfg, defect_fraction=cfg.vae_defect_fraction, defects=cfg.vae_defects), size.image_size)[0]
+        _train_vae(vae, mix, cfg.vae_defect_steps, cfg.vae_defect_learning_rate, cfg, generator, "defects")
+    vae.eval().requires_grad_(False)
+    pixels, prompts = _pretraining_images(cfg, size.image_size)
+    latents = unit_variance_latents(vae, pixels, chunk=256)
+    _train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
+    pipe = StableDiffusionPipeline(
+        **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return save_base(pipe, cfg, staging, output, started)
+
+
+def unit_variance_latents(vae, pixels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Every sample's latents, the VAE's ``scaling_factor`` set first so that they have unit variance
+    (as SD's 0.18215 does: the noise schedule fits them)."""
+    raw = torch.cat([encode_images(vae, part) / vae.config.scaling_factor for part in pixels.split(chunk)])
+    vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    return raw * vae.config.scaling_factor
+
+
+def save_base(pipe, cfg, staging: Path, output: Path, started: float) -> Path:
+    """Save a built base with its recipe (``sspo_base.json``) in ``staging``, then move it to ``output``."""
+    pipe.save_pretrained(staging, safe_serialization=True)
+    (staging / RECORD).write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(staging, output)
+    log.info("built %s in %.0f s at %s", type(pipe).__name__, time.time() - started, output)
+    return output
+
+
+@torch.no_grad()
+def round_trip_scores(model: str | Path, n: int = 96, seed: int = 1) -> dict[str, dict[str, float]]:
+    """Mean exact scores of ``n`` held-out renders after a round trip through the model's VAE, clean
+    and with each defect. The clean row is the ceiling: no model decoding through this VAE scores
+    higher. A defect whose row is near the clean one vanishes in the latent: a model never shows it."""
+    from diffusers import AutoencoderKL
+
+    from sspo.models.pipeline import decode_images
+    from sspo.worlds.shapes.evaluator import evaluate_batch, mean_scores
+
+    vae = AutoencoderKL.from_pretrained(str(model), subfolder="vae").eval()
+    size = vae.config.sample_size
+    specs = sorted(random.Random(seed).sample(list(shapes.make_split(0).heldout), n))
+    rng = random.Random(seed)
+    result = {}
+    for name in ("clean", *shapes.DEFECTS):
+        images = [shapes.render(spec, size) if name == "clean" else shapes.render_defect(spec, rng, size, name) for spec in specs]
+        result[name] = mean_scores(evaluate_batch(decode_images(vae, encode_images(vae, _pixels(images))), specs))
+    return result

@@ -1,0 +1,400 @@
+"""The shapes world's Pick-a-Pic-shaped pairs: two samples of a generator G per prompt, ranked by the exact reward.
+
+The world's own pairs (:func:`sspo.worlds.shapes.world.preference_pairs`) put an ideal clean render
+against a defective one: their winners are the evaluator's optimum. Pick-a-Pic's winners are
+samples of other models that people preferred to a second sample: imperfect, with room above
+them. This module makes such data here. G is the base after ``steps`` SFT steps on clean renders
+(trained by :func:`sspo.training.trainer.train` from the demo config, cached by its recipe), so ``steps``
+sets how good its samples are. G draws two images per alignment-train prompt (never a validation
+or held-out one) with different seeds; the one with the higher exact reward wins; pairs whose
+rewards differ by less than ``tie_threshold`` are dropped, as Pick-a-Pic's ties are. Optionally
+the label is drawn from a Bradley-Terry model of the reward difference (people disagree).
+
+Written as a Pick-a-Pic parquet (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``, PNG bytes, the
+winner's side drawn per row; plus ``reward_0`` / ``reward_1``) that ``data.source: parquet``
+reads as it reads any other, and ``pairs.json`` beside it with the recipe and the statistics:
+
+- ``R_win`` / ``R_lose``: the mean exact reward of the kept winners / losers after a VAE round
+  trip: encoded as training encodes them, then decoded. That is what a model that fits the winners
+  exactly can reach (SFT's asymptote), as ``R_ceil`` is for clean renders. G's samples were decoded
+  from latents, yet the VAE is not idempotent: one more trip moves a sample's reward by ~0.02-0.03
+  (median), so the stored winners' own reward (``R_win_stored``) is recorded beside it.
+- ``R_base``: the mean exact reward of the base's own samples on the same prompts and seeds.
+- ``R_ceil``: the VAE's ceiling, the mean reward of held-out clean renders after a round trip
+  (:func:`sspo.worlds.shapes.base_model.round_trip_scores`): no model decoding through this VAE scores higher.
+
+Every choice is seeded; the same config writes the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sspo.config import load_config, setting, to_dict, validate
+from sspo.errors import SSPOError
+from sspo.io import atomic_write_json
+from sspo.paths import cache_root
+from sspo.worlds.shapes.world import WORLD_VERSION, ShapeSpec, make_split, write_pickapic_parquet
+from sspo.worlds.shapes.evaluator import evaluate_batch
+
+if TYPE_CHECKING:
+    from sspo.training.config import TrainConfig
+
+# Bump when G's recipe, the sampling or the ranking changes, so cached generators and pairs are rebuilt.
+PAIRS_VERSION = 1
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-shapes.yaml"
+
+# G's SFT steps per level, interpolated on the measured R_win-vs-steps curve (docs/data.md
+# "Pick-a-Pic-shaped pairs"), from winner statistics alone. G saturates at R_win ~0.78 (its stored
+# winners at ~0.80), so "high" is the saturated G: the 0.80 target is above what this G reaches.
+LEVEL_TARGETS = {"low": 0.65, "mid": 0.72, "high": 0.80}
+LEVEL_STEPS = {"low": 3, "mid": 7, "high": 50}
+
+_SIDE_STREAM, _LABEL_STREAM = 1, 2  # independent random streams of a row: winner's side, Bradley-Terry label
+
+
+@dataclasses.dataclass
+class PairsConfig:
+    steps: int = setting(at_least=0)  # N: G's SFT steps on clean renders from the base (0: the base itself; measurement only)
+    base: str = setting("shapes-base", choices=("shapes-base", "shapes-base:quick"))  # the base G starts from
+    tie_threshold: float = setting(0.02, at_least=0, below=1)  # pairs whose exact rewards differ by less are dropped as ties
+    bt_temperature: float = setting(0.0, at_least=0)  # > 0: label drawn with P(higher reward wins) = sigmoid(diff / T); 0: the higher always wins
+    seed: int = setting(0, at_least=0)  # G's training seed, the sampler's seeds, the sides and labels
+    split_seed: int = setting(0, at_least=0)  # the world's train / held-out split
+    max_prompts: int | None = setting(None, at_least=1)  # at most this many training prompts (a seeded sample; quick runs)
+    pairs_per_prompt: int = setting(1, at_least=1)  # pairs drawn per prompt (two samples each, all with different seeds)
+    sampler_steps: int = setting(20, at_least=1)  # G's sampler, as the evaluation samples
+    guidance_scale: float = setting(5.0, at_least=0)
+    batch_size: int = setting(32, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def key(self) -> str:
+        blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, **to_dict(self), "generator": generator_key(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------
+# The generator G
+
+
+def generator_config(cfg: PairsConfig, output_dir: str | Path) -> TrainConfig:
+    """G's recipe: the demo's SFT (its LoRA, learning rate and batch) for ``cfg.steps`` steps on the
+    clean renders of the training prompts, validation ones left out; no validation, no logging."""
+    from sspo.training.config import TrainConfig
+
+    overrides = [
+        "method=sft", f"model.pretrained={cfg.base}", "iterations=1", f"steps_per_iteration={cfg.steps}", f"seed={cfg.seed}",
+        f"data.world_split_seed={cfg.split_seed}", "data.world_without_validation=true", "validation.every_iterations=0",
+        "report_to=none", f"output_dir={output_dir}",
+    ]
+    return load_config(TrainConfig, DEMO_CONFIG, overrides)
+
+
+def generator_key(cfg: PairsConfig) -> str:
+    if cfg.steps == 0:
+        return "base"
+    recipe = to_dict(generator_config(cfg, "generator"))
+    recipe.pop("output_dir")  # where G is written is not part of its recipe
+    blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, "steps": cfg.steps, "recipe": recipe}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def generator(cfg: PairsConfig) -> tuple[str, Path | None]:
+    """G as (base folder, LoRA folder or None for the base itself): trained now, or reused from the cache."""
+    from filelock import FileLock
+
+    from sspo.worlds.names import resolve_model
+    from sspo.training.trainer import train
+
+    base = resolve_model(cfg.base)
+    if cfg.steps == 0:
+        return base, None
+    run = cache_root() / f"pairs-generator-{cfg.base.replace(':', '-')}-n{cfg.steps}-{generator_key(cfg)}"
+    final = run / "final"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run) + ".lock"):  # parallel builds share one G
+        if not (final / "pytorch_lora_weights.safetensors").is_file():
+            with _one_thread():
+                train(generator_config(cfg, run))
+    return base, final
+
+
+class _one_thread:
+    """One torch thread while G trains and samples: the tiny models gain little from more, and float
+    sums split over threads differ from machine to machine, so the pairs would too."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts, samples and ranking
+
+
+def training_specs(cfg: PairsConfig) -> list[ShapeSpec]:
+    """The alignment-train combinations without the validation ones (a seeded sample of ``max_prompts``)."""
+    specs = list(make_split(cfg.split_seed).train_without_validation)
+    if cfg.max_prompts is not None and cfg.max_prompts < len(specs):
+        specs = sorted(random.Random(cfg.seed).sample(specs, cfg.max_prompts))
+    return specs
+
+
+def pair_specs(cfg: PairsConfig) -> list[ShapeSpec]:
+    """The prompt of every pair: each training prompt ``pairs_per_prompt`` times."""
+    return [spec for spec in training_specs(cfg) for _ in range(cfg.pairs_per_prompt)]
+
+
+def sample_seeds(cfg: PairsConfig, specs: Sequence[ShapeSpec]) -> list[tuple[int, int]]:
+    """The two sampler seeds of every pair, fixed by its prompt (the prompt's place among all
+    training combinations), its number among the prompt's pairs and ``cfg.seed``: the same pair
+    gets the same seeds at every ``max_prompts``."""
+    place = {spec: i for i, spec in enumerate(make_split(cfg.split_seed).train_without_validation)}
+    seen: dict[ShapeSpec, int] = {}
+    seeds = []
+    for spec in specs:
+        j = seen[spec] = seen.get(spec, -1) + 1
+        first = cfg.seed * 1_000_003 + 2 * (place[spec] * cfg.pairs_per_prompt + j)
+        seeds.append((first, first + 1))
+    return seeds
+
+
+def draw_samples(model: str, lora: Path | None, specs: Sequence[ShapeSpec], seeds: Sequence[tuple[int, int]], cfg: PairsConfig, desc: str) -> list[tuple]:
+    """Two images per prompt, ``(image_a, image_b)``, sampled by ``model`` (+ ``lora``) as the evaluation samples."""
+    from sspo.models.pipeline import load_pipeline
+    from sspo.evaluation.sampling import generate
+
+    pipe = load_pipeline(model, lora=lora)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [s.prompt for s in specs for _ in range(2)]
+    flat_seeds = [seed for pair in seeds for seed in pair]
+    images: list = []
+    with _one_thread():
+        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False):
+            end = start + cfg.batch_size
+            images += generate(pipe, prompts[start:end], flat_seeds[start:end], steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
+    return list(zip(images[0::2], images[1::2]))
+
+
+def rewards(images: Sequence, specs: Sequence[ShapeSpec]) -> np.ndarray:
+    return np.array([score.reward for score in evaluate_batch(images, specs)], dtype=np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+    """One kept pair: the prompt's place in the sampled list, winner and loser side (0 = image a), rewards."""
+
+    index: int
+    winner: int  # 0: image a wins, 1: image b
+    winner_first: bool  # the winner goes in jpg_0
+    reward_a: float
+    reward_b: float
+
+
+def rank_pairs(reward_a: np.ndarray, reward_b: np.ndarray, tie_threshold: float, bt_temperature: float, seed: int) -> list[Ranked]:
+    """The kept pairs, ranked: ties (|difference| < ``tie_threshold``) dropped, the higher reward
+    wins (or, with ``bt_temperature``, wins with probability ``sigmoid(|difference| / T)``), the
+    winner's column drawn at random. A row's draws depend only on ``seed`` and its index."""
+    kept = []
+    for i, (a, b) in enumerate(zip(reward_a, reward_b)):
+        difference = float(a - b)
+        if abs(difference) < tie_threshold:
+            continue
+        winner = 0 if difference > 0 else 1
+        if bt_temperature > 0:
+            agree = 1.0 / (1.0 + math.exp(-abs(difference) / bt_temperature))
+            if np.random.default_rng([_LABEL_STREAM, seed, i]).random() >= agree:
+                winner = 1 - winner
+        first = bool(np.random.default_rng([_SIDE_STREAM, seed, i]).random() < 0.5)
+        kept.append(Ranked(i, winner, first, float(a), float(b)))
+    return kept
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pickapic_rows(specs: Sequence[ShapeSpec], samples: Sequence[tuple], ranked: Sequence[Ranked]) -> list[dict]:
+    """Pick-a-Pic rows of the kept pairs: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (1: jpg_0 wins), ``reward_0``, ``reward_1``."""
+    rows = []
+    for r in ranked:
+        images, scores = samples[r.index], (r.reward_a, r.reward_b)
+        order = (r.winner, 1 - r.winner) if r.winner_first else (1 - r.winner, r.winner)
+        rows.append({
+            "caption": specs[r.index].prompt,
+            "jpg_0": _png(images[order[0]]),
+            "jpg_1": _png(images[order[1]]),
+            "label_0": 1.0 if r.winner_first else 0.0,
+            "reward_0": scores[order[0]],
+            "reward_1": scores[order[1]],
+        })
+    return rows
+
+
+@torch.no_grad()
+def round_trip_rewards(model: str, images: Sequence, specs: Sequence[ShapeSpec]) -> np.ndarray:
+    """Rewards of ``images`` after a round trip through ``model``'s VAE (encoded as training encodes
+    them, decoded): G's samples were decoded from latents, but the VAE is not idempotent, and one
+    more trip moves their reward (docs/data.md "Pick-a-Pic-shaped pairs")."""
+    from diffusers import AutoencoderKL
+
+    from sspo.models.pipeline import decode_images, encode_images
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    with _one_thread():
+        decoded = np.concatenate([decode_images(vae, encode_images(vae, part)) for part in pixels.split(64)])
+    return rewards(list(decoded), specs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and building
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def winner_statistics(stored: tuple[np.ndarray, np.ndarray], round_trip: tuple[np.ndarray, np.ndarray], ranked: Sequence[Ranked]) -> dict:
+    """Counts and mean rewards of the kept winners and losers (the labelled ones, with
+    Bradley-Terry): as stored, and after a VAE round trip (``R_win``, ``R_lose``: see DEFINITIONS)."""
+    def side(rewards: tuple[np.ndarray, np.ndarray], winner: bool) -> np.ndarray:
+        return np.array([rewards[r.winner if winner else 1 - r.winner][r.index] for r in ranked])
+
+    drawn = len(stored[0])
+    win, lose = side(stored, True), side(stored, False)
+    return {
+        "pairs_drawn": drawn,
+        "ties_dropped": drawn - len(ranked),
+        "tie_fraction": (drawn - len(ranked)) / drawn if drawn else float("nan"),
+        "pairs": len(ranked),
+        "R_G": float(np.concatenate(stored).mean()),
+        "R_win": _mean(side(round_trip, True)),
+        "R_lose": _mean(side(round_trip, False)),
+        "R_win_stored": _mean(win),
+        "R_lose_stored": _mean(lose),
+        "mean_abs_diff": _mean(np.abs(win - lose)),
+        "label_agreement": _mean((win > lose).astype(np.float64)),
+    }
+
+
+DEFINITIONS = {
+    "R_win": "mean exact reward of the kept winners after a VAE round trip (encoded as training encodes them, decoded): "
+    "what a model that fits the winners exactly reaches, SFT's asymptote; R_ceil is the same round trip of clean renders",
+    "R_lose": "the same for the kept losers",
+    "R_win_stored": "mean exact reward of the kept winners as stored (G decoded them from its latents; the ranking uses these)",
+    "R_lose_stored": "the same for the kept losers",
+    "R_G": "mean exact reward of all of G's samples as stored (both of every pair, ties included)",
+    "R_base": "mean exact reward of the base's samples on the same prompts and seeds",
+    "R_ceil": "mean exact reward of 96 held-out clean renders after a VAE round trip (the ceiling)",
+    "mean_abs_diff": "mean |R(winner) - R(loser)| over kept pairs, as stored",
+    "tie_fraction": "share of drawn pairs whose stored rewards differ by less than tie_threshold (dropped)",
+    "label_agreement": "share of kept pairs whose labelled winner has the higher stored reward (1 without Bradley-Terry)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """G's pairs on the training prompts: prompts, images, rewards (stored and round-tripped), ranking, statistics."""
+
+    specs: list[ShapeSpec]
+    samples: list[tuple]
+    stored: tuple[np.ndarray, np.ndarray]
+    round_trip: tuple[np.ndarray, np.ndarray]
+    ranked: list[Ranked]
+    stats: dict
+
+
+def measure(cfg: PairsConfig) -> Measured:
+    """Sample G's pairs, score them exactly (as stored and after a VAE round trip) and rank them."""
+    specs = pair_specs(cfg)
+    model, lora = generator(cfg)
+    samples = draw_samples(model, lora, specs, sample_seeds(cfg, specs), cfg, f"pairs: G ({cfg.steps} SFT steps) samples")
+    stored = tuple(rewards([s[k] for s in samples], specs) for k in (0, 1))
+    round_trip = tuple(round_trip_rewards(model, [s[k] for s in samples], specs) for k in (0, 1))
+    ranked = rank_pairs(*stored, cfg.tie_threshold, cfg.bt_temperature, cfg.seed)
+    return Measured(specs, samples, stored, round_trip, ranked, winner_statistics(stored, round_trip, ranked))
+
+
+def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
+    return cache_root() / "data" / f"shapes-pickapic-{level or f'n{cfg.steps}'}{'-quick' if cfg.base.endswith(':quick') else ''}-{cfg.key()}"
+
+
+def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | None = None) -> tuple[Path, dict, bool]:
+    """Write ``pairs.parquet`` and ``pairs.json`` into ``out`` (default: the cache, keyed by the
+    config); returns the folder, the record and whether it was reused (same config, already built)."""
+    from filelock import FileLock
+
+    from sspo.worlds.shapes.base_model import round_trip_scores
+
+    if cfg.steps < 1:
+        raise SSPOError("G with 0 SFT steps is the base itself, and the pairs' generator must not be the model being trained; give it 1 or more steps")
+    folder = Path(out) if out else default_folder(cfg, level)
+    record_path = folder / "pairs.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if record_path.is_file() and (folder / "pairs.parquet").is_file():
+            record = json.loads(record_path.read_text())
+            if record.get("key") == cfg.key():
+                return folder, record, True
+        measured = measure(cfg)
+        specs, stats = measured.specs, dict(measured.stats)
+        if not measured.ranked:
+            raise SSPOError(f"every one of G's {len(specs)} pairs is a tie below {cfg.tie_threshold}; lower --tie-threshold")
+        model, _ = generator(cfg)
+        base_samples = draw_samples(model, None, specs, sample_seeds(cfg, specs), cfg, "pairs: base samples")
+        stats["R_base"] = float(np.concatenate([rewards([s[0] for s in base_samples], specs), rewards([s[1] for s in base_samples], specs)]).mean())
+        stats["R_ceil"] = round_trip_scores(model)["clean"]["reward"]
+        write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(specs, measured.samples, measured.ranked))
+        record = {
+            "key": cfg.key(),
+            "level": level,
+            "level_target_R_win": LEVEL_TARGETS.get(level),
+            "config": to_dict(cfg),
+            "generator": {"steps": cfg.steps, "key": generator_key(cfg), "recipe": to_dict(generator_config(cfg, "generator")) | {"output_dir": None}},
+            "prompts": len(training_specs(cfg)),
+            "prompt_split": "alignment-train combinations without the validation ones",
+            **stats,
+            "definitions": DEFINITIONS,
+        }
+        atomic_write_json(record_path, record)  # written last: a folder with pairs.json is complete
+    return folder, json.loads(record_path.read_text()), False
+
+
+def sweep(cfg: PairsConfig, steps: Sequence[int], thresholds: Sequence[float] = (0.01, 0.02, 0.05)) -> list[dict]:
+    """Winner statistics of G at every number of SFT steps (0: the base), and the tie fraction at
+    several thresholds: the curve the levels are read from. Nothing is written but G's cache."""
+    table = []
+    for n in tqdm(steps, desc="pairs: sweep", leave=False):
+        measured = measure(dataclasses.replace(cfg, steps=n))
+        difference = np.abs(measured.stored[0] - measured.stored[1])
+        table.append({"steps": n, **measured.stats} | {f"ties<{t:g}": float((difference < t).mean()) for t in thresholds})
+    return table
+
+
+def format_sweep(table: Sequence[dict]) -> str:
+    ties = [k for k in table[0] if k.startswith("ties<")]
+    columns = ("R_G", "R_win", "R_lose", "R_win_stored", "R_lose_stored", "mean_abs_diff", *ties)
+    lines = ["| G's SFT steps | " + " | ".join(columns) + " | pairs kept |", "| ---: | " + " | ".join("---:" for _ in columns) + " | ---: |"]
+    for row in table:
+        cells = [f"{row[k]:.3f}" for k in columns]
+        lines.append(f"| {row['steps']} | " + " | ".join(cells) + f" | {row['pairs']}/{row['pairs_drawn']} |")
+    return "\n".join(lines)

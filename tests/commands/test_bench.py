@@ -1,0 +1,105 @@
+"""``sspo bench``: every arm runs, the table and ratios come out, and the SD architectures are the real ones."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sspo.commands.bench import ARMS, BenchConfig, format_table, run_bench
+from sspo.models.architectures import arch_components, build_arch
+from sspo.cli import main
+from sspo.errors import SSPOError
+
+# The quick base at seconds per arm: batch 4, 2 steps per iteration, 2 sampler steps.
+QUICK = ("optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1", "data.max_samples=64")
+
+
+def quick_bench(**kwargs) -> BenchConfig:
+    settings = dict(model="quick", warmup=1, steps=2, steps_per_iteration=2, sampler_steps=(3,), threads=1, isolate=False, overrides=QUICK)
+    return BenchConfig(**{**settings, **kwargs})
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_every_arm_gives_a_row_with_positive_ratios_to_dpo(quick_base):
+    result = run_bench(quick_bench(), log=lambda _: None)
+    table = format_table(result)
+    rows = result["summary"]["rows"]
+    assert set(rows) == set(ARMS)
+    for arm in ARMS:
+        assert f"| {arm} |" in table
+        row = rows[arm]
+        assert "error" not in row, row
+        for key in ("step_s", "p90_s", "all_in_s", "time_ratio", "memory_ratio", "all_in_ratio"):
+            assert _positive(row[key]), (arm, key, row[key])
+        assert len(result["arms"][arm]["step_s"]) == 2
+    assert rows["dpo"]["time_ratio"] == 1.0
+    # The reference forward happens in dpo's and sspo-online's step, never in the cached arms'.
+    assert rows["dpo"]["in_step_reference_s"] > 0 and rows["sspo-online"]["in_step_reference_s"] > 0
+    assert rows["sspo-pregenerated"]["in_step_reference_s"] == 0 and rows["dpo-cached"]["in_step_reference_s"] == 0
+    assert rows["sspo-online"]["in_step_generate_s"] > 0 and rows["sspo-pregenerated"]["in_step_generate_s"] == 0
+    pre = result["arms"]["sspo-pregenerated"]["pregeneration"]
+    assert pre["images"] == 2 * 4 and pre["generate_s"] > 0 and pre["reference_s"] > 0
+    generation = result["summary"]["generation"]
+    assert set(generation["steps"]) == {"2", "3"}
+    for row in generation["steps"].values():
+        assert _positive(row["images_per_s"]) and 0 < row["share"] < 1
+    assert "images/s" in table and "issue" not in table.lower()  # product output speaks to users
+
+
+def test_cli_runs_arms_in_subprocesses_and_writes_json_and_markdown(quick_base, tmp_path, capsys):
+    out = tmp_path / "bench" / "quick-cpu"
+    args = ["bench", "--model", "quick", "--warmup", "0", "--steps", "1", "--steps-per-iteration", "1", "--arms", "dpo,sspo-pregenerated",
+            "--sampler-steps", "", "--threads", "1", "--clock", "cpu", "--out", str(out), *QUICK]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| dpo |" in printed and "| sspo-pregenerated |" in printed
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cpu_cores"] >= 1
+    assert result["machine"]["threads"] == 1
+    for arm in ("dpo", "sspo-pregenerated"):
+        r = result["arms"][arm]
+        assert "error" not in r, r
+        assert r["clock"] == "cpu" and r["peak_mb"] > 0 and r["peak_rss_mb"] > r["peak_mb"]
+    assert "| sspo-pregenerated |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("name, unet, text", [("sd15", 859_520_964, (123_060_480,)), ("sdxl", 2_567_463_684, (123_060_480, 694_659_840))])
+def test_architectures_have_the_published_parameter_counts(name, unet, text, tmp_path):
+    from sspo.models.tiny import write_word_tokenizer
+    from sspo.worlds.shapes import world as shapes
+
+    tokenizer = write_word_tokenizer(tmp_path, shapes.vocabulary(), max_length=77)
+    with torch.device("meta"):  # shapes only, no memory
+        components = arch_components(name, tokenizer)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(components["unet"]) == unet
+    assert count(components["vae"]) == 83_653_863
+    encoders = [components[k] for k in ("text_encoder", "text_encoder_2") if k in components]
+    assert tuple(count(m) for m in encoders) == text
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
+    """The SD-1.5 / SDXL topologies (SDXL: two text encoders, pooled embeds, time ids) through the bench."""
+    folder = build_arch(name, tmp_path / name, small=True)
+    b = BenchConfig(model=str(folder), warmup=0, steps=1, steps_per_iteration=1, arms=("dpo", "sspo-pregenerated"), sampler_steps=(),
+                    batch_size=2, threads=1, isolate=False, overrides=("negatives.steps=2",))
+    result = run_bench(b, log=lambda _: None)
+    for arm in b.arms:
+        assert "error" not in result["summary"]["rows"][arm], result["arms"][arm]
+    assert result["arms"]["sspo-pregenerated"]["pregeneration"]["images"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without a GPU")
+def test_full_architectures_refuse_the_cpu_unless_allowed():
+    with pytest.raises(SSPOError, match="--allow-cpu"):
+        run_bench(BenchConfig(model="sd15"), log=lambda _: None)
+
+
+def test_bad_arm_is_a_config_error():
+    with pytest.raises(SSPOError, match="arms"):
+        BenchConfig(arms=("ppo",))

@@ -1,0 +1,127 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sspo.commands import compare
+from sspo.errors import ConfigError
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "compare-shapes.yaml"
+
+
+def test_compare_writes_tables_and_figures_and_reuses_finished_arms(quick_base, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=64", "negatives.steps=2", "optim.batch_size=4"]
+    results = compare.run_compare(CONFIG, ["base", "sft", "sspo", "ssr_off"], [0, 1], out, overrides=overrides, quick=True, command="test")
+    assert len(results["base"]) == 1 and len(results["sspo"]) == 2  # the base is not trained: one seed
+    report = (out / "results.md").read_text()
+    assert "Table 1: methods — held-out prompts" in report and "Table 6: SSPO ablations — seen prompts" in report
+    assert "| sspo | " in report and "SSPO - arm [95% CI]" in report
+    assert "## The paper's claims on held-out prompts" in report and "| sft | higher |" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["results"]) == {"base", "sft", "sspo", "ssr_off"}
+    for name in ("figure9_reward.png", "figure4_ssr_rate.png", "grid.png"):
+        assert (out / name).stat().st_size > 0
+    # Without a grid every arm shares the budget: same steps, batch and learning rate.
+    configs = [json.loads(json.dumps(compare.arm_config(CONFIG, arm, 0, out / arm, [*compare.QUICK, *overrides]).optim.__dict__)) for arm in ("sft", "sspo")]
+    assert configs[0] == configs[1]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(compare, "train", no_training)
+    again = compare.run_compare(CONFIG, ["base", "sft", "sspo", "ssr_off"], [0, 1], out, overrides=overrides, quick=True)
+    assert again == results
+
+
+def test_grid_settings_are_chosen_per_arm_on_the_validation_split(quick_base, tmp_path):
+    from sspo.config import load_yaml
+
+    out = tmp_path / "cmp"
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=64", "negatives.steps=2", "optim.batch_size=4"]
+    grid = ["optim.learning_rate=1e-4,1e-3", "beta=500,5000"]
+    compare.run_compare(CONFIG, ["sft", "sspo"], [0], out, overrides=overrides, quick=True, grid=grid)
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["chosen"]["sft"]["grid"]) == 2 and len(saved["chosen"]["sspo"]["grid"]) == 4  # beta: preference arms only
+    for arm, chosen in saved["chosen"].items():
+        best = max(chosen["grid"], key=lambda row: row["validation_reward"])
+        assert chosen["overrides"] == best["overrides"]
+        final = load_yaml(out / "runs" / compare.run_name(arm, chosen["overrides"], 0) / "config.yaml")
+        for override in chosen["overrides"]:
+            key, _, value = override.partition("=")
+            section, _, name = key.rpartition(".")
+            assert float((final[section] if section else final)[name]) == float(value)
+    selection_runs = sorted((out / "select").iterdir())
+    assert len(selection_runs) == 6
+    for run in selection_runs:  # chosen on the validation combinations, trained without them
+        assert load_yaml(run / "config.yaml")["data"]["world_without_validation"] is True
+        assert set(json.loads((run / "eval.json").read_text())) == {"validation"}
+    assert "## Settings chosen on the validation split" in (out / "results.md").read_text()
+
+
+def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base, tmp_path, monkeypatch):
+    """Re-running with another grid (e.g. one widened past its edge) must not reuse a run trained
+    at the setting chosen before."""
+    out = tmp_path / "cmp"
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=32", "optim.batch_size=4"]
+    compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-4"])
+    trained = []
+    real_train = compare.train
+    monkeypatch.setattr(compare, "train", lambda cfg, **kw: trained.append(cfg.optim.learning_rate) or real_train(cfg, **kw))
+    compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-4"])
+    assert trained == []  # same setting: reused
+    compare.run_compare(CONFIG, ["sft"], [0], out, overrides=overrides, quick=True, grid=["optim.learning_rate=1e-3"])
+    assert trained == [1e-3]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["sft-optim.learning_rate=1e-3-seed0", "sft-optim.learning_rate=1e-4-seed0"]
+    assert "Table 6" not in (out / "results.md").read_text()  # no ablation ran
+
+
+def test_selection_over_several_seeds_keeps_a_lucky_seed_from_choosing(tmp_path, monkeypatch):
+    """A rate that is best on seed 0 only (0.9, then 0.1) loses to a steady one (0.6, 0.6) once
+    settings are chosen on the mean over two seeds; every (point, seed) is its own run."""
+    rewards = {("optim.learning_rate=1e-3", 0): 0.9, ("optim.learning_rate=1e-3", 1): 0.1,
+               ("optim.learning_rate=1e-4", 0): 0.6, ("optim.learning_rate=1e-4", 1): 0.6}
+    runs = []
+
+    def fake_run_arm(config, arm, seed, run_dir, extra, eval_cfg):
+        runs.append(run_dir.name)
+        return {"validation": {eval_cfg.metric_names[0]: rewards[(extra[-2], seed)]}}
+
+    monkeypatch.setattr(compare, "run_arm", fake_run_arm)
+    grid = compare.parse_grid(["optim.learning_rate=1e-4,1e-3"])
+    eval_cfg = compare.EvalConfig(prompts="shapes-validation")
+    one = compare.select_settings(CONFIG, ["sft"], grid, [0], tmp_path, [], eval_cfg)["sft"]
+    assert one["overrides"] == ["optim.learning_rate=1e-3"]
+    two = compare.select_settings(CONFIG, ["sft"], grid, [0, 1], tmp_path, [], eval_cfg)["sft"]
+    assert two["overrides"] == ["optim.learning_rate=1e-4"]
+    assert [row["per_seed"] for row in two["grid"]] == [[0.6, 0.6], [0.9, 0.1]]
+    assert two["grid"][1]["validation_reward"] == pytest.approx(0.5)
+    assert len(set(runs)) == 4  # seed 0's runs are shared by both selections
+
+
+def test_more_selection_seeds_than_seeds_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--selection-seeds 3: expected 1 to --seeds"):
+        compare.run_compare(CONFIG, ["sft"], [0, 1], tmp_path, selection_seeds=3)
+
+
+def test_grid_must_name_values():
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        compare.parse_grid(["optim.learning_rate"])
+    assert compare.parse_grid(["beta=1,2"]) == {"beta": ["1", "2"]}
+
+
+def test_unknown_arm_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown arm 'ppo'"):
+        compare.run_compare(CONFIG, ["ppo"], [0], tmp_path)
+
+
+@pytest.mark.slow
+def test_compare_takes_the_video_world(tmp_path):
+    """A clip config (data.frames) is compared on the moving-shapes world with its temporal reward."""
+    config = CONFIG.parent / "demo-motion.yaml"
+    overrides = ["model.pretrained=shapes-video-base:quick", "data.max_samples=16", "optim.batch_size=2", "negatives.steps=2"]
+    results = compare.run_compare(config, ["base", "sft", "sspo"], [0], tmp_path, overrides=overrides, quick=True, prompts_per_split=2)
+    assert {"motion", "motion.direction"} <= set(results["sspo"][0]["heldout"])
+    report = (tmp_path / "results.md").read_text()
+    assert "| sft | " in report and "| direction | amplitude |" in report
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -1,0 +1,60 @@
+"""``sspo train --dry-run``: config, data columns and model folder checked, a summary printed, nothing trained."""
+
+from pathlib import Path
+
+import pytest
+
+from sspo.cli import main
+from sspo.worlds.shapes.world import make_split, preference_pairs, write_imagefolder, write_pickapic_parquet
+
+from tiny_pipelines import build_sdxl_pipeline
+
+SD15 = str(Path(__file__).resolve().parents[2] / "configs" / "sd15-lora.yaml")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    rows = preference_pairs(make_split().train[:6], per_spec=1, seed=0)
+    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+
+
+def test_dry_run_prints_a_summary_and_trains_nothing(quick_base, pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}", f"output_dir={out}"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "config, data and model OK" in summary
+    assert "(StableDiffusionPipeline)" in summary
+    assert "sspo: Self-Sampling" in summary
+    assert "10 iterations x 200 = 2000 optimizer steps" in summary
+    assert "8 per process x 8 accumulation x 1 process = 64 effective" in summary
+    assert "'uniform' per batch" in summary
+    assert "6 rows of pairs" in summary
+    assert not out.exists()
+
+
+def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
+    model = build_sdxl_pipeline(tmp_path / "sdxl")
+    assert main(["train", SD15, "--dry-run", f"model.pretrained={model}", f"data.path={pairs}"]) == 0
+    assert "(StableDiffusionXLPipeline)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.caption_column=prompt"], "has no column 'prompt' (set data.caption_column)"),
+        (["data.path={tmp}/missing.parquet"], "missing.parquet does not exist"),
+        (["model.pretrained={tmp}"], "no model_index.json there"),
+        (["method=dpo", "data.source=imagefolder", "data.path={images}"], "needs (winner, loser) pairs"),
+        (["data.streaming=true"], "unknown config key 'data.streaming'"),
+    ],
+)
+def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_path, capsys):
+    images = write_imagefolder(tmp_path / "images", make_split().train[:2])
+    base = [f"model.pretrained={quick_base}", f"data.path={pairs}"]
+    argv = ["train", SD15, "--dry-run", *base, *(o.format(tmp=tmp_path, images=images) for o in overrides)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in err

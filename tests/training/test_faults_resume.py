@@ -1,0 +1,267 @@
+"""Killed at every named phase (sspo/training/faults.py), a run resumes to the uninterrupted run's weights and
+pool, bitwise; damaged states, changed configs, a second run, non-finite losses and full disks give
+one clear error and lose nothing (docs/reliability.md)."""
+
+import errno
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sspo.cli import main
+from sspo.errors import ConfigError, TrainingError
+from sspo.training.faults import ENV
+from sspo.training.run_state import manifest_problems
+from sspo.training.trainer import STATE_FILE, saved_states, train
+
+from test_trainer import DEMO, metrics, tiny_config, tiny_overrides
+
+ARMS = {
+    "sft": ["method=sft"],
+    "dpo": ["method=dpo"],
+    "spin": ["method=spin"],
+    "sspo": [],
+    "sspo_full": ["model.lora=false"],
+    "sspo_cached": ["data.cache_latents=true"],  # its own reference: cached latents round differently
+}
+_references: dict[str, Path] = {}
+
+
+@pytest.fixture
+def reference(quick_base, tmp_path_factory):
+    """``reference(arm)``: the folder of an uninterrupted run of ``arm``, one per arm and test process."""
+
+    def run(arm: str) -> Path:
+        if arm not in _references:
+            out = tmp_path_factory.mktemp(f"reference-{arm}")
+            train(tiny_config(out, quick_base, *ARMS[arm], f"data.cache_dir={out / 'latents'}"))
+            _references[arm] = out
+        return _references[arm]
+
+    return run
+
+
+def results(run: Path) -> dict[str, bytes]:
+    """What a run is for, byte for byte: its final weights and its checkpoint pool."""
+    files = [*(run / "final").rglob("*.safetensors"), *(run / "pool").glob("*")]
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(files) if p.is_file() and not p.name.startswith(".")}
+
+
+def stray_files(run: Path) -> list[Path]:
+    return [p for p in run.rglob("*") if p.name.endswith(".partial") or (p.name.startswith(".") and p.name.endswith(".tmp"))]
+
+
+def assert_saved_states_intact(run: Path) -> None:
+    for state_dir in saved_states(run):
+        state = json.loads((state_dir / STATE_FILE).read_text())
+        assert manifest_problems(state_dir, state["files"]) == []
+        assert manifest_problems(run / "pool", state["pool_files"]) == []
+
+
+def kill_cli_run(run: Path, model: str, overrides: list[str], fault: str, resume: bool) -> None:
+    cmd = [sys.executable, "-m", "sspo", "train", str(DEMO), *tiny_overrides(run, model), *overrides, *(["--resume"] if resume else [])]
+    # One thread, as in this process (conftest.py): another thread count sums in another order.
+    proc = subprocess.run(cmd, env={**os.environ, ENV: fault, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"{fault} was never reached:\n{proc.stderr[-2000:]}"
+
+
+# (arm, the faults of the first run and of the resumes killed again, overrides of the killed run)
+KILLS = [
+    ("sspo", ["pool_write:2", "step:1"], []),  # theta_1's file written, not listed; the resume killed at its first step
+    ("sspo", ["checkpoint_save:2"], ["checkpoints_total_limit=1"]),  # the one kept state must outlive its successor's save
+    ("sspo", ["final_save:1"], []),
+    ("sspo", ["validation:1"], ["validation.every_iterations=1", "validation.prompts=a small red circle on the left"]),
+    ("sspo", ["negatives:2", "negatives:1"], []),
+    ("sspo", ["step:3"], ["save_every_steps=1"]),
+    ("sspo_cached", ["latent_cache:1"], []),
+    ("sft", ["step:3"], []),
+    ("sft", ["final_save:1"], []),
+    ("dpo", ["pool_write:1", "checkpoint_save:1"], []),
+    ("spin", ["negatives:2"], []),  # erd last: one checkpoint, one generation chunk per iteration
+    ("sspo_full", ["pool_write:2"], []),
+    ("sspo_full", ["checkpoint_save:2", "final_save:1"], []),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm,faults,overrides", KILLS, ids=[f"{arm}-{'-'.join(f)}" for arm, f, _ in KILLS])
+def test_killed_at_a_named_phase_resumes_to_the_same_weights_and_pool(arm, faults, overrides, reference, quick_base, tmp_path):
+    expected = results(reference(arm))
+    run = tmp_path / "run"
+    overrides = [*ARMS[arm], f"data.cache_dir={tmp_path / 'latents'}", *overrides]
+    for i, fault in enumerate(faults):
+        kill_cli_run(run, quick_base, overrides, fault, resume=i > 0)
+        assert_saved_states_intact(run)
+        if "checkpoints_total_limit=1" in overrides:  # killed saving step 4: step 2 is still there
+            assert [p.name for p in saved_states(run)] == ["step-00000002"]
+    train(tiny_config(run, quick_base, *overrides), resume=True)
+    assert results(run) == expected
+    assert stray_files(run) == []
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # no step logged twice
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("latents"))
+    return run
+
+
+def flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,file", [(truncate, "checkpoints/step-00000004/model.safetensors"), (flip_byte, "pool/checkpoint-002.safetensors")])
+def test_a_damaged_newest_state_is_named_and_the_previous_one_resumes(damage, file, reference, quick_base, tmp_path, caplog):
+    expected = results(reference("sspo"))
+    run = copy_run(reference("sspo"), tmp_path)
+    shutil.rmtree(run / "final")
+    damage(run / file)
+    train(tiny_config(run, quick_base), resume=True)
+    assert file in caplog.text and "resuming from the older state" in caplog.text
+    assert results(run) == expected
+
+
+def test_damage_to_a_file_every_state_needs_is_one_clear_error(reference, quick_base, tmp_path):
+    run = copy_run(reference("sspo"), tmp_path)
+    flip_byte(run / "pool" / "checkpoint-000.safetensors")
+    with pytest.raises(TrainingError, match=r"no intact saved state .*checkpoint-000.safetensors differs from what was saved \(corrupted\)"):
+        train(tiny_config(run, quick_base), resume=True)
+
+
+def test_resume_with_a_result_changing_key_names_it_and_keeps_the_saved_config(reference, quick_base, tmp_path, capsys):
+    run = copy_run(reference("sspo"), tmp_path)
+    saved = (run / "config.yaml").read_text()
+    args = ["train", str(DEMO), *tiny_overrides(run, quick_base), "optim.learning_rate=0.002", "beta=100", "--resume"]
+    capsys.readouterr()  # only what main prints counts (a fixture built in this test may have printed before)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sspo: error: --resume: the config differs") and "\n" not in err
+    assert "optim.learning_rate: 0.001 -> 0.002" in err and "beta: 500.0 -> 100.0" in err
+    assert (run / "config.yaml").read_text() == saved
+    with pytest.raises(ConfigError, match="model.lora"):  # and a full fine-tune cannot continue a LoRA run
+        train(tiny_config(run, quick_base, "model.lora=false"), resume=True)
+
+
+def test_resume_may_change_harmless_keys(reference, quick_base, tmp_path):
+    run = copy_run(reference("sspo"), tmp_path)
+    train(tiny_config(run, quick_base, "log_every=2", "checkpoints_total_limit=3", "nonfinite=skip"), resume=True)
+    assert results(run) == results(reference("sspo"))
+
+
+HOLD = "import sys, time\nfrom sspo.training.run_lock import RunLock\nlock = RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n"
+
+
+def test_a_second_train_into_a_live_runs_folder_is_refused_with_its_pid(reference, quick_base, tmp_path, capsys):
+    run = copy_run(reference("sspo"), tmp_path)
+    before = results(run)
+    live = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "held"
+        assert main(["train", str(DEMO), *tiny_overrides(run, quick_base)]) == 2
+    finally:
+        live.kill()
+        live.wait()
+    assert f"in use by a running sspo train (pid {live.pid})" in capsys.readouterr().err
+    assert results(run) == before  # the refused run deleted and wrote nothing
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_no_nan_weights(quick_base, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(DEMO), *tiny_overrides(run, quick_base), "optim.learning_rate=1e9"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]  # the rest is the progress bar
+    assert "Traceback" not in err and len(errors) == 1
+    assert errors[0].startswith("sspo: error: method sspo, step 2: non-finite loss")
+    assert "last good state is none (no state saved yet)" in errors[0]
+    assert not (run / "final").exists()
+    for weights in run.rglob("*.safetensors"):  # theta_0 in the pool and any saved state stay finite
+        assert all(torch.isfinite(t).all() for t in load_file(weights).values())
+
+
+def test_nonfinite_skip_counts_skipped_steps_and_keeps_weights_finite(quick_base, tmp_path):
+    final = train(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=1e9", "nonfinite=skip"))
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    skips = [r["nonfinite_skips"] for r in rows]
+    assert skips == sorted(skips) and skips[-1] > 0
+    assert all(math.isfinite(r["loss"]) for r, before in zip(rows, [0] + skips) if r["nonfinite_skips"] == before)
+    assert all(torch.isfinite(t).all() for t in load_file(final / "pytorch_lora_weights.safetensors").values())
+
+
+def no_space(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def fail_third_pool_write(monkeypatch):
+    import sspo.training.pool
+
+    real, calls = sspo.training.pool.save_tensors, []
+
+    def save_tensors(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:  # theta_2, at the end of the last iteration
+            raise no_space(path)
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(sspo.training.pool, "save_tensors", save_tensors)
+
+
+def fail_second_checkpoint_save(monkeypatch):
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise no_space(Path(output_dir) / "model.safetensors")
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+
+
+def forbid_final_config(monkeypatch):
+    import sspo.training.trainer
+
+    real = sspo.training.trainer.save_yaml
+
+    def save_yaml(obj, path):
+        if Path(path).name == "sspo_config.yaml":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        real(obj, path)
+
+    monkeypatch.setattr(sspo.training.trainer, "save_yaml", save_yaml)
+
+
+@pytest.mark.parametrize("fail,message", [
+    (fail_third_pool_write, "could not write pool checkpoint 2 .*No space left on device"),
+    (fail_second_checkpoint_save, "could not write the resumable state .*step-00000004: No space left on device"),
+    (forbid_final_config, "could not write the final model .*: Permission denied"),
+])
+def test_a_failed_save_is_one_error_and_keeps_the_previous_state(fail, message, reference, quick_base, tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "run", quick_base)
+    with monkeypatch.context() as patch:
+        fail(patch)
+        with pytest.raises(TrainingError, match=message):
+            train(cfg)
+    run = tmp_path / "run"
+    assert stray_files(run) == [] and not (run / "final").exists()
+    assert saved_states(run)[0].name == "step-00000002"
+    assert_saved_states_intact(run)
+    train(cfg, resume=True)
+    assert results(run) == results(reference("sspo"))

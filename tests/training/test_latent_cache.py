@@ -1,0 +1,126 @@
+"""data.cache_latents: rows encoded once into safetensors shards train exactly like live encoding."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import metrics, tiny_config
+
+from sspo.training import latent_cache
+from sspo.config import apply_overrides, from_dict
+from sspo.errors import ConfigError
+from sspo.io import DamagedFileError
+from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
+from sspo.models.pipeline import load_pipeline
+from sspo.training.config import TrainConfig
+from sspo.training.trainer import open_dataset, train
+
+
+@pytest.mark.parametrize("method", ["sspo", "dpo"])  # dpo: dataset losers come from the cache too
+def test_cached_run_trains_like_an_uncached_one_and_encodes_once(method, quick_base, tmp_path, monkeypatch):
+    cache = tmp_path / "latents"
+    runs = {}
+    for name, extra in (("live", []), ("cached", ["data.cache_latents=true", f"data.cache_dir={cache}"])):
+        final = train(tiny_config(tmp_path / name, quick_base, f"method={method}", *extra))
+        runs[name] = (metrics(tmp_path / name), load_file(final / "pytorch_lora_weights.safetensors"))
+    assert json.loads((cache / "index.json").read_text())["rows"] == 64
+    (rows_live, weights_live), (rows_cached, weights_cached) = runs["live"], runs["cached"]
+    assert [r["step"] for r in rows_cached] == [1, 2, 3, 4]
+    for a, b in zip(rows_live, rows_cached):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    for key in weights_live:
+        torch.testing.assert_close(weights_live[key], weights_cached[key], rtol=1e-4, atol=1e-5)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a complete latent cache was encoded again")
+
+    monkeypatch.setattr(latent_cache, "encode_images", no_encoding)
+    monkeypatch.setattr(latent_cache, "encode_prompts", no_encoding)
+    train(tiny_config(tmp_path / "again", quick_base, f"method={method}", "data.cache_latents=true", f"data.cache_dir={cache}"))
+    assert metrics(tmp_path / "again") == rows_cached
+
+
+def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
+    pipe = load_pipeline(quick_base)
+    dataset = open_dataset(cfg)
+    key = cache_key(cfg, quick_base, pipe, len(dataset))
+    build = {"pipe": pipe, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+    full = LatentCache.build(**build).rows(range(24))
+    (tmp_path / "c" / "index.json").unlink()  # as if killed while writing the last shard
+    (tmp_path / "c" / "shard-00002.safetensors").unlink()
+    encoded = []
+
+    def counting(pipe, items, *args, **kwargs):
+        encoded.extend(item["index"] for item in items)
+        return encode_rows(pipe, items, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache, "encode_rows", counting)
+    cache = LatentCache.build(**build)
+    assert encoded == [20, 21, 22, 23]
+    prompts, cond, winners, losers = cache.rows([23, 0, 11])
+    assert prompts == [full[0][i] for i in (23, 0, 11)]
+    assert torch.equal(winners, full[2][[23, 0, 11]]) and torch.equal(losers, full[3][[23, 0, 11]])
+    assert torch.equal(cond.embeds, full[1].embeds[[23, 0, 11]])
+    # Live encoding of the same rows gives the same tensors (up to batch rounding).
+    live = encode_rows(pipe, [dataset[i] for i in (23, 0, 11)], "cpu", 32)
+    assert live[0] == prompts
+    torch.testing.assert_close(live[2], winners, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(live[1].embeds, cond.embeds, rtol=1e-4, atol=1e-5)
+
+
+def test_damaged_shards_and_index_are_encoded_and_written_again(quick_base, tmp_path, monkeypatch, caplog):
+    cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
+    pipe = load_pipeline(quick_base)
+    dataset = open_dataset(cfg)
+    key = cache_key(cfg, quick_base, pipe, len(dataset))
+    build = {"pipe": pipe, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+    full = LatentCache.build(**build).rows(range(24))
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    (tmp_path / "c" / "index.json").write_text("[]")
+    encoded = []
+
+    def counting(pipe, items, *args, **kwargs):
+        encoded.extend(item["index"] for item in items)
+        return encode_rows(pipe, items, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache, "encode_rows", counting)
+    cache = LatentCache.build(**build)
+    assert encoded == list(range(10, 20))
+    assert f"latent cache shard {shard} is damaged" in caplog.text and "the latent cache index" in caplog.text
+    again = cache.rows(range(24))
+    assert again[0] == full[0] and torch.equal(again[2], full[2]) and torch.equal(again[1].embeds, full[1].embeds)
+
+    (tmp_path / "c" / "index.json").unlink()
+    (tmp_path / "c" / "key.json").write_bytes(b"\x00garbage")
+    with pytest.raises(DamagedFileError, match=rf"the latent cache key {tmp_path / 'c' / 'key.json'} is damaged \(.*\); delete {tmp_path / 'c'} to encode"):
+        LatentCache.build(**build)
+
+
+def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):
+    pipe = load_pipeline(quick_base)
+    cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4")
+    dataset = open_dataset(cfg)
+    LatentCache.build(pipe, dataset, cache_key(cfg, quick_base, pipe, 4), tmp_path / "c", "cpu", 4, 32)
+    other = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4", "data.mode=random")
+    with pytest.raises(ConfigError, match=r"data.cache_dir.*data.mode"):
+        LatentCache.build(pipe, dataset, cache_key(other, quick_base, pipe, 4), tmp_path / "c", "cpu", 4, 32)
+
+
+def test_default_dir_is_shared_by_runs_that_encode_the_same_rows(quick_base, tmp_path):
+    pipe = load_pipeline(quick_base)
+
+    def folder(*overrides):
+        return default_dir(cache_key(tiny_config(tmp_path / "run", quick_base, *overrides), quick_base, pipe, 64))
+
+    assert folder("method=sft", "output_dir=a", "optim.learning_rate=0.1") == folder("method=sspo", "output_dir=b")
+    assert folder() != folder("data.resolution=16") and folder() != folder("data.mode=random")
+
+
+@pytest.mark.parametrize("setting, named", [("data.random_flip=true", "data.random_flip"), ("data.center_crop=false", "data.center_crop")])
+def test_cache_with_augmentation_is_a_config_error(setting, named):
+    data = apply_overrides({}, ["data.cache_latents=true", setting])
+    with pytest.raises(ConfigError, match=rf"data.cache_latents.*{named}"):
+        from_dict(TrainConfig, data)

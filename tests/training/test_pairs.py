@@ -1,0 +1,76 @@
+"""PairBuilder's hooks: phases seen from outside, rows read beforehand, the sampler's step count per call."""
+
+import contextlib
+import types
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import sspo.training.pairs
+from sspo.models.pipeline import TextCondition
+from sspo.training.pairs import PairBuilder, Rows
+from sspo.training.config import TrainConfig
+
+from test_video_latents import HalfUNet, OneCheckpointPool
+
+SHAPE = (2, 4, 8, 8)
+
+
+def rows(m: int) -> Rows:
+    gen = torch.Generator().manual_seed(m)
+    return Rows(["a", "b"], TextCondition(torch.zeros(2, 7, 16)), torch.randn(SHAPE, generator=gen), None)
+
+
+def unread(m: int) -> Rows:
+    raise AssertionError(f"micro-batch {m} read although its rows were given")
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """The step count of every sampler call, and a builder whose negatives are zeros."""
+    steps: list[int] = []
+
+    def sample_reference(pipe, unet, scheduler, cond, uncond, seeds, cfg, device, latent_size):
+        steps.append(cfg.steps)
+        return torch.zeros(len(seeds), *SHAPE[1:])
+
+    monkeypatch.setattr(sspo.training.pairs, "sample_reference", sample_reference)
+    scheduler = DDPMScheduler()
+    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint: contextlib.nullcontext(HalfUNet()))
+    builder = PairBuilder(TrainConfig(method="sspo"), types.SimpleNamespace(scheduler=scheduler), reference, scheduler, None,
+                          read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
+    return builder, steps
+
+
+def test_phases_are_entered_around_generation_and_reference_forwards(sampled):
+    builder, steps = sampled
+    seen = []
+
+    @contextlib.contextmanager
+    def around_phase(name):
+        seen.append(f"enter {name}")
+        yield
+        seen.append(f"exit {name} after {len(steps)} sampler calls")
+
+    builder.around_phase = around_phase
+    with builder.rows_from({0: rows(0), 1: rows(1)}):
+        batches = builder.build([0, 1])
+    assert seen == ["enter generate", "exit generate after 1 sampler calls", "enter reference", "exit reference after 1 sampler calls"]
+    assert all(b.reference is not None and b.losers.abs().sum() == 0 for b in batches)
+
+
+def test_rows_from_gives_the_rows_and_then_restores_the_reader(sampled):
+    builder, _ = sampled
+    given = rows(3)
+    with builder.rows_from({3: given}):
+        [batch] = builder.build([3], with_reference=False)
+    assert batch.rows is given and builder.read_rows is unread
+
+
+def test_sampler_steps_changes_the_step_count_of_that_call_only(sampled):
+    builder, steps = sampled
+    with builder.rows_from({0: rows(0)}):
+        builder.build([0], with_reference=False, sampler_steps=7)
+        builder.build([0], with_reference=False)
+    assert steps == [7, TrainConfig().negatives.steps] and TrainConfig().negatives.steps != 7

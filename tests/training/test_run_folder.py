@@ -1,0 +1,186 @@
+"""A run writes only into its own folder, and a run that fails before its first saved state leaves the
+folder as it found it (sspo/run_folder.py): the user's files, and an earlier run's, byte for byte."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sspo.cli import main
+from sspo.errors import ConfigError, TrainingError
+from sspo.run_folder import MANIFEST, PREVIOUS, check_output_dir, claimed, start_fresh
+from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE
+from sspo.training.trainer import Trainer, train
+
+from test_trainer import DEMO, tiny_config, tiny_overrides
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder``: a file's bytes, None for a folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def user_folder(folder: Path) -> Path:
+    """A folder of a user's files, one of them named as a run's log."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "images.bin").write_bytes(bytes(range(256)))
+    (folder / "notes.txt").write_text("my notes\n")
+    (folder / "metrics.jsonl").write_text('{"step": 1, "accuracy": 0.9}\n')
+    return folder
+
+
+def one_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
+    assert "Traceback" not in err and len(errors) == 1, err[-2000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(quick_base, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny_config(run, quick_base))
+    return run
+
+
+@pytest.fixture
+def earlier_run(finished_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+def test_a_finished_run_folder_is_marked_and_holds_no_lock_or_earlier_run(finished_run):
+    assert json.loads((finished_run / MANIFEST).read_text())["kind"] == "sspo-run"
+    assert not {LOCK_FILE, HOLDER_FILE, PREVIOUS} & {p.name for p in finished_run.iterdir()}
+    assert (finished_run / "final").is_dir() and (finished_run / "pool" / "pool.json").is_file()
+
+
+def test_train_into_a_folder_of_user_files_is_refused_and_touches_nothing(quick_base, tmp_path, capsys):
+    folder = user_folder(tmp_path / "mine")
+    before = snapshot(folder)
+    assert main(["train", str(DEMO), *tiny_overrides(folder, quick_base)]) == 2
+    error = one_error(capsys.readouterr().err)
+    assert "holds files that are not an sspo run (data, notes.txt); choose an empty or new folder" in error
+    assert snapshot(folder) == before
+
+
+def test_an_empty_output_dir_never_writes_into_the_current_folder(quick_base, tmp_path, monkeypatch, capsys):
+    folder = user_folder(tmp_path / "cwd")
+    before = snapshot(folder)
+    monkeypatch.chdir(folder)
+    assert main(["train", str(DEMO), *tiny_overrides(tmp_path / "unused", quick_base), "output_dir="]) == 2
+    one_error(capsys.readouterr().err)
+    assert snapshot(folder) == before
+    assert not (tmp_path / "unused").exists()
+
+
+def test_dry_run_reports_a_folder_that_is_not_a_run(quick_base, tmp_path, capsys):
+    folder = user_folder(tmp_path / "mine")
+    assert main(["train", str(DEMO), *tiny_overrides(folder, quick_base), "--dry-run"]) == 2
+    assert "not an sspo run" in one_error(capsys.readouterr().err)
+
+
+def missing_images(tmp_path: Path) -> Path:
+    """An imagefolder whose metadata lists images that are all gone."""
+    from sspo.worlds.shapes.world import make_split, write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", make_split().train[:4])
+    for image in folder.glob("*.png"):
+        image.unlink()
+    return folder
+
+
+def test_a_rerun_with_data_that_cannot_be_read_keeps_the_earlier_run(earlier_run, quick_base, tmp_path, capsys):
+    before = snapshot(earlier_run)
+    data = missing_images(tmp_path)
+    assert main(["train", str(DEMO), *tiny_overrides(earlier_run, quick_base), "method=sft", "data.source=imagefolder", f"data.path={data}"]) == 2
+    assert "no readable row" in one_error(capsys.readouterr().err)
+    assert snapshot(earlier_run) == before
+
+
+def test_a_rerun_with_a_zero_logging_interval_keeps_the_earlier_run(earlier_run, quick_base):
+    before = snapshot(earlier_run)
+    with pytest.raises(ConfigError, match="log_every"):
+        train(tiny_config(earlier_run, quick_base, "log_every=0"))
+    assert snapshot(earlier_run) == before
+
+
+def test_a_rerun_that_fails_at_its_first_step_puts_the_earlier_run_back(earlier_run, quick_base, monkeypatch):
+    before = snapshot(earlier_run)
+
+    def fail(self, batches):
+        assert (earlier_run / PREVIOUS).is_dir()  # set aside, not deleted, while the new run has no state
+        raise TrainingError("the first step failed")
+
+    monkeypatch.setattr(Trainer, "optimizer_step", fail)
+    with pytest.raises(TrainingError, match="the first step failed"):
+        train(tiny_config(earlier_run, quick_base))
+    assert snapshot(earlier_run) == before
+
+
+def test_a_run_that_fails_in_a_new_folder_leaves_no_folder(quick_base, tmp_path, capsys):
+    run = tmp_path / "new" / "run"
+    data = missing_images(tmp_path)
+    assert main(["train", str(DEMO), *tiny_overrides(run, quick_base), "method=sft", "data.source=imagefolder", f"data.path={data}"]) == 2
+    one_error(capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_output_dir(tmp_path / "run")
+
+
+def legacy_run(folder: Path, quick_base: str) -> Path:
+    """The layout of a run from before the manifest: its config, its outputs and its lock file."""
+    from sspo.config import save_yaml
+
+    (folder / "checkpoints" / "step-00000002").mkdir(parents=True)
+    save_yaml(tiny_config(folder, quick_base), folder / "config.yaml")
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (folder / LOCK_FILE).write_text("4242\n")
+    return folder
+
+
+def test_a_run_folder_from_before_the_manifest_is_recognised(quick_base, tmp_path):
+    check_output_dir(legacy_run(tmp_path / "run", quick_base))  # accepted
+
+
+@pytest.mark.parametrize("change", ["a user's file beside it", "a config that is not a run's", "no output beside the config"])
+def test_a_folder_that_only_looks_like_an_old_run_is_refused(change, quick_base, tmp_path):
+    folder = legacy_run(tmp_path / "run", quick_base)
+    if change == "a user's file beside it":
+        (folder / "notes.txt").write_text("mine")
+    elif change == "a config that is not a run's":
+        (folder / "config.yaml").write_text("name: my project\n")
+    else:
+        shutil.rmtree(folder / "checkpoints")
+        (folder / "metrics.jsonl").unlink()
+    with pytest.raises(ConfigError, match="not an sspo run"):
+        check_output_dir(folder)
+
+
+def test_a_start_killed_before_its_first_state_is_undone_by_the_next_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MANIFEST).write_text('{"kind": "sspo-run", "version": 1}')
+    (run / "metrics.jsonl").write_text("earlier\n")
+    (run / "notes.txt").write_text("a user's file in a run folder stays where it is\n")
+    before = snapshot(run)
+    start_fresh(run)  # the earlier run goes aside...
+    (run / "metrics.jsonl").write_text("killed start\n")  # ...and the start is killed before its first state
+    with claimed(run):
+        assert snapshot(run) == {**before, LOCK_FILE: b"", HOLDER_FILE: f"{os.getpid()}\n".encode()}
+    assert snapshot(run) == before
+
+
+def test_a_failed_start_in_an_empty_folder_leaves_it_empty(tmp_path):
+    with pytest.raises(KeyboardInterrupt), claimed(tmp_path):
+        start_fresh(tmp_path)
+        (tmp_path / "pool").mkdir()
+        (tmp_path / "metrics.jsonl").write_text("failed start\n")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,33 @@
+from sspo.training.run_state import config_differences, manifest, manifest_problems
+
+
+def test_result_changing_keys_are_named_and_harmless_ones_pass():
+    saved = {"optim": {"learning_rate": 1e-3, "batch_size": 4}, "log_every": 1, "validation": {"seed": 0}, "iterations": 4}
+    current = {"optim": {"learning_rate": 2e-3, "batch_size": 4}, "log_every": 10, "validation": {"seed": 3}, "iterations": 8}
+    assert config_differences(saved, current) == ["optim.learning_rate: 0.001 -> 0.002"]
+
+
+def test_tuples_and_lists_compare_equal_and_new_keys_count():
+    saved = {"model": {"lora_targets": ["to_q", "to_k"]}}
+    assert config_differences(saved, {"model": {"lora_targets": ("to_q", "to_k")}}) == []
+    assert config_differences(saved, {"model": {"lora_targets": ("to_q",)}}) == ["model.lora_targets: ['to_q', 'to_k'] -> ['to_q']"]
+    assert config_differences({}, {"ssr_draws": 8}) == ["ssr_draws: None -> 8"]
+
+
+def test_manifest_detects_truncated_corrupted_and_missing_files(tmp_path):
+    files = []
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+        files.append(tmp_path / name)
+    recorded = manifest(tmp_path, files)
+    assert manifest_problems(tmp_path, recorded) == []
+    (tmp_path / "a.bin").write_bytes(b"a.bin" * 50)
+    b = bytearray((tmp_path / "b.bin").read_bytes())
+    b[7] ^= 1
+    (tmp_path / "b.bin").write_bytes(bytes(b))
+    (tmp_path / "c.bin").unlink()
+    problems = manifest_problems(tmp_path, recorded)
+    assert len(problems) == 3
+    assert "a.bin has 250 bytes, 500 were saved (truncated?)" in problems[0]
+    assert "b.bin differs from what was saved (corrupted)" in problems[1]
+    assert "c.bin is missing" in problems[2]

@@ -1,0 +1,194 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sspo.config import load_config
+from sspo.errors import DataError, ModelError
+from sspo.training.config import TrainConfig
+from sspo.training.trainer import Trainer, train
+
+from lora_checks import assert_lora_reloads_as_trained
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-shapes.yaml"
+
+
+def tiny_overrides(out: Path, model: str) -> list[str]:
+    """The demo config shrunk to seconds: 2 iterations of 2 steps, batch 4, 2 sampler steps."""
+    return [
+        f"model.pretrained={model}", f"output_dir={out}", "report_to=none", "iterations=2", "steps_per_iteration=2",
+        "optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1",
+        "data.max_samples=64", "validation.every_iterations=0",
+    ]
+
+
+def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, DEMO, tiny_overrides(out, model) + list(overrides))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+ARMS = {
+    "sft": ["method=sft"],
+    "dpo": ["method=dpo"],
+    "spin": ["method=spin"],
+    "sspo": ["method=sspo"],
+    "sspo_indicator": ["ssr=indicator"],
+    "sspo_ssr_off": ["ssr=off"],
+    "sspo_erd_initial": ["erd=initial"],
+    "sspo_erd_last": ["erd=last"],
+    "sspo_erd_per_sample": ["erd_per=sample"],
+    "sspo_r": ["data.mode=random"],
+    "sspo_full_finetune": ["model.lora=false"],
+    "sspo_online": ["pregenerate=false"],
+    "sspo_uncached_reference": ["cache_reference_errors=false", "optim.gradient_accumulation_steps=2"],
+    "sspo_ssr_draws": ["ssr_draws=3"],
+    "sspo_ssr_draws_online": ["ssr_draws=3", "pregenerate=false"],
+}
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
+    cfg = tiny_config(tmp_path / arm, quick_base, *ARMS[arm])
+    final = train(cfg)
+    rows = metrics(tmp_path / arm)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if cfg.method == "sft":
+        assert "ssr_rate" not in rows[0]
+    else:
+        assert {"implicit_acc", "ssr_rate", "dw", "dl", "reference"} <= set(rows[0])
+        if cfg.effective_ssr == "off":
+            assert all(r["ssr_rate"] == 0 for r in rows)
+    pool = json.loads((tmp_path / arm / "pool" / "pool.json").read_text())["entries"] if cfg.uses_reference else []
+    if cfg.generates_negatives:
+        assert [e["step"] for e in pool] == [0, 2, 4]  # theta_0 plus one checkpoint per iteration
+        if cfg.effective_erd == "last":
+            assert [r["reference"] for r in rows] == [0, 0, 1, 1]
+        if cfg.effective_erd == "initial":
+            assert all(r["reference"] == 0 for r in rows)
+    weights = final / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "unet/diffusion_pytorch_model.safetensors")
+    assert weights.is_file()
+
+
+def test_online_and_pregenerated_give_the_same_training(quick_base, tmp_path):
+    # Generation batches of one micro-batch each make the two modes' arithmetic identical too: at
+    # theta_0 the policy and reference errors tie exactly, and K = sign(dw) is decided by rounding.
+    runs = {}
+    for pregenerate in (True, False):
+        cfg = tiny_config(tmp_path / str(pregenerate), quick_base, f"pregenerate={str(pregenerate).lower()}", "iterations=3", "negatives.batch_size=4")
+        final = train(cfg)
+        runs[pregenerate] = (metrics(tmp_path / str(pregenerate)), load_file(final / "pytorch_lora_weights.safetensors"))
+    (rows_pre, weights_pre), (rows_online, weights_online) = runs[True], runs[False]
+    for a, b in zip(rows_pre, rows_online):
+        assert a["reference"] == b["reference"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["ssr_rate"] == b["ssr_rate"]
+    for key in weights_pre:
+        torch.testing.assert_close(weights_pre[key], weights_online[key], rtol=1e-4, atol=1e-5)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_killed_run_resumes_to_the_same_pool_and_weights(quick_base, tmp_path, monkeypatch, lora):
+    extra = ["iterations=3", f"model.lora={str(lora).lower()}"]
+    whole = train(tiny_config(tmp_path / "whole", quick_base, *extra))
+
+    cfg = tiny_config(tmp_path / "killed", quick_base, *extra)
+    real_step = Trainer.optimizer_step
+
+    def crash_mid_iteration(self, batches):
+        if self.global_step == 3:  # the middle of the second iteration
+            raise Crash
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", crash_mid_iteration)
+    with pytest.raises(Crash):
+        train(cfg)
+    monkeypatch.setattr(Trainer, "optimizer_step", real_step)
+    resumed = train(cfg, resume=True)
+
+    pools = [json.loads((tmp_path / name / "pool" / "pool.json").read_text())["entries"] for name in ("whole", "killed")]
+    assert pools[0] == pools[1]
+    for entry in pools[0]:
+        a = load_file(tmp_path / "whole" / "pool" / entry["file"])
+        b = load_file(tmp_path / "killed" / "pool" / entry["file"])
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    name = "pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(whole / name), load_file(resumed / name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == list(range(1, 7))  # no step logged twice
+
+
+def test_lora_output_loads_in_stock_diffusers(quick_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    final = train(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=0.01"))
+    pipe = StableDiffusionPipeline.from_pretrained(quick_base)
+    before = pipe("a small red circle on the left, white background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    pipe.load_lora_weights(str(final))
+    after = pipe("a small red circle on the left, white background", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert not torch.allclose(before, after)
+
+
+def test_lora_with_alpha_not_rank_reloads_at_its_trained_scale(quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=0.01", "model.lora_rank=4", "model.lora_alpha=16"))
+    final = trainer.train()
+    assert_lora_reloads_as_trained(trainer, quick_base, final, "a small red circle on the left, white background")
+
+
+def test_full_finetune_output_is_a_diffusers_folder(quick_base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    final = train(tiny_config(tmp_path / "run", quick_base, "model.lora=false", "method=sft"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(final))
+    base = StableDiffusionPipeline.from_pretrained(quick_base)
+    changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters())]
+    assert any(changed)
+
+
+def test_dpo_without_pairs_is_a_clear_error(quick_base, tmp_path):
+    from sspo.worlds.shapes.world import make_split, write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", make_split().train[:4])
+    cfg = tiny_config(tmp_path / "run", quick_base, "method=dpo", "data.source=imagefolder", f"data.path={folder}")
+    with pytest.raises(DataError, match="needs \\(winner, loser\\) pairs"):
+        Trainer(cfg)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    cfg = tiny_config(tmp_path / "run", str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelError, match="no-such-model"):
+        Trainer(cfg)
+
+
+def test_random_flips_change_from_epoch_to_epoch(quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft", "data.random_flip=true", "data.max_samples=4"))
+    rows = [row for m in range(8) for row, _ in trainer._indices(m)]
+    assert sorted(rows[:4]) == [0, 1, 2, 3]  # one epoch is a permutation of the rows
+    views = {(row, epoch): trainer._item(row, epoch)["winner"] for row in range(4) for epoch in range(8)}
+    # Some rows are mirror-symmetric (a circle in the center); the others must flip in some epoch.
+    assert any(not torch.equal(views[row, 0], views[row, e]) for row in range(4) for e in range(1, 8))
+    assert torch.equal(views[2, 3], trainer._item(2, 3)["winner"])  # and reproducible
+
+
+def test_a_finished_trainer_is_freed(quick_base, tmp_path):
+    """Nothing outside a trainer keeps it (and its models) alive: compare and bench run many in one process."""
+    import gc
+    import weakref
+
+    trainer = Trainer(tiny_config(tmp_path, quick_base, "method=sft", "iterations=1", "steps_per_iteration=1"))
+    trainer.train()
+    ref = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert ref() is None
