@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sspo.errors import SSPOError
 
@@ -242,3 +242,9 @@ def check_image(path: str | Path, *, what: str, fix: str) -> None:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL reports a bad chunk as SyntaxError
         raise DamagedFileError(f"{what} {path} is damaged ({exc})", fix) from None
+
+
+def entry_list(names: Iterable[str], shown: int = 5) -> str:
+    """``a, b, c`` of a folder's entries, cut short after ``shown`` of them."""
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f", and {len(names) - shown} more" if len(names) > shown else "")

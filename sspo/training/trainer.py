@@ -48,7 +48,7 @@ from sspo.models.pipeline import denoising_errors, encode_unconditional, is_vide
 from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY, ReferenceModel
-from sspo.run_folder import check_output_dir, claimed, discard_previous, start_fresh
+from sspo.training.run_folder import check_output_dir, claimed, discard_previous, start_fresh
 from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, flatten, manifest, manifest_problems, read_state, saved_states
 from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
 from sspo.training.ssr_truth import SSRTruth
@@ -454,7 +454,7 @@ class Trainer:
 
     def _start_fresh(self) -> None:
         """Set an earlier run in the output folder aside, deleted once this run saves its first state
-        (sspo/run_folder.py); the pool restarts as {theta_0}."""
+        (sspo/training/run_folder.py); the pool restarts as {theta_0}."""
         self.accelerator.wait_for_everyone()  # every process has opened the earlier run's pool before it moves
         if self.accelerator.is_main_process:
             start_fresh(self.run_dir)
@@ -637,7 +637,7 @@ def _postfix(metrics: dict) -> dict:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train ``cfg`` in its output folder, checked and locked for the run (sspo/run_folder.py): a second run
+    """Train ``cfg`` in its output folder, checked and locked for the run (sspo/training/run_folder.py): a second run
     into a live run's folder is refused, and a run that fails before its first saved state leaves the folder as it was."""
     check_environment(cfg)
     # The main process holds the lock; the others write nothing the main process does not wait for.

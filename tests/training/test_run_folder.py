@@ -1,5 +1,5 @@
 """A run writes only into its own folder, and a run that fails before its first saved state leaves the
-folder as it found it (sspo/run_folder.py): the user's files, and an earlier run's, byte for byte."""
+folder as it found it (sspo/training/run_folder.py): the user's files, and an earlier run's, byte for byte."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from sspo.cli import main
 from sspo.errors import ConfigError, TrainingError
-from sspo.run_folder import MANIFEST, PREVIOUS, check_output_dir, claimed, start_fresh
+from sspo.training.run_folder import MANIFEST, PREVIOUS, check_output_dir, claimed, start_fresh
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE
 from sspo.training.trainer import Trainer, train
 

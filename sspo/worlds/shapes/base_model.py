@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from sspo.config import check, setting, to_dict, validate
 from sspo.errors import ConfigError
+from sspo.io import entry_list
 from sspo.models.pipeline import TextCondition, denoising_errors, encode_images
 from sspo.models.tiny import TinySize, build_components, write_word_tokenizer
 from sspo.paths import build_lock, cache_root
-from sspo.run_folder import entry_list
 from sspo.worlds.shapes import world as shapes
 
 log = logging.getLogger(__name__)

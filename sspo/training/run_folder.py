@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json
+from sspo.io import atomic_write_json, entry_list
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
 from sspo.training.run_state import saved_states
 from sspo.training.config import TrainConfig
@@ -78,12 +78,6 @@ def check_output_dir(run_dir: str | Path) -> None:
         return
     foreign = [n for n in names if not _is_own(n)] or names - _LOCKS
     raise ConfigError(f"output_dir {run_dir.resolve()} holds files that are not an sspo run ({entry_list(foreign)}); choose an empty or new folder")
-
-
-def entry_list(names: Iterable[str], shown: int = 5) -> str:
-    """``a, b, c`` of a folder's entries, cut short after ``shown`` of them."""
-    names = sorted(names)
-    return ", ".join(names[:shown]) + (f", and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _entries(run_dir: Path) -> list[Path]:
