@@ -40,9 +40,9 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
-    from sspo.worlds.names import resolve_model
-    from sspo.models.pipeline import is_video, load_pipeline
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, save_animation, save_png
+    from sspo.models.pipeline import is_video, load_pipeline
+    from sspo.worlds.names import resolve_model
 
     prompts = args.prompt
     if args.shapes_check:
@@ -51,7 +51,7 @@ def _sample(args) -> None:
         for prompt in prompts:
             parse_prompt(prompt)
     pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale, frames=args.frames) for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
     out = Path(args.out)
@@ -83,8 +83,8 @@ def _eval(args) -> None:
 
 def _eval_videos(args) -> None:
     from sspo.commands.eval import model_specs
-    from sspo.evaluation.evaluate import EvalConfig
     from sspo.commands.eval_videos import format_video_summary, run_video_eval
+    from sspo.evaluation.evaluate import EvalConfig
     from sspo.evaluation.video_metrics import VIDEO_METRICS
 
     if args.model:
@@ -110,11 +110,11 @@ def _add_eval_arguments(p) -> None:
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
         "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
-        "seeds": "comma-separated sampler seeds",
+        "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
         "batch_size": "images per generation batch",
         "resolution": "image side in pixels (default: the model's native)",
-        "dtype": f"diffusion model precision: {' | '.join(DTYPES)}",
+        "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
         "limit": "at most N prompts per category (quick runs)",
         "split_seed": "--prompts shapes: the world's train/held-out split",
         "prompts_per_split": "--prompts shapes: prompts per split (seen, held-out)",
@@ -187,7 +187,7 @@ def _compare(args) -> None:
 
     methods = ",".join(table1()) if args.methods is None else args.methods
     arms = [a for a in (methods + "," + args.ablations).split(",") if a]
-    run_compare(args.config, arms, list(range(args.seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
+    run_compare(args.config, arms, list(range(args.training_seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds)
 
 
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=8, help="video models: frames per clip")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--seeds", type=int, default=2, help="rows of the grid (seeds 0..N-1)")
+    p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
     p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
     p.add_argument("--ablations", default="ssr_off,indicator,erd_initial,erd_last")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
+    p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds 0..N-1 (default: 3)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "

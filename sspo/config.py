@@ -15,6 +15,7 @@ one holding a comma is refused, since it could be meant as one item or as severa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -215,10 +216,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):  # not a number: the check below names the key
                 value = float(value)
-            except ValueError:
-                pass
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:

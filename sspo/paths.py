@@ -6,7 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs (configs/ in a checkout links here)
 
 

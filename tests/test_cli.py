@@ -9,7 +9,7 @@ from sspo.cli import main
 def test_sample_writes_a_grid(quick_base, tmp_path):
     out = tmp_path / "grid.png"
     code = main(["sample", "--model", quick_base, "--prompt", "a large red circle on the left, white background",
-                 "--prompt", "a small blue square at the top, black background", "--seeds", "2", "--steps", "2", "--out", str(out)])
+                 "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--out", str(out)])
     assert code == 0
     grid = Image.open(out)
     assert grid.width > 2 * 96 and grid.height > 2 * 96
@@ -17,13 +17,14 @@ def test_sample_writes_a_grid(quick_base, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".gif", ".mp4"])
 def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
-    from sspo.worlds.moving_shapes.base_model import vocabulary
     from sspo.video_io import read_clip
+    from sspo.worlds.moving_shapes.base_model import vocabulary
+
     from tiny_pipelines import build_video_pipeline
 
     model = build_video_pipeline(tmp_path / "video", vocabulary(), max_frames=16)
     out = tmp_path / f"grid{suffix}"
-    assert main(["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--seeds", "2", "--steps", "2", "--frames", "6", "--out", str(out)]) == 0
+    assert main(["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--rows", "2", "--steps", "2", "--frames", "6", "--out", str(out)]) == 0
     grid = read_clip(str(out))
     assert len(grid) == 6 and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
 

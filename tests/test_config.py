@@ -13,12 +13,12 @@ import torch
 import yaml
 
 import sspo
-from sspo.worlds.shapes.base_model import BaseConfig
 from sspo.cli import main
 from sspo.config import allowed, apply_overrides, field_type, from_dict, load_config, save_yaml, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import atomic_path, atomic_write_text
 from sspo.training.config import OptimConfig, TrainConfig, check_environment
+from sspo.worlds.shapes.base_model import BaseConfig
 
 _ROOT = Path(__file__).resolve().parents[1]
 # the demo config lives in configs/ (possibly a link to the packaged sspo/configs/)
@@ -554,11 +554,10 @@ def test_atomic_write_text_does_not_clobber_on_failure(tmp_path, monkeypatch):
 def test_atomic_path_writer_raises(tmp_path):
     path = tmp_path / "out.bin"
     path.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(path) as tmp:
-            assert tmp.parent == path.parent and tmp != path
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("writer failed")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp != path
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("writer failed")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 

@@ -11,8 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sspo.errors import SSPOError
-from sspo.io import (DamagedFileError, check_image, open_tensors, read_json, read_jsonl, read_tensors, save_tensors, shape_problem,
-                     sort_safetensors_metadata)
+from sspo.io import DamagedFileError, check_image, open_tensors, read_json, read_jsonl, read_tensors, save_tensors, shape_problem, sort_safetensors_metadata
 
 METADATA = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 4, "target_modules": ["to_k", "to_q"]}, indent=2)}
 TENSORS = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3, dtype=torch.float16)}

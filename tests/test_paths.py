@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import sspo
-from sspo.worlds.shapes.base_model import BaseConfig, cached_build
 from sspo.paths import build_lock
+from sspo.worlds.shapes.base_model import BaseConfig, cached_build
 
 
 def test_a_build_lock_lives_in_the_cache_one_per_target(tmp_path, monkeypatch):

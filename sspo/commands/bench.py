@@ -98,7 +98,7 @@ class BenchConfig:
     model: str = "tiny"  # tiny | quick | sd15 | sdxl (random weights) | a diffusers pipeline folder
     batch_size: int | None = setting(None, at_least=1)  # per micro-batch; None: the demo config's (16)
     gradient_accumulation_steps: int | None = setting(None, at_least=1)
-    precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16 (mixed_precision)
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16: the trainer's mixed_precision
     lora: bool = True  # False: full fine-tuning
     gradient_checkpointing: bool = False
     warmup: int = setting(2, at_least=0)  # optimizer steps before timing (first steps allocate optimizer state)
@@ -154,7 +154,7 @@ def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
 
     overrides = [
         f"output_dir={output_dir}", "report_to=none", "validation.every_iterations=0", "validation.shapes_eval=false",
-        f"mixed_precision={b.precision}", f"model.lora={str(b.lora).lower()}",
+        f"mixed_precision={b.mixed_precision}", f"model.lora={str(b.lora).lower()}",
         f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
     ]
     overrides += _model_overrides(b) + arm_overrides()[arm]
@@ -496,7 +496,7 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
     first = next((r for r in arms.values() if "error" not in r), {})
     info.update({k: first[k] for k in ("device", "threads") if k in first})
     return {"bench": dataclasses.asdict(b), "machine": info, "settings": {k: first.get(k) for k in ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "mixed_precision", "lora")},
-            "arms": arms, "summary": summarize(arms), "wall_s": time.perf_counter() - started}
+            "arms": arms, "summary": summarize_arms(arms), "wall_s": time.perf_counter() - started}
 
 
 def _p90(values: Sequence[float]) -> float:
@@ -508,7 +508,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def summarize(arms: dict[str, dict]) -> dict:
+def summarize_arms(arms: dict[str, dict]) -> dict:
     """Per-arm medians, all-in per-step cost, ratios to dpo and generation share."""
     rows = {}
     for arm, r in arms.items():
@@ -664,7 +664,7 @@ FLAG_HELP = {
     "model": "tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder",
     "batch_size": "per micro-batch (default: the demo config's 16)",
     "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
-    "precision": "mixed precision: no | fp16 | bf16",
+    "mixed_precision": "the trainer's mixed_precision: no | fp16 | bf16",
     "lora": "LoRA (--no-lora: full fine-tuning)",
     "gradient_checkpointing": "recompute activations in the backward pass",
     "warmup": "optimizer steps before timing",

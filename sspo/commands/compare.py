@@ -36,7 +36,7 @@ from sspo.training.methods import METHODS, Method
 from sspo.worlds.names import resolve_model
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_png
-from sspo.evaluation.scorers.stats import summarize_crossed
+from sspo.evaluation.scorers.stats import mean_ci_crossed
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import latest_checkpoint, train
 
@@ -160,7 +160,7 @@ def _matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) ->
 def _paired(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, seeds: int) -> dict:
     """SSPO - arm, per training seed and prompt."""
     sspo, other = _matrix(results["sspo"], split, sampler_seeds, seeds), _matrix(results[arm], split, sampler_seeds, seeds)
-    return summarize_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
+    return mean_ci_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
 
 
 def _ci(stats: dict) -> str:
@@ -177,7 +177,7 @@ def table(results: dict[str, list[dict]], names: Sequence[str], split: str, samp
         runs = results[arm]
         cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
         diff = "" if "sspo" not in results or arm == "sspo" else _ci(_paired(results, arm, split, sampler_seeds, seeds))
-        lines.append(f"| {arm} | {_ci(summarize_crossed(_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
+        lines.append(f"| {arm} | {_ci(mean_ci_crossed(_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
@@ -255,7 +255,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
     if not 1 <= selection_seeds <= len(seeds):
-        raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --seeds ({len(seeds)})")
+        raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --training-seeds ({len(seeds)})")
     chosen = select_settings(config, names, parse_grid(grid), seeds[:selection_seeds], out, extra, validation_cfg)
     results: dict[str, list[dict]] = {}
     for arm in names:

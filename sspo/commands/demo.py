@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, video: bool = F
     import torch
 
     # The demo's models are tiny: intra-op threads gain little, and on a small shared CPU their
-    # spinning against other processes slowed training steps ~50x (0.3 s -> 17 s on 2 cores).
+    # spinning against other processes slows training steps ~50x (0.3 s -> 17 s on 2 cores).
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     out = Path(out)

@@ -37,8 +37,8 @@ import io
 import logging
 import math
 import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,11 +46,11 @@ from PIL import Image
 
 from sspo.errors import DataError, ModelError, SSPOError
 from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, WORLD_METRICS, EvalConfig, Item, metric_columns, score_columns, select_prompts
-from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, read_json
 from sspo.evaluation.sampling import generate, image_grid, save_png
 from sspo.evaluation.scorers import SCORER_NAMES, build_scorer
 from sspo.evaluation.scorers.prompts import PromptItem
-from sspo.evaluation.scorers.stats import summarize
+from sspo.evaluation.scorers.stats import mean_ci
+from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, read_json
 from sspo.video_io import decode_clip, write_clip
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,9 @@ def run_eval(
         "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.prompts in WORLD_METRICS else {}),
         "models": [dataclasses.asdict(m) for m in models],
         "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
-        "results": summarize_rows(rows, models, columns),
+        "results": stats_by_category(rows, models, columns),
     }
-    atomic_write_json(out / "summary.json", _json_safe(summary))
+    atomic_write_json(out / "summary.json", json_safe(summary))
     atomic_write_text(out / "summary.md", format_summary(summary))
     plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
     write_grid(models, selected, cfg.seeds[0], out, cfg.grid_prompts)
@@ -228,7 +228,7 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
     manifest = read_json(manifest_path, what="the image manifest", shape={"settings": dict, "prompts": {str: str}}, default=None,
                          fix=f"it records what the images in {folder} were made with: delete that folder to generate them again, or use another --out")
     manifest = manifest or {"settings": settings, "prompts": {}}
-    manifest["settings"].setdefault("frames", settings["frames"])  # folders from before it was recorded hold images, made at any frame count
+    manifest["settings"].setdefault("frames", settings["frames"])  # a manifest without frames is an image model's: any frame count makes the same images
     if manifest["settings"] != settings:
         changed = ", ".join(
             f"{k}: {manifest['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if manifest["settings"].get(k) != v
@@ -268,7 +268,7 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
                 _save_sample(image, sample_path(out, model, item))
             bar.update(len(chunk))
     del pipe
-    _free_memory()
+    free_memory()
     return todo
 
 
@@ -279,7 +279,8 @@ def _normalized(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Release a model just deleted, so that the next one (a scorer after the generator) fits."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -310,7 +311,7 @@ def score_all(
         for item in items:
             row = {"model": model.name, "prompt_set": set_name, "category": item.category or "",
                    "prompt_index": item.prompt_index, "seed": item.seed, "prompt": item.prompt}
-            old = cache.pop(_row_key(row), None)
+            old = cache.pop(row_key(row), None)
             if old is not None and old["prompt"] == item.prompt and (model.name, item.prompt_index, item.seed) not in generated:
                 row |= {c: old[c] for c in old_columns if c not in ours}  # other metrics' scores of the same image, as they were
                 row |= _cached_scores(old, [c for m in valid for c in columns[m]], csv_path)
@@ -329,7 +330,7 @@ def score_all(
         if not missing:
             continue
         try:
-            options = {"batch_size": scorer_batch_size} | _parse_options(identities[metric]["options"])
+            options = {"batch_size": scorer_batch_size} | parse_scorer_options(identities[metric]["options"])
             scorer = build_scorer(metric, identities[metric]["path"], device=device, **options)
         except ModelError as exc:
             raise ModelError(
@@ -352,7 +353,7 @@ def score_all(
                     r |= {c: values[k] for c, values in scores.items()}
                 bar.update(len(chunk))
         del scorer
-        _free_memory()
+        free_memory()
         # scorers.json never claims a column that scores.csv does not hold from that scorer: drop, write, claim.
         atomic_write_json(ident_path, others | {m: identities[m] for m in done if m != metric})
         write_scores(csv_path, [*rows, *kept], all_columns)
@@ -363,7 +364,8 @@ def score_all(
     return rows
 
 
-def _parse_options(options: dict[str, str]) -> dict:
+def parse_scorer_options(options: dict[str, str]) -> dict:
+    """``--scorer-option`` values as ``build_scorer`` keywords: numbers and booleans parsed, anything else the string given."""
     from sspo.config import parse_yaml
 
     parsed = {}
@@ -373,13 +375,13 @@ def _parse_options(options: dict[str, str]) -> dict:
     return parsed
 
 
-def _row_key(row: Mapping) -> tuple:
+def row_key(row: Mapping) -> tuple:
     """What a row of ``scores.csv`` is the scores of: (model, prompt set, prompt index, seed)."""
     return row["model"], row["prompt_set"], int(row["prompt_index"]), int(row["seed"])
 
 
 def read_scores(path: Path) -> tuple[list[str], dict[tuple, dict]]:
-    """The score columns of a scores file, and its rows (of strings) by :func:`_row_key`, in file order.
+    """The score columns of a scores file, and its rows (of strings) by :func:`row_key`, in file order.
 
     A file cut short, bytes that are not UTF-8, or a row without its key or with a cell too many or
     too few damage only their rows: those are left out with a warning naming the file and the
@@ -404,7 +406,7 @@ def read_scores(path: Path) -> tuple[list[str], dict[tuple, dict]]:
     for line, record in records:
         row = dict(zip(header, record))
         try:
-            key = _row_key(row) if len(record) == len(header) else None
+            key = row_key(row) if len(record) == len(header) else None
         except ValueError:
             key = None
         if key is None or "\ufffd" in "".join(record[: len(KEY_COLUMNS)]):
@@ -429,16 +431,15 @@ def _cached_scores(row: dict, columns: Sequence[str], path: Path) -> dict[str, f
 
 def write_scores(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
     """``rows`` as a scores file: the key columns, then ``columns`` (each once, in order)."""
-    with atomic_path(path) as tmp:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *dict.fromkeys(columns)], restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=[*KEY_COLUMNS, *dict.fromkeys(columns)], restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def summarize_rows(rows: Sequence[dict], models: Sequence[ModelSpec], columns: Sequence[str]) -> dict:
-    """``{model: {group: {column: summarize(...)}}}``; groups: ``all``, then each category in order."""
+def stats_by_category(rows: Sequence[dict], models: Sequence[ModelSpec], columns: Sequence[str]) -> dict:
+    """``{model: {group: {column: mean_ci(...)}}}`` over prompts, each prompt's score its mean over seeds; groups: ``all``, then each category in order."""
     categories = list(dict.fromkeys(r["category"] for r in rows if r["category"]))
     results: dict = {}
     for model in models:
@@ -450,19 +451,20 @@ def summarize_rows(rows: Sequence[dict], models: Sequence[ModelSpec], columns: S
             for r in members:
                 per_prompt.setdefault(r["prompt_index"], []).append(r)
             results[model.name][group] = {
-                column: summarize(math.fsum(r[column] for r in rs) / len(rs) for rs in per_prompt.values())
+                column: mean_ci(math.fsum(r[column] for r in rs) / len(rs) for rs in per_prompt.values())
                 for column in columns
             }
     return results
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` with every non-finite float as None (JSON has no NaN)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -494,6 +496,12 @@ def metric_tables(results: dict, metrics: Sequence[str], headers: Sequence[str] 
     return lines
 
 
+def samples_line(summary: dict) -> str:
+    """What a summary's statistics are over: ``"<n> prompts x <k> seeds (0, 1)"``."""
+    seeds = summary["seeds"]
+    return f"{summary['n_prompts']} prompts x {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+
+
 def format_summary(summary: dict) -> str:
     """Markdown: one Table-1-style table (models x metric columns, mean ± 95% CI half-width) per category."""
     results, metrics = summary["results"], summary["columns"]
@@ -501,9 +509,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"# Evaluation on {summary['prompt_set']}",
         "",
-        f"{summary['n_prompts']} prompts x {len(summary['seeds'])} seed{'s' if len(summary['seeds']) > 1 else ''} "
-        f"({', '.join(map(str, summary['seeds']))}), "
-        f"{settings['steps']} sampler steps, guidance scale {settings['guidance_scale']}. "
+        f"{samples_line(summary)}, {settings['steps']} sampler steps, guidance scale {settings['guidance_scale']}. "
         "Cells: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); bold: best mean.",
     ]
     lines += metric_tables(results, metrics)

@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from sspo.commands.eval import (ALL, ModelSpec, _free_memory, _json_safe, _parse_options, _row_key, check_models, metric_tables, plot_reward_hist, read_scores,
-                             summarize_rows, write_scores)
+from sspo.commands.eval import (ALL, ModelSpec, free_memory, json_safe, parse_scorer_options, row_key, check_models, metric_tables, plot_reward_hist, read_scores,
+                             samples_line, stats_by_category, write_scores)
 from sspo.errors import DataError, ModelError, SSPOError
 from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts
 from sspo.io import atomic_write_json, atomic_write_text
@@ -90,7 +90,7 @@ def run_video_eval(
     check_models(models)
     metrics = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
     scorer_paths = dict(scorer_paths or {})
-    options = {m: _parse_options({k: str(v) for k, v in o.items()}) for m, o in (scorer_options or {}).items()}
+    options = {m: parse_scorer_options({k: str(v) for k, v in o.items()}) for m, o in (scorer_options or {}).items()}
     _check_arguments(metrics, scorer_paths, options, reference)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -117,10 +117,10 @@ def run_video_eval(
         else:
             _score_rows(metric, measure, generated, references, rows)
         del measure
-        _free_memory()
+        free_memory()
 
     per_clip = [m for m in metrics if m not in DISTANCE_METRICS]
-    results = summarize_rows(rows, models, per_clip)
+    results = stats_by_category(rows, models, per_clip)
     for metric, by_model in distances.items():
         for model, groups in by_model.items():
             for group, stats in groups.items():
@@ -143,9 +143,9 @@ def run_video_eval(
     }
     old_columns, kept = read_scores(out / "video_scores.csv")
     for row in rows:
-        kept.pop(_row_key(row), None)
+        kept.pop(row_key(row), None)
     write_scores(out / "video_scores.csv", [*rows, *kept.values()], [*per_clip, *old_columns])
-    atomic_write_json(out / "video_summary.json", _json_safe(summary))
+    atomic_write_json(out / "video_summary.json", json_safe(summary))
     atomic_write_text(out / "video_summary.md", format_video_summary(summary))
     if per_clip:
         plot_reward_hist(rows, models, per_clip, out / "video_hist.png")
@@ -255,11 +255,10 @@ def distance_stats(
 def format_video_summary(summary: dict) -> str:
     """Markdown: one table per category, models x metrics; bold: the best (lowest FID / FVD, highest otherwise)."""
     results, metrics = summary["results"], summary["columns"]
-    seeds = summary["seeds"]
     lines = [
         f"# Video evaluation on {summary['prompt_set']}",
         "",
-        f"{summary['n_prompts']} prompts x {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}). "
+        f"{samples_line(summary)}. "
         "psnr, mtscore, chscore: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); "
         "fid, fvd: the distance over all clips [95% bootstrap interval over prompts]. Bold: best.",
     ]

@@ -40,7 +40,7 @@ class EvalConfig:
     batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
     resolution: int | None = setting(None, at_least=8, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
     frames: int = setting(8, at_least=1)  # video models: frames per clip
-    dtype: str = setting("fp32", choices=DTYPES)  # diffusion model precision: fp32 | fp16 | bf16
+    dtype: str = setting("fp32", choices=DTYPES)  # dtype of the diffusion model's weights: fp32 | fp16 | bf16
     limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
     split_seed: int = setting(0, at_least=0)  # shapes: the world's train/held-out split (must match the training data's)
     prompts_per_split: int = setting(24, at_least=1)  # shapes: prompts per split (seen, held-out)
@@ -177,9 +177,9 @@ def reward_gain(scores: dict, baseline: dict) -> dict:
     Paired: each (prompt, seed) is compared with the baseline's image of the same prompt and seed,
     so the interval is over prompts and seeds, not over two independent means.
     """
-    from sspo.evaluation.scorers.stats import summarize
+    from sspo.evaluation.scorers.stats import mean_ci
 
-    return summarize(np.subtract(scores["per_image"], baseline["per_image"]))
+    return mean_ci(np.subtract(scores["per_image"], baseline["per_image"]))
 
 
 def format_table(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS, baseline: str | None = None) -> str:

@@ -23,8 +23,8 @@ import functools
 import inspect
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

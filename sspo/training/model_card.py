@@ -12,7 +12,7 @@ def _fine_tuning(cfg: TrainConfig, video: bool) -> str:
     return "full motion modules" if motion else "full UNet"
 
 
-def summarize(cfg: TrainConfig, processes: int, video: bool = False) -> dict[str, str]:
+def run_settings(cfg: TrainConfig, processes: int, video: bool = False) -> dict[str, str]:
     """The settings that define a run, one line each (model card and ``sspo train --dry-run``)."""
     o = cfg.optim
     rows = {
@@ -21,7 +21,8 @@ def summarize(cfg: TrainConfig, processes: int, video: bool = False) -> dict[str
         "data": f"{cfg.data.source} {cfg.data.path or ('(moving-shapes world)' if cfg.data.source == 'motion' else '(shapes world)')}, {cfg.data.resolution} px"
         + (f", clips of {cfg.data.frames} frames every {cfg.data.frame_stride}" if cfg.data.frames else "") + f", mode {cfg.data.mode}",
         "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
-        "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} = {effective_batch(cfg, processes)} effective",
+        "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} "
+        f"= {effective_batch(cfg, processes)} effective",
         "optimizer": f"AdamW, learning rate {o.learning_rate:g}, weight decay {o.weight_decay:g}, {cfg.mixed_precision} mixed precision, seed {cfg.seed}",
     }
     if cfg.generates_negatives:
@@ -43,7 +44,7 @@ def effective_batch(cfg: TrainConfig, processes: int) -> int:
 def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str, processes: int, grid: str | None) -> str:
     """Markdown with a Hugging Face metadata header: what was trained, how, and how to load it."""
     video = pipeline_class.startswith("AnimateDiff")
-    table = "\n".join(f"| {key} | {value} |" for key, value in summarize(cfg, processes, video).items())
+    table = "\n".join(f"| {key} | {value} |" for key, value in run_settings(cfg, processes, video).items())
     if cfg.model.lora:
         load = f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16)\npipe.load_lora_weights("{folder}")'
     else:

@@ -22,15 +22,15 @@ import contextlib
 import json
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
 from sspo.io import atomic_write_json, entry_list
+from sspo.training.config import TrainConfig
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
 from sspo.training.run_state import saved_states
-from sspo.training.config import TrainConfig
 
 MANIFEST = "sspo-run.json"
 PREVIOUS = ".sspo-previous"
@@ -50,7 +50,7 @@ def _is_own(name: str) -> bool:
 
 
 def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
-    if names <= _LOCKS:  # empty, or the lock an earlier version left behind
+    if names <= _LOCKS:  # empty, or holding only the lock files a run that wrote nothing leaves behind
         return True
     if MANIFEST in names:
         try:

@@ -12,7 +12,7 @@ exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
   ``L_theta(x_w) - L_ref(x_w)`` and its ``K`` are recorded for every pair.
 
 Rows go to ``<run>/ssr_truth.jsonl`` (read with :func:`sspo.io.read_jsonl`; a resumed run keeps
-only those of saved steps); :func:`summarize` turns them into per-iteration agreement of
+only those of saved steps); :func:`summarize_ssr_truth` turns them into per-iteration agreement of
 ``K`` with "``x_l`` is at least as good as the policy's own sample" (accuracy, precision, recall),
 the correlation of the margin with the reward gap, and the mean reward of negatives per checkpoint.
 """
@@ -98,7 +98,7 @@ def _judge(rows: list[dict]) -> dict:
     return agreement([r["K"] > 0 for r in judged], [g >= 0 for g in gap]) | {"margin_gap_correlation": correlation([r["margin"] for r in judged], gap)}
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize_ssr_truth(rows: list[dict]) -> dict:
     """Per iteration and overall: :func:`_judge`; and the mean exact reward of negatives by pool
     checkpoint (all pairs)."""
     by_iteration: dict[int, list[dict]] = defaultdict(list)

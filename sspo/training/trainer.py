@@ -652,7 +652,7 @@ def dry_run(cfg: TrainConfig) -> str:
     """A summary of the run ``cfg`` describes, once its data and model config open (no weights load)."""
     from accelerate import PartialState
 
-    from sspo.training.model_card import effective_batch, summarize
+    from sspo.training.model_card import effective_batch, run_settings
 
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
@@ -666,7 +666,7 @@ def dry_run(cfg: TrainConfig) -> str:
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None
         model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
     processes = PartialState().num_processes
-    rows = {"model": model, **summarize(cfg, processes, video)}
+    rows = {"model": model, **run_settings(cfg, processes, video)}
     epochs = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes) / len(dataset)
     rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs:.2f} epochs"
     rows["output"] = cfg.output_dir

@@ -100,7 +100,7 @@ def test_selection_over_several_seeds_keeps_a_lucky_seed_from_choosing(tmp_path,
 
 
 def test_more_selection_seeds_than_seeds_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="--selection-seeds 3: expected 1 to --seeds"):
+    with pytest.raises(ConfigError, match="--selection-seeds 3: expected 1 to --training-seeds"):
         compare.run_compare(CONFIG, ["sft"], [0, 1], tmp_path, selection_seeds=3)
 
 

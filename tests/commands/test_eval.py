@@ -1,6 +1,5 @@
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +7,8 @@ import pytest
 from PIL import Image
 
 import sspo.commands.eval as bench_eval
-from sspo.commands.eval import ModelSpec, model_specs, run_eval
 from sspo.cli import main
+from sspo.commands.eval import ModelSpec, model_specs, run_eval
 from sspo.evaluation.evaluate import EvalConfig
 
 # The tiny random CLIP builders of the scorer tests (a module, not a conftest, so it can be imported).

@@ -11,13 +11,25 @@ import pytest
 import torch
 
 from sspo.cli import main
-from sspo.errors import SSPOError
 from sspo.commands.eval_videos import find_clips
-from sspo.video_io import write_clip
+from sspo.errors import SSPOError
 from sspo.evaluation.video_metrics import (
-    FD_OFFSET, MTSCORE_CANDIDATES, PSNR_MAX, build_video_metric, chscore, coherence_score, fid_features, frechet_distance,
-    frechet_distance_from_stats, metamorphic_score, mtscore, pixel_features, psnr, resample_frames,
+    FD_OFFSET,
+    MTSCORE_CANDIDATES,
+    PSNR_MAX,
+    build_video_metric,
+    chscore,
+    coherence_score,
+    fid_features,
+    frechet_distance,
+    frechet_distance_from_stats,
+    metamorphic_score,
+    mtscore,
+    pixel_features,
+    psnr,
+    resample_frames,
 )
+from sspo.video_io import write_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 

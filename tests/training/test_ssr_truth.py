@@ -7,7 +7,7 @@ import torch
 
 from sspo.errors import ConfigError
 from sspo.io import read_jsonl
-from sspo.training.ssr_truth import FILE, agreement, correlation, summarize
+from sspo.training.ssr_truth import FILE, agreement, correlation, summarize_ssr_truth
 from sspo.training.trainer import Trainer
 
 from test_trainer import tiny_config
@@ -38,7 +38,7 @@ def test_summarize_by_iteration_and_checkpoint():
         {"iteration": 0, "checkpoint": 0, "margin": -0.3, "K": -1, "reward_l": 0.2, "reward_policy": None},
         {"iteration": 1, "checkpoint": 1, "margin": 0.1, "K": 1, "reward_l": 0.3, "reward_policy": 0.7},
     ]
-    summary = summarize(rows)
+    summary = summarize_ssr_truth(rows)
     assert summary["iterations"][0]["n"] == 2 and summary["iterations"][0]["accuracy"] == 1.0
     assert summary["iterations"][1]["accuracy"] == 0.0
     assert summary["overall"]["n"] == 3 and summary["overall"]["precision"] == pytest.approx(1 / 2)
@@ -71,7 +71,7 @@ def test_ground_truth_rows_on_the_quick_world_leave_training_unchanged(ssr_draws
     for row in rows:
         assert 0.0 <= row["reward_l"] <= 1.0
         assert row["K"] == (1 if row["margin"] > 0 else -1)
-    summary = summarize(rows)
+    summary = summarize_ssr_truth(rows)
     assert set(summary["iterations"]) == {0, 1} and summary["overall"]["n"] == 12
 
 

@@ -5,7 +5,7 @@ HPSv2 (:mod:`sspo.evaluation.scorers.hps`) is the same machinery with an open_cl
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class ClipEmbedder:
         if tokenizer is not None:
             self.max_length = min(self.max_length, tokenizer.model_max_length)
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ClipEmbedder":
+    def to(self, device: torch.device, dtype: torch.dtype) -> ClipEmbedder:
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -72,7 +72,7 @@ class ClipEmbedder:
     @classmethod
     def from_pretrained(
         cls, model_id: str, processor_id: str | None, crop_rounding: str, text: bool = True
-    ) -> "ClipEmbedder":
+    ) -> ClipEmbedder:
         """Model weights from ``model_id``; tokenizer and ``preprocessor_config.json`` from ``processor_id``."""
         from transformers import AutoTokenizer, CLIPModel
 

@@ -33,7 +33,7 @@ class LinearMLP(nn.Module):
         return self.layers(features).squeeze(-1)
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], what: str) -> "LinearMLP":
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], what: str) -> LinearMLP:
         if "layers.0.weight" not in state_dict:
             raise ModelError(f"{what}: no layers.0.weight in the weights (keys: {', '.join(list(state_dict)[:6])})")
         head = cls(state_dict["layers.0.weight"].shape[1])

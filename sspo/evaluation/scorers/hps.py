@@ -119,7 +119,7 @@ class HPSv2Scorer(_ClipScorer):
         processor: str = CLIP_H_PROCESSOR,
         antialias: bool = True,
         **kwargs,
-    ) -> "HPSv2Scorer":
+    ) -> HPSv2Scorer:
         """``path_or_id``: the checkpoint file, a folder or hub repo holding it (default ``xswu/HPSv2``).
 
         ``processor``: where ``config.json`` (the ViT-H-14 architecture) and the tokenizer come from.

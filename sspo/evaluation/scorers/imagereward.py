@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from sspo.errors import ModelError
-from sspo.io import read_json
 from sspo.evaluation.scorers.base import Scorer, from_pretrained, hf_from_state_dict, load_weights, resolve_file
 from sspo.evaluation.scorers.heads import LinearMLP
 from sspo.evaluation.scorers.preprocess import ClipTransform
+from sspo.io import read_json
 
 IMAGEREWARD_REPO = "THUDM/ImageReward"
 BERT_TOKENIZER = "bert-base-uncased"
@@ -139,7 +139,7 @@ class ImageRewardModel(nn.Module):
         return (self.mlp(text[:, 0].float()) - REWARD_MEAN) / REWARD_STD
 
     @classmethod
-    def from_published(cls, state_dict: dict[str, torch.Tensor], med_config: dict) -> "ImageRewardModel":
+    def from_published(cls, state_dict: dict[str, torch.Tensor], med_config: dict) -> ImageRewardModel:
         from transformers import BlipTextModel, BlipVisionModel
 
         parts = imagereward_to_hf(state_dict)
@@ -190,6 +190,7 @@ class ImageRewardScorer(Scorer):
         source = path_or_id or IMAGEREWARD_REPO
         weights = load_weights(resolve_file(source, "ImageReward.pt", "ImageReward"), "ImageReward")
         beside = str(Path(source).expanduser().parent) if Path(source).expanduser().is_file() else source
-        med_config = read_json(resolve_file(beside, "med_config.json", "ImageReward"), what="ImageReward's BLIP config", fix="pass an intact med_config.json beside the weights, or download it again")
+        med_config = read_json(resolve_file(beside, "med_config.json", "ImageReward"), what="ImageReward's BLIP config",
+                               fix="pass an intact med_config.json beside the weights, or download it again")
         model = ImageRewardModel.from_published(weights, med_config)
         return cls(model, from_pretrained(AutoTokenizer, tokenizer, "ImageReward BERT tokenizer"), **kwargs)

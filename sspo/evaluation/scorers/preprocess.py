@@ -14,7 +14,7 @@ Two recipes cover every scorer here:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class ClipTransform:
         return normalize(to_unit_tensor(image), self.mean, self.std)
 
     @classmethod
-    def from_processor_config(cls, path: str | None, default_size: int, **overrides) -> "ClipTransform":
+    def from_processor_config(cls, path: str | None, default_size: int, **overrides) -> ClipTransform:
         """Read ``preprocessor_config.json`` (transformers' CLIPImageProcessor fields); defaults without one."""
         config = read_json(path, what="the image processor config", fix="pass an intact preprocessor_config.json, or download it again") if path else {}
         size = _side(config.get("size"), default_size)

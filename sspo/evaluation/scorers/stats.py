@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from sspo.errors import SSPOError
 
 
-def summarize(values: Iterable[float], confidence: float = 0.95) -> dict[str, float | int]:
+def mean_ci(values: Iterable[float], confidence: float = 0.95) -> dict[str, float | int]:
     """``{"mean", "ci95_low", "ci95_high", "n"}``; the interval is NaN for a single value.
 
     A t-interval rather than a bootstrap: exact for the mean of independent scores, and deterministic.
@@ -16,7 +16,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> dict[str, fl
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
-        raise SSPOError("summarize: no values (did the prompt set or the generation produce nothing?)")
+        raise SSPOError("mean_ci: no values (did the prompt set or the generation produce nothing?)")
     mean = math.fsum(xs) / n
     if n == 1:
         return {"mean": mean, "ci95_low": math.nan, "ci95_high": math.nan, "n": 1}
@@ -25,7 +25,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> dict[str, fl
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
 
 
-def summarize_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95) -> dict[str, float | int]:
+def mean_ci_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95) -> dict[str, float | int]:
     """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
     differences), where both the runs and the prompts are samples: the mean's variance is taken as
     ``var(run means) / runs + var(prompt means) / prompts``, with Welch-Satterthwaite degrees of
@@ -34,9 +34,9 @@ def summarize_crossed(values: Sequence[Sequence[float]], confidence: float = 0.9
     rows = [[float(v) for v in row] for row in values]
     runs, prompts = len(rows), len(rows[0]) if rows else 0
     if not runs or not prompts or any(len(row) != prompts for row in rows):
-        raise SSPOError("summarize_crossed: needs a non-empty table with the same prompts in every run")
+        raise SSPOError("mean_ci_crossed: needs a non-empty table with the same prompts in every run")
     if runs == 1:
-        return summarize(rows[0], confidence) | {"runs": 1}
+        return mean_ci(rows[0], confidence) | {"runs": 1}
     run_means = [math.fsum(row) / prompts for row in rows]
     prompt_means = [math.fsum(row[j] for row in rows) / runs for j in range(prompts)]
     mean = math.fsum(run_means) / runs

@@ -40,16 +40,16 @@ class VideoBaseConfig:
     seed: int = setting(0, at_least=0)
     frames: int = setting(8, at_least=2)  # a clip of one frame has no motion to learn
     clips_per_spec: int = setting(2, at_least=1)  # pretraining clips rendered per combination
-    # Share of defective clips the UNet learns from, and which. None by default: with 60% of them
-    # (frozen, static, reversed, checker) the base's objects stood still (amplitude 0.01), and
-    # neither SFT nor SSPO could make them move.
+    # Share of defective clips the UNet learns from, and which. 0 by default: with 60% of them
+    # (frozen, static, reversed, checker) the base's objects stand still (amplitude 0.01), and
+    # neither SFT nor SSPO makes them move.
     defect_fraction: float = setting(0.0, at_least=0, at_most=1)
     defects: tuple[str, ...] = setting(("frozen", "static", "reversed", "checker"), choices=motion.MOTION_DEFECTS)
     vae_steps: int = setting(600, at_least=0)  # fine-tuning the image world's VAE on this world's frames (0: as it is)
     vae_batch_size: int = setting(32, at_least=1)  # frames
     vae_learning_rate: float = setting(5e-4, above=0)  # peak of its one-cycle schedule (the image VAE's second phase)
-    # Motion modules learn a motion's direction late: at 2,000 and 4,000 steps each axis had one
-    # direction whatever the prompt said; at 10,000 every translation goes the prompted way.
+    # Motion modules learn a motion's direction late: at 2,000 and 4,000 steps each axis has one
+    # direction whatever the prompt says; at 10,000 every translation goes the prompted way.
     unet_steps: int = setting(10000, at_least=1)
     batch_size: int = setting(8, at_least=1)  # clips per step
     unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule

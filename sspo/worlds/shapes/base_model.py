@@ -40,7 +40,7 @@ class BaseConfig:
     size: str = setting("default", choices=("default", "quick", "64px"))  # TinySize preset
     seed: int = setting(0, at_least=0)
     # The VAE learns in two phases: clean renders first (sharp edges: clean round trips score 0.90,
-    # where learning from the mix at once gave 0.61), then the mix of clean and defective renders
+    # against 0.61 when it learns from the mix at once), then the mix of clean and defective renders
     # at a lower rate, so that the latent also holds the defects (a VAE that never saw a blur
     # sharpens it away, and a base pretrained on such latents never shows a defect).
     vae_steps: int = setting(2000, at_least=1)
@@ -211,8 +211,8 @@ def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packa
         staging = output.with_name(f".{output.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         # One thread: the build is then bitwise repeatable whatever the machine's thread setting
-        # (float sums depend on how work is split), and the tiny models gain little from more;
-        # on a busy 2-core machine two threads made it many times slower.
+        # (float sums depend on how work is split), and the tiny models gain little from more:
+        # on a busy 2-core machine two threads make it many times slower.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -5,10 +5,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from scorer_models import EMBED, PROMPTS, linear_mlp_state_dict
 from sspo.evaluation.scorers import build_scorer
 from sspo.evaluation.scorers.clip import _features  # projected features on transformers 4 and 5
 from sspo.evaluation.scorers.preprocess import ClipTransform
+
+from scorer_models import EMBED, PROMPTS, linear_mlp_state_dict
 
 
 def _image_embeddings(model, images, crop_rounding="floor"):

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scorer_models import HEADS, LAYERS, PATCH, PROMPTS, TEXT_WIDTH, VISION_WIDTH
 from sspo.errors import ModelError, SSPOError
-from sspo.evaluation.scorers import build_scorer
-from sspo.evaluation.scorers.clip import _features  # projected features on transformers 4 and 5
+from sspo.evaluation.scorers import build_scorer, hps
 from sspo.evaluation.scorers.base import hf_from_state_dict, load_weights
-from sspo.evaluation.scorers import hps
+from sspo.evaluation.scorers.clip import _features  # projected features on transformers 4 and 5
 from sspo.evaluation.scorers.hps import openclip_to_hf
 from sspo.evaluation.scorers.preprocess import LongestSideTransform
+
+from scorer_models import HEADS, LAYERS, PATCH, PROMPTS, TEXT_WIDTH, VISION_WIDTH
 
 
 def _block(x, sd, prefix, width, mask=None):

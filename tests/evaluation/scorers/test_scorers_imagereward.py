@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scorer_models import IR_PATCH, PROMPTS, tiny_imagereward_state_dict, tiny_med_config
 from sspo.errors import ModelError
 from sspo.evaluation.scorers import build_scorer
 from sspo.evaluation.scorers.imagereward import REWARD_MEAN, REWARD_STD, ImageRewardModel, imagereward_to_hf
+
+from scorer_models import IR_PATCH, PROMPTS, tiny_imagereward_state_dict, tiny_med_config
 
 
 def blip_vit_forward(sd, pixels, heads):

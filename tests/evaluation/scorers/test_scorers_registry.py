@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from scorer_models import PROMPTS
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, SCORER_NAMES, Scorer, build_scorer
 from sspo.evaluation.scorers.base import resolve_file
 from sspo.worlds.shapes import world as shapes
+
+from scorer_models import PROMPTS
 
 
 def test_registry_names_and_unknown_scorer():
@@ -94,7 +95,7 @@ def test_shapes_scorer_prefers_the_clean_render():
     images = [shapes.render(spec)] + [shapes.render_defect(spec, rng, defect=d) for d in defects]
     scores = scorer.score(images, [PROMPTS[0]] * len(images))
     assert scores.shape == (5,) and scores.dtype == torch.float32
-    assert 0 <= scores.min() and scores.max() <= 1
+    assert scores.min() >= 0 and scores.max() <= 1
     assert (scores[0] > scores[1:]).all()
     with pytest.raises(SSPOError, match="no weights"):
         build_scorer("shapes", "some/model")
@@ -106,9 +107,10 @@ def test_scorers_run_on_cuda_in_half_precision(
     tmp_path, monkeypatch, clip_model_dir, clip_processor_dir, hps_checkpoint, imagereward_dir, bert_tokenizer_dir,
     shape_images,
 ):
-    from scorer_models import EMBED, linear_mlp_state_dict
     from sspo.evaluation.scorers import hps
     from sspo.evaluation.scorers.clip import AESTHETIC_HEAD_FILE
+
+    from scorer_models import EMBED, linear_mlp_state_dict
 
     monkeypatch.setattr(hps, "openclip_clean", str.strip)  # plain ASCII prompts; no ftfy needed
     torch.save(linear_mlp_state_dict(torch.Generator().manual_seed(0), EMBED), tmp_path / AESTHETIC_HEAD_FILE)

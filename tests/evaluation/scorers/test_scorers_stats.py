@@ -3,7 +3,7 @@ import math
 import pytest
 
 from sspo.errors import SSPOError
-from sspo.evaluation.scorers.stats import summarize, t_quantile
+from sspo.evaluation.scorers.stats import mean_ci, t_quantile
 
 
 @pytest.mark.parametrize("df,table", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1000, 1.9623)])
@@ -16,37 +16,37 @@ def test_t_quantile_tends_to_the_normal():
     assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_summarize_by_hand():
-    out = summarize([1.0, 2.0, 3.0, 4.0])
+def test_mean_ci_by_hand():
+    out = mean_ci([1.0, 2.0, 3.0, 4.0])
     half = 3.182446 * math.sqrt(5 / 3) / 2  # t_{0.975, 3} * sd / sqrt(n)
     assert out["n"] == 4 and out["mean"] == 2.5
     assert out["ci95_low"] == pytest.approx(2.5 - half, abs=1e-5)
     assert out["ci95_high"] == pytest.approx(2.5 + half, abs=1e-5)
 
 
-def test_summarize_edge_cases():
-    one = summarize([3.0])
+def test_mean_ci_edge_cases():
+    one = mean_ci([3.0])
     assert one["mean"] == 3.0 and math.isnan(one["ci95_low"]) and one["n"] == 1
-    constant = summarize([2.0] * 10)
+    constant = mean_ci([2.0] * 10)
     assert constant["ci95_low"] == constant["ci95_high"] == 2.0
     with pytest.raises(SSPOError, match="no values"):
-        summarize([])
+        mean_ci([])
 
 
-def test_summarize_crossed_by_hand():
-    from sspo.evaluation.scorers.stats import summarize_crossed, t_quantile
+def test_mean_ci_crossed_by_hand():
+    from sspo.evaluation.scorers.stats import mean_ci_crossed, t_quantile
 
     table = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]  # run means 2, 4; prompt means 2, 3, 4
-    got = summarize_crossed(table)
+    got = mean_ci_crossed(table)
     a, b = 2.0 / 2, 1.0 / 3  # var(run means) / runs, var(prompt means) / prompts
     half = t_quantile(0.975, (a + b) ** 2 / (a**2 / 1 + b**2 / 2)) * math.sqrt(a + b)
     assert got["mean"] == pytest.approx(3.0)
     assert got["ci95_high"] - got["mean"] == pytest.approx(half)
     assert got["n"] == 6 and got["runs"] == 2
-    one = summarize_crossed([[1.0, 2.0, 3.0]])  # one run: over prompts only
+    one = mean_ci_crossed([[1.0, 2.0, 3.0]])  # one run: over prompts only
     assert one["mean"] == pytest.approx(2.0) and one["runs"] == 1
-    assert summarize_crossed([[0.5, 0.5], [0.5, 0.5]])["ci95_low"] == pytest.approx(0.5)
+    assert mean_ci_crossed([[0.5, 0.5], [0.5, 0.5]])["ci95_low"] == pytest.approx(0.5)
     # no spread between runs: the prompts' own interval
-    assert summarize_crossed([[1.0, 2.0, 3.0]] * 4)["ci95_high"] == pytest.approx(summarize([1.0, 2.0, 3.0])["ci95_high"])
+    assert mean_ci_crossed([[1.0, 2.0, 3.0]] * 4)["ci95_high"] == pytest.approx(mean_ci([1.0, 2.0, 3.0])["ci95_high"])
     with pytest.raises(SSPOError):
-        summarize_crossed([[1.0, 2.0], [1.0]])
+        mean_ci_crossed([[1.0, 2.0], [1.0]])
