@@ -13,30 +13,18 @@ from sspo.errors import SSPOError
 
 
 def _base(args) -> None:
-    from sspo.worlds.shapes.base_model import BaseConfig, build_base
+    from sspo.worlds import get_world
 
-    preset = "quick" if args.quick else args.size
-    if args.video:
-        from sspo.worlds.moving_shapes.base_model import VideoBaseConfig, build_video_base
-
-        path = build_video_base(VideoBaseConfig.preset(preset), output=args.out, force=args.force)
-        print(path)
-        if args.round_trip:
-            from sspo.worlds.moving_shapes.evaluator import round_trip_clip_scores
-
-            print("VAE round trip of held-out clips (exact reward; clean = the ceiling):\n| clip | reward |\n| --- | ---: |")
-            for name, reward in round_trip_clip_scores(path).items():
-                print(f"| {name} | {reward:.3f} |")
-        return
-    path = build_base(BaseConfig.preset(preset), output=args.out, force=args.force)
+    world = get_world(args.world, "--world")
+    path = world.resolve_base(f"{world.base}:{'quick' if args.quick else args.size}", output=args.out, force=args.force)
     print(path)
     if args.round_trip:
-        from sspo.worlds.shapes.base_model import round_trip_scores
-
-        print("VAE round trip of 96 held-out renders (exact scores; clean = the ceiling):")
-        print("| render | reward | quality | attributes |\n| --- | ---: | ---: | ---: |")
-        for name, scores in round_trip_scores(path).items():
-            print(f"| {name} | {scores['reward']:.3f} | {scores['quality']:.3f} | {scores['attributes']:.3f} |")
+        scores = world.round_trip(path)
+        columns = list(next(iter(scores.values())))
+        print(f"VAE round trip of held-out {'clips' if world.clips else 'images'} (exact scores; clean = the ceiling):")
+        print("| sample | " + " | ".join(columns) + " |\n| --- |" + " ---: |" * len(columns))
+        for name, row in scores.items():
+            print(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
 
 
 def _sample(args) -> None:
@@ -108,7 +96,7 @@ def _add_eval_arguments(p) -> None:
 
     help = {
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
-        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
+        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: a world's exact evaluator for its prompts, e.g. shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
@@ -116,8 +104,8 @@ def _add_eval_arguments(p) -> None:
         "resolution": "image side in pixels (default: the model's native)",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
         "limit": "at most N prompts per category (quick runs)",
-        "split_seed": "--prompts shapes: the world's train/held-out split",
-        "prompts_per_split": "--prompts shapes: prompts per split (seen, held-out)",
+        "split_seed": "a world's prompts (--prompts shapes, ...): its train/held-out split",
+        "prompts_per_split": "a world's prompts: prompts per split (seen, held-out)",
         "prompt_source": "local copy of a named prompt set (default: its hub dataset); see docs/scorers.md",
         "scorer_batch_size": "images per scorer batch",
         "grid_prompts": "columns of grid.png",
@@ -179,7 +167,7 @@ def _train(args) -> None:
 def _demo(args) -> None:
     from sspo.commands.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, video=args.video)
+    run_demo(args.out, quick=args.quick, world=args.world)
 
 
 def _compare(args) -> None:
@@ -192,29 +180,10 @@ def _compare(args) -> None:
 
 
 def _pairs(args) -> None:
-    from sspo.worlds.shapes.pairs import LEVEL_STEPS, LEVEL_TARGETS, PairsConfig, build_pairs, format_sweep, sweep
+    from sspo.commands.pairs import run_pairs
 
-    chosen = [flag for flag, value in (("--level", args.level), ("--steps", args.steps), ("--sweep", args.sweep)) if value is not None]
-    if len(chosen) > 1 or not (chosen or args.quick):
-        raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")
-    # --quick: the tests' small base, 16 prompts and 2 SFT steps: a smoke test, not a level.
-    steps = 2 if args.quick and args.steps is None else args.steps if args.steps is not None else LEVEL_STEPS.get(args.level, 0)
-    cfg = PairsConfig(steps=steps, base="shapes-base:quick" if args.quick else "shapes-base", tie_threshold=args.tie_threshold,
-                      bt_temperature=args.bt_temperature, seed=args.seed, max_prompts=16 if args.quick else None, pairs_per_prompt=args.pairs_per_prompt)
-    if args.sweep is not None:
-        print(format_sweep(sweep(cfg, _int_list(args.sweep, "--sweep"))))
-        return
-    folder, record, reused = build_pairs(cfg, args.out, args.level)
-    target = f" (level {args.level}: target R_win {LEVEL_TARGETS[args.level]:.2f})" if args.level else ""
-    print(f"{'reused' if reused else 'wrote'} {folder / 'pairs.parquet'}{target}")
-    print(f"  G: the base after {cfg.steps} SFT steps on clean renders; {record['prompts']} training prompts, {cfg.pairs_per_prompt * 2} samples each")
-    print(f"  pairs: {record['pairs']} kept, {record['ties_dropped']} ties dropped (|reward difference| < {cfg.tie_threshold:g})"
-          + (f"; labels Bradley-Terry at T={cfg.bt_temperature:g}, {record['label_agreement']:.0%} agree with the reward" if cfg.bt_temperature else ""))
-    print(f"  R_win {record['R_win']:.3f}, R_lose {record['R_lose']:.3f} (mean exact reward after a VAE round trip, as training encodes them; "
-          f"as stored {record['R_win_stored']:.3f}, {record['R_lose_stored']:.3f})")
-    print(f"  R_base {record['R_base']:.3f} (the base's samples, same prompts and seeds), R_ceil {record['R_ceil']:.3f} (clean renders after a VAE round trip)")
-    print(f"  record: {folder / 'pairs.json'}")
-    print(f"  train on it: sspo train configs/demo-shapes.yaml data.source=parquet data.path={folder / 'pairs.parquet'}")
+    run_pairs(args.level, args.steps, None if args.sweep is None else _int_list(args.sweep, "--sweep"), args.out, args.quick, args.tie_threshold,
+              args.bt_temperature, args.seed, args.pairs_per_prompt)
 
 
 def _bench(args) -> None:
@@ -224,22 +193,23 @@ def _bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sspo.worlds import world_names
+
     parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("base", help="build the shapes world's tiny base model (shipped for the default size; cached)")
+    p = sub.add_parser("base", help="build a world's tiny base model (shipped for the default size; cached)")
+    p.add_argument("--world", default="shapes", help=f"the world whose base to build: {' | '.join(world_names())} (default: shapes)")
     p.add_argument("--quick", action="store_true", help="the small size used by tests (--size quick)")
-    p.add_argument("--size", default="default", choices=("default", "quick", "64px"),
-                   help="the image base's size: default (32 px, shipped), quick, or 64px (16x16 latents)")
+    p.add_argument("--size", default="default", help="the base's preset: default (shipped), quick, or for shapes 64px (64 px images, 16x16 latents)")
     p.add_argument("--out", help="folder to write (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if shipped or cached")
     p.add_argument("--round-trip", action="store_true", help="also score clean and defective renders after a VAE round trip (the ceiling)")
-    p.add_argument("--video", action="store_true", help="the moving-shapes world's AnimateDiff base instead (shipped for the default size)")
     p.set_defaults(func=_base)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
-    p.add_argument("--model", required=True, help="diffusers folder, hub id, shapes-base[:quick] or shapes-video-base[:quick]")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
     p.add_argument("--frames", type=int, default=8, help="video models: frames per clip")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
@@ -319,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
-    p.add_argument("--video", action="store_true", help="the moving-shapes world: AnimateDiff base -> SFT and SSPO -> temporal evaluation, GIF grid")
+    p.add_argument("--world", default="shapes", help=f"the world: {' | '.join(world_names())} (default: shapes; moving-shapes: "
+                   "AnimateDiff base -> SFT and SSPO -> temporal evaluation, GIF grid)")
     p.set_defaults(func=_demo)
     return parser
 

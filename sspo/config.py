@@ -65,7 +65,7 @@ class Allowed:
     """What a config field accepts beyond its type. On a list field every constraint is about each
     of its items, except that ``nonempty`` also refuses the empty list."""
 
-    choices: tuple | None = None
+    choices: typing.Sequence[Any] | None = None
     at_least: float | None = None
     above: float | None = None
     at_most: float | None = None
@@ -111,12 +111,28 @@ class Allowed:
         return text
 
 
+class Registered(typing.Sequence[str]):
+    """The names of a registry (a dict filled by ``register`` calls), and ``extra`` names, as they
+    are when read: as a field's choices, it admits what is registered after the field is declared."""
+
+    def __init__(self, registry: typing.Mapping[str, Any], *extra: str):
+        self.registry, self.extra = registry, extra
+
+    def __getitem__(self, index):
+        return (*self.extra, *self.registry)[index]
+
+    def __len__(self) -> int:
+        return len(self.extra) + len(self.registry)
+
+
 def setting(default: Any = dataclasses.MISSING, *, choices: typing.Iterable[Any] | None = None, at_least: float | None = None, above: float | None = None,
             at_most: float | None = None, below: float | None = None, multiple_of: int | None = None, nonempty: bool = False,
             own_folder: bool = False) -> Any:
     """A config field with ``default`` (none: a required field) that accepts only what the keywords
-    allow (see :class:`Allowed`); :func:`validate` checks it whenever its dataclass is built."""
-    allowed = Allowed(tuple(choices) if choices is not None else None, at_least, above, at_most, below, multiple_of, nonempty, own_folder)
+    allow (see :class:`Allowed`); :func:`validate` checks it whenever its dataclass is built.
+    ``choices`` are fixed when declared, except :class:`Registered` ones."""
+    fixed = choices if choices is None or isinstance(choices, Registered) else tuple(choices)
+    allowed = Allowed(fixed, at_least, above, at_most, below, multiple_of, nonempty, own_folder)
     return dataclasses.field(default=default, metadata={ALLOWED: allowed})
 
 

@@ -49,7 +49,7 @@ def test_demo_yaml_loads():
     assert cfg.model.pretrained == "shapes-base" and cfg.model.lora is True
     assert cfg.data.source == "shapes" and cfg.data.resolution == 32
     assert cfg.negatives.steps == raw["negatives"]["steps"] and cfg.negatives.batch_size == raw["negatives"]["batch_size"]
-    assert cfg.validation.shapes_eval is True
+    assert cfg.validation.world_eval is True
     assert cfg.model.lora_targets == tuple(raw["model"]["lora_targets"])  # a YAML list becomes a tuple
     # keys the file leaves out keep their defaults
     assert cfg.optim.weight_decay == pytest.approx(1e-2)

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from sspo.models.tiny import TinySize, _scheduler, _text_encoder, _unet, _vae, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
+from sspo.models.tiny import TinySize, motion_adapter_for, scheduler_for, text_encoder_for, unet_for, vae_for, video_size, word_table_text_encoder, write_word_tokenizer
 from sspo.worlds.shapes.world import vocabulary
 
 
@@ -27,9 +27,9 @@ def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySiz
     size = size or video_size("quick")
     torch.manual_seed(seed)
     tokenizer = write_word_tokenizer(folder / ("image" if separate else "") / "tokenizer", words)
-    unet = _unet(size, cross_attention_dim=size.text_hidden)
-    components = dict(vae=_vae(size), text_encoder=word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed),
-                      tokenizer=tokenizer, unet=unet, scheduler=_scheduler(zero_terminal_snr=True))
+    unet = unet_for(size, cross_attention_dim=size.text_hidden)
+    components = dict(vae=vae_for(size), text_encoder=word_table_text_encoder(text_encoder_for(size, tokenizer), tokenizer, words, seed),
+                      tokenizer=tokenizer, unet=unet, scheduler=scheduler_for(zero_terminal_snr=True))
     adapter = motion_adapter_for(unet, max_frames, seed=seed, identity=identity_motion)
     if separate:
         StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder / "image", safe_serialization=True)
@@ -54,19 +54,19 @@ def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
     tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
     time_dim = 8
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(size),
-        text_encoder=_text_encoder(size, tokenizer),
-        text_encoder_2=_text_encoder(size, tokenizer_2, with_projection=True),
+        vae=vae_for(size),
+        text_encoder=text_encoder_for(size, tokenizer),
+        text_encoder_2=text_encoder_for(size, tokenizer_2, with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=_unet(
+        unet=unet_for(
             size,
             cross_attention_dim=2 * size.text_hidden,
             addition_embed_type="text_time",
             addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=6 * time_dim + size.text_hidden,
         ),
-        scheduler=_scheduler(),
+        scheduler=scheduler_for(),
         add_watermarker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)

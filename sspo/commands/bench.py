@@ -59,6 +59,7 @@ from sspo.config import check, load_config, setting, validate
 from sspo.errors import SSPOError
 from sspo.training.methods import METHODS
 from sspo.models.architectures import ARCH_MODELS, build_arch, native_resolution
+from sspo.worlds.shapes.world import vocabulary as shapes_vocabulary
 
 # The default arms: the baselines and SSPO, each as published and as sspo runs it.
 ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
@@ -144,7 +145,7 @@ def _model_overrides(b: BenchConfig) -> list[str]:
     if b.model in ("tiny", "quick"):
         out = [f"model.pretrained=shapes-base{':quick' if b.model == 'quick' else ''}"]
         return out + ([f"data.resolution={b.resolution}"] if b.resolution else [])
-    folder = build_arch(b.model) if b.model in ARCH_MODELS else Path(b.model).expanduser().resolve()
+    folder = build_arch(b.model, words=shapes_vocabulary()) if b.model in ARCH_MODELS else Path(b.model).expanduser().resolve()
     resolution = b.resolution or native_resolution(folder)
     return [f"model.pretrained={folder}", "data.source=parquet", f"data.path={bench_pairs(resolution)}", f"data.resolution={resolution}"]
 
@@ -153,7 +154,7 @@ def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
     from sspo.training.config import TrainConfig
 
     overrides = [
-        f"output_dir={output_dir}", "report_to=none", "validation.every_iterations=0", "validation.shapes_eval=false",
+        f"output_dir={output_dir}", "report_to=none", "validation.every_iterations=0", "validation.world_eval=false",
         f"mixed_precision={b.mixed_precision}", f"model.lora={str(b.lora).lower()}",
         f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
     ]

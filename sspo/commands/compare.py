@@ -6,7 +6,7 @@ The protocol (docs/results/README.md):
    run per combination of the grid (``beta`` only for arms with a reference) and per selection seed
    (``--selection-seeds N``: the first N training seeds, mean reward; default 1), on the world's
    alignment data *without* its validation combinations, and scored on those validation
-   combinations (prompt set ``shapes-validation``); the best combination is that arm's setting.
+   combinations (prompt set ``<world>-validation``); the best combination is that arm's setting.
    Held-out combinations are never looked at while choosing.
 2. **Seeds at the chosen settings**, every arm with the same budget (optimizer steps, batch,
    iterations), evaluated on held-out and seen combinations.
@@ -22,8 +22,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,14 +31,15 @@ from PIL import Image
 from sspo.config import load_config
 from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
-from sspo.io import atomic_write_json, atomic_write_text, read_json
-from sspo.training.methods import METHODS, Method
-from sspo.worlds.names import resolve_model
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_png
 from sspo.evaluation.scorers.stats import mean_ci_crossed
+from sspo.io import atomic_write_json, atomic_write_text, read_json
 from sspo.training.config import TrainConfig
+from sspo.training.methods import METHODS, Method
 from sspo.training.trainer import latest_checkpoint, train
+from sspo.worlds import get_world
+from sspo.worlds.names import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=
 
 
 def arm_config(config: str | Path, arm: str, seed: int, run_dir: Path, extra: Sequence[str]) -> TrainConfig:
-    overrides = [*extra, *arms()[arm], f"seed={seed}", f"output_dir={run_dir}", "validation.every_iterations=1", "validation.shapes_eval=true"]
+    overrides = [*extra, *arms()[arm], f"seed={seed}", f"output_dir={run_dir}", "validation.every_iterations=1", "validation.world_eval=true"]
     return load_config(TrainConfig, config, overrides)
 
 
@@ -167,8 +168,8 @@ def _ci(stats: dict) -> str:
     return f"{stats['mean']:.3f} [{stats['ci95_low']:.3f}, {stats['ci95_high']:.3f}]"
 
 
-def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, seeds: int) -> str:
-    columns = table_columns(results[next(iter(results))][0])[1:]
+def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, seeds: int, world: str) -> str:
+    columns = table_columns(world)[1:]
     lines = ["| arm | reward [95% CI] | " + " | ".join(c.partition(".")[2] for c in columns) + " | SSPO - arm [95% CI] |",
              "|---|---|" + "---|" * len(columns) + "---|"]
     for arm in names:
@@ -194,9 +195,10 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> li
 
 
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
-                 sampler_seeds: int) -> None:
+                 sampler_seeds: int, world: str) -> None:
     n = len(seeds)
-    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {seconds / 60:.0f} min of wall time (finished runs are reused, not timed again). "
+    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {seconds / 60:.0f} min of wall time "
+                "(finished runs are reused, not timed again). "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
                 "sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).\n"]
     if any(c["grid"] for c in chosen.values()):
@@ -210,7 +212,7 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
     for title, names, shown_by in (("Table 1: methods", table1(), table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS), ABLATIONS)):
         for split, label in (("seen", "seen prompts (combinations in the alignment data)"), ("heldout", "held-out prompts")):
             if any(a in results for a in shown_by):
-                sections.append(f"## {title} — {label}\n\n{table(results, names, split, sampler_seeds, n)}\n")
+                sections.append(f"## {title} — {label}\n\n{table(results, names, split, sampler_seeds, n, world)}\n")
     found = claims(results, sampler_seeds, n)
     if found:
         lines = ["## The paper's claims on held-out prompts\n", "| SSPO vs | paper | SSPO - arm [95% CI] | here |", "|---|---|---|---|"]
@@ -248,9 +250,9 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     started = time.time()
     out = Path(out)
     extra = [*(QUICK if quick else []), *overrides]
-    # The config's world (clips: the moving-shapes one), sampled as its negatives are.
+    # The world the config names (validation.world, else data.source), sampled as its negatives are.
     probe = load_config(TrainConfig, config, extra)
-    world = "motion" if probe.data.frames else "shapes"
+    world = get_world(probe.eval_world, "validation.world (or data.source)").name
     sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
     eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
@@ -263,7 +265,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
             log.info("arm %s, seed %d", arm, seed)
             run_dir = out / "runs" / run_name(arm, chosen[arm]["overrides"], seed)
             results.setdefault(arm, []).append(run_arm(config, arm, seed, run_dir, [*extra, *chosen[arm]["overrides"]], eval_cfg))
-            write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds))
+            write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world)
     write_figures(out, names, seeds, chosen, eval_cfg)
     print((out / "results.md").read_text())
     return results

@@ -1,57 +1,46 @@
-"""``sspo demo [--video]``: the shapes world (or the moving-shapes world) end to end on a CPU.
+"""``sspo demo [--world NAME]``: a world (default: shapes) end to end on a CPU.
 
-base model (shipped or cached) -> SFT and SSPO fine-tunes on the world's winners (images: also
-Diffusion-DPO on its pairs), same budget -> exact evaluation of every model on seen and held-out
+base model (shipped or cached) -> the world's demo arms (SFT and SSPO on its winners; for shapes
+also Diffusion-DPO on its pairs), same budget -> exact evaluation of every model on seen and held-out
 prompts -> a table with each model's paired reward gain over the base (95% CI), a grid (same
 prompts and seeds, one row per model; a GIF for clips) and a plot of reward and SSR rate over training.
+What a world's demo runs is its registry entry's ``demo`` (sspo/worlds/registry.py).
 """
 
 from __future__ import annotations
 
-from sspo.paths import CONFIGS
-
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from sspo.config import load_config
-from sspo.evaluation.evaluate import MOTION_TABLE_COLUMNS, TABLE_COLUMNS, EvalConfig, evaluate_model, format_table, showcase
-from sspo.io import atomic_write_json, atomic_write_text
+from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
+from sspo.io import atomic_write_json, atomic_write_text
 from sspo.training.config import TrainConfig
-from sspo.worlds.names import resolve_model
 from sspo.training.trainer import train
+from sspo.worlds import World, get_world
+from sspo.worlds.names import resolve_model
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class World:
-    config: Path
-    base: str
-    methods: tuple[str, ...]
-    eval_cfg: EvalConfig
-    columns: tuple[str, ...]
+QUICK = ["iterations=2", "steps_per_iteration=2", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
 
 
-# Images: 96 prompts x 2 seeds per split, since paired gains of ~0.02 need that many for a CI
-# excluding zero. Clips: 48 x 2, sampled as the video demo's negatives (10 steps), for its time budget.
-WORLDS = {
-    "image": World(CONFIGS / "demo-shapes.yaml", "shapes-base", ("sft", "dpo", "sspo"), EvalConfig(prompts_per_split=96), TABLE_COLUMNS),
-    "video": World(CONFIGS / "demo-motion.yaml", "shapes-video-base", ("sft", "sspo"), EvalConfig(prompts="motion", prompts_per_split=48, steps=10), MOTION_TABLE_COLUMNS),
-}
+def demo_base(world: World, quick: bool) -> str:
+    """The base the demo trains from: the world's, at its quick preset with ``quick``."""
+    return f"{world.base}:quick" if quick and "quick" in world.base_presets else world.base
 
 
-def demo_config(out: Path, method: str, quick: bool, world: World = WORLDS["image"]) -> TrainConfig:
+def demo_config(out: Path, method: str, quick: bool, world: World) -> TrainConfig:
     overrides = [f"method={method}", f"output_dir={out / method}"]
     if quick:
-        overrides += [f"model.pretrained={world.base}:quick", "iterations=2", "steps_per_iteration=2", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
-    return load_config(TrainConfig, world.config, overrides)
+        overrides += [f"model.pretrained={demo_base(world, quick)}", *QUICK]
+    return load_config(TrainConfig, world.demo.config, overrides)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, video: bool = False) -> dict:
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "shapes") -> dict:
     import torch
 
     # The demo's models are tiny: intra-op threads gain little, and on a small shared CPU their
@@ -59,17 +48,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, video: bool = F
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     out = Path(out)
-    world = WORLDS["video" if video else "image"]
+    world = get_world(world, "--world")
     started = time.time()
     timings = {}
-    base = resolve_model(f"{world.base}:quick" if quick else world.base)
+    base = resolve_model(demo_base(world, quick))
     timings["base"] = time.time() - started
 
     models: dict[str, tuple[str, str | None]] = {"base": (base, None)}
     runs = {}
-    # SFT (and, for images, Diffusion-DPO on the world's clean-vs-defective pairs) show that
-    # training moves the base at all; SSPO is the method itself, trained on the winners only.
-    for method in world.methods:
+    # SFT (and Diffusion-DPO on the world's clean-vs-defective pairs, where a world's demo has it)
+    # show that training moves the base at all; SSPO is the method itself, trained on the winners only.
+    for method in world.demo.methods:
         t0 = time.time()
         cfg = demo_config(out, method, quick, world)
         models[method] = (base, str(train(cfg)))
@@ -77,19 +66,19 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, video: bool = F
         timings[method] = time.time() - t0
 
     t0 = time.time()
-    eval_cfg = dataclasses.replace(world.eval_cfg, prompts_per_split=4) if quick else world.eval_cfg
+    eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else world.demo.prompts_per_split, steps=world.demo.sampler_steps)
     results, images = {}, {}
     for name, (model, lora) in models.items():
         results[name], images[name] = evaluate_model(model, eval_cfg, lora=lora)
     timings["eval"] = time.time() - t0
 
-    table = format_table(results, world.columns, baseline="base")
+    table = format_table(results, table_columns(world.name), baseline="base")
     print("\n" + table)
     atomic_write_text(out / "results.md", table + "\n")
     # Same prompts and seeds in every row.
     rows = {name: showcase(eval_cfg, images[name]) for name in models}
     captions = next(iter(rows.values()))[1]
-    if video:
+    if world.clips:
         grid = save_animation(clip_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.gif")
     else:
         grid = save_png(image_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.png")

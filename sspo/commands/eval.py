@@ -45,9 +45,9 @@ import torch
 from PIL import Image
 
 from sspo.errors import DataError, ModelError, SSPOError
-from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, WORLD_METRICS, EvalConfig, Item, metric_columns, score_columns, select_prompts
+from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, metric_columns, score_columns, select_prompts
 from sspo.evaluation.sampling import generate, image_grid, save_png
-from sspo.evaluation.scorers import SCORER_NAMES, build_scorer
+from sspo.evaluation.scorers import build_scorer, scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
 from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, read_json
@@ -166,8 +166,8 @@ def run_eval(
     metrics = cfg.metric_names
     scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
     for metric in [*scorer_paths, *scorer_options]:
-        if metric not in SCORER_NAMES:
-            raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(SCORER_NAMES)}")
+        if metric not in scorer_names():
+            raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(scorer_names())}")
     for metric, path in scorer_paths.items():
         if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
             raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
@@ -177,7 +177,7 @@ def run_eval(
     try:
         selected = select_prompts(cfg)
     except DataError as exc:
-        hint = " (CLI: --prompt-source PATH)" if cfg.prompts in PROMPT_SETS and cfg.prompts not in WORLD_METRICS and cfg.prompt_source is None else ""
+        hint = " (CLI: --prompt-source PATH)" if cfg.prompts in PROMPT_SETS and cfg.world is None and cfg.prompt_source is None else ""
         raise DataError(f"{exc}{hint}") from None
     items = [Item(index, seed, p.prompt, p.category) for index, p in selected for seed in cfg.seeds]
 
@@ -206,7 +206,7 @@ def run_eval(
         "seeds": list(cfg.seeds),
         "metrics": list(metrics),
         "columns": columns,
-        "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.prompts in WORLD_METRICS else {}),
+        "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.world is not None else {}),
         "models": [dataclasses.asdict(m) for m in models],
         "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
         "results": stats_by_category(rows, models, columns),
@@ -345,8 +345,8 @@ def score_all(
                     if isinstance(image, scorer.input_type):
                         continue
                     if isinstance(image, np.ndarray):
-                        raise SSPOError(f"metric {metric!r} scores images, but model {r['model']!r} makes clips: score them with --metrics motion "
-                                        "(the moving-shapes world), or save them and score with --videos DIR (the paper's video metrics)")
+                        raise SSPOError(f"metric {metric!r} scores images, but model {r['model']!r} makes clips: score them with --metrics moving-shapes "
+                                        "(the moving-shapes world's exact evaluator), or save them and score with --videos DIR (the paper's video metrics)")
                     raise SSPOError(f"metric {metric!r} scores clips, but model {r['model']!r} makes images: pick an image metric (--metrics shapes, pickscore, ...)")
                 scores = score_columns(scorer, metric, images, [r["prompt"] for r in chunk])
                 for k, r in enumerate(chunk):

@@ -5,35 +5,36 @@ validation); :func:`sspo.commands.eval.run_eval` (``sspo eval``) does the same f
 on disk, resumable, with confidence intervals. Both list their images with :func:`eval_items` and
 score them with :func:`score_columns`, from one :class:`EvalConfig`.
 
-The shapes world is one prompt set (``shapes``: seen combinations, which are in the alignment data,
-then held-out ones) and one metric (``shapes``: the exact reward, with a column per component).
+Every world (:mod:`sspo.worlds`) is a prompt set named after it (seen combinations, which are in
+the alignment data, then held-out ones; ``<world>-validation``: the combinations set aside for
+choosing settings) and a metric named after it (the exact reward, with a column per component).
 A method that only memorizes its data improves seen prompts, one that generalizes improves both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from sspo.config import setting, validate
 from sspo.errors import SSPOError
-from sspo.evaluation.scorers import PAPER_METRICS, SCORER_NAMES, build_scorer
-from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set
+from sspo.evaluation.scorers import PAPER_METRICS, SCORER_CHOICES, build_scorer
+from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set, prompt_set_names
+from sspo.worlds import World, find_world, get_world, prompt_set_world
 
-# The worlds' prompt sets and their exact evaluators: shapes (images), motion (clips).
-WORLD_METRICS = {"shapes": "shapes", "shapes-validation": "shapes", "motion": "motion", "motion-validation": "motion"}
-PROMPT_SETS = (*WORLD_METRICS, "pickapic_val", "hpsv2", "parti")  # or a prompt file
+PROMPT_SETS = prompt_set_names()  # the worlds' (registered when sspo loads) and the benchmarks'; or a prompt file
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    prompts: str = setting("shapes", nonempty=True)  # a prompt set (shapes | shapes-validation | motion | motion-validation | pickapic_val | hpsv2 | parti) or a prompt file
-    metrics: tuple[str, ...] = setting((), choices=SCORER_NAMES)  # scorers; empty: shapes for the shapes prompts, else the paper's four
+    # A prompt set (a world's, <world> or <world>-validation: shapes, moving-shapes, ...; pickapic_val | hpsv2 | parti) or a prompt file.
+    prompts: str = setting("shapes", nonempty=True)
+    metrics: tuple[str, ...] = setting((), choices=SCORER_CHOICES)  # scorers; empty: a world's exact evaluator for its prompts, else the paper's four
     seeds: tuple[int, ...] = setting((0, 1), at_least=0, nonempty=True)  # sampler seeds: one image per (prompt, seed)
     steps: int = setting(20, at_least=1)  # sampler steps
     guidance_scale: float = setting(5.0, at_least=0)  # at most 1: no classifier-free guidance
@@ -42,8 +43,8 @@ class EvalConfig:
     frames: int = setting(8, at_least=1)  # video models: frames per clip
     dtype: str = setting("fp32", choices=DTYPES)  # dtype of the diffusion model's weights: fp32 | fp16 | bf16
     limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
-    split_seed: int = setting(0, at_least=0)  # shapes: the world's train/held-out split (must match the training data's)
-    prompts_per_split: int = setting(24, at_least=1)  # shapes: prompts per split (seen, held-out)
+    split_seed: int = setting(0, at_least=0)  # a world's prompts: its train/held-out split (must match the training data's)
+    prompts_per_split: int = setting(24, at_least=1)  # a world's prompts: prompts per split (seen, held-out)
     prompt_source: str | None = None  # a local copy of a named prompt set (default: its hub dataset)
     scorer_batch_size: int = setting(16, at_least=1)  # images per scorer batch
     grid_prompts: int = setting(8, at_least=1)  # sspo eval: columns of grid.png
@@ -53,9 +54,15 @@ class EvalConfig:
         validate(self)
 
     @property
+    def world(self) -> World | None:
+        """The world whose prompt set ``prompts`` names, if any."""
+        found = prompt_set_world(self.prompts)
+        return found[0] if found else None
+
+    @property
     def metric_names(self) -> tuple[str, ...]:
         """A world's exact evaluator for its prompts, the paper's four reward models otherwise."""
-        return self.metrics or ((WORLD_METRICS[self.prompts],) if self.prompts in WORLD_METRICS else PAPER_METRICS)
+        return self.metrics or ((self.world.name,) if self.world else PAPER_METRICS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +84,7 @@ def select_prompts(cfg: EvalConfig) -> list[tuple[int, PromptItem]]:
         if cfg.limit is None or taken.get(item.category, 0) < cfg.limit:
             taken[item.category] = taken.get(item.category, 0) + 1
             selected.append((index, item))
-    for world in set(cfg.metric_names) & {"shapes", "motion"}:
+    for world in filter(None, map(find_world, cfg.metric_names)):
         _check_world_prompts(world, (item.prompt for _, item in selected))
     return selected
 
@@ -87,27 +94,18 @@ def eval_items(cfg: EvalConfig) -> list[Item]:
     return [Item(index, seed, p.prompt, p.category) for index, p in select_prompts(cfg) for seed in cfg.seeds]
 
 
-def _check_world_prompts(world: str, prompts) -> None:
-    from sspo.worlds.moving_shapes.world import parse_motion_prompt
-    from sspo.worlds.shapes.world import parse_prompt
-
-    parse = {"shapes": parse_prompt, "motion": parse_motion_prompt}[world]
+def _check_world_prompts(world: World, prompts) -> None:
     for prompt in prompts:
         try:
-            parse(prompt)
+            world.parse_prompt(prompt)
         except SSPOError as exc:
-            raise SSPOError(f"metric {world!r} scores its world's prompts only (use --prompts {world}): {exc}") from None
+            raise SSPOError(f"metric {world.name!r} scores its world's prompts only (use --prompts {world.name}): {exc}") from None
 
 
 def metric_columns(metric: str) -> tuple[str, ...]:
     """A metric's score columns: its own, then ``<metric>.<part>`` where it has parts (the worlds')."""
-    if metric in ("shapes", "motion"):
-        from sspo.worlds.moving_shapes import evaluator as motion_eval
-        from sspo.worlds.shapes import evaluator as shapes_eval
-
-        parts = (shapes_eval if metric == "shapes" else motion_eval).COMPONENT_NAMES
-        return (metric, *(f"{metric}.{part}" for part in parts if part != "reward"))
-    return (metric,)
+    world = find_world(metric)
+    return (metric, *(f"{metric}.{part}" for part in world.components if part != "reward")) if world else (metric,)
 
 
 def score_columns(scorer, metric: str, images: Sequence, prompts: Sequence[str]) -> dict[str, list[float]]:
@@ -160,15 +158,9 @@ def showcase(cfg: EvalConfig, images: Sequence, per_category: int = 4) -> tuple[
     return [images[k] for k in picks], [f"[{items[k].category}] {items[k].prompt}" for k in picks]
 
 
-# The worlds' tables: the reward and the components a prompt asks for (clips: the groups, and the
-# two motion components a frozen or reversed clip fails).
-TABLE_COLUMNS = ("shapes", "shapes.color", "shapes.shape", "shapes.size", "shapes.position", "shapes.background", "shapes.quality")
-MOTION_TABLE_COLUMNS = ("motion", "motion.attributes", "motion.motion", "motion.coherence", "motion.quality", "motion.direction", "motion.amplitude")
-
-
-def table_columns(summary: dict) -> tuple[str, ...]:
-    """The table of the world an :func:`evaluate_pipeline` summary scored."""
-    return MOTION_TABLE_COLUMNS if "motion" in next(iter(summary.values())) else TABLE_COLUMNS
+def table_columns(world: str) -> tuple[str, ...]:
+    """A world's results table: its reward, then the components its entry shows."""
+    return (world, *(f"{world}.{part}" for part in get_world(world).table_columns))
 
 
 def reward_gain(scores: dict, baseline: dict) -> dict:
@@ -182,7 +174,7 @@ def reward_gain(scores: dict, baseline: dict) -> dict:
     return mean_ci(np.subtract(scores["per_image"], baseline["per_image"]))
 
 
-def format_table(results: dict[str, dict], columns: Sequence[str] = TABLE_COLUMNS, baseline: str | None = None) -> str:
+def format_table(results: dict[str, dict], columns: Sequence[str], baseline: str | None = None) -> str:
     """A markdown table: one row per (model, category) of :func:`evaluate_pipeline` summaries; with
     ``baseline``, each model's gain over it in the first metric."""
     gain = baseline is not None and baseline in results

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from sspo.config import one_of
 from sspo.paths import build_lock, cache_root
-from sspo.models.tiny import _scheduler as sd15_scheduler
+from sspo.models.tiny import scheduler_for as sd15_scheduler
 from sspo.models.tiny import write_word_tokenizer
 
 ARCH_MODELS = ("sd15", "sdxl")
@@ -86,16 +87,15 @@ def arch_components(name: str, tokenizer, small: bool = False) -> dict:
     return components
 
 
-def build_arch(name: str, folder: str | Path | None = None, small: bool = False) -> Path:
+def build_arch(name: str, folder: str | Path | None = None, small: bool = False, *, words: Sequence[str]) -> Path:
     """A diffusers folder with SD-1.5's or SDXL's architecture and random weights (fp16), cached.
 
-    The tokenizer is the shapes world's word-level CLIP tokenizer with CLIP's 77-token length, so
-    prompts are the world's; the text encoders keep CLIP's 49408-token embedding tables.
+    The tokenizer is a word-level CLIP tokenizer of ``words`` (a world's vocabulary) with CLIP's
+    77-token length, so prompts are that world's; the text encoders keep CLIP's 49408-token
+    embedding tables.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from filelock import FileLock
-
-    from sspo.worlds.shapes import world as shapes
 
     one_of(name, ARCH_MODELS, "model")
     folder = Path(folder) if folder else cache_root() / "bench" / f"{name}{'-small' if small else ''}-random-v1"
@@ -105,7 +105,7 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False)
             return folder
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        tokenizer = write_word_tokenizer(staging / "tokenizer-build", shapes.vocabulary(), max_length=77)
+        tokenizer = write_word_tokenizer(staging / "tokenizer-build", words, max_length=77)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         with torch.device(device):  # random init of billions of parameters is much faster on a GPU

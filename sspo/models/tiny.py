@@ -113,15 +113,15 @@ def build_components(size: TinySize, tokenizer, words: Sequence[str], seed: int 
     ResNet block, not only the cross-attention layers; stock ``StableDiffusionPipeline`` needs
     nothing extra for it.
     """
-    text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, seed)
-    vae = _vae(size)
-    unet = _unet(
+    text_encoder = word_table_text_encoder(text_encoder_for(size, tokenizer), tokenizer, words, seed)
+    vae = vae_for(size)
+    unet = unet_for(
         size,
         cross_attention_dim=size.text_hidden,
         addition_embed_type="text",
         addition_embed_type_num_heads=max(1, size.text_hidden // 16),
     )
-    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": _scheduler(zero_terminal_snr=True)}
+    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler_for(zero_terminal_snr=True)}
 
 
 def word_table_text_encoder(text_encoder, tokenizer, words: Sequence[str], seed: int = 0, positions: bool = False):
@@ -196,7 +196,8 @@ def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0
     return adapter
 
 
-def _text_encoder(size: TinySize, tokenizer, with_projection: bool = False):
+def text_encoder_for(size: TinySize, tokenizer, with_projection: bool = False):
+    """A randomly initialised CLIP text encoder of ``size`` over ``tokenizer``'s words (``with_projection``: SDXL's second)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -214,7 +215,8 @@ def _text_encoder(size: TinySize, tokenizer, with_projection: bool = False):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _vae(size: TinySize):
+def vae_for(size: TinySize):
+    """A randomly initialised ``AutoencoderKL`` of ``size``."""
     from diffusers import AutoencoderKL
 
     n_vae = len(size.vae_channels)
@@ -231,7 +233,8 @@ def _vae(size: TinySize):
     )
 
 
-def _unet(size: TinySize, cross_attention_dim: int, **extra):
+def unet_for(size: TinySize, cross_attention_dim: int, **extra):
+    """A randomly initialised ``UNet2DConditionModel`` of ``size`` (``extra``: more of its config)."""
     from diffusers import UNet2DConditionModel
 
     n_unet = len(size.unet_channels)
@@ -250,7 +253,8 @@ def _unet(size: TinySize, cross_attention_dim: int, **extra):
     )
 
 
-def _scheduler(zero_terminal_snr: bool = False):
+def scheduler_for(zero_terminal_snr: bool = False):
+    """SD-1.5's noise schedule with DDIM, or (``zero_terminal_snr``) the tiny worlds' rescaled v-prediction one."""
     from diffusers import DDIMScheduler
 
     # SD-1.5's noise schedule; DDIM is its usual fast sampler.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from sspo.config import check, setting, validate
+from sspo.config import Registered, check, setting, validate
 from sspo.training.data import DataConfig
+from sspo.worlds.registry import WORLDS
 from sspo.training.losses import SSR_VARIANTS
 from sspo.training.methods import METHODS, Method
 from sspo.training.pool import ERD_STRATEGIES
@@ -80,7 +81,8 @@ class SamplerConfig:
 @dataclasses.dataclass
 class ValidationConfig:
     every_iterations: int = setting(0, at_least=0)  # 0: off; N: every N iterations and after the last
-    shapes_eval: bool = False  # score the world's eval prompts (shapes; motion for clips) exactly, sampled as the negatives are
+    world_eval: bool = False  # score a world's eval prompts (seen and held-out) exactly, sampled as the negatives are
+    world: str | None = setting(None, choices=Registered(WORLDS))  # the world world_eval scores (shapes | moving-shapes | a registered one); None: the one data.source names
     prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
     seed: int = setting(0, at_least=0)
     prompts_per_split: int = setting(8, at_least=1)
@@ -130,6 +132,14 @@ class TrainConfig:
         validate(self)
         check(not self.diagnostics.ssr_truth_per_batch or self.data.source == "shapes", "diagnostics.ssr_truth_per_batch",
               "needs data.source: shapes (the exact evaluator scores the world's prompts only); set it to 0 for other data")
+        scores_world = self.validation.world_eval and self.validation.every_iterations > 0
+        check(not scores_world or self.eval_world in WORLDS, "validation.world", f"is unset and data.source {self.data.source!r} is not a world, so "
+              f"validation.world_eval has nothing to score; name one of {', '.join(WORLDS)}, or set validation.world_eval: false")
+
+    @property
+    def eval_world(self) -> str:
+        """The world ``validation.world_eval`` scores: ``validation.world``, else the one ``data.source`` names."""
+        return self.validation.world or self.data.source
 
     # What the method implies (sspo/training/methods.py); a method's fixed erd / ssr wins over the keys.
     @property

@@ -19,20 +19,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sspo.config import check, setting, validate
+from sspo.config import Registered, check, setting, validate
 from sspo.errors import DataError
 from sspo.video_io import VIDEO_SUFFIXES, read_clip, sample_frames
+from sspo.worlds.registry import WORLDS, TrainingDataRequest, find_world
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("parquet", "imagefolder", "hf", "shapes", "motion")
+FILE_SOURCES = ("parquet", "imagefolder", "hf")  # data.source: these, or a world's name (sspo.worlds)
 MODES = ("winners", "random")
 FRAME_STARTS = ("first", "random")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -44,7 +46,8 @@ _SIDE_STREAM, _AUGMENT_STREAM = 1, 2
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = setting("parquet", choices=SOURCES)  # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | "shapes" | "motion" (the moving-shapes world, clips)
+    # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | a world (sspo.worlds): "shapes" | "moving-shapes" (clips) | a registered one
+    source: str = setting("parquet", choices=Registered(WORLDS, *FILE_SOURCES))
     path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl or .csv | hf folder or id
     split: str = "train"  # hf split; for an imagefolder, a subfolder used when it exists
     caption_column: str = setting("caption", nonempty=True)  # pairs: prompt text
@@ -67,9 +70,9 @@ class DataConfig:
     frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
     frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
     seed: int = setting(0, at_least=0)  # seeds SSPOr sides, random crops and flips
-    world_pairs_per_prompt: int = setting(4, at_least=1)  # worlds (source shapes / motion): pairs rendered per alignment-train combination
-    world_split_seed: int = setting(0, at_least=0)  # worlds (source shapes / motion): the world's train / held-out split
-    world_without_validation: bool = False  # worlds (source shapes / motion): leave out the validation combinations (choosing settings)
+    world_pairs_per_prompt: int = setting(4, at_least=1)  # a world source: pairs rendered per alignment-train combination
+    world_split_seed: int = setting(0, at_least=0)  # a world source: the world's train / held-out split
+    world_without_validation: bool = False  # a world source: leave out the validation combinations (choosing settings)
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
     # (sspo/training/latent_cache.py). Needs center_crop true, random_flip false and frame_start first:
     # augmentation would change an item's latents from epoch to epoch.
@@ -79,8 +82,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate(self, "data.")
         if self.cache_latents:
-            augmented = [key for key, on in (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip), ("data.frame_start: random", self.frames and self.frame_start == "random")) if on]
-            check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; set data.center_crop: true, data.random_flip: false and data.frame_start: first, or data.cache_latents: false")
+            changing = (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip),
+                        ("data.frame_start: random", self.frames and self.frame_start == "random"))
+            augmented = [key for key, on in changing if on]
+            check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; "
+                  "set data.center_crop: true, data.random_flip: false and data.frame_start: first, or data.cache_latents: false")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,17 +484,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
     """Open ``cfg.path``; validates columns now so a wrong config fails before any training."""
-    if cfg.source == "motion":  # the moving-shapes world: clip pairs in the same layout
-        from sspo.worlds.moving_shapes.world import cached_motion_parquet
-
-        check(cfg.frames > 0, "data.frames", "source motion is clips: set the frames per clip, e.g. 8")
-        path = cached_motion_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.frames, cfg.resolution, cfg.world_without_validation)
-        cfg = dataclasses.replace(cfg, source="parquet", path=str(path), image_0_column="video_0", image_1_column="video_1")
-    if cfg.source == "shapes":  # the world writes itself as a Pick-a-Pic parquet, read like any other
-        from sspo.worlds.shapes.world import cached_pickapic_parquet
-
-        path = cached_pickapic_parquet(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution, cfg.world_without_validation)
-        cfg = dataclasses.replace(cfg, source="parquet", path=str(path))
+    world = find_world(cfg.source)
+    if world is not None:  # a world writes itself as a Pick-a-Pic-style parquet, read like any other
+        check(not world.clips or cfg.frames > 0, "data.frames", f"source {world.name} is clips: set the frames per clip, e.g. 8")
+        request = TrainingDataRequest(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution, cfg.frames, cfg.world_without_validation)
+        first, second = world.pair_columns
+        cfg = dataclasses.replace(cfg, source="parquet", path=str(world.training_data(request)), image_0_column=first, image_1_column=second)
     check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
     if cfg.source != "hf" and not Path(cfg.path).exists():
         raise DataError(f"data.path {cfg.path} does not exist; expected {_EXPECTED[cfg.source]}")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sspo.training.data import collate
+from sspo.training.data import FILE_SOURCES, collate
 from sspo.errors import ConfigError
 from sspo.training.faults import fault_point
 from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, save_tensors
@@ -81,7 +81,7 @@ def cache_key(cfg, model: str, pipe, rows: int) -> dict:
     data = dataclasses.asdict(cfg.data)
     for setting in ("cache_latents", "cache_dir"):
         data.pop(setting)
-    data_path = Path(cfg.data.path).expanduser() if cfg.data.path and cfg.data.source != "shapes" else None
+    data_path = Path(cfg.data.path).expanduser() if cfg.data.path and cfg.data.source in FILE_SOURCES else None
     return {
         "version": FORMAT_VERSION,
         "model": str(model_path.resolve()) if model_path.exists() else model,

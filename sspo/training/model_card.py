@@ -18,7 +18,7 @@ def run_settings(cfg: TrainConfig, processes: int, video: bool = False) -> dict[
     rows = {
         "method": f"{cfg.method}: {cfg.spec.description}",
         "fine-tuning": _fine_tuning(cfg, video),
-        "data": f"{cfg.data.source} {cfg.data.path or ('(moving-shapes world)' if cfg.data.source == 'motion' else '(shapes world)')}, {cfg.data.resolution} px"
+        "data": f"{cfg.data.source} {cfg.data.path or f'(the {cfg.data.source} world)'}, {cfg.data.resolution} px"
         + (f", clips of {cfg.data.frames} frames every {cfg.data.frame_stride}" if cfg.data.frames else "") + f", mode {cfg.data.mode}",
         "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
         "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} "

@@ -43,6 +43,7 @@ from sspo.training.latent_cache import LatentCache, cache_key, default_dir, enco
 from sspo.training.losses import sft_loss, sspo_loss
 from sspo.training.methods import METHODS
 from sspo.models.lora_targets import check_lora_targets
+from sspo.worlds import base_world
 from sspo.worlds.names import resolve_model
 from sspo.models.pipeline import denoising_errors, encode_unconditional, is_video, load_pipeline, load_pipeline_config, motion_adapter_of, trained_modules
 from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws
@@ -397,12 +398,12 @@ class Trainer:
                 f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
 
     def validate(self) -> dict:
-        """On the main process: a grid of the fixed prompts, and shapes-world scores if asked."""
+        """On the main process: a grid of the fixed prompts, and a world's exact scores if asked."""
         if not self.accelerator.is_main_process:
             return {}
         if self.cfg.validation.prompts:
             self.validation_grid()
-        return self.shapes_eval() if self.cfg.validation.shapes_eval else {}
+        return self.world_eval() if self.cfg.validation.world_eval else {}
 
     @contextlib.contextmanager
     def _sampling(self):
@@ -435,13 +436,13 @@ class Trainer:
             writer.add_image("validation/grid", np.asarray(grid), self.global_step, dataformats="HWC")
         return save_png(grid, name.with_suffix(".png"))
 
-    def shapes_eval(self) -> dict:
-        """The world's exact rewards (shapes, or motion for clips) on seen and held-out prompts,
-        sampled as the negatives are."""
+    def world_eval(self) -> dict:
+        """The exact rewards of the world the config names (``cfg.eval_world``) on its seen and
+        held-out prompts, sampled as the negatives are."""
         from sspo.evaluation.evaluate import EvalConfig, evaluate_pipeline
 
         vcfg, data, sampler = self.cfg.validation, self.cfg.data, self.cfg.negatives
-        eval_cfg = EvalConfig(prompts="motion" if data.frames else "shapes", split_seed=data.world_split_seed, prompts_per_split=vcfg.prompts_per_split,
+        eval_cfg = EvalConfig(prompts=self.cfg.eval_world, split_seed=data.world_split_seed, prompts_per_split=vcfg.prompts_per_split,
                               seeds=(vcfg.seed,), steps=sampler.steps, guidance_scale=sampler.guidance_scale, frames=data.frames or 8)
         with self._sampling():
             summary, _ = evaluate_pipeline(self.pipe, eval_cfg)
@@ -658,9 +659,9 @@ def dry_run(cfg: TrainConfig) -> str:
     check_output_dir(cfg.output_dir)
     dataset = open_dataset(cfg)
     name = cfg.model.pretrained
-    if name.startswith(("shapes-base", "shapes-video-base")):
-        video = name.startswith("shapes-video-base")
-        model = f"{name} (the {'moving-shapes world' if video else 'shapes world'}'s tiny {'AnimateDiff' if video else 'SD'} pipeline, shipped or built and cached on first use)"
+    if world := base_world(name):
+        video = world.clips
+        model = f"{name} (the {world.name} world's {world.base_pipeline}, shipped or built and cached on first use)"
     else:
         config = load_pipeline_config(name, cfg.model.revision)
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None

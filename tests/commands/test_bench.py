@@ -85,7 +85,9 @@ def test_architectures_have_the_published_parameter_counts(name, unet, text, tmp
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
     """The SD-1.5 / SDXL topologies (SDXL: two text encoders, pooled embeds, time ids) through the bench."""
-    folder = build_arch(name, tmp_path / name, small=True)
+    from sspo.worlds.shapes import world as shapes
+
+    folder = build_arch(name, tmp_path / name, small=True, words=shapes.vocabulary())
     b = BenchConfig(model=str(folder), warmup=0, steps=1, steps_per_iteration=1, arms=("dpo", "sspo-pregenerated"), sampler_steps=(),
                     batch_size=2, threads=1, isolate=False, overrides=("negatives.steps=2",))
     result = run_bench(b, log=lambda _: None)

@@ -117,11 +117,11 @@ def test_unknown_arm_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_compare_takes_the_video_world(tmp_path):
-    """A clip config (data.frames) is compared on the moving-shapes world with its temporal reward."""
-    config = CONFIG.parent / "demo-motion.yaml"
-    overrides = ["model.pretrained=shapes-video-base:quick", "data.max_samples=16", "optim.batch_size=2", "negatives.steps=2"]
+    """A config whose data.source is the moving-shapes world is compared on it, with its temporal reward."""
+    config = CONFIG.parent / "demo-moving-shapes.yaml"
+    overrides = ["model.pretrained=moving-shapes-base:quick", "data.max_samples=16", "optim.batch_size=2", "negatives.steps=2"]
     results = compare.run_compare(config, ["base", "sft", "sspo"], [0], tmp_path, overrides=overrides, quick=True, prompts_per_split=2)
-    assert {"motion", "motion.direction"} <= set(results["sspo"][0]["heldout"])
+    assert {"moving-shapes", "moving-shapes.direction"} <= set(results["sspo"][0]["heldout"])
     report = (tmp_path / "results.md").read_text()
     assert "| sft | " in report and "| direction | amplitude |" in report
     assert (tmp_path / "grid.png").stat().st_size > 0

@@ -178,8 +178,8 @@ def test_model_specs_names_and_loras():
 
 def test_a_video_model_is_scored_clip_by_clip_and_kept_for_resume(tmp_path):
     out = tmp_path / "eval"
-    argv = ["eval", "--model", "shapes-video-base:quick", "--name", "video", "--prompts", "motion", "--prompts-per-split", "1",
-            "--seeds", "0", "--steps", "2", "--metrics", "motion", "--out", str(out)]
+    argv = ["eval", "--model", "moving-shapes-base:quick", "--name", "video", "--prompts", "moving-shapes", "--prompts-per-split", "1",
+            "--seeds", "0", "--steps", "2", "--metrics", "moving-shapes", "--out", str(out)]
     assert main(argv) == 0
     clips = sorted((out / "images" / "video").glob("*.tiff"))
     assert len(clips) == 2 and not list((out / "images" / "video").glob("*.png"))
@@ -187,7 +187,7 @@ def test_a_video_model_is_scored_clip_by_clip_and_kept_for_resume(tmp_path):
 
     assert decode_clip(clips[0]).shape == (8, 32, 32, 3)
     rows = _rows(out)
-    assert len(rows) == 2 and all(0 <= float(r["motion"]) <= 1 and r["motion.direction"] != "" for r in rows)
+    assert len(rows) == 2 and all(0 <= float(r["moving-shapes"]) <= 1 and r["moving-shapes.direction"] != "" for r in rows)
     assert Image.open(out / "grid.png").width > 0
     mtimes = {p: p.stat().st_mtime_ns for p in clips}
     assert main(argv) == 0  # resumed: nothing generated again
@@ -195,10 +195,10 @@ def test_a_video_model_is_scored_clip_by_clip_and_kept_for_resume(tmp_path):
 
 
 def test_a_clip_metric_on_an_image_model_is_a_clear_error(quick_base, tmp_path, capsys):
-    argv = ["eval", "--model", quick_base, "--name", "image", "--prompts", "motion", "--prompts-per-split", "1", "--seeds", "0", "--steps", "2",
-            "--metrics", "motion", "--out", str(tmp_path / "eval")]
+    argv = ["eval", "--model", quick_base, "--name", "image", "--prompts", "moving-shapes", "--prompts-per-split", "1", "--seeds", "0", "--steps", "2",
+            "--metrics", "moving-shapes", "--out", str(tmp_path / "eval")]
     assert main(argv) == 2
-    assert "metric 'motion' scores clips, but model 'image' makes images: pick an image metric" in capsys.readouterr().err
+    assert "metric 'moving-shapes' scores clips, but model 'image' makes images: pick an image metric" in capsys.readouterr().err
 
 
 # --- re-runs add to the folder; damaged files are named or made again -----------------------------

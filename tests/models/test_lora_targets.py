@@ -33,7 +33,7 @@ def test_a_module_that_is_not_a_layer_is_refused(unet):
 
 
 def test_motion_only_targets_must_be_in_the_motion_modules():
-    video_unet = load_pipeline(resolve_model("shapes-video-base:quick")).unet
+    video_unet = load_pipeline(resolve_model("moving-shapes-base:quick")).unet
     check_lora_targets(video_unet, ("to_q", "to_out.0"), motion_only=True)
     with pytest.raises(ConfigError, match=r"'conv1' names no layer of the motion modules"):
         check_lora_targets(video_unet, ("to_q", "conv1"), motion_only=True)  # conv1 is in the UNet's resnets only

@@ -29,7 +29,7 @@ def video_model(tmp_path_factory) -> str:
 
 def video_config(model: str, out, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, None, [
-        f"model.pretrained={model}", "data.source=motion", "data.frames=8", "data.resolution=32", "data.world_pairs_per_prompt=1",
+        f"model.pretrained={model}", "data.source=moving-shapes", "data.frames=8", "data.resolution=32", "data.world_pairs_per_prompt=1",
         "iterations=2", "steps_per_iteration=1", "optim.batch_size=2", "optim.learning_rate=1e-3", "negatives.steps=2",
         f"output_dir={out}", "report_to=none", *overrides,
     ])
@@ -128,12 +128,12 @@ def test_motion_modules_on_an_image_model_is_a_config_error(tmp_path):
 
 
 def test_word_table_positions_keep_the_words_and_add_the_order(tmp_path):
-    from sspo.models.tiny import _text_encoder, video_size, word_table_text_encoder, write_word_tokenizer
+    from sspo.models.tiny import text_encoder_for, video_size, word_table_text_encoder, write_word_tokenizer
 
     tokenizer = write_word_tokenizer(tmp_path / "tokenizer", vocabulary())
     ids = tokenizer(["a red circle growing, white background"], padding="max_length", return_tensors="pt").input_ids
-    bag = word_table_text_encoder(_text_encoder(video_size("quick"), tokenizer), tokenizer, vocabulary())(ids)[0]
-    ordered = word_table_text_encoder(_text_encoder(video_size("quick"), tokenizer), tokenizer, vocabulary(), positions=True)(ids)[0]
+    bag = word_table_text_encoder(text_encoder_for(video_size("quick"), tokenizer), tokenizer, vocabulary())(ids)[0]
+    ordered = word_table_text_encoder(text_encoder_for(video_size("quick"), tokenizer), tokenizer, vocabulary(), positions=True)(ids)[0]
     positions = ordered * 2**0.5 - bag  # (word + position) / sqrt(2), the words' vectors unchanged
     gram = positions[0] @ positions[0].T
     torch.testing.assert_close(gram, torch.eye(len(gram)) * gram.diagonal().mean(), atol=1e-3, rtol=1e-3)  # orthogonal, one per position

@@ -10,8 +10,10 @@ import importlib
 
 import torch
 
+from sspo.config import Registered
 from sspo.errors import SSPOError
 from sspo.evaluation.scorers.base import Scorer
+from sspo.worlds import WORLDS, find_world
 
 # name -> (module, class, fixed options); modules are imported on use so `import sspo.evaluation.scorers` stays light.
 _REGISTRY: dict[str, tuple[str, str, dict]] = {
@@ -21,10 +23,16 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "imagereward": ("imagereward", "ImageRewardScorer", {}),
     "aesthetic": ("clip", "AestheticScorer", {}),
     "clip": ("clip", "ClipScoreScorer", {}),
-    "shapes": ("shapes", "ShapesScorer", {}),
-    "motion": ("shapes", "MotionScorer", {}),
 }
-SCORER_NAMES = tuple(_REGISTRY)
+
+
+SCORER_CHOICES = Registered(WORLDS, *_REGISTRY)  # the reward models, then every registered world's exact evaluator (sspo.worlds)
+SCORER_NAMES = tuple(SCORER_CHOICES)  # as sspo loads: the reward models and the worlds shipped with it
+
+
+def scorer_names() -> tuple[str, ...]:
+    """Every scorer, the worlds registered since sspo loaded among them."""
+    return tuple(SCORER_CHOICES)
 # The metrics of the paper's tables, in its column order.
 PAPER_METRICS = ("pickscore", "hpsv2", "imagereward", "aesthetic")
 
@@ -42,9 +50,13 @@ def build_scorer(
     pickscore / clip / hpsv2 / hpsv21 (tokenizer, preprocessor and, for HPS, architecture source);
     ``clip_model`` for aesthetic; ``tokenizer`` for imagereward.
     """
-    if name not in _REGISTRY:
-        raise SSPOError(f"unknown scorer {name!r}; expected one of {', '.join(SCORER_NAMES)}")
-    module, cls_name, fixed = _REGISTRY[name]
+    world = find_world(name)
+    if world is not None:
+        module, cls_name, fixed = "world", "WorldScorer", {"world": world}
+    elif name in _REGISTRY:
+        module, cls_name, fixed = _REGISTRY[name]
+    else:
+        raise SSPOError(f"unknown scorer {name!r}; expected one of {', '.join(scorer_names())}")
     cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls_name)
     try:
         return cls.from_pretrained(path_or_id, device=device, dtype=dtype, **fixed, **options)
@@ -54,4 +66,4 @@ def build_scorer(
         raise
 
 
-__all__ = ["Scorer", "build_scorer", "SCORER_NAMES", "PAPER_METRICS"]
+__all__ = ["Scorer", "build_scorer", "scorer_names", "SCORER_CHOICES", "SCORER_NAMES", "PAPER_METRICS"]

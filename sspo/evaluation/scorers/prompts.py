@@ -1,4 +1,4 @@
-"""Evaluation prompt sets: the paper's three benchmarks, plain prompt files, and the shapes world.
+"""Evaluation prompt sets: the paper's three benchmarks, plain prompt files, and the worlds'.
 
 ``load_prompt_set(name_or_path, source)``:
 
@@ -10,9 +10,10 @@
   hub dataset ``zhwang/HPDv2`` (``benchmark/*.json``).
 * ``parti`` -- PartiPrompts (1,632 prompts): ``PartiPrompts.tsv`` (``Prompt`` and ``Category``
   columns), or by default hub dataset ``nateraw/parti-prompts``.
-* ``shapes`` -- the shapes world's evaluation specs, seen then held-out combinations (category
-  ``seen`` / ``heldout``), from :func:`sspo.worlds.shapes.world.make_split` and ``eval_prompts``.
-* ``shapes-validation`` -- the split's validation combinations (category ``validation``): for
+* ``<world>`` (``shapes``, ``moving-shapes`` or a registered one, :mod:`sspo.worlds`) -- the world's
+  evaluation specs, seen then held-out combinations (category ``seen`` / ``heldout``), from its
+  ``make_split`` and ``eval_specs``.
+* ``<world>-validation`` -- the split's validation combinations (category ``validation``): for
   choosing training settings, never the held-out ones.
 * a path to a ``.txt`` (one prompt a line), ``.json``, ``.jsonl``, ``.tsv``, ``.csv`` or ``.parquet``
   file with a prompt column (``prompt``, ``Prompt``, ``caption`` or ``text``) and optionally a
@@ -25,10 +26,11 @@ import csv
 import dataclasses
 import json
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from sspo.errors import DataError
+from sspo.worlds import World, prompt_set_world, world_names
 
 PICKAPIC_HUB = ("yuvalkirstain/pickapic_v2", "validation_unique")
 HPSV2_HUB = "zhwang/HPDv2"
@@ -49,18 +51,17 @@ def load_prompt_set(
 ) -> list[PromptItem]:
     """The prompts of a named set (``source``: its local file/folder, default its hub id) or of a file.
 
-    ``limit`` keeps the first prompts (quick runs); ``seed`` and ``per_split`` pick the shapes split.
+    ``limit`` keeps the first prompts (quick runs); ``seed`` and ``per_split`` pick a world's split.
     """
-    if name_or_path in WORLD_PROMPT_SETS:
-        world, _, validation = name_or_path.partition("-")
-        items = _world(world, seed, per_split, validation=bool(validation))
+    if found := prompt_set_world(name_or_path):
+        items = _world(*found, seed, per_split)
     elif name_or_path in _NAMED:
         items = _NAMED[name_or_path](source)
     elif Path(name_or_path).expanduser().exists():
         items = read_prompt_file(Path(name_or_path).expanduser())
     else:
         raise DataError(
-            f"unknown prompt set {name_or_path!r}: not one of {', '.join([*WORLD_PROMPT_SETS, *_NAMED])} and no such file"
+            f"unknown prompt set {name_or_path!r}: not one of {', '.join(prompt_set_names())} and no such file"
         )
     if not items:
         raise DataError(f"prompt set {name_or_path!r} ({source or 'default source'}) has no prompts")
@@ -185,20 +186,18 @@ def _parti(source: str | None) -> list[PromptItem]:
     return read_prompt_file(Path(source).expanduser())
 
 
-WORLD_PROMPT_SETS = ("shapes", "shapes-validation", "motion", "motion-validation")
+def prompt_set_names() -> tuple[str, ...]:
+    """Every named prompt set: each registered world's two, then the benchmarks."""
+    return (*(name for world in world_names() for name in (world, f"{world}-validation")), *_NAMED)
 
 
-def _world(world: str, seed: int, per_split: int, validation: bool = False) -> list[PromptItem]:
-    """A world's (shapes: images, motion: clips) seen and held-out combinations, or its validation ones."""
-    from sspo.worlds.moving_shapes import world as motion
-    from sspo.worlds.shapes import world as shapes
-
-    make_split, eval_prompts = {"shapes": (shapes.make_split, shapes.eval_prompts), "motion": (motion.make_motion_split, motion.motion_eval_prompts)}[world]
-    split = make_split(seed)
+def _world(world: World, validation: bool, seed: int, per_split: int) -> list[PromptItem]:
+    """A world's seen and held-out combinations, or its validation ones."""
+    split = world.make_split(seed)
     if validation:
         specs = random.Random(seed + 2).sample(list(split.validation), min(per_split, len(split.validation)))
         return [PromptItem(spec.prompt, "validation") for spec in sorted(specs)]
-    groups = eval_prompts(split, per_split=per_split, seed=seed)
+    groups = world.eval_specs(split, per_split, seed)
     return [PromptItem(spec.prompt, group) for group in ("seen", "heldout") for spec in groups[group]]
 
 

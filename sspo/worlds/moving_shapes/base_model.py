@@ -1,4 +1,4 @@
-"""``sspo base --video``: the moving-shapes world's base model (its "AnimateDiff"), built offline.
+"""``sspo base --world moving-shapes``: the moving-shapes world's base model (its "AnimateDiff"), built offline.
 
 The image world's VAE encodes every frame, fine-tuned on this world's frames first: it knows only
 the six palette colours and snaps the in-between hues of a colour change to them (a clean
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspo.worlds.shapes.base_model import BaseConfig, _train_denoiser, _train_vae, build_base, cached_build, pretraining_renders, save_base, unit_variance_latents
 from sspo.config import check, setting, to_dict, validate
 from sspo.models.pipeline import motion_adapter_of
-from sspo.models.tiny import _scheduler, _text_encoder, _unet, motion_adapter_for, video_size, word_table_text_encoder, write_word_tokenizer
+from sspo.models.tiny import motion_adapter_for, scheduler_for, text_encoder_for, unet_for, video_size, word_table_text_encoder, write_word_tokenizer
 from sspo.worlds.moving_shapes import world as motion
 from sspo.worlds.shapes import world as shapes
+from sspo.worlds.shapes.base_model import BaseConfig, build_base, cached_build, pretraining_renders, save_base, train_denoiser, train_vae, unit_variance_latents
 
 log = logging.getLogger(__name__)
 _FORMAT_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
@@ -57,10 +57,11 @@ class VideoBaseConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        check(not self.defect_fraction or self.defects, "defects", f"is empty, so defect_fraction has no defect to render; name some of {', '.join(motion.MOTION_DEFECTS)}, or set defect_fraction: 0")
+        check(not self.defect_fraction or self.defects, "defects",
+              f"is empty, so defect_fraction has no defect to render; name some of {', '.join(motion.MOTION_DEFECTS)}, or set defect_fraction: 0")
 
     @classmethod
-    def preset(cls, name: str) -> "VideoBaseConfig":
+    def preset(cls, name: str) -> VideoBaseConfig:
         if name == "quick":
             return cls(size="quick", vae_steps=40, unet_steps=100, clips_per_spec=1, batch_size=8)
         return cls(size=name)
@@ -82,7 +83,7 @@ def _pretraining_clips(cfg: VideoBaseConfig, image_size: int) -> tuple[torch.Ten
     return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1, prompts
 
 
-PACKAGED_VIDEO_BASE = Path(__file__).resolve().parent / "weights" / "shapes-video-base"
+PACKAGED_VIDEO_BASE = Path(__file__).resolve().parent / "weights" / "moving-shapes-base"
 
 
 def build_video_base(cfg: VideoBaseConfig, output: str | Path | None = None, force: bool = False) -> Path:
@@ -101,16 +102,16 @@ def _build(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
     vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae")
     words = vocabulary()
     tokenizer = write_word_tokenizer(staging / "tokenizer", words)
-    text_encoder = word_table_text_encoder(_text_encoder(size, tokenizer), tokenizer, words, cfg.seed, positions=True)  # "from A to B"
-    unet2d = _unet(size, cross_attention_dim=size.text_hidden)
+    text_encoder = word_table_text_encoder(text_encoder_for(size, tokenizer), tokenizer, words, cfg.seed, positions=True)  # "from A to B"
+    unet2d = unet_for(size, cross_attention_dim=size.text_hidden)
     adapter = motion_adapter_for(unet2d, seed=cfg.seed)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     pixels, prompts = _pretraining_clips(cfg, size.image_size)
     if cfg.vae_steps:
-        _train_vae(vae.train(), pixels.flatten(0, 1), cfg.vae_steps, cfg.vae_learning_rate, cfg, generator, "motion frames")
+        train_vae(vae.train(), pixels.flatten(0, 1), cfg.vae_steps, cfg.vae_learning_rate, cfg, generator, "motion frames")
     vae.eval().requires_grad_(False)
     latents = unit_variance_latents(vae, pixels, chunk=32)
-    components = {"text_encoder": text_encoder, "unet": unet, "scheduler": _scheduler(zero_terminal_snr=True)}
-    _train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
+    components = {"text_encoder": text_encoder, "unet": unet, "scheduler": scheduler_for(zero_terminal_snr=True)}
+    train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
     pipe = AnimateDiffPipeline(vae=vae, tokenizer=tokenizer, motion_adapter=motion_adapter_of(adapter, unet), **components)
     return save_base(pipe, cfg, staging, output, started)

@@ -1,4 +1,4 @@
-"""The motion world's exact evaluator: score a clip against its prompt, frame by frame and over time.
+"""The moving-shapes world's exact evaluator: score a clip against its prompt, frame by frame and over time.
 
 No learned model. Every frame is analysed by the image world's evaluator
 (:func:`sspo.worlds.shapes.evaluator.analyze`): observed background, object color, shape fits, center
@@ -80,8 +80,8 @@ import functools
 import math
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -99,8 +99,8 @@ from sspo.worlds.moving_shapes.world import (
     render_clip,
     render_motion_defect,
 )
+from sspo.worlds.shapes.evaluator import analyze, position_match, size_match, soft_window
 from sspo.worlds.shapes.world import BACKGROUNDS, SHAPES
-from sspo.worlds.shapes.evaluator import _soft_window, analyze, position_match, size_match
 
 ATTRIBUTE_NAMES = ("background", "color", "shape", "size", "position")
 MOTION_NAMES = ("progress", "direction", "amplitude")
@@ -176,7 +176,7 @@ class _Path:
             return position_match((value[0], value[1]), (expected[0], expected[1]))
         if self.kind == "size":
             return size_match([float(value[0])], float(expected[0]))
-        return float(_soft_window(float(np.linalg.norm(value - expected)), _COLOR_TOL, _COLOR_SCALE))
+        return float(soft_window(float(np.linalg.norm(value - expected)), _COLOR_TOL, _COLOR_SCALE))
 
 
 @functools.lru_cache(maxsize=256)
@@ -233,8 +233,8 @@ def _trajectory_scores(count: int, seen: list[int], progress: list[float], state
     jerk = math.sqrt(float(np.mean(np.abs(np.diff(z, n=2, axis=0)).max(axis=1) ** 2))) if count > 2 else 0.0
     return {
         "direction": 0.5 + 0.5 * float(p[-1] - p[0]) / travelled,
-        "amplitude": float(_soft_window(1.0 - float(p.max() - p.min()), _AMPLITUDE_TOL, _AMPLITUDE_SCALE)),
-        "smoothness": float(_soft_window(jerk, _JERK_TOL, _JERK_SCALE)),
+        "amplitude": float(soft_window(1.0 - float(p.max() - p.min()), _AMPLITUDE_TOL, _AMPLITUDE_SCALE)),
+        "smoothness": float(soft_window(jerk, _JERK_TOL, _JERK_SCALE)),
     }
 
 
@@ -255,7 +255,7 @@ def evaluate_clip(clip, spec: MotionSpec | str) -> MotionScore:
     result["background"] = float(np.mean([info["scores"]["background"] for info in infos]))
     result.update(_trajectory_scores(len(frames), seen, [row[1] for row in rows], [row[2] for row in rows]))
     consistent = sum(identity in infos[f]["plausible"] for f in seen)
-    result["persistence"] = float(_soft_window(1.0 - consistent / len(frames), 0.0, _PERSISTENCE_SCALE))
+    result["persistence"] = float(soft_window(1.0 - consistent / len(frames), 0.0, _PERSISTENCE_SCALE))
     result["attributes"] = float(np.mean([result[name] for name in ATTRIBUTE_NAMES]))
     result["motion"] = float(np.mean([result[name] for name in MOTION_NAMES]))
     result["coherence"] = math.sqrt(result["smoothness"] * result["persistence"])

@@ -1,4 +1,4 @@
-"""The motion world: the shapes world in time, a procedural text-to-video world measured exactly.
+"""The moving-shapes world: the shapes world in time, a procedural text-to-video world measured exactly.
 
 A clip (``uint8 [F, H, W, 3]``, 8 frames of 32x32 by default) shows one shapes-world object doing
 one thing; its prompt is generated from its attributes:
@@ -37,8 +37,8 @@ import colorsys
 import dataclasses
 import itertools
 import random
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -122,7 +122,7 @@ class MotionSpec:
             action = "moving from {} to {}".format(*MOVES[self.motion])
         return f"a {self.size} {self.color} {self.shape} {action}, {self.background} background"
 
-    def replace(self, **changes: str) -> "MotionSpec":
+    def replace(self, **changes: str) -> MotionSpec:
         return dataclasses.replace(self, **changes)
 
     def image_spec(self) -> ShapeSpec:
@@ -134,7 +134,7 @@ class MotionSpec:
 def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         problem = f"unknown {name} {value!r}" if value else f"no {name}"
-        raise UnknownAttributeError(f"{problem} in the motion world; expected one of {', '.join(valid)}")
+        raise UnknownAttributeError(f"{problem} in the moving-shapes world; expected one of {', '.join(valid)}")
 
 
 def motion_vocabulary() -> list[str]:
@@ -178,7 +178,7 @@ def parse_motion_prompt(text: str) -> MotionSpec:
             if word in _FILLER:
                 continue
             raise UnknownAttributeError(
-                f"prompt {text!r}: unknown word {word!r}; the motion world knows shapes ({', '.join(SHAPES)}), "
+                f"prompt {text!r}: unknown word {word!r}; the moving-shapes world knows shapes ({', '.join(SHAPES)}), "
                 f"colors ({', '.join(COLORS)}), sizes ({', '.join(SIZES)}), backgrounds ({', '.join(BACKGROUNDS)}) and "
                 f"motions: moving from <{'|'.join(_PLACES)}> to <...>, growing, shrinking, turning from <color> to <color>"
             )

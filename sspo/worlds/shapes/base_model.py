@@ -15,8 +15,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,10 +63,11 @@ class BaseConfig:
     def __post_init__(self) -> None:
         validate(self)
         for fraction, defects in (("defect_fraction", "defects"), ("vae_defect_fraction", "vae_defects")):
-            check(not getattr(self, fraction) or getattr(self, defects), defects, f"is empty, so {fraction} has no defect to render; name some of {', '.join(shapes.DEFECTS)}, or set {fraction}: 0")
+            check(not getattr(self, fraction) or getattr(self, defects), defects,
+                  f"is empty, so {fraction} has no defect to render; name some of {', '.join(shapes.DEFECTS)}, or set {fraction}: 0")
 
     @classmethod
-    def preset(cls, name: str) -> "BaseConfig":
+    def preset(cls, name: str) -> BaseConfig:
         if name == "quick":
             return cls(size="quick", vae_steps=200, vae_defect_steps=60, unet_steps=500, images_per_spec=2, batch_size=32)
         return cls(size=name)
@@ -99,7 +101,8 @@ def _pixels(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg: BaseConfig, generator: torch.Generator, phase: str) -> None:
+def train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg, generator: torch.Generator, phase: str) -> None:
+    """Train ``vae`` for reconstruction on ``pixels`` (batches of ``cfg.vae_batch_size``), one-cycle to ``learning_rate``."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
     # One-cycle: a VAE trained at a constant rate reconstructs edges too softly for the evaluator.
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.05)
@@ -114,8 +117,9 @@ def _train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg:
         optimizer.zero_grad(set_to_none=True)
 
 
-def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConfig, generator) -> None:
-    """Pretrain the UNet on (latent, prompt) pairs; the word-table text encoder stays fixed."""
+def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator) -> None:
+    """Pretrain the UNet on (latent, prompt) pairs (``cfg``: its steps, batch, learning rate and caption
+    dropout); the word-table text encoder stays fixed."""
     from diffusers import DDPMScheduler
 
     text_encoder, unet = components["text_encoder"], components["unet"]
@@ -123,7 +127,10 @@ def _train_denoiser(components: dict, tokenizer, latents, prompts, cfg: BaseConf
     params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_learning_rate, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.unet_learning_rate, total_steps=cfg.unet_steps, pct_start=0.05)
-    tokens = lambda texts: tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+    def tokens(texts):
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
     with torch.no_grad():  # the encoder is fixed: encode every prompt once
         embeds = text_encoder(tokens(prompts))[0]
         empty = text_encoder(tokens([""]))[0]
@@ -241,14 +248,14 @@ def _build(cfg: BaseConfig, staging: Path, output: Path) -> Path:
     components = build_components(size, tokenizer, shapes.vocabulary(), seed=cfg.seed)
     vae = components["vae"]
     clean = _pretraining_images(dataclasses.replace(cfg, defect_fraction=0.0), size.image_size)[0]
-    _train_vae(vae, clean, cfg.vae_steps, cfg.learning_rate, cfg, generator, "clean")
+    train_vae(vae, clean, cfg.vae_steps, cfg.learning_rate, cfg, generator, "clean")
     if cfg.vae_defect_steps:
         mix = _pretraining_images(dataclasses.replace(cfg, defect_fraction=cfg.vae_defect_fraction, defects=cfg.vae_defects), size.image_size)[0]
-        _train_vae(vae, mix, cfg.vae_defect_steps, cfg.vae_defect_learning_rate, cfg, generator, "defects")
+        train_vae(vae, mix, cfg.vae_defect_steps, cfg.vae_defect_learning_rate, cfg, generator, "defects")
     vae.eval().requires_grad_(False)
     pixels, prompts = _pretraining_images(cfg, size.image_size)
     latents = unit_variance_latents(vae, pixels, chunk=256)
-    _train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
+    train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
     pipe = StableDiffusionPipeline(
         **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )

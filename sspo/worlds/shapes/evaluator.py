@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -67,10 +67,10 @@ from sspo.worlds.shapes.world import (
     POSITION_CENTER,
     SHAPES,
     SIZE_RADIUS,
+    SUPERSAMPLE,
     ShapeSpec,
-    _polygon,
-    _SUPERSAMPLE,
     parse_prompt,
+    shape_polygon,
 )
 
 ATTRIBUTE_NAMES = ("background", "color", "shape", "size", "position")
@@ -182,7 +182,7 @@ def _directional_energy(a: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _soft_window(x: float | np.ndarray, tol: float, scale: float):
+def soft_window(x: float | np.ndarray, tol: float, scale: float):
     """1 within ``tol``, then a Gaussian fall-off of width ``scale``."""
     excess = np.maximum(0.0, np.abs(x) - tol)
     return np.exp(-0.5 * (excess / scale) ** 2)
@@ -223,11 +223,11 @@ def _coverage(shape: str, side: int, center: tuple[float, float], radius: float)
     and LANCZOS downsampling, but on one float channel: a world render with background ``b`` and
     color ``c`` is ``clip(b + coverage * (c - b), 0, 255)`` up to rounding, ringing included.
     """
-    big = side * _SUPERSAMPLE
+    big = side * SUPERSAMPLE
     canvas = Image.new("F", (big, big), 0.0)
     draw = ImageDraw.Draw(canvas)
     cx, cy, r = center[0] * big, center[1] * big, radius * big
-    polygon = _polygon(shape, cx, cy, r)
+    polygon = shape_polygon(shape, cx, cy, r)
     if polygon is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1.0)
     else:
@@ -235,7 +235,7 @@ def _coverage(shape: str, side: int, center: tuple[float, float], radius: float)
     return np.asarray(canvas.resize((side, side), Image.Resampling.LANCZOS), dtype=np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _area_coefficients(side: int) -> dict[str, float]:
     """Object area in pixels per (radius in pixels)^2, for every shape, at this image side."""
     return {
@@ -291,7 +291,7 @@ def _fit_template(shape: str, alpha: np.ndarray, background: np.ndarray, color: 
             break
         dr = r * (math.sqrt(area / t_area) - 1.0)
         dx, dy = cx - t_cx, cy - t_cy
-        if max(abs(dr), abs(dx), abs(dy)) * side * _SUPERSAMPLE < 0.25:
+        if max(abs(dr), abs(dx), abs(dy)) * side * SUPERSAMPLE < 0.25:
             break  # within a quarter of the renderer's snapping grid: converged
         r, cx, cy = r + dr, cx + dx, cy + dy
     return best[1:]
@@ -304,16 +304,16 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
 def size_match(radii: Iterable[float], expected: float) -> float:
     """The size score: 1 when one of the object's plausible radii is within 8% of ``expected``
     (fractions of the side), then a Gaussian fall-off on the log ratio."""
-    return max(float(_soft_window(math.log(r / expected), _SIZE_TOL, _SIZE_SCALE)) for r in radii)
+    return max(float(soft_window(math.log(r / expected), _SIZE_TOL, _SIZE_SCALE)) for r in radii)
 
 
 def position_match(center: tuple[float, float], expected: tuple[float, float]) -> float:
     """The position score: 1 when ``center`` is within 3% of the side of ``expected``, ~0.4 at 10%."""
-    return float(_soft_window(math.hypot(center[0] - expected[0], center[1] - expected[1]), _POS_TOL, _POS_SCALE))
+    return float(soft_window(math.hypot(center[0] - expected[0], center[1] - expected[1]), _POS_TOL, _POS_SCALE))
 
 
 def analyze(image, spec: ShapeSpec) -> dict:
-    """The measurements behind :func:`evaluate`, for evaluators built on this one (the motion world).
+    """The measurements behind :func:`evaluate`, for evaluators built on this one (the moving-shapes world).
 
     Always: ``side``, ``bg_obs`` (observed background RGB), ``found`` (an object was found),
     ``sigma`` (noise level) and ``scores`` (the :class:`ShapeScore` fields). With an object also:
@@ -399,7 +399,7 @@ def analyze(image, spec: ShapeSpec) -> dict:
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         weights = alpha_s[solid]
-        # its fill: the unmixed pixels' weighted mean, steadier than obj_color (the motion world tracks it)
+        # its fill: the unmixed pixels' weighted mean, steadier than obj_color (the moving-shapes world tracks it)
         info["fill"] = (pure * weights[:, None]).sum(axis=0) / weights.sum() if weights.sum() > 0 else info["obj_color"]
         target = _PALETTE_NAMES.index(spec.color)
         scores["color"] = float((probs[:, target] * weights).sum() / max(float(weights.sum()), 1e-6))

@@ -3,9 +3,9 @@
 The world's own pairs (:func:`sspo.worlds.shapes.world.preference_pairs`) put an ideal clean render
 against a defective one: their winners are the evaluator's optimum. Pick-a-Pic's winners are
 samples of other models that people preferred to a second sample: imperfect, with room above
-them. This module makes such data here. G is the base after ``steps`` SFT steps on clean renders
-(trained by :func:`sspo.training.trainer.train` from the demo config, cached by its recipe), so ``steps``
-sets how good its samples are. G draws two images per alignment-train prompt (never a validation
+them. This module makes such data here, from a generator G that :mod:`sspo.commands.pairs` trains
+(the base after ``steps`` SFT steps on clean renders, from the demo config, cached by its recipe),
+so ``steps`` sets how good its samples are. G draws two images per alignment-train prompt (never a validation
 or held-out one) with different seeds; the one with the higher exact reward wins; pairs whose
 rewards differ by less than ``tie_threshold`` are dropped, as Pick-a-Pic's ties are. Optionally
 the label is drawn from a Bradley-Terry model of the reward difference (people disagree).
@@ -29,31 +29,24 @@ Every choice is seeded; the same config writes the same rows.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sspo.config import load_config, setting, to_dict, validate
+from sspo.config import setting, validate
 from sspo.errors import SSPOError
 from sspo.io import atomic_write_json
-from sspo.paths import cache_root
-from sspo.worlds.shapes.world import WORLD_VERSION, ShapeSpec, make_split, write_pickapic_parquet
 from sspo.worlds.shapes.evaluator import evaluate_batch
-
-if TYPE_CHECKING:
-    from sspo.training.config import TrainConfig
+from sspo.worlds.shapes.world import ShapeSpec, make_split, write_pickapic_parquet
 
 # Bump when G's recipe, the sampling or the ranking changes, so cached generators and pairs are rebuilt.
 PAIRS_VERSION = 1
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-shapes.yaml"
 
 # G's SFT steps per level, interpolated on the measured R_win-vs-steps curve (docs/data.md
 # "Pick-a-Pic-shaped pairs"), from winner statistics alone. G saturates at R_win ~0.78 (its stored
@@ -81,58 +74,8 @@ class PairsConfig:
     def __post_init__(self) -> None:
         validate(self)
 
-    def key(self) -> str:
-        blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, **to_dict(self), "generator": generator_key(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-
-# --------------------------------------------------------------------------------------------------
-# The generator G
-
-
-def generator_config(cfg: PairsConfig, output_dir: str | Path) -> TrainConfig:
-    """G's recipe: the demo's SFT (its LoRA, learning rate and batch) for ``cfg.steps`` steps on the
-    clean renders of the training prompts, validation ones left out; no validation, no logging."""
-    from sspo.training.config import TrainConfig
-
-    overrides = [
-        "method=sft", f"model.pretrained={cfg.base}", "iterations=1", f"steps_per_iteration={cfg.steps}", f"seed={cfg.seed}",
-        f"data.world_split_seed={cfg.split_seed}", "data.world_without_validation=true", "validation.every_iterations=0",
-        "report_to=none", f"output_dir={output_dir}",
-    ]
-    return load_config(TrainConfig, DEMO_CONFIG, overrides)
-
-
-def generator_key(cfg: PairsConfig) -> str:
-    if cfg.steps == 0:
-        return "base"
-    recipe = to_dict(generator_config(cfg, "generator"))
-    recipe.pop("output_dir")  # where G is written is not part of its recipe
-    blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, "steps": cfg.steps, "recipe": recipe}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def generator(cfg: PairsConfig) -> tuple[str, Path | None]:
-    """G as (base folder, LoRA folder or None for the base itself): trained now, or reused from the cache."""
-    from filelock import FileLock
-
-    from sspo.worlds.names import resolve_model
-    from sspo.training.trainer import train
-
-    base = resolve_model(cfg.base)
-    if cfg.steps == 0:
-        return base, None
-    run = cache_root() / f"pairs-generator-{cfg.base.replace(':', '-')}-n{cfg.steps}-{generator_key(cfg)}"
-    final = run / "final"
-    run.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(run) + ".lock"):  # parallel builds share one G
-        if not (final / "pytorch_lora_weights.safetensors").is_file():
-            with _one_thread():
-                train(generator_config(cfg, run))
-    return base, final
-
-
-class _one_thread:
+class one_thread:
     """One torch thread while G trains and samples: the tiny models gain little from more, and float
     sums split over threads differ from machine to machine, so the pairs would too."""
 
@@ -175,20 +118,16 @@ def sample_seeds(cfg: PairsConfig, specs: Sequence[ShapeSpec]) -> list[tuple[int
     return seeds
 
 
-def draw_samples(model: str, lora: Path | None, specs: Sequence[ShapeSpec], seeds: Sequence[tuple[int, int]], cfg: PairsConfig, desc: str) -> list[tuple]:
-    """Two images per prompt, ``(image_a, image_b)``, sampled by ``model`` (+ ``lora``) as the evaluation samples."""
-    from sspo.models.pipeline import load_pipeline
-    from sspo.evaluation.sampling import generate
-
-    pipe = load_pipeline(model, lora=lora)
-    pipe.set_progress_bar_config(disable=True)
+def draw_samples(generate: Callable[[list[str], list[int]], list], specs: Sequence[ShapeSpec], seeds: Sequence[tuple[int, int]], cfg: PairsConfig, desc: str) -> list[tuple]:
+    """Two images per prompt, ``(image_a, image_b)``: ``generate(prompts, seeds)`` is G's sampler (as the
+    evaluation samples), called in batches of ``cfg.batch_size``."""
     prompts = [s.prompt for s in specs for _ in range(2)]
     flat_seeds = [seed for pair in seeds for seed in pair]
     images: list = []
-    with _one_thread():
+    with one_thread():
         for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False):
             end = start + cfg.batch_size
-            images += generate(pipe, prompts[start:end], flat_seeds[start:end], steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
+            images += generate(prompts[start:end], flat_seeds[start:end])
     return list(zip(images[0::2], images[1::2]))
 
 
@@ -260,7 +199,7 @@ def round_trip_rewards(model: str, images: Sequence, specs: Sequence[ShapeSpec])
 
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
     pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images])).permute(0, 3, 1, 2) / 127.5 - 1
-    with _one_thread():
+    with one_thread():
         decoded = np.concatenate([decode_images(vae, encode_images(vae, part)) for part in pixels.split(64)])
     return rewards(list(decoded), specs)
 
@@ -323,71 +262,52 @@ class Measured:
     stats: dict
 
 
-def measure(cfg: PairsConfig) -> Measured:
-    """Sample G's pairs, score them exactly (as stored and after a VAE round trip) and rank them."""
+def measure(cfg: PairsConfig, model: str, generate: Callable[[list[str], list[int]], list]) -> Measured:
+    """Sample G's pairs (``generate``: G's sampler; ``model``: the base whose VAE training encodes with),
+    score them exactly (as stored and after a VAE round trip) and rank them."""
     specs = pair_specs(cfg)
-    model, lora = generator(cfg)
-    samples = draw_samples(model, lora, specs, sample_seeds(cfg, specs), cfg, f"pairs: G ({cfg.steps} SFT steps) samples")
+    samples = draw_samples(generate, specs, sample_seeds(cfg, specs), cfg, f"pairs: G ({cfg.steps} SFT steps) samples")
     stored = tuple(rewards([s[k] for s in samples], specs) for k in (0, 1))
     round_trip = tuple(round_trip_rewards(model, [s[k] for s in samples], specs) for k in (0, 1))
     ranked = rank_pairs(*stored, cfg.tie_threshold, cfg.bt_temperature, cfg.seed)
     return Measured(specs, samples, stored, round_trip, ranked, winner_statistics(stored, round_trip, ranked))
 
 
-def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
-    return cache_root() / "data" / f"shapes-pickapic-{level or f'n{cfg.steps}'}{'-quick' if cfg.base.endswith(':quick') else ''}-{cfg.key()}"
+def base_reward(cfg: PairsConfig, specs: Sequence[ShapeSpec], generate: Callable[[list[str], list[int]], list]) -> float:
+    """``R_base``: the mean exact reward of the base's samples (``generate``) on the pairs' prompts and seeds."""
+    samples = draw_samples(generate, specs, sample_seeds(cfg, specs), cfg, "pairs: base samples")
+    return float(np.concatenate([rewards([s[0] for s in samples], specs), rewards([s[1] for s in samples], specs)]).mean())
 
 
-def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | None = None) -> tuple[Path, dict, bool]:
-    """Write ``pairs.parquet`` and ``pairs.json`` into ``out`` (default: the cache, keyed by the
-    config); returns the folder, the record and whether it was reused (same config, already built)."""
-    from filelock import FileLock
-
+def ceiling_reward(model: str) -> float:
+    """``R_ceil``: the mean exact reward of held-out clean renders after a round trip through ``model``'s VAE."""
     from sspo.worlds.shapes.base_model import round_trip_scores
 
-    if cfg.steps < 1:
-        raise SSPOError("G with 0 SFT steps is the base itself, and the pairs' generator must not be the model being trained; give it 1 or more steps")
-    folder = Path(out) if out else default_folder(cfg, level)
-    record_path = folder / "pairs.json"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if record_path.is_file() and (folder / "pairs.parquet").is_file():
-            record = json.loads(record_path.read_text())
-            if record.get("key") == cfg.key():
-                return folder, record, True
-        measured = measure(cfg)
-        specs, stats = measured.specs, dict(measured.stats)
-        if not measured.ranked:
-            raise SSPOError(f"every one of G's {len(specs)} pairs is a tie below {cfg.tie_threshold}; lower --tie-threshold")
-        model, _ = generator(cfg)
-        base_samples = draw_samples(model, None, specs, sample_seeds(cfg, specs), cfg, "pairs: base samples")
-        stats["R_base"] = float(np.concatenate([rewards([s[0] for s in base_samples], specs), rewards([s[1] for s in base_samples], specs)]).mean())
-        stats["R_ceil"] = round_trip_scores(model)["clean"]["reward"]
-        write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(specs, measured.samples, measured.ranked))
-        record = {
-            "key": cfg.key(),
-            "level": level,
-            "level_target_R_win": LEVEL_TARGETS.get(level),
-            "config": to_dict(cfg),
-            "generator": {"steps": cfg.steps, "key": generator_key(cfg), "recipe": to_dict(generator_config(cfg, "generator")) | {"output_dir": None}},
-            "prompts": len(training_specs(cfg)),
-            "prompt_split": "alignment-train combinations without the validation ones",
-            **stats,
-            "definitions": DEFINITIONS,
-        }
-        atomic_write_json(record_path, record)  # written last: a folder with pairs.json is complete
-    return folder, json.loads(record_path.read_text()), False
+    return round_trip_scores(model)["clean"]["reward"]
 
 
-def sweep(cfg: PairsConfig, steps: Sequence[int], thresholds: Sequence[float] = (0.01, 0.02, 0.05)) -> list[dict]:
-    """Winner statistics of G at every number of SFT steps (0: the base), and the tie fraction at
-    several thresholds: the curve the levels are read from. Nothing is written but G's cache."""
-    table = []
-    for n in tqdm(steps, desc="pairs: sweep", leave=False):
-        measured = measure(dataclasses.replace(cfg, steps=n))
-        difference = np.abs(measured.stored[0] - measured.stored[1])
-        table.append({"steps": n, **measured.stats} | {f"ties<{t:g}": float((difference < t).mean()) for t in thresholds})
-    return table
+def require_kept(measured: Measured, tie_threshold: float) -> None:
+    """Refuse pairs of which every one is a tie: there is nothing to write."""
+    if not measured.ranked:
+        raise SSPOError(f"every one of G's {len(measured.specs)} pairs is a tie below {tie_threshold}; lower --tie-threshold")
+
+
+def write_pairs(folder: Path, measured: Measured, head: dict, prompts: int, extra_stats: dict) -> dict:
+    """Write ``pairs.parquet`` (the kept pairs), then ``pairs.json``: ``head`` (the recipe), the number
+    of training ``prompts``, the statistics (``extra_stats`` after G's) and their definitions. A
+    folder with ``pairs.json`` is complete."""
+    require_kept(measured, head["config"]["tie_threshold"])
+    write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(measured.specs, measured.samples, measured.ranked))
+    record = {**head, "prompts": prompts, "prompt_split": "alignment-train combinations without the validation ones",
+              **measured.stats, **extra_stats, "definitions": DEFINITIONS}
+    atomic_write_json(folder / "pairs.json", record)
+    return record
+
+
+def sweep_row(steps: int, measured: Measured, thresholds: Sequence[float]) -> dict:
+    """One row of the sweep: G's winner statistics at ``steps`` SFT steps and the tie fraction at each threshold."""
+    difference = np.abs(measured.stored[0] - measured.stored[1])
+    return {"steps": steps, **measured.stats} | {f"ties<{t:g}": float((difference < t).mean()) for t in thresholds}
 
 
 def format_sweep(table: Sequence[dict]) -> str:

@@ -12,8 +12,8 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -49,7 +49,7 @@ _POSITION_TEXT = {
     "bottom": "at the bottom",
     "center": "in the center",
 }
-_SUPERSAMPLE = 4
+SUPERSAMPLE = 4  # renders are drawn this many times larger, then downsampled: antialiased edges
 
 
 class UnknownAttributeError(SSPOError):
@@ -78,7 +78,7 @@ class ShapeSpec:
     def prompt(self) -> str:
         return f"a {self.size} {self.color} {self.shape} {_POSITION_TEXT[self.position]}, {self.background} background"
 
-    def replace(self, **changes: str) -> "ShapeSpec":
+    def replace(self, **changes: str) -> ShapeSpec:
         return dataclasses.replace(self, **changes)
 
 
@@ -128,7 +128,8 @@ def all_specs() -> list[ShapeSpec]:
 # Rendering
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """The vertices of ``shape`` at center (cx, cy) and radius r (pixels); None for a circle, drawn as an ellipse."""
     if shape == "square":
         s = r * 0.9
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
@@ -148,13 +149,13 @@ def render(
     fill: tuple[int, int, int] | None = None,
 ) -> Image.Image:
     """The ideal (antialiased) image of ``spec``; keyword overrides are for defects and analysis."""
-    big = size * _SUPERSAMPLE
+    big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUNDS[spec.background])
     draw = ImageDraw.Draw(image)
     fx, fy = center or POSITION_CENTER[spec.position]
     cx, cy, r = fx * big, fy * big, (radius or SIZE_RADIUS[spec.size]) * big
     color = fill or COLORS[spec.color]
-    polygon = _polygon(spec.shape, cx, cy, r)
+    polygon = shape_polygon(spec.shape, cx, cy, r)
     if polygon is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     else:
@@ -165,7 +166,7 @@ def render(
 # --------------------------------------------------------------------------------------------------
 # Defects: each makes a low-quality or wrong image for the same prompt. Signature: (spec, rng, size).
 # The quality defects (blur, noise, smear, checker) also take :func:`render`'s keyword overrides, so
-# that the motion world can apply them to frames whose object is between the image world's places.
+# that the moving-shapes world can apply them to frames whose object is between the image world's places.
 
 
 def _other(values: Sequence[str], current: str, rng: random.Random) -> str:

@@ -15,7 +15,7 @@ from scorer_models import PROMPTS
 
 
 def test_registry_names_and_unknown_scorer():
-    assert set(SCORER_NAMES) == {"pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "shapes", "motion"}
+    assert set(SCORER_NAMES) == {"pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "shapes", "moving-shapes"}
     assert set(PAPER_METRICS) <= set(SCORER_NAMES)
     with pytest.raises(SSPOError, match="unknown scorer 'pick'.*pickscore"):
         build_scorer("pick")
@@ -127,10 +127,10 @@ def test_scorers_run_on_cuda_in_half_precision(
         assert torch.allclose(gpu, cpu, rtol=0.02, atol=0.05), (name, gpu, cpu)
 
 
-def test_motion_scorer_prefers_the_clean_clip_and_gives_every_component():
+def test_moving_shapes_scorer_prefers_the_clean_clip_and_gives_every_component():
     from sspo.worlds.moving_shapes import world as motion
 
-    scorer = build_scorer("motion", batch_size=4)
+    scorer = build_scorer("moving-shapes", batch_size=4)
     spec = motion.parse_motion_prompt("a small red circle moving from left to right, white background")
     rng = random.Random(0)
     clips = [motion.render_clip(spec)] + [motion.render_motion_defect(spec, rng, defect=d) for d in ("reversed", "static", "wrong_color")]

@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from sspo.worlds.shapes.base_model import packaged_base
 from sspo.worlds.moving_shapes.base_model import PACKAGED_VIDEO_BASE, VideoBaseConfig, build_video_base
+from sspo.worlds.shapes.base_model import packaged_base
 
 
 def test_the_shipped_video_base_is_the_default_recipe():
-    assert packaged_base(VideoBaseConfig(), PACKAGED_VIDEO_BASE) == PACKAGED_VIDEO_BASE, "rebuild it: sspo base --video --force --out sspo/weights/shapes-video-base"
+    rebuild = "rebuild it: sspo base --world moving-shapes --force --out sspo/worlds/moving_shapes/weights/moving-shapes-base"
+    assert packaged_base(VideoBaseConfig(), PACKAGED_VIDEO_BASE) == PACKAGED_VIDEO_BASE, rebuild
     assert sum(p.stat().st_size for p in Path(PACKAGED_VIDEO_BASE).rglob("*") if p.is_file()) <= 10 * 2**20
     assert build_video_base(VideoBaseConfig()) == PACKAGED_VIDEO_BASE
 

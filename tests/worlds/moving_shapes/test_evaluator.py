@@ -1,4 +1,4 @@
-"""The motion world's exact evaluator: clean clips score ~1, each defect hits its component, and the
+"""The moving-shapes world's exact evaluator: clean clips score ~1, each defect hits its component, and the
 VAE round trip keeps the temporal defects."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from sspo.errors import ModelError, SSPOError
-from sspo.worlds.moving_shapes.world import MOTION_DEFECTS, MOTIONS, RESIZES, MotionSpec, render_clip, render_motion_defect
 from sspo.worlds.moving_shapes.evaluator import (
     ATTRIBUTE_NAMES,
     COHERENCE_NAMES,
@@ -27,6 +26,7 @@ from sspo.worlds.moving_shapes.evaluator import (
     round_trip_clip_scores,
     round_trip_clips,
 )
+from sspo.worlds.moving_shapes.world import MOTION_DEFECTS, MOTIONS, RESIZES, MotionSpec, render_clip, render_motion_defect
 from sspo.worlds.shapes.world import BACKGROUNDS, COLORS, SHAPES, SIZES
 
 VAE = Path(__file__).resolve().parents[3] / "sspo" / "worlds" / "shapes" / "weights" / "shapes-base"

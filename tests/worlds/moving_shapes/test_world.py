@@ -1,4 +1,4 @@
-"""The motion world itself: prompts, splits, clips, temporal defects and the dataset writers."""
+"""The moving-shapes world itself: prompts, splits, clips, temporal defects and the dataset writers."""
 
 from __future__ import annotations
 

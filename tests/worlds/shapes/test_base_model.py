@@ -1,9 +1,8 @@
 import dataclasses
 import json
-from pathlib import Path
 import subprocess
 import sys
-
+from pathlib import Path
 
 from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
@@ -81,8 +80,8 @@ def test_quick_base_follows_its_prompts(quick_base):
 
     import numpy as np
 
-    from sspo.models.pipeline import load_pipeline
     from sspo.evaluation.sampling import generate
+    from sspo.models.pipeline import load_pipeline
     from sspo.worlds.shapes import world as shapes
     from sspo.worlds.shapes.evaluator import evaluate
 
@@ -115,11 +114,11 @@ def test_64px_preset_has_16x16_latents_and_its_own_cache_key():
     """The 64 px preset (the SSR analysis's second latent size) is the default recipe at 64x64."""
     import torch
 
-    from sspo.models.tiny import TinySize, _vae
+    from sspo.models.tiny import TinySize, vae_for
 
     size = TinySize.preset("64px")
     assert size.image_size == 64 and dataclasses.replace(size, image_size=32) == TinySize.preset("default")
-    latents = _vae(size).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    latents = vae_for(size).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, size.latent_channels, 16, 16)
     cfg = BaseConfig.preset("64px")
     assert cfg.size == "64px" and dataclasses.replace(cfg, size="default") == BaseConfig()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from sspo.errors import SSPOError
-from sspo.worlds.shapes.world import BACKGROUNDS, COLORS, DEFECTS, all_specs, render, render_defect
 from sspo.worlds.shapes.evaluator import (
     ATTRIBUTE_NAMES,
     COMPONENT_NAMES,
@@ -22,6 +21,7 @@ from sspo.worlds.shapes.evaluator import (
     evaluate_prompt,
     mean_scores,
 )
+from sspo.worlds.shapes.world import BACKGROUNDS, COLORS, DEFECTS, all_specs, render, render_defect
 
 SPECS = random.Random(0).sample(all_specs(), 40)
 DEFECT_SPECS = random.Random(1).sample(all_specs(), 16)

@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import json
 import math
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from sspo.cli import main
-from sspo.config import load_config
-from sspo.training.data import DataConfig, load_dataset_from_config
-from sspo.training.config import TrainConfig
-from sspo.worlds.shapes.world import make_split, parse_prompt
-from sspo.worlds.shapes.evaluator import evaluate_batch
-from sspo.worlds.shapes.pairs import DEMO_CONFIG, PairsConfig, build_pairs, rank_pairs, training_specs
+from sspo.worlds.shapes.pairs import PairsConfig, rank_pairs, training_specs
+from sspo.worlds.shapes.world import make_split
 
 QUICK = PairsConfig(steps=2, base="shapes-base:quick", max_prompts=16)  # what `sspo pairs --quick` builds
-
-
-@pytest.fixture(scope="module")
-def quick_pairs(tmp_path_factory, quick_base) -> tuple:
-    """`sspo pairs --quick` written to a folder: (folder, its stdout)."""
-    folder = tmp_path_factory.mktemp("pairs")
-    import contextlib
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["pairs", "--quick", "--out", str(folder)]) == 0
-    return folder, out.getvalue()
-
-
-def read_rows(folder) -> list[dict]:
-    return pq.read_table(folder / "pairs.parquet").to_pylist()
-
-
-def png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,68 +48,3 @@ def test_prompts_are_training_combinations_never_validation_or_held_out():
     assert set(specs) == set(split.train_without_validation)
     assert not set(specs) & (set(split.validation) | set(split.heldout))
     assert set(training_specs(QUICK)) < set(specs) and len(training_specs(QUICK)) == 16
-
-
-# --------------------------------------------------------------------------------------------------
-# Built pairs (quick base)
-
-
-def test_pairs_are_tie_free_and_their_winners_outscore_their_losers_on_the_exact_evaluator(quick_pairs):
-    folder, stdout = quick_pairs
-    rows = read_rows(folder)
-    record = json.loads((folder / "pairs.json").read_text())
-    assert rows and len(rows) == record["pairs"] == record["pairs_drawn"] - record["ties_dropped"]
-    assert record["pairs_drawn"] == 16 and record["config"]["steps"] == 2
-    labels = [row["label_0"] for row in rows]
-    assert set(labels) <= {0.0, 1.0}
-    winners, losers = [], []
-    for row in rows:
-        spec = parse_prompt(row["caption"])
-        scores = [s.reward for s in evaluate_batch([png(row["jpg_0"]), png(row["jpg_1"])], [spec, spec])]
-        assert scores == pytest.approx([row["reward_0"], row["reward_1"]])  # PNG is lossless: the stored rewards are the images'
-        win, lose = (scores[0], scores[1]) if row["label_0"] == 1.0 else (scores[1], scores[0])
-        assert win - lose >= 0.02
-        winners.append(win)
-        losers.append(lose)
-    assert record["R_win_stored"] == pytest.approx(np.mean(winners)) and record["R_lose_stored"] == pytest.approx(np.mean(losers))
-    assert all(0 < record[k] <= 1 for k in ("R_win", "R_lose", "R_base", "R_ceil"))
-    assert "wrote" in stdout and f"R_win {record['R_win']:.3f}" in stdout
-
-
-def test_pairs_are_deterministic_and_a_built_folder_is_reused(quick_pairs, tmp_path):
-    folder, _ = quick_pairs
-    again, record, reused = build_pairs(QUICK, tmp_path / "again")
-    assert not reused
-    assert read_rows(again) == read_rows(folder)
-    assert record == json.loads((folder / "pairs.json").read_text())
-    assert build_pairs(QUICK, folder)[2]  # same settings: nothing is sampled again
-
-
-def test_pairs_load_through_the_parquet_source_and_dpo_trains_on_them(quick_pairs, quick_base, tmp_path):
-    from sspo.training.trainer import train
-
-    folder, _ = quick_pairs
-    rows = read_rows(folder)
-    dataset = load_dataset_from_config(DataConfig(source="parquet", path=str(folder / "pairs.parquet"), resolution=32))
-    assert dataset.has_losers and len(dataset) == len(rows)
-    item = dataset[0]
-    winner = rows[0]["jpg_0"] if rows[0]["label_0"] == 1.0 else rows[0]["jpg_1"]
-    assert np.allclose(item["winner"].permute(1, 2, 0).numpy(), png(winner) / 127.5 - 1, atol=1e-5)
-    assert load_dataset_from_config(DataConfig(source="parquet", path=str(folder / "pairs.parquet"), resolution=32, mode="random")).has_losers
-    cfg = load_config(TrainConfig, DEMO_CONFIG, [
-        "method=dpo", f"model.pretrained={quick_base}", "data.source=parquet", f"data.path={folder / 'pairs.parquet'}",
-        "iterations=1", "steps_per_iteration=2", "optim.batch_size=2", "validation.every_iterations=0", "report_to=none", f"output_dir={tmp_path / 'dpo'}",
-    ])
-    assert (train(cfg) / "pytorch_lora_weights.safetensors").is_file()
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["pairs"], "give one of --level, --steps or --sweep"),
-    (["pairs", "--level", "mid", "--steps", "3"], "give one of --level, --steps or --sweep"),
-    (["pairs", "--steps", "0", "--quick"], "must not be the model being trained"),
-    (["pairs", "--steps", "3", "--tie-threshold", "-1", "--quick"], "tie_threshold"),
-])
-def test_bad_pairs_arguments_are_one_line_errors(argv, message, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sspo: error:") and message in err and "\n" not in err

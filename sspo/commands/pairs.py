@@ -1,0 +1,178 @@
+"""``sspo pairs``: the shapes world's Pick-a-Pic-shaped pairs, from a generator G trained here.
+
+G is the shapes base after ``steps`` SFT steps on clean renders, trained by the trainer from the
+demo config and cached by its recipe; the world's part (:mod:`sspo.worlds.shapes.pairs`) samples
+two images per training prompt from it, scores and ranks them, drops ties and writes the parquet
+and its record. ``--sweep`` prints G's winner statistics at several step counts instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sspo.config import load_config, to_dict
+from sspo.errors import SSPOError
+from sspo.paths import CONFIGS, cache_root
+from sspo.training.config import TrainConfig
+from sspo.worlds.names import resolve_model
+from sspo.worlds.shapes.pairs import (
+    LEVEL_STEPS,
+    LEVEL_TARGETS,
+    PAIRS_VERSION,
+    Measured,
+    PairsConfig,
+    base_reward,
+    ceiling_reward,
+    format_sweep,
+    measure,
+    one_thread,
+    require_kept,
+    sweep_row,
+    training_specs,
+    write_pairs,
+)
+from sspo.worlds.shapes.world import WORLD_VERSION
+
+DEMO_CONFIG = CONFIGS / "demo-shapes.yaml"
+
+
+# --------------------------------------------------------------------------------------------------
+# The generator G
+
+
+def generator_config(cfg: PairsConfig, output_dir: str | Path) -> TrainConfig:
+    """G's recipe: the demo's SFT (its LoRA, learning rate and batch) for ``cfg.steps`` steps on the
+    clean renders of the training prompts, validation ones left out; no validation, no logging."""
+    overrides = [
+        "method=sft", f"model.pretrained={cfg.base}", "iterations=1", f"steps_per_iteration={cfg.steps}", f"seed={cfg.seed}",
+        f"data.world_split_seed={cfg.split_seed}", "data.world_without_validation=true", "validation.every_iterations=0",
+        "report_to=none", f"output_dir={output_dir}",
+    ]
+    return load_config(TrainConfig, DEMO_CONFIG, overrides)
+
+
+def generator_key(cfg: PairsConfig) -> str:
+    if cfg.steps == 0:
+        return "base"
+    recipe = to_dict(generator_config(cfg, "generator"))
+    recipe.pop("output_dir")  # where G is written is not part of its recipe
+    blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, "steps": cfg.steps, "recipe": recipe}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pairs_key(cfg: PairsConfig) -> str:
+    """The pairs' recipe: their settings and G's."""
+    blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, **to_dict(cfg), "generator": generator_key(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def generator(cfg: PairsConfig) -> tuple[str, Path | None]:
+    """G as (base folder, LoRA folder or None for the base itself): trained now, or reused from the cache."""
+    from filelock import FileLock
+
+    from sspo.training.trainer import train
+
+    base = resolve_model(cfg.base)
+    if cfg.steps == 0:
+        return base, None
+    run = cache_root() / f"pairs-generator-{cfg.base.replace(':', '-')}-n{cfg.steps}-{generator_key(cfg)}"
+    final = run / "final"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run) + ".lock"):  # parallel builds share one G
+        if not (final / "pytorch_lora_weights.safetensors").is_file():
+            with one_thread():
+                train(generator_config(cfg, run))
+    return base, final
+
+
+def sampler(model: str, lora: Path | None, cfg: PairsConfig) -> Callable[[list[str], list[int]], list]:
+    """``generate(prompts, seeds)`` of ``model`` (+ ``lora``), sampling as the evaluation samples."""
+    from sspo.evaluation.sampling import generate
+    from sspo.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, lora=lora)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda prompts, seeds: generate(pipe, prompts, seeds, steps=cfg.sampler_steps, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
+
+
+def measure_generator(cfg: PairsConfig) -> Measured:
+    model, lora = generator(cfg)
+    return measure(cfg, model, sampler(model, lora, cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+
+
+def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
+    return cache_root() / "data" / f"shapes-pickapic-{level or f'n{cfg.steps}'}{'-quick' if cfg.base.endswith(':quick') else ''}-{pairs_key(cfg)}"
+
+
+def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | None = None) -> tuple[Path, dict, bool]:
+    """Write ``pairs.parquet`` and ``pairs.json`` into ``out`` (default: the cache, keyed by the
+    config); returns the folder, the record and whether it was reused (same config, already built)."""
+    from filelock import FileLock
+
+    if cfg.steps < 1:
+        raise SSPOError("G with 0 SFT steps is the base itself, and the pairs' generator must not be the model being trained; give it 1 or more steps")
+    key = pairs_key(cfg)
+    folder = Path(out) if out else default_folder(cfg, level)
+    record_path = folder / "pairs.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if record_path.is_file() and (folder / "pairs.parquet").is_file():
+            record = json.loads(record_path.read_text())
+            if record.get("key") == key:
+                return folder, record, True
+        measured = measure_generator(cfg)
+        require_kept(measured, cfg.tie_threshold)
+        model, _ = generator(cfg)
+        extra = {"R_base": base_reward(cfg, measured.specs, sampler(model, None, cfg)), "R_ceil": ceiling_reward(model)}
+        head = {
+            "key": key,
+            "level": level,
+            "level_target_R_win": LEVEL_TARGETS.get(level),
+            "config": to_dict(cfg),
+            "generator": {"steps": cfg.steps, "key": generator_key(cfg), "recipe": to_dict(generator_config(cfg, "generator")) | {"output_dir": None}},
+        }
+        write_pairs(folder, measured, head, len(training_specs(cfg)), extra)
+    return folder, json.loads(record_path.read_text()), False
+
+
+def sweep(cfg: PairsConfig, steps: Sequence[int], thresholds: Sequence[float] = (0.01, 0.02, 0.05)) -> list[dict]:
+    """Winner statistics of G at every number of SFT steps (0: the base), and the tie fraction at
+    several thresholds: the curve the levels are read from. Nothing is written but G's cache."""
+    return [sweep_row(n, measure_generator(dataclasses.replace(cfg, steps=n)), thresholds) for n in tqdm(steps, desc="pairs: sweep", leave=False)]
+
+
+def run_pairs(level: str | None = None, steps: int | None = None, sweep_steps: Sequence[int] | None = None, out: str | Path | None = None, quick: bool = False,
+              tie_threshold: float = 0.02, bt_temperature: float = 0.0, seed: int = 0, pairs_per_prompt: int = 1) -> None:
+    """``sspo pairs``: build (or reuse) the pairs of ``level`` or ``steps`` and say what they are, or
+    print G's winner statistics at each of ``sweep_steps``."""
+    chosen = [flag for flag, value in (("--level", level), ("--steps", steps), ("--sweep", sweep_steps)) if value is not None]
+    if len(chosen) > 1 or not (chosen or quick):
+        raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")
+    # quick: the tests' small base, 16 prompts and 2 SFT steps: a smoke test, not a level.
+    steps = 2 if quick and steps is None else steps if steps is not None else LEVEL_STEPS.get(level, 0)
+    cfg = PairsConfig(steps=steps, base="shapes-base:quick" if quick else "shapes-base", tie_threshold=tie_threshold,
+                      bt_temperature=bt_temperature, seed=seed, max_prompts=16 if quick else None, pairs_per_prompt=pairs_per_prompt)
+    if sweep_steps is not None:
+        print(format_sweep(sweep(cfg, sweep_steps)))
+        return
+    folder, record, reused = build_pairs(cfg, out, level)
+    target = f" (level {level}: target R_win {LEVEL_TARGETS[level]:.2f})" if level else ""
+    print(f"{'reused' if reused else 'wrote'} {folder / 'pairs.parquet'}{target}")
+    print(f"  G: the base after {cfg.steps} SFT steps on clean renders; {record['prompts']} training prompts, {cfg.pairs_per_prompt * 2} samples each")
+    print(f"  pairs: {record['pairs']} kept, {record['ties_dropped']} ties dropped (|reward difference| < {cfg.tie_threshold:g})"
+          + (f"; labels Bradley-Terry at T={cfg.bt_temperature:g}, {record['label_agreement']:.0%} agree with the reward" if cfg.bt_temperature else ""))
+    print(f"  R_win {record['R_win']:.3f}, R_lose {record['R_lose']:.3f} (mean exact reward after a VAE round trip, as training encodes them; "
+          f"as stored {record['R_win_stored']:.3f}, {record['R_lose_stored']:.3f})")
+    print(f"  R_base {record['R_base']:.3f} (the base's samples, same prompts and seeds), R_ceil {record['R_ceil']:.3f} (clean renders after a VAE round trip)")
+    print(f"  record: {folder / 'pairs.json'}")
+    print(f"  train on it: sspo train configs/demo-shapes.yaml data.source=parquet data.path={folder / 'pairs.parquet'} validation.world=shapes")

@@ -1,0 +1,49 @@
+"""The moving-shapes world's entry in the world registry (:mod:`sspo.worlds.registry`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sspo.paths import CONFIGS
+from sspo.worlds.moving_shapes import evaluator, world
+from sspo.worlds.registry import DemoSettings, TrainingDataRequest, World
+
+
+def training_data(request: TrainingDataRequest) -> Path:
+    return world.cached_motion_parquet(request.split_seed, request.pairs_per_prompt, request.frames, request.resolution, request.without_validation)
+
+
+def build_base(preset: str, output: str | Path | None = None, force: bool = False) -> Path:
+    from sspo.worlds.moving_shapes.base_model import VideoBaseConfig, build_video_base
+
+    return build_video_base(VideoBaseConfig.preset(preset), output=output, force=force)
+
+
+def evaluate(clip, prompt: str) -> dict[str, float]:
+    return evaluator.evaluate_clip(clip, prompt).as_dict()
+
+
+def round_trip(folder: Path) -> dict[str, dict[str, float]]:
+    return {name: {"reward": reward} for name, reward in evaluator.round_trip_clip_scores(folder).items()}
+
+
+WORLD = World(
+    name="moving-shapes",
+    clips=True,
+    parse_prompt=world.parse_motion_prompt,
+    make_split=world.make_motion_split,
+    eval_specs=world.motion_eval_prompts,
+    training_data=training_data,
+    pair_columns=("video_0", "video_1"),
+    base="moving-shapes-base",
+    build_base=build_base,
+    base_presets=("default", "quick"),
+    base_pipeline="tiny AnimateDiff pipeline",
+    evaluate=evaluate,
+    components=evaluator.COMPONENT_NAMES,
+    # the groups, and the two motion components a frozen or reversed clip fails
+    table_columns=("attributes", "motion", "coherence", "quality", "direction", "amplitude"),
+    round_trip=round_trip,
+    # 48 prompts x 2 seeds per split, sampled as the demo's negatives (10 steps): its time budget.
+    demo=DemoSettings(CONFIGS / "demo-moving-shapes.yaml", methods=("sft", "sspo"), prompts_per_split=48, sampler_steps=10),
+)

@@ -1,0 +1,127 @@
+"""The world registry: every procedural world sspo can train on and score exactly, in one table.
+
+A world is one folder (``sspo/worlds/<world>/``: its renderer, data writer, base recipe, exact
+evaluator) and one :class:`World` entry (its ``definition.py``) that says how the rest of sspo
+uses it. Data (``data.source: <name>``), evaluation (prompt sets ``<name>`` and
+``<name>-validation``, metric ``<name>``), the trainer's validation, ``sspo compare``, ``sspo
+demo --world <name>`` and ``sspo base --world <name>`` read the entry and nothing else; no code
+outside a world's folder asks which world it is. :func:`register` adds a world (a test's
+throw-away one, or a user's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sspo.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingDataRequest:
+    """What a world's training data writer is asked for (from the ``data.*`` keys)."""
+
+    split_seed: int  # data.world_split_seed: the world's train / held-out split
+    pairs_per_prompt: int  # data.world_pairs_per_prompt: pairs rendered per alignment-train combination
+    resolution: int  # data.resolution: image side in pixels
+    frames: int  # data.frames: frames per clip (0 for an image world)
+    without_validation: bool  # data.world_without_validation: leave out the validation combinations
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """How ``sspo demo --world <name>`` runs the world."""
+
+    config: Path  # the training config every arm starts from (YAML)
+    methods: tuple[str, ...]  # the arms trained from the base, in the table's order
+    prompts_per_split: int  # evaluation prompts per split (seen, held-out): enough for a CI on paired gains
+    sampler_steps: int = 20  # evaluation sampler steps
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """One world: everything sspo needs to train on it and score it exactly.
+
+    ``name`` is what configs and flags call it: ``data.source``, ``validation.world``, the prompt
+    sets ``<name>`` and ``<name>-validation``, the metric ``<name>`` (with a ``<name>.<component>``
+    column per component), ``sspo demo --world`` and ``sspo base --world``.
+    """
+
+    name: str
+    clips: bool  # its samples are clips (uint8 [F, H, W, 3] arrays), not PIL images
+    parse_prompt: Callable[[str], Any]  # prompt -> spec; a prompt outside the world raises an SSPOError
+    make_split: Callable[[int], Any]  # split seed -> a shapes-world Split (train, heldout, validation specs)
+    eval_specs: Callable[[Any, int, int], dict[str, list]]  # (split, per_split, seed) -> {"seen": specs, "heldout": specs}
+    training_data: Callable[[TrainingDataRequest], Path]  # its alignment pairs as a (cached) Pick-a-Pic-style parquet
+    pair_columns: tuple[str, str]  # that parquet's two media columns (data.image_0_column, data.image_1_column)
+    base: str  # its base model's name (model.pretrained); "<base>:<preset>" names a preset
+    build_base: Callable[..., Path]  # (preset, output=None, force=False) -> the base's diffusers folder (shipped, cached or built)
+    base_presets: tuple[str, ...]  # the presets build_base knows, the default first
+    base_pipeline: str  # what the base is, for summaries ("tiny Stable Diffusion pipeline")
+    evaluate: Callable[[Any, str], dict[str, float]]  # (sample, prompt) -> every component of the exact score, "reward" among them
+    components: tuple[str, ...]  # those components, in the order of the metric's columns
+    table_columns: tuple[str, ...]  # the components a results table shows after the reward
+    round_trip: Callable[[Path], dict[str, dict[str, float]]]  # base folder -> mean exact scores of clean and defective samples after a VAE round trip
+    demo: DemoSettings
+
+    def resolve_base(self, name: str, output: str | Path | None = None, force: bool = False) -> Path:
+        """The folder of base ``name`` (``<base>`` or ``<base>:<preset>``)."""
+        preset = name.partition(":")[2] or self.base_presets[0]
+        if preset not in self.base_presets:
+            raise ConfigError(f"unknown preset {preset!r} of {self.base}; expected one of {', '.join(self.base_presets)}")
+        return Path(self.build_base(preset, output=output, force=force))
+
+    def names_base(self, name: str) -> bool:
+        """``name`` is this world's base (``<base>`` or ``<base>:<preset>``)."""
+        return name == self.base or name.startswith(self.base + ":")
+
+
+WORLDS: dict[str, World] = {}  # name -> world; filled by register (read it, never write it)
+
+
+def register(world: World) -> World:
+    """Add ``world`` to the table; a name or base already registered is refused."""
+    if world.name in WORLDS:
+        raise ConfigError(f"a world named {world.name!r} is already registered; give it another name")
+    if any(other.base == world.base for other in WORLDS.values()):
+        raise ConfigError(f"base name {world.base!r} is already another world's; give it another name")
+    WORLDS[world.name] = world
+    return world
+
+
+def unregister(name: str) -> None:
+    """Remove the world ``name`` (a test's throw-away one) from the table."""
+    WORLDS.pop(name, None)
+
+
+def world_names() -> tuple[str, ...]:
+    return tuple(WORLDS)
+
+
+def find_world(name: str) -> World | None:
+    """The world called ``name``, or None."""
+    return WORLDS.get(name)
+
+
+def get_world(name: str, key: str = "world") -> World:
+    """The world called ``name``; another name is a ConfigError that names ``key`` and the worlds."""
+    world = WORLDS.get(name)
+    if world is None:
+        raise ConfigError(f"{key}: unknown world {name!r}; expected one of {', '.join(WORLDS)}")
+    return world
+
+
+def base_world(model: str) -> World | None:
+    """The world whose base ``model`` names (``shapes-base:quick``, ...), or None."""
+    return next((world for world in WORLDS.values() if world.names_base(model)), None)
+
+
+def prompt_set_world(name: str) -> tuple[World, bool] | None:
+    """(world, validation) for a world's prompt set (``<world>`` or ``<world>-validation``), or None."""
+    if name in WORLDS:
+        return WORLDS[name], False
+    if name.endswith("-validation") and name.removesuffix("-validation") in WORLDS:
+        return WORLDS[name.removesuffix("-validation")], True
+    return None
