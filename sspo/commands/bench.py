@@ -201,7 +201,7 @@ def _preimport() -> None:
     """Import what the trainer imports lazily, so library code does not count as the arm's memory."""
     import accelerate  # noqa: F401
     import peft  # noqa: F401
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: F401
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401  (and their denoisers)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
     from sspo.training import data

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from sspo.config import one_of
-from sspo.paths import build_lock, cache_root
 from sspo.models.tiny import scheduler_for as sd15_scheduler
 from sspo.models.tiny import write_word_tokenizer
+from sspo.paths import build_lock, cache_root
 
 ARCH_MODELS = ("sd15", "sdxl")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from sspo.config import check
 
@@ -38,7 +38,7 @@ class TinySize:
         check(self.text_hidden % 16 == 0, "text_hidden", "must be a multiple of 16")
 
     @classmethod
-    def preset(cls, name: str) -> "TinySize":
+    def preset(cls, name: str) -> TinySize:
         presets = {
             "default": cls(),
             "quick": cls(text_hidden=32, vae_channels=(8, 16, 16), unet_channels=(16, 32)),
@@ -194,6 +194,28 @@ def motion_adapter_for(unet, max_frames: int = 32, heads: int = 4, seed: int = 0
                 module.weight.zero_()
                 module.bias.zero_()
     return adapter
+
+
+def video_components(size: TinySize, text_encoder, seed: int = 0) -> tuple[dict, object]:
+    """The components of a tiny AnimateDiff model around ``text_encoder`` (a randomly initialised
+    video denoiser, its motion modules the identity, and the rescaled v-prediction schedule), and
+    the motion adapter the denoiser was made with (:func:`video_pipeline` saves the trained one)."""
+    from diffusers import UNetMotionModel
+
+    image_denoiser = unet_for(size, cross_attention_dim=size.text_hidden)
+    adapter = motion_adapter_for(image_denoiser, seed=seed)
+    denoiser = UNetMotionModel.from_unet2d(image_denoiser, adapter)
+    return {"text_encoder": text_encoder, "unet": denoiser, "scheduler": scheduler_for(zero_terminal_snr=True)}, adapter
+
+
+def video_pipeline(vae, tokenizer, adapter, components: dict):
+    """The ``AnimateDiffPipeline`` of :func:`video_components` as trained: its ``motion_adapter``
+    holds the denoiser's motion modules as they are now."""
+    from diffusers import AnimateDiffPipeline
+
+    from sspo.models.families.animatediff import motion_adapter_of
+
+    return AnimateDiffPipeline(vae=vae, tokenizer=tokenizer, motion_adapter=motion_adapter_of(adapter, components["unet"]), **components)
 
 
 def text_encoder_for(size: TinySize, tokenizer, with_projection: bool = False):

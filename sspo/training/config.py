@@ -6,21 +6,16 @@ import dataclasses
 import importlib
 
 from sspo.config import Registered, check, setting, validate
+from sspo.models.families import FAMILIES, TRAIN_MODULES
 from sspo.training.data import DataConfig
-from sspo.worlds.registry import WORLDS
 from sspo.training.losses import SSR_VARIANTS
 from sspo.training.methods import METHODS, Method
 from sspo.training.pool import ERD_STRATEGIES
+from sspo.worlds.registry import WORLDS
 
-TRAIN_MODULES = ("auto", "unet", "motion")
 SCHEDULERS = ("ddim", "pipeline", "dpm++", "euler")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORTERS = ("tensorboard", "wandb", "none")
-
-
-def resolve_train_modules(train_modules: str, video: bool) -> str:
-    """``model.train_modules`` for a video or an image model: "auto" is "motion" for video, else "unet"."""
-    return ("motion" if video else "unet") if train_modules == "auto" else train_modules
 
 
 @dataclasses.dataclass
@@ -31,13 +26,17 @@ class ModelConfig:
     # AnimateDiff: a MotionAdapter (hub id or from_pretrained folder) joined to an image pipeline
     # (pretrained: SD-1.5), as AnimateDiffPipeline.from_pretrained(..., motion_adapter=...) does.
     motion_adapter: str | None = None
+    # The model family (sspo/models/families/): how training draws timesteps and adds noise, what the
+    # denoiser predicts, how negatives are sampled, what LoRA wraps, how weights are saved.
+    # "auto": the registered family that recognises the pipeline (sd, sdxl, animatediff).
+    family: str = setting("auto", choices=Registered(FAMILIES, "auto"))
     lora: bool = True  # False: full fine-tuning of what `train_modules` names
-    # What trains: "unet" (every UNet layer), "motion" (a video UNet's motion modules only, as
-    # AnimateDiff LoRAs do), "auto" (motion for video pipelines, unet for image ones).
+    # What trains: "unet" (every layer of the denoiser), "motion" (a video model's motion modules
+    # only, as AnimateDiff LoRAs do), "auto" (motion for video pipelines, every layer for image ones).
     train_modules: str = setting("auto", choices=TRAIN_MODULES)
     lora_rank: int = setting(8, at_least=1)
     lora_alpha: int = setting(8, at_least=1)  # the LoRA update is scaled by lora_alpha / lora_rank
-    # Module names (or name endings) the LoRA wraps; the trainer refuses names the UNet lacks.
+    # Module names (or name endings) the LoRA wraps; the trainer refuses names the denoiser lacks.
     lora_targets: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), nonempty=True)
     gradient_checkpointing: bool = False
     attention: str = setting("sdpa", choices=("sdpa", "xformers"))  # xformers: enable_xformers_memory_efficient_attention (CUDA only)
@@ -109,7 +108,7 @@ class TrainConfig:
     negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
-    method: str = setting("sspo", choices=METHODS)  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
+    method: str = setting("sspo", choices=Registered(METHODS))  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
     beta: float = setting(5000.0, above=0)  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
     ssr: str = setting("sign", choices=SSR_VARIANTS)  # sign | indicator | off (Table 6 ablations); spin and dpo force off
     ssr_draws: int = setting(1, at_least=1)  # (t, eps) draws whose mean errors decide K; 1 = the paper (the loss's own draw)

@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sspo.training.data import FILE_SOURCES, collate
 from sspo.errors import ConfigError
-from sspo.training.faults import fault_point
 from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, save_tensors
-from sspo.models.pipeline import TextCondition, encode_images, encode_prompts
+from sspo.models.condition import TextCondition
+from sspo.models.families import ModelFamily
+from sspo.models.pipeline import encode_images
+from sspo.training.data import FILE_SOURCES, collate
+from sspo.training.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,14 @@ INDEX_SHAPE = {"rows": int, "shard_rows": int, "has_losers": bool, "key": dict}
 
 
 @torch.no_grad()
-def encode_rows(pipe, items: list[dict], device, resolution: int, losers: bool = True):
+def encode_rows(family: ModelFamily, items: list[dict], device, resolution: int, losers: bool = True):
     """Dataset items to ``(prompts, TextCondition, winner latents, loser latents or None)`` on the CPU."""
     batch = collate(items)
-    cond = encode_prompts(pipe, batch["prompts"], device, resolution).to("cpu")
-    # Contiguous: the VAE's posterior mean is a strided view, and the UNet rounds differently for
+    cond = family.encode_prompts(batch["prompts"], device, resolution).to("cpu")
+    # Contiguous: the VAE's posterior mean is a strided view, and the denoiser rounds differently for
     # another memory layout; this way live and cached latents are the same tensors, bit for bit.
-    winners = encode_images(pipe.vae, batch["winner"]).float().cpu().contiguous()
-    encoded_losers = encode_images(pipe.vae, batch["loser"]).float().cpu().contiguous() if losers and batch["loser"] is not None else None
+    winners = encode_images(family.vae, batch["winner"]).float().cpu().contiguous()
+    encoded_losers = encode_images(family.vae, batch["loser"]).float().cpu().contiguous() if losers and batch["loser"] is not None else None
     return batch["prompts"], cond, winners, encoded_losers
 
 
@@ -71,7 +73,7 @@ def _files(path: Path, suffixes: set[str] | None = None) -> list[list]:
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
 
 
-def cache_key(cfg, model: str, pipe, rows: int) -> dict:
+def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
     """What the cached tensors depend on: ``cfg`` is the TrainConfig, ``model`` the resolved model path.
 
     A hub id (model or data) is keyed by its name and revision only; a local folder also by the
@@ -88,7 +90,7 @@ def cache_key(cfg, model: str, pipe, rows: int) -> dict:
         "model_files": {name: _files(model_path / name) for name in _ENCODERS} if model_path.is_dir() else {},
         "revision": cfg.model.revision,
         "variant": cfg.model.variant,
-        "dtype": str(pipe.vae.dtype),
+        "dtype": str(family.vae.dtype),
         "data": data,
         "data_files": _files(data_path, _DATA_SUFFIXES) if data_path is not None else [],
         "rows": rows,
@@ -156,7 +158,7 @@ class LatentCache:
         return prompts, cond, tensors["winners"].float(), losers
 
     @classmethod
-    def build(cls, pipe, dataset, key: dict, root: str | Path, device, batch_size: int, resolution: int, state=None, shard_rows: int = SHARD_ROWS) -> LatentCache:
+    def build(cls, family: ModelFamily, dataset, key: dict, root: str | Path, device, batch_size: int, resolution: int, state=None, shard_rows: int = SHARD_ROWS) -> LatentCache:
         """Encode the missing shards of ``dataset`` into ``root`` (each process its share), then open it.
 
         ``state`` is the Accelerator (or accelerate ``PartialState``) of a run; every process must call this.
@@ -181,7 +183,7 @@ class LatentCache:
                 log.info("encoding %d of %d latent cache shards into %s", len(mine), shards, root)
             for number in tqdm(mine, desc="latent cache", disable=not state.is_local_main_process):
                 rows = range(number * shard_rows, min(len(dataset), (number + 1) * shard_rows))
-                _write_shard(pipe, dataset, rows, root / _shard_name(number), device, batch_size, resolution)
+                _write_shard(family, dataset, rows, root / _shard_name(number), device, batch_size, resolution)
                 fault_point("latent_cache")
         state.wait_for_everyone()
         if state.is_main_process and not (root / INDEX_FILE).is_file():
@@ -205,7 +207,7 @@ def _open_shard(path: Path) -> tuple:
         prompts = json.loads(metadata["prompts"])
     except (KeyError, ValueError):
         raise DamagedFileError(f"latent cache shard {path} is damaged (no list of prompts in its metadata)", _REBUILD) from None
-    if not isinstance(prompts, list) or "winners" not in handle.keys():
+    if not isinstance(prompts, list) or "winners" not in handle.keys():  # noqa: SIM118  (safetensors' handle has keys(), no __contains__)
         raise DamagedFileError(f"latent cache shard {path} is damaged (not a shard this version wrote)", _REBUILD)
     return handle, prompts, handle.keys()
 
@@ -230,19 +232,19 @@ def _drop_damaged(root: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_shard(pipe, dataset, rows: range, path: Path, device, batch_size: int, resolution: int) -> None:
+def _write_shard(family: ModelFamily, dataset, rows: range, path: Path, device, batch_size: int, resolution: int) -> None:
     prompts, conds, winners, losers = [], [], [], []
     for start in range(rows.start, rows.stop, batch_size):
         items = [dataset[i] for i in range(start, min(rows.stop, start + batch_size))]
-        p, c, w, l = encode_rows(pipe, items, device, resolution)
+        p, c, w, l = encode_rows(family, items, device, resolution)
         prompts += p
         conds.append(c)
         winners.append(w)
         losers.append(l)
     cond = TextCondition.cat(conds)
     # Stored in the VAE's dtype: float() on reading restores exactly what encode_rows returned.
-    tensors = {"winners": torch.cat(winners).to(pipe.vae.dtype)}
+    tensors = {"winners": torch.cat(winners).to(family.vae.dtype)}
     if losers[0] is not None:
-        tensors["losers"] = torch.cat(losers).to(pipe.vae.dtype)
+        tensors["losers"] = torch.cat(losers).to(family.vae.dtype)
     tensors.update({name: getattr(cond, name) for name in _COND_FIELDS if getattr(cond, name) is not None})
     save_tensors(tensors, path, metadata={"prompts": json.dumps(prompts)})

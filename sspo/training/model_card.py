@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sspo.training.config import TrainConfig, resolve_train_modules
+from sspo.models.families import resolve_train_modules
+from sspo.training.config import TrainConfig
 
 
 def _fine_tuning(cfg: TrainConfig, video: bool) -> str:

@@ -15,14 +15,15 @@ import contextlib
 import dataclasses
 import random
 from collections import defaultdict
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from sspo.training.faults import fault_point
-from sspo.models.pipeline import TextCondition, denoising_errors
-from sspo.training.reference import ReferenceModel
+from sspo.models.condition import TextCondition
+from sspo.models.families import ModelFamily, Sampler
 from sspo.training.config import SamplerConfig, TrainConfig
+from sspo.training.faults import fault_point
+from sspo.training.reference import ReferenceModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +76,11 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-def draw(generator: torch.Generator, shape: Sequence[int], pool, erd: str, erd_per: str, num_train_timesteps: int, ssr_draws: int = 1) -> Draws:
-    """``t``, ``eps``, the reference checkpoint(s), the sampler seeds and the switch's extra draws, in that order."""
+def draw(generator: torch.Generator, shape: Sequence[int], pool, erd: str, erd_per: str, family: ModelFamily, ssr_draws: int = 1) -> Draws:
+    """``t`` (the family's training timesteps), ``eps``, the reference checkpoint(s), the sampler seeds
+    and the switch's extra draws, in that order."""
     n = shape[0]
-    timesteps = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    timesteps = family.draw_timesteps((n,), generator)
     noise = torch.randn(tuple(shape), generator=generator)
     checkpoints, sample_seeds = [], []
     if pool is not None:
@@ -87,18 +89,18 @@ def draw(generator: torch.Generator, shape: Sequence[int], pool, erd: str, erd_p
         sample_seeds = torch.randint(2**62, (n,), generator=generator).tolist()
     switch_timesteps = switch_noise = None
     if ssr_draws > 1:  # drawn last, so ssr_draws = 1 leaves every other draw as it was
-        switch_timesteps = torch.randint(0, num_train_timesteps, (n, ssr_draws - 1), generator=generator)
+        switch_timesteps = family.draw_timesteps((n, ssr_draws - 1), generator)
         switch_noise = torch.randn((n, ssr_draws - 1, *shape[1:]), generator=generator)
     return Draws(timesteps, noise, checkpoints, sample_seeds, switch_timesteps, switch_noise)
 
 
-def mean_over_draws(unet, scheduler, first: torch.Tensor, winners, switch_timesteps, switch_noise, cond: TextCondition, device) -> torch.Tensor:
+def mean_over_draws(family: ModelFamily, denoiser, first: torch.Tensor, winners, switch_timesteps, switch_noise, cond: TextCondition, device) -> torch.Tensor:
     """Each winner's denoising error averaged over all ssr_draws draws (docs/method.md "SSR"): ``first``
     is the pair's own draw ``[B]``, the extra ones (``[B, d]``, ``[B, d, ...]``) are computed here."""
     with torch.no_grad():
         extra = switch_noise.shape[1]
         latents = winners.repeat_interleave(extra, dim=0).to(device)
-        errors = denoising_errors(unet, scheduler, latents, switch_noise.flatten(0, 1).to(device), switch_timesteps.flatten().to(device), cond.repeat_each(extra))
+        errors = family.denoising_errors(denoiser, latents, switch_noise.flatten(0, 1).to(device), switch_timesteps.flatten().to(device), cond.repeat_each(extra))
     return (first.detach().to(device) + errors.view(-1, extra).sum(dim=1)) / (1 + extra)
 
 
@@ -116,47 +118,11 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
-def make_sampler_scheduler(pipe, cfg: SamplerConfig):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    kinds = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    if cfg.scheduler == "pipeline":
-        return pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    return kinds[cfg.scheduler].from_config(pipe.scheduler.config)
-
-
-@torch.no_grad()
-def sample_reference(pipe, unet, scheduler, cond: TextCondition, uncond: TextCondition, seeds: Sequence[int], cfg: SamplerConfig, device, latent_size: Sequence[int]) -> torch.Tensor:
-    """Latents ``x_l`` of ``latent_size`` (``(H, W)`` or ``(F, H, W)``) that ``unet`` (a pool checkpoint) generates for ``cond``.
-
-    Latents are returned directly (``output_type="latent"``): decoding to pixels and re-encoding
-    would only add the VAE's round-trip error to the negatives. They are sampled at the winners'
-    size, which need not be the model's native resolution.
-    """
-    sampler = pipe.__class__(**{**pipe.components, "unet": unet, "scheduler": scheduler})
-    sampler.set_progress_bar_config(disable=True)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    cond = cond.to(device)
-    extra = {"eta": cfg.eta} if cfg.scheduler == "ddim" else {}
-    if len(latent_size) == 3:  # video pipelines take the frame count
-        extra["num_frames"] = latent_size[0]
-    out = sampler(
-        **cond.pipeline_kwargs(uncond.repeat(len(cond)).to(device)),
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
-        generator=generators,
-        height=latent_size[-2] * pipe.vae_scale_factor,
-        width=latent_size[-1] * pipe.vae_scale_factor,
-        output_type="latent",
-        **extra,
-    )
-    return (out.frames if len(latent_size) == 3 else out.images).float().cpu()
-
-
 class PairBuilder:
     """Builds :class:`PairBatch` es: rows, draws, losers (generated grouped by checkpoint), reference errors.
 
-    ``read_rows(m)`` gives micro-batch ``m``'s :class:`Rows` (the trainer's data order);
+    ``family`` is the model's (sspo/models/families/): it draws ``t``, samples the negatives and
+    computes the denoising errors. ``read_rows(m)`` gives micro-batch ``m``'s :class:`Rows` (the trainer's data order);
     ``stream(m)`` the number its random draws are seeded with (``m`` and the process).
     ``around_phase(name)``, a public attribute that may be set after construction, is a context
     manager entered around each costly phase: ``"generate"`` (sampling the negatives) and
@@ -164,14 +130,14 @@ class PairBuilder:
     the phases with it.
     """
 
-    def __init__(self, cfg: TrainConfig, pipe, reference: ReferenceModel | None, train_scheduler, uncond: TextCondition,
+    def __init__(self, cfg: TrainConfig, family: ModelFamily, reference: ReferenceModel | None, uncond: TextCondition,
                  read_rows: Callable[[int], Rows], stream: Callable[[int], int], device, autocast: Callable,
                  around_phase: Callable[[str], contextlib.AbstractContextManager] | None = None):
-        self.cfg, self.pipe, self.reference, self.train_scheduler, self.uncond = cfg, pipe, reference, train_scheduler, uncond
+        self.cfg, self.family, self.reference, self.uncond = cfg, family, reference, uncond
         self.read_rows, self.stream, self.device, self.autocast = read_rows, stream, device, autocast
         self.around_phase = around_phase or (lambda name: contextlib.nullcontext())
         self.sampler_cfg = cfg.negatives
-        self.sampler_scheduler = make_sampler_scheduler(pipe, cfg.negatives)
+        self.sampler: Sampler = family.sampler(cfg.negatives.scheduler, cfg.negatives.eta)
 
     @contextlib.contextmanager
     def rows_from(self, rows: Mapping[int, Rows]) -> Iterator[None]:
@@ -195,13 +161,13 @@ class PairBuilder:
         ssr_draws = cfg.ssr_draws if cfg.effective_ssr != "off" else 1
         pool = self.reference.pool if self.reference is not None else None
         draws = [
-            draw(batch_generator(cfg.seed, self.stream(m)), r.winners.shape, pool, cfg.effective_erd, cfg.erd_per, self.train_scheduler.config.num_train_timesteps, ssr_draws)
+            draw(batch_generator(cfg.seed, self.stream(m)), r.winners.shape, pool, cfg.effective_erd, cfg.erd_per, self.family, ssr_draws)
             for m, r in zip(indices, rows)
         ]
         if cfg.generates_negatives:
-            sampler = self.sampler_cfg if sampler_steps is None else dataclasses.replace(self.sampler_cfg, steps=sampler_steps)
+            settings = self.sampler_cfg if sampler_steps is None else dataclasses.replace(self.sampler_cfg, steps=sampler_steps)
             with self.around_phase("generate"):
-                losers = self._generate_negatives(rows, draws, sampler)
+                losers = self._generate_negatives(rows, draws, settings)
         else:
             losers = [r.losers for r in rows]
         batches = [PairBatch(m, r, d, x_l) for m, r, d, x_l in zip(indices, rows, draws, losers)]
@@ -216,20 +182,26 @@ class PairBuilder:
             errors = self._reference_errors(batches, self.cfg.optim.batch_size)
         return [dataclasses.replace(b, reference=e) for b, e in zip(batches, errors)]
 
-    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws], sampler: SamplerConfig) -> list[torch.Tensor]:
+    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws], settings: SamplerConfig) -> list[torch.Tensor]:
         """Every micro-batch's losers x_l, sampled by its pool checkpoints, grouped by checkpoint."""
         losers = [torch.empty_like(r.winners) for r in rows]
         for checkpoint, members in _by_checkpoint(draws).items():
-            with self.reference.activate(checkpoint) as unet, self.autocast():
-                for chunk in _chunks(members, sampler.batch_size):
+            with self.reference.activate(checkpoint) as denoiser, self.autocast():
+                for chunk in _chunks(members, settings.batch_size):
                     cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
                     seeds = [draws[b].sample_seeds[i] for b, i in chunk]
                     size = rows[chunk[0][0]].winners.shape[2:]
-                    latents = sample_reference(self.pipe, unet, self.sampler_scheduler, cond, self.uncond, seeds, sampler, self.device, size)
+                    latents = self.sample(denoiser, cond, seeds, settings, size)
                     for (b, i), latent in zip(chunk, latents):
                         losers[b][i] = latent
                     fault_point("negatives")
         return losers
+
+    def sample(self, denoiser, cond: TextCondition, seeds: Sequence[int], settings: SamplerConfig, latent_size: Sequence[int]) -> torch.Tensor:
+        """Latents ``x_l`` of ``latent_size`` that ``denoiser`` (a pool checkpoint, or the policy) samples
+        for ``cond`` with the negatives' sampler, as ``settings`` say."""
+        return self.family.sample(denoiser, self.sampler, cond, self.uncond, seeds, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                  latent_size=latent_size, device=self.device)
 
     @torch.no_grad()
     def _reference_errors(self, batches: Sequence[PairBatch], chunk_size: int) -> list[ReferenceErrors]:
@@ -237,7 +209,7 @@ class PairBuilder:
         ref_w, ref_l = [torch.empty(k) for k in n], [torch.empty(k) for k in n]
         switch = [torch.empty(k) if b.draws.switch_noise is not None else None for k, b in zip(n, batches)]
         for checkpoint, members in _by_checkpoint([b.draws for b in batches]).items():
-            with self.reference.activate(checkpoint) as unet, self.autocast():
+            with self.reference.activate(checkpoint) as denoiser, self.autocast():
                 for chunk in _chunks(members, chunk_size):
                     # Winner and loser of every pair in one forward.
                     winners = torch.stack([batches[b].rows.winners[i] for b, i in chunk])
@@ -245,12 +217,12 @@ class PairBuilder:
                     noise = torch.stack([batches[b].draws.noise[i] for b, i in chunk]).repeat(2, *[1] * (latents.ndim - 1))
                     t = torch.stack([batches[b].draws.timesteps[i] for b, i in chunk]).repeat(2)
                     cond = TextCondition.cat([batches[b].rows.cond[i : i + 1] for b, i in chunk])
-                    errors = denoising_errors(unet, self.train_scheduler, latents.to(self.device), noise.to(self.device), t.to(self.device), cond.repeat(2)).cpu()
+                    errors = self.family.denoising_errors(denoiser, latents.to(self.device), noise.to(self.device), t.to(self.device), cond.repeat(2)).cpu()
                     for k, (b, i) in enumerate(chunk):
                         ref_w[b][i], ref_l[b][i] = errors[k], errors[len(chunk) + k]
                     if switch[chunk[0][0]] is not None:
                         mean = mean_over_draws(
-                            unet, self.train_scheduler, errors[: len(chunk)], winners, torch.stack([batches[b].draws.switch_timesteps[i] for b, i in chunk]),
+                            self.family, denoiser, errors[: len(chunk)], winners, torch.stack([batches[b].draws.switch_timesteps[i] for b, i in chunk]),
                             torch.stack([batches[b].draws.switch_noise[i] for b, i in chunk]), cond, self.device,
                         ).cpu()
                         for k, (b, i) in enumerate(chunk):

@@ -1,7 +1,7 @@
 """The checkpoint pool of Random Checkpoint Replay (docs/method.md, "Random Checkpoint Replay").
 
 The pool starts as ``{theta_0}`` and grows by one checkpoint per iteration. Each entry is a
-safetensors file in the run directory (a LoRA adapter, megabytes, or a full UNet state dict),
+safetensors file in the run directory (a LoRA adapter, megabytes, or the trained weights of the whole denoiser),
 so the pool survives a restart; only one entry is loaded at a time. ``pool.json`` lists them; it
 only indexes the files (each records its step), so a damaged one is rebuilt from them.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from sspo.training.faults import fault_point
 from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, read_tensors, save_tensors
+from sspo.training.faults import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""The reference model: one pool checkpoint at a time, without a second UNet where LoRA allows it.
+"""The reference model: one pool checkpoint at a time, without a second denoiser where LoRA allows it.
 
-With LoRA the policy UNet carries two peft adapters: ``default`` (trained) and ``reference``
+With LoRA the policy denoiser carries two peft adapters: ``default`` (trained) and ``reference``
 (loaded from the pool, switched on only for reference forwards and generation). With full
-fine-tuning the reference is a second UNet whose weights are reloaded from the pool when the
+fine-tuning the reference is a second denoiser whose weights are reloaded from the pool when the
 drawn checkpoint changes, and offloaded to the CPU while the policy trains.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -21,27 +21,27 @@ POLICY, REFERENCE = "default", "reference"
 
 
 class ReferenceModel:
-    def __init__(self, unet, pool: CheckpointPool, lora: bool, device: torch.device, dtype: torch.dtype):
-        self.unet, self.pool, self.lora, self.device = unet, pool, lora, device
+    def __init__(self, denoiser, pool: CheckpointPool, lora: bool, device: torch.device, dtype: torch.dtype):
+        self.denoiser, self.pool, self.lora, self.device = denoiser, pool, lora, device
         self.loaded: int | None = None
         if lora:
             from peft import LoraConfig
 
             # The reference adapter mirrors the policy's; adding it makes it active, so switch back.
-            unet.add_adapter(LoraConfig(**unet.peft_config[POLICY].to_dict()), adapter_name=REFERENCE)
-            unet.set_adapter(POLICY)
+            denoiser.add_adapter(LoraConfig(**denoiser.peft_config[POLICY].to_dict()), adapter_name=REFERENCE)
+            denoiser.set_adapter(POLICY)
             self.copy = None
         else:
-            self.copy = copy.deepcopy(unet).to(dtype=dtype).requires_grad_(False).eval()
+            self.copy = copy.deepcopy(denoiser).to(dtype=dtype).requires_grad_(False).eval()
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """What the pool stores for the current policy: its adapter, or its trained weights (all
-        of the UNet, or only the motion modules; the frozen rest is the same in every checkpoint)."""
+        of the denoiser, or only the motion modules; the frozen rest is the same in every checkpoint)."""
         if self.lora:
             from peft import get_peft_model_state_dict
 
-            return get_peft_model_state_dict(self.unet, adapter_name=POLICY)
-        return {name: p.detach() for name, p in self.unet.named_parameters() if p.requires_grad}
+            return get_peft_model_state_dict(self.denoiser, adapter_name=POLICY)
+        return {name: p.detach() for name, p in self.denoiser.named_parameters() if p.requires_grad}
 
     def _load(self, index: int) -> None:
         if self.loaded == index:
@@ -50,28 +50,28 @@ class ReferenceModel:
         if self.lora:
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.unet, state, adapter_name=REFERENCE)
+            set_peft_model_state_dict(self.denoiser, state, adapter_name=REFERENCE)
         else:
             unexpected = self.copy.load_state_dict(state, strict=False).unexpected_keys
             if unexpected:
-                raise TrainingError(f"pool checkpoint {index} in {self.pool.root} holds weights the UNet does not have, e.g. {unexpected[0]}")
+                raise TrainingError(f"pool checkpoint {index} in {self.pool.root} holds weights the denoiser does not have, e.g. {unexpected[0]}")
         self.loaded = index
 
     @contextlib.contextmanager
     def activate(self, index: int) -> Iterator[torch.nn.Module]:
-        """Yield a UNet that computes as pool checkpoint ``index`` (use under ``torch.no_grad``)."""
+        """Yield a denoiser that computes as pool checkpoint ``index`` (use under ``torch.no_grad``)."""
         self._load(index)
         if not self.lora:
             self.copy.to(self.device)
             yield self.copy
             return
-        self.unet.set_adapter(REFERENCE)
+        self.denoiser.set_adapter(REFERENCE)
         try:
-            yield self.unet
+            yield self.denoiser
         finally:
-            self.unet.set_adapter(POLICY)  # also makes the policy adapter trainable again
+            self.denoiser.set_adapter(POLICY)  # also makes the policy adapter trainable again
 
     def offload(self) -> None:
-        """Free accelerator memory for the policy step (full fine-tuning holds a second UNet)."""
+        """Free accelerator memory for the policy step (full fine-tuning holds a second denoiser)."""
         if self.copy is not None:
             self.copy.to("cpu")

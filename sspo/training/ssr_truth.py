@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspo.models.pipeline import decode_images, denoising_errors
-from sspo.training.pairs import PairBatch, mean_over_draws, sample_reference
+from sspo.models.pipeline import decode_images
+from sspo.training.pairs import PairBatch, PairBuilder, mean_over_draws
 
 FILE = "ssr_truth.jsonl"
 
@@ -36,13 +36,13 @@ FILE = "ssr_truth.jsonl"
 class SSRTruth:
     """Scores a run's pairs exactly (see the module docstring); main process only."""
 
-    def __init__(self, per_batch: int, run_dir: Path, pipe, train_scheduler, pair_builder, device):
+    def __init__(self, per_batch: int, run_dir: Path, pair_builder: PairBuilder, device):
         self.per_batch = per_batch
         self.path = Path(run_dir) / FILE
-        self.pipe, self.train_scheduler, self.pairs, self.device = pipe, train_scheduler, pair_builder, device
+        self.pairs, self.family, self.device = pair_builder, pair_builder.family, device
 
     @torch.no_grad()
-    def observe(self, batches: list[PairBatch], unet, iteration: int, step: int) -> None:
+    def observe(self, batches: list[PairBatch], policy, iteration: int, step: int) -> None:
         """Before ``step`` (counted from 1) on ``batches``: margins, K, exact rewards of x_l and of the policy's sample."""
         from sspo.worlds.shapes.evaluator import evaluate_batch
 
@@ -50,17 +50,16 @@ class SSRTruth:
         for batch in batches:
             prompts, draws, cond = batch.rows.prompts, batch.draws, batch.rows.cond
             winners = batch.rows.winners.to(self.device)
-            policy_w = denoising_errors(unet, self.train_scheduler, winners, draws.noise.to(self.device), draws.timesteps.to(self.device), cond.to(self.device))
+            policy_w = self.family.denoising_errors(policy, winners, draws.noise.to(self.device), draws.timesteps.to(self.device), cond.to(self.device))
             reference_w = batch.reference.winners
             if draws.switch_noise is not None:  # ssr_draws > 1: K is decided on errors averaged over draws
-                policy_w = mean_over_draws(unet, self.train_scheduler, policy_w, batch.rows.winners, draws.switch_timesteps, draws.switch_noise, cond, self.device)
+                policy_w = mean_over_draws(self.family, policy, policy_w, batch.rows.winners, draws.switch_timesteps, draws.switch_noise, cond, self.device)
                 reference_w = batch.reference.switch
             margin = (policy_w.float().cpu() - reference_w.float().cpu()).tolist()
-            rewards_l = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, batch.losers), prompts)]
+            rewards_l = [s.reward for s in evaluate_batch(decode_images(self.family.vae, batch.losers), prompts)]
             n_policy = min(len(prompts), self.per_batch)
-            own = sample_reference(self.pipe, unet, self.pairs.sampler_scheduler, cond[:n_policy], self.pairs.uncond, draws.sample_seeds[:n_policy],
-                                   self.pairs.sampler_cfg, self.device, batch.losers.shape[2:])
-            rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.pipe.vae, own), prompts[:n_policy])]
+            own = self.pairs.sample(policy, cond[:n_policy], draws.sample_seeds[:n_policy], self.pairs.sampler_cfg, batch.losers.shape[2:])
+            rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.family.vae, own), prompts[:n_policy])]
             rewards_policy += [None] * (len(prompts) - n_policy)
             for i in range(len(prompts)):
                 rows.append({"step": step, "iteration": iteration, "micro_batch": batch.index, "sample": i, "checkpoint": draws.checkpoints[i],

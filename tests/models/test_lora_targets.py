@@ -5,8 +5,8 @@ import pytest
 from sspo.cli import main
 from sspo.errors import ConfigError
 from sspo.models.lora_targets import check_lora_targets
-from sspo.worlds.names import resolve_model
 from sspo.models.pipeline import load_pipeline
+from sspo.worlds.names import resolve_model
 
 
 @pytest.fixture(scope="module")

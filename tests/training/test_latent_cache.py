@@ -5,16 +5,18 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import metrics, tiny_config
 
-from sspo.training import latent_cache
 from sspo.config import apply_overrides, from_dict
 from sspo.errors import ConfigError
 from sspo.io import DamagedFileError
-from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
+from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
+from sspo.training import latent_cache
 from sspo.training.config import TrainConfig
+from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.training.trainer import open_dataset, train
+
+from test_trainer import metrics, tiny_config
 
 
 @pytest.mark.parametrize("method", ["sspo", "dpo"])  # dpo: dataset losers come from the cache too
@@ -36,25 +38,25 @@ def test_cached_run_trains_like_an_uncached_one_and_encodes_once(method, quick_b
         raise AssertionError("a complete latent cache was encoded again")
 
     monkeypatch.setattr(latent_cache, "encode_images", no_encoding)
-    monkeypatch.setattr(latent_cache, "encode_prompts", no_encoding)
+    monkeypatch.setattr(latent_cache, "encode_rows", no_encoding)  # the rows' prompts and images; the empty prompt is encoded at start
     train(tiny_config(tmp_path / "again", quick_base, f"method={method}", "data.cache_latents=true", f"data.cache_dir={cache}"))
     assert metrics(tmp_path / "again") == rows_cached
 
 
 def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
-    pipe = load_pipeline(quick_base)
+    family = family_of(load_pipeline(quick_base))
     dataset = open_dataset(cfg)
-    key = cache_key(cfg, quick_base, pipe, len(dataset))
-    build = {"pipe": pipe, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+    key = cache_key(cfg, quick_base, family, len(dataset))
+    build = {"family": family, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
     full = LatentCache.build(**build).rows(range(24))
     (tmp_path / "c" / "index.json").unlink()  # as if killed while writing the last shard
     (tmp_path / "c" / "shard-00002.safetensors").unlink()
     encoded = []
 
-    def counting(pipe, items, *args, **kwargs):
+    def counting(family, items, *args, **kwargs):
         encoded.extend(item["index"] for item in items)
-        return encode_rows(pipe, items, *args, **kwargs)
+        return encode_rows(family, items, *args, **kwargs)
 
     monkeypatch.setattr(latent_cache, "encode_rows", counting)
     cache = LatentCache.build(**build)
@@ -64,7 +66,7 @@ def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, m
     assert torch.equal(winners, full[2][[23, 0, 11]]) and torch.equal(losers, full[3][[23, 0, 11]])
     assert torch.equal(cond.embeds, full[1].embeds[[23, 0, 11]])
     # Live encoding of the same rows gives the same tensors (up to batch rounding).
-    live = encode_rows(pipe, [dataset[i] for i in (23, 0, 11)], "cpu", 32)
+    live = encode_rows(family, [dataset[i] for i in (23, 0, 11)], "cpu", 32)
     assert live[0] == prompts
     torch.testing.assert_close(live[2], winners, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(live[1].embeds, cond.embeds, rtol=1e-4, atol=1e-5)
@@ -72,19 +74,19 @@ def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, m
 
 def test_damaged_shards_and_index_are_encoded_and_written_again(quick_base, tmp_path, monkeypatch, caplog):
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
-    pipe = load_pipeline(quick_base)
+    family = family_of(load_pipeline(quick_base))
     dataset = open_dataset(cfg)
-    key = cache_key(cfg, quick_base, pipe, len(dataset))
-    build = {"pipe": pipe, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+    key = cache_key(cfg, quick_base, family, len(dataset))
+    build = {"family": family, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
     full = LatentCache.build(**build).rows(range(24))
     shard = tmp_path / "c" / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # cut short
     (tmp_path / "c" / "index.json").write_text("[]")
     encoded = []
 
-    def counting(pipe, items, *args, **kwargs):
+    def counting(family, items, *args, **kwargs):
         encoded.extend(item["index"] for item in items)
-        return encode_rows(pipe, items, *args, **kwargs)
+        return encode_rows(family, items, *args, **kwargs)
 
     monkeypatch.setattr(latent_cache, "encode_rows", counting)
     cache = LatentCache.build(**build)
@@ -100,20 +102,20 @@ def test_damaged_shards_and_index_are_encoded_and_written_again(quick_base, tmp_
 
 
 def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):
-    pipe = load_pipeline(quick_base)
+    family = family_of(load_pipeline(quick_base))
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4")
     dataset = open_dataset(cfg)
-    LatentCache.build(pipe, dataset, cache_key(cfg, quick_base, pipe, 4), tmp_path / "c", "cpu", 4, 32)
+    LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
     other = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4", "data.mode=random")
     with pytest.raises(ConfigError, match=r"data.cache_dir.*data.mode"):
-        LatentCache.build(pipe, dataset, cache_key(other, quick_base, pipe, 4), tmp_path / "c", "cpu", 4, 32)
+        LatentCache.build(family, dataset, cache_key(other, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
 
 
 def test_default_dir_is_shared_by_runs_that_encode_the_same_rows(quick_base, tmp_path):
-    pipe = load_pipeline(quick_base)
+    family = family_of(load_pipeline(quick_base))
 
     def folder(*overrides):
-        return default_dir(cache_key(tiny_config(tmp_path / "run", quick_base, *overrides), quick_base, pipe, 64))
+        return default_dir(cache_key(tiny_config(tmp_path / "run", quick_base, *overrides), quick_base, family, 64))
 
     assert folder("method=sft", "output_dir=a", "optim.learning_rate=0.1") == folder("method=sspo", "output_dir=b")
     assert folder() != folder("data.resolution=16") and folder() != folder("data.mode=random")

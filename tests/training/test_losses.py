@@ -1,4 +1,4 @@
-"""Losses of docs/method.md ("Losses") against values computed by hand, and the pipeline's denoising error."""
+"""Losses of docs/method.md ("Losses") against values computed by hand, and the model family's denoising error."""
 
 import math
 from types import SimpleNamespace
@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from sspo.errors import ModelError
-from sspo.training.losses import sft_loss, ssr_coefficient, sspo_loss
-from sspo.models.pipeline import TextCondition, denoising_errors, diffusion_target
+from sspo.models.condition import TextCondition
+from sspo.models.families.sd import StableDiffusion
+from sspo.models.families.sdxl import StableDiffusionXL
+from sspo.training.losses import sft_loss, sspo_loss, ssr_coefficient
 
 
 def t(values, grad=False):
@@ -256,20 +258,25 @@ def _ddpm(prediction_type):
     return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
 
 
+def _sd(prediction_type, family=StableDiffusion):
+    """A family bound to a pipeline's components: only the scheduler, which training needs."""
+    return family({"scheduler": _ddpm(prediction_type)})
+
+
 def test_diffusion_target_epsilon_is_noise():
-    sched = _ddpm("epsilon")
     x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
-    target = diffusion_target(sched, x0, eps, torch.tensor([10, 500]))
+    target = _sd("epsilon").target(x0, eps, torch.tensor([10, 500]))
     assert torch.equal(target, eps)
 
 
 def test_diffusion_target_v_prediction_by_hand():
-    sched = _ddpm("v_prediction")
+    family = _sd("v_prediction")
+    sched = family.noise_schedule
     x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1))
     timesteps = torch.tensor([10, 700])
-    target = diffusion_target(sched, x0, eps, timesteps)
+    target = family.target(x0, eps, timesteps)
     for i, step in enumerate(timesteps.tolist()):
         abar = float(sched.alphas_cumprod[step])
         alpha_t, sigma_t = math.sqrt(abar), math.sqrt(1.0 - abar)
@@ -281,13 +288,14 @@ def test_diffusion_target_v_prediction_by_hand():
 
 def test_diffusion_target_unsupported_raises_model_error():
     with pytest.raises(ModelError, match="prediction_type"):
-        diffusion_target(_ddpm("sample"), torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([1]))
-    fake = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
+        _sd("sample").target(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([1]))
+    family = _sd("epsilon")
+    family.noise_schedule = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
     with pytest.raises(ModelError, match="flow"):
-        diffusion_target(fake, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([1]))
+        family.target(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([1]))
 
 
-class FakeUNet(nn.Module):
+class FakeDenoiser(nn.Module):
     """Returns a fixed prediction and records what it was called with."""
 
     def __init__(self, out: torch.Tensor):
@@ -301,7 +309,8 @@ class FakeUNet(nn.Module):
 
 
 def test_denoising_errors_epsilon_by_hand():
-    sched = _ddpm("epsilon")
+    family = _sd("epsilon")
+    sched = family.noise_schedule
     latents = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, -1.0], [2.0, 1.0]]]])  # (2,1,2,2)
     noise = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]], [[[0.5, -0.5], [1.5, 0.5]]]])
     pred = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])
@@ -309,12 +318,12 @@ def test_denoising_errors_epsilon_by_hand():
     # sample 1: pred - noise = [0, 1, -1, 0]  -> squares [0, 1, 1, 0] -> mean 2/4 = 0.5
     timesteps = torch.tensor([3, 900])
     cond = TextCondition(embeds=torch.ones(2, 5, 8))
-    unet = FakeUNet(pred)
-    errors = denoising_errors(unet, sched, latents, noise, timesteps, cond)
+    denoiser = FakeDenoiser(pred)
+    errors = family.denoising_errors(denoiser, latents, noise, timesteps, cond)
     assert errors.shape == (2,)
     assert errors.tolist() == pytest.approx([1.5, 0.5], abs=1e-6)
-    # the UNet saw x_t = sqrt(abar) * x0 + sqrt(1 - abar) * eps, the timesteps and the text embeddings
-    (sample, timestep, hidden, kwargs), = unet.calls
+    # the denoiser saw x_t = sqrt(abar) * x0 + sqrt(1 - abar) * eps, the timesteps and the text embeddings
+    (sample, timestep, hidden, kwargs), = denoiser.calls
     for i, step in enumerate(timesteps.tolist()):
         abar = float(sched.alphas_cumprod[step])
         expected = math.sqrt(abar) * latents[i] + math.sqrt(1 - abar) * noise[i]
@@ -325,7 +334,8 @@ def test_denoising_errors_epsilon_by_hand():
 
 
 def test_denoising_errors_v_prediction_by_hand():
-    sched = _ddpm("v_prediction")
+    family = _sd("v_prediction")
+    sched = family.noise_schedule
     latents = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     noise = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
     step = 400
@@ -334,18 +344,15 @@ def test_denoising_errors_v_prediction_by_hand():
     # pred = 0 -> error = mean over 4 elements of v^2, v = a*eps - s*x0
     v = [a * e - s * x for e, x in zip([0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0])]
     expected = sum(x * x for x in v) / 4
-    errors = denoising_errors(
-        FakeUNet(torch.zeros(1, 1, 2, 2)), sched, latents, noise, torch.tensor([step]), TextCondition(torch.zeros(1, 2, 3))
-    )
+    errors = family.denoising_errors(FakeDenoiser(torch.zeros(1, 1, 2, 2)), latents, noise, torch.tensor([step]), TextCondition(torch.zeros(1, 2, 3)))
     assert errors.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_denoising_errors_passes_sdxl_conditioning():
-    sched = _ddpm("epsilon")
     cond = TextCondition(embeds=torch.zeros(1, 2, 3), pooled=torch.ones(1, 4), time_ids=torch.ones(1, 6))
-    unet = FakeUNet(torch.zeros(1, 1, 1, 1))
-    denoising_errors(unet, sched, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.tensor([0]), cond)
-    (_, _, _, kwargs), = unet.calls
+    denoiser = FakeDenoiser(torch.zeros(1, 1, 1, 1))
+    _sd("epsilon", StableDiffusionXL).denoising_errors(denoiser, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.tensor([0]), cond)
+    (_, _, _, kwargs), = denoiser.calls
     added = kwargs["added_cond_kwargs"]
     assert torch.equal(added["text_embeds"], cond.pooled)
     assert torch.equal(added["time_ids"], cond.time_ids)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-import sspo.training.pairs
-from sspo.models.pipeline import TextCondition
-from sspo.training.pairs import PairBuilder, Rows
+from sspo.models.condition import TextCondition
+from sspo.models.families.sd import StableDiffusion
 from sspo.training.config import TrainConfig
+from sspo.training.pairs import PairBuilder, Rows
 
-from test_video_latents import HalfUNet, OneCheckpointPool
+from test_video_latents import HalfDenoiser, OneCheckpointPool
 
 SHAPE = (2, 4, 8, 8)
 
@@ -29,18 +29,17 @@ def unread(m: int) -> Rows:
 @pytest.fixture
 def sampled(monkeypatch):
     """The step count of every sampler call, and a builder whose negatives are zeros."""
-    steps: list[int] = []
+    steps_seen: list[int] = []
 
-    def sample_reference(pipe, unet, scheduler, cond, uncond, seeds, cfg, device, latent_size):
-        steps.append(cfg.steps)
+    def sample(denoiser, sampler, cond, uncond, seeds, *, steps: int, **kwargs):
+        steps_seen.append(steps)
         return torch.zeros(len(seeds), *SHAPE[1:])
 
-    monkeypatch.setattr(sspo.training.pairs, "sample_reference", sample_reference)
-    scheduler = DDPMScheduler()
-    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint: contextlib.nullcontext(HalfUNet()))
-    builder = PairBuilder(TrainConfig(method="sspo"), types.SimpleNamespace(scheduler=scheduler), reference, scheduler, None,
-                          read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
-    return builder, steps
+    family = StableDiffusion({"scheduler": DDPMScheduler()})
+    monkeypatch.setattr(family, "sample", sample)
+    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint: contextlib.nullcontext(HalfDenoiser()))
+    builder = PairBuilder(TrainConfig(method="sspo"), family, reference, None, read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
+    return builder, steps_seen
 
 
 def test_phases_are_entered_around_generation_and_reference_forwards(sampled):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sspo.config import apply_overrides, from_dict
-from sspo.models.pipeline import encode_prompts, encode_unconditional, load_pipeline
+from sspo.models.families import family_of
+from sspo.models.pipeline import load_pipeline
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
 from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
@@ -47,11 +48,13 @@ def sdxl_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConf
 def test_conditions_carry_pooled_embeds_and_the_training_size(tiny_sdxl):
     pipe = load_pipeline(tiny_sdxl)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    cond = encode_prompts(pipe, [PROMPT, PROMPT], "cpu", size=64)
+    family = family_of(pipe)
+    assert family.name == "sdxl"
+    cond = family.encode_prompts([PROMPT, PROMPT], "cpu", size=64)
     hidden = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
     assert cond.embeds.shape[-1] == hidden and cond.pooled.shape == (2, pipe.text_encoder_2.config.projection_dim)
     assert cond.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2  # original size, crop top-left, target size
-    uncond = encode_unconditional(pipe, "cpu", size=64)
+    uncond = family.encode_unconditional("cpu", size=64)
     assert not uncond.embeds.any() and not uncond.pooled.any()  # force_zeros_for_empty_prompt, as the pipeline does
 
 

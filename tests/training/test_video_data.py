@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sspo.training.data import DataConfig, collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
-from sspo.training.latent_cache import LatentCache, encode_rows
+from sspo.models.families.animatediff import AnimateDiff
 from sspo.models.pipeline import decode_images, encode_images
+from sspo.training.data import DataConfig, collate, load_dataset_from_config
+from sspo.training.latent_cache import LatentCache, encode_rows
 from sspo.video_io import encode_clip, read_clip, sample_frames, write_clip
 
 RES = 16
@@ -313,12 +314,12 @@ def test_latent_cache_of_clip_pairs_matches_live_encoding(vae, tmp_path):
     def encode_prompt(prompts, **kwargs):
         return torch.arange(len(prompts) * 6, dtype=torch.float32).reshape(len(prompts), 3, 2), None
 
-    pipe = types.SimpleNamespace(vae=vae, encode_prompt=encode_prompt)
+    family = AnimateDiff(types.SimpleNamespace(vae=vae, encode_prompt=encode_prompt))
     pairs = [(noise(5, (RES, RES), seed), noise(5, (RES, RES), seed + 10)) for seed in range(3)]
     ds = load_dataset_from_config(cfg(clip_pairs(tmp_path / "p.parquet", pairs, [1.0, 0.0, 1.0]), frames=3, cache_latents=True))
-    cache = LatentCache.build(pipe, ds, {"test": 1}, tmp_path / "cache", "cpu", batch_size=3, resolution=RES, state=PartialState())
+    cache = LatentCache.build(family, ds, {"test": 1}, tmp_path / "cache", "cpu", batch_size=3, resolution=RES, state=PartialState())
     prompts, _, winners, losers = cache.rows(range(3))
-    live_prompts, _, live_winners, live_losers = encode_rows(pipe, [ds[i] for i in range(3)], "cpu", RES)
+    live_prompts, _, live_winners, live_losers = encode_rows(family, [ds[i] for i in range(3)], "cpu", RES)
     assert prompts == live_prompts == ["pair 0", "pair 1", "pair 2"]
     assert winners.shape == losers.shape == (3, 4, 3, RES // 2, RES // 2)
     assert torch.equal(winners, live_winners) and torch.equal(losers, live_losers)

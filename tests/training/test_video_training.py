@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 
 from sspo.commands.compare import VARIANTS
 from sspo.config import load_config
-from sspo.training.methods import METHODS
-from sspo.models.pipeline import denoising_errors, encode_prompts, load_pipeline
+from sspo.models.families import family_of
+from sspo.models.pipeline import load_pipeline
 from sspo.models.tiny import motion_adapter_for
 from sspo.training.config import TrainConfig
+from sspo.training.methods import METHODS
 from sspo.training.trainer import train
 from sspo.worlds.moving_shapes.base_model import vocabulary
 
@@ -57,16 +58,15 @@ def test_identity_motion_modules_leave_the_image_unet_unchanged_frame_by_frame()
 
 def test_video_errors_condition_every_frame_on_its_own_sample(video_model):
     """Two samples of different prompts: each frame's error is the one of its own prompt's condition."""
-    from diffusers import DDPMScheduler
-
-    pipe = load_pipeline(video_model)
-    cond = encode_prompts(pipe, [PROMPT, "a blue square moving from left to right, black background"], "cpu")
-    latents = torch.randn(2, pipe.unet.config.in_channels, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    family = family_of(load_pipeline(video_model))
+    assert family.name == "animatediff"
+    cond = family.encode_prompts([PROMPT, "a blue square moving from left to right, black background"], "cpu")
+    denoiser = family.denoiser
+    latents = torch.randn(2, denoiser.config.in_channels, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     noise, t = torch.randn_like(latents), torch.tensor([300, 300])
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
-        both = denoising_errors(pipe.unet, scheduler, latents, noise, t, cond)
-        alone = torch.cat([denoising_errors(pipe.unet, scheduler, latents[i : i + 1], noise[i : i + 1], t[i : i + 1], cond[i : i + 1]) for i in range(2)])
+        both = family.denoising_errors(denoiser, latents, noise, t, cond)
+        alone = torch.cat([family.denoising_errors(denoiser, latents[i : i + 1], noise[i : i + 1], t[i : i + 1], cond[i : i + 1]) for i in range(2)])
     torch.testing.assert_close(both, alone)
 
 
@@ -118,13 +118,10 @@ def test_whole_unet_lora_reaches_the_spatial_layers(video_model, tmp_path):
 
 def test_motion_modules_on_an_image_model_is_a_config_error(tmp_path):
     from sspo.errors import ModelError
-    from sspo.models.pipeline import trained_modules
-
-    class ImagePipeline:
-        pass
+    from sspo.models.families.sd import StableDiffusion
 
     with pytest.raises(ModelError, match="model.train_modules: motion"):
-        trained_modules(ImagePipeline(), "motion")
+        StableDiffusion({}).trained_modules("motion")
 
 
 def test_word_table_positions_keep_the_words_and_add_the_order(tmp_path):

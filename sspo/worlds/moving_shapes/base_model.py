@@ -3,7 +3,7 @@
 The image world's VAE encodes every frame, fine-tuned on this world's frames first: it knows only
 the six palette colours and snaps the in-between hues of a colour change to them (a clean
 "turning" clip kept 0.29 of its reward through it, a moving one 0.84). A word-table text encoder
-covers both worlds' words and their positions (a direction is in the word order); the UNet and its
+covers both worlds' words and their positions (a direction is in the word order); the denoiser and its
 zero-initialised motion modules are then pretrained together on clean clips of every combination.
 The base that comes out follows some motions and not others (objects travel the prompted way, but
 colours seldom turn and sizes change only partway), which is the room alignment has. A plain
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from sspo.config import check, setting, to_dict, validate
-from sspo.models.pipeline import motion_adapter_of
-from sspo.models.tiny import motion_adapter_for, scheduler_for, text_encoder_for, unet_for, video_size, word_table_text_encoder, write_word_tokenizer
+from sspo.models.tiny import text_encoder_for, video_components, video_pipeline, video_size, word_table_text_encoder, write_word_tokenizer
 from sspo.worlds.moving_shapes import world as motion
 from sspo.worlds.shapes import world as shapes
 from sspo.worlds.shapes.base_model import BaseConfig, build_base, cached_build, pretraining_renders, save_base, train_denoiser, train_vae, unit_variance_latents
@@ -40,7 +39,7 @@ class VideoBaseConfig:
     seed: int = setting(0, at_least=0)
     frames: int = setting(8, at_least=2)  # a clip of one frame has no motion to learn
     clips_per_spec: int = setting(2, at_least=1)  # pretraining clips rendered per combination
-    # Share of defective clips the UNet learns from, and which. 0 by default: with 60% of them
+    # Share of defective clips the denoiser learns from, and which. 0 by default: with 60% of them
     # (frozen, static, reversed, checker) the base's objects stand still (amplitude 0.01), and
     # neither SFT nor SSPO makes them move.
     defect_fraction: float = setting(0.0, at_least=0, at_most=1)
@@ -92,7 +91,7 @@ def build_video_base(cfg: VideoBaseConfig, output: str | Path | None = None, for
 
 
 def _build(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, UNetMotionModel
+    from diffusers import AutoencoderKL
 
     started = time.time()
     torch.manual_seed(cfg.seed)
@@ -103,15 +102,12 @@ def _build(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
     words = vocabulary()
     tokenizer = write_word_tokenizer(staging / "tokenizer", words)
     text_encoder = word_table_text_encoder(text_encoder_for(size, tokenizer), tokenizer, words, cfg.seed, positions=True)  # "from A to B"
-    unet2d = unet_for(size, cross_attention_dim=size.text_hidden)
-    adapter = motion_adapter_for(unet2d, seed=cfg.seed)
-    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    components, adapter = video_components(size, text_encoder, seed=cfg.seed)
     pixels, prompts = _pretraining_clips(cfg, size.image_size)
     if cfg.vae_steps:
         train_vae(vae.train(), pixels.flatten(0, 1), cfg.vae_steps, cfg.vae_learning_rate, cfg, generator, "motion frames")
     vae.eval().requires_grad_(False)
     latents = unit_variance_latents(vae, pixels, chunk=32)
-    components = {"text_encoder": text_encoder, "unet": unet, "scheduler": scheduler_for(zero_terminal_snr=True)}
     train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
-    pipe = AnimateDiffPipeline(vae=vae, tokenizer=tokenizer, motion_adapter=motion_adapter_of(adapter, unet), **components)
+    pipe = video_pipeline(vae, tokenizer, adapter, components)
     return save_base(pipe, cfg, staging, output, started)

@@ -1,6 +1,6 @@
 """``sspo base``: build and pretrain the shapes world's base model (its "Stable Diffusion 1.5").
 
-The VAE is trained for reconstruction; then the text encoder and UNet are pretrained on a mix of
+The VAE is trained for reconstruction; then the text encoder and denoiser are pretrained on a mix of
 clean and defective renders of every attribute combination, so the base model is recognisably
 right but mediocre, as a real base model is. Deterministic from the seed; cached by settings.
 """
@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from sspo.config import check, setting, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import entry_list
-from sspo.models.pipeline import TextCondition, denoising_errors, encode_images
+from sspo.models.condition import TextCondition
+from sspo.models.families import family_of
+from sspo.models.pipeline import encode_images
 from sspo.models.tiny import TinySize, build_components, write_word_tokenizer
 from sspo.paths import build_lock, cache_root
 from sspo.worlds.shapes import world as shapes
@@ -52,10 +54,10 @@ class BaseConfig:
     vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # share of defective renders in the VAE's mix phase
     vae_defects: tuple[str, ...] = setting(("blur", "smear", "checker"), choices=shapes.DEFECTS)  # pixel noise is too fine for any 8x8 latent
     unet_steps: int = setting(1500, at_least=1)
-    batch_size: int = setting(64, at_least=1)  # UNet
+    batch_size: int = setting(64, at_least=1)  # denoiser pretraining
     unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
     images_per_spec: int = setting(6, at_least=1)  # pretraining images rendered per attribute combination
-    defect_fraction: float = setting(0.6, at_least=0, at_most=1)  # share of defective renders the UNet learns from: makes the base mediocre
+    defect_fraction: float = setting(0.6, at_least=0, at_most=1)  # share of defective renders the denoiser learns from: makes the base mediocre
     # Quality defects the latent holds; attribute errors are left to the model's own.
     defects: tuple[str, ...] = setting(("checker",), choices=shapes.DEFECTS)
     caption_dropout: float = setting(0.1, at_least=0, below=1)  # empty prompts, so classifier-free guidance works
@@ -118,13 +120,11 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg, 
 
 
 def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator) -> None:
-    """Pretrain the UNet on (latent, prompt) pairs (``cfg``: its steps, batch, learning rate and caption
+    """Pretrain the denoiser on (latent, prompt) pairs (``cfg``: its steps, batch, learning rate and caption
     dropout); the word-table text encoder stays fixed."""
-    from diffusers import DDPMScheduler
-
-    text_encoder, unet = components["text_encoder"], components["unet"]
-    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-    params = list(unet.parameters())
+    family = family_of(components)  # the tiny model's family: its training timesteps, noise and target
+    text_encoder, denoiser = components["text_encoder"], family.denoiser
+    params = list(denoiser.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_learning_rate, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.unet_learning_rate, total_steps=cfg.unet_steps, pct_start=0.05)
 
@@ -134,7 +134,7 @@ def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator
     with torch.no_grad():  # the encoder is fixed: encode every prompt once
         embeds = text_encoder(tokens(prompts))[0]
         empty = text_encoder(tokens([""]))[0]
-    bar = tqdm(range(cfg.unet_steps), desc="base: UNet", leave=False)
+    bar = tqdm(range(cfg.unet_steps), desc="base: denoiser", leave=False)
     for _ in bar:
         index = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
         batch_embeds = embeds[index].clone()
@@ -142,8 +142,8 @@ def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator
         batch_embeds[drop] = empty
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
-        loss = denoising_errors(unet, scheduler, x0, noise, t, TextCondition(batch_embeds)).mean()
+        t = family.draw_timesteps((cfg.batch_size,), generator)
+        loss = family.denoising_errors(denoiser, x0, noise, t, TextCondition(batch_embeds)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -30,11 +30,11 @@ def test_the_video_base_reads_word_order():
     import torch
     from diffusers import AnimateDiffPipeline
 
-    from sspo.models.pipeline import encode_prompts
+    from sspo.models.families import family_of
 
     pipe = AnimateDiffPipeline.from_pretrained(str(PACKAGED_VIDEO_BASE))
-    cond = encode_prompts(pipe, ["a small red circle moving from left to right, white background",
-                                 "a small red circle moving from right to left, white background"], "cpu")
+    cond = family_of(pipe).encode_prompts(["a small red circle moving from left to right, white background",
+                                           "a small red circle moving from right to left, white background"], "cpu")
     assert not torch.allclose(cond.embeds[0], cond.embeds[1], atol=1e-3)
 
 

@@ -1,0 +1,55 @@
+"""The text condition of a batch: whatever the denoiser needs besides the noisy latents (SDXL adds
+pooled embeddings and ``add_time_ids``), computed once and shared by policy, reference and sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class TextCondition:
+    """Text conditioning of a batch, computed once and shared by policy, reference and sampler."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL only
+    time_ids: torch.Tensor | None = None  # SDXL only
+
+    def _map(self, fn) -> TextCondition:
+        return TextCondition(*(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.time_ids)))
+
+    def to(self, device, dtype=None) -> TextCondition:
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype))
+
+    def __getitem__(self, index) -> TextCondition:
+        return self._map(lambda t: t[index])
+
+    def repeat(self, times: int) -> TextCondition:
+        return self._map(lambda t: torch.cat([t] * times))
+
+    def repeat_each(self, times: int) -> TextCondition:
+        return self._map(lambda t: t.repeat_interleave(times, dim=0))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @staticmethod
+    def cat(conditions: Sequence[TextCondition]) -> TextCondition:
+        first = conditions[0]
+        fields = [f.name for f in dataclasses.fields(first)]
+        return TextCondition(
+            **{name: None if getattr(first, name) is None else torch.cat([getattr(c, name) for c in conditions]) for name in fields}
+        )
+
+    def pipeline_kwargs(self, negative: TextCondition | None) -> dict:
+        """Arguments that make a diffusers pipeline skip its own text encoding."""
+        kwargs = {"prompt_embeds": self.embeds}
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = negative.embeds
+        if self.pooled is not None:
+            kwargs["pooled_prompt_embeds"] = self.pooled
+            if negative is not None:
+                kwargs["negative_pooled_prompt_embeds"] = negative.pooled
+        return kwargs

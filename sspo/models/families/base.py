@@ -1,0 +1,291 @@
+"""A model family: everything the trainer does that depends on which diffusion model it trains.
+
+The trainer, the pairs, the reference model, the checkpoint pool and the latent cache talk to
+"the denoiser" through a :class:`ModelFamily` bound to the loaded pipeline, and never name its
+architecture: how training timesteps are drawn and noise is added, what the denoiser is trained
+to predict, how it is called with its text condition, how prompts are encoded, how negatives are
+sampled, which modules LoRA wraps and which train, and how LoRA and full weights are saved in the
+format the family's diffusers pipeline loads. A family is one subclass, registered with
+:func:`register` and chosen by ``model.family`` (``auto``: the one :meth:`ModelFamily.detects`
+the pipeline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from sspo.errors import ModelError
+from sspo.models.condition import TextCondition
+from sspo.models.lora_targets import check_lora_targets
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights looks for
+
+# model.train_modules: "unet" is every layer of the denoiser, "motion" a video denoiser's motion
+# modules only, "auto" what the family trains by default.
+TRAIN_MODULES = ("auto", "unet", "motion")
+EVERY_LAYER, MOTION = "unet", "motion"
+
+
+def resolve_train_modules(train_modules: str, video: bool) -> str:
+    """``model.train_modules`` for a video or an image model: "auto" is "motion" for video, else "unet"."""
+    return (MOTION if video else EVERY_LAYER) if train_modules == "auto" else train_modules
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How negatives are sampled: the inference scheduler and what its pipeline call needs besides."""
+
+    scheduler: Any
+    call_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. DDIM's eta
+
+
+class ModelFamily:
+    """The SD-1.5 way of doing each step; a family that differs overrides only where it does.
+
+    Bound to ``pipe``, a diffusers pipeline of the family, or the components (a dict) of one being
+    built, which is all that :meth:`draw_timesteps` and :meth:`denoising_errors` need.
+    """
+
+    name: ClassVar[str]
+    denoiser_component: ClassVar[str] = "unet"  # the pipeline component that is trained
+    denoiser_label: ClassVar[str] = "UNet"  # what messages call it
+    frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")  # encoders, frozen in training
+    video: ClassVar[bool] = False  # latents (B, C, F, H, W), sampled clips
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def detects(cls, components: Mapping[str, Any]) -> bool:
+        """Whether a pipeline with ``components`` is of this family (``model.family: auto``)."""
+        return False
+
+    def component(self, name: str):
+        return self.pipe[name] if isinstance(self.pipe, Mapping) else getattr(self.pipe, name)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pipeline's own denoiser (the trainer wraps and trains this module)."""
+        return self.component(self.denoiser_component)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.component("vae")
+
+    # ----------------------------------------------------------------------------------------------
+    # The training objective
+
+    @functools.cached_property
+    def noise_schedule(self):
+        """The noise schedule training draws from: DDPM's, with the pipeline scheduler's betas and prediction type."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.component("scheduler").config)
+
+    def draw_timesteps(self, size: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """Training timesteps of shape ``size``: integers uniform over the schedule. The draws of a
+        micro-batch come from one generator in a fixed order, so this is one draw from it."""
+        return torch.randint(0, self.noise_schedule.config.num_train_timesteps, tuple(size), generator=generator)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.noise_schedule.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+        kind = self.noise_schedule.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_schedule.get_velocity(latents, noise, timesteps)
+        raise ModelError(f"prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
+
+    def condition_kwargs(self, cond: TextCondition) -> dict:
+        """The denoiser's keyword arguments for text condition ``cond``."""
+        return {"encoder_hidden_states": cond.embeds}
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        return denoiser(noisy, timesteps, **self.condition_kwargs(cond)).sample
+
+    def denoising_errors(self, denoiser, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        """Per-sample denoising error ``L_m(x0)``: mean over all non-batch dims of (m(x_t,t,c) - target)^2.
+
+        ``cond`` holds one text condition per sample. Inputs stay in the latents' dtype: under
+        mixed precision, autocast picks the compute dtype.
+        """
+        noisy = self.add_noise(latents, noise, timesteps)
+        pred = self.predict(denoiser, noisy, timesteps, cond.to(latents.device))
+        target = self.target(latents, noise, timesteps)
+        return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+    # ----------------------------------------------------------------------------------------------
+    # Prompts
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], device, size: int | None = None) -> TextCondition:
+        """Encode prompts with the pipeline's own text encoder, as the pipeline itself would
+        (``size``: the pixel size they condition, where the family conditions on one)."""
+        embeds, _ = self.pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return TextCondition(embeds)
+
+    @torch.no_grad()
+    def encode_unconditional(self, device, size: int | None = None) -> TextCondition:
+        """The empty prompt as the pipeline's classifier-free guidance uses it."""
+        return self.encode_prompts([""], device, size)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling negatives
+
+    def sampler(self, kind: str, eta: float) -> Sampler:
+        """The inference scheduler ``kind`` (``negatives.scheduler``) on the pipeline's noise schedule."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        config = self.component("scheduler").config
+        if kind == "pipeline":
+            return Sampler(self.component("scheduler").__class__.from_config(config))
+        kinds = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+        return Sampler(kinds[kind].from_config(config), {"eta": eta} if kind == "ddim" else {})
+
+    @torch.no_grad()
+    def sample(self, denoiser, sampler: Sampler, cond: TextCondition, uncond: TextCondition, seeds: Sequence[int], *, steps: int,
+               guidance_scale: float, latent_size: Sequence[int], device) -> torch.Tensor:
+        """Latents of ``latent_size`` (``(H, W)``, or ``(F, H, W)`` for clips) that ``denoiser`` generates for ``cond``.
+
+        Latents are returned directly (``output_type="latent"``): decoding to pixels and re-encoding
+        would only add the VAE's round-trip error to the negatives. They are sampled at the size
+        asked, which need not be the model's native resolution.
+        """
+        pipe = self.pipe
+        pipeline = pipe.__class__(**{**pipe.components, self.denoiser_component: denoiser, "scheduler": sampler.scheduler})
+        pipeline.set_progress_bar_config(disable=True)
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        cond = cond.to(device)
+        out = pipeline(
+            **cond.pipeline_kwargs(uncond.repeat(len(cond)).to(device)),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=latent_size[-2] * pipe.vae_scale_factor,
+            width=latent_size[-1] * pipe.vae_scale_factor,
+            output_type="latent",
+            **sampler.call_kwargs,
+            **self._sample_kwargs(latent_size),
+        )
+        return self._sampled_latents(out).float().cpu()
+
+    def _sample_kwargs(self, latent_size: Sequence[int]) -> dict:
+        return {}
+
+    def _sampled_latents(self, out) -> torch.Tensor:
+        return out.images
+
+    # ----------------------------------------------------------------------------------------------
+    # What trains
+
+    def trained_modules(self, train_modules: str) -> str:
+        """``model.train_modules`` resolved for this family: "motion" or "unet" (every layer)."""
+        if train_modules == MOTION and not self.video:
+            raise ModelError(f"model.train_modules: motion trains a video model's motion modules, but {self.name} ({type(self.pipe).__name__}) has none; use unet or auto")
+        return resolve_train_modules(train_modules, self.video)
+
+    def lora_targets(self, denoiser, targets: Sequence[str], trained: str) -> list[str] | str:
+        """peft's ``target_modules`` for the layer names ``targets`` in the ``trained`` modules
+        (:meth:`trained_modules`), refused where they name no layer there."""
+        check_lora_targets(denoiser, targets, motion_only=False)
+        return list(targets)
+
+    def freeze_untrained(self, denoiser, trained: str) -> None:
+        """Full fine-tuning: freeze the layers outside the ``trained`` modules (:meth:`trained_modules`)."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Saving and loading
+
+    def save_lora(self, denoiser, adapter_name: str, folder: Path) -> None:
+        """Save ``denoiser``'s peft adapter ``adapter_name`` as the pipeline's ``load_lora_weights`` reads it."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import get_peft_model_state_dict
+
+        from sspo.io import sort_safetensors_metadata
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
+        # The adapter's config travels with the weights: without it load_lora_weights assumes
+        # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
+        adapter = denoiser.peft_config[adapter_name].to_dict()
+        # A set lists in another order in another process (string hashing): sorted, the file is the same.
+        if not isinstance(adapter["target_modules"], str):  # a pattern (motion modules only) stays as it is
+            adapter["target_modules"] = sorted(adapter["target_modules"])
+        self.pipe.__class__.save_lora_weights(
+            save_directory=str(folder), safe_serialization=True,
+            **{f"{self.denoiser_component}_lora_layers": layers, f"{self.denoiser_component}_lora_adapter_metadata": adapter},
+        )
+        # Its two metadata keys come out in a per-process order: sorted, a resumed run's file is the same bytes.
+        sort_safetensors_metadata(folder / LORA_FILE)
+
+    def full_components(self, denoiser) -> dict:
+        """The pipeline's components with ``denoiser`` as trained."""
+        return {**self.pipe.components, self.denoiser_component: denoiser}
+
+    def save_full(self, denoiser, folder: Path) -> None:
+        """Save the whole pipeline with ``denoiser`` as trained: a folder ``from_pretrained`` loads."""
+        self.pipe.__class__(**self.full_components(denoiser)).save_pretrained(str(folder), safe_serialization=True)
+
+    def load_lora(self, lora: Path, model: str | Path) -> None:
+        """Load LoRA ``lora`` into the pipeline, refusing one that does not fit base ``model``."""
+        try:
+            self.pipe.load_lora_weights(str(lora))
+        except OSError as exc:
+            raise ModelError(f"cannot read LoRA {lora}: {str(exc).splitlines()[0].strip()}; pass a LoRA folder ({LORA_FILE}) or weights file") from None
+        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. torch's size mismatch, many lines long
+            raise ModelError(f"LoRA {lora} does not fit model {model}: {str(exc).splitlines()[-1].strip().rstrip('.')}; pass the base model the LoRA was trained on") from None
+        self._check_lora_loaded(lora, model)
+
+    def _check_lora_loaded(self, lora: Path, model: str | Path) -> None:
+        """A LoRA of another base loads without an error (diffusers only logs the keys it dropped):
+        every denoiser tensor of a diffusers-format LoRA file must be in the denoiser's adapter now, as saved."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        file = lora / LORA_FILE if lora.is_dir() else lora
+        if not file.is_file() or file.suffix != ".safetensors":
+            return  # another layout: diffusers' own checks are all there is
+        prefix = f"{self.denoiser_component}."
+        saved = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in load_file(str(file)).items() if key.startswith(prefix)})
+        adapters = self.pipe.get_list_adapters().get(self.denoiser_component)
+        if not adapters:
+            raise ModelError(f"LoRA {lora} holds no {self.denoiser_label} LoRA weights that diffusers recognizes; pass a LoRA saved with save_lora_weights (a run's final/)")
+        loaded = get_peft_model_state_dict(self.denoiser, adapter_name=adapters[-1])
+        # Compared in the pipeline's dtype: a LoRA saved in fp32 is loaded rounded into an fp16 pipeline.
+        misfits = [key for key, value in saved.items() if key not in loaded or not torch.equal(loaded[key].cpu(), value.to(loaded[key].dtype))]
+        if misfits:
+            raise ModelError(
+                f"LoRA {lora} does not fit model {model}: {len(misfits)} of its {len(saved)} {self.denoiser_label} tensors "
+                f"(e.g. {misfits[0]}) have no place in its {self.denoiser_label}; pass the base model the LoRA was trained on"
+            )
+
+
+FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def register(family: type[ModelFamily]) -> type[ModelFamily]:
+    """Make ``family`` a choice of ``model.family`` (and, if it :meth:`~ModelFamily.detects` pipelines, of ``auto``)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(pipe, name: str = "auto") -> ModelFamily:
+    """The family ``name`` bound to ``pipe``; ``auto``: the registered family that detects it."""
+    if name != "auto":
+        if name not in FAMILIES:
+            raise ModelError(f"model family {name!r} is not registered; use one of auto, {', '.join(FAMILIES)}")
+        return FAMILIES[name](pipe)
+    components = pipe if isinstance(pipe, Mapping) else pipe.components
+    for family in FAMILIES.values():
+        if family.detects(components):
+            return family(pipe)
+    raise ModelError(f"{type(pipe).__name__} is of no known model family; sspo trains {', '.join(FAMILIES)} pipelines (set model.family to name one)")

@@ -1,0 +1,78 @@
+"""Model families: a pipeline maps to its family, and a family registered here trains through every method."""
+
+import functools
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from sspo.errors import ConfigError, ModelError
+from sspo.models.families import FAMILIES, family_of, register
+from sspo.models.families.sd import StableDiffusion
+from sspo.training.config import ModelConfig
+from sspo.training.trainer import train
+
+from test_trainer import metrics, tiny_config
+
+
+class UpperQuarterDDPM(StableDiffusion):
+    """A throw-away family: plain epsilon-prediction DDPM (whatever the pipeline's prediction type)
+    that trains on the noisiest quarter of the schedule only, and records every t its denoiser sees."""
+
+    name = "test-upper-quarter-ddpm"
+    seen: list[torch.Tensor] = []
+
+    @functools.cached_property
+    def noise_schedule(self):
+        return DDPMScheduler.from_config(self.component("scheduler").config, prediction_type="epsilon")
+
+    def draw_timesteps(self, size, generator):
+        steps = self.noise_schedule.config.num_train_timesteps
+        return torch.randint(steps - steps // 4, steps, tuple(size), generator=generator)
+
+    def denoising_errors(self, denoiser, latents, noise, timesteps, cond):
+        self.seen.append(timesteps.cpu())
+        return super().denoising_errors(denoiser, latents, noise, timesteps, cond)
+
+
+@pytest.fixture
+def upper_quarter():
+    register(UpperQuarterDDPM)
+    UpperQuarterDDPM.seen.clear()
+    yield UpperQuarterDDPM
+    del FAMILIES[UpperQuarterDDPM.name]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "spin", "sspo"])
+def test_a_registered_family_trains_every_method_with_its_own_timesteps(method, upper_quarter, quick_base, tmp_path):
+    cfg = tiny_config(tmp_path / "run", quick_base, f"method={method}", f"model.family={upper_quarter.name}", "iterations=1", "steps_per_iteration=2", "optim.batch_size=2")
+    final = train(cfg)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    seen = torch.cat(upper_quarter.seen)
+    # Policy (and reference) forwards of 2 steps x 2 pairs; uniform draws over [0, 1000) would land
+    # below 750 in three of four.
+    assert len(seen) >= 4 and bool((seen >= 750).all()) and bool((seen < 1000).all())
+
+
+def test_auto_detects_each_family_from_the_pipeline_components():
+    scheduler = DDPMScheduler()
+
+    class UNetMotionModel:  # detection reads the denoiser's class name, as diffusers names it
+        pass
+
+    assert family_of({"unet": object(), "text_encoder": object(), "scheduler": scheduler}).name == "sd"
+    assert family_of({"unet": object(), "text_encoder_2": object(), "scheduler": scheduler}).name == "sdxl"
+    assert family_of({"unet": UNetMotionModel(), "scheduler": scheduler}).name == "animatediff"
+    assert family_of({"unet": object(), "motion_adapter": object(), "scheduler": scheduler}).name == "animatediff"
+    with pytest.raises(ModelError, match="no known model family"):
+        family_of({"transformer": object(), "scheduler": scheduler})
+
+
+def test_model_family_accepts_registered_names_only(upper_quarter):
+    assert ModelConfig(family=upper_quarter.name).family == upper_quarter.name
+    assert ModelConfig(family="auto").family == "auto"
+    with pytest.raises(ConfigError, match="model.family.*'auto', 'sd'"):
+        ModelConfig(family="flux")
