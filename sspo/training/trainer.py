@@ -26,34 +26,31 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sspo.config import load_yaml, save_yaml
-from sspo.training.data import load_dataset_from_config
+from sspo.config import save_yaml
 from sspo.errors import ConfigError, DataError, TrainingError
+from sspo.models.families import family_of
+from sspo.models.pipeline import load_pipeline, load_pipeline_config
+from sspo.training.checkpoints import Checkpointing, disk_errors, latest_checkpoint
+from sspo.training.config import TrainConfig, check_environment
+from sspo.training.data import load_dataset_from_config
 from sspo.training.faults import fault_point
-from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, read_jsonl
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.training.losses import sft_loss, sspo_loss
 from sspo.training.methods import METHODS
-from sspo.models.lora_targets import check_lora_targets
-from sspo.worlds import base_world
-from sspo.worlds.names import resolve_model
-from sspo.models.pipeline import denoising_errors, encode_unconditional, is_video, load_pipeline, load_pipeline_config, motion_adapter_of, trained_modules
 from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY, ReferenceModel
-from sspo.training.run_folder import check_output_dir, claimed, discard_previous, start_fresh
-from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, flatten, manifest, manifest_problems, read_state, saved_states
-from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
+from sspo.training.run_folder import check_output_dir, claimed
+from sspo.training.run_state import flatten
 from sspo.training.ssr_truth import SSRTruth
-from sspo.training.config import TrainConfig, check_environment
+from sspo.worlds import base_world
+from sspo.worlds.names import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +65,9 @@ def open_dataset(cfg: TrainConfig):
     return dataset
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    states = saved_states(run_dir)
-    return states[-1] if states else None
+class Trainer(Checkpointing):
+    """One run of ``cfg``: the model, its pairs and the loop; saving and resuming are :class:`Checkpointing`'s."""
 
-
-@contextlib.contextmanager
-def disk_errors(what: str, staging: Path | None = None):
-    """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging`` removed."""
-    try:
-        yield
-    except OSError as exc:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise TrainingError(
-            f"could not write {what}: {exc.strerror or exc} ({exc.filename or staging}); earlier saved states are intact: "
-            "free disk space or fix the folder's permissions, then run again with --resume"
-        ) from None
-
-
-class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -115,42 +95,34 @@ class Trainer:
         self.base_model = resolve_model(cfg.model.pretrained)
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant, motion_adapter=cfg.model.motion_adapter)
         self.pipe.to(self.device)
-        for name in ("vae", "text_encoder", "text_encoder_2"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                module.requires_grad_(False).eval()
-        unet = self._prepare_unet(self.pipe.unet)
-        from diffusers import DDPMScheduler
-
-        self.train_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.family = family_of(self.pipe, cfg.model.family)
+        for name in self.family.frozen_components:
+            self.family.component(name).requires_grad_(False).eval()
+        denoiser = self._prepare_denoiser(self.family.denoiser)
 
         self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
-        self.reference = ReferenceModel(unet, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
+        self.reference = ReferenceModel(denoiser, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
         self.latent_cache = self._latent_cache() if cfg.data.cache_latents else None
-        uncond = encode_unconditional(self.pipe, self.device, cfg.data.resolution).to("cpu")
-        self.pair_builder = PairBuilder(cfg, self.pipe, self.reference, self.train_scheduler, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
+        uncond = self.family.encode_unconditional(self.device, cfg.data.resolution).to("cpu")
+        self.pair_builder = PairBuilder(cfg, self.family, self.reference, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
 
-        params = [p for p in unet.parameters() if p.requires_grad]
+        params = [p for p in denoiser.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
         from diffusers.optimization import get_scheduler
 
         # A prepared scheduler steps once per process at each optimizer step (accelerate's convention).
         lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps * self.accelerator.num_processes)
-        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
+        self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(denoiser, optimizer, lr_scheduler)
         self.params = params
 
         self.ssr_truth = None
         if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
-            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pipe, self.train_scheduler, self.pair_builder, self.device)
+            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pair_builder, self.device)
 
         # Nothing in the output folder is moved or rewritten before this point: data, model and optimizer are set up first.
         self.global_step = 0
         self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
-        state_dir = self._resumable_state() if resume else None
-        if state_dir is not None:
-            self._load_state(state_dir)
-        else:
-            self._start_fresh()
+        self.start_or_resume(resume)
 
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")
@@ -167,56 +139,42 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError(
                 "FSDP is not supported: every process samples negatives and computes reference errors with a whole "
-                "UNet outside the sharded forward; launch with configs/accelerate/ddp.yaml, or deepspeed-zero2.yaml to shard optimizer state"
+                "denoiser outside the sharded forward; launch with configs/accelerate/ddp.yaml, or deepspeed-zero2.yaml to shard optimizer state"
             )
         plugin = self.accelerator.state.deepspeed_plugin
         if plugin is not None:
             if plugin.zero_stage == 3:
-                raise ConfigError("DeepSpeed ZeRO-3 shards the UNet's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
+                raise ConfigError("DeepSpeed ZeRO-3 shards the denoiser's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
             # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none.
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.optim.batch_size
 
-    def _check_resumed_config(self) -> None:
-        """A resumed run must compute what the saved one did: result-changing keys may not differ."""
-        saved = self.run_dir / "config.yaml"
-        if latest_checkpoint(self.run_dir) is None or not saved.is_file():
-            return  # nothing to resume: the run starts from scratch
-        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg))
-        if differences:
-            raise ConfigError(
-                f"--resume: the config differs from the one {self.run_dir} was trained with ({'; '.join(differences)}); "
-                f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
-            )
-
-    def _prepare_unet(self, unet):
+    def _prepare_denoiser(self, denoiser):
         mcfg = self.cfg.model
-        motion_only = trained_modules(self.pipe, mcfg.train_modules) == "motion"
+        trained = self.family.trained_modules(mcfg.train_modules)
         if mcfg.attention == "xformers":
-            unet.enable_xformers_memory_efficient_attention()
+            denoiser.enable_xformers_memory_efficient_attention()
         if mcfg.lora:
             from peft import LoraConfig
 
-            check_lora_targets(unet, mcfg.lora_targets, motion_only)
-            targets = lora_target_modules(mcfg.lora_targets, motion_only)
-            unet.requires_grad_(False).to(self.weight_dtype)
-            unet.add_adapter(LoraConfig(r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets), adapter_name=POLICY)
-            for p in unet.parameters():  # trainable LoRA weights stay fp32 under mixed precision
+            targets = self.family.lora_targets(denoiser, mcfg.lora_targets, trained)
+            denoiser.requires_grad_(False).to(self.weight_dtype)
+            denoiser.add_adapter(LoraConfig(r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets), adapter_name=POLICY)
+            for p in denoiser.parameters():  # trainable LoRA weights stay fp32 under mixed precision
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
-            unet.to(torch.float32).requires_grad_(True)
-            if motion_only:
-                unet.freeze_unet2d_params()
+            denoiser.to(torch.float32).requires_grad_(True)
+            self.family.freeze_untrained(denoiser, trained)
         if mcfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        return unet
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()
+        return denoiser
 
     def _latent_cache(self) -> LatentCache:
         """Every row's latents and text condition (sspo/training/latent_cache.py), encoded now if not cached yet."""
-        key = cache_key(self.cfg, self.base_model, self.pipe, len(self.dataset))
+        key = cache_key(self.cfg, self.base_model, self.family, len(self.dataset))
         root = self.cfg.data.cache_dir or default_dir(key)
-        return LatentCache.build(self.pipe, self.dataset, key, root, self.device, self.cfg.optim.batch_size, self.cfg.data.resolution, self.accelerator)
+        return LatentCache.build(self.family, self.dataset, key, root, self.device, self.cfg.optim.batch_size, self.cfg.data.resolution, self.accelerator)
 
     def _optimizer(self, params):
         o = self.cfg.optim
@@ -232,7 +190,7 @@ class Trainer:
 
     @property
     def policy(self):
-        return self.accelerator.unwrap_model(self.unet)
+        return self.accelerator.unwrap_model(self.denoiser)
 
     @property
     def micro_batches_per_iteration(self) -> int:
@@ -270,7 +228,7 @@ class Trainer:
             prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in placed])
         else:
             items = [self._item(row, epoch) for row, epoch in placed]
-            prompts, cond, winners, losers = encode_rows(self.pipe, items, self.device, self.cfg.data.resolution, losers=dataset_losers)
+            prompts, cond, winners, losers = encode_rows(self.family, items, self.device, self.cfg.data.resolution, losers=dataset_losers)
         return Rows(prompts, cond, winners, losers if dataset_losers else None)
 
     def _stream(self, m: int) -> int:
@@ -291,20 +249,21 @@ class Trainer:
     def loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict]:
         dev, rows, draws = self.device, batch.rows, batch.draws
         if not self.cfg.uses_reference:  # SFT: the winners only
-            errors = denoising_errors(self.unet, self.train_scheduler, rows.winners.to(dev), draws.noise.to(dev), draws.timesteps.to(dev), rows.cond)
+            errors = self.family.denoising_errors(self.denoiser, rows.winners.to(dev), draws.noise.to(dev), draws.timesteps.to(dev), rows.cond)
             return sft_loss(errors)
         # Winner and loser of every pair in one forward.
         latents = torch.cat([rows.winners, batch.losers]).to(dev)
         noise = draws.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
-        errors = denoising_errors(self.unet, self.train_scheduler, latents, noise, draws.timesteps.repeat(2).to(dev), rows.cond.repeat(2))
+        errors = self.family.denoising_errors(self.denoiser, latents, noise, draws.timesteps.repeat(2).to(dev), rows.cond.repeat(2))
         policy_w, policy_l = errors.chunk(2)
         ref = batch.reference
         switch = None
         if draws.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
-            policy_mean = mean_over_draws(self.unet, self.train_scheduler, policy_w, rows.winners, draws.switch_timesteps, draws.switch_noise, rows.cond, dev)
+            policy_mean = mean_over_draws(self.family, self.denoiser, policy_w, rows.winners, draws.switch_timesteps, draws.switch_noise, rows.cond, dev)
             switch = (policy_mean, ref.switch.to(dev))
         loss, metrics = sspo_loss(policy_w, policy_l, ref.winners.to(dev), ref.losers.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
-        metrics["reference"] = torch.tensor(sum(draws.checkpoints) / len(draws.checkpoints), dtype=torch.float32)
+        # The mean pool index of the checkpoints that were this micro-batch's reference.
+        metrics["reference_checkpoint"] = torch.tensor(sum(draws.checkpoints) / len(draws.checkpoints), dtype=torch.float32)
         return loss, metrics
 
     def optimizer_step(self, batches: list[PairBatch]) -> dict[str, float]:
@@ -313,7 +272,7 @@ class Trainer:
         for batch in batches:
             # Divides the loss by accum; gradients are synchronised across processes (and DeepSpeed
             # steps) on the last micro-batch only.
-            with self.accelerator.accumulate(self.unet):
+            with self.accelerator.accumulate(self.denoiser):
                 loss, metrics = self.loss(batch)
                 self.accelerator.backward(loss)
             for key, value in metrics.items():
@@ -389,7 +348,7 @@ class Trainer:
             self.validate()
 
     # ----------------------------------------------------------------------------------------------
-    # Logging, validation, state
+    # Logging and validation
 
     def _log(self, metrics: dict) -> None:
         self.accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=self.global_step)
@@ -425,7 +384,7 @@ class Trainer:
                               size=self.cfg.data.resolution, frames=self.cfg.data.frames)
         fault_point("validation")
         name = self.run_dir / "validation" / f"step-{self.global_step:08d}"
-        if is_video(self.pipe):
+        if self.family.video:
             frames = clip_grid([images], [f"step {self.global_step}"], vcfg.prompts)
             save_animation(frames, name.with_suffix(".gif"))
             grid = frames[len(frames) // 2]
@@ -453,187 +412,11 @@ class Trainer:
             f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
         return metrics
 
-    def _start_fresh(self) -> None:
-        """Set an earlier run in the output folder aside, deleted once this run saves its first state
-        (sspo/training/run_folder.py); the pool restarts as {theta_0}."""
-        self.accelerator.wait_for_everyone()  # every process has opened the earlier run's pool before it moves
-        if self.accelerator.is_main_process:
-            start_fresh(self.run_dir)
-            if self.pool is not None:
-                self.pool = CheckpointPool(self.pool.root)
-                with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):
-                    self.pool.add(self.reference.policy_state(), step=0)  # theta_0
-        self._sync_pool()
-
-    def _sync_pool(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.pool is not None:
-            self.pool = CheckpointPool(self.pool.root)
-            self.reference.pool = self.pool
-            self.reference.loaded = None
-
-    def save_state(self) -> Path:
-        """A resumable state (weights, optimizer, RNG, step, pool size, file manifests), written then renamed.
-
-        The state file records the size and SHA-256 of the state's files and of the pool files it
-        depends on, so a resume can tell an intact state from a truncated or corrupted one.
-        """
-        final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
-        staging = final.with_name(final.name + ".partial")
-        self.accelerator.wait_for_everyone()
-        replicas = self._replica_fingerprints()
-        with disk_errors(f"the resumable state {final}", staging):
-            # accelerate creates the folder on the main process only, but every process writes its RNG
-            # state into it: every process makes it, and all have written before the main one renames it.
-            staging.mkdir(parents=True, exist_ok=True)
-            self.accelerator.save_state(str(staging))
-            self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
-                fault_point("checkpoint_save")
-                state = {
-                    "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
-                    "nonfinite_skips": self.nonfinite_skips,
-                    "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
-                    "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
-                }
-                atomic_write_json(staging / STATE_FILE, state)
-                shutil.rmtree(final, ignore_errors=True)
-                staging.rename(final)
-        if self.accelerator.is_main_process:  # only now that the new state is complete may old ones go
-            discard_previous(self.run_dir)
-            for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def _replica_fingerprints(self) -> list[list[float]] | None:
-        """(sum, sum of squares) of the trainable weights, in float64, from every process.
-
-        Under DDP each process holds a whole replica and applies the same all-reduced gradients,
-        so the replicas stay bitwise equal; a difference means a process trained on something the
-        others did not. FSDP and DeepSpeed shard the weights: nothing to compare there.
-        """
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            return None
-        local = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for p in self.params:
-            weights = p.detach().double()
-            local += torch.stack([weights.sum(), weights.square().sum()])
-        replicas = self.accelerator.gather(local[None]).tolist()
-        if any(r != replicas[0] for r in replicas):
-            log.error("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
-        return replicas
-
-    def _resumable_state(self) -> Path | None:
-        """The newest saved state whose files, and the pool files it depends on, are as they were saved."""
-        damaged = []
-        for state_dir in reversed(saved_states(self.run_dir)):
-            try:
-                state = read_state(state_dir / STATE_FILE)
-            except DamagedFileError as exc:
-                damaged.append(exc.problem)
-                continue
-            problems = manifest_problems(state_dir, state.get("files", {}))
-            if self.pool is not None:
-                problems += manifest_problems(self.pool.root, state.get("pool_files", {}))
-            if not problems:
-                if damaged:
-                    log.warning("resuming from the older state %s: %s", state_dir, "; ".join(damaged))
-                return state_dir
-            damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
-        if damaged:
-            raise TrainingError(f"--resume: no intact saved state in {self.run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
-        log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
-        return None
-
-    def _load_state(self, state_dir: Path) -> None:
-        state = read_state(state_dir / STATE_FILE)
-        self.accelerator.load_state(str(state_dir))
-        self.global_step = state["global_step"]
-        self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
-            for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
-                shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
-            logs = {name: read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
-                    for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)}  # every log read before any is rewritten
-            for name, rows in logs.items():
-                kept = [row for row in rows if row["step"] <= self.global_step]
-                atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in kept))
-        if self.pool is not None:
-            if self.accelerator.is_main_process:
-                self.pool.truncate(state["pool_size"])
-            self._sync_pool()
-        log.info("resumed from %s at step %d", state_dir, self.global_step)
-
-    def save_final(self) -> Path:
-        """The final model: LoRA weights that ``pipe.load_lora_weights`` reads, or a diffusers folder."""
-        final = self.run_dir / "final"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            staging = final.with_name("final.partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            with disk_errors(f"the final model {final}", staging):
-                self._write_final(staging, final)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def _write_final(self, staging: Path, final: Path) -> None:
-        if self.cfg.model.lora:
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft import get_peft_model_state_dict
-
-            from sspo.io import sort_safetensors_metadata
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.policy, adapter_name=POLICY))
-            # The adapter's config travels with the weights: without it load_lora_weights assumes
-            # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
-            adapter = self.policy.peft_config[POLICY].to_dict()
-            # A set lists in another order in another process (string hashing): sorted, the file is the same.
-            if not isinstance(adapter["target_modules"], str):  # a pattern (motion modules only) stays as it is
-                adapter["target_modules"] = sorted(adapter["target_modules"])
-            self.pipe.__class__.save_lora_weights(
-                save_directory=str(staging), unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=adapter,
-            )
-            # Its two metadata keys come out in a per-process order: sorted, a resumed run's file is the same bytes.
-            sort_safetensors_metadata(staging / "pytorch_lora_weights.safetensors")
-        else:
-            components = {**self.pipe.components, "unet": self.policy}
-            if is_video(self.pipe):  # motion_adapter/ as trained: MotionAdapter.from_pretrained reads it alone
-                components["motion_adapter"] = motion_adapter_of(self.pipe.motion_adapter, self.policy)
-            self.pipe.__class__(**components).save_pretrained(str(staging), safe_serialization=True)
-        save_yaml(self.cfg, staging / "sspo_config.yaml")
-        self._write_card(staging, final)
-        fault_point("final_save")
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-
-    def _write_card(self, staging: Path, final: Path) -> None:
-        from sspo.training.model_card import model_card
-
-        grids = sorted((self.run_dir / "validation").glob("step-*.png"))
-        if grids:
-            shutil.copyfile(grids[-1], staging / "validation.png")
-        card = model_card(
-            self.cfg, base=self.base_model, pipeline_class=type(self.pipe).__name__, folder=str(final.resolve()),
-            processes=self.accelerator.num_processes, grid="validation.png" if grids else None,
-        )
-        (staging / "README.md").write_text(card)
-
-
-def lora_target_modules(targets, motion_only: bool) -> list[str] | str:
-    """peft's ``target_modules``: the layer names, or a pattern matching them inside motion modules only."""
-    if not motion_only:
-        return list(targets)
-    return rf".*motion_modules\..*\.({'|'.join(re.escape(t) for t in targets)})"
-
-
 def _postfix(metrics: dict) -> dict:
     shown = {"loss": f"{metrics['loss']:.4f}"}
     if "ssr_rate" in metrics:
         shown["ssr"] = f"{metrics['ssr_rate']:.2f}"
-        shown["ref"] = f"{metrics['reference']:.1f}/{metrics['pool_size'] - 1}"
+        shown["ref"] = f"{metrics['reference_checkpoint']:.1f}/{metrics['pool_size'] - 1}"
     return shown
 
 

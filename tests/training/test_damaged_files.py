@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from sspo.cli import main
-from sspo.training.trainer import STATE_FILE, train
+from sspo.training.run_state import STATE_FILE
+from sspo.training.trainer import train
 
 from test_trainer import DEMO, metrics, tiny_config, tiny_overrides
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from sspo.cli import main
 from sspo.errors import ConfigError, TrainingError
 from sspo.training.faults import ENV
-from sspo.training.run_state import manifest_problems
-from sspo.training.trainer import STATE_FILE, saved_states, train
+from sspo.training.run_state import STATE_FILE, manifest_problems, saved_states
+from sspo.training.trainer import train
 
 from test_trainer import DEMO, metrics, tiny_config, tiny_overrides
 
@@ -236,16 +236,16 @@ def fail_second_checkpoint_save(monkeypatch):
 
 
 def forbid_final_config(monkeypatch):
-    import sspo.training.trainer
+    import sspo.training.checkpoints
 
-    real = sspo.training.trainer.save_yaml
+    real = sspo.training.checkpoints.save_yaml
 
     def save_yaml(obj, path):
         if Path(path).name == "sspo_config.yaml":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         real(obj, path)
 
-    monkeypatch.setattr(sspo.training.trainer, "save_yaml", save_yaml)
+    monkeypatch.setattr(sspo.training.checkpoints, "save_yaml", save_yaml)
 
 
 @pytest.mark.parametrize("fail,message", [

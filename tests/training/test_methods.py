@@ -4,11 +4,9 @@ import json
 
 import pytest
 
-from sspo.commands import bench
-
-from sspo.commands import compare
-from sspo.training.model_card import run_settings
+from sspo.commands import bench, compare
 from sspo.training.methods import METHODS, Method, register
+from sspo.training.model_card import run_settings
 from sspo.training.trainer import train
 
 from test_trainer import metrics, tiny_config
@@ -29,7 +27,7 @@ def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_b
     final = train(cfg)
     rows = metrics(tmp_path / "run")
     assert [r["pool_size"] for r in rows] == [1, 2, 3]
-    assert [r["reference"] for r in rows] == [0, 1, 2]  # erd "last" wins over the config's uniform
+    assert [r["reference_checkpoint"] for r in rows] == [0, 1, 2]  # erd "last" wins over the config's uniform
     assert all(r["ssr_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in rows)
     assert throwaway.description in (final / "README.md").read_text()
     assert run_settings(cfg, 1)["reference"].startswith("pool checkpoint drawn 'last'")

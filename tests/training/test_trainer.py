@@ -61,16 +61,16 @@ def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
     if cfg.method == "sft":
         assert "ssr_rate" not in rows[0]
     else:
-        assert {"implicit_acc", "ssr_rate", "dw", "dl", "reference"} <= set(rows[0])
+        assert {"implicit_acc", "ssr_rate", "dw", "dl", "reference_checkpoint"} <= set(rows[0])
         if cfg.effective_ssr == "off":
             assert all(r["ssr_rate"] == 0 for r in rows)
     pool = json.loads((tmp_path / arm / "pool" / "pool.json").read_text())["entries"] if cfg.uses_reference else []
     if cfg.generates_negatives:
         assert [e["step"] for e in pool] == [0, 2, 4]  # theta_0 plus one checkpoint per iteration
         if cfg.effective_erd == "last":
-            assert [r["reference"] for r in rows] == [0, 0, 1, 1]
+            assert [r["reference_checkpoint"] for r in rows] == [0, 0, 1, 1]
         if cfg.effective_erd == "initial":
-            assert all(r["reference"] == 0 for r in rows)
+            assert all(r["reference_checkpoint"] == 0 for r in rows)
     weights = final / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "unet/diffusion_pytorch_model.safetensors")
     assert weights.is_file()
 
@@ -85,7 +85,7 @@ def test_online_and_pregenerated_give_the_same_training(quick_base, tmp_path):
         runs[pregenerate] = (metrics(tmp_path / str(pregenerate)), load_file(final / "pytorch_lora_weights.safetensors"))
     (rows_pre, weights_pre), (rows_online, weights_online) = runs[True], runs[False]
     for a, b in zip(rows_pre, rows_online):
-        assert a["reference"] == b["reference"]
+        assert a["reference_checkpoint"] == b["reference_checkpoint"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["ssr_rate"] == b["ssr_rate"]
     for key in weights_pre:

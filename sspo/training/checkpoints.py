@@ -1,0 +1,224 @@
+"""A run's saved states and its final model: written whole (staged, then renamed), resumed only when intact.
+
+:class:`Checkpointing` is the trainer's half that writes and reads the run folder (``checkpoints/``,
+``pool/``, ``final/`` and the logs a resume rewinds); sspo/training/trainer.py is the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from sspo.config import load_yaml, save_yaml
+from sspo.errors import ConfigError, TrainingError
+from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, read_jsonl
+from sspo.training.faults import fault_point
+from sspo.training.pool import CheckpointPool
+from sspo.training.reference import POLICY
+from sspo.training.run_folder import discard_previous, start_fresh
+from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, manifest, manifest_problems, read_state, saved_states
+from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
+
+log = logging.getLogger(__name__)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest saved state of ``run_dir`` (None: none saved yet)."""
+    states = saved_states(run_dir)
+    return states[-1] if states else None
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, staging: Path | None = None):
+    """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging`` removed."""
+    try:
+        yield
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingError(
+            f"could not write {what}: {exc.strerror or exc} ({exc.filename or staging}); earlier saved states are intact: "
+            "free disk space or fix the folder's permissions, then run again with --resume"
+        ) from None
+
+
+class Checkpointing:
+    """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
+    and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
+    ``policy``, ``params``, ``pool``, ``reference``, ``global_step`` and ``nonfinite_skips``."""
+
+    def _check_resumed_config(self) -> None:
+        """A resumed run must compute what the saved one did: result-changing keys may not differ."""
+        saved = self.run_dir / "config.yaml"
+        if latest_checkpoint(self.run_dir) is None or not saved.is_file():
+            return  # nothing to resume: the run starts from scratch
+        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg))
+        if differences:
+            raise ConfigError(
+                f"--resume: the config differs from the one {self.run_dir} was trained with ({'; '.join(differences)}); "
+                f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
+            )
+
+    def start_or_resume(self, resume: bool) -> None:
+        """Continue from the newest intact saved state (``resume``), or start afresh; nothing in the
+        output folder is moved or rewritten before this."""
+        state_dir = self._resumable_state() if resume else None
+        if state_dir is not None:
+            self._load_state(state_dir)
+        else:
+            self._start_fresh()
+
+    def _start_fresh(self) -> None:
+        """Set an earlier run in the output folder aside, deleted once this run saves its first state
+        (sspo/training/run_folder.py); the pool restarts as {theta_0}."""
+        self.accelerator.wait_for_everyone()  # every process has opened the earlier run's pool before it moves
+        if self.accelerator.is_main_process:
+            start_fresh(self.run_dir)
+            if self.pool is not None:
+                self.pool = CheckpointPool(self.pool.root)
+                with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):
+                    self.pool.add(self.reference.policy_state(), step=0)  # theta_0
+        self._sync_pool()
+
+    def _sync_pool(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.pool is not None:
+            self.pool = CheckpointPool(self.pool.root)
+            self.reference.pool = self.pool
+            self.reference.loaded = None
+
+    def save_state(self) -> Path:
+        """A resumable state (weights, optimizer, RNG, step, pool size, file manifests), written then renamed.
+
+        The state file records the size and SHA-256 of the state's files and of the pool files it
+        depends on, so a resume can tell an intact state from a truncated or corrupted one.
+        """
+        final = self.run_dir / "checkpoints" / f"step-{self.global_step:08d}"
+        staging = final.with_name(final.name + ".partial")
+        self.accelerator.wait_for_everyone()
+        replicas = self._replica_fingerprints()
+        with disk_errors(f"the resumable state {final}", staging):
+            # accelerate creates the folder on the main process only, but every process writes its RNG
+            # state into it: every process makes it, and all have written before the main one renames it.
+            staging.mkdir(parents=True, exist_ok=True)
+            self.accelerator.save_state(str(staging))
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                fault_point("checkpoint_save")
+                state = {
+                    "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
+                    "nonfinite_skips": self.nonfinite_skips,
+                    "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
+                    "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
+                }
+                atomic_write_json(staging / STATE_FILE, state)
+                shutil.rmtree(final, ignore_errors=True)
+                staging.rename(final)
+        if self.accelerator.is_main_process:  # only now that the new state is complete may old ones go
+            discard_previous(self.run_dir)
+            for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _replica_fingerprints(self) -> list[list[float]] | None:
+        """(sum, sum of squares) of the trainable weights, in float64, from every process.
+
+        Under DDP each process holds a whole replica and applies the same all-reduced gradients,
+        so the replicas stay bitwise equal; a difference means a process trained on something the
+        others did not. FSDP and DeepSpeed shard the weights: nothing to compare there.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return None
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for p in self.params:
+            weights = p.detach().double()
+            local += torch.stack([weights.sum(), weights.square().sum()])
+        replicas = self.accelerator.gather(local[None]).tolist()
+        if any(r != replicas[0] for r in replicas):
+            log.error("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
+        return replicas
+
+    def _resumable_state(self) -> Path | None:
+        """The newest saved state whose files, and the pool files it depends on, are as they were saved."""
+        damaged = []
+        for state_dir in reversed(saved_states(self.run_dir)):
+            try:
+                state = read_state(state_dir / STATE_FILE)
+            except DamagedFileError as exc:
+                damaged.append(exc.problem)
+                continue
+            problems = manifest_problems(state_dir, state.get("files", {}))
+            if self.pool is not None:
+                problems += manifest_problems(self.pool.root, state.get("pool_files", {}))
+            if not problems:
+                if damaged:
+                    log.warning("resuming from the older state %s: %s", state_dir, "; ".join(damaged))
+                return state_dir
+            damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
+        if damaged:
+            raise TrainingError(f"--resume: no intact saved state in {self.run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
+        log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        return None
+
+    def _load_state(self, state_dir: Path) -> None:
+        state = read_state(state_dir / STATE_FILE)
+        self.accelerator.load_state(str(state_dir))
+        self.global_step = state["global_step"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
+            for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
+                shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
+            logs = {name: read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
+                    for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)}  # every log read before any is rewritten
+            for name, rows in logs.items():
+                kept = [row for row in rows if row["step"] <= self.global_step]
+                atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in kept))
+        if self.pool is not None:
+            if self.accelerator.is_main_process:
+                self.pool.truncate(state["pool_size"])
+            self._sync_pool()
+        log.info("resumed from %s at step %d", state_dir, self.global_step)
+
+    def save_final(self) -> Path:
+        """The final model: LoRA weights that ``pipe.load_lora_weights`` reads, or a diffusers folder."""
+        final = self.run_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            staging = final.with_name("final.partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            with disk_errors(f"the final model {final}", staging):
+                self._write_final(staging, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _write_final(self, staging: Path, final: Path) -> None:
+        if self.cfg.model.lora:
+            self.family.save_lora(self.policy, POLICY, staging)
+        else:
+            self.family.save_full(self.policy, staging)
+        save_yaml(self.cfg, staging / "sspo_config.yaml")
+        self._write_card(staging, final)
+        fault_point("final_save")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+
+    def _write_card(self, staging: Path, final: Path) -> None:
+        from sspo.training.model_card import model_card
+
+        grids = sorted((self.run_dir / "validation").glob("step-*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], staging / "validation.png")
+        card = model_card(
+            self.cfg, base=self.base_model, pipeline_class=type(self.pipe).__name__, folder=str(final.resolve()),
+            processes=self.accelerator.num_processes, grid="validation.png" if grids else None,
+        )
+        (staging / "README.md").write_text(card)
