@@ -309,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
     p = sub.add_parser("pairs", help="Pick-a-Pic-shaped pairs of the shapes world: two samples of a generator, ranked by the exact reward",
                        description="G (the base after N SFT steps) samples two images per alignment-train prompt; the higher exact reward "
                        "wins, near-ties are dropped. Writes pairs.parquet (caption, jpg_0, jpg_1, label_0) and pairs.json (recipe, counts, "
@@ -325,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
     p.set_defaults(func=_pairs)
 
+    p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
     from .bench import add_arguments
 
     add_arguments(p)
