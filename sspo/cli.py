@@ -28,10 +28,22 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
+    from sspo.config import Allowed
+    from sspo.errors import ConfigError
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, save_animation, save_png
     from sspo.models.pipeline import is_video, load_pipeline
     from sspo.worlds.names import resolve_model
 
+    for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
+                              ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1))):
+        if not rule.admits(value):
+            raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
+    out = Path(args.out)
+    if not args.out.strip() or out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {out}: {blocking} is a file, not a folder; choose another --out")
     prompts = args.prompt
     if args.shapes_check:
         from sspo.worlds.shapes.world import parse_prompt
@@ -42,11 +54,13 @@ def _sample(args) -> None:
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale, frames=args.frames) for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
-    out = Path(args.out)
-    if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
-        out = save_animation(clip_grid(rows, labels, prompts), out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif"))
-    else:
-        save_png(image_grid(rows, labels, prompts), out)
+    try:
+        if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
+            out = save_animation(clip_grid(rows, labels, prompts), out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif"))
+        else:
+            save_png(image_grid(rows, labels, prompts), out)
+    except OSError as exc:
+        raise SSPOError(f"cannot write the grid {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
     print(out)
 
 
@@ -211,14 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
     p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
-    p.add_argument("--frames", type=int, default=8, help="video models: frames per clip")
+    p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (at least 1)")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (at least 1)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (at least 0; at most 1: none)")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
-    p.add_argument("--out", default="grid.png")
+    p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png); video models: .gif, .mp4 or .webp")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
