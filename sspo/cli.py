@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from sspo.config import split_override
 from sspo.errors import SSPOError
 
 
@@ -336,14 +337,19 @@ def quiet_libraries(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after options too (argparse stops positionals at the first option).
-    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # key=value overrides may come after options too (argparse stops positionals at the first option):
+    # argparse leaves every positional after an option unparsed, so each is an override, and one
+    # without '=' is named on its own below rather than making all of them "unrecognized".
+    unknown = [e for e in extra if e.startswith("-")] if hasattr(args, "overrides") else extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(not args.verbose)
     try:
+        for item in getattr(args, "overrides", ()):
+            split_override(item)
         args.func(args)
     except SSPOError as exc:
         print(f"sspo: error: {exc}", file=sys.stderr)

@@ -46,6 +46,17 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A PyYAML error on one line: where (line and column, counted from 1) and what, without the
+    quoted source lines of its own message."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "cannot be parsed"
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return where + " ".join(what.split())
+    return " ".join(str(exc).split())
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise a ConfigError naming ``key`` when ``condition`` is false."""
     if not condition:
@@ -235,7 +246,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             with contextlib.suppress(ValueError):  # not a number: the check below names the key
                 value = float(value)
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past the float range
+            raise ConfigError(f"config key '{key}': got an integer too large for a number (beyond 1.8e308); give a smaller value") from None
     if tp is str:
         check(value is not None, key, "expected a string, got null (YAML reads a bare ~ or null as no value: quote it)")
         check(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -264,13 +278,24 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def split_override(item: str) -> tuple[str, str]:
+    """(key, raw value) of a ``key=value`` override; a ConfigError naming ``item`` when it is not one."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value; write e.g. optim.learning_rate=1e-5")
+    key, raw = item.split("=", 1)
+    return key, raw
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.learning_rate=1e-5)")
-        key, raw = item.split("=", 1)
-        value = parse_yaml(raw) if raw != "" else ""
+        key, raw = split_override(item)
+        try:
+            value = parse_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            example = f", e.g. {key}='\"{raw}\"'" if not {'"', "'"} & set(raw) else ""
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)}); "
+                              f"write it as a quoted YAML string to pass it as text{example}") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -286,9 +311,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = parse_yaml(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the file and its permissions") from None
+    try:
+        data = parse_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}; correct the file there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must contain a mapping at the top level")
     return data

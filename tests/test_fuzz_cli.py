@@ -19,7 +19,7 @@ What every case must show (docs/reliability.md):
   * a real ``train``: only what is under its new ``output_dir``;
   * ``train --resume``: in the run folder each path is either as it was before the command or as
     the finished run had it before the damage (a repair), and ``final/`` is as the finished run had
-    it; nothing outside the run folder (one known exception, FINDINGS: empty logs it creates);
+    it; nothing outside the run folder;
   * an ``eval`` re-run: in the eval folder the same rule, with ``summary.json`` and ``scores.csv``
     as they were before the damage. A sample generated again (it was damaged or deleted) must be
     a whole image, but may differ from the lost one by the rounding of a differently batched
@@ -30,9 +30,8 @@ What every case must show (docs/reliability.md):
 
 Cases: ``SSPO_FUZZ_CASES`` in all (default 300; a nightly run sets e.g. 5000) drawn from
 ``SSPO_FUZZ_SEED`` (default 0). A failing case is printed with its arguments and damage, and
-``SSPO_FUZZ_SEED`` and the case number reproduce it. A failure that matches a known open finding
-(FINDINGS) is counted, not failed: each finding has its own strict-xfail test below, which starts
-to pass (and fails as XPASS) when the finding is fixed.
+``SSPO_FUZZ_SEED`` and the case number reproduce it. Each failure the fuzz test once found has a
+reproducer of its own at the end of this file.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -343,89 +341,22 @@ REAL_RUN_KEYS = {
 # Cases and their verdicts
 
 
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    """A known open failure: ``matches(case)`` says whether a failing case is one of its kind."""
-
-    name: str
-    matches: Callable[[dict, Outcome], bool]
-
-
-def _values(case: dict) -> list[tuple[str, object]]:
-    """(key, value as the CLI parses it) of a case's overrides; a value that is not YAML is NOT_YAML."""
-    import yaml
-
-    from sspo.config import parse_yaml
-
-    parsed = []
-    for token in case.get("overrides", ()):
-        key, _, raw = token.partition("=")
-        try:
-            parsed.append((key.strip(), parse_yaml(raw) if raw else ""))
-        except yaml.YAMLError:
-            parsed.append((key.strip(), NOT_YAML))
-    return parsed
-
-
-NOT_YAML = object()
-FLOAT_KEYS = {leaf.key for leaf in LEAVES if leaf.item_type is float}
-
-
-def _override_not_yaml(case: dict, outcome: Outcome) -> bool:
-    return any(value is NOT_YAML for _, value in _values(case))
-
-
-def _float_key_too_large(case: dict, outcome: Outcome) -> bool:
-    return any(key in FLOAT_KEYS and isinstance(value, int) and abs(value) > sys.float_info.max for key, value in _values(case))
-
-
-def _pool_folder_deleted(case: dict, outcome: Outcome) -> bool:
-    return case.get("command") == "resume" and "deleted the folder pool" in case.get("damage", ())
-
-
-def _yaml_error_on_several_lines(case: dict, outcome: Outcome) -> bool:
-    lines, _ = message_lines(outcome.err)
-    return outcome.code == 2 and bool(lines) and re.match(r"sspo: error: config file .* is not valid YAML: ", lines[0]) is not None
-
-
-def _config_file_not_utf8(case: dict, outcome: Outcome) -> bool:
-    return (outcome.escaped or "").startswith("UnicodeDecodeError") and any(d.endswith(" config.yaml") for d in case.get("damage", ()))
-
-
-def _eval_manifest_damaged(case: dict, outcome: Outcome) -> bool:
-    return case.get("command") == "eval re-run" and outcome.code == 2 and any(d.endswith("/manifest.json") for d in case.get("damage", ()))
-
-
-FINDINGS: list[Finding] = [
-    Finding("a config file that is not UTF-8 (a run's config.yaml too) escapes as UnicodeDecodeError (sspo/config.py load_yaml)", _config_file_not_utf8),
-    Finding("an eval re-run refused for one model's damaged manifest has already generated another model's missing samples", _eval_manifest_damaged),
-    Finding("a config file that is not YAML (a damaged config.yaml too) is an error of several lines (sspo/config.py load_yaml)", _yaml_error_on_several_lines),
-    Finding("a resume after the pool folder was deleted fails as it should but leaves an empty pool/ behind", _pool_folder_deleted),
-    Finding("an override value that is not YAML escapes as a yaml error (sspo/config.py apply_overrides)", _override_not_yaml),
-    Finding("an integer too large for a float key escapes as OverflowError (sspo/config.py _convert)", _float_key_too_large),
-]
-
-
 class Verdicts:
-    """The failing cases of one fuzz test; those of a known finding are only counted."""
+    """The failing cases of one fuzz test."""
 
     def __init__(self, what: str):
-        self.what, self.cases, self.failures, self.known, self.exits, self.started = what, 0, [], {}, {}, time.perf_counter()
+        self.what, self.cases, self.failures, self.exits, self.started = what, 0, [], {}, time.perf_counter()
 
     def judge(self, case: dict, outcome: Outcome, problems: list[str]) -> None:
         self.cases += 1
         self.exits[outcome.code] = self.exits.get(outcome.code, 0) + 1
         if not problems:
             return
-        finding = next((f for f in FINDINGS if f.matches(case, outcome)), None)
-        if finding is not None:
-            self.known[finding.name] = self.known.get(finding.name, 0) + 1
-        else:
-            self.failures.append(f"case {case['number']} (SSPO_FUZZ_SEED={SEED}): {json.dumps({k: v for k, v in case.items() if k != 'number'}, ensure_ascii=False)}\n    -> "
-                                 + "\n    -> ".join(problems))
+        self.failures.append(f"case {case['number']} (SSPO_FUZZ_SEED={SEED}): {json.dumps({k: v for k, v in case.items() if k != 'number'}, ensure_ascii=False)}\n    -> "
+                             + "\n    -> ".join(problems))
 
     def check(self) -> None:
-        print(f"{self.what}: {self.cases} cases in {time.perf_counter() - self.started:.1f} s, exit codes {self.exits}; known findings hit: {self.known or 'none'}")
+        print(f"{self.what}: {self.cases} cases in {time.perf_counter() - self.started:.1f} s, exit codes {self.exits}")
         assert not self.failures, f"{len(self.failures)} of {self.cases} cases failed:\n" + "\n".join(self.failures[:25])
 
 
@@ -579,15 +510,6 @@ def as_pristine(after: dict, pristine: dict, folder: str, names: list[str]) -> l
             != {k.removeprefix(f"{folder}/"): v for k, v in after.items() if k.removeprefix(f"{folder}/") == name or k.startswith(f"{folder}/{name}/")}]
 
 
-EMPTY = hashlib.sha256(b"").hexdigest()
-
-
-def _empty_log_created(change: str, after: dict) -> bool:
-    """A resume writes each of the run's logs, empty when the run kept none (FINDINGS: known, harmless)."""
-    path, _, state = change.partition(" ")
-    return state == "created" and path in ("run/validation.jsonl", "run/ssr_truth.jsonl") and after[path] == EMPTY
-
-
 DERIVED = ("scores.csv", "summary.json", "summary.md", "grid.png", "reward_hist.png")  # written from every sample's scores
 
 
@@ -640,7 +562,7 @@ def test_random_damage_to_a_finished_run(stash, quick_base, capsys):
         if outcome.code != 0:
             problems += changes(before, after)
         elif command == "resume":
-            problems += [c for c in restored_or_as_before(before, after, pristine, "run") if not _empty_log_created(c, after)]
+            problems += restored_or_as_before(before, after, pristine, "run")
             problems += as_pristine(after, pristine, "run", ["final"])
         else:
             problems += changes(before, after, allowed_under="out")
@@ -738,27 +660,23 @@ def test_sample_takes_the_smallest_allowed_flags(quick_base, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The known open findings (FINDINGS and /work/notes/fuzz-findings.md), one reproducer each: strict
-# xfail, so that a fix shows up as XPASS and its entry (and its mask in FINDINGS) goes.
+# What the fuzz test found, one reproducer each, so that none comes back unnoticed.
 
 
 def one_clear_error(outcome: Outcome) -> None:
     assert outcome.code == 2 and output_problems(outcome) == [], outcome.err
 
 
-@pytest.mark.xfail(strict=True, reason="open: apply_overrides (sspo/config.py) lets a yaml parse error of an override value escape")
 @pytest.mark.parametrize("value", ["[", "%x", "!!python/object:os.system", "="])
-def test_finding_an_override_value_that_is_not_yaml_is_one_error(value, tmp_path, capsys):
+def test_an_override_value_that_is_not_yaml_is_one_error(value, tmp_path, capsys):
     one_clear_error(run_cli(["train", str(DEMO), f"beta={value}", f"output_dir={tmp_path / 'run'}", "--dry-run"], capsys))
 
 
-@pytest.mark.xfail(strict=True, reason="open: _convert (sspo/config.py) turns an integer past the float range into OverflowError")
-def test_finding_an_integer_too_large_for_a_float_key_is_one_error(tmp_path, capsys):
+def test_an_integer_too_large_for_a_float_key_is_one_error(tmp_path, capsys):
     one_clear_error(run_cli(["train", str(DEMO), "optim.weight_decay=1" + "0" * 400, f"output_dir={tmp_path / 'run'}", "--dry-run"], capsys))
 
 
-@pytest.mark.xfail(strict=True, reason="open: a resume that finds no pool folder refuses as it should, but makes an empty pool/ first (sspo/trainer.py, sspo/pool.py)")
-def test_finding_a_refused_resume_without_its_pool_folder_leaves_the_folder_as_it_was(stash, quick_base, capsys):
+def test_a_refused_resume_without_its_pool_folder_leaves_the_folder_as_it_was(stash, quick_base, capsys):
     run = restore(stash, ("run",)) / "run"
     shutil.rmtree(run / "pool")
     before = snapshot(run)
@@ -766,52 +684,46 @@ def test_finding_a_refused_resume_without_its_pool_folder_leaves_the_folder_as_i
     assert snapshot(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason="open: a resume writes validation.jsonl and ssr_truth.jsonl, empty, into a run that never kept them (sspo/trainer.py _load_state)")
-def test_finding_a_resume_writes_no_log_the_run_did_not_keep(stash, quick_base, capsys):
+def test_a_resume_writes_no_log_the_run_did_not_keep(stash, quick_base, capsys):
     run = restore(stash, ("run",)) / "run"
     before = snapshot(run)
     assert run_cli(["train", str(DEMO), *tiny_overrides(run, quick_base), *FINISHED, "--resume"], capsys).code == 0
     assert snapshot(run).keys() == before.keys()
 
 
-@pytest.mark.xfail(strict=True, reason="open: the dry run takes any shapes-base[...] / moving-shapes-base[...] name unchecked; the real run refuses an unknown size")
 @pytest.mark.parametrize("name", ["shapes-base:nope", "moving-shapes-base:nope"])
-def test_finding_the_dry_run_refuses_an_unknown_shapes_base_size(name, tmp_path, capsys):
+def test_the_dry_run_refuses_an_unknown_shapes_base_size(name, tmp_path, capsys):
     one_clear_error(run_cli(["train", str(DEMO), f"model.pretrained={name}", f"output_dir={tmp_path / 'run'}", "--dry-run"], capsys))
 
 
-@pytest.mark.xfail(strict=True, reason="open: resolve_model (sspo/models/names.py) reads any name starting with 'shapes-base' as the default base")
-def test_finding_a_name_that_only_starts_like_shapes_base_is_not_the_shapes_base():
-    from sspo.errors import SSPOError
+@pytest.mark.parametrize("name", ["shapes-basement", "shapes-base-v2", "moving-shapes-base2"])
+def test_a_name_that_only_starts_like_a_base_is_not_that_base(name):
     from sspo.worlds.names import resolve_model
+    from sspo.worlds.registry import base_world
 
-    with pytest.raises(SSPOError):
-        resolve_model("shapes-basement")
+    assert base_world(name) is None
+    assert resolve_model(name) == name  # a hub id or folder, loaded (or refused) as such
 
 
-@pytest.mark.xfail(strict=True, reason="open: main (sspo/cli.py) calls every override after an option 'unrecognized' when one of them lacks '='")
-def test_finding_an_override_without_equals_after_an_option_is_named_alone(tmp_path, capsys):
+def test_an_override_without_equals_after_an_option_is_named_alone(tmp_path, capsys):
     outcome = run_cli(["train", str(DEMO), "--dry-run", f"output_dir={tmp_path / 'run'}", "beta"], capsys)
     one_clear_error(outcome)
     assert "output_dir" not in message_lines(outcome.err)[0][0]
 
 
-@pytest.mark.xfail(strict=True, reason="open: load_yaml (sspo/config.py) puts PyYAML's multi-line parse error into the message")
-def test_finding_a_config_file_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
+def test_a_config_file_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("method: sspo\ndata:\n  source: shapes\n}\n")
     one_clear_error(run_cli(["train", str(config), f"output_dir={tmp_path / 'run'}", "--dry-run"], capsys))
 
 
-@pytest.mark.xfail(strict=True, reason="open: load_yaml (sspo/config.py) reads the file with read_text, whose UnicodeDecodeError escapes")
-def test_finding_a_config_file_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
+def test_a_config_file_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_bytes(b"\xcc\xff\x00method: sspo\n")
     one_clear_error(run_cli(["train", str(config), f"output_dir={tmp_path / 'run'}", "--dry-run"], capsys))
 
 
-@pytest.mark.xfail(strict=True, reason="open: run_eval (sspo/benchmark_eval.py) reads each model's manifest only when it comes to that model's samples")
-def test_finding_an_eval_rerun_refused_for_a_damaged_manifest_changes_nothing(stash, quick_base, capsys):
+def test_an_eval_rerun_refused_for_a_damaged_manifest_changes_nothing(stash, quick_base, capsys):
     work = restore(stash, ("eval",))
     (work / "eval" / "images" / "base" / "0-1.png").unlink()
     (work / "eval" / "images" / "tuned" / "manifest.json").write_text("")

@@ -190,10 +190,11 @@ def run_eval(
     for model in models:  # before any folder is made
         if model.lora:
             check_lora_path(Path(model.lora).expanduser())
+    plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
     generated = set()
-    for model in models:
-        made = generate_missing(model, items, out, settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
-        generated |= {(model.name, item.prompt_index, item.seed) for item in made}
+    for plan in plans:
+        generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
+        generated |= {(plan.model.name, item.prompt_index, item.seed) for item in plan.todo}
 
     identities = {m: {"path": scorer_paths.get(m), "options": {k: str(v) for k, v in sorted(scorer_options.get(m, {}).items())}} for m in metrics}
     rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=cfg.scorer_batch_size, device=device, generated=generated)
@@ -218,10 +219,20 @@ def run_eval(
     return summary
 
 
-def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, settings: dict, *, batch_size: int, device: str, dtype: torch.dtype) -> list[Item]:
-    """Generate the images of ``items`` not on disk, or damaged there; returns the items generated."""
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class GenerationPlan:
+    """What one model still has to generate: ``todo``, and the image manifest to record their prompts in first."""
 
+    model: ModelSpec
+    out: Path  # the eval folder
+    manifest_path: Path
+    manifest: dict
+    todo: list[Item]
+
+
+def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings: dict) -> GenerationPlan:
+    """The items of ``model`` not on disk, or damaged there, once its manifest is read and found to
+    match ``settings`` and the prompts; writes nothing."""
     folder = out / "images" / model.folder
     settings = {"model": _normalized(model.path), "lora": _normalized(model.lora)} | settings
     manifest_path = folder / "manifest.json"
@@ -248,16 +259,24 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
     for problem in filter(None, damage.values()):
         log.warning("%s; generating it again", problem)
     todo = [item for item in items if damage[item] or not sample_path(out, model, item).is_file()]
+    return GenerationPlan(model, out, manifest_path, manifest, todo)
+
+
+def generate_missing(plan: GenerationPlan, n_items: int, settings: dict, *, batch_size: int, device: str, dtype: torch.dtype) -> None:
+    """Generate the samples of ``plan`` (of ``n_items`` in all, for the progress bar)."""
+    from tqdm.auto import tqdm
+
+    model, todo, out = plan.model, plan.todo, plan.out
     if not todo:
-        return []
+        return
     # Record the prompts before any image exists, so that every image on disk has its prompt on record.
-    recorded.update({str(item.prompt_index): item.prompt for item in todo})
-    atomic_write_json(manifest_path, manifest)
+    plan.manifest["prompts"].update({str(item.prompt_index): item.prompt for item in todo})
+    atomic_write_json(plan.manifest_path, plan.manifest)
 
     from sspo.models.pipeline import load_pipeline
 
     pipe = load_pipeline(model.path, lora=model.lora, dtype=dtype).to(device)
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"generate {model.name}", unit="img") as bar:
+    with tqdm(total=n_items, initial=n_items - len(todo), desc=f"generate {model.name}", unit="img") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = generate(
@@ -269,7 +288,6 @@ def generate_missing(model: ModelSpec, items: Sequence[Item], out: Path, setting
             bar.update(len(chunk))
     del pipe
     free_memory()
-    return todo
 
 
 def _normalized(path: str | None) -> str | None:

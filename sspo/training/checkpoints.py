@@ -178,7 +178,8 @@ class Checkpointing:
             for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
                 shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
             logs = {name: read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
-                    for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)}  # every log read before any is rewritten
+                    for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)
+                    if (self.run_dir / name).exists()}  # every log the run kept read before any is rewritten
             for name, rows in logs.items():
                 kept = [row for row in rows if row["step"] <= self.global_step]
                 atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in kept))

@@ -25,8 +25,7 @@ INDEX_SHAPE = {"entries": [{"file": str, "step": int}]}
 
 class CheckpointPool:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # made by the first add: a resume that is refused leaves a run without one as it was
         index = self.root / "pool.json"
         try:
             recorded = read_json(index, what="the checkpoint pool index", fix="it is rebuilt from the checkpoint files", shape=INDEX_SHAPE, default=None)
@@ -53,6 +52,7 @@ class CheckpointPool:
         """Store a checkpoint (taken after ``step`` optimizer steps); returns its pool index."""
         index = len(self.entries)
         name = _file_name(index)
+        self.root.mkdir(parents=True, exist_ok=True)
         save_tensors(state_dict, self.root / name, metadata={"step": str(step)})
         fault_point("pool_write")
         self.entries.append({"file": name, "step": step})

@@ -92,7 +92,7 @@ class Trainer(Checkpointing):
         self.dataset = open_dataset(cfg)
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
 
-        self.base_model = resolve_model(cfg.model.pretrained)
+        self.base_model = resolve_model(cfg.model.pretrained, key="model.pretrained")
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant, motion_adapter=cfg.model.motion_adapter)
         self.pipe.to(self.device)
         self.family = family_of(self.pipe, cfg.model.family)
@@ -443,6 +443,7 @@ def dry_run(cfg: TrainConfig) -> str:
     dataset = open_dataset(cfg)
     name = cfg.model.pretrained
     if world := base_world(name):
+        world.base_preset(name, key="model.pretrained")
         video = world.clips
         model = f"{name} (the {world.name} world's {world.base_pipeline}, shipped or built and cached on first use)"
     else:

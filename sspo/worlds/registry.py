@@ -66,12 +66,17 @@ class World:
     round_trip: Callable[[Path], dict[str, dict[str, float]]]  # base folder -> mean exact scores of clean and defective samples after a VAE round trip
     demo: DemoSettings
 
-    def resolve_base(self, name: str, output: str | Path | None = None, force: bool = False) -> Path:
+    def resolve_base(self, name: str, output: str | Path | None = None, force: bool = False, key: str = "model") -> Path:
         """The folder of base ``name`` (``<base>`` or ``<base>:<preset>``)."""
+        return Path(self.build_base(self.base_preset(name, key), output=output, force=force))
+
+    def base_preset(self, name: str, key: str = "model") -> str:
+        """The preset base ``name`` names; an unknown one is a ConfigError naming ``key`` and the valid names."""
         preset = name.partition(":")[2] or self.base_presets[0]
         if preset not in self.base_presets:
-            raise ConfigError(f"unknown preset {preset!r} of {self.base}; expected one of {', '.join(self.base_presets)}")
-        return Path(self.build_base(preset, output=output, force=force))
+            names = ", ".join([repr(self.base), *(repr(f"{self.base}:{p}") for p in self.base_presets)])
+            raise ConfigError(f"{key}: got {name!r}, an unknown preset of {self.base}; expected one of {names}")
+        return preset
 
     def names_base(self, name: str) -> bool:
         """``name`` is this world's base (``<base>`` or ``<base>:<preset>``)."""

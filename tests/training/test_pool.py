@@ -29,9 +29,11 @@ def test_starts_empty(tmp_path):
     pool = CheckpointPool(tmp_path / "pool")
     assert len(pool) == 0
     assert pool.steps() == []
-    assert (tmp_path / "pool").is_dir()
+    assert not (tmp_path / "pool").exists()  # made by the first add, so opening a pool changes nothing on disk
     with pytest.raises(RuntimeError, match="empty"):
         pool.draw("uniform", random.Random(0))
+    pool.add({"w": torch.zeros(1)}, step=0)
+    assert (tmp_path / "pool").is_dir()
 
 
 def test_add_writes_safetensors_and_index(tmp_path):
