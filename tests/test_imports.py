@@ -61,3 +61,34 @@ def test_no_import_cycle_inside_the_package():
 def test_the_cycle_finder_finds_a_loop():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The package's layers, lowest first: a module imports only from its own layer or below.
+LAYERS = ("foundation", "models", "worlds", "evaluation", "training", "commands", "cli")
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("cli", "__main__"):
+        return "cli"
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "foundation"
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = [f"{module} -> {imported}" for module, imports in import_graph().items() for imported in sorted(imports)
+              if LAYERS.index(layer(imported)) > LAYERS.index(layer(module))]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert LAYERS.index(layer("sspo.training.trainer")) > LAYERS.index(layer("sspo.models.pipeline"))
+    assert layer("sspo.io") == "foundation" and layer("sspo.cli") == "cli" and layer("sspo.worlds.shapes.world") == "worlds"
+
+
+def test_no_module_imports_a_private_name_of_another():
+    private = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sspo"):
+                private += [f"{module_name(path)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    assert private == []

@@ -86,7 +86,7 @@ class ClipEmbedder:
         return cls(model, tokenizer, transform)
 
 
-class _ClipScorer(Scorer):
+class ClipScorer(Scorer):
     """A scorer built around one :class:`ClipEmbedder`, moved to the scorer's device and dtype."""
 
     def __init__(self, embedder: ClipEmbedder, **kwargs):
@@ -97,7 +97,7 @@ class _ClipScorer(Scorer):
         return (self.clip.images(images) * self.clip.texts(prompts)).sum(-1)
 
 
-class PickScoreScorer(_ClipScorer):
+class PickScoreScorer(ClipScorer):
     """PickScore: ``logit_scale.exp() * cos(image, text)`` of the PickScore_v1 CLIP-H (about 20-23 for SD images)."""
 
     name = "pickscore"
@@ -111,7 +111,7 @@ class PickScoreScorer(_ClipScorer):
         return cls(ClipEmbedder.from_pretrained(path_or_id or PICKSCORE_MODEL, processor, "floor"), **kwargs)
 
 
-class ClipScoreScorer(_ClipScorer):
+class ClipScoreScorer(ClipScorer):
     """CLIP score as torchmetrics defines it: ``max(100 * cos(image, text), 0)``."""
 
     name = "clip"
@@ -124,7 +124,7 @@ class ClipScoreScorer(_ClipScorer):
         return cls(ClipEmbedder.from_pretrained(path_or_id or CLIP_L_MODEL, processor, "floor"), **kwargs)
 
 
-class AestheticScorer(_ClipScorer):
+class AestheticScorer(ClipScorer):
     """LAION aesthetic predictor v2: the linear MLP head on the L2-normalised CLIP ViT-L/14 image embedding."""
 
     name = "aesthetic"

@@ -15,7 +15,7 @@ import torch
 
 from sspo.errors import ModelError
 from sspo.evaluation.scorers.base import from_pretrained, hf_from_state_dict, load_weights, require, resolve_file
-from sspo.evaluation.scorers.clip import CLIP_H_PROCESSOR, ClipEmbedder, _ClipScorer
+from sspo.evaluation.scorers.clip import CLIP_H_PROCESSOR, ClipEmbedder, ClipScorer
 from sspo.evaluation.scorers.preprocess import LongestSideTransform
 
 HPS_REPO = "xswu/HPSv2"
@@ -102,7 +102,7 @@ def openclip_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class HPSv2Scorer(_ClipScorer):
+class HPSv2Scorer(ClipScorer):
     """HPSv2 / v2.1: ``100 * cos(image, text)`` (``hpsv2.score`` returns the plain cosine; papers report x100)."""
 
     name = "hpsv2"

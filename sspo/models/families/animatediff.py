@@ -15,7 +15,7 @@ import torch
 
 from sspo.models.condition import TextCondition
 from sspo.models.families.base import MOTION, ModelFamily, register
-from sspo.models.families.sd import _is_motion_model
+from sspo.models.families.sd import is_motion_model
 from sspo.models.lora_targets import check_lora_targets
 
 
@@ -26,7 +26,7 @@ class AnimateDiff(ModelFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        return "motion_adapter" in components or _is_motion_model(components.get("unet"))
+        return "motion_adapter" in components or is_motion_model(components.get("unet"))
 
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         # The video UNet takes one text condition per frame, as AnimateDiffPipeline passes it.

@@ -18,9 +18,9 @@ class StableDiffusion(ModelFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        return "unet" in components and "text_encoder_2" not in components and "motion_adapter" not in components and not _is_motion_model(components["unet"])
+        return "unet" in components and "text_encoder_2" not in components and "motion_adapter" not in components and not is_motion_model(components["unet"])
 
 
-def _is_motion_model(denoiser) -> bool:
+def is_motion_model(denoiser) -> bool:
     """A video UNet (AnimateDiff's ``UNetMotionModel``), whether or not a motion adapter is listed beside it."""
     return type(denoiser).__name__ == "UNetMotionModel"
