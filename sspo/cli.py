@@ -111,7 +111,8 @@ def _add_eval_arguments(p) -> None:
 
     help = {
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
-        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: a world's exact evaluator for its prompts, e.g. shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
+        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: a world's exact evaluator for its prompts, "
+        f"e.g. shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",

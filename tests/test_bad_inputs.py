@@ -8,8 +8,8 @@ import torch
 
 from sspo.cli import main
 from sspo.errors import DataError, ModelError
-from sspo.models.pipeline import load_pipeline
 from sspo.evaluation.scorers.prompts import load_prompt_set
+from sspo.models.pipeline import load_pipeline
 
 PROMPT = "a small red circle on the left, white background"
 

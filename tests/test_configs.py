@@ -71,9 +71,10 @@ def test_the_animatediff_config_runs_on_tiny_stand_ins(tmp_path, bf16_runs):
     """An image pipeline plus a motion adapter (as SD-1.5 + AnimateDiff's) and a clip folder with
     metadata: the dry run validates it, then the config's own settings train on tiny sizes."""
     from sspo.training.trainer import dry_run
-    from tiny_pipelines import build_video_pipeline
     from sspo.worlds.moving_shapes.base_model import vocabulary
     from sspo.worlds.moving_shapes.world import make_motion_split, write_clip_folder
+
+    from tiny_pipelines import build_video_pipeline
 
     parts = build_video_pipeline(tmp_path / "model", vocabulary(), max_frames=16, identity_motion=False, separate=True)
     clips = write_clip_folder(tmp_path / "clips", make_motion_split().train[:4], frames=8)

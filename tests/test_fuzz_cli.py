@@ -51,12 +51,13 @@ import traceback
 from pathlib import Path
 
 import pytest
-from test_trainer import DEMO, tiny_config, tiny_overrides
 
 from sspo.cli import main
 from sspo.config import Allowed, allowed, field_type
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
+
+from test_trainer import DEMO, tiny_config, tiny_overrides
 
 CASES = int(os.environ.get("SSPO_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("SSPO_FUZZ_SEED", "0"))

@@ -3,9 +3,9 @@
 
 from PIL import Image
 
-from sspo.training.model_card import model_card
 from sspo.config import from_dict
 from sspo.training.config import TrainConfig
+from sspo.training.model_card import model_card
 from sspo.training.trainer import train
 from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
 

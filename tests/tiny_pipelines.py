@@ -3,8 +3,8 @@ SDXL code paths in tests (a module, not a conftest, so it can be imported)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -33,8 +33,6 @@ process-lifetime ``ru_maxrss`` is used and the result says so.
 
 from __future__ import annotations
 
-from sspo.paths import CONFIGS
-
 import contextlib
 import dataclasses
 import datetime
@@ -50,15 +48,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from sspo.config import check, load_config, setting, validate
 from sspo.errors import SSPOError
-from sspo.training.methods import METHODS
 from sspo.models.architectures import ARCH_MODELS, build_arch, native_resolution
+from sspo.paths import CONFIGS
+from sspo.training.methods import METHODS
 from sspo.worlds.shapes.world import vocabulary as shapes_vocabulary
 
 # The default arms: the baselines and SSPO, each as published and as sspo runs it.
@@ -66,6 +65,9 @@ ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
 BASELINE = "dpo"
 MODELS = ("tiny", "quick", "sd15", "sdxl")  # or a local diffusers pipeline folder
 DEMO_CONFIG = CONFIGS / "demo-shapes.yaml"
+
+
+SETTING_KEYS = ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "mixed_precision", "lora")  # recorded with every result
 
 
 def arm_overrides() -> dict[str, list[str]]:
@@ -204,15 +206,13 @@ def _preimport() -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401  (and their denoisers)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
-    from sspo.training import data
-
-    from sspo.training import trainer  # noqa: F401
+    from sspo.training import (
+        trainer,  # noqa: F401
+    )
 
     for name in ("pandas", "pyarrow.parquet", "datasets", "diffusers.schedulers", "diffusers.guiders"):  # the data layer's readers
-        try:
+        with contextlib.suppress(ImportError):
             __import__(name)
-        except ImportError:
-            pass
 
 
 def _rss_peak() -> int:
@@ -496,7 +496,7 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
         info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     first = next((r for r in arms.values() if "error" not in r), {})
     info.update({k: first[k] for k in ("device", "threads") if k in first})
-    return {"bench": dataclasses.asdict(b), "machine": info, "settings": {k: first.get(k) for k in ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "mixed_precision", "lora")},
+    return {"bench": dataclasses.asdict(b), "machine": info, "settings": {k: first.get(k) for k in SETTING_KEYS},
             "arms": arms, "summary": summarize_arms(arms), "wall_s": time.perf_counter() - started}
 
 
@@ -654,7 +654,8 @@ def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
     b = result["bench"]
     command = " ".join(["sspo bench", *_cli_args(b)])
-    atomic_write_text(stem.with_suffix(".md"), f"# `{command}`\n\n{format_table(result)}\n\n## How to read it\n\n{NOTES}\n## Machine\n\n{machine}\n\nBenchmark wall time: {result['wall_s']:.0f} s.\n")
+    report = f"# `{command}`\n\n{format_table(result)}\n\n## How to read it\n\n{NOTES}\n## Machine\n\n{machine}\n\n"
+    atomic_write_text(stem.with_suffix(".md"), report + f"Benchmark wall time: {result['wall_s']:.0f} s.\n")
     for path in (stem.with_suffix(".json"), stem.with_suffix(".md")):
         path.chmod(0o644)  # meant to be committed; atomic writes create 0600 files
     return stem.with_suffix(".json"), stem.with_suffix(".md")

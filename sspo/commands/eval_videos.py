@@ -26,19 +26,32 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from sspo.commands.eval import (ALL, ModelSpec, free_memory, json_safe, parse_scorer_options, row_key, check_models, metric_tables, plot_reward_hist, read_scores,
-                             samples_line, stats_by_category, write_scores)
+from sspo.commands.eval import (
+    ALL,
+    ModelSpec,
+    check_models,
+    free_memory,
+    json_safe,
+    metric_tables,
+    parse_scorer_options,
+    plot_reward_hist,
+    read_scores,
+    row_key,
+    samples_line,
+    stats_by_category,
+    write_scores,
+)
 from sspo.errors import DataError, ModelError, SSPOError
 from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts
+from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, frechet_distance
 from sspo.io import atomic_write_json, atomic_write_text
 from sspo.video_io import read_clip
-from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, frechet_distance
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,8 @@ def register(method: Method) -> Method:
 
 
 register(Method("sft", "supervised fine-tuning on the preferred images", uses_reference=False, generates_negatives=False, needs_dataset_losers=False, ssr="off"))
-register(Method("dpo", "Diffusion-DPO on the dataset's (preferred, rejected) pairs", uses_reference=True, generates_negatives=False, needs_dataset_losers=True, erd="initial", ssr="off"))
-register(Method("spin", "SPIN-Diffusion-style self-play against the latest checkpoint", uses_reference=True, generates_negatives=True, needs_dataset_losers=False, erd="last", ssr="off"))
+register(Method("dpo", "Diffusion-DPO on the dataset's (preferred, rejected) pairs", uses_reference=True, generates_negatives=False,
+                needs_dataset_losers=True, erd="initial", ssr="off"))
+register(Method("spin", "SPIN-Diffusion-style self-play against the latest checkpoint", uses_reference=True, generates_negatives=True,
+                needs_dataset_losers=False, erd="last", ssr="off"))
 register(Method("sspo", "Self-Sampling Preference Optimization (SSPO)", uses_reference=True, generates_negatives=True, needs_dataset_losers=False))

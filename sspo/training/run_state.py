@@ -9,8 +9,9 @@ and the trainer falls back to the previous complete state.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 STATE_FILE = "trainer_state.json"  # in each resumable state's folder: its step, pool size and file manifests
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from sspo.commands.bench import ARMS, BenchConfig, format_table, run_bench
-from sspo.models.architectures import arch_components, build_arch
 from sspo.cli import main
+from sspo.commands.bench import ARMS, BenchConfig, format_table, run_bench
 from sspo.errors import SSPOError
+from sspo.models.architectures import arch_components, build_arch
 
 # The quick base at seconds per arm: batch 4, 2 steps per iteration, 2 sampler steps.
 QUICK = ("optim.batch_size=4", "negatives.steps=2", "negatives.batch_size=8", "data.world_pairs_per_prompt=1", "data.max_samples=64")

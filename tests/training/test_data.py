@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from sspo.config import from_dict
-from sspo.training.data import DataConfig, PreferenceDataset, collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
+from sspo.training.data import DataConfig, PreferenceDataset, collate, load_dataset_from_config
 from sspo.worlds.shapes.world import all_specs, parse_prompt, preference_pairs, render, write_imagefolder, write_pickapic_parquet
 
 RES = 32
@@ -64,7 +64,7 @@ def test_parquet_winners_are_clean_renders(parquet):
         assert item["winner"].shape == (3, RES, RES) and item["winner"].dtype == torch.float32
         assert torch.allclose(item["winner"], clean)
         assert not torch.allclose(item["loser"], clean)
-        assert -1 <= item["winner"].min() and item["winner"].max() <= 1
+        assert item["winner"].min() >= -1 and item["winner"].max() <= 1
     with pytest.raises(IndexError):
         ds[len(ds)]
 
