@@ -11,23 +11,14 @@ from safetensors.torch import load_file
 
 from sspo.cli import main
 from sspo.training.run_state import STATE_FILE
-from sspo.training.trainer import train
 
-from test_trainer import DEMO, metrics, tiny_config, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def finished(quick_base, tmp_path_factory) -> Path:
-    """A tiny SSPO run (2 iterations of 2 steps, a state saved after each): its pool holds 3 checkpoints."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    train(tiny_config(run, quick_base))
-    return run
+from test_trainer import DEMO, metrics, tiny_overrides
 
 
 @pytest.fixture
-def run(finished, tmp_path) -> Path:
+def run(finished_run, tmp_path) -> Path:
     copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
+    shutil.copytree(finished_run, copy)
     return copy
 
 
@@ -95,16 +86,16 @@ def test_damaged_state_files_are_named_and_nothing_else_changes(damage, run, qui
 
 
 @pytest.mark.parametrize("damage", [truncate, a_list], ids=lambda d: d.__name__)
-def test_a_damaged_newest_state_file_resumes_from_the_one_before(damage, run, finished, quick_base, caplog):
+def test_a_damaged_newest_state_file_resumes_from_the_one_before(damage, run, finished_run, quick_base, caplog):
     shutil.rmtree(run / "final")
     damage(run / "checkpoints" / "step-00000004" / STATE_FILE)
     assert resume(run, quick_base) == 0
     assert f"{run / 'checkpoints' / 'step-00000004' / STATE_FILE} is damaged" in caplog.text
-    assert_same_weights(final_weights(run), final_weights(finished))
+    assert_same_weights(final_weights(run), final_weights(finished_run))
 
 
 @pytest.mark.parametrize("damage", [truncate, garbage, a_list, delete], ids=lambda d: d.__name__)
-def test_a_damaged_pool_index_is_rebuilt_from_its_checkpoints(damage, run, finished, quick_base, caplog):
+def test_a_damaged_pool_index_is_rebuilt_from_its_checkpoints(damage, run, finished_run, quick_base, caplog):
     """Resumed from the first state, the run draws from the rebuilt pool and ends as the intact run did."""
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "step-00000004")
@@ -112,19 +103,19 @@ def test_a_damaged_pool_index_is_rebuilt_from_its_checkpoints(damage, run, finis
     assert resume(run, quick_base) == 0
     if damage is not delete:
         assert f"the checkpoint pool index {run / 'pool' / 'pool.json'} is damaged" in caplog.text and "rebuilding it from the checkpoint files" in caplog.text
-    assert json.loads((run / "pool" / "pool.json").read_text()) == json.loads((finished / "pool" / "pool.json").read_text())
-    assert_same_weights(final_weights(run), final_weights(finished))
-    assert metrics(run) == metrics(finished)
+    assert json.loads((run / "pool" / "pool.json").read_text()) == json.loads((finished_run / "pool" / "pool.json").read_text())
+    assert_same_weights(final_weights(run), final_weights(finished_run))
+    assert metrics(run) == metrics(finished_run)
 
 
-def test_resume_after_a_metrics_line_cut_short_by_a_kill(run, finished, quick_base, caplog):
+def test_resume_after_a_metrics_line_cut_short_by_a_kill(run, finished_run, quick_base, caplog):
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     log = run / "metrics.jsonl"
     log.write_text(log.read_text() + '{"step": 5, "loss": 0.12')  # SIGKILL in the middle of a write
     assert resume(run, quick_base) == 0
     assert "leaving out its last line, cut short" in caplog.text
-    assert metrics(run) == metrics(finished)
+    assert metrics(run) == metrics(finished_run)
 
 
 LOGS = ["metrics.jsonl", "validation.jsonl", "ssr_truth.jsonl"]
@@ -153,8 +144,8 @@ def test_a_damaged_line_inside_a_log_is_named_and_nothing_changes(name, bad_line
     ("pool", "is in a training run's checkpoint pool"),
     ("checkpoints/step-00000004", "is in a training run's resumable states, not a LoRA; pass its final LoRA: {run}/final"),
 ])
-def test_lora_at_a_run_folder_or_pool_file_says_what_to_pass(command, lora, instead, finished, quick_base, tmp_path, capsys):
-    path = (finished / lora).resolve()
+def test_lora_at_a_run_folder_or_pool_file_says_what_to_pass(command, lora, instead, finished_run, quick_base, tmp_path, capsys):
+    path = (finished_run / lora).resolve()
     out = tmp_path / "out"
     if command == "sample":
         argv = ["sample", "--model", quick_base, "--lora", str(path), "--prompt", "a small red circle on the left", "--steps", "2", "--out", str(out / "g.png")]
@@ -162,7 +153,7 @@ def test_lora_at_a_run_folder_or_pool_file_says_what_to_pass(command, lora, inst
         argv = ["eval", "--model", quick_base, "--lora", str(path), "--prompts-per-split", "1", "--seeds", "0", "--steps", "2", "--out", str(out)]
     assert main(argv) == 2
     line = error_line(capsys)
-    assert line.startswith(f"sspo: error: LoRA path {path} ") and instead.format(run=finished) in line
+    assert line.startswith(f"sspo: error: LoRA path {path} ") and instead.format(run=finished_run) in line
     assert not out.exists()
 
 

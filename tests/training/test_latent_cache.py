@@ -43,15 +43,17 @@ def test_cached_run_trains_like_an_uncached_one_and_encodes_once(method, quick_b
     assert metrics(tmp_path / "again") == rows_cached
 
 
-def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, monkeypatch):
+def cache_of_24_rows(quick_base, tmp_path) -> dict:
+    """``LatentCache.build``'s arguments for 24 rows of the quick world in ``tmp_path / "c"``, 10 rows a shard."""
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
     family = family_of(load_pipeline(quick_base))
     dataset = open_dataset(cfg)
     key = cache_key(cfg, quick_base, family, len(dataset))
-    build = {"family": family, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
-    full = LatentCache.build(**build).rows(range(24))
-    (tmp_path / "c" / "index.json").unlink()  # as if killed while writing the last shard
-    (tmp_path / "c" / "shard-00002.safetensors").unlink()
+    return {"family": family, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+
+
+def count_encoded_rows(monkeypatch) -> list[int]:
+    """The row indices the cache encodes from now on, in order (encoding itself unchanged)."""
     encoded = []
 
     def counting(family, items, *args, **kwargs):
@@ -59,6 +61,16 @@ def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, m
         return encode_rows(family, items, *args, **kwargs)
 
     monkeypatch.setattr(latent_cache, "encode_rows", counting)
+    return encoded
+
+
+def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, monkeypatch):
+    build = cache_of_24_rows(quick_base, tmp_path)
+    family, dataset = build["family"], build["dataset"]
+    full = LatentCache.build(**build).rows(range(24))
+    (tmp_path / "c" / "index.json").unlink()  # as if killed while writing the last shard
+    (tmp_path / "c" / "shard-00002.safetensors").unlink()
+    encoded = count_encoded_rows(monkeypatch)
     cache = LatentCache.build(**build)
     assert encoded == [20, 21, 22, 23]
     prompts, cond, winners, losers = cache.rows([23, 0, 11])
@@ -73,22 +85,12 @@ def test_interrupted_build_resumes_at_the_missing_shards(quick_base, tmp_path, m
 
 
 def test_damaged_shards_and_index_are_encoded_and_written_again(quick_base, tmp_path, monkeypatch, caplog):
-    cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
-    family = family_of(load_pipeline(quick_base))
-    dataset = open_dataset(cfg)
-    key = cache_key(cfg, quick_base, family, len(dataset))
-    build = {"family": family, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
+    build = cache_of_24_rows(quick_base, tmp_path)
     full = LatentCache.build(**build).rows(range(24))
     shard = tmp_path / "c" / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # cut short
     (tmp_path / "c" / "index.json").write_text("[]")
-    encoded = []
-
-    def counting(family, items, *args, **kwargs):
-        encoded.extend(item["index"] for item in items)
-        return encode_rows(family, items, *args, **kwargs)
-
-    monkeypatch.setattr(latent_cache, "encode_rows", counting)
+    encoded = count_encoded_rows(monkeypatch)
     cache = LatentCache.build(**build)
     assert encoded == list(range(10, 20))
     assert f"latent cache shard {shard} is damaged" in caplog.text and "the latent cache index" in caplog.text

@@ -37,13 +37,6 @@ def one_error(err: str) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def finished_run(quick_base, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("finished") / "run"
-    train(tiny_config(run, quick_base))
-    return run
-
-
 @pytest.fixture
 def earlier_run(finished_run, tmp_path) -> Path:
     run = tmp_path / "run"
