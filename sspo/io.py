@@ -137,7 +137,9 @@ def _read_text(path: Path, what: str, fix: str) -> str:
 def _json_problem(text: str, exc: json.JSONDecodeError) -> str:
     if not text.strip():
         return "empty"
-    cut = " (cut short?)" if exc.pos >= len(text.rstrip()) else ""
+    # A file cut inside a string fails at the string's opening quote, not at the end.
+    ends_early = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+    cut = " (cut short?)" if ends_early else ""
     return f"not valid JSON{cut}: {exc.msg} at line {exc.lineno} column {exc.colno}"
 
 

@@ -58,6 +58,7 @@ GOOD = {"entries": [{"file": "a", "step": 1}], "sizes": {"a": 1.5, "b": 2}}
 @pytest.mark.parametrize("text, problem", [
     ("", "empty"),
     (json.dumps(GOOD)[:20], "not valid JSON (cut short?)"),
+    (json.dumps(GOOD)[:16], "not valid JSON (cut short?)"),  # inside a string
     ("\x00\x01garbage", "not valid JSON: Expecting value at line 1 column 1"),
     ("[1, 2]", "the top level is a list, not a mapping"),
     ('{"entries": []}', "sizes is missing"),
