@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import shlex
 import sys
 from pathlib import Path
 
 from sspo.config import split_override
 from sspo.errors import SSPOError
+from sspo.logs import set_up_logging
 
 
 def _base(args) -> None:
@@ -182,8 +182,11 @@ def _train(args) -> None:
 
 def _demo(args) -> None:
     from sspo.commands.demo import run_demo
+    from sspo.commands.parallel import default_jobs
 
-    run_demo(args.out, quick=args.quick, world=args.world)
+    if args.jobs is not None and args.jobs < 1:
+        raise SSPOError(f"--jobs {args.jobs}: expected 1 or more runs at a time")
+    run_demo(args.out, quick=args.quick, world=args.world, jobs=default_jobs() if args.jobs is None else args.jobs)
 
 
 def _compare(args) -> None:
@@ -191,8 +194,11 @@ def _compare(args) -> None:
 
     methods = ",".join(table1()) if args.methods is None else args.methods
     arms = [a for a in (methods + "," + args.ablations).split(",") if a]
+    from sspo.commands.parallel import default_jobs
+
     run_compare(args.config, arms, list(range(args.training_seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
-                grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds)
+                grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds, jobs=default_jobs() if args.jobs is None else args.jobs,
+                chosen_in=args.settings_from)
 
 
 def _pairs(args) -> None:
@@ -273,11 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "
-                   "optim.learning_rate=3e-4,1e-3 (beta only for arms with a reference); repeat for several keys")
+                   "optim.learning_rate=3e-4,1e-3 (beta only for arms with a reference); repeat for several keys; "
+                   "ARM:KEY=V1,V2 gives one arm its own values (a grid widened past that arm's edge)")
     p.add_argument("--selection-seeds", type=int, default=1, help="training seeds per grid point when choosing settings "
                    "(mean validation reward; more than 1 keeps an unstable setting from winning on one lucky seed)")
     p.add_argument("--prompts-per-split", type=int, help="evaluation prompts per split, seen and held-out (default 24; "
                    "more than the held-out combinations means all of them)")
+    p.add_argument("--settings-from", metavar="RESULTS_JSON", help="instead of --grid: each arm's settings as the comparison that wrote this "
+                   "results.json chose them (e.g. another data level at the settings chosen at the middle one)")
+    p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
 
@@ -307,32 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.add_argument("--world", default="shapes", help=f"the world: {' | '.join(world_names())} (default: shapes; moving-shapes: "
                    "AnimateDiff base -> SFT and SSPO -> temporal evaluation, GIF grid)")
+    p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
     p.set_defaults(func=_demo)
     return parser
-
-
-def quiet_libraries(quiet: bool) -> None:
-    """Without --verbose, the libraries' notices and progress bars give way to sspo's own output."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Every pipeline load draws "Loading pipeline components" / "Loading weights" bars, dozens per
-    # run; sspo's own bars (one per phase) and summaries stay.
-    for library in (diffusers_logging, transformers_logging):
-        if quiet:
-            library.disable_progress_bar()
-        else:
-            library.enable_progress_bar()
-    if not quiet:
-        return
-    for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):  # per-call notices (safety checker, state files)
-        logging.getLogger(name).setLevel(logging.WARNING)
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
-    warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries(not args.verbose)
+    set_up_logging(args.verbose)
     try:
         for item in getattr(args, "overrides", ()):
             split_override(item)

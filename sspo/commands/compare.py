@@ -19,6 +19,7 @@ its arm, settings and seed, so a re-run with a wider grid trains an arm anew whe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sspo.commands.parallel import run_all
 from sspo.config import load_config
 from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
@@ -50,8 +52,11 @@ VARIANTS: dict[str, list[str]] = {
     "indicator": ["method=sspo", "ssr=indicator"],
     "erd_initial": ["method=sspo", "erd=initial"],
     "erd_last": ["method=sspo", "erd=last"],
+    # K decided by the mean errors of 8 (t, eps) draws instead of the loss's own one: a less noisy switch.
+    "ssr_draws_8": ["method=sspo", "ssr_draws=8"],
 }
 ABLATIONS = ("ssr_off", "indicator", "erd_initial", "erd_last")
+TABLE6 = tuple(name for name in VARIANTS if name != "sspo_r")  # the paper's ablations and ours
 PREFERENCE_ONLY_KEYS = ("beta",)  # grid keys searched only for arms with a reference model
 # The paper's claims the comparison can decide: (arm, what the paper reports for SSPO - arm).
 CLAIMS = (("sft", "higher"), ("dpo", "higher"), ("spin", "higher"), ("ssr_off", "higher"), ("erd_initial", "higher"),
@@ -88,6 +93,7 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
     if summary is not None:
         return summary
+    log.info("arm %s, seed %d: %s", arm, seed, run_dir)
     base = resolve_model(cfg.model.pretrained)
     if arm == "base":
         model, lora = base, None
@@ -105,20 +111,27 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["optim.learning_rate=3e-4,1e-3", "beta=500,5000"]`` -> ``{key: [values]}``."""
+    """``["optim.learning_rate=3e-4,1e-3", "beta=500,5000", "sft:optim.learning_rate=1e-3,1e-2"]`` ->
+    ``{key: [values]}``; an ``ARM:`` prefix gives that arm its own values of the key (a grid widened
+    past one arm's edge)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. optim.learning_rate=3e-4,1e-3")
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. optim.learning_rate=3e-4,1e-3 (or ARM:KEY=... for one arm)")
+        arm, colon, _ = key.rpartition(":")
+        if colon and arm not in arms():
+            raise ConfigError(f"--grid {item!r}: unknown arm {arm!r}; expected one of {', '.join(arms())}")
         grid[key] = [v for v in values.split(",") if v]
     return grid
 
 
 def grid_points(grid: dict[str, list[str]], arm: str) -> list[list[str]]:
-    """Every combination of the grid's values that applies to ``arm``, as overrides."""
-    keys = [k for k in grid if k not in PREFERENCE_ONLY_KEYS or arm_method(arm).uses_reference]
-    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in itertools.product(*(grid[k] for k in keys))]
+    """Every combination of the grid's values that applies to ``arm`` (its own ``ARM:KEY`` values
+    where given), as overrides."""
+    values = {k: v for k, v in grid.items() if ":" not in k} | {k.partition(":")[2]: v for k, v in grid.items() if k.partition(":")[0] == arm}
+    keys = [k for k in values if k not in PREFERENCE_ONLY_KEYS or arm_method(arm).uses_reference]
+    return [[f"{k}={v}" for k, v in zip(keys, point)] for point in itertools.product(*(values[k] for k in keys))]
 
 
 def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
@@ -127,24 +140,40 @@ def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
     return "-".join([arm, *overrides, f"seed{seed}"])
 
 
-def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict[str, dict]:
+def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig,
+                    jobs: int = 1) -> dict[str, dict]:
     """Each trained arm's best grid point by exact reward on the validation combinations, averaged
     over training ``seeds`` (one seed can make an unstable setting look best)."""
+    points = {arm: grid_points(grid, arm) if arm != "base" else [[]] for arm in names}
+    searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds]
+    tasks = [functools.partial(run_arm, config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
+                               eval_cfg) for arm, point, seed in searched]
+    if tasks:
+        log.info("choosing settings: %d runs (%s)", len(tasks), ", ".join(f"{arm} x {len(points[arm]) * len(seeds)}" for arm in names if len(points[arm]) > 1))
+    rewards = {(arm, tuple(point), seed): summary["validation"][eval_cfg.metric_names[0]]
+               for (arm, point, seed), summary in zip(searched, run_all(tasks, jobs, "choosing settings"))}
     chosen = {}
     for arm in names:
-        points = grid_points(grid, arm) if arm != "base" else [[]]
-        if len(points) == 1:
-            chosen[arm] = {"overrides": points[0], "grid": []}
+        if len(points[arm]) == 1:
+            chosen[arm] = {"overrides": points[arm][0], "grid": []}
             continue
         rows = []
-        for point in points:
-            log.info("choosing settings: arm %s, %s", arm, " ".join(point))
-            rewards = [run_arm(config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
-                               eval_cfg)["validation"][eval_cfg.metric_names[0]] for seed in seeds]
-            rows.append({"overrides": point, "validation_reward": sum(rewards) / len(rewards), "per_seed": rewards})
+        for point in points[arm]:
+            per_seed = [rewards[arm, tuple(point), seed] for seed in seeds]
+            rows.append({"overrides": point, "validation_reward": sum(per_seed) / len(per_seed), "per_seed": per_seed})
         best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
         chosen[arm] = {"overrides": best["overrides"], "grid": rows}
     return chosen
+
+
+def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
+    """Each arm's settings as an earlier comparison chose them (its ``results.json``)."""
+    earlier = read_json(path, what="the earlier comparison", fix="give the results.json that sspo compare wrote", shape={"chosen": {str: {"overrides": [str]}}})
+    missing = [arm for arm in names if arm not in earlier["chosen"]]
+    if missing:
+        raise ConfigError(f"--settings-from {path}: arm {missing[0]!r} was not in that comparison (it has {', '.join(earlier['chosen'])}); "
+                          "leave the arm out or choose its settings with --grid")
+    return {arm: {"overrides": earlier["chosen"][arm]["overrides"], "grid": [], "from": str(path)} for arm in names}
 
 
 def _matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:
@@ -195,12 +224,17 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> li
 
 
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
-                 sampler_seeds: int, world: str) -> None:
+                 sampler_seeds: int, world: str, selection_seeds: int = 1) -> None:
     n = len(seeds)
     sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {seconds / 60:.0f} min of wall time "
                 "(finished runs are reused, not timed again). "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
                 "sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).\n"]
+    earlier = {c["from"] for c in chosen.values() if "from" in c}
+    if earlier:
+        lines = [f"## Settings as chosen by the comparison in {', '.join(sorted(earlier))}\n", "| arm | settings |", "|---|---|"]
+        lines += [f"| {arm} | {' '.join(c['overrides']) or '-'} |" for arm, c in chosen.items()]
+        sections.append("\n".join(lines) + "\n")
     if any(c["grid"] for c in chosen.values()):
         lines = ["## Settings chosen on the validation split\n", "| arm | chosen | validation reward of every grid point |", "|---|---|---|"]
         for arm, c in chosen.items():
@@ -209,7 +243,7 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
             lines.append(f"| {arm} | {' '.join(c['overrides']) or '-'} | {grid or '-'} |")
         sections.append("\n".join(lines) + "\n")
     # Table 6 only when an ablation ran: SSPO's row alone repeats Table 1.
-    for title, names, shown_by in (("Table 1: methods", table1(), table1()), ("Table 6: SSPO ablations", ("sspo", *ABLATIONS), ABLATIONS)):
+    for title, names, shown_by in (("Table 1: methods", table1(), table1()), ("Table 6: SSPO ablations", ("sspo", *TABLE6), TABLE6)):
         for split, label in (("seen", "seen prompts (combinations in the alignment data)"), ("heldout", "held-out prompts")):
             if any(a in results for a in shown_by):
                 sections.append(f"## {title} — {label}\n\n{table(results, names, split, sampler_seeds, n, world)}\n")
@@ -219,7 +253,8 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
         lines += [f"| {c['arm']} | {c['paper']} | {_ci(c['difference'])} | {c['verdict']} |" for c in found]
         sections.append("\n".join(lines) + "\n")
     atomic_write_text(out / "results.md", "\n".join(sections))
-    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "chosen": chosen, "claims": found, "results": results})
+    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "selection_seeds": selection_seeds, "chosen": chosen, "claims": found,
+                                             "results": results})
 
 
 def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen: dict[str, dict], eval_cfg: EvalConfig) -> None:
@@ -243,10 +278,17 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen:
 
 
 def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
-                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 1) -> dict:
+                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 1, jobs: int = 1,
+                chosen_in: str | Path | None = None) -> dict:
+    """Every arm of ``names`` for every training seed (``jobs`` runs at a time), with settings chosen on
+    ``grid`` or taken from the comparison whose ``results.json`` is ``chosen_in``; writes the report."""
     unknown = [a for a in names if a not in arms()]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: expected 1 or more runs at a time")
+    if chosen_in and grid:
+        raise ConfigError("--settings-from and --grid both choose the arms' settings; give one of them")
     started = time.time()
     out = Path(out)
     extra = [*(QUICK if quick else []), *overrides]
@@ -258,14 +300,17 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
     if not 1 <= selection_seeds <= len(seeds):
         raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --training-seeds ({len(seeds)})")
-    chosen = select_settings(config, names, parse_grid(grid), seeds[:selection_seeds], out, extra, validation_cfg)
+    if chosen_in:
+        chosen = settings_from(chosen_in, names)
+    else:
+        chosen = select_settings(config, names, parse_grid(grid), seeds[:selection_seeds], out, extra, validation_cfg, jobs)
+    planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
+    tasks = [functools.partial(run_arm, config, arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]],
+                               eval_cfg) for arm, seed in planned]
     results: dict[str, list[dict]] = {}
-    for arm in names:
-        for seed in seeds[:1] if arm == "base" else seeds:  # the untrained base has no seed
-            log.info("arm %s, seed %d", arm, seed)
-            run_dir = out / "runs" / run_name(arm, chosen[arm]["overrides"], seed)
-            results.setdefault(arm, []).append(run_arm(config, arm, seed, run_dir, [*extra, *chosen[arm]["overrides"]], eval_cfg))
-            write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world)
+    for (arm, _), summary in zip(planned, run_all(tasks, jobs, "training and evaluating")):
+        results.setdefault(arm, []).append(summary)
+    write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world, selection_seeds)
     write_figures(out, names, seeds, chosen, eval_cfg)
     print((out / "results.md").read_text())
     return results

@@ -1,18 +1,22 @@
 """``sspo demo [--world NAME]``: a world (default: shapes) end to end on a CPU.
 
-base model (shipped or cached) -> the world's demo arms (SFT and SSPO on its winners; for shapes
-also Diffusion-DPO on its pairs), same budget -> exact evaluation of every model on seen and held-out
-prompts -> a table with each model's paired reward gain over the base (95% CI), a grid (same
-prompts and seeds, one row per model; a GIF for clips) and a plot of reward and SSR rate over training.
+base model (shipped or cached) [+ the Pick-a-Pic-shaped pairs its entry names, built from a
+generator G] -> the world's demo arms (SFT and SSPO on the winners; for shapes also Diffusion-DPO on
+the pairs), same budget -> exact evaluation of every model on seen and held-out prompts -> a table
+with each model's paired reward gain over the base (95% CI) and, on model-sampled pairs, its reward
+against the winners' (R_win), a grid (same prompts and seeds, one row per model; a GIF for clips) and
+a plot of reward and SSR rate over training. Runs go side by side in one-thread processes (``jobs``).
 What a world's demo runs is its registry entry's ``demo`` (sspo/worlds/registry.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 
+from sspo.commands.parallel import run_all
 from sspo.config import load_config
 from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
@@ -33,14 +37,34 @@ def demo_base(world: World, quick: bool) -> str:
     return f"{world.base}:quick" if quick and "quick" in world.base_presets else world.base
 
 
-def demo_config(out: Path, method: str, quick: bool, world: World) -> TrainConfig:
-    overrides = [f"method={method}", f"output_dir={out / method}"]
+def demo_config(out: Path, method: str, quick: bool, world: World, data: list[str] = ()) -> TrainConfig:
+    overrides = [f"method={method}", f"output_dir={out / method}", *data, *world.demo.arm_overrides.get(method, ())]
     if quick:
         overrides += [f"model.pretrained={demo_base(world, quick)}", *QUICK]
     return load_config(TrainConfig, world.demo.config, overrides)
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "shapes") -> dict:
+def build_data(level: str, quick: bool) -> tuple[Path, dict]:
+    from sspo.commands.pairs import level_pairs
+
+    return level_pairs(level, quick)
+
+
+def evaluate_base(base: str, eval_cfg: EvalConfig) -> tuple[dict, list, float]:
+    started = time.time()
+    summary, images = evaluate_model(base, eval_cfg)
+    return summary, images, time.time() - started
+
+
+def train_and_evaluate(cfg: TrainConfig, base: str, eval_cfg: EvalConfig) -> tuple[dict, list, float]:
+    """One arm: trained (a LoRA on ``base``), then scored; its summary, images and seconds."""
+    started = time.time()
+    final = train(cfg)
+    summary, images = evaluate_model(base, eval_cfg, lora=final)
+    return summary, images, time.time() - started
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "shapes", jobs: int = 1) -> dict:
     import torch
 
     # The demo's models are tiny: intra-op threads gain little, and on a small shared CPU their
@@ -50,41 +74,47 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     out = Path(out)
     world = get_world(world, "--world")
     started = time.time()
-    timings = {}
     base = resolve_model(demo_base(world, quick))
-    timings["base"] = time.time() - started
-
-    models: dict[str, tuple[str, str | None]] = {"base": (base, None)}
-    runs = {}
-    # SFT (and Diffusion-DPO on the world's clean-vs-defective pairs, where a world's demo has it)
-    # show that training moves the base at all; SSPO is the method itself, trained on the winners only.
-    for method in world.demo.methods:
-        t0 = time.time()
-        cfg = demo_config(out, method, quick, world)
-        models[method] = (base, str(train(cfg)))
-        runs[method] = Path(cfg.output_dir)
-        timings[method] = time.time() - t0
-
-    t0 = time.time()
+    timings = {"base": time.time() - started}
     eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else world.demo.prompts_per_split, steps=world.demo.sampler_steps)
-    results, images = {}, {}
-    for name, (model, lora) in models.items():
-        results[name], images[name] = evaluate_model(model, eval_cfg, lora=lora)
-    timings["eval"] = time.time() - t0
 
-    table = format_table(results, table_columns(world.name), baseline="base")
+    # The pairs (when the entry names a level) are built while the base is scored.
+    level = world.demo.data_level
+    first = [functools.partial(evaluate_base, base, eval_cfg), *([functools.partial(build_data, level, quick)] if level else [])]
+    (summary, images, timings["eval base"]), *built = run_all(first, jobs, "demo: the base" + (" and the pairs" if level else ""))
+    results, shown = {"base": summary}, {"base": images}
+    data, record = [], None
+    if built:
+        folder, record = built[0]
+        data = ["data.source=parquet", f"data.path={folder / 'pairs.parquet'}", f"validation.world={world.name}"]
+
+    # SFT (and Diffusion-DPO on the pairs, where a world's demo has it) show that training moves the
+    # base at all; SSPO is the method itself, trained on the winners only.
+    configs = {method: demo_config(out, method, quick, world, data) for method in world.demo.methods}
+    arms = run_all([functools.partial(train_and_evaluate, cfg, base, eval_cfg) for cfg in configs.values()], jobs, "demo: training and scoring")
+    for method, (summary, images, seconds) in zip(configs, arms):
+        results[method], shown[method], timings[method] = summary, images, seconds
+
+    target = ("R_win", record["R_win"]) if record else None
+    table = format_table(results, table_columns(world.name), baseline="base", target=target)
+    if record:
+        table += (f"\n\nTrained on Pick-a-Pic-shaped pairs (level {level}{', quick: a smoke test' if quick else ''}): {record['pairs']} pairs sampled from G, the base after "
+                  f"{record['generator']['steps']} SFT steps. R_base {record['R_base']:.3f}, R_win {record['R_win']:.3f} (the winners, "
+                  f"SFT's asymptote), R_ceil {record['R_ceil']:.3f} (clean renders). A model above R_win went beyond its winners.")
     print("\n" + table)
     atomic_write_text(out / "results.md", table + "\n")
     # Same prompts and seeds in every row.
-    rows = {name: showcase(eval_cfg, images[name]) for name in models}
+    rows = {name: showcase(eval_cfg, shown[name]) for name in results}
     captions = next(iter(rows.values()))[1]
     if world.clips:
         grid = save_animation(clip_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.gif")
     else:
         grid = save_png(image_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.png")
-    runs = {name: [path] for name, path in runs.items()}
+    runs = {method: [Path(cfg.output_dir)] for method, cfg in configs.items()}
     plot_panels([(*REWARD_PANEL, reward_series(runs)), (*SSR_PANEL, ssr_series(runs))], out / "training.png")
     timings["total"] = time.time() - started
-    atomic_write_json(out / "results.json", {"results": results, "seconds": timings})
-    print(f"\nwrote {out}/results.md, {grid.name}, training.png in {timings['total']:.0f} s " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    levels = {key: record[key] for key in ("R_base", "R_win", "R_ceil")} if record else {}
+    atomic_write_json(out / "results.json", {"results": results, "data_level": level, **levels, "seconds": timings})
+    print(f"\nwrote {out}/results.md, {grid.name}, training.png in {timings['total']:.0f} s with {jobs} run(s) at a time: "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return results

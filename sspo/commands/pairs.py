@@ -151,6 +151,19 @@ def sweep(cfg: PairsConfig, steps: Sequence[int], thresholds: Sequence[float] = 
     return [sweep_row(n, measure_generator(dataclasses.replace(cfg, steps=n)), thresholds) for n in tqdm(steps, desc="pairs: sweep", leave=False)]
 
 
+def pairs_config(level: str | None = None, steps: int | None = None, quick: bool = False, **options) -> PairsConfig:
+    """The pairs of ``level`` (or of G after ``steps``); ``quick``: the tests' small base, 16 prompts
+    and 2 SFT steps unless ``steps``, a smoke test rather than a level."""
+    steps = 2 if quick and steps is None else steps if steps is not None else LEVEL_STEPS.get(level, 0)
+    return PairsConfig(steps=steps, base="shapes-base:quick" if quick else "shapes-base", max_prompts=16 if quick else None, **options)
+
+
+def level_pairs(level: str, quick: bool = False) -> tuple[Path, dict]:
+    """The folder and record of ``sspo pairs --level <level>``'s pairs, built now if not cached."""
+    folder, record, _ = build_pairs(pairs_config(level, quick=quick), level=level)
+    return folder, record
+
+
 def run_pairs(level: str | None = None, steps: int | None = None, sweep_steps: Sequence[int] | None = None, out: str | Path | None = None, quick: bool = False,
               tie_threshold: float = 0.02, bt_temperature: float = 0.0, seed: int = 0, pairs_per_prompt: int = 1) -> None:
     """``sspo pairs``: build (or reuse) the pairs of ``level`` or ``steps`` and say what they are, or
@@ -158,10 +171,7 @@ def run_pairs(level: str | None = None, steps: int | None = None, sweep_steps: S
     chosen = [flag for flag, value in (("--level", level), ("--steps", steps), ("--sweep", sweep_steps)) if value is not None]
     if len(chosen) > 1 or not (chosen or quick):
         raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")
-    # quick: the tests' small base, 16 prompts and 2 SFT steps: a smoke test, not a level.
-    steps = 2 if quick and steps is None else steps if steps is not None else LEVEL_STEPS.get(level, 0)
-    cfg = PairsConfig(steps=steps, base="shapes-base:quick" if quick else "shapes-base", tie_threshold=tie_threshold,
-                      bt_temperature=bt_temperature, seed=seed, max_prompts=16 if quick else None, pairs_per_prompt=pairs_per_prompt)
+    cfg = pairs_config(level, steps, quick, tie_threshold=tie_threshold, bt_temperature=bt_temperature, seed=seed, pairs_per_prompt=pairs_per_prompt)
     if sweep_steps is not None:
         print(format_sweep(sweep(cfg, sweep_steps)))
         return

@@ -174,20 +174,26 @@ def reward_gain(scores: dict, baseline: dict) -> dict:
     return mean_ci(np.subtract(scores["per_image"], baseline["per_image"]))
 
 
-def format_table(results: dict[str, dict], columns: Sequence[str], baseline: str | None = None) -> str:
+def _interval(stats: dict) -> str:
+    return f"{stats['mean']:+.3f} [{stats['ci95_low']:+.3f}, {stats['ci95_high']:+.3f}]"
+
+
+def format_table(results: dict[str, dict], columns: Sequence[str], baseline: str | None = None, target: tuple[str, float] | None = None) -> str:
     """A markdown table: one row per (model, category) of :func:`evaluate_pipeline` summaries; with
-    ``baseline``, each model's gain over it in the first metric."""
+    ``baseline``, each model's gain over it in the first metric; with ``target`` (a name and a value,
+    e.g. the training winners' mean reward), each model's first metric minus that value."""
     gain = baseline is not None and baseline in results
     header = list(columns) + ([f"{columns[0]} gain vs {baseline} [95% CI]"] if gain else [])
+    header += [f"{columns[0]} - {target[0]} [95% CI]"] if target else []
     lines = ["| model | prompts | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
     for model, summary in results.items():
         for category, scores in summary.items():
             cells = [f"{scores[c]:.3f}" for c in columns]
             if gain:
-                if model == baseline:
-                    cells.append("")
-                else:
-                    g = reward_gain(scores, results[baseline][category])
-                    cells.append(f"{g['mean']:+.3f} [{g['ci95_low']:+.3f}, {g['ci95_high']:+.3f}]")
+                cells.append("" if model == baseline else _interval(reward_gain(scores, results[baseline][category])))
+            if target:
+                from sspo.evaluation.scorers.stats import mean_ci
+
+                cells.append(_interval(mean_ci(np.subtract(scores["per_image"], target[1]))))
             lines.append(f"| {model} | {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

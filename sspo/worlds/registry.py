@@ -38,6 +38,11 @@ class DemoSettings:
     methods: tuple[str, ...]  # the arms trained from the base, in the table's order
     prompts_per_split: int  # evaluation prompts per split (seen, held-out): enough for a CI on paired gains
     sampler_steps: int = 20  # evaluation sampler steps
+    # Pick-a-Pic-shaped pairs of this level (`sspo pairs --level`, the shapes world's) instead of the
+    # world's own pairs; None: the world's own.
+    data_level: str | None = None
+    # Settings per arm on top of the config, e.g. {"sft": ("optim.learning_rate=3e-3",)}.
+    arm_overrides: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,6 +108,15 @@ def test_grid_must_name_values():
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         compare.parse_grid(["optim.learning_rate"])
     assert compare.parse_grid(["beta=1,2"]) == {"beta": ["1", "2"]}
+    with pytest.raises(ConfigError, match="unknown arm 'ppo'"):
+        compare.parse_grid(["ppo:beta=1,2"])
+
+
+def test_an_arm_s_own_grid_values_replace_the_shared_ones_for_that_arm_only():
+    grid = compare.parse_grid(["optim.learning_rate=1e-3,3e-3", "beta=50,500", "sft:optim.learning_rate=1e-3,3e-3,1e-2", "dpo:beta=5,50,500"])
+    assert compare.grid_points(grid, "sft") == [["optim.learning_rate=1e-3"], ["optim.learning_rate=3e-3"], ["optim.learning_rate=1e-2"]]
+    assert [p[1] for p in compare.grid_points(grid, "dpo")] == ["beta=5", "beta=50", "beta=500"] * 2
+    assert compare.grid_points(grid, "sspo") == [[f"optim.learning_rate={r}", f"beta={b}"] for r in ("1e-3", "3e-3") for b in ("50", "500")]
 
 
 def test_unknown_arm_is_a_clear_error(tmp_path):
@@ -125,3 +134,36 @@ def test_compare_takes_the_video_world(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| sft | " in report and "| direction | amplitude |" in report
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_runs_side_by_side_give_what_runs_one_after_another_give(quick_base, tmp_path, monkeypatch):
+    """--jobs 2 trains each run in a one-thread worker: the numbers are those of the same runs one at a
+    time on one thread, and a later comparison can take the chosen settings instead of a grid."""
+    import torch
+
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=32", "negatives.steps=2", "optim.batch_size=4"]
+    grid = ["optim.learning_rate=1e-4,1e-3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = compare.run_compare(CONFIG, ["sft", "sspo"], [0], tmp_path / "serial", overrides=overrides, quick=True, grid=grid)
+    finally:
+        torch.set_num_threads(threads)
+    side_by_side = compare.run_compare(CONFIG, ["sft", "sspo"], [0], tmp_path / "jobs", overrides=overrides, quick=True, grid=grid, jobs=2)
+    assert side_by_side == serial
+    chosen = json.loads((tmp_path / "jobs" / "results.json").read_text())["chosen"]
+
+    def no_selection(*args, **kwargs):
+        raise AssertionError("settings were chosen again")
+
+    monkeypatch.setattr(compare, "select_settings", no_selection)
+    compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "later", overrides=[*overrides, "data.max_samples=16"], quick=True,
+                        chosen_in=tmp_path / "jobs" / "results.json")
+    later = json.loads((tmp_path / "later" / "results.json").read_text())
+    assert later["chosen"]["sft"]["overrides"] == chosen["sft"]["overrides"]
+    assert (tmp_path / "later" / "runs" / compare.run_name("sft", chosen["sft"]["overrides"], 0)).is_dir()
+    assert "## Settings as chosen by the comparison in" in (tmp_path / "later" / "results.md").read_text()
+    with pytest.raises(ConfigError, match="--settings-from .*: arm 'dpo' was not in that comparison"):
+        compare.run_compare(CONFIG, ["dpo"], [0], tmp_path / "x", quick=True, chosen_in=tmp_path / "jobs" / "results.json")
+    with pytest.raises(ConfigError, match="--jobs 0: expected 1 or more"):
+        compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "x", jobs=0)

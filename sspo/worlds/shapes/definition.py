@@ -48,6 +48,9 @@ WORLD = World(
     # the components a prompt asks for, and the quality
     table_columns=("color", "shape", "size", "position", "background", "quality"),
     round_trip=round_trip,
-    # 96 prompts x 2 seeds per split: paired gains of ~0.02 need that many for a CI excluding zero.
-    demo=DemoSettings(CONFIGS / "demo-shapes.yaml", methods=("sft", "dpo", "sspo"), prompts_per_split=96),
+    # The regime closest to the paper's: winners sampled from another model (the middle level of
+    # `sspo pairs`), the comparison's budget and each arm's settings as the comparison chose them
+    # there (docs/results/regimes.md). 96 prompts x 2 seeds per split: paired gains of ~0.02 need
+    # that many for a CI excluding zero.
+    demo=DemoSettings(CONFIGS / "compare-shapes.yaml", methods=("sft", "dpo", "sspo"), prompts_per_split=96, data_level="mid"),
 )

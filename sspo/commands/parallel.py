@@ -1,0 +1,77 @@
+"""Independent runs side by side in one-thread worker processes (``--jobs``).
+
+The tiny worlds' models gain little from torch's intra-op threads, and on a small shared CPU threads
+spinning against another process slow a step many times over; so each run gets its own process with
+one thread, and ``jobs`` of them go at once. Workers draw no progress bars: one bar here counts
+finished runs. With one job everything runs in this process, one after another, with its own bars.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from sspo.errors import SSPOError
+from sspo.logs import set_up_logging
+
+T = TypeVar("T")
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_jobs() -> int:
+    """One run at a time on a GPU (the runs share it); one per core on a CPU."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else available_cores()
+
+
+def _set_up_worker(verbose: bool) -> None:
+    # A worker's own INFO lines would interleave with the others'; warnings and errors still show.
+    set_up_logging(verbose, level=None if verbose else logging.WARNING)
+
+
+def _in_worker(task: Callable[[], T]) -> T:
+    try:
+        return task()
+    except SSPOError as exc:  # subclasses with their own constructors do not survive pickling
+        raise SSPOError(str(exc)) from None
+
+
+def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
+    """Each task's result, in the tasks' order; ``jobs`` tasks at a time. Tasks must pickle (module
+    functions, or ``functools.partial`` of one). The first failure stops the rest and is raised."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    from tqdm.auto import tqdm
+
+    # Spawned workers read these when they import torch and tqdm; this process imported both already.
+    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_set_up_worker, initargs=(logging.getLogger().isEnabledFor(logging.DEBUG),)) as pool:
+            futures = [pool.submit(_in_worker, task) for task in tasks]
+            try:
+                with tqdm(total=len(tasks), desc=desc, unit="run") as bar:
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()
+                        bar.update()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return [future.result() for future in futures]

@@ -1,0 +1,37 @@
+"""How sspo's output looks: its own log lines and bars, with the libraries' chatter only under --verbose."""
+
+from __future__ import annotations
+
+import logging
+
+FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def set_up_logging(verbose: bool, level: int | None = None) -> None:
+    """The CLI's logging (INFO, DEBUG with ``verbose``; or ``level``) and :func:`quiet_libraries`."""
+    logging.basicConfig(level=level or (logging.DEBUG if verbose else logging.INFO), format=FORMAT)
+    quiet_libraries(not verbose)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Without --verbose, the libraries' notices and progress bars give way to sspo's own output."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Every pipeline load draws "Loading pipeline components" / "Loading weights" bars, dozens per
+    # run; sspo's own bars (one per phase) and summaries stay.
+    for library in (diffusers_logging, transformers_logging):
+        if quiet:
+            library.disable_progress_bar()
+        else:
+            library.enable_progress_bar()
+    if not quiet:
+        return
+    for name in ("diffusers", "transformers", "accelerate", "matplotlib", "peft"):  # per-call notices (safety checker, state files)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
+    warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
