@@ -176,7 +176,7 @@ def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
     return {arm: {"overrides": earlier["chosen"][arm]["overrides"], "grid": [], "from": str(path)} for arm in names}
 
 
-def _matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:
+def reward_matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:
     """Rewards ``[training seeds][prompts]`` of an arm, each prompt averaged over its sampler seeds
     (images are listed prompt by prompt); ``seeds``: repeat a single evaluation (the untrained base)
     to pair it with every training seed of another arm."""
@@ -187,9 +187,9 @@ def _matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) ->
     return rows * seeds if len(rows) == 1 else rows
 
 
-def _paired(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, seeds: int) -> dict:
-    """SSPO - arm, per training seed and prompt."""
-    sspo, other = _matrix(results["sspo"], split, sampler_seeds, seeds), _matrix(results[arm], split, sampler_seeds, seeds)
+def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, seeds: int, minuend: str = "sspo") -> dict:
+    """``minuend`` (SSPO) - arm, per training seed and prompt."""
+    sspo, other = reward_matrix(results[minuend], split, sampler_seeds, seeds), reward_matrix(results[arm], split, sampler_seeds, seeds)
     return mean_ci_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
 
 
@@ -206,8 +206,8 @@ def table(results: dict[str, list[dict]], names: Sequence[str], split: str, samp
             continue
         runs = results[arm]
         cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
-        diff = "" if "sspo" not in results or arm == "sspo" else _ci(_paired(results, arm, split, sampler_seeds, seeds))
-        lines.append(f"| {arm} | {_ci(mean_ci_crossed(_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
+        diff = "" if "sspo" not in results or arm == "sspo" else _ci(paired_difference(results, arm, split, sampler_seeds, seeds))
+        lines.append(f"| {arm} | {_ci(mean_ci_crossed(reward_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
@@ -217,7 +217,7 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> li
     for arm, paper in CLAIMS:
         if arm not in results or "sspo" not in results:
             continue
-        diff = _paired(results, arm, "heldout", sampler_seeds, seeds)
+        diff = paired_difference(results, arm, "heldout", sampler_seeds, seeds)
         verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
         found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
     return found
@@ -253,8 +253,8 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
         lines += [f"| {c['arm']} | {c['paper']} | {_ci(c['difference'])} | {c['verdict']} |" for c in found]
         sections.append("\n".join(lines) + "\n")
     atomic_write_text(out / "results.md", "\n".join(sections))
-    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "selection_seeds": selection_seeds, "chosen": chosen, "claims": found,
-                                             "results": results})
+    atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "selection_seeds": selection_seeds, "sampler_seeds": sampler_seeds,
+                                             "chosen": chosen, "claims": found, "results": results})
 
 
 def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen: dict[str, dict], eval_cfg: EvalConfig) -> None:
