@@ -169,11 +169,11 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
 def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
     """Each arm's settings as an earlier comparison chose them (its ``results.json``)."""
     earlier = read_json(path, what="the earlier comparison", fix="give the results.json that sspo compare wrote", shape={"chosen": {str: {"overrides": [str]}}})
-    missing = [arm for arm in names if arm not in earlier["chosen"]]
+    missing = [arm for arm in names if arm not in earlier["chosen"] and arm != "base"]  # the untrained base has no settings
     if missing:
         raise ConfigError(f"--settings-from {path}: arm {missing[0]!r} was not in that comparison (it has {', '.join(earlier['chosen'])}); "
                           "leave the arm out or choose its settings with --grid")
-    return {arm: {"overrides": earlier["chosen"][arm]["overrides"], "grid": [], "from": str(path)} for arm in names}
+    return {arm: {"overrides": earlier["chosen"][arm]["overrides"] if arm != "base" else [], "grid": [], "from": str(path)} for arm in names}
 
 
 def reward_matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:

@@ -157,7 +157,7 @@ def test_runs_side_by_side_give_what_runs_one_after_another_give(quick_base, tmp
         raise AssertionError("settings were chosen again")
 
     monkeypatch.setattr(compare, "select_settings", no_selection)
-    compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "later", overrides=[*overrides, "data.max_samples=16"], quick=True,
+    compare.run_compare(CONFIG, ["base", "sft"], [0], tmp_path / "later", overrides=[*overrides, "data.max_samples=16"], quick=True,
                         chosen_in=tmp_path / "jobs" / "results.json")
     later = json.loads((tmp_path / "later" / "results.json").read_text())
     assert later["chosen"]["sft"]["overrides"] == chosen["sft"]["overrides"]
