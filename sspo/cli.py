@@ -198,7 +198,7 @@ def _compare(args) -> None:
 
     run_compare(args.config, arms, list(range(args.training_seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds, jobs=default_jobs() if args.jobs is None else args.jobs,
-                chosen_in=args.settings_from)
+                chosen_in=args.settings_from, added_points=args.add_point or ())
 
 
 def _pairs(args) -> None:
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(mean validation reward; more than 1 keeps an unstable setting from winning on one lucky seed)")
     p.add_argument("--prompts-per-split", type=int, help="evaluation prompts per split, seen and held-out (default 24; "
                    "more than the held-out combinations means all of them)")
+    p.add_argument("--add-point", action="append", metavar="ARM:KEY=V,KEY=V", help="one more point for an arm's grid, e.g. "
+                   "sspo:optim.learning_rate=1e-4,beta=5 (the next step past the edge its best point sits on); repeat")
     p.add_argument("--settings-from", metavar="RESULTS_JSON", help="instead of --grid: each arm's settings as the comparison that wrote this "
                    "results.json chose them (e.g. another data level at the settings chosen at the middle one)")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")

@@ -134,6 +134,23 @@ def grid_points(grid: dict[str, list[str]], arm: str) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, point)] for point in itertools.product(*(values[k] for k in keys))]
 
 
+def parse_points(items: Sequence[str], grid: dict[str, list[str]]) -> dict[str, list[list[str]]]:
+    """``["sspo:optim.learning_rate=1e-4,beta=5"]`` -> ``{arm: [overrides]}``: single points added to
+    an arm's grid (one step past the edge its best point sits on), keys in the grid's order."""
+    added: dict[str, list[list[str]]] = {}
+    for item in items:
+        arm, colon, rest = item.partition(":")
+        settings = dict(pair.partition("=")[::2] for pair in rest.split(",") if pair)
+        if not colon or arm not in arms() or not settings or not all(settings.values()):
+            raise ConfigError(f"--add-point {item!r}: expected ARM:KEY=V,KEY=V with an arm of {', '.join(arms())}, "
+                              "e.g. sspo:optim.learning_rate=1e-4,beta=5")
+        keys = [override.partition("=")[0] for override in grid_points(grid, arm)[0]]
+        if sorted(settings) != sorted(keys):
+            raise ConfigError(f"--add-point {item!r}: a point of {arm}'s grid sets {', '.join(keys) or 'nothing'}; give each of them once")
+        added.setdefault(arm, []).append([f"{key}={settings[key]}" for key in keys])
+    return added
+
+
 def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
     """A run's folder name: its arm, settings and seed, so that a changed setting (a wider grid
     choosing another point) trains anew instead of reusing a run trained at the old one."""
@@ -141,10 +158,13 @@ def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
 
 
 def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig,
-                    jobs: int = 1) -> dict[str, dict]:
-    """Each trained arm's best grid point by exact reward on the validation combinations, averaged
-    over training ``seeds`` (one seed can make an unstable setting look best)."""
+                    jobs: int = 1, added: dict[str, list[list[str]]] | None = None) -> dict[str, dict]:
+    """Each trained arm's best grid point (or ``added`` point) by exact reward on the validation
+    combinations, averaged over training ``seeds`` (one seed can make an unstable setting look best)."""
     points = {arm: grid_points(grid, arm) if arm != "base" else [[]] for arm in names}
+    for arm, extra_points in (added or {}).items():
+        if arm in points:
+            points[arm] += [point for point in extra_points if point not in points[arm]]
     searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds]
     tasks = [functools.partial(run_arm, config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
                                eval_cfg) for arm, point, seed in searched]
@@ -279,7 +299,7 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen:
 
 def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
                 command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 1, jobs: int = 1,
-                chosen_in: str | Path | None = None) -> dict:
+                chosen_in: str | Path | None = None, added_points: Sequence[str] = ()) -> dict:
     """Every arm of ``names`` for every training seed (``jobs`` runs at a time), with settings chosen on
     ``grid`` or taken from the comparison whose ``results.json`` is ``chosen_in``; writes the report."""
     unknown = [a for a in names if a not in arms()]
@@ -287,6 +307,8 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: expected 1 or more runs at a time")
+    if added_points and not grid:
+        raise ConfigError("--add-point adds to a grid: give the --grid it widens")
     if chosen_in and grid:
         raise ConfigError("--settings-from and --grid both choose the arms' settings; give one of them")
     started = time.time()
@@ -303,7 +325,8 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     if chosen_in:
         chosen = settings_from(chosen_in, names)
     else:
-        chosen = select_settings(config, names, parse_grid(grid), seeds[:selection_seeds], out, extra, validation_cfg, jobs)
+        parsed = parse_grid(grid)
+        chosen = select_settings(config, names, parsed, seeds[:selection_seeds], out, extra, validation_cfg, jobs, parse_points(added_points, parsed))
     planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
     tasks = [functools.partial(run_arm, config, arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]],
                                eval_cfg) for arm, seed in planned]

@@ -34,8 +34,18 @@ def default_jobs() -> int:
 
 
 def _set_up_worker(verbose: bool) -> None:
-    # A worker's own INFO lines would interleave with the others'; warnings and errors still show.
+    # A worker's own INFO lines and bars would interleave with the others'; warnings and errors
+    # still show. Bars are silenced here, where they are made, because sspo's bars pass `disable`
+    # themselves (off outside the main process of a launch), which TQDM_DISABLE cannot override.
     set_up_logging(verbose, level=None if verbose else logging.WARNING)
+    from tqdm import std
+
+    draw = std.tqdm.__init__
+
+    def silent(self, *args, **kwargs):
+        draw(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = silent
 
 
 def _in_worker(task: Callable[[], T]) -> T:
@@ -52,9 +62,9 @@ def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
         return [task() for task in tasks]
     from tqdm.auto import tqdm
 
-    # Spawned workers read these when they import torch and tqdm; this process imported both already.
-    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    # Spawned workers read these when they import torch; this process imported it already.
+    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     try:
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_set_up_worker, initargs=(logging.getLogger().isEnabledFor(logging.DEBUG),)) as pool:
