@@ -92,7 +92,7 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class DiagnosticsConfig:
-    # Shapes world: score every negative exactly and, for this many pairs of every micro-batch, the
+    # Shapes world (its own pairs or `sspo pairs`' parquet): score every negative exactly and, for this many pairs of every micro-batch, the
     # policy's own sample too: SSR and RCR against ground truth (<output_dir>/ssr_truth.jsonl). 0: off.
     ssr_truth_per_batch: int = setting(0, at_least=0)
 
@@ -129,8 +129,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        check(not self.diagnostics.ssr_truth_per_batch or self.data.source == "shapes", "diagnostics.ssr_truth_per_batch",
-              "needs data.source: shapes (the exact evaluator scores the world's prompts only); set it to 0 for other data")
+        check(not self.diagnostics.ssr_truth_per_batch or self.eval_world == "shapes", "diagnostics.ssr_truth_per_batch",
+              "needs the shapes world's prompts (data.source: shapes, or its pairs in a parquet with validation.world: shapes): "
+              "the exact evaluator scores those only; set it to 0 for other data")
         scores_world = self.validation.world_eval and self.validation.every_iterations > 0
         check(not scores_world or self.eval_world in WORLDS, "validation.world", f"is unset and data.source {self.data.source!r} is not a world, so "
               f"validation.world_eval has nothing to score; name one of {', '.join(WORLDS)}, or set validation.world_eval: false")
