@@ -52,5 +52,7 @@ WORLD = World(
     # `sspo pairs`), the comparison's budget and each arm's settings as the comparison chose them
     # there (docs/results/regimes.md). 96 prompts x 2 seeds per split: paired gains of ~0.02 need
     # that many for a CI excluding zero.
-    demo=DemoSettings(CONFIGS / "compare-shapes.yaml", methods=("sft", "dpo", "sspo"), prompts_per_split=96, data_level="mid"),
+    demo=DemoSettings(CONFIGS / "compare-shapes.yaml", methods=("sft", "dpo", "sspo"), prompts_per_split=96, data_level="mid",
+                      arm_overrides={"sft": ("optim.learning_rate=3e-3",), "dpo": ("optim.learning_rate=3e-3", "beta=500"),
+                                     "sspo": ("optim.learning_rate=3e-4", "beta=0.05")}),
 )
