@@ -50,4 +50,4 @@ def test_full_finetune_card_loads_the_folder():
     assert 'pipe = StableDiffusionXLPipeline.from_pretrained("/runs/x/final"' in card
     assert "load_lora_weights" not in card and "Validation" not in card
     assert "4 per process x 1 accumulation x 8 processes = 32 effective" in card
-    assert "| fine-tuning | full UNet |" in card
+    assert "| fine-tuning | full denoiser (every layer) |" in card

@@ -10,7 +10,7 @@ def _fine_tuning(cfg: TrainConfig, video: bool) -> str:
     motion = resolve_train_modules(cfg.model.train_modules, video) == "motion"
     if cfg.model.lora:
         return f"LoRA rank {cfg.model.lora_rank} (alpha {cfg.model.lora_alpha}) on {', '.join(cfg.model.lora_targets)}" + (" of the motion modules" if motion else "")
-    return "full motion modules" if motion else "full UNet"
+    return "full motion modules" if motion else "full denoiser (every layer)"
 
 
 def run_settings(cfg: TrainConfig, processes: int, video: bool = False) -> dict[str, str]:

@@ -72,6 +72,7 @@ class Trainer(Checkpointing):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
+        check_environment(cfg)  # a Trainer made directly, not through train(), refuses what this machine lacks too
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
@@ -179,10 +180,8 @@ class Trainer(Checkpointing):
     def _optimizer(self, params):
         o = self.cfg.optim
         if o.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ConfigError("config key 'optim.use_8bit_adam' needs bitsandbytes: pip install 'sspo[bnb]'") from None
+            import bitsandbytes as bnb
+
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW

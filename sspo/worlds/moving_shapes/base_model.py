@@ -49,9 +49,9 @@ class VideoBaseConfig:
     vae_learning_rate: float = setting(5e-4, above=0)  # peak of its one-cycle schedule (the image VAE's second phase)
     # Motion modules learn a motion's direction late: at 2,000 and 4,000 steps each axis has one
     # direction whatever the prompt says; at 10,000 every translation goes the prompted way.
-    unet_steps: int = setting(10000, at_least=1)
+    denoiser_steps: int = setting(10000, at_least=1)
     batch_size: int = setting(8, at_least=1)  # clips per step
-    unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
+    denoiser_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
     caption_dropout: float = setting(0.1, at_least=0, below=1)  # empty prompts, so classifier-free guidance works
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ class VideoBaseConfig:
     @classmethod
     def preset(cls, name: str) -> VideoBaseConfig:
         if name == "quick":
-            return cls(size="quick", vae_steps=40, unet_steps=100, clips_per_spec=1, batch_size=8)
+            return cls(size="quick", vae_steps=40, denoiser_steps=100, clips_per_spec=1, batch_size=8)
         return cls(size=name)
 
     def cache_key(self) -> str:

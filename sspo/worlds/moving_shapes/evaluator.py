@@ -99,7 +99,7 @@ from sspo.worlds.moving_shapes.world import (
     render_clip,
     render_motion_defect,
 )
-from sspo.worlds.shapes.evaluator import analyze, position_match, size_match, soft_window
+from sspo.worlds.shapes.evaluator import analyze, mean_scores, position_match, size_match, soft_window
 from sspo.worlds.shapes.world import BACKGROUNDS, SHAPES
 
 ATTRIBUTE_NAMES = ("background", "color", "shape", "size", "position")
@@ -272,14 +272,6 @@ def evaluate_clips(clips: Sequence | np.ndarray, specs: Iterable[MotionSpec | st
     return [evaluate_clip(clip, spec) for clip, spec in zip(clips, specs)]
 
 
-def mean_motion_scores(scores: Iterable[MotionScore]) -> dict[str, float]:
-    """Component-wise mean of several scores (for tables)."""
-    rows = [s.as_dict() for s in scores]
-    if not rows:
-        return {name: float("nan") for name in COMPONENT_NAMES}
-    return {name: float(np.mean([r[name] for r in rows])) for name in COMPONENT_NAMES}
-
-
 # --------------------------------------------------------------------------------------------------
 # The VAE round trip: the model sees latents, so a defect the latent cannot hold is none for it.
 
@@ -326,5 +318,5 @@ def round_trip_clip_scores(vae_folder_or_model, n: int = 21, seed: int = 1, fram
         clips = np.stack(
             [render_clip(s, frames, size) if name == "clean" else render_motion_defect(s, rng, frames, size, name) for s in specs]
         )
-        result[name] = mean_motion_scores(evaluate_clips(round_trip_clips(vae, clips), specs))["reward"]
+        result[name] = mean_scores(evaluate_clips(round_trip_clips(vae, clips), specs), COMPONENT_NAMES)["reward"]
     return result

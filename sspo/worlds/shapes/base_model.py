@@ -53,9 +53,9 @@ class BaseConfig:
     vae_defect_learning_rate: float = setting(5e-4, above=0)  # VAE mix phase, peak of its one-cycle schedule
     vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # share of defective renders in the VAE's mix phase
     vae_defects: tuple[str, ...] = setting(("blur", "smear", "checker"), choices=shapes.DEFECTS)  # pixel noise is too fine for any 8x8 latent
-    unet_steps: int = setting(1500, at_least=1)
+    denoiser_steps: int = setting(1500, at_least=1)
     batch_size: int = setting(64, at_least=1)  # denoiser pretraining
-    unet_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
+    denoiser_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
     images_per_spec: int = setting(6, at_least=1)  # pretraining images rendered per attribute combination
     defect_fraction: float = setting(0.6, at_least=0, at_most=1)  # share of defective renders the denoiser learns from: makes the base mediocre
     # Quality defects the latent holds; attribute errors are left to the model's own.
@@ -71,7 +71,7 @@ class BaseConfig:
     @classmethod
     def preset(cls, name: str) -> BaseConfig:
         if name == "quick":
-            return cls(size="quick", vae_steps=200, vae_defect_steps=60, unet_steps=500, images_per_spec=2, batch_size=32)
+            return cls(size="quick", vae_steps=200, vae_defect_steps=60, denoiser_steps=500, images_per_spec=2, batch_size=32)
         return cls(size=name)
 
     def cache_key(self) -> str:
@@ -125,8 +125,8 @@ def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator
     family = family_of(components)  # the tiny model's family: its training timesteps, noise and target
     text_encoder, denoiser = components["text_encoder"], family.denoiser
     params = list(denoiser.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.unet_learning_rate, weight_decay=1e-2)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.unet_learning_rate, total_steps=cfg.unet_steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(params, lr=cfg.denoiser_learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.denoiser_learning_rate, total_steps=cfg.denoiser_steps, pct_start=0.05)
 
     def tokens(texts):
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -134,7 +134,7 @@ def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator
     with torch.no_grad():  # the encoder is fixed: encode every prompt once
         embeds = text_encoder(tokens(prompts))[0]
         empty = text_encoder(tokens([""]))[0]
-    bar = tqdm(range(cfg.unet_steps), desc="base: denoiser", leave=False)
+    bar = tqdm(range(cfg.denoiser_steps), desc="base: denoiser", leave=False)
     for _ in bar:
         index = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
         batch_embeds = embeds[index].clone()

@@ -466,9 +466,10 @@ def evaluate_batch(images: Sequence | np.ndarray, specs: Iterable[ShapeSpec | st
     return [evaluate(image, spec) for image, spec in zip(images, specs)]
 
 
-def mean_scores(scores: Iterable[ShapeScore]) -> dict[str, float]:
-    """Component-wise mean of several scores (for tables)."""
+def mean_scores(scores: Iterable, names: Sequence[str] = COMPONENT_NAMES) -> dict[str, float]:
+    """Component-wise mean of several scores (for tables): ``names`` are the scores' components
+    (an image's by default; a clip's score passes its own)."""
     rows = [s.as_dict() for s in scores]
     if not rows:
-        return {name: float("nan") for name in COMPONENT_NAMES}
-    return {name: float(np.mean([r[name] for r in rows])) for name in COMPONENT_NAMES}
+        return {name: float("nan") for name in names}
+    return {name: float(np.mean([r[name] for r in rows])) for name in names}

@@ -22,11 +22,11 @@ from sspo.worlds.moving_shapes.evaluator import (
     evaluate_clip,
     evaluate_clips,
     load_vae,
-    mean_motion_scores,
     round_trip_clip_scores,
     round_trip_clips,
 )
 from sspo.worlds.moving_shapes.world import MOTION_DEFECTS, MOTIONS, RESIZES, MotionSpec, render_clip, render_motion_defect
+from sspo.worlds.shapes.evaluator import mean_scores
 from sspo.worlds.shapes.world import BACKGROUNDS, COLORS, SHAPES, SIZES
 
 VAE = Path(__file__).resolve().parents[3] / "sspo" / "worlds" / "shapes" / "weights" / "shapes-base"
@@ -177,10 +177,10 @@ def test_prompt_array_and_batch_agree():
     assert evaluate_clips(clips, [spec.prompt for spec in specs]) == direct
     floats = evaluate_clips(list(clips.astype(np.float32) / 255.0), specs)  # read as 0..1, as the image evaluator reads them
     assert [s.reward for s in floats] == pytest.approx([s.reward for s in direct], abs=1e-3)
-    means = mean_motion_scores(direct)
+    means = mean_scores(direct, COMPONENT_NAMES)
     assert list(means) == list(COMPONENT_NAMES)
     assert means["reward"] == pytest.approx(np.mean([s.reward for s in direct]))
-    assert math.isnan(mean_motion_scores([])["reward"])
+    assert math.isnan(mean_scores([], COMPONENT_NAMES)["reward"])
 
 
 def test_fifty_clips_in_a_few_seconds():
