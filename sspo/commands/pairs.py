@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
-from sspo.paths import CONFIGS, cache_root
+from sspo.io import entry_list, read_json
+from sspo.paths import CONFIGS, build_lock, cache_root
 from sspo.training.config import TrainConfig
 from sspo.worlds.names import resolve_model
 from sspo.worlds.shapes.pairs import (
@@ -114,6 +115,21 @@ def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
     return cache_root() / "data" / f"shapes-pickapic-{level or f'n{cfg.steps}'}{'-quick' if cfg.base.endswith(':quick') else ''}-{pairs_key(cfg)}"
 
 
+def existing_pairs(folder: Path) -> dict | None:
+    """The record of the pairs ``folder`` holds, None for a new or empty folder; a folder holding
+    anything else is refused, so that building never writes among a user's files."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        raise SSPOError(f"--out {folder} is a file, not a folder; choose an empty or new folder")
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return None
+    if not {"pairs.json", "pairs.parquet"} <= set(names):
+        raise SSPOError(f"--out {folder} holds files that are not sspo pairs ({entry_list(names)}); choose an empty or new folder")
+    return read_json(folder / "pairs.json", what="the pairs' record", fix="delete that folder and build the pairs again")
+
+
 def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | None = None) -> tuple[Path, dict, bool]:
     """Write ``pairs.parquet`` and ``pairs.json`` into ``out`` (default: the cache, keyed by the
     config); returns the folder, the record and whether it was reused (same config, already built)."""
@@ -124,12 +140,12 @@ def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | No
     key = pairs_key(cfg)
     folder = Path(out) if out else default_folder(cfg, level)
     record_path = folder / "pairs.json"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if record_path.is_file() and (folder / "pairs.parquet").is_file():
-            record = json.loads(record_path.read_text())
-            if record.get("key") == key:
-                return folder, record, True
+    # The lock lives in the cache, so a folder sspo was given holds nothing but the pairs, even after a failure.
+    with FileLock(build_lock(folder)):
+        if (record := existing_pairs(folder)) is not None and record.get("key") == key:
+            return folder, record, True
+        if record is not None:
+            raise SSPOError(f"{folder} holds pairs built with other settings; choose another --out (or delete that folder)")
         measured = measure_generator(cfg)
         require_kept(measured, cfg.tie_threshold)
         model, _ = generator(cfg)

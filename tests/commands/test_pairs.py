@@ -104,3 +104,28 @@ def test_bad_pairs_arguments_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sspo: error:") and message in err and "\n" not in err
+
+
+def test_built_pairs_leave_nothing_beside_their_folder(quick_pairs):
+    folder, _ = quick_pairs
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(folder.name)] == [folder.name]
+
+
+def test_a_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_path, quick_base, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert main(["pairs", "--quick", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sspo: error:") and "not sspo pairs" in err and "\n" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_a_build_that_fails_leaves_no_folder_and_no_lock(tmp_path, quick_base, capsys):
+    # No two of G's samples differ in reward by 0.999 (of at most 1): every pair is a tie, and the
+    # build fails after G has sampled, where the folder used to be made already.
+    assert main(["pairs", "--quick", "--tie-threshold", "0.999", "--out", str(tmp_path / "pairs")]) == 2
+    err = capsys.readouterr().err.strip().rpartition("\r")[2]  # after G's progress bar
+    assert err.startswith("sspo: error:") and "lower --tie-threshold" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []

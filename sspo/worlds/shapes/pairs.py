@@ -297,6 +297,7 @@ def write_pairs(folder: Path, measured: Measured, head: dict, prompts: int, extr
     of training ``prompts``, the statistics (``extra_stats`` after G's) and their definitions. A
     folder with ``pairs.json`` is complete."""
     require_kept(measured, head["config"]["tie_threshold"])
+    folder.mkdir(parents=True, exist_ok=True)
     write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(measured.specs, measured.samples, measured.ranked))
     record = {**head, "prompts": prompts, "prompt_split": "alignment-train combinations without the validation ones",
               **measured.stats, **extra_stats, "definitions": DEFINITIONS}
