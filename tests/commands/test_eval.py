@@ -166,6 +166,7 @@ def test_bad_arguments_are_one_clear_error(extra, message, quick_base, tmp_path,
     assert main(["eval", "--model", quick_base, "--out", str(tmp_path / "e"), *extra]) == 2
     err = capsys.readouterr().err
     assert "sspo: error: " in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()  # refused before anything was made
 
 
 def test_model_specs_names_and_loras():
