@@ -25,6 +25,8 @@ from sspo.training.run_folder import discard_previous, start_fresh
 from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, manifest, manifest_problems, read_state, saved_states
 from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
 
+LOGS = ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)  # the run's JSON-lines logs, each row with its step
+
 log = logging.getLogger(__name__)
 
 
@@ -116,6 +118,8 @@ class Checkpointing:
                     "nonfinite_skips": self.nonfinite_skips,
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
                     "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
+                    # A resume can then tell a row cut short by a kill after this save from one lost to damage.
+                    "log_rows": {name: len(self._read_log(name)) for name in LOGS if (self.run_dir / name).exists()},
                 }
                 atomic_write_json(staging / STATE_FILE, state)
                 shutil.rmtree(final, ignore_errors=True)
@@ -175,11 +179,10 @@ class Checkpointing:
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
+            logs = {name: self._read_log(name) for name in LOGS if (self.run_dir / name).exists()}  # all read before any is rewritten
+            self._check_logs_cover(state_dir, state, logs)
             for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
                 shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
-            logs = {name: read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
-                    for name in ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)
-                    if (self.run_dir / name).exists()}  # every log the run kept read before any is rewritten
             for name, rows in logs.items():
                 kept = [row for row in rows if row["step"] <= self.global_step]
                 atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in kept))
@@ -188,6 +191,24 @@ class Checkpointing:
                 self.pool.truncate(state["pool_size"])
             self._sync_pool()
         log.info("resumed from %s at step %d", state_dir, self.global_step)
+
+    def _read_log(self, name: str) -> list[dict]:
+        """A log's whole rows up to the current step (a last line cut short by a kill is left out)."""
+        rows = read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
+        return [row for row in rows if row["step"] <= self.global_step]
+
+    def _check_logs_cover(self, state_dir: Path, state: dict, logs: dict[str, list[dict]]) -> None:
+        """Refuse to resume from a log that lost rows the state was saved after: a resume re-logs only
+        the steps after it, so dropping a cut-short row there would leave the log neither whole nor as it was."""
+        saved = state.get("log_rows", {})  # states of earlier versions have none
+        if not isinstance(saved, dict) or not all(isinstance(n, int) for n in saved.values()):
+            raise DamagedFileError(f"the resumable state {state_dir / STATE_FILE} is damaged (log_rows is not a table of row counts)",
+                                   "restore it, or train without --resume to start again")
+        for name, rows in logs.items():
+            if len(rows) < saved.get(name, 0):
+                raise DamagedFileError(f"the training log {self.run_dir / name} holds {len(rows)} of the {saved[name]} rows up to step "
+                                       f"{self.global_step} that {state_dir.name} was saved after (cut short or edited)",
+                                       "restore the file, or delete it to resume without its earlier rows")
 
     def save_final(self) -> Path:
         """The final model: LoRA weights that ``pipe.load_lora_weights`` reads, or a diffusers folder."""

@@ -118,6 +118,20 @@ def test_resume_after_a_metrics_line_cut_short_by_a_kill(run, finished_run, quic
     assert metrics(run) == metrics(finished_run)
 
 
+
+def test_a_log_cut_inside_a_row_the_state_was_saved_after_is_refused_and_nothing_changes(run, quick_base, capsys):
+    # Not a kill while logging (that cuts a row after the newest state): the resume could not log
+    # those steps again, so dropping the cut row would leave the log neither whole nor as it was.
+    log = run / "metrics.jsonl"
+    log.write_bytes(log.read_bytes()[:40])
+    before = snapshot(run)
+    assert resume(run, quick_base) == 2
+    line = error_line(capsys)
+    assert f"the training log {log} holds 0 of the 4 rows up to step 4 that step-00000004 was saved after" in line
+    assert line.endswith("restore the file, or delete it to resume without its earlier rows")
+    assert snapshot(run) == before
+
+
 LOGS = ["metrics.jsonl", "validation.jsonl", "ssr_truth.jsonl"]
 
 
