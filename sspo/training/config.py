@@ -14,6 +14,8 @@ from sspo.training.pool import ERD_STRATEGIES
 from sspo.worlds.registry import WORLDS
 
 SCHEDULERS = ("ddim", "pipeline", "dpm++", "euler")
+# diffusers' get_scheduler names (piecewise_constant, which takes rules as a string, is left out)
+LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORTERS = ("tensorboard", "wandb", "none")
 
@@ -56,6 +58,11 @@ class OptimConfig:
     batch_size: int = setting(4, at_least=1)  # per device and micro-batch (pairs for preference methods)
     gradient_accumulation_steps: int = setting(1, at_least=1)
     lr_warmup_steps: int = setting(0, at_least=0)
+    # The learning-rate schedule by diffusers' name; the decaying ones reach their end at the run's
+    # last optimizer step (iterations x steps_per_iteration), after lr_warmup_steps of warm-up.
+    lr_scheduler: str = setting("constant_with_warmup", choices=LR_SCHEDULERS)
+    lr_num_cycles: int = setting(1, at_least=1)  # cosine_with_restarts: hard restarts over the run
+    lr_power: float = setting(1.0, above=0)  # polynomial: the decay's power (1 is linear)
     use_8bit_adam: bool = False  # bitsandbytes, `pip install 'sspo[bnb]'`
 
     def __post_init__(self) -> None:

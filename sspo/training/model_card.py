@@ -24,7 +24,8 @@ def run_settings(cfg: TrainConfig, processes: int, video: bool = False) -> dict[
         "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
         "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} "
         f"= {effective_batch(cfg, processes)} effective",
-        "optimizer": f"AdamW, learning rate {o.learning_rate:g}, weight decay {o.weight_decay:g}, {cfg.mixed_precision} mixed precision, seed {cfg.seed}",
+        "optimizer": f"AdamW, learning rate {o.learning_rate:g} ({o.lr_scheduler}, {o.lr_warmup_steps} warm-up steps), weight decay {o.weight_decay:g}, "
+                     f"{cfg.mixed_precision} mixed precision, seed {cfg.seed}",
     }
     if cfg.generates_negatives:
         rows["reference"] = (

@@ -112,7 +112,9 @@ class Trainer(Checkpointing):
         from diffusers.optimization import get_scheduler
 
         # A prepared scheduler steps once per process at each optimizer step (accelerate's convention).
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps * self.accelerator.num_processes)
+        o, processes = cfg.optim, self.accelerator.num_processes
+        lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * processes,
+                                     num_training_steps=cfg.iterations * cfg.steps_per_iteration * processes, num_cycles=o.lr_num_cycles, power=o.lr_power)
         self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(denoiser, optimizer, lr_scheduler)
         self.params = params
 

@@ -192,3 +192,13 @@ def test_a_finished_trainer_is_freed(quick_base, tmp_path):
     del trainer
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant_with_warmup", [1.0, 1.0, 1.0, 1.0]),  # the default: no warm-up steps, the rate as set
+    ("linear", [0.75, 0.5, 0.25, 0.0]),  # reaches 0 at the run's last optimizer step (2 x 2)
+])
+def test_the_learning_rate_follows_the_named_schedule_over_the_whole_run(schedule, expected, quick_base, tmp_path):
+    train(tiny_config(tmp_path / "run", quick_base, "method=sft", "log_every=1", "optim.learning_rate=1e-3", f"optim.lr_scheduler={schedule}"))
+    # Each logged rate is the one the next step will use.
+    assert [round(row["lr"] / 1e-3, 6) for row in metrics(tmp_path / "run")] == expected
