@@ -183,9 +183,8 @@ class Checkpointing:
             self._check_logs_cover(state_dir, state, logs)
             for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
                 shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
-            for name, rows in logs.items():
-                kept = [row for row in rows if row["step"] <= self.global_step]
-                atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in kept))
+            for name, rows in logs.items():  # _read_log kept the rows up to the resumed step
+                atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in rows))
         if self.pool is not None:
             if self.accelerator.is_main_process:
                 self.pool.truncate(state["pool_size"])

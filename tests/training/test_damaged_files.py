@@ -118,7 +118,6 @@ def test_resume_after_a_metrics_line_cut_short_by_a_kill(run, finished_run, quic
     assert metrics(run) == metrics(finished_run)
 
 
-
 def test_a_log_cut_inside_a_row_the_state_was_saved_after_is_refused_and_nothing_changes(run, quick_base, capsys):
     # Not a kill while logging (that cuts a row after the newest state): the resume could not log
     # those steps again, so dropping the cut row would leave the log neither whole nor as it was.
