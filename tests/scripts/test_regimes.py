@@ -18,7 +18,8 @@ def test_levels_are_gathered_with_their_r_values_and_paired_differences(quick_ba
     level = [*tiny, "data.source=parquet", f"data.path={folder / 'pairs.parquet'}", "validation.world=shapes"]
     compare.run_compare(CONFIG, ["base", "sft", "sspo"], [0, 1], tmp_path / "mid", overrides=level, quick=True, prompts_per_split=2)
     compare.run_compare(CONFIG, ["ssr_draws_8"], [0, 1], tmp_path / "mid-more", overrides=level, quick=True, prompts_per_split=2)
-    compare.run_compare(CONFIG, ["base", "sft", "sspo"], [0, 1], tmp_path / "clean", overrides=tiny, quick=True, prompts_per_split=2)
+    compare.run_compare(CONFIG, ["base", "sft", "sspo"], [0, 1], tmp_path / "clean", overrides=tiny, quick=True, prompts_per_split=2,
+                        chosen_in=tmp_path / "mid" / "results.json")
     out = tmp_path / "regimes"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "regimes"), "--level", f"mid={tmp_path / 'mid'},{tmp_path / 'mid-more'}",
                            "--level", f"clean={tmp_path / 'clean'}", "--out", str(out)], capture_output=True, text=True, timeout=300)
@@ -29,6 +30,7 @@ def test_levels_are_gathered_with_their_r_values_and_paired_differences(quick_ba
     assert clean["R_win"] == clean["R_ceil"] == record["R_ceil"] and clean["R_base"] == record["R_base"]
     assert set(mid["arms"]) == {"base", "sft", "sspo", "ssr_draws_8"} and len(mid["commands"]) == 2
     assert mid["seeds"] == [0, 1] and mid["selection_seeds"] == 1
+    assert mid["settings_from"] == [] and clean["settings_from"] == [str(tmp_path / "mid" / "results.json")]
     sft = mid["arms"]["sft"]
     difference = sft["sspo_minus_arm"]["heldout"]["mean"]
     assert abs(difference - (mid["arms"]["sspo"]["heldout"]["mean"] - sft["heldout"]["mean"])) < 1e-9  # paired: the same prompts and seeds
