@@ -139,6 +139,8 @@ class TrainConfig:
         check(not self.diagnostics.ssr_truth_per_batch or self.eval_world == "shapes", "diagnostics.ssr_truth_per_batch",
               "needs the shapes world's prompts (data.source: shapes, or its pairs in a parquet with validation.world: shapes): "
               "the exact evaluator scores those only; set it to 0 for other data")
+        check(not self.diagnostics.ssr_truth_per_batch or not self.data.caption_dropout, "diagnostics.ssr_truth_per_batch",
+              "scores each pair against its prompt, and data.caption_dropout trains some on the empty prompt; set one of them to 0")
         scores_world = self.validation.world_eval and self.validation.every_iterations > 0
         check(not scores_world or self.eval_world in WORLDS, "validation.world", f"is unset and data.source {self.data.source!r} is not a world, so "
               f"validation.world_eval has nothing to score; name one of {', '.join(WORLDS)}, or set validation.world_eval: false")

@@ -3,23 +3,28 @@
 With ``data.frames`` each image is a clip instead (a video file, a multi-frame image or a folder of
 frames, see docs/data.md): ``[F, 3, H, W]``, every frame resized and cropped as an image would be.
 
-Sources: a Pick-a-Pic-style parquet file or folder of shards, an imagefolder with ``metadata.jsonl``
-or ``metadata.csv``, or a ``datasets`` dataset (a ``save_to_disk`` folder, a local dataset folder or
-a hub id). A table with the two image columns (``data.image_0_column``) is read as preference
-pairs; otherwise as single images (``data.image_column`` + ``data.text_column``), which gives
-winners only.
+Sources: a Pick-a-Pic-style parquet file or folder of shards (read a row group at a time, so it
+need not fit in memory), an imagefolder with ``metadata.jsonl`` or ``metadata.csv``, a folder of
+images with a ``.txt`` caption beside each (kohya / SimpleTuner), webdataset ``.tar`` shards, or a
+``datasets`` dataset (a ``save_to_disk`` folder, a local dataset folder or a hub id). A table with
+the two image columns (``data.image_0_column``) is read as preference pairs; otherwise as single
+images (``data.image_column`` + ``data.text_column``), which gives winners only.
 
-Every random choice (SSPOr's side, crop offsets, flips, clip starts) is a pure function of
-``(seed, source row, epoch)``, so a resumed run sees exactly the images an uninterrupted one would
-have.
+Every random choice (SSPOr's side, crop offsets, flips, clip starts, dropped captions) is a pure
+function of ``(seed, source row, epoch)``, so a resumed run sees exactly the images an
+uninterrupted one would have, and DataLoader workers serve exactly what the main process would.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +39,23 @@ from sspo.worlds.registry import WORLDS, TrainingDataRequest, find_world
 
 log = logging.getLogger(__name__)
 
-FILE_SOURCES = ("parquet", "imagefolder", "hf")  # data.source: these, or a world's name (sspo.worlds)
+FILE_SOURCES = ("parquet", "imagefolder", "caption-files", "webdataset", "hf")  # data.source: these, or a world's name (sspo.worlds)
 MODES = ("winners", "random")
 FRAME_STARTS = ("first", "random")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 TIE = 0.5
 LABELS = (0.0, TIE, 1.0)  # image_1 wins, a tie, image_0 wins
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Tags keep the random streams of different decisions independent even for equal (seed, row, epoch).
-_SIDE_STREAM, _AUGMENT_STREAM = 1, 2
+_SIDE_STREAM, _AUGMENT_STREAM, _CAPTION_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass
 class DataConfig:
-    # "parquet" | "imagefolder" | "hf" (datasets: save_to_disk folder or hub id) | a world (sspo.worlds): "shapes" | "moving-shapes" (clips) | a registered one
+    # "parquet" | "imagefolder" | "caption-files" (images, each with a .txt caption of the same name) | "webdataset" (.tar shards) |
+    # "hf" (datasets: save_to_disk folder or hub id) | a world (sspo.worlds): "shapes" | "moving-shapes" (clips) | a registered one
     source: str = setting("parquet", choices=Registered(WORLDS, *FILE_SOURCES))
-    path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl or .csv | hf folder or id
+    path: str = ""  # parquet file or folder of shards | imagefolder with metadata.jsonl or .csv | caption-files folder | .tar or folder of them | hf folder or id
     split: str = "train"  # hf split; for an imagefolder, a subfolder used when it exists
     caption_column: str = setting("caption", nonempty=True)  # pairs: prompt text
     image_0_column: str = setting("jpg_0", nonempty=True)  # pairs: first image (encoded bytes or {'bytes': ...})
@@ -64,6 +71,15 @@ class DataConfig:
     center_crop: bool = True  # False: random crop (deterministic per seed, row and epoch)
     random_flip: bool = False  # horizontal flip with probability 0.5
     max_samples: int | None = setting(None, at_least=1)  # keep only the first N rows (after tie removal); None = all
+    # Probability that a row trains with the empty prompt instead of its caption (drawn per row and
+    # epoch), so that the model keeps an unconditional prediction for classifier-free guidance.
+    caption_dropout: float = setting(0.0, at_least=0, at_most=1)
+    # 0: one random order over all rows. N: row groups (parquet) or shards (webdataset) in random
+    # order, rows shuffled within windows of N of them, so each is read about once per epoch: for
+    # data far larger than memory, where a random row would cost a row group's read.
+    shuffle_row_groups: int = setting(0, at_least=0)
+    num_workers: int = setting(0, at_least=0)  # DataLoader processes that read and decode ahead of training; 0: the training process reads
+    prefetch_factor: int = setting(2, at_least=1)  # with num_workers: micro-batches each worker reads ahead
     # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
     # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
     frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
@@ -87,6 +103,8 @@ class DataConfig:
             augmented = [key for key, on in changing if on]
             check(not augmented, "data.cache_latents", f"cached latents need unaugmented images, but {' and '.join(augmented)} change them every epoch; "
                   "set data.center_crop: true, data.random_flip: false and data.frame_start: first, or data.cache_latents: false")
+            check(not self.caption_dropout, "data.cache_latents", "cached text conditions cannot drop captions epoch by epoch; "
+                  "set data.caption_dropout: 0, or data.cache_latents: false")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +134,25 @@ class _ArrowRows:
         return self.table.column(name).to_pylist()
 
 
+class _ListRows:
+    """Rows listed in memory (captions, labels and file references; images stay on disk)."""
+
+    def __init__(self, rows: list[dict], groups: list[range] | None = None):
+        self.rows, self.groups = rows, groups
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+    def column(self, name: str) -> list:
+        return [row.get(name) for row in self.rows]
+
+    def group_ranges(self) -> list[range]:
+        return self.groups or [range(len(self.rows))]
+
+
 class _HFRows:
     def __init__(self, ds):
         self.ds = ds
@@ -140,8 +177,68 @@ def _parquet_files(path: Path) -> list[Path]:
     return files
 
 
+class _ParquetRows:
+    """Rows of parquet shards read a row group at a time: at most ``cache_groups`` row groups of the
+    needed columns are held, so a dataset far larger than memory trains."""
+
+    def __init__(self, files: list[Path], columns: list[str], cache_groups: int):
+        import pyarrow.parquet as pq
+
+        self.files, self.columns, self.cache_groups = files, columns, cache_groups
+        self._groups: list[tuple[int, int]] = []  # (file, row group in it), in row order
+        self._starts: list[int] = []  # first row of each
+        rows = 0
+        for f, path in enumerate(files):
+            meta = pq.read_metadata(path)
+            for g in range(meta.num_row_groups):
+                self._groups.append((f, g))
+                self._starts.append(rows)
+                rows += meta.row_group(g).num_rows
+        self._rows = rows
+        self._cache: OrderedDict[int, Any] = OrderedDict()
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def group_ranges(self) -> list[range]:
+        """The rows of each row group: :meth:`PreferenceDataset.epoch_order` shuffles in windows of them."""
+        return [range(start, end) for start, end in zip(self._starts, [*self._starts[1:], self._rows])]
+
+    def __getitem__(self, i: int) -> dict:
+        g = bisect.bisect_right(self._starts, i) - 1
+        return self._group(g).slice(i - self._starts[g], 1).to_pylist()[0]
+
+    def column(self, name: str) -> list:
+        """One column of every row (the labels, read before training), a row group at a time."""
+        values = []
+        for g in range(len(self._groups)):
+            f, group = self._groups[g]
+            values += self._file(f).read_row_group(group, columns=[name]).column(name).to_pylist()
+        return values
+
+    def _group(self, g: int) -> Any:
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        f, group = self._groups[g]
+        self._cache[g] = table = self._file(f).read_row_group(group, columns=self.columns)
+        while len(self._cache) > self.cache_groups:
+            self._cache.popitem(last=False)
+        return table
+
+    def _file(self, f: int) -> Any:
+        import pyarrow.parquet as pq
+
+        if self._pid != os.getpid():  # a DataLoader worker opens its own handles, not its parent's
+            self._handles, self._cache, self._pid = {}, OrderedDict(), os.getpid()
+        if f not in self._handles:
+            self._handles[f] = pq.ParquetFile(self.files[f])
+        return self._handles[f]
+
+
 def _open_parquet(cfg: DataConfig) -> _Source:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = _parquet_files(Path(cfg.path))
@@ -149,12 +246,8 @@ def _open_parquet(cfg: DataConfig) -> _Source:
         schemas = [(str(f), pq.read_schema(f).names) for f in files]
     except Exception as exc:  # pyarrow raises several types for a non-parquet file
         raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
-
-    def load(columns: list[str]) -> Any:
-        tables = [pq.read_table(f, columns=columns) for f in files]
-        return _ArrowRows(pa.concat_tables(tables, promote_options="permissive"))
-
-    return _Source(cfg.path, schemas, load)
+    # A shuffle window reads each of its row groups once only if all of them stay in the cache.
+    return _Source(cfg.path, schemas, lambda columns: _ParquetRows(files, columns, max(2, cfg.shuffle_row_groups)))
 
 
 def _metadata_file(cfg: DataConfig) -> Path:
@@ -224,6 +317,86 @@ def _open_imagefolder(cfg: DataConfig) -> _Source:
     return _Source(str(meta), [(str(meta), names)], load)
 
 
+def _open_caption_files(cfg: DataConfig) -> _Source:
+    """Every image (or clip file) under ``data.path`` with the text of the ``.txt`` file of the same
+    name as its prompt; an image without one is skipped when read, like an unreadable image."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path {root} is not a folder; caption-files reads a folder of images, each with a .txt caption of the same name")
+    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES and not p.name.startswith("."))
+    if not media:
+        raise DataError(f"no images in folder {root} (data.path); caption-files expects files like 0001.png with 0001.txt beside them")
+
+    def caption(image: Path) -> str | None:
+        text = image.with_suffix(".txt")
+        return text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
+
+    rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
+    return _Source(str(root), [(str(root), [cfg.image_column, cfg.text_column])], lambda columns: _ListRows(rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TarMember:
+    """A file inside a tar shard, read only when its item is."""
+
+    shard: str
+    name: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+_TEXT_EXTENSIONS = ("txt", "text", "caption")
+
+
+def _tar_samples(shard: Path) -> list[dict]:
+    """A webdataset shard's samples in tar order: the files sharing a key (the name up to its first
+    dot) make one sample, each file a column named by its extension (``0001.jpg`` -> ``jpg``); a
+    ``.json`` file's fields become columns too. Text and JSON are read now, images when used."""
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                folder, _, name = member.name.rpartition("/")
+                stem, dot, extension = name.partition(".")
+                if not member.isfile() or not dot or name.startswith("."):
+                    continue
+                sample = samples.setdefault(f"{folder}/{stem}", {})
+                extension = extension.lower()
+                if extension in _TEXT_EXTENSIONS:
+                    sample[extension] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+                elif extension == "json":
+                    try:
+                        sample.update(json.loads(tar.extractfile(member).read()))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{shard} member {member.name} is not valid JSON: {exc}") from None
+                else:
+                    sample[extension] = _TarMember(str(shard), member.name, member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot read tar shard {shard} (data.path): {exc}") from None
+    return list(samples.values())
+
+
+def _open_webdataset(cfg: DataConfig) -> _Source:
+    path = Path(cfg.path)
+    shards = [path] if path.is_file() else sorted(p for p in path.rglob("*.tar") if not p.name.startswith((".", "_")))
+    if not shards:
+        raise DataError(f"no .tar shards in folder {path} (data.path)")
+    rows, groups, files = [], [], []
+    for shard in shards:
+        samples = _tar_samples(shard)
+        groups.append(range(len(rows), len(rows) + len(samples)))
+        files.append((str(shard), list(dict.fromkeys(k for sample in samples for k in sample))))
+        rows += samples
+    if not rows:
+        raise DataError(f"the tar shards in {path} (data.path) hold no samples")
+    return _Source(cfg.path, files, lambda columns: _ListRows(rows, groups))
+
+
 def _open_hf(cfg: DataConfig) -> _Source:
     import datasets
 
@@ -258,10 +431,12 @@ def _open_hf(cfg: DataConfig) -> _Source:
     return _Source(cfg.path, [(cfg.path, names)], load)
 
 
-_OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "hf": _open_hf}
+_OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "caption-files": _open_caption_files, "webdataset": _open_webdataset, "hf": _open_hf}
 _EXPECTED = {
     "parquet": "a parquet file or a folder of parquet shards",
     "imagefolder": "a folder with metadata.jsonl or metadata.csv (file_name, text) and the files it names",
+    "caption-files": "a folder of images, each with a .txt caption of the same name",
+    "webdataset": "a .tar shard or a folder of them",
 }
 
 
@@ -297,6 +472,8 @@ def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
     front: the log line of a skipped row then names the file to fix."""
     if isinstance(value, dict):  # how datasets stores an Image feature
         value = value.get("bytes") or value.get("path")
+    if isinstance(value, _TarMember):
+        return value.read(), f"{value.shard} member {value.name} ({where})"
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), where
     if isinstance(value, (str, Path)):
@@ -346,7 +523,6 @@ class _Reader:
     def __init__(self, cfg: DataConfig, source: _Source):
         self.cfg = cfg
         self.where = source.where
-        self.epoch = 0
         self.skipped = 0
         self._bad: set[int] = set()
         first = source.files[0][1]
@@ -383,7 +559,7 @@ class _Reader:
     def keep(self, label: Any) -> bool:
         return not (self.pairs and self.cfg.remove_ties and float(label) == TIE)
 
-    def item(self, index: int, row_id: int, row: dict) -> dict:
+    def item(self, index: int, row_id: int, row: dict, epoch: int) -> dict:
         cfg = self.cfg
         where = f"{self.where} row {row_id}"
         if self.pairs:
@@ -399,8 +575,10 @@ class _Reader:
         if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
             column = cfg.caption_column if self.pairs else cfg.text_column
             raise DataError(f"{where}: caption {prompt!r} in column {column!r} is not a non-empty string")
+        if cfg.caption_dropout and np.random.default_rng([_CAPTION_STREAM, cfg.seed, row_id, epoch]).random() < cfg.caption_dropout:
+            prompt = ""
         # One draw per item, shared by winner and loser (and all frames), so a pair stays aligned.
-        fx, fy, u, start = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, self.epoch]).random(4)
+        fx, fy, u, start = np.random.default_rng([_AUGMENT_STREAM, cfg.seed, row_id, epoch]).random(4)
         offset = None if cfg.center_crop else (fx, fy)
         flip = cfg.random_flip and u < 0.5
 
@@ -438,6 +616,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cfg: DataConfig, rows: Any, reader: _Reader):
+        self.cfg = cfg
         self._reader = reader
         self._rows = rows
         row_ids = range(len(rows))
@@ -459,14 +638,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """Unreadable rows seen so far."""
         return self._reader.skipped
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's random crops and flips; call before each epoch to vary them."""
-        self._reader.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self._row_ids)
 
     def __getitem__(self, index: int) -> dict:
+        return self.item(index)
+
+    def item(self, index: int, epoch: int = 0) -> dict:
+        """Item ``index`` with the random crop, flip and caption dropout of ``epoch``."""
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} items")
@@ -476,10 +655,34 @@ class PreferenceDataset(torch.utils.data.Dataset):
             if self._reader.is_bad(row_id):
                 continue
             try:
-                return self._reader.item(i, row_id, self._rows[row_id])
+                return self._reader.item(i, row_id, self._rows[row_id], epoch)
             except DataError as exc:
                 self._reader.skip(row_id, exc)
         raise DataError(f"no readable row (image and caption) in {self._reader.where}")
+
+    def epoch_order(self, epoch: int, seed: int) -> torch.Tensor:
+        """The items in the order epoch ``epoch`` serves them: a seeded permutation, or with
+        ``data.shuffle_row_groups`` row groups in seeded order and items shuffled within windows of them."""
+        generator = torch.Generator().manual_seed(seed + epoch)
+        window = self.cfg.shuffle_row_groups
+        if not window:
+            return torch.randperm(len(self), generator=generator)
+        groups = self._groups()
+        shuffled = torch.randperm(len(groups), generator=generator).tolist()
+        order = []
+        for first in range(0, len(groups), window):
+            members = sorted(i for g in shuffled[first : first + window] for i in groups[g])
+            order += [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+        return torch.tensor(order, dtype=torch.long)
+
+    def _groups(self) -> list[list[int]]:
+        """The items of each of the source's row groups (shards), non-empty ones only."""
+        ranges = self._rows.group_ranges() if hasattr(self._rows, "group_ranges") else [range(len(self._rows))]
+        starts = [r.start for r in ranges]
+        groups: list[list[int]] = [[] for _ in ranges]
+        for i, row_id in enumerate(self._row_ids):
+            groups[bisect.bisect_right(starts, row_id) - 1].append(i)
+        return [g for g in groups if g]
 
 
 def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
@@ -506,3 +709,58 @@ def collate(items: list[dict]) -> dict:
         "loser": None if losers[0] is None else torch.stack(losers),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
     }
+
+
+class MicroBatchReader:
+    """The items of micro-batches ``m``, ``m + 1``, ... as a DataLoader serves them: read ahead by
+    ``data.num_workers`` processes, or in this one with 0, in the same order either way.
+
+    ``placements(m)`` is micro-batch ``m``'s ``(item, epoch)`` list. Reading micro-batch ``m`` after
+    ``m - 1`` takes the next batch of the running loader; any other ``m`` (a resumed run's first)
+    starts a new one there.
+    """
+
+    def __init__(self, dataset: PreferenceDataset, placements: Callable[[int], list[tuple[int, int]]]):
+        self.dataset, self.placements = dataset, placements
+        self._batches: Iterator[list[dict]] | None = None
+        self._next = None
+
+    def __call__(self, m: int) -> list[dict]:
+        if self._batches is None or m != self._next:
+            self._batches = iter(self._loader(m))
+        self._next = m + 1
+        return next(self._batches)
+
+    def _loader(self, first: int) -> torch.utils.data.DataLoader:
+        workers = self.dataset.cfg.num_workers
+        return torch.utils.data.DataLoader(
+            _EpochItems(self.dataset), batch_sampler=_Placements(self.placements, first), collate_fn=list, num_workers=workers,
+            prefetch_factor=self.dataset.cfg.prefetch_factor if workers else None, worker_init_fn=_one_thread,
+            generator=torch.Generator())  # its workers' base seed (unused: items draw from their own streams), not from torch's global generator
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """Keys are ``(item, epoch)``."""
+
+    def __init__(self, dataset: PreferenceDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.dataset.item(*key)
+
+
+class _Placements:
+    """The batch sampler of micro-batches ``first``, ``first + 1``, ...; the loader stops reading ahead when dropped."""
+
+    def __init__(self, placements: Callable[[int], list[tuple[int, int]]], first: int):
+        self.placements, self.first = placements, first
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        m = self.first
+        while True:
+            yield self.placements(m)
+            m += 1
+
+
+def _one_thread(worker: int) -> None:
+    torch.set_num_threads(1)  # the workers decode images; torch's thread pool would compete with training's

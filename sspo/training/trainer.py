@@ -38,7 +38,7 @@ from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline, load_pipeline_config
 from sspo.training.checkpoints import Checkpointing, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment
-from sspo.training.data import load_dataset_from_config
+from sspo.training.data import MicroBatchReader, load_dataset_from_config
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.training.losses import sft_loss, sspo_loss
@@ -55,13 +55,15 @@ from sspo.worlds.names import resolve_model
 log = logging.getLogger(__name__)
 
 
-def open_dataset(cfg: TrainConfig):
-    """The training data, checked against what ``cfg.method`` needs from it and to hold a readable row."""
+def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
+    """The training data, checked against what ``cfg.method`` needs from it and, unless
+    ``read_first_row`` is false (a dry run reads no images), to hold a readable row."""
     dataset = load_dataset_from_config(cfg.data)
     if cfg.spec.needs_dataset_losers and not dataset.has_losers:
         others = "/".join(m.name for m in METHODS.values() if not m.needs_dataset_losers)
         raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
-    dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
+    if read_first_row:
+        dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
     return dataset
 
 
@@ -92,6 +94,7 @@ class Trainer(Checkpointing):
 
         self.dataset = open_dataset(cfg)
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
+        self.items = MicroBatchReader(self.dataset, self._indices)
 
         self.base_model = resolve_model(cfg.model.pretrained, key="model.pretrained")
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant, motion_adapter=cfg.model.motion_adapter)
@@ -207,16 +210,12 @@ class Trainer(Checkpointing):
         placed = [divmod(position, n) for position in range(first, first + b)]
         return [(int(self._epoch_order(epoch)[offset]), epoch) for epoch, offset in placed]
 
-    def _item(self, row: int, epoch: int) -> dict:
-        self.dataset.set_epoch(epoch)  # random crops and flips differ per epoch, reproducibly
-        return self.dataset[row]
-
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         # Kept per trainer (a functools.lru_cache on the method would keep every trainer, models
         # included, alive in a class-level cache); a micro-batch spans at most two epochs.
         orders = self._epoch_orders
         if epoch not in orders:
-            orders[epoch] = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            orders[epoch] = self.dataset.epoch_order(epoch, self.cfg.seed)
             while len(orders) > 2:
                 del orders[min(orders)]
         return orders[epoch]
@@ -224,12 +223,11 @@ class Trainer(Checkpointing):
     @torch.no_grad()
     def read_rows(self, m: int) -> Rows:
         """Micro-batch ``m``'s winners (and dataset losers) as latents, with their prompts' text condition."""
-        placed, dataset_losers = self._indices(m), self.cfg.spec.needs_dataset_losers
+        dataset_losers = self.cfg.spec.needs_dataset_losers
         if self.latent_cache is not None:  # data.cache_latents: encoded once, before training
-            prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in placed])
+            prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in self._indices(m)])
         else:
-            items = [self._item(row, epoch) for row, epoch in placed]
-            prompts, cond, winners, losers = encode_rows(self.family, items, self.device, self.cfg.data.resolution, losers=dataset_losers)
+            prompts, cond, winners, losers = encode_rows(self.family, self.items(m), self.device, self.cfg.data.resolution, losers=dataset_losers)
         return Rows(prompts, cond, winners, losers if dataset_losers else None)
 
     def _stream(self, m: int) -> int:
@@ -441,7 +439,7 @@ def dry_run(cfg: TrainConfig) -> str:
 
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
-    dataset = open_dataset(cfg)
+    dataset = open_dataset(cfg, read_first_row=False)
     name = cfg.model.pretrained
     if world := base_world(name):
         world.base_preset(name, key="model.pretrained")
@@ -453,7 +451,9 @@ def dry_run(cfg: TrainConfig) -> str:
         model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
     processes = PartialState().num_processes
     rows = {"model": model, **run_settings(cfg, processes, video)}
-    epochs = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes) / len(dataset)
-    rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs:.2f} epochs"
+    items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)
+    # Integers, since a float overflows for a batch of 400 digits, which the config admits.
+    epochs = f"{items / len(dataset):.2f}" if items < 10**15 else f"about 10^{len(str(items // len(dataset))) - 1}"
+    rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs} epochs"
     rows["output"] = cfg.output_dir
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

@@ -174,23 +174,17 @@ def test_resize_crop_flip(tmp_path):
     crops = load_dataset_from_config(DataConfig(path=str(wide), resolution=24, center_crop=False))
     a0 = crops[0]["winner"]
     assert torch.equal(a0, crops[0]["winner"])  # same (seed, index, epoch): same crop
-    crops.set_epoch(1)
-    assert torch.equal(crops[0]["winner"], crops[0]["winner"])
-    epochs = []
-    for epoch in range(4):
-        crops.set_epoch(epoch)
-        epochs.append(crops[0]["winner"])
+    assert torch.equal(crops.item(0, epoch=1)["winner"], crops.item(0, epoch=1)["winner"])
+    epochs = [crops.item(0, epoch)["winner"] for epoch in range(4)]
     assert any(not torch.equal(epochs[0], e) for e in epochs[1:])  # crops vary across epochs
-    crops.set_epoch(0)
-    assert torch.equal(crops[0]["winner"], a0)  # and come back on resume
+    assert torch.equal(crops.item(0, epoch=0)["winner"], a0)  # and come back on resume
 
     flips = load_dataset_from_config(_cfg(path, random_flip=True))
     plain = load_dataset_from_config(_cfg(path))
     seen = set()
     for epoch in range(4):
-        flips.set_epoch(epoch)
         for i in range(len(plain)):
-            item, ref = flips[i], plain[i]
+            item, ref = flips.item(i, epoch), plain[i]
             flipped = all(torch.equal(item[k], ref[k].flip(-1)) for k in ("winner", "loser"))
             same = all(torch.equal(item[k], ref[k]) for k in ("winner", "loser"))
             assert flipped or same  # the pair flips together

@@ -58,3 +58,11 @@ def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_
     errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in err
+
+
+def test_dry_run_opens_no_image(quick_base, pairs, tmp_path, capsys, monkeypatch):
+    import sspo.training.data
+
+    monkeypatch.setattr(sspo.training.data, "load_image", lambda *a, **k: pytest.fail("an image was opened"))
+    assert main(["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}"]) == 0
+    assert "6 rows of pairs" in capsys.readouterr().out

@@ -83,6 +83,7 @@ KILLS = [
     ("sspo", ["step:3"], ["save_every_steps=1"]),
     ("sspo_cached", ["latent_cache:1"], []),
     ("sft", ["step:3"], []),
+    ("sspo", ["negatives:2"], ["data.num_workers=2"]),  # read by DataLoader workers: the batches of the training process, resumed exactly
     ("sft", ["final_save:1"], []),
     ("dpo", ["pool_write:1", "checkpoint_save:1"], []),
     ("spin", ["negatives:2"], []),  # erd last: one checkpoint, one generation chunk per iteration

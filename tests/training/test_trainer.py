@@ -175,10 +175,10 @@ def test_random_flips_change_from_epoch_to_epoch(quick_base, tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft", "data.random_flip=true", "data.max_samples=4"))
     rows = [row for m in range(8) for row, _ in trainer._indices(m)]
     assert sorted(rows[:4]) == [0, 1, 2, 3]  # one epoch is a permutation of the rows
-    views = {(row, epoch): trainer._item(row, epoch)["winner"] for row in range(4) for epoch in range(8)}
+    views = {(row, epoch): trainer.dataset.item(row, epoch)["winner"] for row in range(4) for epoch in range(8)}
     # Some rows are mirror-symmetric (a circle in the center); the others must flip in some epoch.
     assert any(not torch.equal(views[row, 0], views[row, e]) for row in range(4) for e in range(1, 8))
-    assert torch.equal(views[2, 3], trainer._item(2, 3)["winner"])  # and reproducible
+    assert torch.equal(views[2, 3], trainer.dataset.item(2, 3)["winner"])  # and reproducible
 
 
 def test_a_finished_trainer_is_freed(quick_base, tmp_path):
@@ -202,3 +202,20 @@ def test_the_learning_rate_follows_the_named_schedule_over_the_whole_run(schedul
     train(tiny_config(tmp_path / "run", quick_base, "method=sft", "log_every=1", "optim.learning_rate=1e-3", f"optim.lr_scheduler={schedule}"))
     # Each logged rate is the one the next step will use.
     assert [round(row["lr"] / 1e-3, 6) for row in metrics(tmp_path / "run")] == expected
+
+
+def test_a_parquet_of_many_row_groups_trains_holding_two_of_them(quick_base, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sspo.worlds.shapes.world import make_split, preference_pairs
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(preference_pairs(make_split().train[:12], per_spec=1, seed=0)), path, row_group_size=3)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read the whole table"))
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=dpo", "data.source=parquet", f"data.path={path}", "data.shuffle_row_groups=2"))
+    groups = trainer.dataset._rows
+    read = []
+    monkeypatch.setattr(groups, "_group", lambda g, read_group=groups._group: read.append(g) or read_group(g))
+    assert (trainer.train() / "pytorch_lora_weights.safetensors").is_file()
+    assert len(groups._cache) <= 2 and len(set(read)) == pq.read_metadata(path).num_row_groups == 4  # 16 items of 12 rows: every group read

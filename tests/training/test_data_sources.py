@@ -1,0 +1,169 @@
+"""Data that need not fit in memory: parquet read a row group at a time, caption files, webdataset
+shards, shuffling in windows of row groups, caption dropout, and DataLoader workers that serve
+exactly what the training process would read."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from sspo.errors import ConfigError, DataError
+from sspo.training.data import DataConfig, MicroBatchReader, load_dataset_from_config
+from sspo.worlds.shapes.world import all_specs, preference_pairs, render, write_pickapic_parquet
+
+RES = 32
+SPECS = all_specs()[::37][:6]
+
+
+def _cfg(path, **kw):
+    return DataConfig(path=str(path), resolution=RES, **kw)
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _noise_png(rng, size):
+    return _png(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+
+
+def _pairs(n, size=48, seed=0):
+    """``n`` Pick-a-Pic rows of incompressible images (noise PNGs, ~7 KB each at 48 px)."""
+    rng = np.random.default_rng(seed)
+    return [{"caption": f"prompt {i}", "jpg_0": _noise_png(rng, size), "jpg_1": _noise_png(rng, size), "label_0": float(i % 2)} for i in range(n)]
+
+
+def _same(a, b):
+    return a["prompt"] == b["prompt"] and torch.equal(a["winner"], b["winner"]) and (a["loser"] is None or torch.equal(a["loser"], b["loser"]))
+
+
+def test_parquet_is_read_a_row_group_at_a_time_with_the_items_of_a_whole_read(tmp_path, monkeypatch):
+    rows = _pairs(192)
+    whole = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "one-group.parquet", rows)))
+    grouped_path = tmp_path / "grouped.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), grouped_path, row_group_size=8)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read the whole table"))
+    grouped = load_dataset_from_config(_cfg(grouped_path))
+    group_bytes = pq.read_metadata(grouped_path).row_group(0).total_byte_size
+    order = grouped.epoch_order(0, seed=0).tolist()
+    assert sorted(order) == list(range(192))
+    expected = [whole[i] for i in order]
+    del whole
+    before, peak = pa.total_allocated_bytes(), 0
+    for i, item in zip(order, expected):
+        assert _same(grouped[i], item)
+        peak = max(peak, pa.total_allocated_bytes() - before)
+        assert len(grouped._rows._cache) <= 2
+    # All 24 row groups were read, and never more than two of them held, plus the one being read.
+    total = sum(pq.read_metadata(grouped_path).row_group(g).total_byte_size for g in range(24))
+    assert peak <= 4 * group_bytes < total / 5
+
+
+def test_shuffle_row_groups_reads_windows_of_groups_in_a_seeded_order(tmp_path):
+    path = tmp_path / "grouped.parquet"
+    pq.write_table(pa.Table.from_pylist(_pairs(40)), path, row_group_size=5)
+    plain = load_dataset_from_config(_cfg(path))
+    assert torch.equal(plain.epoch_order(3, seed=7), torch.randperm(40, generator=torch.Generator().manual_seed(10)))
+    windowed = load_dataset_from_config(_cfg(path, shuffle_row_groups=2, remove_ties=False))
+    orders = [windowed.epoch_order(epoch, seed=0).tolist() for epoch in (0, 0, 1)]
+    assert orders[0] == orders[1] != orders[2]
+    for order in orders:
+        assert sorted(order) == list(range(40))
+        windows = [order[k : k + 10] for k in range(0, 40, 10)]  # 2 groups of 5 rows each
+        assert all(len({row // 5 for row in window}) == 2 for window in windows)
+    assert orders[0] != sorted(orders[0])  # rows shuffled within a window
+
+
+def test_caption_files_folder(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    for i, spec in enumerate(SPECS[:4]):
+        image = folder / ("nested" if i == 3 else "") / f"{i:03d}.png"
+        render(spec, RES).save(image)
+        if i != 1:  # 001.png has no caption: skipped when read, as an unreadable image is
+            image.with_suffix(".txt").write_text(spec.prompt + "\n")
+    ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
+    assert len(ds) == 4 and not ds.has_losers
+    assert [ds[i]["prompt"] for i in range(4)] == [SPECS[0].prompt, SPECS[2].prompt, SPECS[2].prompt, SPECS[3].prompt]
+    assert ds.skipped == 1
+    assert torch.allclose(ds[3]["winner"], torch.from_numpy(np.asarray(render(SPECS[3], RES), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    with pytest.raises(DataError, match="no images in folder"):
+        load_dataset_from_config(_cfg(_empty(tmp_path), source="caption-files"))
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for extension, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_webdataset_shards_serve_the_parquet_items(tmp_path):
+    rows = preference_pairs(SPECS, per_spec=1, seed=0, size=RES)
+    parquet = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):  # the Pick-a-Pic columns as file extensions, the caption and label in JSON
+        chunk = [(f"sample{i:04d}", {"jpg_0": r["jpg_0"], "jpg_1": r["jpg_1"], "json": json.dumps({"caption": r["caption"], "label_0": r["label_0"]}).encode()})
+                 for i, r in enumerate(rows) if i // 3 == shard]
+        _tar(tmp_path / "shards" / f"{shard:05d}.tar", chunk)
+    shards = load_dataset_from_config(_cfg(tmp_path / "shards", source="webdataset"))
+    assert len(shards) == len(parquet) and shards.has_losers
+    assert all(_same(shards[i], parquet[i]) for i in range(len(rows)))
+    assert [list(g) for g in shards._groups()] == [[0, 1, 2], [3, 4, 5]]  # a shard is a row group
+
+    images = _tar(tmp_path / "images.tar", [(f"dir/{i}", {"png": _png(render(s, RES)), "txt": s.prompt.encode()}) for i, s in enumerate(SPECS[:2])])
+    single = load_dataset_from_config(_cfg(images, source="webdataset", image_column="png", text_column="txt"))
+    assert not single.has_losers and single[1]["prompt"] == SPECS[1].prompt
+    with pytest.raises(DataError, match="images.tar has no column 'caption' .*available columns: png, txt"):
+        load_dataset_from_config(_cfg(images, source="webdataset"))
+    bad = _tar(tmp_path / "bad.tar", [("a", {"jpg_0": b"", "json": b"{not json"})])
+    with pytest.raises(DataError, match="a.json is not valid JSON"):
+        load_dataset_from_config(_cfg(bad, source="webdataset"))
+
+
+def test_caption_dropout_is_seeded_per_row_and_epoch(tmp_path):
+    rows = _pairs(64, size=8)
+    path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
+    ds = load_dataset_from_config(_cfg(path, caption_dropout=0.25, remove_ties=False))
+    dropped = [[ds.item(i, epoch)["prompt"] == "" for i in range(64)] for epoch in range(4)]
+    assert dropped[0] == [ds.item(i, 0)["prompt"] == "" for i in range(64)]
+    assert 0.1 < np.mean(dropped) < 0.4 and dropped[0] != dropped[1]
+    assert all(ds.item(i, 0)["prompt"] == rows[i]["caption"] for i in range(64) if not dropped[0][i])
+    assert not any(load_dataset_from_config(_cfg(path, remove_ties=False))[i]["prompt"] == "" for i in range(64))
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        DataConfig(cache_latents=True, caption_dropout=0.1)
+
+
+def test_workers_serve_the_batches_of_the_training_process(tmp_path):
+    path = tmp_path / "grouped.parquet"
+    pq.write_table(pa.Table.from_pylist(_pairs(30, size=40)), path, row_group_size=4)
+
+    def placements(m):
+        order = torch.randperm(30, generator=torch.Generator().manual_seed(m // 10)).tolist()
+        return [(order[(3 * m + k) % 30], m // 10) for k in range(3)]
+
+    def batches(workers, ms):
+        ds = load_dataset_from_config(_cfg(path, num_workers=workers, center_crop=False, random_flip=True, caption_dropout=0.3, remove_ties=False))
+        reader = MicroBatchReader(ds, placements)
+        return [reader(m) for m in ms]
+
+    ms = [0, 1, 2, 3, 11, 12, 5, 6, 25]  # runs of consecutive micro-batches, and jumps (a resume)
+    plain, workers = batches(0, ms), batches(2, ms)
+    for a, b in zip(plain, workers):
+        assert len(a) == len(b) == 3 and all(_same(x, y) and x["index"] == y["index"] for x, y in zip(a, b))
