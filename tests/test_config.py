@@ -17,7 +17,7 @@ from sspo.cli import main
 from sspo.config import allowed, apply_overrides, field_type, from_dict, load_config, save_yaml, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import atomic_path, atomic_write_text
-from sspo.training.config import OptimConfig, TrainConfig, check_environment
+from sspo.training.config import OptimConfig, TrainConfig, check_environment, resolved
 from sspo.worlds.shapes.base_model import BaseConfig
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -445,6 +445,17 @@ def test_fp16_without_a_gpu_is_refused_and_bf16_runs(no_gpu):
         check_environment(load("mixed_precision=fp16"))
     check_environment(load("mixed_precision=bf16"))  # accelerate runs bf16 autocast on the CPU
     check_environment(load("mixed_precision=no"))
+
+
+def test_unset_mixed_precision_is_the_launchs_and_a_set_one_wins(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert load().mixed_precision is None and resolved(load()).mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert resolved(load()).mixed_precision == "bf16"
+    assert resolved(load("mixed_precision=no")).mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match=r"^config key 'mixed_precision': is unset and accelerate's launch asks for 'fp8'"):
+        resolved(load())
 
 
 def test_fp16_without_a_gpu_stops_a_real_run_before_its_folder_is_made(no_gpu, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 
 from sspo.config import Registered, check, setting, validate
 from sspo.models.families import FAMILIES, TRAIN_MODULES
@@ -126,7 +127,8 @@ class TrainConfig:
     pregenerate: bool = True  # generate an iteration's negatives up front, grouped by checkpoint
     cache_reference_errors: bool = True  # with pregenerate: reference errors computed then, too
     seed: int = setting(0, at_least=0, at_most=2**32 - 1)  # accelerate's set_seed seeds numpy too, which takes 32 bits
-    mixed_precision: str = setting("no", choices=MIXED_PRECISIONS)  # no | fp16 (needs a GPU) | bf16
+    # no | fp16 (needs a GPU) | bf16; null: accelerate's (`accelerate launch --mixed_precision`, its config file, ACCELERATE_MIXED_PRECISION), else no
+    mixed_precision: str | None = setting(None, choices=MIXED_PRECISIONS)
     output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
     report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
     log_every: int = setting(1, at_least=1)  # optimizer steps between metrics lines
@@ -168,6 +170,18 @@ class TrainConfig:
     @property
     def effective_ssr(self) -> str:
         return self.spec.ssr or self.ssr
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` as the run uses it, with what it leaves unset filled in: ``mixed_precision`` from
+    accelerate's launch. The run's saved config.yaml holds these values, so a resume under another
+    launch is refused."""
+    if cfg.mixed_precision is not None:
+        return cfg
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    check(launched in MIXED_PRECISIONS, "mixed_precision", f"is unset and accelerate's launch asks for {launched!r}, which sspo does not "
+          f"train with; launch with --mixed_precision {' | '.join(MIXED_PRECISIONS)}, or set mixed_precision in the config")
+    return dataclasses.replace(cfg, mixed_precision=launched)
 
 
 def check_environment(cfg: TrainConfig) -> None:
