@@ -31,7 +31,7 @@ def _base(args) -> None:
 def _sample(args) -> None:
     from sspo.config import Allowed
     from sspo.errors import ConfigError
-    from sspo.evaluation.sampling import clip_grid, generate, image_grid, save_animation, save_png
+    from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.models.pipeline import is_video, load_pipeline
     from sspo.worlds.names import resolve_model
 
@@ -39,6 +39,7 @@ def _sample(args) -> None:
                               ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1))):
         if not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
+    device = sampling_device(args.device)
     out = Path(args.out)
     if not args.out.strip() or out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
@@ -51,7 +52,7 @@ def _sample(args) -> None:
 
         for prompt in prompts:
             parse_prompt(prompt)
-    pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter)
+    pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale, frames=args.frames) for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (at least 1)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (at least 0; at most 1: none)")
+    p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
     p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png); video models: .gif, .mp4 or .webp")
     p.set_defaults(func=_sample)
