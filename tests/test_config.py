@@ -65,6 +65,22 @@ def test_missing_file_is_config_error(tmp_path):
         load_config(TrainConfig, tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("name", ["sd15-lora.yaml", "sd15-lora"])
+def test_a_shipped_config_is_found_by_name_from_any_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(TrainConfig, name).model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    (tmp_path / "sd15-lora.yaml").write_text("method: sft\n")  # a file of that name here is the one meant
+    assert load_config(TrainConfig, "sd15-lora.yaml").method == "sft"
+
+
+def test_a_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "sd15-lroa", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sspo: error: config file sd15-lroa does not exist; pass a YAML file, or a shipped config by name: ") and "\n" not in err
+    assert "demo-shapes, " in err and "sd15-lora, sdxl-lora" in err
+
+
 def test_save_yaml_roundtrip(tmp_path):
     cfg = load("method=dpo", "model.lora_targets=[to_q, to_v]", 'validation.prompts=["a red circle, white background"]')
     save_yaml(cfg, tmp_path / "cfg.yaml")
