@@ -388,7 +388,7 @@ def test_every_constrained_field_refuses_values_outside_its_range(root, path, re
         ("model.lora_targets=[]", "config key 'model.lora_targets': got [], expected a non-empty list"),
         ("negatives.steps=0", "config key 'negatives.steps': got 0, expected an integer >= 1"),
         ("negatives.eta=1.5", "config key 'negatives.eta': got 1.5, expected a number in [0, 1]"),
-        ("negatives.guidance_scale=-1", "config key 'negatives.guidance_scale': got -1.0, expected a number >= 0"),
+        ("negatives.guidance_scale=-1", "config key 'negatives.guidance_scale': got -1.0, expected a number >= 0, or null"),
         ("validation.every_iterations=-1", "config key 'validation.every_iterations': got -1, expected an integer >= 0"),
         ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer >= 8 that is a multiple of 8"),
         ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
@@ -600,3 +600,25 @@ def test_atomic_write_text_new_file_failure_leaves_nothing(tmp_path, monkeypatch
         atomic_write_text(path, "x")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unset_guidance_is_the_models_usual_and_is_recorded_resolved(quick_base, tmp_path, monkeypatch):
+    from tiny_pipelines import build_sdxl_pipeline
+
+    def guidance(*overrides):
+        return resolved(load_config(TrainConfig, None, list(overrides))).negatives.guidance_scale
+
+    sdxl = build_sdxl_pipeline(tmp_path / "sdxl")
+    assert load_config(TrainConfig, None).negatives.guidance_scale is None
+    assert guidance(f"model.pretrained={quick_base}") == 7.5  # an SD-1.5 pipeline folder
+    assert guidance(f"model.pretrained={sdxl}") == 5.0
+    assert guidance("model.pretrained=shapes-base:quick") == guidance("model.pretrained=moving-shapes-base") == 5.0  # the worlds' bases, by name
+    assert guidance(f"model.pretrained={quick_base}", "negatives.guidance_scale=3") == 3.0
+    assert guidance(f"model.pretrained={quick_base}", "model.family=sdxl") == 5.0
+
+
+def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_base, tmp_path, capsys):
+    assert main(["eval", "--model", "shapes-base:quick", "--model", quick_base, "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sspo: error: --guidance-scale: the models are usually sampled with different guidance (shapes-base:quick: 5, {quick_base}: 7.5); "
+                   "pass one --guidance-scale for all of them")

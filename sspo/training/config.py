@@ -76,8 +76,9 @@ class SamplerConfig:
 
     scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler
     steps: int = setting(20, at_least=1)
-    # SD-1.5's usual is 7.5; the shapes world's base likes 5. At most 1: no classifier-free guidance.
-    guidance_scale: float = setting(5.0, at_least=0)
+    # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 5; else by
+    # family: SD-1.5 and AnimateDiff 7.5, SDXL 5), recorded resolved in the run's config.yaml.
+    guidance_scale: float | None = setting(None, at_least=0)
     eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
     batch_size: int = setting(64, at_least=1)  # generation batch (grouped by checkpoint), independent of training batch
 
@@ -174,14 +175,19 @@ class TrainConfig:
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` as the run uses it, with what it leaves unset filled in: ``mixed_precision`` from
-    accelerate's launch. The run's saved config.yaml holds these values, so a resume under another
-    launch is refused."""
-    if cfg.mixed_precision is not None:
-        return cfg
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    check(launched in MIXED_PRECISIONS, "mixed_precision", f"is unset and accelerate's launch asks for {launched!r}, which sspo does not "
-          f"train with; launch with --mixed_precision {' | '.join(MIXED_PRECISIONS)}, or set mixed_precision in the config")
-    return dataclasses.replace(cfg, mixed_precision=launched)
+    accelerate's launch, ``negatives.guidance_scale`` from the model. The run's saved config.yaml
+    holds these values, so a resume under another launch is refused."""
+    if cfg.mixed_precision is None:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        check(launched in MIXED_PRECISIONS, "mixed_precision", f"is unset and accelerate's launch asks for {launched!r}, which sspo does not "
+              f"train with; launch with --mixed_precision {' | '.join(MIXED_PRECISIONS)}, or set mixed_precision in the config")
+        cfg = dataclasses.replace(cfg, mixed_precision=launched)
+    if cfg.negatives.guidance_scale is None:
+        from sspo.worlds.names import usual_guidance_scale
+
+        guidance = usual_guidance_scale(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
+        cfg = dataclasses.replace(cfg, negatives=dataclasses.replace(cfg.negatives, guidance_scale=guidance))
+    return cfg
 
 
 def check_environment(cfg: TrainConfig) -> None:
