@@ -31,14 +31,16 @@ def _base(args) -> None:
 def _sample(args) -> None:
     from sspo.config import Allowed
     from sspo.errors import ConfigError
-    from sspo.evaluation.sampling import clip_grid, generate, image_grid, save_animation, save_png
+    from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
+    from sspo.models.families import family_of
     from sspo.models.pipeline import is_video, load_pipeline
-    from sspo.worlds.names import resolve_model
+    from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
                               ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1))):
-        if not rule.admits(value):
+        if value is not None and not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
+    device = sampling_device(args.device)
     out = Path(args.out)
     if not args.out.strip() or out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
@@ -51,9 +53,10 @@ def _sample(args) -> None:
 
         for prompt in prompts:
             parse_prompt(prompt)
-    pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter)
+    pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
+    guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
-    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=args.guidance_scale, frames=args.frames) for seed in seeds]
+    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
     try:
         if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
@@ -72,12 +75,14 @@ def _eval(args) -> None:
         raise SSPOError("pass --model (generate images and score them) or --videos DIR (score clips)")
     from sspo.commands.eval import format_summary, model_specs, run_eval
     from sspo.evaluation.evaluate import EvalConfig
-    from sspo.worlds.names import resolve_model
+    from sspo.worlds.names import resolve_model, shared_guidance_scale
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
     values["metrics"] = tuple(args.metrics.split(",")) if args.metrics else ()
     values["seeds"] = tuple(_int_list(args.seeds, "--seeds"))
     cfg = EvalConfig(**values)  # checked before any shapes-base model is built
+    if cfg.guidance_scale is None:  # by the names given, which name a world's base as such
+        cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale(args.model))
     specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in model_specs(args.model, args.lora, args.name)]
     summary = run_eval(specs, cfg, args.out, scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
     print(format_summary(summary))
@@ -116,6 +121,7 @@ def _add_eval_arguments(p) -> None:
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
+        "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL and the worlds' bases 5)",
         "batch_size": "images per generation batch",
         "resolution": "image side in pixels (default: the model's native)",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
@@ -238,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (at least 1)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (at least 0; at most 1: none)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none; default: the model's usual, "
+                   "SD-1.5 and AnimateDiff 7.5, SDXL and the worlds' bases 5)")
+    p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
     p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png); video models: .gif, .mp4 or .webp")
     p.set_defaults(func=_sample)

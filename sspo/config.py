@@ -325,8 +325,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def find_config(path: str | Path) -> Path:
+    """The config file ``path`` names: a file there, else for a bare name (``sd15-lora.yaml`` or
+    ``sd15-lora``) the shipped config of that name; a ConfigError listing the shipped names if neither."""
+    from sspo.paths import CONFIGS
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        shipped = next((c for c in (CONFIGS / path, CONFIGS / f"{path}.yaml") if c.is_file()), None)
+        if shipped is not None:
+            return shipped
+    names = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist; pass a YAML file, or a shipped config by name: {names}")
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequence[str] = ()) -> T:
-    data = load_yaml(path) if path else {}
+    """``cls`` from the YAML file ``path`` names (:func:`find_config`; None: the defaults) with ``key=value`` overrides applied."""
+    data = load_yaml(find_config(path)) if path else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

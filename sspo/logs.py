@@ -10,6 +10,9 @@ FORMAT = "%(levelname)s %(name)s: %(message)s"
 def set_up_logging(verbose: bool, level: int | None = None) -> None:
     """The CLI's logging (INFO, DEBUG with ``verbose``; or ``level``) and :func:`quiet_libraries`."""
     logging.basicConfig(level=level or (logging.DEBUG if verbose else logging.INFO), format=FORMAT)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.disable_propagation()  # huggingface_hub prints its records itself: through the root too, each came twice
     quiet_libraries(not verbose)
 
 
@@ -35,3 +38,4 @@ def quiet_libraries(quiet: bool) -> None:
     transformers_logging.set_verbosity_error()  # e.g. the torchvision fallback notice on every run
     warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers passes it to huggingface_hub, which ignores it, on every offline load

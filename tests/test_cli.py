@@ -9,10 +9,37 @@ from sspo.cli import main
 def test_sample_writes_a_grid(quick_base, tmp_path):
     out = tmp_path / "grid.png"
     code = main(["sample", "--model", quick_base, "--prompt", "a large red circle on the left, white background",
-                 "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--out", str(out)])
+                 "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     grid = Image.open(out)
     assert grid.width > 2 * 96 and grid.height > 2 * 96
+
+
+def test_sample_puts_the_pipeline_on_the_accelerator_there_is(monkeypatch):
+    import torch
+
+    from sspo.evaluation.sampling import sampling_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert sampling_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert sampling_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sampling_device("auto") == torch.device("cuda") and sampling_device("cuda:1") == torch.device("cuda:1")
+    assert sampling_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "--device: got 'gpu0', expected auto, cpu, cuda, cuda:N or mps"),
+    ("cuda", "--device cuda: torch sees no such device here; use --device auto (or cpu)"),
+])
+def test_sample_refuses_a_device_before_loading_a_model(device, message, monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a red circle", "--device", device, "--out", str(tmp_path / "grid.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"sspo: error: {message}"
 
 
 @pytest.mark.parametrize("suffix", [".gif", ".mp4"])

@@ -17,7 +17,7 @@ from sspo.cli import main
 from sspo.config import allowed, apply_overrides, field_type, from_dict, load_config, save_yaml, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import atomic_path, atomic_write_text
-from sspo.training.config import OptimConfig, TrainConfig, check_environment
+from sspo.training.config import OptimConfig, TrainConfig, check_environment, resolved
 from sspo.worlds.shapes.base_model import BaseConfig
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,22 @@ def test_no_file_gives_defaults():
 def test_missing_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(TrainConfig, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["sd15-lora.yaml", "sd15-lora"])
+def test_a_shipped_config_is_found_by_name_from_any_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(TrainConfig, name).model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    (tmp_path / "sd15-lora.yaml").write_text("method: sft\n")  # a file of that name here is the one meant
+    assert load_config(TrainConfig, "sd15-lora.yaml").method == "sft"
+
+
+def test_a_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "sd15-lroa", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sspo: error: config file sd15-lroa does not exist; pass a YAML file, or a shipped config by name: ") and "\n" not in err
+    assert "demo-shapes, " in err and "sd15-lora, sdxl-lora" in err
 
 
 def test_save_yaml_roundtrip(tmp_path):
@@ -372,7 +388,7 @@ def test_every_constrained_field_refuses_values_outside_its_range(root, path, re
         ("model.lora_targets=[]", "config key 'model.lora_targets': got [], expected a non-empty list"),
         ("negatives.steps=0", "config key 'negatives.steps': got 0, expected an integer >= 1"),
         ("negatives.eta=1.5", "config key 'negatives.eta': got 1.5, expected a number in [0, 1]"),
-        ("negatives.guidance_scale=-1", "config key 'negatives.guidance_scale': got -1.0, expected a number >= 0"),
+        ("negatives.guidance_scale=-1", "config key 'negatives.guidance_scale': got -1.0, expected a number >= 0, or null"),
         ("validation.every_iterations=-1", "config key 'validation.every_iterations': got -1, expected an integer >= 0"),
         ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer >= 8 that is a multiple of 8"),
         ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
@@ -445,6 +461,17 @@ def test_fp16_without_a_gpu_is_refused_and_bf16_runs(no_gpu):
         check_environment(load("mixed_precision=fp16"))
     check_environment(load("mixed_precision=bf16"))  # accelerate runs bf16 autocast on the CPU
     check_environment(load("mixed_precision=no"))
+
+
+def test_unset_mixed_precision_is_the_launchs_and_a_set_one_wins(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert load().mixed_precision is None and resolved(load()).mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert resolved(load()).mixed_precision == "bf16"
+    assert resolved(load("mixed_precision=no")).mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match=r"^config key 'mixed_precision': is unset and accelerate's launch asks for 'fp8'"):
+        resolved(load())
 
 
 def test_fp16_without_a_gpu_stops_a_real_run_before_its_folder_is_made(no_gpu, tmp_path, capsys):
@@ -573,3 +600,25 @@ def test_atomic_write_text_new_file_failure_leaves_nothing(tmp_path, monkeypatch
         atomic_write_text(path, "x")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unset_guidance_is_the_models_usual_and_is_recorded_resolved(quick_base, tmp_path, monkeypatch):
+    from tiny_pipelines import build_sdxl_pipeline
+
+    def guidance(*overrides):
+        return resolved(load_config(TrainConfig, None, list(overrides))).negatives.guidance_scale
+
+    sdxl = build_sdxl_pipeline(tmp_path / "sdxl")
+    assert load_config(TrainConfig, None).negatives.guidance_scale is None
+    assert guidance(f"model.pretrained={quick_base}") == 7.5  # an SD-1.5 pipeline folder
+    assert guidance(f"model.pretrained={sdxl}") == 5.0
+    assert guidance("model.pretrained=shapes-base:quick") == guidance("model.pretrained=moving-shapes-base") == 5.0  # the worlds' bases, by name
+    assert guidance(f"model.pretrained={quick_base}", "negatives.guidance_scale=3") == 3.0
+    assert guidance(f"model.pretrained={quick_base}", "model.family=sdxl") == 5.0
+
+
+def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_base, tmp_path, capsys):
+    assert main(["eval", "--model", "shapes-base:quick", "--model", quick_base, "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sspo: error: --guidance-scale: the models are usually sampled with different guidance (shapes-base:quick: 5, {quick_base}: 7.5); "
+                   "pass one --guidance-scale for all of them")

@@ -37,7 +37,7 @@ from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_s
 from sspo.evaluation.sampling import image_grid, save_png
 from sspo.evaluation.scorers.stats import mean_ci_crossed
 from sspo.io import atomic_write_json, atomic_write_text, read_json
-from sspo.training.config import TrainConfig
+from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
 from sspo.training.trainer import latest_checkpoint, train
 from sspo.worlds import get_world
@@ -315,7 +315,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     out = Path(out)
     extra = [*(QUICK if quick else []), *overrides]
     # The world the config names (validation.world, else data.source), sampled as its negatives are.
-    probe = load_config(TrainConfig, config, extra)
+    probe = resolved(load_config(TrainConfig, config, extra))  # negatives.guidance_scale as the arms train with it
     world = get_world(probe.eval_world, "validation.world (or data.source)").name
     sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
     eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)

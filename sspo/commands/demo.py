@@ -76,7 +76,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     started = time.time()
     base = resolve_model(demo_base(world, quick))
     timings = {"base": time.time() - started}
-    eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else world.demo.prompts_per_split, steps=world.demo.sampler_steps)
+    eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else world.demo.prompts_per_split, steps=world.demo.sampler_steps,
+                          guidance_scale=world.base_guidance_scale)
 
     # The pairs (when the entry names a level) are built while the base is scored.
     level = world.demo.data_level

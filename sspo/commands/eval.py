@@ -52,6 +52,7 @@ from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
 from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, read_json
 from sspo.video_io import decode_clip, write_clip
+from sspo.worlds.names import shared_guidance_scale
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,8 @@ def run_eval(
     """
     out = Path(out)
     check_models(models)
+    if cfg.guidance_scale is None:
+        cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale([m.path for m in models]))
     metrics = cfg.metric_names
     scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
     for metric in [*scorer_paths, *scorer_options]:

@@ -37,7 +37,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = setting((), choices=SCORER_CHOICES)  # scorers; empty: a world's exact evaluator for its prompts, else the paper's four
     seeds: tuple[int, ...] = setting((0, 1), at_least=0, nonempty=True)  # sampler seeds: one image per (prompt, seed)
     steps: int = setting(20, at_least=1)  # sampler steps
-    guidance_scale: float = setting(5.0, at_least=0)  # at most 1: no classifier-free guidance
+    guidance_scale: float | None = setting(None, at_least=0)  # at most 1: no classifier-free guidance; None: the models' usual (SD-1.5 7.5, SDXL and the worlds' bases 5)
     batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
     resolution: int | None = setting(None, at_least=8, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
     frames: int = setting(8, at_least=1)  # video models: frames per clip
@@ -117,10 +117,12 @@ def score_columns(scorer, metric: str, images: Sequence, prompts: Sequence[str])
 def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None = None) -> tuple[dict, list]:
     """Scores of ``pipe`` on ``cfg``'s prompts: per category the mean of every column over its images, and the images."""
     from sspo.evaluation.sampling import generate
+    from sspo.models.families import family_of
 
     items = eval_items(cfg)
+    guidance = family_of(pipe).default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
     images = generate(
-        pipe, [i.prompt for i in items], [i.seed for i in items], steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+        pipe, [i.prompt for i in items], [i.seed for i in items], steps=cfg.steps, guidance_scale=guidance,
         batch_size=cfg.batch_size, size=cfg.resolution, frames=cfg.frames,
     )
     prompts = [i.prompt for i in items]

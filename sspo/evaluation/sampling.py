@@ -10,7 +10,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from sspo.errors import ConfigError
 from sspo.io import atomic_path
+
+
+def sampling_device(name: str = "auto") -> torch.device:
+    """The device ``name`` names (cpu, cuda, cuda:1, mps); ``auto``: the accelerator there is (CUDA, else Apple's MPS), else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: got {name!r}, expected auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ConfigError(f"--device {name}: torch sees no such device here; use --device auto (or cpu)")
+    return device
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ the same classes with small sizes); what differs between them is their model fam
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,15 @@ def is_video(pipe) -> bool:
     return hasattr(pipe, "motion_adapter")
 
 
+HUB_PROBE_SECONDS = 5  # a reachable hub answers within this; an unreachable one costs half a minute of retries per file
+
+
 def _locate(model: str | Path) -> str:
-    """A hub id as given, or a local folder that must hold a diffusers pipeline."""
+    """A hub id as given, once the hub is reachable (or offline mode is on), or a local folder that
+    must hold a diffusers pipeline."""
     model = str(model)
     if not (model.startswith((".", "/", "~")) or Path(model).exists()):
+        check_hub(model)
         return model
     if not (Path(model).expanduser() / "model_index.json").is_file():
         raise ModelError(
@@ -33,6 +39,31 @@ def _locate(model: str | Path) -> str:
             "build the shapes-world base with `sspo base` or pass a hub id / a save_pretrained folder"
         )
     return str(Path(model).expanduser())
+
+
+def check_hub(model: str) -> None:
+    """Refuse hub id ``model`` at once when the hub cannot be reached and offline mode is off, rather
+    than after every file's retries: a ModelError that says how to load it without the hub."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.is_offline_mode() or _hub_reachable():
+        return
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str) or isinstance(try_to_load_from_cache(model, "config.json"), str)
+    fix = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
+           f"download it where the hub is reachable (`hf download {model}`) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
+    raise ModelError(f"cannot load {model!r}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable; {fix}")
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception:  # noqa: BLE001  (the HTTP client's connection errors differ between huggingface_hub versions)
+        return False
+    return True
 
 
 def _load_error(model: str | Path, exc: Exception) -> ModelError:
@@ -68,6 +99,8 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
         local = Path(str(motion_adapter)).expanduser()
         if local.exists() and not (local / "config.json").is_file():
             raise ModelError(f"model.motion_adapter {motion_adapter} is not a MotionAdapter folder (no config.json there)")
+        if not local.exists():
+            check_hub(str(motion_adapter))
         try:
             extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), torch_dtype=dtype)}
         except (OSError, ValueError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 
 from sspo.config import Registered, check, setting, validate
 from sspo.models.families import FAMILIES, TRAIN_MODULES
@@ -75,8 +76,9 @@ class SamplerConfig:
 
     scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler
     steps: int = setting(20, at_least=1)
-    # SD-1.5's usual is 7.5; the shapes world's base likes 5. At most 1: no classifier-free guidance.
-    guidance_scale: float = setting(5.0, at_least=0)
+    # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 5; else by
+    # family: SD-1.5 and AnimateDiff 7.5, SDXL 5), recorded resolved in the run's config.yaml.
+    guidance_scale: float | None = setting(None, at_least=0)
     eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
     batch_size: int = setting(64, at_least=1)  # generation batch (grouped by checkpoint), independent of training batch
 
@@ -126,7 +128,8 @@ class TrainConfig:
     pregenerate: bool = True  # generate an iteration's negatives up front, grouped by checkpoint
     cache_reference_errors: bool = True  # with pregenerate: reference errors computed then, too
     seed: int = setting(0, at_least=0, at_most=2**32 - 1)  # accelerate's set_seed seeds numpy too, which takes 32 bits
-    mixed_precision: str = setting("no", choices=MIXED_PRECISIONS)  # no | fp16 (needs a GPU) | bf16
+    # no | fp16 (needs a GPU) | bf16; null: accelerate's (`accelerate launch --mixed_precision`, its config file, ACCELERATE_MIXED_PRECISION), else no
+    mixed_precision: str | None = setting(None, choices=MIXED_PRECISIONS)
     output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
     report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
     log_every: int = setting(1, at_least=1)  # optimizer steps between metrics lines
@@ -170,6 +173,23 @@ class TrainConfig:
     @property
     def effective_ssr(self) -> str:
         return self.spec.ssr or self.ssr
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` as the run uses it, with what it leaves unset filled in: ``mixed_precision`` from
+    accelerate's launch, ``negatives.guidance_scale`` from the model. The run's saved config.yaml
+    holds these values, so a resume under another launch is refused."""
+    if cfg.mixed_precision is None:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        check(launched in MIXED_PRECISIONS, "mixed_precision", f"is unset and accelerate's launch asks for {launched!r}, which sspo does not "
+              f"train with; launch with --mixed_precision {' | '.join(MIXED_PRECISIONS)}, or set mixed_precision in the config")
+        cfg = dataclasses.replace(cfg, mixed_precision=launched)
+    if cfg.negatives.guidance_scale is None:
+        from sspo.worlds.names import usual_guidance_scale
+
+        guidance = usual_guidance_scale(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
+        cfg = dataclasses.replace(cfg, negatives=dataclasses.replace(cfg.negatives, guidance_scale=guidance))
+    return cfg
 
 
 def check_environment(cfg: TrainConfig) -> None:

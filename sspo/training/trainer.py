@@ -37,7 +37,7 @@ from sspo.errors import ConfigError, DataError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline, load_pipeline_config
 from sspo.training.checkpoints import Checkpointing, disk_errors, latest_checkpoint
-from sspo.training.config import TrainConfig, check_environment
+from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.data import MicroBatchReader, load_dataset_from_config
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
@@ -74,6 +74,7 @@ class Trainer(Checkpointing):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
+        cfg = resolved(cfg)
         check_environment(cfg)  # a Trainer made directly, not through train(), refuses what this machine lacks too
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
@@ -422,6 +423,7 @@ def _postfix(metrics: dict) -> dict:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train ``cfg`` in its output folder, checked and locked for the run (sspo/training/run_folder.py): a second run
     into a live run's folder is refused, and a run that fails before its first saved state leaves the folder as it was."""
+    cfg = resolved(cfg)
     check_environment(cfg)
     # The main process holds the lock; the others write nothing the main process does not wait for.
     # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
@@ -437,6 +439,7 @@ def dry_run(cfg: TrainConfig) -> str:
 
     from sspo.training.model_card import effective_batch, run_settings
 
+    cfg = resolved(cfg)
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
     dataset = open_dataset(cfg, read_first_row=False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from sspo.errors import ConfigError
 from sspo.worlds.registry import base_world
 
 
@@ -11,3 +14,25 @@ def resolve_model(name: str, key: str = "model") -> str:
     base is a ConfigError naming ``key``."""
     world = base_world(name)
     return str(world.resolve_base(name, key=key)) if world else name
+
+
+def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None) -> float:
+    """The classifier-free guidance model ``name`` is usually sampled with: its world's for a world's
+    base, else its model family's (``family``, or the one its model_index.json is of): SD-1.5 and
+    AnimateDiff 7.5, SDXL 5."""
+    world = base_world(name)
+    if world:
+        return world.base_guidance_scale
+    from sspo.models.families import family_of
+    from sspo.models.pipeline import load_pipeline_config
+
+    return family_of(load_pipeline_config(name, revision), family).default_guidance_scale
+
+
+def shared_guidance_scale(names: Sequence[str], flag: str = "--guidance-scale") -> float:
+    """The usual guidance of every model of ``names``; a ConfigError naming ``flag`` when they differ."""
+    usual = {name: usual_guidance_scale(name) for name in names}
+    if len(set(usual.values())) > 1:
+        listed = ", ".join(f"{name}: {scale:g}" for name, scale in usual.items())
+        raise ConfigError(f"{flag}: the models are usually sampled with different guidance ({listed}); pass one {flag} for all of them")
+    return next(iter(usual.values()))

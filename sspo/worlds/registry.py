@@ -65,6 +65,7 @@ class World:
     build_base: Callable[..., Path]  # (preset, output=None, force=False) -> the base's diffusers folder (shipped, cached or built)
     base_presets: tuple[str, ...]  # the presets build_base knows, the default first
     base_pipeline: str  # what the base is, for summaries ("tiny Stable Diffusion pipeline")
+    base_guidance_scale: float  # the classifier-free guidance its base is sampled with unless a config or flag says otherwise
     evaluate: Callable[[Any, str], dict[str, float]]  # (sample, prompt) -> every component of the exact score, "reward" among them
     components: tuple[str, ...]  # those components, in the order of the metric's columns
     table_columns: tuple[str, ...]  # the components a results table shows after the reward

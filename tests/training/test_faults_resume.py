@@ -157,6 +157,20 @@ def test_resume_with_a_result_changing_key_names_it_and_keeps_the_saved_config(r
         train(tiny_config(run, quick_base, "model.lora=false"), resume=True)
 
 
+def test_resume_under_another_launch_precision_is_refused(reference, quick_base, tmp_path, monkeypatch):
+    run = copy_run(reference("sspo"), tmp_path)
+    assert "mixed_precision: 'no'" in (run / "config.yaml").read_text()  # resolved when it trained, not left unset
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new launch is a new process, with a fresh accelerate state
+    try:
+        with pytest.raises(ConfigError, match=r"mixed_precision: 'no' -> 'bf16'"):
+            train(tiny_config(run, quick_base), resume=True)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_resume_may_change_harmless_keys(reference, quick_base, tmp_path):
     run = copy_run(reference("sspo"), tmp_path)
     train(tiny_config(run, quick_base, "log_every=2", "checkpoints_total_limit=3", "nonfinite=skip"), resume=True)

@@ -57,6 +57,7 @@ class ModelFamily:
     denoiser_label: ClassVar[str] = "UNet"  # what messages call it
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")  # encoders, frozen in training
     video: ClassVar[bool] = False  # latents (B, C, F, H, W), sampled clips
+    default_guidance_scale: ClassVar[float] = 7.5  # the classifier-free guidance its models are usually sampled with
 
     def __init__(self, pipe):
         self.pipe = pipe

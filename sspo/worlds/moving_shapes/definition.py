@@ -39,6 +39,7 @@ WORLD = World(
     build_base=build_base,
     base_presets=("default", "quick"),
     base_pipeline="tiny AnimateDiff pipeline",
+    base_guidance_scale=5.0,
     evaluate=evaluate,
     components=evaluator.COMPONENT_NAMES,
     # the groups, and the two motion components a frozen or reversed clip fails

@@ -43,6 +43,7 @@ WORLD = World(
     build_base=build_base,
     base_presets=("default", "quick", "64px"),
     base_pipeline="tiny SD pipeline",
+    base_guidance_scale=5.0,
     evaluate=evaluate,
     components=evaluator.COMPONENT_NAMES,
     # the components a prompt asks for, and the quality

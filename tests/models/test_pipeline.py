@@ -1,0 +1,52 @@
+"""Loading pipelines by hub id: an unreachable hub is one clear error at once, not a minute of retries."""
+
+import time
+
+import pytest
+
+from sspo.cli import main
+from sspo.models import pipeline
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    forget = pipeline._hub_reachable.cache_clear
+    forget()
+    yield
+    forget()
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_id_and_the_fix(unreachable_hub, tmp_path, capsys):
+    started = time.monotonic()
+    assert main(["sample", "--model", "someone/some-model", "--prompt", "a cat", "--out", str(tmp_path / "grid.png")]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip()
+    assert err == ("sspo: error: cannot load 'someone/some-model': the Hugging Face hub (http://127.0.0.1:9) is unreachable; download it where "
+                   "the hub is reachable (`hf download someone/some-model`) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
+
+
+def test_offline_mode_loads_from_the_cache_without_asking_the_hub(unreachable_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: pytest.fail("offline mode asked the hub"))
+    pipeline.check_hub("someone/some-model")
+
+
+def test_a_local_folder_never_asks_the_hub(quick_base, monkeypatch):
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: pytest.fail("a folder asked the hub"))
+    assert pipeline.load_pipeline_config(quick_base)["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_a_hub_warning_is_printed_once():
+    import subprocess
+    import sys
+
+    code = ("import logging; from sspo.logs import set_up_logging; set_up_logging(verbose=False); "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.count("Retrying in 1s") == 1, err
