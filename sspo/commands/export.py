@@ -22,7 +22,7 @@ import torch
 from sspo.config import load_yaml
 from sspo.errors import SSPOError
 from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors
-from sspo.models.families.base import LORA_FILE, write_lora
+from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
 from sspo.training.pool import CheckpointPool
 
 FORMATS = ("kohya", "diffusers")
@@ -123,7 +123,7 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
     if config is None and final.is_file():  # a pool written without its adapter config: the final LoRA's is the same
         config = _adapter_config_of(final, "restore it, or train the run again")
     if config is None:
-        raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / 'adapter_config.json'}); resume the run (sspo train CONFIG --resume) to write it")
+        raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
     return Lora(pool.load(index), config, f"checkpoint-{index:03d}")
 
 

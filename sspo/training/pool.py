@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, open_tensors, read_json, read_tensors, save_tensors
+from sspo.models.families.base import ADAPTER_CONFIG
 from sspo.training.faults import fault_point
 
 log = logging.getLogger(__name__)
 
 ERD_STRATEGIES = ("uniform", "initial", "last")
-ADAPTER_CONFIG = "adapter_config.json"  # peft's name for a LoraConfig saved beside adapter weights
 INDEX_SHAPE = {"entries": [{"file": str, "step": int}]}
 
 

@@ -25,6 +25,7 @@ from sspo.models.condition import TextCondition
 from sspo.models.lora_targets import check_lora_targets
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights looks for
+ADAPTER_CONFIG = "adapter_config.json"  # peft's name for a LoraConfig saved beside adapter weights (a LoRA run's pool/)
 
 # model.train_modules: "unet" is every layer of the denoiser, "motion" a video denoiser's motion
 # modules only, "auto" what the family trains by default.
