@@ -70,7 +70,7 @@ def _check_lora_run(run: Path) -> None:
 
 
 def _pool_index(checkpoint: str) -> int:
-    if not checkpoint.isdigit():
+    if not (checkpoint.isascii() and checkpoint.isdigit()):
         raise SSPOError(f"--checkpoint {checkpoint!r}: expected final or the number of a pool checkpoint (0: the initial model)")
     return int(checkpoint)
 
