@@ -214,6 +214,15 @@ def _pairs(args) -> None:
               args.bt_temperature, args.seed, args.pairs_per_prompt)
 
 
+def _export(args) -> None:
+    from sspo.commands.export import export_lora, push_to_hub
+
+    out = export_lora(args.run, args.format, args.checkpoint, args.out, args.force)
+    print(out)
+    if args.push_to_hub:
+        print(push_to_hub(out, args.push_to_hub))
+
+
 def _bench(args) -> None:
     from sspo.commands.bench import cli
 
@@ -315,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="G's training seed, the sampler's seeds and the labels' sides (default: 0)")
     p.add_argument("--quick", action="store_true", help="the small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
     p.set_defaults(func=_pairs)
+
+    from sspo.commands.export import FINAL, FORMATS
+
+    p = sub.add_parser("export", help="a LoRA run's final model or a pool checkpoint as one .safetensors file for ComfyUI, AUTOMATIC1111 or diffusers",
+                       description="Convert a LoRA run's final model (or pool checkpoint N) to one .safetensors file: --format kohya for "
+                       "ComfyUI, AUTOMATIC1111 and kohya's sd-scripts, --format diffusers for pipe.load_lora_weights. See docs/coming-from-diffusers.md.")
+    p.add_argument("run", help="the training run's folder (its output_dir)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="kohya (lora_unet_... keys) or diffusers (pytorch_lora_weights layout)")
+    p.add_argument("--checkpoint", default=FINAL, metavar="final|N", help="the final LoRA (default), or pool checkpoint N (0: the initial model)")
+    p.add_argument("--out", metavar="FILE", help="the file to write (default: RUN-CHECKPOINT-FORMAT.safetensors in the current folder)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the file to this hub model repository (made if missing; token: $HF_TOKEN or hf auth login)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
     from sspo.commands.bench import add_arguments

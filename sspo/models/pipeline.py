@@ -15,7 +15,7 @@ import torch
 
 from sspo.errors import ModelError
 from sspo.models.families import family_of
-from sspo.models.families.base import LORA_FILE
+from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE
 
 
 def is_video(pipe) -> bool:
@@ -125,7 +125,8 @@ def check_lora_path(lora: Path) -> None:
         raise ModelError(f"LoRA path {lora} does not exist")
     folder = lora if lora.is_dir() else lora.parent
     if (folder / "pool.json").is_file():
-        raise ModelError(f"LoRA path {lora} is in a training run's checkpoint pool (sspo's own format, not a LoRA diffusers loads); {_final_of(folder.parent)}")
+        export = f", or write pool checkpoint N as one: sspo export {folder.parent} --format diffusers --checkpoint N" if (folder / ADAPTER_CONFIG).is_file() else ""
+        raise ModelError(f"LoRA path {lora} is in a training run's checkpoint pool (sspo's own format, not a LoRA diffusers loads); {_final_of(folder.parent)}{export}")
     if (folder / "trainer_state.json").is_file() or folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
         run = folder.parent if folder.name == "checkpoints" else folder.parent.parent
         raise ModelError(f"LoRA path {lora} is in a training run's resumable states, not a LoRA; {_final_of(run)}")

@@ -18,6 +18,7 @@ import torch
 from sspo.config import load_yaml, save_yaml
 from sspo.errors import ConfigError, TrainingError
 from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, read_jsonl
+from sspo.models.families.base import adapter_config
 from sspo.training.faults import fault_point
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY
@@ -75,6 +76,9 @@ class Checkpointing:
             self._load_state(state_dir)
         else:
             self._start_fresh()
+        if self.pool is not None and self.cfg.model.lora and self.accelerator.is_main_process:
+            with disk_errors(f"the adapter config of the checkpoint pool {self.pool.root}"):
+                self.pool.save_adapter_config(adapter_config(self.policy, POLICY))
 
     def _start_fresh(self) -> None:
         """Set an earlier run in the output folder aside, deleted once this run saves its first state

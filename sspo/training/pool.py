@@ -3,18 +3,22 @@
 The pool starts as ``{theta_0}`` and grows by one checkpoint per iteration. Each entry is a
 safetensors file in the run directory (a LoRA adapter, megabytes, or the trained weights of the whole denoiser),
 so the pool survives a restart; only one entry is loaded at a time. ``pool.json`` lists them; it
-only indexes the files (each records its step), so a damaged one is rebuilt from them.
+only indexes the files (each records its step), so a damaged one is rebuilt from them. A LoRA run's
+pool also holds its adapters' one ``adapter_config.json`` (peft's ``LoraConfig``), with which peft
+loads any of them (docs/coming-from-diffusers.md, "Taking a LoRA elsewhere").
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
 
 import torch
 
-from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, read_tensors, save_tensors
+from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, open_tensors, read_json, read_tensors, save_tensors
+from sspo.models.families.base import ADAPTER_CONFIG
 from sspo.training.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,16 @@ class CheckpointPool:
         self.entries.append({"file": name, "step": step})
         atomic_write_json(self.root / "pool.json", {"entries": self.entries})
         return index
+
+    def save_adapter_config(self, config: dict) -> None:
+        """Store the peft ``LoraConfig`` (as JSON values) that every checkpoint of a LoRA run's pool shares."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True))  # as peft's save_pretrained writes it
+
+    def adapter_config(self) -> dict | None:
+        """The adapters' ``LoraConfig`` as :meth:`save_adapter_config` stored it (None: the pool has none)."""
+        return read_json(self.root / ADAPTER_CONFIG, what="the pool's adapter config", fix="delete it, then resume the run (sspo train CONFIG --resume) to write it again",
+                         default=None)
 
     def truncate(self, size: int) -> None:
         """Forget entries past ``size`` (a resumed run rewinds to the pool of its saved state)."""

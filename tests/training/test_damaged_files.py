@@ -153,7 +153,8 @@ def test_a_damaged_line_inside_a_log_is_named_and_nothing_changes(name, bad_line
 @pytest.mark.parametrize("command", ["sample", "eval"])
 @pytest.mark.parametrize("lora, instead", [
     (".", "is a training run's folder; pass its final LoRA: {run}/final"),
-    ("pool/checkpoint-001.safetensors", "is in a training run's checkpoint pool (sspo's own format, not a LoRA diffusers loads); pass its final LoRA: {run}/final"),
+    ("pool/checkpoint-001.safetensors", "is in a training run's checkpoint pool (sspo's own format, not a LoRA diffusers loads); pass its final LoRA: {run}/final, "
+                                        "or write pool checkpoint N as one: sspo export {run} --format diffusers --checkpoint N"),
     ("pool", "is in a training run's checkpoint pool"),
     ("checkpoints/step-00000004", "is in a training run's resumable states, not a LoRA; pass its final LoRA: {run}/final"),
 ])

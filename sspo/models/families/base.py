@@ -25,6 +25,7 @@ from sspo.models.condition import TextCondition
 from sspo.models.lora_targets import check_lora_targets
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes and load_lora_weights looks for
+ADAPTER_CONFIG = "adapter_config.json"  # peft's name for a LoraConfig saved beside adapter weights (a LoRA run's pool/)
 
 # model.train_modules: "unet" is every layer of the denoiser, "motion" a video denoiser's motion
 # modules only, "auto" what the family trains by default.
@@ -208,24 +209,10 @@ class ModelFamily:
 
     def save_lora(self, denoiser, adapter_name: str, folder: Path) -> None:
         """Save ``denoiser``'s peft adapter ``adapter_name`` as the pipeline's ``load_lora_weights`` reads it."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft import get_peft_model_state_dict
 
-        from sspo.io import sort_safetensors_metadata
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=adapter_name))
-        # The adapter's config travels with the weights: without it load_lora_weights assumes
-        # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
-        adapter = denoiser.peft_config[adapter_name].to_dict()
-        # A set lists in another order in another process (string hashing): sorted, the file is the same.
-        if not isinstance(adapter["target_modules"], str):  # a pattern (motion modules only) stays as it is
-            adapter["target_modules"] = sorted(adapter["target_modules"])
-        self.pipe.__class__.save_lora_weights(
-            save_directory=str(folder), safe_serialization=True,
-            **{f"{self.denoiser_component}_lora_layers": layers, f"{self.denoiser_component}_lora_adapter_metadata": adapter},
-        )
-        # Its two metadata keys come out in a per-process order: sorted, a resumed run's file is the same bytes.
-        sort_safetensors_metadata(folder / LORA_FILE)
+        write_lora(self.pipe.__class__, self.denoiser_component, get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
+                   adapter_config(denoiser, adapter_name), folder)
 
     def full_components(self, denoiser) -> dict:
         """The pipeline's components with ``denoiser`` as trained."""
@@ -268,6 +255,30 @@ class ModelFamily:
                 f"LoRA {lora} does not fit model {model}: {len(misfits)} of its {len(saved)} {self.denoiser_label} tensors "
                 f"(e.g. {misfits[0]}) have no place in its {self.denoiser_label}; pass the base model the LoRA was trained on"
             )
+
+
+def adapter_config(denoiser, adapter_name: str) -> dict:
+    """The peft ``LoraConfig`` of ``denoiser``'s adapter ``adapter_name`` as JSON values, the same in every process."""
+    config = denoiser.peft_config[adapter_name].to_dict()
+    # A set lists in another order in another process (string hashing): sorted, the file is the same.
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
+def write_lora(loader, component: str, layers: dict[str, torch.Tensor], config: dict, folder: Path) -> None:
+    """Write the peft state dict ``layers`` of the pipeline's ``component`` to ``folder``/LORA_FILE as
+    ``load_lora_weights`` reads it, by ``loader`` (a pipeline class, or its LoRA loader mixin)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from sspo.io import sort_safetensors_metadata
+
+    # The adapter's config travels with the weights: without it load_lora_weights assumes
+    # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
+    loader.save_lora_weights(
+        save_directory=str(folder), safe_serialization=True,
+        **{f"{component}_lora_layers": convert_state_dict_to_diffusers(layers), f"{component}_lora_adapter_metadata": config},
+    )
+    # Its two metadata keys come out in a per-process order: sorted, a resumed run's file is the same bytes.
+    sort_safetensors_metadata(folder / LORA_FILE)
 
 
 FAMILIES: dict[str, type[ModelFamily]] = {}

@@ -1,0 +1,182 @@
+"""``sspo export``: a LoRA run's final model, or one of its pool checkpoints, as one .safetensors file
+that other tools load.
+
+``kohya``: the key layout of kohya's sd-scripts (``lora_unet_<layer>.lora_down.weight``,
+``.lora_up.weight``, ``.alpha``), which ComfyUI and AUTOMATIC1111 load, and diffusers'
+``load_lora_weights`` too. ``diffusers``: the file ``load_lora_weights`` reads, the adapter's config
+in its metadata, as the run's ``final/`` holds it. Both are converted by diffusers' own converters;
+a kohya file is read back by diffusers' kohya reader before it is written, and refused if a layer
+would not come back under its own name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sspo.config import load_yaml
+from sspo.errors import SSPOError
+from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors
+from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
+from sspo.training.pool import CheckpointPool
+
+FORMATS = ("kohya", "diffusers")
+FINAL = "final"
+DENOISER = "unet"  # the pipeline component every family sspo trains (SD-1.5, SDXL, AnimateDiff) fine-tunes
+_METADATA_KEY = "lora_adapter_metadata"  # where save_lora_weights puts the adapter's config in the file
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """One adapter of a run, as peft holds it."""
+
+    layers: dict[str, torch.Tensor]  # peft's state dict of the UNet's adapter (``<layer>.lora_A.weight`` ...)
+    config: dict  # its peft LoraConfig, as adapter_config.json holds it
+    name: str  # what it is in the run: "final" or "checkpoint-002"
+
+
+def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | Path | None = None, force: bool = False) -> Path:
+    """Write the run's final LoRA (``checkpoint`` "final") or pool checkpoint ``checkpoint`` in format ``fmt``
+    to ``out`` (default: ``<run>-<checkpoint>-<fmt>.safetensors`` in the current folder); returns ``out``."""
+    if fmt not in FORMATS:
+        raise SSPOError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    run = Path(run)
+    _check_lora_run(run)
+    lora = read_final(run) if checkpoint == FINAL else read_pool_checkpoint(run, _pool_index(checkpoint))
+    out = Path(out) if out else Path(f"{run.resolve().name}-{lora.name}-{fmt}.safetensors")
+    _check_out(out, force)
+    try:
+        if fmt == "kohya":
+            save_tensors(to_kohya(lora), out)
+        else:
+            write_diffusers(lora, out)
+    except OSError as exc:
+        raise SSPOError(f"cannot write {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
+    return out
+
+
+def _check_lora_run(run: Path) -> None:
+    if not (run / "config.yaml").is_file():
+        raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote")
+    final = run / FINAL
+    if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
+        where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")
+        raise SSPOError(f"{run} fine-tuned the whole model, not a LoRA: export is for LoRA runs; the full model is {where}, which DiffusionPipeline.from_pretrained loads")
+
+
+def _pool_index(checkpoint: str) -> int:
+    if not (checkpoint.isascii() and checkpoint.isdigit()):
+        raise SSPOError(f"--checkpoint {checkpoint!r}: expected final or the number of a pool checkpoint (0: the initial model)")
+    return int(checkpoint)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise SSPOError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'lora.safetensors'}")
+    if out.exists() and not force:
+        raise SSPOError(f"{out} exists; pass --force to replace it, or choose another --out")
+
+
+def read_final(run: Path) -> Lora:
+    """The run's final LoRA, with the adapter config saved in its file."""
+    file = run / FINAL / LORA_FILE
+    if not file.is_file():
+        raise SSPOError(f"{run} has no final LoRA ({file}) yet: finish the run (sspo train CONFIG --resume), or export a pool checkpoint (--checkpoint N)")
+    fix = "restore it, or train the run again"
+    config = _adapter_config_of(file, fix)
+    if config is None:
+        raise SSPOError(f"the final LoRA {file} holds no adapter config ({_METADATA_KEY} in its metadata); {fix}")
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    prefix = f"{DENOISER}."
+    tensors = read_tensors(file, what="the final LoRA", fix=fix)
+    return Lora(convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in tensors.items()}), config, FINAL)
+
+
+def _adapter_config_of(file: Path, fix: str) -> dict | None:
+    """The UNet adapter's config that save_lora_weights wrote into ``file``'s metadata (None: none there)."""
+    _, metadata = open_tensors(file, what="the final LoRA", fix=fix)
+    if _METADATA_KEY not in metadata:
+        return None
+    try:
+        packed = json.loads(metadata[_METADATA_KEY])
+    except json.JSONDecodeError:
+        raise SSPOError(f"the final LoRA {file} is damaged (its adapter config is not JSON); {fix}") from None
+    prefix = f"{DENOISER}."
+    return {key.removeprefix(prefix): value for key, value in packed.items() if key.startswith(prefix)} or None
+
+
+def read_pool_checkpoint(run: Path, index: int) -> Lora:
+    """Pool checkpoint ``index`` of the run (0: the initial model), with the pool's adapter config."""
+    pool = CheckpointPool(run / "pool")
+    if not len(pool):
+        raise SSPOError(f"{run} keeps no checkpoint pool (its method trains without one); export its final LoRA (--checkpoint final)")
+    if index >= len(pool):
+        raise SSPOError(f"--checkpoint {index}: the pool of {run} holds checkpoints 0 to {len(pool) - 1} (after steps {', '.join(map(str, pool.steps()))})")
+    config = pool.adapter_config()
+    final = run / FINAL / LORA_FILE
+    if config is None and final.is_file():  # a pool written without its adapter config: the final LoRA's is the same
+        config = _adapter_config_of(final, "restore it, or train the run again")
+    if config is None:
+        raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
+    return Lora(pool.load(index), config, f"checkpoint-{index:03d}")
+
+
+def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
+    """``lora`` in kohya's key layout, each layer's alpha the run's ``lora_alpha``; refused where
+    diffusers' kohya reader would not give a layer back under its own name."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    tensors = convert_state_dict_to_kohya({f"{DENOISER}.{key}": value for key, value in lora.layers.items()})
+    # The converter writes each alpha as the layer's rank (a scale of 1); the run's scale is lora_alpha / rank.
+    alpha = float(lora.config["lora_alpha"])
+    tensors = {key: torch.tensor(alpha) if key.endswith(".alpha") else value for key, value in tensors.items()}
+    _check_kohya_reads_back(tensors, lora)
+    return tensors
+
+
+def _check_kohya_reads_back(tensors: dict[str, torch.Tensor], lora: Lora) -> None:
+    """kohya's layout joins a layer's name with underscores, and diffusers' reader splits it again
+    by what it knows of SD and SDXL UNets: a layer named otherwise would load nowhere, silently."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state_dict, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))  # the reader takes keys out of the dict it is given
+    prefix = f"{DENOISER}."
+    read_back = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in state_dict.items()})
+    lost = sorted({key.rpartition(".lora_")[0] for key in lora.layers if key not in read_back})
+    if lost:
+        raise SSPOError(
+            f"kohya's key layout cannot carry {len(lost)} layer{'s' if len(lost) > 1 else ''} of this LoRA (e.g. {', '.join(lost[:3])}): "
+            "diffusers' kohya reader does not map these names back; export --format diffusers instead, which keeps every layer"
+        )
+
+
+def write_diffusers(lora: Lora, out: Path) -> None:
+    """``lora`` as the file ``load_lora_weights`` reads, written as the run's final LoRA is."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
+        write_lora(StableDiffusionLoraLoaderMixin, DENOISER, lora.layers, lora.config, Path(folder))
+        os.replace(Path(folder) / LORA_FILE, tmp)
+
+
+def push_to_hub(file: Path, repo_id: str) -> str:
+    """Upload ``file`` to the hub model repository ``repo_id`` (made if missing); returns the repository's URL.
+    The token is huggingface_hub's own: $HF_TOKEN, or the one ``hf auth login`` saved."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi()
+    try:
+        url = api.create_repo(repo_id, exist_ok=True)
+        api.upload_file(path_or_fileobj=str(file), path_in_repo=file.name, repo_id=repo_id, commit_message=f"sspo export: {file.name}")
+    except Exception as exc:  # the hub client raises its HTTP library's errors, which differ between its versions, besides its own
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SSPOError(f"--push-to-hub {repo_id}: the upload failed ({reason}); {file} is written: push it again once the hub is reachable "
+                        "and HF_TOKEN holds a token that may write there") from None
+    return str(url)

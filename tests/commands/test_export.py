@@ -1,0 +1,240 @@
+"""``sspo export``: a tiny LoRA run's final model and pool checkpoints, converted to kohya's and diffusers'
+layouts, load in a stock diffusers pipeline (a process that never imports sspo) and sample exactly
+as the run's own LoRA and pool adapters do; full fine-tuning, an existing file and a failed hub
+upload are one error line each, with nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sspo.cli import main
+from sspo.commands.export import Lora, read_final, to_kohya
+from sspo.errors import SSPOError
+from sspo.training.trainer import train
+
+from test_trainer import tiny_config
+
+RANK, ALPHA = 4, 8  # alpha != rank: a file that dropped the scale would sample differently
+
+
+@pytest.fixture(scope="module")
+def lora_run(quick_base, tmp_path_factory) -> Path:
+    """A tiny SSPO LoRA run (2 iterations of 2 steps): its pool holds checkpoints 0, 1 and 2 (the final policy)."""
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(run, quick_base, f"model.lora_rank={RANK}", f"model.lora_alpha={ALPHA}"))
+    return run
+
+
+def export(capsys, run: Path, *flags: str) -> tuple[int, str]:
+    """``sspo export RUN FLAGS``: its exit status, and its stdout or its one error line."""
+    status = main(["export", str(run), *flags])
+    captured = capsys.readouterr()
+    if status == 0:
+        return status, captured.out
+    lines = [line for line in captured.err.splitlines() if line.startswith("sspo: error:")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return status, lines[0]
+
+
+# The loading step: stock diffusers and peft only, in a process of its own. Each entry is a way to
+# load a LoRA into a fresh pipeline; the script writes the sample latents of each.
+STOCK_LOADING = r"""
+import json, sys
+import torch
+from diffusers import DiffusionPipeline
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+base, loads, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+latents = {}
+for name, (how, path) in loads.items():
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    if how == "load_lora_weights":
+        pipe.load_lora_weights(path)
+    elif how == "peft":  # a pool checkpoint with the pool's adapter_config.json
+        checkpoint = __import__("pathlib").Path(path)
+        pipe.unet.add_adapter(LoraConfig.from_pretrained(str(checkpoint.parent)), adapter_name="checkpoint")
+        assert not set_peft_model_state_dict(pipe.unet, load_file(str(checkpoint)), adapter_name="checkpoint").unexpected_keys
+    with torch.no_grad():
+        latents[name] = pipe("a small red circle on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+assert not any(module == "sspo" or module.startswith("sspo.") for module in sys.modules)
+save_file(latents, out)
+"""
+
+
+def stock_samples(base: str, loads: dict[str, tuple[str, Path | None]], tmp_path: Path) -> dict[str, torch.Tensor]:
+    out = tmp_path / "latents.safetensors"
+    loads = {name: (how, str(path) if path else None) for name, (how, path) in loads.items()}
+    done = subprocess.run([sys.executable, "-c", STOCK_LOADING, base, json.dumps(loads), str(out)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return load_file(out)
+
+
+def test_exports_sample_in_stock_diffusers_as_the_runs_own_lora_and_pool_adapters(lora_run, quick_base, tmp_path, capsys):
+    files = {}
+    for fmt, checkpoint in [("kohya", "final"), ("kohya", "1"), ("diffusers", "1")]:
+        files[fmt, checkpoint] = tmp_path / f"{fmt}-{checkpoint}.safetensors"
+        assert export(capsys, lora_run, "--format", fmt, "--checkpoint", checkpoint, "--out", str(files[fmt, checkpoint])) == (0, f"{files[fmt, checkpoint]}\n")
+    kohya = load_file(files["kohya", "final"])
+    assert kohya and all(key.startswith("lora_unet_") and key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in kohya)
+    assert {value.item() for key, value in kohya.items() if key.endswith(".alpha")} == {ALPHA}
+    latents = stock_samples(quick_base, {
+        "base": ("none", None),
+        "final": ("load_lora_weights", lora_run / "final"),
+        "final_kohya": ("load_lora_weights", files["kohya", "final"]),
+        "pool_1": ("peft", lora_run / "pool" / "checkpoint-001.safetensors"),
+        "pool_1_kohya": ("load_lora_weights", files["kohya", "1"]),
+        "pool_1_diffusers": ("load_lora_weights", files["diffusers", "1"]),
+    }, tmp_path)
+    assert not torch.allclose(latents["base"], latents["final"], atol=1e-3)  # the LoRA changes the samples
+    torch.testing.assert_close(latents["final_kohya"], latents["final"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(latents["pool_1"], latents["final"], atol=1e-3) and not torch.allclose(latents["pool_1"], latents["base"], atol=1e-3)
+    torch.testing.assert_close(latents["pool_1_kohya"], latents["pool_1"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latents["pool_1_diffusers"], latents["pool_1"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_pools_last_checkpoint_exports_as_the_final_lora(lora_run, tmp_path, capsys):
+    """The pool's last entry is the final policy: each format gives the same tensors from either, and
+    the diffusers export of the final LoRA is its file, byte for byte."""
+    for fmt in ("kohya", "diffusers"):
+        final, last = tmp_path / f"final-{fmt}.safetensors", tmp_path / f"last-{fmt}.safetensors"
+        assert export(capsys, lora_run, "--format", fmt, "--out", str(final))[0] == 0
+        assert export(capsys, lora_run, "--format", fmt, "--checkpoint", "2", "--out", str(last))[0] == 0
+        a, b = load_file(final), load_file(last)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert (tmp_path / "final-diffusers.safetensors").read_bytes() == (lora_run / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_a_pool_without_its_adapter_config_takes_the_final_loras(lora_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    (run / "pool" / "adapter_config.json").unlink()
+    assert export(capsys, run, "--format", "kohya", "--checkpoint", "2", "--out", str(tmp_path / "a.safetensors"))[0] == 0
+    assert export(capsys, lora_run, "--format", "kohya", "--checkpoint", "2", "--out", str(tmp_path / "b.safetensors"))[0] == 0
+    assert load_file(tmp_path / "a.safetensors").keys() == load_file(tmp_path / "b.safetensors").keys()
+
+
+def test_the_default_file_is_named_after_the_run_checkpoint_and_format(lora_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert export(capsys, lora_run, "--format", "kohya", "--checkpoint", "0") == (0, "run-checkpoint-000-kohya.safetensors\n")
+    assert (tmp_path / "run-checkpoint-000-kohya.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def full_run(quick_base, tmp_path_factory) -> Path:
+    """A one-step SFT run that fine-tunes the whole UNet."""
+    run = tmp_path_factory.mktemp("export-full") / "run"
+    train(tiny_config(run, quick_base, "method=sft", "model.lora=false", "iterations=1", "steps_per_iteration=1"))
+    return run
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_a_full_fine_tuning_run_is_refused_with_where_its_model_is(fmt, full_run, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    status, line = export(capsys, full_run, "--format", fmt, "--out", str(out))
+    assert status == 2 and "export is for LoRA runs" in line and f"the full model is the diffusers folder {full_run / 'final'}" in line
+    assert not out.exists()
+
+
+def test_an_existing_file_is_kept_unless_forced(lora_run, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    out.write_bytes(b"someone's file")
+    status, line = export(capsys, lora_run, "--format", "kohya", "--out", str(out))
+    assert status == 2 and line == f"sspo: error: {out} exists; pass --force to replace it, or choose another --out"
+    assert out.read_bytes() == b"someone's file" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--force")[0] == 0
+    assert load_file(out).keys() == to_kohya(read_final(lora_run)).keys()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint", "3"], "--checkpoint 3: the pool of {run} holds checkpoints 0 to 2 (after steps 0, 2, 4)"),
+    (["--checkpoint", "last"], "--checkpoint 'last': expected final or the number of a pool checkpoint"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder; name the file to write"),
+])
+def test_bad_flags_are_one_error_line(flags, message, lora_run, tmp_path, capsys):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    status, line = export(capsys, lora_run, "--format", "kohya", *flags)
+    assert status == 2 and message.format(run=lora_run, tmp=tmp_path) in line and not list(tmp_path.iterdir())
+
+
+def test_runs_without_what_is_asked_for_are_named(lora_run, tmp_path, capsys):
+    status, line = export(capsys, tmp_path, "--format", "kohya")
+    assert status == 2 and "is not a training run's folder (no config.yaml there)" in line
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    shutil.rmtree(run / "pool")
+    status, line = export(capsys, run, "--format", "kohya", "--checkpoint", "1")
+    assert status == 2 and "keeps no checkpoint pool" in line
+    shutil.rmtree(run / "final")
+    status, line = export(capsys, run, "--format", "kohya")
+    assert status == 2 and "has no final LoRA" in line and "sspo train CONFIG --resume" in line
+
+
+def test_a_layer_kohyas_reader_cannot_name_is_refused():
+    """The tiny UNet's pooled-text embedding (add_embedding.pool.k_proj, ...) is no SD or SDXL layer:
+    diffusers' kohya reader turns its underscores into dots and never back."""
+    generator = torch.Generator().manual_seed(0)
+    layers = {"add_embedding.pool.k_proj.lora_A.weight": torch.randn(RANK, 16, generator=generator),
+              "add_embedding.pool.k_proj.lora_B.weight": torch.randn(16, RANK, generator=generator)}
+    with pytest.raises(SSPOError, match=r"cannot carry 1 layer of this LoRA \(e.g. add_embedding.pool.k_proj\).*--format diffusers"):
+        to_kohya(Lora(layers, {"lora_alpha": ALPHA}, "final"))
+
+
+class StubHub:
+    """huggingface_hub.HfApi as far as the export uses it; ``fail`` makes every call raise it."""
+
+    calls: list = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id, **kwargs):
+        self._call("create_repo", repo_id=repo_id, **kwargs)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_file(self, **kwargs):
+        self._call("upload_file", **kwargs, content=Path(kwargs["path_or_fileobj"]).read_bytes())
+
+    def _call(self, name, **kwargs):
+        if StubHub.fail is not None:
+            raise StubHub.fail
+        StubHub.calls.append((name, kwargs))
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", StubHub)
+    StubHub.calls, StubHub.fail = [], None
+    return StubHub
+
+
+def test_push_to_hub_uploads_the_file(hub, lora_run, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    assert export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--push-to-hub", "someone/sspo-lora") == (0, f"{out}\nhttps://huggingface.co/someone/sspo-lora\n")
+    (create, created), (upload, uploaded) = hub.calls
+    assert (create, created) == ("create_repo", {"repo_id": "someone/sspo-lora", "exist_ok": True})
+    assert upload == "upload_file" and uploaded["repo_id"] == "someone/sspo-lora" and uploaded["path_in_repo"] == out.name
+    assert uploaded["content"] == out.read_bytes()
+
+
+def test_a_failed_upload_is_one_error_line_and_keeps_the_file(hub, lora_run, tmp_path, capsys):
+    hub.fail = ConnectionError("could not reach huggingface.co\nretrying...")
+    out = tmp_path / "lora.safetensors"
+    status, line = export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--push-to-hub", "someone/sspo-lora")
+    assert status == 2 and line.startswith("sspo: error: --push-to-hub someone/sspo-lora: the upload failed (could not reach huggingface.co);")
+    assert f"{out} is written" in line and load_file(out)
+
+
+def test_a_pool_checkpoint_file_is_unchanged_by_its_adapter_config(lora_run):
+    """The adapter config is one file beside the checkpoints; each checkpoint stays peft's state dict alone."""
+    config = json.loads((lora_run / "pool" / "adapter_config.json").read_text())
+    assert config["r"] == RANK and config["lora_alpha"] == ALPHA and config["target_modules"] == sorted(config["target_modules"])
+    checkpoint = load_file(lora_run / "pool" / "checkpoint-001.safetensors")
+    assert checkpoint and all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in checkpoint)
