@@ -18,12 +18,12 @@ uninterrupted one would have, and DataLoader workers serve exactly what the main
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import json
 import logging
 import os
 import tarfile
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,13 @@ class DataConfig:
     prefetch_factor: int = setting(2, at_least=1)  # with num_workers: micro-batches each worker reads ahead
     # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
     # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
+    # Aspect-ratio buckets: each image is resized and cropped to the bucket (width x height of about
+    # resolution^2 pixels, sides multiples of bucket_step) nearest its aspect ratio, and every
+    # micro-batch holds one bucket (a bucket's last batch is filled with its first rows again).
+    # False: the shorter side resized to resolution, then cropped square.
+    buckets: bool = False
+    bucket_step: int = setting(64, at_least=8, multiple_of=8)  # bucket sides are multiples of this: 64 keeps SD's latent sides divisible by 8
+    bucket_max_aspect: float = setting(2.0, at_least=1)  # the widest bucket's width / height, and the tallest's height / width
     frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
     frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
     frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
@@ -97,6 +104,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         validate(self, "data.")
+        if self.buckets:
+            check(self.bucket_step <= self.resolution, "data.bucket_step", f"{self.bucket_step} is above data.resolution {self.resolution}; lower it")
+            clashing = [key for key, on in (("data.frames", self.frames), ("data.cache_latents", self.cache_latents),
+                                             ("data.shuffle_row_groups", self.shuffle_row_groups)) if on]
+            check(not clashing, "data.buckets", f"works with images read live in one random order; unset {' and '.join(clashing)} or set data.buckets: false")
         if self.cache_latents:
             changing = (("data.center_crop: false", not self.center_crop), ("data.random_flip: true", self.random_flip),
                         ("data.frame_start: random", self.frames and self.frame_start == "random"))
@@ -195,7 +207,7 @@ class _ParquetRows:
                 self._starts.append(rows)
                 rows += meta.row_group(g).num_rows
         self._rows = rows
-        self._cache: OrderedDict[int, Any] = OrderedDict()
+        self._cache: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -232,7 +244,7 @@ class _ParquetRows:
         import pyarrow.parquet as pq
 
         if self._pid != os.getpid():  # a DataLoader worker opens its own handles, not its parent's
-            self._handles, self._cache, self._pid = {}, OrderedDict(), os.getpid()
+            self._handles, self._cache, self._pid = {}, collections.OrderedDict(), os.getpid()
         if f not in self._handles:
             self._handles[f] = pq.ParquetFile(self.files[f])
         return self._handles[f]
@@ -481,6 +493,18 @@ def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
     raise DataError(f"cannot read {what} {where}: expected encoded bytes or a path, got {type(value).__name__}")
 
 
+def _image_size(value: Any, where: str) -> tuple[int, int]:
+    """(width, height) from an image's header, without decoding it."""
+    import io
+
+    data, where = _file(value, "image", where)
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return image.size
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise DataError(f"cannot read image {where}: {exc}") from None
+
+
 def _open_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return _rgb(value)
@@ -500,16 +524,36 @@ def _open_clip(value: Any, where: str, cfg: DataConfig, start: float) -> np.ndar
     return sample_frames(clip, cfg.frames, cfg.frame_stride, first, where)
 
 
-def _resize_crop_flip(image: Image.Image, size: int, offset: tuple[float, float] | None, flip: bool) -> Image.Image:
-    w, h = image.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """``data.buckets``' (width, height) sizes: for each width a multiple of ``step``, the largest
+    height that is one too and keeps the area within ``resolution``^2, aspect ratios within ``max_aspect``."""
+    sizes = set()
+    for width in range(step, int(resolution * max_aspect) + 1, step):
+        height = resolution * resolution // width // step * step
+        if height >= step and max(width / height, height / width) <= max_aspect:
+            sizes.add((width, height))
+    return sorted(sizes)
+
+
+def _nearest_bucket(sizes: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    aspect = np.log(width / height)
+    return min(sizes, key=lambda size: abs(np.log(size[0] / size[1]) - aspect))
+
+
+def _resize_crop_flip(image: Image.Image, size: tuple[int, int], offset: tuple[float, float] | None, flip: bool) -> tuple[Image.Image, tuple[int, int]]:
+    """``image`` resized to cover ``size`` (width, height), cropped to it (``offset``: where, in [0, 1)^2;
+    None: centred) and flipped, with the crop's top-left corner (top, left) in the resized, flipped image."""
+    (w, h), (width, height) = image.size, size
+    scale = max(width / w, height / h)
+    new = (max(width, round(w * scale)), max(height, round(h * scale)))
     if new != image.size:
         image = image.resize(new, Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
     fx, fy = offset or (0.5, 0.5)
-    left, top = round(fx * (new[0] - size)), round(fy * (new[1] - size))
-    image = image.crop((left, top, left + size, top + size))
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+    left, top = round(fx * (new[0] - width)), round(fy * (new[1] - height))
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (top, new[0] - width - left)
+    return image, (top, left)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -559,7 +603,8 @@ class _Reader:
     def keep(self, label: Any) -> bool:
         return not (self.pairs and self.cfg.remove_ties and float(label) == TIE)
 
-    def item(self, index: int, row_id: int, row: dict, epoch: int) -> dict:
+    def item(self, index: int, row_id: int, row: dict, epoch: int, size: tuple[int, int]) -> dict:
+        """Row ``row_id`` as item ``index`` of ``epoch``, its images resized and cropped to ``size`` (width, height)."""
         cfg = self.cfg
         where = f"{self.where} row {row_id}"
         if self.pairs:
@@ -582,8 +627,12 @@ class _Reader:
         offset = None if cfg.center_crop else (fx, fy)
         flip = cfg.random_flip and u < 0.5
 
+        geometry = []  # (original height, width, crop top, left) of each image, the winner's first
+
         def pixels(image: Image.Image) -> torch.Tensor:
-            return _to_tensor(_resize_crop_flip(image, cfg.resolution, offset, flip))
+            resized, corner = _resize_crop_flip(image, size, offset, flip)
+            geometry.append((image.height, image.width, *corner))
+            return _to_tensor(resized)
 
         if cfg.frames:
             clips = [_open_clip(row[n], f"{where} column {n!r}", cfg, start) for n in names]
@@ -595,6 +644,8 @@ class _Reader:
             "winner": tensors[0],
             "loser": tensors[1] if len(tensors) > 1 else None,
             "index": index,
+            # SDXL's size and crop conditioning: original (height, width), crop (top, left), target (height, width)
+            "size_and_crop": (*geometry[0], size[1], size[0]),
         }
 
     def skip(self, row_id: int, error: DataError) -> None:
@@ -628,6 +679,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not self._row_ids:
             ties = " after removing ties (data.remove_ties)" if reader.pairs and cfg.remove_ties else ""
             raise DataError(f"{reader.where} has no rows{ties}")
+        self._buckets = self._assign_buckets() if cfg.buckets else None  # (width, height) per item
 
     @property
     def has_losers(self) -> bool:
@@ -645,7 +697,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return self.item(index)
 
     def item(self, index: int, epoch: int = 0) -> dict:
-        """Item ``index`` with the random crop, flip and caption dropout of ``epoch``."""
+        """Item ``index`` with the random crop, flip and caption dropout of ``epoch`` (an unreadable
+        row's replacement takes its size: a micro-batch of one bucket stays one)."""
+        size = self._buckets[index] if self._buckets is not None else (self.cfg.resolution, self.cfg.resolution)
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} items")
@@ -655,16 +709,25 @@ class PreferenceDataset(torch.utils.data.Dataset):
             if self._reader.is_bad(row_id):
                 continue
             try:
-                return self._reader.item(i, row_id, self._rows[row_id], epoch)
+                return self._reader.item(i, row_id, self._rows[row_id], epoch, size)
             except DataError as exc:
                 self._reader.skip(row_id, exc)
         raise DataError(f"no readable row (image and caption) in {self._reader.where}")
 
-    def epoch_order(self, epoch: int, seed: int) -> torch.Tensor:
-        """The items in the order epoch ``epoch`` serves them: a seeded permutation, or with
-        ``data.shuffle_row_groups`` row groups in seeded order and items shuffled within windows of them."""
+    def epoch_length(self, batch_size: int) -> int:
+        """Items per epoch: every row once, and with buckets each bucket's last batch filled up."""
+        if self._buckets is None:
+            return len(self)
+        return sum(-(-count // batch_size) * batch_size for count in collections.Counter(self._buckets).values())
+
+    def epoch_order(self, epoch: int, seed: int, batch_size: int = 1) -> torch.Tensor:
+        """The items in the order epoch ``epoch`` serves them: a seeded permutation; with
+        ``data.shuffle_row_groups`` row groups in seeded order and items shuffled within windows of
+        them; with ``data.buckets`` batches of ``batch_size`` items of one bucket, in seeded order."""
         generator = torch.Generator().manual_seed(seed + epoch)
         window = self.cfg.shuffle_row_groups
+        if self._buckets is not None:
+            return self._bucket_batches(torch.randperm(len(self), generator=generator).tolist(), batch_size, generator)
         if not window:
             return torch.randperm(len(self), generator=generator)
         groups = self._groups()
@@ -674,6 +737,34 @@ class PreferenceDataset(torch.utils.data.Dataset):
             members = sorted(i for g in shuffled[first : first + window] for i in groups[g])
             order += [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
         return torch.tensor(order, dtype=torch.long)
+
+    def _bucket_batches(self, order: list[int], batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in order:
+            by_bucket.setdefault(self._buckets[i], []).append(i)
+        batches = []
+        for bucket in sorted(by_bucket):
+            items = by_bucket[bucket]
+            items += [items[k % len(items)] for k in range(-len(items) % batch_size)]
+            batches += [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
+        return torch.tensor([i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]], dtype=torch.long)
+
+    def _assign_buckets(self) -> list[tuple[int, int]]:
+        """Each item's bucket, from the size of its first image (read from the image's header; an
+        unreadable one is skipped when read, so its bucket is the square one)."""
+        from tqdm.auto import tqdm
+
+        cfg, reader = self.cfg, self._reader
+        sizes = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect)
+        column = cfg.image_0_column if reader.pairs else cfg.image_column
+        buckets = []
+        for row_id in tqdm(self._row_ids, desc="image sizes (data.buckets)", leave=False, disable=len(self._row_ids) < 1000):
+            try:
+                width, height = _image_size(self._rows[row_id][column], f"{reader.where} row {row_id} column {column!r}")
+            except DataError:
+                width = height = 1
+            buckets.append(_nearest_bucket(sizes, width, height))
+        return buckets
 
     def _groups(self) -> list[list[int]]:
         """The items of each of the source's row groups (shards), non-empty ones only."""
@@ -708,6 +799,7 @@ def collate(items: list[dict]) -> dict:
         "winner": torch.stack([item["winner"] for item in items]),
         "loser": None if losers[0] is None else torch.stack(losers),
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "sizes_and_crops": [item["size_and_crop"] for item in items],
     }
 
 

@@ -42,7 +42,7 @@ from sspo.training.faults import fault_point
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHARD_ROWS = 1024
 KEY_FILE, INDEX_FILE = "key.json", "index.json"
 _COND_FIELDS = tuple(f.name for f in dataclasses.fields(TextCondition))
@@ -55,7 +55,7 @@ INDEX_SHAPE = {"rows": int, "shard_rows": int, "has_losers": bool, "key": dict}
 def encode_rows(family: ModelFamily, items: list[dict], device, resolution: int, losers: bool = True):
     """Dataset items to ``(prompts, TextCondition, winner latents, loser latents or None)`` on the CPU."""
     batch = collate(items)
-    cond = family.encode_prompts(batch["prompts"], device, resolution).to("cpu")
+    cond = family.encode_prompts(batch["prompts"], device, resolution, batch["sizes_and_crops"]).to("cpu")
     # Contiguous: the VAE's posterior mean is a strided view, and the denoiser rounds differently for
     # another memory layout; this way live and cached latents are the same tensors, bit for bit.
     winners = encode_images(family.vae, batch["winner"]).float().cpu().contiguous()

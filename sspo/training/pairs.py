@@ -113,9 +113,15 @@ def _by_checkpoint(draws: Sequence[Draws]) -> dict[int, list[tuple[int, int]]]:
     return dict(sorted(groups.items()))
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(items: list[tuple[int, int]], size: int, latents: Sequence[torch.Tensor]):
+    """``items`` ((micro-batch, sample) pairs) in order, in chunks of at most ``size`` whose
+    ``latents[micro-batch]`` are of one shape (micro-batches of different buckets are batched apart)."""
+    by_shape: dict[tuple, list] = defaultdict(list)
+    for b, i in items:
+        by_shape[tuple(latents[b].shape[1:])].append((b, i))
+    for same in by_shape.values():
+        for start in range(0, len(same), size):
+            yield same[start : start + size]
 
 
 class PairBuilder:
@@ -187,7 +193,7 @@ class PairBuilder:
         losers = [torch.empty_like(r.winners) for r in rows]
         for checkpoint, members in _by_checkpoint(draws).items():
             with self.reference.activate(checkpoint) as denoiser, self.autocast():
-                for chunk in _chunks(members, settings.batch_size):
+                for chunk in _chunks(members, settings.batch_size, [r.winners for r in rows]):
                     cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
                     seeds = [draws[b].sample_seeds[i] for b, i in chunk]
                     size = rows[chunk[0][0]].winners.shape[2:]
@@ -210,7 +216,7 @@ class PairBuilder:
         switch = [torch.empty(k) if b.draws.switch_noise is not None else None for k, b in zip(n, batches)]
         for checkpoint, members in _by_checkpoint([b.draws for b in batches]).items():
             with self.reference.activate(checkpoint) as denoiser, self.autocast():
-                for chunk in _chunks(members, chunk_size):
+                for chunk in _chunks(members, chunk_size, [b.rows.winners for b in batches]):
                     # Winner and loser of every pair in one forward.
                     winners = torch.stack([batches[b].rows.winners[i] for b, i in chunk])
                     latents = torch.cat([winners, torch.stack([batches[b].losers[i] for b, i in chunk])])

@@ -206,7 +206,8 @@ class Trainer(Checkpointing):
 
     def _indices(self, m: int) -> list[tuple[int, int]]:
         """(row, epoch) of micro-batch ``m`` on this process: a seeded permutation per epoch."""
-        b, world, n = self.cfg.optim.batch_size, self.accelerator.num_processes, len(self.dataset)
+        b, world = self.cfg.optim.batch_size, self.accelerator.num_processes
+        n = self.dataset.epoch_length(b)  # with buckets a multiple of b: a micro-batch never spans two epochs, nor two buckets
         first = (m * world + self.accelerator.process_index) * b
         placed = [divmod(position, n) for position in range(first, first + b)]
         return [(int(self._epoch_order(epoch)[offset]), epoch) for epoch, offset in placed]
@@ -216,7 +217,7 @@ class Trainer(Checkpointing):
         # included, alive in a class-level cache); a micro-batch spans at most two epochs.
         orders = self._epoch_orders
         if epoch not in orders:
-            orders[epoch] = self.dataset.epoch_order(epoch, self.cfg.seed)
+            orders[epoch] = self.dataset.epoch_order(epoch, self.cfg.seed, self.cfg.optim.batch_size)
             while len(orders) > 2:
                 del orders[min(orders)]
         return orders[epoch]

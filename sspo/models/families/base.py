@@ -129,9 +129,12 @@ class ModelFamily:
     # Prompts
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], device, size: int | None = None) -> TextCondition:
+    def encode_prompts(self, prompts: Sequence[str], device, size: int | None = None,
+                       sizes_and_crops: Sequence[Sequence[int]] | None = None) -> TextCondition:
         """Encode prompts with the pipeline's own text encoder, as the pipeline itself would
-        (``size``: the pixel size they condition, where the family conditions on one)."""
+        (``size``: the pixel size they condition, where the family conditions on one;
+        ``sizes_and_crops``: per prompt, its training image's original height and width, crop top and
+        left, and target height and width, where the family conditions on them)."""
         embeds, _ = self.pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return TextCondition(embeds)
 
