@@ -441,6 +441,12 @@ def test_an_output_dir_of_its_own_is_accepted(tmp_path):
     assert load("output_dir=runs/sspo").output_dir == "runs/sspo"
 
 
+def test_a_moving_average_of_a_lora_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"^config key 'optim.ema': .*model.lora=false.*optim.ema=false$"):
+        load("optim.ema=true")  # the demo trains a LoRA
+    assert load("optim.ema=true", "model.lora=false").optim.ema
+
+
 # ----------------------------------------------------------------------------------------------
 # What the machine can run: checked before anything is loaded or written
 

@@ -65,6 +65,11 @@ class OptimConfig:
     lr_num_cycles: int = setting(1, at_least=1)  # cosine_with_restarts: hard restarts over the run
     lr_power: float = setting(1.0, above=0)  # polynomial: the decay's power (1 is linear)
     use_8bit_adam: bool = False  # bitsandbytes, `pip install 'sspo[bnb]'`
+    # Full fine-tuning keeps an exponential moving average of the trained weights (diffusers' EMAModel, stepped after
+    # every optimizer step); the final model and validation samples use the average, the pool's checkpoints (the
+    # reference and the negatives' generators, theta_n) the raw policy.
+    ema: bool = False  # the average of the trained weights, saved with each resumable state and as the final model (model.lora: false only)
+    ema_decay: float = setting(0.9999, at_least=0, at_most=1)  # the average's decay, after EMAModel's ramp (1 + n) / (10 + n) over steps n; 0: the raw weights
 
     def __post_init__(self) -> None:
         validate(self, "optim.")
@@ -144,6 +149,8 @@ class TrainConfig:
               "the exact evaluator scores those only; set it to 0 for other data")
         check(not self.diagnostics.ssr_truth_per_batch or not self.data.caption_dropout, "diagnostics.ssr_truth_per_batch",
               "scores each pair against its prompt, and data.caption_dropout trains some on the empty prompt; set one of them to 0")
+        check(not (self.optim.ema and self.model.lora), "optim.ema", "averages full fine-tuning's weights, and model.lora is true; "
+              "set model.lora=false to fine-tune every weight, or optim.ema=false")
         scores_world = self.validation.world_eval and self.validation.every_iterations > 0
         check(not scores_world or self.eval_world in WORLDS, "validation.world", f"is unset and data.source {self.data.source!r} is not a world, so "
               f"validation.world_eval has nothing to score; name one of {', '.join(WORLDS)}, or set validation.world_eval: false")

@@ -111,7 +111,8 @@ class Trainer(Checkpointing):
         uncond = self.family.encode_unconditional(self.device, cfg.data.resolution).to("cpu")
         self.pair_builder = PairBuilder(cfg, self.family, self.reference, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
 
-        params = [p for p in denoiser.parameters() if p.requires_grad]
+        trained = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        params = list(trained.values())
         optimizer = self._optimizer(params)
         from diffusers.optimization import get_scheduler
 
@@ -121,6 +122,8 @@ class Trainer(Checkpointing):
                                      num_training_steps=cfg.iterations * cfg.steps_per_iteration * processes, num_cycles=o.lr_num_cycles, power=o.lr_power)
         self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(denoiser, optimizer, lr_scheduler)
         self.params = params
+        self.param_names = list(trained)
+        self.ema = self._ema() if cfg.optim.ema else None
 
         self.ssr_truth = None
         if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
@@ -192,6 +195,13 @@ class Trainer(Checkpointing):
         else:
             cls = torch.optim.AdamW
         return cls(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
+
+    def _ema(self):
+        from diffusers.training_utils import EMAModel
+
+        # The trained weights only: the frozen rest never changes. The averaged weights are saved through
+        # the family's save_full (copy_to, then save), not EMAModel.save_pretrained, which needs every weight.
+        return EMAModel(self.params, decay=self.cfg.optim.ema_decay)
 
     @property
     def policy(self):
@@ -284,6 +294,8 @@ class Trainer(Checkpointing):
         scaler = self.accelerator.scaler
         if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"]) or scaler is not None):
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
         elif self.cfg.nonfinite == "skip":
             self.nonfinite_skips += 1
         else:
@@ -360,9 +372,23 @@ class Trainer(Checkpointing):
         """On the main process: a grid of the fixed prompts, and a world's exact scores if asked."""
         if not self.accelerator.is_main_process:
             return {}
-        if self.cfg.validation.prompts:
-            self.validation_grid()
-        return self.world_eval() if self.cfg.validation.world_eval else {}
+        with self.averaged_weights():  # the weights the final model will hold
+            if self.cfg.validation.prompts:
+                self.validation_grid()
+            return self.world_eval() if self.cfg.validation.world_eval else {}
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With ``optim.ema``, the policy holds the moving average in the block and its trained weights, bitwise, after it."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     @contextlib.contextmanager
     def _sampling(self):

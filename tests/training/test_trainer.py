@@ -219,3 +219,20 @@ def test_a_parquet_of_many_row_groups_trains_holding_two_of_them(quick_base, tmp
     monkeypatch.setattr(groups, "_group", lambda g, read_group=groups._group: read.append(g) or read_group(g))
     assert (trainer.train() / "pytorch_lora_weights.safetensors").is_file()
     assert len(groups._cache) <= 2 and len(set(read)) == pq.read_metadata(path).num_row_groups == 4  # 16 items of 12 rows: every group read
+
+
+@pytest.mark.parametrize("decay", [0.9999, 0.0])
+def test_the_final_full_finetune_is_the_moving_average_and_decay_0_the_raw_weights(decay, quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "model.lora=false", "optim.ema=true", f"optim.ema_decay={decay}"))
+    final = load_file(trainer.train() / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = dict(zip(trainer.param_names, trainer.params))
+    average = dict(zip(trainer.param_names, trainer.ema.shadow_params))
+    assert all(torch.equal(final[name], average[name]) for name in raw)
+    if decay:
+        assert not all(torch.equal(final[name], raw[name]) for name in raw)
+    else:  # EMAModel steps the average by s - (s - p), which rounds
+        for name in raw:
+            torch.testing.assert_close(final[name], raw[name].detach(), rtol=0, atol=1e-6)
+    pool = load_file(tmp_path / "run" / "pool" / "checkpoint-002.safetensors")  # theta_2 is the raw policy
+    assert all(torch.equal(pool[name], raw[name]) for name in raw)
+    assert "moving average" in (tmp_path / "run" / "final" / "README.md").read_text()
