@@ -628,3 +628,9 @@ def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_
     err = capsys.readouterr().err.strip()
     assert err == (f"sspo: error: --guidance-scale: the models are usually sampled with different guidance (shapes-base:quick: 5, {quick_base}: 7.5); "
                    "pass one --guidance-scale for all of them")
+
+
+@pytest.mark.parametrize("override", ["tracker_run_name=a/b", "tracker_project=..", "tracker_run_name=a\\b"])
+def test_a_tracker_name_that_would_be_a_path_is_refused(override):
+    with pytest.raises(ConfigError, match=r"^config key 'tracker_(project|run_name)': got .* without '/'"):
+        load(override)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from pathlib import Path
 
 from sspo.config import Registered, check, setting, validate
 from sspo.models.families import FAMILIES, TRAIN_MODULES
@@ -137,6 +138,8 @@ class TrainConfig:
     mixed_precision: str | None = setting(None, choices=MIXED_PRECISIONS)
     output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
     report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
+    tracker_project: str = setting("sspo", nonempty=True)  # the trackers' project: wandb's project; tensorboard logs to <output_dir>/logs/<tracker_project>/<run name>
+    tracker_run_name: str | None = setting(None, nonempty=True)  # the run's name in that project (wandb's run name, tensorboard's folder); None: output_dir's folder name
     log_every: int = setting(1, at_least=1)  # optimizer steps between metrics lines
     save_every_steps: int = setting(0, at_least=0)  # 0: save a resumable state at iteration ends only
     checkpoints_total_limit: int = setting(2, at_least=1)
@@ -149,11 +152,20 @@ class TrainConfig:
               "the exact evaluator scores those only; set it to 0 for other data")
         check(not self.diagnostics.ssr_truth_per_batch or not self.data.caption_dropout, "diagnostics.ssr_truth_per_batch",
               "scores each pair against its prompt, and data.caption_dropout trains some on the empty prompt; set one of them to 0")
+        for key in ("tracker_project", "tracker_run_name"):
+            name = getattr(self, key)
+            check(name is None or ("/" not in name and "\\" not in name and name.strip(".")), key,
+                  f"got {name!r}, which tensorboard would make a folder of: give a name without '/', '\\' or only dots")
         check(not (self.optim.ema and self.model.lora), "optim.ema", "averages full fine-tuning's weights, and model.lora is true; "
               "set model.lora=false to fine-tune every weight, or optim.ema=false")
         scores_world = self.validation.world_eval and self.validation.every_iterations > 0
         check(not scores_world or self.eval_world in WORLDS, "validation.world", f"is unset and data.source {self.data.source!r} is not a world, so "
               f"validation.world_eval has nothing to score; name one of {', '.join(WORLDS)}, or set validation.world_eval: false")
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in its trackers: ``tracker_run_name``, else the output folder's name."""
+        return self.tracker_run_name or Path(os.path.abspath(self.output_dir)).name
 
     @property
     def eval_world(self) -> str:

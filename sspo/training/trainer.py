@@ -138,7 +138,9 @@ class Trainer(Checkpointing):
             save_yaml(cfg, self.run_dir / "config.yaml")
             if cfg.report_to != "none":
                 scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
-                self.accelerator.init_trackers("sspo", config=scalars)
+                # accelerate's tensorboard tracker logs to <logging_dir>/<project name>: the run's folder within the project's.
+                project = cfg.tracker_project if cfg.report_to == "wandb" else f"{cfg.tracker_project}/{cfg.run_name}"
+                self.accelerator.init_trackers(project, config=scalars, init_kwargs={"wandb": {"name": cfg.run_name}})
 
     # ----------------------------------------------------------------------------------------------
     # Set-up

@@ -236,3 +236,12 @@ def test_the_final_full_finetune_is_the_moving_average_and_decay_0_the_raw_weigh
     pool = load_file(tmp_path / "run" / "pool" / "checkpoint-002.safetensors")  # theta_2 is the raw policy
     assert all(torch.equal(pool[name], raw[name]) for name in raw)
     assert "moving average" in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("names, folder", [([], "logs/sspo/run"), (["tracker_project=proj", "tracker_run_name=first try"], "logs/proj/first try")])
+def test_tensorboard_logs_under_the_project_and_run_names(names, folder, quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft", "report_to=tensorboard", *names))
+    trainer.accelerator.end_training()
+    events = list((tmp_path / "run").rglob("events.out.tfevents*"))
+    assert any(p.parent == tmp_path / "run" / folder for p in events)
+    assert all((tmp_path / "run" / folder) in p.parents for p in events)  # the hyperparameters go to a subfolder of the run's
