@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from sspo.config import Registered, check, setting, validate
+from sspo.evaluation.scorers import SCORER_CHOICES
 from sspo.models.families import FAMILIES, TRAIN_MODULES
 from sspo.training.data import DataConfig
 from sspo.training.losses import SSR_VARIANTS
@@ -98,11 +99,26 @@ class ValidationConfig:
     world_eval: bool = False  # score a world's eval prompts (seen and held-out) exactly, sampled as the negatives are
     world: str | None = setting(None, choices=Registered(WORLDS))  # the world world_eval scores (shapes | moving-shapes | a registered one); None: the one data.source names
     prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
-    seed: int = setting(0, at_least=0)
-    prompts_per_split: int = setting(8, at_least=1)
+    # Scored with `sspo eval`'s metrics, one sample per prompt (seed `seed`): each column's mean goes to the trackers and
+    # <output_dir>/validation.jsonl, the samples to tensorboard or wandb.
+    metrics: tuple[str, ...] = setting((), choices=SCORER_CHOICES)  # names as `sspo eval --metrics` takes them (a world's, pickscore, hpsv2 ...); empty: none
+    prompt_file: str | None = setting(None, nonempty=True)  # the prompts `metrics` scores, a file as `sspo eval --prompts` reads (.txt: one per line); None: `prompts`
+    scorer_paths: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> its weights (local path or hub id), as `sspo eval --scorer-path`; default: the published
+    scorer_options: dict[str, dict] = dataclasses.field(default_factory=dict)  # metric -> its build_scorer options, as `sspo eval --scorer-option` (pickscore: {processor: PATH})
+    seed: int = setting(0, at_least=0)  # the sampler seed of every validation sample
+    prompts_per_split: int = setting(8, at_least=1)  # world_eval: prompts per split (seen, held-out)
 
     def __post_init__(self) -> None:
+        self.metrics = tuple(dict.fromkeys(self.metrics))
         validate(self, "validation.")
+        for key in ("scorer_paths", "scorer_options"):
+            for metric, value in getattr(self, key).items():
+                check(metric in self.metrics, f"validation.{key}", f"names metric {metric!r}, which validation.metrics does not score ({', '.join(self.metrics) or 'none'}); "
+                      "add it to validation.metrics or remove it here")
+                check(isinstance(value, dict if key == "scorer_options" else str), f"validation.{key}.{metric}",
+                      f"got {value!r}, expected {'a mapping of option: value' if key == 'scorer_options' else 'a path or hub id'}")
+        check(not (self.metrics and self.every_iterations) or self.prompt_file or self.prompts, "validation.metrics",
+              "has no prompts to score; set validation.prompt_file (a text file, one prompt per line) or validation.prompts")
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -6,11 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from sspo.config import load_config
-from sspo.errors import DataError, ModelError
+from sspo.errors import DataError, ModelError, SSPOError
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
 
 from lora_checks import assert_lora_reloads_as_trained
+from scorer_models import clip_model_dir, clip_processor_dir  # noqa: F401  (fixtures)
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-shapes.yaml"
 
@@ -245,3 +247,32 @@ def test_tensorboard_logs_under_the_project_and_run_names(names, folder, quick_b
     events = list((tmp_path / "run").rglob("events.out.tfevents*"))
     assert any(p.parent == tmp_path / "run" / folder for p in events)
     assert all((tmp_path / "run" / folder) in p.parents for p in events)  # the hyperparameters go to a subfolder of the run's
+
+
+def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples_to_tensorboard(quick_base, clip_model_dir, clip_processor_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on the left, white background\n\na large blue square at the top, black background\n")
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "report_to=tensorboard", "validation.every_iterations=1", "validation.metrics=[shapes, pickscore]",
+                      f"validation.prompt_file={prompts}", f"validation.scorer_paths.pickscore={clip_model_dir}",
+                      f"validation.scorer_options.pickscore.processor={clip_processor_dir}"))
+    rows = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all({"shapes", "shapes.color", "pickscore"} <= set(row) and 0 <= row["shapes"] <= 1 for row in rows)
+    assert all(torch.isfinite(torch.tensor(row["pickscore"])) for row in rows)
+    events = EventAccumulator(str(run / "logs" / "sspo" / "run"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("validation/pickscore")] == [2, 4]
+    assert [e.step for e in events.Images("validation/samples")] == [2, 4]
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["validation.prompt_file=/nonexistent/prompts.txt"], "validation.prompt_file /nonexistent/prompts.txt: no such file"),
+    (["validation.prompts=[a red dragon]"], "metric 'shapes' scores its world's prompts only"),
+])
+def test_validation_metrics_that_cannot_score_are_refused_before_training(overrides, error, quick_base, tmp_path):
+    cfg = tiny_config(tmp_path / "run", quick_base, "validation.every_iterations=1", "validation.metrics=[shapes]", *overrides)
+    with pytest.raises(SSPOError, match=re.escape(error)):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
