@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import importlib
 import pathlib
+import re
 import sys
 import typing
 from pathlib import Path
@@ -634,3 +635,18 @@ def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_
 def test_a_tracker_name_that_would_be_a_path_is_refused(override):
     with pytest.raises(ConfigError, match=r"^config key 'tracker_(project|run_name)': got .* without '/'"):
         load(override)
+
+
+def test_an_unknown_validation_metric_is_refused_with_the_valid_names():
+    with pytest.raises(ConfigError, match=r"^config key 'validation.metrics\[1\]': got 'pickscor', expected one of .*'pickscore', 'hpsv2'.*'shapes'"):
+        load("validation.metrics=[shapes, pickscor]")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("validation.scorer_paths.hpsv2=/w", "validation.scorer_paths': names metric 'hpsv2', which validation.metrics does not score"),
+    ("validation.scorer_options.shapes=3", "validation.scorer_options.shapes': got 3, expected a mapping"),
+    ("validation.every_iterations=2", "validation.metrics': has no prompts to score; set validation.prompt_file"),
+])
+def test_validation_metric_settings_that_cannot_apply_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load("validation.metrics=[shapes]", "validation.prompts=[]", override)
