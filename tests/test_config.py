@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import importlib
 import pathlib
+import re
 import sys
 import typing
 from pathlib import Path
@@ -441,6 +442,12 @@ def test_an_output_dir_of_its_own_is_accepted(tmp_path):
     assert load("output_dir=runs/sspo").output_dir == "runs/sspo"
 
 
+def test_a_moving_average_of_a_lora_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"^config key 'optim.ema': .*model.lora=false.*optim.ema=false$"):
+        load("optim.ema=true")  # the demo trains a LoRA
+    assert load("optim.ema=true", "model.lora=false").optim.ema
+
+
 # ----------------------------------------------------------------------------------------------
 # What the machine can run: checked before anything is loaded or written
 
@@ -622,3 +629,24 @@ def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_
     err = capsys.readouterr().err.strip()
     assert err == (f"sspo: error: --guidance-scale: the models are usually sampled with different guidance (shapes-base:quick: 5, {quick_base}: 7.5); "
                    "pass one --guidance-scale for all of them")
+
+
+@pytest.mark.parametrize("override", ["tracker_run_name=a/b", "tracker_project=..", "tracker_run_name=a\\b"])
+def test_a_tracker_name_that_would_be_a_path_is_refused(override):
+    with pytest.raises(ConfigError, match=r"^config key 'tracker_(project|run_name)': got .* without '/'"):
+        load(override)
+
+
+def test_an_unknown_validation_metric_is_refused_with_the_valid_names():
+    with pytest.raises(ConfigError, match=r"^config key 'validation.metrics\[1\]': got 'pickscor', expected one of .*'pickscore', 'hpsv2'.*'shapes'"):
+        load("validation.metrics=[shapes, pickscor]")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("validation.scorer_paths.hpsv2=/w", "validation.scorer_paths': names metric 'hpsv2', which validation.metrics does not score"),
+    ("validation.scorer_options.shapes=3", "validation.scorer_options.shapes': got 3, expected a mapping"),
+    ("validation.every_iterations=2", "validation.metrics': has no prompts to score; set validation.prompt_file"),
+])
+def test_validation_metric_settings_that_cannot_apply_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load("validation.metrics=[shapes]", "validation.prompts=[]", override)

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from sspo.errors import DataError, ModelError, SSPOError
-from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, metric_columns, score_columns, select_prompts
+from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, check_scorers, metric_columns, score_columns, select_prompts
 from sspo.evaluation.sampling import generate, image_grid, save_png
 from sspo.evaluation.scorers import build_scorer, scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
@@ -168,12 +168,7 @@ def run_eval(
         cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale([m.path for m in models]))
     metrics = cfg.metric_names
     scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
-    for metric in [*scorer_paths, *scorer_options]:
-        if metric not in scorer_names():
-            raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(scorer_names())}")
-    for metric, path in scorer_paths.items():
-        if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
-            raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
+    check_scorers(scorer_names(), scorer_paths, scorer_options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     set_name = cfg.prompts if cfg.prompts in PROMPT_SETS else Path(cfg.prompts).name

@@ -14,14 +14,14 @@ A method that only memorizes its data improves seen prompts, one that generalize
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sspo.config import setting, validate
-from sspo.errors import SSPOError
+from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, SCORER_CHOICES, build_scorer
 from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set, prompt_set_names
 from sspo.worlds import World, find_world, get_world, prompt_set_world
@@ -84,9 +84,24 @@ def select_prompts(cfg: EvalConfig) -> list[tuple[int, PromptItem]]:
         if cfg.limit is None or taken.get(item.category, 0) < cfg.limit:
             taken[item.category] = taken.get(item.category, 0) + 1
             selected.append((index, item))
-    for world in filter(None, map(find_world, cfg.metric_names)):
-        _check_world_prompts(world, (item.prompt for _, item in selected))
+    check_metric_prompts(cfg.metric_names, [item.prompt for _, item in selected])
     return selected
+
+
+def check_metric_prompts(metrics: Sequence[str], prompts: Sequence[str]) -> None:
+    """Refuse prompts a world's metric among ``metrics`` cannot score (it scores its world's prompts only)."""
+    for world in filter(None, map(find_world, metrics)):
+        _check_world_prompts(world, prompts)
+
+
+def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping]) -> None:
+    """Refuse weights or options for a metric not ``known``, and local weights that are not there."""
+    for metric in [*scorer_paths, *scorer_options]:
+        if metric not in known:
+            raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(known)}")
+    for metric, path in scorer_paths.items():
+        if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+            raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
 
 
 def eval_items(cfg: EvalConfig) -> list[Item]:
@@ -114,6 +129,19 @@ def score_columns(scorer, metric: str, images: Sequence, prompts: Sequence[str])
     return {column: parts[column.partition(".")[2]].tolist() for column in metric_columns(metric)}
 
 
+def score_images(images: Sequence, prompts: Sequence[str], metrics: Sequence[str], *, device, batch_size: int | None = None,
+                 scorer_paths: Mapping[str, str] | None = None, scorer_options: Mapping[str, Mapping] | None = None) -> dict[str, list[float]]:
+    """Every column of every metric for (image, prompt) pairs, one scorer in memory at a time; a
+    metric's weights from ``scorer_paths`` (default: its published ones), its ``build_scorer`` options from ``scorer_options``."""
+    scores: dict[str, list[float]] = {}
+    for metric in metrics:
+        options = ({"batch_size": batch_size} if batch_size else {}) | dict((scorer_options or {}).get(metric, {}))
+        scorer = build_scorer(metric, (scorer_paths or {}).get(metric), device=device, **options)
+        scores |= score_columns(scorer, metric, images, prompts)
+        del scorer
+    return scores
+
+
 def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None = None) -> tuple[dict, list]:
     """Scores of ``pipe`` on ``cfg``'s prompts: per category the mean of every column over its images, and the images."""
     from sspo.evaluation.sampling import generate
@@ -126,10 +154,7 @@ def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None =
         batch_size=cfg.batch_size, size=cfg.resolution, frames=cfg.frames,
     )
     prompts = [i.prompt for i in items]
-    scores: dict[str, list[float]] = {}
-    for metric in cfg.metric_names:
-        scorer = build_scorer(metric, device=device or pipe.device, batch_size=cfg.scorer_batch_size)
-        scores |= score_columns(scorer, metric, images, prompts)
+    scores = score_images(images, prompts, cfg.metric_names, device=device or pipe.device, batch_size=cfg.scorer_batch_size)
     primary = cfg.metric_names[0]
     summary = {}
     for category in dict.fromkeys(i.category for i in items):

@@ -17,7 +17,7 @@ import torch
 
 from sspo.config import load_yaml, save_yaml
 from sspo.errors import ConfigError, TrainingError
-from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, read_jsonl
+from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from sspo.models.families.base import adapter_config
 from sspo.training.faults import fault_point
 from sspo.training.pool import CheckpointPool
@@ -27,6 +27,8 @@ from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_difference
 from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
 
 LOGS = ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)  # the run's JSON-lines logs, each row with its step
+# In a resumable state with optim.ema: the averaged weights by parameter name, and EMAModel's other state (its step, decay ...).
+EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def disk_errors(what: str, staging: Path | None = None):
 class Checkpointing:
     """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
     and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
-    ``policy``, ``params``, ``pool``, ``reference``, ``global_step`` and ``nonfinite_skips``."""
+    ``policy``, ``params``, ``param_names``, ``ema``, ``averaged_weights``, ``pool``, ``reference``, ``global_step``
+    and ``nonfinite_skips``."""
 
     def _check_resumed_config(self) -> None:
         """A resumed run must compute what the saved one did: result-changing keys may not differ."""
@@ -117,6 +120,8 @@ class Checkpointing:
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 fault_point("checkpoint_save")
+                if self.ema is not None:
+                    self._save_ema(staging)
                 state = {
                     "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
                     "nonfinite_skips": self.nonfinite_skips,
@@ -134,6 +139,24 @@ class Checkpointing:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _save_ema(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = self.ema.state_dict()
+        save_file(dict(zip(self.param_names, state.pop("shadow_params"))), folder / EMA_WEIGHTS)
+        atomic_write_json(folder / EMA_STATE, state)
+
+    def _load_ema(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        fix = "restore it, or train without --resume to start again"
+        state = read_json(folder / EMA_STATE, what="the moving average's state", shape={"optimization_step": int}, fix=fix)
+        weights = load_file(folder / EMA_WEIGHTS, device=str(self.device))
+        missing = [name for name in self.param_names if name not in weights]
+        if missing:
+            raise DamagedFileError(f"the moving average {folder / EMA_WEIGHTS} lacks trained weights, e.g. {missing[0]}", fix)
+        self.ema.load_state_dict({**state, "shadow_params": [weights[name] for name in self.param_names]})
 
     def _replica_fingerprints(self) -> list[list[float]] | None:
         """(sum, sum of squares) of the trainable weights, in float64, from every process.
@@ -180,6 +203,8 @@ class Checkpointing:
     def _load_state(self, state_dir: Path) -> None:
         state = read_state(state_dir / STATE_FILE)
         self.accelerator.load_state(str(state_dir))
+        if self.ema is not None:
+            self._load_ema(state_dir)
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
@@ -229,7 +254,8 @@ class Checkpointing:
         if self.cfg.model.lora:
             self.family.save_lora(self.policy, POLICY, staging)
         else:
-            self.family.save_full(self.policy, staging)
+            with self.averaged_weights():  # optim.ema: the final model is the moving average, as diffusers' train_text_to_image saves it
+                self.family.save_full(self.policy, staging)
         save_yaml(self.cfg, staging / "sspo_config.yaml")
         self._write_card(staging, final)
         fault_point("final_save")

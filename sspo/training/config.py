@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from pathlib import Path
 
 from sspo.config import Registered, check, setting, validate
+from sspo.evaluation.scorers import SCORER_CHOICES
 from sspo.models.families import FAMILIES, TRAIN_MODULES
 from sspo.training.data import DataConfig
 from sspo.training.losses import SSR_VARIANTS
@@ -65,6 +67,11 @@ class OptimConfig:
     lr_num_cycles: int = setting(1, at_least=1)  # cosine_with_restarts: hard restarts over the run
     lr_power: float = setting(1.0, above=0)  # polynomial: the decay's power (1 is linear)
     use_8bit_adam: bool = False  # bitsandbytes, `pip install 'sspo[bnb]'`
+    # Full fine-tuning keeps an exponential moving average of the trained weights (diffusers' EMAModel, stepped after
+    # every optimizer step); the final model and validation samples use the average, the pool's checkpoints (the
+    # reference and the negatives' generators, theta_n) the raw policy.
+    ema: bool = False  # the average of the trained weights, saved with each resumable state and as the final model (model.lora: false only)
+    ema_decay: float = setting(0.9999, at_least=0, at_most=1)  # the average's decay, after EMAModel's ramp (1 + n) / (10 + n) over steps n; 0: the raw weights
 
     def __post_init__(self) -> None:
         validate(self, "optim.")
@@ -92,11 +99,26 @@ class ValidationConfig:
     world_eval: bool = False  # score a world's eval prompts (seen and held-out) exactly, sampled as the negatives are
     world: str | None = setting(None, choices=Registered(WORLDS))  # the world world_eval scores (shapes | moving-shapes | a registered one); None: the one data.source names
     prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
-    seed: int = setting(0, at_least=0)
-    prompts_per_split: int = setting(8, at_least=1)
+    # Scored with `sspo eval`'s metrics, one sample per prompt (seed `seed`): each column's mean goes to the trackers and
+    # <output_dir>/validation.jsonl, the samples to tensorboard or wandb.
+    metrics: tuple[str, ...] = setting((), choices=SCORER_CHOICES)  # names as `sspo eval --metrics` takes them (a world's, pickscore, hpsv2 ...); empty: none
+    prompt_file: str | None = setting(None, nonempty=True)  # the prompts `metrics` scores, a file as `sspo eval --prompts` reads (.txt: one per line); None: `prompts`
+    scorer_paths: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> its weights (local path or hub id), as `sspo eval --scorer-path`; default: the published
+    scorer_options: dict[str, dict] = dataclasses.field(default_factory=dict)  # metric -> its build_scorer options, as `sspo eval --scorer-option` (pickscore: {processor: PATH})
+    seed: int = setting(0, at_least=0)  # the sampler seed of every validation sample
+    prompts_per_split: int = setting(8, at_least=1)  # world_eval: prompts per split (seen, held-out)
 
     def __post_init__(self) -> None:
+        self.metrics = tuple(dict.fromkeys(self.metrics))
         validate(self, "validation.")
+        for key in ("scorer_paths", "scorer_options"):
+            for metric, value in getattr(self, key).items():
+                check(metric in self.metrics, f"validation.{key}", f"names metric {metric!r}, which validation.metrics does not score ({', '.join(self.metrics) or 'none'}); "
+                      "add it to validation.metrics or remove it here")
+                check(isinstance(value, dict if key == "scorer_options" else str), f"validation.{key}.{metric}",
+                      f"got {value!r}, expected {'a mapping of option: value' if key == 'scorer_options' else 'a path or hub id'}")
+        check(not (self.metrics and self.every_iterations) or self.prompt_file or self.prompts, "validation.metrics",
+              "has no prompts to score; set validation.prompt_file (a text file, one prompt per line) or validation.prompts")
 
 
 @dataclasses.dataclass
@@ -132,6 +154,8 @@ class TrainConfig:
     mixed_precision: str | None = setting(None, choices=MIXED_PRECISIONS)
     output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
     report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
+    tracker_project: str = setting("sspo", nonempty=True)  # the trackers' project: wandb's project; tensorboard logs to <output_dir>/logs/<tracker_project>/<run name>
+    tracker_run_name: str | None = setting(None, nonempty=True)  # the run's name in that project (wandb's run name, tensorboard's folder); None: output_dir's folder name
     log_every: int = setting(1, at_least=1)  # optimizer steps between metrics lines
     save_every_steps: int = setting(0, at_least=0)  # 0: save a resumable state at iteration ends only
     checkpoints_total_limit: int = setting(2, at_least=1)
@@ -144,9 +168,20 @@ class TrainConfig:
               "the exact evaluator scores those only; set it to 0 for other data")
         check(not self.diagnostics.ssr_truth_per_batch or not self.data.caption_dropout, "diagnostics.ssr_truth_per_batch",
               "scores each pair against its prompt, and data.caption_dropout trains some on the empty prompt; set one of them to 0")
+        for key in ("tracker_project", "tracker_run_name"):
+            name = getattr(self, key)
+            check(name is None or ("/" not in name and "\\" not in name and name.strip(".")), key,
+                  f"got {name!r}, which tensorboard would make a folder of: give a name without '/', '\\' or only dots")
+        check(not (self.optim.ema and self.model.lora), "optim.ema", "averages full fine-tuning's weights, and model.lora is true; "
+              "set model.lora=false to fine-tune every weight, or optim.ema=false")
         scores_world = self.validation.world_eval and self.validation.every_iterations > 0
         check(not scores_world or self.eval_world in WORLDS, "validation.world", f"is unset and data.source {self.data.source!r} is not a world, so "
               f"validation.world_eval has nothing to score; name one of {', '.join(WORLDS)}, or set validation.world_eval: false")
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in its trackers: ``tracker_run_name``, else the output folder's name."""
+        return self.tracker_run_name or Path(os.path.abspath(self.output_dir)).name
 
     @property
     def eval_world(self) -> str:

@@ -27,6 +27,9 @@ def run_settings(cfg: TrainConfig, processes: int, video: bool = False) -> dict[
         "optimizer": f"AdamW, learning rate {o.learning_rate:g} ({o.lr_scheduler}, {o.lr_warmup_steps} warm-up steps), weight decay {o.weight_decay:g}, "
                      f"{cfg.mixed_precision} mixed precision, seed {cfg.seed}",
     }
+    if o.ema:
+        rows["weights"] = (f"the exponential moving average of the trained weights (diffusers' EMAModel, decay {o.ema_decay:g}), "
+                           "as are the validation samples; the pool's checkpoints are the raw policy")
     if cfg.generates_negatives:
         rows["reference"] = (
             f"pool checkpoint drawn '{cfg.effective_erd}' per {cfg.erd_per}, one added every {cfg.steps_per_iteration} steps; "

@@ -24,8 +24,8 @@ def saved_states(run_dir: Path) -> list[Path]:
 # Keys a resumed run may change without changing what it computes. `iterations` only extends
 # (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
 # would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for.
-HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "log_every", "save_every_steps", "checkpoints_total_limit", "validation", "diagnostics",
-                 "data.cache_dir", "data.num_workers", "data.prefetch_factor", "nonfinite")
+HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "tracker_project", "tracker_run_name", "log_every", "save_every_steps",
+                 "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor", "nonfinite")
 
 
 def file_digest(path: Path) -> dict:

@@ -67,6 +67,35 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
     return dataset
 
 
+def validation_metric_prompts(cfg: TrainConfig, video: bool) -> list[str]:
+    """The prompts ``validation.metrics`` scores, checked before training: readable, of the world a world's metric
+    scores, sampled as the metrics' inputs (images or clips), and the scorers' local weights there."""
+    from sspo.evaluation.evaluate import check_metric_prompts, check_scorers
+    from sspo.evaluation.scorers.prompts import read_prompt_file
+    from sspo.worlds import find_world
+
+    vcfg = cfg.validation
+    if not (vcfg.metrics and vcfg.every_iterations):
+        return []
+    for metric in vcfg.metrics:
+        world = find_world(metric)
+        if (world is not None and world.clips) != video:
+            made, fits = ("clips", "moving-shapes") if video else ("images", "shapes, pickscore, ...")
+            raise ConfigError(f"validation.metrics: {metric!r} does not score the {made} this model makes; pick metrics of {made} ({fits})")
+    if vcfg.prompt_file is None:
+        prompts = list(vcfg.prompts)
+    else:
+        path = Path(vcfg.prompt_file).expanduser()
+        if not path.is_file():
+            raise DataError(f"validation.prompt_file {vcfg.prompt_file}: no such file; give a text file with one prompt per line")
+        prompts = [item.prompt for item in read_prompt_file(path)]
+        if not prompts:
+            raise DataError(f"validation.prompt_file {vcfg.prompt_file} holds no prompts; write one prompt per line")
+    check_metric_prompts(vcfg.metrics, prompts)
+    check_scorers(vcfg.metrics, vcfg.scorer_paths, vcfg.scorer_options)
+    return prompts
+
+
 class Trainer(Checkpointing):
     """One run of ``cfg``: the model, its pairs and the loop; saving and resuming are :class:`Checkpointing`'s."""
 
@@ -103,6 +132,7 @@ class Trainer(Checkpointing):
         self.family = family_of(self.pipe, cfg.model.family)
         for name in self.family.frozen_components:
             self.family.component(name).requires_grad_(False).eval()
+        self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
 
         self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
@@ -111,7 +141,8 @@ class Trainer(Checkpointing):
         uncond = self.family.encode_unconditional(self.device, cfg.data.resolution).to("cpu")
         self.pair_builder = PairBuilder(cfg, self.family, self.reference, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
 
-        params = [p for p in denoiser.parameters() if p.requires_grad]
+        trained = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        params = list(trained.values())
         optimizer = self._optimizer(params)
         from diffusers.optimization import get_scheduler
 
@@ -121,6 +152,8 @@ class Trainer(Checkpointing):
                                      num_training_steps=cfg.iterations * cfg.steps_per_iteration * processes, num_cycles=o.lr_num_cycles, power=o.lr_power)
         self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(denoiser, optimizer, lr_scheduler)
         self.params = params
+        self.param_names = list(trained)
+        self.ema = self._ema() if cfg.optim.ema else None
 
         self.ssr_truth = None
         if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
@@ -135,7 +168,9 @@ class Trainer(Checkpointing):
             save_yaml(cfg, self.run_dir / "config.yaml")
             if cfg.report_to != "none":
                 scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
-                self.accelerator.init_trackers("sspo", config=scalars)
+                # accelerate's tensorboard tracker logs to <logging_dir>/<project name>: the run's folder within the project's.
+                project = cfg.tracker_project if cfg.report_to == "wandb" else f"{cfg.tracker_project}/{cfg.run_name}"
+                self.accelerator.init_trackers(project, config=scalars, init_kwargs={"wandb": {"name": cfg.run_name}})
 
     # ----------------------------------------------------------------------------------------------
     # Set-up
@@ -192,6 +227,13 @@ class Trainer(Checkpointing):
         else:
             cls = torch.optim.AdamW
         return cls(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
+
+    def _ema(self):
+        from diffusers.training_utils import EMAModel
+
+        # The trained weights only: the frozen rest never changes. The averaged weights are saved through
+        # the family's save_full (copy_to, then save), not EMAModel.save_pretrained, which needs every weight.
+        return EMAModel(self.params, decay=self.cfg.optim.ema_decay)
 
     @property
     def policy(self):
@@ -285,6 +327,8 @@ class Trainer(Checkpointing):
         scaler = self.accelerator.scaler
         if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"]) or scaler is not None):
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
         elif self.cfg.nonfinite == "skip":
             self.nonfinite_skips += 1
         else:
@@ -358,12 +402,40 @@ class Trainer(Checkpointing):
                 f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
 
     def validate(self) -> dict:
-        """On the main process: a grid of the fixed prompts, and a world's exact scores if asked."""
+        """On the main process, with the weights the final model will hold: a grid of the fixed prompts,
+        the mean of every ``validation.metrics`` column over its prompts and a world's exact scores if
+        asked; the scores go to the trackers and ``validation.jsonl``."""
         if not self.accelerator.is_main_process:
             return {}
-        if self.cfg.validation.prompts:
-            self.validation_grid()
-        return self.world_eval() if self.cfg.validation.world_eval else {}
+        vcfg, scores = self.cfg.validation, {}
+        with self.averaged_weights():
+            samples = self._sample(vcfg.prompts) if vcfg.prompts else []
+            if samples:
+                self.validation_grid(samples)
+            if vcfg.metrics:
+                if vcfg.prompt_file is not None:
+                    samples = self._sample(self.metric_prompts)
+                scores |= self.metric_scores(samples)
+            if vcfg.world_eval:
+                scores |= self.world_eval()
+        if scores:
+            self.accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=self.global_step)
+            with open(self.run_dir / "validation.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.global_step, **scores}) + "\n")
+        return scores
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With ``optim.ema``, the policy holds the moving average in the block and its trained weights, bitwise, after it."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     @contextlib.contextmanager
     def _sampling(self):
@@ -374,27 +446,47 @@ class Trainer(Checkpointing):
         finally:
             self.policy.train()
 
-    def validation_grid(self) -> Path:
-        """``validation.prompts`` sampled with the policy: a PNG in the run dir and a tensorboard image
-        (for clips, their middle frames; the whole clips beside it as a GIF)."""
-        from sspo.evaluation.sampling import clip_grid, generate, image_grid, save_animation, save_png
+    def _sample(self, prompts) -> list:
+        """One sample of each prompt with the policy, seeded by ``validation.seed``, as the negatives are sampled."""
+        from sspo.evaluation.sampling import generate
 
-        vcfg, sampler = self.cfg.validation, self.cfg.negatives
+        sampler = self.cfg.negatives
         with self._sampling():
-            images = generate(self.pipe, vcfg.prompts, [vcfg.seed] * len(vcfg.prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale,
-                              size=self.cfg.data.resolution, frames=self.cfg.data.frames)
+            samples = generate(self.pipe, prompts, [self.cfg.validation.seed] * len(prompts), steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+                               size=self.cfg.data.resolution, frames=self.cfg.data.frames)
         fault_point("validation")
+        return samples
+
+    def validation_grid(self, samples: list) -> Path:
+        """The samples of ``validation.prompts``: a PNG in the run dir and a tensorboard image (for clips,
+        their middle frames; the whole clips beside it as a GIF)."""
+        from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
+
+        prompts = self.cfg.validation.prompts
         name = self.run_dir / "validation" / f"step-{self.global_step:08d}"
         if self.family.video:
-            frames = clip_grid([images], [f"step {self.global_step}"], vcfg.prompts)
+            frames = clip_grid([samples], [f"step {self.global_step}"], prompts)
             save_animation(frames, name.with_suffix(".gif"))
             grid = frames[len(frames) // 2]
         else:
-            grid = image_grid([images], [f"step {self.global_step}"], vcfg.prompts)
+            grid = image_grid([samples], [f"step {self.global_step}"], prompts)
         if self.cfg.report_to == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation/grid", np.asarray(grid), self.global_step, dataformats="HWC")
         return save_png(grid, name.with_suffix(".png"))
+
+    def metric_scores(self, samples: list) -> dict[str, float]:
+        """Every column of ``validation.metrics`` averaged over the samples of :attr:`metric_prompts`, the samples sent to the tracker."""
+        from sspo.evaluation.evaluate import score_images
+
+        vcfg = self.cfg.validation
+        with torch.no_grad():
+            scores = score_images(samples, self.metric_prompts, vcfg.metrics, device=self.device, scorer_paths=vcfg.scorer_paths, scorer_options=vcfg.scorer_options)
+        if self.cfg.report_to != "none":
+            stills = np.stack([s[len(s) // 2] if isinstance(s, np.ndarray) else np.asarray(s) for s in samples])  # a clip: its middle frame
+            options = {"dataformats": "NHWC"} if self.cfg.report_to == "tensorboard" else {}
+            self.accelerator.get_tracker(self.cfg.report_to).log_images({"validation/samples": stills}, step=self.global_step, **options)
+        return {column: float(np.mean(values)) for column, values in scores.items()}
 
     def world_eval(self) -> dict:
         """The exact rewards of the world the config names (``cfg.eval_world``) on its seen and
@@ -407,11 +499,7 @@ class Trainer(Checkpointing):
         with self._sampling():
             summary, _ = evaluate_pipeline(self.pipe, eval_cfg)
         fault_point("validation")
-        metrics = {f"reward_{split}": scores[eval_cfg.metric_names[0]] for split, scores in summary.items()}
-        self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=self.global_step)
-        with open(self.run_dir / "validation.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
-        return metrics
+        return {f"reward_{split}": scores[eval_cfg.metric_names[0]] for split, scores in summary.items()}
 
 def _postfix(metrics: dict) -> dict:
     shown = {"loss": f"{metrics['loss']:.4f}"}
@@ -453,6 +541,7 @@ def dry_run(cfg: TrainConfig) -> str:
         config = load_pipeline_config(name, cfg.model.revision)
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None
         model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
+    validation_metric_prompts(cfg, video)
     processes = PartialState().num_processes
     rows = {"model": model, **run_settings(cfg, processes, video)}
     items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)

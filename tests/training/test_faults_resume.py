@@ -30,6 +30,7 @@ ARMS = {
     "spin": ["method=spin"],
     "sspo": [],
     "sspo_full": ["model.lora=false"],
+    "sspo_ema": ["model.lora=false", "optim.ema=true"],  # the final model is the average: a resume must restore it
     "sspo_cached": ["data.cache_latents=true"],  # its own reference: cached latents round differently
 }
 _references: dict[str, Path] = {}
@@ -89,6 +90,7 @@ KILLS = [
     ("spin", ["negatives:2"], []),  # erd last: one checkpoint, one generation chunk per iteration
     ("sspo_full", ["pool_write:2"], []),
     ("sspo_full", ["checkpoint_save:2", "final_save:1"], []),
+    ("sspo_ema", ["step:3", "validation:1"], ["save_every_steps=1", "validation.every_iterations=1", "validation.prompts=a small red circle on the left"]),
 ]
 
 

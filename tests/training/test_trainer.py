@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -6,11 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from sspo.config import load_config
-from sspo.errors import DataError, ModelError
+from sspo.errors import DataError, ModelError, SSPOError
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
 
 from lora_checks import assert_lora_reloads_as_trained
+from scorer_models import clip_model_dir, clip_processor_dir  # noqa: F401  (fixtures)
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-shapes.yaml"
 
@@ -219,3 +221,58 @@ def test_a_parquet_of_many_row_groups_trains_holding_two_of_them(quick_base, tmp
     monkeypatch.setattr(groups, "_group", lambda g, read_group=groups._group: read.append(g) or read_group(g))
     assert (trainer.train() / "pytorch_lora_weights.safetensors").is_file()
     assert len(groups._cache) <= 2 and len(set(read)) == pq.read_metadata(path).num_row_groups == 4  # 16 items of 12 rows: every group read
+
+
+@pytest.mark.parametrize("decay", [0.9999, 0.0])
+def test_the_final_full_finetune_is_the_moving_average_and_decay_0_the_raw_weights(decay, quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "model.lora=false", "optim.ema=true", f"optim.ema_decay={decay}"))
+    final = load_file(trainer.train() / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = dict(zip(trainer.param_names, trainer.params))
+    average = dict(zip(trainer.param_names, trainer.ema.shadow_params))
+    assert all(torch.equal(final[name], average[name]) for name in raw)
+    if decay:
+        assert not all(torch.equal(final[name], raw[name]) for name in raw)
+    else:  # EMAModel steps the average by s - (s - p), which rounds
+        for name in raw:
+            torch.testing.assert_close(final[name], raw[name].detach(), rtol=0, atol=1e-6)
+    pool = load_file(tmp_path / "run" / "pool" / "checkpoint-002.safetensors")  # theta_2 is the raw policy
+    assert all(torch.equal(pool[name], raw[name]) for name in raw)
+    assert "moving average" in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("names, folder", [([], "logs/sspo/run"), (["tracker_project=proj", "tracker_run_name=first try"], "logs/proj/first try")])
+def test_tensorboard_logs_under_the_project_and_run_names(names, folder, quick_base, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft", "report_to=tensorboard", *names))
+    trainer.accelerator.end_training()
+    events = list((tmp_path / "run").rglob("events.out.tfevents*"))
+    assert any(p.parent == tmp_path / "run" / folder for p in events)
+    assert all((tmp_path / "run" / folder) in p.parents for p in events)  # the hyperparameters go to a subfolder of the run's
+
+
+def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples_to_tensorboard(quick_base, clip_model_dir, clip_processor_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on the left, white background\n\na large blue square at the top, black background\n")
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "report_to=tensorboard", "validation.every_iterations=1", "validation.metrics=[shapes, pickscore]",
+                      f"validation.prompt_file={prompts}", f"validation.scorer_paths.pickscore={clip_model_dir}",
+                      f"validation.scorer_options.pickscore.processor={clip_processor_dir}"))
+    rows = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all({"shapes", "shapes.color", "pickscore"} <= set(row) and 0 <= row["shapes"] <= 1 for row in rows)
+    assert all(torch.isfinite(torch.tensor(row["pickscore"])) for row in rows)
+    events = EventAccumulator(str(run / "logs" / "sspo" / "run"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("validation/pickscore")] == [2, 4]
+    assert [e.step for e in events.Images("validation/samples")] == [2, 4]
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["validation.prompt_file=/nonexistent/prompts.txt"], "validation.prompt_file /nonexistent/prompts.txt: no such file"),
+    (["validation.prompts=[a red dragon]"], "metric 'shapes' scores its world's prompts only"),
+])
+def test_validation_metrics_that_cannot_score_are_refused_before_training(overrides, error, quick_base, tmp_path):
+    cfg = tiny_config(tmp_path / "run", quick_base, "validation.every_iterations=1", "validation.metrics=[shapes]", *overrides)
+    with pytest.raises(SSPOError, match=re.escape(error)):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()
