@@ -359,11 +359,13 @@ class Trainer(Checkpointing):
         with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process) as bar:
             while self.global_step < total:
                 iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
-                first = iteration * self.micro_batches_per_iteration + step_in_iteration * accum
-                last = (iteration + 1) * self.micro_batches_per_iteration
-                pregenerated = self.iteration_pairs(list(range(first, last))) if cfg.pregenerate else None
+                start, last = iteration * self.micro_batches_per_iteration, (iteration + 1) * self.micro_batches_per_iteration
+                first = start + step_in_iteration * accum  # after a resume within the iteration, its first micro-batch not yet trained
+                # Pregenerated from the iteration's start even then: generation batches span micro-batches,
+                # and other batches would round the negatives differently from an uninterrupted run.
+                pregenerated = self.iteration_pairs(list(range(start, last))) if cfg.pregenerate else None
                 for m in range(first, last, accum):
-                    batches = pregenerated[m - first : m - first + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
+                    batches = pregenerated[m - start : m - start + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
                     batches = self.pair_builder.complete(batches)
                     if self.ssr_truth is not None:
                         with self._sampling():

@@ -82,6 +82,7 @@ KILLS = [
     ("sspo", ["validation:1"], ["validation.every_iterations=1", "validation.prompts=a small red circle on the left"]),
     ("sspo", ["negatives:2", "negatives:1"], []),
     ("sspo", ["step:3"], ["save_every_steps=1"]),
+    ("sspo", ["step:2"], ["save_every_steps=1"]),  # resumed within an iteration whose negatives were pregenerated
     ("sspo_cached", ["latent_cache:1"], []),
     ("sft", ["step:3"], []),
     ("sspo", ["negatives:2"], ["data.num_workers=2"]),  # read by DataLoader workers: the batches of the training process, resumed exactly
