@@ -10,6 +10,7 @@ from pathlib import Path
 from sspo.config import Registered, check, setting, validate
 from sspo.evaluation.scorers import SCORER_CHOICES
 from sspo.models.families import FAMILIES, TRAIN_MODULES
+from sspo.models.families.flow import FlowConfig
 from sspo.training.data import DataConfig
 from sspo.training.losses import SSR_VARIANTS
 from sspo.training.methods import METHODS, Method
@@ -139,6 +140,7 @@ class TrainConfig:
     negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)  # flow-matching families (SD3, FLUX): sigma's density and the error weights
     method: str = setting("sspo", choices=Registered(METHODS))  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
     beta: float = setting(5000.0, above=0)  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
     ssr: str = setting("sign", choices=SSR_VARIANTS)  # sign | indicator | off (Table 6 ablations); spin and dpo force off

@@ -129,9 +129,10 @@ class Trainer(Checkpointing):
         self.base_model = resolve_model(cfg.model.pretrained, key="model.pretrained")
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant, motion_adapter=cfg.model.motion_adapter)
         self.pipe.to(self.device)
-        self.family = family_of(self.pipe, cfg.model.family)
+        self.family = family_of(self.pipe, cfg.model.family, cfg.flow)
         for name in self.family.frozen_components:
-            self.family.component(name).requires_grad_(False).eval()
+            if (component := self.family.component(name)) is not None:  # SD3 may be saved without T5
+                component.requires_grad_(False).eval()
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
 

@@ -60,7 +60,8 @@ class ModelFamily:
     video: ClassVar[bool] = False  # latents (B, C, F, H, W), sampled clips
     default_guidance_scale: ClassVar[float] = 7.5  # the classifier-free guidance its models are usually sampled with
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, flow=None):
+        """``flow``: a flow-matching family's training options (:class:`~sspo.models.families.flow.FlowConfig`); the others have none."""
         self.pipe = pipe
 
     @classmethod
@@ -293,14 +294,15 @@ def register(family: type[ModelFamily]) -> type[ModelFamily]:
     return family
 
 
-def family_of(pipe, name: str = "auto") -> ModelFamily:
-    """The family ``name`` bound to ``pipe``; ``auto``: the registered family that detects it."""
+def family_of(pipe, name: str = "auto", flow=None) -> ModelFamily:
+    """The family ``name`` bound to ``pipe``; ``auto``: the registered family that detects it.
+    ``flow``: the training options of a flow-matching family (``TrainConfig.flow``)."""
     if name != "auto":
         if name not in FAMILIES:
             raise ModelError(f"model family {name!r} is not registered; use one of auto, {', '.join(FAMILIES)}")
-        return FAMILIES[name](pipe)
+        return FAMILIES[name](pipe, flow)
     components = pipe if isinstance(pipe, Mapping) else pipe.components
     for family in FAMILIES.values():
         if family.detects(components):
-            return family(pipe)
+            return family(pipe, flow)
     raise ModelError(f"{type(pipe).__name__} is of no known model family; sspo trains {', '.join(FAMILIES)} pipelines (set model.family to name one)")

@@ -1,0 +1,38 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer over 16-channel latents, trained by flow matching;
+conditioned on two CLIP encoders' and T5's token embeddings and the CLIPs' pooled embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from sspo.models.condition import TextCondition
+from sspo.models.families.base import register
+from sspo.models.families.flow import FlowMatchingFamily
+
+
+@register
+class StableDiffusion3(FlowMatchingFamily):
+    name = "sd3"
+    frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    default_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+
+    @classmethod
+    def detects(cls, components: Mapping[str, Any]) -> bool:
+        return "transformer" in components and "text_encoder_3" in components
+
+    def condition_kwargs(self, cond: TextCondition) -> dict:
+        return {"encoder_hidden_states": cond.embeds, "pooled_projections": cond.pooled}
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        return denoiser(hidden_states=noisy, timestep=timesteps, **self.condition_kwargs(cond)).sample
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], device, size: int | None = None,
+                       sizes_and_crops: Sequence[Sequence[int]] | None = None) -> TextCondition:
+        """The pipeline's own encoding (T5's embeddings are zeros in a pipeline saved without T5, as SD3 allows)."""
+        prompts = list(prompts)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return TextCondition(embeds, pooled)
