@@ -79,21 +79,25 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
         config = dict(DiffusionPipeline.load_config(_locate(model), revision=revision))
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
-    if "unet" not in config:
-        raise ModelError(f"model {model} ({config.get('_class_name')}) has no UNet; sspo trains UNet pipelines such as SD-1.5, SDXL and AnimateDiff")
-    if "motion_adapter" not in config and "MotionModel" in str(config["unet"]):
+    from sspo.models.families import FAMILIES
+
+    if not any(family.detects(config) for family in FAMILIES.values()):
+        raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains SD-1.5, SDXL, AnimateDiff and SD3 pipelines")
+    if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
     return config
 
 
 def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None,
                   variant: str | None = None, motion_adapter: str | Path | None = None):
-    """Load an SD-1.5, SDXL or AnimateDiff pipeline from a hub id or a local folder, with an optional
+    """Load an SD-1.5, SDXL, AnimateDiff or SD3 pipeline from a hub id or a local folder, with an optional
     LoRA; ``motion_adapter`` makes an image pipeline (SD-1.5) an AnimateDiff one."""
     from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter
 
-    config = load_pipeline_config(model, revision)  # a model without a UNet is named here, before any weights load
+    config = load_pipeline_config(model, revision)  # a model of no known family is named here, before any weights load
     extra = {"safety_checker": None} if "safety_checker" in config else {}
+    # A component saved as absent (SD3 without T5) must be passed as None, or from_pretrained asks for it.
+    extra |= {name: None for name, value in config.items() if value == [None, None]}
     loader = DiffusionPipeline
     if motion_adapter:
         local = Path(str(motion_adapter)).expanduser()
