@@ -61,10 +61,10 @@ def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, 
 
 def test_a_model_of_another_family_is_named_before_loading(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
-    with pytest.raises(ModelError, match=r"\(PixArtAlphaPipeline\) has no UNet"):
+    with pytest.raises(ModelError, match=r"\(PixArtAlphaPipeline\) is of no model family sspo trains"):
         load_pipeline(tmp_path)
     assert main(["train", "configs/demo-shapes.yaml", f"model.pretrained={tmp_path}", f"output_dir={tmp_path / 'run'}", "report_to=none"]) == 2
-    assert "has no UNet; sspo trains UNet pipelines such as SD-1.5, SDXL and AnimateDiff" in one_error_line(capsys)
+    assert "is of no model family sspo trains; it trains SD-1.5, SDXL, AnimateDiff and SD3 pipelines" in one_error_line(capsys)
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
