@@ -37,6 +37,9 @@ class FlowConfig:
     logit_mean: float = 0.0  # logit_normal: sigma = sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = setting(1.0, above=0)
     mode_scale: float = setting(1.29, at_least=0)  # mode: how much mass moves to mid sigmas (0: uniform)
+    # FLUX-dev's guidance embedding in training (diffusers' FLUX scripts' --guidance_scale); ignored by a
+    # model without one (FLUX-schnell, SD3). Sampling negatives uses negatives.guidance_scale instead.
+    guidance_scale: float = setting(3.5, at_least=0)
 
     def __post_init__(self) -> None:
         validate(self, "flow.")
