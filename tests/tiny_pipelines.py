@@ -71,3 +71,40 @@ def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_flux_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0,
+                        guidance_embeds: bool = True) -> Path:
+    """Save a randomly initialised tiny ``FluxPipeline`` (the FLUX.1 code path, offline).
+
+    As in FLUX.1: a CLIP text encoder for the pooled embedding, a T5 encoder for the token
+    embeddings, a VAE with a shift factor, and a transformer over 2x2 patches of the latents
+    (``in_channels`` 4x the VAE's) with a guidance embedding when ``guidance_embeds`` (FLUX-dev; off:
+    schnell). The scheduler is FLUX-dev's: its dynamic shift grows with the image's sequence length
+    from 256 to 4096 tokens (a 512 to 1024 px image of FLUX.1) and extrapolates linearly outside.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from sspo.models.tiny import write_t5_tokenizer
+
+    folder = Path(folder)
+    size = size or TinySize.preset("quick")
+    words = list(words or vocabulary())
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2", words)
+    t5_hidden = 32
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_hidden, d_kv=8, d_ff=2 * t5_hidden, num_layers=1, num_heads=4,
+                                             pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id))
+    vae = vae_for(size)
+    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE's
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * size.latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=t5_hidden, pooled_projection_dim=size.text_hidden, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder_for(size, tokenizer), tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -82,7 +82,7 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     from sspo.models.families import FAMILIES
 
     if not any(family.detects(config) for family in FAMILIES.values()):
-        raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains SD-1.5, SDXL, AnimateDiff and SD3 pipelines")
+        raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains SD-1.5, SDXL, AnimateDiff, SD3 and FLUX.1 pipelines")
     if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
     return config
@@ -90,7 +90,7 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
 
 def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None,
                   variant: str | None = None, motion_adapter: str | Path | None = None):
-    """Load an SD-1.5, SDXL, AnimateDiff or SD3 pipeline from a hub id or a local folder, with an optional
+    """Load an SD-1.5, SDXL, AnimateDiff, SD3 or FLUX.1 pipeline from a hub id or a local folder, with an optional
     LoRA; ``motion_adapter`` makes an image pipeline (SD-1.5) an AnimateDiff one."""
     from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter
 

@@ -74,6 +74,30 @@ def write_word_tokenizer(folder: str | Path, words: Sequence[str], max_length: i
     return tokenizer
 
 
+def write_t5_tokenizer(folder: str | Path, words: Sequence[str], max_length: int = 16):
+    """Write a T5 tokenizer (``tokenizer.json``) in which every world word is one token.
+
+    A SentencePiece-style unigram vocabulary of the words (with and without the word-start marker)
+    and their characters, so any text still tokenizes; stock ``T5TokenizerFast.from_pretrained``
+    loads it, as FLUX's and SD3's pipelines do.
+    """
+    from transformers import T5TokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted(set(words))
+    characters = sorted({c for word in words for c in word})
+    # Whole words score above their pieces, so the unigram model keeps each word one token.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{word}", -1.0) for word in words] + [(word, -1.5) for word in words] + [(c, -10.0) for c in characters]
+    tokenizer = T5TokenizerFast(vocab=list(dict.fromkeys(vocab)), extra_ids=0, model_max_length=max_length)
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        check(len(ids) == 1, "tokenizer", f"world word {word!r} tokenizes to {len(ids)} tokens, expected 1")
+    tokenizer.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
+
+
 def _learn_bpe(words: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Byte-pair encoding learned on ``words`` until each is one token: (alphabet, merges).
 

@@ -34,7 +34,7 @@ class ModelConfig:
     motion_adapter: str | None = None
     # The model family (sspo/models/families/): how training draws timesteps and adds noise, what the
     # denoiser predicts, how negatives are sampled, what LoRA wraps, how weights are saved.
-    # "auto": the registered family that recognises the pipeline (sd, sdxl, animatediff).
+    # "auto": the registered family that recognises the pipeline (sd, sdxl, animatediff, sd3, flux).
     family: str = setting("auto", choices=Registered(FAMILIES, "auto"))
     lora: bool = True  # False: full fine-tuning of what `train_modules` names
     # What trains: "unet" (every layer of the denoiser), "motion" (a video model's motion modules
@@ -85,7 +85,8 @@ class SamplerConfig:
     scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler
     steps: int = setting(20, at_least=1)
     # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 5; else by
-    # family: SD-1.5 and AnimateDiff 7.5, SDXL 5), recorded resolved in the run's config.yaml.
+    # family: SD-1.5 and AnimateDiff 7.5, SDXL 5, FLUX.1 3.5), recorded resolved in the run's config.yaml.
+    # FLUX-dev takes it as its guidance embedding's input, not as classifier-free guidance.
     guidance_scale: float | None = setting(None, at_least=0)
     eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
     batch_size: int = setting(64, at_least=1)  # generation batch (grouped by checkpoint), independent of training batch

@@ -75,4 +75,4 @@ def test_model_family_accepts_registered_names_only(upper_quarter):
     assert ModelConfig(family=upper_quarter.name).family == upper_quarter.name
     assert ModelConfig(family="auto").family == "auto"
     with pytest.raises(ConfigError, match="model.family.*'auto', 'sd'"):
-        ModelConfig(family="flux")
+        ModelConfig(family="kandinsky")

@@ -35,7 +35,7 @@ class AnimateDiff(ModelFamily):
     def _sample_kwargs(self, latent_size: Sequence[int]) -> dict:
         return {"num_frames": latent_size[0]}
 
-    def _sampled_latents(self, out) -> torch.Tensor:
+    def _sampled_latents(self, out, latent_size: Sequence[int]) -> torch.Tensor:
         return out.frames
 
     def lora_targets(self, denoiser, targets: Sequence[str], trained: str) -> list[str] | str:

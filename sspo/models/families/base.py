@@ -59,6 +59,7 @@ class ModelFamily:
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")  # encoders, frozen in training
     video: ClassVar[bool] = False  # latents (B, C, F, H, W), sampled clips
     default_guidance_scale: ClassVar[float] = 7.5  # the classifier-free guidance its models are usually sampled with
+    samples_with_negative_prompt: ClassVar[bool] = True  # sampling passes the empty prompt to the pipeline as its negative
 
     def __init__(self, pipe, flow=None):
         """``flow``: a flow-matching family's training options (:class:`~sspo.models.families.flow.FlowConfig`); the others have none."""
@@ -172,7 +173,7 @@ class ModelFamily:
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         cond = cond.to(device)
         out = pipeline(
-            **cond.pipeline_kwargs(uncond.repeat(len(cond)).to(device)),
+            **cond.pipeline_kwargs(uncond.repeat(len(cond)).to(device) if self.samples_with_negative_prompt else None),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generators,
@@ -182,12 +183,13 @@ class ModelFamily:
             **sampler.call_kwargs,
             **self._sample_kwargs(latent_size),
         )
-        return self._sampled_latents(out).float().cpu()
+        return self._sampled_latents(out, latent_size).float().cpu()
 
     def _sample_kwargs(self, latent_size: Sequence[int]) -> dict:
         return {}
 
-    def _sampled_latents(self, out) -> torch.Tensor:
+    def _sampled_latents(self, out, latent_size: Sequence[int]) -> torch.Tensor:
+        """The latents of ``latent_size`` in the pipeline's output."""
         return out.images
 
     # ----------------------------------------------------------------------------------------------
