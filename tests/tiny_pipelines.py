@@ -1,5 +1,5 @@
-"""Tiny AnimateDiff and SDXL pipelines, saved offline from sspo's tiny components: the video and
-SDXL code paths in tests (a module, not a conftest, so it can be imported)."""
+"""Tiny AnimateDiff, SDXL and SD3 pipelines, saved offline from sspo's tiny components: the video,
+SDXL and flow-matching code paths in tests (a module, not a conftest, so it can be imported)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AnimateDiffPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from sspo.models.tiny import TinySize, motion_adapter_for, scheduler_for, text_encoder_for, unet_for, vae_for, video_size, word_table_text_encoder, write_word_tokenizer
 from sspo.worlds.shapes.world import vocabulary
@@ -68,6 +75,42 @@ def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
         ),
         scheduler=scheduler_for(),
         add_watermarker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny ``StableDiffusion3Pipeline`` (the flow-matching code path, offline).
+
+    As in SD3: two CLIP encoders with projections (their penultimate hidden states concatenated,
+    their pooled embeddings too), an MMDiT transformer and a shifted flow-matching Euler scheduler.
+    Without T5, as SD3 allows (``text_encoder_3=None``): the pipeline pads the CLIP embeddings with
+    zeros where T5's would go; plain diffusers loads it with
+    ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
+    """
+    folder = Path(folder)
+    size = size or TinySize.preset("quick")
+    words = list(words or vocabulary())
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
+    latent_side = size.image_size // 2 ** (len(size.vae_channels) - 1)
+    pipe = StableDiffusion3Pipeline(
+        vae=vae_for(size),
+        text_encoder=text_encoder_for(size, tokenizer, with_projection=True),
+        text_encoder_2=text_encoder_for(size, tokenizer_2, with_projection=True),
+        text_encoder_3=None,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        tokenizer_3=None,
+        transformer=SD3Transformer2DModel(
+            sample_size=latent_side, patch_size=2, in_channels=size.latent_channels, out_channels=size.latent_channels,
+            num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * size.text_hidden,
+            caption_projection_dim=16, pooled_projection_dim=2 * size.text_hidden,
+            pos_embed_max_size=latent_side,  # in patches of 2: latents up to twice the native side (training at 2x resolution)
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
