@@ -18,15 +18,9 @@ from sspo.training.trainer import Trainer, train
 from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
 
 from test_trainer import metrics
-from tiny_pipelines import build_sd3_pipeline
 
 PROMPT = "a large red circle on the left, white background"
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # what plain diffusers needs to load an SD3 saved without T5
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory) -> str:
-    return str(build_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline"))
 
 
 @pytest.fixture(scope="session")
