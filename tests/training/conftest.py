@@ -15,10 +15,3 @@ def finished_run(quick_base, tmp_path_factory) -> Path:
     train(tiny_config(run, quick_base))
     return run
 
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory) -> str:
-    """A tiny offline StableDiffusion3Pipeline (two CLIPs, no T5), built once per session."""
-    from tiny_pipelines import build_sd3_pipeline
-
-    return str(build_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline"))
