@@ -96,8 +96,10 @@ def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, s
     tokenizer = write_word_tokenizer(folder / "tokenizer", words)
     tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
     latent_side = size.image_size // 2 ** (len(size.vae_channels) - 1)
+    vae = vae_for(size)
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's: its latents are shifted, then scaled
     pipe = StableDiffusion3Pipeline(
-        vae=vae_for(size),
+        vae=vae,
         text_encoder=text_encoder_for(size, tokenizer, with_projection=True),
         text_encoder_2=text_encoder_for(size, tokenizer_2, with_projection=True),
         text_encoder_3=None,

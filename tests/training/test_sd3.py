@@ -83,15 +83,15 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import save_file
 
-base, lora, out = sys.argv[1:]
+base, lora, prompt, out = sys.argv[1:]
 pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None)
 pipe.set_progress_bar_config(disable=True)
 def sample():
-    return pipe("%s", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
 before = sample()
 pipe.load_lora_weights(lora)
 save_file({"before": before.contiguous(), "after": sample().contiguous()}, out)
-""" % PROMPT
+"""
 
 
 def test_the_lora_loads_in_stock_diffusers_and_samples_as_trained(tiny_sd3, pairs, tmp_path):
@@ -100,7 +100,7 @@ def test_the_lora_loads_in_stock_diffusers_and_samples_as_trained(tiny_sd3, pair
     with torch.no_grad():
         trained = sample(trainer.pipe)
     out = tmp_path / "latents.safetensors"
-    proc = subprocess.run([sys.executable, "-c", STOCK_LOADING, tiny_sd3, str(final), str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOADING, tiny_sd3, str(final), PROMPT, str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stock = load_file(str(out))
     assert not torch.allclose(stock["before"], stock["after"], atol=1e-3)  # the LoRA changes the image
@@ -123,3 +123,13 @@ def test_a_diffusion_sampler_is_refused_in_one_line(tiny_sd3, pairs, tmp_path):
 
     with pytest.raises(SSPOError, match="negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"):
         train(sd3_config(tmp_path / "run", tiny_sd3, pairs, "negatives.scheduler=ddim"))
+
+
+def test_sspo_sample_draws_a_grid_from_the_trained_lora(tiny_sd3, pairs, tmp_path):
+    """The VAE's shift_factor (SD3's latents are shifted, then scaled) is undone in decoding."""
+    from sspo.cli import main
+
+    final = train(sd3_config(tmp_path / "run", tiny_sd3, pairs, "method=sft", "iterations=1"))
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", tiny_sd3, "--lora", str(final), "--prompt", PROMPT, "--steps", "2", "--out", str(grid)]) == 0
+    assert grid.is_file()
