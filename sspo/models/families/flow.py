@@ -34,7 +34,7 @@ class FlowConfig:
     """How a flow-matching family (SD3, FLUX) draws sigma and weights errors in training; ignored by the others."""
 
     weighting_scheme: str = setting("logit_normal", choices=WEIGHTING_SCHEMES)  # logit_normal (diffusers' SD3/FLUX default) | mode | none | sigma_sqrt | cosmap
-    logit_mean: float = 0.0  # logit_normal: sigma = sigmoid(N(logit_mean, logit_std^2))
+    logit_mean: float = setting(0.0, at_least=-5, at_most=5)  # logit_normal: sigma = sigmoid(N(logit_mean, logit_std^2)); beyond +-5 nearly every sigma is 0 or 1
     logit_std: float = setting(1.0, above=0)
     mode_scale: float = setting(1.29, at_least=0)  # mode: how much mass moves to mid sigmas (0: uniform)
 
