@@ -23,3 +23,11 @@ def quick_base() -> str:
     from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
     return str(build_base(BaseConfig.preset("quick")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    """A tiny offline StableDiffusion3Pipeline (two CLIPs, no T5), built once per session."""
+    from tiny_pipelines import build_sd3_pipeline
+
+    return str(build_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline"))

@@ -79,7 +79,7 @@ def test_a_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
     assert main(["train", "sd15-lroa", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sspo: error: config file sd15-lroa does not exist; pass a YAML file, or a shipped config by name: ") and "\n" not in err
-    assert "demo-shapes, " in err and "sd15-lora, sdxl-lora" in err
+    assert "demo-shapes, " in err and "sd15-lora, sd35-lora, sdxl-lora" in err
 
 
 def test_save_yaml_roundtrip(tmp_path):

@@ -9,12 +9,12 @@ from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
 from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
 
-from tiny_pipelines import build_flux_pipeline, build_sdxl_pipeline
+from tiny_pipelines import build_flux_pipeline, build_sd3_pipeline, build_sdxl_pipeline
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TRAINING = sorted(CONFIGS.glob("*.yaml"))
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
-REAL = ["sd15-lora.yaml", "sd15-full.yaml", "sdxl-lora.yaml", "flux-lora.yaml"]
+REAL = ["sd15-lora.yaml", "sd15-full.yaml", "sdxl-lora.yaml", "sd35-lora.yaml", "flux-lora.yaml"]
 VIDEO = "animatediff-lora.yaml"
 
 
@@ -57,13 +57,14 @@ def pairs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", REAL)
 def test_real_configs_train_with_tiny_stand_ins(name, quick_base, pairs, tmp_path, bf16_runs):
     """The config's own settings (bf16, gradient checkpointing, sampler, validation grid) on tiny sizes."""
-    builders = {"sdxl": build_sdxl_pipeline, "flux": build_flux_pipeline}
-    builder = next((build for family, build in builders.items() if family in name), None)
+    builders = {"sdxl": build_sdxl_pipeline, "sd35": build_sd3_pipeline, "flux": build_flux_pipeline}
+    builder = next((build for prefix, build in builders.items() if name.startswith(prefix)), None)
     model = str(builder(tmp_path / "model")) if builder else quick_base
     tiny = [
         f"model.pretrained={model}", f"data.path={pairs}", "data.resolution=32", f"output_dir={tmp_path / 'run'}",
         "report_to=none", "iterations=1", "steps_per_iteration=1", "optim.batch_size=2",
         "optim.gradient_accumulation_steps=2", "negatives.steps=2", 'validation.prompts=["a large red circle on the left, white background"]',
+        f"data.cache_dir={tmp_path / 'latents'}",
         "optim.use_8bit_adam=false",  # bitsandbytes' 8-bit Adam needs CUDA
     ]
     final = train(load_config(TrainConfig, CONFIGS / name, tiny))

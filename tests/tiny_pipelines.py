@@ -1,5 +1,5 @@
-"""Tiny AnimateDiff and SDXL pipelines, saved offline from sspo's tiny components: the video and
-SDXL code paths in tests (a module, not a conftest, so it can be imported)."""
+"""Tiny AnimateDiff, SDXL, SD3 and FLUX pipelines, saved offline from sspo's tiny components: the video,
+SDXL and flow-matching code paths in tests (a module, not a conftest, so it can be imported)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AnimateDiffPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from sspo.models.tiny import TinySize, motion_adapter_for, scheduler_for, text_encoder_for, unet_for, vae_for, video_size, word_table_text_encoder, write_word_tokenizer
 from sspo.worlds.shapes.world import vocabulary
@@ -83,7 +90,7 @@ def build_flux_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
     schnell). The scheduler is FLUX-dev's: its dynamic shift grows with the image's sequence length
     from 256 to 4096 tokens (a 512 to 1024 px image of FLUX.1) and extrapolates linearly outside.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     from sspo.models.tiny import write_t5_tokenizer
@@ -106,5 +113,43 @@ def build_flux_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder_for(size, tokenizer), tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny ``StableDiffusion3Pipeline`` (the flow-matching code path, offline).
+
+    As in SD3: two CLIP encoders with projections (their penultimate hidden states concatenated,
+    their pooled embeddings too), an MMDiT transformer and a shifted flow-matching Euler scheduler.
+    Without T5, as SD3 allows (``text_encoder_3=None``): the pipeline pads the CLIP embeddings with
+    zeros where T5's would go; plain diffusers loads it with
+    ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
+    """
+    folder = Path(folder)
+    size = size or TinySize.preset("quick")
+    words = list(words or vocabulary())
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(folder / "tokenizer", words)
+    tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
+    latent_side = size.image_size // 2 ** (len(size.vae_channels) - 1)
+    vae = vae_for(size)
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's: its latents are shifted, then scaled
+    pipe = StableDiffusion3Pipeline(
+        vae=vae,
+        text_encoder=text_encoder_for(size, tokenizer, with_projection=True),
+        text_encoder_2=text_encoder_for(size, tokenizer_2, with_projection=True),
+        text_encoder_3=None,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        tokenizer_3=None,
+        transformer=SD3Transformer2DModel(
+            sample_size=latent_side, patch_size=2, in_channels=size.latent_channels, out_channels=size.latent_channels,
+            num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * size.text_hidden,
+            caption_projection_dim=16, pooled_projection_dim=2 * size.text_hidden,
+            pos_embed_max_size=latent_side,  # in patches of 2: latents up to twice the native side (training at 2x resolution)
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

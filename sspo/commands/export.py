@@ -27,7 +27,7 @@ from sspo.training.pool import CheckpointPool
 
 FORMATS = ("kohya", "diffusers")
 FINAL = "final"
-DENOISER = "unet"  # the pipeline component every family sspo trains (SD-1.5, SDXL, AnimateDiff) fine-tunes
+DENOISER = "unet"  # the pipeline component export converts: a UNet (SD-1.5, SDXL, AnimateDiff)
 _METADATA_KEY = "lora_adapter_metadata"  # where save_lora_weights puts the adapter's config in the file
 
 
@@ -67,6 +67,18 @@ def _check_lora_run(run: Path) -> None:
     if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
         where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")
         raise SSPOError(f"{run} fine-tuned the whole model, not a LoRA: export is for LoRA runs; the full model is {where}, which DiffusionPipeline.from_pretrained loads")
+    denoiser = _lora_component(final / LORA_FILE)
+    if denoiser not in (None, DENOISER):
+        raise SSPOError(f"{run} trained a LoRA of the {denoiser}, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); "
+                        f"{final / LORA_FILE} is already the file the pipeline's load_lora_weights reads")
+
+
+def _lora_component(file: Path) -> str | None:
+    """The pipeline component a diffusers-format LoRA file adapts, by its keys' prefix (None: no such file)."""
+    if not file.is_file():
+        return None
+    handle, _ = open_tensors(file, what="the final LoRA", fix="restore it, or train the run again")
+    return next(iter(handle.keys()), DENOISER).split(".")[0]
 
 
 def _pool_index(checkpoint: str) -> int:

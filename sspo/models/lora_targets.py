@@ -1,4 +1,4 @@
-"""``model.lora_targets`` checked against the UNet they are meant for, before peft wraps anything.
+"""``model.lora_targets`` checked against the denoiser they are meant for, before peft wraps anything.
 
 peft wraps a layer when its name is a target or ends with ``.<target>``; a target that names no
 layer is skipped (when every target misses, peft raises deep inside). So a misspelt target would
@@ -20,18 +20,18 @@ LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3
 _SHOWN = 30  # layer names an error lists (a UNet of the SD family has about 20 distinct ones)
 
 
-def lora_layer_names(unet, motion_only: bool) -> list[str]:
-    """The full names of the layers LoRA can wrap: all of the UNet's, or its motion modules' only."""
-    return [name for name, module in unet.named_modules() if isinstance(module, LORA_LAYERS) and (not motion_only or re.search(r"(^|\.)motion_modules\.", name))]
+def lora_layer_names(denoiser, motion_only: bool) -> list[str]:
+    """The full names of the layers LoRA can wrap: all of the denoiser's, or its motion modules' only."""
+    return [name for name, module in denoiser.named_modules() if isinstance(module, LORA_LAYERS) and (not motion_only or re.search(r"(^|\.)motion_modules\.", name))]
 
 
-def check_lora_targets(unet, targets: Sequence[str], motion_only: bool) -> None:
-    """Refuse targets that name no layer LoRA can wrap, listing layer names the UNet has."""
-    layers = lora_layer_names(unet, motion_only)
+def check_lora_targets(denoiser, targets: Sequence[str], motion_only: bool, label: str) -> None:
+    """Refuse targets that name no layer LoRA can wrap, listing layer names the denoiser (``label``: what messages call it) has."""
+    layers = lora_layer_names(denoiser, motion_only)
     missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in layers)]
     if not missing:
         return
-    where = "motion modules" if motion_only else "UNet"
+    where = "motion modules" if motion_only else label
     short = sorted({_short_name(name) for name in layers})
     close = [n for t in missing for n in difflib.get_close_matches(t, short, n=3)]
     shown = list(dict.fromkeys([*close, *short]))[:_SHOWN]

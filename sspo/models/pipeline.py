@@ -1,8 +1,9 @@
 """Diffusers pipelines as the trainer sees them: loaded (with a LoRA) and checked, and their latents.
 
-One code path serves SD-1.5, SDXL and AnimateDiff (and the tiny shapes-world pipelines, which are
-the same classes with small sizes); what differs between them is their model family
-(sspo/models/families/); video latents are ``(B, C, F, H, W)``.
+One code path serves SD-1.5, SDXL, AnimateDiff and SD3 (and the tiny shapes-world pipelines, which
+are the same classes with small sizes); what differs between them is their model family
+(sspo/models/families/): a UNet or a transformer, diffusion or flow matching. Video latents are
+``(B, C, F, H, W)``.
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ def _check_motion_adapter(model, adapter_name, adapter: dict, revision: str | No
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, 3, H, W]`` in [-1, 1] to scaled latents ``[B, C, h, w]`` (the posterior mean, so
-    the same image gives the same x0). Clips ``[B, F, 3, H, W]`` go through the image VAE as B * F
+    """Images ``[B, 3, H, W]`` in [-1, 1] to latents ``[B, C, h, w]``, shifted (SD3) and scaled as the
+    pipeline does (the posterior mean, so the same image gives the same x0). Clips ``[B, F, 3, H, W]`` go through the image VAE as B * F
     images and come back as ``[B, C, F, h, w]``, the layout of diffusers' video UNets (AnimateDiff)."""
     if images.ndim == 5:
         latents = encode_images(vae, images.flatten(0, 1))

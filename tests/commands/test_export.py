@@ -143,6 +143,15 @@ def test_a_full_fine_tuning_run_is_refused_with_where_its_model_is(fmt, full_run
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_a_transformer_lora_is_refused_with_the_file_that_loads(fmt, tiny_sd3, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "lora.safetensors"
+    train(tiny_config(run, tiny_sd3, "method=sft", "negatives.scheduler=pipeline", "model.lora_targets=[to_q]", "iterations=1", "steps_per_iteration=1"))
+    status, line = export(capsys, run, "--format", fmt, "--out", str(out))
+    assert status == 2 and "trained a LoRA of the transformer, not of a UNet" in line and f"{run / 'final' / 'pytorch_lora_weights.safetensors'} is already" in line
+    assert not out.exists()
+
+
 def test_an_existing_file_is_kept_unless_forced(lora_run, tmp_path, capsys):
     out = tmp_path / "lora.safetensors"
     out.write_bytes(b"someone's file")

@@ -1,4 +1,4 @@
-"""``model.lora_targets`` must name layers of the UNet: a target that names none is one line, not a LoRA that trains less (or nothing)."""
+"""``model.lora_targets`` must name layers of the denoiser (a UNet, an SD3 transformer): a target that names none is one line, not a LoRA that trains less (or nothing)."""
 
 import pytest
 
@@ -15,12 +15,12 @@ def unet(quick_base):
 
 
 def test_targets_naming_layers_pass(unet):
-    check_lora_targets(unet, ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"), motion_only=False)
+    check_lora_targets(unet, ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"), motion_only=False, label="UNet")
 
 
 def test_unknown_targets_are_named_with_layer_names_the_unet_has(unet):
     with pytest.raises(ConfigError) as info:
-        check_lora_targets(unet, ("to_q", "to_qq", "bogus"), motion_only=False)
+        check_lora_targets(unet, ("to_q", "to_qq", "bogus"), motion_only=False, label="UNet")
     message = str(info.value)
     assert message.startswith("config key 'model.lora_targets': 'to_qq', 'bogus' name no layer of the UNet that LoRA can wrap; layer names there include to_q,")
     assert "to_out.0" in message and message.endswith("set model.lora_targets to some of them")
@@ -29,14 +29,24 @@ def test_unknown_targets_are_named_with_layer_names_the_unet_has(unet):
 def test_a_module_that_is_not_a_layer_is_refused(unet):
     """peft wraps layers (linear, conv, embedding), not the blocks holding them."""
     with pytest.raises(ConfigError, match=r"'down_blocks' names no layer of the UNet"):
-        check_lora_targets(unet, ("down_blocks",), motion_only=False)
+        check_lora_targets(unet, ("down_blocks",), motion_only=False, label="UNet")
 
 
 def test_motion_only_targets_must_be_in_the_motion_modules():
     video_unet = load_pipeline(resolve_model("moving-shapes-base:quick")).unet
-    check_lora_targets(video_unet, ("to_q", "to_out.0"), motion_only=True)
+    check_lora_targets(video_unet, ("to_q", "to_out.0"), motion_only=True, label="UNet")
     with pytest.raises(ConfigError, match=r"'conv1' names no layer of the motion modules"):
-        check_lora_targets(video_unet, ("to_q", "conv1"), motion_only=True)  # conv1 is in the UNet's resnets only
+        check_lora_targets(video_unet, ("to_q", "conv1"), motion_only=True, label="UNet")  # conv1 is in the UNet's resnets only
+
+
+def test_a_transformer_is_named_as_such(tiny_sd3):
+    """The demo's convolution targets name no layer of an SD3 transformer, which the message calls what it is."""
+    from sspo.models.families import family_of
+
+    family = family_of(load_pipeline(tiny_sd3))
+    assert family.lora_targets(family.denoiser, ("to_q", "to_out.0", "add_k_proj"), "unet") == ["to_q", "to_out.0", "add_k_proj"]
+    with pytest.raises(ConfigError, match=r"'conv1' names no layer of the transformer that LoRA can wrap; layer names there include"):
+        family.lora_targets(family.denoiser, ("to_q", "conv1"), "unet")
 
 
 def test_training_with_an_unknown_target_stops_in_one_line(quick_base, tmp_path, capsys):

@@ -14,3 +14,4 @@ def finished_run(quick_base, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     train(tiny_config(run, quick_base))
     return run
+

@@ -32,18 +32,26 @@ ARMS = {
     "sspo_full": ["model.lora=false"],
     "sspo_ema": ["model.lora=false", "optim.ema=true"],  # the final model is the average: a resume must restore it
     "sspo_cached": ["data.cache_latents=true"],  # its own reference: cached latents round differently
+    # A flow-matching model (the tiny SD3 of `model_of`): sigma draws, velocity errors, the flow Euler sampler
+    "sspo_sd3": ["negatives.scheduler=pipeline", "model.lora_targets=[to_q, to_k, to_v, to_out.0]"],
 }
 _references: dict[str, Path] = {}
 
 
 @pytest.fixture
-def reference(quick_base, tmp_path_factory):
+def model_of(quick_base, request):
+    """``model_of(arm)``: the base model an arm trains (the tiny SD3 pipeline, built only when an SD3 arm runs)."""
+    return lambda arm: request.getfixturevalue("tiny_sd3") if arm.endswith("_sd3") else quick_base
+
+
+@pytest.fixture
+def reference(model_of, tmp_path_factory):
     """``reference(arm)``: the folder of an uninterrupted run of ``arm``, one per arm and test process."""
 
     def run(arm: str) -> Path:
         if arm not in _references:
             out = tmp_path_factory.mktemp(f"reference-{arm}")
-            train(tiny_config(out, quick_base, *ARMS[arm], f"data.cache_dir={out / 'latents'}"))
+            train(tiny_config(out, model_of(arm), *ARMS[arm], f"data.cache_dir={out / 'latents'}"))
             _references[arm] = out
         return _references[arm]
 
@@ -91,22 +99,23 @@ KILLS = [
     ("spin", ["negatives:2"], []),  # erd last: one checkpoint, one generation chunk per iteration
     ("sspo_full", ["pool_write:2"], []),
     ("sspo_full", ["checkpoint_save:2", "final_save:1"], []),
+    ("sspo_sd3", ["step:2", "negatives:1"], ["save_every_steps=1"]),  # resumed within an iteration, then killed sampling the next one
     ("sspo_ema", ["step:3", "validation:1"], ["save_every_steps=1", "validation.every_iterations=1", "validation.prompts=a small red circle on the left"]),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arm,faults,overrides", KILLS, ids=[f"{arm}-{'-'.join(f)}" for arm, f, _ in KILLS])
-def test_killed_at_a_named_phase_resumes_to_the_same_weights_and_pool(arm, faults, overrides, reference, quick_base, tmp_path):
+def test_killed_at_a_named_phase_resumes_to_the_same_weights_and_pool(arm, faults, overrides, reference, model_of, tmp_path):
     expected = results(reference(arm))
-    run = tmp_path / "run"
+    run, model = tmp_path / "run", model_of(arm)
     overrides = [*ARMS[arm], f"data.cache_dir={tmp_path / 'latents'}", *overrides]
     for i, fault in enumerate(faults):
-        kill_cli_run(run, quick_base, overrides, fault, resume=i > 0)
+        kill_cli_run(run, model, overrides, fault, resume=i > 0)
         assert_saved_states_intact(run)
         if "checkpoints_total_limit=1" in overrides:  # killed saving step 4: step 2 is still there
             assert [p.name for p in saved_states(run)] == ["step-00000002"]
-    train(tiny_config(run, quick_base, *overrides), resume=True)
+    train(tiny_config(run, model, *overrides), resume=True)
     assert results(run) == expected
     assert stray_files(run) == []
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # no step logged twice

@@ -41,7 +41,7 @@ class AnimateDiff(ModelFamily):
     def lora_targets(self, denoiser, targets: Sequence[str], trained: str) -> list[str] | str:
         if trained != MOTION:
             return super().lora_targets(denoiser, targets, trained)
-        check_lora_targets(denoiser, targets, motion_only=True)
+        check_lora_targets(denoiser, targets, motion_only=True, label=self.denoiser_label)
         return rf".*motion_modules\..*\.({'|'.join(re.escape(t) for t in targets)})"  # the layers inside motion modules only
 
     def freeze_untrained(self, denoiser, trained: str) -> None:

@@ -204,7 +204,7 @@ class ModelFamily:
     def lora_targets(self, denoiser, targets: Sequence[str], trained: str) -> list[str] | str:
         """peft's ``target_modules`` for the layer names ``targets`` in the ``trained`` modules
         (:meth:`trained_modules`), refused where they name no layer there."""
-        check_lora_targets(denoiser, targets, motion_only=False)
+        check_lora_targets(denoiser, targets, motion_only=False, label=self.denoiser_label)
         return list(targets)
 
     def freeze_untrained(self, denoiser, trained: str) -> None:

@@ -1,0 +1,135 @@
+"""SD3 end to end on a tiny offline StableDiffusion3Pipeline (two CLIP encoders, no T5, an MMDiT
+transformer): every method trains by flow matching, and what it saves loads in stock diffusers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sspo.config import apply_overrides, from_dict
+from sspo.models.families import family_of
+from sspo.models.pipeline import load_pipeline
+from sspo.training.config import TrainConfig
+from sspo.training.trainer import Trainer, train
+from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+
+from test_trainer import metrics
+
+PROMPT = "a large red circle on the left, white background"
+NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # what plain diffusers needs to load an SD3 saved without T5
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> Path:
+    rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
+    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+
+
+def sd3_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
+    """2 iterations x 1 step of batch 2, ``model.family: auto``, negatives from the pipeline's flow sampler."""
+    cfg = {
+        "model": {"pretrained": model},
+        "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2, "learning_rate": 1e-2},
+        "negatives": {"scheduler": "pipeline", "steps": 2},
+        "iterations": 2,
+        "steps_per_iteration": 1,
+        "output_dir": str(out),
+        "report_to": "none",
+    }
+    return from_dict(TrainConfig, apply_overrides(cfg, list(overrides)))
+
+
+def sample(pipe) -> torch.Tensor:
+    return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+def test_auto_detects_sd3_and_conditions_carry_clip_and_t5_slots(tiny_sd3):
+    pipe = load_pipeline(tiny_sd3)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    family = family_of(pipe)
+    assert family.name == "sd3" and family.denoiser is pipe.transformer
+    cond = family.encode_prompts([PROMPT, "a small blue square"], "cpu")
+    clip_tokens = pipe.tokenizer.model_max_length
+    # The two CLIPs' penultimate states side by side, then T5's 256 token slots (zeros without T5).
+    assert cond.embeds.shape == (2, clip_tokens + 256, pipe.transformer.config.joint_attention_dim)
+    assert not cond.embeds[:, clip_tokens:].any() and cond.embeds[:, :clip_tokens].any()
+    assert cond.pooled.shape == (2, pipe.transformer.config.pooled_projection_dim)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "spin", "sspo"])
+def test_every_method_trains_the_transformer_by_flow_matching(method, tiny_sd3, pairs, tmp_path):
+    trainer = Trainer(sd3_config(tmp_path / "run", tiny_sd3, pairs, f"method={method}"))
+    assert trainer.family.name == "sd3"
+    base = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items() if "lora_" in k}
+    final = trainer.train()
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert "StableDiffusion3Pipeline" in (final / "README.md").read_text()
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    trained = trainer.family.denoiser.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in base.items())
+    assert all(key.startswith("transformer.") for key in load_file(str(final / "pytorch_lora_weights.safetensors")))
+
+
+# Stock diffusers only, in a process of its own: the LoRA loads by StableDiffusion3Pipeline.load_lora_weights.
+STOCK_LOADING = r"""
+import sys
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import save_file
+
+base, lora, prompt, out = sys.argv[1:]
+pipe = StableDiffusion3Pipeline.from_pretrained(base, text_encoder_3=None, tokenizer_3=None)
+pipe.set_progress_bar_config(disable=True)
+def sample():
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+before = sample()
+pipe.load_lora_weights(lora)
+save_file({"before": before.contiguous(), "after": sample().contiguous()}, out)
+"""
+
+
+def test_the_lora_loads_in_stock_diffusers_and_samples_as_trained(tiny_sd3, pairs, tmp_path):
+    trainer = Trainer(sd3_config(tmp_path / "run", tiny_sd3, pairs, "model.lora_rank=4", "model.lora_alpha=16"))
+    final = trainer.train()
+    with torch.no_grad():
+        trained = sample(trainer.pipe)
+    out = tmp_path / "latents.safetensors"
+    proc = subprocess.run([sys.executable, "-c", STOCK_LOADING, tiny_sd3, str(final), PROMPT, str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stock = load_file(str(out))
+    assert not torch.allclose(stock["before"], stock["after"], atol=1e-3)  # the LoRA changes the image
+    torch.testing.assert_close(stock["after"], trained, rtol=1e-4, atol=1e-5)  # at its trained scale (alpha != rank)
+
+
+def test_full_finetune_saves_a_folder_from_pretrained_loads(tiny_sd3, pairs, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    final = train(sd3_config(tmp_path / "run", tiny_sd3, pairs, "model.lora=false"))
+    assert json.loads((final / "model_index.json").read_text())["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(final), **NO_T5)
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, **NO_T5)
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), base.transformer.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder_2.parameters(), base.text_encoder_2.parameters()))
+
+
+def test_a_diffusion_sampler_is_refused_in_one_line(tiny_sd3, pairs, tmp_path):
+    from sspo.errors import SSPOError
+
+    with pytest.raises(SSPOError, match="negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"):
+        train(sd3_config(tmp_path / "run", tiny_sd3, pairs, "negatives.scheduler=ddim"))
+
+
+def test_sspo_sample_draws_a_grid_from_the_trained_lora(tiny_sd3, pairs, tmp_path):
+    """The VAE's shift_factor (SD3's latents are shifted, then scaled) is undone in decoding."""
+    from sspo.cli import main
+
+    final = train(sd3_config(tmp_path / "run", tiny_sd3, pairs, "method=sft", "iterations=1"))
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", tiny_sd3, "--lora", str(final), "--prompt", PROMPT, "--steps", "2", "--out", str(grid)]) == 0
+    assert grid.is_file()
