@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("base", help="build a world's tiny base model (shipped for the default size; cached)")
     p.add_argument("--world", default="shapes", help=f"the world whose base to build: {' | '.join(world_names())} (default: shapes)")
     p.add_argument("--quick", action="store_true", help="the small size used by tests (--size quick)")
-    p.add_argument("--size", default="default", help="the base's preset: default (shipped), quick, or for shapes 64px (64 px images, 16x16 latents)")
+    p.add_argument("--size", default="default", help="the base's preset: default (shipped), quick, or for shapes 64px (64 px images, 16x16 latents), "
+                   "flow (shipped; an SD3-style flow-matching base) or flow-quick")
     p.add_argument("--out", help="folder to write (default: the cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if shipped or cached")
     p.add_argument("--round-trip", action="store_true", help="also score clean and defective renders after a VAE round trip (the ceiling)")

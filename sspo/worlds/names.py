@@ -22,7 +22,7 @@ def usual_guidance_scale(name: str, family: str = "auto", revision: str | None =
     AnimateDiff 7.5, SDXL 5."""
     world = base_world(name)
     if world:
-        return world.base_guidance_scale
+        return world.guidance_scale(name)
     from sspo.models.families import family_of
     from sspo.models.pipeline import load_pipeline_config
 

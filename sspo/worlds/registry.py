@@ -12,7 +12,7 @@ throw-away one, or a user's).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,11 @@ class World:
     table_columns: tuple[str, ...]  # the components a results table shows after the reward
     round_trip: Callable[[Path], dict[str, dict[str, float]]]  # base folder -> mean exact scores of clean and defective samples after a VAE round trip
     demo: DemoSettings
+    preset_guidance_scales: Mapping[str, float] = dataclasses.field(default_factory=dict)  # presets sampled with another guidance than base_guidance_scale
+
+    def guidance_scale(self, name: str) -> float:
+        """The guidance base ``name`` (``<base>`` or ``<base>:<preset>``) is usually sampled with."""
+        return self.preset_guidance_scales.get(self.base_preset(name), self.base_guidance_scale)
 
     def resolve_base(self, name: str, output: str | Path | None = None, force: bool = False, key: str = "model") -> Path:
         """The folder of base ``name`` (``<base>`` or ``<base>:<preset>``)."""

@@ -24,10 +24,21 @@ import numpy as np
 import torch
 
 from sspo.config import check, setting, to_dict, validate
+from sspo.models.families import family_of
 from sspo.models.tiny import text_encoder_for, video_components, video_pipeline, video_size, word_table_text_encoder, write_word_tokenizer
 from sspo.worlds.moving_shapes import world as motion
 from sspo.worlds.shapes import world as shapes
-from sspo.worlds.shapes.base_model import BaseConfig, build_base, cached_build, pretraining_renders, save_base, train_denoiser, train_vae, unit_variance_latents
+from sspo.worlds.shapes.base_model import (
+    BaseConfig,
+    build_base,
+    cached_build,
+    pretraining_renders,
+    save_base,
+    train_denoiser,
+    train_vae,
+    unit_variance_latents,
+    word_conditions,
+)
 
 log = logging.getLogger(__name__)
 _FORMAT_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
@@ -108,6 +119,7 @@ def _build(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
         train_vae(vae.train(), pixels.flatten(0, 1), cfg.vae_steps, cfg.vae_learning_rate, cfg, generator, "motion frames")
     vae.eval().requires_grad_(False)
     latents = unit_variance_latents(vae, pixels, chunk=32)
-    train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
+    conds, empty = word_conditions(components["text_encoder"], tokenizer, prompts)
+    train_denoiser(family_of(components), conds, torch.arange(len(prompts)), empty, latents, cfg, generator)
     pipe = video_pipeline(vae, tokenizer, adapter, components)
     return save_base(pipe, cfg, staging, output, started)

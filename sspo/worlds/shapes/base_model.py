@@ -91,7 +91,7 @@ def pretraining_renders(specs, per_spec: int, cfg, render: Callable, render_defe
     return renders, prompts
 
 
-def _pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
+def pretraining_images(cfg: BaseConfig, image_size: int) -> tuple[torch.Tensor, list[str]]:
     images, prompts = pretraining_renders(shapes.all_specs(), cfg.images_per_spec, cfg, lambda spec: shapes.render(spec, image_size),
                                           lambda spec, rng, defect: shapes.render_defect(spec, rng, image_size, defect))
     return _pixels(images), prompts
@@ -119,31 +119,43 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, learning_rate: float, cfg, 
         optimizer.zero_grad(set_to_none=True)
 
 
-def train_denoiser(components: dict, tokenizer, latents, prompts, cfg, generator) -> None:
-    """Pretrain the denoiser on (latent, prompt) pairs (``cfg``: its steps, batch, learning rate and caption
-    dropout); the word-table text encoder stays fixed."""
-    family = family_of(components)  # the tiny model's family: its training timesteps, noise and target
-    text_encoder, denoiser = components["text_encoder"], family.denoiser
-    params = list(denoiser.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.denoiser_learning_rate, weight_decay=1e-2)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.denoiser_learning_rate, total_steps=cfg.denoiser_steps, pct_start=0.05)
-
+def word_conditions(text_encoder, tokenizer, prompts: list[str]) -> tuple[TextCondition, TextCondition]:
+    """The fixed word-table encoder's condition of every prompt, and of the empty prompt."""
     def tokens(texts):
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
-    with torch.no_grad():  # the encoder is fixed: encode every prompt once
-        embeds = text_encoder(tokens(prompts))[0]
-        empty = text_encoder(tokens([""]))[0]
+    with torch.no_grad():
+        return TextCondition(text_encoder(tokens(prompts))[0]), TextCondition(text_encoder(tokens([""]))[0])
+
+
+def _dropped(cond: TextCondition, empty: TextCondition, drop: torch.Tensor) -> TextCondition:
+    """``cond`` with the rows ``drop`` marks replaced by the empty prompt's condition."""
+    fields = []
+    for value, blank in ((cond.embeds, empty.embeds), (cond.pooled, empty.pooled), (cond.time_ids, empty.time_ids)):
+        if value is not None:
+            value = value.clone()
+            value[drop] = blank
+        fields.append(value)
+    return TextCondition(*fields)
+
+
+def train_denoiser(family, conds: TextCondition, prompt_of: torch.Tensor, empty: TextCondition, latents, cfg, generator) -> None:
+    """Pretrain ``family``'s denoiser on (latent, prompt) pairs: latent ``i``'s condition is
+    ``conds[prompt_of[i]]`` (the text encoders stay fixed), ``empty`` the caption dropout's; ``cfg``:
+    its steps, batch, learning rate and caption dropout."""
+    denoiser = family.denoiser
+    params = list(denoiser.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.denoiser_learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.denoiser_learning_rate, total_steps=cfg.denoiser_steps, pct_start=0.05)
     bar = tqdm(range(cfg.denoiser_steps), desc="base: denoiser", leave=False)
     for _ in bar:
         index = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
-        batch_embeds = embeds[index].clone()
         drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
-        batch_embeds[drop] = empty
+        cond = _dropped(conds[prompt_of[index]], empty, drop)
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
         t = family.draw_timesteps((cfg.batch_size,), generator)
-        loss = family.denoising_errors(denoiser, x0, noise, t, TextCondition(batch_embeds)).mean()
+        loss = family.denoising_errors(denoiser, x0, noise, t, cond).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -247,15 +259,16 @@ def _build(cfg: BaseConfig, staging: Path, output: Path) -> Path:
     tokenizer = write_word_tokenizer(staging / "tokenizer", shapes.vocabulary())
     components = build_components(size, tokenizer, shapes.vocabulary(), seed=cfg.seed)
     vae = components["vae"]
-    clean = _pretraining_images(dataclasses.replace(cfg, defect_fraction=0.0), size.image_size)[0]
+    clean = pretraining_images(dataclasses.replace(cfg, defect_fraction=0.0), size.image_size)[0]
     train_vae(vae, clean, cfg.vae_steps, cfg.learning_rate, cfg, generator, "clean")
     if cfg.vae_defect_steps:
-        mix = _pretraining_images(dataclasses.replace(cfg, defect_fraction=cfg.vae_defect_fraction, defects=cfg.vae_defects), size.image_size)[0]
+        mix = pretraining_images(dataclasses.replace(cfg, defect_fraction=cfg.vae_defect_fraction, defects=cfg.vae_defects), size.image_size)[0]
         train_vae(vae, mix, cfg.vae_defect_steps, cfg.vae_defect_learning_rate, cfg, generator, "defects")
     vae.eval().requires_grad_(False)
-    pixels, prompts = _pretraining_images(cfg, size.image_size)
+    pixels, prompts = pretraining_images(cfg, size.image_size)
     latents = unit_variance_latents(vae, pixels, chunk=256)
-    train_denoiser(components, tokenizer, latents, prompts, cfg, generator)
+    conds, empty = word_conditions(components["text_encoder"], tokenizer, prompts)
+    train_denoiser(family_of(components), conds, torch.arange(len(prompts)), empty, latents, cfg, generator)
     pipe = StableDiffusionPipeline(
         **components, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )

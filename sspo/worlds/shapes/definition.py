@@ -16,7 +16,10 @@ def training_data(request: TrainingDataRequest) -> Path:
 def build_base(preset: str, output: str | Path | None = None, force: bool = False) -> Path:
     from sspo.worlds.shapes.base_model import BaseConfig
     from sspo.worlds.shapes.base_model import build_base as build
+    from sspo.worlds.shapes.flow_base import PRESETS, FlowBaseConfig, build_flow_base
 
+    if preset in PRESETS:  # the flow-matching (SD3-style) base
+        return build_flow_base(FlowBaseConfig.preset(preset), output=output, force=force)
     return build(BaseConfig.preset(preset), output=output, force=force)
 
 
@@ -41,7 +44,7 @@ WORLD = World(
     pair_columns=("jpg_0", "jpg_1"),
     base="shapes-base",
     build_base=build_base,
-    base_presets=("default", "quick", "64px"),
+    base_presets=("default", "quick", "64px", "flow", "flow-quick"),
     base_pipeline="tiny SD pipeline",
     base_guidance_scale=5.0,
     evaluate=evaluate,
@@ -49,6 +52,7 @@ WORLD = World(
     # the components a prompt asks for, and the quality
     table_columns=("color", "shape", "size", "position", "background", "quality"),
     round_trip=round_trip,
+    preset_guidance_scales={"flow": 1.5, "flow-quick": 1.5},  # the flow base peaks at low guidance (docs/results/flow-base.md)
     # The regime closest to the paper's: winners sampled from another model (the middle level of
     # `sspo pairs`), the comparison's budget and each arm's settings as the comparison chose them
     # there (docs/results/regimes.md). 96 prompts x 2 seeds per split: paired gains of ~0.02 need
