@@ -52,7 +52,7 @@ WORLD = World(
     # the components a prompt asks for, and the quality
     table_columns=("color", "shape", "size", "position", "background", "quality"),
     round_trip=round_trip,
-    preset_guidance_scales={"flow": 1.5, "flow-quick": 1.5},  # the flow base peaks at low guidance (docs/results/flow-base.md)
+    preset_guidance_scales={"flow": 1.0, "flow-quick": 1.0},  # the flow base samples best without guidance (chosen on validation: docs/results/flow-base.md)
     # The regime closest to the paper's: winners sampled from another model (the middle level of
     # `sspo pairs`), the comparison's budget and each arm's settings as the comparison chose them
     # there (docs/results/regimes.md). 96 prompts x 2 seeds per split: paired gains of ~0.02 need
