@@ -117,15 +117,20 @@ def build_flux_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
     return folder
 
 
-def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
+def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0,
+                       t5: bool = False) -> Path:
     """Save a randomly initialised tiny ``StableDiffusion3Pipeline`` (the flow-matching code path, offline).
 
     As in SD3: two CLIP encoders with projections (their penultimate hidden states concatenated,
     their pooled embeddings too), an MMDiT transformer and a shifted flow-matching Euler scheduler.
-    Without T5, as SD3 allows (``text_encoder_3=None``): the pipeline pads the CLIP embeddings with
-    zeros where T5's would go; plain diffusers loads it with
-    ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
+    With ``t5`` a tiny T5 encoder gives the token embeddings after CLIP's; without, as SD3 allows
+    (``text_encoder_3=None``), the pipeline puts zeros where T5's would go, and plain diffusers loads
+    it with ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
     """
+    from transformers import T5Config, T5EncoderModel
+
+    from sspo.models.tiny import write_t5_tokenizer
+
     folder = Path(folder)
     size = size or TinySize.preset("quick")
     words = list(words or vocabulary())
@@ -135,14 +140,17 @@ def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, s
     latent_side = size.image_size // 2 ** (len(size.vae_channels) - 1)
     vae = vae_for(size)
     vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's: its latents are shifted, then scaled
+    tokenizer_3 = write_t5_tokenizer(folder / "tokenizer_3", words) if t5 else None
+    t5_config = T5Config(vocab_size=len(tokenizer_3), d_model=2 * size.text_hidden, d_kv=8, d_ff=4 * size.text_hidden, num_layers=1, num_heads=4,
+                         pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id) if t5 else None
     pipe = StableDiffusion3Pipeline(
         vae=vae,
         text_encoder=text_encoder_for(size, tokenizer, with_projection=True),
         text_encoder_2=text_encoder_for(size, tokenizer_2, with_projection=True),
-        text_encoder_3=None,
+        text_encoder_3=T5EncoderModel(t5_config) if t5 else None,  # its width is the transformer's joint_attention_dim, as in SD3
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        tokenizer_3=None,
+        tokenizer_3=tokenizer_3,
         transformer=SD3Transformer2DModel(
             sample_size=latent_side, patch_size=2, in_channels=size.latent_channels, out_channels=size.latent_channels,
             num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * size.text_hidden,

@@ -61,6 +61,20 @@ def test_auto_detects_sd3_and_conditions_carry_clip_and_t5_slots(tiny_sd3):
     assert cond.pooled.shape == (2, pipe.transformer.config.pooled_projection_dim)
 
 
+def test_with_t5_the_condition_holds_t5s_token_embeddings_and_sspo_trains(pairs, tmp_path):
+    from tiny_pipelines import build_sd3_pipeline
+
+    model = str(build_sd3_pipeline(tmp_path / "sd3-t5", t5=True))
+    pipe = load_pipeline(model)
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    cond = family_of(pipe).encode_prompts([PROMPT], "cpu")
+    clip_tokens = pipe.tokenizer.model_max_length
+    assert cond.embeds[:, clip_tokens:].abs().sum(-1).gt(0).all()  # every T5 slot holds an embedding (its padding's too)
+    final = Trainer(sd3_config(tmp_path / "run", model, pairs)).train()
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo", "spin", "sspo"])
 def test_every_method_trains_the_transformer_by_flow_matching(method, tiny_sd3, pairs, tmp_path):
     trainer = Trainer(sd3_config(tmp_path / "run", tiny_sd3, pairs, f"method={method}"))
