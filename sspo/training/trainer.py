@@ -124,6 +124,8 @@ class Trainer(Checkpointing):
 
         self.dataset = open_dataset(cfg)
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
+        # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
+        self.epoch_length = self.dataset.epoch_length(cfg.optim.batch_size)
         self.items = MicroBatchReader(self.dataset, self._indices)
 
         self.base_model = resolve_model(cfg.model.pretrained, key="model.pretrained")
@@ -250,7 +252,7 @@ class Trainer(Checkpointing):
     def _indices(self, m: int) -> list[tuple[int, int]]:
         """(row, epoch) of micro-batch ``m`` on this process: a seeded permutation per epoch."""
         b, world = self.cfg.optim.batch_size, self.accelerator.num_processes
-        n = self.dataset.epoch_length(b)  # with buckets a multiple of b: a micro-batch never spans two epochs, nor two buckets
+        n = self.epoch_length
         first = (m * world + self.accelerator.process_index) * b
         placed = [divmod(position, n) for position in range(first, first + b)]
         return [(int(self._epoch_order(epoch)[offset]), epoch) for epoch, offset in placed]

@@ -19,7 +19,6 @@ import torch
 
 from sspo.config import check, setting, to_dict, validate
 from sspo.models.families import family_of
-from sspo.models.families.flow import FlowConfig
 from sspo.models.pipeline import encode_images
 from sspo.models.tiny import word_table_text_encoder
 from sspo.worlds.shapes import world as shapes
@@ -95,7 +94,7 @@ def _build(cfg: FlowBaseConfig, staging: Path, output: Path) -> Path:
                                     text_encoder_3=None, tokenizer_3=None)
     pixels, prompts = pretraining_images(cfg, vae.config.sample_size)
     latents = torch.cat([encode_images(vae, part) for part in pixels.split(256)])
-    family = family_of(pipe, flow=FlowConfig())
+    family = family_of(pipe)  # FlowConfig's defaults: logit-normal sigma, unweighted errors
     # Each distinct prompt encoded once: SD3's condition is 256 T5 slots (zeros here) after CLIP's tokens.
     distinct = list(dict.fromkeys(prompts))
     conds = family.encode_prompts(distinct, "cpu")
