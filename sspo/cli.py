@@ -192,7 +192,7 @@ def _demo(args) -> None:
 
     if args.jobs is not None and args.jobs < 1:
         raise SSPOError(f"--jobs {args.jobs}: expected 1 or more runs at a time")
-    run_demo(args.out, quick=args.quick, world=args.world, jobs=default_jobs() if args.jobs is None else args.jobs)
+    run_demo(args.out, quick=args.quick, world=args.world, jobs=default_jobs() if args.jobs is None else args.jobs, base=args.base)
 
 
 def _compare(args) -> None:
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.add_argument("--world", default="shapes", help=f"the world: {' | '.join(world_names())} (default: shapes; moving-shapes: "
                    "AnimateDiff base -> SFT and SSPO -> temporal evaluation, GIF grid)")
+    p.add_argument("--base", help="the world's base to train from (default: its usual one); shapes-base:flow is the shapes world's "
+                   "flow-matching (SD3-style) base")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
     p.set_defaults(func=_demo)
     return parser

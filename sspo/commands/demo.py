@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sspo.commands.parallel import run_all
 from sspo.config import load_config
+from sspo.errors import SSPOError
 from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
@@ -32,16 +33,19 @@ log = logging.getLogger(__name__)
 QUICK = ["iterations=2", "steps_per_iteration=2", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
 
 
-def demo_base(world: World, quick: bool) -> str:
-    """The base the demo trains from: the world's, at its quick preset with ``quick``."""
-    return f"{world.base}:quick" if quick and "quick" in world.base_presets else world.base
+def demo_base(world: World, base: str, quick: bool) -> str:
+    """The base the demo trains from: ``base``, or with ``quick`` the smaller preset its demo names."""
+    preset = world.demo_of(base).quick_preset
+    return f"{world.base}:{preset}" if quick and preset in world.base_presets else base
 
 
-def demo_config(out: Path, method: str, quick: bool, world: World, data: list[str] = ()) -> TrainConfig:
-    overrides = [f"method={method}", f"output_dir={out / method}", *data, *world.demo.arm_overrides.get(method, ())]
+def demo_config(out: Path, method: str, quick: bool, world: World, base: str, data: list[str] = ()) -> TrainConfig:
+    settings = world.demo_of(base)
+    overrides = [f"method={method}", f"output_dir={out / method}", *data, *settings.arm_overrides.get(method, ())]
+    overrides += [f"model.pretrained={demo_base(world, base, quick)}"]
     if quick:
-        overrides += [f"model.pretrained={demo_base(world, quick)}", *QUICK]
-    return load_config(TrainConfig, world.demo.config, overrides)
+        overrides += QUICK
+    return load_config(TrainConfig, settings.config, overrides)
 
 
 def build_data(level: str, quick: bool) -> tuple[Path, dict]:
@@ -64,7 +68,7 @@ def train_and_evaluate(cfg: TrainConfig, base: str, eval_cfg: EvalConfig) -> tup
     return summary, images, time.time() - started
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "shapes", jobs: int = 1) -> dict:
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "shapes", jobs: int = 1, base: str | None = None) -> dict:
     import torch
 
     # The demo's models are tiny: intra-op threads gain little, and on a small shared CPU their
@@ -73,14 +77,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
         torch.set_num_threads(1)
     out = Path(out)
     world = get_world(world, "--world")
+    base_name = base or world.base
+    if not world.names_base(base_name):
+        raise SSPOError(f"--base: {base_name!r} is not a base of world {world.name!r}; expected {world.base!r} or {world.base}:<preset>")
+    settings = world.demo_of(base_name)
     started = time.time()
-    base = resolve_model(demo_base(world, quick))
+    base = resolve_model(demo_base(world, base_name, quick))
     timings = {"base": time.time() - started}
-    eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else world.demo.prompts_per_split, steps=world.demo.sampler_steps,
-                          guidance_scale=world.base_guidance_scale)
+    eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else settings.prompts_per_split, steps=settings.sampler_steps,
+                          guidance_scale=world.guidance_scale(demo_base(world, base_name, quick)))
 
     # The pairs (when the entry names a level) are built while the base is scored.
-    level = world.demo.data_level
+    level = settings.data_level
     first = [functools.partial(evaluate_base, base, eval_cfg), *([functools.partial(build_data, level, quick)] if level else [])]
     (summary, images, timings["eval base"]), *built = run_all(first, jobs, "demo: the base" + (" and the pairs" if level else ""))
     results, shown = {"base": summary}, {"base": images}
@@ -91,7 +99,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
 
     # SFT (and Diffusion-DPO on the pairs, where a world's demo has it) show that training moves the
     # base at all; SSPO is the method itself, trained on the winners only.
-    configs = {method: demo_config(out, method, quick, world, data) for method in world.demo.methods}
+    configs = {method: demo_config(out, method, quick, world, base_name, data) for method in settings.methods}
     arms = run_all([functools.partial(train_and_evaluate, cfg, base, eval_cfg) for cfg in configs.values()], jobs, "demo: training and scoring")
     for method, (summary, images, seconds) in zip(configs, arms):
         results[method], shown[method], timings[method] = summary, images, seconds

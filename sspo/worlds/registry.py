@@ -43,6 +43,7 @@ class DemoSettings:
     data_level: str | None = None
     # Settings per arm on top of the config, e.g. {"sft": ("optim.learning_rate=3e-3",)}.
     arm_overrides: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    quick_preset: str | None = "quick"  # the base preset `--quick` trains from instead (a smaller base); None: the same base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,18 @@ class World:
     round_trip: Callable[[Path], dict[str, dict[str, float]]]  # base folder -> mean exact scores of clean and defective samples after a VAE round trip
     demo: DemoSettings
     preset_guidance_scales: Mapping[str, float] = dataclasses.field(default_factory=dict)  # presets sampled with another guidance than base_guidance_scale
+    # `sspo demo --base <base>:<preset>`: the demo of a preset that is another model (a flow-matching base), not a smaller one
+    preset_demos: Mapping[str, DemoSettings] = dataclasses.field(default_factory=dict)
+
+    def demo_of(self, name: str, key: str = "--base") -> DemoSettings:
+        """The demo of base ``name`` (``<base>`` or ``<base>:<preset>``); a preset without one is a ConfigError."""
+        preset = self.base_preset(name, key)
+        if preset == self.base_presets[0]:
+            return self.demo
+        if preset not in self.preset_demos:
+            names = ", ".join([repr(self.base), *(repr(f"{self.base}:{p}") for p in self.preset_demos)])
+            raise ConfigError(f"{key}: {name!r} has no demo; the demos of world {self.name!r} train {names}")
+        return self.preset_demos[preset]
 
     def guidance_scale(self, name: str) -> float:
         """The guidance base ``name`` (``<base>`` or ``<base>:<preset>``) is usually sampled with."""

@@ -1,10 +1,12 @@
-"""``sspo demo --world moving-shapes --quick``: the moving-shapes world end to end, on tiny sizes."""
+"""``sspo demo --quick``: the moving-shapes world and the flow base end to end, on tiny sizes."""
 
 import json
 
+import pytest
 from PIL import Image
 
 from sspo.commands.demo import run_demo
+from sspo.errors import SSPOError
 
 
 def test_video_demo_trains_evaluates_and_writes_an_animated_grid(tmp_path):
@@ -18,3 +20,22 @@ def test_video_demo_trains_evaluates_and_writes_an_animated_grid(tmp_path):
     assert "gain vs base" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["seconds"]["total"] > 0
     assert (tmp_path / "sspo" / "validation.jsonl").is_file() and (tmp_path / "training.png").is_file()
+
+
+def test_the_flow_base_demo_trains_every_arm_from_the_flow_base(tmp_path):
+    import yaml
+
+    results = run_demo(tmp_path, quick=True, base="shapes-base:flow")
+    assert list(results) == ["base", "sft", "dpo", "sspo"]
+    for method in ("sft", "dpo", "sspo"):
+        config = yaml.safe_load((tmp_path / method / "config.yaml").read_text())
+        assert config["model"]["pretrained"] == "shapes-base:flow-quick" and config["negatives"]["scheduler"] == "pipeline"
+        assert config["negatives"]["guidance_scale"] == 1.0  # the flow base's usual guidance, as its evaluation samples
+    assert "R_win" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("base, message", [("shapes-base:64px", "has no demo"), ("moving-shapes-base", "is not a base of world 'shapes'")])
+def test_a_base_without_a_demo_is_one_line(tmp_path, base, message):
+    with pytest.raises(SSPOError, match=message):
+        run_demo(tmp_path, quick=True, base=base)
+    assert not any(tmp_path.iterdir())

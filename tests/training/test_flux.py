@@ -120,7 +120,9 @@ save_file({"before": before, "after": sample()}, out)
 
 
 def test_the_lora_loads_in_stock_flux_pipeline_and_samples_as_trained(tiny_flux, tmp_path):
-    trainer = Trainer(flux_config(tmp_path / "run", tiny_flux, "model.lora_rank=4", "model.lora_alpha=8"))
+    # flux-lora.yaml's kinds of layers: attention projections (renamed in diffusers' UNet layout) and others
+    targets = "model.lora_targets=[to_q, to_k, to_v, to_out.0, add_k_proj, to_add_out, ff.net.0.proj, proj_mlp]"
+    trainer = Trainer(flux_config(tmp_path / "run", tiny_flux, "model.lora_rank=4", "model.lora_alpha=8", targets))
     final = trainer.train()
     assert "FluxPipeline" in (final / "README.md").read_text()
     assert_lora_reloads_as_trained(trainer, tiny_flux, final, PROMPT)

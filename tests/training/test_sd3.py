@@ -109,7 +109,10 @@ save_file({"before": before.contiguous(), "after": sample().contiguous()}, out)
 
 
 def test_the_lora_loads_in_stock_diffusers_and_samples_as_trained(tiny_sd3, pairs, tmp_path):
-    trainer = Trainer(sd3_config(tmp_path / "run", tiny_sd3, pairs, "model.lora_rank=4", "model.lora_alpha=16"))
+    # Attention projections (which diffusers' UNet layout renames) beside layers it does not rename:
+    # the transformer's loader must get every one of them back.
+    targets = "model.lora_targets=[to_q, to_k, to_v, to_out.0, add_k_proj, ff.net.2, ff_context.net.0.proj]"
+    trainer = Trainer(sd3_config(tmp_path / "run", tiny_sd3, pairs, "model.lora_rank=4", "model.lora_alpha=16", targets))
     final = trainer.train()
     with torch.no_grad():
         trained = sample(trainer.pipe)

@@ -277,11 +277,16 @@ def write_lora(loader, component: str, layers: dict[str, torch.Tensor], config: 
 
     from sspo.io import sort_safetensors_metadata
 
+    # A UNet's loader reads diffusers' layout; a transformer's (SD3, FLUX) reads peft's keys, and
+    # given diffusers' renaming of the attention projections alone, mixed with peft's keys of every
+    # other layer, it drops those projections.
+    if component == "unet":
+        layers = convert_state_dict_to_diffusers(layers)
     # The adapter's config travels with the weights: without it load_lora_weights assumes
     # lora_alpha = rank, and a LoRA trained with alpha != rank reloads at the wrong scale.
     loader.save_lora_weights(
         save_directory=str(folder), safe_serialization=True,
-        **{f"{component}_lora_layers": convert_state_dict_to_diffusers(layers), f"{component}_lora_adapter_metadata": config},
+        **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config},
     )
     # Its two metadata keys come out in a per-process order: sorted, a resumed run's file is the same bytes.
     sort_safetensors_metadata(folder / LORA_FILE)
