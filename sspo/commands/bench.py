@@ -53,9 +53,9 @@ from pathlib import Path
 
 import torch
 
-from sspo.config import check, load_config, setting, validate
+from sspo.config import check, load_config, load_yaml, setting, validate
 from sspo.errors import SSPOError
-from sspo.models.architectures import ARCH_MODELS, build_arch, native_resolution
+from sspo.models.architectures import ARCH_MODELS, ARCH_TITLES, arch_notes, build_arch, native_resolution
 from sspo.paths import CONFIGS
 from sspo.training.methods import METHODS
 from sspo.worlds.shapes.world import vocabulary as shapes_vocabulary
@@ -63,7 +63,7 @@ from sspo.worlds.shapes.world import vocabulary as shapes_vocabulary
 # The default arms: the baselines and SSPO, each as published and as sspo runs it.
 ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
 BASELINE = "dpo"
-MODELS = ("tiny", "quick", "sd15", "sdxl")  # or a local diffusers pipeline folder
+MODELS = ("tiny", "quick", *ARCH_MODELS)  # or a local diffusers pipeline folder
 DEMO_CONFIG = CONFIGS / "demo-shapes.yaml"
 
 
@@ -98,7 +98,7 @@ def _pregenerated(arm: str) -> bool:
 
 @dataclasses.dataclass
 class BenchConfig:
-    model: str = "tiny"  # tiny | quick | sd15 | sdxl (random weights) | a diffusers pipeline folder
+    model: str = "tiny"  # tiny | quick | sd15 | sdxl | sd35m | flux (random weights) | a diffusers pipeline folder
     batch_size: int | None = setting(None, at_least=1)  # per micro-batch; None: the demo config's (16)
     gradient_accumulation_steps: int | None = setting(None, at_least=1)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16: the trainer's mixed_precision
@@ -114,7 +114,7 @@ class BenchConfig:
     threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU; None: torch's default
     clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
     isolate: bool = True  # one subprocess per arm (clean memory numbers)
-    allow_cpu: bool = False  # run sd15 / sdxl on the CPU anyway
+    allow_cpu: bool = False  # run sd15 / sdxl / sd35m / flux on the CPU anyway
     overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
 
     def __post_init__(self) -> None:
@@ -124,7 +124,13 @@ class BenchConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Models: the shapes world's tiny base, or SD-1.5 / SDXL architectures with random weights.
+# Models: the shapes world's tiny base, or SD-1.5 / SDXL / SD3.5-medium / FLUX.1-dev architectures with random weights.
+
+# A flow-matching pipeline trains as its shipped config says: LoRA targets, flow matching's sigma
+# draws and guidance, negatives from the pipeline's own sampler (at its steps and guidance), and
+# latents and text embeddings encoded once (data.cache_latents), so T5 runs before the steps.
+FLOW_CONFIGS = {"StableDiffusion3Pipeline": "sd35-lora.yaml", "FluxPipeline": "flux-lora.yaml"}
+FLOW_KEYS = ("model.lora_targets", "flow", "negatives.scheduler", "negatives.steps", "negatives.guidance_scale", "data.cache_latents")
 
 
 def bench_pairs(resolution: int, rows: int = 64) -> Path:
@@ -147,9 +153,36 @@ def _model_overrides(b: BenchConfig) -> list[str]:
     if b.model in ("tiny", "quick"):
         out = [f"model.pretrained=shapes-base{':quick' if b.model == 'quick' else ''}"]
         return out + ([f"data.resolution={b.resolution}"] if b.resolution else [])
-    folder = build_arch(b.model, words=shapes_vocabulary()) if b.model in ARCH_MODELS else Path(b.model).expanduser().resolve()
+    folder = _model_folder(b)
     resolution = b.resolution or native_resolution(folder)
-    return [f"model.pretrained={folder}", "data.source=parquet", f"data.path={bench_pairs(resolution)}", f"data.resolution={resolution}"]
+    return [f"model.pretrained={folder}", "data.source=parquet", f"data.path={bench_pairs(resolution)}", f"data.resolution={resolution}",
+            *family_overrides(folder)]
+
+
+def _model_folder(b: BenchConfig) -> Path:
+    return build_arch(b.model, words=shapes_vocabulary()) if b.model in ARCH_MODELS else Path(b.model).expanduser().resolve()
+
+
+def family_overrides(folder: Path) -> list[str]:
+    """A flow-matching pipeline's settings (:data:`FLOW_KEYS`) from its shipped config; none for the others."""
+    index = folder / "model_index.json"
+    name = FLOW_CONFIGS.get(json.loads(index.read_text()).get("_class_name")) if index.is_file() else None
+    if name is None:
+        return []
+    config = load_yaml(CONFIGS / name)
+    overrides = []
+    for key in FLOW_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        flat = node.items() if isinstance(node, dict) else [(None, node)]
+        overrides += [f"{key}{'.' + sub if sub else ''}={json.dumps(value)}" for sub, value in flat]
+    return overrides
+
+
+def model_notes(b: BenchConfig) -> dict:
+    """What stands in for what in a random-weight architecture (its text encoder, say); {} for other models."""
+    return {} if b.model in ("tiny", "quick") else arch_notes(_model_folder(b))
 
 
 def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
@@ -451,7 +484,7 @@ def check_device(b: BenchConfig) -> None:
         raise SSPOError("--clock cpu measures this process's CPU time, which says nothing about GPU work; use the default --clock wall on a GPU")
     if b.model in ARCH_MODELS and not torch.cuda.is_available() and not b.allow_cpu:
         raise SSPOError(
-            f"model {b.model!r} is the full {b.model.upper()} architecture, meant for a GPU, and no CUDA device is available; "
+            f"model {b.model!r} is the full {ARCH_TITLES[b.model]} architecture, meant for a GPU, and no CUDA device is available; "
             "use --model tiny on the CPU, or pass --allow-cpu to run it here anyway (slow, many GB of RAM)"
         )
 
@@ -496,7 +529,7 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
         info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     first = next((r for r in arms.values() if "error" not in r), {})
     info.update({k: first[k] for k in ("device", "threads") if k in first})
-    return {"bench": dataclasses.asdict(b), "machine": info, "settings": {k: first.get(k) for k in SETTING_KEYS},
+    return {"bench": dataclasses.asdict(b), "machine": info, "model": model_notes(b), "settings": {k: first.get(k) for k in SETTING_KEYS},
             "arms": arms, "summary": summarize_arms(arms), "wall_s": time.perf_counter() - started}
 
 
@@ -663,7 +696,7 @@ def write_results(result: dict, stem: str | Path) -> tuple[Path, Path]:
 
 # Flags are the config's fields (``--batch-size`` sets ``batch_size``); help says what the field does.
 FLAG_HELP = {
-    "model": "tiny | quick | sd15 | sdxl (random-weight architectures, GPU) | a diffusers folder",
+    "model": "tiny | quick | sd15 | sdxl | sd35m | flux (random-weight architectures, GPU) | a diffusers folder",
     "batch_size": "per micro-batch (default: the demo config's 16)",
     "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
     "mixed_precision": "the trainer's mixed_precision: no | fp16 | bf16",
@@ -679,7 +712,7 @@ FLAG_HELP = {
     "threads": "torch CPU threads (default: torch's)",
     "clock": "wall | cpu (process CPU time: with --threads 1, robust on a shared CPU)",
     "isolate": "each arm in a fresh subprocess (--no-isolate: in this process, CPU memory numbers less clean)",
-    "allow_cpu": "run --model sd15/sdxl without a GPU",
+    "allow_cpu": "run --model sd15/sdxl/sd35m/flux without a GPU",
 }
 
 

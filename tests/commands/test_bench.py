@@ -84,9 +84,29 @@ def test_architectures_have_the_published_parameter_counts(name, unet, text, tmp
     assert tuple(count(m) for m in encoders) == text
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name, transformer, text", [("sd35m", 2_243_171_520, (123_650_304, 694_659_840)), ("flux", 11_901_408_320, (123_060_480,))])
+def test_flow_architectures_have_the_published_transformer_and_clip_sizes(name, transformer, text, tmp_path):
+    from sspo.models.tiny import write_t5_tokenizer, write_word_tokenizer
+    from sspo.worlds.shapes import world as shapes
+
+    tokenizer = write_word_tokenizer(tmp_path / "clip", shapes.vocabulary(), max_length=77)
+    t5_tokenizer = write_t5_tokenizer(tmp_path / "t5", shapes.vocabulary(), max_length=512)
+    with torch.device("meta"):
+        components = arch_components(name, tokenizer, t5_tokenizer=t5_tokenizer)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(components["transformer"]) == transformer
+    assert count(components["vae"]) == 83_819_683 and components["vae"].config.latent_channels == 16
+    t5 = components["text_encoder_3" if name == "sd35m" else "text_encoder_2"]
+    clips = [components[k] for k in ("text_encoder", "text_encoder_2") if components.get(k) is not t5]
+    assert tuple(count(m) for m in clips) == text
+    # The T5 stand-in: one layer, T5-XXL's width, which is the transformer's text width
+    assert t5.config.num_layers == 1 and t5.config.d_model == components["transformer"].config.joint_attention_dim == 4096
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35m", "flux"])
 def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
-    """The SD-1.5 / SDXL topologies (SDXL: two text encoders, pooled embeds, time ids) through the bench."""
+    """The SD-1.5 / SDXL / SD3.5 / FLUX topologies (two or three text encoders, pooled embeds, time ids or
+    flow matching with the pipeline's sampler) through the bench."""
     from sspo.worlds.shapes import world as shapes
 
     folder = build_arch(name, tmp_path / name, small=True, words=shapes.vocabulary())
@@ -96,12 +116,28 @@ def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
     for arm in b.arms:
         assert "error" not in result["summary"]["rows"][arm], result["arms"][arm]
     assert result["arms"]["sspo-pregenerated"]["pregeneration"]["images"] == 2
+    assert result["model"]["model"] == name and result["model"]["small"]
+    flow = name in ("sd35m", "flux")
+    assert ("T5 stand-in" in result["model"].get("text_encoder", "")) == flow
+    assert (result["summary"]["generation"]["scheduler"] == "pipeline") == flow  # the flow sampler, as the family's config says
+
+
+def test_flow_models_train_with_their_shipped_configs_settings(tmp_path):
+    from sspo.commands.bench import train_config
+    from sspo.worlds.shapes import world as shapes
+
+    folder = build_arch("flux", tmp_path / "flux", small=True, words=shapes.vocabulary())
+    cfg = train_config(BenchConfig(model=str(folder)), "sft", tmp_path / "out")
+    assert "ff_context.net.2" in cfg.model.lora_targets and cfg.flow.weighting_scheme == "none" and cfg.flow.guidance_scale == 3.5
+    assert (cfg.negatives.scheduler, cfg.negatives.steps, cfg.negatives.guidance_scale) == ("pipeline", 28, 3.5)
+    assert cfg.data.cache_latents and cfg.data.resolution == 64  # T5 runs once, before the steps; the small VAE's native side
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without a GPU")
-def test_full_architectures_refuse_the_cpu_unless_allowed():
+@pytest.mark.parametrize("name", ["sd15", "flux"])
+def test_full_architectures_refuse_the_cpu_unless_allowed(name):
     with pytest.raises(SSPOError, match="--allow-cpu"):
-        run_bench(BenchConfig(model="sd15"), log=lambda _: None)
+        run_bench(BenchConfig(model=name), log=lambda _: None)
 
 
 def test_bad_arm_is_a_config_error():
