@@ -24,11 +24,37 @@ the pregeneration phase divided by the optimizer steps of an iteration.
 
 Memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up).
 On the CPU, each arm runs in a fresh subprocess (``--no-isolate`` turns that off) and reports its
-peak resident set size during the timed steps minus the process's RSS just before the trainer
-was built, i.e. model weights, optimizer state, data and activations, not the Python / torch
-libraries themselves. The peak is exact (the kernel's ``VmHWM``, reset through
-``/proc/self/clear_refs`` after warm-up), not sampled; where that file is not writable the
-process-lifetime ``ru_maxrss`` is used and the result says so.
+peak *anonymous* resident memory during the timed steps (``RssAnon``: resident pages minus
+file-backed and shared ones, read from ``/proc/self/statm`` by a background thread every 1 ms and
+at the region's ends) minus the same before the trainer was built, i.e. model weights, optimizer
+state, data and activations, not the Python / torch libraries. File-backed pages are left out because
+the kernel may evict them under memory pressure, which would lower a total-RSS peak below its
+baseline. The sampler's own CPU time is left out of ``--clock cpu``. Each result says its
+``memory_method``.
+
+FLOPs: per arm, outside the timed region, :func:`arm_flops` counts with torch's ``FlopCounterMode``
+(matmuls, convolutions, attention) one call of the arm's denoiser on micro-batch 0 as the step sees
+it: forward, and forward + backward of the policy; and one image of the real sampler at 1 and 2
+steps (their difference is one sampler step, classifier-free guidance included). Each phase's FLOPs
+follow: step = policy forward + backward (+ the reference forward and the sampling where the arm
+does them in the step); reference phase = a forward on x_w and x_l per pair; generation = S
+sampler steps per negative. Data preparation is not counted. Achieved FLOP/s = FLOPs / measured
+seconds, and "% of peak" divides by :func:`device_peak`: a spec-sheet table of dense GPU peaks per
+precision, or on the CPU threads x clock x fp32 FLOPs per cycle of its widest vector ISA (an
+assumption the result states); unknown devices get none.
+
+The FLOP floor of the all-in ratio is what it would be if every phase ran at the same FLOP/s: an
+arm's FLOPs per trained pair over dpo's. In units of one denoiser forward on one sample, with
+``c`` = forward + backward over forward (about 2 with LoRA, which computes no weight gradients for
+the frozen base; about 3 fully fine-tuned) and ``g`` forwards per sampler step (2 with
+classifier-free guidance, 1 without)::
+
+    dpo                = 2c + 2             (policy on x_w and x_l, reference forward on both)
+    sspo-pregenerated  = 2c + 2 + g S       (the same, and one negative sampled in S steps)
+    floor              = (2c + 2 + g S) / (2c + 2)  = (6 + 2S) / 6 with LoRA and guidance
+
+The measured all-in ratio over the floor says how much the implementation loses to the FLOP count
+(generation's small per-call batches, sampler overhead); 1 would be none.
 """
 
 from __future__ import annotations
@@ -866,10 +892,17 @@ NOTES = """\
 - **step s**: one optimizer step, median (p90: nearest rank) of the timed steps after warm-up.
   **all-in s/step**: data preparation (VAE + text encoding, which every method does) + step +
   pregeneration phase / K_updates: the time training actually spends per step.
-- **peak MB**: GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: peak RSS over the timed
-  steps (kernel VmHWM, reset after warm-up) minus the RSS before the trainer was built (libraries
-  imported, no model loaded): weights, optimizer state, data and activations. The pregeneration table
-  gives that phase's own peak.
+- **peak MB**: GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: peak anonymous RSS
+  over the timed steps (RssAnon, sampled every 1 ms and at both ends) minus the same before the trainer
+  was built (libraries imported, no model loaded): weights, optimizer state, data and activations;
+  file-backed pages, which the kernel may evict under memory pressure, are left out. The pregeneration
+  table gives that phase's own peak.
+- **FLOPs**: one denoiser call per arm counted with torch's `FlopCounterMode` (forward, forward +
+  backward, one sampler step with guidance), each phase's FLOPs derived from it; data preparation is
+  not counted. **GFLOP/s** = FLOPs / measured seconds; **% of peak** divides by the stated peak.
+  **FLOP floor / dpo** = the arm's FLOPs per trained pair over dpo's: the all-in ratio if every phase
+  ran at the same FLOP/s, about (6 + 2S) / 6 for sspo with LoRA, S sampler steps and guidance.
+  **measured / floor** = measured all-in ratio / floor: what the implementation adds.
 - **Generation share**: generation time / (generation + reference errors + data preparation +
   K_updates steps) per iteration; other sampler step counts scale the measured iteration by the
   throughput ratio measured on the same generation chunk. It does not depend on K_updates: every step
