@@ -24,11 +24,37 @@ the pregeneration phase divided by the optimizer steps of an iteration.
 
 Memory: on a GPU, ``torch.cuda.max_memory_allocated`` over the timed steps (reset after warm-up).
 On the CPU, each arm runs in a fresh subprocess (``--no-isolate`` turns that off) and reports its
-peak resident set size during the timed steps minus the process's RSS just before the trainer
-was built, i.e. model weights, optimizer state, data and activations, not the Python / torch
-libraries themselves. The peak is exact (the kernel's ``VmHWM``, reset through
-``/proc/self/clear_refs`` after warm-up), not sampled; where that file is not writable the
-process-lifetime ``ru_maxrss`` is used and the result says so.
+peak *anonymous* resident memory during the timed steps (``RssAnon``: resident pages minus
+file-backed and shared ones, read from ``/proc/self/statm`` by a background thread every 1 ms and
+at the region's ends) minus the same before the trainer was built, i.e. model weights, optimizer
+state, data and activations, not the Python / torch libraries. File-backed pages are left out because
+the kernel may evict them under memory pressure, which would lower a total-RSS peak below its
+baseline. The sampler's own CPU time is left out of ``--clock cpu``. Each result says its
+``memory_method``.
+
+FLOPs: per arm, outside the timed region, :func:`arm_flops` counts with torch's ``FlopCounterMode``
+(matmuls, convolutions, attention) one call of the arm's denoiser on micro-batch 0 as the step sees
+it: forward, and forward + backward of the policy; and one image of the real sampler at 1 and 2
+steps (their difference is one sampler step, classifier-free guidance included). Each phase's FLOPs
+follow: step = policy forward + backward (+ the reference forward and the sampling where the arm
+does them in the step); reference phase = a forward on x_w and x_l per pair; generation = S
+sampler steps per negative. Data preparation is not counted. Achieved FLOP/s = FLOPs / measured
+seconds, and "% of peak" divides by :func:`device_peak`: a spec-sheet table of dense GPU peaks per
+precision, or on the CPU threads x clock x fp32 FLOPs per cycle of its widest vector ISA (an
+assumption the result states); unknown devices get none.
+
+The FLOP floor of the all-in ratio is what it would be if every phase ran at the same FLOP/s: an
+arm's FLOPs per trained pair over dpo's. In units of one denoiser forward on one sample, with
+``c`` = forward + backward over forward (about 2 with LoRA, which computes no weight gradients for
+the frozen base; about 3 fully fine-tuned) and ``g`` forwards per sampler step (2 with
+classifier-free guidance, 1 without)::
+
+    dpo                = 2c + 2             (policy on x_w and x_l, reference forward on both)
+    sspo-pregenerated  = 2c + 2 + g S       (the same, and one negative sampled in S steps)
+    floor              = (2c + 2 + g S) / (2c + 2)  = (6 + 2S) / 6 with LoRA and guidance
+
+The measured all-in ratio over the floor says how much the implementation loses to the FLOP count
+(generation's small per-call batches, sampler overhead); 1 would be none.
 """
 
 from __future__ import annotations
@@ -47,6 +73,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -115,6 +142,7 @@ class BenchConfig:
     clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
     isolate: bool = True  # one subprocess per arm (clean memory numbers)
     allow_cpu: bool = False  # run sd15 / sdxl / sd35m / flux on the CPU anyway
+    realistic: bool = False  # batch >= 8 and K_updates giving >= 64 negatives an iteration, full generation batches per pool checkpoint
     overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
 
     def __post_init__(self) -> None:
@@ -185,6 +213,10 @@ def model_notes(b: BenchConfig) -> dict:
     return {} if b.model in ("tiny", "quick") else arch_notes(_model_folder(b))
 
 
+REALISTIC_BATCH = 8  # per device: a micro-batch at which a GPU is busy
+REALISTIC_NEGATIVES = 64  # negatives generated per iteration, at least
+
+
 def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
     from sspo.training.config import TrainConfig
 
@@ -194,33 +226,43 @@ def train_config(b: BenchConfig, arm: str, output_dir: str | Path):
         f"model.gradient_checkpointing={str(b.gradient_checkpointing).lower()}",
     ]
     overrides += _model_overrides(b) + arm_overrides()[arm]
+    explicit = []
     if b.batch_size:
-        overrides.append(f"optim.batch_size={b.batch_size}")
+        explicit.append(f"optim.batch_size={b.batch_size}")
     if b.gradient_accumulation_steps:
-        overrides.append(f"optim.gradient_accumulation_steps={b.gradient_accumulation_steps}")
+        explicit.append(f"optim.gradient_accumulation_steps={b.gradient_accumulation_steps}")
     if b.steps_per_iteration:
-        overrides.append(f"steps_per_iteration={b.steps_per_iteration}")
-    return load_config(TrainConfig, DEMO_CONFIG, overrides + list(b.overrides))
+        explicit.append(f"steps_per_iteration={b.steps_per_iteration}")
+    explicit += list(b.overrides)
+
+    def load(scale: list[str]):  # explicit settings after the realistic scale's: they win
+        return load_config(TrainConfig, DEMO_CONFIG, overrides + scale + explicit)
+
+    if not b.realistic:
+        return load([])
+    scale = [f"optim.batch_size={max(load([]).optim.batch_size, REALISTIC_BATCH)}"]
+    cfg = load(scale)
+    pairs = cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps  # negatives per optimizer step
+    k_updates = max(math.ceil(REALISTIC_NEGATIVES / pairs), math.ceil(b.pool_size * cfg.negatives.batch_size / pairs))
+    return load([*scale, f"steps_per_iteration={k_updates}"])
 
 
 # --------------------------------------------------------------------------------------------------
 # Measuring one arm (in this process).
 
 
-def _proc_status(field: str) -> int | None:
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _anon_bytes() -> int | None:
+    """Anonymous resident memory (the kernel's RssAnon): resident minus file-backed and shared pages,
+    read from ``/proc/self/statm`` (a few microseconds); None off Linux."""
     try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        with open("/proc/self/statm", "rb") as f:
+            fields = f.read().split()
     except OSError:
         return None
-    return int(match.group(1)) * 1024 if match else None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+    return (int(fields[1]) - int(fields[2])) * _PAGE
 
 
 def _malloc_trim() -> None:
@@ -248,32 +290,71 @@ def _preimport() -> None:
             __import__(name)
 
 
-def _rss_peak() -> int:
-    peak = _proc_status("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
+class AnonPeak:
+    """The peak of anonymous resident memory over a region, sampled by a background thread.
 
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    Anonymous pages are what the process allocates (tensors, heap); file-backed pages (mapped
+    libraries and weights, page cache) are left out, so the kernel evicting them under memory
+    pressure cannot lower the result. The thread reads ``/proc/self/statm`` every ``interval`` s
+    (torch releases the GIL in its kernels), and at the region's start and end; an allocation freed
+    within one interval can be missed. Its own CPU time is kept in ``cpu_s`` so a CPU clock can
+    leave it out.
+    """
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self.cpu_s = interval, 0, 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.stop()
+        self.peak = _anon_bytes() or 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="sspo-bench-memory", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        spent_before = self.cpu_s
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _anon_bytes() or 0)
+            self.cpu_s = spent_before + time.thread_time()
+
+    def stop(self) -> int:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.peak = max(self.peak, _anon_bytes() or 0)
+        return self.peak
 
 
 class Meter:
-    """Peak memory of a region: CUDA allocator peak on a GPU, peak RSS on the CPU (see module doc)."""
+    """Peak memory of a region: CUDA allocator peak on a GPU, peak anonymous memory on the CPU (see module doc)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.sampler = None if self.cuda or _anon_bytes() is None else AnonPeak()
         if not self.cuda:
             # The same clean-up as reset(): an earlier arm's garbage (in-process runs) freed after the
             # baseline was read would make the peak above it too small, even negative.
             gc.collect()
             _malloc_trim()
-        self.baseline = 0 if self.cuda else (_proc_status("VmRSS") or _rss_peak())
-        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS - RSS before the trainer"
+        self.baseline = 0 if self.sampler is None else _anon_bytes()
+        if self.cuda:
+            self.method = "torch.cuda.max_memory_allocated"
+        elif self.sampler is not None:
+            self.method = (f"peak anonymous RSS (RssAnon from /proc/self/statm, sampled every {self.sampler.interval * 1e3:g} ms "
+                           "and at the region's ends) - anonymous RSS before the trainer")
+        else:
+            self.method = "ru_maxrss (process lifetime peak RSS: no /proc/self/statm)"
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+    def process_time(self) -> float:
+        """This process's CPU time, less what the memory sampler spent."""
+        return time.process_time() - (self.sampler.cpu_s if self.sampler is not None else 0.0)
 
     def reset(self) -> None:
         self.sync()
@@ -281,15 +362,20 @@ class Meter:
         _malloc_trim()  # freed heap memory back to the OS, so an earlier phase does not count here
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif not _reset_rss_peak():
-            self.method = "ru_maxrss (process lifetime peak: /proc/self/clear_refs not writable) - RSS before the trainer"
+        elif self.sampler is not None:
+            self.sampler.start()
 
     def peak_mb(self) -> dict:
         self.sync()
         if self.cuda:
             return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
-        peak = _rss_peak()
-        return {"peak_mb": (peak - self.baseline) / 2**20, "peak_rss_mb": peak / 2**20}
+        if self.sampler is None:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
+            return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20}
+        peak = self.sampler.stop()
+        return {"peak_mb": (peak - self.baseline) / 2**20, "peak_anon_mb": peak / 2**20}
 
 
 def _from_rows(build: Callable[[list[int]], list], trainer, prepared: list[tuple[int, object]]) -> list:
@@ -351,7 +437,8 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
     if cfg.generates_negatives:  # a pool as in the middle of training: more checkpoints, smaller groups
         for k in range(1, b.pool_size):
             trainer.pool.add(trainer.reference.policy_state(), step=k * cfg.steps_per_iteration)
-    clock = time.process_time if b.clock == "cpu" else time.perf_counter
+    flops = arm_flops(trainer, cfg, _pregenerated(arm))  # before anything is timed
+    clock = meter.process_time if b.clock == "cpu" else time.perf_counter
     phases = _PhaseTimer(trainer.pair_builder, meter, clock)
     builder = trainer.pair_builder
     prep_seconds: list[float] = []
@@ -368,7 +455,7 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
 
     result: dict = {"arm": arm, "device": str(trainer.device), "threads": torch.get_num_threads(), "batch_size": batch,
                     "gradient_accumulation_steps": accum, "steps_per_iteration": cfg.steps_per_iteration,
-                    "mixed_precision": cfg.mixed_precision, "lora": cfg.model.lora, "memory_method": meter.method}
+                    "mixed_precision": cfg.mixed_precision, "lora": cfg.model.lora, "memory_method": meter.method, "flops": flops}
     total = b.warmup + b.steps
     if _pregenerated(arm):
         k_updates = cfg.steps_per_iteration
@@ -410,11 +497,11 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
             meter.reset()
             phases.take()
         meter.sync()
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), meter.process_time()
         step(group)
         meter.sync()
         walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
+        cpus.append(meter.process_time() - cpu)
         times.append(cpus[-1] if b.clock == "cpu" else walls[-1])
         if i >= b.warmup:
             breakdown.append(phases.take())
@@ -448,6 +535,129 @@ def _generation_rates(trainer, cfg, b: BenchConfig, batches: list, phases: _Phas
         rates[str(steps)] = images / phases.take()["generate"]
     return {"images": images, "images_per_s": rates, "configured_steps": cfg.negatives.steps, "scheduler": cfg.negatives.scheduler,
             "guidance_scale": cfg.negatives.guidance_scale, "generation_batch_size": cfg.negatives.batch_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs: one denoiser call counted on the arm's model, batch and condition; the phases derived.
+
+
+def flop_counter():
+    """torch's FlopCounterMode (matmuls, convolutions, attention), taught the CPU's fused attention kernels."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    aten = torch.ops.aten
+    cpu_attention = {}
+    for cpu_op, same_as in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+                            ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward")):
+        if hasattr(aten, cpu_op):  # the registry's formula unwrapped: FlopCounterMode wraps custom ones itself
+            formula = flop_registry[getattr(aten, same_as)]
+            cpu_attention[getattr(aten, cpu_op)] = getattr(formula, "__wrapped__", formula)
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def arm_flops(trainer, cfg, pregenerated: bool) -> dict:
+    """FLOPs of each phase of one optimizer step of this arm, from denoiser calls counted once.
+
+    Counted on micro-batch 0 as the step sees it (winner and loser in one call for preference
+    methods): the policy's forward, and forward + backward. Negative generation is counted on the
+    real sampler for one image at 1 and 2 sampler steps: the difference is one sampler step
+    (classifier-free guidance included), the rest a fixed cost per image. Reference forwards are
+    costed as the policy's forward (a LoRA reference differs only in its adapter's few FLOPs).
+    Data preparation (VAE and text encoding) is not counted.
+    """
+    rows, family, device = trainer.read_rows(0), trainer.family, trainer.device
+    batch, accum = len(rows.prompts), cfg.optim.gradient_accumulation_steps
+    latents, cond = (torch.cat([rows.winners, rows.winners]), rows.cond.repeat(2)) if cfg.uses_reference else (rows.winners, rows.cond)
+    generator = torch.Generator().manual_seed(0)
+    noise, timesteps = torch.randn(latents.shape, generator=generator), family.draw_timesteps((len(latents),), generator)
+
+    def errors():
+        return family.denoising_errors(trainer.denoiser, latents.to(device), noise.to(device), timesteps.to(device), cond)
+
+    with torch.no_grad():
+        forward = count_flops(errors)
+    forward_backward = count_flops(lambda: errors().mean().backward())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    per_sample = forward / len(latents)
+    # ssr_draws > 1: more no-grad forwards per winner, by the policy in the step and the reference with its errors
+    switch = cfg.ssr_draws - 1 if cfg.uses_reference and cfg.effective_ssr != "off" else 0
+    out = {"forward": forward, "forward_backward": forward_backward, "samples_per_call": len(latents), "forward_per_sample": per_sample,
+           "policy": accum * (forward_backward + batch * switch * per_sample), "reference": 0.0, "generation": 0.0}
+    if cfg.uses_reference:
+        out["reference"] = accum * batch * (2 + switch) * per_sample
+    if cfg.generates_negatives:
+        one, two = (_sampling_flops(trainer, cfg, rows, steps) for steps in (1, 2))
+        out["generation_per_sampler_step"], out["generation_fixed"] = two - one, 2 * one - two
+        out["forward_calls_per_sampler_step"] = (two - one) / per_sample  # 2 with classifier-free guidance
+        out["images_per_step"], out["sampler_steps"] = accum * batch, cfg.negatives.steps
+        out["generation"] = out["images_per_step"] * generation_flops(out, cfg.negatives.steps)
+    out["step"] = out["policy"] + (0.0 if pregenerated else out["reference"] + out["generation"])
+    out["all_in"] = out["policy"] + out["reference"] + out["generation"]  # per optimizer step, data preparation left out
+    return out
+
+
+def generation_flops(flops: dict, sampler_steps: int) -> float:
+    """FLOPs of generating one negative at ``sampler_steps`` steps."""
+    return flops["generation_fixed"] + sampler_steps * flops["generation_per_sampler_step"]
+
+
+def _sampling_flops(trainer, cfg, rows, steps: int) -> int:
+    settings = dataclasses.replace(cfg.negatives, steps=steps)
+    with torch.no_grad(), trainer.accelerator.autocast():
+        return count_flops(lambda: trainer.pair_builder.sample(trainer.policy, rows.cond[0:1], [0], settings, rows.winners.shape[2:]))
+
+
+def flop_floor(flops: dict, baseline: dict, sampler_steps: int | None = None) -> float:
+    """All-in FLOPs per trained pair of an arm over the baseline's: the all-in ratio if every phase ran at one FLOP/s.
+
+    ``sampler_steps`` re-costs generation at another step count (the arm's flops were counted at its own).
+    """
+    all_in = flops["all_in"]
+    if sampler_steps is not None and flops["generation"]:
+        all_in += flops["images_per_step"] * generation_flops(flops, sampler_steps) - flops["generation"]
+    return all_in / baseline["all_in"]
+
+
+# Dense peak FLOP/s by device name (spec sheets, no sparsity), per precision: bf16, fp16, fp32 (no tensor cores / TF32).
+GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    (r"H200|H100.*(SXM|HBM3)", {"bf16": 989e12, "fp16": 989e12, "no": 67e12}),
+    (r"H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "no": 51e12}),
+    (r"A100", {"bf16": 312e12, "fp16": 312e12, "no": 19.5e12}),
+    (r"L40S", {"bf16": 362e12, "fp16": 362e12, "no": 91.6e12}),
+    (r"\bL4\b", {"bf16": 121e12, "fp16": 121e12, "no": 30.3e12}),
+    (r"A10G?\b", {"bf16": 125e12, "fp16": 125e12, "no": 31.2e12}),
+)
+# fp32 FLOPs per cycle and core: two FMA units of the widest vector width the CPU reports, 2 FLOPs per FMA lane.
+CPU_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 16), ("sse2", 8))
+
+
+def device_peak(precision: str, threads: int | None) -> dict:
+    """The peak FLOP/s that "% of peak" divides by, and how it was obtained (``flops_per_s`` None when unknown)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for pattern, peaks in GPU_PEAKS:
+            if re.search(pattern, name):
+                return {"flops_per_s": peaks[precision], "basis": f"{name}: dense {'fp32' if precision == 'no' else precision} spec-sheet peak"}
+        return {"flops_per_s": None, "basis": f"{name}: not in the peak table, so no % of peak"}
+    if precision != "no":
+        return {"flops_per_s": None, "basis": f"CPU peak estimated for fp32 only, not {precision}"}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split())
+        mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M).group(1))
+    except (OSError, AttributeError):
+        return {"flops_per_s": None, "basis": "CPU: no /proc/cpuinfo clock and flags, so no % of peak"}
+    isa, per_cycle = next(((f, n) for f, n in CPU_FLOPS_PER_CYCLE if f in flags), ("scalar", 2))
+    cores = threads or torch.get_num_threads()
+    return {"flops_per_s": cores * mhz * 1e6 * per_cycle,
+            "basis": f"CPU estimate: {cores} core(s) x {mhz / 1e3:.2f} GHz (/proc/cpuinfo) x {per_cycle} fp32 FLOPs/cycle "
+                     f"({isa}: two FMA units, an assumption)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,8 +739,9 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
         info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     first = next((r for r in arms.values() if "error" not in r), {})
     info.update({k: first[k] for k in ("device", "threads") if k in first})
+    info["peak"] = device_peak(b.mixed_precision, first.get("threads", b.threads))
     return {"bench": dataclasses.asdict(b), "machine": info, "model": model_notes(b), "settings": {k: first.get(k) for k in SETTING_KEYS},
-            "arms": arms, "summary": summarize_arms(arms), "wall_s": time.perf_counter() - started}
+            "arms": arms, "summary": summarize_arms(arms, info["peak"]["flops_per_s"]), "wall_s": time.perf_counter() - started}
 
 
 def _p90(values: Sequence[float]) -> float:
@@ -542,8 +753,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def summarize_arms(arms: dict[str, dict]) -> dict:
-    """Per-arm medians, all-in per-step cost, ratios to dpo and generation share."""
+def _rate(flops: float | None, seconds: float | None, peak: float | None) -> dict:
+    """Achieved FLOP/s of a phase and its share of the device's peak (None where unknown)."""
+    per_s = _ratio(flops, seconds) if flops else None
+    return {"flops_per_s": per_s, "peak_fraction": _ratio(per_s, peak)}
+
+
+def summarize_arms(arms: dict[str, dict], peak: float | None = None) -> dict:
+    """Per-arm medians, all-in per-step cost, ratios to dpo, FLOP rates and floors, generation share."""
     rows = {}
     for arm, r in arms.items():
         if "error" in r:
@@ -553,34 +770,46 @@ def summarize_arms(arms: dict[str, dict]) -> dict:
                "prepare_s": r["prepare_s_per_step"], "in_step_generate_s": r["in_step_generate_s"], "in_step_reference_s": r["in_step_reference_s"]}
         row["all_in_s"] = row["prepare_s"] + row["step_s"]
         row["all_in_peak_mb"] = r["peak_mb"]
+        flops = r.get("flops")
+        if flops:
+            row["step_flops"], row["all_in_flops"] = flops["step"], flops["all_in"]
+            row["step_rate"] = _rate(flops["step"], row["step_s"], peak)
         if "pregeneration" in r:
-            pre = r["pregeneration"]
-            row["pregeneration_s_per_step"] = pre["seconds"] / r["steps_per_iteration"]
+            pre, k = r["pregeneration"], r["steps_per_iteration"]
+            row["pregeneration_s_per_step"] = pre["seconds"] / k
             row["pregeneration_peak_mb"] = pre["peak_mb"]
             row["all_in_s"] += row["pregeneration_s_per_step"]
             row["all_in_peak_mb"] = max(r["peak_mb"], pre["peak_mb"])
+            if flops:
+                row["generation_rate"] = _rate(k * flops["generation"], pre["generate_s"], peak)
+                row["reference_rate"] = _rate(k * flops["reference"], pre["reference_s"], peak)
         rows[arm] = row
     base = rows.get(BASELINE, {})
-    for row in rows.values():
+    base_flops = arms.get(BASELINE, {}).get("flops")
+    for arm, row in rows.items():
         if "error" not in row:
             row["time_ratio"] = _ratio(row["step_s"], base.get("step_s"))
             row["memory_ratio"] = _ratio(row["peak_mb"], base.get("peak_mb"))
             row["all_in_ratio"] = _ratio(row["all_in_s"], base.get("all_in_s"))
             row["all_in_memory_ratio"] = _ratio(row["all_in_peak_mb"], base.get("all_in_peak_mb"))
+            if base_flops and arms[arm].get("flops"):
+                row["flop_floor"] = flop_floor(arms[arm]["flops"], base_flops)
+                row["over_floor"] = _ratio(row["all_in_ratio"], row["flop_floor"])
     summary: dict = {"rows": rows}
     sspo = arms.get("sspo-pregenerated", {})
     if "generation" in sspo:
-        summary["generation"] = generation_share(sspo)
+        summary["generation"] = generation_share(sspo, base_flops)
     return summary
 
 
-def generation_share(r: dict) -> dict:
+def generation_share(r: dict, baseline_flops: dict | None = None) -> dict:
     """Negative generation's share of training wall time, per sampler step count.
 
     An iteration = pregeneration (generation + reference errors + data preparation) + K_updates
     policy-only steps. Generation time at other step counts scales the measured iteration's by the
     ratio of throughputs measured on the same chunk. (The share does not depend on K_updates: each
-    step consumes batch x accumulation fresh negatives either way.)
+    step consumes batch x accumulation fresh negatives either way.) With the baseline's FLOPs, each
+    step count also gets its FLOP floor of the all-in ratio (:func:`flop_floor`).
     """
     gen, pre, k = r["generation"], r["pregeneration"], r["steps_per_iteration"]
     rates = gen["images_per_s"]
@@ -592,6 +821,8 @@ def generation_share(r: dict) -> dict:
         generate = pre["generate_s"] * configured / rate
         total = generate + pre["reference_s"] + prepare_iteration + train_iteration
         rows[steps] = {"images_per_s": rate, "generate_s_per_iteration": generate, "iteration_s": total, "share": generate / total}
+        if baseline_flops and r.get("flops"):
+            rows[steps]["flop_floor"] = flop_floor(r["flops"], baseline_flops, int(steps))
     return {"images_per_iteration": pre["images"], "measured_on_images": gen["images"], "steps": rows,
             "scheduler": gen["scheduler"], "guidance_scale": gen["guidance_scale"], "generation_batch_size": gen["generation_batch_size"],
             "configured_steps": gen["configured_steps"]}
@@ -599,6 +830,33 @@ def generation_share(r: dict) -> dict:
 
 def _f(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _giga(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e9:,.0f}" if value >= 1e11 else f"{value / 1e9:.3g}"
+
+
+def _rate_cells(rate: dict | None) -> str:
+    """``GFLOP/s | % of peak`` table cells."""
+    rate = rate or {}
+    fraction = rate.get("peak_fraction")
+    return f"{_giga(rate.get('flops_per_s'))} | {'' if fraction is None else f'{fraction:.1%}'}"
+
+
+def _flop_lines(result: dict) -> list[str]:
+    rows = {arm: row for arm, row in result["summary"]["rows"].items() if "step_flops" in row}
+    if not rows:
+        return []
+    peak = result["machine"].get("peak", {})
+    known = peak.get("flops_per_s")
+    lines = ["", f"FLOPs (torch FlopCounterMode: matmuls, convolutions, attention; one denoiser call counted per arm, phases derived; "
+                 f"data preparation not counted). Peak: {peak.get('basis', 'unknown')}" + (f" = {_giga(known)} GFLOP/s." if known else "."), "",
+             "| arm | step GFLOP | step GFLOP/s | % of peak | all-in GFLOP/step | all-in / dpo (measured) | FLOP floor / dpo | measured / floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, row in rows.items():
+        lines.append(f"| {arm} | {_giga(row['step_flops'])} | {_rate_cells(row['step_rate'])} | {_giga(row['all_in_flops'])} | "
+                     f"{_f(row['all_in_ratio'], 2)} | {_f(row.get('flop_floor'), 2)} | {_f(row.get('over_floor'), 2)} |")
+    return lines
 
 
 def format_table(result: dict) -> str:
@@ -624,15 +882,19 @@ def format_table(result: dict) -> str:
                      f"{_f(row['memory_ratio'], 2)} | {_f(row['all_in_s'])} | {_f(row['all_in_ratio'], 2)} |")
     lines.append("")
     lines.append("All-in = data preparation (VAE + text encoding, the same work for every method) + step + pregeneration phase / K_updates.")
+    lines += _flop_lines(result)
     pre_rows = [(arm, row) for arm, row in rows.items() if "pregeneration_s_per_step" in row]
     if pre_rows:
         lines.append("")
-        lines.append("| pregeneration phase | s / iteration | s / step (amortised) | generation s | reference s | peak MB | memory / dpo |")
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines.append("| pregeneration phase | s / iteration | s / step (amortised) | generation s | generation GFLOP/s | % of peak | "
+                     "reference s | reference GFLOP/s | % of peak | peak MB | memory / dpo |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for arm, row in pre_rows:
             pre = result["arms"][arm]["pregeneration"]
-            lines.append(f"| {arm} | {_f(pre['seconds'], 2)} | {_f(row['pregeneration_s_per_step'])} | {_f(pre['generate_s'], 2)} | "
-                         f"{_f(pre['reference_s'], 2)} | {_f(pre['peak_mb'], 0)} | {_f(_ratio(pre['peak_mb'], rows.get(BASELINE, {}).get('peak_mb')), 2)} |")
+            generation = _rate_cells(row.get("generation_rate")) if pre["generate_s"] else " | "
+            lines.append(f"| {arm} | {_f(pre['seconds'], 2)} | {_f(row['pregeneration_s_per_step'])} | {_f(pre['generate_s'], 2)} | {generation} | "
+                         f"{_f(pre['reference_s'], 2)} | {_rate_cells(row.get('reference_rate'))} | {_f(pre['peak_mb'], 0)} | "
+                         f"{_f(_ratio(pre['peak_mb'], rows.get(BASELINE, {}).get('peak_mb')), 2)} |")
     online = rows.get("sspo-online", {})
     if "step_s" in online:
         lines.append("")
@@ -644,11 +906,12 @@ def format_table(result: dict) -> str:
         lines.append(f"Negative generation ({gen['scheduler']}, guidance {gen['guidance_scale']}, generation batch {gen['generation_batch_size']}; "
                      f"{gen['images_per_iteration']} negatives per iteration; rates measured on {gen['measured_on_images']} images):")
         lines.append("")
-        lines.append("| sampler steps | images/s | generation s / iteration | share of training wall time |")
-        lines.append("| ---: | ---: | ---: | ---: |")
+        lines.append("| sampler steps | images/s | generation s / iteration | share of training wall time | all-in FLOP floor / dpo |")
+        lines.append("| ---: | ---: | ---: | ---: | ---: |")
         for steps, row in sorted(gen["steps"].items(), key=lambda kv: int(kv[0])):
             mark = " (configured)" if int(steps) == gen["configured_steps"] else ""
-            lines.append(f"| {steps}{mark} | {_f(row['images_per_s'], 1)} | {_f(row['generate_s_per_iteration'], 2)} | {row['share']:.0%} |")
+            lines.append(f"| {steps}{mark} | {_f(row['images_per_s'], 1)} | {_f(row['generate_s_per_iteration'], 2)} | {row['share']:.0%} | "
+                         f"{_f(row.get('flop_floor'), 2)} |")
     return "\n".join(lines)
 
 
@@ -662,10 +925,17 @@ NOTES = """\
 - **step s**: one optimizer step, median (p90: nearest rank) of the timed steps after warm-up.
   **all-in s/step**: data preparation (VAE + text encoding, which every method does) + step +
   pregeneration phase / K_updates: the time training actually spends per step.
-- **peak MB**: GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: peak RSS over the timed
-  steps (kernel VmHWM, reset after warm-up) minus the RSS before the trainer was built (libraries
-  imported, no model loaded): weights, optimizer state, data and activations. The pregeneration table
-  gives that phase's own peak.
+- **peak MB**: GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: peak anonymous RSS
+  over the timed steps (RssAnon, sampled every 1 ms and at both ends) minus the same before the trainer
+  was built (libraries imported, no model loaded): weights, optimizer state, data and activations;
+  file-backed pages, which the kernel may evict under memory pressure, are left out. The pregeneration
+  table gives that phase's own peak.
+- **FLOPs**: one denoiser call per arm counted with torch's `FlopCounterMode` (forward, forward +
+  backward, one sampler step with guidance), each phase's FLOPs derived from it; data preparation is
+  not counted. **GFLOP/s** = FLOPs / measured seconds; **% of peak** divides by the stated peak.
+  **FLOP floor / dpo** = the arm's FLOPs per trained pair over dpo's: the all-in ratio if every phase
+  ran at the same FLOP/s, about (6 + 2S) / 6 for sspo with LoRA, S sampler steps and guidance.
+  **measured / floor** = measured all-in ratio / floor: what the implementation adds.
 - **Generation share**: generation time / (generation + reference errors + data preparation +
   K_updates steps) per iteration; other sampler step counts scale the measured iteration by the
   throughput ratio measured on the same generation chunk. It does not depend on K_updates: every step
@@ -713,6 +983,8 @@ FLAG_HELP = {
     "clock": "wall | cpu (process CPU time: with --threads 1, robust on a shared CPU)",
     "isolate": "each arm in a fresh subprocess (--no-isolate: in this process, CPU memory numbers less clean)",
     "allow_cpu": "run --model sd15/sdxl/sd35m/flux without a GPU",
+    "realistic": f"training scale: batch >= {REALISTIC_BATCH}, and the smallest K_updates that generates >= {REALISTIC_NEGATIVES} negatives "
+                 "an iteration and fills the generation batch (negatives.batch_size) of every pool checkpoint; explicit flags win",
 }
 
 

@@ -50,6 +50,17 @@ def test_every_arm_gives_a_row_with_positive_ratios_to_dpo(quick_base):
     for row in generation["steps"].values():
         assert _positive(row["images_per_s"]) and 0 < row["share"] < 1
     assert "images/s" in table and "issue" not in table.lower()  # product output speaks to users
+    # FLOPs: counted per arm, rates and floors in the table.
+    for column in ("step GFLOP/s", "% of peak", "FLOP floor / dpo", "measured / floor", "generation GFLOP/s", "all-in FLOP floor / dpo"):
+        assert column in table, column
+    flops = result["arms"]["sspo-pregenerated"]["flops"]
+    assert 1.5 < flops["forward_backward"] / flops["forward"] < 3.5  # LoRA: no weight gradients for the frozen base
+    assert flops["forward_calls_per_sampler_step"] == pytest.approx(2, rel=0.05)  # classifier-free guidance: two forwards a step
+    assert rows["dpo"]["flop_floor"] == 1 and rows["sspo-pregenerated"]["flop_floor"] > rows["dpo-cached"]["flop_floor"] == pytest.approx(1)
+    assert rows["sspo-pregenerated"]["flop_floor"] > rows["sft"]["flop_floor"] > 0
+    for arm in ARMS:
+        assert _positive(rows[arm]["step_rate"]["flops_per_s"]) and _positive(rows[arm]["over_floor"]), arm
+        assert "anonymous" in result["arms"][arm]["memory_method"]
 
 
 def test_cli_runs_arms_in_subprocesses_and_writes_json_and_markdown(quick_base, tmp_path, capsys):
@@ -65,7 +76,7 @@ def test_cli_runs_arms_in_subprocesses_and_writes_json_and_markdown(quick_base, 
     for arm in ("dpo", "sspo-pregenerated"):
         r = result["arms"][arm]
         assert "error" not in r, r
-        assert r["clock"] == "cpu" and r["peak_mb"] > 0 and r["peak_rss_mb"] > r["peak_mb"]
+        assert r["clock"] == "cpu" and r["peak_mb"] > 0 and r["peak_anon_mb"] > r["peak_mb"]
     assert "| sspo-pregenerated |" in out.with_suffix(".md").read_text()
 
 
