@@ -37,7 +37,7 @@ def sampled(monkeypatch):
 
     family = StableDiffusion({"scheduler": DDPMScheduler()})
     monkeypatch.setattr(family, "sample", sample)
-    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint: contextlib.nullcontext(HalfDenoiser()))
+    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint, fused=False: contextlib.nullcontext(HalfDenoiser()))
     builder = PairBuilder(TrainConfig(method="sspo"), family, reference, None, read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
     return builder, steps_seen
 
