@@ -510,6 +510,19 @@ def test_xformers_without_a_gpu_is_refused(no_gpu):
         check_environment(load("model.attention=xformers"))
 
 
+def test_compiling_on_the_cpu_without_a_cpp_compiler_is_refused(no_gpu, monkeypatch):
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    check_environment(load())  # negatives.compile is off by default
+    with pytest.raises(ConfigError, match=r"^config key 'negatives.compile': compiles with torch's inductor.*negatives.compile=false$"):
+        check_environment(load("negatives.compile=true"))
+
+
 def test_the_defaults_need_nothing_optional(no_gpu):
     check_environment(load())
 

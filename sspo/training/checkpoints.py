@@ -64,7 +64,7 @@ class Checkpointing:
         saved = self.run_dir / "config.yaml"
         if latest_checkpoint(self.run_dir) is None or not saved.is_file():
             return  # nothing to resume: the run starts from scratch
-        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg))
+        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg), dataclasses.asdict(type(self.cfg)()))
         if differences:
             raise ConfigError(
                 f"--resume: the config differs from the one {self.run_dir} was trained with ({'; '.join(differences)}); "

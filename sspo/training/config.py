@@ -90,6 +90,11 @@ class SamplerConfig:
     guidance_scale: float | None = setting(None, at_least=0)
     eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
     batch_size: int = setting(64, at_least=1)  # generation batch (grouped by checkpoint), independent of training batch
+    # LoRA with fp32 weights (mixed_precision: no): a checkpoint's adapter is merged into the base weights while it samples, and
+    # the base's own bits are copied back after; the negatives differ from unmerged sampling by float rounding only. Half-precision
+    # weights always sample unmerged: merging would round small LoRA updates away.
+    fuse_lora: bool = False  # sample with the checkpoint's LoRA merged into the base weights (fp32 weights only; faster, negatives differ by rounding)
+    compile: bool = False  # torch.compile the denoiser's sampling forwards, once per run (inductor: needs a C++ compiler on the CPU)
 
     def __post_init__(self) -> None:
         validate(self, "negatives.")
@@ -232,7 +237,7 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 def check_environment(cfg: TrainConfig) -> None:
     """Refuse, before anything is loaded or written, a setting this machine cannot run: fp16 or
-    xformers without a GPU, or an optional package that is not installed."""
+    xformers without a GPU, an optional package that is not installed, or compiling on the CPU without a C++ compiler."""
     if not _has_gpu():
         check(cfg.mixed_precision != "fp16", "mixed_precision", "fp16 needs a GPU and torch sees none; set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
         check(cfg.model.attention != "xformers", "model.attention", "xformers runs on a GPU only and torch sees none; set model.attention=sdpa")
@@ -243,6 +248,8 @@ def check_environment(cfg: TrainConfig) -> None:
     )
     for wanted, key, module, fix in needs:
         check(not wanted or _importable(module), key, f"needs {module}, which is not installed; {fix}")
+    check(not cfg.negatives.compile or _has_gpu() or _has_cpp_compiler(), "negatives.compile", "compiles with torch's inductor, which on the CPU "
+          "needs a C++ compiler, and none was found; install g++ (or set CXX to one), or set negatives.compile=false")
 
 
 def _has_gpu() -> bool:
@@ -251,6 +258,18 @@ def _has_gpu() -> bool:
     from accelerate.utils import parse_flag_from_env
 
     return not parse_flag_from_env("ACCELERATE_USE_CPU") and (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def _has_cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with (g++, or $CXX)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return False
+    return True
 
 
 def _importable(module: str) -> bool:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
+import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -24,6 +27,8 @@ from sspo.models.families import ModelFamily, Sampler
 from sspo.training.config import SamplerConfig, TrainConfig
 from sspo.training.faults import fault_point
 from sspo.training.reference import ReferenceModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +141,8 @@ class PairBuilder:
     the phases with it.
     """
 
+    compile_backend = "inductor"  # torch.compile's backend for negatives.compile; tests take a faster one
+
     def __init__(self, cfg: TrainConfig, family: ModelFamily, reference: ReferenceModel | None, uncond: TextCondition,
                  read_rows: Callable[[int], Rows], stream: Callable[[int], int], device, autocast: Callable,
                  around_phase: Callable[[str], contextlib.AbstractContextManager] | None = None):
@@ -144,6 +151,7 @@ class PairBuilder:
         self.around_phase = around_phase or (lambda name: contextlib.nullcontext())
         self.sampler_cfg = cfg.negatives
         self.sampler: Sampler = family.sampler(cfg.negatives.scheduler, cfg.negatives.eta)
+        self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its compiled module (negatives.compile)
 
     @contextlib.contextmanager
     def rows_from(self, rows: Mapping[int, Rows]) -> Iterator[None]:
@@ -192,7 +200,7 @@ class PairBuilder:
         """Every micro-batch's losers x_l, sampled by its pool checkpoints, grouped by checkpoint."""
         losers = [torch.empty_like(r.winners) for r in rows]
         for checkpoint, members in _by_checkpoint(draws).items():
-            with self.reference.activate(checkpoint) as denoiser, self.autocast():
+            with self.reference.activate(checkpoint, fused=settings.fuse_lora) as denoiser, self.autocast():
                 for chunk in _chunks(members, settings.batch_size, [r.winners for r in rows]):
                     cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
                     seeds = [draws[b].sample_seeds[i] for b, i in chunk]
@@ -206,8 +214,27 @@ class PairBuilder:
     def sample(self, denoiser, cond: TextCondition, seeds: Sequence[int], settings: SamplerConfig, latent_size: Sequence[int]) -> torch.Tensor:
         """Latents ``x_l`` of ``latent_size`` that ``denoiser`` (a pool checkpoint, or the policy) samples
         for ``cond`` with the negatives' sampler, as ``settings`` say."""
-        return self.family.sample(denoiser, self.sampler, cond, self.uncond, seeds, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                  latent_size=latent_size, device=self.device)
+        compiling = self.sampler_cfg.compile and denoiser not in self._compiled
+        start = time.perf_counter()
+        latents = self.family.sample(self._sampling_denoiser(denoiser), self.sampler, cond, self.uncond, seeds, steps=settings.steps,
+                                     guidance_scale=settings.guidance_scale, latent_size=latent_size, device=self.device)
+        if compiling:
+            log.info("negatives.compile: the denoiser's first compiled sampling call took %.1f s (%d steps, compiling included)", time.perf_counter() - start, settings.steps)
+        return latents
+
+    def _sampling_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """``denoiser`` as sampling calls it: with ``negatives.compile``, compiled the first time and reused after.
+
+        With LoRA every pool checkpoint samples through the one policy denoiser (its adapter switched),
+        so the run compiles once; a checkpoint's weights are graph inputs, not constants.
+        """
+        if not self.sampler_cfg.compile:
+            return denoiser
+        if denoiser not in self._compiled:
+            # Static shapes: a shape's kernels do not depend on which shapes came before, so a resumed
+            # run samples as an uninterrupted one does.
+            self._compiled[denoiser] = torch.compile(denoiser, backend=self.compile_backend, dynamic=False)
+        return self._compiled[denoiser]
 
     @torch.no_grad()
     def _reference_errors(self, batches: Sequence[PairBatch], chunk_size: int) -> list[ReferenceErrors]:

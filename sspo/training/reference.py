@@ -23,6 +23,8 @@ POLICY, REFERENCE = "default", "reference"
 class ReferenceModel:
     def __init__(self, denoiser, pool: CheckpointPool, lora: bool, device: torch.device, dtype: torch.dtype):
         self.denoiser, self.pool, self.lora, self.device = denoiser, pool, lora, device
+        # Merged into half-precision weights, a LoRA update smaller than half their rounding step would vanish.
+        self.fusable = lora and dtype == torch.float32
         self.loaded: int | None = None
         if lora:
             from peft import LoraConfig
@@ -58,8 +60,12 @@ class ReferenceModel:
         self.loaded = index
 
     @contextlib.contextmanager
-    def activate(self, index: int) -> Iterator[torch.nn.Module]:
-        """Yield a denoiser that computes as pool checkpoint ``index`` (use under ``torch.no_grad``)."""
+    def activate(self, index: int, fused: bool = False) -> Iterator[torch.nn.Module]:
+        """Yield a denoiser that computes as pool checkpoint ``index`` (use under ``torch.no_grad``).
+
+        ``fused``: with LoRA and fp32 weights, the checkpoint's adapter is merged into the base weights
+        meanwhile (no extra LoRA matmuls per forward), and the base weights are restored bitwise afterwards.
+        """
         self._load(index)
         if not self.lora:
             self.copy.to(self.device)
@@ -67,7 +73,8 @@ class ReferenceModel:
             return
         self.denoiser.set_adapter(REFERENCE)
         try:
-            yield self.denoiser
+            with merged(self.denoiser, REFERENCE) if fused and self.fusable else contextlib.nullcontext():
+                yield self.denoiser
         finally:
             self.denoiser.set_adapter(POLICY)  # also makes the policy adapter trainable again
 
@@ -75,3 +82,26 @@ class ReferenceModel:
         """Free accelerator memory for the policy step (full fine-tuning holds a second denoiser)."""
         if self.copy is not None:
             self.copy.to("cpu")
+
+
+@contextlib.contextmanager
+def merged(denoiser: torch.nn.Module, adapter: str) -> Iterator[None]:
+    """Within it, ``denoiser``'s LoRA ``adapter`` is merged into the base weights (peft's merge);
+    afterwards the base weights hold their original bits again. peft's unmerge subtracts the update
+    back, which leaves rounding errors in the base that would drift from merge to merge, so the
+    originals are copied aside and copied back instead."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    originals = [[(p, p.detach().clone()) for p in layer.get_base_layer().parameters()] for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge(adapter_names=[adapter])
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, saved in zip(layers, originals):
+                for param, original in saved:
+                    param.copy_(original)
+                layer.merged_adapters = []  # as peft's unmerge leaves it: the layer adds its adapters in each forward again

@@ -82,9 +82,13 @@ def _harmless(key: str) -> bool:
     return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every result-changing key on which two configs differ."""
-    old, new = flatten(saved), flatten(current)
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """``key: saved -> current`` for every result-changing key on which two configs differ.
+
+    A key the saved config lacks (it was saved before the key existed) counts as its value in
+    ``defaults``: a new option's default is the behaviour from before it existed.
+    """
+    old, new = {**flatten(defaults or {}), **flatten(saved)}, flatten(current)
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

@@ -32,6 +32,7 @@ ARMS = {
     "sspo_full": ["model.lora=false"],
     "sspo_ema": ["model.lora=false", "optim.ema=true"],  # the final model is the average: a resume must restore it
     "sspo_cached": ["data.cache_latents=true"],  # its own reference: cached latents round differently
+    "sspo_fused": ["negatives.fuse_lora=true"],  # its own reference: merged LoRA samples round differently
     # A flow-matching model (the tiny SD3 of `model_of`): sigma draws, velocity errors, the flow Euler sampler
     "sspo_sd3": ["negatives.scheduler=pipeline", "model.lora_targets=[to_q, to_k, to_v, to_out.0]"],
 }
@@ -99,6 +100,7 @@ KILLS = [
     ("spin", ["negatives:2"], []),  # erd last: one checkpoint, one generation chunk per iteration
     ("sspo_full", ["pool_write:2"], []),
     ("sspo_full", ["checkpoint_save:2", "final_save:1"], []),
+    ("sspo_fused", ["negatives:2", "step:2"], ["save_every_steps=1"]),  # killed with a checkpoint merged, then within an iteration
     ("sspo_sd3", ["step:2", "negatives:1"], ["save_every_steps=1"]),  # resumed within an iteration, then killed sampling the next one
     ("sspo_ema", ["step:3", "validation:1"], ["save_every_steps=1", "validation.every_iterations=1", "validation.prompts=a small red circle on the left"]),
 ]

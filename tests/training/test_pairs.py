@@ -1,6 +1,7 @@
 """PairBuilder's hooks: phases seen from outside, rows read beforehand, the sampler's step count per call."""
 
 import contextlib
+import dataclasses
 import types
 
 import pytest
@@ -37,7 +38,7 @@ def sampled(monkeypatch):
 
     family = StableDiffusion({"scheduler": DDPMScheduler()})
     monkeypatch.setattr(family, "sample", sample)
-    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint: contextlib.nullcontext(HalfDenoiser()))
+    reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint, fused=False: contextlib.nullcontext(HalfDenoiser()))
     builder = PairBuilder(TrainConfig(method="sspo"), family, reference, None, read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
     return builder, steps_seen
 
@@ -73,3 +74,19 @@ def test_sampler_steps_changes_the_step_count_of_that_call_only(sampled):
         builder.build([0], with_reference=False, sampler_steps=7)
         builder.build([0], with_reference=False)
     assert steps == [7, TrainConfig().negatives.steps] and TrainConfig().negatives.steps != 7
+
+
+def test_an_iterations_negatives_fill_generation_batches_across_its_micro_batches(sampled, monkeypatch):
+    builder, _ = sampled
+    sizes = []
+    sample = builder.family.sample
+
+    def sized(denoiser, sampler, cond, uncond, seeds, **kwargs):
+        sizes.append(len(seeds))
+        return sample(denoiser, sampler, cond, uncond, seeds, **kwargs)
+
+    monkeypatch.setattr(builder.family, "sample", sized)
+    builder.sampler_cfg = dataclasses.replace(builder.sampler_cfg, batch_size=3)
+    with builder.rows_from({m: rows(m) for m in range(4)}):
+        builder.build(list(range(4)), with_reference=False)  # 4 micro-batches of 2, one checkpoint
+    assert sizes == [3, 3, 2]

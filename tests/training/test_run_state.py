@@ -31,3 +31,10 @@ def test_manifest_detects_truncated_corrupted_and_missing_files(tmp_path):
     assert "a.bin has 250 bytes, 500 were saved (truncated?)" in problems[0]
     assert "b.bin differs from what was saved (corrupted)" in problems[1]
     assert "c.bin is missing" in problems[2]
+
+
+def test_a_key_saved_before_it_existed_counts_as_its_default():
+    defaults = {"negatives": {"fuse_lora": False, "steps": 20}}
+    saved = {"negatives": {"steps": 20}}  # written before negatives.fuse_lora existed: it sampled unfused
+    assert config_differences(saved, {"negatives": {"steps": 20, "fuse_lora": False}}, defaults) == []
+    assert config_differences(saved, {"negatives": {"steps": 20, "fuse_lora": True}}, defaults) == ["negatives.fuse_lora: False -> True"]
