@@ -82,8 +82,8 @@ class OptimConfig:
 class SamplerConfig:
     """How a pool checkpoint generates negatives ``x_l`` (its own inference pipeline)."""
 
-    # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers: docs/bench/solver-quality.md measures the
-    # steps at which their negatives match ddim's 20 in exact reward on the shapes world.
+    # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers; on the shapes world neither matches ddim's
+    # 20 steps in the exact reward of its samples with fewer steps (docs/bench/README.md "Few-step samplers").
     scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc
     steps: int = setting(20, at_least=1)  # sampler steps per negative
     # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 5; else by
