@@ -394,7 +394,7 @@ def test_every_constrained_field_refuses_values_outside_its_range(root, path, re
         ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer >= 8 that is a multiple of 8"),
         ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
         ("optim.learning_rate=0", "config key 'optim.learning_rate': got 0.0, expected a number > 0"),
-        ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler'"),
+        ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler', 'unipc'"),
     ],
 )
 def test_the_dry_run_refuses_an_out_of_range_value_in_one_line(override, line, tmp_path, capsys):

@@ -17,7 +17,7 @@ from sspo.training.methods import METHODS, Method
 from sspo.training.pool import ERD_STRATEGIES
 from sspo.worlds.registry import WORLDS
 
-SCHEDULERS = ("ddim", "pipeline", "dpm++", "euler")
+SCHEDULERS = ("ddim", "pipeline", "dpm++", "euler", "unipc")
 # diffusers' get_scheduler names (piecewise_constant, which takes rules as a string, is left out)
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -82,8 +82,10 @@ class OptimConfig:
 class SamplerConfig:
     """How a pool checkpoint generates negatives ``x_l`` (its own inference pipeline)."""
 
-    scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler
-    steps: int = setting(20, at_least=1)
+    # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers; on the shapes world neither matches ddim's
+    # 20 steps in the exact reward of its samples with fewer steps (docs/bench/README.md "Few-step samplers").
+    scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc
+    steps: int = setting(20, at_least=1)  # sampler steps per negative
     # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 5; else by
     # family: SD-1.5 and AnimateDiff 7.5, SDXL 5, FLUX.1 3.5), recorded resolved in the run's config.yaml.
     # FLUX-dev takes it as its guidance embedding's input, not as classifier-free guidance.

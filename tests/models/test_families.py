@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 from sspo.errors import ConfigError, ModelError
 from sspo.models.families import FAMILIES, family_of, register
 from sspo.models.families.sd import StableDiffusion
+from sspo.models.pipeline import load_pipeline
 from sspo.training.config import ModelConfig
 from sspo.training.trainer import train
 
@@ -76,3 +77,26 @@ def test_model_family_accepts_registered_names_only(upper_quarter):
     assert ModelConfig(family="auto").family == "auto"
     with pytest.raises(ConfigError, match="model.family.*'auto', 'sd'"):
         ModelConfig(family="kandinsky")
+
+
+@pytest.mark.parametrize("kind, scheduler, solver", [
+    ("dpm++", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True}),
+    ("unipc", "UniPCMultistepScheduler", {"solver_order": 2, "lower_order_final": True}),
+])
+def test_the_few_step_solvers_sample_the_quick_base_on_its_own_noise_schedule(kind, scheduler, solver, quick_base):
+    pipe = load_pipeline(quick_base)
+    family = family_of(pipe)
+    sampler = family.sampler(kind, 0.0)
+    config = sampler.scheduler.config
+    assert type(sampler.scheduler).__name__ == scheduler and {key: config[key] for key in solver} == solver
+    for key in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "beta_schedule"):  # the pipeline's schedule, not the solver's defaults
+        assert config[key] == pipe.scheduler.config[key]
+    cond, uncond = family.encode_prompts(["a red circle", "a blue square"], "cpu"), family.encode_unconditional("cpu")
+    size = (pipe.unet.config.sample_size,) * 2
+
+    def sample(seeds):
+        return family.sample(pipe.unet, sampler, cond, uncond, seeds, steps=4, guidance_scale=5.0, latent_size=size, device="cpu")
+
+    first = sample([0, 1])
+    assert first.shape == (2, pipe.unet.config.in_channels, *size) and bool(torch.isfinite(first).all())
+    assert torch.equal(first, sample([0, 1])) and not torch.equal(first[0], sample([2, 1])[0])

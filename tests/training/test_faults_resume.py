@@ -160,12 +160,13 @@ def test_damage_to_a_file_every_state_needs_is_one_clear_error(reference, quick_
 def test_resume_with_a_result_changing_key_names_it_and_keeps_the_saved_config(reference, quick_base, tmp_path, capsys):
     run = copy_run(reference("sspo"), tmp_path)
     saved = (run / "config.yaml").read_text()
-    args = ["train", str(DEMO), *tiny_overrides(run, quick_base), "optim.learning_rate=0.002", "beta=100", "--resume"]
+    args = ["train", str(DEMO), *tiny_overrides(run, quick_base), "optim.learning_rate=0.002", "beta=100", "negatives.scheduler=unipc", "--resume"]
     capsys.readouterr()  # only what main prints counts (a fixture built in this test may have printed before)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sspo: error: --resume: the config differs") and "\n" not in err
     assert "optim.learning_rate: 0.001 -> 0.002" in err and "beta: 500.0 -> 100.0" in err
+    assert "negatives.scheduler: 'ddim' -> 'unipc'" in err  # the sampler of negatives is recorded and changes the result
     assert (run / "config.yaml").read_text() == saved
     with pytest.raises(ConfigError, match="model.lora"):  # and a full fine-tune cannot continue a LoRA run
         train(tiny_config(run, quick_base, "model.lora=false"), resume=True)

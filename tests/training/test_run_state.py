@@ -7,6 +7,12 @@ def test_result_changing_keys_are_named_and_harmless_ones_pass():
     assert config_differences(saved, current) == ["optim.learning_rate: 0.001 -> 0.002"]
 
 
+def test_the_negatives_sampler_and_its_steps_are_result_changing():
+    saved = {"negatives": {"scheduler": "ddim", "steps": 20, "batch_size": 64}}
+    current = {"negatives": {"scheduler": "dpm++", "steps": 8, "batch_size": 64}}
+    assert config_differences(saved, current) == ["negatives.scheduler: 'ddim' -> 'dpm++'", "negatives.steps: 20 -> 8"]
+
+
 def test_tuples_and_lists_compare_equal_and_new_keys_count():
     saved = {"model": {"lora_targets": ["to_q", "to_k"]}}
     assert config_differences(saved, {"model": {"lora_targets": ("to_q", "to_k")}}) == []

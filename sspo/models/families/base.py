@@ -38,6 +38,15 @@ def resolve_train_modules(train_modules: str, video: bool) -> str:
     return (MOTION if video else EVERY_LAYER) if train_modules == "auto" else train_modules
 
 
+# The multistep solvers as few-step sampling wants them, pinned rather than left to diffusers' defaults:
+# second order, dropping to first order over the last steps (diffusers does below 15 steps), where a
+# second-order step on the coarse final interval is unstable.
+MULTISTEP_SOLVERS = {
+    "dpm++": {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True},  # DPM-Solver++(2M)
+    "unipc": {"solver_order": 2, "lower_order_final": True},  # UniPC-2M, its bh2 predictor-corrector
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How negatives are sampled: the inference scheduler and what its pipeline call needs besides."""
@@ -150,13 +159,13 @@ class ModelFamily:
 
     def sampler(self, kind: str, eta: float) -> Sampler:
         """The inference scheduler ``kind`` (``negatives.scheduler``) on the pipeline's noise schedule."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
         config = self.component("scheduler").config
         if kind == "pipeline":
             return Sampler(self.component("scheduler").__class__.from_config(config))
-        kinds = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-        return Sampler(kinds[kind].from_config(config), {"eta": eta} if kind == "ddim" else {})
+        kinds = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler, "unipc": UniPCMultistepScheduler}
+        return Sampler(kinds[kind].from_config(config, **MULTISTEP_SOLVERS.get(kind, {})), {"eta": eta} if kind == "ddim" else {})
 
     @torch.no_grad()
     def sample(self, denoiser, sampler: Sampler, cond: TextCondition, uncond: TextCondition, seeds: Sequence[int], *, steps: int,
