@@ -63,5 +63,7 @@ WORLD = World(
     # The flow-matching base (`sspo demo --base shapes-base:flow`): the same regime and budget, each
     # arm's settings as the flow base's comparison chose them on validation (docs/results/flow.md).
     preset_demos={"flow": DemoSettings(CONFIGS / "compare-shapes-flow.yaml", methods=("sft", "dpo", "sspo"), prompts_per_split=96,
-                                       data_level="mid", quick_preset="flow-quick")},
+                                       data_level="mid", quick_preset="flow-quick",
+                                       arm_overrides={"sft": ("optim.learning_rate=1e-2",), "dpo": ("optim.learning_rate=1e-3", "beta=500"),
+                                                      "sspo": ("optim.learning_rate=3e-3", "beta=0.05")})},
 )
