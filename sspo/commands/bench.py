@@ -197,15 +197,10 @@ def family_overrides(folder: Path) -> list[str]:
     name = FLOW_CONFIGS.get(json.loads(index.read_text()).get("_class_name")) if index.is_file() else None
     if name is None:
         return []
-    config = load_yaml(CONFIGS / name)
-    overrides = []
-    for key in FLOW_KEYS:
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        flat = node.items() if isinstance(node, dict) else [(None, node)]
-        overrides += [f"{key}{'.' + sub if sub else ''}={json.dumps(value)}" for sub, value in flat]
-    return overrides
+    from sspo.training.run_state import flatten
+
+    return [f"{key}={json.dumps(value)}" for key, value in flatten(load_yaml(CONFIGS / name)).items()
+            if any(key == wanted or key.startswith(wanted + ".") for wanted in FLOW_KEYS)]
 
 
 def model_notes(b: BenchConfig) -> dict:

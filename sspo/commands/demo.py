@@ -81,11 +81,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     if not world.names_base(base_name):
         raise SSPOError(f"--base: {base_name!r} is not a base of world {world.name!r}; expected {world.base!r} or {world.base}:<preset>")
     settings = world.demo_of(base_name)
+    trained_from = demo_base(world, base_name, quick)
     started = time.time()
-    base = resolve_model(demo_base(world, base_name, quick))
+    base = resolve_model(trained_from)
     timings = {"base": time.time() - started}
     eval_cfg = EvalConfig(prompts=world.name, prompts_per_split=4 if quick else settings.prompts_per_split, steps=settings.sampler_steps,
-                          guidance_scale=world.guidance_scale(demo_base(world, base_name, quick)))
+                          guidance_scale=world.guidance_scale(trained_from))
 
     # The pairs (when the entry names a level) are built while the base is scored.
     level = settings.data_level
