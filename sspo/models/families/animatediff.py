@@ -58,7 +58,8 @@ def motion_adapter_of(adapter, unet):
     pipeline's ``motion_adapter`` keeps the weights it was loaded with: training changes the UNet's)."""
     from diffusers import MotionAdapter
 
-    adapter = MotionAdapter.from_config(adapter.config)
+    # not the folder it was loaded from: the new adapter's weights are the UNet's
+    adapter = MotionAdapter.from_config({key: value for key, value in adapter.config.items() if key != "_name_or_path"})
     state = {key: value for key, value in unet.state_dict().items() if "motion_modules." in key}
     adapter.load_state_dict(state)
     return adapter.to(next(unet.parameters()).dtype)

@@ -42,8 +42,9 @@ WORLD = World(
     base_guidance_scale=5.0,
     evaluate=evaluate,
     components=evaluator.COMPONENT_NAMES,
-    # the groups, and the two motion components a frozen or reversed clip fails
-    table_columns=("attributes", "motion", "coherence", "quality", "direction", "amplitude"),
+    # the groups, the two motion components a frozen or reversed clip fails, and the share of clips
+    # without a visible temporal defect
+    table_columns=("attributes", "motion", "coherence", "quality", "direction", "amplitude", "steady"),
     round_trip=round_trip,
     # 48 prompts x 2 seeds per split, sampled as the demo's negatives (10 steps): its time budget.
     demo=DemoSettings(CONFIGS / "demo-moving-shapes.yaml", methods=("sft", "sspo"), prompts_per_split=48, sampler_steps=10),

@@ -54,6 +54,10 @@ clip progress and amplitude), ``coherence = sqrt(smoothness * persistence)``, an
 
     ``reward = attributes * motion * coherence * quality``
 
+    ``steady``      1 when ``smoothness`` is at least 0.5 (no visible jerk, shake, flicker or
+                    stutter), else 0: not part of the reward; its mean over a model's clips is the
+                    share without a visible temporal defect.
+
 Why this form: the four groups are each necessary, so they multiply, as the image evaluator's
 alignment and quality do. A crisp clip of the right object moving the wrong way, a right motion of
 the wrong object, a jumpy clip and a blurred one are each a bad clip whatever the others score, and
@@ -105,7 +109,7 @@ from sspo.worlds.shapes.world import BACKGROUNDS, SHAPES
 ATTRIBUTE_NAMES = ("background", "color", "shape", "size", "position")
 MOTION_NAMES = ("progress", "direction", "amplitude")
 COHERENCE_NAMES = ("smoothness", "persistence")
-COMPONENT_NAMES = ATTRIBUTE_NAMES + MOTION_NAMES + COHERENCE_NAMES + ("quality", "attributes", "motion", "coherence", "reward")
+COMPONENT_NAMES = ATTRIBUTE_NAMES + MOTION_NAMES + COHERENCE_NAMES + ("quality", "attributes", "motion", "coherence", "reward", "steady")
 
 _GRID = 1025  # states per path for locating a frame on it: 1/1024 of the path apart
 _COLOR_TOL, _COLOR_SCALE = 30.0, 20.0  # fill vs expected fill (RGB distance): tolerance, fall-off
@@ -121,6 +125,10 @@ _ALONG_UNIT = {"position": 0.02, "size": 0.01, "color": 16.0}
 _CENTER_UNIT, _RADIUS_UNIT, _BRIGHTNESS_UNIT = 0.02, 0.02, 16.0
 _JERK_TOL, _JERK_SCALE = 1.5, 1.0  # jerk (in those units): tolerance, fall-off
 _PERSISTENCE_SCALE = 0.2  # share of frames without the object (or another one): Gaussian fall-off
+# A clip is steady when its smoothness is at least this: a jerk under ~2.7 units. The round trip of
+# every clean clip is (its smoothness is 0.6 or more); a dropped, shuffled, shaking or flickering
+# one is not. The share of steady clips is a model's rate of visible temporal defects, read off.
+_STEADY_SMOOTHNESS = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +150,7 @@ class MotionScore:
     motion: float
     coherence: float
     reward: float
+    steady: float  # 1 without a visible temporal defect (smoothness >= 0.5), else 0; not in the reward
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in COMPONENT_NAMES}
@@ -260,6 +269,7 @@ def evaluate_clip(clip, spec: MotionSpec | str) -> MotionScore:
     result["motion"] = float(np.mean([result[name] for name in MOTION_NAMES]))
     result["coherence"] = math.sqrt(result["smoothness"] * result["persistence"])
     result["reward"] = result["attributes"] * result["motion"] * result["coherence"] * result["quality"]
+    result["steady"] = float(result["smoothness"] >= _STEADY_SMOOTHNESS)
     return MotionScore(**{name: float(np.clip(result[name], 0.0, 1.0)) for name in COMPONENT_NAMES})
 
 

@@ -286,6 +286,10 @@ def unit_variance_latents(vae, pixels: torch.Tensor, chunk: int) -> torch.Tensor
 def save_base(pipe, cfg, staging: Path, output: Path, started: float) -> Path:
     """Save a built base with its recipe (``sspo_base.json``) in ``staging``, then move it to ``output``."""
     pipe.save_pretrained(staging, safe_serialization=True)
+    for config in staging.glob("*/config.json"):  # a component loaded from a folder names it: the bytes would depend on the machine
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (staging / RECORD).write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
     shutil.rmtree(output, ignore_errors=True)
     os.replace(staging, output)

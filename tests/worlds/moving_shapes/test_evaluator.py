@@ -104,7 +104,21 @@ def test_score_combination():
         assert score.motion == pytest.approx(np.mean([getattr(score, n) for n in MOTION_NAMES]))
         assert score.coherence == pytest.approx(math.sqrt(score.smoothness * score.persistence))
         assert score.reward == pytest.approx(score.attributes * score.motion * score.coherence * score.quality)
+        assert score.steady == float(score.smoothness >= 0.5)
         assert list(score.as_dict()) == list(COMPONENT_NAMES)
+
+
+def test_steady_marks_the_jerky_defects_and_no_others():
+    """``steady`` reads a visible temporal defect off a clip: the defects that make a clip jump,
+    shake or flicker are flagged, clips that are wrong in other ways are not."""
+    def steady(defect: str) -> float:
+        return float(np.mean([evaluate_clip(render_motion_defect(s, random.Random(i), 8, 32, defect), s).steady for i, s in enumerate(DEFECT_SPECS)]))
+
+    assert all(evaluate_clip(render_clip(s), s).steady == 1.0 for s in DEFECT_SPECS)
+    for defect in ("shuffled", "jitter", "flicker", "dropped"):
+        assert steady(defect) <= 0.15, defect
+    for defect in ("frozen", "reversed", "static", "vanish", "wrong_shape", "checker"):
+        assert steady(defect) == 1.0, defect
 
 
 @pytest.mark.parametrize("defect", sorted(DEFECT_COMPONENT))
