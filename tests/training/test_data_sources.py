@@ -64,7 +64,8 @@ def test_parquet_is_read_a_row_group_at_a_time_with_the_items_of_a_whole_read(tm
         assert len(grouped._rows._cache) <= 2
     # All 24 row groups were read, and never more than two of them held, plus the one being read.
     total = sum(pq.read_metadata(grouped_path).row_group(g).total_byte_size for g in range(24))
-    assert peak <= 4 * group_bytes < total / 5
+    # Arrow's pool rounds each buffer up to 64 bytes: a few bytes over 4 groups is that, not a 5th group.
+    assert peak <= 4 * group_bytes + 4096 < total / 5
 
 
 def test_shuffle_row_groups_reads_windows_of_groups_in_a_seeded_order(tmp_path):
