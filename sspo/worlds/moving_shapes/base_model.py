@@ -147,7 +147,7 @@ def _build_clean(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
     tokenizer = write_word_tokenizer(staging / "tokenizer", words)
     text_encoder = word_table_text_encoder(text_encoder_for(size, tokenizer), tokenizer, words, cfg.seed, positions=True)  # "from A to B"
     components, adapter = video_components(size, text_encoder, seed=cfg.seed)
-    pixels, prompts = _pretraining_clips(cfg, size.image_size)
+    pixels, prompts = _pretraining_clips(dataclasses.replace(cfg, defect_fraction=0.0), size.image_size)  # clean clips only: its key ignores the second stage
     if cfg.vae_steps:
         train_vae(vae.train(), pixels.flatten(0, 1), cfg.vae_steps, cfg.vae_learning_rate, cfg, generator, "motion frames")
     vae.eval().requires_grad_(False)
