@@ -210,8 +210,8 @@ def _compare(args) -> None:
 def _pairs(args) -> None:
     from sspo.commands.pairs import run_pairs
 
-    run_pairs(args.level, args.steps, None if args.sweep is None else _int_list(args.sweep, "--sweep"), args.out, args.quick, args.tie_threshold,
-              args.bt_temperature, args.seed, args.pairs_per_prompt)
+    run_pairs(args.world, args.level, args.steps, None if args.sweep is None else _int_list(args.sweep, "--sweep"), args.out, args.quick,
+              args.tie_threshold, args.bt_temperature, args.seed, args.pairs_per_prompt)
 
 
 def _export(args) -> None:
@@ -311,19 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("pairs", help="Pick-a-Pic-shaped pairs of the shapes world: two samples of a generator, ranked by the exact reward",
-                       description="G (the base after N SFT steps) samples two images per alignment-train prompt; the higher exact reward "
-                       "wins, near-ties are dropped. Writes pairs.parquet (caption, jpg_0, jpg_1, label_0) and pairs.json (recipe, counts, "
-                       "R_base, R_win, R_lose, R_ceil) for data.source=parquet.")
-    p.add_argument("--level", choices=("low", "mid", "high"), help="winner quality, by G's measured steps: R_win about 0.65, 0.72, or G saturated (about 0.78; see docs/data.md)")
-    p.add_argument("--steps", type=int, help="instead of --level: G's SFT steps on clean renders")
+    p = sub.add_parser("pairs", help="Pick-a-Pic-shaped pairs of a world: two samples of a generator, ranked by the exact reward",
+                       description="G (the world's base after N SFT steps) samples two images or clips per alignment-train prompt; the "
+                       "higher exact reward wins, near-ties are dropped. Writes pairs.parquet (caption, the two media columns, label_0) and "
+                       "pairs.json (recipe, counts, R_base, R_win, R_lose, R_ceil) for data.source=parquet.")
+    p.add_argument("--world", default="shapes", help="the world (default: shapes; moving-shapes for clips)")
+    p.add_argument("--level", help="winner quality, by G's measured steps: shapes has low, mid, high (R_win about 0.65, 0.72, G saturated at "
+                   "about 0.78), moving-shapes has mid (see docs/data.md)")
+    p.add_argument("--steps", type=int, help="instead of --level: G's SFT steps on clean samples")
     p.add_argument("--sweep", metavar="N1,N2,...", help="instead: print winner statistics at each number of G's SFT steps (0: the base); writes no pairs")
     p.add_argument("--out", help="folder for pairs.parquet and pairs.json (default: the cache, keyed by the settings)")
     p.add_argument("--tie-threshold", type=float, default=0.02, help="drop pairs whose rewards differ by less (default: 0.02)")
     p.add_argument("--bt-temperature", type=float, default=0.0, help="> 0: labels drawn from a Bradley-Terry model of the reward difference at this temperature (default: 0, off)")
     p.add_argument("--pairs-per-prompt", type=int, default=1, help="pairs drawn per training prompt, two samples each (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="G's training seed, the sampler's seeds and the labels' sides (default: 0)")
-    p.add_argument("--quick", action="store_true", help="the small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
+    p.add_argument("--quick", action="store_true", help="the world's small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
     p.set_defaults(func=_pairs)
 
     from sspo.commands.export import FINAL, FORMATS

@@ -48,10 +48,10 @@ def demo_config(out: Path, method: str, quick: bool, world: World, base: str, da
     return load_config(TrainConfig, settings.config, overrides)
 
 
-def build_data(level: str, quick: bool) -> tuple[Path, dict]:
+def build_data(world: str, level: str, quick: bool) -> tuple[Path, dict]:
     from sspo.commands.pairs import level_pairs
 
-    return level_pairs(level, quick)
+    return level_pairs(world, level, quick)
 
 
 def evaluate_base(base: str, eval_cfg: EvalConfig) -> tuple[dict, list, float]:
@@ -90,13 +90,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
 
     # The pairs (when the entry names a level) are built while the base is scored.
     level = settings.data_level
-    first = [functools.partial(evaluate_base, base, eval_cfg), *([functools.partial(build_data, level, quick)] if level else [])]
+    first = [functools.partial(evaluate_base, base, eval_cfg), *([functools.partial(build_data, world.name, level, quick)] if level else [])]
     (summary, images, timings["eval base"]), *built = run_all(first, jobs, "demo: the base" + (" and the pairs" if level else ""))
     results, shown = {"base": summary}, {"base": images}
     data, record = [], None
     if built:
         folder, record = built[0]
-        data = ["data.source=parquet", f"data.path={folder / 'pairs.parquet'}", f"validation.world={world.name}"]
+        first, second = world.pair_columns
+        data = ["data.source=parquet", f"data.path={folder / 'pairs.parquet'}", f"data.image_0_column={first}", f"data.image_1_column={second}",
+                f"validation.world={world.name}"]
 
     # SFT (and Diffusion-DPO on the pairs, where a world's demo has it) show that training moves the
     # base at all; SSPO is the method itself, trained on the winners only.
@@ -110,7 +112,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     if record:
         table += (f"\n\nTrained on Pick-a-Pic-shaped pairs (level {level}{', quick: a smoke test' if quick else ''}): {record['pairs']} pairs sampled from G, the base after "
                   f"{record['generator']['steps']} SFT steps. R_base {record['R_base']:.3f}, R_win {record['R_win']:.3f} (the winners, "
-                  f"SFT's asymptote), R_ceil {record['R_ceil']:.3f} (clean renders). A model above R_win went beyond its winners.")
+                  f"SFT's asymptote), R_ceil {record['R_ceil']:.3f} (clean samples). A model above R_win went beyond its winners.")
     print("\n" + table)
     atomic_write_text(out / "results.md", table + "\n")
     # Same prompts and seeds in every row.

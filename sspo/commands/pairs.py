@@ -1,9 +1,10 @@
-"""``sspo pairs``: the shapes world's Pick-a-Pic-shaped pairs, from a generator G trained here.
+"""``sspo pairs``: a world's Pick-a-Pic-shaped pairs, from a generator G trained here.
 
-G is the shapes base after ``steps`` SFT steps on clean renders, trained by the trainer from the
-demo config and cached by its recipe; the world's part (:mod:`sspo.worlds.shapes.pairs`) samples
-two images per training prompt from it, scores and ranks them, drops ties and writes the parquet
-and its record. ``--sweep`` prints G's winner statistics at several step counts instead.
+G is the world's base after ``steps`` SFT steps on clean samples, trained by the trainer from the
+world's generator config (its :class:`~sspo.worlds.registry.PairsSettings`) and cached by its
+recipe; :mod:`sspo.worlds.pairs` samples two images or clips per training prompt from it, scores
+and ranks them, drops ties and writes the parquet and its record. ``--sweep`` prints G's winner
+statistics at several step counts instead.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from tqdm.auto import tqdm
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
 from sspo.io import entry_list, read_json
-from sspo.paths import CONFIGS, build_lock, cache_root
+from sspo.paths import build_lock, cache_root
 from sspo.training.config import TrainConfig
 from sspo.worlds.names import resolve_model
-from sspo.worlds.shapes.pairs import (
-    LEVEL_STEPS,
-    LEVEL_TARGETS,
+from sspo.worlds.pairs import (
     PAIRS_VERSION,
     Measured,
     PairsConfig,
@@ -33,29 +32,28 @@ from sspo.worlds.shapes.pairs import (
     format_sweep,
     measure,
     one_thread,
+    pairs_world,
     require_kept,
     sweep_row,
     training_specs,
     write_pairs,
 )
-from sspo.worlds.shapes.world import WORLD_VERSION
-
-DEMO_CONFIG = CONFIGS / "demo-shapes.yaml"
-
+from sspo.worlds.registry import get_world, world_names
 
 # --------------------------------------------------------------------------------------------------
 # The generator G
 
 
 def generator_config(cfg: PairsConfig, output_dir: str | Path) -> TrainConfig:
-    """G's recipe: the demo's SFT (its LoRA, learning rate and batch) for ``cfg.steps`` steps on the
-    clean renders of the training prompts, validation ones left out; no validation, no logging."""
+    """G's recipe: the world's generator config as SFT (its LoRA, learning rate and batch) for
+    ``cfg.steps`` steps on the clean samples of the training prompts, validation ones left out; no
+    validation, no logging."""
     overrides = [
         "method=sft", f"model.pretrained={cfg.base}", "iterations=1", f"steps_per_iteration={cfg.steps}", f"seed={cfg.seed}",
         f"data.world_split_seed={cfg.split_seed}", "data.world_without_validation=true", "validation.every_iterations=0",
         "report_to=none", f"output_dir={output_dir}",
     ]
-    return load_config(TrainConfig, DEMO_CONFIG, overrides)
+    return load_config(TrainConfig, pairs_world(cfg).pairs.generator_config, overrides)
 
 
 def generator_key(cfg: PairsConfig) -> str:
@@ -63,13 +61,13 @@ def generator_key(cfg: PairsConfig) -> str:
         return "base"
     recipe = to_dict(generator_config(cfg, "generator"))
     recipe.pop("output_dir")  # where G is written is not part of its recipe
-    blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, "steps": cfg.steps, "recipe": recipe}, sort_keys=True)
+    blob = json.dumps({"v": PAIRS_VERSION, "world": pairs_world(cfg).pairs.version, "steps": cfg.steps, "recipe": recipe}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def pairs_key(cfg: PairsConfig) -> str:
     """The pairs' recipe: their settings and G's."""
-    blob = json.dumps({"v": PAIRS_VERSION, "world": WORLD_VERSION, **to_dict(cfg), "generator": generator_key(cfg)}, sort_keys=True)
+    blob = json.dumps({"v": PAIRS_VERSION, "world": pairs_world(cfg).pairs.version, **to_dict(cfg), "generator": generator_key(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -112,7 +110,8 @@ def measure_generator(cfg: PairsConfig) -> Measured:
 
 
 def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
-    return cache_root() / "data" / f"shapes-pickapic-{level or f'n{cfg.steps}'}{'-quick' if cfg.base.endswith(':quick') else ''}-{pairs_key(cfg)}"
+    name = pairs_world(cfg).name
+    return cache_root() / "data" / f"{name}-pickapic-{level or f'n{cfg.steps}'}{'-quick' if cfg.base.endswith(':quick') else ''}-{pairs_key(cfg)}"
 
 
 def existing_pairs(folder: Path) -> dict | None:
@@ -149,15 +148,16 @@ def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | No
         measured = measure_generator(cfg)
         require_kept(measured, cfg.tie_threshold)
         model, _ = generator(cfg)
-        extra = {"R_base": base_reward(cfg, measured.specs, sampler(model, None, cfg)), "R_ceil": ceiling_reward(model)}
+        world = pairs_world(cfg)
+        extra = {"R_base": base_reward(cfg, measured.specs, sampler(model, None, cfg)), "R_ceil": ceiling_reward(cfg, model)}
         head = {
             "key": key,
             "level": level,
-            "level_target_R_win": LEVEL_TARGETS.get(level),
+            "level_target_R_win": world.pairs.levels[level].target_r_win if level else None,
             "config": to_dict(cfg),
             "generator": {"steps": cfg.steps, "key": generator_key(cfg), "recipe": to_dict(generator_config(cfg, "generator")) | {"output_dir": None}},
         }
-        write_pairs(folder, measured, head, len(training_specs(cfg)), extra)
+        write_pairs(world, folder, measured, head, len(training_specs(cfg)), extra)
     return folder, json.loads(record_path.read_text()), False
 
 
@@ -167,38 +167,52 @@ def sweep(cfg: PairsConfig, steps: Sequence[int], thresholds: Sequence[float] = 
     return [sweep_row(n, measure_generator(dataclasses.replace(cfg, steps=n)), thresholds) for n in tqdm(steps, desc="pairs: sweep", leave=False)]
 
 
-def pairs_config(level: str | None = None, steps: int | None = None, quick: bool = False, **options) -> PairsConfig:
-    """The pairs of ``level`` (or of G after ``steps``); ``quick``: the tests' small base, 16 prompts
-    and 2 SFT steps unless ``steps``, a smoke test rather than a level."""
-    steps = 2 if quick and steps is None else steps if steps is not None else LEVEL_STEPS.get(level, 0)
-    return PairsConfig(steps=steps, base="shapes-base:quick" if quick else "shapes-base", max_prompts=16 if quick else None, **options)
+def pairs_config(world: str = "shapes", level: str | None = None, steps: int | None = None, quick: bool = False, **options) -> PairsConfig:
+    """World ``world``'s pairs of ``level`` (or of G after ``steps``); ``quick``: the world's small
+    base, 16 prompts and 2 SFT steps unless ``steps``, a smoke test rather than a level."""
+    entry = get_world(world, "--world")
+    if entry.pairs is None:
+        with_pairs = ", ".join(name for name in world_names() if get_world(name).pairs is not None)
+        raise SSPOError(f"--world {world}: this world has no Pick-a-Pic-shaped pairs; worlds that have them: {with_pairs}")
+    if level is not None and level not in entry.pairs.levels:
+        raise SSPOError(f"--level {level}: world {world} has levels {', '.join(entry.pairs.levels)}")
+    steps = 2 if quick and steps is None else steps if steps is not None else entry.pairs.levels[level].steps if level else 0
+    max_prompts = 16 if quick else entry.pairs.max_prompts
+    return PairsConfig(steps=steps, base=f"{entry.base}:quick" if quick else entry.base, max_prompts=max_prompts,
+                       sampler_steps=entry.pairs.sampler_steps, **options)
 
 
-def level_pairs(level: str, quick: bool = False) -> tuple[Path, dict]:
-    """The folder and record of ``sspo pairs --level <level>``'s pairs, built now if not cached."""
-    folder, record, _ = build_pairs(pairs_config(level, quick=quick), level=level)
+def level_pairs(world: str, level: str, quick: bool = False) -> tuple[Path, dict]:
+    """The folder and record of ``sspo pairs --world <world> --level <level>``'s pairs, built now if not cached."""
+    folder, record, _ = build_pairs(pairs_config(world, level, quick=quick), level=level)
     return folder, record
 
 
-def run_pairs(level: str | None = None, steps: int | None = None, sweep_steps: Sequence[int] | None = None, out: str | Path | None = None, quick: bool = False,
-              tie_threshold: float = 0.02, bt_temperature: float = 0.0, seed: int = 0, pairs_per_prompt: int = 1) -> None:
+def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None = None, sweep_steps: Sequence[int] | None = None,
+              out: str | Path | None = None, quick: bool = False, tie_threshold: float = 0.02, bt_temperature: float = 0.0, seed: int = 0,
+              pairs_per_prompt: int = 1) -> None:
     """``sspo pairs``: build (or reuse) the pairs of ``level`` or ``steps`` and say what they are, or
     print G's winner statistics at each of ``sweep_steps``."""
     chosen = [flag for flag, value in (("--level", level), ("--steps", steps), ("--sweep", sweep_steps)) if value is not None]
     if len(chosen) > 1 or not (chosen or quick):
         raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")
-    cfg = pairs_config(level, steps, quick, tie_threshold=tie_threshold, bt_temperature=bt_temperature, seed=seed, pairs_per_prompt=pairs_per_prompt)
+    cfg = pairs_config(world, level, steps, quick, tie_threshold=tie_threshold, bt_temperature=bt_temperature, seed=seed, pairs_per_prompt=pairs_per_prompt)
+    entry = pairs_world(cfg)
     if sweep_steps is not None:
         print(format_sweep(sweep(cfg, sweep_steps)))
         return
     folder, record, reused = build_pairs(cfg, out, level)
-    target = f" (level {level}: target R_win {LEVEL_TARGETS[level]:.2f})" if level else ""
+    target = f" (level {level}: target R_win {entry.pairs.levels[level].target_r_win:.2f})" if level else ""
+    kind = "clips" if entry.clips else "images"
     print(f"{'reused' if reused else 'wrote'} {folder / 'pairs.parquet'}{target}")
-    print(f"  G: the base after {cfg.steps} SFT steps on clean renders; {record['prompts']} training prompts, {cfg.pairs_per_prompt * 2} samples each")
+    print(f"  G: the base after {cfg.steps} SFT steps on clean {kind}; {record['prompts']} training prompts, {cfg.pairs_per_prompt * 2} samples each")
     print(f"  pairs: {record['pairs']} kept, {record['ties_dropped']} ties dropped (|reward difference| < {cfg.tie_threshold:g})"
           + (f"; labels Bradley-Terry at T={cfg.bt_temperature:g}, {record['label_agreement']:.0%} agree with the reward" if cfg.bt_temperature else ""))
     print(f"  R_win {record['R_win']:.3f}, R_lose {record['R_lose']:.3f} (mean exact reward after a VAE round trip, as training encodes them; "
           f"as stored {record['R_win_stored']:.3f}, {record['R_lose_stored']:.3f})")
-    print(f"  R_base {record['R_base']:.3f} (the base's samples, same prompts and seeds), R_ceil {record['R_ceil']:.3f} (clean renders after a VAE round trip)")
+    print(f"  R_base {record['R_base']:.3f} (the base's samples, same prompts and seeds), R_ceil {record['R_ceil']:.3f} (clean {kind} after a VAE round trip)")
     print(f"  record: {folder / 'pairs.json'}")
-    print(f"  train on it: sspo train configs/demo-shapes.yaml data.source=parquet data.path={folder / 'pairs.parquet'} validation.world=shapes")
+    first, second = entry.pair_columns
+    columns = "" if (first, second) == ("jpg_0", "jpg_1") else f" data.image_0_column={first} data.image_1_column={second}"
+    print(f"  train on it: sspo train configs/{entry.pairs.generator_config.name} data.source=parquet data.path={folder / 'pairs.parquet'}{columns} "
+          f"validation.world={entry.name}")

@@ -38,12 +38,33 @@ class DemoSettings:
     methods: tuple[str, ...]  # the arms trained from the base, in the table's order
     prompts_per_split: int  # evaluation prompts per split (seen, held-out): enough for a CI on paired gains
     sampler_steps: int = 20  # evaluation sampler steps
-    # Pick-a-Pic-shaped pairs of this level (`sspo pairs --level`, the shapes world's) instead of the
-    # world's own pairs; None: the world's own.
+    # Pick-a-Pic-shaped pairs of this level (`sspo pairs --level`, the world's PairsSettings) instead
+    # of the world's own pairs; None: the world's own.
     data_level: str | None = None
     # Settings per arm on top of the config, e.g. {"sft": ("optim.learning_rate=3e-3",)}.
     arm_overrides: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     quick_preset: str | None = "quick"  # the base preset `--quick` trains from instead (a smaller base); None: the same base
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLevel:
+    """A named quality of Pick-a-Pic-shaped winners (``sspo pairs --level``)."""
+
+    steps: int  # G's SFT steps, read off the measured R_win-vs-steps curve
+    target_r_win: float  # the winners' mean round-tripped reward the level aims at
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsSettings:
+    """How ``sspo pairs`` builds a world's Pick-a-Pic-shaped pairs (:mod:`sspo.worlds.pairs`)."""
+
+    generator_config: Path  # the SFT recipe G trains with (its LoRA, learning rate, batch), YAML
+    levels: Mapping[str, PairLevel]  # level name -> G's steps and the R_win it aims at
+    encode: Callable[[Any], bytes]  # a sample -> the bytes its parquet column holds (PNG, lossless clip)
+    vae_round_trip: Callable[[str, list], list]  # (base folder, samples) -> the samples encoded by its VAE as training encodes them, decoded
+    version: int | str  # part of G's and the pairs' cache keys: bump when the world's samples or evaluator change
+    sampler_steps: int = 20  # G's sampler steps, as the world's evaluation samples
+    max_prompts: int | None = None  # training prompts the pairs are drawn from (a seeded sample); None: every one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +96,7 @@ class World:
     preset_guidance_scales: Mapping[str, float] = dataclasses.field(default_factory=dict)  # presets sampled with another guidance than base_guidance_scale
     # `sspo demo --base <base>:<preset>`: the demo of a preset that is another model (a flow-matching base), not a smaller one
     preset_demos: Mapping[str, DemoSettings] = dataclasses.field(default_factory=dict)
+    pairs: PairsSettings | None = None  # its Pick-a-Pic-shaped pairs (`sspo pairs --world`); None: it has none
 
     def demo_of(self, name: str, key: str = "--base") -> DemoSettings:
         """The demo of base ``name`` (``<base>`` or ``<base>:<preset>``); a preset without one is a ConfigError."""

@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from sspo.cli import main
-from sspo.commands.pairs import DEMO_CONFIG, build_pairs
+from sspo.commands.pairs import build_pairs
 from sspo.config import load_config
+from sspo.paths import CONFIGS
 from sspo.training.config import TrainConfig
 from sspo.training.data import DataConfig, load_dataset_from_config
+from sspo.worlds.pairs import PairsConfig
 from sspo.worlds.shapes.evaluator import evaluate_batch
-from sspo.worlds.shapes.pairs import PairsConfig
 from sspo.worlds.shapes.world import parse_prompt
 
 QUICK = PairsConfig(steps=2, base="shapes-base:quick", max_prompts=16)  # what `sspo pairs --quick` builds
@@ -87,7 +88,7 @@ def test_pairs_load_through_the_parquet_source_and_dpo_trains_on_them(quick_pair
     winner = rows[0]["jpg_0"] if rows[0]["label_0"] == 1.0 else rows[0]["jpg_1"]
     assert np.allclose(item["winner"].permute(1, 2, 0).numpy(), png(winner) / 127.5 - 1, atol=1e-5)
     assert load_dataset_from_config(DataConfig(source="parquet", path=str(folder / "pairs.parquet"), resolution=32, mode="random")).has_losers
-    cfg = load_config(TrainConfig, DEMO_CONFIG, [
+    cfg = load_config(TrainConfig, CONFIGS / "demo-shapes.yaml", [
         "method=dpo", f"model.pretrained={quick_base}", "data.source=parquet", f"data.path={folder / 'pairs.parquet'}",
         "iterations=1", "steps_per_iteration=2", "optim.batch_size=2", "validation.every_iterations=0", "report_to=none", f"output_dir={tmp_path / 'dpo'}",
     ])
@@ -129,3 +130,62 @@ def test_a_build_that_fails_leaves_no_folder_and_no_lock(tmp_path, quick_base, c
     err = capsys.readouterr().err.strip().rpartition("\r")[2]  # after G's progress bar
     assert err.startswith("sspo: error:") and "lower --tie-threshold" in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Clips (the shipped moving-shapes base: the quick one's clips all score about 0, every pair a tie)
+
+
+@pytest.fixture(scope="module")
+def quick_clip_pairs(tmp_path_factory) -> tuple:
+    """Clip pairs of 16 prompts from G after 2 SFT steps on the shipped video base: (folder, record)."""
+    folder = tmp_path_factory.mktemp("clip-pairs") / "pairs"
+    cfg = PairsConfig(steps=2, base="moving-shapes-base", max_prompts=16, sampler_steps=10)
+    _, record, reused = build_pairs(cfg, folder)
+    assert not reused
+    return folder, record
+
+
+def test_clip_pairs_hold_clips_whose_winners_outscore_their_losers_on_the_exact_evaluator(quick_clip_pairs):
+    from sspo.video_io import read_clip
+    from sspo.worlds.moving_shapes.evaluator import evaluate_clip
+
+    folder, record = quick_clip_pairs
+    rows = read_rows(folder)
+    assert rows and len(rows) == record["pairs"] and record["pairs_drawn"] == 16
+    assert set(rows[0]) == {"caption", "video_0", "video_1", "label_0", "reward_0", "reward_1"}
+    for row in rows:
+        clips = [read_clip(row[column], "pair") for column in ("video_0", "video_1")]
+        assert all(clip.shape == (8, 32, 32, 3) for clip in clips)
+        scores = [evaluate_clip(clip, row["caption"]).reward for clip in clips]
+        assert scores == pytest.approx([row["reward_0"], row["reward_1"]])  # the clip bytes are lossless
+        win, lose = scores if row["label_0"] == 1.0 else scores[::-1]
+        assert win - lose >= 0.02
+    assert all(0 <= record[k] <= 1 for k in ("R_win", "R_lose", "R_base", "R_ceil")) and record["R_win"] > record["R_lose"]
+
+
+def test_clip_pairs_load_as_clips_and_sft_trains_on_their_winners(quick_clip_pairs, tmp_path):
+    from sspo.training.trainer import train
+    from sspo.worlds.names import resolve_model
+
+    folder, _ = quick_clip_pairs
+    path = folder / "pairs.parquet"
+    data = DataConfig(source="parquet", path=str(path), resolution=32, frames=8, image_0_column="video_0", image_1_column="video_1")
+    dataset = load_dataset_from_config(data)
+    assert dataset.has_losers and len(dataset) == len(read_rows(folder)) and dataset[0]["winner"].shape == (8, 3, 32, 32)
+    cfg = load_config(TrainConfig, CONFIGS / "demo-moving-shapes.yaml", [
+        "method=sft", f"model.pretrained={resolve_model('moving-shapes-base:quick')}", "data.source=parquet", f"data.path={path}",
+        "data.image_0_column=video_0", "data.image_1_column=video_1", "iterations=1", "steps_per_iteration=1", "optim.batch_size=2",
+        "validation.every_iterations=0", "report_to=none", f"output_dir={tmp_path / 'sft'}",
+    ])
+    assert (train(cfg) / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pairs", "--world", "moving-shapes", "--level", "low"], "--level low: world moving-shapes has levels mid"),
+    (["pairs", "--world", "nowhere", "--level", "mid"], "unknown world 'nowhere'"),
+])
+def test_a_level_or_world_without_pairs_is_a_one_line_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sspo: error:") and message in err and "\n" not in err

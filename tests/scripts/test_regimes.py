@@ -13,7 +13,7 @@ CONFIG = ROOT / "configs" / "compare-shapes.yaml"
 
 
 def test_levels_are_gathered_with_their_r_values_and_paired_differences(quick_base, tmp_path):
-    folder, record = level_pairs("mid", quick=True)
+    folder, record = level_pairs("shapes", "mid", quick=True)
     tiny = [f"model.pretrained={quick_base}", "data.max_samples=16", "negatives.steps=2", "optim.batch_size=4"]
     level = [*tiny, "data.source=parquet", f"data.path={folder / 'pairs.parquet'}", "validation.world=shapes"]
     compare.run_compare(CONFIG, ["base", "sft", "sspo"], [0, 1], tmp_path / "mid", overrides=level, quick=True, prompts_per_split=2)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sspo.paths import CONFIGS
+from sspo.video_io import encode_clip
 from sspo.worlds.moving_shapes import evaluator, world
-from sspo.worlds.registry import DemoSettings, TrainingDataRequest, World
+from sspo.worlds.registry import DemoSettings, PairLevel, PairsSettings, TrainingDataRequest, World
+from sspo.worlds.shapes.world import WORLD_VERSION
 
 
 def training_data(request: TrainingDataRequest) -> Path:
@@ -25,6 +27,26 @@ def evaluate(clip, prompt: str) -> dict[str, float]:
 
 def round_trip(folder: Path) -> dict[str, dict[str, float]]:
     return {name: {"reward": reward} for name, reward in evaluator.round_trip_clip_scores(folder).items()}
+
+
+def vae_round_trip(model: str, clips: list) -> list:
+    import numpy as np
+
+    return list(evaluator.round_trip_clips(evaluator.load_vae(model), np.stack(clips)))
+
+
+# `sspo pairs --world moving-shapes`: G is the base after N SFT steps of the video demo's recipe
+# (its motion-module LoRA); pairs are drawn from a seeded half of the training prompts, about as
+# many as the demo's training sees, and sampled as the demo samples (10 steps).
+PAIRS = PairsSettings(
+    generator_config=CONFIGS / "demo-moving-shapes.yaml",
+    levels={"mid": PairLevel(60, 0.45)},
+    encode=encode_clip,
+    vae_round_trip=vae_round_trip,
+    version=f"{WORLD_VERSION}.{world.MOTION_WORLD_VERSION}",
+    sampler_steps=10,
+    max_prompts=480,
+)
 
 
 WORLD = World(
@@ -48,4 +70,5 @@ WORLD = World(
     round_trip=round_trip,
     # 48 prompts x 2 seeds per split, sampled as the demo's negatives (10 steps): its time budget.
     demo=DemoSettings(CONFIGS / "demo-moving-shapes.yaml", methods=("sft", "sspo"), prompts_per_split=48, sampler_steps=10),
+    pairs=PAIRS,
 )

@@ -304,7 +304,6 @@ def round_trip_scores(model: str | Path, n: int = 96, seed: int = 1) -> dict[str
     higher. A defect whose row is near the clean one vanishes in the latent: a model never shows it."""
     from diffusers import AutoencoderKL
 
-    from sspo.models.pipeline import decode_images
     from sspo.worlds.shapes.evaluator import evaluate_batch, mean_scores
 
     vae = AutoencoderKL.from_pretrained(str(model), subfolder="vae").eval()
@@ -314,5 +313,13 @@ def round_trip_scores(model: str | Path, n: int = 96, seed: int = 1) -> dict[str
     result = {}
     for name in ("clean", *shapes.DEFECTS):
         images = [shapes.render(spec, size) if name == "clean" else shapes.render_defect(spec, rng, size, name) for spec in specs]
-        result[name] = mean_scores(evaluate_batch(decode_images(vae, encode_images(vae, _pixels(images))), specs))
+        result[name] = mean_scores(evaluate_batch(round_trip_images(vae, images), specs))
     return result
+
+
+@torch.no_grad()
+def round_trip_images(vae, images, batch: int = 64) -> list[np.ndarray]:
+    """``images`` encoded by ``vae`` as training encodes them (posterior mode) and decoded, in batches of ``batch``."""
+    from sspo.models.pipeline import decode_images
+
+    return [image for part in _pixels(images).split(batch) for image in decode_images(vae, encode_images(vae, part))]

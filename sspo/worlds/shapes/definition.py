@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sspo.paths import CONFIGS
-from sspo.worlds.registry import DemoSettings, TrainingDataRequest, World
+from sspo.worlds.registry import DemoSettings, PairLevel, PairsSettings, TrainingDataRequest, World
 from sspo.worlds.shapes import evaluator, world
 
 
@@ -32,6 +32,27 @@ def round_trip(folder: Path) -> dict[str, dict[str, float]]:
     from sspo.worlds.shapes.base_model import round_trip_scores
 
     return {name: {part: scores[part] for part in ("reward", "quality", "attributes")} for name, scores in round_trip_scores(folder).items()}
+
+
+def vae_round_trip(model: str, images: list) -> list:
+    from diffusers import AutoencoderKL
+
+    from sspo.worlds.shapes.base_model import round_trip_images
+
+    return round_trip_images(AutoencoderKL.from_pretrained(model, subfolder="vae").eval(), images)
+
+
+# `sspo pairs`: G is the base after N SFT steps of the image demo's recipe (docs/data.md
+# "Pick-a-Pic-shaped pairs"). Each level's steps are read off the measured R_win-vs-steps curve,
+# from winner statistics alone. G saturates at R_win ~0.78 (its stored winners at ~0.80), so
+# "high" is the saturated G: its 0.80 target is above what this G reaches.
+PAIRS = PairsSettings(
+    generator_config=CONFIGS / "demo-shapes.yaml",
+    levels={"low": PairLevel(3, 0.65), "mid": PairLevel(7, 0.72), "high": PairLevel(50, 0.80)},
+    encode=world.png_bytes,
+    vae_round_trip=vae_round_trip,
+    version=world.WORLD_VERSION,
+)
 
 
 WORLD = World(
@@ -66,4 +87,5 @@ WORLD = World(
                                        data_level="mid", quick_preset="flow-quick",
                                        arm_overrides={"sft": ("optim.learning_rate=1e-2",), "dpo": ("optim.learning_rate=1e-3", "beta=500"),
                                                       "sspo": ("optim.learning_rate=3e-3", "beta=0.05")})},
+    pairs=PAIRS,
 )

@@ -310,7 +310,8 @@ def eval_prompts(split: Split, per_split: int = 24, seed: int = 0) -> dict[str, 
     }
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """An image as PNG bytes (lossless): what the world's parquet columns hold."""
     import io
 
     buffer = io.BytesIO()
@@ -330,8 +331,8 @@ def preference_pairs(
         specs,
         per_spec,
         seed,
-        clean=lambda spec: _png_bytes(render(spec, size)),
-        defective=lambda spec, rng, defect: _png_bytes(render_defect(spec, rng, size, defect)),
+        clean=lambda spec: png_bytes(render(spec, size)),
+        defective=lambda spec, rng, defect: png_bytes(render_defect(spec, rng, size, defect)),
         defects=sorted(DEFECTS),
         columns=("jpg_0", "jpg_1"),
         tie_fraction=tie_fraction,

@@ -1,27 +1,29 @@
-"""The shapes world's Pick-a-Pic-shaped pairs: two samples of a generator G per prompt, ranked by the exact reward.
+"""Pick-a-Pic-shaped pairs of any world: two samples of a generator G per prompt, ranked by the exact reward.
 
-The world's own pairs (:func:`sspo.worlds.shapes.world.preference_pairs`) put an ideal clean render
-against a defective one: their winners are the evaluator's optimum. Pick-a-Pic's winners are
-samples of other models that people preferred to a second sample: imperfect, with room above
-them. This module makes such data here, from a generator G that :mod:`sspo.commands.pairs` trains
-(the base after ``steps`` SFT steps on clean renders, from the demo config, cached by its recipe),
-so ``steps`` sets how good its samples are. G draws two images per alignment-train prompt (never a validation
-or held-out one) with different seeds; the one with the higher exact reward wins; pairs whose
-rewards differ by less than ``tie_threshold`` are dropped, as Pick-a-Pic's ties are. Optionally
-the label is drawn from a Bradley-Terry model of the reward difference (people disagree).
+A world's own pairs (``data.source: <world>``) put an ideal clean sample against a defective one:
+their winners are the evaluator's optimum. Pick-a-Pic's winners are samples of other models that
+people preferred to a second sample: imperfect, with room above them. This module makes such data
+for every world whose registry entry has :class:`~sspo.worlds.registry.PairsSettings`, from a
+generator G that :mod:`sspo.commands.pairs` trains (the world's base after ``steps`` SFT steps on
+clean samples, cached by its recipe), so ``steps`` sets how good its samples are. G draws two
+samples (images or clips) per alignment-train prompt (never a validation or held-out one) with
+different seeds; the one with the higher exact reward wins; pairs whose rewards differ by less than
+``tie_threshold`` are dropped, as Pick-a-Pic's ties are. Optionally the label is drawn from a
+Bradley-Terry model of the reward difference (people disagree).
 
-Written as a Pick-a-Pic parquet (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``, PNG bytes, the
-winner's side drawn per row; plus ``reward_0`` / ``reward_1``) that ``data.source: parquet``
-reads as it reads any other, and ``pairs.json`` beside it with the recipe and the statistics:
+Written as a Pick-a-Pic parquet (``caption``, the world's two media columns — ``jpg_0`` / ``jpg_1``
+PNG bytes, or ``video_0`` / ``video_1`` lossless clip bytes —, ``label_0``, the winner's side drawn
+per row; plus ``reward_0`` / ``reward_1``) that ``data.source: parquet`` reads as it reads any
+other, and ``pairs.json`` beside it with the recipe and the statistics:
 
 - ``R_win`` / ``R_lose``: the mean exact reward of the kept winners / losers after a VAE round
   trip: encoded as training encodes them, then decoded. That is what a model that fits the winners
-  exactly can reach (SFT's asymptote), as ``R_ceil`` is for clean renders. G's samples were decoded
-  from latents, yet the VAE is not idempotent: one more trip moves a sample's reward by ~0.02-0.03
-  (median), so the stored winners' own reward (``R_win_stored``) is recorded beside it.
+  exactly can reach (SFT's asymptote), as ``R_ceil`` is for clean samples. G's samples were decoded
+  from latents, yet the VAE is not idempotent: one more trip moves a shapes image's reward by
+  ~0.02-0.03 (median), so the stored winners' own reward (``R_win_stored``) is recorded beside it.
 - ``R_base``: the mean exact reward of the base's own samples on the same prompts and seeds.
-- ``R_ceil``: the VAE's ceiling, the mean reward of held-out clean renders after a round trip
-  (:func:`sspo.worlds.shapes.base_model.round_trip_scores`): no model decoding through this VAE scores higher.
+- ``R_ceil``: the VAE's ceiling, the mean reward of held-out clean samples after a round trip (the
+  world's ``round_trip``): no model decoding through this VAE scores higher.
 
 Every choice is seeded; the same config writes the same rows.
 """
@@ -29,50 +31,55 @@ Every choice is seeded; the same config writes the same rows.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sspo.config import setting, validate
-from sspo.errors import SSPOError
+from sspo.errors import ConfigError, SSPOError
 from sspo.io import atomic_write_json
-from sspo.worlds.shapes.evaluator import evaluate_batch
-from sspo.worlds.shapes.world import ShapeSpec, make_split, write_pickapic_parquet
+from sspo.worlds.registry import World, base_world, get_world, world_names
+from sspo.worlds.shapes.world import write_pickapic_parquet
 
 # Bump when G's recipe, the sampling or the ranking changes, so cached generators and pairs are rebuilt.
 PAIRS_VERSION = 1
-
-# G's SFT steps per level, interpolated on the measured R_win-vs-steps curve (docs/data.md
-# "Pick-a-Pic-shaped pairs"), from winner statistics alone. G saturates at R_win ~0.78 (its stored
-# winners at ~0.80), so "high" is the saturated G: the 0.80 target is above what this G reaches.
-LEVEL_TARGETS = {"low": 0.65, "mid": 0.72, "high": 0.80}
-LEVEL_STEPS = {"low": 3, "mid": 7, "high": 50}
 
 _SIDE_STREAM, _LABEL_STREAM = 1, 2  # independent random streams of a row: winner's side, Bradley-Terry label
 
 
 @dataclasses.dataclass
 class PairsConfig:
-    steps: int = setting(at_least=0)  # N: G's SFT steps on clean renders from the base (0: the base itself; measurement only)
-    base: str = setting("shapes-base", choices=("shapes-base", "shapes-base:quick"))  # the base G starts from
+    steps: int = setting(at_least=0)  # N: G's SFT steps on clean samples from the base (0: the base itself; measurement only)
+    base: str = setting("shapes-base", nonempty=True)  # the base G starts from: a world's base or preset ("moving-shapes-base", "shapes-base:quick")
     tie_threshold: float = setting(0.02, at_least=0, below=1)  # pairs whose exact rewards differ by less are dropped as ties
     bt_temperature: float = setting(0.0, at_least=0)  # > 0: label drawn with P(higher reward wins) = sigmoid(diff / T); 0: the higher always wins
     seed: int = setting(0, at_least=0)  # G's training seed, the sampler's seeds, the sides and labels
     split_seed: int = setting(0, at_least=0)  # the world's train / held-out split
     max_prompts: int | None = setting(None, at_least=1)  # at most this many training prompts (a seeded sample; quick runs)
     pairs_per_prompt: int = setting(1, at_least=1)  # pairs drawn per prompt (two samples each, all with different seeds)
-    sampler_steps: int = setting(20, at_least=1)  # G's sampler, as the evaluation samples
+    sampler_steps: int = setting(20, at_least=1)  # G's sampler steps, as the evaluation samples (the world's PairsSettings.sampler_steps)
     guidance_scale: float = setting(5.0, at_least=0)
-    batch_size: int = setting(32, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
+    batch_size: int = setting(32, at_least=1)  # samples per generation batch (a seed fixes its sample whatever the batching)
 
     def __post_init__(self) -> None:
         validate(self)
+        pairs_world(self)
+
+
+def pairs_world(cfg: PairsConfig) -> World:
+    """The world whose base ``cfg.base`` names; a base of no world, or of a world without pairs, is a ConfigError."""
+    world = base_world(cfg.base)
+    if world is None or world.pairs is None:
+        bases = ", ".join(get_world(name).base for name in world_names() if get_world(name).pairs is not None)
+        raise ConfigError(f"base: {cfg.base!r} is not the base of a world with Pick-a-Pic-shaped pairs; expected one of {bases} (or one of their presets)")
+    world.base_preset(cfg.base, "base")
+    return world
 
 
 class one_thread:
@@ -91,25 +98,25 @@ class one_thread:
 # Prompts, samples and ranking
 
 
-def training_specs(cfg: PairsConfig) -> list[ShapeSpec]:
+def training_specs(cfg: PairsConfig) -> list:
     """The alignment-train combinations without the validation ones (a seeded sample of ``max_prompts``)."""
-    specs = list(make_split(cfg.split_seed).train_without_validation)
+    specs = list(pairs_world(cfg).make_split(cfg.split_seed).train_without_validation)
     if cfg.max_prompts is not None and cfg.max_prompts < len(specs):
         specs = sorted(random.Random(cfg.seed).sample(specs, cfg.max_prompts))
     return specs
 
 
-def pair_specs(cfg: PairsConfig) -> list[ShapeSpec]:
+def pair_specs(cfg: PairsConfig) -> list:
     """The prompt of every pair: each training prompt ``pairs_per_prompt`` times."""
     return [spec for spec in training_specs(cfg) for _ in range(cfg.pairs_per_prompt)]
 
 
-def sample_seeds(cfg: PairsConfig, specs: Sequence[ShapeSpec]) -> list[tuple[int, int]]:
+def sample_seeds(cfg: PairsConfig, specs: Sequence) -> list[tuple[int, int]]:
     """The two sampler seeds of every pair, fixed by its prompt (the prompt's place among all
     training combinations), its number among the prompt's pairs and ``cfg.seed``: the same pair
     gets the same seeds at every ``max_prompts``."""
-    place = {spec: i for i, spec in enumerate(make_split(cfg.split_seed).train_without_validation)}
-    seen: dict[ShapeSpec, int] = {}
+    place = {spec: i for i, spec in enumerate(pairs_world(cfg).make_split(cfg.split_seed).train_without_validation)}
+    seen: dict[Any, int] = {}
     seeds = []
     for spec in specs:
         j = seen[spec] = seen.get(spec, -1) + 1
@@ -118,29 +125,30 @@ def sample_seeds(cfg: PairsConfig, specs: Sequence[ShapeSpec]) -> list[tuple[int
     return seeds
 
 
-def draw_samples(generate: Callable[[list[str], list[int]], list], specs: Sequence[ShapeSpec], seeds: Sequence[tuple[int, int]], cfg: PairsConfig, desc: str) -> list[tuple]:
-    """Two images per prompt, ``(image_a, image_b)``: ``generate(prompts, seeds)`` is G's sampler (as the
-    evaluation samples), called in batches of ``cfg.batch_size``."""
+def draw_samples(generate: Callable[[list[str], list[int]], list], specs: Sequence, seeds: Sequence[tuple[int, int]], cfg: PairsConfig, desc: str) -> list[tuple]:
+    """Two samples per prompt, ``(sample_a, sample_b)``: ``generate(prompts, seeds)`` is G's sampler (as
+    the evaluation samples), called in batches of ``cfg.batch_size``."""
     prompts = [s.prompt for s in specs for _ in range(2)]
     flat_seeds = [seed for pair in seeds for seed in pair]
-    images: list = []
+    samples: list = []
     with one_thread():
         for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False):
             end = start + cfg.batch_size
-            images += generate(prompts[start:end], flat_seeds[start:end])
-    return list(zip(images[0::2], images[1::2]))
+            samples += generate(prompts[start:end], flat_seeds[start:end])
+    return list(zip(samples[0::2], samples[1::2]))
 
 
-def rewards(images: Sequence, specs: Sequence[ShapeSpec]) -> np.ndarray:
-    return np.array([score.reward for score in evaluate_batch(images, specs)], dtype=np.float64)
+def rewards(world: World, samples: Sequence, specs: Sequence) -> np.ndarray:
+    """The exact reward of every sample for its spec's prompt."""
+    return np.array([world.evaluate(sample, spec.prompt)["reward"] for sample, spec in zip(samples, specs)], dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ranked:
-    """One kept pair: the prompt's place in the sampled list, winner and loser side (0 = image a), rewards."""
+    """One kept pair: the prompt's place in the sampled list, winner and loser side (0 = sample a), rewards."""
 
     index: int
-    winner: int  # 0: image a wins, 1: image b
+    winner: int  # 0: sample a wins, 1: sample b
     winner_first: bool  # the winner goes in jpg_0
     reward_a: float
     reward_b: float
@@ -165,22 +173,18 @@ def rank_pairs(reward_a: np.ndarray, reward_b: np.ndarray, tie_threshold: float,
     return kept
 
 
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def pickapic_rows(specs: Sequence[ShapeSpec], samples: Sequence[tuple], ranked: Sequence[Ranked]) -> list[dict]:
-    """Pick-a-Pic rows of the kept pairs: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (1: jpg_0 wins), ``reward_0``, ``reward_1``."""
+def pickapic_rows(world: World, specs: Sequence, samples: Sequence[tuple], ranked: Sequence[Ranked]) -> list[dict]:
+    """Pick-a-Pic rows of the kept pairs: ``caption``, the world's two media columns (``jpg_0``,
+    ``jpg_1`` for images), ``label_0`` (1: the first column wins), ``reward_0``, ``reward_1``."""
+    first, second = world.pair_columns
     rows = []
     for r in ranked:
-        images, scores = samples[r.index], (r.reward_a, r.reward_b)
+        pair, scores = samples[r.index], (r.reward_a, r.reward_b)
         order = (r.winner, 1 - r.winner) if r.winner_first else (1 - r.winner, r.winner)
         rows.append({
             "caption": specs[r.index].prompt,
-            "jpg_0": _png(images[order[0]]),
-            "jpg_1": _png(images[order[1]]),
+            first: world.pairs.encode(pair[order[0]]),
+            second: world.pairs.encode(pair[order[1]]),
             "label_0": 1.0 if r.winner_first else 0.0,
             "reward_0": scores[order[0]],
             "reward_1": scores[order[1]],
@@ -188,20 +192,12 @@ def pickapic_rows(specs: Sequence[ShapeSpec], samples: Sequence[tuple], ranked: 
     return rows
 
 
-@torch.no_grad()
-def round_trip_rewards(model: str, images: Sequence, specs: Sequence[ShapeSpec]) -> np.ndarray:
-    """Rewards of ``images`` after a round trip through ``model``'s VAE (encoded as training encodes
+def round_trip_rewards(world: World, model: str, samples: Sequence, specs: Sequence) -> np.ndarray:
+    """Rewards of ``samples`` after a round trip through ``model``'s VAE (encoded as training encodes
     them, decoded): G's samples were decoded from latents, but the VAE is not idempotent, and one
     more trip moves their reward (docs/data.md "Pick-a-Pic-shaped pairs")."""
-    from diffusers import AutoencoderKL
-
-    from sspo.models.pipeline import decode_images, encode_images
-
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
-    pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images])).permute(0, 3, 1, 2) / 127.5 - 1
-    with one_thread():
-        decoded = np.concatenate([decode_images(vae, encode_images(vae, part)) for part in pixels.split(64)])
-    return rewards(list(decoded), specs)
+    with one_thread(), torch.no_grad():
+        return rewards(world, world.pairs.vae_round_trip(model, samples), specs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +239,7 @@ DEFINITIONS = {
     "R_lose_stored": "the same for the kept losers",
     "R_G": "mean exact reward of all of G's samples as stored (both of every pair, ties included)",
     "R_base": "mean exact reward of the base's samples on the same prompts and seeds",
-    "R_ceil": "mean exact reward of 96 held-out clean renders after a VAE round trip (the ceiling)",
+    "R_ceil": "mean exact reward of held-out clean samples after a VAE round trip (the ceiling; the world's round trip)",
     "mean_abs_diff": "mean |R(winner) - R(loser)| over kept pairs, as stored",
     "tie_fraction": "share of drawn pairs whose stored rewards differ by less than tie_threshold (dropped)",
     "label_agreement": "share of kept pairs whose labelled winner has the higher stored reward (1 without Bradley-Terry)",
@@ -252,9 +248,9 @@ DEFINITIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class Measured:
-    """G's pairs on the training prompts: prompts, images, rewards (stored and round-tripped), ranking, statistics."""
+    """G's pairs on the training prompts: prompts, samples, rewards (stored and round-tripped), ranking, statistics."""
 
-    specs: list[ShapeSpec]
+    specs: list
     samples: list[tuple]
     stored: tuple[np.ndarray, np.ndarray]
     round_trip: tuple[np.ndarray, np.ndarray]
@@ -265,25 +261,26 @@ class Measured:
 def measure(cfg: PairsConfig, model: str, generate: Callable[[list[str], list[int]], list]) -> Measured:
     """Sample G's pairs (``generate``: G's sampler; ``model``: the base whose VAE training encodes with),
     score them exactly (as stored and after a VAE round trip) and rank them."""
+    world = pairs_world(cfg)
     specs = pair_specs(cfg)
     samples = draw_samples(generate, specs, sample_seeds(cfg, specs), cfg, f"pairs: G ({cfg.steps} SFT steps) samples")
-    stored = tuple(rewards([s[k] for s in samples], specs) for k in (0, 1))
-    round_trip = tuple(round_trip_rewards(model, [s[k] for s in samples], specs) for k in (0, 1))
+    stored = tuple(rewards(world, [s[k] for s in samples], specs) for k in (0, 1))
+    round_trip = tuple(round_trip_rewards(world, model, [s[k] for s in samples], specs) for k in (0, 1))
     ranked = rank_pairs(*stored, cfg.tie_threshold, cfg.bt_temperature, cfg.seed)
     return Measured(specs, samples, stored, round_trip, ranked, winner_statistics(stored, round_trip, ranked))
 
 
-def base_reward(cfg: PairsConfig, specs: Sequence[ShapeSpec], generate: Callable[[list[str], list[int]], list]) -> float:
+def base_reward(cfg: PairsConfig, specs: Sequence, generate: Callable[[list[str], list[int]], list]) -> float:
     """``R_base``: the mean exact reward of the base's samples (``generate``) on the pairs' prompts and seeds."""
+    world = pairs_world(cfg)
     samples = draw_samples(generate, specs, sample_seeds(cfg, specs), cfg, "pairs: base samples")
-    return float(np.concatenate([rewards([s[0] for s in samples], specs), rewards([s[1] for s in samples], specs)]).mean())
+    return float(np.concatenate([rewards(world, [s[k] for s in samples], specs) for k in (0, 1)]).mean())
 
 
-def ceiling_reward(model: str) -> float:
-    """``R_ceil``: the mean exact reward of held-out clean renders after a round trip through ``model``'s VAE."""
-    from sspo.worlds.shapes.base_model import round_trip_scores
-
-    return round_trip_scores(model)["clean"]["reward"]
+def ceiling_reward(cfg: PairsConfig, model: str) -> float:
+    """``R_ceil``: the mean exact reward of held-out clean samples after a round trip through ``model``'s VAE."""
+    with one_thread():
+        return pairs_world(cfg).round_trip(Path(model))["clean"]["reward"]
 
 
 def require_kept(measured: Measured, tie_threshold: float) -> None:
@@ -292,13 +289,13 @@ def require_kept(measured: Measured, tie_threshold: float) -> None:
         raise SSPOError(f"every one of G's {len(measured.specs)} pairs is a tie below {tie_threshold}; lower --tie-threshold")
 
 
-def write_pairs(folder: Path, measured: Measured, head: dict, prompts: int, extra_stats: dict) -> dict:
+def write_pairs(world: World, folder: Path, measured: Measured, head: dict, prompts: int, extra_stats: dict) -> dict:
     """Write ``pairs.parquet`` (the kept pairs), then ``pairs.json``: ``head`` (the recipe), the number
     of training ``prompts``, the statistics (``extra_stats`` after G's) and their definitions. A
     folder with ``pairs.json`` is complete."""
     require_kept(measured, head["config"]["tie_threshold"])
     folder.mkdir(parents=True, exist_ok=True)
-    write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(measured.specs, measured.samples, measured.ranked))
+    write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(world, measured.specs, measured.samples, measured.ranked))
     record = {**head, "prompts": prompts, "prompt_split": "alignment-train combinations without the validation ones",
               **measured.stats, **extra_stats, "definitions": DEFINITIONS}
     atomic_write_json(folder / "pairs.json", record)

@@ -1,4 +1,4 @@
-"""The shapes world's Pick-a-Pic-shaped pairs: G's two samples per prompt, ranked by the exact reward."""
+"""Pick-a-Pic-shaped pairs of a world: G's two samples per prompt, ranked by the exact reward."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sspo.worlds.shapes.pairs import PairsConfig, rank_pairs, training_specs
+from sspo.errors import ConfigError
+from sspo.worlds.pairs import PairsConfig, rank_pairs, training_specs
 from sspo.worlds.shapes.world import make_split
 
 QUICK = PairsConfig(steps=2, base="shapes-base:quick", max_prompts=16)  # what `sspo pairs --quick` builds
@@ -48,3 +49,18 @@ def test_prompts_are_training_combinations_never_validation_or_held_out():
     assert set(specs) == set(split.train_without_validation)
     assert not set(specs) & (set(split.validation) | set(split.heldout))
     assert set(training_specs(QUICK)) < set(specs) and len(training_specs(QUICK)) == 16
+
+
+def test_clip_pairs_draw_from_the_video_worlds_training_combinations():
+    from sspo.worlds.moving_shapes.world import make_motion_split
+
+    split = make_motion_split(0)
+    specs = training_specs(PairsConfig(steps=1, base="moving-shapes-base", max_prompts=480))
+    assert len(specs) == 480 and set(specs) < set(split.train_without_validation)
+    assert all(spec.motion for spec in specs)
+
+
+@pytest.mark.parametrize("base", ["sd15", "nowhere-base", "shapes-base:huge"])
+def test_a_base_of_no_world_with_pairs_is_a_config_error(base):
+    with pytest.raises(ConfigError, match="base"):
+        PairsConfig(steps=1, base=base)
