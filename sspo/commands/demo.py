@@ -19,7 +19,7 @@ from pathlib import Path
 from sspo.commands.parallel import run_all
 from sspo.config import load_config
 from sspo.errors import SSPOError
-from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, table_columns
+from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, showcase_rewards, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
 from sspo.io import atomic_write_json, atomic_write_text
@@ -118,10 +118,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     # Same prompts and seeds in every row.
     rows = {name: showcase(eval_cfg, shown[name]) for name in results}
     captions = next(iter(rows.values()))[1]
+    # Each cell's exact reward under it: a change that is hard to see (a clip that stops shaking) is read there.
+    notes = [[f"reward {reward:.2f}" for reward in showcase_rewards(eval_cfg, results[name])] for name in results]
     if world.clips:
-        grid = save_animation(clip_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.gif")
+        grid = save_animation(clip_grid([row for row, _ in rows.values()], list(rows), captions, notes=notes), out / "grid.gif")
     else:
-        grid = save_png(image_grid([row for row, _ in rows.values()], list(rows), captions), out / "grid.png")
+        grid = save_png(image_grid([row for row, _ in rows.values()], list(rows), captions, notes=notes), out / "grid.png")
     runs = {method: [Path(cfg.output_dir)] for method, cfg in configs.items()}
     plot_panels([(*REWARD_PANEL, reward_series(runs)), (*SSR_PANEL, ssr_series(runs))], out / "training.png")
     timings["total"] = time.time() - started

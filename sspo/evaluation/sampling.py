@@ -60,29 +60,37 @@ def generate(
     return images
 
 
-def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96) -> Image.Image:
-    """A grid with one row per model (labelled on the left) and one captioned column per prompt."""
+def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96,
+               notes: Sequence[Sequence[str]] = ()) -> Image.Image:
+    """A grid with one row per model (labelled on the left) and one captioned column per prompt;
+    ``notes[r][c]``, where given, is a short text under cell (r, c) (its exact reward)."""
     n_cols = max(len(r) for r in rows)
     font = ImageFont.load_default()
     label_width = 90 if row_labels else 0
     caption_height = 44 if captions else 0
-    grid = Image.new("RGB", (label_width + n_cols * cell, caption_height + len(rows) * cell), "white")
+    row_height = cell + (12 if notes else 0)
+    grid = Image.new("RGB", (label_width + n_cols * cell, caption_height + len(rows) * row_height), "white")
     draw = ImageDraw.Draw(grid)
     for c, caption in enumerate(captions):
         lines = textwrap.wrap(caption, width=max(8, cell // 6))[:4]
         draw.multiline_text((label_width + c * cell + 2, 1), "\n".join(lines), fill="black", font=font, spacing=0)
     for r, row in enumerate(rows):
+        top = caption_height + r * row_height
         if r < len(row_labels):
-            draw.text((4, caption_height + r * cell + cell // 2 - 6), row_labels[r], fill="black", font=font)
+            draw.text((4, top + cell // 2 - 6), row_labels[r], fill="black", font=font)
         for c, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label_width + c * cell, caption_height + r * cell))
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label_width + c * cell, top))
+            if r < len(notes) and c < len(notes[r]):
+                draw.text((label_width + c * cell + 2, top + cell), notes[r][c], fill="black", font=font)
     return grid
 
 
-def clip_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96) -> list[Image.Image]:
+def clip_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96,
+              notes: Sequence[Sequence[str]] = ()) -> list[Image.Image]:
     """:func:`image_grid` of clips: one grid per frame, the frames of an animated GIF."""
     frames = max(len(clip) for row in rows for clip in row)
-    return [image_grid([[Image.fromarray(clip[min(f, len(clip) - 1)]) for clip in row] for row in rows], row_labels, captions, cell) for f in range(frames)]
+    return [image_grid([[Image.fromarray(clip[min(f, len(clip) - 1)]) for clip in row] for row in rows], row_labels, captions, cell, notes)
+            for f in range(frames)]
 
 
 def save_animation(frames: Sequence[Image.Image], path: str | Path) -> Path:
