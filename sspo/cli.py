@@ -211,7 +211,7 @@ def _pairs(args) -> None:
     from sspo.commands.pairs import run_pairs
 
     run_pairs(args.world, args.level, args.steps, None if args.sweep is None else _int_list(args.sweep, "--sweep"), args.out, args.quick,
-              args.tie_threshold, args.bt_temperature, args.seed, args.pairs_per_prompt)
+              args.tie_threshold, args.bt_temperature, args.seed, args.pairs_per_prompt, args.max_prompts)
 
 
 def _export(args) -> None:
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-threshold", type=float, default=0.02, help="drop pairs whose rewards differ by less (default: 0.02)")
     p.add_argument("--bt-temperature", type=float, default=0.0, help="> 0: labels drawn from a Bradley-Terry model of the reward difference at this temperature (default: 0, off)")
     p.add_argument("--pairs-per-prompt", type=int, default=1, help="pairs drawn per training prompt, two samples each (default: 1)")
+    p.add_argument("--max-prompts", type=int, help="draw from a seeded sample of this many training prompts (default: the world's: "
+                   "every one of shapes', 480 of moving-shapes')")
     p.add_argument("--seed", type=int, default=0, help="G's training seed, the sampler's seeds and the labels' sides (default: 0)")
     p.add_argument("--quick", action="store_true", help="the world's small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
     p.set_defaults(func=_pairs)

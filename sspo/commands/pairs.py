@@ -167,9 +167,11 @@ def sweep(cfg: PairsConfig, steps: Sequence[int], thresholds: Sequence[float] = 
     return [sweep_row(n, measure_generator(dataclasses.replace(cfg, steps=n)), thresholds) for n in tqdm(steps, desc="pairs: sweep", leave=False)]
 
 
-def pairs_config(world: str = "shapes", level: str | None = None, steps: int | None = None, quick: bool = False, **options) -> PairsConfig:
-    """World ``world``'s pairs of ``level`` (or of G after ``steps``); ``quick``: the world's small
-    base, 16 prompts and 2 SFT steps unless ``steps``, a smoke test rather than a level."""
+def pairs_config(world: str = "shapes", level: str | None = None, steps: int | None = None, quick: bool = False, max_prompts: int | None = None,
+                 **options) -> PairsConfig:
+    """World ``world``'s pairs of ``level`` (or of G after ``steps``) from ``max_prompts`` training
+    prompts (default: the world's); ``quick``: the world's small base, 16 prompts and 2 SFT steps
+    unless ``steps``, a smoke test rather than a level."""
     entry = get_world(world, "--world")
     if entry.pairs is None:
         with_pairs = ", ".join(name for name in world_names() if get_world(name).pairs is not None)
@@ -177,7 +179,7 @@ def pairs_config(world: str = "shapes", level: str | None = None, steps: int | N
     if level is not None and level not in entry.pairs.levels:
         raise SSPOError(f"--level {level}: world {world} has levels {', '.join(entry.pairs.levels)}")
     steps = 2 if quick and steps is None else steps if steps is not None else entry.pairs.levels[level].steps if level else 0
-    max_prompts = 16 if quick else entry.pairs.max_prompts
+    max_prompts = max_prompts if max_prompts is not None else 16 if quick else entry.pairs.max_prompts
     return PairsConfig(steps=steps, base=f"{entry.base}:quick" if quick else entry.base, max_prompts=max_prompts,
                        sampler_steps=entry.pairs.sampler_steps, **options)
 
@@ -190,13 +192,15 @@ def level_pairs(world: str, level: str, quick: bool = False) -> tuple[Path, dict
 
 def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None = None, sweep_steps: Sequence[int] | None = None,
               out: str | Path | None = None, quick: bool = False, tie_threshold: float = 0.02, bt_temperature: float = 0.0, seed: int = 0,
-              pairs_per_prompt: int = 1) -> None:
+              pairs_per_prompt: int = 1, max_prompts: int | None = None) -> None:
     """``sspo pairs``: build (or reuse) the pairs of ``level`` or ``steps`` and say what they are, or
     print G's winner statistics at each of ``sweep_steps``."""
     chosen = [flag for flag, value in (("--level", level), ("--steps", steps), ("--sweep", sweep_steps)) if value is not None]
     if len(chosen) > 1 or not (chosen or quick):
         raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")
-    cfg = pairs_config(world, level, steps, quick, tie_threshold=tie_threshold, bt_temperature=bt_temperature, seed=seed, pairs_per_prompt=pairs_per_prompt)
+    if max_prompts is not None and max_prompts < 1:
+        raise SSPOError(f"--max-prompts: got {max_prompts}; give 1 or more training prompts")
+    cfg = pairs_config(world, level, steps, quick, max_prompts, tie_threshold=tie_threshold, bt_temperature=bt_temperature, seed=seed, pairs_per_prompt=pairs_per_prompt)
     entry = pairs_world(cfg)
     if sweep_steps is not None:
         print(format_sweep(sweep(cfg, sweep_steps)))
