@@ -96,8 +96,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     data, record = [], None
     if built:
         folder, record = built[0]
-        first, second = world.pair_columns
-        data = ["data.source=parquet", f"data.path={folder / 'pairs.parquet'}", f"data.image_0_column={first}", f"data.image_1_column={second}",
+        column_0, column_1 = world.pair_columns
+        data = ["data.source=parquet", f"data.path={folder / 'pairs.parquet'}", f"data.image_0_column={column_0}", f"data.image_1_column={column_1}",
                 f"validation.world={world.name}"]
 
     # SFT (and Diffusion-DPO on the pairs, where a world's demo has it) show that training moves the

@@ -72,11 +72,16 @@ class PairsConfig:
         pairs_world(self)
 
 
+def worlds_with_pairs() -> list[World]:
+    """The registered worlds whose entry has PairsSettings."""
+    return [world for world in map(get_world, world_names()) if world.pairs is not None]
+
+
 def pairs_world(cfg: PairsConfig) -> World:
     """The world whose base ``cfg.base`` names; a base of no world, or of a world without pairs, is a ConfigError."""
     world = base_world(cfg.base)
     if world is None or world.pairs is None:
-        bases = ", ".join(get_world(name).base for name in world_names() if get_world(name).pairs is not None)
+        bases = ", ".join(world.base for world in worlds_with_pairs())
         raise ConfigError(f"base: {cfg.base!r} is not the base of a world with Pick-a-Pic-shaped pairs; expected one of {bases} (or one of their presets)")
     world.base_preset(cfg.base, "base")
     return world
