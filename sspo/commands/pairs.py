@@ -175,7 +175,7 @@ def pairs_config(world: str = "shapes", level: str | None = None, steps: int | N
     unless ``steps``, a smoke test rather than a level."""
     entry = get_world(world, "--world")
     if entry.pairs is None:
-        with_pairs = ", ".join(world.name for world in worlds_with_pairs())
+        with_pairs = ", ".join(other.name for other in worlds_with_pairs())
         raise SSPOError(f"--world {world}: this world has no Pick-a-Pic-shaped pairs; worlds that have them: {with_pairs}")
     if level is not None and level not in entry.pairs.levels:
         raise SSPOError(f"--level {level}: world {world} has levels {', '.join(entry.pairs.levels)}")

@@ -81,7 +81,7 @@ def pairs_world(cfg: PairsConfig) -> World:
     """The world whose base ``cfg.base`` names; a base of no world, or of a world without pairs, is a ConfigError."""
     world = base_world(cfg.base)
     if world is None or world.pairs is None:
-        bases = ", ".join(world.base for world in worlds_with_pairs())
+        bases = ", ".join(other.base for other in worlds_with_pairs())
         raise ConfigError(f"base: {cfg.base!r} is not the base of a world with Pick-a-Pic-shaped pairs; expected one of {bases} (or one of their presets)")
     world.base_preset(cfg.base, "base")
     return world
