@@ -62,7 +62,7 @@ def _sample(args) -> None:
         if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
             out = save_animation(clip_grid(rows, labels, prompts), out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif"))
         else:
-            save_png(image_grid(rows, labels, prompts), out)
+            out = save_png(image_grid(rows, labels, prompts), out if out.suffix == ".png" else out.with_suffix(".png"))
     except OSError as exc:
         raise SSPOError(f"cannot write the grid {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
     print(out)
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "SD-1.5 and AnimateDiff 7.5, SDXL and the worlds' bases 5)")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
-    p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png); video models: .gif, .mp4 or .webp")
+    p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png; another suffix becomes .png); video models: .gif, .mp4 or .webp (another becomes .gif)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(

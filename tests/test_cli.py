@@ -6,13 +6,16 @@ from PIL import Image
 from sspo.cli import main
 
 
-def test_sample_writes_a_grid(quick_base, tmp_path):
-    out = tmp_path / "grid.png"
+@pytest.mark.parametrize("name, written", [("grid.png", "grid.png"), ("grid.txt", "grid.png"), ("grid", "grid.png")])
+def test_sample_writes_a_png_grid_and_prints_its_path(name, written, quick_base, tmp_path, capsys):
     code = main(["sample", "--model", quick_base, "--prompt", "a large red circle on the left, white background",
-                 "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--device", "cpu", "--out", str(out)])
+                 "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / name)])
     assert code == 0
-    grid = Image.open(out)
-    assert grid.width > 2 * 96 and grid.height > 2 * 96
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / written)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [written]
+    grid = Image.open(tmp_path / written)
+    assert grid.format == "PNG" and grid.width > 2 * 96 and grid.height > 2 * 96
 
 
 def test_sample_puts_the_pipeline_on_the_accelerator_there_is(monkeypatch):
