@@ -75,6 +75,7 @@ def _eval(args) -> None:
         raise SSPOError("pass --model (generate images and score them) or --videos DIR (score clips)")
     from sspo.commands.eval import format_summary, model_specs, run_eval
     from sspo.evaluation.evaluate import EvalConfig
+    from sspo.models.pipeline import check_lora_path
     from sspo.worlds.names import resolve_model, shared_guidance_scale
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
@@ -83,7 +84,11 @@ def _eval(args) -> None:
     cfg = EvalConfig(**values)  # checked before any shapes-base model is built
     if cfg.guidance_scale is None:  # by the names given, which name a world's base as such
         cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale(args.model))
-    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in model_specs(args.model, args.lora, args.name)]
+    specs = model_specs(args.model, args.lora, args.name)
+    for spec in specs:  # before resolve_model builds a world's base
+        if spec.lora:
+            check_lora_path(Path(spec.lora).expanduser())
+    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in specs]
     summary = run_eval(specs, cfg, args.out, scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
     print(format_summary(summary))
     print(args.out)

@@ -158,11 +158,12 @@ def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
         (["--prompts", "shapes", "--metrics", "pickscore", "--scorer-path", "pickscore=/nonexistent/ps"], "no such file or folder: /nonexistent/ps"),
         (["--prompts", "parti", "--metrics", "shapes", "--prompt-source", "{prompts}"], "metric 'shapes' scores its world's prompts only (use --prompts shapes)"),
         (["--prompts", "shapes", "--limit", "0"], "config key 'limit': got 0"),
+        (["--prompts", "shapes", "--lora", "{missing}"], "does not exist; pass a LoRA folder (a run's final/) or its .safetensors file"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(extra, message, quick_base, tmp_path, capsys):
     (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nan astronaut riding a horse\tPeople\n")
-    extra = [a.format(prompts=tmp_path / "parti.tsv") for a in extra]
+    extra = [a.format(prompts=tmp_path / "parti.tsv", missing=tmp_path / "no-lora") for a in extra]
     assert main(["eval", "--model", quick_base, "--out", str(tmp_path / "e"), *extra]) == 2
     err = capsys.readouterr().err
     assert "sspo: error: " in err and message in err and "Traceback" not in err
