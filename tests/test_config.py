@@ -202,6 +202,12 @@ def test_wrong_type_via_override():
         load("iterations=five")
 
 
+def test_a_path_beside_a_world_source_is_an_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"^config key 'data\.path': is set, but data\.source 'shapes' is a world.*drop data\.path"):
+        from_dict(TrainConfig, {"data": {"source": "shapes", "path": "my-images"}})
+    assert from_dict(TrainConfig, {"data": {"source": "imagefolder", "path": "my-images"}}).data.path == "my-images"
+
+
 def test_int_accepted_for_float():
     cfg = from_dict(TrainConfig, {"beta": 100, "optim": {"learning_rate": 1}})
     assert cfg.beta == 100.0 and isinstance(cfg.beta, float)

@@ -104,6 +104,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         validate(self, "data.")
+        check(self.source in FILE_SOURCES or not self.path, "data.path", f"is set, but data.source {self.source!r} is a world, which builds its own pairs; "
+              f"drop data.path, or set data.source to the path's format ({', '.join(FILE_SOURCES)})")
         if self.buckets:
             check(self.bucket_step <= self.resolution, "data.bucket_step", f"{self.bucket_step} is above data.resolution {self.resolution}; lower it")
             clashing = [key for key, on in (("data.frames", self.frames), ("data.cache_latents", self.cache_latents),
