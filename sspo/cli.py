@@ -33,7 +33,7 @@ def _sample(args) -> None:
     from sspo.errors import ConfigError
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.models.families import family_of
-    from sspo.models.pipeline import is_video, load_pipeline
+    from sspo.models.pipeline import check_lora_path, is_video, load_pipeline
     from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
@@ -53,6 +53,8 @@ def _sample(args) -> None:
 
         for prompt in prompts:
             parse_prompt(prompt)
+    if args.lora:  # before resolve_model builds a world's base
+        check_lora_path(Path(args.lora).expanduser())
     pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))

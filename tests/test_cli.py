@@ -18,6 +18,22 @@ def test_sample_writes_a_png_grid_and_prints_its_path(name, written, quick_base,
     assert grid.format == "PNG" and grid.width > 2 * 96 and grid.height > 2 * 96
 
 
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_missing_lora_is_refused_before_any_model_is_resolved(command, monkeypatch, tmp_path, capsys):
+    import sspo.worlds.names
+
+    def resolve_model(name, key="model"):
+        raise AssertionError(f"resolved {name} before checking the LoRA")
+
+    monkeypatch.setattr(sspo.worlds.names, "resolve_model", resolve_model)
+    lora, out = tmp_path / "no-lora", tmp_path / "out"
+    extra = ["--prompt", "a red circle", "--out", str(out / "grid.png")] if command == "sample" else ["--out", str(out)]
+    assert main([command, "--model", "shapes-base:quick", "--lora", str(lora), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sspo: error: LoRA path {lora} does not exist; pass a LoRA folder (a run's final/) or its .safetensors file"
+    assert not out.exists()
+
+
 def test_sample_puts_the_pipeline_on_the_accelerator_there_is(monkeypatch):
     import torch
 
