@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -39,3 +41,16 @@ def quiet_libraries(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers passes it to huggingface_hub, which ignores it, on every offline load
+
+
+@contextmanager
+def muted(logger_name: str) -> Iterator[None]:
+    """No records of logger ``logger_name`` (and its children) within the block: for a library call
+    that logs its failure before raising it, when sspo turns the exception into its one error line."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

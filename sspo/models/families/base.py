@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from sspo.errors import ModelError
+from sspo.logs import muted
 from sspo.models.condition import TextCondition
 from sspo.models.lora_targets import check_lora_targets
 
@@ -240,7 +241,8 @@ class ModelFamily:
     def load_lora(self, lora: Path, model: str | Path) -> None:
         """Load LoRA ``lora`` into the pipeline, refusing one that does not fit base ``model``."""
         try:
-            self.pipe.load_lora_weights(str(lora))
+            with muted("diffusers"):  # it logs a failed load in full (every mismatched tensor) and raises it
+                self.pipe.load_lora_weights(str(lora))
         except OSError as exc:
             raise ModelError(f"cannot read LoRA {lora}: {str(exc).splitlines()[0].strip()}; pass a LoRA folder ({LORA_FILE}) or weights file") from None
         except (RuntimeError, ValueError, KeyError) as exc:  # e.g. torch's size mismatch, many lines long
