@@ -229,7 +229,7 @@ class _ParquetRows:
         values = []
         for g in range(len(self._groups)):
             f, group = self._groups[g]
-            values += self._file(f).read_row_group(group, columns=[name]).column(name).to_pylist()
+            values += self._file(f).read_row_group(group, columns=[name], use_threads=False).column(name).to_pylist()
         return values
 
     def _group(self, g: int) -> Any:
@@ -237,7 +237,9 @@ class _ParquetRows:
             self._cache.move_to_end(g)
             return self._cache[g]
         f, group = self._groups[g]
-        self._cache[g] = table = self._file(f).read_row_group(group, columns=self.columns)
+        # One thread: Arrow's pool would hold up to two groups more in flight, and the reader already
+        # runs in each DataLoader worker beside training's threads.
+        self._cache[g] = table = self._file(f).read_row_group(group, columns=self.columns, use_threads=False)
         while len(self._cache) > self.cache_groups:
             self._cache.popitem(last=False)
         return table
