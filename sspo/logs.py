@@ -45,11 +45,13 @@ def quiet_libraries(quiet: bool) -> None:
 
 @contextmanager
 def muted(logger_name: str) -> Iterator[None]:
-    """No records of logger ``logger_name`` (and its children) within the block: for a library call
-    that logs its failure before raising it, when sspo turns the exception into its one error line."""
+    """No records of logger ``logger_name`` (and its children) within the block, unless --verbose let
+    it talk (its level below ERROR): for a library call that logs its failure before raising it,
+    when sspo turns the exception into its one error line."""
     logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
+    if logger.getEffectiveLevel() >= logging.ERROR:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:

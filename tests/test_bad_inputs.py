@@ -3,6 +3,7 @@
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -51,18 +52,34 @@ def test_a_lora_of_this_base_loads(quick_base, tmp_path):
     assert pipe.get_list_adapters()["unet"]
 
 
+@pytest.fixture
+def diffusers_log(caplog):
+    """The records diffusers logs during the test: it prints them through its own handler, which no
+    capture fixture sees, and a log of a failure would come before sspo's one line."""
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(caplog.handler)
+    yield lambda: [record for record in caplog.records if record.name.startswith("diffusers")]
+    logger.removeHandler(caplog.handler)
+
+
 @pytest.mark.parametrize("change, named", [(wider, "size mismatch"), (renamed, "have no place in its UNet")], ids=["wider", "renamed"])
-def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, capsys, caplog):
+def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, capsys, diffusers_log):
     lora = write_lora(tmp_path / "lora", quick_base, change)
-    diffusers_logger = logging.getLogger("diffusers")  # it prints through its own handler, which no capture fixture sees
-    diffusers_logger.addHandler(caplog.handler)
-    try:
-        assert main(["sample", "--model", quick_base, "--lora", str(lora), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
-    finally:
-        diffusers_logger.removeHandler(caplog.handler)
-    assert not [record for record in caplog.records if record.name.startswith("diffusers")], caplog.text  # its log of the failure would come before sspo's line
+    assert main(["sample", "--model", quick_base, "--lora", str(lora), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
+    assert not diffusers_log()
     line = one_error_line(capsys)
     assert f"LoRA {lora} does not fit model" in line and named in line and "pass the base model the LoRA was trained on" in line
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_model_folder_without_its_unet_weights_is_one_line(quick_base, tmp_path, capsys, diffusers_log):
+    model = tmp_path / "model"
+    shutil.copytree(quick_base, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert main(["sample", "--model", str(model), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
+    assert not diffusers_log()
+    line = one_error_line(capsys)
+    assert f"no weights file (diffusion_pytorch_model.safetensors or .bin) in {model / 'unet'}: the folder is incomplete" in line
     assert not (tmp_path / "grid.png").exists()
 
 

@@ -9,12 +9,14 @@ are the same classes with small sizes); what differs between them is their model
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sspo.errors import ModelError
+from sspo.logs import muted
 from sspo.models.families import family_of
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE
 
@@ -69,7 +71,10 @@ def _hub_reachable() -> bool:
 
 def _load_error(model: str | Path, exc: Exception) -> ModelError:
     hint = "" if Path(str(model)).expanduser().exists() else " (a hub id needs the hub or its local cache; offline, download the model and pass its folder)"
-    return ModelError(f"cannot load diffusion model {str(model)!r}: {exc}{hint}")
+    # diffusers looks for .safetensors, then for the older .bin, and names only the .bin when neither is there
+    message = re.sub(r"Error no file named (\S+)\.bin found in directory (\S+?)\.?$",
+                     r"no weights file (\1.safetensors or .bin) in \2: the folder is incomplete; copy or download the model again", str(exc))
+    return ModelError(f"cannot load diffusion model {str(model)!r}: {message}{hint}")
 
 
 def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict:
@@ -107,13 +112,15 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
         if not local.exists():
             check_hub(str(motion_adapter))
         try:
-            extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), torch_dtype=dtype)}
+            with muted("diffusers"):  # it logs a missing or damaged file before raising it
+                extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), torch_dtype=dtype)}
         except (OSError, ValueError) as exc:
             raise _load_error(motion_adapter, exc) from None
         _check_motion_adapter(model, motion_adapter, extra["motion_adapter"].config, revision)
         loader = AnimateDiffPipeline
     try:
-        pipe = loader.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, **extra)
+        with muted("diffusers"):
+            pipe = loader.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, **extra)
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
     if lora:
