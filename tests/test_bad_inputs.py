@@ -72,14 +72,17 @@ def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, 
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_a_model_folder_without_its_unet_weights_is_one_line(quick_base, tmp_path, capsys, diffusers_log):
+@pytest.mark.parametrize("removed, named", [("unet/diffusion_pytorch_model.safetensors", "no weights file (diffusion_pytorch_model.safetensors or .bin) in {model}/unet"),
+                                             ("tokenizer", "model folder {model} lacks tokenizer/, listed in its model_index.json")], ids=["unet-weights", "tokenizer"])
+def test_an_incomplete_model_folder_is_one_line(removed, named, quick_base, tmp_path, capsys, diffusers_log):
     model = tmp_path / "model"
     shutil.copytree(quick_base, model)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    path = model / removed
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert main(["sample", "--model", str(model), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
     assert not diffusers_log()
     line = one_error_line(capsys)
-    assert f"no weights file (diffusion_pytorch_model.safetensors or .bin) in {model / 'unet'}: the folder is incomplete" in line
+    assert named.format(model=model) in line and "the folder is incomplete; copy or download the model again" in line
     assert not (tmp_path / "grid.png").exists()
 
 

@@ -91,6 +91,12 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
         raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains SD-1.5, SDXL, AnimateDiff, SD3 and FLUX.1 pipelines")
     if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
+    folder = Path(str(model)).expanduser()
+    # A component's missing folder would not always fail the load (a tokenizer loads empty and
+    # fails at the first prompt); the safety checker is never loaded.
+    missing = [f"{name}/" for name, value in config.items() if isinstance(value, list) and None not in value and name != "safety_checker" and not (folder / name).is_dir()]
+    if folder.is_dir() and missing:
+        raise ModelError(f"model folder {model} lacks {', '.join(missing)}, listed in its model_index.json: the folder is incomplete; copy or download the model again")
     return config
 
 
