@@ -81,8 +81,9 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     """A pipeline's ``model_index.json`` (class and components), without loading any weights."""
     from diffusers import DiffusionPipeline
 
+    located = _locate(model)
     try:
-        config = dict(DiffusionPipeline.load_config(_locate(model), revision=revision))
+        config = dict(DiffusionPipeline.load_config(located, revision=revision))
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
     from sspo.models.families import FAMILIES
@@ -91,12 +92,13 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
         raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains SD-1.5, SDXL, AnimateDiff, SD3 and FLUX.1 pipelines")
     if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
-    folder = Path(str(model)).expanduser()
-    # A component's missing folder would not always fail the load (a tokenizer loads empty and
-    # fails at the first prompt); the safety checker is never loaded.
-    missing = [f"{name}/" for name, value in config.items() if isinstance(value, list) and None not in value and name != "safety_checker" and not (folder / name).is_dir()]
-    if folder.is_dir() and missing:
-        raise ModelError(f"model folder {model} lacks {', '.join(missing)}, listed in its model_index.json: the folder is incomplete; copy or download the model again")
+    folder = Path(located)
+    if folder.is_dir():  # a local folder, not a hub id
+        # A component's missing folder would not always fail the load (a tokenizer loads empty and
+        # fails at the first prompt); the safety checker is never loaded.
+        missing = [f"{name}/" for name, value in config.items() if isinstance(value, list) and None not in value and name != "safety_checker" and not (folder / name).is_dir()]
+        if missing:
+            raise ModelError(f"model folder {model} lacks {', '.join(missing)}, listed in its model_index.json: the folder is incomplete; copy or download the model again")
     return config
 
 
