@@ -55,7 +55,11 @@ def sspo_loss(
     (K = -1) this is exactly Diffusion-DPO's eq. (4/5), ``-mean(logsigmoid(-beta/2 * (dw - dl)))``:
     the loss the ``dpo`` and ``spin`` methods train with.
     Metrics: ``implicit_acc = mean(inside > 0)``, ``ssr_rate`` = share of samples whose switch
-    fired (``K != -1``; ``mean(K == +1)`` for ``sign``, Figure 4), mean ``dw`` and ``dl``.
+    fired (``K != -1``; ``mean(K == +1)`` for ``sign``, Figure 4), mean ``dw`` and ``dl``, and
+    ``loser_pull``: K averaged with each sample's weight in the gradient, ``sigmoid(-inside)``
+    (the slope of its log-sigmoid term). -1: every loser is pushed away (DPO); +1: every loser is
+    fitted like a winner. The switch can fire on half the samples and still set it near +1, when
+    the DPO terms saturate at a large beta and only the fired terms carry gradient.
     ``switch``: (policy, reference) errors on ``x_w`` averaged over more ``(t, eps)`` draws, to
     decide K from a less noisy comparison (``ssr_draws``); by default K uses the loss's own draw.
     """
@@ -65,11 +69,13 @@ def sspo_loss(
     dl = policy_l - ref_l
     inside = -0.5 * beta * (dw + k * dl)
     loss = -F.logsigmoid(inside).mean()
+    weight = torch.sigmoid(-inside.detach())
     metrics = {
         "loss": loss.detach(),
         "implicit_acc": (inside > 0).float().mean().detach(),
         "ssr_rate": (k != -1).float().mean(),
         "dw": dw.mean().detach(),
         "dl": dl.mean().detach(),
+        "loser_pull": (weight * k).sum() / weight.sum(),
     }
     return loss, metrics

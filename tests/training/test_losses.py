@@ -129,6 +129,31 @@ def test_sspo_sign_by_hand():
     assert metrics["dl"].item() == pytest.approx(0.2, abs=1e-12)
 
 
+def test_loser_pull_weights_k_by_each_sample_share_of_the_gradient():
+    # As in test_sspo_sign_by_hand: K = [+1, -1], inside = [-0.1, 0.8].
+    # weights sigmoid(-inside) = [sigmoid(0.1), sigmoid(-0.8)] = [0.524979, 0.310026]
+    # loser_pull = (0.524979 - 0.310026) / (0.524979 + 0.310026) = 0.257428
+    w_fired, w_dpo = 1 / (1 + math.exp(-0.1)), 1 / (1 + math.exp(0.8))
+    _, metrics = sspo_loss(*example(), beta=2.0, ssr="sign")
+    assert metrics["loser_pull"].item() == pytest.approx((w_fired - w_dpo) / (w_fired + w_dpo), abs=1e-12)
+    assert metrics["loser_pull"].item() == pytest.approx(0.257428, abs=1e-6)
+    # indicator: K = [0, -1] -> -w_dpo / (w_fired' + w_dpo) with inside = [-0.2, 0.8]
+    _, metrics = sspo_loss(*example(), beta=2.0, ssr="indicator")
+    w_fired = 1 / (1 + math.exp(-0.2))
+    assert metrics["loser_pull"].item() == pytest.approx(-w_dpo / (w_fired + w_dpo), abs=1e-12)
+    # DPO pushes every loser away, whatever beta
+    for beta in (2.0, 2000.0):
+        assert dpo_loss(*example(), beta=beta)[1]["loser_pull"].item() == -1.0
+
+
+def test_at_a_large_beta_the_saturated_dpo_terms_leave_only_the_fired_pull():
+    # beta = 200: inside = -100 * [0.1, -0.8] = [-10, 80]: the DPO term's slope sigmoid(-80) ~ 2e-35,
+    # so the one fired sample (K = +1) carries all the gradient though the switch fired on half.
+    _, metrics = sspo_loss(*example(), beta=200.0, ssr="sign")
+    assert metrics["ssr_rate"].item() == pytest.approx(0.5)
+    assert metrics["loser_pull"].item() == pytest.approx(1.0, abs=1e-12)
+
+
 def test_sspo_indicator_by_hand():
     # K = [0, -1]
     # dw + K*dl = [0.2 + 0, -0.3 - 0.5] = [0.2, -0.8]; inside = [-0.2, 0.8]
