@@ -69,13 +69,16 @@ def sspo_loss(
     dl = policy_l - ref_l
     inside = -0.5 * beta * (dw + k * dl)
     loss = -F.logsigmoid(inside).mean()
-    weight = torch.sigmoid(-inside.detach())
+    # Each sample's share of the gradient, sigmoid(-inside) normalised, from its log so that terms
+    # saturated past float range (inside >> 100 at Diffusion-DPO's beta) still give finite shares.
+    inside_hp = inside.detach().to(torch.promote_types(inside.dtype, torch.float32))
+    share = torch.softmax(F.logsigmoid(-inside_hp), dim=0)
     metrics = {
         "loss": loss.detach(),
         "implicit_acc": (inside > 0).float().mean().detach(),
         "ssr_rate": (k != -1).float().mean(),
         "dw": dw.mean().detach(),
         "dl": dl.mean().detach(),
-        "loser_pull": (weight * k).sum() / weight.sum(),
+        "loser_pull": (share * k.to(share.dtype)).sum(),
     }
     return loss, metrics

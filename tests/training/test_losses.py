@@ -143,7 +143,7 @@ def test_loser_pull_weights_k_by_each_sample_share_of_the_gradient():
     assert metrics["loser_pull"].item() == pytest.approx(-w_dpo / (w_fired + w_dpo), abs=1e-12)
     # DPO pushes every loser away, whatever beta
     for beta in (2.0, 2000.0):
-        assert dpo_loss(*example(), beta=beta)[1]["loser_pull"].item() == -1.0
+        assert dpo_loss(*example(), beta=beta)[1]["loser_pull"].item() == pytest.approx(-1.0, abs=1e-12)
 
 
 def test_at_a_large_beta_the_saturated_dpo_terms_leave_only_the_fired_pull():
@@ -151,6 +151,20 @@ def test_at_a_large_beta_the_saturated_dpo_terms_leave_only_the_fired_pull():
     # so the one fired sample (K = +1) carries all the gradient though the switch fired on half.
     _, metrics = sspo_loss(*example(), beta=200.0, ssr="sign")
     assert metrics["ssr_rate"].item() == pytest.approx(0.5)
+    assert metrics["loser_pull"].item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_loser_pull_stays_finite_when_every_term_saturates():
+    # beta = 1e4, switch off: inside = -5e3 * (dw - dl) = -5e3 * [0.3, -0.8] = [-1500, 4000]; and with
+    # the winners' errors lowered by 1, [3500, 4000]: sigmoid(-3500) and sigmoid(-4000) are 0 in float64,
+    # yet the shares come from their logs, and every K is -1.
+    policy_w, policy_l, ref_w, ref_l = example()
+    _, metrics = sspo_loss(policy_w - 1.0, policy_l, ref_w, ref_l, beta=1e4, ssr="off")
+    assert metrics["loser_pull"].item() == pytest.approx(-1.0, abs=1e-12)
+    # sign switch, all saturated: the pull follows the least saturated term
+    policy_w, policy_l, ref_w, ref_l = t([1.0, 0.0]), t([0.0, 1.0]), t([0.5, 0.5]), t([1.0, 0.0])
+    # K = [+1, -1]; dw = [0.5, -0.5], dl = [-1, 1]; dw + K dl = [-0.5, -1.5]; inside = 5e3 * [0.5, 1.5]
+    _, metrics = sspo_loss(policy_w, policy_l, ref_w, ref_l, beta=1e4, ssr="sign")
     assert metrics["loser_pull"].item() == pytest.approx(1.0, abs=1e-12)
 
 
