@@ -32,6 +32,7 @@ def _sample(args) -> None:
     from sspo.config import Allowed
     from sspo.errors import ConfigError
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
+    from sspo.io import write_error
     from sspo.models.families import family_of
     from sspo.models.pipeline import check_lora_path, is_video, load_pipeline
     from sspo.worlds.names import resolve_model, usual_guidance_scale
@@ -66,7 +67,7 @@ def _sample(args) -> None:
         else:
             out = save_png(image_grid(rows, labels, prompts), out if out.suffix == ".png" else out.with_suffix(".png"))
     except OSError as exc:
-        raise SSPOError(f"cannot write the grid {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
+        raise write_error(out, exc) from None
     print(out)
 
 

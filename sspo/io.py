@@ -11,6 +11,7 @@ whose file is a cache catches it and computes the entry again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_error(path: str | Path, exc: OSError) -> SSPOError:
+    """A failed write of the user's ``--out`` as one line, its fix chosen by the cause."""
+    fix = {errno.ENOSPC: "free disk space or choose another --out", errno.EDQUOT: "free disk space or choose another --out"}.get(
+        exc.errno, "choose another --out")
+    return SSPOError(f"cannot write {path}: {exc.strerror or exc}; {fix}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -165,6 +165,7 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
     for arm, extra_points in (added or {}).items():
         if arm in points:
             points[arm] += [point for point in extra_points if point not in points[arm]]
+    check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
     searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds]
     tasks = [functools.partial(run_arm, config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
                                eval_cfg) for arm, point, seed in searched]
@@ -184,6 +185,13 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
         best = max(rows, key=lambda row: row["validation_reward"])  # the first of equals
         chosen[arm] = {"overrides": best["overrides"], "grid": rows}
     return chosen
+
+
+def check_arm_configs(config, settings: Sequence[tuple[str, Sequence[str]]], out: Path, extra: Sequence[str]) -> None:
+    """Loads every (arm, overrides) config before any run starts: a bad value in --grid, --add-point or
+    an earlier comparison's settings is one error at once, not one after the first runs."""
+    for arm, overrides in settings:
+        arm_config(config, arm, 0, out / "runs" / run_name(arm, overrides, 0), [*extra, *overrides])
 
 
 def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
@@ -320,10 +328,13 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
     eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
+    if not seeds:
+        raise ConfigError("--training-seeds 0: expected 1 or more training runs per arm")
     if not 1 <= selection_seeds <= len(seeds):
         raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --training-seeds ({len(seeds)})")
     if chosen_in:
         chosen = settings_from(chosen_in, names)
+        check_arm_configs(config, [(arm, chosen[arm]["overrides"]) for arm in names], out, extra)
     else:
         parsed = parse_grid(grid)
         chosen = select_settings(config, names, parsed, seeds[:selection_seeds], out, extra, validation_cfg, jobs, parse_points(added_points, parsed))

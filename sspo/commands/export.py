@@ -21,7 +21,7 @@ import torch
 
 from sspo.config import load_yaml
 from sspo.errors import SSPOError
-from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors
+from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors, write_error
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
 from sspo.training.pool import CheckpointPool
 
@@ -56,7 +56,7 @@ def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | P
         else:
             write_diffusers(lora, out)
     except OSError as exc:
-        raise SSPOError(f"cannot write {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
+        raise write_error(out, exc) from None
     return out
 
 

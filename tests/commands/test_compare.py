@@ -104,6 +104,31 @@ def test_more_selection_seeds_than_seeds_is_a_clear_error(tmp_path):
         compare.run_compare(CONFIG, ["sft"], [0, 1], tmp_path, selection_seeds=3)
 
 
+def test_no_training_seeds_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--training-seeds 0: expected 1 or more"):
+        compare.run_compare(CONFIG, ["sft"], [], tmp_path)
+
+
+@pytest.mark.parametrize("grid, added, message", [
+    (["beta=50,abc"], [], "config key 'beta': expected a number, got 'abc'"),
+    (["nokey=1"], [], "unknown config key 'nokey'"),
+    (["beta=50"], ["sspo:beta=-1"], "beta"),
+])
+def test_a_bad_grid_value_fails_before_any_run(grid, added, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "run_all", lambda *a, **k: pytest.fail("a run started before the grid was checked"))
+    with pytest.raises(ConfigError, match=message):
+        compare.run_compare(CONFIG, ["sft", "sspo"], [0], tmp_path / "cmp", grid=grid, added_points=added)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_damaged_earlier_settings_fail_before_any_run(tmp_path, monkeypatch):
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps({"chosen": {"sspo": {"overrides": ["optim.learning_rate=fast"]}}}))
+    monkeypatch.setattr(compare, "run_all", lambda *a, **k: pytest.fail("a run started before the settings were checked"))
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        compare.run_compare(CONFIG, ["sspo"], [0], tmp_path / "cmp", chosen_in=earlier)
+
+
 def test_grid_must_name_values():
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         compare.parse_grid(["optim.learning_rate"])

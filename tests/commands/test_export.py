@@ -3,7 +3,9 @@ layouts, load in a stock diffusers pipeline (a process that never imports sspo) 
 as the run's own LoRA and pool adapters do; full fine-tuning, an existing file and a failed hub
 upload are one error line each, with nothing written."""
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sspo.cli import main
+from sspo.commands import export as export_command
 from sspo.commands.export import Lora, read_final, to_kohya
 from sspo.errors import SSPOError
 from sspo.training.trainer import train
@@ -160,6 +163,18 @@ def test_an_existing_file_is_kept_unless_forced(lora_run, tmp_path, capsys):
     assert out.read_bytes() == b"someone's file" and [p.name for p in tmp_path.iterdir()] == [out.name]
     assert export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--force")[0] == 0
     assert load_file(out).keys() == to_kohya(read_final(lora_run)).keys()
+
+
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free disk space or choose another --out"), (errno.ENOENT, "choose another --out")])
+def test_a_failed_write_names_the_fix_for_its_cause(code, fix, lora_run, tmp_path, capsys, monkeypatch):
+    def failing(tensors, path, metadata=None):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(export_command, "save_tensors", failing)
+    out = tmp_path / "lora.safetensors"
+    status, line = export(capsys, lora_run, "--format", "kohya", "--out", str(out))
+    assert status == 2 and line == f"sspo: error: cannot write {out}: {os.strerror(code)}; {fix}"
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flags, message", [
