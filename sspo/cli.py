@@ -14,9 +14,12 @@ from sspo.logs import set_up_logging
 
 
 def _base(args) -> None:
+    from sspo.errors import ConfigError
     from sspo.worlds import get_world
 
     world = get_world(args.world, "--world")
+    if args.size not in world.base_presets:
+        raise ConfigError(f"--size {args.size}: world {world.name} has sizes {', '.join(world.base_presets)}")
     path = world.resolve_base(f"{world.base}:{'quick' if args.quick else args.size}", output=args.out, force=args.force)
     print(path)
     if args.round_trip:

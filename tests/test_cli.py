@@ -116,6 +116,8 @@ def test_eval_help_names_every_metric_and_prompt_set(capsys):
         (["train", "{tmp}/missing.yaml"], "missing.yaml does not exist"),
         (["train", "configs/demo-shapes.yaml", "optim.lr=0.1"], "unknown config key 'optim.lr'"),
         (["train", "configs/demo-shapes.yaml", "method=ppo"], "config key 'method'"),
+        (["base", "--size", "12px"], "--size 12px: world shapes has sizes default, quick, 64px, flow, flow-quick"),
+        (["base", "--world", "moving-shapes", "--size", "64px"], "--size 64px: world moving-shapes has sizes default, quick"),
     ],
 )
 def test_bad_input_is_one_clear_error(argv, message, quick_base, tmp_path, capsys):
