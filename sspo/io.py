@@ -49,9 +49,8 @@ def _umask() -> int:
 
 def write_error(path: str | Path, exc: OSError) -> SSPOError:
     """A failed write of the user's ``--out`` as one line, its fix chosen by the cause."""
-    fix = {errno.ENOSPC: "free disk space or choose another --out", errno.EDQUOT: "free disk space or choose another --out"}.get(
-        exc.errno, "choose another --out")
-    return SSPOError(f"cannot write {path}: {exc.strerror or exc}; {fix}")
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return SSPOError(f"cannot write {path}: {exc.strerror or exc}; {'free disk space or ' if full else ''}choose another --out")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
