@@ -196,6 +196,7 @@ def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None
               pairs_per_prompt: int = 1, max_prompts: int | None = None) -> None:
     """``sspo pairs``: build (or reuse) the pairs of ``level`` or ``steps`` and say what they are, or
     print G's winner statistics at each of ``sweep_steps``."""
+    get_world(world, "--world")
     chosen = [flag for flag, value in (("--level", level), ("--steps", steps), ("--sweep", sweep_steps)) if value is not None]
     if len(chosen) > 1 or not (chosen or quick):
         raise SSPOError(f"give one of --level, --steps or --sweep (got {', '.join(chosen) or 'none'})")

@@ -184,6 +184,7 @@ def test_clip_pairs_load_as_clips_and_sft_trains_on_their_winners(quick_clip_pai
 @pytest.mark.parametrize("argv, message", [
     (["pairs", "--world", "moving-shapes", "--level", "low"], "--level low: world moving-shapes has levels mid"),
     (["pairs", "--world", "nowhere", "--level", "mid"], "unknown world 'nowhere'"),
+    (["pairs", "--world", "nowhere"], "--world: unknown world 'nowhere'"),
     (["pairs", "--world", "moving-shapes", "--sweep", "0", "--max-prompts", "0"], "--max-prompts: got 0"),
 ])
 def test_a_level_or_world_without_pairs_is_a_one_line_error(argv, message, capsys):
