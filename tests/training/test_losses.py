@@ -155,8 +155,8 @@ def test_at_a_large_beta_the_saturated_dpo_terms_leave_only_the_fired_pull():
 
 
 def test_loser_pull_stays_finite_when_every_term_saturates():
-    # beta = 1e4, switch off: inside = -5e3 * (dw - dl) = -5e3 * [0.3, -0.8] = [-1500, 4000]; and with
-    # the winners' errors lowered by 1, [3500, 4000]: sigmoid(-3500) and sigmoid(-4000) are 0 in float64,
+    # beta = 1e4, switch off, the winners' errors lowered by 1: dw - dl = [0.3 - 1, -0.8 - 1] = [-0.7, -1.8],
+    # inside = -5e3 * [-0.7, -1.8] = [3500, 9000]: sigmoid(-3500) and sigmoid(-9000) are 0 in float64,
     # yet the shares come from their logs, and every K is -1.
     policy_w, policy_l, ref_w, ref_l = example()
     _, metrics = sspo_loss(policy_w - 1.0, policy_l, ref_w, ref_l, beta=1e4, ssr="off")
