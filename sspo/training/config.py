@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from sspo.config import Registered, check, setting, validate
+from sspo.data.config import DataConfig
 from sspo.evaluation.scorers import SCORER_CHOICES
 from sspo.models.families import FAMILIES, TRAIN_MODULES
 from sspo.models.families.flow import FlowConfig
-from sspo.training.data import DataConfig
 from sspo.training.losses import SSR_VARIANTS
 from sspo.training.methods import METHODS, Method
 from sspo.training.pool import ERD_STRATEGIES

@@ -3,7 +3,7 @@
 With ``data.cache_latents: true`` the trainer reads a micro-batch's winners, losers and text
 condition from here instead of decoding images and running the VAE and text encoder(s) for every
 micro-batch. Only valid without augmentation (``data.center_crop: true``, ``data.random_flip:
-false``, checked by :class:`~sspo.training.data.DataConfig`): an item's pixels are then the same every epoch.
+false``, checked by :class:`~sspo.data.config.DataConfig`): an item's pixels are then the same every epoch.
 
 A cache folder holds ``key.json`` (what was encoded: the model, its dtype, the data config and the
 sizes and times of the data files), ``shard-00000.safetensors``, ... of ``SHARD_ROWS`` rows each
@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sspo.data.config import FILE_SOURCES
+from sspo.data.dataset import collate
 from sspo.errors import ConfigError
 from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, save_tensors
 from sspo.models.condition import TextCondition
 from sspo.models.families import ModelFamily
 from sspo.models.pipeline import encode_images
-from sspo.training.data import FILE_SOURCES, collate
 from sspo.training.faults import fault_point
 
 log = logging.getLogger(__name__)

@@ -33,12 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from sspo.config import save_yaml
+from sspo.data.dataset import load_dataset_from_config
+from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline, load_pipeline_config
 from sspo.training.checkpoints import Checkpointing, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment, resolved
-from sspo.training.data import MicroBatchReader, load_dataset_from_config
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.training.losses import sft_loss, sspo_loss

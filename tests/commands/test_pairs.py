@@ -14,9 +14,10 @@ from PIL import Image
 from sspo.cli import main
 from sspo.commands.pairs import build_pairs
 from sspo.config import load_config
+from sspo.data.config import DataConfig
+from sspo.data.dataset import load_dataset_from_config
 from sspo.paths import CONFIGS
 from sspo.training.config import TrainConfig
-from sspo.training.data import DataConfig, load_dataset_from_config
 from sspo.worlds.pairs import PairsConfig
 from sspo.worlds.shapes.evaluator import evaluate_batch
 from sspo.worlds.shapes.world import parse_prompt

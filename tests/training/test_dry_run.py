@@ -61,8 +61,8 @@ def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_
 
 
 def test_dry_run_opens_no_image(quick_base, pairs, tmp_path, capsys, monkeypatch):
-    import sspo.training.data
+    import sspo.data.images
 
-    monkeypatch.setattr(sspo.training.data, "load_image", lambda *a, **k: pytest.fail("an image was opened"))
+    monkeypatch.setattr(sspo.data.images, "load_image", lambda *a, **k: pytest.fail("an image was opened"))
     assert main(["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}"]) == 0
     assert "6 rows of pairs" in capsys.readouterr().out

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sspo.data.images import load_image
 from sspo.errors import DataError, SSPOError
-from sspo.training.data import load_image
 from sspo.worlds.shapes.world import (
     ATTRIBUTES,
     BACKGROUNDS,

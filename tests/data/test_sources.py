@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sspo.data.config import DataConfig
+from sspo.data.dataset import load_dataset_from_config
+from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError
-from sspo.training.data import DataConfig, MicroBatchReader, load_dataset_from_config
 from sspo.worlds.shapes.world import all_specs, preference_pairs, render, write_pickapic_parquet
 
 RES = 32

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from sspo.data.config import DataConfig
+from sspo.data.dataset import collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
 from sspo.models.families.animatediff import AnimateDiff
 from sspo.models.pipeline import decode_images, encode_images
-from sspo.training.data import DataConfig, collate, load_dataset_from_config
 from sspo.training.latent_cache import LatentCache, encode_rows
 from sspo.video_io import encode_clip, read_clip, sample_frames, write_clip
 
@@ -240,7 +241,7 @@ def test_corrupt_and_short_clips_are_skipped_counted_and_named(tmp_path, caplog)
     good, mp4 = encode_clip(levels(8), "mp4"), encode_clip(levels(8), "mp4")
     clips = {"good.mp4": good, "cut.mp4": mp4[: len(mp4) // 2], "junk.webm": b"garbage", "short.mp4": encode_clip(levels(2), "mp4"), "last.mp4": good}
     ds = load_dataset_from_config(cfg(clip_folder(tmp_path / "clips", clips)))
-    with caplog.at_level(logging.WARNING, logger="sspo.training.data"):
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert [ds[i]["prompt"] for i in range(5)] == ["clip good.mp4", "clip last.mp4", "clip last.mp4", "clip last.mp4", "clip last.mp4"]
     assert ds.skipped == 3
     messages = [r.getMessage() for r in caplog.records]
@@ -252,7 +253,7 @@ def test_corrupt_and_short_clips_are_skipped_counted_and_named(tmp_path, caplog)
 
 def test_clips_without_data_frames_say_so(tmp_path, caplog):
     folder = clip_folder(tmp_path / "clips", {"a.mp4": encode_clip(levels(4), "mp4"), "b": levels(4)})
-    with caplog.at_level(logging.WARNING, logger="sspo.training.data"), pytest.raises(DataError, match="no readable row"):
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"), pytest.raises(DataError, match="no readable row"):
         load_dataset_from_config(cfg(folder, frames=0))[0]
     assert caplog.text.count("it is a clip; set data.frames") == 2
 

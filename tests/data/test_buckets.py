@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sspo.data.config import DataConfig
+from sspo.data.dataset import load_dataset_from_config
+from sspo.data.images import bucket_sizes
 from sspo.errors import ConfigError
-from sspo.training.data import DataConfig, bucket_sizes, load_dataset_from_config
 from sspo.worlds.shapes.world import all_specs, render
 
 WIDE, TALL, SQUARE = (40, 24), (24, 40), (32, 32)  # the buckets of resolution 32, step 8, aspect <= 2

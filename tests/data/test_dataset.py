@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from sspo.config import from_dict
+from sspo.data.config import DataConfig
+from sspo.data.dataset import PreferenceDataset, collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
-from sspo.training.data import DataConfig, PreferenceDataset, collate, load_dataset_from_config
 from sspo.worlds.shapes.world import all_specs, parse_prompt, preference_pairs, render, write_imagefolder, write_pickapic_parquet
 
 RES = 32
@@ -117,7 +118,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path, caplog):
     rows = _rows()
     rows[1] = {**rows[1], "jpg_0": b"not an image", "jpg_1": b"\x89PNG broken"}
     ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "c.parquet", rows)))
-    with caplog.at_level(logging.WARNING, logger="sspo.training.data"):
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         first, again = ds[1], ds[1]
     assert first["index"] == again["index"] == 2 and first["prompt"] == rows[2]["caption"]
     assert ds.skipped == 1 and len([r for r in caplog.records if "row 1" in r.getMessage()]) == 1
@@ -236,7 +237,7 @@ def test_huge_and_truncated_images_are_skipped_and_counted(tmp_path, monkeypatch
     rows[0] = {**rows[0], "jpg_0": _png(Image.new("RGB", (64, 64)))}
     rows[1] = {**rows[1], "jpg_1": rows[1]["jpg_1"][: len(rows[1]["jpg_1"]) // 2]}
     ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
-    with caplog.at_level(logging.WARNING, logger="sspo.training.data"):
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert [ds[i]["index"] for i in range(3)] == [2, 2, 2]
     assert ds.skipped == 2
     assert "decompression bomb" in caplog.text and "row 1 column 'jpg_1'" in caplog.text
@@ -255,7 +256,7 @@ def test_empty_missing_and_non_string_captions_skip_the_row(tmp_path, caplog):
     del lines[2]["text"]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     ds = load_dataset_from_config(_cfg(folder, source="imagefolder"))
-    with caplog.at_level(logging.WARNING, logger="sspo.training.data"):
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert ds[0]["prompt"] == SPECS[3].prompt and ds.skipped == 3
     assert "caption '' in column 'text'" in caplog.text and "caption None" in caplog.text
     lines[0]["text"] = 7  # a number among strings

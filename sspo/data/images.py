@@ -1,0 +1,117 @@
+"""From a stored file to pixels: decoding an image or a clip, aspect-ratio buckets, resize, crop and flip."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sspo.data.config import DataConfig
+from sspo.data.sources import TarMember
+from sspo.errors import DataError
+from sspo.video_io import VIDEO_SUFFIXES, read_clip, sample_frames
+
+
+def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
+    """Open an image as RGB, turning a corrupt file into a DataError that names it."""
+    try:
+        source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+        with Image.open(source) as image:
+            return _rgb(image)
+    except Exception as exc:  # PIL raises many types for corrupt data (and DecompressionBombError for huge images)
+        raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode: 16-bit values scaled down (PIL's own conversion clips them, turning
+    most of an image white) and transparent pixels over white (not the colour hidden under them)."""
+    if image.mode.startswith("I"):  # 16-bit grayscale PNGs open as I;16 or I
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("RGB")
+
+
+def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
+    """Encoded bytes or a path, however a table stores a file, and ``where`` with the path in
+    front: the log line of a skipped row then names the file to fix."""
+    if isinstance(value, dict):  # how datasets stores an Image feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, TarMember):
+        return value.read(), f"{value.shard} member {value.name} ({where})"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), where
+    if isinstance(value, (str, Path)):
+        return str(value), f"{value} ({where})"
+    raise DataError(f"cannot read {what} {where}: expected encoded bytes or a path, got {type(value).__name__}")
+
+
+def image_size(value: Any, where: str) -> tuple[int, int]:
+    """(width, height) from an image's header, without decoding it."""
+    data, where = _file(value, "image", where)
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return image.size
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise DataError(f"cannot read image {where}: {exc}") from None
+
+
+def open_image(value: Any, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return _rgb(value)
+    data, where = _file(value, "image", where)
+    if isinstance(data, str) and (Path(data).is_dir() or Path(data).suffix.lower() in VIDEO_SUFFIXES):
+        raise DataError(f"cannot read image {where}: it is a clip; set data.frames to the frames per clip")
+    return load_image(data, where)
+
+
+def open_clip(value: Any, where: str, cfg: DataConfig, start: float) -> np.ndarray:
+    """The ``data.frames`` frames of a clip; ``start`` in [0, 1) picks a random start among the possible ones."""
+    data, where = _file(value, "clip", where)
+    span = (cfg.frames - 1) * cfg.frame_stride + 1
+    random_start = cfg.frame_start == "random"
+    clip = read_clip(data, where, max_frames=None if random_start else span)  # "first" needs no more
+    first = int(start * max(0, len(clip) - span + 1)) if random_start else 0
+    return sample_frames(clip, cfg.frames, cfg.frame_stride, first, where)
+
+
+def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """``data.buckets``' (width, height) sizes: for each width a multiple of ``step``, the largest
+    height that is one too and keeps the area within ``resolution``^2, aspect ratios within ``max_aspect``."""
+    sizes = set()
+    for width in range(step, int(resolution * max_aspect) + 1, step):
+        height = resolution * resolution // width // step * step
+        if height >= step and max(width / height, height / width) <= max_aspect:
+            sizes.add((width, height))
+    return sorted(sizes)
+
+
+def nearest_bucket(sizes: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    aspect = np.log(width / height)
+    return min(sizes, key=lambda size: abs(np.log(size[0] / size[1]) - aspect))
+
+
+def resize_crop_flip(image: Image.Image, size: tuple[int, int], offset: tuple[float, float] | None, flip: bool) -> tuple[Image.Image, tuple[int, int]]:
+    """``image`` resized to cover ``size`` (width, height), cropped to it (``offset``: where, in [0, 1)^2;
+    None: centred) and flipped, with the crop's top-left corner (top, left) in the resized, flipped image."""
+    (w, h), (width, height) = image.size, size
+    scale = max(width / w, height / h)
+    new = (max(width, round(w * scale)), max(height, round(h * scale)))
+    if new != image.size:
+        image = image.resize(new, Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
+    fx, fy = offset or (0.5, 0.5)
+    left, top = round(fx * (new[0] - width)), round(fy * (new[1] - height))
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (top, new[0] - width - left)
+    return image, (top, left)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()

@@ -1,0 +1,367 @@
+"""Sources: each file format opened as plain row dicts, with the column names of every file for validation.
+
+A Pick-a-Pic-style parquet file or folder of shards (read a row group at a time, so it need not fit
+in memory), an imagefolder with ``metadata.jsonl`` or ``metadata.csv``, a folder of images with a
+``.txt`` caption beside each (kohya / SimpleTuner), webdataset ``.tar`` shards, or a ``datasets``
+dataset (a ``save_to_disk`` folder, a local dataset folder or a hub id). Images stay encoded here;
+:mod:`sspo.data.images` decodes them per item.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import json
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sspo.config import check
+from sspo.data.config import DataConfig
+from sspo.errors import DataError
+from sspo.video_io import VIDEO_SUFFIXES
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class Source:
+    where: str  # what error messages call it
+    files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
+    load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
+
+
+class _ArrowRows:
+    """Row access to a pyarrow table; images stay encoded until an item is requested."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+
+class _ListRows:
+    """Rows listed in memory (captions, labels and file references; images stay on disk)."""
+
+    def __init__(self, rows: list[dict], groups: list[range] | None = None):
+        self.rows, self.groups = rows, groups
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+    def column(self, name: str) -> list:
+        return [row.get(name) for row in self.rows]
+
+    def group_ranges(self) -> list[range]:
+        return self.groups or [range(len(self.rows))]
+
+
+class _HFRows:
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i]
+
+    def column(self, name: str) -> list:
+        return list(self.ds[name])
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    # Hidden and underscore files are temporaries and markers (atomic writes, _SUCCESS), not shards.
+    files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"no .parquet files in folder {path} (data.path)")
+    return files
+
+
+class _ParquetRows:
+    """Rows of parquet shards read a row group at a time: at most ``cache_groups`` row groups of the
+    needed columns are held, so a dataset far larger than memory trains."""
+
+    def __init__(self, files: list[Path], columns: list[str], cache_groups: int):
+        import pyarrow.parquet as pq
+
+        self.files, self.columns, self.cache_groups = files, columns, cache_groups
+        self._groups: list[tuple[int, int]] = []  # (file, row group in it), in row order
+        self._starts: list[int] = []  # first row of each
+        rows = 0
+        for f, path in enumerate(files):
+            meta = pq.read_metadata(path)
+            for g in range(meta.num_row_groups):
+                self._groups.append((f, g))
+                self._starts.append(rows)
+                rows += meta.row_group(g).num_rows
+        self._rows = rows
+        self._cache: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def group_ranges(self) -> list[range]:
+        """The rows of each row group: :meth:`PreferenceDataset.epoch_order` shuffles in windows of them."""
+        return [range(start, end) for start, end in zip(self._starts, [*self._starts[1:], self._rows])]
+
+    def __getitem__(self, i: int) -> dict:
+        g = bisect.bisect_right(self._starts, i) - 1
+        return self._group(g).slice(i - self._starts[g], 1).to_pylist()[0]
+
+    def column(self, name: str) -> list:
+        """One column of every row (the labels, read before training), a row group at a time."""
+        values = []
+        for g in range(len(self._groups)):
+            f, group = self._groups[g]
+            values += self._file(f).read_row_group(group, columns=[name], use_threads=False).column(name).to_pylist()
+        return values
+
+    def _group(self, g: int) -> Any:
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        f, group = self._groups[g]
+        # One thread: Arrow's pool would hold up to two groups more in flight, and the reader already
+        # runs in each DataLoader worker beside training's threads.
+        self._cache[g] = table = self._file(f).read_row_group(group, columns=self.columns, use_threads=False)
+        while len(self._cache) > self.cache_groups:
+            self._cache.popitem(last=False)
+        return table
+
+    def _file(self, f: int) -> Any:
+        import pyarrow.parquet as pq
+
+        if self._pid != os.getpid():  # a DataLoader worker opens its own handles, not its parent's
+            self._handles, self._cache, self._pid = {}, collections.OrderedDict(), os.getpid()
+        if f not in self._handles:
+            self._handles[f] = pq.ParquetFile(self.files[f])
+        return self._handles[f]
+
+
+def _open_parquet(cfg: DataConfig) -> Source:
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(Path(cfg.path))
+    try:
+        schemas = [(str(f), pq.read_schema(f).names) for f in files]
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
+    # A shuffle window reads each of its row groups once only if all of them stay in the cache.
+    return Source(cfg.path, schemas, lambda columns: _ParquetRows(files, columns, max(2, cfg.shuffle_row_groups)))
+
+
+def _metadata_file(cfg: DataConfig) -> Path:
+    root = Path(cfg.path)
+    for folder in (root / cfg.split, root):
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        if len(found) > 1:
+            raise DataError(f"imagefolder {folder} has both {found[0].name} and {found[1].name}; keep one")
+        if found:
+            return found[0]
+    raise DataError(
+        f"imagefolder {root} (data.path) has no metadata.jsonl or metadata.csv; expected one with a file_name column "
+        "(an image, clip or frame folder, relative to it) and a text column (the prompt)"
+    )
+
+
+def _metadata_entries(meta: Path, cfg: DataConfig) -> list[dict]:
+    """The lines of ``metadata.jsonl`` or the rows of ``metadata.csv`` (MagicTime / ChronoMagic
+    captions come as CSV), as dicts; numbers in a CSV stay numbers, captions stay strings."""
+    if meta.suffix == ".csv":
+        import pyarrow as pa
+        import pyarrow.csv
+
+        text = pyarrow.csv.ConvertOptions(column_types={cfg.text_column: pa.string(), cfg.caption_column: pa.string()})
+        try:
+            return pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"cannot read {meta}: {exc}") from None
+    entries = []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta} line {n} is not valid JSON: {exc}") from None
+    return entries
+
+
+def _open_imagefolder(cfg: DataConfig) -> Source:
+    import pyarrow as pa
+
+    meta = _metadata_file(cfg)
+    folder = meta.parent
+    rows = []
+    for entry in _metadata_entries(meta, cfg):
+        # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
+        row = {}
+        for key, value in entry.items():
+            if key == "file_name":
+                row["image"] = str(folder / str(value))  # str: a CSV's file names may read as numbers
+            elif key.endswith("_file_name"):
+                row[key[: -len("_file_name")]] = str(folder / str(value))
+            else:
+                row[key] = value
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{meta} lists no images")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+
+    def load(columns: list[str]) -> Any:
+        try:
+            return _ArrowRows(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
+            raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
+
+    return Source(str(meta), [(str(meta), names)], load)
+
+
+def _open_caption_files(cfg: DataConfig) -> Source:
+    """Every image (or clip file) under ``data.path`` with the text of the ``.txt`` file of the same
+    name as its prompt; an image without one is skipped when read, like an unreadable image."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path {root} is not a folder; caption-files reads a folder of images, each with a .txt caption of the same name")
+    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES and not p.name.startswith("."))
+    if not media:
+        raise DataError(f"no images in folder {root} (data.path); caption-files expects files like 0001.png with 0001.txt beside them")
+
+    def caption(image: Path) -> str | None:
+        text = image.with_suffix(".txt")
+        return text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
+
+    rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
+    return Source(str(root), [(str(root), [cfg.image_column, cfg.text_column])], lambda columns: _ListRows(rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class TarMember:
+    """A file inside a tar shard, read only when its item is."""
+
+    shard: str
+    name: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+_TEXT_EXTENSIONS = ("txt", "text", "caption")
+
+
+def _tar_samples(shard: Path) -> list[dict]:
+    """A webdataset shard's samples in tar order: the files sharing a key (the name up to its first
+    dot) make one sample, each file a column named by its extension (``0001.jpg`` -> ``jpg``); a
+    ``.json`` file's fields become columns too. Text and JSON are read now, images when used."""
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                folder, _, name = member.name.rpartition("/")
+                stem, dot, extension = name.partition(".")
+                if not member.isfile() or not dot or name.startswith("."):
+                    continue
+                sample = samples.setdefault(f"{folder}/{stem}", {})
+                extension = extension.lower()
+                if extension in _TEXT_EXTENSIONS:
+                    sample[extension] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+                elif extension == "json":
+                    try:
+                        sample.update(json.loads(tar.extractfile(member).read()))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{shard} member {member.name} is not valid JSON: {exc}") from None
+                else:
+                    sample[extension] = TarMember(str(shard), member.name, member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot read tar shard {shard} (data.path): {exc}") from None
+    return list(samples.values())
+
+
+def _open_webdataset(cfg: DataConfig) -> Source:
+    path = Path(cfg.path)
+    shards = [path] if path.is_file() else sorted(p for p in path.rglob("*.tar") if not p.name.startswith((".", "_")))
+    if not shards:
+        raise DataError(f"no .tar shards in folder {path} (data.path)")
+    rows, groups, files = [], [], []
+    for shard in shards:
+        samples = _tar_samples(shard)
+        groups.append(range(len(rows), len(rows) + len(samples)))
+        files.append((str(shard), list(dict.fromkeys(k for sample in samples for k in sample))))
+        rows += samples
+    if not rows:
+        raise DataError(f"the tar shards in {path} (data.path) hold no samples")
+    return Source(cfg.path, files, lambda columns: _ListRows(rows, groups))
+
+
+def _open_hf(cfg: DataConfig) -> Source:
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    saved = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+    if not path.exists() and cfg.path.startswith(("/", ".", "~")):
+        raise DataError(f"data.path {cfg.path} does not exist")
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise DataError(f"{cfg.path} has no split {cfg.split!r} (data.split); splits: {', '.join(ds)}")
+                ds = ds[cfg.split]
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except DataError:
+        raise
+    except Exception as exc:  # hub, network and format errors all mean "cannot load this"
+        raise DataError(f"cannot load dataset {cfg.path!r} (data.path, split {cfg.split!r}): {exc}") from None
+    names = list(ds.column_names or next(iter(ds)).keys())
+
+    def load(columns: list[str]) -> Any:
+        selected = ds.select_columns(columns)
+        # Keep images and videos encoded: decoding happens per item, where a corrupt one can be skipped.
+        encoded = tuple(getattr(datasets, kind) for kind in ("Image", "Video") if hasattr(datasets, kind))  # Video: datasets >= 3.1
+        for name, feature in (selected.features or {}).items():
+            if isinstance(feature, encoded):
+                selected = selected.cast_column(name, type(feature)(decode=False))
+        return _HFRows(selected)
+
+    return Source(cfg.path, [(cfg.path, names)], load)
+
+
+_OPENERS = {"parquet": _open_parquet, "imagefolder": _open_imagefolder, "caption-files": _open_caption_files, "webdataset": _open_webdataset, "hf": _open_hf}
+_EXPECTED = {
+    "parquet": "a parquet file or a folder of parquet shards",
+    "imagefolder": "a folder with metadata.jsonl or metadata.csv (file_name, text) and the files it names",
+    "caption-files": "a folder of images, each with a .txt caption of the same name",
+    "webdataset": "a .tar shard or a folder of them",
+}
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """``data.path`` opened as ``data.source`` says; a missing path fails here, before any training."""
+    check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
+    if cfg.source != "hf" and not Path(cfg.path).exists():
+        raise DataError(f"data.path {cfg.path} does not exist; expected {_EXPECTED[cfg.source]}")
+    return _OPENERS[cfg.source](cfg)
