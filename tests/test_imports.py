@@ -64,7 +64,7 @@ def test_the_cycle_finder_finds_a_loop():
 
 
 # The package's layers, lowest first: a module imports only from its own layer or below.
-LAYERS = ("foundation", "models", "worlds", "data", "evaluation", "training", "commands", "cli")
+LAYERS = ("foundation", "models", "worlds", "data", "evaluation", "training", "benchmark", "commands", "cli")
 
 
 def layer(module: str) -> str:

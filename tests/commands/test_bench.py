@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from sspo.benchmark.config import ARMS, BenchConfig
+from sspo.benchmark.report import format_table
 from sspo.cli import main
-from sspo.commands.bench import ARMS, BenchConfig, format_table, run_bench
+from sspo.commands.bench import run_bench
 from sspo.errors import SSPOError
 from sspo.models.architectures import arch_components, build_arch
 
@@ -134,7 +136,7 @@ def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
 
 
 def test_flow_models_train_with_their_shipped_configs_settings(tmp_path):
-    from sspo.commands.bench import train_config
+    from sspo.benchmark.config import train_config
     from sspo.worlds.shapes import world as shapes
 
     folder = build_arch("flux", tmp_path / "flux", small=True, words=shapes.vocabulary())

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from sspo.commands import bench, compare
+from sspo.benchmark.config import arm_overrides
+from sspo.commands import compare
 from sspo.training.methods import METHODS, Method, register
 from sspo.training.model_card import run_settings
 from sspo.training.trainer import train
@@ -32,7 +33,7 @@ def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_b
     assert throwaway.description in (final / "README.md").read_text()
     assert run_settings(cfg, 1)["reference"].startswith("pool checkpoint drawn 'last'")
     assert compare.arms()[throwaway.name] == [f"method={throwaway.name}"] and throwaway.name in compare.table1()
-    assert f"{throwaway.name}-pregenerated" in bench.arm_overrides()
+    assert f"{throwaway.name}-pregenerated" in arm_overrides()
     assert json.loads((tmp_path / "run" / "pool" / "pool.json").read_text())["entries"][-1]["step"] == 3
 
 
