@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sspo.errors import SSPOError
+from sspo.errors import ConfigError, SSPOError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ def write_error(path: str | Path, exc: OSError) -> SSPOError:
     """A failed write of the user's ``--out`` as one line, its fix chosen by the cause."""
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return SSPOError(f"cannot write {path}: {exc.strerror or exc}; {'free disk space or ' if full else ''}choose another --out")
+
+
+def check_folder_target(folder: str | Path, name: str) -> None:
+    """Refuse a folder to write into that is a file, or lies under one (``name``: how the user set it)."""
+    folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking == folder:
+        raise ConfigError(f"{name} {folder} is a file, not a folder; choose an empty or new folder")
+    if blocking is not None:
+        raise ConfigError(f"{name} {folder}: {blocking} is a file, not a folder; choose another folder")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

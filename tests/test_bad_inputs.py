@@ -104,3 +104,28 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("optim: [learning_rate: 1\n")
     assert main(["train", str(tmp_path / "bad.yaml")]) == 2
     assert f"config file {tmp_path / 'bad.yaml'} is not valid YAML" in one_error_line(capsys)
+
+
+OUT_COMMANDS = {
+    "eval": ["eval", "--model", "{model}", "--limit", "1", "--out", "{out}"],
+    "eval --videos": ["eval", "--videos", "{tmp}", "--metrics", "mtscore", "--out", "{out}"],
+    "compare": ["compare", "compare-shapes", "--methods", "sft", "--ablations", "", "--training-seeds", "1", "--out", "{out}"],
+    "demo": ["demo", "--quick", "--out", "{out}"],
+    "pairs": ["pairs", "--level", "low", "--out", "{out}"],
+    "train": ["train", "sd15-lora", "model.pretrained={model}", "output_dir={out}", "--dry-run"],
+}
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+@pytest.mark.parametrize("under", [False, True], ids=["a file", "under a file"])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, under, quick_base, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    out = notes / "run" if under else notes
+    argv = [a.format(model=quick_base, tmp=tmp_path, out=out) for a in OUT_COMMANDS[command]]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    name = "output_dir" if command == "train" else "--out"
+    assert line == (f"sspo: error: {name} {out}: {notes} is a file, not a folder; choose another folder" if under
+                    else f"sspo: error: {name} {out} is a file, not a folder; choose an empty or new folder")
+    assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

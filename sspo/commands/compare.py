@@ -36,7 +36,7 @@ from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, sho
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_png
 from sspo.evaluation.scorers.stats import mean_ci_crossed
-from sspo.io import atomic_write_json, atomic_write_text, read_json
+from sspo.io import atomic_write_json, atomic_write_text, check_folder_target, read_json
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
 from sspo.training.trainer import latest_checkpoint, train
@@ -321,6 +321,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError("--settings-from and --grid both choose the arms' settings; give one of them")
     started = time.time()
     out = Path(out)
+    check_folder_target(out, "--out")
     extra = [*(QUICK if quick else []), *overrides]
     # The world the config names (validation.world, else data.source), sampled as its negatives are.
     probe = resolved(load_config(TrainConfig, config, extra))  # negatives.guidance_scale as the arms train with it

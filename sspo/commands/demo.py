@@ -22,7 +22,7 @@ from sspo.errors import SSPOError
 from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, showcase_rewards, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
-from sspo.io import atomic_write_json, atomic_write_text
+from sspo.io import atomic_write_json, atomic_write_text, check_folder_target
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
 from sspo.worlds import World, get_world
@@ -76,6 +76,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     out = Path(out)
+    check_folder_target(out, "--out")
     world = get_world(world, "--world")
     base_name = base or world.base
     if not world.names_base(base_name):

@@ -50,7 +50,7 @@ from sspo.evaluation.sampling import generate, image_grid, save_png
 from sspo.evaluation.scorers import build_scorer, scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
-from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, read_json
+from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_folder_target, check_image, read_json
 from sspo.video_io import decode_clip, write_clip
 from sspo.worlds.names import shared_guidance_scale
 
@@ -163,6 +163,7 @@ def run_eval(
     ``scorer_paths`` / ``scorer_options``: per metric, the weights and ``build_scorer`` options.
     """
     out = Path(out)
+    check_folder_target(out, "--out")
     check_models(models)
     if cfg.guidance_scale is None:
         cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale([m.path for m in models]))

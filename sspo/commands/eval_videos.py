@@ -50,7 +50,7 @@ from sspo.commands.eval import (
 from sspo.errors import DataError, ModelError, SSPOError
 from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts
 from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, frechet_distance
-from sspo.io import atomic_write_json, atomic_write_text
+from sspo.io import atomic_write_json, atomic_write_text, check_folder_target
 from sspo.video_io import read_clip
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def run_video_eval(
     ``scorer_options``: per metric, :func:`~sspo.evaluation.video_metrics.build_video_metric` options and ``bootstrap``.
     """
     out = Path(out)
+    check_folder_target(out, "--out")
     check_models(models)
     metrics = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
     scorer_paths = dict(scorer_paths or {})

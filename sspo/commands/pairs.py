@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
-from sspo.io import entry_list, read_json
+from sspo.io import check_folder_target, entry_list, read_json
 from sspo.paths import build_lock, cache_root
 from sspo.training.config import TrainConfig
 from sspo.worlds.names import resolve_model
@@ -118,10 +118,9 @@ def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
 def existing_pairs(folder: Path) -> dict | None:
     """The record of the pairs ``folder`` holds, None for a new or empty folder; a folder holding
     anything else is refused, so that building never writes among a user's files."""
+    check_folder_target(folder, "--out")
     if not folder.exists():
         return None
-    if not folder.is_dir():
-        raise SSPOError(f"--out {folder} is a file, not a folder; choose an empty or new folder")
     names = sorted(p.name for p in folder.iterdir())
     if not names:
         return None

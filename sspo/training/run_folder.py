@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json, entry_list
+from sspo.io import atomic_write_json, check_folder_target, entry_list
 from sspo.training.config import TrainConfig
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
 from sspo.training.run_state import saved_states
@@ -69,10 +69,9 @@ def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
 def check_output_dir(run_dir: str | Path) -> None:
     """Refuse an ``output_dir`` that exists and holds files but is not a run folder."""
     run_dir = Path(run_dir)
+    check_folder_target(run_dir, "output_dir")
     if not run_dir.exists():
         return
-    if not run_dir.is_dir():
-        raise ConfigError(f"output_dir {run_dir} is a file, not a folder; choose an empty or new folder")
     names = {p.name for p in run_dir.iterdir()}
     if _is_run_folder(run_dir, names):
         return

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import check, setting, to_dict, validate
 from sspo.errors import ConfigError
-from sspo.io import entry_list
+from sspo.io import check_folder_target, entry_list
 from sspo.models.condition import TextCondition
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
@@ -193,10 +193,9 @@ def packaged_base(cfg, packaged: Path = PACKAGED_BASE) -> Path | None:
 def check_base_folder(output: Path, cfg, force: bool) -> None:
     """Refuse to build into a folder that holds anything but a base sspo built, or (unless ``force``)
     a base built with other settings: its files stay as they are."""
+    check_folder_target(output, "base folder")
     if not output.exists():
         return
-    if not output.is_dir():
-        raise ConfigError(f"base folder {output} is a file, not a folder; choose an empty or new folder")
     names, record = [p.name for p in output.iterdir()], _record(output)
     if names and record is None:
         raise ConfigError(f"base folder {output} holds files that are not an sspo base ({entry_list(names)}); choose an empty or new folder")
