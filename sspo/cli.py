@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sspo.config import split_override
 from sspo.errors import SSPOError
+from sspo.io import check_folder_target, permission_error
 from sspo.logs import set_up_logging
 
 
@@ -91,6 +92,7 @@ def _eval(args) -> None:
     if cfg.guidance_scale is None:  # by the names given, which name a world's base as such
         cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale(args.model))
     specs = model_specs(args.model, args.lora, args.name)
+    check_folder_target(Path(args.out), "--out")
     for spec in specs:  # before resolve_model builds a world's base
         if spec.lora:
             check_lora_path(Path(spec.lora).expanduser())
@@ -390,5 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SSPOError as exc:
         print(f"sspo: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sspo.errors import ConfigError, SSPOError
+from sspo.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,29 @@ def write_error(path: str | Path, exc: OSError) -> SSPOError:
     return SSPOError(f"cannot write {path}: {exc.strerror or exc}; {'free disk space or ' if full else ''}choose another --out")
 
 
+def permission_error(exc: PermissionError) -> SSPOError:
+    """A path this user may not read or write, met anywhere, as one line; a cache path names SSPO_CACHE."""
+    path = Path(exc.filename) if exc.filename else None
+    if path is not None and path.absolute().is_relative_to(cache_root().absolute()):
+        return SSPOError(f"{path}: permission denied; set SSPO_CACHE to a folder you can write to")
+    return SSPOError(f"{path or exc}: permission denied; choose a path you can read and write, or change its permissions")
+
+
 def check_folder_target(folder: str | Path, name: str) -> None:
-    """Refuse a folder to write into that is a file, or lies under one (``name``: how the user set it)."""
+    """Refuse a folder to write into that is a file, lies under one, or that this user may not write
+    or create (``name``: how the user set it)."""
     folder = Path(folder)
-    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-    if blocking == folder:
-        raise ConfigError(f"{name} {folder} is a file, not a folder; choose an empty or new folder")
-    if blocking is not None:
-        raise ConfigError(f"{name} {folder}: {blocking} is a file, not a folder; choose another folder")
+    # os.path.exists, not Path.exists: the latter raises where a parent may not be read
+    nearest = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not nearest.is_dir():
+        if nearest == folder:
+            raise ConfigError(f"{name} {folder} is a file, not a folder; choose an empty or new folder")
+        raise ConfigError(f"{name} {folder}: {nearest} is a file, not a folder; choose another folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        if nearest == folder:
+            raise ConfigError(f"{name} {folder}: permission denied, this user may not write in it; choose a folder you can write to")
+        raise ConfigError(f"{name} {folder}: permission denied, this user may not create folders in {nearest}; "
+                          "choose a folder you can write to")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -129,3 +129,40 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, und
     assert line == (f"sspo: error: {name} {out}: {notes} is a file, not a folder; choose another folder" if under
                     else f"sspo: error: {name} {out} is a file, not a folder; choose an empty or new folder")
     assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+@pytest.mark.parametrize("inside", [False, True], ids=["the folder", "a folder in it"])
+def test_an_output_folder_this_user_may_not_write_is_refused_before_any_work(command, inside, quick_base, tmp_path, capsys, monkeypatch):
+    import os
+
+    # root may write anywhere, so the test makes one folder read-only by answering os.access for it
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == str(locked) else real_access(path, mode, **kw))
+    out = locked / "run" if inside else locked
+    argv = [a.format(model=quick_base, tmp=tmp_path, out=out) for a in OUT_COMMANDS[command]]
+    assert main(argv) == 2
+    name = "output_dir" if command == "train" else "--out"
+    where = f"this user may not create folders in {locked}" if inside else "this user may not write in it"
+    assert one_error_line(capsys) == f"sspo: error: {name} {out}: permission denied, {where}; choose a folder you can write to"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["locked"]
+
+
+@pytest.mark.parametrize("in_cache", [False, True], ids=["a user's path", "the cache"])
+def test_a_path_this_user_may_not_read_or_write_is_one_line(in_cache, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import sspo.cli
+
+    path = tmp_path / "cache" / "locks" if in_cache else tmp_path / "model" / "model_index.json"
+    monkeypatch.setenv("SSPO_CACHE", str(tmp_path / "cache"))
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(sspo.cli, "_eval", denied)
+    assert main(["eval", "--model", str(tmp_path / "model")]) == 2
+    fix = "set SSPO_CACHE to a folder you can write to" if in_cache else "choose a path you can read and write, or change its permissions"
+    assert one_error_line(capsys) == f"sspo: error: {path}: permission denied; {fix}"
