@@ -48,7 +48,6 @@ SHARD_ROWS = 1024
 KEY_FILE, INDEX_FILE = "key.json", "index.json"
 _COND_FIELDS = tuple(f.name for f in dataclasses.fields(TextCondition))
 _DATA_SUFFIXES = {".parquet", ".arrow", ".json", ".jsonl", ".csv"}
-_ENCODERS = ("vae", "text_encoder", "text_encoder_2")
 INDEX_SHAPE = {"rows": int, "shard_rows": int, "has_losers": bool, "key": dict}
 
 
@@ -74,11 +73,19 @@ def _files(path: Path, suffixes: set[str] | None = None) -> list[list]:
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
 
 
+def _encoder_folders(model_path: Path) -> list[str]:
+    """The pipeline folder's components the cached tensors come from: the VAE, every text encoder
+    and every tokenizer (SD3 has three of each pair)."""
+    if not model_path.is_dir():
+        return []
+    return sorted(p.name for p in model_path.iterdir() if p.is_dir() and (p.name == "vae" or p.name.startswith(("text_encoder", "tokenizer"))))
+
+
 def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
     """What the cached tensors depend on: ``cfg`` is the TrainConfig, ``model`` the resolved model path.
 
     A hub id (model or data) is keyed by its name and revision only; a local folder also by the
-    sizes and times of its encoder weights or data files, so editing them in place starts a new cache.
+    sizes and times of its VAE, text encoder and tokenizer files or data files, so editing them in place starts a new cache.
     """
     model_path = Path(model).expanduser()
     data = dataclasses.asdict(cfg.data)
@@ -88,7 +95,7 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
     return {
         "version": FORMAT_VERSION,
         "model": str(model_path.resolve()) if model_path.exists() else model,
-        "model_files": {name: _files(model_path / name) for name in _ENCODERS} if model_path.is_dir() else {},
+        "model_files": {name: _files(model_path / name) for name in _encoder_folders(model_path)},
         "revision": cfg.model.revision,
         "variant": cfg.model.variant,
         "dtype": str(family.vae.dtype),

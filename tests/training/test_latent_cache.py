@@ -123,6 +123,23 @@ def test_default_dir_is_shared_by_runs_that_encode_the_same_rows(quick_base, tmp
     assert folder() != folder("data.resolution=16") and folder() != folder("data.mode=random")
 
 
+@pytest.mark.parametrize("component", ["vae", "text_encoder", "text_encoder_3", "tokenizer_2"])
+def test_editing_any_encoder_or_tokenizer_of_a_local_model_changes_the_key(component, tmp_path):
+    from types import SimpleNamespace
+
+    model = tmp_path / "model"
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "transformer"):
+        (model / name).mkdir(parents=True)
+        (model / name / "weights.safetensors").write_bytes(b"0")
+    family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
+    cfg = tiny_config(tmp_path / "run", str(model))
+    before = cache_key(cfg, str(model), family, 4)
+    (model / "transformer" / "weights.safetensors").write_bytes(b"trained")  # what training changes keeps the key
+    assert cache_key(cfg, str(model), family, 4) == before
+    (model / component / "weights.safetensors").write_bytes(b"edited")
+    assert cache_key(cfg, str(model), family, 4) != before
+
+
 @pytest.mark.parametrize("setting, named", [("data.random_flip=true", "data.random_flip"), ("data.center_crop=false", "data.center_crop")])
 def test_cache_with_augmentation_is_a_config_error(setting, named):
     data = apply_overrides({}, ["data.cache_latents=true", setting])
