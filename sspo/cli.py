@@ -134,7 +134,7 @@ def _add_eval_arguments(p) -> None:
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
-        "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL and the worlds' bases 5)",
+        "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5)",
         "batch_size": "images per generation batch",
         "resolution": "image side in pixels (default: the model's native)",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (at least 1)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none; default: the model's usual, "
-                   "SD-1.5 and AnimateDiff 7.5, SDXL and the worlds' bases 5)")
+                   "SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5)")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
     p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png; another suffix becomes .png); video models: .gif, .mp4 or .webp (another becomes .gif)")

@@ -86,8 +86,8 @@ class SamplerConfig:
     # 20 steps in the exact reward of its samples with fewer steps (docs/bench/README.md "Few-step samplers").
     scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc
     steps: int = setting(20, at_least=1)  # sampler steps per negative
-    # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 5; else by
-    # family: SD-1.5 and AnimateDiff 7.5, SDXL 5, FLUX.1 3.5), recorded resolved in the run's config.yaml.
+    # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 1 for the flow
+    # base and 5 for the others; else by family: SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5), recorded resolved in the run's config.yaml.
     # FLUX-dev takes it as its guidance embedding's input, not as classifier-free guidance.
     guidance_scale: float | None = setting(None, at_least=0)
     eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
