@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from sspo.errors import SSPOError
 
 
-def mean_ci(values: Iterable[float], confidence: float = 0.95) -> dict[str, float | int]:
+def mean_ci(values: Iterable[float]) -> dict[str, float | int]:
     """``{"mean", "ci95_low", "ci95_high", "n"}``; the interval is NaN for a single value.
 
     A t-interval rather than a bootstrap: exact for the mean of independent scores, and deterministic.
@@ -21,22 +21,24 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> dict[str, floa
     if n == 1:
         return {"mean": mean, "ci95_low": math.nan, "ci95_high": math.nan, "n": 1}
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
 
 
-def mean_ci_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95) -> dict[str, float | int]:
+def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]:
     """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
     differences), where both the runs and the prompts are samples: the mean's variance is taken as
     ``var(run means) / runs + var(prompt means) / prompts``, with Welch-Satterthwaite degrees of
-    freedom. One run: the interval is over prompts alone.
+    freedom. One run: the interval is over prompts alone; one prompt: over runs alone.
     """
     rows = [[float(v) for v in row] for row in values]
     runs, prompts = len(rows), len(rows[0]) if rows else 0
     if not runs or not prompts or any(len(row) != prompts for row in rows):
         raise SSPOError("mean_ci_crossed: needs a non-empty table with the same prompts in every run")
     if runs == 1:
-        return mean_ci(rows[0], confidence) | {"runs": 1}
+        return mean_ci(rows[0]) | {"runs": 1}
+    if prompts == 1:
+        return mean_ci([row[0] for row in rows]) | {"runs": runs}
     run_means = [math.fsum(row) / prompts for row in rows]
     prompt_means = [math.fsum(row[j] for row in rows) / runs for j in range(prompts)]
     mean = math.fsum(run_means) / runs
@@ -50,7 +52,7 @@ def mean_ci_crossed(values: Sequence[Sequence[float]], confidence: float = 0.95)
     if total == 0:
         return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "n": runs * prompts, "runs": runs}
     df = total**2 / (between_runs**2 / (runs - 1) + between_prompts**2 / (prompts - 1))
-    half = t_quantile(0.5 + confidence / 2, df) * math.sqrt(total)
+    half = t_quantile(0.975, df) * math.sqrt(total)
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
 
 

@@ -45,6 +45,8 @@ def test_mean_ci_crossed_by_hand():
     assert got["n"] == 6 and got["runs"] == 2
     one = mean_ci_crossed([[1.0, 2.0, 3.0]])  # one run: over prompts only
     assert one["mean"] == pytest.approx(2.0) and one["runs"] == 1
+    one_prompt = mean_ci_crossed([[1.0], [2.0], [4.0]])  # one prompt: over runs only
+    assert one_prompt == mean_ci([1.0, 2.0, 4.0]) | {"runs": 3}
     assert mean_ci_crossed([[0.5, 0.5], [0.5, 0.5]])["ci95_low"] == pytest.approx(0.5)
     # no spread between runs: the prompts' own interval
     assert mean_ci_crossed([[1.0, 2.0, 3.0]] * 4)["ci95_high"] == pytest.approx(mean_ci([1.0, 2.0, 3.0])["ci95_high"])
