@@ -9,7 +9,8 @@ exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
 * for the first ``ssr_truth_per_batch`` pairs of every micro-batch (so spread evenly over training)
   the policy, just before the step that uses the pair, samples the same prompt from the same seed
   with the same sampler, and that sample is scored too; the pair's switch margin
-  ``L_theta(x_w) - L_ref(x_w)`` and its ``K`` are recorded for every pair.
+  ``L_theta(x_w) - L_ref(x_w)`` and the ``K`` eq. 9 gives it are recorded for every pair (eq. 9's
+  whatever ``ssr`` the run trains with: what is checked is the paper's switch).
 
 Rows go to ``<run>/ssr_truth.jsonl`` (read with :func:`sspo.io.read_jsonl`; a resumed run keeps
 only those of saved steps); :func:`summarize_ssr_truth` turns them into per-iteration agreement of
