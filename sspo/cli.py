@@ -134,7 +134,8 @@ def _add_eval_arguments(p) -> None:
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
-        "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5)",
+        "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, "
+                          "a world's base its world's: 1 for shapes-base:flow, else 5)",
         "batch_size": "images per generation batch",
         "resolution": "image side in pixels (default: the model's native)",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
@@ -209,10 +210,11 @@ def _demo(args) -> None:
 
 
 def _compare(args) -> None:
-    from sspo.commands.compare import run_compare, table1
+    from sspo.commands.compare import ABLATIONS, run_compare, table1
 
     methods = ",".join(table1()) if args.methods is None else args.methods
-    arms = [a for a in (methods + "," + args.ablations).split(",") if a]
+    ablations = ",".join(ABLATIONS) if args.ablations is None else args.ablations
+    arms = [a for a in (methods + "," + ablations).split(",") if a]
     from sspo.commands.parallel import default_jobs
 
     run_compare(args.config, arms, list(range(args.training_seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
     p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
-    p.add_argument("--ablations", default="ssr_off,indicator,erd_initial,erd_last")
+    p.add_argument("--ablations", help="comma-separated SSPO variants (default: the paper's Table 6 ablations: ssr_off, indicator, erd_initial, erd_last)")
     p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds 0..N-1 (default: 3)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")

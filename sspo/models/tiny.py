@@ -174,7 +174,7 @@ def word_table_text_encoder(text_encoder, tokenizer, words: Sequence[str], seed:
     basis -= basis.mean(dim=0, keepdim=True)  # columns in the zero-mean subspace
     q, _ = torch.linalg.qr(basis[:, : len(ids) + places])  # the words' columns do not depend on `places`
     with torch.no_grad():
-        model = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 wraps it
+        model = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
         embeddings = model.embeddings
         embeddings.token_embedding.weight.zero_()
         embeddings.token_embedding.weight[ids] = q[:, : len(ids)].T * hidden**0.5

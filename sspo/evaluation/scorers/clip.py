@@ -24,11 +24,6 @@ AESTHETIC_HEAD_URL = (
 )
 
 
-def _features(output) -> torch.Tensor:
-    # transformers < 5 returns the projected tensor, 5.x a ModelOutput whose pooler_output it is.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 class ClipEmbedder:
     """A CLIPModel with its tokenizer and image transform, giving L2-normalised embeddings."""
 
@@ -58,7 +53,8 @@ class ClipEmbedder:
 
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.transform(images).to(device=self._param.device, dtype=self._param.dtype)
-        return F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        # get_*_features return a ModelOutput whose pooler_output is the projected embedding
+        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
     def texts(self, prompts: Sequence[str]) -> torch.Tensor:
         if self.clean_text is not None:
@@ -67,7 +63,7 @@ class ClipEmbedder:
             list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self._param.device)
         output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        return F.normalize(_features(output).float(), dim=-1)
+        return F.normalize(output.pooler_output.float(), dim=-1)
 
     @classmethod
     def from_pretrained(

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from sspo.evaluation.scorers import build_scorer
-from sspo.evaluation.scorers.clip import _features  # projected features on transformers 4 and 5
 from sspo.evaluation.scorers.preprocess import ClipTransform
 
 from scorer_models import EMBED, PROMPTS, linear_mlp_state_dict
@@ -15,7 +14,7 @@ from scorer_models import EMBED, PROMPTS, linear_mlp_state_dict
 def _image_embeddings(model, images, crop_rounding="floor"):
     pixels = ClipTransform(size=32, crop_size=32, crop_rounding=crop_rounding)(images)
     with torch.no_grad():
-        return _features(model.get_image_features(pixel_values=pixels))
+        return model.get_image_features(pixel_values=pixels).pooler_output
 
 
 def _embeddings(model, tokenizer_dir, images):
@@ -23,7 +22,7 @@ def _embeddings(model, tokenizer_dir, images):
 
     tokens = AutoTokenizer.from_pretrained(tokenizer_dir)(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        return _image_embeddings(model, images), _features(model.get_text_features(**tokens))
+        return _image_embeddings(model, images), model.get_text_features(**tokens).pooler_output
 
 
 def test_pickscore_is_exp_logit_scale_times_cosine(clip_model_dir, clip_processor_dir, shape_images):

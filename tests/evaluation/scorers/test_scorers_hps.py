@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import build_scorer, hps
 from sspo.evaluation.scorers.base import hf_from_state_dict, load_weights
-from sspo.evaluation.scorers.clip import _features  # projected features on transformers 4 and 5
 from sspo.evaluation.scorers.hps import openclip_to_hf
 from sspo.evaluation.scorers.preprocess import LongestSideTransform
 
@@ -110,8 +109,8 @@ def test_converted_clipmodel_computes_the_open_clip_forward(hps_checkpoint, clip
     tokens = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours_text = _features(model.get_text_features(**tokens))
-        ours_image = _features(model.get_image_features(pixel_values=pixels))
+        ours_text = model.get_text_features(**tokens).pooler_output
+        ours_image = model.get_image_features(pixel_values=pixels).pooler_output
     assert torch.allclose(ours_text, openclip_encode_text(sd, tokens["input_ids"], tokenizer.eos_token_id), atol=1e-5)
     assert torch.allclose(ours_image, openclip_encode_image(sd, pixels), atol=1e-5)
 
