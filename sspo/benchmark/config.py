@@ -104,19 +104,15 @@ FLOW_CONFIGS = {"StableDiffusion3Pipeline": "sd35-lora.yaml", "FluxPipeline": "f
 FLOW_KEYS = ("model.lora_targets", "flow", "negatives.scheduler", "negatives.steps", "negatives.guidance_scale", "data.cache_latents")
 
 
-def bench_pairs(resolution: int, rows: int = 64) -> Path:
+BENCH_PAIRS = 64  # rows of the bench's pairs file, one per prompt
+
+
+def bench_pairs(resolution: int) -> Path:
     """A small Pick-a-Pic-style parquet of shapes-world pairs rendered at ``resolution``, cached."""
-    from filelock import FileLock
+    from sspo.worlds.shapes.world import WORLD_VERSION, cached_parquet, make_split, preference_pairs
 
-    from sspo.paths import cache_root
-    from sspo.worlds.shapes.world import WORLD_VERSION, make_split, preference_pairs, write_pickapic_parquet
-
-    path = cache_root() / "bench" / f"shapes-pairs-v{WORLD_VERSION}-r{resolution}-n{rows}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            write_pickapic_parquet(path, preference_pairs(make_split(0).train[:rows], 1, seed=0, size=resolution))
-    return path
+    return cached_parquet(f"bench-shapes-pairs-v{WORLD_VERSION}-r{resolution}-n{BENCH_PAIRS}.parquet",
+                          lambda: preference_pairs(make_split(0).train[:BENCH_PAIRS], 1, seed=0, size=resolution))
 
 
 def model_overrides(b: BenchConfig) -> list[str]:

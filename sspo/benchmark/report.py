@@ -18,7 +18,9 @@ from sspo.benchmark.config import BASELINE
 from sspo.benchmark.flops import flop_floor
 
 
-def machine_info(device: str | None = None) -> dict:
+def machine_info() -> dict:
+    """This machine and its libraries; ``device`` is where a run lands by default (a bench overwrites
+    it with where its arms ran)."""
     import diffusers
     import transformers
 
@@ -31,7 +33,7 @@ def machine_info(device: str | None = None) -> dict:
     info = {
         "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(), "platform": platform.platform(),
-        "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if hasattr(os, "getloadavg"):

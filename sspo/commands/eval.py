@@ -541,7 +541,6 @@ def plot_reward_hist(rows: Sequence[dict], models: Sequence[ModelSpec], metrics:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -177,30 +177,33 @@ def evaluate_model(model: str | Path, cfg: EvalConfig, lora: str | Path | None =
     return evaluate_pipeline(pipe, cfg, device)
 
 
-def showcase(cfg: EvalConfig, images: Sequence, per_category: int = 4) -> tuple[list, list[str]]:
-    """The first seed's images of the first ``per_category`` prompts of each category, with captions."""
+SHOWCASE_PER_CATEGORY = 4  # prompts per category in a grid
+
+
+def showcase(cfg: EvalConfig, images: Sequence) -> tuple[list, list[str]]:
+    """The first seed's images of the first ``SHOWCASE_PER_CATEGORY`` prompts of each category, with captions."""
     items = eval_items(cfg)
-    picks = showcase_picks(cfg, per_category)
+    picks = showcase_picks(cfg)
     return [images[k] for k in picks], [f"[{items[k].category}] {items[k].prompt}" for k in picks]
 
 
-def showcase_picks(cfg: EvalConfig, per_category: int = 4) -> list[int]:
+def showcase_picks(cfg: EvalConfig) -> list[int]:
     """The places in ``eval_items(cfg)`` that :func:`showcase` shows."""
     items = eval_items(cfg)
     picks = []
     for category in dict.fromkeys(i.category for i in items):
-        picks += [k for k, i in enumerate(items) if i.category == category and i.seed == cfg.seeds[0]][:per_category]
+        picks += [k for k, i in enumerate(items) if i.category == category and i.seed == cfg.seeds[0]][:SHOWCASE_PER_CATEGORY]
     return picks
 
 
-def showcase_rewards(cfg: EvalConfig, summary: dict, per_category: int = 4) -> list[float]:
+def showcase_rewards(cfg: EvalConfig, summary: dict) -> list[float]:
     """The first metric of every image :func:`showcase` shows, from ``evaluate_pipeline``'s summary."""
     items = eval_items(cfg)
     per_item = {}
     for category in dict.fromkeys(i.category for i in items):
         members = [k for k, i in enumerate(items) if i.category == category]
         per_item |= dict(zip(members, summary[category or "all"]["per_image"]))
-    return [per_item[k] for k in showcase_picks(cfg, per_category)]
+    return [per_item[k] for k in showcase_picks(cfg)]
 
 
 def table_columns(world: str) -> tuple[str, ...]:

@@ -29,10 +29,10 @@ def usual_guidance_scale(name: str, family: str = "auto", revision: str | None =
     return family_of(load_pipeline_config(name, revision), family).default_guidance_scale
 
 
-def shared_guidance_scale(names: Sequence[str], flag: str = "--guidance-scale") -> float:
-    """The usual guidance of every model of ``names``; a ConfigError naming ``flag`` when they differ."""
+def shared_guidance_scale(names: Sequence[str]) -> float:
+    """The usual guidance of every model of ``names``; a ConfigError naming --guidance-scale when they differ."""
     usual = {name: usual_guidance_scale(name) for name in names}
     if len(set(usual.values())) > 1:
         listed = ", ".join(f"{name}: {scale:g}" for name, scale in usual.items())
-        raise ConfigError(f"{flag}: the models are usually sampled with different guidance ({listed}); pass one {flag} for all of them")
+        raise ConfigError(f"--guidance-scale: the models are usually sampled with different guidance ({listed}); pass one --guidance-scale for all of them")
     return next(iter(usual.values()))

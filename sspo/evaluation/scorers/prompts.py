@@ -47,11 +47,11 @@ class PromptItem:
 
 
 def load_prompt_set(
-    name_or_path: str, source: str | None = None, *, limit: int | None = None, seed: int = 0, per_split: int = 24
+    name_or_path: str, source: str | None = None, *, seed: int = 0, per_split: int = 24
 ) -> list[PromptItem]:
     """The prompts of a named set (``source``: its local file/folder, default its hub id) or of a file.
 
-    ``limit`` keeps the first prompts (quick runs); ``seed`` and ``per_split`` pick a world's split.
+    ``seed`` and ``per_split`` pick a world's split.
     """
     if found := prompt_set_world(name_or_path):
         items = _world(*found, seed, per_split)
@@ -65,7 +65,7 @@ def load_prompt_set(
         )
     if not items:
         raise DataError(f"prompt set {name_or_path!r} ({source or 'default source'}) has no prompts")
-    return items[:limit] if limit is not None else items
+    return items
 
 
 def read_prompt_file(path: Path) -> list[PromptItem]:
