@@ -72,16 +72,16 @@ def pregenerated(arm: str) -> bool:
 @dataclasses.dataclass
 class BenchConfig:
     model: str = "tiny"  # tiny | quick | sd15 | sdxl | sd35m | flux (random weights) | a diffusers pipeline folder
-    batch_size: int | None = setting(None, at_least=1)  # per micro-batch; None: the demo config's (16)
-    gradient_accumulation_steps: int | None = setting(None, at_least=1)
+    batch_size: int | None = setting(None, at_least=1)  # per micro-batch; None: the demo config's
+    gradient_accumulation_steps: int | None = setting(None, at_least=1)  # micro-batches per optimizer step; None: the demo config's
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16: the trainer's mixed_precision
     lora: bool = True  # False: full fine-tuning
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
     warmup: int = setting(2, at_least=0)  # optimizer steps before timing (first steps allocate optimizer state)
     steps: int = setting(10, at_least=1)  # timed optimizer steps per arm; median and p90 are reported
-    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)
+    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)  # the training setups measured; ratios are to BASELINE's
     sampler_steps: tuple[int, ...] = setting((20, 50), at_least=1)  # also measure generation at these (the paper's 20-50)
-    steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates; None: the demo config's (20)
+    steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates; None: the demo config's
     pool_size: int = setting(3, at_least=1)  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
     resolution: int | None = setting(None, at_least=8, multiple_of=8)  # training resolution (a multiple of the VAE's 8); None: the model's native one
     threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU; None: torch's default

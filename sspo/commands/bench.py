@@ -86,8 +86,8 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
 # Flags are the config's fields (``--batch-size`` sets ``batch_size``); help says what the field does.
 FLAG_HELP = {
     "model": "tiny | quick | sd15 | sdxl | sd35m | flux (random-weight architectures, GPU) | a diffusers folder",
-    "batch_size": "per micro-batch (default: the demo config's 16)",
-    "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
+    "batch_size": "per micro-batch (default: the demo config's)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (default: the demo config's)",
     "mixed_precision": "the trainer's mixed_precision: no | fp16 | bf16",
     "lora": "LoRA (--no-lora: full fine-tuning)",
     "gradient_checkpointing": "recompute activations in the backward pass",
@@ -95,7 +95,7 @@ FLAG_HELP = {
     "steps": "timed optimizer steps per arm",
     "arms": f"comma-separated, some of {','.join(arm_overrides())}",
     "sampler_steps": "also measure negative generation at these sampler steps (comma-separated)",
-    "steps_per_iteration": "K_updates (default: the demo config's 20)",
+    "steps_per_iteration": "K_updates (default: the demo config's)",
     "pool_size": "checkpoints in the pool for the sspo arms",
     "resolution": "training resolution (default: the model's native)",
     "threads": "torch CPU threads (default: torch's)",

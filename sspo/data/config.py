@@ -42,8 +42,6 @@ class DataConfig:
     shuffle_row_groups: int = setting(0, at_least=0)
     num_workers: int = setting(0, at_least=0)  # DataLoader processes that read and decode ahead of training; 0: the training process reads
     prefetch_factor: int = setting(2, at_least=1)  # with num_workers: micro-batches each worker reads ahead
-    # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
-    # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
     # Aspect-ratio buckets: each image is resized and cropped to the bucket (width x height of about
     # resolution^2 pixels, sides multiples of bucket_step) nearest its aspect ratio, and every
     # micro-batch holds one bucket (a bucket's last batch is filled with its first rows again).
@@ -51,6 +49,8 @@ class DataConfig:
     buckets: bool = False
     bucket_step: int = setting(64, at_least=8, multiple_of=8)  # bucket sides are multiples of this: 64 keeps SD's latent sides divisible by 8
     bucket_max_aspect: float = setting(2.0, at_least=1)  # the widest bucket's width / height, and the tallest's height / width
+    # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
+    # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
     frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
     frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
     frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)

@@ -136,7 +136,7 @@ class _Reader:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Map-style dataset; items are ``{prompt, winner, loser, index}``.
+    """Map-style dataset; items are ``{prompt, winner, loser, index, size_and_crop}``.
 
     An unreadable row is replaced by the next readable one (``index`` is the row served), so a
     batch always has its full size and the replacement is the same on every run.

@@ -14,8 +14,8 @@ class TextCondition:
     """Text conditioning of a batch, computed once and shared by policy, reference and sampler."""
 
     embeds: torch.Tensor
-    pooled: torch.Tensor | None = None  # SDXL only
-    time_ids: torch.Tensor | None = None  # SDXL only
+    pooled: torch.Tensor | None = None  # pooled text embedding: SDXL, SD3, FLUX
+    time_ids: torch.Tensor | None = None  # SDXL's size and crop conditioning
 
     def _map(self, fn) -> TextCondition:
         return TextCondition(*(None if t is None else fn(t) for t in (self.embeds, self.pooled, self.time_ids)))

@@ -1,6 +1,6 @@
 """Diffusers pipelines as the trainer sees them: loaded (with a LoRA) and checked, and their latents.
 
-One code path serves SD-1.5, SDXL, AnimateDiff and SD3 (and the tiny shapes-world pipelines, which
+One code path serves SD-1.5, SDXL, AnimateDiff, SD3 and FLUX (and the tiny shapes-world pipelines, which
 are the same classes with small sizes); what differs between them is their model family
 (sspo/models/families/): a UNet or a transformer, diffusion or flow matching. Video latents are
 ``(B, C, F, H, W)``.

@@ -154,7 +154,7 @@ class Ranked:
 
     index: int
     winner: int  # 0: sample a wins, 1: sample b
-    winner_first: bool  # the winner goes in jpg_0
+    winner_first: bool  # the winner goes in the first of the world's pair columns (jpg_0, video_0)
     reward_a: float
     reward_b: float
 
