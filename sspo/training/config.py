@@ -27,7 +27,7 @@ REPORTERS = ("tensorboard", "wandb", "none")
 @dataclasses.dataclass
 class ModelConfig:
     pretrained: str = setting("shapes-base", nonempty=True)  # hub id, local diffusers folder, or shapes-base[:quick]
-    revision: str | None = None
+    revision: str | None = None  # a hub model's branch, tag or commit; None: its default branch
     variant: str | None = None  # e.g. fp16 weights on the hub
     # AnimateDiff: a MotionAdapter (hub id or from_pretrained folder) joined to an image pipeline
     # (pretrained: SD-1.5), as AnimateDiffPipeline.from_pretrained(..., motion_adapter=...) does.
@@ -40,11 +40,11 @@ class ModelConfig:
     # What trains: "unet" (every layer of the denoiser), "motion" (a video model's motion modules
     # only, as AnimateDiff LoRAs do), "auto" (motion for video pipelines, every layer for image ones).
     train_modules: str = setting("auto", choices=TRAIN_MODULES)
-    lora_rank: int = setting(8, at_least=1)
+    lora_rank: int = setting(8, at_least=1)  # the rank r of every LoRA update B @ A
     lora_alpha: int = setting(8, at_least=1)  # the LoRA update is scaled by lora_alpha / lora_rank
     # Module names (or name endings) the LoRA wraps; the trainer refuses names the denoiser lacks.
     lora_targets: tuple[str, ...] = setting(("to_q", "to_k", "to_v", "to_out.0"), nonempty=True)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute the denoiser's activations in the backward pass: less memory, more time
     attention: str = setting("sdpa", choices=("sdpa", "xformers"))  # xformers: enable_xformers_memory_efficient_attention (CUDA only)
 
     def __post_init__(self) -> None:
@@ -53,15 +53,15 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    learning_rate: float = setting(1e-4, above=0)
-    weight_decay: float = setting(1e-2, at_least=0)
+    learning_rate: float = setting(1e-4, above=0)  # AdamW's peak learning rate (after warm-up)
+    weight_decay: float = setting(1e-2, at_least=0)  # AdamW's decoupled weight decay
     adam_beta1: float = setting(0.9, at_least=0, below=1)  # torch's AdamW takes betas in [0, 1)
-    adam_beta2: float = setting(0.999, at_least=0, below=1)
+    adam_beta2: float = setting(0.999, at_least=0, below=1)  # AdamW's second-moment decay
     adam_epsilon: float = setting(1e-8, above=0)  # 0 divides 0 by 0 for a parameter whose gradient stays 0
-    max_grad_norm: float = setting(1.0, above=0)
+    max_grad_norm: float = setting(1.0, above=0)  # gradients clipped to this global L2 norm before each step
     batch_size: int = setting(4, at_least=1)  # per device and micro-batch (pairs for preference methods)
-    gradient_accumulation_steps: int = setting(1, at_least=1)
-    lr_warmup_steps: int = setting(0, at_least=0)
+    gradient_accumulation_steps: int = setting(1, at_least=1)  # micro-batches per optimizer step
+    lr_warmup_steps: int = setting(0, at_least=0)  # optimizer steps of linear warm-up from 0 to learning_rate (every lr_scheduler but constant)
     # The learning-rate schedule by diffusers' name; the decaying ones reach their end at the run's
     # last optimizer step (iterations x steps_per_iteration), after lr_warmup_steps of warm-up.
     lr_scheduler: str = setting("constant_with_warmup", choices=LR_SCHEDULERS)
@@ -142,12 +142,12 @@ class DiagnosticsConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
-    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
-    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the pipeline trained and what of it trains
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the winners (and a dataset's losers): source, columns, resizing
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW, its schedule, batch sizes
+    negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)  # how pool checkpoints sample x_l (spin, sspo)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)  # images and a world's rewards during training
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)  # checks of SSR against a world's exact rewards
     flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)  # flow-matching families (SD3, FLUX): sigma's density and the error weights
     method: str = setting("sspo", choices=Registered(METHODS))  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
     beta: float = setting(5000.0, above=0)  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
@@ -168,7 +168,7 @@ class TrainConfig:
     tracker_run_name: str | None = setting(None, nonempty=True)  # the run's name in that project (wandb's run name, tensorboard's folder); None: output_dir's folder name
     log_every: int = setting(1, at_least=1)  # optimizer steps between metrics lines
     save_every_steps: int = setting(0, at_least=0)  # 0: save a resumable state at iteration ends only
-    checkpoints_total_limit: int = setting(2, at_least=1)
+    checkpoints_total_limit: int = setting(2, at_least=1)  # resumable states kept in checkpoints/ (the oldest deleted after a new one is complete)
     nonfinite: str = setting("error", choices=("error", "skip"))  # a non-finite loss or gradient: error (stop; the last state stays) | skip (count it, step nothing)
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ class PairsConfig:
     max_prompts: int | None = setting(None, at_least=1)  # at most this many training prompts (a seeded sample; quick runs)
     pairs_per_prompt: int = setting(1, at_least=1)  # pairs drawn per prompt (two samples each, all with different seeds)
     sampler_steps: int = setting(20, at_least=1)  # G's sampler steps, as the evaluation samples (the world's PairsSettings.sampler_steps)
-    guidance_scale: float = setting(5.0, at_least=0)
+    guidance_scale: float = setting(5.0, at_least=0)  # G's classifier-free guidance (shapes-base and moving-shapes-base sample at 5)
     batch_size: int = setting(32, at_least=1)  # samples per generation batch (a seed fixes its sample whatever the batching)
 
     def __post_init__(self) -> None:

@@ -53,7 +53,7 @@ _SECOND_STAGE = ("defect_fraction", "defects", "defect_learning_rate", "vae_defe
 @dataclasses.dataclass
 class VideoBaseConfig:
     size: str = setting("default", choices=("default", "quick"))  # TinySize preset (and the image base preset whose VAE is reused)
-    seed: int = setting(0, at_least=0)
+    seed: int = setting(0, at_least=0)  # seeds the renders, the initial weights and the training draws
     frames: int = setting(8, at_least=2)  # a clip of one frame has no motion to learn
     clips_per_spec: int = setting(2, at_least=1)  # pretraining clips rendered per combination
     vae_steps: int = setting(600, at_least=0)  # fine-tuning the image world's VAE on this world's frames (0: as it is)
@@ -71,8 +71,8 @@ class VideoBaseConfig:
     # frozen, static and reversed clips from the start never learned to move its objects at all
     # (amplitude 0.01), and nothing moved it. 0 steps: the clean base.
     defect_steps: int = setting(2000, at_least=0)
-    defect_fraction: float = setting(0.5, at_least=0, at_most=1)
-    defects: tuple[str, ...] = setting(("jitter", "flicker", "dropped"), choices=motion.MOTION_DEFECTS)
+    defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # second stage: share of clips with a defect
+    defects: tuple[str, ...] = setting(("jitter", "flicker", "dropped"), choices=motion.MOTION_DEFECTS)  # second stage: the defects drawn from
     # Peak of its one-cycle schedule: at 1e-3 the base unlearned the sign of two translations
     # (right to left, bottom to top: direction 0.18, 0.03), the last thing the first stage learned.
     defect_learning_rate: float = setting(3e-4, above=0)
@@ -80,8 +80,8 @@ class VideoBaseConfig:
     # fitted to clean frames only, so that losers showing them still differ from a clean clip. The
     # encoder stays as it is, so the pretrained denoiser's latents do not move.
     vae_defect_steps: int = setting(300, at_least=0)
-    vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)
-    vae_defects: tuple[str, ...] = setting(("checker",), choices=motion.MOTION_DEFECTS)
+    vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # share of frames with a defect in the decoder's mix
+    vae_defects: tuple[str, ...] = setting(("checker",), choices=motion.MOTION_DEFECTS)  # the defects of that mix
 
     def __post_init__(self) -> None:
         validate(self)

@@ -41,19 +41,19 @@ _FORMAT_VERSION = 3  # bump when the recipe changes, so stale caches are rebuilt
 @dataclasses.dataclass
 class BaseConfig:
     size: str = setting("default", choices=("default", "quick", "64px"))  # TinySize preset
-    seed: int = setting(0, at_least=0)
+    seed: int = setting(0, at_least=0)  # seeds the renders, the initial weights and the training draws
     # The VAE learns in two phases: clean renders first (sharp edges: clean round trips score 0.90,
     # against 0.61 when it learns from the mix at once), then the mix of clean and defective renders
     # at a lower rate, so that the latent also holds the defects (a VAE that never saw a blur
     # sharpens it away, and a base pretrained on such latents never shows a defect).
-    vae_steps: int = setting(2000, at_least=1)
-    vae_defect_steps: int = setting(600, at_least=0)
-    vae_batch_size: int = setting(32, at_least=1)
+    vae_steps: int = setting(2000, at_least=1)  # VAE clean phase: optimizer steps
+    vae_defect_steps: int = setting(600, at_least=0)  # VAE mix phase: optimizer steps (0: no mix phase)
+    vae_batch_size: int = setting(32, at_least=1)  # images per VAE step, both phases
     learning_rate: float = setting(2e-3, above=0)  # VAE clean phase, peak of the one-cycle schedule
     vae_defect_learning_rate: float = setting(5e-4, above=0)  # VAE mix phase, peak of its one-cycle schedule
     vae_defect_fraction: float = setting(0.5, at_least=0, at_most=1)  # share of defective renders in the VAE's mix phase
     vae_defects: tuple[str, ...] = setting(("blur", "smear", "checker"), choices=shapes.DEFECTS)  # pixel noise is too fine for any 8x8 latent
-    denoiser_steps: int = setting(1500, at_least=1)
+    denoiser_steps: int = setting(1500, at_least=1)  # denoiser pretraining: optimizer steps
     batch_size: int = setting(64, at_least=1)  # denoiser pretraining
     denoiser_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
     images_per_spec: int = setting(6, at_least=1)  # pretraining images rendered per attribute combination

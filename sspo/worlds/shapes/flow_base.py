@@ -32,16 +32,16 @@ PACKAGED_FLOW_BASE = Path(__file__).resolve().parent / "weights" / "shapes-base-
 @dataclasses.dataclass
 class FlowBaseConfig:
     size: str = setting("default", choices=("default", "quick"))  # the image base whose VAE and word table it takes
-    seed: int = setting(0, at_least=0)
+    seed: int = setting(0, at_least=0)  # seeds the renders, the initial weights and the training draws
     layers: int = setting(4, at_least=1)  # MMDiT blocks
     heads: int = setting(4, at_least=1)  # attention heads of 16 dimensions each
     shift: float = setting(3.0, above=0)  # the flow scheduler's shift, SD3's: training and sampling lean to noisier latents
-    denoiser_steps: int = setting(1500, at_least=1)
-    batch_size: int = setting(64, at_least=1)
+    denoiser_steps: int = setting(1500, at_least=1)  # denoiser pretraining: optimizer steps
+    batch_size: int = setting(64, at_least=1)  # images per denoiser step
     denoiser_learning_rate: float = setting(2e-3, above=0)  # peak of the one-cycle schedule
     images_per_spec: int = setting(6, at_least=1)  # pretraining images rendered per attribute combination
     defect_fraction: float = setting(0.6, at_least=0, at_most=1)  # share of defective renders: makes the base mediocre
-    defects: tuple[str, ...] = setting(("checker",), choices=shapes.DEFECTS)
+    defects: tuple[str, ...] = setting(("checker",), choices=shapes.DEFECTS)  # the kinds of defective render it learns from
     caption_dropout: float = setting(0.1, at_least=0, below=1)  # empty prompts, so classifier-free guidance works
 
     def __post_init__(self) -> None:
