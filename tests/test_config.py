@@ -265,6 +265,23 @@ def _config_classes() -> list[type]:
 
 
 CONFIG_CLASSES = _config_classes()
+
+
+def test_every_config_field_is_documented_where_it_is_declared():
+    """A comment on the field's line (or its last line), or a comment block right above it."""
+    import inspect
+
+    undocumented = []
+    for cls in CONFIG_CLASSES:
+        lines, start = inspect.getsourcelines(cls)
+        tree = ast.parse("".join(lines))
+        for node in tree.body[0].body:
+            if isinstance(node, ast.AnnAssign):
+                own = lines[node.lineno - 1 : node.end_lineno]
+                above = lines[node.lineno - 2].strip()
+                if not any("#" in line for line in own) and not above.startswith("#"):
+                    undocumented.append(f"{cls.__name__}.{node.target.id}")
+    assert undocumented == []
 # Strings any value of which is fine (paths, ids, free text); every other string field declares its choices.
 FREE_TEXT = {
     "ModelConfig": {"revision", "variant", "motion_adapter"},
