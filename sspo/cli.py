@@ -124,12 +124,12 @@ def _eval_videos(args) -> None:
 def _add_eval_arguments(p) -> None:
     """One flag per :class:`~sspo.evaluation.evaluate.EvalConfig` field, defaults from the config itself."""
     from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig
-    from sspo.evaluation.scorers import PAPER_METRICS, SCORER_NAMES
+    from sspo.evaluation.scorers import PAPER_METRICS, scorer_names
     from sspo.evaluation.video_metrics import VIDEO_METRICS
 
     help = {
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
-        "metrics": f"comma-separated, some of {', '.join(SCORER_NAMES)} (default: a world's exact evaluator for its prompts, "
+        "metrics": f"comma-separated, some of {', '.join(scorer_names())} (default: a world's exact evaluator for its prompts, "
         f"e.g. shapes for --prompts shapes, else {','.join(PAPER_METRICS)}); "
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",

@@ -99,12 +99,12 @@ def test_eval_defaults_to_the_shapes_world_and_its_components(quick_base, tmp_pa
 
 def test_eval_help_names_every_metric_and_prompt_set(capsys):
     from sspo.evaluation.evaluate import PROMPT_SETS
-    from sspo.evaluation.scorers import SCORER_NAMES
+    from sspo.evaluation.scorers import scorer_names
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert all(name in text for name in (*SCORER_NAMES, *PROMPT_SETS))
+    assert all(name in text for name in (*scorer_names(), *PROMPT_SETS))
     assert "EvalConfig overrides" not in text and "without --prompts" not in text
 
 

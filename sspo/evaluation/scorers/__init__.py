@@ -27,7 +27,6 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
 
 
 SCORER_CHOICES = Registered(WORLDS, *_REGISTRY)  # the reward models, then every registered world's exact evaluator (sspo.worlds)
-SCORER_NAMES = tuple(SCORER_CHOICES)  # as sspo loads: the reward models and the worlds shipped with it
 
 
 def scorer_names() -> tuple[str, ...]:
@@ -66,4 +65,4 @@ def build_scorer(
         raise
 
 
-__all__ = ["Scorer", "build_scorer", "scorer_names", "SCORER_CHOICES", "SCORER_NAMES", "PAPER_METRICS"]
+__all__ = ["Scorer", "build_scorer", "scorer_names", "SCORER_CHOICES", "PAPER_METRICS"]
