@@ -156,6 +156,14 @@ def load_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def rename_key(key: str, table: dict[str, str]) -> str | None:
+    """``key`` renamed by the first entry of ``table`` that is it, or (ending in '.') a prefix of it; None if none is."""
+    for old, new in table.items():
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return new + key[len(old):]
+    return None
+
+
 def check_keys(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], what: str) -> None:
     """Fail with the offending key names when a converted state dict does not fit its model exactly."""
     missing = sorted(set(expected) - set(got))

@@ -14,7 +14,7 @@ import re
 import torch
 
 from sspo.errors import ModelError
-from sspo.evaluation.scorers.base import from_pretrained, hf_from_state_dict, load_weights, require, resolve_file
+from sspo.evaluation.scorers.base import from_pretrained, hf_from_state_dict, load_weights, rename_key, require, resolve_file
 from sspo.evaluation.scorers.clip import CLIP_H_PROCESSOR, ClipEmbedder, ClipScorer
 from sspo.evaluation.scorers.preprocess import LongestSideTransform
 
@@ -50,13 +50,6 @@ _BLOCK = {
 _IGNORED = re.compile(r"(^|\.)attn_mask$")  # the causal-mask buffer older open_clip versions saved
 
 
-def _rename(key: str, table: dict[str, str]) -> str | None:
-    for old, new in table.items():
-        if key == old or (old.endswith(".") and key.startswith(old)):
-            return new + key[len(old):]
-    return None
-
-
 def openclip_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert an open_clip ``CLIP`` state dict (non-custom-text towers) to ``CLIPModel`` keys."""
     out: dict[str, torch.Tensor] = {}
@@ -69,7 +62,7 @@ def openclip_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         tower = next((t for t in _TOWERS if key.startswith(t)), None)
         if tower is None:
-            new = _rename(key, _TOP)
+            new = rename_key(key, _TOP)
             if new is None:
                 unknown.append(key)
             else:

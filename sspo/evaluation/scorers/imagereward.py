@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sspo.errors import ModelError
-from sspo.evaluation.scorers.base import Scorer, from_pretrained, hf_from_state_dict, load_weights, resolve_file
+from sspo.evaluation.scorers.base import Scorer, from_pretrained, hf_from_state_dict, load_weights, rename_key, resolve_file
 from sspo.evaluation.scorers.heads import LinearMLP
 from sspo.evaluation.scorers.preprocess import ClipTransform
 from sspo.io import read_json
@@ -77,10 +77,7 @@ def _vision_key(key: str) -> str | None:
         _, index, rest = key.split(".", 2)
         module, param = rest.rsplit(".", 1)
         return f"encoder.layers.{index}.{_VISION_BLOCK[module]}.{param}" if module in _VISION_BLOCK else None
-    for old, new in _VISION_TOP.items():
-        if key == old or (old.endswith(".") and key.startswith(old)):
-            return new + key[len(old):]
-    return None
+    return rename_key(key, _VISION_TOP)
 
 
 def vision_config_from_weights(vision: dict[str, torch.Tensor]):

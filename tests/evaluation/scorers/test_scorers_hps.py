@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import build_scorer, hps
-from sspo.evaluation.scorers.base import hf_from_state_dict, load_weights
+from sspo.evaluation.scorers.base import hf_from_state_dict, load_weights, rename_key
 from sspo.evaluation.scorers.hps import openclip_to_hf
 from sspo.evaluation.scorers.preprocess import LongestSideTransform
 
@@ -67,7 +67,7 @@ def hf_to_openclip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         tower = next((t for t in towers if key.startswith(t)), None)
         if tower is None:
-            new = hps._rename(key, top)
+            new = rename_key(key, top)
             assert new is not None, f"not a CLIPModel key: {key}"
             out[new] = value
             continue
