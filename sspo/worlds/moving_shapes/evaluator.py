@@ -103,10 +103,9 @@ from sspo.worlds.moving_shapes.world import (
     render_clip,
     render_motion_defect,
 )
-from sspo.worlds.shapes.evaluator import analyze, mean_scores, position_match, size_match, soft_window
+from sspo.worlds.shapes.evaluator import ATTRIBUTE_NAMES, analyze, mean_scores, position_match, size_match, soft_window
 from sspo.worlds.shapes.world import BACKGROUNDS, SHAPES
 
-ATTRIBUTE_NAMES = ("background", "color", "shape", "size", "position")
 MOTION_NAMES = ("progress", "direction", "amplitude")
 COHERENCE_NAMES = ("smoothness", "persistence")
 COMPONENT_NAMES = ATTRIBUTE_NAMES + MOTION_NAMES + COHERENCE_NAMES + ("quality", "attributes", "motion", "coherence", "reward", "steady")
