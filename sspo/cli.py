@@ -38,7 +38,7 @@ def _sample(args) -> None:
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.io import write_error
     from sspo.models.families import family_of
-    from sspo.models.pipeline import check_lora_path, is_video, load_pipeline
+    from sspo.models.pipeline import check_lora_path, load_pipeline
     from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
@@ -66,7 +66,7 @@ def _sample(args) -> None:
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
     try:
-        if is_video(pipe):  # an animated grid: GIF, or MP4 / WebP by the suffix
+        if family_of(pipe).video:  # an animated grid: GIF, or MP4 / WebP by the suffix
             out = save_animation(clip_grid(rows, labels, prompts), out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif"))
         else:
             out = save_png(image_grid(rows, labels, prompts), out if out.suffix == ".png" else out.with_suffix(".png"))

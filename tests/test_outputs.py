@@ -46,7 +46,7 @@ def test_validation_grids_and_model_card(quick_base, tmp_path):
 
 def test_full_finetune_card_loads_the_folder():
     cfg = from_dict(TrainConfig, {"model": {"lora": False}, "method": "sft"})
-    card = model_card(cfg, base="base/model", pipeline_class="StableDiffusionXLPipeline", folder="/runs/x/final", processes=8, grid=None)
+    card = model_card(cfg, base="base/model", pipeline_class="StableDiffusionXLPipeline", video=False, folder="/runs/x/final", processes=8, grid=None)
     assert 'pipe = StableDiffusionXLPipeline.from_pretrained("/runs/x/final"' in card
     assert "load_lora_weights" not in card and "Validation" not in card
     assert "4 per process x 1 accumulation x 8 processes = 32 effective" in card

@@ -45,9 +45,9 @@ def generate(
 
     A seed fixes its image whatever the batching.
     """
-    from sspo.models.pipeline import is_video
+    from sspo.models.families import family_of
 
-    video = is_video(pipe)
+    video = family_of(pipe).video
     extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
     images: list = []
     device = pipe.device

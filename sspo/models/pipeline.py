@@ -20,12 +20,6 @@ from sspo.logs import muted
 from sspo.models.families import family_of
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE
 
-
-def is_video(pipe) -> bool:
-    """An AnimateDiff-style pipeline: an SD UNet with motion modules (``UNetMotionModel``)."""
-    return hasattr(pipe, "motion_adapter")
-
-
 HUB_PROBE_SECONDS = 5  # a reachable hub answers within this; an unreachable one costs half a minute of retries per file
 
 

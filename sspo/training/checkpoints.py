@@ -269,7 +269,7 @@ class Checkpointing:
         if grids:
             shutil.copyfile(grids[-1], staging / "validation.png")
         card = model_card(
-            self.cfg, base=self.base_model, pipeline_class=type(self.pipe).__name__, folder=str(final.resolve()),
+            self.cfg, base=self.base_model, pipeline_class=type(self.pipe).__name__, video=self.family.video, folder=str(final.resolve()),
             processes=self.accelerator.num_processes, grid="validation.png" if grids else None,
         )
         (staging / "README.md").write_text(card)

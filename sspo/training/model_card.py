@@ -46,9 +46,8 @@ def effective_batch(cfg: TrainConfig, processes: int) -> int:
     return cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * processes
 
 
-def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, folder: str, processes: int, grid: str | None) -> str:
+def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, video: bool, folder: str, processes: int, grid: str | None) -> str:
     """Markdown with a Hugging Face metadata header: what was trained, how, and how to load it."""
-    video = pipeline_class.startswith("AnimateDiff")
     table = "\n".join(f"| {key} | {value} |" for key, value in run_settings(cfg, processes, video).items())
     if cfg.model.lora:
         load = f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16)\npipe.load_lora_weights("{folder}")'
