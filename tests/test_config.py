@@ -369,7 +369,7 @@ def _nested(path: tuple[str, ...], values: dict) -> dict:
 
 def test_every_config_class_is_found():
     names = {cls.__name__ for cls in CONFIG_CLASSES}
-    assert {"TrainConfig", "ModelConfig", "OptimConfig", "SamplerConfig", "ValidationConfig", "DiagnosticsConfig",
+    assert {"TrainConfig", "ModelConfig", "OptimConfig", "NegativesConfig", "ValidationConfig", "DiagnosticsConfig",
             "DataConfig", "EvalConfig", "BaseConfig", "VideoBaseConfig", "BenchConfig"} <= names
 
 

@@ -79,7 +79,7 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
-class SamplerConfig:
+class NegativesConfig:
     """How a pool checkpoint generates negatives ``x_l`` (its own inference pipeline)."""
 
     # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers; on the shapes world neither matches ddim's
@@ -145,7 +145,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the pipeline trained and what of it trains
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the winners (and a dataset's losers): source, columns, resizing
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # AdamW, its schedule, batch sizes
-    negatives: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)  # how pool checkpoints sample x_l (spin, sspo)
+    negatives: NegativesConfig = dataclasses.field(default_factory=NegativesConfig)  # how pool checkpoints sample x_l (spin, sspo)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)  # images and a world's rewards during training
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)  # checks of SSR against a world's exact rewards
     flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)  # flow-matching families (SD3, FLUX): sigma's density and the error weights

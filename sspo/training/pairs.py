@@ -24,7 +24,7 @@ import torch
 
 from sspo.models.condition import TextCondition
 from sspo.models.families import ModelFamily, Sampler
-from sspo.training.config import SamplerConfig, TrainConfig
+from sspo.training.config import NegativesConfig, TrainConfig
 from sspo.training.faults import fault_point
 from sspo.training.reference import ReferenceModel
 
@@ -149,7 +149,7 @@ class PairBuilder:
         self.cfg, self.family, self.reference, self.uncond = cfg, family, reference, uncond
         self.read_rows, self.stream, self.device, self.autocast = read_rows, stream, device, autocast
         self.around_phase = around_phase or (lambda name: contextlib.nullcontext())
-        self.sampler_cfg = cfg.negatives
+        self.negatives = cfg.negatives
         self.sampler: Sampler = family.sampler(cfg.negatives.scheduler, cfg.negatives.eta)
         self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its compiled module (negatives.compile)
 
@@ -179,7 +179,7 @@ class PairBuilder:
             for m, r in zip(indices, rows)
         ]
         if cfg.generates_negatives:
-            settings = self.sampler_cfg if sampler_steps is None else dataclasses.replace(self.sampler_cfg, steps=sampler_steps)
+            settings = self.negatives if sampler_steps is None else dataclasses.replace(self.negatives, steps=sampler_steps)
             with self.around_phase("generate"):
                 losers = self._generate_negatives(rows, draws, settings)
         else:
@@ -196,7 +196,7 @@ class PairBuilder:
             errors = self._reference_errors(batches, self.cfg.optim.batch_size)
         return [dataclasses.replace(b, reference=e) for b, e in zip(batches, errors)]
 
-    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws], settings: SamplerConfig) -> list[torch.Tensor]:
+    def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws], settings: NegativesConfig) -> list[torch.Tensor]:
         """Every micro-batch's losers x_l, sampled by its pool checkpoints, grouped by checkpoint."""
         losers = [torch.empty_like(r.winners) for r in rows]
         for checkpoint, members in _by_checkpoint(draws).items():
@@ -211,10 +211,10 @@ class PairBuilder:
                     fault_point("negatives")
         return losers
 
-    def sample(self, denoiser, cond: TextCondition, seeds: Sequence[int], settings: SamplerConfig, latent_size: Sequence[int]) -> torch.Tensor:
+    def sample(self, denoiser, cond: TextCondition, seeds: Sequence[int], settings: NegativesConfig, latent_size: Sequence[int]) -> torch.Tensor:
         """Latents ``x_l`` of ``latent_size`` that ``denoiser`` (a pool checkpoint, or the policy) samples
         for ``cond`` with the negatives' sampler, as ``settings`` say."""
-        compiling = self.sampler_cfg.compile and denoiser not in self._compiled
+        compiling = self.negatives.compile and denoiser not in self._compiled
         start = time.perf_counter()
         latents = self.family.sample(self._sampling_denoiser(denoiser), self.sampler, cond, self.uncond, seeds, steps=settings.steps,
                                      guidance_scale=settings.guidance_scale, latent_size=latent_size, device=self.device)
@@ -228,7 +228,7 @@ class PairBuilder:
         With LoRA every pool checkpoint samples through the one policy denoiser (its adapter switched),
         so the run compiles once; a checkpoint's weights are graph inputs, not constants.
         """
-        if not self.sampler_cfg.compile:
+        if not self.negatives.compile:
             return denoiser
         if denoiser not in self._compiled:
             # Static shapes: a shape's kernels do not depend on which shapes came before, so a resumed

@@ -59,7 +59,7 @@ class SSRTruth:
             margin = (policy_w.float().cpu() - reference_w.float().cpu()).tolist()
             rewards_l = [s.reward for s in evaluate_batch(decode_images(self.family.vae, batch.losers), prompts)]
             n_policy = min(len(prompts), self.per_batch)
-            own = self.pairs.sample(policy, cond[:n_policy], draws.sample_seeds[:n_policy], self.pairs.sampler_cfg, batch.losers.shape[2:])
+            own = self.pairs.sample(policy, cond[:n_policy], draws.sample_seeds[:n_policy], self.pairs.negatives, batch.losers.shape[2:])
             rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.family.vae, own), prompts[:n_policy])]
             rewards_policy += [None] * (len(prompts) - n_policy)
             for i in range(len(prompts)):

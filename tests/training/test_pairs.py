@@ -86,7 +86,7 @@ def test_an_iterations_negatives_fill_generation_batches_across_its_micro_batche
         return sample(denoiser, sampler, cond, uncond, seeds, **kwargs)
 
     monkeypatch.setattr(builder.family, "sample", sized)
-    builder.sampler_cfg = dataclasses.replace(builder.sampler_cfg, batch_size=3)
+    builder.negatives = dataclasses.replace(builder.negatives, batch_size=3)
     with builder.rows_from({m: rows(m) for m in range(4)}):
         builder.build(list(range(4)), with_reference=False)  # 4 micro-batches of 2, one checkpoint
     assert sizes == [3, 3, 2]

@@ -30,7 +30,7 @@ def trainer(quick_base, tmp_path):
 
 def negatives(trainer: Trainer, **settings) -> list[torch.Tensor]:
     builder = trainer.pair_builder
-    builder.sampler_cfg = dataclasses.replace(trainer.cfg.negatives, **settings)
+    builder.negatives = dataclasses.replace(trainer.cfg.negatives, **settings)
     return [batch.losers for batch in builder.build([0, 1], with_reference=False)]
 
 
