@@ -204,20 +204,20 @@ def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
     return {arm: {"overrides": earlier["chosen"][arm]["overrides"] if arm != "base" else [], "grid": [], "from": str(path)} for arm in names}
 
 
-def reward_matrix(runs: list[dict], split: str, sampler_seeds: int, seeds: int = 1) -> list[list[float]]:
+def reward_matrix(runs: list[dict], split: str, sampler_seeds: int, n_seeds: int = 1) -> list[list[float]]:
     """Rewards ``[training seeds][prompts]`` of an arm, each prompt averaged over its sampler seeds
-    (images are listed prompt by prompt); ``seeds``: repeat a single evaluation (the untrained base)
+    (images are listed prompt by prompt); ``n_seeds``: repeat a single evaluation (the untrained base)
     to pair it with every training seed of another arm."""
     rows = []
     for run in runs:
         images = run[split]["per_image"]
         rows.append([sum(images[i : i + sampler_seeds]) / sampler_seeds for i in range(0, len(images), sampler_seeds)])
-    return rows * seeds if len(rows) == 1 else rows
+    return rows * n_seeds if len(rows) == 1 else rows
 
 
-def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, seeds: int, minuend: str = "sspo") -> dict:
+def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, n_seeds: int, minuend: str = "sspo") -> dict:
     """``minuend`` (SSPO) - arm, per training seed and prompt."""
-    sspo, other = reward_matrix(results[minuend], split, sampler_seeds, seeds), reward_matrix(results[arm], split, sampler_seeds, seeds)
+    sspo, other = reward_matrix(results[minuend], split, sampler_seeds, n_seeds), reward_matrix(results[arm], split, sampler_seeds, n_seeds)
     return mean_ci_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
 
 
@@ -225,7 +225,7 @@ def _ci(stats: dict) -> str:
     return f"{stats['mean']:.3f} [{stats['ci95_low']:.3f}, {stats['ci95_high']:.3f}]"
 
 
-def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, seeds: int, world: str) -> str:
+def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, n_seeds: int, world: str) -> str:
     columns = table_columns(world)[1:]
     lines = ["| arm | reward [95% CI] | " + " | ".join(c.partition(".")[2] for c in columns) + " | SSPO - arm [95% CI] |",
              "|---|---|" + "---|" * len(columns) + "---|"]
@@ -234,18 +234,18 @@ def table(results: dict[str, list[dict]], names: Sequence[str], split: str, samp
             continue
         runs = results[arm]
         cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
-        diff = "" if "sspo" not in results or arm == "sspo" else _ci(paired_difference(results, arm, split, sampler_seeds, seeds))
+        diff = "" if "sspo" not in results or arm == "sspo" else _ci(paired_difference(results, arm, split, sampler_seeds, n_seeds))
         lines.append(f"| {arm} | {_ci(mean_ci_crossed(reward_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
-def claims(results: dict[str, list[dict]], sampler_seeds: int, seeds: int) -> list[dict]:
+def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> list[dict]:
     """Each paper claim SSPO - arm on held-out prompts, decided by the 95% CI of the paired difference."""
     found = []
     for arm, paper in CLAIMS:
         if arm not in results or "sspo" not in results:
             continue
-        diff = paired_difference(results, arm, "heldout", sampler_seeds, seeds)
+        diff = paired_difference(results, arm, "heldout", sampler_seeds, n_seeds)
         verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
         found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
     return found
