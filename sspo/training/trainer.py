@@ -127,7 +127,7 @@ class Trainer(Checkpointing):
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
         # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
         self.epoch_length = self.dataset.epoch_length(cfg.optim.batch_size)
-        self.items = MicroBatchReader(self.dataset, self._indices)
+        self.items = MicroBatchReader(self.dataset, self._placements)
 
         self.base_model = resolve_model(cfg.model.pretrained, key="model.pretrained")
         self.pipe = load_pipeline(self.base_model, dtype=self.weight_dtype, revision=cfg.model.revision, variant=cfg.model.variant, motion_adapter=cfg.model.motion_adapter)
@@ -250,7 +250,7 @@ class Trainer(Checkpointing):
     # ----------------------------------------------------------------------------------------------
     # Pairs
 
-    def _indices(self, m: int) -> list[tuple[int, int]]:
+    def _placements(self, m: int) -> list[tuple[int, int]]:
         """(row, epoch) of micro-batch ``m`` on this process: a seeded permutation per epoch."""
         b, world = self.cfg.optim.batch_size, self.accelerator.num_processes
         n = self.epoch_length
@@ -273,7 +273,7 @@ class Trainer(Checkpointing):
         """Micro-batch ``m``'s winners (and dataset losers) as latents, with their prompts' text condition."""
         dataset_losers = self.cfg.spec.needs_dataset_losers
         if self.latent_cache is not None:  # data.cache_latents: encoded once, before training
-            prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in self._indices(m)])
+            prompts, cond, winners, losers = self.latent_cache.rows([row for row, _ in self._placements(m)])
         else:
             prompts, cond, winners, losers = encode_rows(self.family, self.items(m), self.device, self.cfg.data.resolution, losers=dataset_losers)
         return Rows(prompts, cond, winners, losers if dataset_losers else None)
