@@ -175,7 +175,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 def test_random_flips_change_from_epoch_to_epoch(quick_base, tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft", "data.random_flip=true", "data.max_samples=4"))
-    rows = [row for m in range(8) for row, _ in trainer._indices(m)]
+    rows = [row for m in range(8) for row, _ in trainer._placements(m)]
     assert sorted(rows[:4]) == [0, 1, 2, 3]  # one epoch is a permutation of the rows
     views = {(row, epoch): trainer.dataset.item(row, epoch)["winner"] for row in range(4) for epoch in range(8)}
     # Some rows are mirror-symmetric (a circle in the center); the others must flip in some epoch.
