@@ -62,6 +62,17 @@ def permission_error(exc: PermissionError) -> SSPOError:
     return SSPOError(f"{path or exc}: permission denied; choose a path you can read and write, or change its permissions")
 
 
+def file_stats(path: Path, suffixes: set[str] | None = None) -> list[list]:
+    """``[name, size, mtime_ns]`` of a file, or of the matching files under a folder (hidden and
+    ``_``-named ones left out): what changes when the files are written again."""
+    if path.is_file():
+        return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
+    if not path.is_dir():
+        return []
+    found = sorted(p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes) and not p.name.startswith((".", "_")))
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
+
+
 def check_folder_target(folder: str | Path, name: str) -> None:
     """Refuse a folder to write into that is a file, lies under one, or that this user may not write
     or create (``name``: how the user set it)."""

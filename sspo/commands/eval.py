@@ -33,7 +33,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import hashlib
 import io
+import json
 import logging
 import math
 import re
@@ -50,7 +52,7 @@ from sspo.evaluation.sampling import generate, image_grid, save_png
 from sspo.evaluation.scorers import build_scorer, scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
-from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_folder_target, check_image, read_json
+from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_folder_target, check_image, file_stats, read_json
 from sspo.video_io import decode_clip, write_clip
 from sspo.worlds.names import shared_guidance_scale
 
@@ -233,7 +235,7 @@ def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings
     """The items of ``model`` not on disk, or damaged there, once its manifest is read and found to
     match ``settings`` and the prompts; writes nothing."""
     folder = out / "images" / model.folder
-    settings = {"model": _normalized(model.path), "lora": _normalized(model.lora)} | settings
+    settings = {"model": _normalized(model.path), "lora": _normalized(model.lora), "weights": _weights_stamp(model)} | settings
     manifest_path = folder / "manifest.json"
     manifest = read_json(manifest_path, what="the image manifest", shape={"settings": dict, "prompts": {str: str}}, default=None,
                          fix=f"it records what the images in {folder} were made with: delete that folder to generate them again, or use another --out")
@@ -241,7 +243,8 @@ def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings
     manifest["settings"].setdefault("frames", settings["frames"])  # a manifest without frames is an image model's: any frame count makes the same images
     if manifest["settings"] != settings:
         changed = ", ".join(
-            f"{k}: {manifest['settings'].get(k)!r} -> {v!r}" for k, v in settings.items() if manifest["settings"].get(k) != v
+            "the weight files, written again since" if k == "weights" else f"{k}: {manifest['settings'].get(k)!r} -> {v!r}"
+            for k, v in settings.items() if manifest["settings"].get(k) != v
         )
         raise SSPOError(
             f"{folder} holds images made with other settings ({changed}); delete that folder or use another --out"
@@ -287,6 +290,13 @@ def generate_missing(plan: GenerationPlan, n_items: int, settings: dict, *, batc
             bar.update(len(chunk))
     del pipe
     free_memory()
+
+
+def _weights_stamp(model: ModelSpec) -> str:
+    """A digest of the sizes and times of a local model's and LoRA's files: a model retrained into
+    the same path has other images (a hub model's is its name alone)."""
+    stats = [file_stats(Path(p).expanduser()) for p in (model.path, model.lora) if p is not None]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def _normalized(path: str | None) -> str | None:

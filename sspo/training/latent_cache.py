@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from sspo.data.config import FILE_SOURCES
 from sspo.data.dataset import collate
 from sspo.errors import ConfigError
-from sspo.io import DamagedFileError, atomic_write_json, open_tensors, read_json, save_tensors
+from sspo.io import DamagedFileError, atomic_write_json, file_stats, open_tensors, read_json, save_tensors
 from sspo.models.condition import TextCondition
 from sspo.models.families import ModelFamily
 from sspo.models.pipeline import encode_images
@@ -63,16 +63,6 @@ def encode_rows(family: ModelFamily, items: list[dict], device, resolution: int,
     return batch["prompts"], cond, winners, encoded_losers
 
 
-def _files(path: Path, suffixes: set[str] | None = None) -> list[list]:
-    """``[name, size, mtime_ns]`` of a file, or of the matching files under a folder."""
-    if path.is_file():
-        return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
-    if not path.is_dir():
-        return []
-    found = sorted(p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes) and not p.name.startswith((".", "_")))
-    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
-
-
 def _encoder_folders(model_path: Path) -> list[str]:
     """The pipeline folder's components the cached tensors come from: the VAE, every text encoder
     and every tokenizer (SD3 has three of each pair)."""
@@ -95,12 +85,12 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
     return {
         "version": FORMAT_VERSION,
         "model": str(model_path.resolve()) if model_path.exists() else model,
-        "model_files": {name: _files(model_path / name) for name in _encoder_folders(model_path)},
+        "model_files": {name: file_stats(model_path / name) for name in _encoder_folders(model_path)},
         "revision": cfg.model.revision,
         "variant": cfg.model.variant,
         "dtype": str(family.vae.dtype),
         "data": data,
-        "data_files": _files(data_path, _DATA_SUFFIXES) if data_path is not None else [],
+        "data_files": file_stats(data_path, _DATA_SUFFIXES) if data_path is not None else [],
         "rows": rows,
     }
 

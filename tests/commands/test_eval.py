@@ -132,6 +132,20 @@ def test_other_settings_in_the_same_folder_are_an_error(first_run, quick_base):
         run_eval([ModelSpec("base", quick_base)], EvalConfig(metrics=("shapes",), seeds=(0,), steps=3, prompts_per_split=2), first_run)
 
 
+def test_a_model_retrained_into_the_same_folder_is_not_served_stale_images(quick_base, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(quick_base, tmp_path / "model")
+    cfg = EvalConfig(metrics=("shapes",), seeds=(0,), steps=2, prompts_per_split=2)
+    run_eval([ModelSpec("mine", str(model))], cfg, tmp_path / "eval")
+    weights = next((model / "unet").glob("*.safetensors"))
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)  # trained on
+    with pytest.raises(bench_eval.SSPOError, match=r"images made with other settings \(the weight files, written again since\)"):
+        run_eval([ModelSpec("mine", str(model))], cfg, tmp_path / "eval")
+
+
 def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
     prompts = {
         "red": ["a large red circle on the left, white background", "a small red square at the top, black background"],
