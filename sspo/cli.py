@@ -376,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an interrupted command keeps, and how to go on from it.
+CONTINUE = {
+    "train": "the same command with --resume continues from the last saved state",
+    "eval": "the same command again continues: the images and scores on disk are kept",
+    "compare": "the same command again continues: finished runs are reused and the others resumed",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -398,4 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nsspo: interrupted; {CONTINUE.get(args.command, 'nothing half-written was left')}", file=sys.stderr)
+        return 130
     return 0

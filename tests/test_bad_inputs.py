@@ -166,3 +166,17 @@ def test_a_path_this_user_may_not_read_or_write_is_one_line(in_cache, tmp_path, 
     assert main(["eval", "--model", str(tmp_path / "model")]) == 2
     fix = "set SSPO_CACHE to a folder you can write to" if in_cache else "choose a path you can read and write, or change its permissions"
     assert one_error_line(capsys) == f"sspo: error: {path}: permission denied; {fix}"
+
+
+@pytest.mark.parametrize("command, keeps", [("train", "with --resume continues"), ("eval", "the images and scores on disk are kept")])
+def test_ctrl_c_is_one_line_saying_how_to_go_on(command, keeps, capsys, monkeypatch):
+    import sspo.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sspo.cli, f"_{command}", interrupted)
+    argv = {"train": ["train", "sd15-lora"], "eval": ["eval", "--model", "shapes-base"]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sspo: interrupted; ") and keeps in err and len(err.splitlines()) == 1
