@@ -78,17 +78,20 @@ class Checkpointing:
         if state_dir is not None:
             self._load_state(state_dir)
         else:
-            self._start_fresh()
+            self._start_fresh(could_resume=not resume)
         if self.pool is not None and self.cfg.model.lora and self.accelerator.is_main_process:
             with disk_errors(f"the adapter config of the checkpoint pool {self.pool.root}"):
                 self.pool.save_adapter_config(adapter_config(self.policy, POLICY))
 
-    def _start_fresh(self) -> None:
+    def _start_fresh(self, could_resume: bool) -> None:
         """Set an earlier run in the output folder aside, deleted once this run saves its first state
         (sspo/training/run_folder.py); the pool restarts as {theta_0}."""
         self.accelerator.wait_for_everyone()  # every process has opened the earlier run's pool before it moves
         if self.accelerator.is_main_process:
-            start_fresh(self.run_dir)
+            resumable = could_resume and bool(saved_states(self.run_dir))
+            if start_fresh(self.run_dir):
+                log.warning("%s holds an earlier run: this one replaces it (the earlier one is deleted at this run's first save%s)",
+                            self.run_dir, "; to continue it instead, stop now and pass --resume" if resumable else "")
             if self.pool is not None:
                 self.pool = CheckpointPool(self.pool.root)
                 with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):

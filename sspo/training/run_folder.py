@@ -92,9 +92,11 @@ def _mark(run_dir: Path) -> None:
     atomic_write_json(run_dir / MANIFEST, {"kind": _KIND, "version": _VERSION})
 
 
-def start_fresh(run_dir: Path) -> None:
-    """Set the earlier run in ``run_dir`` aside into PREVIOUS and mark the folder as a run's (main process)."""
+def start_fresh(run_dir: Path) -> bool:
+    """Set the earlier run in ``run_dir`` aside into PREVIOUS and mark the folder as a run's (main
+    process); whether there was an earlier run's output to set aside."""
     previous, entries = run_dir / PREVIOUS, _entries(run_dir)
+    replaced = previous.exists() or any(entry.name in _OUTPUTS for entry in entries)
     if previous.exists():  # a start killed before its first state: the earlier run stays in PREVIOUS
         for entry in entries:
             _remove(entry)
@@ -103,6 +105,7 @@ def start_fresh(run_dir: Path) -> None:
         for entry in entries:
             entry.rename(previous / entry.name)
     _mark(run_dir)
+    return replaced
 
 
 def discard_previous(run_dir: Path) -> None:

@@ -113,6 +113,23 @@ def test_a_rerun_that_fails_at_its_first_step_puts_the_earlier_run_back(earlier_
     assert snapshot(earlier_run) == before
 
 
+@pytest.mark.parametrize("folder", ["earlier run", "new folder"])
+def test_a_fresh_start_over_an_earlier_run_warns_and_names_resume(folder, earlier_run, quick_base, tmp_path, monkeypatch, caplog):
+    def stop(self, batches):
+        raise TrainingError("stopped at the first step")
+
+    monkeypatch.setattr(Trainer, "optimizer_step", stop)
+    run = earlier_run if folder == "earlier run" else tmp_path / "new"
+    with pytest.raises(TrainingError):
+        train(tiny_config(run, quick_base))
+    warned = [r.getMessage() for r in caplog.records if "holds an earlier run" in r.getMessage()]
+    if folder == "new folder":
+        assert warned == []
+    else:
+        assert warned == [f"{run} holds an earlier run: this one replaces it (the earlier one is deleted at this run's first save; "
+                          "to continue it instead, stop now and pass --resume)"]
+
+
 def test_a_run_that_fails_in_a_new_folder_leaves_no_folder(quick_base, tmp_path, capsys):
     run = tmp_path / "new" / "run"
     data = missing_images(tmp_path)
