@@ -82,15 +82,29 @@ def _harmless(key: str) -> bool:
     return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
 
 
+PATH_KEYS = ("model.pretrained", "model.motion_adapter", "data.path")  # the same file or folder however it is spelled
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    old_path, new_path = Path(old).expanduser(), Path(new).expanduser()
+    return old_path.exists() and new_path.exists() and old_path.resolve() == new_path.resolve()
+
+
 def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
     """``key: saved -> current`` for every result-changing key on which two configs differ.
 
     A key the saved config lacks (it was saved before the key existed) counts as its value in
-    ``defaults``: a new option's default is the behaviour from before it existed.
+    ``defaults``: a new option's default is the behaviour from before it existed. A local path
+    (PATH_KEYS) spelled another way (``./data/``, an absolute path) is the same if it names the
+    same file or folder from the current folder.
     """
     old, new = {**flatten(defaults or {}), **flatten(saved)}, flatten(current)
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
-        if not _harmless(key) and old.get(key) != new.get(key)
+        if not _harmless(key) and not _same(key, old.get(key), new.get(key))
     ]

@@ -20,6 +20,17 @@ def test_tuples_and_lists_compare_equal_and_new_keys_count():
     assert config_differences({}, {"ssr_draws": 8}) == ["ssr_draws: None -> 8"]
 
 
+def test_a_data_path_spelled_another_way_is_the_same_and_another_folder_is_not(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"data": {"path": "images"}, "model": {"pretrained": "images"}}
+    for spelling in ("./images/", str(tmp_path / "images"), "other/../images"):
+        assert config_differences(saved, {"data": {"path": spelling}, "model": {"pretrained": spelling}}) == []
+    assert config_differences(saved, {"data": {"path": "other"}, "model": {"pretrained": "images"}}) == ["data.path: 'images' -> 'other'"]
+    assert config_differences({"optim": {"seed": "./x"}}, {"optim": {"seed": "x"}}) == ["optim.seed: './x' -> 'x'"]  # only path keys
+
+
 def test_manifest_detects_truncated_corrupted_and_missing_files(tmp_path):
     files = []
     for name in ("a.bin", "b.bin", "c.bin"):
