@@ -30,12 +30,30 @@ def _locate(model: str | Path) -> str:
     if not (model.startswith((".", "/", "~")) or Path(model).exists()):
         check_hub(model)
         return model
+    if not Path(model).expanduser().exists():
+        raise ModelError(f"model path {model} does not exist; pass a hub id, a save_pretrained folder or a world's base such as shapes-base")
     if not (Path(model).expanduser() / "model_index.json").is_file():
         raise ModelError(
             f"model path {model} is not a diffusers pipeline folder (no model_index.json there); "
             "build the shapes-world base with `sspo base` or pass a hub id / a save_pretrained folder"
         )
     return str(Path(model).expanduser())
+
+
+def denoiser_skeleton(model: str | Path, config: dict, component: str, revision: str | None = None) -> torch.nn.Module:
+    """The pipeline's ``component`` (``config``: its model_index.json) built from its own config on
+    the meta device: every layer, no weights read or allocated."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    located = _locate(model)
+    cls = getattr(diffusers, config[component][1])
+    try:
+        settings = cls.load_config(located, subfolder=component, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _load_error(model, exc) from None
+    with init_empty_weights():
+        return cls.from_config(settings)
 
 
 def check_hub(model: str) -> None:

@@ -37,7 +37,7 @@ from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, TrainingError
 from sspo.models.families import family_of
-from sspo.models.pipeline import load_pipeline, load_pipeline_config
+from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config
 from sspo.training.checkpoints import Checkpointing, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
@@ -546,6 +546,10 @@ def dry_run(cfg: TrainConfig) -> str:
     else:
         config = load_pipeline_config(name, cfg.model.revision)
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None
+        if cfg.model.lora and not video:  # a video denoiser is an image UNet joined to a motion adapter at load
+            family = family_of(config, cfg.model.family)
+            denoiser = denoiser_skeleton(name, config, family.denoiser_component, cfg.model.revision)
+            family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
         model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
     validation_metric_prompts(cfg, video)
     processes = PartialState().num_processes

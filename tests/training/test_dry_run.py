@@ -45,6 +45,8 @@ def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
         (["data.caption_column=prompt"], "has no column 'prompt' (set data.caption_column)"),
         (["data.path={tmp}/missing.parquet"], "missing.parquet does not exist"),
         (["model.pretrained={tmp}"], "no model_index.json there"),
+        (["model.pretrained={tmp}/missing"], "missing does not exist; pass a hub id"),
+        (["model.lora_targets=[to_q, to_x]"], "'to_x' names no layer of the UNet that LoRA can wrap"),
         (["method=dpo", "data.source=imagefolder", "data.path={images}"], "needs (winner, loser) pairs"),
         (["data.streaming=true"], "unknown config key 'data.streaming'"),
     ],
