@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from sspo.errors import ConfigError
+from sspo.config import load_yaml
+from sspo.errors import ConfigError, SSPOError
 from sspo.worlds.registry import base_world
 
 
@@ -18,15 +20,31 @@ def resolve_model(name: str, key: str = "model") -> str:
 
 def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None) -> float:
     """The classifier-free guidance model ``name`` is usually sampled with: its world's for a world's
-    base, else its model family's (``family``, or the one its model_index.json is of): SD-1.5 and
-    AnimateDiff 7.5, SDXL 5."""
+    base, the one its run sampled with for a run's fully fine-tuned ``final/``, else its model
+    family's (``family``, or the one its model_index.json is of): SD-1.5 and AnimateDiff 7.5, SDXL 5."""
     world = base_world(name)
     if world:
         return world.guidance_scale(name)
+    if (trained := _run_guidance_scale(name)) is not None:
+        return trained
     from sspo.models.families import family_of
     from sspo.models.pipeline import load_pipeline_config
 
     return family_of(load_pipeline_config(name, revision), family).default_guidance_scale
+
+
+def _run_guidance_scale(name: str) -> float | None:
+    """``negatives.guidance_scale`` of the run whose ``final/`` folder ``name`` is (recorded resolved
+    in its config.yaml: its base's usual guidance unless the config set another)."""
+    folder = Path(name).expanduser()
+    config = folder.parent / "config.yaml"
+    if folder.name != "final" or not config.is_file():
+        return None
+    try:
+        value = (load_yaml(config).get("negatives") or {}).get("guidance_scale")
+    except (SSPOError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def shared_guidance_scale(names: Sequence[str]) -> float:
