@@ -45,10 +45,13 @@ class _Reader:
         self.where = source.where
         self.skipped = 0
         self._bad: set[int] = set()
-        first = source.files[0][1]
-        # Without the pair columns a table of single images is meant; if it has neither, the
-        # missing pair columns are reported, since pairs are what preference training needs.
-        self.pairs = cfg.image_0_column in first or cfg.image_column not in first
+        name, first = source.files[0]
+        if cfg.image_0_column not in first and cfg.image_column not in first:
+            raise DataError(
+                f"{name} has neither the image column of pairs, {cfg.image_0_column!r} (data.image_0_column), nor that of single "
+                f"images, {cfg.image_column!r} (data.image_column); available columns: {', '.join(first)}: set one of those keys to its image column"
+            )
+        self.pairs = cfg.image_0_column in first
         if self.pairs:
             keys = ("caption_column", "image_0_column", "image_1_column", "label_column")
         else:

@@ -171,6 +171,8 @@ def _open_parquet(cfg: DataConfig) -> Source:
 
 def _metadata_file(cfg: DataConfig) -> Path:
     root = Path(cfg.path)
+    if root.is_file():
+        raise DataError(f"data.path {root} is a file; an imagefolder is the folder that holds metadata.jsonl or metadata.csv: set data.path to {root.parent}")
     for folder in (root / cfg.split, root):
         found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
         if len(found) > 1:
@@ -362,6 +364,9 @@ _EXPECTED = {
 def open_source(cfg: DataConfig) -> Source:
     """``data.path`` opened as ``data.source`` says; a missing path fails here, before any training."""
     check(bool(cfg.path), "data.path", "is empty; set it to a parquet file/folder, an imagefolder or a dataset id")
+    if cfg.path.startswith("~"):
+        cfg = dataclasses.replace(cfg, path=str(Path(cfg.path).expanduser()))
     if cfg.source != "hf" and not Path(cfg.path).exists():
-        raise DataError(f"data.path {cfg.path} does not exist; expected {_EXPECTED[cfg.source]}")
+        relative = "" if Path(cfg.path).is_absolute() else f" (a relative path is taken from the current folder, {Path.cwd()})"
+        raise DataError(f"data.path {cfg.path} does not exist{relative}; expected {_EXPECTED[cfg.source]}")
     return _OPENERS[cfg.source](cfg)

@@ -133,7 +133,8 @@ def test_webdataset_shards_serve_the_parquet_items(tmp_path):
     images = _tar(tmp_path / "images.tar", [(f"dir/{i}", {"png": _png(render(s, RES)), "txt": s.prompt.encode()}) for i, s in enumerate(SPECS[:2])])
     single = load_dataset_from_config(_cfg(images, source="webdataset", image_column="png", text_column="txt"))
     assert not single.has_losers and single[1]["prompt"] == SPECS[1].prompt
-    with pytest.raises(DataError, match="images.tar has no column 'caption' .*available columns: png, txt"):
+    with pytest.raises(DataError, match=r"images.tar has neither the image column of pairs, 'jpg_0' \(data.image_0_column\), nor that of single images, "
+                                        r"'image' \(data.image_column\); available columns: png, txt: set one of those keys"):
         load_dataset_from_config(_cfg(images, source="webdataset"))
     bad = _tar(tmp_path / "bad.tar", [("a", {"jpg_0": b"", "json": b"{not json"})])
     with pytest.raises(DataError, match="a.json is not valid JSON"):
@@ -170,3 +171,16 @@ def test_workers_serve_the_batches_of_the_training_process(tmp_path):
     plain, workers = batches(0, ms), batches(2, ms)
     for a, b in zip(plain, workers):
         assert len(a) == len(b) == 3 and all(_same(x, y) and x["index"] == y["index"] for x, y in zip(a, b))
+
+
+def test_data_path_from_home_a_relative_miss_and_an_imagefolders_metadata_file(tmp_path, monkeypatch):
+    from sspo.worlds.shapes.world import write_imagefolder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_imagefolder(tmp_path / "images", SPECS[:2])
+    assert len(load_dataset_from_config(_cfg("~/images", source="imagefolder"))) == 2
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"data.path imagez does not exist \(a relative path is taken from the current folder, {tmp_path}\)"):
+        load_dataset_from_config(_cfg("imagez", source="imagefolder"))
+    with pytest.raises(DataError, match=rf"data.path {tmp_path / 'images' / 'metadata.jsonl'} is a file; .* set data.path to {tmp_path / 'images'}$"):
+        load_dataset_from_config(_cfg(tmp_path / "images" / "metadata.jsonl", source="imagefolder"))
