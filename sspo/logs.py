@@ -9,9 +9,21 @@ from contextlib import contextmanager
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+class BarSafeHandler(logging.StreamHandler):
+    """Writes each record on lines of its own above a progress bar, not into the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: a failed emit is reported, never raised
+            self.handleError(record)
+
+
 def set_up_logging(verbose: bool, level: int | None = None) -> None:
     """The CLI's logging (INFO, DEBUG with ``verbose``; or ``level``) and :func:`quiet_libraries`."""
-    logging.basicConfig(level=level or (logging.DEBUG if verbose else logging.INFO), format=FORMAT)
+    logging.basicConfig(level=level or (logging.DEBUG if verbose else logging.INFO), format=FORMAT, handlers=[BarSafeHandler()])
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.disable_propagation()  # huggingface_hub prints its records itself: through the root too, each came twice

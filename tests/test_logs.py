@@ -16,3 +16,25 @@ def test_muted_hides_a_quiet_librarys_errors_only(library_level, shown, caplog):
     library.error("after the block")
     assert [record.getMessage() for record in caplog.records] == ["loading failed"] * shown + ["after the block"]
     assert library.level == library_level
+
+
+@pytest.mark.parametrize("handler", ["bar-safe", "plain"])
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(handler):
+    import io
+
+    from tqdm import tqdm
+
+    from sspo.logs import FORMAT, BarSafeHandler
+
+    stream = io.StringIO()
+    log = logging.getLogger(f"sspo-test-bar-{handler}")
+    log.propagate = False
+    log.addHandler((BarSafeHandler if handler == "bar-safe" else logging.StreamHandler)(stream))
+    log.handlers[0].setFormatter(logging.Formatter(FORMAT))
+    with tqdm(total=3, desc="sft", file=stream, ascii=True) as bar:
+        bar.update(1)
+        log.warning("skipping unreadable row 3")
+        bar.update(2)
+    lines = [segment.rpartition("\r")[2] for segment in stream.getvalue().split("\n")]
+    own_line = f"WARNING sspo-test-bar-{handler}: skipping unreadable row 3" in lines
+    assert own_line == (handler == "bar-safe")
