@@ -367,6 +367,8 @@ class Trainer(Checkpointing):
                 first = start + step_in_iteration * accum  # after a resume within the iteration, its first micro-batch not yet trained
                 # Pregenerated from the iteration's start even then: generation batches span micro-batches,
                 # and other batches would round the negatives differently from an uninterrupted run.
+                if cfg.pregenerate and cfg.generates_negatives:
+                    bar.set_postfix_str(f"sampling iteration {iteration}'s negatives")
                 pregenerated = self.iteration_pairs(list(range(start, last))) if cfg.pregenerate else None
                 for m in range(first, last, accum):
                     batches = pregenerated[m - start : m - start + accum] if pregenerated else self.pair_builder.build(list(range(m, m + accum)))
@@ -379,7 +381,7 @@ class Trainer(Checkpointing):
                     metrics.update(iteration=iteration, pool_size=len(self.pool) if self.pool is not None else 0)
                     self._log(metrics)
                     bar.update(1)
-                    bar.set_postfix(_postfix(metrics))
+                    bar.set_postfix(_postfix(metrics, cfg))
                     if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
                         self.save_state()
                 self.end_iteration(iteration)
@@ -507,11 +509,14 @@ class Trainer(Checkpointing):
         fault_point("validation")
         return {f"reward_{split}": scores[eval_cfg.metric_names[0]] for split, scores in summary.items()}
 
-def _postfix(metrics: dict) -> dict:
+def _postfix(metrics: dict, cfg: TrainConfig) -> dict:
+    """The bar's numbers: the loss; with self-sampling, the share of pairs SSR switched to SFT and the
+    mean pool checkpoint that sampled the negatives, of the newest."""
     shown = {"loss": f"{metrics['loss']:.4f}"}
-    if "ssr_rate" in metrics:
-        shown["ssr"] = f"{metrics['ssr_rate']:.2f}"
-        shown["ref"] = f"{metrics['reference_checkpoint']:.1f}/{metrics['pool_size'] - 1}"
+    if cfg.effective_ssr != "off" and "ssr_rate" in metrics:
+        shown["sft_share"] = f"{metrics['ssr_rate']:.2f}"
+    if cfg.generates_negatives:
+        shown["checkpoint"] = f"{metrics['reference_checkpoint']:.1f}/{metrics['pool_size'] - 1}"
     return shown
 
 

@@ -276,3 +276,11 @@ def test_validation_metrics_that_cannot_score_are_refused_before_training(overri
     with pytest.raises(SSPOError, match=re.escape(error)):
         Trainer(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method, shown", [("sft", ["loss"]), ("dpo", ["loss"]), ("spin", ["loss", "checkpoint"]), ("sspo", ["loss", "sft_share", "checkpoint"])])
+def test_the_progress_bar_shows_only_numbers_the_method_has(method, shown):
+    from sspo.training.trainer import _postfix
+
+    metrics = {"loss": 0.5, "ssr_rate": 0.25, "reference_checkpoint": 1.5, "pool_size": 3}
+    assert list(_postfix(metrics, TrainConfig(method=method))) == shown
