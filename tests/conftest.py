@@ -31,3 +31,18 @@ def tiny_sd3(tmp_path_factory) -> str:
     from tiny_pipelines import build_sd3_pipeline
 
     return str(build_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline"))
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """A hub at the discard port (nothing listens) and offline mode off."""
+    from huggingface_hub import constants
+
+    from sspo.models import pipeline
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    forget = pipeline._hub_reachable.cache_clear
+    forget()
+    yield
+    forget()

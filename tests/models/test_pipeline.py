@@ -8,18 +8,6 @@ from sspo.cli import main
 from sspo.models import pipeline
 
 
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    forget = pipeline._hub_reachable.cache_clear
-    forget()
-    yield
-    forget()
-
-
 def test_an_unreachable_hub_fails_at_once_naming_the_id_and_the_fix(unreachable_hub, tmp_path, capsys):
     started = time.monotonic()
     assert main(["sample", "--model", "someone/some-model", "--prompt", "a cat", "--out", str(tmp_path / "grid.png")]) == 2

@@ -9,6 +9,7 @@ from PIL import Image
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, Scorer, build_scorer, scorer_names
 from sspo.evaluation.scorers.base import resolve_file
+from sspo.models import pipeline
 from sspo.worlds.shapes import world as shapes
 
 from scorer_models import PROMPTS
@@ -70,6 +71,7 @@ def test_missing_files_and_hub_failures_are_model_errors(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: True)  # the hub answers, the download fails
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(ModelError, match="cannot download ImageReward.pt from hub repo 'THUDM/ImageReward'.*local path"):
         build_scorer("imagereward")
@@ -81,6 +83,7 @@ def test_hub_model_load_failure_names_the_source(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("offline")
 
+    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: True)  # the hub answers, the load fails
     monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", offline)
     with pytest.raises(ModelError, match="CLIP model from 'yuvalkirstain/PickScore_v1'"):
         build_scorer("pickscore")
@@ -139,3 +142,19 @@ def test_moving_shapes_scorer_prefers_the_clean_clip_and_gives_every_component()
     parts = scorer.score_parts(clips, [spec.prompt] * len(clips))
     assert {"", "direction", "amplitude", "color"} <= set(parts)
     assert parts["direction"][1] < parts["direction"][0]  # reversed: the direction is wrong
+
+
+def test_a_reward_model_from_an_unreachable_hub_is_one_line_at_once(unreachable_hub, quick_base, tmp_path, capsys):
+    import time
+
+    from sspo.cli import main
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    started = time.monotonic()
+    argv = ["eval", "--model", quick_base, "--prompts", str(tmp_path / "prompts.txt"), "--metrics", "pickscore", "--steps", "2", "--seeds", "0",
+            "--out", str(tmp_path / "eval")]
+    assert main(argv) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sspo: error: metric 'pickscore': cannot load 'yuvalkirstain/PickScore_v1': the Hugging Face hub (http://127.0.0.1:9) "
+                          "is unreachable;") and err.endswith("(pass local weights with --scorer-path pickscore=PATH; docs/scorers.md lists the files)")
