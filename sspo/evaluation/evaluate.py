@@ -90,10 +90,11 @@ def select_prompts(cfg: EvalConfig) -> list[tuple[int, PromptItem]]:
     return selected
 
 
-def check_metric_prompts(metrics: Sequence[str], prompts: Sequence[str]) -> None:
-    """Refuse prompts a world's metric among ``metrics`` cannot score (it scores its world's prompts only)."""
+def check_metric_prompts(metrics: Sequence[str], prompts: Sequence[str], prompts_key: str = "--prompts") -> None:
+    """Refuse prompts a world's metric among ``metrics`` cannot score (it scores its world's prompts
+    only); ``prompts_key``: where the user sets the prompts."""
     for world in filter(None, map(find_world, metrics)):
-        _check_world_prompts(world, prompts)
+        _check_world_prompts(world, prompts, prompts_key)
 
 
 def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping]) -> None:
@@ -111,12 +112,13 @@ def eval_items(cfg: EvalConfig) -> list[Item]:
     return [Item(index, seed, p.prompt, p.category) for index, p in select_prompts(cfg) for seed in cfg.seeds]
 
 
-def _check_world_prompts(world: World, prompts) -> None:
+def _check_world_prompts(world: World, prompts, prompts_key: str) -> None:
     for prompt in prompts:
         try:
             world.parse_prompt(prompt)
         except SSPOError as exc:
-            raise SSPOError(f"metric {world.name!r} scores its world's prompts only (use --prompts {world.name}): {exc}") from None
+            fix = f"use --prompts {world.name}" if prompts_key == "--prompts" else f"set {prompts_key} to prompts of that world"
+            raise SSPOError(f"metric {world.name!r} scores its world's prompts only ({fix}): {exc}") from None
 
 
 def metric_columns(metric: str) -> tuple[str, ...]:

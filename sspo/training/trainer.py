@@ -92,7 +92,7 @@ def validation_metric_prompts(cfg: TrainConfig, video: bool) -> list[str]:
         prompts = [item.prompt for item in read_prompt_file(path)]
         if not prompts:
             raise DataError(f"validation.prompt_file {vcfg.prompt_file} holds no prompts; write one prompt per line")
-    check_metric_prompts(vcfg.metrics, prompts)
+    check_metric_prompts(vcfg.metrics, prompts, "validation.prompt_file" if vcfg.prompt_file else "validation.prompts")
     check_scorers(vcfg.metrics, vcfg.scorer_paths, vcfg.scorer_options)
     return prompts
 

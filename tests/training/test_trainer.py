@@ -269,7 +269,7 @@ def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples
 
 @pytest.mark.parametrize("overrides, error", [
     (["validation.prompt_file=/nonexistent/prompts.txt"], "validation.prompt_file /nonexistent/prompts.txt: no such file"),
-    (["validation.prompts=[a red dragon]"], "metric 'shapes' scores its world's prompts only"),
+    (["validation.prompts=[a red dragon]"], "metric 'shapes' scores its world's prompts only (set validation.prompts to prompts of that world)"),
 ])
 def test_validation_metrics_that_cannot_score_are_refused_before_training(overrides, error, quick_base, tmp_path):
     cfg = tiny_config(tmp_path / "run", quick_base, "validation.every_iterations=1", "validation.metrics=[shapes]", *overrides)
