@@ -9,6 +9,18 @@ from pathlib import Path
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs (configs/ in a checkout links here)
 
 
+PREVIOUS_RUN = ".sspo-previous"  # in a run folder: the earlier run a fresh start set aside until its first save
+
+
+def set_aside_note(run: Path) -> str:
+    """Where an earlier run waits when a fresh start into ``run`` stopped before its first save, and
+    how to get it back; empty when none waits."""
+    if not (run / PREVIOUS_RUN).is_dir():
+        return ""
+    return (f"; a run started in {run} stopped before its first save, and the earlier run waits in {run / PREVIOUS_RUN}: "
+            f"`sspo train` into {run} again (with --resume to continue it) puts it back")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SSPO_CACHE", Path.home() / ".cache" / "sspo"))
 

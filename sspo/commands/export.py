@@ -23,6 +23,7 @@ from sspo.config import load_yaml
 from sspo.errors import SSPOError
 from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors, write_error
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
+from sspo.paths import set_aside_note
 from sspo.training.pool import CheckpointPool
 
 FORMATS = ("kohya", "diffusers")
@@ -62,7 +63,7 @@ def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | P
 
 def _check_lora_run(run: Path) -> None:
     if not (run / "config.yaml").is_file():
-        raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote")
+        raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote{set_aside_note(run)}")
     final = run / FINAL
     if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
         where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")
@@ -98,7 +99,8 @@ def read_final(run: Path) -> Lora:
     """The run's final LoRA, with the adapter config saved in its file."""
     file = run / FINAL / LORA_FILE
     if not file.is_file():
-        raise SSPOError(f"{run} has no final LoRA ({file}) yet: finish the run (sspo train CONFIG --resume), or export a pool checkpoint (--checkpoint N)")
+        raise SSPOError(f"{run} has no final LoRA ({file}) yet: finish the run (sspo train CONFIG --resume), or export a pool checkpoint (--checkpoint N)"
+                        f"{set_aside_note(run)}")
     fix = "restore it, or train the run again"
     config = _adapter_config_of(file, fix)
     if config is None:

@@ -154,7 +154,9 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
 def check_lora_path(lora: Path) -> None:
     """A LoRA path is a LoRA folder or file; sspo's other folders and files are named with what to pass instead."""
     if not lora.exists():
-        raise ModelError(f"LoRA path {lora} does not exist; pass a LoRA folder (a run's final/) or its .safetensors file")
+        from sspo.paths import set_aside_note
+
+        raise ModelError(f"LoRA path {lora} does not exist; pass a LoRA folder (a run's final/) or its .safetensors file{set_aside_note(lora.parent)}")
     folder = lora if lora.is_dir() else lora.parent
     if (folder / "pool.json").is_file():
         export = f", or write pool checkpoint N as one: sspo export {folder.parent} --format diffusers --checkpoint N" if (folder / ADAPTER_CONFIG).is_file() else ""

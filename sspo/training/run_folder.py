@@ -8,11 +8,11 @@ is refused, so a mistyped ``output_dir`` (or an empty one: the current folder) c
 user's files. In a run folder only the run's own entries (RUN_ENTRIES) are ever moved or deleted.
 
 A fresh start (no ``--resume``, or nothing to resume) deletes nothing up front: it moves the
-earlier run's entries into ``.sspo-previous`` (PREVIOUS) and deletes them only once the new run's
+earlier run's entries into ``.sspo-previous`` (PREVIOUS_RUN) and deletes them only once the new run's
 first resumable state is complete. A run that fails before then (a bad setting, a diverging first
 step, Ctrl-C) leaves the folder as it found it: the earlier run back in place, none of its own
 files (manifest, lock, config, logs), and no folder it created. A start killed before its first
-state (SIGKILL) leaves the earlier run in PREVIOUS; the next run into the folder puts it back
+state (SIGKILL) leaves the earlier run in PREVIOUS_RUN; the next run into the folder puts it back
 before anything else, as if that start had failed (so ``--resume`` then resumes the earlier run).
 """
 
@@ -28,12 +28,12 @@ from pathlib import Path
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
 from sspo.io import atomic_write_json, check_folder_target, entry_list
+from sspo.paths import PREVIOUS_RUN
 from sspo.training.config import TrainConfig
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
 from sspo.training.run_state import saved_states
 
 MANIFEST = "sspo-run.json"
-PREVIOUS = ".sspo-previous"
 _KIND, _VERSION = "sspo-run", 1
 # Everything a run writes into its folder; eval.json and showcase.png are sspo compare's scores of it.
 RUN_ENTRIES = frozenset({
@@ -46,7 +46,7 @@ _TEMPORARY = re.compile(r"\..+\.tmp")  # sspo/io.py's atomic writes, left by a k
 
 
 def _is_own(name: str) -> bool:
-    return name in RUN_ENTRIES or name in _LOCKS or name == PREVIOUS or bool(_TEMPORARY.fullmatch(name))
+    return name in RUN_ENTRIES or name in _LOCKS or name == PREVIOUS_RUN or bool(_TEMPORARY.fullmatch(name))
 
 
 def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
@@ -80,8 +80,8 @@ def check_output_dir(run_dir: str | Path) -> None:
 
 
 def _entries(run_dir: Path) -> list[Path]:
-    """The run's own entries in ``run_dir``, neither the lock nor PREVIOUS."""
-    return [p for p in run_dir.iterdir() if _is_own(p.name) and p.name not in _LOCKS and p.name != PREVIOUS] if run_dir.is_dir() else []
+    """The run's own entries in ``run_dir``, neither the lock nor PREVIOUS_RUN."""
+    return [p for p in run_dir.iterdir() if _is_own(p.name) and p.name not in _LOCKS and p.name != PREVIOUS_RUN] if run_dir.is_dir() else []
 
 
 def _remove(path: Path) -> None:
@@ -93,11 +93,11 @@ def _mark(run_dir: Path) -> None:
 
 
 def start_fresh(run_dir: Path) -> bool:
-    """Set the earlier run in ``run_dir`` aside into PREVIOUS and mark the folder as a run's (main
+    """Set the earlier run in ``run_dir`` aside into PREVIOUS_RUN and mark the folder as a run's (main
     process); whether there was an earlier run's output to set aside."""
-    previous, entries = run_dir / PREVIOUS, _entries(run_dir)
+    previous, entries = run_dir / PREVIOUS_RUN, _entries(run_dir)
     replaced = previous.exists() or any(entry.name in _OUTPUTS for entry in entries)
-    if previous.exists():  # a start killed before its first state: the earlier run stays in PREVIOUS
+    if previous.exists():  # a start killed before its first state: the earlier run stays in PREVIOUS_RUN
         for entry in entries:
             _remove(entry)
     elif entries:
@@ -110,12 +110,12 @@ def start_fresh(run_dir: Path) -> bool:
 
 def discard_previous(run_dir: Path) -> None:
     """The new run has a complete resumable state: the earlier run it replaces can go (main process)."""
-    shutil.rmtree(run_dir / PREVIOUS, ignore_errors=True)
+    shutil.rmtree(run_dir / PREVIOUS_RUN, ignore_errors=True)
 
 
 def _put_back(run_dir: Path) -> None:
-    """The earlier run set aside in PREVIOUS in place of what a start without a saved state wrote."""
-    previous = run_dir / PREVIOUS
+    """The earlier run set aside in PREVIOUS_RUN in place of what a start without a saved state wrote."""
+    previous = run_dir / PREVIOUS_RUN
     if previous.is_dir():
         for entry in _entries(run_dir):
             _remove(entry)

@@ -10,7 +10,7 @@ import pytest
 
 from sspo.cli import main
 from sspo.errors import ConfigError, TrainingError
-from sspo.training.run_folder import MANIFEST, PREVIOUS, check_output_dir, claimed, start_fresh
+from sspo.training.run_folder import MANIFEST, PREVIOUS_RUN, check_output_dir, claimed, start_fresh
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE
 from sspo.training.trainer import Trainer, train
 
@@ -46,7 +46,7 @@ def earlier_run(finished_run, tmp_path) -> Path:
 
 def test_a_finished_run_folder_is_marked_and_holds_no_lock_or_earlier_run(finished_run):
     assert json.loads((finished_run / MANIFEST).read_text())["kind"] == "sspo-run"
-    assert not {LOCK_FILE, HOLDER_FILE, PREVIOUS} & {p.name for p in finished_run.iterdir()}
+    assert not {LOCK_FILE, HOLDER_FILE, PREVIOUS_RUN} & {p.name for p in finished_run.iterdir()}
     assert (finished_run / "final").is_dir() and (finished_run / "pool" / "pool.json").is_file()
 
 
@@ -104,7 +104,7 @@ def test_a_rerun_that_fails_at_its_first_step_puts_the_earlier_run_back(earlier_
     before = snapshot(earlier_run)
 
     def fail(self, batches):
-        assert (earlier_run / PREVIOUS).is_dir()  # set aside, not deleted, while the new run has no state
+        assert (earlier_run / PREVIOUS_RUN).is_dir()  # set aside, not deleted, while the new run has no state
         raise TrainingError("the first step failed")
 
     monkeypatch.setattr(Trainer, "optimizer_step", fail)
@@ -194,3 +194,12 @@ def test_a_failed_start_in_an_empty_folder_leaves_it_empty(tmp_path):
         (tmp_path / "metrics.jsonl").write_text("failed start\n")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_after_a_start_killed_before_its_first_save_sample_and_export_name_where_the_earlier_run_waits(earlier_run, quick_base, tmp_path, capsys):
+    start_fresh(earlier_run)  # the earlier run goes aside; the start is killed before its first save
+    waits = f"the earlier run waits in {earlier_run / PREVIOUS_RUN}: `sspo train` into {earlier_run} again (with --resume to continue it) puts it back"
+    assert main(["sample", "--model", quick_base, "--lora", str(earlier_run / "final"), "--prompt", "a red circle", "--out", str(tmp_path / "g.png")]) == 2
+    assert one_error(capsys.readouterr().err).endswith(waits)
+    assert main(["export", str(earlier_run), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert one_error(capsys.readouterr().err).endswith(waits)
