@@ -98,7 +98,8 @@ class _Reader:
             prompt, names = row[cfg.text_column], [cfg.image_column]
         if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
             column = cfg.caption_column if self.pairs else cfg.text_column
-            raise DataError(f"{where}: caption {prompt!r} in column {column!r} is not a non-empty string")
+            image = row[cfg.image_column] if not self.pairs and isinstance(row[cfg.image_column], str) else None  # a file: the name a user finds it by
+            raise DataError(f"{where}{f' ({image})' if image else ''}: caption {prompt!r} in column {column!r} is not a non-empty string")
         if cfg.caption_dropout and np.random.default_rng([_CAPTION_STREAM, cfg.seed, row_id, epoch]).random() < cfg.caption_dropout:
             prompt = ""
         # One draw per item, shared by winner and loser (and all frames), so a pair stays aligned.

@@ -249,8 +249,8 @@ def _open_caption_files(cfg: DataConfig) -> Source:
         raise DataError(f"no images in folder {root} (data.path); caption-files expects files like 0001.png with 0001.txt beside them")
 
     def caption(image: Path) -> str | None:
-        text = image.with_suffix(".txt")
-        return text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
+        text = next((image.with_suffix(s) for s in (".txt", ".TXT") if image.with_suffix(s).is_file()), None)
+        return text.read_text(encoding="utf-8", errors="replace").strip() if text is not None else None
 
     rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
     return Source(str(root), [(str(root), [cfg.image_column, cfg.text_column])], lambda columns: _ListRows(rows))

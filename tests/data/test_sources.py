@@ -92,7 +92,7 @@ def test_caption_files_folder(tmp_path):
         image = folder / ("nested" if i == 3 else "") / f"{i:03d}.png"
         render(spec, RES).save(image)
         if i != 1:  # 001.png has no caption: skipped when read, as an unreadable image is
-            image.with_suffix(".txt").write_text(spec.prompt + "\n")
+            image.with_suffix(".TXT" if i == 2 else ".txt").write_text(spec.prompt + "\n")
     ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
     assert len(ds) == 4 and not ds.has_losers
     assert [ds[i]["prompt"] for i in range(4)] == [SPECS[0].prompt, SPECS[2].prompt, SPECS[2].prompt, SPECS[3].prompt]
