@@ -91,6 +91,8 @@ def _pool_index(checkpoint: str) -> int:
 def _check_out(out: Path, force: bool) -> None:
     if out.is_dir():
         raise SSPOError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'lora.safetensors'}")
+    if out.suffix != ".safetensors":  # a .ckpt or .pt name would tell a loader to unpickle it
+        raise SSPOError(f"--out {out}: export writes a safetensors file; name it {out.with_suffix('.safetensors').name}")
     if out.exists() and not force:
         raise SSPOError(f"{out} exists; pass --force to replace it, or choose another --out")
 

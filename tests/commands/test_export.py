@@ -165,6 +165,14 @@ def test_an_existing_file_is_kept_unless_forced(lora_run, tmp_path, capsys):
     assert load_file(out).keys() == to_kohya(read_final(lora_run)).keys()
 
 
+@pytest.mark.parametrize("name", ["lora.ckpt", "lora.pt", "lora"])
+def test_an_out_name_that_is_not_safetensors_is_refused(name, lora_run, tmp_path, capsys):
+    out = tmp_path / name
+    status, line = export(capsys, lora_run, "--format", "kohya", "--out", str(out))
+    assert status == 2 and line == f"sspo: error: --out {out}: export writes a safetensors file; name it lora.safetensors"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free disk space or choose another --out"), (errno.ENOENT, "choose another --out")])
 def test_a_failed_write_names_the_fix_for_its_cause(code, fix, lora_run, tmp_path, capsys, monkeypatch):
     def failing(tensors, path, metadata=None):
