@@ -37,7 +37,7 @@ def test_validation_grids_and_model_card(quick_base, tmp_path):
     assert [e.step for e in events.Images("validation/grid")] == [1, 2]
 
     card = (final / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers\n")
+    assert card.startswith("---\nlibrary_name: diffusers\ntags:\n")  # no base_model: a local folder is no hub model
     assert f'StableDiffusionPipeline.from_pretrained("{quick_base}"' in card
     assert f'pipe.load_lora_weights("{final.resolve()}")' in card
     assert "![validation grid](validation.png)" in card and PROMPTS[0] in card
@@ -49,5 +49,6 @@ def test_full_finetune_card_loads_the_folder():
     card = model_card(cfg, base="base/model", pipeline_class="StableDiffusionXLPipeline", video=False, folder="/runs/x/final", processes=8, grid=None)
     assert 'pipe = StableDiffusionXLPipeline.from_pretrained("/runs/x/final"' in card
     assert "load_lora_weights" not in card and "Validation" not in card
+    assert "\nbase_model: base/model\n" in card  # a hub id
     assert "4 per process x 1 accumulation x 8 processes = 32 effective" in card
     assert "| fine-tuning | full denoiser (every layer) |" in card

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sspo.models.families import resolve_train_modules
 from sspo.training.config import TrainConfig
 
@@ -58,7 +60,7 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, video: bool,
     sections = [
         "---",
         "library_name: diffusers",
-        f"base_model: {base}",
+        *([] if Path(base).expanduser().exists() else [f"base_model: {base}"]),  # the hub's field names a hub model, never a local folder
         "tags:",
         *[f"- {tag}" for tag in tags],
         "---",
