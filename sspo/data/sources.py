@@ -253,6 +253,8 @@ def _open_caption_files(cfg: DataConfig) -> Source:
         return text.read_text(encoding="utf-8", errors="replace").strip() if text is not None else None
 
     rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
+    if all(row[cfg.text_column] is None for row in rows):
+        raise DataError(f"no image in folder {root} (data.path) has a caption: caption-files expects 0001.txt beside 0001.png")
     return Source(str(root), [(str(root), [cfg.image_column, cfg.text_column])], lambda columns: _ListRows(rows))
 
 

@@ -100,6 +100,10 @@ def test_caption_files_folder(tmp_path):
     assert torch.allclose(ds[3]["winner"], torch.from_numpy(np.asarray(render(SPECS[3], RES), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
     with pytest.raises(DataError, match="no images in folder"):
         load_dataset_from_config(_cfg(_empty(tmp_path), source="caption-files"))
+    for text in folder.rglob("*.[tT][xX][tT]"):
+        text.unlink()
+    with pytest.raises(DataError, match=rf"no image in folder {folder} \(data.path\) has a caption: caption-files expects 0001.txt beside 0001.png"):
+        load_dataset_from_config(_cfg(folder, source="caption-files"))
 
 
 def _empty(tmp_path):
