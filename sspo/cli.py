@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sspo.config import split_override
 from sspo.errors import SSPOError
-from sspo.io import check_folder_target, permission_error
+from sspo.io import check_folder_target, may_write_in, nearest_existing, permission_error
 from sspo.logs import set_up_logging
 
 
@@ -49,9 +49,11 @@ def _sample(args) -> None:
     out = Path(args.out)
     if not args.out.strip() or out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
-    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"--out {out}: {blocking} is a file, not a folder; choose another --out")
+    nearest = nearest_existing(out.parent)
+    if not nearest.is_dir():
+        raise ConfigError(f"--out {out}: {nearest} is a file, not a folder; choose another --out")
+    if not may_write_in(nearest):
+        raise ConfigError(f"--out {out}: permission denied, this user may not write in {nearest}; choose another --out")
     prompts = args.prompt
     if args.shapes_check:
         from sspo.worlds.shapes.world import parse_prompt

@@ -73,17 +73,26 @@ def file_stats(path: Path, suffixes: set[str] | None = None) -> list[list]:
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or the nearest of its parents that exists."""
+    # os.path.exists, not Path.exists: the latter raises where a parent may not be read
+    return next(p for p in (path, *path.parents) if os.path.exists(p))
+
+
+def may_write_in(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def check_folder_target(folder: str | Path, name: str) -> None:
     """Refuse a folder to write into that is a file, lies under one, or that this user may not write
     or create (``name``: how the user set it)."""
     folder = Path(folder)
-    # os.path.exists, not Path.exists: the latter raises where a parent may not be read
-    nearest = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    nearest = nearest_existing(folder)
     if not nearest.is_dir():
         if nearest == folder:
             raise ConfigError(f"{name} {folder} is a file, not a folder; choose an empty or new folder")
         raise ConfigError(f"{name} {folder}: {nearest} is a file, not a folder; choose another folder")
-    if not os.access(nearest, os.W_OK | os.X_OK):
+    if not may_write_in(nearest):
         if nearest == folder:
             raise ConfigError(f"{name} {folder}: permission denied, this user may not write in it; choose a folder you can write to")
         raise ConfigError(f"{name} {folder}: permission denied, this user may not create folders in {nearest}; "

@@ -150,6 +150,19 @@ def test_an_output_folder_this_user_may_not_write_is_refused_before_any_work(com
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["locked"]
 
 
+def test_a_grid_in_a_folder_this_user_may_not_write_is_refused_before_sampling(quick_base, tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == str(locked) else real_access(path, mode, **kw))
+    monkeypatch.setattr("sspo.models.pipeline.load_pipeline", lambda *a, **kw: pytest.fail("loaded the model before checking --out"))
+    out = locked / "grid.png"
+    assert main(["sample", "--model", quick_base, "--prompt", PROMPT, "--out", str(out)]) == 2
+    assert one_error_line(capsys) == f"sspo: error: --out {out}: permission denied, this user may not write in {locked}; choose another --out"
+
+
 @pytest.mark.parametrize("in_cache", [False, True], ids=["a user's path", "the cache"])
 def test_a_path_this_user_may_not_read_or_write_is_one_line(in_cache, tmp_path, capsys, monkeypatch):
     import errno
