@@ -222,7 +222,7 @@ def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packa
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(build_lock(output)):  # parallel test workers and runs share one build
         if not force and _built_from(output, cfg):
-            log.info("%s model cached at %s", name, output)
+            log.debug("%s model cached at %s", name, output)  # reused: news only under --verbose
             return output
         if given:  # a cache folder is sspo's own: a damaged or stale one is rebuilt
             check_base_folder(output, cfg, force)
