@@ -72,6 +72,15 @@ def test_auto_detects_each_family_from_the_pipeline_components():
         family_of({"transformer": object(), "scheduler": scheduler})
 
 
+def test_a_named_family_must_fit_the_pipelines_components():
+    sd = {"_class_name": "StableDiffusionPipeline", "unet": object(), "vae": object(), "text_encoder": object(), "scheduler": DDPMScheduler()}
+    assert family_of(sd, "sd").name == "sd"
+    with pytest.raises(ModelError, match=r"model.family 'sdxl' does not fit this StableDiffusionPipeline: it has no text_encoder_2; set model.family to auto"):
+        family_of(sd, "sdxl")
+    with pytest.raises(ModelError, match=r"model.family 'flux' does not fit this StableDiffusionPipeline: it has no transformer, text_encoder_2"):
+        family_of(sd, "flux")
+
+
 def test_model_family_accepts_registered_names_only(upper_quarter):
     assert ModelConfig(family=upper_quarter.name).family == upper_quarter.name
     assert ModelConfig(family="auto").family == "auto"

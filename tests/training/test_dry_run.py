@@ -47,6 +47,7 @@ def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
         (["model.pretrained={tmp}"], "no model_index.json there"),
         (["model.pretrained={tmp}/missing"], "missing does not exist; pass a hub id"),
         (["model.lora_targets=[to_q, to_x]"], "'to_x' names no layer of the UNet that LoRA can wrap"),
+        (["model.family=flux"], "model.family 'flux' does not fit this StableDiffusionPipeline: it has no transformer, text_encoder_2; set model.family to auto"),
         (["method=dpo", "data.source=imagefolder", "data.path={images}"], "needs (winner, loser) pairs"),
         (["data.streaming=true"], "unknown config key 'data.streaming'"),
     ],

@@ -315,11 +315,16 @@ def register(family: type[ModelFamily]) -> type[ModelFamily]:
 def family_of(pipe, name: str = "auto", flow=None) -> ModelFamily:
     """The family ``name`` bound to ``pipe``; ``auto``: the registered family that detects it.
     ``flow``: the training options of a flow-matching family (``TrainConfig.flow``)."""
+    components = pipe if isinstance(pipe, Mapping) else pipe.components
     if name != "auto":
         if name not in FAMILIES:
             raise ModelError(f"model family {name!r} is not registered; use one of auto, {', '.join(FAMILIES)}")
-        return FAMILIES[name](pipe, flow)
-    components = pipe if isinstance(pipe, Mapping) else pipe.components
+        family = FAMILIES[name]
+        missing = [c for c in (family.denoiser_component, *family.frozen_components) if c not in components]
+        if missing:
+            kind = components.get("_class_name") if isinstance(components, Mapping) and "_class_name" in components else type(pipe).__name__
+            raise ModelError(f"model.family {name!r} does not fit this {kind}: it has no {', '.join(missing)}; set model.family to auto")
+        return family(pipe, flow)
     for family in FAMILIES.values():
         if family.detects(components):
             return family(pipe, flow)
