@@ -150,3 +150,14 @@ def test_sspo_sample_draws_a_grid_from_the_trained_lora(tiny_sd3, pairs, tmp_pat
     grid = tmp_path / "grid.png"
     assert main(["sample", "--model", tiny_sd3, "--lora", str(final), "--prompt", PROMPT, "--steps", "2", "--out", str(grid)]) == 0
     assert grid.is_file()
+
+
+def test_a_unet_lora_on_a_transformer_model_names_both(quick_base, tiny_sd3, tmp_path):
+    from test_bad_inputs import write_lora
+
+    from sspo.errors import ModelError
+
+    lora = write_lora(tmp_path / "lora", quick_base)
+    with pytest.raises(ModelError) as error:
+        load_pipeline(tiny_sd3, lora=lora)
+    assert str(error.value) == f"LoRA {lora} holds unet weights, but the denoiser of model {tiny_sd3} is its transformer; pass the base model the LoRA was trained on"

@@ -260,8 +260,13 @@ class ModelFamily:
         if not file.is_file() or file.suffix != ".safetensors":
             return  # another layout: diffusers' own checks are all there is
         prefix = f"{self.denoiser_component}."
-        saved = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in load_file(str(file)).items() if key.startswith(prefix)})
+        tensors = load_file(str(file))
+        saved = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)})
         adapters = self.pipe.get_list_adapters().get(self.denoiser_component)
+        others = sorted({key.split(".")[0] for key in tensors} - {self.denoiser_component})
+        if not saved and others:
+            raise ModelError(f"LoRA {lora} holds {', '.join(others)} weights, but the denoiser of model {model} is its {self.denoiser_component}; "
+                             "pass the base model the LoRA was trained on")
         if not adapters:
             raise ModelError(f"LoRA {lora} holds no {self.denoiser_label} LoRA weights that diffusers recognizes; pass a LoRA saved with save_lora_weights (a run's final/)")
         loaded = get_peft_model_state_dict(self.denoiser, adapter_name=adapters[-1])
