@@ -657,7 +657,7 @@ def test_unset_guidance_is_the_models_usual_and_is_recorded_resolved(quick_base,
     assert guidance(f"model.pretrained={sdxl}") == 5.0
     assert guidance("model.pretrained=shapes-base:quick") == guidance("model.pretrained=moving-shapes-base") == 5.0  # the worlds' bases, by name
     assert guidance(f"model.pretrained={quick_base}", "negatives.guidance_scale=3") == 3.0
-    assert guidance(f"model.pretrained={quick_base}", "model.family=sdxl") == 5.0
+    assert guidance(f"model.pretrained={sdxl}", "model.family=sd") == 7.5  # a named family decides (SD fits an SDXL folder's components)
 
 
 def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_base, tmp_path, capsys):
