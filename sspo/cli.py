@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     set_up_logging(args.verbose)
+    on_sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
         for item in getattr(args, "overrides", ()):
             split_override(item)
@@ -408,7 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nsspo: interrupted; {CONTINUE.get(args.command, 'nothing half-written was left')}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Stopped) else "interrupted"
+        print(f"\nsspo: {how}; {CONTINUE.get(args.command, 'nothing half-written was left')}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     return 0
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or a user's stop), unwound as Ctrl-C is: what a failed start set
+    aside goes back, temporary files go, and the last saved state stays."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped

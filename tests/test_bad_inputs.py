@@ -193,3 +193,17 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(command, keeps, capsys, monkeypa
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("sspo: interrupted; ") and keeps in err and len(err.splitlines()) == 1
+
+
+def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, monkeypatch):
+    import os
+    import signal
+
+    import sspo.cli
+
+    monkeypatch.setattr(sspo.cli, "_train", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "sd15-lora"]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == "sspo: stopped by SIGTERM; the same command with --resume continues from the last saved state"
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
