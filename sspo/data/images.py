@@ -27,10 +27,13 @@ def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Imag
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB of any mode: 16-bit values scaled down (PIL's own conversion clips them, turning
-    most of an image white) and transparent pixels over white (not the colour hidden under them)."""
+    """8-bit RGB of any mode: 16-bit and float values scaled (PIL's own conversion clips them, turning
+    most of an image white or black) and transparent pixels over white (not the colour hidden under them)."""
     if image.mode.startswith("I"):  # 16-bit grayscale PNGs open as I;16 or I
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode == "F":  # float TIFFs: 0 to 1 (or, past 1, 0 to 255), which PIL's conversion would round to black
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        image = Image.fromarray((values * (255 if values.max() <= 1 else 1)).round().clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)

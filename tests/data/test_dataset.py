@@ -231,6 +231,14 @@ def test_any_image_mode_and_size_becomes_rgb_at_the_resolution(image, pixel, tmp
     assert torch.allclose(item["winner"][:, RES // 2, RES // 2], torch.tensor(pixel) / 127.5 - 1)
 
 
+@pytest.mark.parametrize("values, pixel", [(0.5, 128), (200.0, 200)], ids=["0-1", "0-255"])
+def test_a_float_tiff_is_scaled_not_rounded_to_black(values, pixel, tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((RES, RES), values, np.float32)).save(buffer, format="TIFF")  # mode F
+    item = _pairs_dataset(tmp_path, {"jpg_0": buffer.getvalue()})[0]
+    assert torch.allclose(item["winner"][:, RES // 2, RES // 2], torch.tensor([pixel] * 3) / 127.5 - 1)
+
+
 def test_huge_and_truncated_images_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # a decompression bomb past 2x that: 64 x 64 here
     rows = _rows()
