@@ -19,8 +19,10 @@ its arm, settings and seed, so a re-run with a wider grid trains an arm anew whe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from sspo.commands.parallel import run_all
-from sspo.config import load_config
+from sspo.config import load_config, load_yaml
 from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
@@ -39,6 +41,7 @@ from sspo.evaluation.scorers.stats import mean_ci_crossed
 from sspo.io import atomic_write_json, atomic_write_text, check_folder_target, read_json
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
+from sspo.training.run_state import config_differences
 from sspo.training.trainer import latest_checkpoint, train
 from sspo.worlds import get_world
 from sspo.worlds.names import resolve_model
@@ -91,7 +94,9 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     cfg = arm_config(config, arm, seed, run_dir, extra)
     cached = run_dir / "eval.json"
     summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
+    settings = {"evaluation": json.loads(json.dumps(dataclasses.asdict(eval_cfg)))}
     if summary is not None:
+        check_reusable(run_dir, cfg if arm != "base" else None, summary.pop("settings", None), settings)
         return summary
     log.info("arm %s, seed %d: %s", arm, seed, run_dir)
     base = resolve_model(cfg.model.pretrained)
@@ -106,8 +111,26 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     if isinstance(shown[0], np.ndarray):  # clips: their middle frames
         shown = [Image.fromarray(clip[len(clip) // 2]) for clip in shown]
     save_png(image_grid([shown], cell=SHOWCASE_CELL), run_dir / "showcase.png")
-    atomic_write_json(cached, summary)
+    atomic_write_json(cached, summary | {"settings": settings})
     return summary
+
+
+def check_reusable(run_dir: Path, cfg: TrainConfig | None, saved: dict | None, settings: dict) -> None:
+    """A finished run is reused only if it was trained (``cfg``; None for the untrained base) and
+    evaluated as this comparison asks; anything else is refused, never reported as this one's."""
+    differences = []
+    if cfg is not None and (run_dir / "config.yaml").is_file():
+        trained, wanted = load_yaml(run_dir / "config.yaml"), dataclasses.asdict(resolved(cfg))
+        differences += config_differences(trained, wanted, dataclasses.asdict(TrainConfig()))
+        differences += [f"{key}: {trained.get(key)!r} -> {wanted[key]!r}" for key in ("iterations",) if trained.get(key) != wanted[key]]
+    if saved is None:
+        differences.append("evaluation settings: not recorded")
+    else:
+        differences += [f"evaluation {key}: {saved['evaluation'].get(key)!r} -> {value!r}"
+                        for key, value in settings["evaluation"].items() if saved["evaluation"].get(key) != value]
+    if differences:
+        raise ConfigError(f"{run_dir} holds a finished run of other settings ({'; '.join(differences)}); "
+                          f"use another --out, or delete {run_dir} to run it again")
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:

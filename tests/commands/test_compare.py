@@ -76,6 +76,19 @@ def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base
     assert "Table 6" not in (out / "results.md").read_text()  # no ablation ran
 
 
+def test_a_finished_run_of_other_settings_in_the_same_folder_is_refused_not_reported(quick_base, tmp_path):
+    """Grid points name their run folders; settings outside the grid (an override, the quick scale,
+    the evaluation's prompts) do not, so a re-run with another of them must not reuse those runs."""
+    out = tmp_path / "cmp"
+    overrides = [f"model.pretrained={quick_base}", "data.max_samples=32", "optim.batch_size=4"]
+    compare.run_compare(CONFIG, ["base", "sft"], [0], out, overrides=overrides, quick=True, prompts_per_split=2)
+    compare.run_compare(CONFIG, ["base", "sft"], [0], out, overrides=overrides, quick=True, prompts_per_split=2)  # the same: reused
+    with pytest.raises(ConfigError, match=r"runs/base-seed0 holds a finished run of other settings \(evaluation prompts_per_split: 2 -> 3\); use another --out"):
+        compare.run_compare(CONFIG, ["base"], [0], out, overrides=overrides, quick=True, prompts_per_split=3)
+    with pytest.raises(ConfigError, match=r"runs/sft-seed0 holds a finished run of other settings \(optim.learning_rate: 0.001 -> 0.002\)"):
+        compare.run_compare(CONFIG, ["sft"], [0], out, overrides=[*overrides, "optim.learning_rate=2e-3"], quick=True, prompts_per_split=2)
+
+
 def test_selection_over_several_seeds_keeps_a_lucky_seed_from_choosing(tmp_path, monkeypatch):
     """A rate that is best on seed 0 only (0.9, then 0.1) loses to a steady one (0.6, 0.6) once
     settings are chosen on the mean over two seeds; every (point, seed) is its own run."""
