@@ -171,3 +171,6 @@ def cli(args) -> None:
     if args.out:
         for path in write_results(result, args.out, " ".join(["sspo bench", *_cli_args(result["bench"])])):
             print(path)
+    failed = [arm for arm in result["arms"].values() if "error" in arm]
+    if failed and len(failed) == len(result["arms"]):  # nothing was measured: a failure, not a table
+        raise SSPOError(f"every arm failed; {failed[0]['arm']}: {failed[0]['error'].strip().splitlines()[-1].removeprefix('sspo: error: ')}")

@@ -156,3 +156,14 @@ def test_full_architectures_refuse_the_cpu_unless_allowed(name):
 def test_bad_arm_is_a_config_error():
     with pytest.raises(SSPOError, match="arms"):
         BenchConfig(arms=("ppo",))
+
+
+def test_a_bench_whose_every_arm_fails_is_an_error_not_a_table(tmp_path, capsys):
+    from sspo.cli import main
+
+    argv = ["bench", "--model", "quick", "--arms", "sft", "--mixed-precision", "fp16", "--steps", "1", "--warmup", "0", "--sampler-steps", "2",
+            "--out", str(tmp_path / "bench")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "sspo: error: every arm failed; sft: config key 'mixed_precision': fp16 needs a GPU and torch sees none; "
+        "set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
