@@ -95,7 +95,10 @@ def read_prompt_file(path: Path) -> list[PromptItem]:
 
 def _from_json(data, where) -> list[PromptItem]:
     if isinstance(data, dict):  # {category: [prompts]}
-        return [PromptItem(str(p), str(c)) for c, prompts in data.items() for p in prompts]
+        for category, prompts in data.items():
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise DataError(f"{where}: category {category!r} holds {json.dumps(prompts)[:60]}, not a list of prompts; write {{category: [prompts]}}")
+        return [PromptItem(p, str(c)) for c, prompts in data.items() for p in prompts]
     if isinstance(data, list) and all(isinstance(p, str) for p in data):
         return [PromptItem(p) for p in data]
     if isinstance(data, list) and all(isinstance(p, dict) for p in data):

@@ -62,6 +62,10 @@ def test_plain_prompt_files(tmp_path):
     for name in ("p.txt", "p.json", "p.jsonl", "p.csv", "p.parquet"):
         assert [i.prompt for i in load_prompt_set(str(tmp_path / name))] == ["one", "two"], name
     assert load_prompt_set(str(tmp_path / "c.json")) == [PromptItem("cat", "animals"), PromptItem("cup", "things")]
+    for held, shown in ((1, "1"), ("a red circle", '"a red circle"')):  # a number; a string split into letters
+        (tmp_path / "bad.json").write_text(json.dumps({"shapes": held}))
+        with pytest.raises(DataError, match=rf"category 'shapes' holds {shown}, not a list of prompts; write \{{category: \[prompts\]\}}"):
+            load_prompt_set(str(tmp_path / "bad.json"))
     (tmp_path / "bad.csv").write_text("words\nx\n")
     with pytest.raises(DataError, match="no prompt column"):
         load_prompt_set(str(tmp_path / "bad.csv"))
