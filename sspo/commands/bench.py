@@ -137,7 +137,10 @@ def config_from_args(args) -> BenchConfig:
     for field in dataclasses.fields(BenchConfig):
         value = getattr(args, field.name)
         if str(field.type).startswith("tuple") and isinstance(value, str):
-            value = tuple((int(x) if "int" in str(field.type) else x) for x in value.split(",") if x)
+            try:
+                value = tuple((int(x) if "int" in str(field.type) else x) for x in value.split(",") if x)
+            except ValueError:
+                raise SSPOError(f"{_flag(field)} takes comma-separated integers, e.g. 20,50; got {value!r}") from None
         values[field.name] = tuple(value) if field.name == "overrides" else value
     return BenchConfig(**values)
 

@@ -167,3 +167,10 @@ def test_a_bench_whose_every_arm_fails_is_an_error_not_a_table(tmp_path, capsys)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "sspo: error: every arm failed; sft: config key 'mixed_precision': fp16 needs a GPU and torch sees none; "
         "set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
+
+
+def test_a_list_flag_that_is_not_integers_is_one_line(capsys):
+    from sspo.cli import main
+
+    assert main(["bench", "--model", "quick", "--sampler-steps", "abc"]) == 2
+    assert capsys.readouterr().err.strip() == "sspo: error: --sampler-steps takes comma-separated integers, e.g. 20,50; got 'abc'"
