@@ -135,3 +135,13 @@ def test_word_table_positions_keep_the_words_and_add_the_order(tmp_path):
     gram = positions[0] @ positions[0].T
     torch.testing.assert_close(gram, torch.eye(len(gram)) * gram.diagonal().mean(), atol=1e-3, rtol=1e-3)  # orthogonal, one per position
     assert torch.allclose(bag[0] @ positions[0].T, torch.zeros(len(gram), len(gram)), atol=1e-3)  # and orthogonal to the words
+
+
+def test_more_frames_than_the_motion_modules_make_is_one_line(video_model):
+    from sspo.errors import ConfigError
+    from sspo.evaluation.sampling import generate
+
+    pipe = load_pipeline(video_model)
+    longest = pipe.unet.config.motion_max_seq_length
+    with pytest.raises(ConfigError, match=rf"frames: {longest + 1}, but this model's motion modules make clips of at most {longest} frames"):
+        generate(pipe, ["a red circle"], [0], steps=1, guidance_scale=1.0, frames=longest + 1)
