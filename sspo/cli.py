@@ -118,7 +118,7 @@ def _eval_videos(args) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
     cfg = EvalConfig(**values | {"metrics": (), "seeds": tuple(_int_list(args.seeds, "--seeds"))})  # video metrics are not image scorers
     metrics = tuple(args.metrics.split(",")) if args.metrics else VIDEO_METRICS
-    summary = run_video_eval(model_specs(args.videos, None, args.name), cfg, args.out, metrics=metrics, reference=args.reference_videos,
+    summary = run_video_eval(model_specs(args.videos, None, args.name, "--videos"), cfg, args.out, metrics=metrics, reference=args.reference_videos,
                              scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
     print(format_video_summary(summary))
     print(args.out)
@@ -220,6 +220,8 @@ def _compare(args) -> None:
     arms = [a for a in (methods + "," + ablations).split(",") if a]
     from sspo.commands.parallel import default_jobs
 
+    if args.training_seeds < 1:
+        raise SSPOError(f"--training-seeds {args.training_seeds}: expected 1 or more training runs per arm")
     run_compare(args.config, arms, list(range(args.training_seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds, jobs=default_jobs() if args.jobs is None else args.jobs,
                 chosen_in=args.settings_from, added_points=args.add_point or ())

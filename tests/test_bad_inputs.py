@@ -207,3 +207,12 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, mon
     err = capsys.readouterr().err.strip()
     assert err == "sspo: stopped by SIGTERM; the same command with --resume continues from the last saved state"
     assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["compare", "compare-shapes", "--training-seeds", "-1"], "--training-seeds -1: expected 1 or more training runs per arm"),
+    (["eval", "--videos", "{tmp}", "--name", "x", "--name", "y"], "1 --videos but 2 --name: give one --name per --videos, in the same order"),
+], ids=["negative seeds", "names per clip folder"])
+def test_counts_are_named_by_the_flag_the_user_gave(argv, line, tmp_path, capsys):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert one_error_line(capsys) == f"sspo: error: {line}"

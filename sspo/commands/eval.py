@@ -77,16 +77,17 @@ class ModelSpec:
         return re.sub(r"[^A-Za-z0-9._+-]+", "_", self.name).strip("._") or "model"
 
 
-def model_specs(models: Sequence[str], loras: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[ModelSpec]:
+def model_specs(models: Sequence[str], loras: Sequence[str] | None = None, names: Sequence[str] | None = None, models_flag: str = "--model") -> list[ModelSpec]:
     """Pair ``--model`` / ``--lora`` / ``--name`` values; a LoRA of ``none`` or ``-`` means the bare model.
 
-    Default names are the model argument (plus `` + <lora>``); they must be unique.
+    Default names are the model argument (plus `` + <lora>``); they must be unique. ``models_flag``:
+    the flag that gave ``models`` (``--videos`` for clip folders).
     """
     loras, names = list(loras or []), list(names or [])
     for flag, values in (("--lora", loras), ("--name", names)):
         if values and len(values) != len(models):
             raise SSPOError(
-                f"{len(models)} --model but {len(values)} {flag}: give one {flag} per --model, in the same order"
+                f"{len(models)} {models_flag} but {len(values)} {flag}: give one {flag} per {models_flag}, in the same order"
                 + (" (--lora none for a model without one)" if flag == "--lora" else "")
             )
     specs = []
