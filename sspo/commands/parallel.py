@@ -12,6 +12,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -33,10 +34,18 @@ def default_jobs() -> int:
     return 1 if torch.cuda.is_available() else available_cores()
 
 
+def _leave_quietly(signum, frame) -> None:
+    """Ctrl-C reaches every worker too; the parent reports it in one line, so a worker leaves without
+    a traceback (SystemExit unwinds a task's cleanup as KeyboardInterrupt would)."""
+    logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)  # its log of a stopped set-up
+    raise SystemExit(128 + signum)
+
+
 def _set_up_worker(verbose: bool) -> None:
     # A worker's own INFO lines and bars would interleave with the others'; warnings and errors
     # still show. Bars are silenced here, where they are made, because sspo's bars pass `disable`
     # themselves (off outside the main process of a launch), which TQDM_DISABLE cannot override.
+    signal.signal(signal.SIGINT, _leave_quietly)
     set_up_logging(verbose, level=None if verbose else logging.WARNING)
     from tqdm import std
 
