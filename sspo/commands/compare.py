@@ -14,7 +14,9 @@ The protocol (docs/results/README.md):
    (same training seed, prompt and sampler seed), and which of the paper's claims the CIs decide.
 
 Finished runs are reused and killed ones resumed, so the command can be re-run; a run's folder names
-its arm, settings and seed, so a re-run with a wider grid trains an arm anew where its choice moved.
+its arm, settings and seed, so a re-run with a wider grid trains an arm anew where its choice moved,
+and a finished run trained or evaluated otherwise than asked (another override, scale or prompt
+count) is refused (:func:`check_reusable`).
 """
 
 from __future__ import annotations
