@@ -55,7 +55,8 @@ def test_grid_settings_are_chosen_per_arm_on_the_validation_split(quick_base, tm
     assert len(selection_runs) == 6
     for run in selection_runs:  # chosen on the validation combinations, trained without them
         assert load_yaml(run / "config.yaml")["data"]["world_without_validation"] is True
-        assert set(json.loads((run / "eval.json").read_text())) == {"validation"}
+        evaluated = json.loads((run / "eval.json").read_text())
+        assert set(evaluated) == {"validation", "settings"} and evaluated["settings"]["evaluation"]["prompts"] == "shapes-validation"
     assert "## Settings chosen on the validation split" in (out / "results.md").read_text()
 
 
