@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sspo.config import split_override
 from sspo.errors import SSPOError
-from sspo.io import check_folder_target, may_write_in, nearest_existing, permission_error
+from sspo.io import check_output_folder, check_write_target, permission_error
 from sspo.logs import set_up_logging
 
 
@@ -50,11 +50,7 @@ def _sample(args) -> None:
     out = Path(args.out)
     if not args.out.strip() or out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
-    nearest = nearest_existing(out.parent)
-    if not nearest.is_dir():
-        raise ConfigError(f"--out {out}: {nearest} is a file, not a folder; choose another --out")
-    if not may_write_in(nearest):
-        raise ConfigError(f"--out {out}: permission denied, this user may not write in {nearest}; choose another --out")
+    check_write_target(out, "--out", file=True)
     prompts = args.prompt
     if args.shapes_check:
         from sspo.worlds.shapes.world import parse_prompt
@@ -83,7 +79,7 @@ def _eval(args) -> None:
         return _eval_videos(args)
     if not args.model:
         raise SSPOError("pass --model (generate images and score them) or --videos DIR (score clips)")
-    from sspo.commands.eval import format_summary, model_specs, run_eval
+    from sspo.commands.eval import OUTPUTS, format_summary, model_specs, run_eval
     from sspo.evaluation.evaluate import EvalConfig
     from sspo.models.pipeline import check_lora_path
     from sspo.worlds.names import resolve_model, shared_guidance_scale
@@ -95,7 +91,7 @@ def _eval(args) -> None:
     if cfg.guidance_scale is None:  # by the names given, which name a world's base as such
         cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale(args.model))
     specs = model_specs(args.model, args.lora, args.name)
-    check_folder_target(Path(args.out), "--out")
+    check_output_folder(Path(args.out), "--out", "eval", OUTPUTS)
     for spec in specs:  # before resolve_model builds a world's base
         if spec.lora:
             check_lora_path(Path(spec.lora).expanduser())
@@ -235,8 +231,10 @@ def _pairs(args) -> None:
 
 
 def _export(args) -> None:
-    from sspo.commands.export import export_lora, push_to_hub
+    from sspo.commands.export import check_repo_id, export_lora, push_to_hub
 
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # before the file is written
     out = export_lora(args.run, args.format, args.checkpoint, args.out, args.force)
     print(out)
     if args.push_to_hub:
@@ -293,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-videos", metavar="DIR", help="with --videos: each prompt's reference clip (<prompt_index>.<ext>), for fid, fvd and psnr")
     p.add_argument("--lora", action="append", help="LoRA folder per --model, in order (none: no LoRA)")
     p.add_argument("--name", action="append", help="row label per --model (or --videos), in order")
-    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval); a re-run adds to it: scores.csv keeps the rows of "
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval): new, empty, or one sspo eval wrote; a re-run adds to it: scores.csv keeps the rows of "
                    "models and seeds this call does not ask for, summary.md/.json, reward_hist.png and grid.png show this call's models")
     _add_eval_arguments(p)
     p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat. "
@@ -303,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")
-    p.add_argument("config", help="YAML file, e.g. configs/demo-shapes.yaml")
+    p.add_argument("config", help="a YAML file, or a shipped config by name (e.g. demo-shapes)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
@@ -314,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
     p.add_argument("--ablations", help="comma-separated SSPO variants (default: the paper's Table 6 ablations: ssr_off, indicator, erd_initial, erd_last)")
     p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds 0..N-1 (default: 3)")
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare): new, empty, or one sspo compare wrote, whose finished runs are reused")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "
                    "optim.learning_rate=3e-4,1e-3 (beta only for arms with a reference); repeat for several keys; "
@@ -370,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo): new, empty, or one a demo of the same world wrote")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.add_argument("--world", default="shapes", help=f"the world: {' | '.join(world_names())} (default: shapes; moving-shapes: "
                    "AnimateDiff base -> SFT and SSPO -> temporal evaluation, GIF grid)")
@@ -390,7 +388,11 @@ CONTINUE = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: a second or two, in which Ctrl-C is common
+    except KeyboardInterrupt:
+        print("\nsspo: interrupted; nothing was done", file=sys.stderr)
+        return 128 + signal.SIGINT
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (argparse stops positionals at the first option):
     # argparse leaves every positional after an option unparsed, so each is an override, and one
@@ -414,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "stopped by SIGTERM" if isinstance(exc, Stopped) else "interrupted"
-        print(f"\nsspo: {how}; {CONTINUE.get(args.command, 'nothing half-written was left')}", file=sys.stderr)
+        going_on = "nothing half-written was left" if getattr(args, "dry_run", False) else CONTINUE.get(args.command, "nothing half-written was left")
+        print(f"\nsspo: {how}; {going_on}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)

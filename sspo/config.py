@@ -302,8 +302,18 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[parts[-1]] = value
+        _merge(node, parts[-1], value)
     return data
+
+
+def _merge(node: dict, key: str, value: Any) -> None:
+    """``node[key] = value``, but a mapping merges into the section there, as the keys one by one
+    would: ``optim={learning_rate: 1e-4}`` keeps the config's other optim keys."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for inner, inner_value in value.items():
+            _merge(node[key], str(inner), inner_value)
+    else:
+        node[key] = value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

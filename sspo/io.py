@@ -83,20 +83,73 @@ def may_write_in(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def check_folder_target(folder: str | Path, name: str) -> None:
-    """Refuse a folder to write into that is a file, lies under one, or that this user may not write
-    or create (``name``: how the user set it)."""
-    folder = Path(folder)
-    nearest = nearest_existing(folder)
+def check_write_target(path: str | Path, name: str, *, file: bool = False) -> None:
+    """Refuse a folder to write into (with ``file``: a file to write) that lies under a file, is a
+    file where a folder is meant, or that this user may not write or create (``name``: how the user
+    set it)."""
+    path = Path(path)
+    nearest = nearest_existing(path.parent if file else path)
     if not nearest.is_dir():
-        if nearest == folder:
-            raise ConfigError(f"{name} {folder} is a file, not a folder; choose an empty or new folder")
-        raise ConfigError(f"{name} {folder}: {nearest} is a file, not a folder; choose another folder")
+        if nearest == path:
+            raise ConfigError(f"{name} {path} is a file, not a folder; choose an empty or new folder")
+        raise ConfigError(f"{name} {path}: {nearest} is a file, not a folder; choose another {name}")
     if not may_write_in(nearest):
-        if nearest == folder:
-            raise ConfigError(f"{name} {folder}: permission denied, this user may not write in it; choose a folder you can write to")
-        raise ConfigError(f"{name} {folder}: permission denied, this user may not create folders in {nearest}; "
-                          "choose a folder you can write to")
+        where = "write in it" if nearest == path else f"write in {nearest}" if file and nearest == path.parent else f"create folders in {nearest}"
+        raise ConfigError(f"{name} {path}: permission denied, this user may not {where}; choose a folder you can write to")
+
+
+def output_mark(command: str) -> str:
+    """The file that marks a folder as ``sspo <command>``'s output."""
+    return f"sspo-{command}.json"
+
+
+def check_output_folder(folder: str | Path, name: str, command: str, outputs: Iterable[str], record: dict[str, str] | None = None) -> None:
+    """Refuse ``folder`` as the output of ``sspo <command>`` unless it is new, empty, or marked as
+    that command's by :func:`claimed_output_folder` with the same ``record`` (the demo's world): a
+    mistyped ``--out`` never overwrites a user's files, and one command's output never mixes with
+    another's. ``outputs`` are the names the command writes there, for the message about an
+    unmarked folder that holds only those."""
+    check_write_target(folder, name)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    mark = output_mark(command)
+    if mark in names:
+        recorded = read_json(folder / mark, what=f"the record of sspo {command}'s output", fix="delete that folder, or choose another " + name)
+        changed = [f"{key} {recorded.get(key)!r}, not {value!r}" for key, value in (record or {}).items() if recorded.get(key) != value]
+        if changed:
+            raise ConfigError(f"{name} {folder} holds the output of sspo {command} for {', '.join(changed)}; choose another {name}, or delete that folder")
+        return
+    if not names:
+        return
+    if names <= set(outputs):
+        raise ConfigError(f"{name} {folder} holds files named as sspo {command} names its output ({entry_list(names)}) but not its record ({mark}); "
+                          f"delete them, or choose an empty or new folder")
+    raise ConfigError(f"{name} {folder} holds files that are not sspo {command}'s output ({entry_list(names - set(outputs))}); choose an empty or new folder")
+
+
+@contextlib.contextmanager
+def claimed_output_folder(folder: str | Path, name: str, command: str, outputs: Iterable[str], record: dict[str, str] | None = None) -> Iterator[None]:
+    """Check ``folder`` (:func:`check_output_folder`) and mark it as ``sspo <command>``'s output while
+    the command writes it; a command that fails before writing anything leaves no mark and no folder
+    it made."""
+    folder = Path(folder)
+    check_output_folder(folder, name, command, outputs, record)
+    mark = folder / output_mark(command)
+    created = [f for f in [folder, *folder.parents] if not os.path.exists(f)]  # innermost first
+    marked = not mark.exists()
+    if marked:
+        atomic_write_json(mark, {"command": command, **(record or {})})
+    try:
+        yield
+    except BaseException:
+        if marked and [p.name for p in folder.iterdir()] == [mark.name]:
+            mark.unlink()
+            for made in created:
+                with contextlib.suppress(OSError):  # only an empty folder goes
+                    made.rmdir()
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -126,9 +126,24 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(command, und
     assert main(argv) == 2
     line = one_error_line(capsys)
     name = "output_dir" if command == "train" else "--out"
-    assert line == (f"sspo: error: {name} {out}: {notes} is a file, not a folder; choose another folder" if under
+    assert line == (f"sspo: error: {name} {out}: {notes} is a file, not a folder; choose another {name}" if under
                     else f"sspo: error: {name} {out} is a file, not a folder; choose an empty or new folder")
     assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["eval", "eval --videos", "compare", "demo"])
+def test_a_folder_of_the_users_files_is_refused_as_out_before_any_work(command, quick_base, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("grid.png", "results.md", "notes.txt"):  # names these commands write, and one they do not
+        (out / name).write_text("mine")
+    argv = [a.format(model=quick_base, tmp=tmp_path, out=out) for a in OUT_COMMANDS[command]]
+    assert main(argv) == 2
+    foreign = "notes.txt" if command in ("compare", "demo") else "notes.txt, results.md"
+    assert one_error_line(capsys) == (f"sspo: error: --out {out} holds files that are not sspo {command.split()[0]}'s output ({foreign}); "
+                                      "choose an empty or new folder")
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "results.md"]
+    assert all((out / name).read_text() == "mine" for name in ("grid.png", "results.md", "notes.txt"))
 
 
 @pytest.mark.parametrize("command", OUT_COMMANDS)
@@ -160,7 +175,7 @@ def test_a_grid_in_a_folder_this_user_may_not_write_is_refused_before_sampling(q
     monkeypatch.setattr("sspo.models.pipeline.load_pipeline", lambda *a, **kw: pytest.fail("loaded the model before checking --out"))
     out = locked / "grid.png"
     assert main(["sample", "--model", quick_base, "--prompt", PROMPT, "--out", str(out)]) == 2
-    assert one_error_line(capsys) == f"sspo: error: --out {out}: permission denied, this user may not write in {locked}; choose another --out"
+    assert one_error_line(capsys) == f"sspo: error: --out {out}: permission denied, this user may not write in {locked}; choose a folder you can write to"
 
 
 @pytest.mark.parametrize("in_cache", [False, True], ids=["a user's path", "the cache"])
@@ -181,18 +196,29 @@ def test_a_path_this_user_may_not_read_or_write_is_one_line(in_cache, tmp_path, 
     assert one_error_line(capsys) == f"sspo: error: {path}: permission denied; {fix}"
 
 
-@pytest.mark.parametrize("command, keeps", [("train", "with --resume continues"), ("eval", "the images and scores on disk are kept")])
-def test_ctrl_c_is_one_line_saying_how_to_go_on(command, keeps, capsys, monkeypatch):
+@pytest.mark.parametrize("argv, keeps", [(["train", "sd15-lora"], "with --resume continues"), (["eval", "--model", "shapes-base"], "the images and scores on disk are kept"),
+                                          (["train", "sd15-lora", "--dry-run"], "nothing half-written was left")])
+def test_ctrl_c_is_one_line_saying_how_to_go_on(argv, keeps, capsys, monkeypatch):
     import sspo.cli
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sspo.cli, f"_{command}", interrupted)
-    argv = {"train": ["train", "sd15-lora"], "eval": ["eval", "--model", "shapes-base"]}[command]
+    monkeypatch.setattr(sspo.cli, f"_{argv[0]}", interrupted)
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("sspo: interrupted; ") and keeps in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_while_the_command_line_is_being_set_up_is_one_line(capsys, monkeypatch):
+    import sspo.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sspo.cli, "build_parser", interrupted)  # it imports torch: the first seconds of every command
+    assert main(["train", "sd15-lora"]) == 130
+    assert capsys.readouterr().err.strip() == "sspo: interrupted; nothing was done"
 
 
 def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, monkeypatch):

@@ -116,6 +116,12 @@ def test_apply_overrides_nested_in_place():
     assert data == {"optim": {"batch_size": 8}, "negatives": {"steps": 5}, "pregenerate": False, "data": {"max_samples": None}}
 
 
+def test_a_mapping_override_merges_into_its_section_as_the_keys_one_by_one_would():
+    data = {"optim": {"batch_size": 2, "learning_rate": 1e-3}, "data": {"source": "shapes"}}
+    apply_overrides(data, ["optim={learning_rate: 0.0001}", "data={source: parquet, frames: 8}"])
+    assert data == {"optim": {"batch_size": 2, "learning_rate": 1e-4}, "data": {"source": "parquet", "frames": 8}}
+
+
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["optim.learning_rate"])

@@ -11,7 +11,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sspo.errors import SSPOError
-from sspo.io import DamagedFileError, check_image, open_tensors, read_json, read_jsonl, read_tensors, save_tensors, shape_problem, sort_safetensors_metadata
+from sspo.io import (
+    DamagedFileError,
+    check_image,
+    check_output_folder,
+    claimed_output_folder,
+    open_tensors,
+    read_json,
+    read_jsonl,
+    read_tensors,
+    save_tensors,
+    shape_problem,
+    sort_safetensors_metadata,
+)
 
 METADATA = {"format": "pt", "lora_adapter_metadata": json.dumps({"r": 4, "target_modules": ["to_k", "to_q"]}, indent=2)}
 TENSORS = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3, dtype=torch.float16)}
@@ -139,3 +151,51 @@ def test_tensor_and_image_readers_name_a_damaged_file(tmp_path):
         image.write_bytes(damaged)
         with pytest.raises(DamagedFileError, match=rf"sample {image} is damaged \(.*\); generate it"):
             check_image(image, what="sample", fix="generate it")
+
+
+OUTPUTS = ("results.md", "grid.png", "runs")
+
+
+def test_an_output_folder_is_claimed_when_new_or_empty_and_kept_by_its_command(tmp_path):
+    out = tmp_path / "new" / "demo"
+    with claimed_output_folder(out, "--out", "demo", OUTPUTS, {"world": "shapes"}):
+        (out / "results.md").write_text("table")
+    assert json.loads((out / "sspo-demo.json").read_text()) == {"command": "demo", "world": "shapes"}
+    with claimed_output_folder(out, "--out", "demo", OUTPUTS, {"world": "shapes"}):  # its own output: written again
+        (out / "results.md").write_text("table 2")
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", "--out", "demo", OUTPUTS)
+
+
+@pytest.mark.parametrize("names, problem", [
+    (["results.md", "notes.txt"], "holds files that are not sspo demo's output (notes.txt); choose an empty or new folder"),
+    (["results.md", "grid.png"], "holds files named as sspo demo names its output (grid.png, results.md) but not its record (sspo-demo.json); "
+                                 "delete them, or choose an empty or new folder"),
+    (["results.md", "sspo-eval.json"], "holds files that are not sspo demo's output (sspo-eval.json); choose an empty or new folder"),
+])
+def test_a_folder_of_the_users_or_another_commands_files_is_refused_untouched(names, problem, tmp_path):
+    for name in names:
+        (tmp_path / name).write_text("mine")
+    with pytest.raises(SSPOError) as raised, claimed_output_folder(tmp_path, "--out", "demo", OUTPUTS):
+        pytest.fail("the command ran")
+    assert str(raised.value) == f"--out {tmp_path} {problem}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names) and all((tmp_path / n).read_text() == "mine" for n in names)
+
+
+def test_a_demo_of_another_world_is_refused(tmp_path):
+    with claimed_output_folder(tmp_path, "--out", "demo", OUTPUTS, {"world": "shapes"}):
+        (tmp_path / "grid.png").write_text("a grid")
+    with pytest.raises(SSPOError, match=r"holds the output of sspo demo for world 'shapes', not 'moving-shapes'; choose another --out, or delete that folder"):
+        check_output_folder(tmp_path, "--out", "demo", OUTPUTS, {"world": "moving-shapes"})
+
+
+def test_a_command_that_fails_before_writing_leaves_no_mark_and_no_folder(tmp_path):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(KeyboardInterrupt), claimed_output_folder(out, "--out", "eval", OUTPUTS):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    # one that wrote something keeps it, and its mark, so that a re-run may go on
+    with pytest.raises(RuntimeError), claimed_output_folder(out, "--out", "eval", OUTPUTS):
+        (out / "runs").mkdir()
+        raise RuntimeError
+    assert sorted(p.name for p in out.iterdir()) == ["runs", "sspo-eval.json"]

@@ -94,7 +94,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         self.arms, self.sampler_steps, self.overrides = tuple(self.arms), tuple(self.sampler_steps), tuple(self.overrides)
         validate(self)
-        check(self.model in MODELS or Path(self.model).expanduser().is_dir(), "model", f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder")
+        check(self.model in MODELS or (Path(self.model).expanduser() / "model_index.json").is_file(), "model",
+              f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder (one holding model_index.json)")
 
 
 # A flow-matching pipeline trains as its shipped config says: LoRA targets, flow matching's sigma

@@ -40,7 +40,7 @@ from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, sho
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_png
 from sspo.evaluation.scorers.stats import mean_ci_crossed
-from sspo.io import atomic_write_json, atomic_write_text, check_folder_target, read_json
+from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder, read_json
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
 from sspo.training.run_state import config_differences
@@ -78,6 +78,7 @@ def table1() -> tuple[str, ...]:
 
 
 SHOWCASE_CELL = 96
+OUTPUTS = ("runs", "select", "results.md", "results.json", "figure9_reward.png", "figure4_ssr_rate.png", "grid.png")
 QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=4", "negatives.steps=5"]
 
 
@@ -124,6 +125,7 @@ def check_reusable(run_dir: Path, cfg: TrainConfig | None, saved: dict | None, s
     if cfg is not None and (run_dir / "config.yaml").is_file():
         trained, wanted = load_yaml(run_dir / "config.yaml"), dataclasses.asdict(resolved(cfg))
         differences += config_differences(trained, wanted, dataclasses.asdict(TrainConfig()))
+        # The resume check lets iterations change (a resumed run may be extended); a finished run's result depends on them.
         differences += [f"{key}: {trained.get(key)!r} -> {wanted[key]!r}" for key in ("iterations",) if trained.get(key) != wanted[key]]
     if saved is None:
         differences.append("evaluation settings: not recorded")
@@ -335,6 +337,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
                 chosen_in: str | Path | None = None, added_points: Sequence[str] = ()) -> dict:
     """Every arm of ``names`` for every training seed (``jobs`` runs at a time), with settings chosen on
     ``grid`` or taken from the comparison whose ``results.json`` is ``chosen_in``; writes the report."""
+    names = list(dict.fromkeys(names))  # an arm named twice (--methods sft --ablations sft) is one arm
     unknown = [a for a in names if a not in arms()]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")
@@ -346,7 +349,6 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError("--settings-from and --grid both choose the arms' settings; give one of them")
     started = time.time()
     out = Path(out)
-    check_folder_target(out, "--out")
     extra = [*(QUICK if quick else []), *overrides]
     # The world the config names (validation.world, else data.source), sampled as its negatives are.
     probe = resolved(load_config(TrainConfig, config, extra))  # negatives.guidance_scale as the arms train with it
@@ -358,19 +360,20 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError("--training-seeds 0: expected 1 or more training runs per arm")
     if not 1 <= selection_seeds <= len(seeds):
         raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --training-seeds ({len(seeds)})")
-    if chosen_in:
-        chosen = settings_from(chosen_in, names)
-        check_arm_configs(config, [(arm, chosen[arm]["overrides"]) for arm in names], out, extra)
-    else:
-        parsed = parse_grid(grid)
-        chosen = select_settings(config, names, parsed, seeds[:selection_seeds], out, extra, validation_cfg, jobs, parse_points(added_points, parsed))
-    planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
-    tasks = [functools.partial(run_arm, config, arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]],
-                               eval_cfg) for arm, seed in planned]
-    results: dict[str, list[dict]] = {}
-    for (arm, _), summary in zip(planned, run_all(tasks, jobs, "training and evaluating")):
-        results.setdefault(arm, []).append(summary)
-    write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world, selection_seeds)
-    write_figures(out, names, seeds, chosen, eval_cfg)
-    print((out / "results.md").read_text())
+    with claimed_output_folder(out, "--out", "compare", OUTPUTS):
+        if chosen_in:
+            chosen = settings_from(chosen_in, names)
+            check_arm_configs(config, [(arm, chosen[arm]["overrides"]) for arm in names], out, extra)
+        else:
+            parsed = parse_grid(grid)
+            chosen = select_settings(config, names, parsed, seeds[:selection_seeds], out, extra, validation_cfg, jobs, parse_points(added_points, parsed))
+        planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
+        tasks = [functools.partial(run_arm, config, arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]],
+                                   eval_cfg) for arm, seed in planned]
+        results: dict[str, list[dict]] = {}
+        for (arm, _), summary in zip(planned, run_all(tasks, jobs, "training and evaluating")):
+            results.setdefault(arm, []).append(summary)
+        write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world, selection_seeds)
+        write_figures(out, names, seeds, chosen, eval_cfg)
+        print((out / "results.md").read_text())
     return results

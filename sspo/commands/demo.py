@@ -22,14 +22,16 @@ from sspo.errors import SSPOError
 from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, showcase_rewards, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
-from sspo.io import atomic_write_json, atomic_write_text, check_folder_target
+from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder
 from sspo.training.config import TrainConfig
+from sspo.training.methods import METHODS
 from sspo.training.trainer import train
-from sspo.worlds import World, get_world
+from sspo.worlds import DemoSettings, World, get_world
 from sspo.worlds.names import resolve_model
 
 log = logging.getLogger(__name__)
 
+OUTPUTS = ("results.md", "results.json", "grid.png", "grid.gif", "training.png")  # and a run folder per arm
 QUICK = ["iterations=2", "steps_per_iteration=2", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
 
 
@@ -76,12 +78,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, world: str = "s
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     out = Path(out)
-    check_folder_target(out, "--out")
     world = get_world(world, "--world")
     base_name = base or world.base
     if not world.names_base(base_name):
         raise SSPOError(f"--base: {base_name!r} is not a base of world {world.name!r}; expected {world.base!r} or {world.base}:<preset>")
     settings = world.demo_of(base_name)
+    # A demo of another world writes other arms and another grid (grid.gif, grid.png): never mixed in one folder.
+    with claimed_output_folder(out, "--out", "demo", {*OUTPUTS, *METHODS}, {"world": world.name}):
+        return _run_demo(out, quick, world, jobs, base_name, settings)
+
+
+def _run_demo(out: Path, quick: bool, world: World, jobs: int, base_name: str, settings: DemoSettings) -> dict:
     trained_from = demo_base(world, base_name, quick)
     started = time.time()
     base = resolve_model(trained_from)

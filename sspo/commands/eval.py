@@ -16,6 +16,8 @@ metric adds a column per component) and writes, under ``out``::
     reward_hist.png                            one panel per metric, one histogram per model (this call's)
     grid.png                                   rows = models, columns = the first prompts (first seed;
                                                a clip's middle frame)
+    sspo-eval.json                             marks the folder as sspo eval's: any other folder that
+                                               holds files is refused as --out
 
 Everything is resumable and a re-run adds to the folder: images on disk are kept (a folder made
 with other settings is an error, not silently mixed), and scores in ``scores.csv`` are reused while
@@ -52,13 +54,16 @@ from sspo.evaluation.sampling import generate, image_grid, save_png
 from sspo.evaluation.scorers import build_scorer, scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
-from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_folder_target, check_image, file_stats, read_json
+from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, claimed_output_folder, file_stats, read_json
 from sspo.video_io import decode_clip, write_clip
 from sspo.worlds.names import shared_guidance_scale
 
 log = logging.getLogger(__name__)
 
 ALL = "all"  # the summary group holding every prompt
+# What sspo eval writes into --out, with or without --videos (sspo/commands/eval_videos.py).
+OUTPUTS = ("images", "scores.csv", "scorers.json", "summary.json", "summary.md", "reward_hist.png", "grid.png",
+           "video_scores.csv", "video_summary.json", "video_summary.md", "video_hist.png")
 KEY_COLUMNS = ("model", "prompt_set", "category", "prompt_index", "seed", "prompt")
 SCORE_CHUNK = 256  # images read from disk at a time while scoring
 
@@ -166,7 +171,6 @@ def run_eval(
     ``scorer_paths`` / ``scorer_options``: per metric, the weights and ``build_scorer`` options.
     """
     out = Path(out)
-    check_folder_target(out, "--out")
     check_models(models)
     if cfg.guidance_scale is None:
         cfg = dataclasses.replace(cfg, guidance_scale=shared_guidance_scale([m.path for m in models]))
@@ -192,32 +196,33 @@ def run_eval(
     for model in models:  # before any folder is made
         if model.lora:
             check_lora_path(Path(model.lora).expanduser())
-    plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
-    generated = set()
-    for plan in plans:
-        generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
-        generated |= {(plan.model.name, item.prompt_index, item.seed) for item in plan.todo}
+    with claimed_output_folder(out, "--out", "eval", OUTPUTS):
+        plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
+        generated = set()
+        for plan in plans:
+            generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
+            generated |= {(plan.model.name, item.prompt_index, item.seed) for item in plan.todo}
 
-    identities = {m: {"path": scorer_paths.get(m), "options": {k: str(v) for k, v in sorted(scorer_options.get(m, {}).items())}} for m in metrics}
-    rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=cfg.scorer_batch_size, device=device, generated=generated)
-    columns = [c for m in metrics for c in metric_columns(m)]
+        identities = {m: {"path": scorer_paths.get(m), "options": {k: str(v) for k, v in sorted(scorer_options.get(m, {}).items())}} for m in metrics}
+        rows = score_all(models, items, set_name, metrics, out, identities, scorer_batch_size=cfg.scorer_batch_size, device=device, generated=generated)
+        columns = [c for m in metrics for c in metric_columns(m)]
 
-    summary = {
-        "prompt_set": set_name,
-        "prompt_source": cfg.prompt_source,
-        "n_prompts": len(selected),
-        "seeds": list(cfg.seeds),
-        "metrics": list(metrics),
-        "columns": columns,
-        "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.world is not None else {}),
-        "models": [dataclasses.asdict(m) for m in models],
-        "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
-        "results": stats_by_category(rows, models, columns),
-    }
-    atomic_write_json(out / "summary.json", json_safe(summary))
-    atomic_write_text(out / "summary.md", format_summary(summary))
-    plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
-    write_grid(models, selected, cfg.seeds[0], out, cfg.grid_prompts)
+        summary = {
+            "prompt_set": set_name,
+            "prompt_source": cfg.prompt_source,
+            "n_prompts": len(selected),
+            "seeds": list(cfg.seeds),
+            "metrics": list(metrics),
+            "columns": columns,
+            "settings": settings | {"limit": cfg.limit} | ({"split_seed": cfg.split_seed, "prompts_per_split": cfg.prompts_per_split} if cfg.world is not None else {}),
+            "models": [dataclasses.asdict(m) for m in models],
+            "statistic": "mean over prompts of each prompt's mean over seeds; Student-t 95% CI over prompts",
+            "results": stats_by_category(rows, models, columns),
+        }
+        atomic_write_json(out / "summary.json", json_safe(summary))
+        atomic_write_text(out / "summary.md", format_summary(summary))
+        plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
+        write_grid(models, selected, cfg.seeds[0], out, cfg.grid_prompts)
     return summary
 
 
@@ -241,7 +246,6 @@ def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings
     manifest = read_json(manifest_path, what="the image manifest", shape={"settings": dict, "prompts": {str: str}}, default=None,
                          fix=f"it records what the images in {folder} were made with: delete that folder to generate them again, or use another --out")
     manifest = manifest or {"settings": settings, "prompts": {}}
-    manifest["settings"].setdefault("frames", settings["frames"])  # a manifest without frames is an image model's: any frame count makes the same images
     if manifest["settings"] != settings:
         changed = ", ".join(
             "the weight files, written again since" if k == "weights" else f"{k}: {manifest['settings'].get(k)!r} -> {v!r}"

@@ -34,6 +34,7 @@ import torch
 
 from sspo.commands.eval import (
     ALL,
+    OUTPUTS,
     ModelSpec,
     check_models,
     free_memory,
@@ -47,10 +48,11 @@ from sspo.commands.eval import (
     stats_by_category,
     write_scores,
 )
+from sspo.config import Allowed
 from sspo.errors import DataError, ModelError, SSPOError
 from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts
-from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, frechet_distance
-from sspo.io import atomic_write_json, atomic_write_text, check_folder_target
+from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, check_option_value, check_options, frechet_distance
+from sspo.io import atomic_write_json, atomic_write_text, check_output_folder, claimed_output_folder
 from sspo.video_io import read_clip
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def run_video_eval(
     ``scorer_options``: per metric, :func:`~sspo.evaluation.video_metrics.build_video_metric` options and ``bootstrap``.
     """
     out = Path(out)
-    check_folder_target(out, "--out")
+    check_output_folder(out, "--out", "eval", OUTPUTS)  # before the clips are scored
     check_models(models)
     metrics = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
     scorer_paths = dict(scorer_paths or {})
@@ -121,7 +123,7 @@ def run_video_eval(
     distances: dict[str, dict] = {}
     for metric in metrics:
         metric_options = dict(options.get(metric, {}))
-        replicates = int(metric_options.pop("bootstrap", BOOTSTRAP)) if metric in DISTANCE_METRICS else 0
+        replicates = metric_options.pop("bootstrap", BOOTSTRAP) if metric in DISTANCE_METRICS else 0
         try:
             measure = build_video_metric(metric, scorer_paths.get(metric), device=device, **{"batch_size": cfg.scorer_batch_size} | metric_options)
         except ModelError as exc:
@@ -155,14 +157,15 @@ def run_video_eval(
         "fid, fvd: the distance over all of the group's clips, 95% percentile bootstrap interval over prompts",
         "results": results,
     }
-    old_columns, kept = read_scores(out / "video_scores.csv")
-    for row in rows:
-        kept.pop(row_key(row), None)
-    write_scores(out / "video_scores.csv", [*rows, *kept.values()], [*per_clip, *old_columns])
-    atomic_write_json(out / "video_summary.json", json_safe(summary))
-    atomic_write_text(out / "video_summary.md", format_video_summary(summary))
-    if per_clip:
-        plot_reward_hist(rows, models, per_clip, out / "video_hist.png")
+    with claimed_output_folder(out, "--out", "eval", OUTPUTS):
+        old_columns, kept = read_scores(out / "video_scores.csv")
+        for row in rows:
+            kept.pop(row_key(row), None)
+        write_scores(out / "video_scores.csv", [*rows, *kept.values()], [*per_clip, *old_columns])
+        atomic_write_json(out / "video_summary.json", json_safe(summary))
+        atomic_write_text(out / "video_summary.md", format_video_summary(summary))
+        if per_clip:
+            plot_reward_hist(rows, models, per_clip, out / "video_hist.png")
     return summary
 
 
@@ -179,6 +182,11 @@ def _check_arguments(metrics: Sequence[str], paths: Mapping[str, str], options: 
             raise ModelError(f"metric {metric!r} needs {BACKBONES[metric]}: pass --scorer-path {metric}=PATH (docs/video-metrics.md)")
         if isinstance(path, (str, Path)) and path != "pixels" and not Path(path).expanduser().is_file():
             raise ModelError(f"metric {metric!r}: no such file: {path} (set --scorer-path {metric}=PATH)")
+    for metric, metric_options in options.items():
+        metric_options = dict(metric_options)
+        if metric in DISTANCE_METRICS and "bootstrap" in metric_options:
+            check_option_value(metric, "bootstrap", metric_options.pop("bootstrap"), int, Allowed(at_least=0))
+        check_options(metric, metric_options)
     needing = [m for m in metrics if m in REFERENCE_METRICS]
     if needing and reference is None:
         raise SSPOError(f"{', '.join(needing)} need reference clips: pass --reference-videos DIR (clips named <prompt_index>.<ext>)")

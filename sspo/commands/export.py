@@ -62,6 +62,8 @@ def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | P
 
 
 def _check_lora_run(run: Path) -> None:
+    if not os.path.exists(run):
+        raise SSPOError(f"{run} does not exist; pass the output_dir that sspo train wrote")
     if not (run / "config.yaml").is_file():
         raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote{set_aside_note(run)}")
     final = run / FINAL
@@ -182,6 +184,17 @@ def write_diffusers(lora: Lora, out: Path) -> None:
         os.replace(Path(folder) / LORA_FILE, tmp)
 
 
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SSPOError(f"--push-to-hub {repo_id!r} is not a hub repository id; give one like your-name/sspo-lora "
+                        "(letters, digits, '-', '_' and '.')") from None
+
+
 def push_to_hub(file: Path, repo_id: str) -> str:
     """Upload ``file`` to the hub model repository ``repo_id`` (made if missing); returns the repository's URL.
     The token is huggingface_hub's own: $HF_TOKEN, or the one ``hf auth login`` saved."""
@@ -193,6 +206,6 @@ def push_to_hub(file: Path, repo_id: str) -> str:
         api.upload_file(path_or_fileobj=str(file), path_in_repo=file.name, repo_id=repo_id, commit_message=f"sspo export: {file.name}")
     except Exception as exc:  # the hub client raises its HTTP library's errors, which differ between its versions, besides its own
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SSPOError(f"--push-to-hub {repo_id}: the upload failed ({reason}); {file} is written: push it again once the hub is reachable "
-                        "and HF_TOKEN holds a token that may write there") from None
+        raise SSPOError(f"--push-to-hub {repo_id}: the upload failed ({reason}); {file} is written: once the hub is reachable and HF_TOKEN "
+                        "holds a token that may write there, run the same command with --force to write and push it again") from None
     return str(url)

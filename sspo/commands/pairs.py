@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
-from sspo.io import check_folder_target, entry_list, read_json
+from sspo.io import check_write_target, entry_list, read_json
 from sspo.paths import build_lock, cache_root
 from sspo.training.config import TrainConfig
 from sspo.worlds.names import resolve_model
@@ -118,7 +118,7 @@ def default_folder(cfg: PairsConfig, level: str | None = None) -> Path:
 def existing_pairs(folder: Path) -> dict | None:
     """The record of the pairs ``folder`` holds, None for a new or empty folder; a folder holding
     anything else is refused, so that building never writes among a user's files."""
-    check_folder_target(folder, "--out")
+    check_write_target(folder, "--out")
     if not folder.exists():
         return None
     names = sorted(p.name for p in folder.iterdir())
@@ -153,7 +153,8 @@ def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | No
         head = {
             "key": key,
             "level": level,
-            "level_target_R_win": world.pairs.levels[level].target_r_win if level else None,
+            # --quick pairs come from the small base after 2 steps: a smoke test, not the level's pairs
+            "level_target_R_win": world.pairs.levels[level].target_r_win if level and not cfg.base.endswith(":quick") else None,
             "config": to_dict(cfg),
             "generator": {"steps": cfg.steps, "key": generator_key(cfg), "recipe": to_dict(generator_config(cfg, "generator")) | {"output_dir": None}},
         }
@@ -207,7 +208,8 @@ def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None
         print(format_sweep(sweep(cfg, sweep_steps)))
         return
     folder, record, reused = build_pairs(cfg, out, level)
-    target = f" (level {level}: target R_win {entry.pairs.levels[level].target_r_win:.2f})" if level else ""
+    target = (f" (level {level}: target R_win {entry.pairs.levels[level].target_r_win:.2f})" if level and not quick else
+              f" (level {level}, --quick: a smoke test on the small base, not the level's pairs)" if level else "")
     kind = "clips" if entry.clips else "images"
     print(f"{'reused' if reused else 'wrote'} {folder / 'pairs.parquet'}{target}")
     print(f"  G: the base after {cfg.steps} SFT steps on clean {kind}; {record['prompts']} training prompts, {cfg.pairs_per_prompt * 2} samples each")
@@ -219,5 +221,5 @@ def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None
     print(f"  record: {folder / 'pairs.json'}")
     first, second = entry.pair_columns
     columns = "" if (first, second) == ("jpg_0", "jpg_1") else f" data.image_0_column={first} data.image_1_column={second}"
-    print(f"  train on it: sspo train configs/{entry.pairs.generator_config.name} data.source=parquet data.path={folder / 'pairs.parquet'}{columns} "
+    print(f"  train on it: sspo train {entry.pairs.generator_config.stem} data.source=parquet data.path={folder / 'pairs.parquet'}{columns} "
           f"validation.world={entry.name}")

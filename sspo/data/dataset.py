@@ -261,6 +261,7 @@ def load_dataset_from_config(cfg: DataConfig) -> PreferenceDataset:
     world = find_world(cfg.source)
     if world is not None:  # a world writes itself as a Pick-a-Pic-style parquet, read like any other
         check(not world.clips or cfg.frames > 0, "data.frames", f"source {world.name} is clips: set the frames per clip, e.g. 8")
+        check(world.clips or not cfg.frames, "data.frames", f"source {world.name} is images: set data.frames=0")
         request = TrainingDataRequest(cfg.world_split_seed, cfg.world_pairs_per_prompt, cfg.resolution, cfg.frames, cfg.world_without_validation)
         first, second = world.pair_columns
         cfg = dataclasses.replace(cfg, source="parquet", path=str(world.training_data(request)), image_0_column=first, image_1_column=second)

@@ -22,14 +22,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sspo.config import Allowed
 from sspo.errors import ModelError, SSPOError
 
 VIDEO_METRICS = ("fid", "psnr", "fvd", "mtscore", "chscore")  # the paper's Table 5, in its order
@@ -317,18 +319,40 @@ def build_video_metric(
         if not hasattr(module, "text_features"):
             raise ModelError(f"{what}: {backbone} has no text_features attribute (the embeddings [10, D] of sspo.evaluation.video_metrics.MTSCORE_CANDIDATES)")
         return _clip_only(_bind(mtscore, options, name), encoder=lambda x: module(x.to(device)), text_features=module.text_features)
+    check_options(name, options)
     options = dict(options)
-    grid_size = int(options.pop("grid_size", 30))  # CoTracker's call: (tracks, visibility) of a grid_size^2 grid
-    return _clip_only(_bind(chscore, options, name, also=("grid_size",)),
+    grid_size = options.pop("grid_size", 30)  # CoTracker's call: (tracks, visibility) of a grid_size^2 grid
+    return _clip_only(_bind(chscore, options, name),
                       tracker=lambda x: module(x.to(device), grid_size=grid_size)[1])
 
 
-def _bind(function: Callable, options: dict, name: str, also: tuple[str, ...] = ()) -> Callable:
-    """``function`` with ``options``, each of which must be one of its keyword-only parameters (or in ``also``, used by the caller)."""
-    allowed = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise SSPOError(f"metric {name!r} has no option {unknown[0]!r}; its options: {', '.join([*allowed, *also]) or 'none'}")
+_MEASURES = {"fid": fid_features, "psnr": psnr, "fvd": fvd_features, "mtscore": mtscore, "chscore": chscore}  # their keywords are the options
+
+
+def check_options(name: str, options: Mapping) -> None:
+    """Refuse an option metric ``name`` does not have (its measure's keyword-only parameters, and
+    chscore's ``grid_size``) or a value it cannot take, before any backbone is loaded: every option is
+    a count or a size (an integer above 0) or a threshold (a number, 0 or more)."""
+    function = _MEASURES[name]
+    hints = typing.get_type_hints(function) | ({"grid_size": int} if name == "chscore" else {})
+    allowed = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY] + (["grid_size"] if name == "chscore" else [])
+    for key, value in options.items():
+        if key not in allowed:
+            raise SSPOError(f"metric {name!r} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
+        hint = hints[key]
+        count = hint is int or int in typing.get_args(hint)
+        check_option_value(name, key, value, int if count else float, Allowed(above=0) if count else Allowed(at_least=0))
+
+
+def check_option_value(metric: str, key: str, value, item_type: type, rule: Allowed) -> None:
+    """One line naming the metric's option unless ``value`` is an ``item_type`` that ``rule`` admits."""
+    if isinstance(value, bool) or not isinstance(value, int if item_type is int else (int, float)) or not rule.admits(value):
+        raise SSPOError(f"metric {metric!r} option {key!r}: got {value!r}, expected {rule.describe(item_type)}")
+
+
+def _bind(function: Callable, options: dict, name: str) -> Callable:
+    """``function`` with ``options`` (:func:`check_options`)."""
+    check_options(name, options)
     return functools.partial(function, **options)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json, check_folder_target, entry_list
+from sspo.io import atomic_write_json, check_write_target, entry_list
 from sspo.paths import PREVIOUS_RUN
 from sspo.training.config import TrainConfig
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
@@ -69,7 +69,7 @@ def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
 def check_output_dir(run_dir: str | Path) -> None:
     """Refuse an ``output_dir`` that exists and holds files but is not a run folder."""
     run_dir = Path(run_dir)
-    check_folder_target(run_dir, "output_dir")
+    check_write_target(run_dir, "output_dir")
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sspo.config import save_yaml
+from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, TrainingError
@@ -66,6 +66,15 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
     if read_first_row:
         dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
     return dataset
+
+
+def check_frames(cfg: TrainConfig, video: bool) -> None:
+    """``data.frames`` fits what the model makes: clips of that many frames, or images (0)."""
+    if video:
+        check(cfg.data.frames > 0, "data.frames", "is 0 (images), but the model makes clips; set the frames per clip, e.g. data.frames=8")
+    else:
+        check(not cfg.data.frames, "data.frames", f"is {cfg.data.frames} (clips), but the model makes images; set data.frames=0, "
+              "or train a video model (model.motion_adapter)")
 
 
 def validation_metric_prompts(cfg: TrainConfig, video: bool) -> list[str]:
@@ -136,6 +145,7 @@ class Trainer(Checkpointing):
         for name in self.family.frozen_components:
             if (component := self.family.component(name)) is not None:  # SD3 may be saved without T5
                 component.requires_grad_(False).eval()
+        check_frames(cfg, self.family.video)
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
 
@@ -556,6 +566,7 @@ def dry_run(cfg: TrainConfig) -> str:
             denoiser = denoiser_skeleton(name, config, family.denoiser_component, cfg.model.revision)
             family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
         model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
+    check_frames(cfg, video)
     validation_metric_prompts(cfg, video)
     processes = PartialState().num_processes
     rows = {"model": model, **run_settings(cfg, processes, video)}

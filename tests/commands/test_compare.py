@@ -113,6 +113,22 @@ def test_selection_over_several_seeds_keeps_a_lucky_seed_from_choosing(tmp_path,
     assert len(set(runs)) == 4  # seed 0's runs are shared by both selections
 
 
+def test_an_arm_named_twice_is_trained_once(tmp_path, monkeypatch):
+    """``--methods sft --ablations sft`` names sft twice: one run, not two into one folder."""
+    class Planned(Exception):
+        pass
+
+    def planned(tasks, jobs, what):  # settings are not searched (no grid): the first runs are the arms'
+        if tasks:
+            raise Planned([task.args[3].name for task in tasks])
+        return []
+
+    monkeypatch.setattr(compare, "run_all", planned)
+    with pytest.raises(Planned) as raised:
+        compare.run_compare(CONFIG, ["sft", "sspo", "sft"], [0], tmp_path / "cmp")
+    assert raised.value.args[0] == ["sft-seed0", "sspo-seed0"]
+
+
 def test_more_selection_seeds_than_seeds_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--selection-seeds 3: expected 1 to --training-seeds"):
         compare.run_compare(CONFIG, ["sft"], [0, 1], tmp_path, selection_seeds=3)

@@ -20,6 +20,10 @@ def test_video_demo_trains_evaluates_and_writes_an_animated_grid(tmp_path):
     assert "gain vs base" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["seconds"]["total"] > 0
     assert (tmp_path / "sspo" / "validation.jsonl").is_file() and (tmp_path / "training.png").is_file()
+    # a demo of another world writes another grid and other arms: not into this folder
+    with pytest.raises(SSPOError, match="holds the output of sspo demo for world 'moving-shapes', not 'shapes'; choose another --out"):
+        run_demo(tmp_path, quick=True)
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_the_flow_base_demo_trains_every_arm_from_the_flow_base(tmp_path):

@@ -110,23 +110,6 @@ def test_rerun_reuses_images_and_scores(first_run, quick_base, clip_model_dir, c
     assert [r["pickscore"] for r in base if r["seed"] == "1"] == [""] * 4
 
 
-def test_a_folder_from_before_frames_were_recorded_resumes(first_run, quick_base, tmp_path, monkeypatch):
-    import shutil
-
-    out = tmp_path / "eval"
-    shutil.copytree(first_run / "images", out / "images")
-    manifest = out / "images" / "base" / "manifest.json"
-    record = json.loads(manifest.read_text())
-    del record["settings"]["frames"]
-    manifest.write_text(json.dumps(record))
-
-    def no_generation(*args, **kwargs):
-        raise AssertionError("an image on disk was generated again")
-
-    monkeypatch.setattr(bench_eval, "generate", no_generation)
-    run_eval([ModelSpec("base", quick_base)], EvalConfig(metrics=("shapes",), seeds=(0,), steps=2, batch_size=3, prompts_per_split=2), out)
-
-
 def test_other_settings_in_the_same_folder_are_an_error(first_run, quick_base):
     with pytest.raises(bench_eval.SSPOError, match="other settings.*steps: 2 -> 3"):
         run_eval([ModelSpec("base", quick_base)], EvalConfig(metrics=("shapes",), seeds=(0,), steps=3, prompts_per_split=2), first_run)

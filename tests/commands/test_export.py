@@ -199,6 +199,8 @@ def test_bad_flags_are_one_error_line(flags, message, lora_run, tmp_path, capsys
 def test_runs_without_what_is_asked_for_are_named(lora_run, tmp_path, capsys):
     status, line = export(capsys, tmp_path, "--format", "kohya")
     assert status == 2 and "is not a training run's folder (no config.yaml there)" in line
+    status, line = export(capsys, tmp_path / "nothere", "--format", "kohya")
+    assert status == 2 and line == f"sspo: error: {tmp_path / 'nothere'} does not exist; pass the output_dir that sspo train wrote"
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     shutil.rmtree(run / "pool")
@@ -262,6 +264,15 @@ def test_a_failed_upload_is_one_error_line_and_keeps_the_file(hub, lora_run, tmp
     status, line = export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--push-to-hub", "someone/sspo-lora")
     assert status == 2 and line.startswith("sspo: error: --push-to-hub someone/sspo-lora: the upload failed (could not reach huggingface.co);")
     assert f"{out} is written" in line and load_file(out)
+    hub.fail = None  # the fix the line gives works: the same command with --force
+    assert export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--push-to-hub", "someone/sspo-lora", "--force")[0] == 0
+
+
+def test_a_bad_repo_id_is_refused_before_the_file_is_written(hub, lora_run, tmp_path, capsys):
+    out = tmp_path / "lora.safetensors"
+    status, line = export(capsys, lora_run, "--format", "kohya", "--out", str(out), "--push-to-hub", "my lora")
+    assert status == 2 and line.startswith("sspo: error: --push-to-hub 'my lora' is not a hub repository id")
+    assert not out.exists() and not hub.calls
 
 
 def test_a_pool_checkpoint_file_is_unchanged_by_its_adapter_config(lora_run):

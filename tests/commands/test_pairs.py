@@ -69,6 +69,22 @@ def test_pairs_are_tie_free_and_their_winners_outscore_their_losers_on_the_exact
     assert "wrote" in stdout and f"R_win {record['R_win']:.3f}" in stdout
 
 
+def test_the_printed_training_command_runs_from_any_folder(quick_pairs, tmp_path, monkeypatch, capsys):
+    _, stdout = quick_pairs
+    command = stdout.split("train on it: ")[1].split()
+    assert command[:2] == ["sspo", "train"]
+    monkeypatch.chdir(tmp_path)  # not a checkout: a shipped config is found by its name
+    assert main([*command[1:], f"output_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    assert "config, data and model OK" in capsys.readouterr().out
+
+
+def test_quick_pairs_of_a_level_do_not_claim_its_target(quick_base, tmp_path, capsys):
+    assert main(["pairs", "--level", "mid", "--quick", "--out", str(tmp_path / "pairs")]) == 0
+    assert "(level mid, --quick: a smoke test on the small base, not the level's pairs)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "pairs" / "pairs.json").read_text())
+    assert record["level"] == "mid" and record["level_target_R_win"] is None
+
+
 def test_pairs_are_deterministic_and_a_built_folder_is_reused(quick_pairs, tmp_path):
     folder, _ = quick_pairs
     again, record, reused = build_pairs(QUICK, tmp_path / "again")

@@ -317,6 +317,11 @@ def test_eval_videos_writes_the_table_with_intervals(clip_folders, backbones, tm
         (["--metrics", "fvd", "--scorer-path", "fvd="], "--scorer-path takes METRIC=PATH"),
         (["--metrics", "pickscore"], "unknown video metric 'pickscore'"),
         (["--scorer-option", "psnr.frames=3", "--metrics", "psnr"], "metric 'psnr' has no option 'frames'"),
+        (["--scorer-option", "fid.frames=abc"], "metric 'fid' option 'frames': got 'abc', expected an integer > 0"),
+        (["--scorer-option", "fvd.frames=0"], "metric 'fvd' option 'frames': got 0, expected an integer > 0"),
+        (["--scorer-option", "chscore.grid_size=2.5"], "metric 'chscore' option 'grid_size': got 2.5, expected an integer > 0"),
+        (["--scorer-option", "chscore.threshold=-1"], "metric 'chscore' option 'threshold': got -1, expected a number >= 0"),
+        (["--scorer-option", "fid.bootstrap=many"], "metric 'fid' option 'bootstrap': got 'many', expected an integer >= 0"),
         (["--seeds", "0,7"], "lacks 4 of the 8 clips the prompts and seeds ask for: 0-7, 1-7, 2-7, 3-7"),
     ],
 )

@@ -50,6 +50,7 @@ def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
         (["model.family=flux"], "model.family 'flux' does not fit this StableDiffusionPipeline: it has no transformer, text_encoder_2; set model.family to auto"),
         (["method=dpo", "data.source=imagefolder", "data.path={images}"], "needs (winner, loser) pairs"),
         (["data.streaming=true"], "unknown config key 'data.streaming'"),
+        (["data.frames=8"], "'data.frames': is 8 (clips), but the model makes images; set data.frames=0"),
     ],
 )
 def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_path, capsys):
@@ -61,6 +62,11 @@ def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_
     errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in err
+
+
+def test_frames_for_an_image_world_are_refused(tmp_path, capsys):
+    assert main(["train", "demo-shapes", "--dry-run", "data.frames=8", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "config key 'data.frames': source shapes is images: set data.frames=0" in capsys.readouterr().err
 
 
 def test_dry_run_opens_no_image(quick_base, pairs, tmp_path, capsys, monkeypatch):

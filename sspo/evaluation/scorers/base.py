@@ -73,6 +73,14 @@ def _looks_local(path_or_id: str) -> bool:
     return path_or_id.startswith(("/", ".", "~")) or path_or_id.lower().endswith(_WEIGHT_SUFFIXES)
 
 
+def _probe_hub(path_or_id: str) -> None:
+    """For a hub id (neither on disk nor path-like): one probe of the hub, not a minute of retries per file."""
+    if not Path(path_or_id).expanduser().exists() and not _looks_local(path_or_id):
+        from sspo.models.pipeline import check_hub
+
+        check_hub(path_or_id)
+
+
 def resolve_file(path_or_id: str, filename: str, what: str, *, optional: bool = False) -> Path | None:
     """Find ``filename`` for ``path_or_id``: a file itself, a folder holding it, a URL, or a hub repo id.
 
@@ -94,9 +102,7 @@ def resolve_file(path_or_id: str, filename: str, what: str, *, optional: bool = 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    from sspo.models.pipeline import check_hub
-
-    check_hub(path_or_id)  # one probe, not a minute of retries per file
+    _probe_hub(path_or_id)
     try:
         return Path(hf_hub_download(path_or_id, filename))
     except EntryNotFoundError:
@@ -196,10 +202,7 @@ def hf_from_state_dict(model_cls, config, state_dict: dict[str, torch.Tensor], w
 
 def from_pretrained(loader, path_or_id: str, what: str, **kwargs):
     """``loader.from_pretrained`` with hub / file errors turned into one ModelError that names the source."""
-    if not Path(path_or_id).expanduser().exists() and not _looks_local(path_or_id):
-        from sspo.models.pipeline import check_hub
-
-        check_hub(path_or_id)  # one probe, not a minute of retries per file
+    _probe_hub(path_or_id)
     try:
         return loader.from_pretrained(path_or_id, **kwargs)
     except Exception as exc:

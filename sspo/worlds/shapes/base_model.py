@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import check, setting, to_dict, validate
 from sspo.errors import ConfigError
-from sspo.io import check_folder_target, entry_list
+from sspo.io import check_write_target, entry_list
 from sspo.models.condition import TextCondition
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
@@ -193,7 +193,7 @@ def packaged_base(cfg, packaged: Path = PACKAGED_BASE) -> Path | None:
 def check_base_folder(output: Path, cfg, force: bool) -> None:
     """Refuse to build into a folder that holds anything but a base sspo built, or (unless ``force``)
     a base built with other settings: its files stay as they are."""
-    check_folder_target(output, "base folder")
+    check_write_target(output, "base folder")
     if not output.exists():
         return
     names, record = [p.name for p in output.iterdir()], _record(output)

@@ -352,10 +352,14 @@ def pair_rows(
     """Preference rows of any world: ``caption``, the two ``columns`` (encoded media), ``label_0``
     and ``defect``. ``clean(spec)`` wins against ``defective(spec, rng, defect)`` for a defect
     drawn from ``defects``; the winner's column is random; ``tie_fraction`` of rows are ties."""
+    from tqdm.auto import tqdm
+
     rng = random.Random(seed)
     first, second = columns
     rows = []
-    for spec in specs:
+    specs = list(specs)
+    # Shown only when rendering is slow (large sizes): built once, then read from the cache.
+    for spec in tqdm(specs, desc="rendering the world's pairs (once, then cached)", unit="prompt", leave=False, delay=2):
         for _ in range(per_spec):
             good = clean(spec)
             defect = rng.choice(defects)
