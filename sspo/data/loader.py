@@ -22,12 +22,17 @@ class MicroBatchReader:
         self.dataset, self.placements = dataset, placements
         self._batches: Iterator[list[dict]] | None = None
         self._next = None
+        # Items served by another (an unreadable row's replacement), counted here: DataLoader
+        # workers count and log only their own.
+        self.replaced: set[int] = set()
 
     def __call__(self, m: int) -> list[dict]:
         if self._batches is None or m != self._next:
             self._batches = iter(self._loader(m))
         self._next = m + 1
-        return next(self._batches)
+        batch = next(self._batches)
+        self.replaced.update(item for (item, _), served in zip(self.placements(m), batch) if served["index"] != item)
+        return batch
 
     def _loader(self, first: int) -> torch.utils.data.DataLoader:
         workers = self.dataset.cfg.num_workers

@@ -395,9 +395,17 @@ class Trainer(Checkpointing):
                     if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
                         self.save_state()
                 self.end_iteration(iteration)
+        self._report_replaced_rows()
         final = self.save_final()
         self.accelerator.end_training()
         return final
+
+    def _report_replaced_rows(self) -> None:
+        """One line at the end for the unreadable rows each named in a warning as met (by every process)."""
+        replaced = int(self.accelerator.reduce(torch.tensor(len(self.items.replaced), device=self.device), "sum"))
+        if replaced and self.accelerator.is_main_process:
+            log.warning("%d unreadable row%s skipped in this run (since it started or resumed), each replaced by the next readable "
+                        "row; the warnings above name them", replaced, " was" if replaced == 1 else "s were")
 
     def end_iteration(self, iteration: int) -> None:
         if self.cfg.generates_negatives:

@@ -223,6 +223,25 @@ def test_a_parquet_of_many_row_groups_trains_holding_two_of_them(quick_base, tmp
     assert len(groups._cache) <= 2 and len(set(read)) == pq.read_metadata(path).num_row_groups == 4  # 16 items of 12 rows: every group read
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_rows_are_totalled_at_the_end_whichever_process_read_them(workers, quick_base, tmp_path, caplog):
+    import logging
+
+    from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+
+    rows = preference_pairs(make_split().train[:8], per_spec=1, seed=0)
+    for broken in (2, 5):
+        rows[broken] = {**rows[broken], "jpg_0": b"not an image"}
+    path = write_pickapic_parquet(tmp_path / "pairs.parquet", rows)
+    cfg = tiny_config(tmp_path / "run", quick_base, "method=sft", "data.source=parquet", f"data.path={path}", f"data.num_workers={workers}",
+                      "iterations=1", "steps_per_iteration=2")  # 8 items: every row once
+    with caplog.at_level(logging.WARNING, logger="sspo.training.trainer"):
+        train(cfg)
+    totals = [r.getMessage() for r in caplog.records if r.name == "sspo.training.trainer" and "unreadable" in r.getMessage()]
+    assert totals == ["2 unreadable rows were skipped in this run (since it started or resumed), each replaced by the next readable row; "
+                      "the warnings above name them"]
+
+
 @pytest.mark.parametrize("decay", [0.9999, 0.0])
 def test_the_final_full_finetune_is_the_moving_average_and_decay_0_the_raw_weights(decay, quick_base, tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", quick_base, "model.lora=false", "optim.ema=true", f"optim.ema_decay={decay}"))
