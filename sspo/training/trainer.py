@@ -270,12 +270,13 @@ class Trainer(Checkpointing):
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         # Kept per trainer (a functools.lru_cache on the method would keep every trainer, models
-        # included, alive in a class-level cache); a micro-batch spans at most two epochs.
+        # included, alive in a class-level cache). Two epochs are kept, never evicting the one asked
+        # for: a micro-batch larger than the data spans several, and may be placed again.
         orders = self._epoch_orders
         if epoch not in orders:
             orders[epoch] = self.dataset.epoch_order(epoch, self.cfg.seed, self.cfg.optim.batch_size)
             while len(orders) > 2:
-                del orders[min(orders)]
+                del orders[min(e for e in orders if e != epoch)]
         return orders[epoch]
 
     @torch.no_grad()

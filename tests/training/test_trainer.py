@@ -223,6 +223,15 @@ def test_a_parquet_of_many_row_groups_trains_holding_two_of_them(quick_base, tmp
     assert len(groups._cache) <= 2 and len(set(read)) == pq.read_metadata(path).num_row_groups == 4  # 16 items of 12 rows: every group read
 
 
+def test_a_batch_larger_than_twice_the_data_trains(quick_base, tmp_path):
+    """A micro-batch of 8 from 3 rows spans three epochs, and is placed more than once."""
+    from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+
+    path = write_pickapic_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:3], per_spec=1, seed=0))
+    cfg = tiny_config(tmp_path / "run", quick_base, "data.source=parquet", f"data.path={path}", "optim.batch_size=8", "iterations=1")
+    assert (train(cfg) / "pytorch_lora_weights.safetensors").is_file()
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_rows_are_totalled_at_the_end_whichever_process_read_them(workers, quick_base, tmp_path, caplog):
     import logging
