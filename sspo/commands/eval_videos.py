@@ -51,8 +51,9 @@ from sspo.commands.eval import (
 from sspo.config import Allowed
 from sspo.errors import DataError, ModelError, SSPOError
 from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts
+from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, check_option_value, check_options, frechet_distance
-from sspo.io import atomic_write_json, atomic_write_text, check_output_folder, claimed_output_folder
+from sspo.io import atomic_write_json, atomic_write_text, check_output_folder, claimed_output_folder, read_json
 from sspo.video_io import read_clip
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,22 @@ def find_clips(folder: str | Path, reference: bool = False) -> dict[tuple[int, .
     return clips
 
 
+def _check_recorded_prompts(folder: Path, prompts: Mapping[int, PromptItem]) -> None:
+    """A clip folder ``sspo eval`` wrote records each index's prompt in ``manifest.json``: clips of
+    other prompts (another prompt set, or another --prompts-per-split) are refused, never scored
+    against these."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return
+    recorded = read_json(manifest, what="the clips' manifest", shape={"prompts": {str: str}},
+                         fix="it records the prompt of each clip sspo eval made; delete it if the clips are not sspo eval's")["prompts"]
+    for index, item in prompts.items():
+        old = recorded.get(str(index))
+        if old is not None and old != item.prompt:
+            raise DataError(f"{folder}: clip {index} was generated for {old!r}, not {item.prompt!r}; "
+                            "pass the --prompts and --prompts-per-split (or --limit) the clips were made with")
+
+
 def run_video_eval(
     models: Sequence[ModelSpec],
     cfg: EvalConfig,
@@ -113,6 +130,8 @@ def run_video_eval(
     set_name = cfg.prompts if cfg.prompts in PROMPT_SETS else Path(cfg.prompts).name
     selected = select_prompts(cfg)
     prompts = {index: item for index, item in selected}
+    for m in models:
+        _check_recorded_prompts(Path(m.path).expanduser(), prompts)
     generated = {m.name: _pick(find_clips(m.path), [(i, s) for i in prompts for s in cfg.seeds], m.path) for m in models}
     references = _pick(find_clips(reference, reference=True), [(i,) for i in prompts], reference) if reference else {}
 

@@ -310,6 +310,25 @@ def test_eval_videos_writes_the_table_with_intervals(clip_folders, backbones, tm
     assert (out / "video_scores.csv").read_text().count("\n") == 1 + 2 * 4 * 2 and (out / "video_hist.png").is_file()
 
 
+def test_clips_sspo_eval_made_for_other_prompts_are_refused(clip_folders, backbones, tmp_path, capsys):
+    import shutil
+
+    same = tmp_path / "same"
+    shutil.copytree(clip_folders / "same", same)
+    prompts = ["a red square turning green", "a blue square turning yellow", "a blue square growing", "a red square growing"]
+    argv = ["eval", "--videos", str(same), "--prompts", str(clip_folders / "prompts.json"), "--seeds", "0", "--metrics", "mtscore",
+            "--scorer-path", f"mtscore={backbones['mtscore']}"]
+    (same / "manifest.json").write_text(json.dumps({"settings": {}, "prompts": dict(enumerate(prompts))}))
+    assert main([*argv, "--out", str(tmp_path / "right")]) == 0
+    capsys.readouterr()
+    (same / "manifest.json").write_text(json.dumps({"settings": {}, "prompts": {"0": prompts[0], "1": "a small orange circle moving down"}}))
+    assert main([*argv, "--out", str(tmp_path / "wrong")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"sspo: error: {same}: clip 1 was generated for 'a small orange circle moving down', not 'a blue square turning yellow'; "
+                    "pass the --prompts and --prompts-per-split (or --limit) the clips were made with")
+    assert not (tmp_path / "wrong").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
