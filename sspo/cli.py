@@ -193,10 +193,27 @@ def _scorer_options(pairs: list[str] | None) -> dict[str, dict[str, str]]:
 def _train(args) -> None:
     from sspo.config import load_config
     from sspo.training.config import TrainConfig
+    from sspo.training.run_state import saved_states
     from sspo.training.trainer import dry_run, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    print(dry_run(cfg) if args.dry_run else train(cfg, resume=args.resume))
+    if args.dry_run:
+        print(dry_run(cfg, resume=args.resume))
+        return
+    run = Path(cfg.output_dir).expanduser()
+    before = set(saved_states(run))
+    try:
+        print(train(cfg, resume=args.resume))
+    except KeyboardInterrupt as exc:
+        # How to go on depends on what is saved now: a fresh start stopped before its first save
+        # put any earlier run back, which --resume with this config would not continue.
+        if args.resume and before or set(saved_states(run)) - before:
+            exc.going_on = CONTINUE["train"]
+        elif before:
+            exc.going_on = f"this start saved no state, and the earlier run in {run} is as it was; the same command starts again"
+        else:
+            exc.going_on = "no state was saved; the same command starts the run again"
+        raise
 
 
 def _demo(args) -> None:
@@ -416,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "stopped by SIGTERM" if isinstance(exc, Stopped) else "interrupted"
-        going_on = "nothing half-written was left" if getattr(args, "dry_run", False) else CONTINUE.get(args.command, "nothing half-written was left")
+        nothing_left = "nothing half-written was left"
+        going_on = getattr(exc, "going_on", None) or (nothing_left if getattr(args, "dry_run", False) else CONTINUE.get(args.command, nothing_left))
         print(f"\nsspo: {how}; {going_on}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT)
     finally:

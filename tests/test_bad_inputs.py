@@ -221,6 +221,35 @@ def test_ctrl_c_while_the_command_line_is_being_set_up_is_one_line(capsys, monke
     assert capsys.readouterr().err.strip() == "sspo: interrupted; nothing was done"
 
 
+@pytest.mark.parametrize("earlier, saves, resume, going_on", [
+    (False, False, False, "no state was saved; the same command starts the run again"),
+    (True, False, False, "this start saved no state, and the earlier run in {run} is as it was; the same command starts again"),
+    (True, True, False, "the same command with --resume continues from the last saved state"),
+    (True, False, True, "the same command with --resume continues from the last saved state"),
+], ids=["new folder", "earlier run put back", "saved a state", "resumed"])
+def test_a_stopped_run_says_what_goes_on_from_what_is_saved(earlier, saves, resume, going_on, tmp_path, capsys, monkeypatch):
+    import sspo.training.trainer
+    from sspo.training.run_state import STATE_FILE
+
+    run = tmp_path / "run"
+
+    def save_state(step):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}" / STATE_FILE).write_text("{}")
+
+    if earlier:
+        save_state(4)
+
+    def stopped(cfg, resume=False):
+        if saves:
+            save_state(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sspo.training.trainer, "train", stopped)
+    assert main(["train", "demo-shapes", f"output_dir={run}", *(["--resume"] if resume else [])]) == 130
+    assert capsys.readouterr().err.strip() == "sspo: interrupted; " + going_on.format(run=run)
+
+
 def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, monkeypatch):
     import os
     import signal

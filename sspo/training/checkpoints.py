@@ -53,23 +53,24 @@ def disk_errors(what: str, staging: Path | None = None):
         ) from None
 
 
+def check_resumed_config(cfg, run_dir: Path) -> None:
+    """A resumed run must compute what the saved one did: result-changing keys may not differ."""
+    saved = run_dir / "config.yaml"
+    if latest_checkpoint(run_dir) is None or not saved.is_file():
+        return  # nothing to resume: the run starts from scratch
+    differences = config_differences(load_yaml(saved), dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)()))
+    if differences:
+        raise ConfigError(
+            f"--resume: the config differs from the one {run_dir} was trained with ({'; '.join(differences)}); "
+            f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
+        )
+
+
 class Checkpointing:
     """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
     and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
     ``policy``, ``params``, ``param_names``, ``ema``, ``averaged_weights``, ``pool``, ``reference``, ``global_step``
     and ``nonfinite_skips``."""
-
-    def _check_resumed_config(self) -> None:
-        """A resumed run must compute what the saved one did: result-changing keys may not differ."""
-        saved = self.run_dir / "config.yaml"
-        if latest_checkpoint(self.run_dir) is None or not saved.is_file():
-            return  # nothing to resume: the run starts from scratch
-        differences = config_differences(load_yaml(saved), dataclasses.asdict(self.cfg), dataclasses.asdict(type(self.cfg)()))
-        if differences:
-            raise ConfigError(
-                f"--resume: the config differs from the one {self.run_dir} was trained with ({'; '.join(differences)}); "
-                f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
-            )
 
     def start_or_resume(self, resume: bool) -> None:
         """Continue from the newest intact saved state (``resume``), or start afresh; nothing in the

@@ -38,7 +38,7 @@ from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config
-from sspo.training.checkpoints import Checkpointing, disk_errors, latest_checkpoint
+from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
@@ -127,7 +127,7 @@ class Trainer(Checkpointing):
             check_output_dir(self.run_dir)
         self._check_distributed()
         if resume:
-            self._check_resumed_config()
+            check_resumed_config(cfg, self.run_dir)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
@@ -552,8 +552,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return Trainer(cfg, resume=resume).train()
 
 
-def dry_run(cfg: TrainConfig) -> str:
-    """A summary of the run ``cfg`` describes, once its data and model config open (no weights load)."""
+def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
+    """A summary of the run ``cfg`` describes (``resume``: continued from its folder's last saved
+    state), once its data and model config open (no weights load)."""
     from accelerate import PartialState
 
     from sspo.training.model_card import effective_batch, run_settings
@@ -561,6 +562,8 @@ def dry_run(cfg: TrainConfig) -> str:
     cfg = resolved(cfg)
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
+    if resume:
+        check_resumed_config(cfg, Path(cfg.output_dir))
     dataset = open_dataset(cfg, read_first_row=False)
     name = cfg.model.pretrained
     if world := base_world(name):
@@ -584,4 +587,7 @@ def dry_run(cfg: TrainConfig) -> str:
     epochs = f"{items / len(dataset):.2f}" if items < 10**15 else f"about 10^{len(str(items // len(dataset))) - 1}"
     rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs} epochs"
     rows["output"] = cfg.output_dir
+    if resume:
+        state = latest_checkpoint(Path(cfg.output_dir))
+        rows["resume"] = f"from {state}" if state else "nothing saved there yet: starts afresh"
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

@@ -75,3 +75,13 @@ def test_dry_run_opens_no_image(quick_base, pairs, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(sspo.data.images, "load_image", lambda *a, **k: pytest.fail("an image was opened"))
     assert main(["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}"]) == 0
     assert "6 rows of pairs" in capsys.readouterr().out
+
+
+def test_a_dry_run_with_resume_checks_the_resume_as_the_real_run_does(finished_run, quick_base, capsys):
+    from test_trainer import DEMO, tiny_overrides
+
+    argv = ["train", str(DEMO), *tiny_overrides(finished_run, quick_base), "--resume", "--dry-run"]
+    assert main(argv) == 0
+    assert f"resume       from {finished_run / 'checkpoints'}" in capsys.readouterr().out
+    assert main([*argv, "optim.learning_rate=5e-4"]) == 2
+    assert "--resume: the config differs from the one" in capsys.readouterr().err
