@@ -72,6 +72,23 @@ def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, 
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_an_eval_whose_lora_does_not_fit_leaves_no_folder(quick_base, tmp_path, capsys, diffusers_log):
+    lora = write_lora(tmp_path / "lora", quick_base, wider)
+    capsys.readouterr()  # what building the LoRA here printed (transformers' notices), not sspo's output
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", quick_base, "--lora", str(lora), "--limit", "1", "--metrics", "shapes", "--out", str(out)]) == 2
+    assert f"LoRA {lora} does not fit model" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_an_eval_metric_of_clips_for_an_image_model_is_refused_before_generating(quick_base, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sspo.models.pipeline.load_pipeline", lambda *a, **kw: pytest.fail("loaded the model before checking the metrics"))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", quick_base, "--prompts", "moving-shapes", "--limit", "1", "--out", str(out)]) == 2
+    assert one_error_line(capsys).startswith("sspo: error: metric 'moving-shapes' scores clips, but model")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("removed, named", [("unet/diffusion_pytorch_model.safetensors", "no weights file (diffusion_pytorch_model.safetensors or .bin) in {model}/unet"),
                                              ("tokenizer", "model folder {model} lacks tokenizer/, listed in its model_index.json")], ids=["unet-weights", "tokenizer"])
 def test_an_incomplete_model_folder_is_one_line(removed, named, quick_base, tmp_path, capsys, diffusers_log):

@@ -105,6 +105,28 @@ def model_specs(models: Sequence[str], loras: Sequence[str] | None = None, names
     return specs
 
 
+def _metric_media_error(metric: str, model: str, clips: bool) -> SSPOError:
+    if clips:
+        return SSPOError(f"metric {metric!r} scores images, but model {model!r} makes clips: score them with --metrics moving-shapes "
+                         "(the moving-shapes world's exact evaluator), or save them and score with --videos DIR (the paper's video metrics)")
+    return SSPOError(f"metric {metric!r} scores clips, but model {model!r} makes images: pick an image metric (--metrics shapes, pickscore, ...)")
+
+
+def check_metrics_fit(model: ModelSpec, metrics: Sequence[str]) -> None:
+    """Each metric scores what a model folder makes (images or clips), before anything is generated."""
+    from sspo.models.families import family_of
+    from sspo.models.pipeline import load_pipeline_config
+    from sspo.worlds import find_world
+
+    if not (Path(model.path).expanduser() / "model_index.json").is_file():
+        return  # a hub model: checked when its samples are scored
+    clips = family_of(load_pipeline_config(model.path)).video
+    for metric in metrics:
+        world = find_world(metric)
+        if (world is not None and world.clips) != clips:
+            raise _metric_media_error(metric, model.name, clips)
+
+
 def check_models(models: Sequence[ModelSpec]) -> None:
     if not models:
         raise SSPOError("no models to evaluate: pass at least one --model")
@@ -196,6 +218,7 @@ def run_eval(
     for model in models:  # before any folder is made
         if model.lora:
             check_lora_path(Path(model.lora).expanduser())
+        check_metrics_fit(model, metrics)
     with claimed_output_folder(out, "--out", "eval", OUTPUTS):
         plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
         generated = set()
@@ -276,13 +299,12 @@ def generate_missing(plan: GenerationPlan, n_items: int, settings: dict, *, batc
     model, todo, out = plan.model, plan.todo, plan.out
     if not todo:
         return
+    from sspo.models.pipeline import load_pipeline
+
+    pipe = load_pipeline(model.path, lora=model.lora, dtype=dtype).to(device)  # a model that does not load leaves no manifest
     # Record the prompts before any image exists, so that every image on disk has its prompt on record.
     plan.manifest["prompts"].update({str(item.prompt_index): item.prompt for item in todo})
     atomic_write_json(plan.manifest_path, plan.manifest)
-
-    from sspo.models.pipeline import load_pipeline
-
-    pipe = load_pipeline(model.path, lora=model.lora, dtype=dtype).to(device)
     with tqdm(total=n_items, initial=n_items - len(todo), desc=f"generate {model.name}", unit="img") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -376,10 +398,7 @@ def score_all(
                 for r, image in zip(chunk, images):
                     if isinstance(image, scorer.input_type):
                         continue
-                    if isinstance(image, np.ndarray):
-                        raise SSPOError(f"metric {metric!r} scores images, but model {r['model']!r} makes clips: score them with --metrics moving-shapes "
-                                        "(the moving-shapes world's exact evaluator), or save them and score with --videos DIR (the paper's video metrics)")
-                    raise SSPOError(f"metric {metric!r} scores clips, but model {r['model']!r} makes images: pick an image metric (--metrics shapes, pickscore, ...)")
+                    raise _metric_media_error(metric, r["model"], isinstance(image, np.ndarray))
                 scores = score_columns(scorer, metric, images, [r["prompt"] for r in chunk])
                 for k, r in enumerate(chunk):
                     r |= {c: values[k] for c, values in scores.items()}
