@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import shlex
 import signal
 import sys
@@ -48,7 +50,7 @@ def _sample(args) -> None:
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
     device = sampling_device(args.device)
     out = Path(args.out)
-    if not args.out.strip() or out.is_dir():
+    if not args.out.strip() or out.is_dir() or args.out.endswith(("/", os.sep)):  # a trailing slash names a folder
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
     check_write_target(out, "--out", file=True)
     prompts = args.prompt
@@ -378,13 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the file to this hub model repository (made if missing; token: $HF_TOKEN or hf auth login)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("bench", help="step time and peak memory of sft, dpo and sspo on one model and batch")
+    p = sub.add_parser("bench", help="step time, FLOP/s and peak memory of each training arm (sft, dpo, sspo, ...) on one model and batch")
     from sspo.commands.bench import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("demo", help="base model -> SFT and SSPO -> evaluation table, grid and plot")
+    p = sub.add_parser("demo", help="a world end to end: base model -> its demo arms (SFT, SSPO; Diffusion-DPO for shapes) -> evaluation table, grid and plot")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo): new, empty, or one a demo of the same world wrote")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
     p.add_argument("--world", default="shapes", help=f"the world: {' | '.join(world_names())} (default: shapes; moving-shapes: "
@@ -393,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "flow-matching (SD3-style) base")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
     p.set_defaults(func=_demo)
+    parser.subcommands = sub.choices  # main reports an unknown option with its subcommand's usage
     return parser
 
 
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     # without '=' is named on its own below rather than making all of them "unrecognized".
     unknown = [e for e in extra if e.startswith("-")] if hasattr(args, "overrides") else extra
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     set_up_logging(args.verbose)
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             split_override(item)
         args.func(args)
     except SSPOError as exc:
-        print(f"sspo: error: {exc}", file=sys.stderr)
+        print(f"sspo: error: {_named_by_flag(str(exc), args)}", file=sys.stderr)
         return 2
     except PermissionError as exc:
         print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
@@ -440,6 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
     return 0
+
+
+def _named_by_flag(message: str, args) -> str:
+    """An error about a config field that is also one of the command's flags (eval's ``limit``,
+    pairs' ``tie_threshold``) names the flag the user gave, not a config key."""
+    match = re.match(r"config key '(\w+)(?:\[\d+\])?'(.*)", message)
+    if match is None or match.group(1) not in vars(args) or match.group(1) in ("config", "overrides"):
+        return message
+    return f"--{match.group(1).replace('_', '-')}{match.group(2).replace(', or null', '')}"  # a flag left out is the null
 
 
 class Stopped(KeyboardInterrupt):

@@ -264,9 +264,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
-        )
+        # A key of a section given at the top (learning_rate for optim.learning_rate) is named with its section.
+        sections = [f"{prefix}{name}.{unknown[0]}" for name in fields
+                    if dataclasses.is_dataclass(hints[name]) and unknown[0] in {f.name for f in dataclasses.fields(hints[name])}]
+        meant = f" (did you mean '{sections[0]}'?)" if sections else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'{meant}; valid keys here: {', '.join(sorted(fields))}")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)

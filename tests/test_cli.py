@@ -127,3 +127,10 @@ def test_bad_input_is_one_clear_error(argv, message, quick_base, tmp_path, capsy
     error_lines = [line for line in err.splitlines() if line.startswith("sspo: error:")]
     assert len(error_lines) == 1 and message in error_lines[0]
     assert "Traceback" not in err
+
+
+def test_an_unknown_option_is_reported_with_its_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "demo-shapes", "--dryrun"])
+    err = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and err[0].startswith("usage: sspo train ") and err[-1] == "sspo train: error: unrecognized arguments: --dryrun"

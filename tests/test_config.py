@@ -142,7 +142,7 @@ def test_int_and_bool_overrides():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match="'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rate' \(did you mean 'optim.learning_rate'\?\); valid keys here: beta,"):
         load("learning_rate=1e-4")
     with pytest.raises(ConfigError, match="'bogus'"):
         from_dict(TrainConfig, {"bogus": 1})
@@ -437,7 +437,7 @@ def test_the_dry_run_refuses_an_out_of_range_value_in_one_line(override, line, t
 def test_eval_refuses_an_out_of_range_flag_before_loading_a_model(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--steps", "0", "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
-    assert [l for l in err.splitlines() if l.startswith("sspo: error:")] == ["sspo: error: config key 'steps': got 0, expected an integer >= 1"]
+    assert [l for l in err.splitlines() if l.startswith("sspo: error:")] == ["sspo: error: --steps: got 0, expected an integer >= 1"]
     assert not (tmp_path / "eval").exists()
 
 

@@ -645,6 +645,7 @@ def test_sample_refuses_an_out_of_range_flag_before_loading_a_model(flags, messa
     ("{tmp}", "--out '{tmp}' is a folder, not a file; name the grid's file, e.g. --out {tmp}/grid.png"),
     ("", "--out '' is a folder, not a file; name the grid's file, e.g. --out grid.png"),
     ("{tmp}/notes.txt/grid.png", "--out {tmp}/notes.txt/grid.png: {tmp}/notes.txt is a file, not a folder; choose another --out"),
+    ("{tmp}/grids/", "--out '{tmp}/grids/' is a folder, not a file; name the grid's file, e.g. --out {tmp}/grids/grid.png"),
 ])
 def test_sample_refuses_an_out_that_cannot_be_the_grids_file(out, message, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine\n")
@@ -698,12 +699,17 @@ def test_the_dry_run_refuses_an_unknown_shapes_base_size(name, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name", ["shapes-basement", "shapes-base-v2", "moving-shapes-base2"])
-def test_a_name_that_only_starts_like_a_base_is_not_that_base(name):
+def test_a_name_that_only_starts_like_a_base_is_not_that_base(name, tmp_path, monkeypatch):
+    from sspo.errors import ConfigError
     from sspo.worlds.names import resolve_model
     from sspo.worlds.registry import base_world
 
     assert base_world(name) is None
-    assert resolve_model(name) == name  # a hub id or folder, loaded (or refused) as such
+    with pytest.raises(ConfigError, match="is neither a folder nor a world's base; did you mean"):
+        resolve_model(name)  # no folder, no hub id ("org/name"): a misspelt base
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    assert resolve_model(name) == name  # a folder of that name is loaded (or refused) as such
 
 
 def test_an_override_without_equals_after_an_option_is_named_alone(tmp_path, capsys):

@@ -208,7 +208,7 @@ def _check_arguments(metrics: Sequence[str], paths: Mapping[str, str], options: 
         check_options(metric, metric_options)
     needing = [m for m in metrics if m in REFERENCE_METRICS]
     if needing and reference is None:
-        raise SSPOError(f"{', '.join(needing)} need reference clips: pass --reference-videos DIR (clips named <prompt_index>.<ext>)")
+        raise SSPOError(f"{', '.join(needing)} need{'s' if len(needing) == 1 else ''} reference clips: pass --reference-videos DIR (clips named <prompt_index>.<ext>)")
 
 
 def _described(backbone) -> str | None:

@@ -221,5 +221,6 @@ def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None
     print(f"  record: {folder / 'pairs.json'}")
     first, second = entry.pair_columns
     columns = "" if (first, second) == ("jpg_0", "jpg_1") else f" data.image_0_column={first} data.image_1_column={second}"
-    print(f"  train on it: sspo train {entry.pairs.generator_config.stem} data.source=parquet data.path={folder / 'pairs.parquet'}{columns} "
+    base = f" model.pretrained={cfg.base}" if quick else ""  # the small base G was made from, as the smoke test's
+    print(f"  train on it: sspo train {entry.pairs.generator_config.stem}{base} data.source=parquet data.path={folder / 'pairs.parquet'}{columns} "
           f"validation.world={entry.name}")

@@ -32,10 +32,14 @@ def _locate(model: str | Path) -> str:
         return model
     if not Path(model).expanduser().exists():
         raise ModelError(f"model path {model} does not exist; pass a hub id, a save_pretrained folder or a world's base such as shapes-base")
-    if not (Path(model).expanduser() / "model_index.json").is_file():
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").is_file():
+        if any(folder.glob("*lora*.safetensors")):  # a run's final/ of a LoRA run, say
+            raise ModelError(f"model path {model} holds a LoRA, not a pipeline; pass it as the LoRA (--lora of sspo sample and eval) "
+                             "and the model it was trained on as the model")
         raise ModelError(
             f"model path {model} is not a diffusers pipeline folder (no model_index.json there); "
-            "build the shapes-world base with `sspo base` or pass a hub id / a save_pretrained folder"
+            "pass a hub id, a save_pretrained folder, or a world's base such as shapes-base"
         )
     return str(Path(model).expanduser())
 

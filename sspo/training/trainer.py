@@ -51,7 +51,7 @@ from sspo.training.run_folder import check_output_dir, claimed
 from sspo.training.run_state import flatten
 from sspo.training.ssr_truth import SSRTruth
 from sspo.worlds import base_world
-from sspo.worlds.names import resolve_model
+from sspo.worlds.names import check_not_a_misspelt_base, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -571,6 +571,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
         video = world.clips
         model = f"{name} (the {world.name} world's {world.base_pipeline}, shipped or built and cached on first use)"
     else:
+        check_not_a_misspelt_base(name, "model.pretrained")
         config = load_pipeline_config(name, cfg.model.revision)
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None
         if cfg.model.lora and not video:  # a video denoiser is an image UNet joined to a motion adapter at load

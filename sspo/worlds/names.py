@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from sspo.config import load_yaml
 from sspo.errors import ConfigError, SSPOError
-from sspo.worlds.registry import base_world
+from sspo.worlds.registry import WORLDS, base_world
 
 
 def resolve_model(name: str, key: str = "model") -> str:
@@ -15,7 +17,19 @@ def resolve_model(name: str, key: str = "model") -> str:
     built and cached on first use) as its folder; any other name as it is. An unknown preset of a
     base is a ConfigError naming ``key``."""
     world = base_world(name)
+    if world is None:
+        check_not_a_misspelt_base(name, key)
     return str(world.resolve_base(name, key=key)) if world else name
+
+
+def check_not_a_misspelt_base(name: str, key: str) -> None:
+    """Refuse a name that is no folder, no hub id ("org/name") and close to a world's base name
+    (``shapes-bse``): it would otherwise be looked up on the hub, and fail there."""
+    if "/" in name or os.sep in name or os.path.exists(os.path.expanduser(name)):
+        return
+    close = difflib.get_close_matches(name.partition(":")[0], [world.base for world in WORLDS.values()], n=1, cutoff=0.75)
+    if close:
+        raise ConfigError(f"{key} {name!r} is neither a folder nor a world's base; did you mean {close[0]!r}?")
 
 
 def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None) -> float:
@@ -25,6 +39,7 @@ def usual_guidance_scale(name: str, family: str = "auto", revision: str | None =
     world = base_world(name)
     if world:
         return world.guidance_scale(name)
+    check_not_a_misspelt_base(name, "--model")
     if (trained := _run_guidance_scale(name)) is not None:
         return trained
     from sspo.models.families import family_of

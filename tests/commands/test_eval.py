@@ -154,7 +154,7 @@ def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
         (["--prompts", "shapes", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
         (["--prompts", "shapes", "--metrics", "pickscore", "--scorer-path", "pickscore=/nonexistent/ps"], "no such file or folder: /nonexistent/ps"),
         (["--prompts", "parti", "--metrics", "shapes", "--prompt-source", "{prompts}"], "metric 'shapes' scores its world's prompts only (use --prompts shapes)"),
-        (["--prompts", "shapes", "--limit", "0"], "config key 'limit': got 0"),
+        (["--prompts", "shapes", "--limit", "0"], "--limit: got 0, expected an integer >= 1"),
         (["--prompts", "shapes", "--lora", "{missing}"], "does not exist; pass a LoRA folder (a run's final/) or its .safetensors file"),
     ],
 )

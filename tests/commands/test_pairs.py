@@ -72,7 +72,7 @@ def test_pairs_are_tie_free_and_their_winners_outscore_their_losers_on_the_exact
 def test_the_printed_training_command_runs_from_any_folder(quick_pairs, tmp_path, monkeypatch, capsys):
     _, stdout = quick_pairs
     command = stdout.split("train on it: ")[1].split()
-    assert command[:2] == ["sspo", "train"]
+    assert command[:2] == ["sspo", "train"] and "model.pretrained=shapes-base:quick" in command  # the base --quick pairs were made from
     monkeypatch.chdir(tmp_path)  # not a checkout: a shipped config is found by its name
     assert main([*command[1:], f"output_dir={tmp_path / 'run'}", "--dry-run"]) == 0
     assert "config, data and model OK" in capsys.readouterr().out
@@ -116,7 +116,7 @@ def test_pairs_load_through_the_parquet_source_and_dpo_trains_on_them(quick_pair
     (["pairs"], "give one of --level, --steps or --sweep"),
     (["pairs", "--level", "mid", "--steps", "3"], "give one of --level, --steps or --sweep"),
     (["pairs", "--steps", "0", "--quick"], "must not be the model being trained"),
-    (["pairs", "--steps", "3", "--tie-threshold", "-1", "--quick"], "tie_threshold"),
+    (["pairs", "--steps", "3", "--tie-threshold", "-1", "--quick"], "--tie-threshold: got -1.0, expected a number in [0, 1)"),
 ])
 def test_bad_pairs_arguments_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2

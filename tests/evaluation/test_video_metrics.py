@@ -361,7 +361,7 @@ def test_clip_folders_must_hold_clips_and_references_must_be_given(clip_folders,
     assert main([*base, "--videos", str(tmp_path / "empty"), "--metrics", "psnr", "--reference-videos", str(clip_folders / "reference")]) == 2
     assert f"no clips in {tmp_path / 'empty'}: expected files named like 0-0.tiff" in capsys.readouterr().err
     assert main([*base, "--videos", str(clip_folders / "same"), "--metrics", "psnr"]) == 2
-    assert "psnr need reference clips: pass --reference-videos DIR" in capsys.readouterr().err
+    assert "psnr needs reference clips: pass --reference-videos DIR" in capsys.readouterr().err
     assert main([*base, "--videos", str(clip_folders / "same"), "--metrics", "fvd"]) == 2
     assert "metric 'fvd' needs the I3D TorchScript file" in capsys.readouterr().err
     assert main(["eval", "--out", str(tmp_path / "out")]) == 2

@@ -177,3 +177,10 @@ def test_a_damaged_final_lora_is_named(run, quick_base, capsys):
                  "--out", str(run / "g.png")]) == 2
     line = error_line(capsys)
     assert f"LoRA weights {run / 'final' / 'pytorch_lora_weights.safetensors'} is damaged (" in line and not (run / "g.png").exists()
+
+
+def test_a_lora_folder_given_as_the_model_says_to_pass_it_as_the_lora(finished_run, tmp_path, capsys):
+    final = finished_run / "final"
+    assert main(["sample", "--model", str(final), "--prompt", "a small red circle on the left", "--out", str(tmp_path / "g.png")]) == 2
+    assert error_line(capsys) == (f"sspo: error: model path {final} holds a LoRA, not a pipeline; pass it as the LoRA (--lora of sspo sample and eval) "
+                                  "and the model it was trained on as the model")

@@ -2,7 +2,10 @@
 
 import shutil
 
-from sspo.worlds.names import usual_guidance_scale
+import pytest
+
+from sspo.errors import ConfigError
+from sspo.worlds.names import resolve_model, usual_guidance_scale
 
 
 def test_a_runs_fully_fine_tuned_model_samples_at_its_runs_guidance(quick_base, tmp_path):
@@ -13,3 +16,14 @@ def test_a_runs_fully_fine_tuned_model_samples_at_its_runs_guidance(quick_base, 
     elsewhere = shutil.copytree(final, tmp_path / "elsewhere" / "model")  # the same weights outside a run: the family's
     (tmp_path / "elsewhere" / "config.yaml").write_text("negatives:\n  guidance_scale: 5.0\n")
     assert usual_guidance_scale(str(elsewhere)) == 7.5
+
+
+@pytest.mark.parametrize("name, suggested", [("shapes-bse", "shapes-base"), ("moving-shape-base:quick", "moving-shapes-base")])
+def test_a_misspelt_base_name_is_named_with_the_base_it_is_close_to(name, suggested):
+    with pytest.raises(ConfigError, match=rf"--model '{name}' is neither a folder nor a world's base; did you mean '{suggested}'\?"):
+        resolve_model(name, key="--model")
+
+
+@pytest.mark.parametrize("name", ["runwayml/stable-diffusion-v1-5", "my-own-model"])
+def test_hub_ids_and_other_names_are_not_taken_for_a_misspelt_base(name):
+    assert resolve_model(name) == name
