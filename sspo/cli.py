@@ -195,21 +195,25 @@ def _scorer_options(pairs: list[str] | None) -> dict[str, dict[str, str]]:
 def _train(args) -> None:
     from sspo.config import load_config
     from sspo.training.config import TrainConfig
-    from sspo.training.run_state import saved_states
+    from sspo.training.run_state import STATE_FILE, saved_states
     from sspo.training.trainer import dry_run, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.dry_run:
         print(dry_run(cfg, resume=args.resume))
         return
-    run = Path(cfg.output_dir).expanduser()
-    before = set(saved_states(run))
+    run = Path(cfg.output_dir)
+
+    def states() -> set[tuple[str, int]]:  # a state saved again under an earlier one's name is another state
+        return {(state.name, (state / STATE_FILE).stat().st_mtime_ns) for state in saved_states(run)}
+
+    before = states()
     try:
         print(train(cfg, resume=args.resume))
     except KeyboardInterrupt as exc:
         # How to go on depends on what is saved now: a fresh start stopped before its first save
         # put any earlier run back, which --resume with this config would not continue.
-        if args.resume and before or set(saved_states(run)) - before:
+        if args.resume and before or states() - before:
             exc.going_on = CONTINUE["train"]
         elif before:
             exc.going_on = f"this start saved no state, and the earlier run in {run} is as it was; the same command starts again"
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             split_override(item)
         args.func(args)
     except SSPOError as exc:
-        print(f"sspo: error: {_named_by_flag(str(exc), args)}", file=sys.stderr)
+        print(f"sspo: error: {_named_by_flag(str(exc), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 2
     except PermissionError as exc:
         print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
@@ -445,13 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _named_by_flag(message: str, args) -> str:
-    """An error about a config field that is also one of the command's flags (eval's ``limit``,
-    pairs' ``tie_threshold``) names the flag the user gave, not a config key."""
+def _named_by_flag(message: str, argv: list[str]) -> str:
+    """An error about a config field the user set by a flag of its name (eval's ``--limit``, pairs'
+    ``--tie-threshold``) names that flag, not a config key."""
     match = re.match(r"config key '(\w+)(?:\[\d+\])?'(.*)", message)
-    if match is None or match.group(1) not in vars(args) or match.group(1) in ("config", "overrides"):
+    flag = match and "--" + match.group(1).replace("_", "-")
+    if match is None or not any(a == flag or a.startswith(flag + "=") for a in argv):
         return message
-    return f"--{match.group(1).replace('_', '-')}{match.group(2).replace(', or null', '')}"  # a flag left out is the null
+    return f"{flag}{match.group(2).replace(', or null', '')}"  # a flag left out is the null
 
 
 class Stopped(KeyboardInterrupt):

@@ -288,8 +288,9 @@ def split_override(item: str) -> tuple[str, str]:
     return key, raw
 
 
-def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str], cls: type | None = None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place; a mapping
+    given for a section of dataclass ``cls`` merges into it (:func:`_merge`)."""
     for item in overrides:
         key, raw = split_override(item)
         try:
@@ -304,16 +305,25 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        _merge(node, parts[-1], value)
+        _merge(node, parts[-1], value, _section_type(cls, parts))
     return data
 
 
-def _merge(node: dict, key: str, value: Any) -> None:
-    """``node[key] = value``, but a mapping merges into the section there, as the keys one by one
-    would: ``optim={learning_rate: 1e-4}`` keeps the config's other optim keys."""
-    if isinstance(value, dict) and isinstance(node.get(key), dict):
+def _section_type(cls: type | None, parts: typing.Sequence[str]) -> type | None:
+    """The dataclass that key ``parts`` names in ``cls`` (a section), else None (a value, or a dict field)."""
+    for part in parts:
+        hint = typing.get_type_hints(cls).get(part) if cls is not None and dataclasses.is_dataclass(cls) else None
+        cls = hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+    return cls
+
+
+def _merge(node: dict, key: str, value: Any, section: type | None) -> None:
+    """``node[key] = value``, but a mapping given for a section merges into it, as its keys one by
+    one would (``optim={learning_rate: 1e-4}`` keeps the config's other optim keys); a dict field's
+    mapping (``validation.scorer_paths={}``) replaces it."""
+    if section is not None and isinstance(value, dict) and isinstance(node.get(key), dict):
         for inner, inner_value in value.items():
-            _merge(node[key], str(inner), inner_value)
+            _merge(node[key], str(inner), inner_value, _section_type(section, [str(inner)]))
     else:
         node[key] = value
 
@@ -356,7 +366,7 @@ def find_config(path: str | Path) -> Path:
 def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequence[str] = ()) -> T:
     """``cls`` from the YAML file ``path`` names (:func:`find_config`; None: the defaults) with ``key=value`` overrides applied."""
     data = load_yaml(find_config(path)) if path else {}
-    return from_dict(cls, apply_overrides(data, overrides))
+    return from_dict(cls, apply_overrides(data, overrides, cls))
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

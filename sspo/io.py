@@ -113,7 +113,7 @@ def check_output_folder(folder: str | Path, name: str, command: str, outputs: It
     folder = Path(folder)
     if not folder.is_dir():
         return
-    names = {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # .DS_Store, .gitkeep: no output is hidden
     mark = output_mark(command)
     if mark in names:
         recorded = read_json(folder / mark, what=f"the record of sspo {command}'s output", fix="delete that folder, or choose another " + name)
@@ -124,8 +124,10 @@ def check_output_folder(folder: str | Path, name: str, command: str, outputs: It
     if not names:
         return
     if names <= set(outputs):
-        raise ConfigError(f"{name} {folder} holds files named as sspo {command} names its output ({entry_list(names)}) but not its record ({mark}); "
-                          f"delete them, or choose an empty or new folder")
+        record_text = json.dumps({"command": command, **(record or {})})
+        raise ConfigError(f"{name} {folder} holds files named as sspo {command} names its output ({entry_list(names)}) but not its record; "
+                          f"choose an empty or new folder, or, if an earlier sspo {command} wrote them, write {record_text} into {folder / mark} "
+                          "to go on with them")
     raise ConfigError(f"{name} {folder} holds files that are not sspo {command}'s output ({entry_list(names - set(outputs))}); choose an empty or new folder")
 
 

@@ -239,27 +239,31 @@ def test_ctrl_c_while_the_command_line_is_being_set_up_is_one_line(capsys, monke
 
 
 @pytest.mark.parametrize("earlier, saves, resume, going_on", [
-    (False, False, False, "no state was saved; the same command starts the run again"),
-    (True, False, False, "this start saved no state, and the earlier run in {run} is as it was; the same command starts again"),
-    (True, True, False, "the same command with --resume continues from the last saved state"),
-    (True, False, True, "the same command with --resume continues from the last saved state"),
-], ids=["new folder", "earlier run put back", "saved a state", "resumed"])
+    (False, None, False, "no state was saved; the same command starts the run again"),
+    (True, None, False, "this start saved no state, and the earlier run in {run} is as it was; the same command starts again"),
+    (True, 1, False, "the same command with --resume continues from the last saved state"),
+    (True, 4, False, "the same command with --resume continues from the last saved state"),
+    (True, None, True, "the same command with --resume continues from the last saved state"),
+], ids=["new folder", "earlier run put back", "saved a state", "saved a state of the earlier one's name", "resumed"])
 def test_a_stopped_run_says_what_goes_on_from_what_is_saved(earlier, saves, resume, going_on, tmp_path, capsys, monkeypatch):
+    import os
+
     import sspo.training.trainer
     from sspo.training.run_state import STATE_FILE
 
     run = tmp_path / "run"
 
-    def save_state(step):
-        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    def save_state(step, when):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True, exist_ok=True)
         (run / "checkpoints" / f"step-{step}" / STATE_FILE).write_text("{}")
+        os.utime(run / "checkpoints" / f"step-{step}" / STATE_FILE, (when, when))
 
     if earlier:
-        save_state(4)
+        save_state(4, when=1_000_000)
 
     def stopped(cfg, resume=False):
         if saves:
-            save_state(1)
+            save_state(saves, when=2_000_000)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sspo.training.trainer, "train", stopped)

@@ -134,3 +134,24 @@ def test_an_unknown_option_is_reported_with_its_subcommands_usage(capsys):
         main(["train", "demo-shapes", "--dryrun"])
     err = capsys.readouterr().err.splitlines()
     assert exited.value.code == 2 and err[0].startswith("usage: sspo train ") and err[-1] == "sspo train: error: unrecognized arguments: --dryrun"
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["eval", "--limit", "0"], "--limit: got 0, expected an integer >= 1"),
+    (["eval", "--limit=0"], "--limit: got 0, expected an integer >= 1"),
+    (["bench", "limit=0"], "config key 'limit': got 0, expected an integer >= 1, or null"),  # an override, not the flag
+])
+def test_a_config_error_is_named_by_its_flag_only_where_the_user_gave_that_flag(argv, named):
+    from sspo.cli import _named_by_flag
+
+    assert _named_by_flag("config key 'limit': got 0, expected an integer >= 1, or null", argv) == named
+
+
+def test_a_tilde_output_dir_from_a_config_file_is_the_home_folders(tmp_path):
+    import os
+
+    from sspo.config import load_config
+    from sspo.training.config import TrainConfig
+
+    (tmp_path / "run.yaml").write_text("output_dir: ~/runs/x\n")
+    assert load_config(TrainConfig, tmp_path / "run.yaml").output_dir == os.path.expanduser("~/runs/x")

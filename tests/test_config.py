@@ -117,9 +117,10 @@ def test_apply_overrides_nested_in_place():
 
 
 def test_a_mapping_override_merges_into_its_section_as_the_keys_one_by_one_would():
-    data = {"optim": {"batch_size": 2, "learning_rate": 1e-3}, "data": {"source": "shapes"}}
-    apply_overrides(data, ["optim={learning_rate: 0.0001}", "data={source: parquet, frames: 8}"])
-    assert data == {"optim": {"batch_size": 2, "learning_rate": 1e-4}, "data": {"source": "parquet", "frames": 8}}
+    data = {"optim": {"batch_size": 2, "learning_rate": 1e-3}, "data": {"source": "shapes"}, "validation": {"scorer_paths": {"pickscore": "ps"}}}
+    apply_overrides(data, ["optim={learning_rate: 0.0001}", "data={source: parquet, frames: 8}", "validation.scorer_paths={}"], TrainConfig)
+    assert data == {"optim": {"batch_size": 2, "learning_rate": 1e-4}, "data": {"source": "parquet", "frames": 8},
+                    "validation": {"scorer_paths": {}}}  # a dict field's mapping replaces it: {} clears it
 
 
 def test_override_without_equals():

@@ -169,8 +169,9 @@ def test_an_output_folder_is_claimed_when_new_or_empty_and_kept_by_its_command(t
 
 @pytest.mark.parametrize("names, problem", [
     (["results.md", "notes.txt"], "holds files that are not sspo demo's output (notes.txt); choose an empty or new folder"),
-    (["results.md", "grid.png"], "holds files named as sspo demo names its output (grid.png, results.md) but not its record (sspo-demo.json); "
-                                 "delete them, or choose an empty or new folder"),
+    (["results.md", "grid.png"], "holds files named as sspo demo names its output (grid.png, results.md) but not its record; choose an empty "
+                                 "or new folder, or, if an earlier sspo demo wrote them, write {\"command\": \"demo\"} into {tmp}/sspo-demo.json "
+                                 "to go on with them"),
     (["results.md", "sspo-eval.json"], "holds files that are not sspo demo's output (sspo-eval.json); choose an empty or new folder"),
 ])
 def test_a_folder_of_the_users_or_another_commands_files_is_refused_untouched(names, problem, tmp_path):
@@ -178,8 +179,17 @@ def test_a_folder_of_the_users_or_another_commands_files_is_refused_untouched(na
         (tmp_path / name).write_text("mine")
     with pytest.raises(SSPOError) as raised, claimed_output_folder(tmp_path, "--out", "demo", OUTPUTS):
         pytest.fail("the command ran")
-    assert str(raised.value) == f"--out {tmp_path} {problem}"
+    assert str(raised.value) == f"--out {tmp_path} " + problem.replace("{tmp}", str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names) and all((tmp_path / n).read_text() == "mine" for n in names)
+
+
+def test_the_record_the_refusal_names_lets_an_earlier_commands_files_go_on_and_hidden_files_count_as_none(tmp_path):
+    (tmp_path / "results.md").write_text("an earlier demo's table")
+    (tmp_path / "sspo-demo.json").write_text('{"command": "demo"}')  # as the refusal of such a folder says
+    check_output_folder(tmp_path, "--out", "demo", OUTPUTS)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_text("")
+    check_output_folder(tmp_path / "empty", "--out", "demo", OUTPUTS)
 
 
 def test_a_demo_of_another_world_is_refused(tmp_path):

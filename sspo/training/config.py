@@ -173,6 +173,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        self.output_dir = os.path.expanduser(self.output_dir)  # a YAML file's ~/runs/x is the home folder's, as on the command line
         check(not self.diagnostics.ssr_truth_per_batch or self.eval_world == "shapes", "diagnostics.ssr_truth_per_batch",
               "needs the shapes world's prompts (data.source: shapes, or its pairs in a parquet with validation.world: shapes): "
               "the exact evaluator scores those only; set it to 0 for other data")

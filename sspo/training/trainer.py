@@ -403,7 +403,9 @@ class Trainer(Checkpointing):
 
     def _report_replaced_rows(self) -> None:
         """One line at the end for the unreadable rows each named in a warning as met (by every process)."""
-        replaced = int(self.accelerator.reduce(torch.tensor(len(self.items.replaced), device=self.device), "sum"))
+        from accelerate.utils import gather_object
+
+        replaced = len(set(gather_object(sorted(self.items.replaced))))  # a row several processes met is one row
         if replaced and self.accelerator.is_main_process:
             log.warning("%d unreadable row%s skipped in this run (since it started or resumed), each replaced by the next readable "
                         "row; the warnings above name them", replaced, " was" if replaced == 1 else "s were")
