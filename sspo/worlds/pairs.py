@@ -288,10 +288,17 @@ def ceiling_reward(cfg: PairsConfig, model: str) -> float:
         return pairs_world(cfg).round_trip(Path(model))["clean"]["reward"]
 
 
+NOTHING_SCORED = 0.05  # a mean exact reward below this: G's samples show nothing the evaluator recognises
+
+
 def require_kept(measured: Measured, tie_threshold: float) -> None:
-    """Refuse pairs of which every one is a tie: there is nothing to write."""
+    """Refuse pairs of which every one is a tie: there is nothing to write. The fix depends on why:
+    samples that all score about 0 need a better G, not a lower threshold."""
     if not measured.ranked:
-        raise SSPOError(f"every one of G's {len(measured.specs)} pairs is a tie below {tie_threshold}; lower --tie-threshold")
+        reward = measured.stats["R_G"]
+        fix = ("G makes nothing the evaluator scores: give it more SFT steps (--steps N), or the full base (without --quick)"
+               if reward < NOTHING_SCORED else "lower --tie-threshold")
+        raise SSPOError(f"every one of G's {len(measured.specs)} pairs is a tie below {tie_threshold} (G's mean exact reward {reward:.3f}); {fix}")
 
 
 def write_pairs(world: World, folder: Path, measured: Measured, head: dict, prompts: int, extra_stats: dict) -> dict:

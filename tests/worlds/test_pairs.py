@@ -64,3 +64,18 @@ def test_clip_pairs_draw_from_the_video_worlds_training_combinations():
 def test_a_base_of_no_world_with_pairs_is_a_config_error(base):
     with pytest.raises(ConfigError, match="base"):
         PairsConfig(steps=1, base=base)
+
+
+@pytest.mark.parametrize("reward, fix", [
+    (0.001, "G makes nothing the evaluator scores: give it more SFT steps (--steps N), or the full base (without --quick)"),
+    (0.6, "lower --tie-threshold"),
+], ids=["samples that score about 0", "close samples"])
+def test_all_ties_are_refused_with_the_fix_for_their_cause(reward, fix):
+    from sspo.errors import SSPOError
+    from sspo.worlds.pairs import Measured, require_kept
+
+    measured = Measured(specs=[None] * 16, samples=[], stored=(np.zeros(16), np.zeros(16)), round_trip=(np.zeros(16), np.zeros(16)),
+                        ranked=[], stats={"R_G": reward})
+    with pytest.raises(SSPOError) as raised:
+        require_kept(measured, 0.02)
+    assert str(raised.value) == f"every one of G's 16 pairs is a tie below 0.02 (G's mean exact reward {reward:.3f}); {fix}"
