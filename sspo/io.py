@@ -139,7 +139,7 @@ def claimed_output_folder(folder: str | Path, name: str, command: str, outputs: 
     folder = Path(folder)
     check_output_folder(folder, name, command, outputs, record)
     mark = folder / output_mark(command)
-    created = [f for f in [folder, *folder.parents] if not os.path.exists(f)]  # innermost first
+    created = missing_folders(folder)
     marked = not mark.exists()
     if marked:
         atomic_write_json(mark, {"command": command, **(record or {})})
@@ -148,10 +148,21 @@ def claimed_output_folder(folder: str | Path, name: str, command: str, outputs: 
     except BaseException:
         if marked and [p.name for p in folder.iterdir()] == [mark.name]:
             mark.unlink()
-            for made in created:
-                with contextlib.suppress(OSError):  # only an empty folder goes
-                    made.rmdir()
+            remove_empty_folders(created)
         raise
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first: what writing into
+    ``path`` creates."""
+    return [folder for folder in [path, *path.parents] if not os.path.exists(folder)]
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that is empty; a folder holding anything stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

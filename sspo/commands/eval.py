@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from sspo.errors import DataError, ModelError, SSPOError
-from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, check_scorers, metric_columns, score_columns, select_prompts
+from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, check_scorers, metric_columns, score_columns, scores_clips, select_prompts
 from sspo.evaluation.sampling import generate, image_grid, save_png
 from sspo.evaluation.scorers import build_scorer, scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
@@ -116,14 +116,12 @@ def check_metrics_fit(model: ModelSpec, metrics: Sequence[str]) -> None:
     """Each metric scores what a model folder makes (images or clips), before anything is generated."""
     from sspo.models.families import family_of
     from sspo.models.pipeline import load_pipeline_config
-    from sspo.worlds import find_world
 
     if not (Path(model.path).expanduser() / "model_index.json").is_file():
         return  # a hub model: checked when its samples are scored
     clips = family_of(load_pipeline_config(model.path)).video
     for metric in metrics:
-        world = find_world(metric)
-        if (world is not None and world.clips) != clips:
+        if scores_clips(metric) != clips:
             raise _metric_media_error(metric, model.name, clips)
 
 
@@ -249,6 +247,12 @@ def run_eval(
     return summary
 
 
+def recorded_otherwise(recorded: Mapping[str, str], prompts: Sequence[tuple[int, str]]) -> tuple[int, str, str] | None:
+    """The first ``(index, recorded prompt, prompt)`` where a manifest's ``recorded`` prompts (by
+    index) name another prompt than ``prompts`` do; None where they agree."""
+    return next(((index, recorded[str(index)], prompt) for index, prompt in prompts if recorded.get(str(index), prompt) != prompt), None)
+
+
 @dataclasses.dataclass
 class GenerationPlan:
     """What one model still has to generate: ``todo``, and the image manifest to record their prompts in first."""
@@ -277,14 +281,10 @@ def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings
         raise SSPOError(
             f"{folder} holds images made with other settings ({changed}); delete that folder or use another --out"
         )
-    recorded = manifest["prompts"]
-    for item in items:
-        old = recorded.get(str(item.prompt_index))
-        if old is not None and old != item.prompt:
-            raise SSPOError(
-                f"{folder}: prompt {item.prompt_index} was generated for {old!r}, not {item.prompt!r} "
-                "(another prompt set or file?); delete that folder or use another --out"
-            )
+    if other := recorded_otherwise(manifest["prompts"], [(item.prompt_index, item.prompt) for item in items]):
+        index, old, prompt = other
+        raise SSPOError(f"{folder}: prompt {index} was generated for {old!r}, not {prompt!r} (another prompt set or file?); "
+                        "delete that folder or use another --out")
     damage = {item: _sample_damage(sample_path(out, model, item)) for item in items}
     for problem in filter(None, damage.values()):
         log.warning("%s; generating it again", problem)

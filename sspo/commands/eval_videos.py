@@ -43,6 +43,7 @@ from sspo.commands.eval import (
     parse_scorer_options,
     plot_reward_hist,
     read_scores,
+    recorded_otherwise,
     row_key,
     samples_line,
     stats_by_category,
@@ -95,11 +96,10 @@ def _check_recorded_prompts(folder: Path, prompts: Mapping[int, PromptItem]) -> 
         return
     recorded = read_json(manifest, what="the clips' manifest", shape={"prompts": {str: str}},
                          fix="it records the prompt of each clip sspo eval made; delete it if the clips are not sspo eval's")["prompts"]
-    for index, item in prompts.items():
-        old = recorded.get(str(index))
-        if old is not None and old != item.prompt:
-            raise DataError(f"{folder}: clip {index} was generated for {old!r}, not {item.prompt!r}; "
-                            "pass the --prompts and --prompts-per-split (or --limit) the clips were made with")
+    if other := recorded_otherwise(recorded, [(index, item.prompt) for index, item in prompts.items()]):
+        index, old, prompt = other
+        raise DataError(f"{folder}: clip {index} was generated for {old!r}, not {prompt!r}; "
+                        "pass the --prompts and --prompts-per-split (or --limit) the clips were made with")
 
 
 def run_video_eval(

@@ -22,8 +22,8 @@ class MicroBatchReader:
         self.dataset, self.placements = dataset, placements
         self._batches: Iterator[list[dict]] | None = None
         self._next = None
-        # Items served by another (an unreadable row's replacement), counted here: DataLoader
-        # workers count and log only their own.
+        # Items asked for but served by another (an unreadable row's replacement), counted here:
+        # DataLoader workers count and log only their own.
         self.replaced: set[int] = set()
 
     def __call__(self, m: int) -> list[dict]:
@@ -31,7 +31,7 @@ class MicroBatchReader:
             self._batches = iter(self._loader(m))
         self._next = m + 1
         batch = next(self._batches)
-        self.replaced.update(item for (item, _), served in zip(self.placements(m), batch) if served["index"] != item)
+        self.replaced.update(item["asked"] for item in batch if item["index"] != item["asked"])
         return batch
 
     def _loader(self, first: int) -> torch.utils.data.DataLoader:
@@ -43,13 +43,14 @@ class MicroBatchReader:
 
 
 class _EpochItems(torch.utils.data.Dataset):
-    """Keys are ``(item, epoch)``."""
+    """Keys are ``(item, epoch)``; each item also says which item its key ``asked`` for (the dataset
+    serves the next readable one for an unreadable row)."""
 
     def __init__(self, dataset: PreferenceDataset):
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        return self.dataset.item(*key)
+        return self.dataset.item(*key) | {"asked": key[0]}
 
 
 class _Placements:

@@ -97,6 +97,12 @@ def check_metric_prompts(metrics: Sequence[str], prompts: Sequence[str], prompts
         _check_world_prompts(world, prompts, prompts_key)
 
 
+def scores_clips(metric: str) -> bool:
+    """Whether ``metric`` scores clips (a clip world's exact evaluator); every other metric scores images."""
+    world = find_world(metric)
+    return world is not None and world.clips
+
+
 def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping]) -> None:
     """Refuse weights or options for a metric not ``known``, and local weights that are not there."""
     for metric in [*scorer_paths, *scorer_options]:

@@ -298,31 +298,31 @@ def build_video_metric(
     """
     if name not in VIDEO_METRICS:
         raise SSPOError(f"unknown video metric {name!r}; expected one of {', '.join(VIDEO_METRICS)}")
+    check_options(name, options)  # before any backbone loads
     if name == "psnr":
         if backbone is not None:
             raise SSPOError(f"psnr has no backbone to load, got {backbone!r}")
-        return _bind(psnr, options, name)
+        return functools.partial(psnr, **options)
     if backbone is None:
         raise ModelError(f"metric {name!r} needs {BACKBONES[name]}")
     device = torch.device(device)
     what = f"metric {name!r}"
     if name == "fid" and backbone == "pixels":
-        return _clip_only(_bind(fid_features, options, name), extractor=pixel_features, batch_size=batch_size)
+        return _clip_only(functools.partial(fid_features, **options), extractor=pixel_features, batch_size=batch_size)
     module = load_torchscript(backbone, what).to(device) if isinstance(backbone, (str, Path)) else backbone
     if name == "fid":  # StyleGAN2-ADA's Inception convention
-        return _clip_only(_bind(fid_features, options, name), batch_size=batch_size,
+        return _clip_only(functools.partial(fid_features, **options), batch_size=batch_size,
                           extractor=lambda x: module(x.to(device), return_features=True))
     if name == "fvd":  # StyleGAN-V's I3D convention, preprocessing done by fvd_features
-        return _clip_only(_bind(fvd_features, options, name),
+        return _clip_only(functools.partial(fvd_features, **options),
                           detector=lambda x: module(x.to(device), rescale=False, resize=False, return_features=True))
     if name == "mtscore":
         if not hasattr(module, "text_features"):
             raise ModelError(f"{what}: {backbone} has no text_features attribute (the embeddings [10, D] of sspo.evaluation.video_metrics.MTSCORE_CANDIDATES)")
-        return _clip_only(_bind(mtscore, options, name), encoder=lambda x: module(x.to(device)), text_features=module.text_features)
-    check_options(name, options)
+        return _clip_only(functools.partial(mtscore, **options), encoder=lambda x: module(x.to(device)), text_features=module.text_features)
     options = dict(options)
     grid_size = options.pop("grid_size", 30)  # CoTracker's call: (tracks, visibility) of a grid_size^2 grid
-    return _clip_only(_bind(chscore, options, name),
+    return _clip_only(functools.partial(chscore, **options),
                       tracker=lambda x: module(x.to(device), grid_size=grid_size)[1])
 
 
@@ -334,8 +334,9 @@ def check_options(name: str, options: Mapping) -> None:
     chscore's ``grid_size``) or a value it cannot take, before any backbone is loaded: every option is
     a count or a size (an integer above 0) or a threshold (a number, 0 or more)."""
     function = _MEASURES[name]
-    hints = typing.get_type_hints(function) | ({"grid_size": int} if name == "chscore" else {})
-    allowed = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY] + (["grid_size"] if name == "chscore" else [])
+    tracker = {"grid_size": int} if name == "chscore" else {}  # passed to CoTracker, not to chscore
+    hints = typing.get_type_hints(function) | tracker
+    allowed = [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY] + list(tracker)
     for key, value in options.items():
         if key not in allowed:
             raise SSPOError(f"metric {name!r} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
@@ -348,12 +349,6 @@ def check_option_value(metric: str, key: str, value, item_type: type, rule: Allo
     """One line naming the metric's option unless ``value`` is an ``item_type`` that ``rule`` admits."""
     if isinstance(value, bool) or not isinstance(value, int if item_type is int else (int, float)) or not rule.admits(value):
         raise SSPOError(f"metric {metric!r} option {key!r}: got {value!r}, expected {rule.describe(item_type)}")
-
-
-def _bind(function: Callable, options: dict, name: str) -> Callable:
-    """``function`` with ``options`` (:func:`check_options`)."""
-    check_options(name, options)
-    return functools.partial(function, **options)
 
 
 def _clip_only(function: Callable, **backbone) -> Callable:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json, check_write_target, entry_list
+from sspo.io import atomic_write_json, check_write_target, entry_list, missing_folders, remove_empty_folders
 from sspo.paths import PREVIOUS_RUN
 from sspo.training.config import TrainConfig
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
@@ -130,7 +130,7 @@ def claimed(run_dir: str | Path) -> Iterator[None]:
     resumable state leaves the folder as it was (module docstring). Main process only."""
     run_dir = Path(run_dir)
     check_output_dir(run_dir)
-    created = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]  # innermost first
+    created = missing_folders(run_dir)
     lock = RunLock(run_dir).acquire()
     try:
         if saved_states(run_dir):
@@ -151,6 +151,4 @@ def claimed(run_dir: str | Path) -> Iterator[None]:
             raise
     finally:
         lock.release()
-        for folder in created:
-            with contextlib.suppress(OSError):  # only an empty folder goes
-                folder.rmdir()
+        remove_empty_folders(created)

@@ -80,16 +80,14 @@ def check_frames(cfg: TrainConfig, video: bool) -> None:
 def validation_metric_prompts(cfg: TrainConfig, video: bool) -> list[str]:
     """The prompts ``validation.metrics`` scores, checked before training: readable, of the world a world's metric
     scores, sampled as the metrics' inputs (images or clips), and the scorers' local weights there."""
-    from sspo.evaluation.evaluate import check_metric_prompts, check_scorers
+    from sspo.evaluation.evaluate import check_metric_prompts, check_scorers, scores_clips
     from sspo.evaluation.scorers.prompts import read_prompt_file
-    from sspo.worlds import find_world
 
     vcfg = cfg.validation
     if not (vcfg.metrics and vcfg.every_iterations):
         return []
     for metric in vcfg.metrics:
-        world = find_world(metric)
-        if (world is not None and world.clips) != video:
+        if scores_clips(metric) != video:
             made, fits = ("clips", "moving-shapes") if video else ("images", "shapes, pickscore, ...")
             raise ConfigError(f"validation.metrics: {metric!r} does not score the {made} this model makes; pick metrics of {made} ({fits})")
     if vcfg.prompt_file is None:
