@@ -416,13 +416,14 @@ def score_all(
 
 
 def parse_scorer_options(options: dict[str, str]) -> dict:
-    """``--scorer-option`` values as ``build_scorer`` keywords: numbers and booleans parsed, anything else the string given."""
+    """``--scorer-option`` values as ``build_scorer`` keywords: numbers, booleans and ``null`` (the
+    option's default of None, e.g. ``fid.frames=null``: every frame) parsed, anything else the string given."""
     from sspo.config import parse_yaml
 
     parsed = {}
     for key, raw in options.items():
         value = parse_yaml(raw) if raw else raw
-        parsed[key] = value if isinstance(value, (int, float, bool)) else raw
+        parsed[key] = value if value is None or isinstance(value, (int, float, bool)) else raw
     return parsed
 
 

@@ -332,7 +332,8 @@ _MEASURES = {"fid": fid_features, "psnr": psnr, "fvd": fvd_features, "mtscore": 
 def check_options(name: str, options: Mapping) -> None:
     """Refuse an option metric ``name`` does not have (its measure's keyword-only parameters, and
     chscore's ``grid_size``) or a value it cannot take, before any backbone is loaded: every option is
-    a count or a size (an integer above 0) or a threshold (a number, 0 or more)."""
+    a count or a size (an integer above 0) or a threshold (a number, 0 or more), or None where the
+    option's default is None."""
     function = _MEASURES[name]
     tracker = {"grid_size": int} if name == "chscore" else {}  # passed to CoTracker, not to chscore
     hints = typing.get_type_hints(function) | tracker
@@ -341,6 +342,8 @@ def check_options(name: str, options: Mapping) -> None:
         if key not in allowed:
             raise SSPOError(f"metric {name!r} has no option {key!r}; its options: {', '.join(allowed) or 'none'}")
         hint = hints[key]
+        if value is None and type(None) in typing.get_args(hint):
+            continue
         count = hint is int or int in typing.get_args(hint)
         check_option_value(name, key, value, int if count else float, Allowed(above=0) if count else Allowed(at_least=0))
 

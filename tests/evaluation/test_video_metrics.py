@@ -18,6 +18,7 @@ from sspo.evaluation.video_metrics import (
     MTSCORE_CANDIDATES,
     PSNR_MAX,
     build_video_metric,
+    check_options,
     chscore,
     coherence_score,
     fid_features,
@@ -350,6 +351,16 @@ def test_bad_video_eval_input_is_one_clear_error(extra, message, clip_folders, b
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("sspo: error:")]
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0] and "Traceback" not in err
+
+
+def test_null_is_an_options_default_where_the_option_has_one():
+    from sspo.commands.eval import parse_scorer_options
+
+    options = parse_scorer_options({"frames": "null", "bootstrap": "200", "processor": "/m/proc"})
+    assert options == {"frames": None, "bootstrap": 200, "processor": "/m/proc"}
+    check_options("fid", {"frames": None})  # every frame: fid_features' default
+    with pytest.raises(SSPOError, match="metric 'fvd' option 'frames': got None, expected an integer > 0"):
+        check_options("fvd", {"frames": None})
 
 
 def test_clip_folders_must_hold_clips_and_references_must_be_given(clip_folders, tmp_path, capsys):
