@@ -147,6 +147,31 @@ def setting(default: Any = dataclasses.MISSING, *, choices: typing.Iterable[Any]
     return dataclasses.field(default=default, metadata={ALLOWED: allowed})
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field of dataclass ``cls`` with its documentation: the comments on its declaration's lines,
+    else the comment block right above it ("" for neither)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            lines = [n for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            if not lines:
+                above = node.lineno - 1
+                while above in comments and source.splitlines()[above - 1].lstrip().startswith("#"):
+                    lines.insert(0, above)
+                    above -= 1
+            found[node.target.id] = " ".join(comments[n] for n in lines)
+    return found
+
+
 def allowed(field: dataclasses.Field) -> Allowed | None:
     """What ``field`` was declared to accept with :func:`setting`; None for a field of any value of its type."""
     return field.metadata.get(ALLOWED)

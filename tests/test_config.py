@@ -15,7 +15,7 @@ import yaml
 
 import sspo
 from sspo.cli import main
-from sspo.config import allowed, apply_overrides, field_type, from_dict, load_config, save_yaml, to_dict, validate
+from sspo.config import allowed, apply_overrides, field_comments, field_type, from_dict, load_config, save_yaml, setting, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import atomic_path, atomic_write_text
 from sspo.training.config import OptimConfig, TrainConfig, check_environment, resolved
@@ -275,20 +275,28 @@ CONFIG_CLASSES = _config_classes()
 
 
 def test_every_config_field_is_documented_where_it_is_declared():
-    """A comment on the field's line (or its last line), or a comment block right above it."""
-    import inspect
-
-    undocumented = []
-    for cls in CONFIG_CLASSES:
-        lines, start = inspect.getsourcelines(cls)
-        tree = ast.parse("".join(lines))
-        for node in tree.body[0].body:
-            if isinstance(node, ast.AnnAssign):
-                own = lines[node.lineno - 1 : node.end_lineno]
-                above = lines[node.lineno - 2].strip()
-                if not any("#" in line for line in own) and not above.startswith("#"):
-                    undocumented.append(f"{cls.__name__}.{node.target.id}")
+    """A comment on the field's lines, or a comment block right above it."""
+    undocumented = [f"{cls.__name__}.{name}" for cls in CONFIG_CLASSES for name, text in field_comments(cls).items() if not text]
     assert undocumented == []
+
+
+@dataclasses.dataclass
+class Documented:
+    plain: int = 1  # on its line
+    # a block
+    # above it
+    above: int = 2
+    spread: tuple[int, ...] = setting(
+        (1, 2),  # on its first line
+        at_least=1,
+    )  # and its last
+    bare: str = ""
+
+
+def test_a_fields_documentation_is_its_comments():
+    assert field_comments(Documented) == {"plain": "on its line", "above": "a block above it", "spread": "on its first line and its last", "bare": ""}
+
+
 # Strings any value of which is fine (paths, ids, free text); every other string field declares its choices.
 FREE_TEXT = {
     "ModelConfig": {"revision", "variant", "motion_adapter"},

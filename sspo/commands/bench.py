@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from sspo.benchmark.config import REALISTIC_BATCH, REALISTIC_NEGATIVES, SETTING_KEYS, BenchConfig, arm_overrides, model_notes, model_overrides
+from sspo.benchmark.config import SETTING_KEYS, BenchConfig, model_notes, model_overrides
 from sspo.benchmark.flops import device_peak
 from sspo.benchmark.measure import run_arm
 from sspo.benchmark.report import format_table, machine_info, summarize_arms, write_results
+from sspo.config import allowed, field_comments
 from sspo.errors import SSPOError
 from sspo.models.architectures import ARCH_MODELS, ARCH_TITLES
 
@@ -83,48 +84,28 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
             "arms": arms, "summary": summarize_arms(arms, info["peak"]["flops_per_s"]), "wall_s": time.perf_counter() - started}
 
 
-# Flags are the config's fields (``--batch-size`` sets ``batch_size``); help says what the field does.
-FLAG_HELP = {
-    "model": "tiny | quick | sd15 | sdxl | sd35m | flux (random-weight architectures, GPU) | a diffusers folder",
-    "batch_size": "per micro-batch (default: the demo config's)",
-    "gradient_accumulation_steps": "micro-batches per optimizer step (default: the demo config's)",
-    "mixed_precision": "the trainer's mixed_precision: no | fp16 | bf16",
-    "lora": "LoRA (--no-lora: full fine-tuning)",
-    "gradient_checkpointing": "recompute activations in the backward pass",
-    "warmup": "optimizer steps before timing",
-    "steps": "timed optimizer steps per arm",
-    "arms": f"comma-separated, some of {','.join(arm_overrides())}",
-    "sampler_steps": "also measure negative generation at these sampler steps (comma-separated)",
-    "steps_per_iteration": "K_updates (default: the demo config's)",
-    "pool_size": "checkpoints in the pool for the sspo arms",
-    "resolution": "training resolution (default: the model's native)",
-    "threads": "torch CPU threads (default: torch's)",
-    "clock": "wall | cpu (process CPU time: with --threads 1, robust on a shared CPU)",
-    "isolate": "each arm in a fresh subprocess (--no-isolate: in this process, CPU memory numbers less clean)",
-    "allow_cpu": "run --model sd15/sdxl/sd35m/flux without a GPU",
-    "realistic": f"training scale: batch >= {REALISTIC_BATCH}, and the smallest K_updates that generates >= {REALISTIC_NEGATIVES} negatives "
-                 "an iteration and fills the generation batch (negatives.batch_size) of every pool checkpoint; explicit flags win",
-}
-
-
 def _flag(field: dataclasses.Field) -> str:
     return "--" + field.name.replace("_", "-")
 
 
 def add_arguments(parser) -> None:
-    """``sspo bench``'s flags, one per :class:`BenchConfig` field; key=value TrainConfig overrides last."""
+    """``sspo bench``'s flags, one per :class:`BenchConfig` field (``--batch-size`` sets ``batch_size``),
+    each helped by its field's comment; key=value TrainConfig overrides last."""
     import argparse
 
+    comments = field_comments(BenchConfig)
     for field in dataclasses.fields(BenchConfig):
         if field.name == "overrides":
             continue
         kind, default = str(field.type), field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        rule = allowed(field)
+        help = comments[field.name] + (f" (some of {','.join(rule.choices)})" if kind.startswith("tuple") and rule and rule.choices else "")
         if kind == "bool":
-            parser.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, help=FLAG_HELP[field.name])
+            parser.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, help=help)
         elif kind.startswith("tuple"):
-            parser.add_argument(_flag(field), default=",".join(map(str, default)), help=FLAG_HELP[field.name])
+            parser.add_argument(_flag(field), default=",".join(map(str, default)), help=help)
         else:
-            parser.add_argument(_flag(field), type=int if "int" in kind else str, default=default, help=FLAG_HELP[field.name])
+            parser.add_argument(_flag(field), type=int if "int" in kind else str, default=default, help=help)
     parser.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
