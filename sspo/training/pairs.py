@@ -1,10 +1,11 @@
 """Pairs: a micro-batch's winners, its losers, its random draws and its reference errors, built whole.
 
 Every random choice of micro-batch ``m`` (which checkpoint, the sampler's seeds, ``t`` and
-``eps``) comes from a generator seeded by ``(seed, m)``, never from global RNG state. So the same
-pairs come out whether they are built one micro-batch at a time just before the step (online) or
-for a whole iteration up front, grouped by checkpoint (pregenerated, docs/method.md "Pairs") — and
-a resumed run rebuilds exactly the pairs it would have had.
+``eps``) comes from a generator seeded by the run's seed and ``m``'s stream (``m`` and the process),
+never from global RNG state. So the same draws are made whether pairs are built one micro-batch at a
+time just before the step (online) or for a whole iteration up front, grouped by checkpoint
+(pregenerated, docs/method.md "Pairs"), and a resumed run rebuilds exactly the pairs it would have
+had. The two differ only in rounding: a checkpoint sampling several micro-batches in one batch.
 
 Latents may have any rank: ``(B, C, H, W)`` images or ``(B, C, F, H, W)`` videos.
 """
