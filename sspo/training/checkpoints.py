@@ -232,7 +232,7 @@ class Checkpointing:
     def _check_logs_cover(self, state_dir: Path, state: dict, logs: dict[str, list[dict]]) -> None:
         """Refuse to resume from a log that lost rows the state was saved after: a resume re-logs only
         the steps after it, so dropping a cut-short row there would leave the log neither whole nor as it was."""
-        saved = state.get("log_rows", {})  # states of earlier versions have none
+        saved = state.get("log_rows", {})  # absent from states an older sspo saved: nothing to check
         if not isinstance(saved, dict) or not all(isinstance(n, int) for n in saved.values()):
             raise DamagedFileError(f"the resumable state {state_dir / STATE_FILE} is damaged (log_rows is not a table of row counts)",
                                    "restore it, or train without --resume to start again")

@@ -105,7 +105,7 @@ class NegativesConfig:
 @dataclasses.dataclass
 class ValidationConfig:
     every_iterations: int = setting(0, at_least=0)  # 0: off; N: every N iterations and after the last
-    world_eval: bool = False  # score a world's eval prompts (seen and held-out) exactly, sampled as the negatives are
+    world_eval: bool = False  # score a world's eval prompts (seen and held-out) exactly, sampled as `sspo eval` samples at the negatives' steps and guidance
     world: str | None = setting(None, choices=Registered(WORLDS))  # the world world_eval scores (shapes | moving-shapes | a registered one); None: the one data.source names
     prompts: tuple[str, ...] = ()  # fixed prompts: an image grid in <output_dir>/validation and tensorboard
     # Scored with `sspo eval`'s metrics, one sample per prompt (seed `seed`): each column's mean goes to the trackers and

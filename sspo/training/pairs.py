@@ -94,10 +94,18 @@ def draw(generator: torch.Generator, shape: Sequence[int], pool, erd: str, erd_p
         checkpoints = [pool.draw(erd, rng)] * n if erd_per == "batch" else [pool.draw(erd, rng) for _ in range(n)]
         sample_seeds = torch.randint(2**62, (n,), generator=generator).tolist()
     switch_timesteps = switch_noise = None
-    if ssr_draws > 1:  # drawn last, so ssr_draws = 1 leaves every other draw as it was
+    if ssr_draws > 1:  # drawn last, so every other draw is the same whatever ssr_draws is
         switch_timesteps = family.draw_timesteps((n, ssr_draws - 1), generator)
         switch_noise = torch.randn((n, ssr_draws - 1, *shape[1:]), generator=generator)
     return Draws(timesteps, noise, checkpoints, sample_seeds, switch_timesteps, switch_noise)
+
+
+def pair_errors(family: ModelFamily, denoiser, winners, losers, noise, timesteps, cond: TextCondition, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's winner and loser denoising errors ``[B]``, ``[B]`` at the pair's shared ``t`` and
+    ``eps``: both in one forward, as a batch of twice the pairs."""
+    latents = torch.cat([winners, losers]).to(device)
+    noise = noise.repeat(2, *[1] * (latents.ndim - 1)).to(device)
+    return family.denoising_errors(denoiser, latents, noise, timesteps.repeat(2).to(device), cond.repeat(2)).chunk(2)
 
 
 def mean_over_draws(family: ModelFamily, denoiser, first: torch.Tensor, winners, switch_timesteps, switch_noise, cond: TextCondition, device) -> torch.Tensor:
@@ -245,18 +253,17 @@ class PairBuilder:
         for checkpoint, members in _by_checkpoint([b.draws for b in batches]).items():
             with self.reference.activate(checkpoint) as denoiser, self.autocast():
                 for chunk in _chunks(members, chunk_size, [b.rows.winners for b in batches]):
-                    # Winner and loser of every pair in one forward.
                     winners = torch.stack([batches[b].rows.winners[i] for b, i in chunk])
-                    latents = torch.cat([winners, torch.stack([batches[b].losers[i] for b, i in chunk])])
-                    noise = torch.stack([batches[b].draws.noise[i] for b, i in chunk]).repeat(2, *[1] * (latents.ndim - 1))
-                    t = torch.stack([batches[b].draws.timesteps[i] for b, i in chunk]).repeat(2)
+                    losers = torch.stack([batches[b].losers[i] for b, i in chunk])
+                    noise = torch.stack([batches[b].draws.noise[i] for b, i in chunk])
+                    t = torch.stack([batches[b].draws.timesteps[i] for b, i in chunk])
                     cond = TextCondition.cat([batches[b].rows.cond[i : i + 1] for b, i in chunk])
-                    errors = self.family.denoising_errors(denoiser, latents.to(self.device), noise.to(self.device), t.to(self.device), cond.repeat(2)).cpu()
+                    errors_w, errors_l = (e.cpu() for e in pair_errors(self.family, denoiser, winners, losers, noise, t, cond, self.device))
                     for k, (b, i) in enumerate(chunk):
-                        ref_w[b][i], ref_l[b][i] = errors[k], errors[len(chunk) + k]
+                        ref_w[b][i], ref_l[b][i] = errors_w[k], errors_l[k]
                     if switch[chunk[0][0]] is not None:
                         mean = mean_over_draws(
-                            self.family, denoiser, errors[: len(chunk)], winners, torch.stack([batches[b].draws.switch_timesteps[i] for b, i in chunk]),
+                            self.family, denoiser, errors_w, winners, torch.stack([batches[b].draws.switch_timesteps[i] for b, i in chunk]),
                             torch.stack([batches[b].draws.switch_noise[i] for b, i in chunk]), cond, self.device,
                         ).cpu()
                         for k, (b, i) in enumerate(chunk):

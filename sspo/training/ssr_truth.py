@@ -10,7 +10,8 @@ exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
   the policy, just before the step that uses the pair, samples the same prompt from the same seed
   with the same sampler, and that sample is scored too; the pair's switch margin
   ``L_theta(x_w) - L_ref(x_w)`` and the ``K`` eq. 9 gives it are recorded for every pair (eq. 9's
-  whatever ``ssr`` the run trains with: what is checked is the paper's switch).
+  whatever ``ssr`` the run trains with: what is checked is the paper's switch). The margin comes from
+  a policy forward of its own, so where it is a near tie its sign may round otherwise than in the step.
 
 Rows go to ``<run>/ssr_truth.jsonl`` (read with :func:`sspo.io.read_jsonl`; a resumed run keeps
 only those of saved steps); :func:`summarize_ssr_truth` turns them into per-iteration agreement of
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from sspo.models.pipeline import decode_images
+from sspo.training.losses import ssr_coefficient
 from sspo.training.pairs import PairBatch, PairBuilder, mean_over_draws
 
 FILE = "ssr_truth.jsonl"
@@ -56,7 +58,8 @@ class SSRTruth:
             if draws.switch_noise is not None:  # ssr_draws > 1: K is decided on errors averaged over draws
                 policy_w = mean_over_draws(self.family, policy, policy_w, batch.rows.winners, draws.switch_timesteps, draws.switch_noise, cond, self.device)
                 reference_w = batch.reference.switch
-            margin = (policy_w.float().cpu() - reference_w.float().cpu()).tolist()
+            policy_w, reference_w = policy_w.float().cpu(), reference_w.float().cpu()
+            margin, k = (policy_w - reference_w).tolist(), ssr_coefficient(policy_w, reference_w, "sign").tolist()
             rewards_l = [s.reward for s in evaluate_batch(decode_images(self.family.vae, batch.losers), prompts)]
             n_policy = min(len(prompts), self.per_batch)
             own = self.pairs.sample(policy, cond[:n_policy], draws.sample_seeds[:n_policy], self.pairs.negatives, batch.losers.shape[2:])
@@ -64,7 +67,7 @@ class SSRTruth:
             rewards_policy += [None] * (len(prompts) - n_policy)
             for i in range(len(prompts)):
                 rows.append({"step": step, "iteration": iteration, "micro_batch": batch.index, "sample": i, "checkpoint": draws.checkpoints[i],
-                             "margin": margin[i], "K": 1 if margin[i] > 0 else -1, "reward_l": rewards_l[i], "reward_policy": rewards_policy[i]})
+                             "margin": margin[i], "K": int(k[i]), "reward_l": rewards_l[i], "reward_policy": rewards_policy[i]})
         with open(self.path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 

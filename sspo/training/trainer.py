@@ -44,7 +44,7 @@ from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
 from sspo.training.losses import sft_loss, sspo_loss
 from sspo.training.methods import METHODS
-from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws
+from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws, pair_errors
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY, ReferenceModel
 from sspo.training.run_folder import check_output_dir, claimed
@@ -307,11 +307,7 @@ class Trainer(Checkpointing):
         if not self.cfg.uses_reference:  # SFT: the winners only
             errors = self.family.denoising_errors(self.denoiser, rows.winners.to(dev), draws.noise.to(dev), draws.timesteps.to(dev), rows.cond)
             return sft_loss(errors)
-        # Winner and loser of every pair in one forward.
-        latents = torch.cat([rows.winners, batch.losers]).to(dev)
-        noise = draws.noise.repeat(2, *[1] * (latents.ndim - 1)).to(dev)
-        errors = self.family.denoising_errors(self.denoiser, latents, noise, draws.timesteps.repeat(2).to(dev), rows.cond.repeat(2))
-        policy_w, policy_l = errors.chunk(2)
+        policy_w, policy_l = pair_errors(self.family, self.denoiser, rows.winners, batch.losers, draws.noise, draws.timesteps, rows.cond, dev)
         ref = batch.reference
         switch = None
         if draws.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
@@ -474,7 +470,8 @@ class Trainer(Checkpointing):
             self.policy.train()
 
     def _sample(self, prompts) -> list:
-        """One sample of each prompt with the policy, seeded by ``validation.seed``, as the negatives are sampled."""
+        """One sample of each prompt with the policy, seeded by ``validation.seed``: the pipeline's own
+        sampler, as ``sspo eval``'s, at the negatives' steps and guidance."""
         from sspo.evaluation.sampling import generate
 
         sampler = self.cfg.negatives
@@ -517,7 +514,7 @@ class Trainer(Checkpointing):
 
     def world_eval(self) -> dict:
         """The exact rewards of the world the config names (``cfg.eval_world``) on its seen and
-        held-out prompts, sampled as the negatives are."""
+        held-out prompts, sampled as :meth:`_sample` samples."""
         from sspo.evaluation.evaluate import EvalConfig, evaluate_pipeline
 
         vcfg, data, sampler = self.cfg.validation, self.cfg.data, self.cfg.negatives
@@ -528,12 +525,13 @@ class Trainer(Checkpointing):
         fault_point("validation")
         return {f"reward_{split}": scores[eval_cfg.metric_names[0]] for split, scores in summary.items()}
 
+
 def _postfix(metrics: dict, cfg: TrainConfig) -> dict:
-    """The bar's numbers: the loss; with self-sampling, the share of pairs SSR switched to SFT and the
-    mean pool checkpoint that sampled the negatives, of the newest."""
+    """The bar's numbers: the loss; with SSR, the share of pairs whose switch fired (``ssr_rate``); with
+    self-sampling, the mean pool checkpoint that sampled the negatives, of the newest."""
     shown = {"loss": f"{metrics['loss']:.4f}"}
     if cfg.effective_ssr != "off" and "ssr_rate" in metrics:
-        shown["sft_share"] = f"{metrics['ssr_rate']:.2f}"
+        shown["ssr_rate"] = f"{metrics['ssr_rate']:.2f}"
     if cfg.generates_negatives:
         shown["checkpoint"] = f"{metrics['reference_checkpoint']:.1f}/{metrics['pool_size'] - 1}"
     return shown

@@ -306,7 +306,7 @@ def test_validation_metrics_that_cannot_score_are_refused_before_training(overri
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("method, shown", [("sft", ["loss"]), ("dpo", ["loss"]), ("spin", ["loss", "checkpoint"]), ("sspo", ["loss", "sft_share", "checkpoint"])])
+@pytest.mark.parametrize("method, shown", [("sft", ["loss"]), ("dpo", ["loss"]), ("spin", ["loss", "checkpoint"]), ("sspo", ["loss", "ssr_rate", "checkpoint"])])
 def test_the_progress_bar_shows_only_numbers_the_method_has(method, shown):
     from sspo.training.trainer import _postfix
 
