@@ -47,9 +47,9 @@ def generate(
     """
     from sspo.models.families import family_of
 
-    video = family_of(pipe).video
-    longest = pipe.unet.config.get("motion_max_seq_length") if video else None
-    if longest is not None and frames > longest:
+    family = family_of(pipe)
+    video, longest = family.video, family.longest_clip
+    if video and longest is not None and frames > longest:
         raise ConfigError(f"frames: {frames}, but this model's motion modules make clips of at most {longest} frames; ask for {longest} or fewer")
     extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
     images: list = []

@@ -68,10 +68,20 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
     return dataset
 
 
-def check_frames(cfg: TrainConfig, video: bool) -> None:
-    """``data.frames`` fits what the model makes: clips of that many frames, or images (0)."""
+def makes_clips(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.model`` is a video model, from its config alone (no weights are loaded)."""
+    if world := base_world(cfg.model.pretrained):
+        return world.clips
+    check_not_a_misspelt_base(cfg.model.pretrained, "model.pretrained")
+    return "motion_adapter" in load_pipeline_config(cfg.model.pretrained, cfg.model.revision) or cfg.model.motion_adapter is not None
+
+
+def check_frames(cfg: TrainConfig, video: bool, longest: int | None = None) -> None:
+    """``data.frames`` fits what the model makes: clips of that many frames (``longest`` at most), or images (0)."""
     if video:
         check(cfg.data.frames > 0, "data.frames", "is 0 (images), but the model makes clips; set the frames per clip, e.g. data.frames=8")
+        check(longest is None or cfg.data.frames <= longest, "data.frames",
+              f"is {cfg.data.frames}, but this model's motion modules make clips of at most {longest} frames; set {longest} or fewer")
     else:
         check(not cfg.data.frames, "data.frames", f"is {cfg.data.frames} (clips), but the model makes images; set data.frames=0, "
               "or train a video model (model.motion_adapter)")
@@ -130,6 +140,7 @@ class Trainer(Checkpointing):
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
 
+        check_frames(cfg, makes_clips(cfg))  # before any row is read as an image or a clip
         self.dataset = open_dataset(cfg)
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
         # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
@@ -143,7 +154,7 @@ class Trainer(Checkpointing):
         for name in self.family.frozen_components:
             if (component := self.family.component(name)) is not None:  # SD3 may be saved without T5
                 component.requires_grad_(False).eval()
-        check_frames(cfg, self.family.video)
+        check_frames(cfg, self.family.video, self.family.longest_clip)  # the model's frame limit, now that it is loaded
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
 
@@ -563,17 +574,16 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     if resume:
         check_resumed_config(cfg, Path(cfg.output_dir))
     dataset = open_dataset(cfg, read_first_row=False)
-    name = cfg.model.pretrained
+    name, video = cfg.model.pretrained, makes_clips(cfg)
     if world := base_world(name):
         world.base_preset(name, key="model.pretrained")
-        video = world.clips
         model = f"{name} (the {world.name} world's {world.base_pipeline}, shipped or built and cached on first use)"
     else:
-        check_not_a_misspelt_base(name, "model.pretrained")
         config = load_pipeline_config(name, cfg.model.revision)
-        video = "motion_adapter" in config or cfg.model.motion_adapter is not None
+        family = family_of(config, cfg.model.family)
+        if cfg.generates_negatives:
+            family.check_sampler(cfg.negatives.scheduler)
         if cfg.model.lora and not video:  # a video denoiser is an image UNet joined to a motion adapter at load
-            family = family_of(config, cfg.model.family)
             denoiser = denoiser_skeleton(name, config, family.denoiser_component, cfg.model.revision)
             family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
         model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"

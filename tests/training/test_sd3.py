@@ -137,9 +137,11 @@ def test_full_finetune_saves_a_folder_from_pretrained_loads(tiny_sd3, pairs, tmp
 
 def test_a_diffusion_sampler_is_refused_in_one_line(tiny_sd3, pairs, tmp_path):
     from sspo.errors import SSPOError
+    from sspo.training.trainer import dry_run
 
-    with pytest.raises(SSPOError, match="negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"):
-        train(sd3_config(tmp_path / "run", tiny_sd3, pairs, "negatives.scheduler=ddim"))
+    for run in (train, dry_run):
+        with pytest.raises(SSPOError, match="negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"):
+            run(sd3_config(tmp_path / "run", tiny_sd3, pairs, "negatives.scheduler=ddim"))
 
 
 def test_sspo_sample_draws_a_grid_from_the_trained_lora(tiny_sd3, pairs, tmp_path):

@@ -145,3 +145,20 @@ def test_more_frames_than_the_motion_modules_make_is_one_line(video_model):
     longest = pipe.unet.config.motion_max_seq_length
     with pytest.raises(ConfigError, match=rf"frames: {longest + 1}, but this model's motion modules make clips of at most {longest} frames"):
         generate(pipe, ["a red circle"], [0], steps=1, guidance_scale=1.0, frames=longest + 1)
+
+
+def test_training_more_frames_than_the_motion_modules_make_is_refused(video_model, tmp_path):
+    from sspo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'data.frames': is 17, but this model's motion modules make clips of at most 16 frames; set 16 or fewer"):
+        train(video_config(video_model, tmp_path / "run", "data.frames=17"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_images_for_a_video_model_are_refused_before_any_row_is_read(video_model, tmp_path, monkeypatch):
+    import sspo.training.trainer
+    from sspo.errors import ConfigError
+
+    monkeypatch.setattr(sspo.training.trainer, "load_dataset_from_config", lambda *a, **k: pytest.fail("the data was opened"))
+    with pytest.raises(ConfigError, match="'data.frames': is 0 \\(images\\), but the model makes clips"):
+        train(video_config(video_model, tmp_path / "run", "data.source=imagefolder", f"data.path={tmp_path}", "data.frames=0"))

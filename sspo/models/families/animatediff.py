@@ -28,6 +28,11 @@ class AnimateDiff(ModelFamily):
     def detects(cls, components: Mapping[str, Any]) -> bool:
         return "motion_adapter" in components or is_motion_model(components.get("unet"))
 
+    @property
+    def longest_clip(self) -> int | None:
+        # The motion modules' positional encoding has this many frames.
+        return self.denoiser.config.get("motion_max_seq_length")
+
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         # The video UNet takes one text condition per frame, as AnimateDiffPipeline passes it.
         return super().predict(denoiser, noisy, timesteps, cond.repeat_each(noisy.shape[2]))

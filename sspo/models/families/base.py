@@ -92,6 +92,11 @@ class ModelFamily:
     def vae(self) -> torch.nn.Module:
         return self.component("vae")
 
+    @property
+    def longest_clip(self) -> int | None:
+        """The most frames a clip of this model may have (None: no limit, or images)."""
+        return None
+
     # ----------------------------------------------------------------------------------------------
     # The training objective
 
@@ -157,6 +162,9 @@ class ModelFamily:
 
     # ----------------------------------------------------------------------------------------------
     # Sampling negatives
+
+    def check_sampler(self, kind: str) -> None:
+        """Refuse a ``negatives.scheduler`` this family cannot sample with (a ModelError); from its config alone."""
 
     def sampler(self, kind: str, eta: float) -> Sampler:
         """The inference scheduler ``kind`` (``negatives.scheduler``) on the pipeline's noise schedule."""

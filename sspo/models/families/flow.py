@@ -92,9 +92,12 @@ class FlowMatchingFamily(ModelFamily):
         weights = compute_loss_weighting_for_sd3(self.flow.weighting_scheme, self.sigmas(timesteps, 1).to(errors.device))
         return errors * weights.reshape(-1).float()
 
-    def sampler(self, kind: str, eta: float) -> Sampler:
-        """The flow-matching Euler sampler the pipeline ships (``negatives.scheduler``: pipeline or euler)."""
+    def check_sampler(self, kind: str) -> None:
         if kind not in ("pipeline", "euler"):
             raise ModelError(f"negatives.scheduler {kind!r} is a diffusion sampler; {self.name} samples by flow matching: set negatives.scheduler: pipeline")
+
+    def sampler(self, kind: str, eta: float) -> Sampler:
+        """The flow-matching Euler sampler the pipeline ships (``negatives.scheduler``: pipeline or euler)."""
+        self.check_sampler(kind)
         scheduler = self.component("scheduler")
         return Sampler(scheduler.__class__.from_config(scheduler.config))
