@@ -577,7 +577,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     name, video = cfg.model.pretrained, makes_clips(cfg)
     if world := base_world(name):
         world.base_preset(name, key="model.pretrained")
-        model = f"{name} (the {world.name} world's {world.base_pipeline}, shipped or built and cached on first use)"
+        model = f"{name} (the {world.name} world's {world.pipeline_of(name)}, shipped or built and cached on first use)"
     else:
         config = load_pipeline_config(name, cfg.model.revision)
         family = family_of(config, cfg.model.family)

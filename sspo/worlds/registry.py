@@ -94,6 +94,7 @@ class World:
     round_trip: Callable[[Path], dict[str, dict[str, float]]]  # base folder -> mean exact scores of clean and defective samples after a VAE round trip
     demo: DemoSettings
     preset_guidance_scales: Mapping[str, float] = dataclasses.field(default_factory=dict)  # presets sampled with another guidance than base_guidance_scale
+    preset_pipelines: Mapping[str, str] = dataclasses.field(default_factory=dict)  # presets that are another kind of pipeline than base_pipeline
     # `sspo demo --base <base>:<preset>`: the demo of a preset that is another model (a flow-matching base), not a smaller one
     preset_demos: Mapping[str, DemoSettings] = dataclasses.field(default_factory=dict)
     pairs: PairsSettings | None = None  # its Pick-a-Pic-shaped pairs (`sspo pairs --world`); None: it has none
@@ -107,6 +108,10 @@ class World:
             names = ", ".join([repr(self.base), *(repr(f"{self.base}:{p}") for p in self.preset_demos)])
             raise ConfigError(f"{key}: {name!r} has no demo; the demos of world {self.name!r} train {names}")
         return self.preset_demos[preset]
+
+    def pipeline_of(self, name: str) -> str:
+        """What base ``name`` (``<base>`` or ``<base>:<preset>``) is, for summaries."""
+        return self.preset_pipelines.get(self.base_preset(name), self.base_pipeline)
 
     def guidance_scale(self, name: str) -> float:
         """The guidance base ``name`` (``<base>`` or ``<base>:<preset>``) is usually sampled with."""

@@ -85,3 +85,12 @@ def test_a_dry_run_with_resume_checks_the_resume_as_the_real_run_does(finished_r
     assert f"resume       from {finished_run / 'checkpoints'}" in capsys.readouterr().out
     assert main([*argv, "optim.learning_rate=5e-4"]) == 2
     assert "--resume: the config differs from the one" in capsys.readouterr().err
+
+
+def test_a_dry_run_of_the_flow_base_says_what_it_is_and_samples_at_its_guidance(tmp_path, capsys):
+    argv = ["train", "demo-shapes", "--dry-run", "model.pretrained=shapes-base:flow", "negatives.scheduler=pipeline",
+            "model.lora_targets=[to_q, to_k, to_v, to_out.0]", f"output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "shapes-base:flow (the shapes world's tiny flow-matching SD3 pipeline" in out
+    assert "negatives: pipeline, 20 steps, guidance 1" in out
