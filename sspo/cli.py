@@ -62,15 +62,17 @@ def _sample(args) -> None:
     if args.lora:  # before resolve_model builds a world's base
         check_lora_path(Path(args.lora).expanduser())
     pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
+    video = family_of(pipe).video  # an animated grid: GIF, or MP4 / WebP by the suffix
+    suffixes = (".gif", ".mp4", ".webp") if video else (".png",)
+    out = out if out.suffix in suffixes else out.with_suffix(suffixes[0])
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
     try:
-        if family_of(pipe).video:  # an animated grid: GIF, or MP4 / WebP by the suffix
-            out = save_animation(clip_grid(rows, labels, prompts), out if out.suffix in (".gif", ".mp4", ".webp") else out.with_suffix(".gif"))
-        else:
-            out = save_png(image_grid(rows, labels, prompts), out if out.suffix == ".png" else out.with_suffix(".png"))
+        out = save_animation(clip_grid(rows, labels, prompts), out) if video else save_png(image_grid(rows, labels, prompts), out)
     except OSError as exc:
         raise write_error(out, exc) from None
     print(out)
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_base)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
-    p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick] or moving-shapes-base[:quick]")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick|:64px|:flow] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
     p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (at least 1)")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
@@ -300,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
     p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png; another suffix becomes .png); video models: .gif, .mp4 or .webp (another becomes .gif)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate one image per (model, prompt, seed) (resumable), score every image with every metric, "
         "write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out.",
     )
-    p.add_argument("--model", action="append", help="diffusers folder, hub id or shapes-base[:quick]; repeat for several")
+    p.add_argument("--model", action="append", help="diffusers folder, hub id, or a world's base (shapes-base[:quick|:64px|:flow], moving-shapes-base[:quick]); repeat")
     p.add_argument("--videos", action="append", metavar="DIR", help="instead of --model: score the generated clips in DIR (<prompt_index>-<seed>.<ext>) "
                    "with the paper's video metrics (docs/video-metrics.md); repeat for several models, --name labels them")
     p.add_argument("--reference-videos", metavar="DIR", help="with --videos: each prompt's reference clip (<prompt_index>.<ext>), for fid, fvd and psnr")

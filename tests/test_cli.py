@@ -75,6 +75,17 @@ def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
     assert len(grid) == 6 and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
 
 
+def test_sample_replaces_an_existing_file_only_with_force(quick_base, tmp_path, capsys):
+    clip = tmp_path / "red.png"
+    clip.write_bytes(b"the user's own image")
+    argv = ["sample", "--model", quick_base, "--prompt", "a red circle", "--rows", "1", "--steps", "1", "--device", "cpu", "--out", str(clip)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"sspo: error: --out {clip} exists; pass --force to replace it, or name another file"
+    assert clip.read_bytes() == b"the user's own image"
+    assert main([*argv, "--force"]) == 0
+    assert Image.open(clip).format == "PNG"
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_library_progress_bars_only_when_verbose(verbose, quick_base, capsys):
     from diffusers.utils import logging as diffusers_logging
