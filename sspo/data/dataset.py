@@ -42,7 +42,7 @@ class _Reader:
 
     def __init__(self, cfg: DataConfig, source: Source):
         self.cfg = cfg
-        self.where = source.where
+        self.where, self.row_name = source.where, source.row_name
         self.skipped = 0
         self._bad: set[int] = set()
         name, first = source.files[0]
@@ -75,7 +75,7 @@ class _Reader:
         for row_id, label in enumerate(labels):
             if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
                 raise DataError(
-                    f"{self.where} row {row_id}: label {label!r} in column {self.cfg.label_column!r} (data.label_column) "
+                    f"{self.where} {self.row_name(row_id)}: label {label!r} in column {self.cfg.label_column!r} (data.label_column) "
                     "must be 1 (image_0 wins), 0 (image_1 wins) or 0.5 (a tie); fix or drop the row"
                 )
 
@@ -85,7 +85,7 @@ class _Reader:
     def item(self, index: int, row_id: int, row: dict, epoch: int, size: tuple[int, int]) -> dict:
         """Row ``row_id`` as item ``index`` of ``epoch``, its images resized and cropped to ``size`` (width, height)."""
         cfg = self.cfg
-        where = f"{self.where} row {row_id}"
+        where = f"{self.where} {self.row_name(row_id)}"
         if self.pairs:
             prompt = row[cfg.caption_column]
             label = float(row[cfg.label_column])
@@ -240,7 +240,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         buckets = []
         for row_id in tqdm(self._row_ids, desc="image sizes (data.buckets)", leave=False, disable=len(self._row_ids) < 1000):
             try:
-                width, height = image_size(self._rows[row_id][column], f"{reader.where} row {row_id} column {column!r}")
+                width, height = image_size(self._rows[row_id][column], f"{reader.where} {reader.row_name(row_id)} column {column!r}")
             except DataError:
                 width = height = 1
             buckets.append(nearest_bucket(sizes, width, height))

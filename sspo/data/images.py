@@ -69,7 +69,7 @@ def open_image(value: Any, where: str) -> Image.Image:
         return _rgb(value)
     data, where = _file(value, "image", where)
     if isinstance(data, str) and (Path(data).is_dir() or Path(data).suffix.lower() in VIDEO_SUFFIXES):
-        raise DataError(f"cannot read image {where}: it is a clip; set data.frames to the frames per clip")
+        raise DataError(f"cannot read image {where}: it is a clip, and data.frames is 0 (images); clips train a video model, with data.frames set")
     return load_image(data, where)
 
 

@@ -33,6 +33,7 @@ class Source:
     where: str  # what error messages call it
     files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
     load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
+    row_name: Callable[[int], str] = lambda i: f"row {i}"  # row i as messages name it (a metadata file's: its line)
 
 
 class _ArrowRows:
@@ -185,19 +186,21 @@ def _metadata_file(cfg: DataConfig) -> Path:
     )
 
 
-def _metadata_entries(meta: Path, cfg: DataConfig) -> list[dict]:
+def _metadata_entries(meta: Path, cfg: DataConfig) -> tuple[list[dict], list[str]]:
     """The lines of ``metadata.jsonl`` or the rows of ``metadata.csv`` (MagicTime / ChronoMagic
-    captions come as CSV), as dicts; numbers in a CSV stay numbers, captions stay strings."""
+    captions come as CSV), as dicts (numbers in a CSV stay numbers, captions stay strings), and
+    what each is called in messages: its line, or a CSV's row counted from 1 after the header."""
     if meta.suffix == ".csv":
         import pyarrow as pa
         import pyarrow.csv
 
         text = pyarrow.csv.ConvertOptions(column_types={cfg.text_column: pa.string(), cfg.caption_column: pa.string()})
         try:
-            return pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
+            entries = pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
         except pa.ArrowInvalid as exc:
             raise DataError(f"cannot read {meta}: {exc}") from None
-    entries = []
+        return entries, [f"data row {n}" for n in range(1, len(entries) + 1)]
+    entries, names = [], []
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -205,7 +208,8 @@ def _metadata_entries(meta: Path, cfg: DataConfig) -> list[dict]:
             entries.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise DataError(f"{meta} line {n} is not valid JSON: {exc}") from None
-    return entries
+        names.append(f"line {n}")
+    return entries, names
 
 
 def _open_imagefolder(cfg: DataConfig) -> Source:
@@ -214,7 +218,8 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
     meta = _metadata_file(cfg)
     folder = meta.parent
     rows = []
-    for entry in _metadata_entries(meta, cfg):
+    entries, row_names = _metadata_entries(meta, cfg)
+    for entry in entries:
         # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
         row = {}
         for key, value in entry.items():
@@ -235,7 +240,7 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
             raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
 
-    return Source(str(meta), [(str(meta), names)], load)
+    return Source(str(meta), [(str(meta), names)], load, row_names.__getitem__)
 
 
 def _open_caption_files(cfg: DataConfig) -> Source:

@@ -237,17 +237,18 @@ def test_random_start_is_fixed_per_epoch_and_varies_across_epochs(tmp_path):
     assert len(starts) > 1
 
 
-def test_corrupt_and_short_clips_are_skipped_counted_and_named(tmp_path, caplog):
+@pytest.mark.parametrize("csv, junk_row", [(False, "metadata.jsonl line 3"), (True, "metadata.csv data row 3")])
+def test_corrupt_and_short_clips_are_skipped_counted_and_named(csv, junk_row, tmp_path, caplog):
     good, mp4 = encode_clip(levels(8), "mp4"), encode_clip(levels(8), "mp4")
     clips = {"good.mp4": good, "cut.mp4": mp4[: len(mp4) // 2], "junk.webm": b"garbage", "short.mp4": encode_clip(levels(2), "mp4"), "last.mp4": good}
-    ds = load_dataset_from_config(cfg(clip_folder(tmp_path / "clips", clips)))
+    ds = load_dataset_from_config(cfg(clip_folder(tmp_path / "clips", clips, csv=csv)))
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert [ds[i]["prompt"] for i in range(5)] == ["clip good.mp4", "clip last.mp4", "clip last.mp4", "clip last.mp4", "clip last.mp4"]
     assert ds.skipped == 3
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3
     assert "cannot read clip " + str(tmp_path / "clips" / "cut.mp4") in messages[0]
-    assert "junk.webm" in messages[1] and "metadata.jsonl row 2 column 'image'" in messages[1]
+    assert "junk.webm" in messages[1] and f"{junk_row} column 'image'" in messages[1]
     assert "short.mp4" in messages[2] and "it has 2 frames, 4 are needed" in messages[2]
 
 
@@ -255,7 +256,7 @@ def test_clips_without_data_frames_say_so(tmp_path, caplog):
     folder = clip_folder(tmp_path / "clips", {"a.mp4": encode_clip(levels(4), "mp4"), "b": levels(4)})
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"), pytest.raises(DataError, match="no readable row"):
         load_dataset_from_config(cfg(folder, frames=0))[0]
-    assert caplog.text.count("it is a clip; set data.frames") == 2
+    assert caplog.text.count("it is a clip, and data.frames is 0 (images); clips train a video model") == 2
 
 
 def test_missing_folder_and_metadata_are_one_line_errors(tmp_path):
