@@ -118,9 +118,11 @@ def _run_demo(out: Path, quick: bool, world: World, jobs: int, base_name: str, s
     target = ("R_win", record["R_win"]) if record else None
     table = format_table(results, table_columns(world.name), baseline="base", target=target)
     if record:
-        table += (f"\n\nTrained on Pick-a-Pic-shaped pairs (level {level}{', quick: a smoke test' if quick else ''}): {record['pairs']} pairs sampled from G, the base after "
-                  f"{record['generator']['steps']} SFT steps. R_base {record['R_base']:.3f}, R_win {record['R_win']:.3f} (the winners, "
-                  f"SFT's asymptote), R_ceil {record['R_ceil']:.3f} (clean samples). A model above R_win went beyond its winners.")
+        generator_base = record["config"]["base"]
+        table += (f"\n\nTrained on Pick-a-Pic-shaped pairs (level {level}{', quick: a smoke test' if quick else ''}): {record['pairs']} pairs sampled from G, "
+                  f"{generator_base} after {record['generator']['steps']} SFT steps. R_base {record['R_base']:.3f} ({generator_base}'s samples), "
+                  f"R_win {record['R_win']:.3f} (the winners, SFT's asymptote), R_ceil {record['R_ceil']:.3f} (clean samples). "
+                  "A model above R_win went beyond its winners.")
     print("\n" + table)
     atomic_write_text(out / "results.md", table + "\n")
     # Same prompts and seeds in every row.

@@ -35,7 +35,9 @@ def test_the_flow_base_demo_trains_every_arm_from_the_flow_base(tmp_path):
         config = yaml.safe_load((tmp_path / method / "config.yaml").read_text())
         assert config["model"]["pretrained"] == "shapes-base:flow-quick" and config["negatives"]["scheduler"] == "pipeline"
         assert config["negatives"]["guidance_scale"] == 1.0  # the flow base's usual guidance, as its evaluation samples
-    assert "R_win" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "R_win" in table
+    assert "pairs sampled from G, shapes-base:quick after" in table and "(shapes-base:quick's samples)" in table  # the pairs' base, not the trained one
 
 
 @pytest.mark.parametrize("base, message", [("shapes-base:64px", "has no demo"), ("moving-shapes-base", "is not a base of world 'shapes'")])
