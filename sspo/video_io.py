@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from sspo.io import atomic_path
 
 FRAME_MS = 100  # 10 frames per second: GIF stores durations in 10 ms units
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
+MULTI_FRAME_SUFFIXES = (".tif", ".tiff", ".gif", ".webp", ".png", ".apng")
 # Writing: the first encoder this PyAV build has. yuv420p (what players expect) needs even sizes.
 _VIDEO_ENCODERS = {"mp4": ("libx264", "mpeg4"), "mov": ("libx264", "mpeg4"), "mkv": ("libx264", "mpeg4"), "webm": ("libvpx-vp9", "libvpx")}
 _MUXERS = {"mkv": "matroska"}
@@ -64,10 +66,19 @@ def decode_clip(source: bytes | str | Path, where: str = "") -> np.ndarray:
     duration is a multiple of it (sspo's own files), else the shortest frame's duration.
     """
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as clip:
-            frames = [(np.asarray(frame.convert("RGB")), frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(clip)]
+        with warnings.catch_warnings():  # PIL warns of damaged data before it raises: the error below says it once
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as clip:
+                frames = [(np.asarray(frame.convert("RGB")), frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(clip)]
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise DataError(f"cannot read clip {_name(source, where)}: {_reason(exc)}") from None
+        suffix = "" if isinstance(source, bytes) else Path(source).suffix.lower()
+        if not isinstance(exc, UnidentifiedImageError):  # recognised, then unreadable
+            reason = f"damaged or cut short ({_reason(exc)})"
+        elif suffix in MULTI_FRAME_SUFFIXES:
+            reason = f"damaged or cut short: not a readable {suffix.lstrip('.').upper()} file"
+        else:
+            reason = _reason(exc)
+        raise DataError(f"cannot read clip {_name(source, where)}: {reason}") from None
     durations = [round(d) for _, d in frames]
     period = FRAME_MS if all(d and d % FRAME_MS == 0 for d in durations) else min(durations) or 1
     return np.stack([frame for frame, d in frames for _ in range(max(1, round(d / period)))])

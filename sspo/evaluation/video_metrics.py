@@ -280,7 +280,7 @@ def load_torchscript(path: str | Path, what: str) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # torch's first sentence; the rest is advice about checkpoints
         raise ModelError(f"{what}: {path} is not a TorchScript file ({reason})") from None
 
 

@@ -142,6 +142,17 @@ def test_corrupt_and_missing_clips_are_data_errors_naming_them(tmp_path):
         read_clip(b"garbage")
 
 
+@pytest.mark.parametrize("kept, reason", [(300, r"damaged or cut short \(.+\)"), (20, "damaged or cut short: not a readable TIFF file")])
+def test_a_cut_short_tiff_says_so_without_pils_warnings(kept, reason, tmp_path):
+    import warnings
+
+    (tmp_path / "cut.tiff").write_bytes(encode_clip(levels(4), "tiff")[:kept])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's "Truncated File Read" would be raised here
+        with pytest.raises(DataError, match=rf"cannot read clip .*cut.tiff: {reason}$"):
+            read_clip(tmp_path / "cut.tiff")
+
+
 def test_sample_frames_count_stride_start_and_too_short():
     clip = levels(12)
     assert frame_levels(sample_frames(clip, 4)) == LEVELS[:4]

@@ -381,3 +381,13 @@ def test_clip_folders_must_hold_clips_and_references_must_be_given(clip_folders,
     write_clip(tmp_path / "empty" / "0-0.gif", CLIPS[0])
     with pytest.raises(SSPOError, match="two clips for the same name: 0-0.gif and 0-0.tiff"):
         find_clips(tmp_path / "empty")
+
+
+def test_a_file_that_is_not_torchscript_is_named_in_one_sentence(tmp_path):
+    from sspo.errors import ModelError
+    from sspo.evaluation.video_metrics import load_torchscript
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    with pytest.raises(ModelError) as caught:
+        load_torchscript(tmp_path / "prompts.txt", "metric 'fid'")
+    assert str(caught.value) == f"metric 'fid': {tmp_path / 'prompts.txt'} is not a TorchScript file (PytorchStreamReader failed reading zip archive: not a ZIP archive)"
