@@ -194,7 +194,7 @@ def sample_frames(clip: np.ndarray, frames: int, stride: int = 1, start: int = 0
     needed = start + (frames - 1) * stride + 1
     if len(clip) < needed:
         raise DataError(
-            f"clip {where or '(unnamed)'} is too short: it has {len(clip)} frames, {needed} are needed for "
+            f"clip {where or '(unnamed)'} is too short: {'it is a still image (1 frame)' if len(clip) == 1 else f'it has {len(clip)} frames'}, {needed} are needed for "
             f"{frames} frames one every {stride} from frame {start}"
         )
     return clip[start:needed:stride]

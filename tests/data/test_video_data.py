@@ -160,6 +160,8 @@ def test_sample_frames_count_stride_start_and_too_short():
     assert frame_levels(sample_frames(clip, 3, stride=2, start=5)) == LEVELS[5:10:2]
     with pytest.raises(DataError, match=r"clip a.mp4 is too short: it has 12 frames, 16 are needed for 4 frames one every 5"):
         sample_frames(clip, 4, stride=5, where="a.mp4")
+    with pytest.raises(DataError, match=r"clip a.png is too short: it is a still image \(1 frame\), 4 are needed"):
+        sample_frames(clip[:1], 4, where="a.png")
 
 
 # --------------------------------------------------------------------------------------------------
