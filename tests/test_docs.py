@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from sspo.config import find_config
+
 # The tiny scorer models of the scorer tests stand in for the README's reward-model weights.
 sys.path.insert(0, str(Path(__file__).parent / "scorers"))
 from scorer_models import (  # noqa: E402,F401
@@ -124,7 +126,7 @@ def quick_version(words: list[str], stand_ins: dict[str, str]) -> list[str]:
     if words[1] == "demo":
         return [*words, "--quick"]
     if words[1] == "train":
-        config = yaml.safe_load((ROOT / words[2]).read_text())
+        config = yaml.safe_load(find_config(words[2]).read_text())
         quick = ["model.pretrained=shapes-base:quick", "data.resolution=32", "mixed_precision=no"]
         if config["data"]["source"] != "shapes":
             quick.append(f"data.path={stand_ins['dataset']}")

@@ -594,7 +594,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)
     # Integers, since a float overflows for a batch of 400 digits, which the config admits.
     epochs = f"{items / len(dataset):.2f}" if items < 10**15 else f"about 10^{len(str(items // len(dataset))) - 1}"
-    rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single images'}, {epochs} epochs"
+    rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single clips' if video else 'single images'}, {epochs} epochs"
     rows["output"] = cfg.output_dir
     if resume:
         state = latest_checkpoint(Path(cfg.output_dir))
