@@ -86,8 +86,12 @@ class _Reader:
         """Row ``row_id`` as item ``index`` of ``epoch``, its images resized and cropped to ``size`` (width, height)."""
         cfg = self.cfg
         where = f"{self.where} {self.row_name(row_id)}"
+        needed = [cfg.image_0_column, cfg.image_1_column] if self.pairs else [cfg.image_column]
+        if absent := [column for column in needed if row.get(column) is None]:  # e.g. a shard's sample with a .png where the others have .jpg
+            present = [column for column, value in row.items() if value is not None]
+            raise DataError(f"{where}: nothing in column {', '.join(map(repr, absent))} (this row has {', '.join(present) or 'nothing'})")
         if self.pairs:
-            prompt = row[cfg.caption_column]
+            prompt = row.get(cfg.caption_column)
             label = float(row[cfg.label_column])
             if cfg.mode == "random" or label == TIE:
                 swap = bool(np.random.default_rng([_SIDE_STREAM, cfg.seed, row_id]).random() < 0.5)
@@ -95,11 +99,12 @@ class _Reader:
                 swap = label < TIE
             names = [cfg.image_1_column, cfg.image_0_column] if swap else [cfg.image_0_column, cfg.image_1_column]
         else:
-            prompt, names = row[cfg.text_column], [cfg.image_column]
+            prompt, names = row.get(cfg.text_column), [cfg.image_column]
         if not isinstance(prompt, str) or not prompt.strip():  # skipped like an unreadable image
             column = cfg.caption_column if self.pairs else cfg.text_column
             image = row[cfg.image_column] if not self.pairs and isinstance(row[cfg.image_column], str) else None  # a file: the name a user finds it by
-            raise DataError(f"{where}{f' ({image})' if image else ''}: caption {prompt!r} in column {column!r} is not a non-empty string")
+            problem = f"no caption in column {column!r}" if prompt is None else f"caption {prompt!r} in column {column!r} is not a non-empty string"
+            raise DataError(f"{where}{f' ({image})' if image else ''}: {problem}")
         if cfg.caption_dropout and np.random.default_rng([_CAPTION_STREAM, cfg.seed, row_id, epoch]).random() < cfg.caption_dropout:
             prompt = ""
         # One draw per item, shared by winner and loser (and all frames), so a pair stays aligned.

@@ -28,6 +28,14 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def decode_text(data: bytes, where: str) -> str:
+    """A text file's content: UTF-8 (a byte-order mark dropped); anything else is a DataError naming ``where``."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 @dataclasses.dataclass
 class Source:
     where: str  # what error messages call it
@@ -201,13 +209,17 @@ def _metadata_entries(meta: Path, cfg: DataConfig) -> tuple[list[dict], list[str
             raise DataError(f"cannot read {meta}: {exc}") from None
         return entries, [f"data row {n}" for n in range(1, len(entries) + 1)]
     entries, names = [], []
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
+    for n, line in enumerate(decode_text(meta.read_bytes(), str(meta)).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{meta} line {n} is not valid JSON: {exc}") from None
+        if not isinstance(entry, dict):
+            raise DataError(f"{meta} line {n} is a JSON {type(entry).__name__}, not an object: write one object per line, "
+                            'e.g. {"file_name": "0001.png", "text": "a red circle"}')
+        entries.append(entry)
         names.append(f"line {n}")
     return entries, names
 
@@ -249,13 +261,15 @@ def _open_caption_files(cfg: DataConfig) -> Source:
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path {root} is not a folder; caption-files reads a folder of images, each with a .txt caption of the same name")
-    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES and not p.name.startswith("."))
+    # Hidden files and folders (.ipynb_checkpoints, .thumbnails) hold copies, not more data.
+    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not media:
         raise DataError(f"no images in folder {root} (data.path); caption-files expects files like 0001.png with 0001.txt beside them")
 
     def caption(image: Path) -> str | None:
         text = next((image.with_suffix(s) for s in (".txt", ".TXT") if image.with_suffix(s).is_file()), None)
-        return text.read_text(encoding="utf-8", errors="replace").strip() if text is not None else None
+        return decode_text(text.read_bytes(), f"caption file {text}").strip() if text is not None else None
 
     rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
     if all(row[cfg.text_column] is None for row in rows):
@@ -281,9 +295,9 @@ class TarMember:
 _TEXT_EXTENSIONS = ("txt", "text", "caption")
 
 
-def _tar_samples(shard: Path) -> list[dict]:
-    """A webdataset shard's samples in tar order: the files sharing a key (the name up to its first
-    dot) make one sample, each file a column named by its extension (``0001.jpg`` -> ``jpg``); a
+def _tar_samples(shard: Path) -> dict[str, dict]:
+    """A webdataset shard's samples by key, in tar order: the files sharing a key (the name up to its
+    first dot) make one sample, each file a column named by its extension (``0001.jpg`` -> ``jpg``); a
     ``.json`` file's fields become columns too. Text and JSON are read now, images when used."""
     samples: dict[str, dict] = {}
     try:
@@ -293,10 +307,10 @@ def _tar_samples(shard: Path) -> list[dict]:
                 stem, dot, extension = name.partition(".")
                 if not member.isfile() or not dot or name.startswith("."):
                     continue
-                sample = samples.setdefault(f"{folder}/{stem}", {})
+                sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
                 extension = extension.lower()
                 if extension in _TEXT_EXTENSIONS:
-                    sample[extension] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+                    sample[extension] = decode_text(tar.extractfile(member).read(), f"{shard} member {member.name}").strip()
                 elif extension == "json":
                     try:
                         sample.update(json.loads(tar.extractfile(member).read()))
@@ -306,7 +320,7 @@ def _tar_samples(shard: Path) -> list[dict]:
                     sample[extension] = TarMember(str(shard), member.name, member.offset_data, member.size)
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"cannot read tar shard {shard} (data.path): {exc}") from None
-    return list(samples.values())
+    return samples
 
 
 def _open_webdataset(cfg: DataConfig) -> Source:
@@ -314,15 +328,16 @@ def _open_webdataset(cfg: DataConfig) -> Source:
     shards = [path] if path.is_file() else sorted(p for p in path.rglob("*.tar") if not p.name.startswith((".", "_")))
     if not shards:
         raise DataError(f"no .tar shards in folder {path} (data.path)")
-    rows, groups, files = [], [], []
+    rows, names, groups, files = [], [], [], []
     for shard in shards:
         samples = _tar_samples(shard)
         groups.append(range(len(rows), len(rows) + len(samples)))
-        files.append((str(shard), list(dict.fromkeys(k for sample in samples for k in sample))))
-        rows += samples
+        files.append((str(shard), list(dict.fromkeys(k for sample in samples.values() for k in sample))))
+        rows += samples.values()
+        names += [f"sample {key} of {shard.name}" for key in samples]
     if not rows:
         raise DataError(f"the tar shards in {path} (data.path) hold no samples")
-    return Source(cfg.path, files, lambda columns: _ListRows(rows, groups))
+    return Source(cfg.path, files, lambda columns: _ListRows(rows, groups), names.__getitem__)
 
 
 def _open_hf(cfg: DataConfig) -> Source:

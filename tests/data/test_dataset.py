@@ -266,8 +266,8 @@ def test_empty_missing_and_non_string_captions_skip_the_row(tmp_path, caplog):
     ds = load_dataset_from_config(_cfg(folder, source="imagefolder"))
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert ds[0]["prompt"] == SPECS[3].prompt and ds.skipped == 3
-    assert "caption '' in column 'text'" in caplog.text and "caption None" in caplog.text
-    assert f"metadata.jsonl line 2 ({folder / lines[1]['file_name']}): caption None" in caplog.text  # the image is named
+    assert "caption '' in column 'text'" in caplog.text and "no caption in column 'text'" in caplog.text
+    assert f"metadata.jsonl line 2 ({folder / lines[1]['file_name']}): no caption in column 'text'" in caplog.text  # the image is named
     lines[0]["text"] = 7  # a number among strings
     (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(DataError, match="a column mixes types"):

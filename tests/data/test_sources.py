@@ -145,6 +145,59 @@ def test_webdataset_shards_serve_the_parquet_items(tmp_path):
         load_dataset_from_config(_cfg(bad, source="webdataset"))
 
 
+def test_a_shard_sample_missing_a_column_is_skipped_naming_what_it_has(tmp_path, caplog):
+    import logging
+
+    samples = [(f"{i:04d}", {"png" if i == 1 else "jpg": _png(render(s, RES)), **({} if i == 2 else {"txt": s.prompt.encode()})})
+               for i, s in enumerate(SPECS[:4])]
+    ds = load_dataset_from_config(_cfg(_tar(tmp_path / "mixed.tar", samples), source="webdataset", image_column="jpg", text_column="txt"))
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
+        assert [ds[i]["prompt"] for i in range(4)] == [SPECS[0].prompt, SPECS[3].prompt, SPECS[3].prompt, SPECS[3].prompt]
+    assert ds.skipped == 2
+    assert "sample 0001 of mixed.tar: nothing in column 'jpg' (this row has png, txt)" in caplog.text
+    assert "sample 0002 of mixed.tar" in caplog.text and "no caption in column 'txt'" in caplog.text
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_captions_that_are_not_utf8_are_refused_naming_the_file(encoding, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, spec in enumerate(SPECS[:2]):
+        render(spec, RES).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(spec.prompt + (" café" if i else ""), encoding="utf-8" if i == 0 else encoding)
+    with pytest.raises(DataError, match=rf"caption file {folder / '1.txt'} is not UTF-8 text \(byte \d+\); save it as UTF-8"):
+        load_dataset_from_config(_cfg(folder, source="caption-files"))
+    images = _tar(tmp_path / "images.tar", [("a", {"png": _png(render(SPECS[0], RES)), "txt": "café".encode(encoding)})])
+    with pytest.raises(DataError, match="images.tar member a.txt is not UTF-8 text"):
+        load_dataset_from_config(_cfg(images, source="webdataset", image_column="png", text_column="txt"))
+
+
+def test_a_bom_is_dropped_and_hidden_folders_are_not_data(tmp_path):
+    folder = tmp_path / "images"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    for name in ("0", ".ipynb_checkpoints/0-checkpoint"):
+        render(SPECS[0], RES).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("\ufeff" + SPECS[0].prompt, encoding="utf-8")
+    ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
+    assert len(ds) == 1 and ds[0]["prompt"] == SPECS[0].prompt
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"file_name": "0.png", "text": "a"}]\n', "line 1 is a JSON list, not an object: write one object per line"),
+    ('{"file_name": "0.png", "text": "a"}\n42\n', "line 2 is a JSON int, not an object"),
+])
+def test_metadata_lines_that_are_not_objects_are_named(content, message, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    render(SPECS[0], RES).save(folder / "0.png")
+    (folder / "metadata.jsonl").write_text(content)
+    with pytest.raises(DataError, match=f"metadata.jsonl {message}"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n', encoding="utf-16")
+    with pytest.raises(DataError, match="metadata.jsonl is not UTF-8 text"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+
+
 def test_caption_dropout_is_seeded_per_row_and_epoch(tmp_path):
     rows = _pairs(64, size=8)
     path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
