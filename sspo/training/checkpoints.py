@@ -128,7 +128,7 @@ class Checkpointing:
                     self._save_ema(staging)
                 state = {
                     "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
-                    "nonfinite_skips": self.nonfinite_skips,
+                    "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset),
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
                     "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
                     # A resume can then tell a row cut short by a kill after this save from one lost to damage.
@@ -211,6 +211,9 @@ class Checkpointing:
             self._load_ema(state_dir)
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        if state.get("data_rows", len(self.dataset)) != len(self.dataset):  # rows added or removed since the save
+            log.warning("the data (%s) holds %d rows, %d when %s was saved: the run goes on, but on other batches than it would have",
+                        self.cfg.data.path or self.cfg.data.source, len(self.dataset), state["data_rows"], state_dir.name)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
             logs = {name: self._read_log(name) for name in LOGS if (self.run_dir / name).exists()}  # all read before any is rewritten
             self._check_logs_cover(state_dir, state, logs)

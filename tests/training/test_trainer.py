@@ -312,3 +312,21 @@ def test_the_progress_bar_shows_only_numbers_the_method_has(method, shown):
 
     metrics = {"loss": 0.5, "ssr_rate": 0.25, "reference_checkpoint": 1.5, "pool_size": 3}
     assert list(_postfix(metrics, TrainConfig(method=method))) == shown
+
+
+def test_a_resume_on_data_with_other_rows_says_so(quick_base, tmp_path, caplog):
+    import logging
+
+    from sspo.worlds.shapes.world import make_split, write_imagefolder
+
+    specs = make_split().train[:6]
+    folder = write_imagefolder(tmp_path / "images", specs[:4])
+    run = ["method=sft", "data.source=imagefolder", f"data.path={folder}", "iterations=1"]
+    train(tiny_config(tmp_path / "run", quick_base, *run))
+    with caplog.at_level(logging.WARNING, logger="sspo.training"):
+        train(tiny_config(tmp_path / "run", quick_base, *run[:3], "iterations=2"), resume=True)
+    assert "holds" not in caplog.text
+    write_imagefolder(tmp_path / "images", specs)  # two rows more
+    with caplog.at_level(logging.WARNING, logger="sspo.training"):
+        train(tiny_config(tmp_path / "run", quick_base, *run[:3], "iterations=3"), resume=True)
+    assert f"the data ({folder}) holds 6 rows, 4 when step-00000004 was saved: the run goes on, but on other batches" in caplog.text
