@@ -347,6 +347,9 @@ def _open_hf(cfg: DataConfig) -> Source:
     saved = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
     if not path.exists() and cfg.path.startswith(("/", ".", "~")):
         raise DataError(f"data.path {cfg.path} does not exist")
+    if not path.exists() and Path(path.parts[0]).is_dir():  # "runs/mydata" with ./runs here is a local path, not a hub id
+        raise DataError(f"data.path {cfg.path} does not exist (folder {path.parts[0]} here does: a misspelt local path?); "
+                        "a hub dataset id is <owner>/<name>, with no local folder of the owner's name")
     try:
         if saved:
             ds = datasets.load_from_disk(str(path))

@@ -160,6 +160,16 @@ def test_hf_save_to_disk(tmp_path, parquet):
         load_dataset_from_config(_cfg("/nope", source="hf"))
 
 
+def test_a_misspelt_local_hf_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("looked up on the hub"))
+    with pytest.raises(DataError, match=r"data.path data/hf_imagse does not exist \(folder data here does: a misspelt local path\?\)"):
+        load_dataset_from_config(_cfg("data/hf_imagse", source="hf"))
+
+
 def test_resize_crop_flip(tmp_path):
     rows = _rows()
     path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
