@@ -49,7 +49,7 @@ class _Reader:
         if cfg.image_0_column not in first and cfg.image_column not in first:
             raise DataError(
                 f"{name} has neither the image column of pairs, {cfg.image_0_column!r} (data.image_0_column), nor that of single "
-                f"images, {cfg.image_column!r} (data.image_column); available columns: {', '.join(first)}: set one of those keys to its image column"
+                f"images, {cfg.image_column!r} (data.image_column); available columns: {', '.join(map(repr, first))}: set one of those keys to its image column"
             )
         self.pairs = cfg.image_0_column in first
         if self.pairs:
@@ -66,7 +66,7 @@ class _Reader:
             missing = [f"{column!r} (set {key})" for column, key in self.keys.items() if column not in columns]
             if missing:
                 raise DataError(
-                    f"{name} has no column {', '.join(missing)}; available columns: {', '.join(columns)}"
+                    f"{name} has no column {', '.join(missing)}; available columns: {', '.join(map(repr, columns))}"
                 )
         self.columns = list(self.keys)
 

@@ -244,6 +244,10 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         rows.append(row)
     if not rows:
         raise DataError(f"{meta} lists no images")
+    if not any(key == "file_name" or key.endswith("_file_name") for entry in entries for key in entry):
+        found = list(dict.fromkeys(key for entry in entries for key in entry))
+        raise DataError(f"{meta} has no file_name column (it has {', '.join(map(repr, found))}): name the column of file names file_name "
+                        "(x_file_name for a column x), as datasets' imagefolder reads it; the files are found beside the metadata file")
     names = list(dict.fromkeys(k for row in rows for k in row))
 
     def load(columns: list[str]) -> Any:

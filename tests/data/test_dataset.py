@@ -109,7 +109,7 @@ def test_missing_column_message(parquet):
         load_dataset_from_config(_cfg(path, caption_column="prompt"))
     message = str(err.value)
     assert str(path) in message and "'prompt'" in message and "data.caption_column" in message
-    assert "caption, jpg_0, jpg_1, label_0" in message
+    assert "'caption', 'jpg_0', 'jpg_1', 'label_0'" in message
     with pytest.raises(DataError, match="does-not-exist"):
         load_dataset_from_config(_cfg(path.parent / "does-not-exist.parquet"))
 

@@ -138,7 +138,7 @@ def test_webdataset_shards_serve_the_parquet_items(tmp_path):
     single = load_dataset_from_config(_cfg(images, source="webdataset", image_column="png", text_column="txt"))
     assert not single.has_losers and single[1]["prompt"] == SPECS[1].prompt
     with pytest.raises(DataError, match=r"images.tar has neither the image column of pairs, 'jpg_0' \(data.image_0_column\), nor that of single images, "
-                                        r"'image' \(data.image_column\); available columns: png, txt: set one of those keys"):
+                                        r"'image' \(data.image_column\); available columns: 'png', 'txt': set one of those keys"):
         load_dataset_from_config(_cfg(images, source="webdataset"))
     bad = _tar(tmp_path / "bad.tar", [("a", {"jpg_0": b"", "json": b"{not json"})])
     with pytest.raises(DataError, match="a.json is not valid JSON"):
@@ -195,6 +195,15 @@ def test_metadata_lines_that_are_not_objects_are_named(content, message, tmp_pat
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
     (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n', encoding="utf-16")
     with pytest.raises(DataError, match="metadata.jsonl is not UTF-8 text"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+
+
+def test_an_imagefolder_without_file_name_says_to_name_it_so(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    render(SPECS[0], RES).save(folder / "0.png")
+    (folder / "metadata.csv").write_text("file, caption\n0.png,a red circle\n")
+    with pytest.raises(DataError, match=r"metadata.csv has no file_name column \(it has 'file', ' caption'\): name the column of file names file_name"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
 
 
