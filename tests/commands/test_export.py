@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -281,3 +282,17 @@ def test_a_pool_checkpoint_file_is_unchanged_by_its_adapter_config(lora_run):
     assert config["r"] == RANK and config["lora_alpha"] == ALPHA and config["target_modules"] == sorted(config["target_modules"])
     checkpoint = load_file(lora_run / "pool" / "checkpoint-001.safetensors")
     assert checkpoint and all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in checkpoint)
+
+
+def test_sspo_samples_with_its_own_kohya_export_as_with_the_runs_lora(lora_run, quick_base, tmp_path, capsys):
+    from PIL import Image
+
+    kohya = tmp_path / "final-kohya.safetensors"
+    assert export(capsys, lora_run, "--format", "kohya", "--out", str(kohya))[0] == 0
+    grids = {}
+    for name, lora in (("kohya", kohya), ("run", lora_run / "final")):
+        argv = ["sample", "--model", quick_base, "--lora", str(lora), "--prompt", "a small red circle on the left", "--rows", "1", "--steps", "2",
+                "--device", "cpu", "--out", str(tmp_path / f"{name}.png")]
+        assert main(argv) == 0, capsys.readouterr().err
+        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+    assert np.abs(grids["kohya"] - grids["run"]).max() <= 2  # the same LoRA, up to float rounding of its conversion

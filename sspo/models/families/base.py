@@ -259,7 +259,8 @@ class ModelFamily:
 
     def _check_lora_loaded(self, lora: Path, model: str | Path) -> None:
         """A LoRA of another base loads without an error (diffusers only logs the keys it dropped):
-        every denoiser tensor of a diffusers-format LoRA file must be in the denoiser's adapter now, as saved."""
+        every denoiser tensor of a diffusers-format LoRA file (keys named by pipeline component) must be
+        in the denoiser's adapter now, as saved; files of other layouts have diffusers' checks alone."""
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import load_file
@@ -269,6 +270,8 @@ class ModelFamily:
             return  # another layout: diffusers' own checks are all there is
         prefix = f"{self.denoiser_component}."
         tensors = load_file(str(file))
+        if not {key.split(".")[0] for key in tensors} <= set(self.pipe.components):  # kohya's layout (lora_unet_...) and others
+            return
         saved = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)})
         adapters = self.pipe.get_list_adapters().get(self.denoiser_component)
         others = sorted({key.split(".")[0] for key in tensors} - {self.denoiser_component})
