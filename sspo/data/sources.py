@@ -13,6 +13,7 @@ import bisect
 import collections
 import dataclasses
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from sspo.config import check
 from sspo.data.config import DataConfig
 from sspo.errors import DataError
 from sspo.video_io import VIDEO_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -229,19 +232,23 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
 
     meta = _metadata_file(cfg)
     folder = meta.parent
-    rows = []
+    rows, files = [], []
     entries, row_names = _metadata_entries(meta, cfg)
     for entry in entries:
         # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
         row = {}
         for key, value in entry.items():
-            if key == "file_name":
-                row["image"] = str(folder / str(value))  # str: a CSV's file names may read as numbers
-            elif key.endswith("_file_name"):
-                row[key[: -len("_file_name")]] = str(folder / str(value))
+            if key == "file_name" or key.endswith("_file_name"):
+                row["image" if key == "file_name" else key[: -len("_file_name")]] = str(folder / str(value))  # str: a CSV's names may read as numbers
+                files.append(folder / str(value))
             else:
                 row[key] = value
         rows.append(row)
+    # Checked now (a stat each), so that a dry run finds names written in the wrong case or folder.
+    if missing := [path for path in files if not path.exists()]:
+        if len(missing) == len(files):
+            raise DataError(f"none of the {len(files)} files {meta} names exists, e.g. {missing[0]}; file names are read relative to {folder}")
+        log.warning("%d of the %d files %s names do not exist, e.g. %s; their rows are skipped", len(missing), len(files), meta, missing[0])
     if not rows:
         raise DataError(f"{meta} lists no images")
     if not any(key == "file_name" or key.endswith("_file_name") for entry in entries for key in entry):

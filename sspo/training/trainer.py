@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -375,6 +376,7 @@ class Trainer(Checkpointing):
         cfg = self.cfg
         accum = cfg.optim.gradient_accumulation_steps
         total = cfg.iterations * cfg.steps_per_iteration
+        started, first_step, metrics = time.monotonic(), self.global_step, None
         # Closed on an error too, so that the error is printed on a line of its own.
         with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process) as bar:
             while self.global_step < total:
@@ -404,6 +406,10 @@ class Trainer(Checkpointing):
         self._report_replaced_rows()
         final = self.save_final()
         self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            loss = f", last loss {metrics['loss']:.4f}" if metrics else ""
+            log.info("%s: %d optimizer steps in %.0f s%s; the final model is %s", cfg.method, self.global_step - first_step,
+                     time.monotonic() - started, loss, final)
         return final
 
     def _report_replaced_rows(self) -> None:

@@ -207,6 +207,22 @@ def test_an_imagefolder_without_file_name_says_to_name_it_so(tmp_path):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
 
 
+def test_files_an_imagefolder_names_are_checked_when_it_opens(tmp_path, caplog):
+    import logging
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        render(SPECS[i], RES).save(folder / f"{i}.png")
+    (folder / "metadata.csv").write_text("file_name,text\n0.PNG,a\n1.PNG,b\n2.PNG,c\n")  # the wrong case
+    with pytest.raises(DataError, match=rf"none of the 3 files {folder / 'metadata.csv'} names exists, e.g. {folder / '0.PNG'}"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a\n1.PNG,b\n2.png,c\n")
+    with caplog.at_level(logging.WARNING, logger="sspo.data"):
+        assert len(load_dataset_from_config(_cfg(folder, source="imagefolder"))) == 3
+    assert f"1 of the 3 files {folder / 'metadata.csv'} names do not exist, e.g. {folder / '1.PNG'}; their rows are skipped" in caplog.text
+
+
 def test_caption_dropout_is_seeded_per_row_and_epoch(tmp_path):
     rows = _pairs(64, size=8)
     path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
