@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Imag
         with Image.open(source) as image:
             return _rgb(image)
     except Exception as exc:  # PIL raises many types for corrupt data (and DecompressionBombError for huge images)
-        raise DataError(f"cannot read image {where or path_or_bytes}: {exc}") from None
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # PIL names the in-memory file by its address
+        raise DataError(f"cannot read image {where or path_or_bytes}: {reason}") from None
 
 
 def _rgb(image: Image.Image) -> Image.Image:

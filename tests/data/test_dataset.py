@@ -122,6 +122,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path, caplog):
         first, again = ds[1], ds[1]
     assert first["index"] == again["index"] == 2 and first["prompt"] == rows[2]["caption"]
     assert ds.skipped == 1 and len([r for r in caplog.records if "row 1" in r.getMessage()]) == 1
+    assert "row 1 column 'jpg_1': cannot identify image file\n" in caplog.text and "BytesIO" not in caplog.text
     batch = collate([ds[i] for i in range(len(ds))])
     assert batch["winner"].shape[0] == len(rows)
 
