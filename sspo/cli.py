@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, help="draw from a seeded sample of this many training prompts (default: the world's: "
                    "every one of shapes', 480 of moving-shapes')")
     p.add_argument("--seed", type=int, default=0, help="G's training seed, the sampler's seeds and the labels' sides (default: 0)")
-    p.add_argument("--quick", action="store_true", help="the world's small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level)")
+    p.add_argument("--quick", action="store_true", help="the world's small test base, 16 prompts, 2 SFT steps unless --steps (a smoke test, not a level; "
+                   "moving-shapes' small base makes clips its evaluator scores ~0, so its pairs are ties)")
     p.set_defaults(func=_pairs)
 
     from sspo.commands.export import FINAL, FORMATS
