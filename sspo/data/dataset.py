@@ -76,7 +76,7 @@ class _Reader:
             if isinstance(label, bool) or not isinstance(label, (int, float)) or float(label) not in LABELS:
                 raise DataError(
                     f"{self.where} {self.row_name(row_id)}: label {label!r} in column {self.cfg.label_column!r} (data.label_column) "
-                    "must be 1 (image_0 wins), 0 (image_1 wins) or 0.5 (a tie); fix or drop the row"
+                    f"must be 1 (image_0 wins), 0 (image_1 wins) or 0.5 (a tie){', a number, not text' if isinstance(label, str) else ''}; fix or drop the row"
                 )
 
     def keep(self, label: Any) -> bool:

@@ -209,6 +209,8 @@ def _metadata_entries(meta: Path, cfg: DataConfig) -> tuple[list[dict], list[str
         try:
             entries = pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
         except pa.ArrowInvalid as exc:
+            if "UTF8" in str(exc):
+                raise DataError(f"{meta} is not UTF-8 text; save it as UTF-8") from None
             raise DataError(f"cannot read {meta}: {exc}") from None
         return entries, [f"data row {n}" for n in range(1, len(entries) + 1)]
     entries, names = [], []
@@ -253,8 +255,9 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         raise DataError(f"{meta} lists no images")
     if not any(key == "file_name" or key.endswith("_file_name") for entry in entries for key in entry):
         found = list(dict.fromkeys(key for entry in entries for key in entry))
-        raise DataError(f"{meta} has no file_name column (it has {', '.join(map(repr, found))}): name the column of file names file_name "
-                        "(x_file_name for a column x), as datasets' imagefolder reads it; the files are found beside the metadata file")
+        separated = "; its columns are separated by ';': a CSV's are by ','" if len(found) == 1 and ";" in found[0] else ""
+        raise DataError(f"{meta} has no file_name column (it has {', '.join(map(repr, found))}{separated}): name the column of file names "
+                        "file_name (x_file_name for a column x), as datasets' imagefolder reads it; the files are found beside the metadata file")
     names = list(dict.fromkeys(k for row in rows for k in row))
 
     def load(columns: list[str]) -> Any:

@@ -268,6 +268,12 @@ def test_labels_other_than_0_half_and_1_are_an_error_naming_the_row(label, tmp_p
         _pairs_dataset(tmp_path, {"label_0": label})
 
 
+def test_labels_written_as_text_are_named_as_text(tmp_path):
+    rows = [{**row, "label_0": str(row["label_0"])} for row in _rows()]
+    with pytest.raises(DataError, match=r"row 0: label '1.0' .* or 0.5 \(a tie\), a number, not text; fix or drop the row"):
+        load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+
+
 def test_empty_missing_and_non_string_captions_skip_the_row(tmp_path, caplog):
     folder = write_imagefolder(tmp_path / "imgs", SPECS[:4], size=RES)
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]

@@ -205,6 +205,12 @@ def test_an_imagefolder_without_file_name_says_to_name_it_so(tmp_path):
     (folder / "metadata.csv").write_text("file, caption\n0.png,a red circle\n")
     with pytest.raises(DataError, match=r"metadata.csv has no file_name column \(it has 'file', ' caption'\): name the column of file names file_name"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_text("file_name;text\n0.png;a red circle\n")
+    with pytest.raises(DataError, match=r"\(it has 'file_name;text'; its columns are separated by ';': a CSV's are by ','\)"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_bytes("file_name,text\n0.png,café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"metadata.csv is not UTF-8 text; save it as UTF-8"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
 
 
 def test_files_an_imagefolder_names_are_checked_when_it_opens(tmp_path, caplog):
