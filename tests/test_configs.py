@@ -89,7 +89,7 @@ def test_the_animatediff_config_runs_on_tiny_stand_ins(tmp_path, bf16_runs):
     ]
     cfg = load_config(TrainConfig, CONFIGS / VIDEO, tiny)
     summary = dry_run(cfg)
-    assert "StableDiffusionPipeline + motion adapter" in summary and "of the motion modules" in summary and "4 rows of single images" in summary
+    assert "StableDiffusionPipeline + motion adapter" in summary and "of the motion modules" in summary and "4 rows of single clips" in summary
     final = train(cfg)
     assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "validation.png").is_file()
     assert (tmp_path / "run" / "validation" / "step-00000001.gif").is_file()

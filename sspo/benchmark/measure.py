@@ -83,7 +83,7 @@ def run_arm(b: BenchConfig, arm: str) -> dict:
 
         trainer = Trainer(cfg)
         try:
-            return _measure(trainer, cfg, b, arm, meter)
+            return _measure(trainer, trainer.cfg, b, arm, meter)  # as the trainer resolved it (the model's usual guidance, say)
         except torch.OutOfMemoryError as exc:
             return {"arm": arm, "error": f"out of memory: {str(exc).splitlines()[0]}"}
         finally:

@@ -6,6 +6,7 @@ import pytest
 
 from sspo.benchmark.config import arm_overrides
 from sspo.commands import compare
+from sspo.training.config import resolved
 from sspo.training.methods import METHODS, Method, register
 from sspo.training.model_card import run_settings
 from sspo.training.trainer import train
@@ -31,7 +32,7 @@ def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_b
     assert [r["reference_checkpoint"] for r in rows] == [0, 1, 2]  # erd "last" wins over the config's uniform
     assert all(r["ssr_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in rows)
     assert throwaway.description in (final / "README.md").read_text()
-    assert run_settings(cfg, 1)["reference"].startswith("pool checkpoint drawn 'last'")
+    assert run_settings(resolved(cfg), 1)["reference"].startswith("pool checkpoint drawn 'last'")
     assert compare.arms()[throwaway.name] == [f"method={throwaway.name}"] and throwaway.name in compare.table1()
     assert f"{throwaway.name}-pregenerated" in arm_overrides()
     assert json.loads((tmp_path / "run" / "pool" / "pool.json").read_text())["entries"][-1]["step"] == 3

@@ -89,7 +89,7 @@ def test_a_rerun_with_data_that_cannot_be_read_keeps_the_earlier_run(earlier_run
     before = snapshot(earlier_run)
     data = missing_images(tmp_path)
     assert main(["train", str(DEMO), *tiny_overrides(earlier_run, quick_base), "method=sft", "data.source=imagefolder", f"data.path={data}"]) == 2
-    assert "no readable row" in one_error(capsys.readouterr().err)
+    assert "none of the 4 files" in one_error(capsys.readouterr().err)
     assert snapshot(earlier_run) == before
 
 

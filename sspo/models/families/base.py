@@ -56,6 +56,10 @@ class Sampler:
     call_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. DDIM's eta
 
 
+# The components diffusers' save_lora_weights names the tensors of a LoRA file by.
+DIFFUSERS_LORA_PREFIXES = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
+
+
 class ModelFamily:
     """The SD-1.5 way of doing each step; a family that differs overrides only where it does.
 
@@ -270,7 +274,7 @@ class ModelFamily:
             return  # another layout: diffusers' own checks are all there is
         prefix = f"{self.denoiser_component}."
         tensors = load_file(str(file))
-        if not {key.split(".")[0] for key in tensors} <= set(self.pipe.components):  # kohya's layout (lora_unet_...) and others
+        if not {key.split(".")[0] for key in tensors} <= DIFFUSERS_LORA_PREFIXES:  # kohya's layout (lora_unet_...) and others
             return
         saved = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)})
         adapters = self.pipe.get_list_adapters().get(self.denoiser_component)
