@@ -543,6 +543,15 @@ def test_a_missing_optional_package_is_named_with_its_install_command(override, 
     assert str(info.value) == f"config key '{key}': needs {module}, which is not installed; {fix}"
 
 
+def test_every_setting_the_machine_cannot_run_is_named_at_once(no_gpu, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError) as info:
+        check_environment(load("mixed_precision=fp16", "optim.use_8bit_adam=true", "report_to=wandb"))
+    assert [part.split(":")[0] for part in str(info.value).split("; config key ")] == [
+        "config key 'mixed_precision'", "'optim.use_8bit_adam'", "'report_to'"]
+
+
 def test_xformers_without_a_gpu_is_refused(no_gpu):
     with pytest.raises(ConfigError, match=r"^config key 'model.attention': xformers runs on a GPU only.*model.attention=sdpa$"):
         check_environment(load("model.attention=xformers"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sspo.config import Registered, check, setting, validate
 from sspo.data.config import DataConfig
+from sspo.errors import ConfigError
 from sspo.evaluation.scorers import SCORER_CHOICES
 from sspo.models.families import FAMILIES, TRAIN_MODULES
 from sspo.models.families.flow import FlowConfig
@@ -241,18 +242,24 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 def check_environment(cfg: TrainConfig) -> None:
     """Refuse, before anything is loaded or written, a setting this machine cannot run: fp16 or
     xformers without a GPU, an optional package that is not installed, or compiling on the CPU without a C++ compiler."""
+    problems = []  # every one at once: a config copied from a GPU machine may have several
     if not _has_gpu():
-        check(cfg.mixed_precision != "fp16", "mixed_precision", "fp16 needs a GPU and torch sees none; set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
-        check(cfg.model.attention != "xformers", "model.attention", "xformers runs on a GPU only and torch sees none; set model.attention=sdpa")
+        if cfg.mixed_precision == "fp16":
+            problems.append(("mixed_precision", "fp16 needs a GPU and torch sees none; set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no"))
+        if cfg.model.attention == "xformers":
+            problems.append(("model.attention", "xformers runs on a GPU only and torch sees none; set model.attention=sdpa"))
     needs = (
         (cfg.model.attention == "xformers", "model.attention", "xformers", "pip install xformers, or set model.attention=sdpa"),
         (cfg.optim.use_8bit_adam, "optim.use_8bit_adam", "bitsandbytes", "pip install 'sspo[bnb]', or set optim.use_8bit_adam=false"),
         (cfg.report_to == "wandb", "report_to", "wandb", "pip install 'sspo[wandb]', or set report_to=tensorboard or none"),
     )
-    for wanted, key, module, fix in needs:
-        check(not wanted or _importable(module), key, f"needs {module}, which is not installed; {fix}")
-    check(not cfg.negatives.compile or _has_gpu() or _has_cpp_compiler(), "negatives.compile", "compiles with torch's inductor, which on the CPU "
-          "needs a C++ compiler, and none was found; install g++ (or set CXX to one), or set negatives.compile=false")
+    problems += [(key, f"needs {module}, which is not installed; {fix}") for wanted, key, module, fix in needs
+                 if wanted and not any(key == k for k, _ in problems) and not _importable(module)]
+    if cfg.negatives.compile and not _has_gpu() and not _has_cpp_compiler():
+        problems.append(("negatives.compile", "compiles with torch's inductor, which on the CPU needs a C++ compiler, and none was found; "
+                         "install g++ (or set CXX to one), or set negatives.compile=false"))
+    if problems:
+        raise ConfigError("; ".join(f"config key '{key}': {message}" for key, message in problems))
 
 
 def _has_gpu() -> bool:
