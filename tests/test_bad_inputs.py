@@ -79,6 +79,11 @@ def test_an_eval_whose_lora_does_not_fit_leaves_no_folder(quick_base, tmp_path, 
     assert main(["eval", "--model", quick_base, "--lora", str(lora), "--limit", "1", "--metrics", "shapes", "--out", str(out)]) == 2
     assert f"LoRA {lora} does not fit model" in one_error_line(capsys)
     assert not out.exists()
+    # Beside the bare base: refused before the base's images are generated.
+    argv = ["eval", "--model", quick_base, "--model", quick_base, "--lora", "none", "--lora", str(lora), "--limit", "1", "--metrics", "shapes"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert f"LoRA {lora} does not fit model" in one_error_line(capsys)
+    assert not out.exists()
 
 
 def test_an_eval_metric_of_clips_for_an_image_model_is_refused_before_generating(quick_base, tmp_path, capsys, monkeypatch):

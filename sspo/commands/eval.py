@@ -220,7 +220,7 @@ def run_eval(
     with claimed_output_folder(out, "--out", "eval", OUTPUTS):
         plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
         generated = set()
-        for plan in plans:
+        for plan in sorted(plans, key=lambda plan: plan.model.lora is None):  # a LoRA that does not fit its base is refused at load: before the base's images
             generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
             generated |= {(plan.model.name, item.prompt_index, item.seed) for item in plan.todo}
 
