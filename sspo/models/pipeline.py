@@ -69,7 +69,8 @@ def check_hub(model: str) -> None:
         return
     cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str) or isinstance(try_to_load_from_cache(model, "config.json"), str)
     fix = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
-           f"download it where the hub is reachable (`hf download {model}`) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
+           f"download it where the hub is reachable (`hf download {model}`; a gated model such as FLUX.1-dev needs its license accepted "
+           "on the hub and `hf auth login` first) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
     raise ModelError(f"cannot load {model!r}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable; {fix}")
 
 

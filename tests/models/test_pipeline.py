@@ -14,7 +14,8 @@ def test_an_unreachable_hub_fails_at_once_naming_the_id_and_the_fix(unreachable_
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err.strip()
     assert err == ("sspo: error: cannot load 'someone/some-model': the Hugging Face hub (http://127.0.0.1:9) is unreachable; download it where "
-                   "the hub is reachable (`hf download someone/some-model`) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
+                   "the hub is reachable (`hf download someone/some-model`; a gated model such as FLUX.1-dev needs its license accepted on the hub "
+                   "and `hf auth login` first) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
 
 
 def test_offline_mode_loads_from_the_cache_without_asking_the_hub(unreachable_hub, monkeypatch):
