@@ -45,6 +45,7 @@ class _Reader:
         self.where, self.row_name = source.where, source.row_name
         self.skipped = 0
         self._bad: set[int] = set()
+        self.unreported: list[tuple[int, str]] = []  # a DataLoader worker's skipped rows, for the training process to log
         name, first = source.files[0]
         if cfg.image_0_column not in first and cfg.image_column not in first:
             raise DataError(
@@ -133,12 +134,17 @@ class _Reader:
             "size_and_crop": (*geometry[0], size[1], size[0]),
         }
 
-    def skip(self, row_id: int, error: DataError) -> None:
-        """Count and log an unreadable row once; a long run must not die on one bad image."""
+    def skip(self, row_id: int, error: DataError | str) -> None:
+        """Count and log an unreadable row once; a long run must not die on one bad image. A
+        DataLoader worker keeps it in :attr:`unreported` instead: workers would each log the rows
+        they meet, on the progress bar's line, where the training process logs each row once above it."""
         if row_id not in self._bad:
             self._bad.add(row_id)
             self.skipped += 1
-            log.warning("skipping unreadable row (%d so far): %s", self.skipped, error)
+            if torch.utils.data.get_worker_info() is None:
+                log.warning("skipping unreadable row (%d so far): %s", self.skipped, error)
+            else:
+                self.unreported.append((row_id, str(error)))
 
     def is_bad(self, row_id: int) -> bool:
         return row_id in self._bad
@@ -174,6 +180,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def skipped(self) -> int:
         """Unreadable rows seen so far."""
         return self._reader.skipped
+
+    def take_unreported(self) -> list[tuple[int, str]]:
+        """In a DataLoader worker, the rows skipped since last asked, with why: ``(row, reason)``."""
+        rows, self._reader.unreported = self._reader.unreported, []
+        return rows
+
+    def report_skipped(self, row_id: int, reason: str) -> None:
+        """Log and count, once, a row a DataLoader worker skipped."""
+        self._reader.skip(row_id, reason)
 
     def __len__(self) -> int:
         return len(self._row_ids)

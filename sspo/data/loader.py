@@ -31,6 +31,9 @@ class MicroBatchReader:
             self._batches = iter(self._loader(m))
         self._next = m + 1
         batch = next(self._batches)
+        for item in batch:
+            for row, reason in item.pop("skipped"):
+                self.dataset.report_skipped(row, reason)
         self.replaced.update(item["asked"] for item in batch if item["index"] != item["asked"])
         return batch
 
@@ -44,13 +47,14 @@ class MicroBatchReader:
 
 class _EpochItems(torch.utils.data.Dataset):
     """Keys are ``(item, epoch)``; each item also says which item its key ``asked`` for (the dataset
-    serves the next readable one for an unreadable row)."""
+    serves the next readable one for an unreadable row) and, from a worker, the rows it ``skipped``."""
 
     def __init__(self, dataset: PreferenceDataset):
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        return self.dataset.item(*key) | {"asked": key[0]}
+        item = self.dataset.item(*key)
+        return item | {"asked": key[0], "skipped": self.dataset.take_unreported()}
 
 
 class _Placements:

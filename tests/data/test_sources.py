@@ -229,6 +229,19 @@ def test_files_an_imagefolder_names_are_checked_when_it_opens(tmp_path, caplog):
     assert f"1 of the 3 files {folder / 'metadata.csv'} names do not exist, e.g. {folder / '1.PNG'}; their rows are skipped" in caplog.text
 
 
+def test_a_row_workers_skip_is_logged_once_by_the_training_process(tmp_path, caplog):
+    import logging
+
+    rows = _pairs(6, size=8)
+    rows[2] = {**rows[2], "jpg_0": b"not an image", "jpg_1": b"not an image"}
+    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows), num_workers=2, remove_ties=False))
+    reader = MicroBatchReader(ds, lambda m: [(i, m) for i in range(6)])  # every row, an epoch a micro-batch: both workers meet row 2
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
+        batches = [reader(m) for m in range(4)]
+    assert [r.getMessage().startswith("skipping unreadable row (1 so far)") and "row 2" in r.getMessage() for r in caplog.records] == [True]
+    assert ds.skipped == 1 and reader.replaced == {2} and all("skipped" not in item for batch in batches for item in batch)
+
+
 def test_caption_dropout_is_seeded_per_row_and_epoch(tmp_path):
     rows = _pairs(64, size=8)
     path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
