@@ -416,7 +416,10 @@ class Trainer(Checkpointing):
         """One line at the end for the unreadable rows each named in a warning as met (by every process)."""
         from accelerate.utils import gather_object
 
-        replaced = len(set(gather_object(sorted(self.items.replaced))))  # a row several processes met is one row
+        if self.latent_cache is not None:  # rows were read, and skipped, while this run encoded the cache (each process its shards)
+            replaced = sum(gather_object([self.dataset.skipped]))
+        else:
+            replaced = len(set(gather_object(sorted(self.items.replaced))))  # a row several processes met is one row
         if replaced and self.accelerator.is_main_process:
             log.warning("%d unreadable row%s skipped in this run (since it started or resumed), each replaced by the next readable "
                         "row; the warnings above name them", replaced, " was" if replaced == 1 else "s were")

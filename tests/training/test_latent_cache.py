@@ -145,3 +145,20 @@ def test_cache_with_augmentation_is_a_config_error(setting, named):
     data = apply_overrides({}, ["data.cache_latents=true", setting])
     with pytest.raises(ConfigError, match=rf"data.cache_latents.*{named}"):
         from_dict(TrainConfig, data)
+
+
+def test_rows_skipped_while_the_cache_is_encoded_are_totalled_at_the_end(quick_base, tmp_path, caplog):
+    import logging
+
+    from sspo.worlds.shapes.world import make_split, write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", make_split().train[:6])
+    (folder / "00002.png").write_bytes(b"garbage")
+    run = ["method=sft", "data.source=imagefolder", f"data.path={folder}", "data.cache_latents=true", f"data.cache_dir={tmp_path / 'latents'}"]
+    with caplog.at_level(logging.WARNING, logger="sspo"):
+        train(tiny_config(tmp_path / "run", quick_base, *run))
+    assert "1 unreadable row was skipped in this run" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sspo"):
+        train(tiny_config(tmp_path / "again", quick_base, *run))  # the cache is read, no image
+    assert "unreadable" not in caplog.text
