@@ -9,6 +9,7 @@ are the same classes with small sizes); what differs between them is their model
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     """A pipeline's ``model_index.json`` (class and components), without loading any weights."""
     from diffusers import DiffusionPipeline
 
+
     located = _locate(model)
     try:
         config = dict(DiffusionPipeline.load_config(located, revision=revision))
@@ -117,6 +119,21 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
         if missing:
             raise ModelError(f"model folder {model} lacks {', '.join(missing)}, listed in its model_index.json: the folder is incomplete; copy or download the model again")
     return config
+
+
+def motion_frames_limit(model: str | Path, motion_adapter: str | None = None) -> int | None:
+    """The most frames the motion modules of local pipeline folder ``model``, or of local adapter
+    folder ``motion_adapter``, take (``motion_max_seq_length``); None where no config on disk says."""
+    configs = [Path(motion_adapter).expanduser() / "config.json"] if motion_adapter else []
+    configs += [Path(model).expanduser() / "motion_adapter" / "config.json", Path(model).expanduser() / "unet" / "config.json"]
+    for path in configs:
+        try:
+            value = json.loads(path.read_text()).get("motion_max_seq_length")
+        except (OSError, ValueError, AttributeError):  # absent, unreadable, or not a JSON object: another config may say
+            continue
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -159,8 +160,14 @@ class PairBuilder:
         self.read_rows, self.stream, self.device, self.autocast = read_rows, stream, device, autocast
         self.around_phase = around_phase or (lambda name: contextlib.nullcontext())
         self.negatives = cfg.negatives
-        self.sampler: Sampler = family.sampler(cfg.negatives.scheduler, cfg.negatives.eta)
+        if cfg.generates_negatives:  # a sampler of the wrong kind refused now, before training
+            family.check_sampler(cfg.negatives.scheduler)
         self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its compiled module (negatives.compile)
+
+    @functools.cached_property
+    def sampler(self) -> Sampler:
+        """``negatives.scheduler``, made when something is first sampled (a method with dataset losers samples nothing)."""
+        return self.family.sampler(self.cfg.negatives.scheduler, self.cfg.negatives.eta)
 
     @contextlib.contextmanager
     def rows_from(self, rows: Mapping[int, Rows]) -> Iterator[None]:

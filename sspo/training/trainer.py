@@ -38,7 +38,7 @@ from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, TrainingError
 from sspo.models.families import family_of
-from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config
+from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit
 from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
@@ -69,12 +69,28 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
     return dataset
 
 
-def makes_clips(cfg: TrainConfig) -> bool:
-    """Whether ``cfg.model`` is a video model, from its config alone (no weights are loaded)."""
-    if world := base_world(cfg.model.pretrained):
-        return world.clips
-    check_not_a_misspelt_base(cfg.model.pretrained, "model.pretrained")
-    return "motion_adapter" in load_pipeline_config(cfg.model.pretrained, cfg.model.revision) or cfg.model.motion_adapter is not None
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """What ``cfg.model`` is, from its config files alone (no weights read, no world base built)."""
+
+    folder: str | None  # its pipeline folder or hub id; None for a world's base not built yet
+    config: dict | None  # its model_index.json, where there is a folder
+    video: bool  # it makes clips
+    longest_clip: int | None  # the most frames its motion modules take, where a local config says
+
+
+def model_files(cfg: TrainConfig) -> ModelFiles:
+    name = cfg.model.pretrained
+    if world := base_world(name):
+        folder = world.existing_base(name, key="model.pretrained")
+        folder = str(folder) if folder else None
+        config = load_pipeline_config(folder) if folder else None
+        video = world.clips
+    else:
+        check_not_a_misspelt_base(name, "model.pretrained")
+        folder, config = name, load_pipeline_config(name, cfg.model.revision)
+        video = "motion_adapter" in config or cfg.model.motion_adapter is not None
+    return ModelFiles(folder, config, video, motion_frames_limit(folder, cfg.model.motion_adapter) if video and folder else None)
 
 
 def check_frames(cfg: TrainConfig, video: bool, longest: int | None = None) -> None:
@@ -141,7 +157,8 @@ class Trainer(Checkpointing):
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
 
-        check_frames(cfg, makes_clips(cfg))  # before any row is read as an image or a clip
+        files = model_files(cfg)
+        check_frames(cfg, files.video, files.longest_clip)  # before any row is read as an image or a clip
         self.dataset = open_dataset(cfg)
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
         # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
@@ -583,20 +600,20 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     if resume:
         check_resumed_config(cfg, Path(cfg.output_dir))
     dataset = open_dataset(cfg, read_first_row=False)
-    name, video = cfg.model.pretrained, makes_clips(cfg)
-    if world := base_world(name):
-        world.base_preset(name, key="model.pretrained")
-        model = f"{name} (the {world.name} world's {world.pipeline_of(name)}, shipped or built and cached on first use)"
-    else:
-        config = load_pipeline_config(name, cfg.model.revision)
-        family = family_of(config, cfg.model.family)
+    name, files = cfg.model.pretrained, model_files(cfg)
+    video, world = files.video, base_world(name)
+    if files.config is not None:  # a world's base is checked too once it is shipped or cached
+        family = family_of(files.config, cfg.model.family)
         if cfg.generates_negatives:
             family.check_sampler(cfg.negatives.scheduler)
         if cfg.model.lora and not video:  # a video denoiser is an image UNet joined to a motion adapter at load
-            denoiser = denoiser_skeleton(name, config, family.denoiser_component, cfg.model.revision)
+            denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, None if world else cfg.model.revision)
             family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
-        model = f"{name} ({config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
-    check_frames(cfg, video)
+    if world:
+        model = f"{name} (the {world.name} world's {world.pipeline_of(name)}, shipped or built and cached on first use)"
+    else:
+        model = f"{name} ({files.config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
+    check_frames(cfg, video, files.longest_clip)
     validation_metric_prompts(cfg, video)
     processes = PartialState().num_processes
     rows = {"model": model, **run_settings(cfg, processes, video)}

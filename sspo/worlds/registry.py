@@ -85,6 +85,7 @@ class World:
     pair_columns: tuple[str, str]  # that parquet's two media columns (data.image_0_column, data.image_1_column)
     base: str  # its base model's name (model.pretrained); "<base>:<preset>" names a preset
     build_base: Callable[..., Path]  # (preset, output=None, force=False) -> the base's diffusers folder (shipped, cached or built)
+    find_base: Callable[[str], Path | None]  # preset -> the base's folder if shipped or cached already, else None (nothing is built)
     base_presets: tuple[str, ...]  # the presets build_base knows, the default first
     base_pipeline: str  # what the base is, for summaries ("tiny Stable Diffusion pipeline")
     base_guidance_scale: float  # the classifier-free guidance its base is sampled with unless a config or flag says otherwise
@@ -120,6 +121,11 @@ class World:
     def resolve_base(self, name: str, output: str | Path | None = None, force: bool = False, key: str = "model") -> Path:
         """The folder of base ``name`` (``<base>`` or ``<base>:<preset>``)."""
         return Path(self.build_base(self.base_preset(name, key), output=output, force=force))
+
+    def existing_base(self, name: str, key: str = "model") -> Path | None:
+        """The folder of base ``name`` if it is shipped or cached already (None: using it would build it);
+        an unknown preset is a ConfigError naming ``key``."""
+        return self.find_base(self.base_preset(name, key))
 
     def base_preset(self, name: str, key: str = "model") -> str:
         """The preset base ``name`` names; an unknown one is a ConfigError naming ``key`` and the valid names."""

@@ -94,3 +94,17 @@ def test_a_dry_run_of_the_flow_base_says_what_it_is_and_samples_at_its_guidance(
     out = capsys.readouterr().out
     assert "shapes-base:flow (the shapes world's tiny flow-matching SD3 pipeline" in out
     assert "negatives: pipeline, 20 steps, guidance 1" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.lora_targets=[to_q, to_k, to_v, to_out.0]"], "negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"),
+    (["negatives.scheduler=pipeline"], "'conv1', 'conv2', 'time_emb_proj' name no layer of the transformer"),
+])
+def test_a_dry_run_checks_a_shipped_world_base_as_the_run_does(overrides, message, tmp_path, capsys):
+    assert main(["train", "demo-shapes", "--dry-run", "model.pretrained=shapes-base:flow", *overrides, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_dry_run_refuses_more_frames_than_the_shipped_video_base_takes(tmp_path, capsys):
+    assert main(["train", "demo-moving-shapes", "--dry-run", "data.frames=33", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "'data.frames': is 33, but this model's motion modules make clips of at most 32 frames" in capsys.readouterr().err

@@ -142,6 +142,7 @@ def test_a_diffusion_sampler_is_refused_in_one_line(tiny_sd3, pairs, tmp_path):
     for run in (train, dry_run):
         with pytest.raises(SSPOError, match="negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"):
             run(sd3_config(tmp_path / "run", tiny_sd3, pairs, "negatives.scheduler=ddim"))
+    assert train(sd3_config(tmp_path / "dpo", tiny_sd3, pairs, "negatives.scheduler=ddim", "method=dpo")).is_dir()  # it samples nothing
 
 
 def test_sspo_sample_draws_a_grid_from_the_trained_lora(tiny_sd3, pairs, tmp_path):

@@ -94,6 +94,7 @@ report_to: none
         make_split=lambda seed: Split(train=(Disc("red"),), heldout=(Disc("green"),)),
         eval_specs=eval_prompts, training_data=training_data, pair_columns=("jpg_0", "jpg_1"),
         base=f"{NAME}-base", build_base=lambda preset, output=None, force=False: Path(resolve_model("shapes-base:quick")),
+        find_base=lambda preset: Path(resolve_model("shapes-base:quick")),
         base_presets=("default",), base_pipeline="the shapes world's quick base", base_guidance_scale=5.0, evaluate=evaluate,
         components=("color", "presence", "reward"), table_columns=("color", "presence"),
         round_trip=lambda folder: {}, demo=DemoSettings(config, methods=("sft", "sspo"), prompts_per_split=1, sampler_steps=2),

@@ -21,6 +21,13 @@ def build_base(preset: str, output: str | Path | None = None, force: bool = Fals
     return build_video_base(VideoBaseConfig.preset(preset), output=output, force=force)
 
 
+def find_base(preset: str) -> Path | None:
+    from sspo.worlds.moving_shapes.base_model import PACKAGED_VIDEO_BASE, VideoBaseConfig
+    from sspo.worlds.shapes.base_model import existing_base
+
+    return existing_base(VideoBaseConfig.preset(preset), "video-base", PACKAGED_VIDEO_BASE)
+
+
 def evaluate(clip, prompt: str) -> dict[str, float]:
     return evaluator.evaluate_clip(clip, prompt).as_dict()
 
@@ -61,6 +68,7 @@ WORLD = World(
     pair_columns=("video_0", "video_1"),
     base="moving-shapes-base",
     build_base=build_base,
+    find_base=find_base,
     base_presets=("default", "quick"),
     base_pipeline="tiny AnimateDiff pipeline",
     base_guidance_scale=5.0,

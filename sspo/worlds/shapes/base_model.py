@@ -205,6 +205,19 @@ def check_base_folder(output: Path, cfg, force: bool) -> None:
         raise ConfigError(f"base folder {output} holds a base built with other settings ({'; '.join(differences)}); choose another folder, or rebuild it there with --force")
 
 
+def cache_folder(cfg, name: str) -> Path:
+    """Where base ``cfg`` (of kind ``name``) is cached."""
+    return cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
+
+
+def existing_base(cfg, name: str, packaged: Path) -> Path | None:
+    """The folder of base ``cfg`` if it is shipped or cached already; None if it would be built."""
+    if shipped := packaged_base(cfg, packaged):
+        return shipped
+    cached = cache_folder(cfg, name)
+    return cached if _built_from(cached, cfg) else None
+
+
 def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packaged: Path, output: str | Path | None = None, force: bool = False) -> Path:
     """A world's base folder: shipped in ``packaged``, cached as ``name-<size>-<key>``, or built now
     by ``build(cfg, staging, folder)``; ``force`` builds it even when shipped or cached.
@@ -218,7 +231,7 @@ def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packa
     if output is None and not force and (shipped := packaged_base(cfg, packaged)):
         return shipped
     given = output is not None
-    output = Path(output) if given else cache_root() / f"{name}-{cfg.size}-{cfg.cache_key()}"
+    output = Path(output) if given else cache_folder(cfg, name)
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(build_lock(output)):  # parallel test workers and runs share one build
         if not force and _built_from(output, cfg):

@@ -23,6 +23,15 @@ def build_base(preset: str, output: str | Path | None = None, force: bool = Fals
     return build(BaseConfig.preset(preset), output=output, force=force)
 
 
+def find_base(preset: str) -> Path | None:
+    from sspo.worlds.shapes.base_model import PACKAGED_BASE, BaseConfig, existing_base
+    from sspo.worlds.shapes.flow_base import PACKAGED_FLOW_BASE, PRESETS, FlowBaseConfig
+
+    if preset in PRESETS:
+        return existing_base(FlowBaseConfig.preset(preset), "base-flow", PACKAGED_FLOW_BASE)
+    return existing_base(BaseConfig.preset(preset), "base", PACKAGED_BASE)
+
+
 def evaluate(image, prompt: str) -> dict[str, float]:
     return evaluator.evaluate_prompt(image, prompt).as_dict()
 
@@ -65,6 +74,7 @@ WORLD = World(
     pair_columns=("jpg_0", "jpg_1"),
     base="shapes-base",
     build_base=build_base,
+    find_base=find_base,
     base_presets=("default", "quick", "64px", "flow", "flow-quick"),
     base_pipeline="tiny SD pipeline",
     base_guidance_scale=5.0,
