@@ -72,7 +72,9 @@ def decode_clip(source: bytes | str | Path, where: str = "") -> np.ndarray:
                 frames = [(np.asarray(frame.convert("RGB")), frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(clip)]
     except Exception as exc:  # PIL raises many types for corrupt data
         suffix = "" if isinstance(source, bytes) else Path(source).suffix.lower()
-        if not isinstance(exc, UnidentifiedImageError):  # recognised, then unreadable
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, Image.DecompressionBombError)):
+            reason = _reason(exc)
+        elif not isinstance(exc, UnidentifiedImageError):  # recognised, then unreadable
             reason = f"damaged or cut short ({_reason(exc)})"
         elif suffix in MULTI_FRAME_SUFFIXES:
             reason = f"damaged or cut short: not a readable {suffix.lstrip('.').upper()} file"

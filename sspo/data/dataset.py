@@ -90,7 +90,9 @@ class _Reader:
         needed = [cfg.image_0_column, cfg.image_1_column] if self.pairs else [cfg.image_column]
         if absent := [column for column in needed if row.get(column) is None]:  # e.g. a shard's sample with a .png where the others have .jpg
             present = [column for column, value in row.items() if value is not None]
-            raise DataError(f"{where}: nothing in column {', '.join(map(repr, absent))} (this row has {', '.join(present) or 'nothing'})")
+            keys = ", ".join(self.keys.get(column, "data.image_column") for column in absent)
+            raise DataError(f"{where}: nothing in column {', '.join(map(repr, absent))} (this row has {', '.join(map(repr, present)) or 'nothing'}; "
+                            f"{keys} names the column)")
         if self.pairs:
             prompt = row.get(cfg.caption_column)
             label = float(row[cfg.label_column])
@@ -180,6 +182,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def skipped(self) -> int:
         """Unreadable rows seen so far."""
         return self._reader.skipped
+
+    @property
+    def skipped_rows(self) -> set[int]:
+        """The unreadable rows seen so far."""
+        return set(self._reader._bad)
 
     def take_unreported(self) -> list[tuple[int, str]]:
         """In a DataLoader worker, the rows skipped since last asked, with why: ``(row, reason)``."""

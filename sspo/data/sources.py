@@ -39,12 +39,17 @@ def decode_text(data: bytes, where: str) -> str:
         raise DataError(f"{where} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
+def row_number(i: int) -> str:
+    """Row ``i`` of a table, counted from 0 (a function, not a lambda: DataLoader workers pickle the dataset)."""
+    return f"row {i}"
+
+
 @dataclasses.dataclass
 class Source:
     where: str  # what error messages call it
     files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
     load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
-    row_name: Callable[[int], str] = lambda i: f"row {i}"  # row i as messages name it (a metadata file's: its line)
+    row_name: Callable[[int], str] = row_number  # row i as messages name it (a metadata file's: its line)
 
 
 class _ArrowRows:

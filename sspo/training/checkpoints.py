@@ -211,7 +211,7 @@ class Checkpointing:
             self._load_ema(state_dir)
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        if state.get("data_rows", len(self.dataset)) != len(self.dataset):  # rows added or removed since the save
+        if state.get("data_rows", len(self.dataset)) != len(self.dataset) and self.accelerator.is_main_process:  # rows added or removed since the save
             log.warning("the data (%s) holds %d rows, %d when %s was saved: the run goes on, but on other batches than it would have",
                         self.cfg.data.path or self.cfg.data.source, len(self.dataset), state["data_rows"], state_dir.name)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save

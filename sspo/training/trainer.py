@@ -434,7 +434,7 @@ class Trainer(Checkpointing):
         from accelerate.utils import gather_object
 
         if self.latent_cache is not None:  # rows were read, and skipped, while this run encoded the cache (each process its shards)
-            replaced = sum(gather_object([self.dataset.skipped]))
+            replaced = len(set(gather_object(sorted(self.dataset.skipped_rows))))
         else:
             replaced = len(set(gather_object(sorted(self.items.replaced))))  # a row several processes met is one row
         if replaced and self.accelerator.is_main_process:

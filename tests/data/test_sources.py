@@ -106,6 +106,17 @@ def test_caption_files_folder(tmp_path):
         load_dataset_from_config(_cfg(folder, source="caption-files"))
 
 
+def test_a_caption_files_dataset_pickles_for_spawned_workers(tmp_path):
+    import pickle
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    render(SPECS[0], RES).save(folder / "0.png")
+    (folder / "0.txt").write_text(SPECS[0].prompt)
+    ds = pickle.loads(pickle.dumps(load_dataset_from_config(_cfg(folder, source="caption-files"))))  # macOS and Windows spawn workers
+    assert ds[0]["prompt"] == SPECS[0].prompt
+
+
 def _empty(tmp_path):
     (tmp_path / "empty").mkdir()
     return tmp_path / "empty"
@@ -154,7 +165,7 @@ def test_a_shard_sample_missing_a_column_is_skipped_naming_what_it_has(tmp_path,
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert [ds[i]["prompt"] for i in range(4)] == [SPECS[0].prompt, SPECS[3].prompt, SPECS[3].prompt, SPECS[3].prompt]
     assert ds.skipped == 2
-    assert "sample 0001 of mixed.tar: nothing in column 'jpg' (this row has png, txt)" in caplog.text
+    assert "sample 0001 of mixed.tar: nothing in column 'jpg' (this row has 'png', 'txt'; data.image_column names the column)" in caplog.text
     assert "sample 0002 of mixed.tar" in caplog.text and "no caption in column 'txt'" in caplog.text
 
 
@@ -220,13 +231,13 @@ def test_files_an_imagefolder_names_are_checked_when_it_opens(tmp_path, caplog):
     folder.mkdir()
     for i in range(3):
         render(SPECS[i], RES).save(folder / f"{i}.png")
-    (folder / "metadata.csv").write_text("file_name,text\n0.PNG,a\n1.PNG,b\n2.PNG,c\n")  # the wrong case
-    with pytest.raises(DataError, match=rf"none of the 3 files {folder / 'metadata.csv'} names exists, e.g. {folder / '0.PNG'}"):
+    (folder / "metadata.csv").write_text("file_name,text\nimages/0.png,a\nimages/1.png,b\nimages/2.png,c\n")  # a folder too many
+    with pytest.raises(DataError, match=rf"none of the 3 files {folder / 'metadata.csv'} names exists, e.g. {folder / 'images' / '0.png'}"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
-    (folder / "metadata.csv").write_text("file_name,text\n0.png,a\n1.PNG,b\n2.png,c\n")
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a\n1.jpg,b\n2.png,c\n")
     with caplog.at_level(logging.WARNING, logger="sspo.data"):
         assert len(load_dataset_from_config(_cfg(folder, source="imagefolder"))) == 3
-    assert f"1 of the 3 files {folder / 'metadata.csv'} names do not exist, e.g. {folder / '1.PNG'}; their rows are skipped" in caplog.text
+    assert f"1 of the 3 files {folder / 'metadata.csv'} names do not exist, e.g. {folder / '1.jpg'}; their rows are skipped" in caplog.text
 
 
 def test_a_row_workers_skip_is_logged_once_by_the_training_process(tmp_path, caplog):

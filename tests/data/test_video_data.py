@@ -140,6 +140,8 @@ def test_corrupt_and_missing_clips_are_data_errors_naming_them(tmp_path):
             read_clip(tmp_path / name)
     with pytest.raises(DataError, match=r"cannot read clip \(bytes\): not a video"):
         read_clip(b"garbage")
+    with pytest.raises(DataError, match=r"cannot read clip .*gone.gif: No such file or directory$"):  # missing, not damaged
+        read_clip(tmp_path / "gone.gif")
 
 
 @pytest.mark.parametrize("kept, reason", [(300, r"damaged or cut short \(.+\)"), (20, "damaged or cut short: not a readable TIFF file")])
