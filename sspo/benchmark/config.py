@@ -75,18 +75,18 @@ class BenchConfig:
     batch_size: int | None = setting(None, at_least=1)  # per micro-batch (default: the demo config's)
     gradient_accumulation_steps: int | None = setting(None, at_least=1)  # micro-batches per optimizer step (default: the demo config's)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16: the trainer's mixed_precision
-    lora: bool = True  # LoRA (False: full fine-tuning)
+    lora: bool = True  # LoRA (off: full fine-tuning)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass
     warmup: int = setting(2, at_least=0)  # optimizer steps before timing (first steps allocate optimizer state)
     steps: int = setting(10, at_least=1)  # timed optimizer steps per arm; median and p90 are reported
-    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)  # the training setups measured; ratios are to dpo's (BASELINE)
+    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)  # the training setups measured; ratios are to dpo's
     sampler_steps: tuple[int, ...] = setting((20, 50), at_least=1)  # also measure negative generation at these sampler steps (the paper's 20-50)
     steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates, optimizer steps per iteration (default: the demo config's)
     pool_size: int = setting(3, at_least=1)  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
     resolution: int | None = setting(None, at_least=8, multiple_of=8)  # training resolution, a multiple of the VAE's 8 (default: the model's native one)
     threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU (default: torch's)
-    clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with threads=1, robust to other jobs on a shared CPU)
-    isolate: bool = True  # each arm in a fresh subprocess (False: in this process, CPU memory numbers less clean)
+    clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with one thread, robust to other jobs on a shared CPU)
+    isolate: bool = True  # each arm in a fresh subprocess (off: in this process, CPU memory numbers less clean)
     allow_cpu: bool = False  # run sd15 / sdxl / sd35m / flux on the CPU anyway
     realistic: bool = False  # training scale: batch >= 8, the least K_updates giving >= 64 negatives an iteration and full generation batches; flags win
     overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5

@@ -99,7 +99,9 @@ def add_arguments(parser) -> None:
             continue
         kind, default = str(field.type), field.default if field.default is not dataclasses.MISSING else field.default_factory()
         rule = allowed(field)
-        help = comments[field.name] + (f" (some of {','.join(rule.choices)})" if kind.startswith("tuple") and rule and rule.choices else "")
+        help = comments[field.name]
+        if kind.startswith("tuple"):
+            help += f" (comma-separated{', some of ' + ','.join(rule.choices) if rule and rule.choices else ''})"
         if kind == "bool":
             parser.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, help=help)
         elif kind.startswith("tuple"):

@@ -174,3 +174,14 @@ def test_a_list_flag_that_is_not_integers_is_one_line(capsys):
 
     assert main(["bench", "--model", "quick", "--sampler-steps", "abc"]) == 2
     assert capsys.readouterr().err.strip() == "sspo: error: --sampler-steps takes comma-separated integers, e.g. 20,50; got 'abc'"
+
+
+def test_every_flag_is_helped_by_its_fields_comment_and_the_numbers_it_states_hold(capsys):
+    from sspo.benchmark.config import BASELINE, REALISTIC_BATCH, REALISTIC_NEGATIVES
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"batch >= {REALISTIC_BATCH}" in text and f">= {REALISTIC_NEGATIVES} negatives" in text
+    assert f"--arms ARMS the training setups measured; ratios are to {BASELINE}'s (comma-separated, some of sft,dpo," in text
+    assert "--sampler-steps SAMPLER_STEPS also measure negative generation at these sampler steps (the paper's 20-50) (comma-separated)" in text
