@@ -9,6 +9,7 @@ finished runs. With one job everything runs in this process, one after another, 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -34,9 +35,14 @@ def default_jobs() -> int:
     return 1 if torch.cuda.is_available() else available_cores()
 
 
+_stopped_by: int | None = None  # in a worker: the signal that stopped it
+
+
 def _leave_quietly(signum, frame) -> None:
     """Ctrl-C reaches every worker too; the parent reports it in one line, so a worker leaves without
     a traceback (SystemExit unwinds a task's cleanup as KeyboardInterrupt would)."""
+    global _stopped_by
+    _stopped_by = signum
     logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL + 1)  # its log of a stopped set-up
     raise SystemExit(128 + signum)
 
@@ -58,6 +64,8 @@ def _set_up_worker(verbose: bool) -> None:
 
 
 def _in_worker(task: Callable[[], T]) -> T:
+    if _stopped_by is not None:  # queued to this worker before the stop, which cancelling cannot reach
+        raise SystemExit(128 + _stopped_by)
     try:
         return task()
     except SSPOError as exc:  # subclasses with their own constructors do not survive pickling
@@ -84,8 +92,13 @@ def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
                         future.result()
                         bar.update()
             except BaseException:
-                for future in futures:
-                    future.cancel()
+                workers = list((pool._processes or {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)  # the executor cancels what has not started, under its own lock
+                # A Ctrl-C sent to this process alone (kill -INT, a scheduler's stop) reaches no worker:
+                # passed on, it stops their runs now, and the pool's shutdown does not wait for them to finish.
+                for process in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGINT)
                 raise
     finally:
         for key, value in saved.items():
