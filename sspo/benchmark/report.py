@@ -251,14 +251,19 @@ def write_results(result: dict, stem: str | Path, command: str) -> tuple[Path, P
     line that reproduces it, and the machine)."""
     from sspo.io import atomic_write_json, atomic_write_text
 
-    stem = Path(stem)
-    if stem.suffix in (".json", ".md"):
-        stem = stem.with_suffix("")
-    atomic_write_json(stem.with_suffix(".json"), result)
+    json_file, md_file = result_files(stem)
+    atomic_write_json(json_file, result)
     info = result["machine"]
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
     report = f"# `{command}`\n\n{format_table(result)}\n\n## How to read it\n\n{NOTES}\n## Machine\n\n{machine}\n\n"
-    atomic_write_text(stem.with_suffix(".md"), report + f"Benchmark wall time: {result['wall_s']:.0f} s.\n")
-    for path in (stem.with_suffix(".json"), stem.with_suffix(".md")):
+    atomic_write_text(md_file, report + f"Benchmark wall time: {result['wall_s']:.0f} s.\n")
+    for path in (json_file, md_file):
         path.chmod(0o644)  # meant to be committed; atomic writes create 0600 files
+    return json_file, md_file
+
+
+def result_files(stem: str | Path) -> tuple[Path, Path]:
+    """The ``.json`` and ``.md`` files ``--out stem`` names (``stem.json`` or ``stem.md`` name the same two)."""
+    stem = Path(stem)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".md") else stem
     return stem.with_suffix(".json"), stem.with_suffix(".md")

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from sspo.benchmark.config import SETTING_KEYS, BenchConfig, model_notes, model_overrides
+from sspo.benchmark.config import SETTING_KEYS, BenchConfig, model_notes, model_overrides, train_config
 from sspo.benchmark.flops import device_peak
 from sspo.benchmark.measure import run_arm
-from sspo.benchmark.report import format_table, machine_info, summarize_arms, write_results
+from sspo.benchmark.report import format_table, machine_info, result_files, summarize_arms, write_results
 from sspo.config import allowed, field_comments
 from sspo.errors import SSPOError
 from sspo.models.architectures import ARCH_MODELS, ARCH_TITLES
+from sspo.training.config import check_environment, resolved
 
 
 def check_device(b: BenchConfig) -> None:
@@ -70,6 +71,7 @@ def run_bench(b: BenchConfig, log: Callable[[str], None] = lambda s: print(s, fi
         model_overrides(b)  # builds the architecture folder and the data at the right resolution
     arms: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="sspo-bench-") as workdir:
+        check_environment(resolved(train_config(b, b.arms[0], workdir)))  # what this machine cannot run, once, before any arm
         for arm in b.arms:
             log(f"bench: {arm} ...")
             t0 = time.perf_counter()
@@ -109,6 +111,7 @@ def add_arguments(parser) -> None:
         else:
             parser.add_argument(_flag(field), type=int if "int" in kind else str, default=default, help=help)
     parser.add_argument("--out", help="write <out>.json and <out>.md, e.g. docs/bench/tiny-cpu")
+    parser.add_argument("--force", action="store_true", help="replace <out>.json and <out>.md if they exist")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -152,11 +155,14 @@ def cli(args) -> None:
     if args.worker:
         worker(args.worker, args.worker_config, args.worker_out)
         return
-    result = run_bench(config_from_args(args))
+    b = config_from_args(args)
+    if args.out and not args.force and (existing := [path for path in result_files(args.out) if path.exists()]):
+        raise SSPOError(f"--out {args.out}: {' and '.join(map(str, existing))} exist already; pass --force to replace them, or name another --out")
+    result = run_bench(b)
+    failed = [arm for arm in result["arms"].values() if "error" in arm]
+    if failed and len(failed) == len(result["arms"]):  # nothing was measured: a failure, not a table
+        raise SSPOError(f"every arm failed; {failed[0]['arm']}: {failed[0]['error'].strip().splitlines()[-1].removeprefix('sspo: error: ')}")
     print(format_table(result))
     if args.out:
         for path in write_results(result, args.out, " ".join(["sspo bench", *_cli_args(result["bench"])])):
             print(path)
-    failed = [arm for arm in result["arms"].values() if "error" in arm]
-    if failed and len(failed) == len(result["arms"]):  # nothing was measured: a failure, not a table
-        raise SSPOError(f"every arm failed; {failed[0]['arm']}: {failed[0]['error'].strip().splitlines()[-1].removeprefix('sspo: error: ')}")

@@ -158,15 +158,29 @@ def test_bad_arm_is_a_config_error():
         BenchConfig(arms=("ppo",))
 
 
-def test_a_bench_whose_every_arm_fails_is_an_error_not_a_table(tmp_path, capsys):
+def test_a_setting_this_machine_cannot_run_is_one_line_before_any_arm(tmp_path, capsys, monkeypatch):
     from sspo.cli import main
+    from sspo.commands import bench
 
-    argv = ["bench", "--model", "quick", "--arms", "sft", "--mixed-precision", "fp16", "--steps", "1", "--warmup", "0", "--sampler-steps", "2",
+    monkeypatch.setattr(bench, "_run_isolated", lambda *a: pytest.fail("an arm ran"))
+    argv = ["bench", "--model", "quick", "--arms", "sft,dpo", "--mixed-precision", "fp16", "--steps", "1", "--warmup", "0", "--sampler-steps", "2",
             "--out", str(tmp_path / "bench")]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "sspo: error: every arm failed; sft: config key 'mixed_precision': fp16 needs a GPU and torch sees none; "
-        "set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        "sspo: error: --mixed-precision: fp16 needs a GPU and torch sees none; set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
+
+
+def test_an_existing_out_is_replaced_only_with_force(tmp_path, capsys, monkeypatch):
+    from sspo.cli import main
+    from sspo.commands import bench
+
+    (tmp_path / "summary.md").write_text("an eval's table")
+    monkeypatch.setattr(bench, "run_bench", lambda b: pytest.fail("measured before refusing --out"))
+    assert main(["bench", "--model", "quick", "--out", str(tmp_path / "summary")]) == 2
+    assert capsys.readouterr().err.strip() == (f"sspo: error: --out {tmp_path / 'summary'}: {tmp_path / 'summary.md'} exist already; "
+                                               "pass --force to replace them, or name another --out")
+    assert (tmp_path / "summary.md").read_text() == "an eval's table"
 
 
 def test_a_list_flag_that_is_not_integers_is_one_line(capsys):
