@@ -222,7 +222,8 @@ def check_arm_configs(config, settings: Sequence[tuple[str, Sequence[str]]], out
 
 
 def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
-    """Each arm's settings as an earlier comparison chose them (its ``results.json``)."""
+    """Each arm's settings as an earlier comparison chose them (its ``results.json``, or the folder holding it)."""
+    path = Path(path) / "results.json" if Path(path).is_dir() else path
     earlier = read_json(path, what="the earlier comparison", fix="give the results.json that sspo compare wrote", shape={"chosen": {str: {"overrides": [str]}}})
     missing = [arm for arm in names if arm not in earlier["chosen"] and arm != "base"]  # the untrained base has no settings
     if missing:

@@ -283,7 +283,7 @@ def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings
         )
     if other := recorded_otherwise(manifest["prompts"], [(item.prompt_index, item.prompt) for item in items]):
         index, old, prompt = other
-        raise SSPOError(f"{folder}: prompt {index} was generated for {old!r}, not {prompt!r} (another prompt set or file?); "
+        raise SSPOError(f"{folder}: prompt {index} was generated for {old!r}, not {prompt!r} (another prompt set or file, or another --prompts-per-split or --limit?); "
                         "delete that folder or use another --out")
     damage = {item: _sample_damage(sample_path(out, model, item)) for item in items}
     for problem in filter(None, damage.values()):
@@ -537,7 +537,7 @@ def metric_tables(results: dict, metrics: Sequence[str], headers: Sequence[str] 
     lines = []
     for group in first:
         n = first[group][metrics[0]]["n"]
-        lines += ["", f"## {group} ({n} prompts)", "", "| model | " + " | ".join(headers or metrics) + " |", "|---|" + "---|" * len(metrics)]
+        lines += ["", f"## {group} ({n} prompt{'s' if n != 1 else ''})", "", "| model | " + " | ".join(headers or metrics) + " |", "|---|" + "---|" * len(metrics)]
         best = {}
         for m in metrics:
             means = [r[group][m]["mean"] for r in results.values() if math.isfinite(r[group][m]["mean"])]
@@ -562,7 +562,8 @@ def format_summary(summary: dict) -> str:
         f"# Evaluation on {summary['prompt_set']}",
         "",
         f"{samples_line(summary)}, {settings['steps']} sampler steps, guidance scale {settings['guidance_scale']}. "
-        "Cells: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); bold: best mean.",
+        "Cells: mean ± 95% CI half-width over prompts (each prompt averaged over its seeds); bold: the highest mean, not a test "
+        "(`sspo compare` gives paired differences with CIs).",
     ]
     lines += metric_tables(results, metrics)
     lines += ["", "## Models", "", "| name | model | lora |", "|---|---|---|"]

@@ -220,5 +220,6 @@ def test_runs_side_by_side_give_what_runs_one_after_another_give(quick_base, tmp
     assert "## Settings as chosen by the comparison in" in (tmp_path / "later" / "results.md").read_text()
     with pytest.raises(ConfigError, match="--settings-from .*: arm 'dpo' was not in that comparison"):
         compare.run_compare(CONFIG, ["dpo"], [0], tmp_path / "x", quick=True, chosen_in=tmp_path / "jobs" / "results.json")
+    assert compare.settings_from(tmp_path / "jobs", ["sft"])["sft"]["overrides"] == chosen["sft"]["overrides"]  # the comparison's folder
     with pytest.raises(ConfigError, match="--jobs 0: expected 1 or more"):
         compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "x", jobs=0)
