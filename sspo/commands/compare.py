@@ -21,12 +21,14 @@ count) is refused (:func:`check_reusable`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -279,13 +281,35 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> 
     return found
 
 
+def grid_edges(choice: dict) -> list[str]:
+    """The chosen settings of an arm (``{"overrides", "grid"}``) that are its grid's highest or lowest
+    value of a key that took several numbers: ``"key=value (the lowest tried)"``."""
+    tried: dict[str, set[float]] = defaultdict(set)
+    for row in choice["grid"]:
+        for override in row["overrides"]:
+            key, _, value = override.partition("=")
+            with contextlib.suppress(ValueError):
+                tried[key].add(float(value))
+    edges = []
+    for override in choice["overrides"]:
+        key, _, value = override.partition("=")
+        values = tried.get(key, set())
+        with contextlib.suppress(ValueError):
+            if len(values) > 1 and float(value) in (min(values), max(values)):
+                edges.append(f"{override} (the {'lowest' if float(value) == min(values) else 'highest'} tried)")
+    return edges
+
+
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
                  sampler_seeds: int, world: str, selection_seeds: int = 1) -> None:
     n = len(seeds)
-    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {seconds / 60:.0f} min of wall time "
+    wall = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    one_seed = (" With one training seed the CIs are over prompts alone: they leave out how much a method varies from run to run, "
+                "so a verdict below is about this run, not the method; train 2 or more seeds (--training-seeds) to judge a method.") if n == 1 else ""
+    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {wall} of wall time "
                 "(finished runs are reused, not timed again). "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
-                "sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).\n"]
+                f"sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).{one_seed}\n"]
     earlier = {c["from"] for c in chosen.values() if "from" in c}
     if earlier:
         lines = [f"## Settings as chosen by the comparison in {', '.join(sorted(earlier))}\n", "| arm | settings |", "|---|---|"]
@@ -297,6 +321,9 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
             grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}"
                              + (f" ({', '.join(f'{r:.3f}' for r in row['per_seed'])})" if len(row["per_seed"]) > 1 else "") for row in c["grid"])
             lines.append(f"| {arm} | {' '.join(c['overrides']) or '-'} | {grid or '-'} |")
+        edges = [f"{arm}: {edge}" for arm, c in chosen.items() for edge in grid_edges(c)]
+        if edges:
+            lines.append(f"\nOn the grid's edge (the best value may lie beyond it: widen the grid there before trusting the choice): {'; '.join(edges)}.")
         sections.append("\n".join(lines) + "\n")
     # Table 6 only when an ablation ran: SSPO's row alone repeats Table 1.
     for title, names, shown_by in (("Table 1: methods", table1(), table1()), ("Table 6: SSPO ablations", ("sspo", *TABLE6), TABLE6)):

@@ -57,7 +57,17 @@ def test_grid_settings_are_chosen_per_arm_on_the_validation_split(quick_base, tm
         assert load_yaml(run / "config.yaml")["data"]["world_without_validation"] is True
         evaluated = json.loads((run / "eval.json").read_text())
         assert set(evaluated) == {"validation", "settings"} and evaluated["settings"]["evaluation"]["prompts"] == "shapes-validation"
-    assert "## Settings chosen on the validation split" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "## Settings chosen on the validation split" in report
+    assert "On the grid's edge" in report and "With one training seed the CIs are over prompts alone" in report  # two values a key, one seed
+
+
+def test_a_choice_at_a_grids_highest_or_lowest_number_is_named():
+    grid = [{"overrides": [f"optim.learning_rate={lr}", f"beta={beta}"]} for lr in ("1e-4", "3e-4", "1e-3") for beta in ("500", "5000")]
+    assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-4", "beta=5000"], "grid": grid}) == ["beta=5000 (the highest tried)"]
+    assert compare.grid_edges({"overrides": ["optim.learning_rate=1e-4", "beta=500"], "grid": grid}) == [
+        "optim.learning_rate=1e-4 (the lowest tried)", "beta=500 (the lowest tried)"]
+    assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-4"], "grid": grid[2:4]}) == []  # one value tried: no edge to widen
 
 
 def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base, tmp_path, monkeypatch):
