@@ -39,6 +39,7 @@ from sspo.worlds.shapes.world import vocabulary as shapes_vocabulary
 ARMS = ("sft", "dpo", "dpo-cached", "sspo-online", "sspo-pregenerated")
 BASELINE = "dpo"
 MODELS = ("tiny", "quick", *ARCH_MODELS)  # or a local diffusers pipeline folder
+WORLD_BASES = {"shapes-base": "tiny", "shapes-base:quick": "quick"}  # the names other commands give tiny and quick
 DEMO_CONFIG = CONFIGS / "demo-shapes.yaml"
 SETTING_KEYS = ("batch_size", "gradient_accumulation_steps", "steps_per_iteration", "mixed_precision", "lora")  # recorded with every result
 
@@ -93,6 +94,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.arms, self.sampler_steps, self.overrides = tuple(self.arms), tuple(self.sampler_steps), tuple(self.overrides)
+        self.model = WORLD_BASES.get(self.model, self.model)
         validate(self)
         check(self.model in MODELS or (Path(self.model).expanduser() / "model_index.json").is_file(), "model",
               f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder (one holding model_index.json)")

@@ -22,3 +22,7 @@ def test_a_folder_that_is_not_a_pipeline_is_refused_as_the_model(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("method: sspo\n")
     with pytest.raises(ConfigError, match=r"'model': got '.*run': expected one of .* or a diffusers pipeline folder \(one holding model_index.json\)"):
         BenchConfig(model=str(tmp_path / "run"))
+
+
+def test_the_world_base_names_other_commands_take_name_the_tiny_models():
+    assert BenchConfig(model="shapes-base").model == "tiny" and BenchConfig(model="shapes-base:quick").model == "quick"
