@@ -99,7 +99,6 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     """A pipeline's ``model_index.json`` (class and components), without loading any weights."""
     from diffusers import DiffusionPipeline
 
-
     located = _locate(model)
     try:
         config = dict(DiffusionPipeline.load_config(located, revision=revision))

@@ -80,6 +80,7 @@ class ModelFiles:
 
 
 def model_files(cfg: TrainConfig) -> ModelFiles:
+    """:class:`ModelFiles` of ``cfg.model``; a misspelt world base name is refused here."""
     name = cfg.model.pretrained
     if world := base_world(name):
         folder = world.existing_base(name, key="model.pretrained")
