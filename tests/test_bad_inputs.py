@@ -297,3 +297,15 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, mon
 def test_counts_are_named_by_the_flag_the_user_gave(argv, line, tmp_path, capsys):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     assert one_error_line(capsys) == f"sspo: error: {line}"
+
+
+def test_a_reward_model_that_cannot_load_is_found_before_any_image_is_generated(quick_base, tmp_path, capsys, monkeypatch):
+    import sspo.commands.eval
+
+    monkeypatch.setattr(sspo.commands.eval, "generate", lambda *a, **kw: pytest.fail("generated before the scorer was found unloadable"))
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", quick_base, "--limit", "1", "--metrics", "shapes,pickscore", "--scorer-path", f"pickscore={tmp_path / 'empty'}", "--out", str(out)]
+    assert main(argv) == 2
+    assert one_error_line(capsys).startswith(f"sspo: error: metric 'pickscore': cannot load the CLIP model from '{tmp_path / 'empty'}'")
+    assert not out.exists()

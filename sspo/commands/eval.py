@@ -56,6 +56,7 @@ from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
 from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, claimed_output_folder, file_stats, read_json
 from sspo.video_io import decode_clip, write_clip
+from sspo.worlds import find_world
 from sspo.worlds.names import shared_guidance_scale
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ def run_eval(
         check_metrics_fit(model, metrics)
     with claimed_output_folder(out, "--out", "eval", OUTPUTS):
         plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
+        if any(plan.todo for plan in plans):  # new images need every metric: a scorer that cannot load is found now, not after generating
+            check_scorers_load(metrics, scorer_paths, scorer_options)
         generated = set()
         for plan in sorted(plans, key=lambda plan: plan.model.lora is None):  # a LoRA that does not fit its base is refused at load: before the base's images
             generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
@@ -245,6 +248,18 @@ def run_eval(
         plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
         write_grid(models, selected, cfg.seeds[0], out, cfg.grid_prompts)
     return summary
+
+
+def check_scorers_load(metrics: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping]) -> None:
+    """Load each reward model of ``metrics`` once on the CPU and let it go: missing or unreachable
+    weights are then one line before generation, which can take hours, rather than after it."""
+    for metric in metrics:
+        if find_world(metric) is None:
+            options = parse_scorer_options({k: str(v) for k, v in scorer_options.get(metric, {}).items()})
+            try:
+                build_scorer(metric, scorer_paths.get(metric), device="cpu", **options)
+            except SSPOError as exc:
+                raise SSPOError(f"metric {metric!r}: {exc}") from None
 
 
 def recorded_otherwise(recorded: Mapping[str, str], prompts: Sequence[tuple[int, str]]) -> tuple[int, str, str] | None:
