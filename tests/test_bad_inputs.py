@@ -65,6 +65,7 @@ def diffusers_log(caplog):
 @pytest.mark.parametrize("change, named", [(wider, "size mismatch"), (renamed, "have no place in its UNet")], ids=["wider", "renamed"])
 def test_a_lora_of_another_base_is_refused(change, named, quick_base, tmp_path, capsys, diffusers_log):
     lora = write_lora(tmp_path / "lora", quick_base, change)
+    capsys.readouterr()  # what building the LoRA here printed (transformers' notices), not sspo's output
     assert main(["sample", "--model", quick_base, "--lora", str(lora), "--prompt", PROMPT, "--out", str(tmp_path / "grid.png")]) == 2
     assert not diffusers_log()
     line = one_error_line(capsys)
@@ -307,5 +308,7 @@ def test_a_reward_model_that_cannot_load_is_found_before_any_image_is_generated(
     out = tmp_path / "eval"
     argv = ["eval", "--model", quick_base, "--limit", "1", "--metrics", "shapes,pickscore", "--scorer-path", f"pickscore={tmp_path / 'empty'}", "--out", str(out)]
     assert main(argv) == 2
-    assert one_error_line(capsys).startswith(f"sspo: error: metric 'pickscore': cannot load the CLIP model from '{tmp_path / 'empty'}'")
+    line = one_error_line(capsys)
+    assert line.startswith(f"sspo: error: metric 'pickscore': cannot load the CLIP model from '{tmp_path / 'empty'}'")
+    assert line.endswith("(pass local weights with --scorer-path pickscore=PATH; docs/scorers.md lists the files)")
     assert not out.exists()

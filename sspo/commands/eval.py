@@ -255,11 +255,15 @@ def check_scorers_load(metrics: Sequence[str], scorer_paths: Mapping[str, str], 
     weights are then one line before generation, which can take hours, rather than after it."""
     for metric in metrics:
         if find_world(metric) is None:
-            options = parse_scorer_options({k: str(v) for k, v in scorer_options.get(metric, {}).items()})
-            try:
-                build_scorer(metric, scorer_paths.get(metric), device="cpu", **options)
-            except SSPOError as exc:
-                raise SSPOError(f"metric {metric!r}: {exc}") from None
+            load_scorer(metric, scorer_paths.get(metric), parse_scorer_options({k: str(v) for k, v in scorer_options.get(metric, {}).items()}), "cpu")
+
+
+def load_scorer(metric: str, path: str | None, options: Mapping, device):
+    """``build_scorer``; weights it cannot load are a ModelError naming the metric and how to pass local ones."""
+    try:
+        return build_scorer(metric, path, device=device, **options)
+    except ModelError as exc:
+        raise ModelError(f"metric {metric!r}: {exc} (pass local weights with --scorer-path {metric}=PATH; docs/scorers.md lists the files)") from None
 
 
 def recorded_otherwise(recorded: Mapping[str, str], prompts: Sequence[tuple[int, str]]) -> tuple[int, str, str] | None:
@@ -398,13 +402,8 @@ def score_all(
         missing = [r for r in rows if any(c not in r for c in columns[metric])]
         if not missing:
             continue
-        try:
-            options = {"batch_size": scorer_batch_size} | parse_scorer_options(identities[metric]["options"])
-            scorer = build_scorer(metric, identities[metric]["path"], device=device, **options)
-        except ModelError as exc:
-            raise ModelError(
-                f"metric {metric!r}: {exc} (pass local weights with --scorer-path {metric}=PATH; docs/scorers.md lists the files)"
-            ) from None
+        options = {"batch_size": scorer_batch_size} | parse_scorer_options(identities[metric]["options"])
+        scorer = load_scorer(metric, identities[metric]["path"], options, device)
         by_name = {m.name: m for m in models}
         with tqdm(total=len(missing), desc=f"score {metric}", unit="img") as bar:
             for start in range(0, len(missing), SCORE_CHUNK):
