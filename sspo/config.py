@@ -159,13 +159,13 @@ def field_comments(cls: type) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
-    found = {}
+    found, source_lines = {}, source.splitlines()
     for node in ast.parse(source).body[0].body:
         if isinstance(node, ast.AnnAssign):
             lines = [n for n in range(node.lineno, node.end_lineno + 1) if n in comments]
             if not lines:
                 above = node.lineno - 1
-                while above in comments and source.splitlines()[above - 1].lstrip().startswith("#"):
+                while above in comments and source_lines[above - 1].lstrip().startswith("#"):
                     lines.insert(0, above)
                     above -= 1
             found[node.target.id] = " ".join(comments[n] for n in lines)

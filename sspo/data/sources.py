@@ -258,7 +258,7 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         log.warning("%d of the %d files %s names do not exist, e.g. %s; their rows are skipped", len(missing), len(files), meta, missing[0])
     if not rows:
         raise DataError(f"{meta} lists no images")
-    if not any(key == "file_name" or key.endswith("_file_name") for entry in entries for key in entry):
+    if not files:  # no file_name (or x_file_name) column on any line
         found = list(dict.fromkeys(key for entry in entries for key in entry))
         separated = "; its columns are separated by ';': a CSV's are by ','" if len(found) == 1 and ";" in found[0] else ""
         raise DataError(f"{meta} has no file_name column (it has {', '.join(map(repr, found))}{separated}): name the column of file names "

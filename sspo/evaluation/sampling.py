@@ -48,8 +48,8 @@ def generate(
     from sspo.models.families import family_of
 
     family = family_of(pipe)
-    video, longest = family.video, family.longest_clip
-    if video and longest is not None and frames > longest:
+    video, longest = family.video, family.longest_clip  # longest: None for an image model
+    if longest is not None and frames > longest:
         raise ConfigError(f"frames: {frames}, but this model's motion modules make clips of at most {longest} frames; ask for {longest} or fewer")
     extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
     images: list = []
