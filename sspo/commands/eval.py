@@ -48,15 +48,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sspo.errors import DataError, ModelError, SSPOError
-from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig, Item, check_scorers, metric_columns, score_columns, scores_clips, select_prompts
+from sspo.errors import DataError, SSPOError
+from sspo.evaluation.evaluate import (
+    DTYPES,
+    PROMPT_SETS,
+    EvalConfig,
+    Item,
+    check_scorers,
+    check_scorers_load,
+    load_scorer,
+    metric_columns,
+    score_columns,
+    scores_clips,
+    select_prompts,
+)
 from sspo.evaluation.sampling import generate, image_grid, save_png
-from sspo.evaluation.scorers import build_scorer, scorer_names
+from sspo.evaluation.scorers import scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
 from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, claimed_output_folder, file_stats, read_json
 from sspo.video_io import decode_clip, write_clip
-from sspo.worlds import find_world
 from sspo.worlds.names import shared_guidance_scale
 
 log = logging.getLogger(__name__)
@@ -67,6 +78,7 @@ OUTPUTS = ("images", "scores.csv", "scorers.json", "summary.json", "summary.md",
            "video_scores.csv", "video_summary.json", "video_summary.md", "video_hist.png")
 KEY_COLUMNS = ("model", "prompt_set", "category", "prompt_index", "seed", "prompt")
 SCORE_CHUNK = 256  # images read from disk at a time while scoring
+SCORER_FIX = "pass local weights with --scorer-path {metric}=PATH"  # a reward model that cannot load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +233,7 @@ def run_eval(
     with claimed_output_folder(out, "--out", "eval", OUTPUTS):
         plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
         if any(plan.todo for plan in plans):  # new images need every metric: a scorer that cannot load is found now, not after generating
-            check_scorers_load(metrics, scorer_paths, scorer_options)
+            check_scorers_load(metrics, scorer_paths, {m: parse_scorer_options({k: str(v) for k, v in o.items()}) for m, o in scorer_options.items()}, SCORER_FIX)
         generated = set()
         for plan in sorted(plans, key=lambda plan: plan.model.lora is None):  # a LoRA that does not fit its base is refused at load: before the base's images
             generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
@@ -248,22 +260,6 @@ def run_eval(
         plot_reward_hist(rows, models, metrics, out / "reward_hist.png")
         write_grid(models, selected, cfg.seeds[0], out, cfg.grid_prompts)
     return summary
-
-
-def check_scorers_load(metrics: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping]) -> None:
-    """Load each reward model of ``metrics`` once on the CPU and let it go: missing or unreachable
-    weights are then one line before generation, which can take hours, rather than after it."""
-    for metric in metrics:
-        if find_world(metric) is None:
-            load_scorer(metric, scorer_paths.get(metric), parse_scorer_options({k: str(v) for k, v in scorer_options.get(metric, {}).items()}), "cpu")
-
-
-def load_scorer(metric: str, path: str | None, options: Mapping, device):
-    """``build_scorer``; weights it cannot load are a ModelError naming the metric and how to pass local ones."""
-    try:
-        return build_scorer(metric, path, device=device, **options)
-    except ModelError as exc:
-        raise ModelError(f"metric {metric!r}: {exc} (pass local weights with --scorer-path {metric}=PATH; docs/scorers.md lists the files)") from None
 
 
 def recorded_otherwise(recorded: Mapping[str, str], prompts: Sequence[tuple[int, str]]) -> tuple[int, str, str] | None:
@@ -403,7 +399,7 @@ def score_all(
         if not missing:
             continue
         options = {"batch_size": scorer_batch_size} | parse_scorer_options(identities[metric]["options"])
-        scorer = load_scorer(metric, identities[metric]["path"], options, device)
+        scorer = load_scorer(metric, identities[metric]["path"], options, device, SCORER_FIX)
         by_name = {m.name: m for m in models}
         with tqdm(total=len(missing), desc=f"score {metric}", unit="img") as bar:
             for start in range(0, len(missing), SCORE_CHUNK):

@@ -113,6 +113,23 @@ def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_
             raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
 
 
+def load_scorer(metric: str, path: str | None, options: Mapping, device, fix: str):
+    """``build_scorer``; weights it cannot load are a ModelError naming the metric and ``fix``, how to
+    pass local ones (``{metric}`` is filled in)."""
+    try:
+        return build_scorer(metric, path, device=device, **options)
+    except ModelError as exc:
+        raise ModelError(f"metric {metric!r}: {exc} ({fix.format(metric=metric)}; docs/scorers.md lists the files)") from None
+
+
+def check_scorers_load(metrics: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping], fix: str) -> None:
+    """Load each reward model of ``metrics`` once on the CPU and let it go: missing or unreachable
+    weights are then one line before generating or training, which can take hours, rather than after."""
+    for metric in metrics:
+        if find_world(metric) is None:
+            load_scorer(metric, scorer_paths.get(metric), scorer_options.get(metric, {}), "cpu", fix)
+
+
 def eval_items(cfg: EvalConfig) -> list[Item]:
     """Every image the evaluation samples, prompt by prompt, seed by seed."""
     return [Item(index, seed, p.prompt, p.category) for index, p in select_prompts(cfg) for seed in cfg.seeds]

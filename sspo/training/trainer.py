@@ -154,6 +154,11 @@ class Trainer(Checkpointing):
         self._check_distributed()
         if resume:
             check_resumed_config(cfg, self.run_dir)
+        vcfg = cfg.validation
+        if vcfg.every_iterations and self.accelerator.is_main_process:  # a reward model that cannot load: one line now, not after an iteration
+            from sspo.evaluation.evaluate import check_scorers_load
+
+            check_scorers_load(vcfg.metrics, vcfg.scorer_paths, vcfg.scorer_options, "set validation.scorer_paths.{metric} to local weights")
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG

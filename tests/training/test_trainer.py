@@ -306,6 +306,20 @@ def test_validation_metrics_that_cannot_score_are_refused_before_training(overri
     assert not (tmp_path / "run").exists()
 
 
+def test_a_validation_reward_model_that_cannot_load_is_refused_before_the_model_loads(quick_base, tmp_path, monkeypatch):
+    import sspo.training.trainer
+
+    monkeypatch.setattr(sspo.training.trainer, "load_pipeline", lambda *a, **kw: pytest.fail("the model loaded before the scorer was found unloadable"))
+    (tmp_path / "empty").mkdir()
+    cfg = tiny_config(tmp_path / "run", quick_base, "validation.every_iterations=1", "validation.metrics=[pickscore]", "validation.prompts=[a red dragon]",
+                      f"validation.scorer_paths.pickscore={tmp_path / 'empty'}")
+    with pytest.raises(ModelError) as caught:
+        Trainer(cfg)
+    assert str(caught.value).startswith(f"metric 'pickscore': cannot load the CLIP model from '{tmp_path / 'empty'}'")
+    assert str(caught.value).endswith("(set validation.scorer_paths.pickscore to local weights; docs/scorers.md lists the files)")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("method, shown", [("sft", ["loss"]), ("dpo", ["loss"]), ("spin", ["loss", "checkpoint"]), ("sspo", ["loss", "ssr_rate", "checkpoint"])])
 def test_the_progress_bar_shows_only_numbers_the_method_has(method, shown):
     from sspo.training.trainer import _postfix
