@@ -171,6 +171,8 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise SSPOError(f"{flag} takes comma-separated integers, e.g. 0,1; got {text!r}") from None
     if not values:
         raise SSPOError(f"{flag} needs at least one integer, e.g. 0,1")
+    if twice := sorted({v for v in values if values.count(v) > 1}):
+        raise SSPOError(f"{flag} {text}: seed {', '.join(map(str, twice))} given twice, which samples the same image again; give distinct seeds, e.g. 0,1")
     return values
 
 
