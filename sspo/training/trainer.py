@@ -43,7 +43,6 @@ from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
-from sspo.training.losses import sft_loss, sspo_loss
 from sspo.training.methods import METHODS
 from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws, pair_errors
 from sspo.training.pool import CheckpointPool
@@ -341,14 +340,14 @@ class Trainer(Checkpointing):
         dev, rows, draws = self.device, batch.rows, batch.draws
         if not self.cfg.uses_reference:  # SFT: the winners only
             errors = self.family.denoising_errors(self.denoiser, rows.winners.to(dev), draws.noise.to(dev), draws.timesteps.to(dev), rows.cond)
-            return sft_loss(errors)
+            return self.cfg.spec.loss(errors)
         policy_w, policy_l = pair_errors(self.family, self.denoiser, rows.winners, batch.losers, draws.noise, draws.timesteps, rows.cond, dev)
         ref = batch.reference
         switch = None
         if draws.switch_noise is not None:  # ssr_draws > 1: K from errors averaged over more draws
             policy_mean = mean_over_draws(self.family, self.denoiser, policy_w, rows.winners, draws.switch_timesteps, draws.switch_noise, rows.cond, dev)
             switch = (policy_mean, ref.switch.to(dev))
-        loss, metrics = sspo_loss(policy_w, policy_l, ref.winners.to(dev), ref.losers.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
+        loss, metrics = self.cfg.spec.loss(policy_w, policy_l, ref.winners.to(dev), ref.losers.to(dev), self.cfg.beta, self.cfg.effective_ssr, switch)
         # The mean pool index of the checkpoints that were this micro-batch's reference.
         metrics["reference_checkpoint"] = torch.tensor(sum(draws.checkpoints) / len(draws.checkpoints), dtype=torch.float32)
         return loss, metrics

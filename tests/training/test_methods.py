@@ -7,14 +7,23 @@ import pytest
 from sspo.benchmark.config import arm_overrides
 from sspo.commands import compare
 from sspo.training.config import resolved
+from sspo.training.losses import sft_loss, sspo_loss
 from sspo.training.methods import METHODS, Method, register
 from sspo.training.model_card import run_settings
 from sspo.training.trainer import train
 
 from test_trainer import metrics, tiny_config
 
+LOSS_CALLS = []
+
+
+def counted_sspo_loss(*args):
+    LOSS_CALLS.append(args)
+    return sspo_loss(*args)
+
+
 THROWAWAY = Method("sspo_last_indicator", "SSPO against the latest checkpoint, indicator switch", uses_reference=True,
-                   generates_negatives=True, needs_dataset_losers=False, erd="last", ssr="indicator")
+                   generates_negatives=True, needs_dataset_losers=False, loss=counted_sspo_loss, erd="last", ssr="indicator")
 
 
 @pytest.fixture
@@ -26,7 +35,9 @@ def throwaway():
 
 def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_base, tmp_path):
     cfg = tiny_config(tmp_path / "run", quick_base, f"method={throwaway.name}", "iterations=3", "steps_per_iteration=1", "erd=uniform")
+    LOSS_CALLS.clear()
     final = train(cfg)
+    assert len(LOSS_CALLS) == 3  # the row's loss, once a step
     rows = metrics(tmp_path / "run")
     assert [r["pool_size"] for r in rows] == [1, 2, 3]
     assert [r["reference_checkpoint"] for r in rows] == [0, 1, 2]  # erd "last" wins over the config's uniform
@@ -40,5 +51,5 @@ def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_b
 
 def test_an_inconsistent_row_is_refused():
     with pytest.raises(ValueError, match="reference"):
-        register(Method("broken", "losers without a reference", uses_reference=False, generates_negatives=True, needs_dataset_losers=False))
+        register(Method("broken", "losers without a reference", uses_reference=False, generates_negatives=True, needs_dataset_losers=False, loss=sft_loss))
     assert "broken" not in METHODS
