@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sspo.config import load_yaml
+from sspo.config import load_config, load_yaml
 from sspo.errors import SSPOError
 from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors, write_error
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
@@ -70,10 +70,13 @@ def _check_lora_run(run: Path) -> None:
     if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
         where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")
         raise SSPOError(f"{run} fine-tuned the whole model, not a LoRA: export is for LoRA runs; the full model is {where}, which DiffusionPipeline.from_pretrained loads")
-    denoiser = _lora_component(final / LORA_FILE)
+    _check_unet(run, _lora_component(final / LORA_FILE))
+
+
+def _check_unet(run: Path, denoiser: str | None) -> None:
     if denoiser not in (None, DENOISER):
         raise SSPOError(f"{run} trained a LoRA of the {denoiser}, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); "
-                        f"{final / LORA_FILE} is already the file the pipeline's load_lora_weights reads")
+                        f"its final model's {LORA_FILE} is already the file the pipeline's load_lora_weights reads")
 
 
 def _lora_component(file: Path) -> str | None:
@@ -142,7 +145,23 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
         config = _adapter_config_of(final, "restore it, or train the run again")
     if config is None:
         raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
+    _check_unet(run, pool.denoiser_of(index) or _model_denoiser(run))
     return Lora(pool.load(index), config, f"checkpoint-{index:03d}")
+
+
+def _model_denoiser(run: Path) -> str:
+    """The denoiser component of the model ``run`` trained, from its config.yaml and the model's
+    model_index.json (no weights read): for pool checkpoints whose files do not record it."""
+    from sspo.models.families import family_of
+    from sspo.training.config import TrainConfig
+    from sspo.training.trainer import model_files
+
+    cfg = load_config(TrainConfig, run / "config.yaml")
+    files = model_files(cfg)
+    if files.config is None:
+        raise SSPOError(f"the pool of {run} does not record which part of the model it adapts, and its model {cfg.model.pretrained} is not built here; "
+                        "build it (sspo base), or export the final LoRA (--checkpoint final)")
+    return family_of(files.config, cfg.model.family).denoiser_component
 
 
 def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:

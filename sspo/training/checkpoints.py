@@ -94,7 +94,7 @@ class Checkpointing:
                 log.warning("%s holds an earlier run: this one replaces it (the earlier one is deleted at this run's first save%s)",
                             self.run_dir, "; to continue it instead, stop now and pass --resume" if resumable else "")
             if self.pool is not None:
-                self.pool = CheckpointPool(self.pool.root)
+                self.pool = CheckpointPool(self.pool.root, self.pool.denoiser)
                 with disk_errors(f"pool checkpoint 0 in {self.pool.root}"):
                     self.pool.add(self.reference.policy_state(), step=0)  # theta_0
         self._sync_pool()
@@ -102,7 +102,7 @@ class Checkpointing:
     def _sync_pool(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.pool is not None:
-            self.pool = CheckpointPool(self.pool.root)
+            self.pool = CheckpointPool(self.pool.root, self.pool.denoiser)
             self.reference.pool = self.pool
             self.reference.loaded = None
 

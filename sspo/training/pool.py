@@ -28,8 +28,9 @@ INDEX_SHAPE = {"entries": [{"file": str, "step": int}]}
 
 
 class CheckpointPool:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, denoiser: str | None = None):
         self.root = Path(root)  # made by the first add: a resume that is refused leaves a run without one as it was
+        self.denoiser = denoiser  # the pipeline component ("unet", "transformer") whose weights it adds; recorded in each file
         index = self.root / "pool.json"
         try:
             recorded = read_json(index, what="the checkpoint pool index", fix="it is rebuilt from the checkpoint files", shape=INDEX_SHAPE, default=None)
@@ -57,7 +58,7 @@ class CheckpointPool:
         index = len(self.entries)
         name = _file_name(index)
         self.root.mkdir(parents=True, exist_ok=True)
-        save_tensors(state_dict, self.root / name, metadata={"step": str(step)})
+        save_tensors(state_dict, self.root / name, metadata={"step": str(step)} | ({"denoiser": self.denoiser} if self.denoiser else {}))
         fault_point("pool_write")
         self.entries.append({"file": name, "step": step})
         atomic_write_json(self.root / "pool.json", {"entries": self.entries})
@@ -95,6 +96,12 @@ class CheckpointPool:
     def load(self, index: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         return read_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}", device=str(device),
                             fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
+
+    def denoiser_of(self, index: int) -> str | None:
+        """The pipeline component checkpoint ``index`` holds weights of, as its file records it (None: it does not)."""
+        _, metadata = open_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}",
+                                   fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
+        return metadata.get("denoiser")
 
     def steps(self) -> list[int]:
         return [entry["step"] for entry in self.entries]

@@ -181,7 +181,7 @@ class Trainer(Checkpointing):
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
 
-        self.pool = CheckpointPool(self.run_dir / "pool") if cfg.uses_reference else None
+        self.pool = CheckpointPool(self.run_dir / "pool", self.family.denoiser_component) if cfg.uses_reference else None
         self.reference = ReferenceModel(denoiser, self.pool, cfg.model.lora, self.device, self.weight_dtype) if self.pool is not None else None
         self.latent_cache = self._latent_cache() if cfg.data.cache_latents else None
         uncond = self.family.encode_unconditional(self.device, cfg.data.resolution).to("cpu")
