@@ -123,17 +123,21 @@ class Allowed:
 
 
 class Registered(typing.Sequence[str]):
-    """The names of a registry (a dict filled by ``register`` calls), and ``extra`` names, as they
-    are when read: as a field's choices, it admits what is registered after the field is declared."""
+    """The names of a registry (a dict filled by ``register`` calls, or a function of registries
+    that returns one), and ``extra`` names, as they are when read: as a field's choices, it admits
+    what is registered after the field is declared."""
 
-    def __init__(self, registry: typing.Mapping[str, Any], *extra: str):
+    def __init__(self, registry: typing.Mapping[str, Any] | typing.Callable[[], typing.Mapping[str, Any]], *extra: str):
         self.registry, self.extra = registry, extra
 
+    def _names(self) -> tuple[str, ...]:
+        return (*self.extra, *(self.registry() if callable(self.registry) else self.registry))
+
     def __getitem__(self, index):
-        return (*self.extra, *self.registry)[index]
+        return self._names()[index]
 
     def __len__(self) -> int:
-        return len(self.extra) + len(self.registry)
+        return len(self._names())
 
 
 def setting(default: Any = dataclasses.MISSING, *, choices: typing.Iterable[Any] | None = None, at_least: float | None = None, above: float | None = None,

@@ -29,7 +29,7 @@ import json
 import math
 from pathlib import Path
 
-from sspo.config import check, load_config, load_yaml, setting, validate
+from sspo.config import Registered, check, load_config, load_yaml, setting, validate
 from sspo.models.architectures import ARCH_MODELS, arch_notes, build_arch, native_resolution
 from sspo.paths import CONFIGS
 from sspo.training.methods import METHODS
@@ -80,7 +80,7 @@ class BenchConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass
     warmup: int = setting(2, at_least=0)  # optimizer steps before timing (first steps allocate optimizer state)
     steps: int = setting(10, at_least=1)  # timed optimizer steps per arm; median and p90 are reported
-    arms: tuple[str, ...] = setting(ARMS, choices=arm_overrides(), nonempty=True)  # the training setups measured; ratios are to dpo's
+    arms: tuple[str, ...] = setting(ARMS, choices=Registered(arm_overrides), nonempty=True)  # the training setups measured; ratios are to dpo's
     sampler_steps: tuple[int, ...] = setting((20, 50), at_least=1)  # also measure negative generation at these sampler steps (the paper's 20-50)
     steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates, optimizer steps per iteration (default: the demo config's)
     pool_size: int = setting(3, at_least=1)  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})

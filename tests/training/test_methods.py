@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sspo.benchmark.config import arm_overrides
+from sspo.benchmark.config import BenchConfig, arm_overrides
 from sspo.commands import compare
 from sspo.training.config import resolved
 from sspo.training.losses import sft_loss, sspo_loss
@@ -46,6 +46,7 @@ def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_b
     assert run_settings(resolved(cfg), 1)["reference"].startswith("pool checkpoint drawn 'last'")
     assert compare.arms()[throwaway.name] == [f"method={throwaway.name}"] and throwaway.name in compare.table1()
     assert f"{throwaway.name}-pregenerated" in arm_overrides()
+    assert BenchConfig(arms=(f"{throwaway.name}-pregenerated",)).arms == (f"{throwaway.name}-pregenerated",)
     assert json.loads((tmp_path / "run" / "pool" / "pool.json").read_text())["entries"][-1]["step"] == 3
 
 
