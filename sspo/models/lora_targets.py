@@ -26,7 +26,10 @@ def lora_layer_names(denoiser, motion_only: bool) -> list[str]:
 
 
 def check_lora_targets(denoiser, targets: Sequence[str], motion_only: bool, label: str) -> None:
-    """Refuse targets that name no layer LoRA can wrap, listing layer names the denoiser (``label``: what messages call it) has."""
+    """Refuse targets that name no layer LoRA can wrap, listing layer names the denoiser (``label``: what messages call it) has,
+    and a denoiser that takes no LoRA adapter at all."""
+    if not hasattr(denoiser, "add_adapter"):  # diffusers' PeftAdapterMixin: what the trainer adds the LoRA with
+        raise ConfigError(f"config key 'model.lora': this {type(denoiser).__name__} takes no LoRA adapter in diffusers; set model.lora=false to fine-tune it fully")
     layers = lora_layer_names(denoiser, motion_only)
     missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in layers)]
     if not missing:

@@ -58,3 +58,15 @@ def test_training_with_an_unknown_target_stops_in_one_line(quick_base, tmp_path,
     errors = [line for line in err.splitlines() if line.startswith("sspo: error:")]
     assert len(errors) == 1 and "'attention' names no layer of the UNet" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_denoiser_without_lora_support_is_one_line():
+    import torch
+
+    class Denoiser(torch.nn.Module):  # a model class without diffusers' PeftAdapterMixin
+        def __init__(self):
+            super().__init__()
+            self.to_q = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match=r"^config key 'model.lora': this Denoiser takes no LoRA adapter in diffusers; set model.lora=false to fine-tune it fully$"):
+        check_lora_targets(Denoiser(), ("to_q",), motion_only=False, label="denoiser")
