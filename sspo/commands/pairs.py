@@ -181,7 +181,8 @@ def pairs_config(world: str = "shapes", level: str | None = None, steps: int | N
         raise SSPOError(f"--level {level}: world {world} has levels {', '.join(entry.pairs.levels)}")
     steps = 2 if quick and steps is None else steps if steps is not None else entry.pairs.levels[level].steps if level else 0
     max_prompts = max_prompts if max_prompts is not None else 16 if quick else entry.pairs.max_prompts
-    return PairsConfig(steps=steps, base=f"{entry.base}:quick" if quick else entry.base, max_prompts=max_prompts,
+    quick_preset = entry.demo.quick_preset  # G's base under --quick: the world's smaller one, as its demo's
+    return PairsConfig(steps=steps, base=f"{entry.base}:{quick_preset}" if quick and quick_preset else entry.base, max_prompts=max_prompts,
                        sampler_steps=entry.pairs.sampler_steps, **options)
 
 

@@ -208,3 +208,16 @@ def test_a_level_or_world_without_pairs_is_a_one_line_error(argv, message, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sspo: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("quick_preset, base", [("quick", "shapes-base:quick"), ("64px", "shapes-base:64px"), (None, "shapes-base")])
+def test_quick_pairs_sample_with_the_worlds_smaller_base(quick_preset, base, monkeypatch):
+    import dataclasses
+
+    from sspo.commands.pairs import pairs_config
+    from sspo.worlds import WORLDS
+
+    shapes = WORLDS["shapes"]
+    monkeypatch.setitem(WORLDS, "shapes", dataclasses.replace(shapes, demo=dataclasses.replace(shapes.demo, quick_preset=quick_preset)))
+    assert pairs_config("shapes", quick=True).base == base
+    assert pairs_config("shapes").base == "shapes-base"
