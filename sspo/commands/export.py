@@ -145,13 +145,13 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
         config = _adapter_config_of(final, "restore it, or train the run again")
     if config is None:
         raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
-    _check_unet(run, pool.denoiser_of(index) or _model_denoiser(run))
+    _check_unet(run, pool.denoiser or _model_denoiser(run))
     return Lora(pool.load(index), config, f"checkpoint-{index:03d}")
 
 
 def _model_denoiser(run: Path) -> str:
     """The denoiser component of the model ``run`` trained, from its config.yaml and the model's
-    model_index.json (no weights read): for pool checkpoints whose files do not record it."""
+    model_index.json (no weights read): for a pool whose index does not record it."""
     from sspo.models.families import family_of
     from sspo.training.config import TrainConfig
     from sspo.training.trainer import model_files

@@ -30,7 +30,6 @@ INDEX_SHAPE = {"entries": [{"file": str, "step": int}]}
 class CheckpointPool:
     def __init__(self, root: str | Path, denoiser: str | None = None):
         self.root = Path(root)  # made by the first add: a resume that is refused leaves a run without one as it was
-        self.denoiser = denoiser  # the pipeline component ("unet", "transformer") whose weights it adds; recorded in each file
         index = self.root / "pool.json"
         try:
             recorded = read_json(index, what="the checkpoint pool index", fix="it is rebuilt from the checkpoint files", shape=INDEX_SHAPE, default=None)
@@ -38,6 +37,9 @@ class CheckpointPool:
             log.warning("%s; rebuilding it from the checkpoint files", exc.problem)
             recorded = None
         self.entries: list[dict] = recorded["entries"] if recorded is not None else self._entries_on_disk()
+        # The pipeline component ("unet", "transformer") its checkpoints hold weights of, recorded in
+        # pool.json; None where neither the caller nor the index says.
+        self.denoiser: str | None = denoiser or (recorded or {}).get("denoiser")
 
     def _entries_on_disk(self) -> list[dict]:
         """The entries of the consecutive readable checkpoint files, as :meth:`add` recorded them."""
@@ -58,10 +60,10 @@ class CheckpointPool:
         index = len(self.entries)
         name = _file_name(index)
         self.root.mkdir(parents=True, exist_ok=True)
-        save_tensors(state_dict, self.root / name, metadata={"step": str(step)} | ({"denoiser": self.denoiser} if self.denoiser else {}))
+        save_tensors(state_dict, self.root / name, metadata={"step": str(step)})
         fault_point("pool_write")
         self.entries.append({"file": name, "step": step})
-        atomic_write_json(self.root / "pool.json", {"entries": self.entries})
+        self._write_index()
         return index
 
     def save_adapter_config(self, config: dict) -> None:
@@ -79,7 +81,7 @@ class CheckpointPool:
         for entry in self.entries[size:]:
             (self.root / entry["file"]).unlink(missing_ok=True)
         self.entries = self.entries[:size]
-        atomic_write_json(self.root / "pool.json", {"entries": self.entries})
+        self._write_index()
 
     def draw(self, strategy: str, rng: random.Random) -> int:
         """A pool index by the experience-replay distribution ``strategy``."""
@@ -97,11 +99,8 @@ class CheckpointPool:
         return read_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}", device=str(device),
                             fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
 
-    def denoiser_of(self, index: int) -> str | None:
-        """The pipeline component checkpoint ``index`` holds weights of, as its file records it (None: it does not)."""
-        _, metadata = open_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}",
-                                   fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
-        return metadata.get("denoiser")
+    def _write_index(self) -> None:
+        atomic_write_json(self.root / "pool.json", {"entries": self.entries} | ({"denoiser": self.denoiser} if self.denoiser else {}))
 
     def steps(self) -> list[int]:
         return [entry["step"] for entry in self.entries]

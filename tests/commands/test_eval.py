@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import sspo.commands.eval as bench_eval
+import sspo.evaluation.evaluate
 from sspo.cli import main
 from sspo.commands.eval import ModelSpec, model_specs, run_eval
 from sspo.evaluation.evaluate import EvalConfig
@@ -83,7 +84,7 @@ def test_rerun_reuses_images_and_scores(first_run, quick_base, clip_model_dir, c
         raise AssertionError("a cached score was computed again")
 
     monkeypatch.setattr(bench_eval, "generate", no_generation)
-    monkeypatch.setattr(bench_eval, "build_scorer", no_scorer)
+    monkeypatch.setattr(sspo.evaluation.evaluate, "build_scorer", no_scorer)
     assert main(_argv(quick_base, clip_model_dir, clip_processor_dir, out)) == 0
     assert _rows(out) == before
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
