@@ -66,6 +66,15 @@ def check_resumed_config(cfg, run_dir: Path) -> None:
         )
 
 
+def check_resumed_processes(state: dict, run_dir: Path, processes: int) -> None:
+    """A run resumes with the number of processes its saved ``state`` was trained by: the effective
+    batch, and so every step and the schedule's length, depend on it."""
+    saved = len(state.get("replicas") or [])  # one replica fingerprint per process
+    if saved and saved != processes:
+        raise ConfigError(f"--resume: {run_dir} was trained by {saved} process{'es' if saved > 1 else ''}, this launch runs {processes}; "
+                          f"resume it with {saved} (accelerate launch --num_processes {saved}), or train into a new output_dir")
+
+
 class Checkpointing:
     """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
     and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
@@ -206,6 +215,7 @@ class Checkpointing:
 
     def _load_state(self, state_dir: Path) -> None:
         state = read_state(state_dir / STATE_FILE)
+        check_resumed_processes(state, self.run_dir, self.accelerator.num_processes)
         self.accelerator.load_state(str(state_dir))
         if self.ema is not None:
             self._load_ema(state_dir)

@@ -37,9 +37,10 @@ from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, TrainingError
+from sspo.io import DamagedFileError
 from sspo.models.families import family_of
 from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit
-from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_checkpoint
+from sspo.training.checkpoints import Checkpointing, check_resumed_config, check_resumed_processes, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
@@ -48,7 +49,7 @@ from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws, p
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY, ReferenceModel
 from sspo.training.run_folder import check_output_dir, claimed
-from sspo.training.run_state import flatten
+from sspo.training.run_state import STATE_FILE, flatten, read_state
 from sspo.training.ssr_truth import SSRTruth
 from sspo.worlds import base_world
 from sspo.worlds.names import check_not_a_misspelt_base, resolve_model
@@ -224,6 +225,11 @@ class Trainer(Checkpointing):
     def _check_distributed(self) -> None:
         from accelerate.utils import DistributedType
 
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > self.accelerator.num_processes:  # each process would train a run of its own into one output_dir
+            raise ConfigError(f"the launch started {launched} processes, but accelerate runs each alone (a distributed_type this machine cannot run: "
+                              "MULTI_GPU where torch sees no GPU); on GPUs make them visible to torch, on a CPU launch with --multi_gpu and "
+                              "ACCELERATE_USE_CPU=true (docs/coming-from-diffusers.md)")
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError(
                 "FSDP is not supported: every process samples negatives and computes reference errors with a whole "
@@ -596,6 +602,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     """A summary of the run ``cfg`` describes (``resume``: continued from its folder's last saved
     state), once its data and model config open (no weights load)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from sspo.training.model_card import effective_batch, run_settings
 
@@ -620,7 +627,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
         model = f"{name} ({files.config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
     check_frames(cfg, video, files.longest_clip)
     validation_metric_prompts(cfg, video)
-    processes = PartialState().num_processes
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes  # as the Accelerator counts them
     rows = {"model": model, **run_settings(cfg, processes, video)}
     items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)
     # Integers, since a float overflows for a batch of 400 digits, which the config admits.
@@ -629,5 +636,8 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     rows["output"] = cfg.output_dir
     if resume:
         state = latest_checkpoint(Path(cfg.output_dir))
+        if state is not None:
+            with contextlib.suppress(DamagedFileError):  # the real run resumes from an older intact state then
+                check_resumed_processes(read_state(state / STATE_FILE), Path(cfg.output_dir), processes)
         rows["resume"] = f"from {state}" if state else "nothing saved there yet: starts afresh"
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from sspo.config import load_config
-from sspo.errors import DataError, ModelError, SSPOError
+from sspo.errors import ConfigError, DataError, ModelError, SSPOError
 from sspo.training.config import TrainConfig
-from sspo.training.trainer import Trainer, train
+from sspo.training.trainer import Trainer, dry_run, train
 
 from lora_checks import assert_lora_reloads_as_trained
 from scorer_models import clip_model_dir, clip_processor_dir  # noqa: F401  (fixtures)
@@ -344,3 +344,23 @@ def test_a_resume_on_data_with_other_rows_says_so(quick_base, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sspo.training"):
         train(tiny_config(tmp_path / "run", quick_base, *run[:3], "iterations=3"), resume=True)
     assert f"the data ({folder}) holds 6 rows, 4 when step-00000004 was saved: the run goes on, but on other batches" in caplog.text
+
+
+def test_a_launch_whose_processes_each_run_alone_is_refused(quick_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started two, but accelerate found no way to join them
+    with pytest.raises(ConfigError, match=r"^the launch started 2 processes, but accelerate runs each alone"):
+        Trainer(tiny_config(tmp_path / "run", quick_base, "method=sft"))
+    assert not any((tmp_path / "run").glob("*"))
+
+
+def test_a_resume_by_another_number_of_processes_is_refused(quick_base, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
+    state_file = sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1]
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps(state | {"replicas": state["replicas"] * 2}))  # as a 2-process launch saves it
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {run} was trained by 2 processes, this launch runs 1; resume it with 2 "
+                                                    "(accelerate launch --num_processes 2), or train into a new output_dir")):
+        train(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
+    with pytest.raises(ConfigError, match=re.escape(f"--resume: {run} was trained by 2 processes, this launch runs 1")):
+        dry_run(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
