@@ -22,6 +22,7 @@ from sspo.models.lora_targets import check_lora_targets
 @register
 class AnimateDiff(ModelFamily):
     name = "animatediff"
+    title = "AnimateDiff"
     video = True
 
     @classmethod

@@ -43,6 +43,7 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
 @register
 class Flux(FlowMatchingFamily):
     name = "flux"
+    title = "FLUX.1"
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
     default_guidance_scale = 3.5  # FluxPipeline's default (FLUX-dev's guidance embedding; schnell has none)
     # FluxPipeline's negative prompt is true CFG (true_cfg_scale), off in its usual call: negatives

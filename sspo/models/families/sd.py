@@ -15,6 +15,7 @@ from sspo.models.families.base import ModelFamily, register
 @register
 class StableDiffusion(ModelFamily):
     name = "sd"
+    title = "SD-1.5"
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:

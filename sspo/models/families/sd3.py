@@ -16,6 +16,7 @@ from sspo.models.families.flow import FlowMatchingFamily
 @register
 class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
+    title = "SD3"
     frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     default_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
 

@@ -14,6 +14,7 @@ from sspo.models.families.base import ModelFamily, register
 @register
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
+    title = "SDXL"
     default_guidance_scale = 5.0
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
 
