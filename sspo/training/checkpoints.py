@@ -54,9 +54,14 @@ def disk_errors(what: str, staging: Path | None = None):
 
 
 def check_resumed_config(cfg, run_dir: Path) -> None:
-    """A resumed run must compute what the saved one did: result-changing keys may not differ."""
-    saved = run_dir / "config.yaml"
-    if latest_checkpoint(run_dir) is None or not saved.is_file():
+    """A resumed run must compute what the saved one did: result-changing keys may not differ, and
+    it may not end before the step it has reached. A finished run without a saved state is not
+    resumed from scratch: that start would delete it."""
+    saved, latest = run_dir / "config.yaml", latest_checkpoint(run_dir)
+    if latest is None and (run_dir / "final").is_dir():
+        raise TrainingError(f"--resume: {run_dir} holds a finished run (final/) but no saved state to continue from (checkpoints/ is empty); "
+                            "train without --resume to replace it, or into a new output_dir")
+    if latest is None or not saved.is_file():
         return  # nothing to resume: the run starts from scratch
     differences = config_differences(load_yaml(saved), dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)()))
     if differences:
@@ -64,6 +69,12 @@ def check_resumed_config(cfg, run_dir: Path) -> None:
             f"--resume: the config differs from the one {run_dir} was trained with ({'; '.join(differences)}); "
             f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
         )
+    steps = cfg.iterations * cfg.steps_per_iteration
+    with contextlib.suppress(DamagedFileError):  # a damaged newest state: the resume falls back to an older one
+        reached = read_state(latest / STATE_FILE)["global_step"]
+        if reached > steps:
+            raise ConfigError(f"--resume: {run_dir} has trained {reached} optimizer steps, past iterations={cfg.iterations} x {cfg.steps_per_iteration} = {steps}; "
+                              f"set iterations={-(-reached // cfg.steps_per_iteration)} or more, or train into a new output_dir")
 
 
 def check_resumed_processes(state: dict, run_dir: Path, processes: int) -> None:

@@ -124,6 +124,13 @@ def _put_back(run_dir: Path) -> None:
         previous.rmdir()
 
 
+def resumed_folder(run_dir: Path) -> Path:
+    """The folder a ``--resume`` into ``run_dir`` continues: ``run_dir``, or PREVIOUS_RUN where a start
+    killed before its first state set the earlier run aside (:func:`claimed` puts it back first)."""
+    previous = run_dir / PREVIOUS_RUN
+    return previous if previous.is_dir() and not saved_states(run_dir) else run_dir
+
+
 @contextlib.contextmanager
 def claimed(run_dir: str | Path) -> Iterator[None]:
     """Check ``run_dir``, then hold its lock while a run writes it; a run that fails before its first

@@ -48,7 +48,7 @@ from sspo.training.methods import METHODS
 from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws, pair_errors
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY, ReferenceModel
-from sspo.training.run_folder import check_output_dir, claimed
+from sspo.training.run_folder import check_output_dir, claimed, resumed_folder
 from sspo.training.run_state import STATE_FILE, flatten, read_state
 from sspo.training.ssr_truth import SSRTruth
 from sspo.worlds import base_world
@@ -609,8 +609,9 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     cfg = resolved(cfg)
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
+    resumed = resumed_folder(Path(cfg.output_dir))
     if resume:
-        check_resumed_config(cfg, Path(cfg.output_dir))
+        check_resumed_config(cfg, resumed)
     dataset = open_dataset(cfg, read_first_row=False)
     name, files = cfg.model.pretrained, model_files(cfg)
     video, world = files.video, base_world(name)
@@ -635,9 +636,10 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single clips' if video else 'single images'}, {epochs} epochs"
     rows["output"] = cfg.output_dir
     if resume:
-        state = latest_checkpoint(Path(cfg.output_dir))
+        state = latest_checkpoint(resumed)
         if state is not None:
             with contextlib.suppress(DamagedFileError):  # the real run resumes from an older intact state then
                 check_resumed_processes(read_state(state / STATE_FILE), Path(cfg.output_dir), processes)
-        rows["resume"] = f"from {state}" if state else "nothing saved there yet: starts afresh"
+        earlier = " (the earlier run, which a start stopped before its first save set aside, is put back first)" if resumed != Path(cfg.output_dir) else ""
+        rows["resume"] = f"from {Path(cfg.output_dir) / state.relative_to(resumed)}{earlier}" if state else "nothing saved there yet: starts afresh"
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

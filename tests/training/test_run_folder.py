@@ -203,3 +203,24 @@ def test_after_a_start_killed_before_its_first_save_sample_and_export_name_where
     assert one_error(capsys.readouterr().err).endswith(waits)
     assert main(["export", str(earlier_run), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert one_error(capsys.readouterr().err).endswith(waits)
+
+
+def test_resume_refuses_to_replace_a_finished_run_it_cannot_continue(quick_base, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
+    shutil.rmtree(run / "checkpoints")  # a user saving space once the run finished
+    before = snapshot(run)
+    with pytest.raises(TrainingError, match=r"holds a finished run \(final/\) but no saved state to continue from"):
+        train(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
+    assert snapshot(run) == before
+
+
+def test_the_dry_run_resumes_what_the_real_resume_puts_back(quick_base, tmp_path):
+    from sspo.training.trainer import dry_run
+
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
+    state = sorted((run / "checkpoints").iterdir())[-1].name
+    start_fresh(run)  # as a fresh start killed before its first save leaves the folder
+    summary = dry_run(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
+    assert f"from {run / 'checkpoints' / state} (the earlier run, which a start stopped before its first save set aside, is put back first)" in summary

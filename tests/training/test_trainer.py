@@ -364,3 +364,13 @@ def test_a_resume_by_another_number_of_processes_is_refused(quick_base, tmp_path
         train(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
     with pytest.raises(ConfigError, match=re.escape(f"--resume: {run} was trained by 2 processes, this launch runs 1")):
         dry_run(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
+
+
+def test_a_resume_that_would_end_before_the_step_reached_is_refused(quick_base, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "iterations=2", "steps_per_iteration=2"))
+    card = (run / "final" / "README.md").read_text()
+    for resume in (dry_run, train):
+        with pytest.raises(ConfigError, match=re.escape(f"--resume: {run} has trained 4 optimizer steps, past iterations=1 x 2 = 2; set iterations=2 or more")):
+            resume(tiny_config(run, quick_base, "method=sft", "iterations=1", "steps_per_iteration=2"), resume=True)
+    assert (run / "final" / "README.md").read_text() == card
