@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sspo.config import load_yaml
 from sspo.errors import ConfigError, SSPOError
-from sspo.worlds.registry import WORLDS, base_world
+from sspo.worlds.registry import WORLDS, base_of_folder, base_world
 
 
 def resolve_model(name: str, key: str = "model") -> str:
@@ -35,7 +35,9 @@ def check_not_a_misspelt_base(name: str, key: str) -> None:
 def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None) -> float:
     """The classifier-free guidance model ``name`` is usually sampled with: its world's for a world's
     base, the one its run sampled with for a run's fully fine-tuned ``final/``, else its model
-    family's (``family``, or the one its model_index.json is of): SD-1.5 and AnimateDiff 7.5, SDXL 5."""
+    family's (``family``, or the one its model_index.json is of): SD-1.5 and AnimateDiff 7.5, SDXL 5.
+    A world base given by its shipped or cached folder is that base."""
+    name = base_of_folder(name) or name
     world = base_world(name)
     if world:
         return world.guidance_scale(name)

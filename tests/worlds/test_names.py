@@ -18,6 +18,14 @@ def test_a_runs_fully_fine_tuned_model_samples_at_its_runs_guidance(quick_base, 
     assert usual_guidance_scale(str(elsewhere)) == 7.5
 
 
+def test_a_world_base_given_by_its_folder_samples_at_its_worlds_guidance(quick_base, tmp_path):
+    from sspo.worlds import WORLDS
+
+    assert usual_guidance_scale(quick_base) == usual_guidance_scale("shapes-base:quick") == 5.0  # the family's usual would be 7.5
+    assert usual_guidance_scale(str(WORLDS["shapes"].find_base("flow"))) == usual_guidance_scale("shapes-base:flow") == 1.0  # the shipped folder
+    assert usual_guidance_scale(str(shutil.copytree(quick_base, tmp_path / "mine"))) == 7.5  # a copy is any other pipeline
+
+
 @pytest.mark.parametrize("name, suggested", [("shapes-bse", "shapes-base"), ("moving-shape-base:quick", "moving-shapes-base")])
 def test_a_misspelt_base_name_is_named_with_the_base_it_is_close_to(name, suggested):
     with pytest.raises(ConfigError, match=rf"--model '{name}' is neither a folder nor a world's base; did you mean '{suggested}'\?"):
