@@ -41,12 +41,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 @contextlib.contextmanager
 def disk_errors(what: str, staging: Path | None = None):
-    """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging`` removed."""
+    """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging``
+    removed, as it is when Ctrl-C or SIGTERM stops the write."""
     try:
         yield
-    except OSError as exc:
+    except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
         raise TrainingError(
             f"could not write {what}: {exc.strerror or exc} ({exc.filename or staging}); earlier saved states are intact: "
             "free disk space or fix the folder's permissions, then run again with --resume"

@@ -295,3 +295,18 @@ def test_a_failed_save_is_one_error_and_keeps_the_previous_state(fail, message, 
     assert_saved_states_intact(run)
     train(cfg, resume=True)
     assert results(run) == results(reference("sspo"))
+
+
+@pytest.mark.parametrize("phase", ["checkpoint_save", "final_save"])
+def test_ctrl_c_during_a_save_leaves_no_half_written_folder(phase, quick_base, tmp_path, monkeypatch):
+    import sspo.training.checkpoints
+
+    def interrupt(name):
+        if name == phase:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sspo.training.checkpoints, "fault_point", interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
+    assert stray_files(run) == []
