@@ -21,7 +21,7 @@ import torch
 
 from sspo.config import load_config, load_yaml
 from sspo.errors import SSPOError
-from sspo.io import atomic_path, open_tensors, read_tensors, save_tensors, write_error
+from sspo.io import DamagedFileError, atomic_path, open_tensors, read_tensors, save_tensors, write_error
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
 from sspo.paths import set_aside_note
 from sspo.training.pool import CheckpointPool
@@ -146,7 +146,11 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
     if config is None:
         raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
     _check_unet(run, pool.denoiser or _model_denoiser(run))
-    return Lora(pool.load(index), config, f"checkpoint-{index:03d}")
+    try:
+        layers = pool.load(index)
+    except DamagedFileError as exc:  # a resume would not bring back a finished run's pool file
+        raise DamagedFileError(exc.problem, "restore it from a copy, or export another checkpoint (--checkpoint final: the run's final model)") from None
+    return Lora(layers, config, f"checkpoint-{index:03d}")
 
 
 def _model_denoiser(run: Path) -> str:

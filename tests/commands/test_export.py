@@ -209,6 +209,9 @@ def test_runs_without_what_is_asked_for_are_named(lora_run, tmp_path, capsys):
     assert status == 2 and line == f"sspo: error: {tmp_path / 'nothere'} does not exist; pass the output_dir that sspo train wrote"
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
+    (run / "pool" / "checkpoint-002.safetensors").unlink()
+    status, line = export(capsys, run, "--format", "kohya", "--checkpoint", "2")
+    assert status == 2 and line.endswith("; restore it from a copy, or export another checkpoint (--checkpoint final: the run's final model)")
     shutil.rmtree(run / "pool")
     status, line = export(capsys, run, "--format", "kohya", "--checkpoint", "1")
     assert status == 2 and "keeps no checkpoint pool" in line
