@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     on_sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
         for item in getattr(args, "overrides", ()):
+            if "=" not in item and "=" in args.config:  # argparse took the first override for the config
+                raise SSPOError(f"the config name comes before the overrides: sspo {args.command} {item} {args.config} ...")
             split_override(item)
         args.func(args)
     except SSPOError as exc:

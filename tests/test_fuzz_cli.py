@@ -718,6 +718,12 @@ def test_an_override_without_equals_after_an_option_is_named_alone(tmp_path, cap
     assert "output_dir" not in message_lines(outcome.err)[0][0]
 
 
+def test_overrides_before_the_config_name_say_it_comes_first(tmp_path, capsys):
+    outcome = run_cli(["train", "beta=5", "demo-shapes", "--dry-run"], capsys)
+    one_clear_error(outcome)
+    assert message_lines(outcome.err)[0][0] == "sspo: error: the config name comes before the overrides: sspo train demo-shapes beta=5 ..."
+
+
 def test_a_config_file_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("method: sspo\ndata:\n  source: shapes\n}\n")
