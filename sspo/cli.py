@@ -435,10 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     set_up_logging(args.verbose)
     on_sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
+        given: dict[str, str] = {}
         for item in getattr(args, "overrides", ()):
             if "=" not in item and "=" in args.config:  # argparse took the first override for the config
                 raise SSPOError(f"the config name comes before the overrides: sspo {args.command} {item} {args.config} ...")
-            split_override(item)
+            key = split_override(item)[0].strip()
+            if key in given:
+                raise SSPOError(f"override {key} is given twice ({given[key]} and {item}); give it once")
+            given[key] = item
         args.func(args)
     except SSPOError as exc:
         print(f"sspo: error: {_named_by_flag(str(exc), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)

@@ -724,6 +724,13 @@ def test_overrides_before_the_config_name_say_it_comes_first(tmp_path, capsys):
     assert message_lines(outcome.err)[0][0] == "sspo: error: the config name comes before the overrides: sspo train demo-shapes beta=5 ..."
 
 
+def test_an_override_given_twice_is_refused(tmp_path, capsys):
+    outcome = run_cli(["train", "demo-shapes", "optim.learning_rate=1e-3", "--dry-run", "optim.learning_rate=2e-3"], capsys)
+    one_clear_error(outcome)
+    assert message_lines(outcome.err)[0][0] == ("sspo: error: override optim.learning_rate is given twice (optim.learning_rate=1e-3 and "
+                                                "optim.learning_rate=2e-3); give it once")
+
+
 def test_a_config_file_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("method: sspo\ndata:\n  source: shapes\n}\n")
