@@ -23,7 +23,8 @@ def run_settings(cfg: TrainConfig, processes: int, video: bool = False) -> dict[
         "fine-tuning": _fine_tuning(cfg, video),
         "data": f"{cfg.data.source} {cfg.data.path or f'(the {cfg.data.source} world)'}, {cfg.data.resolution} px"
         + (f", clips of {cfg.data.frames} frames every {cfg.data.frame_stride}" if cfg.data.frames else "") + f", mode {cfg.data.mode}",
-        "steps": f"{cfg.iterations} iterations x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} optimizer steps",
+        "steps": f"{cfg.iterations} iteration{'s' if cfg.iterations > 1 else ''} x {cfg.steps_per_iteration} = {cfg.iterations * cfg.steps_per_iteration} "
+                 f"optimizer step{'s' if cfg.iterations * cfg.steps_per_iteration > 1 else ''}",
         "batch": f"{o.batch_size} per process x {o.gradient_accumulation_steps} accumulation x {processes} process{'es' if processes > 1 else ''} "
         f"= {effective_batch(cfg, processes)} effective",
         "optimizer": f"AdamW, learning rate {o.learning_rate:g} ({o.lr_scheduler}, {o.lr_warmup_steps} warm-up steps), weight decay {o.weight_decay:g}, "

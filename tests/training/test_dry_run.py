@@ -108,3 +108,9 @@ def test_a_dry_run_checks_a_shipped_world_base_as_the_run_does(overrides, messag
 def test_a_dry_run_refuses_more_frames_than_the_shipped_video_base_takes(tmp_path, capsys):
     assert main(["train", "demo-moving-shapes", "--dry-run", "data.frames=33", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "'data.frames': is 33, but this model's motion modules make clips of at most 32 frames" in capsys.readouterr().err
+
+
+def test_one_iteration_of_one_step_is_said_in_the_singular(quick_base, pairs, tmp_path, capsys):
+    assert main(["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}", f"output_dir={tmp_path / 'run'}",
+                 "iterations=1", "steps_per_iteration=1"]) == 0
+    assert "1 iteration x 1 = 1 optimizer step\n" in capsys.readouterr().out
