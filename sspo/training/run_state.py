@@ -23,9 +23,12 @@ def saved_states(run_dir: Path) -> list[Path]:
 
 # Keys a resumed run may change without changing what it computes. `iterations` only extends
 # (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
-# would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for.
+# would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for. Gradient
+# checkpointing recomputes the same activations (bitwise on the CPU, a test checks it), so a resume
+# that runs out of memory can turn it on.
 HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "tracker_project", "tracker_run_name", "log_every", "save_every_steps",
-                 "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor", "nonfinite")
+                 "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor", "nonfinite",
+                 "model.gradient_checkpointing")
 
 
 def file_digest(path: Path) -> dict:

@@ -310,3 +310,11 @@ def test_ctrl_c_during_a_save_leaves_no_half_written_folder(phase, quick_base, t
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
     assert stray_files(run) == []
+
+
+def test_gradient_checkpointing_turned_on_at_resume_ends_with_the_same_weights(reference, quick_base, tmp_path):
+    uninterrupted = reference("sspo")
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, *ARMS["sspo"], "iterations=1"))
+    train(tiny_config(run, quick_base, *ARMS["sspo"], "model.gradient_checkpointing=true"), resume=True)
+    assert results(run) == results(uninterrupted)
