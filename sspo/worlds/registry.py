@@ -79,7 +79,7 @@ class World:
     name: str
     clips: bool  # its samples are clips (uint8 [F, H, W, 3] arrays), not PIL images
     parse_prompt: Callable[[str], Any]  # prompt -> spec; a prompt outside the world raises an SSPOError
-    make_split: Callable[[int], Any]  # split seed -> a shapes-world Split (train, heldout, validation specs)
+    make_split: Callable[[int], Any]  # split seed -> the world's Split of its prompts' specs (train, heldout, validation)
     eval_specs: Callable[[Any, int, int], dict[str, list]]  # (split, per_split, seed) -> {"seen": specs, "heldout": specs}
     training_data: Callable[[TrainingDataRequest], Path]  # its alignment pairs as a (cached) Pick-a-Pic-style parquet
     pair_columns: tuple[str, str]  # that parquet's two media columns (data.image_0_column, data.image_1_column)
