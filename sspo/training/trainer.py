@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
-from sspo.errors import ConfigError, DataError, TrainingError
+from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.io import DamagedFileError
 from sspo.models.families import family_of
 from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit
@@ -149,16 +150,10 @@ class Trainer(Checkpointing):
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
-        if self.accelerator.is_main_process:  # before it writes anything there (the others may see its files)
-            check_output_dir(self.run_dir)
+        self._on_main(self._check_outputs)
         self._check_distributed()
         if resume:
             check_resumed_config(cfg, self.run_dir)
-        vcfg = cfg.validation
-        if vcfg.every_iterations and self.accelerator.is_main_process:  # a reward model that cannot load: one line now, not after an iteration
-            from sspo.evaluation.evaluate import check_scorers_load
-
-            check_scorers_load(vcfg.metrics, vcfg.scorer_paths, vcfg.scorer_options, "set validation.scorer_paths.{metric} to local weights")
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
@@ -221,6 +216,32 @@ class Trainer(Checkpointing):
 
     # ----------------------------------------------------------------------------------------------
     # Set-up
+
+    def _on_main(self, check: Callable[[], None]) -> None:
+        """``check`` on the main process; its error stops every process at once (the others would
+        wait for the main one at their next collective until the launcher kills them)."""
+        from accelerate.utils import broadcast_object_list
+
+        error = [None]
+        if self.accelerator.is_main_process:
+            try:
+                check()
+            except SSPOError as exc:
+                error = [exc]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(error)
+        if error[0] is not None:
+            raise error[0]
+
+    def _check_outputs(self) -> None:
+        """Main process: the output folder, before anything is written there (the others may see its
+        files), and the validation metrics' reward models, which load once now rather than fail after an iteration."""
+        check_output_dir(self.run_dir)
+        vcfg = self.cfg.validation
+        if vcfg.every_iterations:
+            from sspo.evaluation.evaluate import check_scorers_load
+
+            check_scorers_load(vcfg.metrics, vcfg.scorer_paths, vcfg.scorer_options, "set validation.scorer_paths.{metric} to local weights")
 
     def _check_distributed(self) -> None:
         from accelerate.utils import DistributedType
@@ -594,6 +615,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
     # an accelerate state made before the Accelerator would miss the launch's CPU flag.
     main_process = int(os.environ.get("RANK", "0")) == 0
+    check_output_dir(cfg.output_dir)  # in every process, so a refusal stops them all (the main one's files are a run's)
     with claimed(cfg.output_dir) if main_process else contextlib.nullcontext():
         return Trainer(cfg, resume=resume).train()
 

@@ -17,6 +17,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(config, tmp_path) -> subprocess.CompletedProcess:
+    """``sspo train config`` in two processes."""
+    # `--cpu --num_processes 2` would start one process (accelerate's CPU launcher wants mpirun);
+    # torchrun's launcher (`--multi_gpu`) with ACCELERATE_USE_CPU gives two gloo processes.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "sspo", "train", str(config),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
 def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
     data = write_pickapic_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
     run = tmp_path / "run"
@@ -31,15 +44,7 @@ def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
         "output_dir": str(run),
         "report_to": "none",
     }))
-    # `--cpu --num_processes 2` would start one process (accelerate's CPU launcher wants mpirun);
-    # torchrun's launcher (`--multi_gpu`) with ACCELERATE_USE_CPU gives two gloo processes.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "sspo", "train", str(config),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = launch(config, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
 
     # Each process trained on its own rows and negatives; DDP's averaged gradients keep the replicas equal.
@@ -50,3 +55,23 @@ def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
     assert [entry["step"] for entry in pool] == [0, 1, 2]  # written once, by the main process
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert "2 processes" in (run / "final" / "README.md").read_text()
+
+
+def test_errors_the_main_process_finds_stop_both_processes_with_it(quick_base, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")  # not a run folder: refused before any process sets up
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump({"model": {"pretrained": quick_base}, "output_dir": str(run), "report_to": "none"}))
+    done = launch(config, tmp_path)
+    refusal = f"sspo: error: output_dir {run} holds files that are not an sspo run (notes.txt)"
+    assert done.returncode != 0 and done.stderr.count(refusal) == 2, done.stderr[-4000:]  # the other process stops with it, not killed waiting
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]
+
+    (tmp_path / "empty").mkdir()  # a reward model only the main process loads, once the processes have set up
+    config.write_text(yaml.safe_dump({"model": {"pretrained": quick_base}, "output_dir": str(tmp_path / "run2"), "report_to": "none",
+                                      "validation": {"every_iterations": 1, "metrics": ["pickscore"], "prompts": ["a red circle"],
+                                                     "scorer_paths": {"pickscore": str(tmp_path / "empty")}}}))
+    done = launch(config, tmp_path)
+    assert done.returncode != 0 and done.stderr.count("sspo: error: metric 'pickscore': cannot load the CLIP model") == 2, done.stderr[-4000:]
+    assert "stopped by SIGTERM" not in done.stderr
