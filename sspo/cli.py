@@ -203,8 +203,11 @@ def _train(args) -> None:
     from sspo.training.trainer import dry_run, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    shown = int(os.environ.get("RANK", "0")) == 0  # under a multi-process launch the main process prints, once
     if args.dry_run:
-        print(dry_run(cfg, resume=args.resume))
+        summary = dry_run(cfg, resume=args.resume)
+        if shown:
+            print(summary)
         return
     run = Path(cfg.output_dir)
 
@@ -213,7 +216,9 @@ def _train(args) -> None:
 
     before = states()
     try:
-        print(train(cfg, resume=args.resume))
+        final = train(cfg, resume=args.resume)
+        if shown:
+            print(final)
     except KeyboardInterrupt as exc:
         # How to go on depends on what is saved now: a fresh start stopped before its first save
         # put any earlier run back, which --resume with this config would not continue.

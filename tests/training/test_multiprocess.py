@@ -46,6 +46,7 @@ def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
     }))
     done = launch(config, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.splitlines() == [str(run / "final")]  # printed once, by the main process
 
     # Each process trained on its own rows and negatives; DDP's averaged gradients keep the replicas equal.
     state = json.loads(sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
