@@ -165,6 +165,7 @@ def _add_eval_arguments(p) -> None:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
+    """``--seeds`` / ``--sweep``'s comma-separated integers, each given once."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -172,7 +173,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not values:
         raise SSPOError(f"{flag} needs at least one integer, e.g. 0,1")
     if twice := sorted({v for v in values if values.count(v) > 1}):
-        raise SSPOError(f"{flag} {text}: seed {', '.join(map(str, twice))} given twice, which samples the same image again; give distinct seeds, e.g. 0,1")
+        raise SSPOError(f"{flag} {text}: {', '.join(map(str, twice))} given twice, which would repeat the same work; give each once")
     return values
 
 
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given: dict[str, str] = {}
         for item in getattr(args, "overrides", ()):
-            if "=" not in item and "=" in args.config:  # argparse took the first override for the config
+            if "=" not in item and "=" in args.config and not Path(args.config).exists():  # argparse took the first override for the config
                 raise SSPOError(f"the config name comes before the overrides: sspo {args.command} {item} {args.config} ...")
             key = split_override(item)[0].strip()
             if key in given:

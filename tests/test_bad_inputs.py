@@ -295,7 +295,7 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, mon
 @pytest.mark.parametrize("argv, line", [
     (["compare", "compare-shapes", "--training-seeds", "-1"], "--training-seeds -1: expected 1 or more training runs per arm"),
     (["eval", "--videos", "{tmp}", "--name", "x", "--name", "y"], "1 --videos but 2 --name: give one --name per --videos, in the same order"),
-    (["eval", "--model", "shapes-base", "--seeds", "0,1,0"], "--seeds 0,1,0: seed 0 given twice, which samples the same image again; give distinct seeds, e.g. 0,1"),
+    (["eval", "--model", "shapes-base", "--seeds", "0,1,0"], "--seeds 0,1,0: 0 given twice, which would repeat the same work; give each once"),
 ], ids=["negative seeds", "names per clip folder", "a seed twice"])
 def test_counts_are_named_by_the_flag_the_user_gave(argv, line, tmp_path, capsys):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2

@@ -233,7 +233,7 @@ def run_eval(
     with claimed_output_folder(out, "--out", "eval", OUTPUTS):
         plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
         if any(plan.todo for plan in plans):  # new images need every metric: a scorer that cannot load is found now, not after generating
-            check_scorers_load(metrics, scorer_paths, {m: parse_scorer_options({k: str(v) for k, v in o.items()}) for m, o in scorer_options.items()}, SCORER_FIX)
+            check_scorers_load(metrics, scorer_paths, {m: parse_scorer_options(o) for m, o in scorer_options.items()}, SCORER_FIX)
         generated = set()
         for plan in sorted(plans, key=lambda plan: plan.model.lora is None):  # a LoRA that does not fit its base is refused at load: before the base's images
             generate_missing(plan, len(items), settings, batch_size=cfg.batch_size, device=device, dtype=DTYPES[cfg.dtype])
@@ -425,13 +425,14 @@ def score_all(
     return rows
 
 
-def parse_scorer_options(options: dict[str, str]) -> dict:
+def parse_scorer_options(options: Mapping[str, object]) -> dict:
     """``--scorer-option`` values as ``build_scorer`` keywords: numbers, booleans and ``null`` (the
     option's default of None, e.g. ``fid.frames=null``: every frame) parsed, anything else the string given."""
     from sspo.config import parse_yaml
 
     parsed = {}
-    for key, raw in options.items():
+    for key, given in options.items():
+        raw = str(given)
         value = parse_yaml(raw) if raw else raw
         parsed[key] = value if value is None or isinstance(value, (int, float, bool)) else raw
     return parsed

@@ -123,7 +123,7 @@ def run_video_eval(
     check_models(models)
     metrics = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
     scorer_paths = dict(scorer_paths or {})
-    options = {m: parse_scorer_options({k: str(v) for k, v in o.items()}) for m, o in (scorer_options or {}).items()}
+    options = {m: parse_scorer_options(o) for m, o in (scorer_options or {}).items()}
     _check_arguments(metrics, scorer_paths, options, reference)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 

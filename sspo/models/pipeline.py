@@ -107,7 +107,8 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
     from sspo.models.families import FAMILIES
 
     if not any(family.detects(config) for family in FAMILIES.values()):
-        raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains {', '.join(f.title for f in FAMILIES.values())} pipelines")
+        trained = ", ".join(dict.fromkeys(family.title or family.name for family in FAMILIES.values()))
+        raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains {trained} pipelines")
     if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
     folder = Path(located)

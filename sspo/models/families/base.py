@@ -68,7 +68,7 @@ class ModelFamily:
     """
 
     name: ClassVar[str]
-    title: ClassVar[str]  # what users call its models, e.g. "SD-1.5"
+    title: ClassVar[str | None] = None  # what users call its models, e.g. "SD-1.5" (None: its name)
     denoiser_component: ClassVar[str] = "unet"  # the pipeline component that is trained
     denoiser_label: ClassVar[str] = "UNet"  # what messages call it
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")  # encoders, frozen in training
