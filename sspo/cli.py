@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import shlex
@@ -446,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             if "=" not in item and "=" in args.config and not Path(args.config).exists():  # argparse took the first override for the config
                 raise SSPOError(f"the config name comes before the overrides: sspo {args.command} {item} {args.config} ...")
             key = split_override(item)[0].strip()
-            if key in given:
-                raise SSPOError(f"override {key} is given twice ({given[key]} and {item}); give it once")
+            if key in given:  # composed overrides (a shared list, then one run's) may mean it; a slip may not
+                logging.getLogger("sspo").warning("override %s is given twice (%s, then %s): the last one is used", key, given[key], item)
             given[key] = item
         args.func(args)
     except SSPOError as exc:

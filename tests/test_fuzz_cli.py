@@ -724,11 +724,12 @@ def test_overrides_before_the_config_name_say_it_comes_first(tmp_path, capsys):
     assert message_lines(outcome.err)[0][0] == "sspo: error: the config name comes before the overrides: sspo train demo-shapes beta=5 ..."
 
 
-def test_an_override_given_twice_is_refused(tmp_path, capsys):
-    outcome = run_cli(["train", "demo-shapes", "optim.learning_rate=1e-3", "--dry-run", "optim.learning_rate=2e-3"], capsys)
-    one_clear_error(outcome)
-    assert message_lines(outcome.err)[0][0] == ("sspo: error: override optim.learning_rate is given twice (optim.learning_rate=1e-3 and "
-                                                "optim.learning_rate=2e-3); give it once")
+def test_an_override_given_twice_is_said_and_the_last_one_used(tmp_path, capsys):
+    outcome = run_cli(["train", "demo-shapes", "optim.learning_rate=1e-3", "--dry-run", f"output_dir={tmp_path / 'run'}",
+                       "optim.learning_rate=2e-3"], capsys)
+    assert outcome.code == 0
+    assert ("override optim.learning_rate is given twice (optim.learning_rate=1e-3, then optim.learning_rate=2e-3): "
+            "the last one is used") in outcome.err
 
 
 def test_a_config_file_that_is_not_yaml_is_one_error_line(tmp_path, capsys):

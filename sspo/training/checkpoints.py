@@ -56,10 +56,11 @@ def disk_errors(what: str, staging: Path | None = None):
         ) from None
 
 
-def check_resumed_config(cfg, run_dir: Path) -> None:
-    """A resumed run must compute what the saved one did: result-changing keys may not differ, and
-    it may not end before the step it has reached. A finished run without a saved state is not
-    resumed from scratch: that start would delete it."""
+def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
+    """A resumed run must compute what the saved one did: result-changing keys may not differ, nor
+    the number of processes (the effective batch, so every step and the schedule's length, depend
+    on it), and it may not end before the step it has reached. A finished run without a saved state
+    is not resumed from scratch: that start would delete it."""
     saved, latest = run_dir / "config.yaml", latest_checkpoint(run_dir)
     if latest is None and (run_dir / "final").is_dir():
         raise TrainingError(f"--resume: {run_dir} holds a finished run (final/) but no saved state to continue from (checkpoints/ is empty); "
@@ -72,21 +73,19 @@ def check_resumed_config(cfg, run_dir: Path) -> None:
             f"--resume: the config differs from the one {run_dir} was trained with ({'; '.join(differences)}); "
             f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
         )
+    try:
+        state = read_state(latest / STATE_FILE)
+    except DamagedFileError:  # the resume falls back to an older intact state
+        return
+    trained_by = state.get("processes") or len(state.get("replicas") or []) or processes  # one replica fingerprint per process
+    if trained_by != processes:
+        raise ConfigError(f"--resume: {run_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''}, this launch runs {processes}; "
+                          f"resume it with {trained_by} (accelerate launch --num_processes {trained_by}), or train into a new output_dir")
     steps = cfg.iterations * cfg.steps_per_iteration
-    with contextlib.suppress(DamagedFileError):  # a damaged newest state: the resume falls back to an older one
-        reached = read_state(latest / STATE_FILE)["global_step"]
-        if reached > steps:
-            raise ConfigError(f"--resume: {run_dir} has trained {reached} optimizer steps, past iterations={cfg.iterations} x {cfg.steps_per_iteration} = {steps}; "
-                              f"set iterations={-(-reached // cfg.steps_per_iteration)} or more, or train into a new output_dir")
-
-
-def check_resumed_processes(state: dict, run_dir: Path, processes: int) -> None:
-    """A run resumes with the number of processes its saved ``state`` was trained by: the effective
-    batch, and so every step and the schedule's length, depend on it."""
-    saved = len(state.get("replicas") or [])  # one replica fingerprint per process
-    if saved and saved != processes:
-        raise ConfigError(f"--resume: {run_dir} was trained by {saved} process{'es' if saved > 1 else ''}, this launch runs {processes}; "
-                          f"resume it with {saved} (accelerate launch --num_processes {saved}), or train into a new output_dir")
+    if state["global_step"] > steps:
+        raise ConfigError(f"--resume: {run_dir} has trained {state['global_step']} optimizer steps, past iterations={cfg.iterations} x "
+                          f"{cfg.steps_per_iteration} = {steps}; set iterations={-(-state['global_step'] // cfg.steps_per_iteration)} or more, "
+                          "or train into a new output_dir")
 
 
 class Checkpointing:
@@ -139,7 +138,7 @@ class Checkpointing:
         staging = final.with_name(final.name + ".partial")
         self.accelerator.wait_for_everyone()
         replicas = self._replica_fingerprints()
-        with disk_errors(f"the resumable state {final}", staging):
+        with disk_errors(f"the resumable state {final}", staging if self.accelerator.is_main_process else None):  # the others may stop first
             # accelerate creates the folder on the main process only, but every process writes its RNG
             # state into it: every process makes it, and all have written before the main one renames it.
             staging.mkdir(parents=True, exist_ok=True)
@@ -151,6 +150,7 @@ class Checkpointing:
                     self._save_ema(staging)
                 state = {
                     "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
+                    "processes": self.accelerator.num_processes,
                     "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset),
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
                     "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
@@ -229,7 +229,6 @@ class Checkpointing:
 
     def _load_state(self, state_dir: Path) -> None:
         state = read_state(state_dir / STATE_FILE)
-        check_resumed_processes(state, self.run_dir, self.accelerator.num_processes)
         self.accelerator.load_state(str(state_dir))
         if self.ema is not None:
             self._load_ema(state_dir)

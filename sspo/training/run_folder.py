@@ -66,14 +66,16 @@ def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
     return True
 
 
-def check_output_dir(run_dir: str | Path) -> None:
-    """Refuse an ``output_dir`` that exists and holds files but is not a run folder."""
+def check_output_dir(run_dir: str | Path, beside_main: bool = False) -> None:
+    """Refuse an ``output_dir`` that exists and holds files but is not a run folder. ``beside_main``:
+    in a process beside the main one, which may be setting the folder up (:func:`claimed`) meanwhile,
+    a folder of a run's own entries only passes; the main process checks it whole."""
     run_dir = Path(run_dir)
     check_write_target(run_dir, "output_dir")
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if _is_run_folder(run_dir, names):
+    if beside_main and all(map(_is_own, names)) or _is_run_folder(run_dir, names):
         return
     foreign = [n for n in names if not _is_own(n)] or names - _LOCKS
     raise ConfigError(f"output_dir {run_dir.resolve()} holds files that are not an sspo run ({entry_list(foreign)}); choose an empty or new folder")

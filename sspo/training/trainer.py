@@ -38,10 +38,9 @@ from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
-from sspo.io import DamagedFileError
 from sspo.models.families import family_of
 from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit
-from sspo.training.checkpoints import Checkpointing, check_resumed_config, check_resumed_processes, disk_errors, latest_checkpoint
+from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_checkpoint
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
@@ -50,7 +49,7 @@ from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws, p
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY, ReferenceModel
 from sspo.training.run_folder import check_output_dir, claimed, resumed_folder
-from sspo.training.run_state import STATE_FILE, flatten, read_state
+from sspo.training.run_state import flatten
 from sspo.training.ssr_truth import SSRTruth
 from sspo.worlds import base_world
 from sspo.worlds.names import check_not_a_misspelt_base, resolve_model
@@ -93,6 +92,16 @@ def model_files(cfg: TrainConfig) -> ModelFiles:
         folder, config = name, load_pipeline_config(name, cfg.model.revision)
         video = "motion_adapter" in config or cfg.model.motion_adapter is not None
     return ModelFiles(folder, config, video, motion_frames_limit(folder, cfg.model.motion_adapter) if video and folder else None)
+
+
+def check_launch(processes: int) -> None:
+    """Refuse a launch whose processes accelerate runs each alone (``processes``: as it counts them):
+    each would train a run of its own into one output_dir."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > processes:
+        raise ConfigError(f"the launch started {launched} processes, but accelerate runs each alone (a distributed_type this machine cannot run: "
+                          "MULTI_GPU where torch sees no GPU); on GPUs make them visible to torch, on a CPU launch with --multi_gpu and "
+                          "ACCELERATE_USE_CPU=true (docs/coming-from-diffusers.md)")
 
 
 def check_frames(cfg: TrainConfig, video: bool, longest: int | None = None) -> None:
@@ -150,10 +159,10 @@ class Trainer(Checkpointing):
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
-        self._on_main(self._check_outputs)
         self._check_distributed()
+        self._on_main(self._check_outputs_and_scorers)
         if resume:
-            check_resumed_config(cfg, self.run_dir)
+            check_resumed_config(cfg, self.run_dir, self.accelerator.num_processes)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # only model init (LoRA's A matrices) uses global RNG
@@ -222,18 +231,20 @@ class Trainer(Checkpointing):
         wait for the main one at their next collective until the launcher kills them)."""
         from accelerate.utils import broadcast_object_list
 
-        error = [None]
+        caught, failure = None, [None]  # the others get the main process's error line
         if self.accelerator.is_main_process:
             try:
                 check()
-            except SSPOError as exc:
-                error = [exc]
+            except Exception as exc:
+                caught, failure = exc, [str(exc) if isinstance(exc, SSPOError) else f"the main process failed: {type(exc).__name__}: {exc}"]
         if self.accelerator.num_processes > 1:
-            broadcast_object_list(error)
-        if error[0] is not None:
-            raise error[0]
+            broadcast_object_list(failure)
+        if caught is not None:
+            raise caught
+        if failure[0] is not None:
+            raise TrainingError(failure[0])
 
-    def _check_outputs(self) -> None:
+    def _check_outputs_and_scorers(self) -> None:
         """Main process: the output folder, before anything is written there (the others may see its
         files), and the validation metrics' reward models, which load once now rather than fail after an iteration."""
         check_output_dir(self.run_dir)
@@ -246,11 +257,7 @@ class Trainer(Checkpointing):
     def _check_distributed(self) -> None:
         from accelerate.utils import DistributedType
 
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > self.accelerator.num_processes:  # each process would train a run of its own into one output_dir
-            raise ConfigError(f"the launch started {launched} processes, but accelerate runs each alone (a distributed_type this machine cannot run: "
-                              "MULTI_GPU where torch sees no GPU); on GPUs make them visible to torch, on a CPU launch with --multi_gpu and "
-                              "ACCELERATE_USE_CPU=true (docs/coming-from-diffusers.md)")
+        check_launch(self.accelerator.num_processes)
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError(
                 "FSDP is not supported: every process samples negatives and computes reference errors with a whole "
@@ -615,7 +622,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
     # an accelerate state made before the Accelerator would miss the launch's CPU flag.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    check_output_dir(cfg.output_dir)  # in every process, so a refusal stops them all (the main one's files are a run's)
+    check_output_dir(cfg.output_dir, beside_main=not main_process)  # in every process, so a refusal stops them all
     with claimed(cfg.output_dir) if main_process else contextlib.nullcontext():
         return Trainer(cfg, resume=resume).train()
 
@@ -631,9 +638,11 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     cfg = resolved(cfg)
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes  # as the Accelerator counts them
+    check_launch(processes)
     resumed = resumed_folder(Path(cfg.output_dir))
     if resume:
-        check_resumed_config(cfg, resumed)
+        check_resumed_config(cfg, resumed, processes)
     dataset = open_dataset(cfg, read_first_row=False)
     name, files = cfg.model.pretrained, model_files(cfg)
     video, world = files.video, base_world(name)
@@ -650,7 +659,6 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
         model = f"{name} ({files.config['_class_name']}{' + motion adapter ' + cfg.model.motion_adapter if cfg.model.motion_adapter else ''})"
     check_frames(cfg, video, files.longest_clip)
     validation_metric_prompts(cfg, video)
-    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes  # as the Accelerator counts them
     rows = {"model": model, **run_settings(cfg, processes, video)}
     items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)
     # Integers, since a float overflows for a batch of 400 digits, which the config admits.
@@ -659,9 +667,6 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     rows["output"] = cfg.output_dir
     if resume:
         state = latest_checkpoint(resumed)
-        if state is not None:
-            with contextlib.suppress(DamagedFileError):  # the real run resumes from an older intact state then
-                check_resumed_processes(read_state(state / STATE_FILE), Path(cfg.output_dir), processes)
         earlier = " (the earlier run, which a start stopped before its first save set aside, is put back first)" if resumed != Path(cfg.output_dir) else ""
         rows["resume"] = f"from {Path(cfg.output_dir) / state.relative_to(resumed)}{earlier}" if state else "nothing saved there yet: starts afresh"
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

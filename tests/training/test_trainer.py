@@ -358,7 +358,7 @@ def test_a_resume_by_another_number_of_processes_is_refused(quick_base, tmp_path
     train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
     state_file = sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1]
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps(state | {"replicas": state["replicas"] * 2}))  # as a 2-process launch saves it
+    state_file.write_text(json.dumps(state | {"processes": 2, "replicas": state["replicas"] * 2}))  # as a 2-process launch saves it
     with pytest.raises(ConfigError, match=re.escape(f"--resume: {run} was trained by 2 processes, this launch runs 1; resume it with 2 "
                                                     "(accelerate launch --num_processes 2), or train into a new output_dir")):
         train(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
