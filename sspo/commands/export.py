@@ -74,9 +74,14 @@ def _check_lora_run(run: Path) -> None:
 
 
 def _check_unet(run: Path, denoiser: str | None) -> None:
-    if denoiser not in (None, DENOISER):
-        raise SSPOError(f"{run} trained a LoRA of the {denoiser}, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); "
-                        f"its final model's {LORA_FILE} is already the file the pipeline's load_lora_weights reads")
+    if denoiser in (None, DENOISER):
+        return
+    if (run / FINAL / LORA_FILE).is_file():
+        loads = f"its final model's {LORA_FILE} is already the file the pipeline's load_lora_weights reads"
+    else:
+        loads = (f"its pool checkpoints load with peft (pool/{ADAPTER_CONFIG}), and finishing the run (sspo train CONFIG --resume) "
+                 f"writes final/{LORA_FILE}, which the pipeline's load_lora_weights reads")
+    raise SSPOError(f"{run} trained a LoRA of the {denoiser}, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); {loads}")
 
 
 def _lora_component(file: Path) -> str | None:
@@ -145,11 +150,13 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
         config = _adapter_config_of(final, "restore it, or train the run again")
     if config is None:
         raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
-    _check_unet(run, pool.denoiser or _model_denoiser(run))
+    # A final LoRA's component was checked with the run; where neither it nor the pool's index says, the run's model does.
+    _check_unet(run, pool.denoiser or (DENOISER if final.is_file() else _model_denoiser(run)))
     try:
         layers = pool.load(index)
     except DamagedFileError as exc:  # a resume would not bring back a finished run's pool file
-        raise DamagedFileError(exc.problem, "restore it from a copy, or export another checkpoint (--checkpoint final: the run's final model)") from None
+        other = "the run's final model (--checkpoint final)" if final.is_file() else "another pool checkpoint (--checkpoint N)"
+        raise DamagedFileError(exc.problem, f"restore it from a copy, or export {other}") from None
     return Lora(layers, config, f"checkpoint-{index:03d}")
 
 
@@ -160,12 +167,14 @@ def _model_denoiser(run: Path) -> str:
     from sspo.training.config import TrainConfig
     from sspo.training.trainer import model_files
 
-    cfg = load_config(TrainConfig, run / "config.yaml")
-    files = model_files(cfg)
-    if files.config is None:
-        raise SSPOError(f"the pool of {run} does not record which part of the model it adapts, and its model {cfg.model.pretrained} is not built here; "
-                        "build it (sspo base), or export the final LoRA (--checkpoint final)")
-    return family_of(files.config, cfg.model.family).denoiser_component
+    try:
+        cfg = load_config(TrainConfig, run / "config.yaml")
+        files = model_files(cfg)
+        if files.config is not None:
+            return family_of(files.config, cfg.model.family).denoiser_component
+    except SSPOError:  # a model that cannot be read here (offline, moved): the pool is taken for a UNet's
+        pass
+    return DENOISER
 
 
 def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:

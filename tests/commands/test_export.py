@@ -155,9 +155,12 @@ def test_a_transformer_lora_is_refused_with_the_file_that_loads_final_or_pool_ch
     for fmt in ("kohya", "diffusers"):
         assert export(capsys, run, "--format", fmt, "--out", str(out)) == (2, f"sspo: error: {run} {refusal}")
     shutil.rmtree(run / "final")  # a run stopped before its end: the pool's index says what it adapts
-    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, f"sspo: error: {run} {refusal}")
+    stopped = "trained a LoRA of the transformer, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); its pool checkpoints " \
+              "load with peft (pool/adapter_config.json), and finishing the run (sspo train CONFIG --resume) writes " \
+              "final/pytorch_lora_weights.safetensors, which the pipeline's load_lora_weights reads"
+    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, f"sspo: error: {run} {stopped}")
     (run / "pool" / "pool.json").unlink()  # an index rebuilt from the files does not say: the run's model does
-    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, f"sspo: error: {run} {refusal}")
+    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, f"sspo: error: {run} {stopped}")
     assert not out.exists()
 
 
@@ -211,7 +214,7 @@ def test_runs_without_what_is_asked_for_are_named(lora_run, tmp_path, capsys):
     shutil.copytree(lora_run, run)
     (run / "pool" / "checkpoint-002.safetensors").unlink()
     status, line = export(capsys, run, "--format", "kohya", "--checkpoint", "2")
-    assert status == 2 and line.endswith("; restore it from a copy, or export another checkpoint (--checkpoint final: the run's final model)")
+    assert status == 2 and line.endswith("; restore it from a copy, or export the run's final model (--checkpoint final)")
     shutil.rmtree(run / "pool")
     status, line = export(capsys, run, "--format", "kohya", "--checkpoint", "1")
     assert status == 2 and "keeps no checkpoint pool" in line
