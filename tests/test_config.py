@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import pathlib
 import re
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -676,18 +677,21 @@ def test_unset_guidance_is_the_models_usual_and_is_recorded_resolved(quick_base,
         return resolved(load_config(TrainConfig, None, list(overrides))).negatives.guidance_scale
 
     sdxl = build_sdxl_pipeline(tmp_path / "sdxl")
+    sd15 = shutil.copytree(quick_base, tmp_path / "sd15")  # any SD-1.5 pipeline folder
     assert load_config(TrainConfig, None).negatives.guidance_scale is None
-    assert guidance(f"model.pretrained={quick_base}") == 7.5  # an SD-1.5 pipeline folder
+    assert guidance(f"model.pretrained={sd15}") == 7.5
+    assert guidance(f"model.pretrained={quick_base}") == 5.0  # the world's base by its cached folder
     assert guidance(f"model.pretrained={sdxl}") == 5.0
     assert guidance("model.pretrained=shapes-base:quick") == guidance("model.pretrained=moving-shapes-base") == 5.0  # the worlds' bases, by name
-    assert guidance(f"model.pretrained={quick_base}", "negatives.guidance_scale=3") == 3.0
+    assert guidance(f"model.pretrained={sd15}", "negatives.guidance_scale=3") == 3.0
     assert guidance(f"model.pretrained={sdxl}", "model.family=sd") == 7.5  # a named family decides (SD fits an SDXL folder's components)
 
 
 def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_base, tmp_path, capsys):
-    assert main(["eval", "--model", "shapes-base:quick", "--model", quick_base, "--out", str(tmp_path / "eval")]) == 2
+    sd15 = shutil.copytree(quick_base, tmp_path / "sd15")  # any SD-1.5 pipeline folder: 7.5
+    assert main(["eval", "--model", "shapes-base:quick", "--model", str(sd15), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"sspo: error: --guidance-scale: the models are usually sampled with different guidance (shapes-base:quick: 5, {quick_base}: 7.5); "
+    assert err == (f"sspo: error: --guidance-scale: the models are usually sampled with different guidance (shapes-base:quick: 5, {sd15}: 7.5); "
                    "pass one --guidance-scale for all of them")
 
 
