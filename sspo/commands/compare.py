@@ -100,6 +100,8 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     cached = run_dir / "eval.json"
     summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
     settings = {"evaluation": json.loads(json.dumps(dataclasses.asdict(eval_cfg)))}
+    if arm == "base":  # a trained arm's model is in its config.yaml; the untrained base has none
+        settings["model"] = {"pretrained": cfg.model.pretrained, "revision": cfg.model.revision, "variant": cfg.model.variant}
     if summary is not None:
         check_reusable(run_dir, cfg if arm != "base" else None, summary.pop("settings", None), settings)
         return summary
@@ -134,6 +136,8 @@ def check_reusable(run_dir: Path, cfg: TrainConfig | None, saved: dict | None, s
     else:
         differences += [f"evaluation {key}: {saved['evaluation'].get(key)!r} -> {value!r}"
                         for key, value in settings["evaluation"].items() if saved["evaluation"].get(key) != value]
+        differences += [f"model.{key}: {(saved.get('model') or {}).get(key)!r} -> {value!r}"
+                        for key, value in settings.get("model", {}).items() if (saved.get("model") or {}).get(key) != value]
     if differences:
         raise ConfigError(f"{run_dir} holds a finished run of other settings ({'; '.join(differences)}); "
                           f"use another --out, or delete {run_dir} to run it again")
@@ -151,6 +155,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         arm, colon, _ = key.rpartition(":")
         if colon and arm not in arms():
             raise ConfigError(f"--grid {item!r}: unknown arm {arm!r}; expected one of {', '.join(arms())}")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; give all its values in one --grid {key}=V1,V2,...")
         grid[key] = [v for v in values.split(",") if v]
     return grid
 
@@ -382,12 +388,17 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     probe = resolved(load_config(TrainConfig, config, extra))  # negatives.guidance_scale as the arms train with it
     world = get_world(probe.eval_world, "validation.world (or data.source)").name
     sampling = dict(steps=probe.negatives.steps, guidance_scale=probe.negatives.guidance_scale, frames=probe.data.frames or 8)
-    eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split or (8 if quick else 24), **sampling)
+    if prompts_per_split is not None and prompts_per_split < 1:
+        raise ConfigError(f"--prompts-per-split {prompts_per_split}: expected 1 or more")
+    eval_cfg = EvalConfig(prompts=world, prompts_per_split=prompts_per_split if prompts_per_split is not None else 8 if quick else 24, **sampling)
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
     if not seeds:
         raise ConfigError("--training-seeds 0: expected 1 or more training runs per arm")
     if not 1 <= selection_seeds <= len(seeds):
         raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --training-seeds ({len(seeds)})")
+    if chosen_in and Path(chosen_in).resolve() in (out.resolve(), (out / "results.json").resolve()):
+        raise ConfigError(f"--settings-from {chosen_in} is this comparison's own --out, whose record of the choice the report would replace; "
+                          "rerun it with its --grid, or give another --out")
     with claimed_output_folder(out, "--out", "compare", OUTPUTS):
         if chosen_in:
             chosen = settings_from(chosen_in, names)

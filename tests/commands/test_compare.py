@@ -98,6 +98,9 @@ def test_a_finished_run_of_other_settings_in_the_same_folder_is_refused_not_repo
         compare.run_compare(CONFIG, ["base"], [0], out, overrides=overrides, quick=True, prompts_per_split=3)
     with pytest.raises(ConfigError, match=r"runs/sft-seed0 holds a finished run of other settings \(optim.learning_rate: 0.001 -> 0.002\)"):
         compare.run_compare(CONFIG, ["sft"], [0], out, overrides=[*overrides, "optim.learning_rate=2e-3"], quick=True, prompts_per_split=2)
+    other_model = [*overrides, "model.pretrained=shapes-base:64px"]  # the untrained base's scores are of its model
+    with pytest.raises(ConfigError, match=rf"runs/base-seed0 holds a finished run of other settings \(model.pretrained: '{quick_base}' -> 'shapes-base:64px'\)"):
+        compare.run_compare(CONFIG, ["base"], [0], out, overrides=other_model, quick=True, prompts_per_split=2)
 
 
 def test_selection_over_several_seeds_keeps_a_lucky_seed_from_choosing(tmp_path, monkeypatch):
@@ -144,6 +147,14 @@ def test_more_selection_seeds_than_seeds_is_a_clear_error(tmp_path):
         compare.run_compare(CONFIG, ["sft"], [0, 1], tmp_path, selection_seeds=3)
 
 
+def test_settings_from_the_comparisons_own_folder_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="is this comparison's own --out, whose record of the choice the report would replace"):
+        compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", chosen_in=tmp_path / "cmp" / "results.json")
+    with pytest.raises(ConfigError, match="--prompts-per-split 0: expected 1 or more"):
+        compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", prompts_per_split=0)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_no_training_seeds_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--training-seeds 0: expected 1 or more"):
         compare.run_compare(CONFIG, ["sft"], [], tmp_path)
@@ -172,6 +183,8 @@ def test_damaged_earlier_settings_fail_before_any_run(tmp_path, monkeypatch):
 def test_grid_must_name_values():
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         compare.parse_grid(["optim.learning_rate"])
+    with pytest.raises(ConfigError, match=r"--grid sft:beta is given twice; give all its values in one --grid sft:beta=V1,V2,..."):
+        compare.parse_grid(["sft:beta=1,2", "sft:beta=3"])
     assert compare.parse_grid(["beta=1,2"]) == {"beta": ["1", "2"]}
     with pytest.raises(ConfigError, match="unknown arm 'ppo'"):
         compare.parse_grid(["ppo:beta=1,2"])
