@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -288,21 +287,38 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> 
 
 
 def grid_edges(choice: dict) -> list[str]:
-    """The chosen settings of an arm (``{"overrides", "grid"}``) that are its grid's highest or lowest
-    value of a key that took several numbers: ``"key=value (the lowest tried)"``."""
-    tried: dict[str, set[float]] = defaultdict(set)
-    for row in choice["grid"]:
-        for override in row["overrides"]:
-            key, _, value = override.partition("=")
-            with contextlib.suppress(ValueError):
-                tried[key].add(float(value))
+    """The chosen settings of an arm (``{"overrides", "grid"}``) on their grid's edge along the axis
+    through the choice (the grid points with every other key as chosen), for keys the grid searched
+    over several numbers: the highest or lowest tried there, or the only value tried there."""
+    chosen = dict(o.partition("=")[::2] for o in choice["overrides"])
+    rows = [dict(o.partition("=")[::2] for o in row["overrides"]) for row in choice["grid"]]
+
+    def numbers(points: list[dict], key: str) -> set[float]:
+        found = set()
+        for point in points:
+            with contextlib.suppress(KeyError, ValueError):
+                found.add(float(point[key]))
+        return found
+
+    def same(a: str | None, b: str) -> bool:
+        try:
+            return a is not None and float(a) == float(b)
+        except ValueError:
+            return a == b
+
     edges = []
-    for override in choice["overrides"]:
-        key, _, value = override.partition("=")
-        values = tried.get(key, set())
-        with contextlib.suppress(ValueError):
-            if len(values) > 1 and float(value) in (min(values), max(values)):
-                edges.append(f"{override} (the {'lowest' if float(value) == min(values) else 'highest'} tried)")
+    for key, value in chosen.items():
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if len(numbers(rows, key)) < 2:
+            continue  # not searched
+        axis = numbers([row for row in rows if all(same(row.get(k), v) for k, v in chosen.items() if k != key)], key)
+        if len(axis) < 2:
+            edges.append(f"{key}={value} (the only value tried with the other settings as chosen)")
+        elif number in (min(axis), max(axis)):
+            edges.append(f"{key}={value} (the {'lowest' if number == min(axis) else 'highest'} tried)")
     return edges
 
 

@@ -68,6 +68,14 @@ def test_a_choice_at_a_grids_highest_or_lowest_number_is_named():
     assert compare.grid_edges({"overrides": ["optim.learning_rate=1e-4", "beta=500"], "grid": grid}) == [
         "optim.learning_rate=1e-4 (the lowest tried)", "beta=500 (the lowest tried)"]
     assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-4"], "grid": grid[2:4]}) == []  # one value tried: no edge to widen
+    cross = [{"overrides": [f"optim.learning_rate={lr}", "beta=500"]} for lr in ("1e-4", "3e-4", "1e-3")] + [
+        {"overrides": ["optim.learning_rate=3e-4", f"beta={beta}"]} for beta in ("50", "5000")] + [{"overrides": ["optim.learning_rate=3e-3", "beta=50"]}]
+    # The axes through (3e-3, 50): rates 3e-4 and 3e-3 at beta 50, and beta 50 alone at rate 3e-3.
+    assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-3", "beta=50"], "grid": cross}) == [
+        "optim.learning_rate=3e-3 (the highest tried)", "beta=50 (the only value tried with the other settings as chosen)"]
+    assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-4", "beta=50"], "grid": cross}) == [  # 1e-4 was tried at beta 500 only
+        "optim.learning_rate=3e-4 (the lowest tried)", "beta=50 (the lowest tried)"]
+    assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-4", "beta=500"], "grid": cross}) == []  # interior along both axes
 
 
 def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base, tmp_path, monkeypatch):
