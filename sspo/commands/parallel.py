@@ -3,7 +3,8 @@
 The tiny worlds' models gain little from torch's intra-op threads, and on a small shared CPU threads
 spinning against another process slow a step many times over; so each run gets its own process with
 one thread, and ``jobs`` of them go at once. Workers draw no progress bars: one bar here counts
-finished runs. With one job everything runs in this process, one after another, with its own bars.
+finished runs. With one job everything runs in this process, one after another, with its own bars,
+on one thread too where there is no GPU: a run's numbers do not depend on ``jobs``.
 """
 
 from __future__ import annotations
@@ -72,11 +73,26 @@ def _in_worker(task: Callable[[], T]) -> T:
         raise SSPOError(str(exc)) from None
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """One torch thread on a machine without a GPU, as each worker has (its float rounding is theirs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
     """Each task's result, in the tasks' order; ``jobs`` tasks at a time. Tasks must pickle (module
     functions, or ``functools.partial`` of one). The first failure stops the rest and is raised."""
     if jobs <= 1 or len(tasks) <= 1:
-        return [task() for task in tasks]
+        with _one_thread():
+            return [task() for task in tasks]
     from tqdm.auto import tqdm
 
     # Spawned workers read these when they import torch; this process imported it already.

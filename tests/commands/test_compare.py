@@ -223,18 +223,15 @@ def test_compare_takes_the_video_world(tmp_path):
 
 
 def test_runs_side_by_side_give_what_runs_one_after_another_give(quick_base, tmp_path, monkeypatch):
-    """--jobs 2 trains each run in a one-thread worker: the numbers are those of the same runs one at a
-    time on one thread, and a later comparison can take the chosen settings instead of a grid."""
+    """--jobs 2 trains each run in a one-thread worker: the numbers are those of --jobs 1 (the same runs
+    one at a time, on one thread too), and a later comparison can take the chosen settings instead of a grid."""
     import torch
 
     overrides = [f"model.pretrained={quick_base}", "data.max_samples=32", "negatives.steps=2", "optim.batch_size=4"]
     grid = ["optim.learning_rate=1e-4,1e-3"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        serial = compare.run_compare(CONFIG, ["sft", "sspo"], [0], tmp_path / "serial", overrides=overrides, quick=True, grid=grid)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)  # the machine's cores: --jobs 1 takes one thread all the same
+    serial = compare.run_compare(CONFIG, ["sft", "sspo"], [0], tmp_path / "serial", overrides=overrides, quick=True, grid=grid)
+    assert torch.get_num_threads() == 2
     side_by_side = compare.run_compare(CONFIG, ["sft", "sspo"], [0], tmp_path / "jobs", overrides=overrides, quick=True, grid=grid, jobs=2)
     assert side_by_side == serial
     chosen = json.loads((tmp_path / "jobs" / "results.json").read_text())["chosen"]
