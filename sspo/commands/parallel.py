@@ -15,6 +15,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -48,10 +50,19 @@ def _leave_quietly(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _exit_with(parent: int) -> None:
+    """Leave once ``parent`` is gone (killed by SIGKILL, which no handler sees): a worker would
+    otherwise finish its run and then wait for tasks forever."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(128 + signal.SIGKILL)
+
+
 def _set_up_worker(verbose: bool) -> None:
     # A worker's own INFO lines and bars would interleave with the others'; warnings and errors
     # still show. Bars are silenced here, where they are made, because sspo's bars pass `disable`
     # themselves (off outside the main process of a launch), which TQDM_DISABLE cannot override.
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGINT, _leave_quietly)
     set_up_logging(verbose, level=None if verbose else logging.WARNING)
     from tqdm import std

@@ -1,5 +1,6 @@
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,37 @@ def test_a_ctrl_c_sent_to_the_parent_alone_stops_the_workers_runs_at_once():
     assert done.stdout.strip() == "interrupted", done.stderr
     assert time.monotonic() - started < 40  # not the 120 s of the runs under way
     assert "Traceback" not in done.stderr
+
+
+ORPHANED = """
+import functools, os, sys
+from sspo.commands.parallel import run_all
+
+run_all([functools.partial(os.system, f"echo $PPID >> {sys.argv[1]}; sleep 30")] * 2, jobs=2, desc="test")
+"""
+
+
+def test_workers_leave_when_their_parent_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    pids = tmp_path / "pids"
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED, str(pids)], start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while (not pids.exists() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [int(p) for p in pids.read_text().split()]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, workers))
