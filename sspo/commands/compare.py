@@ -98,11 +98,9 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     cfg = arm_config(config, arm, seed, run_dir, extra)
     cached = run_dir / "eval.json"
     summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
-    settings = {"evaluation": json.loads(json.dumps(dataclasses.asdict(eval_cfg)))}
-    if arm == "base":  # a trained arm's model is in its config.yaml; the untrained base has none
-        settings["model"] = {"pretrained": cfg.model.pretrained, "revision": cfg.model.revision, "variant": cfg.model.variant}
+    settings = run_settings(arm, cfg, eval_cfg)
     if summary is not None:
-        check_reusable(run_dir, cfg if arm != "base" else None, summary.pop("settings", None), settings)
+        check_reusable([(run_dir, reuse_differences(run_dir, cfg if arm != "base" else None, summary.pop("settings", None), settings))])
         return summary
     log.info("arm %s, seed %d: %s", arm, seed, run_dir)
     base = resolve_model(cfg.model.pretrained)
@@ -121,9 +119,42 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     return summary
 
 
-def check_reusable(run_dir: Path, cfg: TrainConfig | None, saved: dict | None, settings: dict) -> None:
-    """A finished run is reused only if it was trained (``cfg``; None for the untrained base) and
-    evaluated as this comparison asks; anything else is refused, never reported as this one's."""
+def run_settings(arm: str, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
+    """What a run's cached scores (``eval.json``) record beside its config.yaml: how it was evaluated,
+    and for the untrained base (which has no config.yaml) its model."""
+    settings = {"evaluation": json.loads(json.dumps(dataclasses.asdict(eval_cfg)))}
+    if arm == "base":
+        settings["model"] = {"pretrained": cfg.model.pretrained, "revision": cfg.model.revision, "variant": cfg.model.variant}
+    return settings
+
+
+def check_finished_runs(config, runs: Sequence[tuple[str, int, Path, Sequence[str]]], eval_cfg: EvalConfig) -> None:
+    """Before any run starts: the finished ones among ``runs`` (arm, seed, folder, overrides) that
+    this comparison would reuse must be of its settings, all of them named at once if not."""
+    found = []
+    for arm, seed, run_dir, extra in runs:
+        summary = read_json(run_dir / "eval.json", what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
+        if summary is not None:
+            cfg = arm_config(config, arm, seed, run_dir, extra)
+            found.append((run_dir, reuse_differences(run_dir, cfg if arm != "base" else None, summary.get("settings"), run_settings(arm, cfg, eval_cfg))))
+    check_reusable(found)
+
+
+def check_reusable(runs: Sequence[tuple[Path, list[str]]]) -> None:
+    """Refuse finished runs (folder, :func:`reuse_differences`) of other settings, never reported as this comparison's."""
+    other = [(run_dir, differences) for run_dir, differences in runs if differences]
+    if len(other) == 1:
+        run_dir, differences = other[0]
+        raise ConfigError(f"{run_dir} holds a finished run of other settings ({'; '.join(differences)}); "
+                          f"use another --out, or delete {run_dir} to run it again")
+    if other:
+        listed = "; ".join(f"{run_dir} ({', '.join(differences)})" for run_dir, differences in other)
+        raise ConfigError(f"{len(other)} finished runs in --out are of other settings: {listed}; use another --out, or delete those folders to run them again")
+
+
+def reuse_differences(run_dir: Path, cfg: TrainConfig | None, saved: dict | None, settings: dict) -> list[str]:
+    """How a finished run differs from what this comparison asks: how it was trained (``cfg``; None
+    for the untrained base) and evaluated (``settings``, against the ``saved`` ones)."""
     differences = []
     if cfg is not None and (run_dir / "config.yaml").is_file():
         trained, wanted = load_yaml(run_dir / "config.yaml"), dataclasses.asdict(resolved(cfg))
@@ -137,9 +168,7 @@ def check_reusable(run_dir: Path, cfg: TrainConfig | None, saved: dict | None, s
                         for key, value in settings["evaluation"].items() if saved["evaluation"].get(key) != value]
         differences += [f"model.{key}: {(saved.get('model') or {}).get(key)!r} -> {value!r}"
                         for key, value in settings.get("model", {}).items() if (saved.get("model") or {}).get(key) != value]
-    if differences:
-        raise ConfigError(f"{run_dir} holds a finished run of other settings ({'; '.join(differences)}); "
-                          f"use another --out, or delete {run_dir} to run it again")
+    return differences
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
@@ -201,8 +230,9 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
             points[arm] += [point for point in extra_points if point not in points[arm]]
     check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
     searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds]
-    tasks = [functools.partial(run_arm, config, arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"],
-                               eval_cfg) for arm, point, seed in searched]
+    runs = [(arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"]) for arm, point, seed in searched]
+    check_finished_runs(config, runs, eval_cfg)
+    tasks = [functools.partial(run_arm, config, *run, eval_cfg) for run in runs]
     if tasks:
         log.info("choosing settings: %d runs (%s)", len(tasks), ", ".join(f"{arm} x {len(points[arm]) * len(seeds)}" for arm in names if len(points[arm]) > 1))
     rewards = {(arm, tuple(point), seed): summary["validation"][eval_cfg.metric_names[0]]
@@ -423,8 +453,9 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
             parsed = parse_grid(grid)
             chosen = select_settings(config, names, parsed, seeds[:selection_seeds], out, extra, validation_cfg, jobs, parse_points(added_points, parsed))
         planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
-        tasks = [functools.partial(run_arm, config, arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]],
-                                   eval_cfg) for arm, seed in planned]
+        runs = [(arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]]) for arm, seed in planned]
+        check_finished_runs(config, runs, eval_cfg)
+        tasks = [functools.partial(run_arm, config, *run, eval_cfg) for run in runs]
         results: dict[str, list[dict]] = {}
         for (arm, _), summary in zip(planned, run_all(tasks, jobs, "training and evaluating")):
             results.setdefault(arm, []).append(summary)

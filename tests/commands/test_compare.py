@@ -104,6 +104,9 @@ def test_a_finished_run_of_other_settings_in_the_same_folder_is_refused_not_repo
     compare.run_compare(CONFIG, ["base", "sft"], [0], out, overrides=overrides, quick=True, prompts_per_split=2)  # the same: reused
     with pytest.raises(ConfigError, match=r"runs/base-seed0 holds a finished run of other settings \(evaluation prompts_per_split: 2 -> 3\); use another --out"):
         compare.run_compare(CONFIG, ["base"], [0], out, overrides=overrides, quick=True, prompts_per_split=3)
+    with pytest.raises(ConfigError, match=r"^2 finished runs in --out are of other settings: .*runs/base-seed0 \(evaluation prompts_per_split: 2 -> 3\); "
+                                          r".*runs/sft-seed0 \(evaluation prompts_per_split: 2 -> 3\); use another --out, or delete those folders"):
+        compare.run_compare(CONFIG, ["base", "sft"], [0], out, overrides=overrides, quick=True, prompts_per_split=3)  # both named, before any run
     with pytest.raises(ConfigError, match=r"runs/sft-seed0 holds a finished run of other settings \(optim.learning_rate: 0.001 -> 0.002\)"):
         compare.run_compare(CONFIG, ["sft"], [0], out, overrides=[*overrides, "optim.learning_rate=2e-3"], quick=True, prompts_per_split=2)
     other_model = [*overrides, "model.pretrained=shapes-base:64px"]  # the untrained base's scores are of its model
