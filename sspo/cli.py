@@ -202,10 +202,10 @@ def _train(args) -> None:
     from sspo.config import load_config
     from sspo.training.config import TrainConfig
     from sspo.training.run_state import STATE_FILE, saved_states
-    from sspo.training.trainer import dry_run, train
+    from sspo.training.trainer import dry_run, launched_as_main, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    shown = int(os.environ.get("RANK", "0")) == 0  # under a multi-process launch the main process prints, once
+    shown = launched_as_main()  # under a multi-process launch the main process prints, once
     if args.dry_run:
         summary = dry_run(cfg, resume=args.resume)
         if shown:

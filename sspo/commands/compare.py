@@ -94,13 +94,13 @@ def arm_method(arm: str) -> Method:
 
 
 def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], eval_cfg: EvalConfig) -> dict:
-    """Train (or reuse / resume) one arm for one seed and evaluate it; cached in ``eval.json``."""
+    """Train (or reuse / resume) one arm for one seed and evaluate it; cached in ``eval.json``. A
+    finished run is reused as it is: :func:`check_finished_runs` checked its settings before any run."""
     cfg = arm_config(config, arm, seed, run_dir, extra)
     cached = run_dir / "eval.json"
     summary = read_json(cached, what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
-    settings = run_settings(arm, cfg, eval_cfg)
     if summary is not None:
-        check_reusable([(run_dir, reuse_differences(run_dir, cfg if arm != "base" else None, summary.pop("settings", None), settings))])
+        summary.pop("settings", None)
         return summary
     log.info("arm %s, seed %d: %s", arm, seed, run_dir)
     base = resolve_model(cfg.model.pretrained)
@@ -115,11 +115,11 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     if isinstance(shown[0], np.ndarray):  # clips: their middle frames
         shown = [Image.fromarray(clip[len(clip) // 2]) for clip in shown]
     save_png(image_grid([shown], cell=SHOWCASE_CELL), run_dir / "showcase.png")
-    atomic_write_json(cached, summary | {"settings": settings})
+    atomic_write_json(cached, summary | {"settings": reuse_settings(arm, cfg, eval_cfg)})
     return summary
 
 
-def run_settings(arm: str, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
+def reuse_settings(arm: str, cfg: TrainConfig, eval_cfg: EvalConfig) -> dict:
     """What a run's cached scores (``eval.json``) record beside its config.yaml: how it was evaluated,
     and for the untrained base (which has no config.yaml) its model."""
     settings = {"evaluation": json.loads(json.dumps(dataclasses.asdict(eval_cfg)))}
@@ -136,7 +136,7 @@ def check_finished_runs(config, runs: Sequence[tuple[str, int, Path, Sequence[st
         summary = read_json(run_dir / "eval.json", what="the arm's cached evaluation", fix="it is evaluated again", default=None, cache=True)
         if summary is not None:
             cfg = arm_config(config, arm, seed, run_dir, extra)
-            found.append((run_dir, reuse_differences(run_dir, cfg if arm != "base" else None, summary.get("settings"), run_settings(arm, cfg, eval_cfg))))
+            found.append((run_dir, reuse_differences(run_dir, cfg if arm != "base" else None, summary.get("settings"), reuse_settings(arm, cfg, eval_cfg))))
     check_reusable(found)
 
 

@@ -618,13 +618,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     into a live run's folder is refused, and a run that fails before its first saved state leaves the folder as it was."""
     cfg = resolved(cfg)
     check_environment(cfg)
-    # The main process holds the lock; the others write nothing the main process does not wait for.
-    # It is the process of rank 0, which the launchers (torchrun, accelerate, deepspeed) set in RANK:
-    # an accelerate state made before the Accelerator would miss the launch's CPU flag.
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    check_output_dir(cfg.output_dir, beside_main=not main_process)  # in every process, so a refusal stops them all
-    with claimed(cfg.output_dir) if main_process else contextlib.nullcontext():
-        return Trainer(cfg, resume=resume).train()
+    # The main process holds the lock (claimed checks the folder first); the others write nothing the
+    # main process does not wait for, and check the folder too, so a refusal stops them all.
+    if launched_as_main():
+        with claimed(cfg.output_dir):
+            return Trainer(cfg, resume=resume).train()
+    check_output_dir(cfg.output_dir, beside_main=True)
+    return Trainer(cfg, resume=resume).train()
+
+
+def launched_as_main() -> bool:
+    """Whether this is the main process of a launch (or no launch): the process of rank 0, which the
+    launchers (torchrun, accelerate, deepspeed) set in RANK. An accelerate state made before the
+    Accelerator would miss the launch's CPU flag."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
