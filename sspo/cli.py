@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 from sspo.config import split_override
-from sspo.errors import SSPOError
+from sspo.errors import ConfigError, SSPOError
 from sspo.io import check_output_folder, check_write_target, permission_error
 from sspo.logs import set_up_logging
 
 
 def _base(args) -> None:
-    from sspo.errors import ConfigError
     from sspo.worlds import get_world
 
     world = get_world(args.world, "--world")
@@ -38,7 +37,6 @@ def _base(args) -> None:
 
 def _sample(args) -> None:
     from sspo.config import Allowed
-    from sspo.errors import ConfigError
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.io import write_error
     from sspo.models.families import family_of
@@ -54,6 +52,8 @@ def _sample(args) -> None:
     if not args.out.strip() or out.is_dir() or args.out.endswith(("/", os.sep)):  # a trailing slash names a folder
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
     check_write_target(out, "--out", file=True)
+    if out.suffix in (".png", ".gif", ".mp4", ".webp"):  # before the model loads; other names get the family's suffix
+        _refuse_existing(out, args.force)
     prompts = args.prompt
     if args.shapes_check:
         from sspo.worlds.shapes.world import parse_prompt
@@ -66,8 +66,7 @@ def _sample(args) -> None:
     video = family_of(pipe).video  # an animated grid: GIF, or MP4 / WebP by the suffix
     suffixes = (".gif", ".mp4", ".webp") if video else (".png",)
     out = out if out.suffix in suffixes else out.with_suffix(suffixes[0])
-    if out.exists() and not args.force:
-        raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
+    _refuse_existing(out, args.force)
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]
@@ -77,6 +76,11 @@ def _sample(args) -> None:
     except OSError as exc:
         raise write_error(out, exc) from None
     print(out)
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
 
 
 def _eval(args) -> None:

@@ -86,6 +86,13 @@ def test_sample_replaces_an_existing_file_only_with_force(quick_base, tmp_path, 
     assert Image.open(clip).format == "PNG"
 
 
+def test_sample_refuses_an_existing_file_before_the_model_loads(tmp_path, capsys):
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"the user's own image")
+    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a red circle", "--device", "cpu", "--out", str(grid)]) == 2
+    assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_library_progress_bars_only_when_verbose(verbose, quick_base, capsys):
     from diffusers.utils import logging as diffusers_logging
