@@ -40,6 +40,7 @@ from sspo.models.condition import TextCondition
 from sspo.models.families import ModelFamily
 from sspo.models.pipeline import encode_images
 from sspo.training.faults import fault_point
+from sspo.training.run_state import HARMLESS_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
     """
     model_path = Path(model).expanduser()
     data = dataclasses.asdict(cfg.data)
-    for setting in ("cache_latents", "cache_dir"):
+    # How rows are read and where the cache lies do not change what is encoded.
+    for setting in ("cache_latents", *(key.removeprefix("data.") for key in HARMLESS_KEYS if key.startswith("data."))):
         data.pop(setting)
     data_path = Path(cfg.data.path).expanduser() if cfg.data.path and cfg.data.source in FILE_SOURCES else None
     return {

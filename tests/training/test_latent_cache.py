@@ -120,6 +120,7 @@ def test_default_dir_is_shared_by_runs_that_encode_the_same_rows(quick_base, tmp
         return default_dir(cache_key(tiny_config(tmp_path / "run", quick_base, *overrides), quick_base, family, 64))
 
     assert folder("method=sft", "output_dir=a", "optim.learning_rate=0.1") == folder("method=sspo", "output_dir=b")
+    assert folder() == folder("data.num_workers=2", "data.prefetch_factor=4")  # a resume may change how rows are read
     assert folder() != folder("data.resolution=16") and folder() != folder("data.mode=random")
 
 
