@@ -185,17 +185,14 @@ class Checkpointing:
             raise DamagedFileError(f"the moving average {folder / EMA_WEIGHTS} lacks trained weights, e.g. {missing[0]}", fix)
         self.ema.load_state_dict({**state, "shadow_params": [weights[name] for name in self.param_names]})
 
-    def _replica_fingerprints(self) -> list[list[float]] | None:
+    def _replica_fingerprints(self) -> list[list[float]]:
         """(sum, sum of squares) of the trainable weights, in float64, from every process.
 
-        Under DDP each process holds a whole replica and applies the same all-reduced gradients,
-        so the replicas stay bitwise equal; a difference means a process trained on something the
-        others did not. FSDP and DeepSpeed shard the weights: nothing to compare there.
+        Each process holds a whole replica (launches that shard the weights, FSDP and ZeRO-3, are
+        refused) and applies the same all-reduced gradients (ZeRO-2: the same gathered update), so
+        the replicas stay bitwise equal; a difference means a process trained on something the
+        others did not.
         """
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            return None
         local = torch.zeros(2, dtype=torch.float64, device=self.device)
         for p in self.params:
             weights = p.detach().double()
@@ -258,7 +255,7 @@ class Checkpointing:
     def _check_logs_cover(self, state_dir: Path, state: dict, logs: dict[str, list[dict]]) -> None:
         """Refuse to resume from a log that lost rows the state was saved after: a resume re-logs only
         the steps after it, so dropping a cut-short row there would leave the log neither whole nor as it was."""
-        saved = state.get("log_rows", {})  # absent from states an older sspo saved: nothing to check
+        saved = state.get("log_rows", {})  # a state without row counts has none to check
         if not isinstance(saved, dict) or not all(isinstance(n, int) for n in saved.values()):
             raise DamagedFileError(f"the resumable state {state_dir / STATE_FILE} is damaged (log_rows is not a table of row counts)",
                                    "restore it, or train without --resume to start again")

@@ -267,8 +267,13 @@ class Trainer(Checkpointing):
         if plugin is not None:
             if plugin.zero_stage == 3:
                 raise ConfigError("DeepSpeed ZeRO-3 shards the denoiser's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
-            # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none.
+            # DeepSpeed applies each update inside backward(), before sspo sees the loss or the norm.
+            check(self.cfg.nonfinite == "error", "nonfinite", "skip is not available under DeepSpeed, which updates the weights inside its "
+                  "backward pass, before a non-finite loss is seen; set nonfinite: error, and on a stop lower optim.learning_rate and --resume")
+            # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none; it
+            # clips gradients in its own step, at its config's value.
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.optim.batch_size
+            plugin.deepspeed_config["gradient_clipping"] = self.cfg.optim.max_grad_norm
 
     def _prepare_denoiser(self, denoiser):
         mcfg = self.cfg.model
@@ -399,10 +404,12 @@ class Trainer(Checkpointing):
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
         totals["grad_norm"] = float("nan") if norm is None else float(norm)
-        # A non-finite loss on any process makes the averaged gradients, and so the norm every process sees, non-finite.
+        # Each process has its own loss, and all must take the same branch below (or one would stop
+        # or skip while the others wait for it, or their fp16 scalers drift apart).
+        finite_loss = bool(self.accelerator.gather(torch.tensor([math.isfinite(totals["loss"])], dtype=torch.float32, device=self.device)).all())
         # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers its scale.
         scaler = self.accelerator.scaler
-        if math.isfinite(totals["loss"]) and (norm is None or math.isfinite(totals["grad_norm"]) or scaler is not None):
+        if finite_loss and (norm is None or math.isfinite(totals["grad_norm"]) or scaler is not None):
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.step(self.params)
@@ -411,9 +418,10 @@ class Trainer(Checkpointing):
         else:
             last = latest_checkpoint(self.run_dir)
             raise TrainingError(
-                f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss {totals['loss']} or gradient norm {totals['grad_norm']}, "
-                f"nothing saved from it; the last good state is {last or 'none (no state saved yet)'}: lower optim.learning_rate, "
-                "or set nonfinite: skip to skip such steps, and run again with --resume"
+                f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss or gradient norm (loss {totals['loss']} in this process, "
+                f"gradient norm {totals['grad_norm']}), nothing saved from it; the last good state is {last or 'none (no state saved yet)'}: "
+                f"lower optim.learning_rate{'' if self.accelerator.state.deepspeed_plugin else ', or set nonfinite: skip to skip such steps'}, "
+                "and run again with --resume"
             )
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -353,6 +353,22 @@ def test_a_launch_whose_processes_each_run_alone_is_refused(quick_base, tmp_path
     assert not any((tmp_path / "run").glob("*"))
 
 
+def test_deepspeed_gets_the_runs_clipping_and_micro_batch_and_skipping_non_finite_steps_is_refused(quick_base, tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    # DeepSpeed needs GPUs: its plugin as accelerate hands it over, before the engine reads its config.
+    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"})
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+    cfg = tiny_config(tmp_path / "run", quick_base, "optim.max_grad_norm=0.5", "optim.batch_size=3")
+    Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=cfg))
+    assert plugin.deepspeed_config == {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 3}
+    with pytest.raises(ConfigError, match=r"^config key 'nonfinite': skip is not available under DeepSpeed"):
+        Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=dataclasses.replace(cfg, nonfinite="skip")))
+
+
 def test_a_resume_by_another_number_of_processes_is_refused(quick_base, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
