@@ -5,8 +5,9 @@ as single images (``data.image_column`` + ``data.text_column``), which gives win
 ``data.frames`` each image is a clip instead: ``[F, 3, H, W]``, every frame resized and cropped as
 an image would be.
 
-Every random choice (SSPOr's side, crop offsets, flips, clip starts, dropped captions) is a pure
-function of ``(seed, source row, epoch)``, so a resumed run sees exactly the images an
+Every random choice is a pure function of the seed and the source row: SSPOr's side of that alone
+(a row keeps its winner every epoch), crop offsets, flips, clip starts and dropped captions of the
+epoch too, so a resumed run sees exactly the images an
 uninterrupted one would have, and DataLoader workers serve exactly what the main process would.
 """
 
