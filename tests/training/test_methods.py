@@ -41,7 +41,7 @@ def test_a_registered_method_trains_and_every_reader_knows_it(throwaway, quick_b
     rows = metrics(tmp_path / "run")
     assert [r["pool_size"] for r in rows] == [1, 2, 3]
     assert [r["reference_checkpoint"] for r in rows] == [0, 1, 2]  # erd "last" wins over the config's uniform
-    assert all(r["ssr_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in rows)
+    assert [call[5] for call in LOSS_CALLS] == ["indicator"] * 3  # the row's switch, not the config's
     assert throwaway.description in (final / "README.md").read_text()
     assert run_settings(resolved(cfg), 1)["reference"].startswith("pool checkpoint drawn 'last'")
     assert compare.arms()[throwaway.name] == [f"method={throwaway.name}"] and throwaway.name in compare.table1()
