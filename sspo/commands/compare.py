@@ -45,7 +45,7 @@ from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder,
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
 from sspo.training.run_state import config_differences
-from sspo.training.trainer import latest_checkpoint, train
+from sspo.training.trainer import latest_state, train
 from sspo.worlds import get_world
 from sspo.worlds.names import resolve_model
 
@@ -107,7 +107,7 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     if arm == "base":
         model, lora = base, None
     else:
-        final = train(cfg, resume=latest_checkpoint(run_dir) is not None)
+        final = train(cfg, resume=latest_state(run_dir) is not None)
         model, lora = (base, final) if cfg.model.lora else (final, None)
     summary, images = evaluate_model(model, eval_cfg, lora=lora)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -280,9 +280,9 @@ def reward_matrix(runs: list[dict], split: str, sampler_seeds: int, n_seeds: int
     return rows * n_seeds if len(rows) == 1 else rows
 
 
-def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, n_seeds: int, minuend: str = "sspo") -> dict:
-    """``minuend`` (SSPO) - arm, per training seed and prompt."""
-    sspo, other = reward_matrix(results[minuend], split, sampler_seeds, n_seeds), reward_matrix(results[arm], split, sampler_seeds, n_seeds)
+def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, n_seeds: int) -> dict:
+    """SSPO - arm, per training seed and prompt."""
+    sspo, other = reward_matrix(results["sspo"], split, sampler_seeds, n_seeds), reward_matrix(results[arm], split, sampler_seeds, n_seeds)
     return mean_ci_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
 
 

@@ -62,7 +62,7 @@ from sspo.evaluation.evaluate import (
     scores_clips,
     select_prompts,
 )
-from sspo.evaluation.sampling import generate, image_grid, save_png
+from sspo.evaluation.sampling import generate, image_grid, sampling_device, save_png
 from sspo.evaluation.scorers import scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
@@ -210,7 +210,7 @@ def run_eval(
     metrics = cfg.metric_names
     scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
     check_scorers(scorer_names(), scorer_paths, scorer_options)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or sampling_device()
 
     set_name = cfg.prompts if cfg.prompts in PROMPT_SETS else Path(cfg.prompts).name
     try:

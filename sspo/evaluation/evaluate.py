@@ -195,9 +195,10 @@ def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None =
 
 
 def evaluate_model(model: str | Path, cfg: EvalConfig, lora: str | Path | None = None, device: str | None = None) -> tuple[dict, list]:
+    from sspo.evaluation.sampling import sampling_device
     from sspo.models.pipeline import load_pipeline
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or sampling_device()
     pipe = load_pipeline(model, lora=lora, dtype=DTYPES[cfg.dtype]).to(device)
     return evaluate_pipeline(pipe, cfg, device)
 

@@ -33,7 +33,7 @@ EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
 log = logging.getLogger(__name__)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_state(run_dir: Path) -> Path | None:
     """The newest saved state of ``run_dir`` (None: none saved yet)."""
     states = saved_states(run_dir)
     return states[-1] if states else None
@@ -61,7 +61,7 @@ def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
     the number of processes (the effective batch, so every step and the schedule's length, depend
     on it), and it may not end before the step it has reached. A finished run without a saved state
     is not resumed from scratch: that start would delete it."""
-    saved, latest = run_dir / "config.yaml", latest_checkpoint(run_dir)
+    saved, latest = run_dir / "config.yaml", latest_state(run_dir)
     if latest is None and (run_dir / "final").is_dir():
         raise TrainingError(f"--resume: {run_dir} holds a finished run (final/) but no saved state to continue from (checkpoints/ is empty); "
                             "train without --resume to replace it, or into a new output_dir")

@@ -133,7 +133,7 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class DiagnosticsConfig:
-    # Shapes world (its own pairs or `sspo pairs`' parquet): score every negative exactly and, for this many pairs of every micro-batch, the
+    # A world of images (the shapes world: its own pairs or `sspo pairs`' parquet): score every negative exactly and, for this many pairs of every micro-batch, the
     # policy's own sample too: SSR and RCR against ground truth (<output_dir>/ssr_truth.jsonl). 0: off.
     ssr_truth_per_batch: int = setting(0, at_least=0)
 
@@ -175,9 +175,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate(self)
         self.output_dir = os.path.expanduser(self.output_dir)  # a YAML file's ~/runs/x is the home folder's, as on the command line
-        check(not self.diagnostics.ssr_truth_per_batch or self.eval_world == "shapes", "diagnostics.ssr_truth_per_batch",
-              "needs the shapes world's prompts (data.source: shapes, or its pairs in a parquet with validation.world: shapes): "
-              "the exact evaluator scores those only; set it to 0 for other data")
+        image_worlds = [name for name, world in WORLDS.items() if not world.clips]
+        check(not self.diagnostics.ssr_truth_per_batch or self.eval_world in image_worlds, "diagnostics.ssr_truth_per_batch",
+              f"needs a world's prompts, of images ({', '.join(image_worlds)}: data.source: shapes, or its pairs in a parquet with "
+              "validation.world: shapes): a world's exact evaluator scores those only; set it to 0 for other data")
         check(not self.diagnostics.ssr_truth_per_batch or not self.data.caption_dropout, "diagnostics.ssr_truth_per_batch",
               "scores each pair against its prompt, and data.caption_dropout trains some on the empty prompt; set one of them to 0")
         for key in ("tracker_project", "tracker_run_name"):

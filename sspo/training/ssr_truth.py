@@ -1,9 +1,9 @@
-"""SSR and RCR checked against ground truth, in the shapes world (docs/method.md "SSR against ground truth").
+"""SSR and RCR checked against ground truth, in a world of images (docs/method.md "SSR against ground truth").
 
 The switch of eq. 9 sets ``K = +1`` when ``L_theta(x_w) > L_ref(x_w)``, on the assumption that the
 reference's own sample ``x_l`` is then probably good; Random Checkpoint Replay assumes that older
-checkpoints give worse samples. Real data cannot test either. The shapes world scores every image
-exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
+checkpoints give worse samples. Real data cannot test either. A world (the shapes world) scores every
+image exactly, so during training (``diagnostics.ssr_truth_per_batch > 0``):
 
 * every negative ``x_l`` is scored, with the pool checkpoint that drew it;
 * for the first ``ssr_truth_per_batch`` pairs of every micro-batch (so spread evenly over training)
@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,16 +41,14 @@ FILE = "ssr_truth.jsonl"
 class SSRTruth:
     """Scores a run's pairs exactly (see the module docstring); main process only."""
 
-    def __init__(self, per_batch: int, run_dir: Path, pair_builder: PairBuilder, device):
-        self.per_batch = per_batch
+    def __init__(self, per_batch: int, run_dir: Path, pair_builder: PairBuilder, device, evaluate: Callable[[Any, str], dict[str, float]]):
+        self.per_batch, self.evaluate = per_batch, evaluate  # evaluate: a world's exact score of (image, prompt)
         self.path = Path(run_dir) / FILE
         self.pairs, self.family, self.device = pair_builder, pair_builder.family, device
 
     @torch.no_grad()
     def observe(self, batches: list[PairBatch], policy, iteration: int, step: int) -> None:
         """Before ``step`` (counted from 1) on ``batches``: margins, K, exact rewards of x_l and of the policy's sample."""
-        from sspo.worlds.shapes.evaluator import evaluate_batch
-
         rows = []
         for batch in batches:
             prompts, draws, cond = batch.rows.prompts, batch.draws, batch.rows.cond
@@ -60,16 +60,19 @@ class SSRTruth:
                 reference_w = batch.reference.switch
             policy_w, reference_w = policy_w.float().cpu(), reference_w.float().cpu()
             margin, k = (policy_w - reference_w).tolist(), ssr_coefficient(policy_w, reference_w, "sign").tolist()
-            rewards_l = [s.reward for s in evaluate_batch(decode_images(self.family.vae, batch.losers), prompts)]
+            rewards_l = self._rewards(batch.losers, prompts)
             n_policy = min(len(prompts), self.per_batch)
             own = self.pairs.sample(policy, cond[:n_policy], draws.sample_seeds[:n_policy], self.pairs.negatives, batch.losers.shape[2:])
-            rewards_policy: list[float | None] = [s.reward for s in evaluate_batch(decode_images(self.family.vae, own), prompts[:n_policy])]
+            rewards_policy: list[float | None] = self._rewards(own, prompts[:n_policy])
             rewards_policy += [None] * (len(prompts) - n_policy)
             for i in range(len(prompts)):
                 rows.append({"step": step, "iteration": iteration, "micro_batch": batch.index, "sample": i, "checkpoint": draws.checkpoints[i],
                              "margin": margin[i], "K": int(k[i]), "reward_l": rewards_l[i], "reward_policy": rewards_policy[i]})
         with open(self.path, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def _rewards(self, latents: torch.Tensor, prompts: list[str]) -> list[float]:
+        return [self.evaluate(image, prompt)["reward"] for image, prompt in zip(decode_images(self.family.vae, latents), prompts, strict=True)]
 
 
 def agreement(k_positive: list[bool], reference_as_good: list[bool]) -> dict[str, float]:

@@ -40,7 +40,7 @@ from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit
-from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_checkpoint
+from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
@@ -51,7 +51,7 @@ from sspo.training.reference import POLICY, ReferenceModel
 from sspo.training.run_folder import check_output_dir, claimed, resumed_folder
 from sspo.training.run_state import flatten
 from sspo.training.ssr_truth import SSRTruth
-from sspo.worlds import base_world
+from sspo.worlds import base_world, get_world
 from sspo.worlds.names import check_not_a_misspelt_base, resolve_model
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class Trainer(Checkpointing):
 
         self.ssr_truth = None
         if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
-            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pair_builder, self.device)
+            self.ssr_truth = SSRTruth(cfg.diagnostics.ssr_truth_per_batch, self.run_dir, self.pair_builder, self.device, get_world(cfg.eval_world).evaluate)
 
         # Nothing in the output folder is moved or rewritten before this point: data, model and optimizer are set up first.
         self.global_step = 0
@@ -416,7 +416,7 @@ class Trainer(Checkpointing):
         elif self.cfg.nonfinite == "skip":
             self.nonfinite_skips += 1
         else:
-            last = latest_checkpoint(self.run_dir)
+            last = latest_state(self.run_dir)
             raise TrainingError(
                 f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss or gradient norm (loss {totals['loss']} in this process, "
                 f"gradient norm {totals['grad_norm']}), nothing saved from it; the last good state is {last or 'none (no state saved yet)'}: "
@@ -681,7 +681,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single clips' if video else 'single images'}, {epochs} epochs"
     rows["output"] = cfg.output_dir
     if resume:
-        state = latest_checkpoint(resumed)
+        state = latest_state(resumed)
         earlier = " (the earlier run, which a start stopped before its first save set aside, is put back first)" if resumed != Path(cfg.output_dir) else ""
         rows["resume"] = f"from {Path(cfg.output_dir) / state.relative_to(resumed)}{earlier}" if state else "nothing saved there yet: starts afresh"
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

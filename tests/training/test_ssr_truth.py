@@ -75,9 +75,10 @@ def test_ground_truth_rows_on_the_quick_world_leave_training_unchanged(ssr_draws
     assert set(summary["iterations"]) == {0, 1} and summary["overall"]["n"] == 12
 
 
-def test_needs_the_shapes_world_s_prompts(quick_base, tmp_path):
-    with pytest.raises(ConfigError, match="needs the shapes world's prompts"):
-        tiny_config(tmp_path, quick_base, "diagnostics.ssr_truth_per_batch=2", "data.source=parquet", "data.path=x.parquet")
+def test_needs_the_prompts_of_a_world_of_images(quick_base, tmp_path):
+    for other in ("data.source=parquet", "validation.world=moving-shapes"):
+        with pytest.raises(ConfigError, match=r"needs a world's prompts, of images \(shapes: "):
+            tiny_config(tmp_path, quick_base, "diagnostics.ssr_truth_per_batch=2", other, "data.path=x.parquet", "data.source=parquet")
     # its pairs in a parquet (sspo pairs), scored as the world's
     cfg = tiny_config(tmp_path, quick_base, "diagnostics.ssr_truth_per_batch=2", "data.source=parquet", "data.path=x.parquet", "validation.world=shapes")
     assert cfg.diagnostics.ssr_truth_per_batch == 2
