@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    _expand_home(args)
     set_up_logging(args.verbose)
     on_sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
@@ -470,6 +471,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
     return 0
+
+
+# Options that name files or folders: a leading ~ is the home folder, as a shell expands it unquoted
+# (hub ids and shipped names never start with one).
+PATH_OPTIONS = ("config", "out", "model", "motion_adapter", "lora", "videos", "reference_videos", "prompts", "run", "settings_from")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
 
 
 def _named_by_flag(message: str, argv: list[str]) -> str:

@@ -281,7 +281,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': got an integer too large for a number (beyond 1.8e308); give a smaller value") from None
     if tp is str:
         check(value is not None, key, "expected a string, got null (YAML reads a bare ~ or null as no value: quote it)")
-        check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        check(isinstance(value, str), key, f"expected a string, got {value!r}{'; quote it to pass it as text' if isinstance(value, (bool, int, float)) else ''}")
         return value
     return value
 
@@ -330,12 +330,23 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str], cls: 
                               f"write it as a quoted YAML string to pass it as text{example}") from None
         node = data
         parts = key.strip().split(".")
+        if isinstance(value, (bool, int, float)) and _takes_text(cls, parts):
+            value = raw  # data.path=2024, tracker_run_name=0123: the text typed, not a number (0123 would be octal 83)
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
         _merge(node, parts[-1], value, _section_type(cls, parts))
     return data
+
+
+def _takes_text(cls: type | None, parts: typing.Sequence[str]) -> bool:
+    """Whether key ``parts`` of dataclass ``cls`` is a string field (``str`` or ``str | None``)."""
+    section = _section_type(cls, parts[:-1]) if len(parts) > 1 else cls
+    if section is None or not dataclasses.is_dataclass(section):
+        return False
+    hint = typing.get_type_hints(section).get(parts[-1])
+    return hint is str or set(typing.get_args(hint)) == {str, type(None)}
 
 
 def _section_type(cls: type | None, parts: typing.Sequence[str]) -> type | None:

@@ -174,6 +174,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_parquet(path: str | Path, rows: list[dict]) -> Path:
+    """``rows`` (dicts of one set of columns) as a parquet file, written atomically: a world's
+    Pick-a-Pic-style pairs (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) among them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    return path
+
+
 def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 

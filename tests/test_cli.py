@@ -86,10 +86,13 @@ def test_sample_replaces_an_existing_file_only_with_force(quick_base, tmp_path, 
     assert Image.open(clip).format == "PNG"
 
 
-def test_sample_refuses_an_existing_file_before_the_model_loads(tmp_path, capsys):
+@pytest.mark.parametrize("home", [False, True])
+def test_sample_refuses_an_existing_file_before_the_model_loads(home, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted ~/grid.png is the home folder's, as the shell's is
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"the user's own image")
-    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a red circle", "--device", "cpu", "--out", str(grid)]) == 2
+    out = "~/grid.png" if home else str(grid)
+    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a red circle", "--device", "cpu", "--out", out]) == 2
     assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
 
 

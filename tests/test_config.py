@@ -210,6 +210,13 @@ def test_wrong_type_via_override():
         load("iterations=five")
 
 
+def test_a_string_key_set_on_the_command_line_takes_the_text_typed():
+    cfg = load("data.source=parquet", "data.path=0123", "tracker_run_name=1e3", "data.caption_column=true", "model.revision=null", path=None)
+    assert (cfg.data.path, cfg.tracker_run_name, cfg.data.caption_column, cfg.model.revision) == ("0123", "1e3", "true", None)
+    with pytest.raises(ConfigError, match=r"^config key 'data.path': expected a string, got 2024; quote it to pass it as text$"):
+        from_dict(TrainConfig, {"data": {"source": "parquet", "path": 2024}})  # a YAML file's value is YAML's
+
+
 def test_a_path_beside_a_world_source_is_an_error_not_ignored():
     with pytest.raises(ConfigError, match=r"^config key 'data\.path': is set, but data\.source 'shapes' is a world.*drop data\.path"):
         from_dict(TrainConfig, {"data": {"source": "shapes", "path": "my-images"}})

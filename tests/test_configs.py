@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 from sspo.config import load_config
+from sspo.io import write_parquet
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
-from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+from sspo.worlds.shapes.world import make_split, preference_pairs
 
 from tiny_pipelines import build_flux_pipeline, build_sd3_pipeline, build_sdxl_pipeline
 
@@ -51,7 +52,7 @@ def bf16_runs():
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
 
 
 @pytest.mark.parametrize("name", REAL)

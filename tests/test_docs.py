@@ -170,7 +170,8 @@ def test_the_readme_demo_runs(quick_base, workspace):
 
 def test_every_other_readme_command_runs_in_order(quick_base, workspace, clip_model_dir, clip_processor_dir, hps_checkpoint,
                                                    imagereward_dir, bert_tokenizer_dir):
-    from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+    from sspo.io import write_parquet
+    from sspo.worlds.shapes.world import make_split, preference_pairs
 
     # What the README's real-model commands assume on disk, in the same formats, tiny.
     aesthetic = workspace / "stand-ins" / "sac+logos+ava1-l14-linearMSE.pth"
@@ -183,7 +184,7 @@ def test_every_other_readme_command_runs_in_order(quick_base, workspace, clip_mo
         "/weights/HPS_v2_compressed.pt": str(hps_checkpoint[0]),
         "/weights/ImageReward": str(imagereward_dir), "/weights/bert-base-uncased": str(bert_tokenizer_dir),
         "/weights/sac+logos+ava1-l14-linearMSE.pth": str(aesthetic), "/weights/clip-vit-large-patch14": str(clip_model_dir),
-        "dataset": str(write_pickapic_parquet(workspace / "stand-ins" / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))),
+        "dataset": str(write_parquet(workspace / "stand-ins" / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))),
     }
     ran = []
     for words in commands(README):

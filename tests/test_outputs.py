@@ -4,10 +4,11 @@
 from PIL import Image
 
 from sspo.config import from_dict
+from sspo.io import write_parquet
 from sspo.training.config import TrainConfig
 from sspo.training.model_card import model_card
 from sspo.training.trainer import train
-from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+from sspo.worlds.shapes.world import make_split, preference_pairs
 
 PROMPTS = ["a large red circle on the left, white background", "a small blue square at the top, black background"]
 
@@ -15,7 +16,7 @@ PROMPTS = ["a large red circle on the left, white background", "a small blue squ
 def test_validation_grids_and_model_card(quick_base, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    data = write_pickapic_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:4], per_spec=1, seed=0))
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:4], per_spec=1, seed=0))
     run = tmp_path / "run"
     cfg = from_dict(TrainConfig, {
         "model": {"pretrained": quick_base},

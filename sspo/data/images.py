@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from sspo.data.config import DataConfig
 from sspo.data.sources import TarMember
@@ -18,11 +18,12 @@ from sspo.video_io import VIDEO_SUFFIXES, read_clip, sample_frames
 
 
 def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
-    """Open an image as RGB, turning a corrupt file into a DataError that names it."""
+    """Open an image as RGB, upright as viewers show it (a camera's EXIF orientation applied),
+    turning a corrupt file into a DataError that names it."""
     try:
         source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
         with Image.open(source) as image:
-            return _rgb(image)
+            return _rgb(ImageOps.exif_transpose(image))
     except Exception as exc:  # PIL raises many types for corrupt data (and DecompressionBombError for huge images)
         reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # PIL names the in-memory file by its address
         raise DataError(f"cannot read image {where or path_or_bytes}: {reason}") from None
@@ -57,11 +58,13 @@ def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
 
 
 def image_size(value: Any, where: str) -> tuple[int, int]:
-    """(width, height) from an image's header, without decoding it."""
+    """(width, height) from an image's header, without decoding it, upright as :func:`load_image` turns it."""
     data, where = _file(value, "image", where)
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return image.size
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn (and a mirror, 5 and 7)
+            return (height, width) if turned else (width, height)
     except Exception as exc:  # PIL raises many types for corrupt data
         raise DataError(f"cannot read image {where}: {exc}") from None
 

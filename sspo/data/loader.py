@@ -22,9 +22,6 @@ class MicroBatchReader:
         self.dataset, self.placements = dataset, placements
         self._batches: Iterator[list[dict]] | None = None
         self._next = None
-        # Items asked for but served by another (an unreadable row's replacement), counted here:
-        # DataLoader workers count and log only their own.
-        self.replaced: set[int] = set()
 
     def __call__(self, m: int) -> list[dict]:
         if self._batches is None or m != self._next:
@@ -34,7 +31,6 @@ class MicroBatchReader:
         for item in batch:
             for row, reason in item.pop("skipped"):
                 self.dataset.report_skipped(row, reason)
-        self.replaced.update(item["asked"] for item in batch if item["index"] != item["asked"])
         return batch
 
     def _loader(self, first: int) -> torch.utils.data.DataLoader:
@@ -46,15 +42,15 @@ class MicroBatchReader:
 
 
 class _EpochItems(torch.utils.data.Dataset):
-    """Keys are ``(item, epoch)``; each item also says which item its key ``asked`` for (the dataset
-    serves the next readable one for an unreadable row) and, from a worker, the rows it ``skipped``."""
+    """Keys are ``(item, epoch)``; each item also says, from a worker, the rows it ``skipped`` (the
+    dataset serves the next readable one for an unreadable row)."""
 
     def __init__(self, dataset: PreferenceDataset):
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         item = self.dataset.item(*key)
-        return item | {"asked": key[0], "skipped": self.dataset.take_unreported()}
+        return item | {"skipped": self.dataset.take_unreported()}
 
 
 class _Placements:

@@ -101,11 +101,28 @@ class _HFRows:
         return list(self.ds[name])
 
 
+def files_under(root: Path, suffixes: tuple[str, ...], skip_prefixes: tuple[str, ...] = (".",)) -> list[Path]:
+    """The files under ``root`` whose suffix (in any case) is one of ``suffixes``, sorted; folders
+    linked in are read too (each real folder once, so a link loop ends). Hidden folders
+    (``.ipynb_checkpoints``, ``.thumbnails``) hold copies, not more data, and files named with one
+    of ``skip_prefixes`` are skipped."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [Path(folder, name) for name in names if Path(name).suffix.lower() in suffixes and not name.startswith(skip_prefixes)]
+    return sorted(found)
+
+
 def _parquet_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    # Hidden and underscore files are temporaries and markers (atomic writes, _SUCCESS), not shards.
-    files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    # Underscore files are markers (_SUCCESS, _metadata) and hidden ones temporaries (atomic writes), not shards.
+    files = files_under(path, (".parquet",), (".", "_"))
     if not files:
         raise DataError(f"no .parquet files in folder {path} (data.path)")
     return files
@@ -280,9 +297,7 @@ def _open_caption_files(cfg: DataConfig) -> Source:
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path {root} is not a folder; caption-files reads a folder of images, each with a .txt caption of the same name")
-    # Hidden files and folders (.ipynb_checkpoints, .thumbnails) hold copies, not more data.
-    media = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    media = files_under(root, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
     if not media:
         raise DataError(f"no images in folder {root} (data.path); caption-files expects files like 0001.png with 0001.txt beside them")
 
@@ -344,7 +359,7 @@ def _tar_samples(shard: Path) -> dict[str, dict]:
 
 def _open_webdataset(cfg: DataConfig) -> Source:
     path = Path(cfg.path)
-    shards = [path] if path.is_file() else sorted(p for p in path.rglob("*.tar") if not p.name.startswith((".", "_")))
+    shards = [path] if path.is_file() else files_under(path, (".tar",), (".", "_"))
     if not shards:
         raise DataError(f"no .tar shards in folder {path} (data.path)")
     rows, names, groups, files = [], [], [], []

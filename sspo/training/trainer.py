@@ -477,13 +477,11 @@ class Trainer(Checkpointing):
         return final
 
     def _report_replaced_rows(self) -> None:
-        """One line at the end for the unreadable rows each named in a warning as met (by every process)."""
+        """One line at the end for the unreadable rows each named in a warning as met (by every process,
+        while reading micro-batches or encoding the latent cache; DataLoader workers' rows once reported)."""
         from accelerate.utils import gather_object
 
-        if self.latent_cache is not None:  # rows were read, and skipped, while this run encoded the cache (each process its shards)
-            replaced = len(set(gather_object(sorted(self.dataset.skipped_rows))))
-        else:
-            replaced = len(set(gather_object(sorted(self.items.replaced))))  # a row several processes met is one row
+        replaced = len(set(gather_object(sorted(self.dataset.skipped_rows))))  # a row several processes met is one row
         if replaced and self.accelerator.is_main_process:
             log.warning("%d unreadable row%s skipped in this run (since it started or resumed), each replaced by the next readable "
                         "row; the warnings above name them", replaced, " was" if replaced == 1 else "s were")

@@ -43,9 +43,8 @@ from tqdm.auto import tqdm
 
 from sspo.config import setting, validate
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json
+from sspo.io import atomic_write_json, write_parquet
 from sspo.worlds.registry import World, base_world, get_world, world_names
-from sspo.worlds.shapes.world import write_pickapic_parquet
 
 # Bump when G's recipe, the sampling or the ranking changes, so cached generators and pairs are rebuilt.
 PAIRS_VERSION = 1
@@ -307,7 +306,7 @@ def write_pairs(world: World, folder: Path, measured: Measured, head: dict, prom
     folder with ``pairs.json`` is complete."""
     require_kept(measured, head["config"]["tie_threshold"])
     folder.mkdir(parents=True, exist_ok=True)
-    write_pickapic_parquet(folder / "pairs.parquet", pickapic_rows(world, measured.specs, measured.samples, measured.ranked))
+    write_parquet(folder / "pairs.parquet", pickapic_rows(world, measured.specs, measured.samples, measured.ranked))
     record = {**head, "prompts": prompts, "prompt_split": "alignment-train combinations without the validation ones",
               **measured.stats, **extra_stats, "definitions": DEFINITIONS}
     atomic_write_json(folder / "pairs.json", record)

@@ -11,7 +11,8 @@ from sspo.config import from_dict
 from sspo.data.config import DataConfig
 from sspo.data.dataset import PreferenceDataset, collate, load_dataset_from_config
 from sspo.errors import ConfigError, DataError
-from sspo.worlds.shapes.world import all_specs, parse_prompt, preference_pairs, render, write_imagefolder, write_pickapic_parquet
+from sspo.io import write_parquet
+from sspo.worlds.shapes.world import all_specs, parse_prompt, preference_pairs, render, write_imagefolder
 
 RES = 32
 SPECS = all_specs()[::37][:6]
@@ -42,7 +43,7 @@ def _cfg(path, **kw):
 @pytest.fixture
 def parquet(tmp_path):
     rows = _rows()
-    return write_pickapic_parquet(tmp_path / "pairs.parquet", rows), rows
+    return write_parquet(tmp_path / "pairs.parquet", rows), rows
 
 
 def test_config_validation():
@@ -72,8 +73,8 @@ def test_parquet_winners_are_clean_renders(parquet):
 
 def test_folder_of_shards_and_max_samples(tmp_path):
     rows = _rows()
-    write_pickapic_parquet(tmp_path / "shards" / "a.parquet", rows[:2])
-    write_pickapic_parquet(tmp_path / "shards" / "sub" / "b.parquet", rows[2:])
+    write_parquet(tmp_path / "shards" / "a.parquet", rows[:2])
+    write_parquet(tmp_path / "shards" / "sub" / "b.parquet", rows[2:])
     ds = load_dataset_from_config(_cfg(tmp_path / "shards"))
     assert [ds[i]["prompt"] for i in range(len(ds))] == [r["caption"] for r in rows]
     assert len(load_dataset_from_config(_cfg(tmp_path / "shards", max_samples=3))) == 3
@@ -83,16 +84,16 @@ def test_tie_removal(tmp_path):
     rows = _rows(tie_fraction=0.5, per_spec=2)
     ties = sum(r["label_0"] == 0.5 for r in rows)
     assert 0 < ties < len(rows)
-    path = write_pickapic_parquet(tmp_path / "t.parquet", rows)
+    path = write_parquet(tmp_path / "t.parquet", rows)
     assert len(load_dataset_from_config(_cfg(path))) == len(rows) - ties
     assert len(load_dataset_from_config(_cfg(path, remove_ties=False))) == len(rows)
-    all_ties = write_pickapic_parquet(tmp_path / "ties.parquet", [{**r, "label_0": 0.5} for r in rows])
+    all_ties = write_parquet(tmp_path / "ties.parquet", [{**r, "label_0": 0.5} for r in rows])
     with pytest.raises(DataError, match="no rows after removing ties"):
         load_dataset_from_config(_cfg(all_ties))
 
 
 def test_random_mode_is_deterministic_and_uses_both_sides(tmp_path):
-    path = write_pickapic_parquet(tmp_path / "p.parquet", _rows(per_spec=4))
+    path = write_parquet(tmp_path / "p.parquet", _rows(per_spec=4))
     picks = []
     for _ in range(2):
         ds = load_dataset_from_config(_cfg(path, mode="random"))
@@ -117,7 +118,7 @@ def test_missing_column_message(parquet):
 def test_corrupt_image_skipped_and_counted(tmp_path, caplog):
     rows = _rows()
     rows[1] = {**rows[1], "jpg_0": b"not an image", "jpg_1": b"\x89PNG broken"}
-    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "c.parquet", rows)))
+    ds = load_dataset_from_config(_cfg(write_parquet(tmp_path / "c.parquet", rows)))
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         first, again = ds[1], ds[1]
     assert first["index"] == again["index"] == 2 and first["prompt"] == rows[2]["caption"]
@@ -173,13 +174,13 @@ def test_a_misspelt_local_hf_folder_is_not_looked_up_on_the_hub(tmp_path, monkey
 
 def test_resize_crop_flip(tmp_path):
     rows = _rows()
-    path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
+    path = write_parquet(tmp_path / "p.parquet", rows)
     # Rendered at 32, trained at 16: resized, then center crop is a no-op on square images.
     small = load_dataset_from_config(DataConfig(path=str(path), resolution=16))
     assert small[0]["winner"].shape == (3, 16, 16)
 
     wide_rows = [{**r, "jpg_0": _png(_load(r["jpg_0"]).resize((48, 32))), "jpg_1": _png(_load(r["jpg_1"]).resize((48, 32)))} for r in rows]
-    wide = write_pickapic_parquet(tmp_path / "wide.parquet", wide_rows)
+    wide = write_parquet(tmp_path / "wide.parquet", wide_rows)
     center = load_dataset_from_config(DataConfig(path=str(wide), resolution=24))
     expected = _tensor(_load(wide_rows[0]["jpg_0"] if rows[0]["label_0"] == 1 else wide_rows[0]["jpg_1"]).resize((36, 24), Image.Resampling.BICUBIC).crop((6, 0, 30, 24)))
     assert torch.allclose(center[0]["winner"], expected)
@@ -223,7 +224,7 @@ def _pairs_dataset(tmp_path, first_row: dict):
     """A pairs dataset whose row 0 is replaced by ``first_row``'s columns (label 1: image_0 is the winner)."""
     rows = _rows()
     rows[0] = {**rows[0], "label_0": 1.0, **first_row}
-    return load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+    return load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows)))
 
 
 @pytest.mark.parametrize(
@@ -242,6 +243,22 @@ def test_any_image_mode_and_size_becomes_rgb_at_the_resolution(image, pixel, tmp
     assert torch.allclose(item["winner"][:, RES // 2, RES // 2], torch.tensor(pixel) / 127.5 - 1)
 
 
+def test_a_camera_s_rotated_photo_is_read_upright(tmp_path):
+    from sspo.data.images import image_size
+
+    stored = Image.new("RGB", (2 * RES, RES), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, RES, RES))  # the left half red: upright, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned a quarter clockwise
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    assert image_size(buffer.getvalue(), "") == (RES, 2 * RES)  # what aspect-ratio buckets see
+    winner = _pairs_dataset(tmp_path, {"jpg_0": buffer.getvalue()})[0]["winner"]  # the upright centre: red above blue
+    for row, color in ((2, [255, 0, 0]), (RES - 3, [0, 0, 255])):
+        for column in (2, RES - 3):
+            assert torch.allclose(winner[:, row, column], torch.tensor(color) / 127.5 - 1, atol=0.1)
+
+
 @pytest.mark.parametrize("values, pixel", [(0.5, 128), (200.0, 200)], ids=["0-1", "0-255"])
 def test_a_float_tiff_is_scaled_not_rounded_to_black(values, pixel, tmp_path):
     buffer = io.BytesIO()
@@ -255,7 +272,7 @@ def test_huge_and_truncated_images_are_skipped_and_counted(tmp_path, monkeypatch
     rows = _rows()
     rows[0] = {**rows[0], "jpg_0": _png(Image.new("RGB", (64, 64)))}
     rows[1] = {**rows[1], "jpg_1": rows[1]["jpg_1"][: len(rows[1]["jpg_1"]) // 2]}
-    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+    ds = load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows)))
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         assert [ds[i]["index"] for i in range(3)] == [2, 2, 2]
     assert ds.skipped == 2
@@ -271,7 +288,7 @@ def test_labels_other_than_0_half_and_1_are_an_error_naming_the_row(label, tmp_p
 def test_labels_written_as_text_are_named_as_text(tmp_path):
     rows = [{**row, "label_0": str(row["label_0"])} for row in _rows()]
     with pytest.raises(DataError, match=r"row 0: label '1.0' .* or 0.5 \(a tie\), a number, not text; fix or drop the row"):
-        load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+        load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows)))
 
 
 def test_empty_missing_and_non_string_captions_skip_the_row(tmp_path, caplog):
@@ -293,5 +310,5 @@ def test_empty_missing_and_non_string_captions_skip_the_row(tmp_path, caplog):
 
 def test_duplicate_rows_are_kept_like_any_other(tmp_path):
     rows = _rows()
-    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows + rows[:2])))
+    ds = load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows + rows[:2])))
     assert len(ds) == len(rows) + 2 and ds[len(rows)]["prompt"] == rows[0]["caption"]

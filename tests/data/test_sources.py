@@ -17,7 +17,8 @@ from sspo.data.config import DataConfig
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError
-from sspo.worlds.shapes.world import all_specs, preference_pairs, render, write_pickapic_parquet
+from sspo.io import write_parquet
+from sspo.worlds.shapes.world import all_specs, preference_pairs, render
 
 RES = 32
 SPECS = all_specs()[::37][:6]
@@ -49,7 +50,7 @@ def _same(a, b):
 
 def test_parquet_is_read_a_row_group_at_a_time_with_the_items_of_a_whole_read(tmp_path, monkeypatch):
     rows = _pairs(192)
-    whole = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "one-group.parquet", rows)))
+    whole = load_dataset_from_config(_cfg(write_parquet(tmp_path / "one-group.parquet", rows)))
     grouped_path = tmp_path / "grouped.parquet"
     pq.write_table(pa.Table.from_pylist(rows), grouped_path, row_group_size=8)
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read the whole table"))
@@ -134,7 +135,7 @@ def _tar(path, samples):
 
 def test_webdataset_shards_serve_the_parquet_items(tmp_path):
     rows = preference_pairs(SPECS, per_spec=1, seed=0, size=RES)
-    parquet = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows)))
+    parquet = load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows)))
     (tmp_path / "shards").mkdir()
     for shard in range(2):  # the Pick-a-Pic columns as file extensions, the caption and label in JSON
         chunk = [(f"sample{i:04d}", {"jpg_0": r["jpg_0"], "jpg_1": r["jpg_1"], "json": json.dumps({"caption": r["caption"], "label_0": r["label_0"]}).encode()})
@@ -193,6 +194,22 @@ def test_a_bom_is_dropped_and_hidden_folders_are_not_data(tmp_path):
     assert len(ds) == 1 and ds[0]["prompt"] == SPECS[0].prompt
 
 
+def test_folders_linked_in_are_read_once_each(tmp_path):
+    cats = tmp_path / "cats"
+    cats.mkdir()
+    for i, spec in enumerate(SPECS[:2]):
+        render(spec, RES).save(cats / f"{i}.png")
+        (cats / f"{i}.txt").write_text(spec.prompt)
+    (cats / "loop").symlink_to(cats)  # a link loop ends
+    folder = tmp_path / "images"
+    folder.mkdir()
+    render(SPECS[2], RES).save(folder / "own.png")
+    (folder / "own.txt").write_text(SPECS[2].prompt)
+    (folder / "cats").symlink_to(cats)
+    ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
+    assert sorted(ds[i]["prompt"] for i in range(len(ds))) == sorted(spec.prompt for spec in SPECS[:3])
+
+
 @pytest.mark.parametrize("content, message", [
     ('[{"file_name": "0.png", "text": "a"}]\n', "line 1 is a JSON list, not an object: write one object per line"),
     ('{"file_name": "0.png", "text": "a"}\n42\n', "line 2 is a JSON int, not an object"),
@@ -245,17 +262,17 @@ def test_a_row_workers_skip_is_logged_once_by_the_training_process(tmp_path, cap
 
     rows = _pairs(6, size=8)
     rows[2] = {**rows[2], "jpg_0": b"not an image", "jpg_1": b"not an image"}
-    ds = load_dataset_from_config(_cfg(write_pickapic_parquet(tmp_path / "p.parquet", rows), num_workers=2, remove_ties=False))
+    ds = load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows), num_workers=2, remove_ties=False))
     reader = MicroBatchReader(ds, lambda m: [(i, m) for i in range(6)])  # every row, an epoch a micro-batch: both workers meet row 2
     with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
         batches = [reader(m) for m in range(4)]
     assert [r.getMessage().startswith("skipping unreadable row (1 so far)") and "row 2" in r.getMessage() for r in caplog.records] == [True]
-    assert ds.skipped == 1 and reader.replaced == {2} and all("skipped" not in item for batch in batches for item in batch)
+    assert ds.skipped == 1 and ds.skipped_rows == {2} and all("skipped" not in item for batch in batches for item in batch)
 
 
 def test_caption_dropout_is_seeded_per_row_and_epoch(tmp_path):
     rows = _pairs(64, size=8)
-    path = write_pickapic_parquet(tmp_path / "p.parquet", rows)
+    path = write_parquet(tmp_path / "p.parquet", rows)
     ds = load_dataset_from_config(_cfg(path, caption_dropout=0.25, remove_ties=False))
     dropped = [[ds.item(i, epoch)["prompt"] == "" for i in range(64)] for epoch in range(4)]
     assert dropped[0] == [ds.item(i, 0)["prompt"] == "" for i in range(64)]

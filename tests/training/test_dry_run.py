@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from sspo.cli import main
-from sspo.worlds.shapes.world import make_split, preference_pairs, write_imagefolder, write_pickapic_parquet
+from sspo.io import write_parquet
+from sspo.worlds.shapes.world import make_split, preference_pairs, write_imagefolder
 
 from tiny_pipelines import build_sdxl_pipeline
 
@@ -15,7 +16,7 @@ SD15 = str(Path(__file__).resolve().parents[2] / "configs" / "sd15-lora.yaml")
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     rows = preference_pairs(make_split().train[:6], per_spec=1, seed=0)
-    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
 
 
 def test_dry_run_prints_a_summary_and_trains_nothing(quick_base, pairs, tmp_path, capsys):

@@ -8,7 +8,8 @@ import sys
 
 import yaml
 
-from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+from sspo.io import write_parquet
+from sspo.worlds.shapes.world import make_split, preference_pairs
 
 
 def free_port() -> int:
@@ -31,7 +32,7 @@ def launch(config, tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
-    data = write_pickapic_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
     run = tmp_path / "run"
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump({

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from sspo.config import apply_overrides, from_dict
+from sspo.io import write_parquet
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
-from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+from sspo.worlds.shapes.world import make_split, preference_pairs
 
 from test_trainer import metrics
 
@@ -26,7 +27,7 @@ NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # what plain diffusers ne
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory) -> Path:
     rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
 
 
 def sd3_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:

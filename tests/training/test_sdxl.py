@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from sspo.config import apply_overrides, from_dict
+from sspo.io import write_parquet
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
-from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+from sspo.worlds.shapes.world import make_split, preference_pairs
 
 from lora_checks import assert_lora_reloads_as_trained
 from tiny_pipelines import build_sdxl_pipeline
@@ -27,7 +28,7 @@ def tiny_sdxl(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory) -> Path:
     rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
 
 
 def sdxl_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:

@@ -225,30 +225,35 @@ def test_a_parquet_of_many_row_groups_trains_holding_two_of_them(quick_base, tmp
 
 def test_a_batch_larger_than_twice_the_data_trains(quick_base, tmp_path):
     """A micro-batch of 8 from 3 rows spans three epochs, and is placed more than once."""
-    from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+    from sspo.io import write_parquet
+    from sspo.worlds.shapes.world import make_split, preference_pairs
 
-    path = write_pickapic_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:3], per_spec=1, seed=0))
+    path = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:3], per_spec=1, seed=0))
     cfg = tiny_config(tmp_path / "run", quick_base, "data.source=parquet", f"data.path={path}", "optim.batch_size=8", "iterations=1")
     assert (train(cfg) / "pytorch_lora_weights.safetensors").is_file()
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_rows_are_totalled_at_the_end_whichever_process_read_them(workers, quick_base, tmp_path, caplog):
+@pytest.mark.parametrize("broken, steps", [((2, 5), 2), ((1, 2, 3, 4, 5, 6), 1)], ids=["every-row-once", "some-met-only-as-replacements"])
+def test_unreadable_rows_are_totalled_at_the_end_whichever_process_read_them(broken, steps, workers, quick_base, tmp_path, caplog):
     import logging
 
-    from sspo.worlds.shapes.world import make_split, preference_pairs, write_pickapic_parquet
+    from sspo.io import write_parquet
+    from sspo.worlds.shapes.world import make_split, preference_pairs
 
     rows = preference_pairs(make_split().train[:8], per_spec=1, seed=0)
-    for broken in (2, 5):
-        rows[broken] = {**rows[broken], "jpg_0": b"not an image"}
-    path = write_pickapic_parquet(tmp_path / "pairs.parquet", rows)
+    for row in broken:
+        rows[row] = {**rows[row], "jpg_0": b"not an image"}
+    path = write_parquet(tmp_path / "pairs.parquet", rows)
     cfg = tiny_config(tmp_path / "run", quick_base, "method=sft", "data.source=parquet", f"data.path={path}", f"data.num_workers={workers}",
-                      "iterations=1", "steps_per_iteration=2")  # 8 items: every row once
-    with caplog.at_level(logging.WARNING, logger="sspo.training.trainer"):
+                      "iterations=1", f"steps_per_iteration={steps}")  # 2 steps: 8 items, every row once
+    with caplog.at_level(logging.WARNING):
         train(cfg)
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable row")]
     totals = [r.getMessage() for r in caplog.records if r.name == "sspo.training.trainer" and "unreadable" in r.getMessage()]
-    assert totals == ["2 unreadable rows were skipped in this run (since it started or resumed), each replaced by the next readable row; "
+    assert totals == [f"{len(named)} unreadable rows were skipped in this run (since it started or resumed), each replaced by the next readable row; "
                       "the warnings above name them"]
+    assert len(named) == len(broken) or steps == 1
 
 
 @pytest.mark.parametrize("decay", [0.9999, 0.0])

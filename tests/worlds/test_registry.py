@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw
 
 from sspo.commands.demo import run_demo
 from sspo.errors import ConfigError
+from sspo.io import write_parquet
 from sspo.worlds import DemoSettings, TrainingDataRequest, World, find_world, register, unregister
 from sspo.worlds.names import resolve_model
-from sspo.worlds.shapes.world import Split, eval_prompts, pair_rows, write_pickapic_parquet
+from sspo.worlds.shapes.world import Split, eval_prompts, pair_rows
 
 NAME = "two-colours"
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40)}
@@ -77,7 +78,7 @@ def world(tmp_path, quick_base):
         rows = pair_rows([Disc("red")], request.pairs_per_prompt, request.split_seed, clean=lambda disc: png(render(disc, request.resolution)),
                          defective=lambda disc, rng, defect: png(render(Disc("green"), request.resolution)), defects=["wrong_color"], columns=("jpg_0", "jpg_1"))
         written.append(request)
-        return write_pickapic_parquet(tmp_path / f"pairs-{len(written)}.parquet", rows)
+        return write_parquet(tmp_path / f"pairs-{len(written)}.parquet", rows)
 
     config = tmp_path / "demo.yaml"
     config.write_text(f"""

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from sspo.errors import SSPOError
+from sspo.io import write_parquet
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -375,20 +376,6 @@ def pair_rows(
     return rows
 
 
-def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
-    """Write preference rows as a Pick-a-Pic-v2-style parquet file (atomically)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from sspo.io import atomic_path
-
-    path = Path(path)
-    table = pa.Table.from_pylist(rows)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return path
-
-
 def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int, without_validation: bool = False) -> Path:
     """The world's alignment data (train combinations only, less the validation ones if asked) as a
     cached Pick-a-Pic parquet."""
@@ -413,7 +400,7 @@ def cached_parquet(name: str, rows: Callable[[], list[dict]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
-            write_pickapic_parquet(path, rows())
+            write_parquet(path, rows())
     return path
 
 

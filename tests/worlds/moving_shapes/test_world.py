@@ -38,7 +38,7 @@ from sspo.worlds.shapes.world import (
     UnknownAttributeError,
     render,
     vocabulary,
-    write_pickapic_parquet,
+    write_parquet,
 )
 
 MOVING = MotionSpec("circle", "red", "small", "left-to-right", "white")
@@ -248,7 +248,7 @@ def test_preference_pairs_have_the_clean_clip_as_winner(tmp_path):
     specs = all_motion_specs()[::120]
     rows = motion_preference_pairs(specs, per_spec=2, seed=0, frames=4, size=16)
     assert rows == motion_preference_pairs(specs, per_spec=2, seed=0, frames=4, size=16)
-    table = pq.read_table(write_pickapic_parquet(tmp_path / "pairs.parquet", rows))
+    table = pq.read_table(write_parquet(tmp_path / "pairs.parquet", rows))
     assert table.column_names == ["caption", "video_0", "video_1", "label_0", "defect"]
     winners = set()
     for row in table.to_pylist():

@@ -28,7 +28,7 @@ from sspo.worlds.shapes.world import (
     render_defect,
     vocabulary,
     write_imagefolder,
-    write_pickapic_parquet,
+    write_parquet,
 )
 
 SPEC = ShapeSpec("circle", "red", "large", "center", "white")
@@ -177,7 +177,7 @@ def test_preference_pairs_parquet_has_the_clean_render_as_winner(tmp_path):
     specs = all_specs()[:6]
     rows = preference_pairs(specs, per_spec=2, seed=0)
     assert rows == preference_pairs(specs, per_spec=2, seed=0)
-    path = write_pickapic_parquet(tmp_path / "pairs.parquet", rows)
+    path = write_parquet(tmp_path / "pairs.parquet", rows)
     assert [p.name for p in tmp_path.iterdir()] == ["pairs.parquet"]  # no temporary left behind
     table = pq.read_table(path)
     assert {"caption", "jpg_0", "jpg_1", "label_0"} <= set(table.column_names)
