@@ -233,7 +233,10 @@ def _metadata_entries(meta: Path, cfg: DataConfig) -> tuple[list[dict], list[str
         except pa.ArrowInvalid as exc:
             if "UTF8" in str(exc):
                 raise DataError(f"{meta} is not UTF-8 text; save it as UTF-8") from None
-            raise DataError(f"cannot read {meta}: {exc}") from None
+            with open(meta, encoding="utf-8", errors="replace") as f:
+                header = f.readline()
+            separated = "; its header's columns are separated by ';': a CSV's are by ','" if ";" in header and "," not in header else ""
+            raise DataError(f"cannot read {meta}: {exc}{separated}") from None
         return entries, [f"data row {n}" for n in range(1, len(entries) + 1)]
     entries, names = [], []
     for n, line in enumerate(decode_text(meta.read_bytes(), str(meta)).splitlines(), 1):
@@ -308,6 +311,10 @@ def _open_caption_files(cfg: DataConfig) -> Source:
     rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
     if all(row[cfg.text_column] is None for row in rows):
         raise DataError(f"no image in folder {root} (data.path) has a caption: caption-files expects 0001.txt beside 0001.png")
+    # Known now, so a dry run says it; training skips (and names) each as it meets it.
+    if without := [row[cfg.image_column] for row in rows if not row[cfg.text_column]]:
+        log.warning("%d of the %d images in %s have no caption (no .txt file of the same name, or an empty one), e.g. %s; they are skipped",
+                    len(without), len(rows), root, without[0])
     return Source(str(root), [(str(root), [cfg.image_column, cfg.text_column])], lambda columns: _ListRows(rows))
 
 

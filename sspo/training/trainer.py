@@ -472,7 +472,8 @@ class Trainer(Checkpointing):
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             loss = f", last loss {metrics['loss']:.4f}" if metrics else ""
-            log.info("%s: %d optimizer steps in %.0f s%s; the final model is %s", cfg.method, self.global_step - first_step,
+            steps = self.global_step - first_step
+            log.info("%s: %d optimizer step%s in %.0f s%s; the final model is %s", cfg.method, steps, "" if steps == 1 else "s",
                      time.monotonic() - started, loss, final)
         return final
 
@@ -676,7 +677,8 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)
     # Integers, since a float overflows for a batch of 400 digits, which the config admits.
     epochs = f"{items / len(dataset):.2f}" if items < 10**15 else f"about 10^{len(str(items // len(dataset))) - 1}"
-    rows["data"] += f"; {len(dataset)} rows of {'pairs' if dataset.has_losers else 'single clips' if video else 'single images'}, {epochs} epochs"
+    rows["data"] += (f"; {len(dataset)} row{'' if len(dataset) == 1 else 's'} of {'pairs' if dataset.has_losers else 'single clips' if video else 'single images'}, "
+                     f"{epochs} epochs")
     rows["output"] = cfg.output_dir
     if resume:
         state = latest_state(resumed)

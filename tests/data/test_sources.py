@@ -86,7 +86,7 @@ def test_shuffle_row_groups_reads_windows_of_groups_in_a_seeded_order(tmp_path):
     assert orders[0] != sorted(orders[0])  # rows shuffled within a window
 
 
-def test_caption_files_folder(tmp_path):
+def test_caption_files_folder(tmp_path, caplog):
     folder = tmp_path / "images"
     (folder / "nested").mkdir(parents=True)
     for i, spec in enumerate(SPECS[:4]):
@@ -95,6 +95,7 @@ def test_caption_files_folder(tmp_path):
         if i != 1:  # 001.png has no caption: skipped when read, as an unreadable image is
             image.with_suffix(".TXT" if i == 2 else ".txt").write_text(spec.prompt + "\n")
     ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
+    assert f"1 of the 4 images in {folder} have no caption (no .txt file of the same name, or an empty one), e.g. {folder / '001.png'}" in caplog.text
     assert len(ds) == 4 and not ds.has_losers
     assert [ds[i]["prompt"] for i in range(4)] == [SPECS[0].prompt, SPECS[2].prompt, SPECS[2].prompt, SPECS[3].prompt]
     assert ds.skipped == 1
@@ -235,6 +236,9 @@ def test_an_imagefolder_without_file_name_says_to_name_it_so(tmp_path):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
     (folder / "metadata.csv").write_text("file_name;text\n0.png;a red circle\n")
     with pytest.raises(DataError, match=r"\(it has 'file_name;text'; its columns are separated by ';': a CSV's are by ','\)"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_text("file_name;text\n0.png;a red circle, white background\n")  # a comma in a caption
+    with pytest.raises(DataError, match=r"metadata.csv: CSV parse error: .*; its header's columns are separated by ';': a CSV's are by ','$"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
     (folder / "metadata.csv").write_bytes("file_name,text\n0.png,café\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"metadata.csv is not UTF-8 text; save it as UTF-8"):
