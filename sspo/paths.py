@@ -13,12 +13,12 @@ PREVIOUS_RUN = ".sspo-previous"  # in a run folder: the earlier run a fresh star
 
 
 def set_aside_note(run: Path) -> str:
-    """Where an earlier run waits when a fresh start into ``run`` stopped before its first save, and
-    how to get it back; empty when none waits."""
+    """Where an earlier run waits while a fresh start into ``run`` has not saved yet (it is training,
+    or it stopped), and how to get it back; empty when none waits."""
     if not (run / PREVIOUS_RUN).is_dir():
         return ""
-    return (f"; a run started in {run} stopped before its first save, and the earlier run waits in {run / PREVIOUS_RUN}: "
-            f"`sspo train` into {run} again (with --resume to continue it) puts it back")
+    return (f"; a run started in {run} has not saved yet (it is training, or it stopped before its first save), and the earlier run waits in "
+            f"{run / PREVIOUS_RUN}: once that start has stopped, `sspo train` into {run} again (with --resume to continue it) puts it back")
 
 
 def cache_root() -> Path:

@@ -1,5 +1,8 @@
 """What a run leaves for people: validation grids (PNG and tensorboard) and a model card beside the weights."""
 
+import os
+import subprocess
+import sys
 
 from PIL import Image
 
@@ -39,16 +42,22 @@ def test_validation_grids_and_model_card(quick_base, tmp_path):
 
     card = (final / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers\ntags:\n")  # no base_model: a local folder is no hub model
-    assert f'StableDiffusionPipeline.from_pretrained("{quick_base}"' in card
+    assert f'DiffusionPipeline.from_pretrained("{quick_base}"' in card
     assert f'pipe.load_lora_weights("{final.resolve()}")' in card
     assert "![validation grid](validation.png)" in card and PROMPTS[0] in card
     assert (final / "validation.png").read_bytes() == grids[-1].read_bytes()
+    # Its code runs as written, in stock diffusers, and samples as the run's validation did.
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "num_inference_steps=2, guidance_scale=5" in code
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Image.open(tmp_path / "sample.png").size == (32, 32)
 
 
 def test_full_finetune_card_loads_the_folder():
     cfg = from_dict(TrainConfig, {"model": {"lora": False}, "method": "sft"})
-    card = model_card(cfg, base="base/model", pipeline_class="StableDiffusionXLPipeline", video=False, folder="/runs/x/final", processes=8, grid=None)
-    assert 'pipe = StableDiffusionXLPipeline.from_pretrained("/runs/x/final"' in card
+    card = model_card(cfg, base="base/model", video=False, folder="/runs/x/final", processes=8, grid=None, prompt='a "quoted" prompt')
+    assert 'pipe = DiffusionPipeline.from_pretrained("/runs/x/final"' in card and 'pipe("a \\"quoted\\" prompt", num_inference_steps=' in card
     assert "load_lora_weights" not in card and "Validation" not in card
     assert "\nbase_model: base/model\n" in card  # a hub id
     assert "4 per process x 1 accumulation x 8 processes = 32 effective" in card

@@ -290,7 +290,7 @@ def missing_samples(model: ModelSpec, items: Sequence[Item], out: Path, settings
     manifest = manifest or {"settings": settings, "prompts": {}}
     if manifest["settings"] != settings:
         changed = ", ".join(
-            "the weight files, written again since" if k == "weights" else f"{k}: {manifest['settings'].get(k)!r} -> {v!r}"
+            "the model's or LoRA's weight files, rewritten since the images were made" if k == "weights" else f"{k}: {manifest['settings'].get(k)!r} -> {v!r}"
             for k, v in settings.items() if manifest["settings"].get(k) != v
         )
         raise SSPOError(

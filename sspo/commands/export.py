@@ -1,12 +1,13 @@
 """``sspo export``: a LoRA run's final model, or one of its pool checkpoints, as one .safetensors file
 that other tools load.
 
-``kohya``: the key layout of kohya's sd-scripts (``lora_unet_<layer>.lora_down.weight``,
-``.lora_up.weight``, ``.alpha``), which ComfyUI and AUTOMATIC1111 load, and diffusers'
-``load_lora_weights`` too. ``diffusers``: the file ``load_lora_weights`` reads, the adapter's config
-in its metadata, as the run's ``final/`` holds it. Both are converted by diffusers' own converters;
-a kohya file is read back by diffusers' kohya reader before it is written, and refused if a layer
-would not come back under its own name.
+``kohya`` (UNet LoRAs: SD-1.5, SDXL, AnimateDiff): the key layout of kohya's sd-scripts
+(``lora_unet_<layer>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``), which ComfyUI and
+AUTOMATIC1111 load, and diffusers' ``load_lora_weights`` too. ``diffusers`` (a UNet's or a
+transformer's, SD3 and FLUX): the file ``load_lora_weights`` reads, the adapter's config in its
+metadata, as the run's ``final/`` holds it. Both are converted by diffusers' own converters; a kohya
+file is read back by diffusers' kohya reader before it is written, and refused if a layer would not
+come back under its own name.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sspo.training.pool import CheckpointPool
 
 FORMATS = ("kohya", "diffusers")
 FINAL = "final"
-DENOISER = "unet"  # the pipeline component export converts: a UNet (SD-1.5, SDXL, AnimateDiff)
+UNET = "unet"  # the denoiser kohya's layout names (SD-1.5, SDXL, AnimateDiff); the other is "transformer" (SD3, FLUX)
 _METADATA_KEY = "lora_adapter_metadata"  # where save_lora_weights puts the adapter's config in the file
 
 
@@ -36,9 +37,10 @@ _METADATA_KEY = "lora_adapter_metadata"  # where save_lora_weights puts the adap
 class Lora:
     """One adapter of a run, as peft holds it."""
 
-    layers: dict[str, torch.Tensor]  # peft's state dict of the UNet's adapter (``<layer>.lora_A.weight`` ...)
+    layers: dict[str, torch.Tensor]  # peft's state dict of the denoiser's adapter (``<layer>.lora_A.weight`` ...)
     config: dict  # its peft LoraConfig, as adapter_config.json holds it
     name: str  # what it is in the run: "final" or "checkpoint-002"
+    component: str  # the pipeline component it adapts: "unet" or "transformer"
 
 
 def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | Path | None = None, force: bool = False) -> Path:
@@ -49,13 +51,16 @@ def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | P
     run = Path(run)
     _check_lora_run(run)
     lora = read_final(run) if checkpoint == FINAL else read_pool_checkpoint(run, _pool_index(checkpoint))
+    if fmt == "kohya" and lora.component != UNET:
+        raise SSPOError(f"{run} trained a LoRA of the {lora.component}: kohya's layout is for UNet LoRAs (SD-1.5, SDXL, AnimateDiff); "
+                        "export --format diffusers, the file the pipeline's load_lora_weights reads")
     out = Path(out) if out else Path(f"{run.resolve().name}-{lora.name}-{fmt}.safetensors")
     _check_out(out, force)
     try:
         if fmt == "kohya":
-            save_tensors(to_kohya(lora), out)
+            save_tensors(to_kohya(lora), out, metadata=kohya_metadata(lora))
         else:
-            write_diffusers(lora, out)
+            write_diffusers(lora, out, run)
     except OSError as exc:
         raise write_error(out, exc) from None
     return out
@@ -65,31 +70,18 @@ def _check_lora_run(run: Path) -> None:
     if not os.path.exists(run):
         raise SSPOError(f"{run} does not exist; pass the output_dir that sspo train wrote")
     if not (run / "config.yaml").is_file():
-        raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote{set_aside_note(run)}")
+        inside = f" ({run.parent}, it seems)" if (run.parent / "config.yaml").is_file() else ""  # final/ or pool/ given for the run
+        raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote{inside}{set_aside_note(run)}")
     final = run / FINAL
     if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
         where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")
         raise SSPOError(f"{run} fine-tuned the whole model, not a LoRA: export is for LoRA runs; the full model is {where}, which DiffusionPipeline.from_pretrained loads")
-    _check_unet(run, _lora_component(final / LORA_FILE))
 
 
-def _check_unet(run: Path, denoiser: str | None) -> None:
-    if denoiser in (None, DENOISER):
-        return
-    if (run / FINAL / LORA_FILE).is_file():
-        loads = f"its final model's {LORA_FILE} is already the file the pipeline's load_lora_weights reads"
-    else:
-        loads = (f"its pool checkpoints load with peft (pool/{ADAPTER_CONFIG}), and finishing the run (sspo train CONFIG --resume) "
-                 f"writes final/{LORA_FILE}, which the pipeline's load_lora_weights reads")
-    raise SSPOError(f"{run} trained a LoRA of the {denoiser}, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); {loads}")
-
-
-def _lora_component(file: Path) -> str | None:
-    """The pipeline component a diffusers-format LoRA file adapts, by its keys' prefix (None: no such file)."""
-    if not file.is_file():
-        return None
+def _lora_component(file: Path) -> str:
+    """The pipeline component a diffusers-format LoRA file adapts, by its keys' prefix."""
     handle, _ = open_tensors(file, what="the final LoRA", fix="restore it, or train the run again")
-    return next(iter(handle.keys()), DENOISER).split(".")[0]
+    return next(iter(handle.keys()), UNET).split(".")[0]
 
 
 def _pool_index(checkpoint: str) -> int:
@@ -114,18 +106,20 @@ def read_final(run: Path) -> Lora:
         raise SSPOError(f"{run} has no final LoRA ({file}) yet: finish the run (sspo train CONFIG --resume), or export a pool checkpoint (--checkpoint N)"
                         f"{set_aside_note(run)}")
     fix = "restore it, or train the run again"
-    config = _adapter_config_of(file, fix)
+    component = _lora_component(file)
+    config = _adapter_config_of(file, fix, component)
     if config is None:
         raise SSPOError(f"the final LoRA {file} holds no adapter config ({_METADATA_KEY} in its metadata); {fix}")
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    prefix = f"{DENOISER}."
     tensors = read_tensors(file, what="the final LoRA", fix=fix)
-    return Lora(convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in tensors.items()}), config, FINAL)
+    layers = {key.removeprefix(f"{component}."): value for key, value in tensors.items()}
+    # A UNet's file is in diffusers' layout; a transformer's holds peft's keys already (write_lora).
+    return Lora(convert_unet_state_dict_to_peft(layers) if component == UNET else layers, config, FINAL, component)
 
 
-def _adapter_config_of(file: Path, fix: str) -> dict | None:
-    """The UNet adapter's config that save_lora_weights wrote into ``file``'s metadata (None: none there)."""
+def _adapter_config_of(file: Path, fix: str, component: str) -> dict | None:
+    """The ``component`` adapter's config that save_lora_weights wrote into ``file``'s metadata (None: none there)."""
     _, metadata = open_tensors(file, what="the final LoRA", fix=fix)
     if _METADATA_KEY not in metadata:
         return None
@@ -133,7 +127,7 @@ def _adapter_config_of(file: Path, fix: str) -> dict | None:
         packed = json.loads(metadata[_METADATA_KEY])
     except json.JSONDecodeError:
         raise SSPOError(f"the final LoRA {file} is damaged (its adapter config is not JSON); {fix}") from None
-    prefix = f"{DENOISER}."
+    prefix = f"{component}."
     return {key.removeprefix(prefix): value for key, value in packed.items() if key.startswith(prefix)} or None
 
 
@@ -144,25 +138,26 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
         raise SSPOError(f"{run} keeps no checkpoint pool (its method trains without one); export its final LoRA (--checkpoint final)")
     if index >= len(pool):
         raise SSPOError(f"--checkpoint {index}: the pool of {run} holds checkpoints 0 to {len(pool) - 1} (after steps {', '.join(map(str, pool.steps()))})")
-    config = pool.adapter_config()
     final = run / FINAL / LORA_FILE
+    # The pool's index says what it adapts; a pool of an index without it, the final LoRA, or the run's model.
+    component = pool.denoiser or (_lora_component(final) if final.is_file() else _model_index(run).get("denoiser", UNET))
+    config = pool.adapter_config()
     if config is None and final.is_file():  # a pool written without its adapter config: the final LoRA's is the same
-        config = _adapter_config_of(final, "restore it, or train the run again")
+        config = _adapter_config_of(final, "restore it, or train the run again", component)
     if config is None:
         raise SSPOError(f"the pool of {run} has no adapter config ({pool.root / ADAPTER_CONFIG}); resume the run (sspo train CONFIG --resume) to write it")
-    # A final LoRA's component was checked with the run; where neither it nor the pool's index says, the run's model does.
-    _check_unet(run, pool.denoiser or (DENOISER if final.is_file() else _model_denoiser(run)))
     try:
         layers = pool.load(index)
     except DamagedFileError as exc:  # a resume would not bring back a finished run's pool file
         other = "the run's final model (--checkpoint final)" if final.is_file() else "another pool checkpoint (--checkpoint N)"
         raise DamagedFileError(exc.problem, f"restore it from a copy, or export {other}") from None
-    return Lora(layers, config, f"checkpoint-{index:03d}")
+    return Lora(layers, config, f"checkpoint-{index:03d}", component)
 
 
-def _model_denoiser(run: Path) -> str:
-    """The denoiser component of the model ``run`` trained, from its config.yaml and the model's
-    model_index.json (no weights read): for a pool whose index does not record it."""
+def _model_index(run: Path) -> dict[str, str]:
+    """What the model ``run`` trained is, from its config.yaml and the model's model_index.json (no
+    weights read): its ``pipeline`` class name and ``denoiser`` component; empty where the model
+    cannot be read here (offline, moved)."""
     from sspo.models.families import family_of
     from sspo.training.config import TrainConfig
     from sspo.training.trainer import model_files
@@ -171,10 +166,10 @@ def _model_denoiser(run: Path) -> str:
         cfg = load_config(TrainConfig, run / "config.yaml")
         files = model_files(cfg)
         if files.config is not None:
-            return family_of(files.config, cfg.model.family).denoiser_component
-    except SSPOError:  # a model that cannot be read here (offline, moved): the pool is taken for a UNet's
+            return {"pipeline": files.config["_class_name"], "denoiser": family_of(files.config, cfg.model.family).denoiser_component}
+    except SSPOError:
         pass
-    return DENOISER
+    return {}
 
 
 def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
@@ -182,12 +177,17 @@ def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
     diffusers' kohya reader would not give a layer back under its own name."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    tensors = convert_state_dict_to_kohya({f"{DENOISER}.{key}": value for key, value in lora.layers.items()})
+    tensors = convert_state_dict_to_kohya({f"{UNET}.{key}": value for key, value in lora.layers.items()})
     # The converter writes each alpha as the layer's rank (a scale of 1); the run's scale is lora_alpha / rank.
     alpha = float(lora.config["lora_alpha"])
     tensors = {key: torch.tensor(alpha) if key.endswith(".alpha") else value for key, value in tensors.items()}
     _check_kohya_reads_back(tensors, lora)
     return tensors
+
+
+def kohya_metadata(lora: Lora) -> dict[str, str]:
+    """The network's shape as sd-scripts records it in its files, which kohya tools show (loaders read the keys)."""
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.config["r"]), "ss_network_alpha": f"{float(lora.config['lora_alpha']):g}"}
 
 
 def _check_kohya_reads_back(tensors: dict[str, torch.Tensor], lora: Lora) -> None:
@@ -197,7 +197,7 @@ def _check_kohya_reads_back(tensors: dict[str, torch.Tensor], lora: Lora) -> Non
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     state_dict, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))  # the reader takes keys out of the dict it is given
-    prefix = f"{DENOISER}."
+    prefix = f"{UNET}."
     read_back = convert_unet_state_dict_to_peft({key.removeprefix(prefix): value for key, value in state_dict.items()})
     lost = sorted({key.rpartition(".lora_")[0] for key in lora.layers if key not in read_back})
     if lost:
@@ -207,12 +207,21 @@ def _check_kohya_reads_back(tensors: dict[str, torch.Tensor], lora: Lora) -> Non
         )
 
 
-def write_diffusers(lora: Lora, out: Path) -> None:
-    """``lora`` as the file ``load_lora_weights`` reads, written as the run's final LoRA is."""
+def write_diffusers(lora: Lora, out: Path, run: Path) -> None:
+    """``lora`` as the file ``load_lora_weights`` reads, written as the run's final LoRA is: by the
+    run's pipeline class (a transformer's layout is its pipeline's), or any UNet pipeline's loader."""
+    import diffusers
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+    loader = StableDiffusionLoraLoaderMixin
+    if lora.component != UNET:
+        pipeline = _model_index(run).get("pipeline")
+        if pipeline is None:
+            raise SSPOError(f"{run}'s model (config.yaml's model.pretrained) cannot be read here, and a {lora.component} LoRA's file is written "
+                            "by its pipeline; export where the model is, or load the pool checkpoint with peft (docs/coming-from-diffusers.md)")
+        loader = getattr(diffusers, pipeline)
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
-        write_lora(StableDiffusionLoraLoaderMixin, DENOISER, lora.layers, lora.config, Path(folder))
+        write_lora(loader, lora.component, lora.layers, lora.config, Path(folder))
         os.replace(Path(folder) / LORA_FILE, tmp)
 
 

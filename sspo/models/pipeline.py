@@ -38,6 +38,8 @@ def _locate(model: str | Path) -> str:
         if any(folder.glob("*lora*.safetensors")):  # a run's final/ of a LoRA run, say
             raise ModelError(f"model path {model} holds a LoRA, not a pipeline; pass it as the LoRA (--lora of sspo sample and eval) "
                              "and the model it was trained on as the model")
+        if (folder / "final" / "model_index.json").is_file():  # a full fine-tuning run's output_dir
+            raise ModelError(f"model path {model} is a training run's folder; its model is {folder / 'final'}: pass that")
         raise ModelError(
             f"model path {model} is not a diffusers pipeline folder (no model_index.json there); "
             "pass a hub id, a save_pretrained folder, or a world's base such as shapes-base"

@@ -91,8 +91,8 @@ def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
 class Checkpointing:
     """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
     and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
-    ``policy``, ``params``, ``param_names``, ``ema``, ``averaged_weights``, ``pool``, ``reference``, ``global_step``
-    and ``nonfinite_skips``."""
+    ``policy``, ``params``, ``param_names``, ``ema``, ``averaged_weights``, ``pool``, ``reference``, ``global_step``,
+    ``nonfinite_skips`` and ``example_prompt``."""
 
     def start_or_resume(self, resume: bool) -> None:
         """Continue from the newest intact saved state (``resume``), or start afresh; nothing in the
@@ -296,7 +296,8 @@ class Checkpointing:
         if grids:
             shutil.copyfile(grids[-1], staging / "validation.png")
         card = model_card(
-            self.cfg, base=self.base_model, pipeline_class=type(self.pipe).__name__, video=self.family.video, folder=str(final.resolve()),
-            processes=self.accelerator.num_processes, grid="validation.png" if grids else None,
+            self.cfg, base=self.base_model, video=self.family.video, folder=str(final.resolve()),
+            processes=self.accelerator.num_processes, grid="validation.png" if grids else None, prompt=self.example_prompt,
+            absent=tuple(name for name, component in self.pipe.components.items() if component is None and name not in self.pipe._optional_components),
         )
         (staging / "README.md").write_text(card)

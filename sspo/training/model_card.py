@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sspo.models.families import resolve_train_modules
 from sspo.training.config import TrainConfig
+from sspo.worlds import base_world
 
 
 def _fine_tuning(cfg: TrainConfig, video: bool) -> str:
@@ -49,14 +50,34 @@ def effective_batch(cfg: TrainConfig, processes: int) -> int:
     return cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * processes
 
 
-def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, video: bool, folder: str, processes: int, grid: str | None) -> str:
-    """Markdown with a Hugging Face metadata header: what was trained, how, and how to load it."""
-    table = "\n".join(f"| {key} | {value} |" for key, value in run_settings(cfg, processes, video).items())
-    if cfg.model.lora:
-        load = f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16)\npipe.load_lora_weights("{folder}")'
+def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...]) -> list[str]:
+    """Lines of Python that load the trained model into ``pipe``: DiffusionPipeline picks the
+    pipeline class from the folder's model_index.json; the ``absent`` components (null there, as the
+    tiny flow base's T5) are passed as None, which from_pretrained otherwise refuses."""
+    nulls = "".join(f", {name}=None" for name in absent)
+    lines = []
+    if world := base_world(cfg.model.pretrained):
+        lines.append(f"# {cfg.model.pretrained}: the {world.name} world's base on this machine; elsewhere, the folder `sspo base` prints")
+    if cfg.model.lora and cfg.model.motion_adapter:  # an image model joined to motion modules at load
+        lines += [f'adapter = MotionAdapter.from_pretrained("{cfg.model.motion_adapter}", torch_dtype=dtype)',
+                  f'pipe = AnimateDiffPipeline.from_pretrained("{base}", motion_adapter=adapter{nulls}, torch_dtype=dtype)']
     else:
-        load = f'pipe = {pipeline_class}.from_pretrained("{folder}", torch_dtype=torch.bfloat16)'
-    prompt = cfg.validation.prompts[0] if cfg.validation.prompts else "a photo of a cat"
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{base if cfg.model.lora else folder}"{nulls}, torch_dtype=dtype)')
+    if cfg.model.lora:
+        lines.append(f'pipe.load_lora_weights("{folder}")')
+    return lines
+
+
+def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, processes: int, grid: str | None, prompt: str | None = None,
+               absent: tuple[str, ...] = ()) -> str:
+    """Markdown with a Hugging Face metadata header: what was trained, how, and how to load and
+    sample it as the run's validation did (``prompt``: one of the run's own, if it has no validation
+    prompt; ``absent``: the pipeline's components the model does not have)."""
+    table = "\n".join(f"| {key} | {value} |" for key, value in run_settings(cfg, processes, video).items())
+    prompt = (cfg.validation.prompts[0] if cfg.validation.prompts else prompt or "a photo of a cat").replace("\\", "\\\\").replace('"', '\\"')
+    imports = "AnimateDiffPipeline, MotionAdapter" if cfg.model.lora and cfg.model.motion_adapter else "DiffusionPipeline"
+    guidance = "" if cfg.negatives.guidance_scale is None else f", guidance_scale={cfg.negatives.guidance_scale:g}"  # None: not yet resolved from the model
+    sampling = f'"{prompt}", num_inference_steps={cfg.negatives.steps}{guidance}, generator=torch.manual_seed(0)'
     tags = dict.fromkeys(["diffusers", "text-to-video" if video else "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
     sections = [
         "---",
@@ -69,7 +90,9 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, video: bool,
         f"# {cfg.method.upper()} fine-tune of {cfg.model.pretrained}",
         "",
         f"Fine-tuned by {cfg.spec.description} with sspo, an implementation of *Bridging SFT and DPO for Diffusion "
-        "Model Alignment with Self-Sampling Preference Optimization*. The full training config is `sspo_config.yaml` here.",
+        "Model Alignment with Self-Sampling Preference Optimization*. The full training config is `sspo_config.yaml` here; "
+        "its `output_dir` is this run's, so train it again into another folder: "
+        "`sspo train sspo_config.yaml output_dir=runs/again`.",
         "",
         "| setting | value |",
         "| --- | --- |",
@@ -77,13 +100,16 @@ def model_card(cfg: TrainConfig, *, base: str, pipeline_class: str, video: bool,
         "",
         "## Use with diffusers",
         "",
+        "With the sampler steps and guidance the run sampled with, seed 0:",
+        "",
         "```python",
         "import torch",
-        f"from diffusers import {pipeline_class}",
+        f"from diffusers import {imports}",
         "",
-        load,
-        'pipe.to("cuda")',
-        f'frames = pipe("{prompt}", num_frames={cfg.data.frames}).frames[0]' if video else f'image = pipe("{prompt}").images[0]',
+        'device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)',
+        *_loading(cfg, base, folder, absent),
+        "pipe.to(device)",
+        f"frames = pipe({sampling}, num_frames={cfg.data.frames}).frames[0]" if video else f"pipe({sampling}).images[0].save(\"sample.png\")",
         "```",
     ]
     if video and not cfg.model.lora:

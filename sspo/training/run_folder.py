@@ -102,7 +102,7 @@ def start_fresh(run_dir: Path) -> bool:
     if previous.exists():  # a start killed before its first state: the earlier run stays in PREVIOUS_RUN
         for entry in entries:
             _remove(entry)
-    elif entries:
+    elif any(entry.name != MANIFEST for entry in entries):  # more than the mark claimed() gives a new folder
         previous.mkdir()
         for entry in entries:
             entry.rename(previous / entry.name)

@@ -213,6 +213,7 @@ class Trainer(Checkpointing):
         # Nothing in the output folder is moved or rewritten before this point: data, model and optimizer are set up first.
         self.global_step = 0
         self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
+        self.example_prompt: str | None = None  # a prompt the last step trained on
         self.start_or_resume(resume)
 
         if self.accelerator.is_main_process:
@@ -394,6 +395,8 @@ class Trainer(Checkpointing):
     def optimizer_step(self, batches: list[PairBatch]) -> dict[str, float]:
         totals: dict[str, float] = {}
         accum = len(batches)
+        # A prompt of the run's own data, for the model card's example (a dropped caption is "").
+        self.example_prompt = next((p for b in batches for p in b.rows.prompts if p), self.example_prompt)
         for batch in batches:
             # Divides the loss by accum; gradients are synchronised across processes (and DeepSpeed
             # steps) on the last micro-batch only.

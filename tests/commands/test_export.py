@@ -57,8 +57,9 @@ from safetensors.torch import load_file, save_file
 
 base, loads, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 latents = {}
+absent = {name: None for name, value in json.load(open(f"{base}/model_index.json")).items() if value == [None, None]}
 for name, (how, path) in loads.items():
-    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe = DiffusionPipeline.from_pretrained(base, **absent)
     pipe.set_progress_bar_config(disable=True)
     if how == "load_lora_weights":
         pipe.load_lora_weights(path)
@@ -89,6 +90,10 @@ def test_exports_sample_in_stock_diffusers_as_the_runs_own_lora_and_pool_adapter
     kohya = load_file(files["kohya", "final"])
     assert kohya and all(key.startswith("lora_unet_") and key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in kohya)
     assert {value.item() for key, value in kohya.items() if key.endswith(".alpha")} == {ALPHA}
+    from safetensors import safe_open
+
+    with safe_open(files["kohya", "final"], "pt") as f:
+        assert f.metadata() == {"ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA)}
     latents = stock_samples(quick_base, {
         "base": ("none", None),
         "final": ("load_lora_weights", lora_run / "final"),
@@ -147,21 +152,33 @@ def test_a_full_fine_tuning_run_is_refused_with_where_its_model_is(fmt, full_run
     assert not out.exists()
 
 
-def test_a_transformer_lora_is_refused_with_the_file_that_loads_final_or_pool_checkpoint(tiny_sd3, tmp_path, capsys):
+def test_a_transformer_lora_exports_for_load_lora_weights_and_kohyas_layout_is_refused(tiny_sd3, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "lora.safetensors"
     train(tiny_config(run, tiny_sd3, "method=spin", "negatives.scheduler=pipeline", "model.lora_targets=[to_q]", "iterations=1", "steps_per_iteration=1"))
-    refusal = "trained a LoRA of the transformer, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); " \
-              "its final model's pytorch_lora_weights.safetensors is already the file the pipeline's load_lora_weights reads"
-    for fmt in ("kohya", "diffusers"):
-        assert export(capsys, run, "--format", fmt, "--out", str(out)) == (2, f"sspo: error: {run} {refusal}")
-    shutil.rmtree(run / "final")  # a run stopped before its end: the pool's index says what it adapts
-    stopped = "trained a LoRA of the transformer, not of a UNet: export converts UNet LoRAs (SD-1.5, SDXL, AnimateDiff); its pool checkpoints " \
-              "load with peft (pool/adapter_config.json), and finishing the run (sspo train CONFIG --resume) writes " \
-              "final/pytorch_lora_weights.safetensors, which the pipeline's load_lora_weights reads"
-    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, f"sspo: error: {run} {stopped}")
-    (run / "pool" / "pool.json").unlink()  # an index rebuilt from the files does not say: the run's model does
-    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, f"sspo: error: {run} {stopped}")
+    refusal = f"sspo: error: {run} trained a LoRA of the transformer: kohya's layout is for UNet LoRAs (SD-1.5, SDXL, AnimateDiff); " \
+              "export --format diffusers, the file the pipeline's load_lora_weights reads"
+    assert export(capsys, run, "--format", "kohya", "--out", str(out)) == (2, refusal)
     assert not out.exists()
+    final, first, initial = (tmp_path / f"{name}.safetensors" for name in ("final", "first", "initial"))
+    for checkpoint, file in (("final", final), ("1", first), ("0", initial)):
+        assert export(capsys, run, "--format", "diffusers", "--checkpoint", checkpoint, "--out", str(file)) == (0, f"{file}\n")
+    assert final.read_bytes() == (run / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+    a, b = load_file(final), load_file(first)  # the pool's last checkpoint is the final LoRA
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    latents = stock_samples(tiny_sd3, {"final": ("load_lora_weights", final), "first": ("load_lora_weights", first),
+                                       "initial": ("load_lora_weights", initial), "base": ("none", None)}, tmp_path)
+    torch.testing.assert_close(latents["first"], latents["final"])
+    torch.testing.assert_close(latents["initial"], latents["base"])  # theta_0's LoRA is zero
+    assert not torch.allclose(latents["final"], latents["base"], atol=1e-4)
+    code = (run / "final" / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]  # the model card's, as written
+    assert "text_encoder_3=None, tokenizer_3=None" in code and "background" in code  # a prompt of the run's own
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and (tmp_path / "sample.png").is_file(), done.stderr[-3000:]
+    shutil.rmtree(run / "final")  # a run stopped before its end: the pool's index says what it adapts
+    (run / "pool" / "pool.json").unlink()  # an index rebuilt from the files does not say: the run's model does
+    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1", "--out", str(out)) == (2, refusal)
+    assert export(capsys, run, "--format", "diffusers", "--checkpoint", "1", "--out", str(out)) == (0, f"{out}\n")
+    assert load_file(out).keys() == a.keys()
 
 
 def test_an_existing_file_is_kept_unless_forced(lora_run, tmp_path, capsys):
@@ -208,6 +225,8 @@ def test_bad_flags_are_one_error_line(flags, message, lora_run, tmp_path, capsys
 def test_runs_without_what_is_asked_for_are_named(lora_run, tmp_path, capsys):
     status, line = export(capsys, tmp_path, "--format", "kohya")
     assert status == 2 and "is not a training run's folder (no config.yaml there)" in line
+    status, line = export(capsys, lora_run / "final", "--format", "kohya")  # the run's final/ given for the run
+    assert status == 2 and line.endswith(f"pass the output_dir that sspo train wrote ({lora_run}, it seems)")
     status, line = export(capsys, tmp_path / "nothere", "--format", "kohya")
     assert status == 2 and line == f"sspo: error: {tmp_path / 'nothere'} does not exist; pass the output_dir that sspo train wrote"
     run = tmp_path / "run"
@@ -230,7 +249,7 @@ def test_a_layer_kohyas_reader_cannot_name_is_refused():
     layers = {"add_embedding.pool.k_proj.lora_A.weight": torch.randn(RANK, 16, generator=generator),
               "add_embedding.pool.k_proj.lora_B.weight": torch.randn(16, RANK, generator=generator)}
     with pytest.raises(SSPOError, match=r"cannot carry 1 layer of this LoRA \(e.g. add_embedding.pool.k_proj\).*--format diffusers"):
-        to_kohya(Lora(layers, {"lora_alpha": ALPHA}, "final"))
+        to_kohya(Lora(layers, {"lora_alpha": ALPHA}, "final", "unet"))
 
 
 class StubHub:

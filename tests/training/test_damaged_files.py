@@ -184,3 +184,8 @@ def test_a_lora_folder_given_as_the_model_says_to_pass_it_as_the_lora(finished_r
     assert main(["sample", "--model", str(final), "--prompt", "a small red circle on the left", "--out", str(tmp_path / "g.png")]) == 2
     assert error_line(capsys) == (f"sspo: error: model path {final} holds a LoRA, not a pipeline; pass it as the LoRA (--lora of sspo sample and eval) "
                                   "and the model it was trained on as the model")
+    full_run = tmp_path / "full"  # a full fine-tuning run's folder given for its model
+    (full_run / "final").mkdir(parents=True)
+    (full_run / "final" / "model_index.json").write_text("{}")
+    assert main(["sample", "--model", str(full_run), "--prompt", "a small red circle on the left", "--out", str(tmp_path / "g.png")]) == 2
+    assert error_line(capsys) == f"sspo: error: model path {full_run} is a training run's folder; its model is {full_run / 'final'}: pass that"

@@ -187,6 +187,12 @@ def test_a_start_killed_before_its_first_state_is_undone_by_the_next_run(tmp_pat
     assert snapshot(run) == before
 
 
+def test_a_fresh_start_in_a_new_folder_sets_nothing_aside(tmp_path):
+    with claimed(tmp_path):  # marks the folder as a run's
+        assert not start_fresh(tmp_path)
+        assert {p.name for p in tmp_path.iterdir()} == {MANIFEST, LOCK_FILE, HOLDER_FILE}
+
+
 def test_a_failed_start_in_an_empty_folder_leaves_it_empty(tmp_path):
     with pytest.raises(KeyboardInterrupt), claimed(tmp_path):
         start_fresh(tmp_path)
@@ -198,7 +204,8 @@ def test_a_failed_start_in_an_empty_folder_leaves_it_empty(tmp_path):
 
 def test_after_a_start_killed_before_its_first_save_sample_and_export_name_where_the_earlier_run_waits(earlier_run, quick_base, tmp_path, capsys):
     start_fresh(earlier_run)  # the earlier run goes aside; the start is killed before its first save
-    waits = f"the earlier run waits in {earlier_run / PREVIOUS_RUN}: `sspo train` into {earlier_run} again (with --resume to continue it) puts it back"
+    waits = (f"the earlier run waits in {earlier_run / PREVIOUS_RUN}: once that start has stopped, `sspo train` into {earlier_run} again "
+             "(with --resume to continue it) puts it back")
     assert main(["sample", "--model", quick_base, "--lora", str(earlier_run / "final"), "--prompt", "a red circle", "--out", str(tmp_path / "g.png")]) == 2
     assert one_error(capsys.readouterr().err).endswith(waits)
     assert main(["export", str(earlier_run), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")]) == 2
