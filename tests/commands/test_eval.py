@@ -126,7 +126,7 @@ def test_a_model_retrained_into_the_same_folder_is_not_served_stale_images(quick
     run_eval([ModelSpec("mine", str(model))], cfg, tmp_path / "eval")
     weights = next((model / "unet").glob("*.safetensors"))
     save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)  # trained on
-    with pytest.raises(bench_eval.SSPOError, match=r"images made with other settings \(the weight files, written again since\)"):
+    with pytest.raises(bench_eval.SSPOError, match=r"images made with other settings \(the model's or LoRA's weight files, rewritten since the images were made\)"):
         run_eval([ModelSpec("mine", str(model))], cfg, tmp_path / "eval")
 
 
