@@ -151,7 +151,7 @@ class Checkpointing:
                 state = {
                     "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
                     "processes": self.accelerator.num_processes,
-                    "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset),
+                    "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset), "example_prompt": self.example_prompt,
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
                     "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
                     # A resume can then tell a row cut short by a kill after this save from one lost to damage.
@@ -231,6 +231,8 @@ class Checkpointing:
             self._load_ema(state_dir)
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        prompt = state.get("example_prompt")  # the model card's: a finished run resumed writes the same card
+        self.example_prompt = prompt if isinstance(prompt, str) else None
         if state.get("data_rows", len(self.dataset)) != len(self.dataset) and self.accelerator.is_main_process:  # rows added or removed since the save
             log.warning("the data (%s) holds %d rows, %d when %s was saved: the run goes on, but on other batches than it would have",
                         self.cfg.data.path or self.cfg.data.source, len(self.dataset), state["data_rows"], state_dir.name)
