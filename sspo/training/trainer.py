@@ -192,19 +192,7 @@ class Trainer(Checkpointing):
         uncond = self.family.encode_unconditional(self.device, cfg.data.resolution).to("cpu")
         self.pair_builder = PairBuilder(cfg, self.family, self.reference, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
 
-        trained = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
-        params = list(trained.values())
-        optimizer = self._optimizer(params)
-        from diffusers.optimization import get_scheduler
-
-        # A prepared scheduler steps once per process at each optimizer step (accelerate's convention).
-        o, processes = cfg.optim, self.accelerator.num_processes
-        lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * processes,
-                                     num_training_steps=cfg.iterations * cfg.steps_per_iteration * processes, num_cycles=o.lr_num_cycles, power=o.lr_power)
-        self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(denoiser, optimizer, lr_scheduler)
-        self.params = params
-        self.param_names = list(trained)
-        self.ema = self._ema() if cfg.optim.ema else None
+        self._prepare_optimization(denoiser)
 
         self.ssr_truth = None
         if cfg.diagnostics.ssr_truth_per_batch and cfg.generates_negatives and self.accelerator.is_main_process:
@@ -219,13 +207,31 @@ class Trainer(Checkpointing):
         if self.accelerator.is_main_process:
             save_yaml(cfg, self.run_dir / "config.yaml")
             if cfg.report_to != "none":
-                scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
-                # accelerate's tensorboard tracker logs to <logging_dir>/<project name>: the run's folder within the project's.
-                project = cfg.tracker_project if cfg.report_to == "wandb" else f"{cfg.tracker_project}/{cfg.run_name}"
-                self.accelerator.init_trackers(project, config=scalars, init_kwargs={"wandb": {"name": cfg.run_name}})
+                self._init_trackers()
 
     # ----------------------------------------------------------------------------------------------
     # Set-up
+
+    def _prepare_optimization(self, denoiser) -> None:
+        """The trained parameters, their optimizer, learning-rate schedule and moving average, prepared by accelerate."""
+        from diffusers.optimization import get_scheduler
+
+        cfg, o, processes = self.cfg, self.cfg.optim, self.accelerator.num_processes
+        trained = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        self.params, self.param_names = list(trained.values()), list(trained)
+        optimizer = self._optimizer(self.params)
+        # A prepared scheduler steps once per process at each optimizer step (accelerate's convention).
+        lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * processes,
+                                     num_training_steps=cfg.iterations * cfg.steps_per_iteration * processes, num_cycles=o.lr_num_cycles, power=o.lr_power)
+        self.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(denoiser, optimizer, lr_scheduler)
+        self.ema = self._ema() if o.ema else None
+
+    def _init_trackers(self) -> None:
+        cfg = self.cfg
+        scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
+        # accelerate's tensorboard tracker logs to <logging_dir>/<project name>: the run's folder within the project's.
+        project = cfg.tracker_project if cfg.report_to == "wandb" else f"{cfg.tracker_project}/{cfg.run_name}"
+        self.accelerator.init_trackers(project, config=scalars, init_kwargs={"wandb": {"name": cfg.run_name}})
 
     def _on_main(self, check: Callable[[], None]) -> None:
         """``check`` on the main process; its error stops every process at once (the others would
