@@ -138,10 +138,11 @@ def _build_clean(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
     from diffusers import AutoencoderKL
 
     started = time.time()
+    image_base = build_base(BaseConfig.preset(cfg.size))
+    # Seeded after the image base, which draws from torch's global RNG when it is built now, not when it is cached.
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = video_size(cfg.size)
-    image_base = build_base(BaseConfig.preset(cfg.size))
     vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae")
     words = vocabulary()
     tokenizer = write_word_tokenizer(staging / "tokenizer", words)

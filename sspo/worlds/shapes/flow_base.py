@@ -73,9 +73,10 @@ def _build(cfg: FlowBaseConfig, staging: Path, output: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     started = time.time()
+    image_base = build_base(cfg.image_base)
+    # Seeded after the image base, which draws from torch's global RNG when it is built now, not when it is cached.
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    image_base = build_base(cfg.image_base)
     vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae").eval().requires_grad_(False)
     vae.register_to_config(shift_factor=0.0)  # SD3's pipeline shifts its latents; the image base's are centred already
     tokenizer = CLIPTokenizer.from_pretrained(str(image_base), subfolder="tokenizer")

@@ -65,6 +65,24 @@ def test_quick_video_build_is_bitwise_repeatable(tmp_path):
     assert hashes(again) == hashes(Path(cached)) and len(hashes(again)) >= 3
 
 
+def test_a_video_build_is_the_same_whether_its_image_base_was_cached_or_built_then(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    import torch
+
+    from sspo.worlds.moving_shapes import base_model
+
+    def hashes(folder: Path) -> dict:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.safetensors"))}
+
+    cfg = dataclasses.replace(VideoBaseConfig.preset("quick"), vae_steps=1, denoiser_steps=2, defect_steps=0, vae_defect_steps=0)
+    cached = build_video_base(cfg, tmp_path / "cached")
+    image_base = base_model.build_base
+    monkeypatch.setattr(base_model, "build_base", lambda config: (torch.rand(5), image_base(config))[1])  # a build draws from torch's RNG
+    assert hashes(build_video_base(cfg, tmp_path / "built")) == hashes(cached)
+
+
 def test_every_loser_type_survives_the_video_base_vae():
     """A loser the latent cannot tell from a clean clip teaches nothing: through the shipped base's
     VAE each defect keeps its clip at least 0.15 below the clean ones (the checkerboard only since

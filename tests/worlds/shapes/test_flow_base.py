@@ -42,6 +42,20 @@ def test_quick_flow_build_is_bitwise_repeatable(flow_quick, tmp_path):
     assert _weight_hashes(again) == _weight_hashes(flow_quick)
 
 
+def test_a_flow_build_is_the_same_whether_its_image_base_was_cached_or_built_then(tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from sspo.worlds.shapes import flow_base
+
+    cfg = dataclasses.replace(FlowBaseConfig.preset("flow-quick"), denoiser_steps=2)
+    cached = build_flow_base(cfg, tmp_path / "cached")
+    image_base = flow_base.build_base
+    monkeypatch.setattr(flow_base, "build_base", lambda config: (torch.rand(5), image_base(config))[1])  # a build draws from torch's RNG
+    assert _weight_hashes(build_flow_base(cfg, tmp_path / "built")) == _weight_hashes(cached)
+
+
 def test_every_method_trains_on_the_flow_base(flow_quick, tmp_path):
     from sspo.training.trainer import train
 
