@@ -63,7 +63,9 @@ def image_size(value: Any, where: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             width, height = image.size
-            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn (and a mirror, 5 and 7)
+            # A PNG's getexif() decodes the whole image unless its EXIF chunk came before the pixels, and cameras write JPEGs.
+            exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+            turned = exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn (and a mirror, 5 and 7)
             return (height, width) if turned else (width, height)
     except Exception as exc:  # PIL raises many types for corrupt data
         raise DataError(f"cannot read image {where}: {exc}") from None

@@ -44,7 +44,7 @@ from sspo.training.run_state import HARMLESS_KEYS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # images are encoded upright (EXIF orientation applied)
 SHARD_ROWS = 1024
 KEY_FILE, INDEX_FILE = "key.json", "index.json"
 _COND_FIELDS = tuple(f.name for f in dataclasses.fields(TextCondition))
@@ -108,10 +108,14 @@ def default_dir(key: dict) -> Path:
 
 
 def _check_key(root: Path, found: dict, key: dict) -> None:
+    if found.get("version") != key["version"]:
+        raise ConfigError(f"config key 'data.cache_dir': {root} holds latents another version of sspo encoded (format {found.get('version')!r}, "
+                          f"this one writes {key['version']}); delete it to encode them again, or choose another folder")
     if found != key:
         differ = sorted(k for k in key.keys() | found.keys() if found.get(k) != key.get(k))
         if "data" in differ and isinstance(found.get("data"), dict):
-            differ = [k for k in differ if k != "data"] + [f"data.{k}" for k in sorted(key["data"]) if found["data"].get(k) != key["data"][k]]
+            differ = [k for k in differ if k != "data"] + [f"data.{k}" for k in sorted(key["data"].keys() | found["data"].keys())
+                                                           if found["data"].get(k) != key["data"].get(k)]
         raise ConfigError(
             f"config key 'data.cache_dir': {root} holds latents of another model or data (differs in {', '.join(differ)}); "
             "delete it, choose another folder, or leave data.cache_dir unset for a folder per model and data"

@@ -111,6 +111,11 @@ def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):
     other = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4", "data.mode=random")
     with pytest.raises(ConfigError, match=r"data.cache_dir.*data.mode"):
         LatentCache.build(family, dataset, cache_key(other, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    index["key"]["version"] -= 1  # written by another version of sspo, which may have encoded the images otherwise
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"holds latents another version of sspo encoded \(format 2, this one writes 3\); delete it"):
+        LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
 
 
 def test_default_dir_is_shared_by_runs_that_encode_the_same_rows(quick_base, tmp_path):
