@@ -108,9 +108,9 @@ def default_dir(key: dict) -> Path:
 
 
 def _check_key(root: Path, found: dict, key: dict) -> None:
-    if found.get("version") != key["version"]:
+    if found.get("version") != key.get("version"):
         raise ConfigError(f"config key 'data.cache_dir': {root} holds latents another version of sspo encoded (format {found.get('version')!r}, "
-                          f"this one writes {key['version']}); delete it to encode them again, or choose another folder")
+                          f"this one writes {key.get('version')}); delete it to encode them again, or choose another folder")
     if found != key:
         differ = sorted(k for k in key.keys() | found.keys() if found.get(k) != key.get(k))
         if "data" in differ and isinstance(found.get("data"), dict):
