@@ -40,7 +40,7 @@ def _sample(args) -> None:
     from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.io import write_error
     from sspo.models.families import family_of
-    from sspo.models.pipeline import check_lora_path, load_pipeline
+    from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config
     from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
@@ -52,8 +52,6 @@ def _sample(args) -> None:
     if not args.out.strip() or out.is_dir() or args.out.endswith(("/", os.sep)):  # a trailing slash names a folder
         raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
     check_write_target(out, "--out", file=True)
-    if out.suffix in (".png", ".gif", ".mp4", ".webp"):  # before the model loads; other names get the family's suffix
-        _refuse_existing(out, args.force)
     prompts = args.prompt
     if args.shapes_check:
         from sspo.worlds.shapes.world import parse_prompt
@@ -62,11 +60,14 @@ def _sample(args) -> None:
             parse_prompt(prompt)
     if args.lora:  # before resolve_model builds a world's base
         check_lora_path(Path(args.lora).expanduser())
-    pipe = load_pipeline(resolve_model(args.model), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
-    video = family_of(pipe).video  # an animated grid: GIF, or MP4 / WebP by the suffix
+    model = resolve_model(args.model)
+    # Whether the grid is animated (GIF, or MP4 / WebP by the suffix), from the model's index: the file is known before weights load.
+    video = args.motion_adapter is not None or family_of(load_pipeline_config(model)).video
     suffixes = (".gif", ".mp4", ".webp") if video else (".png",)
     out = out if out.suffix in suffixes else out.with_suffix(suffixes[0])
-    _refuse_existing(out, args.force)
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
+    pipe = load_pipeline(model, lora=args.lora, motion_adapter=args.motion_adapter).to(device)
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]
@@ -76,11 +77,6 @@ def _sample(args) -> None:
     except OSError as exc:
         raise write_error(out, exc) from None
     print(out)
-
-
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
 
 
 def _eval(args) -> None:

@@ -61,7 +61,7 @@ def test_sample_refuses_a_device_before_loading_a_model(device, message, monkeyp
     assert capsys.readouterr().err.strip() == f"sspo: error: {message}"
 
 
-@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+@pytest.mark.parametrize("suffix", [".gif", ".mp4", ".png"])
 def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
     from sspo.video_io import read_clip
     from sspo.worlds.moving_shapes.base_model import vocabulary
@@ -70,7 +70,12 @@ def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
 
     model = build_video_pipeline(tmp_path / "video", vocabulary(), max_frames=16)
     out = tmp_path / f"grid{suffix}"
+    if suffix == ".png":  # a still grid's name, for a video model: a GIF beside it, the user's file kept
+        out.write_bytes(b"the user's own image")
     assert main(["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--rows", "2", "--steps", "2", "--frames", "6", "--out", str(out)]) == 0
+    if suffix == ".png":
+        assert out.read_bytes() == b"the user's own image"
+        out = out.with_suffix(".gif")
     grid = read_clip(str(out))
     assert len(grid) == 6 and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
 
@@ -87,12 +92,15 @@ def test_sample_replaces_an_existing_file_only_with_force(quick_base, tmp_path, 
 
 
 @pytest.mark.parametrize("home", [False, True])
-def test_sample_refuses_an_existing_file_before_the_model_loads(home, tmp_path, capsys, monkeypatch):
+def test_sample_refuses_an_existing_file_before_the_model_loads(home, quick_base, tmp_path, capsys, monkeypatch):
+    from sspo.models import pipeline
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the weights loaded"))
     monkeypatch.setenv("HOME", str(tmp_path))  # a quoted ~/grid.png is the home folder's, as the shell's is
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"the user's own image")
     out = "~/grid.png" if home else str(grid)
-    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a red circle", "--device", "cpu", "--out", out]) == 2
+    assert main(["sample", "--model", quick_base, "--prompt", "a red circle", "--device", "cpu", "--out", out]) == 2
     assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
 
 
