@@ -62,3 +62,16 @@ def test_full_finetune_card_loads_the_folder():
     assert "\nbase_model: base/model\n" in card  # a hub id
     assert "4 per process x 1 accumulation x 8 processes = 32 effective" in card
     assert "| fine-tuning | full denoiser (every layer) |" in card
+
+
+def test_the_card_of_an_image_model_with_motion_modules_names_the_adapter_wherever_its_code_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters" / "motion").mkdir(parents=True)
+    cfg = from_dict(TrainConfig, {"model": {"pretrained": "some/sd15", "motion_adapter": "adapters/motion", "revision": "main"},
+                                  "data": {"frames": 8}, "negatives": {"guidance_scale": 7.5}})
+    card = model_card(cfg, base="some/sd15", video=True, folder="/runs/x/final", processes=1, grid=None, prompt='a "red"\ncircle\\')
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "card", "exec")  # any prompt or path is a string literal there
+    assert f'MotionAdapter.from_pretrained("{tmp_path / "adapters" / "motion"}", torch_dtype=dtype)' in code
+    assert 'AnimateDiffPipeline.from_pretrained("some/sd15", motion_adapter=adapter, revision="main", torch_dtype=dtype)' in code
+    assert 'pipe("a \\"red\\"\\ncircle\\\\", num_inference_steps=20, guidance_scale=7.5' in code and "num_frames=8" in code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sspo.models.families import resolve_train_modules
@@ -54,18 +55,26 @@ def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...]) 
     """Lines of Python that load the trained model into ``pipe``: DiffusionPipeline picks the
     pipeline class from the folder's model_index.json; the ``absent`` components (null there, as the
     tiny flow base's T5) are passed as None, which from_pretrained otherwise refuses."""
-    nulls = "".join(f", {name}=None" for name in absent)
+    base_options = "".join(f", {key}={_literal(value)}" for key, value in (("revision", cfg.model.revision), ("variant", cfg.model.variant)) if value)
+    options = "".join(f", {name}=None" for name in absent) + (base_options if cfg.model.lora else "")
     lines = []
     if world := base_world(cfg.model.pretrained):
         lines.append(f"# {cfg.model.pretrained}: the {world.name} world's base on this machine; elsewhere, the folder `sspo base` prints")
     if cfg.model.lora and cfg.model.motion_adapter:  # an image model joined to motion modules at load
-        lines += [f'adapter = MotionAdapter.from_pretrained("{cfg.model.motion_adapter}", torch_dtype=dtype)',
-                  f'pipe = AnimateDiffPipeline.from_pretrained("{base}", motion_adapter=adapter{nulls}, torch_dtype=dtype)']
+        adapter = Path(cfg.model.motion_adapter).expanduser()
+        adapter = str(adapter.resolve()) if adapter.exists() else cfg.model.motion_adapter  # a folder, wherever the code runs from; or a hub id
+        lines += [f"adapter = MotionAdapter.from_pretrained({_literal(adapter)}, torch_dtype=dtype)",
+                  f"pipe = AnimateDiffPipeline.from_pretrained({_literal(base)}, motion_adapter=adapter{options}, torch_dtype=dtype)"]
     else:
-        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{base if cfg.model.lora else folder}"{nulls}, torch_dtype=dtype)')
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({_literal(base if cfg.model.lora else folder)}{options}, torch_dtype=dtype)")
     if cfg.model.lora:
-        lines.append(f'pipe.load_lora_weights("{folder}")')
+        lines.append(f"pipe.load_lora_weights({_literal(folder)})")
     return lines
+
+
+def _literal(text: str) -> str:
+    """``text`` as a Python string literal (a JSON string is one): quotes, backslashes and line breaks escaped."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, processes: int, grid: str | None, prompt: str | None = None,
@@ -74,10 +83,10 @@ def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, process
     sample it as the run's validation did (``prompt``: one of the run's own, if it has no validation
     prompt; ``absent``: the pipeline's components the model does not have)."""
     table = "\n".join(f"| {key} | {value} |" for key, value in run_settings(cfg, processes, video).items())
-    prompt = (cfg.validation.prompts[0] if cfg.validation.prompts else prompt or "a photo of a cat").replace("\\", "\\\\").replace('"', '\\"')
+    prompt = cfg.validation.prompts[0] if cfg.validation.prompts else prompt or "a photo of a cat"
     imports = "AnimateDiffPipeline, MotionAdapter" if cfg.model.lora and cfg.model.motion_adapter else "DiffusionPipeline"
     guidance = "" if cfg.negatives.guidance_scale is None else f", guidance_scale={cfg.negatives.guidance_scale:g}"  # None: not yet resolved from the model
-    sampling = f'"{prompt}", num_inference_steps={cfg.negatives.steps}{guidance}, generator=torch.manual_seed(0)'
+    sampling = f"{_literal(prompt)}, num_inference_steps={cfg.negatives.steps}{guidance}, generator=torch.manual_seed(0)"
     tags = dict.fromkeys(["diffusers", "text-to-video" if video else "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
     sections = [
         "---",
@@ -100,7 +109,8 @@ def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, process
         "",
         "## Use with diffusers",
         "",
-        "With the sampler steps and guidance the run sampled with, seed 0:",
+        f"With the steps and guidance the run sampled with (it sampled by `negatives.scheduler: {cfg.negatives.scheduler}`; here the pipeline's "
+        "own scheduler samples), seed 0:",
         "",
         "```python",
         "import torch",
