@@ -23,6 +23,7 @@ from typing import Any
 from sspo.config import check
 from sspo.data.config import DataConfig
 from sspo.errors import DataError
+from sspo.io import files_under
 from sspo.video_io import VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -99,23 +100,6 @@ class _HFRows:
 
     def column(self, name: str) -> list:
         return list(self.ds[name])
-
-
-def files_under(root: Path, suffixes: tuple[str, ...], skip_prefixes: tuple[str, ...] = (".",)) -> list[Path]:
-    """The files under ``root`` whose suffix (in any case) is one of ``suffixes``, sorted; folders
-    linked in are read too (each real folder once, so a link loop ends). Hidden folders
-    (``.ipynb_checkpoints``, ``.thumbnails``) hold copies, not more data, and files named with one
-    of ``skip_prefixes`` are skipped."""
-    found, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found += [Path(folder, name) for name in names if Path(name).suffix.lower() in suffixes and not name.startswith(skip_prefixes)]
-    return sorted(found)
 
 
 def _parquet_files(path: Path) -> list[Path]:

@@ -196,6 +196,8 @@ def test_a_bom_is_dropped_and_hidden_folders_are_not_data(tmp_path):
 
 
 def test_folders_linked_in_are_read_once_each(tmp_path):
+    from sspo.io import files_under
+
     cats = tmp_path / "cats"
     cats.mkdir()
     for i, spec in enumerate(SPECS[:2]):
@@ -207,8 +209,10 @@ def test_folders_linked_in_are_read_once_each(tmp_path):
     render(SPECS[2], RES).save(folder / "own.png")
     (folder / "own.txt").write_text(SPECS[2].prompt)
     (folder / "cats").symlink_to(cats)
+    (folder / "zz-cats").symlink_to(cats)  # the same folder twice: read once, under the first name
     ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
     assert sorted(ds[i]["prompt"] for i in range(len(ds))) == sorted(spec.prompt for spec in SPECS[:3])
+    assert files_under(folder, (".png",)) == [folder / "cats" / "0.png", folder / "cats" / "1.png", folder / "own.png"]
 
 
 @pytest.mark.parametrize("content, message", [
