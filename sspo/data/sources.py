@@ -297,8 +297,8 @@ def _open_caption_files(cfg: DataConfig) -> Source:
         raise DataError(f"no image in folder {root} (data.path) has a caption: caption-files expects 0001.txt beside 0001.png")
     # Known now, so a dry run says it; training skips (and names) each as it meets it.
     if without := [row[cfg.image_column] for row in rows if not row[cfg.text_column]]:
-        log.warning("%d of the %d images in %s have no caption (no .txt file of the same name, or an empty one), e.g. %s; they are skipped",
-                    len(without), len(rows), root, without[0])
+        log.warning("%d of the %d images in %s %s no caption (no .txt file of the same name, or an empty one), e.g. %s; skipped",
+                    len(without), len(rows), root, "has" if len(without) == 1 else "have", without[0])
     return Source(str(root), [(str(root), [cfg.image_column, cfg.text_column])], lambda columns: _ListRows(rows))
 
 

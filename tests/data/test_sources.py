@@ -95,7 +95,7 @@ def test_caption_files_folder(tmp_path, caplog):
         if i != 1:  # 001.png has no caption: skipped when read, as an unreadable image is
             image.with_suffix(".TXT" if i == 2 else ".txt").write_text(spec.prompt + "\n")
     ds = load_dataset_from_config(_cfg(folder, source="caption-files"))
-    assert f"1 of the 4 images in {folder} have no caption (no .txt file of the same name, or an empty one), e.g. {folder / '001.png'}" in caplog.text
+    assert f"1 of the 4 images in {folder} has no caption (no .txt file of the same name, or an empty one), e.g. {folder / '001.png'}" in caplog.text
     assert len(ds) == 4 and not ds.has_losers
     assert [ds[i]["prompt"] for i in range(4)] == [SPECS[0].prompt, SPECS[2].prompt, SPECS[2].prompt, SPECS[3].prompt]
     assert ds.skipped == 1

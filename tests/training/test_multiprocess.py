@@ -18,14 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, tmp_path) -> subprocess.CompletedProcess:
-    """``sspo train config`` in two processes."""
+def launch(config, tmp_path, program: tuple[str, ...] = ("-m", "sspo", "train")) -> subprocess.CompletedProcess:
+    """``sspo train config`` (or ``program config``) in two processes."""
     # `--cpu --num_processes 2` would start one process (accelerate's CPU launcher wants mpirun);
     # torchrun's launcher (`--multi_gpu`) with ACCELERATE_USE_CPU gives two gloo processes.
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "sspo", "train", str(config),
+        *program, str(config),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -77,3 +77,37 @@ def test_errors_the_main_process_finds_stop_both_processes_with_it(quick_base, t
     done = launch(config, tmp_path)
     assert done.returncode != 0 and done.stderr.count("sspo: error: metric 'pickscore': cannot load the CLIP model") == 2, done.stderr[-4000:]
     assert "stopped by SIGTERM" not in done.stderr
+
+
+# The second process's first step reports a NaN loss whose gradients are finite: only that process sees it.
+NAN_LOSS_IN_ONE_PROCESS = """
+import os, sys
+from sspo.cli import main
+from sspo.training import trainer
+
+loss = trainer.Trainer.loss
+
+def loss_reported_nan(self, batch):
+    value, metrics = loss(self, batch)
+    if os.environ["RANK"] == "1" and self.global_step == 0:
+        metrics["loss"] = metrics["loss"] * float("nan")
+    return value, metrics
+
+trainer.Trainer.loss = loss_reported_nan
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_a_non_finite_loss_in_one_process_is_skipped_by_all(quick_base, tmp_path):
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
+    run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "nan_loss.py"
+    program.write_text(NAN_LOSS_IN_ONE_PROCESS)
+    config.write_text(yaml.safe_dump({
+        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2, "learning_rate": 1e-2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 2,
+        "output_dir": str(run), "report_to": "none", "nonfinite": "skip",
+    }))
+    done = launch(config, tmp_path, (str(program),))
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = json.loads(sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
+    assert state["nonfinite_skips"] == 1 and state["replicas"][0] == state["replicas"][1]  # one process stepping alone would split them

@@ -253,7 +253,8 @@ def test_unreadable_rows_are_totalled_at_the_end_whichever_process_read_them(bro
     totals = [r.getMessage() for r in caplog.records if r.name == "sspo.training.trainer" and "unreadable" in r.getMessage()]
     assert totals == [f"{len(named)} unreadable rows were skipped in this run (since it started or resumed), each replaced by the next readable row; "
                       "the warnings above name them"]
-    assert len(named) == len(broken) or steps == 1
+    if steps == 2:  # every row asked for once: every broken one named
+        assert len(named) == len(broken)
 
 
 @pytest.mark.parametrize("decay", [0.9999, 0.0])
