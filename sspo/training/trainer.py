@@ -502,10 +502,11 @@ class Trainer(Checkpointing):
                 with disk_errors(f"pool checkpoint {len(self.pool)} in {self.pool.root}"):
                     self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
             self._sync_pool()
-        self.save_state()
+        # Validation before the save: a run stopped while it validates resumes from the state before, and validates again.
         every = self.cfg.validation.every_iterations
         if every and ((iteration + 1) % every == 0 or iteration + 1 == self.cfg.iterations):
             self.validate()
+        self.save_state()
 
     # ----------------------------------------------------------------------------------------------
     # Logging and validation

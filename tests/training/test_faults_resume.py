@@ -121,6 +121,8 @@ def test_killed_at_a_named_phase_resumes_to_the_same_weights_and_pool(arm, fault
     assert results(run) == expected
     assert stray_files(run) == []
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # no step logged twice
+    if "validation.every_iterations=1" in overrides:  # an iteration's validation stopped by the kill is done on resuming
+        assert sorted(p.name for p in (run / "validation").glob("step-*.png")) == ["step-00000002.png", "step-00000004.png"]
 
 
 def copy_run(source: Path, tmp_path: Path) -> Path:
