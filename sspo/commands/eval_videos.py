@@ -239,8 +239,17 @@ def _score_rows(metric: str, measure, generated: dict, references: dict, rows: l
         for index in dict.fromkeys(r["prompt_index"] for r in rows):
             reference = read_clip(references[(index,)]) if metric in REFERENCE_METRICS else None
             for row in (r for r in rows if r["prompt_index"] == index):
-                row[metric] = float(measure(read_clip(generated[row["model"]][(index, row["seed"])]), reference))
+                row[metric] = float(_measured(measure, generated[row["model"]][(index, row["seed"])], reference))
                 bar.update()
+
+
+def _measured(measure, path, *args):
+    """``measure`` of the clip at ``path``; a clip it cannot measure (too few frames) is named."""
+    clip = read_clip(path)
+    try:
+        return measure(clip, *args)
+    except SSPOError as exc:
+        raise SSPOError(f"clip {path}: {exc}") from None
 
 
 def _distance_results(metric: str, measure, models: Sequence[ModelSpec], generated: dict, references: dict, rows: list[dict], replicates: int, device) -> dict:
@@ -248,12 +257,12 @@ def _distance_results(metric: str, measure, models: Sequence[ModelSpec], generat
     with _progress(len(references) + len(rows), f"score {metric}") as bar:
         reference = {}
         for (index,), path in references.items():
-            reference[index] = measure(read_clip(path))
+            reference[index] = _measured(measure, path)
             bar.update()
         features: dict[str, dict[int, list[np.ndarray]]] = {m.name: {} for m in models}
         for row in rows:
             path = generated[row["model"]][(row["prompt_index"], row["seed"])]
-            features[row["model"]].setdefault(row["prompt_index"], []).append(measure(read_clip(path)))
+            features[row["model"]].setdefault(row["prompt_index"], []).append(_measured(measure, path))
             bar.update()
     groups = {ALL: list(reference)}
     for row in rows:

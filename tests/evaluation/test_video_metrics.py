@@ -391,3 +391,10 @@ def test_a_file_that_is_not_torchscript_is_named_in_one_sentence(tmp_path):
     with pytest.raises(ModelError) as caught:
         load_torchscript(tmp_path / "prompts.txt", "metric 'fid'")
     assert str(caught.value) == f"metric 'fid': {tmp_path / 'prompts.txt'} is not a TorchScript file (PytorchStreamReader failed reading zip archive: not a ZIP archive)"
+
+
+def test_a_clip_a_metric_cannot_measure_is_named(clip_folders, backbones, tmp_path, capsys):
+    argv = eval_args(clip_folders, backbones, tmp_path / "out", "--metrics", "mtscore", "--scorer-option", "mtscore.frames=100")
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sspo: error:")]
+    assert lines == [f"sspo: error: clip {clip_folders / 'same' / '0-0.tiff'}: mtscore: a clip of {len(CLIPS[0])} frames, fewer than frames=100"]
