@@ -288,9 +288,17 @@ def _open_caption_files(cfg: DataConfig) -> Source:
     if not media:
         raise DataError(f"no images in folder {root} (data.path); caption-files expects files like 0001.png with 0001.txt beside them")
 
+    def caption_file(image: Path) -> Path | None:
+        stem = image if image.is_dir() else image.with_suffix("")  # a frame folder 0003/ has its caption in 0003.txt
+        return next((text for s in (".txt", ".TXT") if (text := stem.with_name(stem.name + s)).is_file()), None)
+
     def caption(image: Path) -> str | None:
-        text = next((image.with_suffix(s) for s in (".txt", ".TXT") if image.with_suffix(s).is_file()), None)
+        text = caption_file(image)
         return decode_text(text.read_bytes(), f"caption file {text}").strip() if text is not None else None
+
+    if cfg.frames:  # clips: a folder of frames with a caption file beside it is one clip
+        clips = {image.parent for image in media if image.parent != root and caption_file(image.parent) is not None}
+        media = sorted([image for image in media if not clips & set(image.parents)] + list(clips))
 
     rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
     if all(row[cfg.text_column] is None for row in rows):

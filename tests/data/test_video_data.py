@@ -183,6 +183,20 @@ def test_folder_of_clips_of_every_kind(tmp_path):
     assert batch["winner"].shape == (3, 4, 3, RES, RES) and batch["loser"] is None
 
 
+def test_caption_files_read_clip_files_and_frame_folders_with_a_caption_beside_them(tmp_path):
+    root = tmp_path / "captions"
+    root.mkdir()
+    (root / "a.gif").write_bytes(encode_clip(levels(8), "gif"))
+    frame_folder(root / "0003", levels(8, offset=20))
+    frame_folder(root / "stills", levels(2))  # no caption beside it: its frames are images, each without a caption
+    for name in ("a", "0003"):
+        (root / f"{name}.txt").write_text(f"clip {name}")
+    ds = load_dataset_from_config(DataConfig(source="caption-files", path=str(root), resolution=RES, frames=4))
+    assert [ds[i]["prompt"] for i in range(2)] == ["clip 0003", "clip a"]
+    assert close(frame_levels(ds[0]["winner"]), [level + 20 for level in LEVELS[:4]])
+    assert len(ds) == 4 and ds.skipped == 0  # the stills are met only when read
+
+
 def test_metadata_csv_with_numeric_looking_captions(tmp_path):
     clips = {"0.tiff": encode_clip(levels(4)), "1.tiff": encode_clip(levels(4))}
     ds = load_dataset_from_config(cfg(clip_folder(tmp_path / "clips", clips, captions=["a sunrise", "42"], csv=True)))
