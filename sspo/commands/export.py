@@ -75,7 +75,9 @@ def _check_lora_run(run: Path) -> None:
     final = run / FINAL
     if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
         where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")
-        raise SSPOError(f"{run} fine-tuned the whole model, not a LoRA: export is for LoRA runs; the full model is {where}, which DiffusionPipeline.from_pretrained loads")
+        motion = f" (its trained motion modules alone: {final / 'motion_adapter'}, which MotionAdapter.from_pretrained loads)" if (final / "motion_adapter").is_dir() else ""
+        raise SSPOError(f"{run} fine-tuned without LoRA (model.lora: false): export is for LoRA runs; the full model is {where}, "
+                        f"which DiffusionPipeline.from_pretrained loads{motion}")
 
 
 def _lora_component(file: Path) -> str:

@@ -181,6 +181,14 @@ def test_a_transformer_lora_exports_for_load_lora_weights_and_kohyas_layout_is_r
     assert load_file(out).keys() == a.keys()
 
 
+def test_a_video_run_without_lora_names_its_motion_modules(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "final" / "motion_adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  lora: false\n")
+    status, line = export(capsys, run, "--format", "diffusers")
+    assert status == 2 and line.endswith(f"(its trained motion modules alone: {run / 'final' / 'motion_adapter'}, which MotionAdapter.from_pretrained loads)")
+
+
 def test_an_existing_file_is_kept_unless_forced(lora_run, tmp_path, capsys):
     out = tmp_path / "lora.safetensors"
     out.write_bytes(b"someone's file")
