@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
 import re
@@ -24,6 +25,8 @@ def _base(args) -> None:
     world = get_world(args.world, "--world")
     if args.size not in world.base_presets:
         raise ConfigError(f"--size {args.size}: world {world.name} has sizes {', '.join(world.base_presets)}")
+    if args.quick and args.size != "default":
+        raise ConfigError(f"--quick is --size quick, and --size {args.size} is another size: give one of them")
     path = world.resolve_base(f"{world.base}:{'quick' if args.quick else args.size}", output=args.out, force=args.force)
     print(path)
     if args.round_trip:
@@ -60,7 +63,7 @@ def _sample(args) -> None:
             parse_prompt(prompt)
     if args.lora:  # before resolve_model builds a world's base
         check_lora_path(Path(args.lora).expanduser())
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, key="--model")
     # Whether the grid is animated (GIF, or MP4 / WebP by the suffix), from the model's index: the file is known before weights load.
     video = args.motion_adapter is not None or family_of(load_pipeline_config(model)).video
     suffixes = (".gif", ".mp4", ".webp") if video else (".png",)
@@ -100,7 +103,7 @@ def _eval(args) -> None:
     for spec in specs:  # before resolve_model builds a world's base
         if spec.lora:
             check_lora_path(Path(spec.lora).expanduser())
-    specs = [dataclasses.replace(s, path=resolve_model(s.path)) for s in specs]
+    specs = [dataclasses.replace(s, path=resolve_model(s.path, key="--model")) for s in specs]
     summary = run_eval(specs, cfg, args.out, scorer_paths=_key_values(args.scorer_path, "--scorer-path", "METRIC=PATH"), scorer_options=_scorer_options(args.scorer_option))
     print(format_summary(summary))
     print(args.out)
@@ -141,7 +144,6 @@ def _add_eval_arguments(p) -> None:
         "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, "
                           "a world's base its world's: 1 for shapes-base:flow, else 5)",
         "batch_size": "images per generation batch",
-        "resolution": "image side in pixels (default: the model's native)",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
         "limit": "at most N prompts per category (quick runs)",
         "split_seed": "a world's prompts (--prompts shapes, ...): its train/held-out split",
@@ -149,6 +151,8 @@ def _add_eval_arguments(p) -> None:
         "prompt_source": "local copy of a named prompt set (default: its hub dataset); see docs/scorers.md",
         "scorer_batch_size": "images per scorer batch",
         "grid_prompts": "columns of grid.png",
+        "frames": "video models: frames per clip",
+        "resolution": "image side in pixels, a multiple of 8 (default: the model's native)",
     }
     defaults = EvalConfig()
     for field in dataclasses.fields(EvalConfig):
@@ -301,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
     p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick|:64px|:flow] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
-    p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (at least 1)")
+    p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (default: 8, at least 1)")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (at least 1)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20, at least 1)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none; default: the model's usual, "
                    "SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5)")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
@@ -436,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     # without '=' is named on its own below rather than making all of them "unrecognized".
     unknown = [e for e in extra if e.startswith("-")] if hasattr(args, "overrides") else extra
     if unknown:
-        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        command = parser.subcommands[args.command]
+        options = [o for action in command._actions for o in action.option_strings]
+        name = unknown[0].split("=", 1)[0]
+        holding = [o for o in options if name.strip("-") in o]  # --seeds: --training-seeds before --methods
+        near = difflib.get_close_matches(name, holding or options, n=1, cutoff=0 if holding else 0.6)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
     if extra:
         args.overrides = [*args.overrides, *extra]
     _expand_home(args)
@@ -445,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given: dict[str, str] = {}
         for item in getattr(args, "overrides", ()):
-            if "=" not in item and "=" in args.config and not Path(args.config).exists():  # argparse took the first override for the config
-                raise SSPOError(f"the config name comes before the overrides: sspo {args.command} {item} {args.config} ...")
+            config = getattr(args, "config", "")  # bench takes overrides without a config
+            if "=" not in item and "=" in config and not Path(config).exists():  # argparse took the first override for the config
+                raise SSPOError(f"the config name comes before the overrides: sspo {args.command} {item} {config} ...")
             key = split_override(item)[0].strip()
             if key in given:  # composed overrides (a shared list, then one run's) may mean it; a slip may not
                 logging.getLogger("sspo").warning("override %s is given twice (%s, then %s): the last one is used", key, given[key], item)

@@ -162,7 +162,11 @@ def test_an_unknown_option_is_reported_with_its_subcommands_usage(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["train", "demo-shapes", "--dryrun"])
     err = capsys.readouterr().err.splitlines()
-    assert exited.value.code == 2 and err[0].startswith("usage: sspo train ") and err[-1] == "sspo train: error: unrecognized arguments: --dryrun"
+    assert exited.value.code == 2 and err[0].startswith("usage: sspo train ")
+    assert err[-1] == "sspo train: error: unrecognized arguments: --dryrun; did you mean --dry-run?"
+    with pytest.raises(SystemExit):
+        main(["compare", "compare-shapes", "--seeds", "5"])
+    assert capsys.readouterr().err.splitlines()[-1] == "sspo compare: error: unrecognized arguments: --seeds; did you mean --training-seeds?"
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -184,3 +188,12 @@ def test_a_tilde_output_dir_from_a_config_file_is_the_home_folders(tmp_path):
 
     (tmp_path / "run.yaml").write_text("output_dir: ~/runs/x\n")
     assert load_config(TrainConfig, tmp_path / "run.yaml").output_dir == os.path.expanduser("~/runs/x")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["base", "--quick", "--size", "flow"], "--quick is --size quick, and --size flow is another size: give one of them"),
+    (["bench", "--model", "tiny", "foo"], "override 'foo' must look like key=value; write e.g. optim.learning_rate=1e-5"),
+])
+def test_conflicting_or_malformed_arguments_are_one_line(argv, line, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"sspo: error: {line}"
