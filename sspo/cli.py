@@ -25,7 +25,7 @@ def _base(args) -> None:
     world = get_world(args.world, "--world")
     if args.size not in world.base_presets:
         raise ConfigError(f"--size {args.size}: world {world.name} has sizes {', '.join(world.base_presets)}")
-    if args.quick and args.size != "default":
+    if args.quick and args.size not in ("default", "quick"):
         raise ConfigError(f"--quick is --size quick, and --size {args.size} is another size: give one of them")
     path = world.resolve_base(f"{world.base}:{'quick' if args.quick else args.size}", output=args.out, force=args.force)
     print(path)
@@ -441,10 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in extra if e.startswith("-")] if hasattr(args, "overrides") else extra
     if unknown:
         command = parser.subcommands[args.command]
-        options = [o for action in command._actions for o in action.option_strings]
-        name = unknown[0].split("=", 1)[0]
-        holding = [o for o in options if name.strip("-") in o]  # --seeds: --training-seeds before --methods
-        near = difflib.get_close_matches(name, holding or options, n=1, cutoff=0 if holding else 0.6)
+        options = {o.lstrip("-"): o for action in command._actions for o in action.option_strings if o not in ("-h", "--help")}
+        name = unknown[0].split("=", 1)[0].lstrip("-")
+        holding = [o for o in options if len(name) >= 3 and name in o]  # seeds: training-seeds before methods
+        near = [options[o] for o in difflib.get_close_matches(name, holding or list(options), n=1, cutoff=0 if holding else 0.6)]
         command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near[0]}?" if near else ""))
     if extra:
         args.overrides = [*args.overrides, *extra]

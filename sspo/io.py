@@ -62,12 +62,12 @@ def permission_error(exc: PermissionError) -> SSPOError:
     return SSPOError(f"{path or exc}: permission denied; choose a path you can read and write, or change its permissions")
 
 
-def files_under(root: Path, suffixes: Collection[str] | None = None, skip_prefixes: tuple[str, ...] = (".",)) -> list[Path]:
+def files_under(root: Path, suffixes: Collection[str] | None = None, skip_prefixes: tuple[str, ...] = (".",), hidden_folders: bool = False) -> list[Path]:
     """The files under ``root`` whose suffix (in any case) is one of ``suffixes`` (None: any), sorted;
     folders linked in are read too, each real folder once (under the first name in sorted order, so
     a link loop ends and the same tree gives the same list anywhere). Hidden folders
-    (``.ipynb_checkpoints``, ``.thumbnails``) hold copies, not more data, and files named with one of
-    ``skip_prefixes`` are skipped."""
+    (``.ipynb_checkpoints``, ``.thumbnails``) hold copies, not more data, unless ``hidden_folders``;
+    files named with one of ``skip_prefixes`` are skipped."""
     found, seen = [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=_raise):  # a folder it cannot read is not skipped silently
         real = os.path.realpath(folder)
@@ -75,7 +75,7 @@ def files_under(root: Path, suffixes: Collection[str] | None = None, skip_prefix
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        subfolders[:] = sorted(name for name in subfolders if hidden_folders or not name.startswith("."))
         found += [Path(folder, name) for name in names
                   if (suffixes is None or Path(name).suffix.lower() in suffixes) and not name.startswith(skip_prefixes) and Path(folder, name).is_file()]
     return sorted(found)
@@ -86,13 +86,14 @@ def _raise(exc: OSError) -> None:
 
 
 def file_stats(path: Path, suffixes: Collection[str] | None = None) -> list[list]:
-    """``[name, size, mtime_ns]`` of a file, or of the matching files under a folder (:func:`files_under`;
-    ``_``-named ones left out too): what changes when the files are written again."""
+    """``[name, size, mtime_ns]`` of a file, or of the matching files under a folder (:func:`files_under`,
+    hidden folders' files too; hidden and ``_``-named files left out): what changes when the files are
+    written again."""
     if path.is_file():
         return [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
     if not path.is_dir():
         return []
-    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files_under(path, suffixes, (".", "_"))]
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files_under(path, suffixes, (".", "_"), hidden_folders=True)]
 
 
 def nearest_existing(path: Path) -> Path:

@@ -209,3 +209,18 @@ def test_a_command_that_fails_before_writing_leaves_no_mark_and_no_folder(tmp_pa
         (out / "runs").mkdir()
         raise RuntimeError
     assert sorted(p.name for p in out.iterdir()) == ["runs", "sspo-eval.json"]
+
+
+def test_file_stats_follow_linked_folders_and_keep_hidden_ones(tmp_path):
+    from sspo.io import file_stats
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.parquet").write_bytes(b"a")
+    data = tmp_path / "data"
+    (data / ".cache").mkdir(parents=True)
+    (data / ".cache" / "w.metadata").write_bytes(b"m")  # as hf download --local-dir leaves: part of a model folder's stamp
+    (data / "_SUCCESS").write_bytes(b"")
+    (data / "linked").symlink_to(shards)
+    assert [row[0] for row in file_stats(data)] == [".cache/w.metadata", "linked/a.parquet"]
+    assert [row[0] for row in file_stats(data, {".parquet"})] == ["linked/a.parquet"]

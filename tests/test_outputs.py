@@ -65,6 +65,7 @@ def test_full_finetune_card_loads_the_folder():
 
 
 def test_the_card_of_an_image_model_with_motion_modules_names_the_adapter_wherever_its_code_runs(tmp_path, monkeypatch):
+    tmp_path = tmp_path.resolve()  # macOS's /var is /private/var
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters" / "motion").mkdir(parents=True)
     cfg = from_dict(TrainConfig, {"model": {"pretrained": "some/sd15", "motion_adapter": "adapters/motion", "revision": "main"},

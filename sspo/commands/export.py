@@ -217,10 +217,14 @@ def write_diffusers(lora: Lora, out: Path, run: Path) -> None:
 
     loader = StableDiffusionLoraLoaderMixin
     if lora.component != UNET:
-        loader = getattr(diffusers, _model_index(run).get("pipeline", ""), None)
-        if loader is None:
+        pipeline = _model_index(run).get("pipeline")
+        if pipeline is None:
             raise SSPOError(f"{run}'s model (config.yaml's model.pretrained) cannot be read here, and a {lora.component} LoRA's file is written "
                             "by its pipeline; export where the model is, or load the pool checkpoint with peft (docs/coming-from-diffusers.md)")
+        loader = getattr(diffusers, pipeline, None)
+        if loader is None:
+            raise SSPOError(f"{run}'s model is a {pipeline}, which this diffusers does not have; upgrade diffusers, "
+                            "or load the pool checkpoint with peft (docs/coming-from-diffusers.md)")
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
         write_lora(loader, lora.component, lora.layers, lora.config, Path(folder))
         os.replace(Path(folder) / LORA_FILE, tmp)

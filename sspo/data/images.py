@@ -57,14 +57,18 @@ def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
     raise DataError(f"cannot read {what} {where}: expected encoded bytes or a path, got {type(value).__name__}")
 
 
+_PNG_ORIENTATION_KEYS = {"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"}
+
+
 def image_size(value: Any, where: str) -> tuple[int, int]:
     """(width, height) from an image's header, without decoding it, upright as :func:`load_image` turns it."""
     data, where = _file(value, "image", where)
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             width, height = image.size
-            # A PNG's getexif() decodes the whole image unless its EXIF chunk came before the pixels, and cameras write JPEGs.
-            exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+            # A PNG's getexif() decodes the whole image to look for an EXIF chunk after the pixels; one
+            # whose header holds none (nor XMP, nor EXIF as text, which getexif also reads) has no orientation.
+            exif = image.getexif() if image.format != "PNG" or _PNG_ORIENTATION_KEYS & image.info.keys() else {}
             turned = exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn (and a mirror, 5 and 7)
             return (height, width) if turned else (width, height)
     except Exception as exc:  # PIL raises many types for corrupt data

@@ -109,8 +109,8 @@ def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, process
         "",
         "## Use with diffusers",
         "",
-        f"With the steps and guidance the run sampled with (it sampled by `negatives.scheduler: {cfg.negatives.scheduler}`; here the pipeline's "
-        "own scheduler samples), seed 0:",
+        "With the steps and guidance of the run's samples and the pipeline's own scheduler, as its validation sampled"
+        + (f" (its negatives: `negatives.scheduler: {cfg.negatives.scheduler}`)" if cfg.generates_negatives else "") + ", seed 0:",
         "",
         "```python",
         "import torch",
@@ -123,7 +123,7 @@ def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, process
         "```",
     ]
     if video and not cfg.model.lora:
-        sections += ["", f"The trained motion modules alone: `MotionAdapter.from_pretrained(\"{folder}/motion_adapter\")`."]
+        sections += ["", f"The trained motion modules alone: `MotionAdapter.from_pretrained({_literal(str(Path(folder) / 'motion_adapter'))})`."]
     if grid:
         sections += ["", "## Validation", "", f"Fixed prompts and seed {cfg.validation.seed} at the end of training:", "", f"![validation grid]({grid})"]
     return "\n".join(sections) + "\n"

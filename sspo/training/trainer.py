@@ -502,10 +502,15 @@ class Trainer(Checkpointing):
                 with disk_errors(f"pool checkpoint {len(self.pool)} in {self.pool.root}"):
                     self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
             self._sync_pool()
-        # Validation before the save: a run stopped while it validates resumes from the state before, and validates again.
+        # Validation before the save: a run stopped while it validates resumes from the state before, and
+        # validates again. A validation that fails (a scorer, memory) keeps the iteration's training.
         every = self.cfg.validation.every_iterations
         if every and ((iteration + 1) % every == 0 or iteration + 1 == self.cfg.iterations):
-            self.validate()
+            try:
+                self.validate()
+            except Exception:
+                self.save_state()
+                raise
         self.save_state()
 
     # ----------------------------------------------------------------------------------------------

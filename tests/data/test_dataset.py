@@ -243,7 +243,8 @@ def test_any_image_mode_and_size_becomes_rgb_at_the_resolution(image, pixel, tmp
     assert torch.allclose(item["winner"][:, RES // 2, RES // 2], torch.tensor(pixel) / 127.5 - 1)
 
 
-def test_a_camera_s_rotated_photo_is_read_upright(tmp_path):
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_camera_s_rotated_photo_is_read_upright(fmt, tmp_path):
     from sspo.data.images import image_size
 
     stored = Image.new("RGB", (2 * RES, RES), (0, 0, 255))
@@ -251,7 +252,7 @@ def test_a_camera_s_rotated_photo_is_read_upright(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: shown turned a quarter clockwise
     buffer = io.BytesIO()
-    stored.save(buffer, format="JPEG", quality=95, exif=exif)
+    stored.save(buffer, format=fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
     assert image_size(buffer.getvalue(), "") == (RES, 2 * RES)  # what aspect-ratio buckets see
     winner = _pairs_dataset(tmp_path, {"jpg_0": buffer.getvalue()})[0]["winner"]  # the upright centre: red above blue
     for row, color in ((2, [255, 0, 0]), (RES - 3, [0, 0, 255])):
