@@ -303,7 +303,7 @@ def _open_caption_files(cfg: DataConfig) -> Source:
     rows = [{cfg.image_column: str(p), cfg.text_column: caption(p)} for p in media]
     if all(row[cfg.text_column] is None for row in rows):
         raise DataError(f"no image in folder {root} (data.path) has a caption: caption-files expects 0001.txt beside 0001.png")
-    # Known now, so a dry run says it; training skips (and names) each as it meets it.
+    # Known at opening, so a dry run says it; training skips (and names) each as it meets it.
     if without := [row[cfg.image_column] for row in rows if not row[cfg.text_column]]:
         log.warning("%d of the %d images in %s %s no caption (no .txt file of the same name, or an empty one), e.g. %s; skipped",
                     len(without), len(rows), root, "has" if len(without) == 1 else "have", without[0])

@@ -139,7 +139,7 @@ def _build_clean(cfg: VideoBaseConfig, staging: Path, output: Path) -> Path:
 
     started = time.time()
     image_base = build_base(BaseConfig.preset(cfg.size))
-    # Seeded after the image base, which draws from torch's global RNG when it is built now, not when it is cached.
+    # Seeded after the image base, which draws from torch's global RNG when this call builds it, not when it is cached.
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     size = video_size(cfg.size)

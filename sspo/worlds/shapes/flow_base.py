@@ -74,7 +74,7 @@ def _build(cfg: FlowBaseConfig, staging: Path, output: Path) -> Path:
 
     started = time.time()
     image_base = build_base(cfg.image_base)
-    # Seeded after the image base, which draws from torch's global RNG when it is built now, not when it is cached.
+    # Seeded after the image base, which draws from torch's global RNG when this call builds it, not when it is cached.
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     vae = AutoencoderKL.from_pretrained(str(image_base), subfolder="vae").eval().requires_grad_(False)
