@@ -44,6 +44,7 @@ def _sample(args) -> None:
     from sspo.io import write_error
     from sspo.models.families import family_of
     from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config
+    from sspo.worlds import base_world
     from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
@@ -63,14 +64,16 @@ def _sample(args) -> None:
             parse_prompt(prompt)
     if args.lora:  # before resolve_model builds a world's base
         check_lora_path(Path(args.lora).expanduser())
-    model = resolve_model(args.model, key="--model")
-    # Whether the grid is animated (GIF, or MP4 / WebP by the suffix), from the model's index: the file is known before weights load.
-    video = args.motion_adapter is not None or family_of(load_pipeline_config(model)).video
+    # Whether the grid is animated (GIF, or MP4 / WebP by the suffix), so which file it is, before any
+    # weights load: a world's base says by its world (before it is built), another model by its index.
+    world = base_world(args.model)
+    model = None if world else resolve_model(args.model, key="--model")
+    video = args.motion_adapter is not None or (world.clips if world else family_of(load_pipeline_config(model)).video)
     suffixes = (".gif", ".mp4", ".webp") if video else (".png",)
     out = out if out.suffix in suffixes else out.with_suffix(suffixes[0])
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
-    pipe = load_pipeline(model, lora=args.lora, motion_adapter=args.motion_adapter).to(device)
+    pipe = load_pipeline(model or resolve_model(args.model, key="--model"), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]

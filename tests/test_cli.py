@@ -104,6 +104,17 @@ def test_sample_refuses_an_existing_file_before_the_model_loads(home, quick_base
     assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
 
 
+def test_sample_refuses_an_existing_file_before_a_worlds_base_is_built(tmp_path, capsys, monkeypatch):
+    from sspo.worlds import names
+
+    monkeypatch.setattr(names, "resolve_model", lambda *a, **k: pytest.fail("the base was built"))
+    grid = tmp_path / "grid.gif"  # grid.png named: a video world's base writes a GIF
+    grid.write_bytes(b"the user's own clip")
+    argv = ["sample", "--model", "moving-shapes-base:quick", "--prompt", "a red circle growing, white background", "--out", str(grid.with_suffix(".png"))]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_library_progress_bars_only_when_verbose(verbose, quick_base, capsys):
     from diffusers.utils import logging as diffusers_logging
