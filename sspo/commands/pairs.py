@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
 from sspo.io import check_write_target, entry_list, read_json
+from sspo.models.tiny import one_thread
 from sspo.paths import build_lock, cache_root
 from sspo.training.config import TrainConfig
 from sspo.worlds.names import resolve_model
@@ -31,7 +32,6 @@ from sspo.worlds.pairs import (
     ceiling_reward,
     format_sweep,
     measure,
-    one_thread,
     pairs_world,
     require_kept,
     sweep_row,

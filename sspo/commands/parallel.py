@@ -84,25 +84,16 @@ def _in_worker(task: Callable[[], T]) -> T:
         raise SSPOError(str(exc)) from None
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """One torch thread on a machine without a GPU, as each worker has (its float rounding is theirs)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
     """Each task's result, in the tasks' order; ``jobs`` tasks at a time. Tasks must pickle (module
     functions, or ``functools.partial`` of one). The first failure stops the rest and is raised."""
     if jobs <= 1 or len(tasks) <= 1:
-        with _one_thread():
+        import torch
+
+        from sspo.models.tiny import one_thread
+
+        # One thread where there is no GPU, as each worker has: a run's float rounding does not depend on jobs.
+        with contextlib.nullcontext() if torch.cuda.is_available() else one_thread():
             return [task() for task in tasks]
     from tqdm.auto import tqdm
 

@@ -7,15 +7,31 @@ every code path of the trainer is exercised exactly as with SD-1.5.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from sspo.config import check
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread for a while: tiny models gain little from more, on a small shared CPU threads
+    spinning against other processes slow them many times over, and float sums split over threads
+    differ from machine to machine, so one thread also makes a result the same everywhere."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclasses.dataclass

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from sspo.config import setting, validate
 from sspo.errors import ConfigError, SSPOError
 from sspo.io import atomic_write_json, write_parquet
+from sspo.models.tiny import one_thread
 from sspo.worlds.registry import World, base_world, get_world, world_names
 
 # Bump when G's recipe, the sampling or the ranking changes, so cached generators and pairs are rebuilt.
@@ -84,18 +85,6 @@ def pairs_world(cfg: PairsConfig) -> World:
         raise ConfigError(f"base: {cfg.base!r} is not the base of a world with Pick-a-Pic-shaped pairs; expected one of {bases} (or one of their presets)")
     world.base_preset(cfg.base, "base")
     return world
-
-
-class one_thread:
-    """One torch thread while G trains and samples: the tiny models gain little from more, and float
-    sums split over threads differ from machine to machine, so the pairs would too."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
 
 
 # --------------------------------------------------------------------------------------------------

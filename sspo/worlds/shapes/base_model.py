@@ -30,7 +30,7 @@ from sspo.io import check_write_target, entry_list
 from sspo.models.condition import TextCondition
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
-from sspo.models.tiny import TinySize, build_components, write_word_tokenizer
+from sspo.models.tiny import TinySize, build_components, one_thread, write_word_tokenizer
 from sspo.paths import build_lock, cache_root
 from sspo.worlds.shapes import world as shapes
 
@@ -244,12 +244,10 @@ def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packa
         # One thread: the build is then bitwise repeatable whatever the machine's thread setting
         # (float sums depend on how work is split), and the tiny models gain little from more:
         # on a busy 2-core machine two threads make it many times slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
-            return build(cfg, staging, output)
+            with one_thread():
+                return build(cfg, staging, output)
         finally:
-            torch.set_num_threads(threads)
             shutil.rmtree(staging, ignore_errors=True)
 
 
