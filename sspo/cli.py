@@ -288,10 +288,17 @@ def _bench(args) -> None:
     cli(args)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line that points to ``--help`` (its subcommands' too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sspo.worlds import world_names
 
-    parser = argparse.ArgumentParser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
+    parser = Parser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -419,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "flow-matching (SD3-style) base")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
     p.set_defaults(func=_demo)
-    parser.subcommands = sub.choices  # main reports an unknown option with its subcommand's usage
+    parser.subcommands = sub.choices  # main reports an unknown option with its subcommand's name
     return parser
 
 

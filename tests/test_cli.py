@@ -169,15 +169,28 @@ def test_bad_input_is_one_clear_error(argv, message, quick_base, tmp_path, capsy
     assert "Traceback" not in err
 
 
-def test_an_unknown_option_is_reported_with_its_subcommands_usage(capsys):
+def test_an_unknown_option_is_one_line_naming_the_nearest(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["train", "demo-shapes", "--dryrun"])
-    err = capsys.readouterr().err.splitlines()
-    assert exited.value.code == 2 and err[0].startswith("usage: sspo train ")
-    assert err[-1] == "sspo train: error: unrecognized arguments: --dryrun; did you mean --dry-run?"
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "sspo train: error: unrecognized arguments: --dryrun; did you mean --dry-run? (sspo train --help lists the options)"]
     with pytest.raises(SystemExit):
         main(["compare", "compare-shapes", "--seeds", "5"])
-    assert capsys.readouterr().err.splitlines()[-1] == "sspo compare: error: unrecognized arguments: --seeds; did you mean --training-seeds?"
+    assert capsys.readouterr().err.splitlines() == [
+        "sspo compare: error: unrecognized arguments: --seeds; did you mean --training-seeds? (sspo compare --help lists the options)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--rows", "x"], "sspo sample: error: argument --rows: invalid int value: 'x'"),
+    (["export"], "sspo export: error: the following arguments are required: run, --format"),
+    (["nosuch"], "sspo: error: argument command: invalid choice: 'nosuch'"),
+])
+def test_an_argument_error_is_one_line_pointing_to_help(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and len(err) == 1 and err[0].startswith(message) and err[0].endswith("--help lists the options)")
 
 
 @pytest.mark.parametrize("argv, named", [

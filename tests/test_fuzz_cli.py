@@ -10,7 +10,7 @@ What every case must show (docs/reliability.md):
 - A failure's stderr is one ``sspo: error:`` line once library output is set aside: progress bars
   (tqdm), log records in the CLI's format (``DEBUG|INFO|WARNING name: message``) and Python
   warnings (``file:line: SomeWarning: message`` and the source line under it). A flag value of
-  the wrong type is argparse's own: its ``usage:`` lines and one ``sspo SUBCOMMAND: error:`` line.
+  the wrong type is argparse's, one ``sspo SUBCOMMAND: error:`` line.
 - Every file and folder under the case's folder is hashed before the command. A failure changes,
   removes and creates nothing there (not a lock, not a manifest, not an empty folder). A success
   changes only its own outputs:
@@ -105,27 +105,21 @@ _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|it/s\]|s/it\]")
 _LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
 _WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")
 _ERROR = re.compile(r"^sspo: error: \S")
-_ARGPARSE_ERROR = re.compile(r"^sspo( \w+)?: error: \S")
+_ARGPARSE_ERROR = re.compile(r"^sspo( \w+)?: error: \S.*--help lists the options\)$")
 
 
-def message_lines(err: str) -> tuple[list[str], bool]:
-    """stderr's lines without library output (module docstring), and whether argparse's usage was there."""
-    kept, usage, after_warning, in_usage = [], False, False, False
+def message_lines(err: str) -> list[str]:
+    """stderr's lines without library output (module docstring)."""
+    kept, after_warning = [], False
     for line in re.split(r"[\r\n]", err):
-        if in_usage and line.startswith(" "):
-            continue
-        in_usage = False
         if after_warning and line.startswith(" "):  # the source line Python prints under a warning
             after_warning = False
             continue
         after_warning = bool(_WARNING.match(line))
         if not line.strip() or after_warning or _PROGRESS.search(line) or _LOG_RECORD.match(line):
             continue
-        if line.startswith("usage: "):
-            usage = in_usage = True
-            continue
         kept.append(line)
-    return kept, usage
+    return kept
 
 
 def output_problems(outcome: Outcome) -> list[str]:
@@ -136,10 +130,9 @@ def output_problems(outcome: Outcome) -> list[str]:
         problems.append(f"exit code {outcome.code}")
     if "Traceback (most recent call last)" in outcome.err and not outcome.escaped:
         problems.append("a traceback in stderr")
-    lines, usage = message_lines(outcome.err)
+    lines = message_lines(outcome.err)
     if outcome.code == 2:
-        pattern = _ARGPARSE_ERROR if usage else _ERROR
-        if len(lines) != 1 or not pattern.match(lines[0]):
+        if len(lines) != 1 or not (_ERROR.match(lines[0]) or _ARGPARSE_ERROR.match(lines[0])):
             problems.append(f"stderr is not one error line: {lines[:6]}")
     elif outcome.code == 0 and any(_ERROR.match(line) for line in lines):
         problems.append(f"exit code 0 with an error line: {lines[:6]}")
@@ -715,13 +708,13 @@ def test_a_name_that_only_starts_like_a_base_is_not_that_base(name, tmp_path, mo
 def test_an_override_without_equals_after_an_option_is_named_alone(tmp_path, capsys):
     outcome = run_cli(["train", str(DEMO), "--dry-run", f"output_dir={tmp_path / 'run'}", "beta"], capsys)
     one_clear_error(outcome)
-    assert "output_dir" not in message_lines(outcome.err)[0][0]
+    assert "output_dir" not in message_lines(outcome.err)[0]
 
 
 def test_overrides_before_the_config_name_say_it_comes_first(tmp_path, capsys):
     outcome = run_cli(["train", "beta=5", "demo-shapes", "--dry-run"], capsys)
     one_clear_error(outcome)
-    assert message_lines(outcome.err)[0][0] == "sspo: error: the config name comes before the overrides: sspo train demo-shapes beta=5 ..."
+    assert message_lines(outcome.err)[0] == "sspo: error: the config name comes before the overrides: sspo train demo-shapes beta=5 ..."
 
 
 def test_an_override_given_twice_is_said_and_the_last_one_used(tmp_path, capsys):
