@@ -66,7 +66,7 @@ TABLE6 = tuple(name for name in VARIANTS if name != "sspo_r")  # the paper's abl
 PREFERENCE_ONLY_KEYS = ("beta",)  # grid keys searched only for arms with a reference model
 # The paper's claims the comparison can decide: (arm, what the paper reports for SSPO - arm).
 CLAIMS = (("sft", "higher"), ("dpo", "higher"), ("spin", "higher"), ("ssr_off", "higher"), ("erd_initial", "higher"),
-          ("erd_last", "higher"), ("indicator", "about equal"), ("sspo_r", "about equal"), ("base", "higher"))
+          ("erd_last", "higher"), ("indicator", "about equal"), ("sspo_r", "higher"), ("base", "higher"))
 
 
 def arms() -> dict[str, list[str]]:

@@ -34,7 +34,9 @@ class FlowConfig:
     """How a flow-matching family (SD3, FLUX) draws sigma and weights errors in training; ignored by the others."""
 
     weighting_scheme: str = setting("logit_normal", choices=WEIGHTING_SCHEMES)  # logit_normal (diffusers' SD3 default) | mode | none (its FLUX default) | sigma_sqrt | cosmap
-    logit_mean: float = setting(0.0, at_least=-10, at_most=10)  # logit_normal: sigma = sigmoid(N(logit_mean, logit_std^2)); past +-10 every sigma is ~1 or ~0
+    # logit_normal: u = sigmoid(N(logit_mean, logit_std^2)) and sigma ~ shift(1 - u), so a positive
+    # mean draws less noise (as in diffusers' scripts); past +-10 every sigma is ~0 or ~1.
+    logit_mean: float = setting(0.0, at_least=-10, at_most=10)
     logit_std: float = setting(1.0, above=0)  # logit_normal: the spread of sigma's logit
     mode_scale: float = setting(1.29, at_least=0)  # mode: how much mass moves to mid sigmas (0: uniform)
     # FLUX-dev's guidance embedding in training (diffusers' FLUX scripts' --guidance_scale); ignored by a
