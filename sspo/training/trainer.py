@@ -412,10 +412,12 @@ class Trainer(Checkpointing):
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) / accum
         norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)  # DeepSpeed: clips in its step
-        totals["grad_norm"] = float("nan") if norm is None else float(norm)
+        local_loss = totals["loss"]
         # Each process has its own loss, and all must take the same branch below (or one would stop
-        # or skip while the others wait for it, or their fp16 scalers drift apart).
-        finite_loss = bool(self.accelerator.gather(torch.tensor([math.isfinite(totals["loss"])], dtype=torch.float32, device=self.device)).all())
+        # or skip while the others wait for it, or their fp16 scalers drift apart); the logged
+        # metrics are the whole batch's, every process's micro-batches.
+        finite_loss = self._mean_over_processes(totals)
+        totals["grad_norm"] = float("nan") if norm is None else float(norm)
         # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step and lowers its scale.
         scaler = self.accelerator.scaler
         if finite_loss and (norm is None or math.isfinite(totals["grad_norm"]) or scaler is not None):
@@ -427,7 +429,7 @@ class Trainer(Checkpointing):
         else:
             last = latest_state(self.run_dir)
             raise TrainingError(
-                f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss or gradient norm (loss {totals['loss']} in this process, "
+                f"method {self.cfg.method}, step {self.global_step + 1}: non-finite loss or gradient norm (loss {local_loss} in this process, "
                 f"gradient norm {totals['grad_norm']}), nothing saved from it; the last good state is {last or 'none (no state saved yet)'}: "
                 f"lower optim.learning_rate{'' if self.accelerator.state.deepspeed_plugin else ', or set nonfinite: skip to skip such steps'}, "
                 "and run again with --resume"
@@ -441,6 +443,16 @@ class Trainer(Checkpointing):
         if scaler is not None:
             totals["loss_scale"] = scaler.get_scale()
         return totals
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> bool:
+        """Replace each of ``metrics`` by its mean over the processes; whether every process's loss was finite."""
+        keys = sorted(metrics)
+        local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64 if self.accelerator.num_processes > 1 else torch.float32,
+                             device=self.device)  # MPS has no float64, and one process needs no more than its own values
+        every = self.accelerator.gather(local[None]).reshape(-1, len(keys))
+        if self.accelerator.num_processes > 1:
+            metrics.update(zip(keys, every.mean(0).tolist(), strict=True))
+        return bool(every[:, keys.index("loss")].isfinite().all())
 
     # ----------------------------------------------------------------------------------------------
     # The loop

@@ -111,3 +111,37 @@ def test_a_non_finite_loss_in_one_process_is_skipped_by_all(quick_base, tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
     state = json.loads(sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
     assert state["nonfinite_skips"] == 1 and state["replicas"][0] == state["replicas"][1]  # one process stepping alone would split them
+
+
+# Each process reports its rank as the micro-batch's SSR rate.
+RANK_AS_METRIC = """
+import os, sys
+import torch
+from sspo.cli import main
+from sspo.training import trainer
+
+loss = trainer.Trainer.loss
+
+def loss_with_rank(self, batch):
+    value, metrics = loss(self, batch)
+    metrics["ssr_rate"] = torch.tensor(float(os.environ["RANK"]))
+    return value, metrics
+
+trainer.Trainer.loss = loss_with_rank
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_the_logged_metrics_are_the_mean_over_processes(quick_base, tmp_path):
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
+    run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "rank_metric.py"
+    program.write_text(RANK_AS_METRIC)
+    config.write_text(yaml.safe_dump({
+        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 2,
+        "output_dir": str(run), "report_to": "none",
+    }))
+    done = launch(config, tmp_path, (str(program),))
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["ssr_rate"] for row in rows] == [0.5, 0.5]
