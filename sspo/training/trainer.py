@@ -265,12 +265,21 @@ class Trainer(Checkpointing):
         from accelerate.utils import DistributedType
 
         check_launch(self.accelerator.num_processes)
+        plugin = self.accelerator.state.deepspeed_plugin
+        # accelerate's launch may ask for its own accumulation (a config file's gradient_accumulation_steps,
+        # which `accelerate config` writes for DeepSpeed); the loop accumulates optim's micro-batches.
+        accum = self.cfg.optim.gradient_accumulation_steps
+        launched = {self.accelerator.gradient_accumulation_steps, (plugin.deepspeed_config if plugin else {}).get("gradient_accumulation_steps", "auto")}
+        launched = {int(n) for n in launched if n != "auto"} - {accum}
+        if launched:
+            raise ConfigError(f"accelerate's launch asks for gradient accumulation {min(launched)} (its config file's gradient_accumulation_steps, or "
+                              f"$ACCELERATE_GRADIENT_ACCUMULATION_STEPS) and optim.gradient_accumulation_steps is {accum}; sspo accumulates "
+                              "optim.gradient_accumulation_steps: remove the launch's setting, or make the two equal")
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError(
                 "FSDP is not supported: every process samples negatives and computes reference errors with a whole "
                 "denoiser outside the sharded forward; launch with configs/accelerate/ddp.yaml, or deepspeed-zero2.yaml to shard optimizer state"
             )
-        plugin = self.accelerator.state.deepspeed_plugin
         if plugin is not None:
             if plugin.zero_stage == 3:
                 raise ConfigError("DeepSpeed ZeRO-3 shards the denoiser's weights, which sampling negatives needs whole; use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)")
@@ -280,6 +289,7 @@ class Trainer(Checkpointing):
             # DeepSpeed reads the micro-batch size from a prepared DataLoader, and sspo has none; it
             # clips gradients in its own step, at its config's value.
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.optim.batch_size
+            plugin.deepspeed_config["gradient_accumulation_steps"] = accum
             plugin.deepspeed_config["gradient_clipping"] = self.cfg.optim.max_grad_norm
 
     def _prepare_denoiser(self, denoiser):

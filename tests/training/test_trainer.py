@@ -381,13 +381,26 @@ def test_deepspeed_gets_the_runs_clipping_and_micro_batch_and_skipping_non_finit
     from accelerate.utils import DistributedType
 
     # DeepSpeed needs GPUs: its plugin as accelerate hands it over, before the engine reads its config.
-    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"})
-    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
-    cfg = tiny_config(tmp_path / "run", quick_base, "optim.max_grad_norm=0.5", "optim.batch_size=3")
+    plugin = SimpleNamespace(zero_stage=2, deepspeed_config={"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                                             "gradient_accumulation_steps": "auto"})
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin),
+                                  gradient_accumulation_steps=2)
+    cfg = tiny_config(tmp_path / "run", quick_base, "optim.max_grad_norm=0.5", "optim.batch_size=3", "optim.gradient_accumulation_steps=2")
     Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=cfg))
-    assert plugin.deepspeed_config == {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 3}
+    assert plugin.deepspeed_config == {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2}
     with pytest.raises(ConfigError, match=r"^config key 'nonfinite': skip is not available under DeepSpeed"):
         Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=dataclasses.replace(cfg, nonfinite="skip")))
+    plugin.deepspeed_config["gradient_accumulation_steps"] = 1  # as `accelerate config` writes it for DeepSpeed
+    with pytest.raises(ConfigError, match=r"^accelerate's launch asks for gradient accumulation 1 .* optim.gradient_accumulation_steps is 2;"):
+        Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=cfg))
+
+
+def test_an_accumulation_the_launch_asks_for_is_refused_unless_it_is_the_configs(quick_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")  # accelerate's launch sets it from its config file
+    with pytest.raises(ConfigError, match=r"^accelerate's launch asks for gradient accumulation 2 \(its config file's gradient_accumulation_steps"):
+        Trainer(tiny_config(tmp_path / "run", quick_base))
+    assert not (tmp_path / "run").exists()
+    Trainer(tiny_config(tmp_path / "run", quick_base, "optim.gradient_accumulation_steps=2"))
 
 
 def test_a_resume_by_another_number_of_processes_is_refused(quick_base, tmp_path):
