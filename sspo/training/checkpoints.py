@@ -26,6 +26,8 @@ from sspo.training.run_folder import discard_previous, start_fresh
 from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, manifest, manifest_problems, read_state, saved_states
 from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
 
+# Learning-rate schedules that do not depend on the run's length: a resume may change `iterations` under them.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 LOGS = ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)  # the run's JSON-lines logs, each row with its step
 # In a resumable state with optim.ema: the averaged weights by parameter name, and EMAModel's other state (its step, decay ...).
 EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
@@ -67,12 +69,18 @@ def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
                             "train without --resume to replace it, or into a new output_dir")
     if latest is None or not saved.is_file():
         return  # nothing to resume: the run starts from scratch
-    differences = config_differences(load_yaml(saved), dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)()))
+    saved_config = load_yaml(saved)
+    differences = config_differences(saved_config, dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)()))
     if differences:
         raise ConfigError(
             f"--resume: the config differs from the one {run_dir} was trained with ({'; '.join(differences)}); "
             f"set those keys back, or train into a new output_dir (only {', '.join(HARMLESS_KEYS)} may change)"
         )
+    trained_for = saved_config.get("iterations", cfg.iterations)
+    if trained_for != cfg.iterations and cfg.optim.lr_scheduler not in LENGTH_FREE_SCHEDULES:
+        raise ConfigError(f"--resume: iterations {trained_for} -> {cfg.iterations}: optim.lr_scheduler {cfg.optim.lr_scheduler} decays over the run's "
+                          "length, so the resumed steps would follow neither length's schedule; set iterations back, or train into a new output_dir "
+                          f"(a run with lr_scheduler {' or '.join(LENGTH_FREE_SCHEDULES)} may be extended)")
     try:
         state = read_state(latest / STATE_FILE)
     except DamagedFileError:  # the resume falls back to an older intact state

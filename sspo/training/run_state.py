@@ -22,7 +22,8 @@ def saved_states(run_dir: Path) -> list[Path]:
 
 
 # Keys a resumed run may change without changing what it computes. `iterations` only extends
-# (or shortens) the run: no draw depends on the total. `nonfinite` only matters in a run that
+# (or shortens) the run: no draw depends on the total, nor does a constant learning rate (a
+# schedule that decays over the run's length is checked apart: checkpoints.py). `nonfinite` only matters in a run that
 # would otherwise stop: resuming a stopped run with `nonfinite: skip` is what it is for. Gradient
 # checkpointing recomputes the same activations (bitwise on the CPU, a test checks it), so a resume
 # that runs out of memory can turn it on.

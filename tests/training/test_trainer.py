@@ -424,3 +424,13 @@ def test_a_resume_that_would_end_before_the_step_reached_is_refused(quick_base, 
         with pytest.raises(ConfigError, match=re.escape(f"--resume: {run} has trained 4 optimizer steps, past iterations=1 x 2 = 2; set iterations=2 or more")):
             resume(tiny_config(run, quick_base, "method=sft", "iterations=1", "steps_per_iteration=2"), resume=True)
     assert (run / "final" / "README.md").read_text() == card
+
+
+def test_a_resume_that_changes_the_length_of_a_decaying_schedule_is_refused(quick_base, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "iterations=1", "optim.lr_scheduler=linear"))
+    card = (run / "final" / "README.md").read_text()
+    for resume in (dry_run, train):
+        with pytest.raises(ConfigError, match=re.escape("--resume: iterations 1 -> 2: optim.lr_scheduler linear decays over the run's length")):
+            resume(tiny_config(run, quick_base, "method=sft", "iterations=2", "optim.lr_scheduler=linear"), resume=True)
+    assert (run / "final" / "README.md").read_text() == card
