@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -100,11 +101,13 @@ class Checkpointing:
     """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
     and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
     ``policy``, ``params``, ``param_names``, ``ema``, ``averaged_weights``, ``pool``, ``reference``, ``global_step``,
-    ``nonfinite_skips`` and ``example_prompt``."""
+    ``nonfinite_skips`` and ``example_prompt``; it sets ``tracker_run_id``."""
 
     def start_or_resume(self, resume: bool) -> None:
         """Continue from the newest intact saved state (``resume``), or start afresh; nothing in the
         output folder is moved or rewritten before this."""
+        # The run's id at wandb: a resumed run goes on logging into the run it continues, a fresh start into a new one.
+        self.tracker_run_id = uuid.uuid4().hex[:16]
         state_dir = self._resumable_state() if resume else None
         if state_dir is not None:
             self._load_state(state_dir)
@@ -160,6 +163,7 @@ class Checkpointing:
                     "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
                     "processes": self.accelerator.num_processes,
                     "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset), "example_prompt": self.example_prompt,
+                    "tracker_run_id": self.tracker_run_id,
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
                     "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
                     # A resume can then tell a row cut short by a kill after this save from one lost to damage.
@@ -239,6 +243,8 @@ class Checkpointing:
             self._load_ema(state_dir)
         self.global_step = state["global_step"]
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
+        if isinstance(state.get("tracker_run_id"), str):
+            self.tracker_run_id = state["tracker_run_id"]
         prompt = state.get("example_prompt")  # the model card's: a finished run resumed writes the same card
         self.example_prompt = prompt if isinstance(prompt, str) else None
         if state.get("data_rows", len(self.dataset)) != len(self.dataset) and self.accelerator.is_main_process:  # rows added or removed since the save
@@ -255,7 +261,8 @@ class Checkpointing:
             if self.accelerator.is_main_process:
                 self.pool.truncate(state["pool_size"])
             self._sync_pool()
-        log.info("resumed from %s at step %d", state_dir, self.global_step)
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s at step %d", state_dir, self.global_step)
 
     def _read_log(self, name: str) -> list[dict]:
         """A log's whole rows up to the current step (a last line cut short by a kill is left out)."""

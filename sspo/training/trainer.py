@@ -231,7 +231,10 @@ class Trainer(Checkpointing):
         scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dataclasses.asdict(cfg)).items()}
         # accelerate's tensorboard tracker logs to <logging_dir>/<project name>: the run's folder within the project's.
         project = cfg.tracker_project if cfg.report_to == "wandb" else f"{cfg.tracker_project}/{cfg.run_name}"
-        self.accelerator.init_trackers(project, config=scalars, init_kwargs={"wandb": {"name": cfg.run_name}})
+        init_kwargs = {"wandb": {"name": cfg.run_name, "id": self.tracker_run_id, "resume": "allow"}}
+        if self.global_step:  # resumed: tensorboard hides what the stopped run logged after the state it resumes
+            init_kwargs["tensorboard"] = {"purge_step": self.global_step + 1}
+        self.accelerator.init_trackers(project, config=scalars, init_kwargs=init_kwargs)
 
     def _on_main(self, check: Callable[[], None]) -> None:
         """``check`` on the main process; its error stops every process at once (the others would

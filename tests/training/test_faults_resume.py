@@ -323,3 +323,17 @@ def test_gradient_checkpointing_turned_on_at_resume_ends_with_the_same_weights(r
     train(tiny_config(run, quick_base, *ARMS["sspo"], "iterations=1"))
     train(tiny_config(run, quick_base, *ARMS["sspo"], "model.gradient_checkpointing=true"), resume=True)
     assert results(run) == results(uninterrupted)
+
+
+def test_a_resumed_runs_tensorboard_log_holds_each_step_once(quick_base, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    kill_cli_run(run, quick_base, ["report_to=tensorboard"], "step:4", resume=False)  # step 3 logged after the state of step 2
+    train(tiny_config(run, quick_base, "report_to=tensorboard"), resume=True)
+    (folder,) = (run / "logs").glob("*/*")
+    logged = EventAccumulator(str(folder))
+    logged.Reload()
+    assert [event.step for event in logged.Scalars("train/loss")] == [1, 2, 3, 4]
+    states = [json.loads((state / STATE_FILE).read_text()) for state in saved_states(run)]
+    assert len({state["tracker_run_id"] for state in states}) == 1  # wandb's run, continued
