@@ -136,8 +136,23 @@ class Checkpointing:
         self.accelerator.wait_for_everyone()
         if self.pool is not None:
             self.pool = CheckpointPool(self.pool.root, self.pool.denoiser)
+            self._check_pool_shared()
             self.reference.pool = self.pool
             self.reference.loaded = None
+
+    def _check_pool_shared(self) -> None:
+        """Every process must read the pool the main process wrote: an output_dir on each machine's own
+        disk would give the others another run's pool (its negatives and references) or none."""
+        from accelerate.utils import broadcast_object_list
+
+        if self.accelerator.num_processes == 1:
+            return
+        written = broadcast_object_list([self.pool.entries])[0]
+        same = self.accelerator.gather(torch.tensor([float(self.pool.entries == written)], device=self.device))
+        if not same.all():
+            others = ", ".join(str(rank) for rank in (same == 0).nonzero().flatten().tolist())
+            raise TrainingError(f"output_dir {self.run_dir}: process {others} reads another checkpoint pool than the main process wrote; "
+                                "every process must see the same output_dir: put it on a filesystem all machines share")
 
     def save_state(self) -> Path:
         """A resumable state (weights, optimizer, RNG, step, pool size, file manifests), written then renamed.

@@ -145,3 +145,33 @@ def test_the_logged_metrics_are_the_mean_over_processes(quick_base, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["ssr_rate"] for row in rows] == [0.5, 0.5]
+
+
+# The second process reads its pool from a folder of its own, as from an output_dir on its machine's own disk.
+POOL_OF_ITS_OWN = """
+import os, sys
+from sspo.cli import main
+from sspo.training import checkpoints
+
+class PoolOfItsOwn(checkpoints.CheckpointPool):
+    def __init__(self, root, denoiser=None):
+        super().__init__(f"{root}-{os.environ['RANK']}" if os.environ["RANK"] == "1" else root, denoiser)
+
+checkpoints.CheckpointPool = PoolOfItsOwn
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_an_output_dir_that_is_not_the_same_folder_in_every_process_is_refused(quick_base, tmp_path):
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
+    run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "own_pool.py"
+    program.write_text(POOL_OF_ITS_OWN)
+    config.write_text(yaml.safe_dump({
+        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 1,
+        "output_dir": str(run), "report_to": "none",
+    }))
+    done = launch(config, tmp_path, (str(program),))
+    refusal = f"sspo: error: output_dir {run}: process 1 reads another checkpoint pool than the main process wrote"
+    assert done.returncode != 0 and done.stderr.count(refusal) == 2, done.stderr[-4000:]
+    assert not (run / "checkpoints").exists()
