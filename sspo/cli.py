@@ -478,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if (lost := _lost_processes(exc)) is None:
+            raise
+        print(f"sspo: error: {lost}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         how = "stopped by SIGTERM" if isinstance(exc, Stopped) else "interrupted"
         nothing_left = "nothing half-written was left"
@@ -516,6 +521,21 @@ def _named_by_flag(message: str, argv: list[str]) -> str:
 class Stopped(KeyboardInterrupt):
     """SIGTERM (a scheduler's or a user's stop), unwound as Ctrl-C is: what a failed start set
     aside goes back, temporary files go, and the last saved state stays."""
+
+
+def _lost_processes(exc: RuntimeError) -> str | None:
+    """What a collective that failed because another process stopped or fell behind means, in one line
+    (None: another error). Only in a multi-process launch, where that process's own error is printed too."""
+    import torch.distributed as dist
+
+    backend = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out", "broken pipe", "watchdog")
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if not isinstance(exc, dist.DistError) and not any(word in str(exc).lower() for word in backend):
+        return None
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"process {dist.get_rank()} lost the others at a collective ({what}): another process stopped (its own error is printed too) "
+            "or kept the others waiting longer than process_timeout_s; the same command with --resume continues from the last saved state")
 
 
 def _stop(signum, frame) -> None:

@@ -163,6 +163,10 @@ class TrainConfig:
     seed: int = setting(0, at_least=0, at_most=2**32 - 1)  # accelerate's set_seed seeds numpy too, which takes 32 bits
     # no | fp16 (needs a GPU) | bf16; null: accelerate's (`accelerate launch --mixed_precision`, its config file, ACCELERATE_MIXED_PRECISION), else no
     mixed_precision: str | None = setting(None, choices=MIXED_PRECISIONS)
+    # Under a multi-process launch, how long a process waits for the others at a collective before it
+    # stops with an error. The main process validates, scores and loads reward models alone while the
+    # others wait, which can outlast torch's default (10 minutes under NCCL).
+    process_timeout_s: int = setting(3600, at_least=1)
     output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
     report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
     tracker_project: str = setting("sspo", nonempty=True)  # the trackers' project: wandb's project; tensorboard logs to <output_dir>/logs/<tracker_project>/<run name>

@@ -29,7 +29,7 @@ def saved_states(run_dir: Path) -> list[Path]:
 # that runs out of memory can turn it on.
 HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "tracker_project", "tracker_run_name", "log_every", "save_every_steps",
                  "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor", "nonfinite",
-                 "model.gradient_checkpointing")
+                 "model.gradient_checkpointing", "process_timeout_s")
 
 
 def file_digest(path: Path) -> dict:

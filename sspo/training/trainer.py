@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -147,7 +148,7 @@ class Trainer(Checkpointing):
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
         cfg = resolved(cfg)
         check_environment(cfg)  # a Trainer made directly, not through train(), refuses what this machine lacks too
@@ -158,6 +159,7 @@ class Trainer(Checkpointing):
             gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.process_timeout_s))],
         )
         self._check_distributed()
         self._on_main(self._check_outputs_and_scorers)

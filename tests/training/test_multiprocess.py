@@ -175,3 +175,39 @@ def test_an_output_dir_that_is_not_the_same_folder_in_every_process_is_refused(q
     refusal = f"sspo: error: output_dir {run}: process 1 reads another checkpoint pool than the main process wrote"
     assert done.returncode != 0 and done.stderr.count(refusal) == 2, done.stderr[-4000:]
     assert not (run / "checkpoints").exists()
+
+
+# The main process validates for 5 s while the other waits for it.
+SLOW_VALIDATION = """
+import sys, time
+from sspo.cli import main
+from sspo.training import trainer
+
+validate = trainer.Trainer.validate
+
+def slow_validation(self):
+    if self.accelerator.is_main_process:
+        time.sleep(5)
+    return validate(self)
+
+trainer.Trainer.validate = slow_validation
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_processes_wait_for_the_main_ones_validation_as_long_as_process_timeout_s(quick_base, tmp_path):
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
+    program = tmp_path / "slow_validation.py"
+    program.write_text(SLOW_VALIDATION)
+    for timeout, stops in ((2, True), (60, False)):
+        config, run = tmp_path / f"ddp-{timeout}.yaml", tmp_path / f"run-{timeout}"
+        config.write_text(yaml.safe_dump({
+            "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
+            "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 1,
+            "output_dir": str(run), "report_to": "none", "process_timeout_s": timeout, "method": "sft",
+            "validation": {"every_iterations": 1, "prompts": ["a red circle"]},
+        }))
+        done = launch(config, tmp_path, (str(program),))
+        assert (done.returncode != 0) == stops, done.stderr[-4000:]
+        lost = "sspo: error: process 1 lost the others at a collective ("
+        assert (lost in done.stderr) == stops and "[rank1]: Traceback" not in done.stderr, done.stderr[-4000:]
