@@ -79,6 +79,10 @@ def test_a_named_family_must_fit_the_pipelines_components():
         family_of(sd, "sdxl")
     with pytest.raises(ModelError, match=r"model.family 'flux' does not fit this StableDiffusionPipeline: it has no transformer, text_encoder_2"):
         family_of(sd, "flux")
+    sd3 = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": [], "text_encoder": [],
+           "text_encoder_2": [], "text_encoder_3": [], "tokenizer": [], "tokenizer_2": [], "tokenizer_3": [], "scheduler": []}
+    with pytest.raises(ModelError, match=r"^model.family 'flux' does not fit this StableDiffusion3Pipeline, which is sd3's; set model.family to auto \(or sd3\)$"):
+        family_of(sd3, "flux")  # every component FLUX has is there: its encode_prompt would fail inside the run
 
 
 def test_model_family_accepts_registered_names_only(upper_quarter):

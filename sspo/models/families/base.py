@@ -221,7 +221,7 @@ class ModelFamily:
     def trained_modules(self, train_modules: str) -> str:
         """``model.train_modules`` resolved for this family: "motion" or "unet" (every layer)."""
         if train_modules == MOTION and not self.video:
-            raise ModelError(f"model.train_modules: motion trains a video model's motion modules, but {self.name} ({type(self.pipe).__name__}) has none; use unet or auto")
+            raise ModelError(f"model.train_modules: motion trains a video model's motion modules, but {self.name} ({_pipeline_name(self.pipe)}) has none; use unet or auto")
         return resolve_train_modules(train_modules, self.video)
 
     def lora_targets(self, denoiser, targets: Sequence[str], trained: str) -> list[str] | str:
@@ -343,10 +343,20 @@ def family_of(pipe, name: str = "auto", flow=None) -> ModelFamily:
         family = FAMILIES[name]
         missing = [c for c in (family.denoiser_component, *family.frozen_components) if c not in components]
         if missing:
-            kind = components.get("_class_name") if isinstance(components, Mapping) and "_class_name" in components else type(pipe).__name__
+            kind = _pipeline_name(pipe)
             raise ModelError(f"model.family {name!r} does not fit this {kind}: it has no {', '.join(missing)}; set model.family to auto")
+        # Naming a family is for a pipeline none detects, or for a specialisation (a subclass) of the one
+        # that does; another family's pipeline would run as the wrong model.
+        detected = next((other for other in FAMILIES.values() if other.detects(components)), family)
+        if not issubclass(family, detected):
+            raise ModelError(f"model.family {name!r} does not fit this {_pipeline_name(pipe)}, which is {detected.name}'s; set model.family to auto (or {detected.name})")
         return family(pipe, flow)
     for family in FAMILIES.values():
         if family.detects(components):
             return family(pipe, flow)
     raise ModelError(f"{type(pipe).__name__} is of no known model family; sspo trains {', '.join(FAMILIES)} pipelines (set model.family to name one)")
+
+
+def _pipeline_name(pipe) -> str:
+    """The pipeline's class name, from a loaded pipeline or its model_index.json."""
+    return str(pipe.get("_class_name", "pipeline")) if isinstance(pipe, Mapping) else type(pipe).__name__
