@@ -314,9 +314,11 @@ def generate_missing(plan: GenerationPlan, n_items: int, settings: dict, *, batc
     model, todo, out = plan.model, plan.todo, plan.out
     if not todo:
         return
+    from sspo.evaluation.sampling import check_sample_size
     from sspo.models.pipeline import load_pipeline
 
     pipe = load_pipeline(model.path, lora=model.lora, dtype=dtype).to(device)  # a model that does not load leaves no manifest
+    check_sample_size(pipe, settings["resolution"], "--resolution")  # nor one that cannot sample at that size
     # Record the prompts before any image exists, so that every image on disk has its prompt on record.
     plan.manifest["prompts"].update({str(item.prompt_index): item.prompt for item in todo})
     atomic_write_json(plan.manifest_path, plan.manifest)

@@ -29,6 +29,15 @@ def sampling_device(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
+def check_sample_size(pipe, size: int | None, key: str = "resolution") -> None:
+    """Refuse an image side ``size`` the pipeline's denoiser cannot take (None: its native size), naming ``key``."""
+    from sspo.models.families import family_of
+
+    if size is not None:
+        family = family_of(pipe)
+        family.check_image_sizes(dict(family.denoiser.config), getattr(pipe, "vae_scale_factor", 8), [(size, size)], key)
+
+
 def generate(
     pipe,
     prompts: Sequence[str],
@@ -51,6 +60,7 @@ def generate(
     video, longest = family.video, family.longest_clip  # longest: None for an image model
     if longest is not None and frames > longest:
         raise ConfigError(f"frames: {frames}, but this model's motion modules make clips of at most {longest} frames; ask for {longest} or fewer")
+    check_sample_size(pipe, size)
     extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
     images: list = []
     device = pipe.device

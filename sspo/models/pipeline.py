@@ -53,14 +53,25 @@ def denoiser_skeleton(model: str | Path, config: dict, component: str, revision:
     import diffusers
     from accelerate import init_empty_weights
 
-    located = _locate(model)
     cls = getattr(diffusers, config[component][1])
+    with init_empty_weights():
+        return cls.from_config(component_config(model, config, component, revision))
+
+
+def component_config(model: str | Path, config: dict, component: str, revision: str | None = None) -> dict:
+    """The config of the pipeline's ``component`` (``config``: its model_index.json), files only."""
+    import diffusers
+
     try:
-        settings = cls.load_config(located, subfolder=component, revision=revision)
+        return dict(getattr(diffusers, config[component][1]).load_config(_locate(model), subfolder=component, revision=revision))
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
-    with init_empty_weights():
-        return cls.from_config(settings)
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """How many pixels a latent pixel spans, as diffusers' pipelines compute it."""
+    blocks = vae_config.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 def check_hub(model: str) -> None:

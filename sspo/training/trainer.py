@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 
 from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
+from sspo.data.images import bucket_sizes
 from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.models.families import family_of
-from sspo.models.pipeline import denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit
+from sspo.models.pipeline import component_config, denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit, vae_scale_factor
 from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
@@ -103,6 +104,18 @@ def check_launch(processes: int) -> None:
         raise ConfigError(f"the launch started {launched} processes, but accelerate runs each alone (a distributed_type this machine cannot run: "
                           "MULTI_GPU where torch sees no GPU); on GPUs make them visible to torch, on a CPU launch with --multi_gpu and "
                           "ACCELERATE_USE_CPU=true (docs/coming-from-diffusers.md)")
+
+
+def check_image_sizes(cfg: TrainConfig, family, denoiser_config: dict, vae_scale: int) -> None:
+    """The training images' sizes (``data.resolution``, or ``data.buckets``' sizes) fit the denoiser."""
+    data = cfg.data
+    if not data.buckets:
+        family.check_image_sizes(denoiser_config, vae_scale, [(data.resolution, data.resolution)], "data.resolution")
+        return
+    multiple = family.image_sides(denoiser_config, vae_scale)[0]
+    check(data.bucket_step % multiple == 0, "data.bucket_step", f"{data.bucket_step} makes bucket sides {family.name} cannot take: "
+          f"they must be multiples of {multiple} px (its latents' patches); set data.bucket_step to a multiple of {multiple}")
+    family.check_image_sizes(denoiser_config, vae_scale, bucket_sizes(data.resolution, data.bucket_step, data.bucket_max_aspect), "data.resolution")
 
 
 def check_frames(cfg: TrainConfig, video: bool, longest: int | None = None) -> None:
@@ -185,6 +198,7 @@ class Trainer(Checkpointing):
             if (component := self.family.component(name)) is not None:  # SD3 may be saved without T5
                 component.requires_grad_(False).eval()
         check_frames(cfg, self.family.video, self.family.longest_clip)  # the model's frame limit, now that it is loaded
+        check_image_sizes(cfg, self.family, dict(self.family.denoiser.config), getattr(self.pipe, "vae_scale_factor", 8))
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
 
@@ -706,9 +720,12 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
         family = family_of(files.config, cfg.model.family)
         if cfg.generates_negatives:
             family.check_sampler(cfg.negatives.scheduler)
-        if cfg.model.lora and not video:  # a video denoiser is an image UNet joined to a motion adapter at load
-            denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, None if world else cfg.model.revision)
-            family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
+        revision = None if world else cfg.model.revision
+        if not video:  # a video denoiser is an image UNet joined to a motion adapter at load
+            denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, revision)
+            check_image_sizes(cfg, family, dict(denoiser.config), vae_scale_factor(component_config(files.folder, files.config, "vae", revision)))
+            if cfg.model.lora:
+                family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
     if world:
         model = f"{name} (the {world.name} world's {world.pipeline_of(name)}, shipped or built and cached on first use)"
     else:

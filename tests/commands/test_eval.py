@@ -168,6 +168,15 @@ def test_bad_arguments_are_one_clear_error(extra, message, quick_base, tmp_path,
     assert not (tmp_path / "e").exists()  # refused before anything was made
 
 
+def test_a_resolution_the_model_cannot_take_is_one_error_before_anything_is_written(tiny_sd3, tmp_path, capsys):
+    # The tiny SD3 takes sides up to 64 px (its position embedding's 8 patches of 2 latent pixels, its VAE's 4).
+    assert main(["eval", "--model", tiny_sd3, "--prompts", "shapes", "--metrics", "shapes", "--limit", "1", "--steps", "1",
+                 "--resolution", "72", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "sspo: error: --resolution: sd3's position embedding covers image sides up to 64 px, not 72x72" in err and "Traceback" not in err
+    assert not (tmp_path / "e" / "images").exists()
+
+
 def test_model_specs_names_and_loras():
     specs = model_specs(["m", "m"], ["none", "runs/x/final"])
     assert specs == [ModelSpec("m", "m"), ModelSpec("m + runs/x/final", "m", "runs/x/final")]

@@ -113,3 +113,19 @@ def test_the_few_step_solvers_sample_the_quick_base_on_its_own_noise_schedule(ki
     first = sample([0, 1])
     assert first.shape == (2, pipe.unet.config.in_channels, *size) and bool(torch.isfinite(first).all())
     assert torch.equal(first, sample([0, 1])) and not torch.equal(first[0], sample([2, 1])[0])
+
+
+def test_each_family_takes_the_image_sides_its_denoiser_can():
+    sd3 = family_of({"transformer": ["diffusers", "SD3Transformer2DModel"], "text_encoder_3": [], "vae": [], "text_encoder": [], "text_encoder_2": []})
+    flux = family_of({"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": [], "text_encoder": [], "text_encoder_2": []})
+    sd = family_of({"unet": object(), "text_encoder": object(), "scheduler": DDPMScheduler()})
+    assert sd3.image_sides({"patch_size": 2, "pos_embed_max_size": 96}, 8) == (16, 1536)  # SD3's transformer, its VAE's 8
+    assert flux.image_sides({"patch_size": 1}, 8) == (16, None)  # 2x2 patches packed outside the transformer
+    assert sd.image_sides({}, 8) == (8, None)
+    sd3.check_image_sizes({"patch_size": 2, "pos_embed_max_size": 96}, 8, [(1024, 1536)], "data.resolution")
+    with pytest.raises(ModelError, match=r"^data.resolution: sd3 takes image sides that are multiples of 16 px .*not 24x24; set data.resolution to a multiple of 16$"):
+        sd3.check_image_sizes({"patch_size": 2, "pos_embed_max_size": 96}, 8, [(24, 24)], "data.resolution")
+    with pytest.raises(ModelError, match=r"^--resolution: sd3's position embedding covers image sides up to 1536 px, not 2048x1024"):
+        sd3.check_image_sizes({"patch_size": 2, "pos_embed_max_size": 96}, 8, [(2048, 1024)], "--resolution")
+    with pytest.raises(ModelError, match=r"^data.resolution: flux takes image sides that are multiples of 16 px"):
+        flux.check_image_sizes({}, 8, [(512, 520)], "data.resolution")

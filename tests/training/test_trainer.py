@@ -434,3 +434,16 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_is_refused(quic
         with pytest.raises(ConfigError, match=re.escape("--resume: iterations 1 -> 2: optim.lr_scheduler linear decays over the run's length")):
             resume(tiny_config(run, quick_base, "method=sft", "iterations=2", "optim.lr_scheduler=linear"), resume=True)
     assert (run / "final" / "README.md").read_text() == card
+
+
+def test_image_sizes_the_denoiser_cannot_take_are_refused_before_anything_is_read_or_written(tiny_sd3, tmp_path):
+    # The tiny SD3's VAE scales by 4 and its position embedding covers 8 patches of 2: sides up to 64 px.
+    sd3 = ("negatives.scheduler=pipeline", "model.lora_targets=[to_q, to_k, to_v, to_out.0]", "data.cache_latents=true")
+    too_large = "data.resolution: sd3's position embedding covers image sides up to 64 px, not 72x72; set data.resolution so that no side is above 64"
+    for start in (dry_run, lambda cfg: Trainer(cfg)):
+        with pytest.raises(ModelError, match=re.escape(too_large)):
+            start(tiny_config(tmp_path / "run", tiny_sd3, *sd3, "data.resolution=72", f"data.cache_dir={tmp_path / 'latents'}"))
+        with pytest.raises(ModelError, match=r"^data.resolution: sd3's position embedding covers image sides up to 64 px, not 48x80"):
+            start(tiny_config(tmp_path / "run", tiny_sd3, *sd3, "data.resolution=64", "data.buckets=true", "data.bucket_step=16",
+                              "data.cache_latents=false", "data.world_pairs_per_prompt=1"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "latents").exists()

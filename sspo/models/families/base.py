@@ -85,6 +85,23 @@ class ModelFamily:
         """Whether a pipeline with ``components`` is of this family (``model.family: auto``)."""
         return False
 
+    @classmethod
+    def image_sides(cls, denoiser_config: Mapping[str, Any], vae_scale: int) -> tuple[int, int | None]:
+        """(the multiple every image side must be, the largest side or None) in pixels, from the
+        denoiser's config and the VAE's scale factor: a UNet takes any multiple of the VAE's factor."""
+        return vae_scale, None
+
+    def check_image_sizes(self, denoiser_config: Mapping[str, Any], vae_scale: int, sizes: Sequence[tuple[int, int]], key: str) -> None:
+        """Refuse (width, height) ``sizes`` the denoiser cannot take: a ModelError naming ``key``."""
+        multiple, largest = self.image_sides(denoiser_config, vae_scale)
+        for width, height in sizes:
+            if width % multiple or height % multiple:
+                raise ModelError(f"{key}: {self.name} takes image sides that are multiples of {multiple} px (its latents' patches), "
+                                 f"not {width}x{height}; set {key} to a multiple of {multiple}")
+            if largest is not None and max(width, height) > largest:
+                raise ModelError(f"{key}: {self.name}'s position embedding covers image sides up to {largest} px, not {width}x{height}; "
+                                 f"set {key} so that no side is above {largest}")
+
     def component(self, name: str):
         return self.pipe[name] if isinstance(self.pipe, Mapping) else getattr(self.pipe, name)
 

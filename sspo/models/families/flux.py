@@ -51,6 +51,10 @@ class Flux(FlowMatchingFamily):
     samples_with_negative_prompt = False
 
     @classmethod
+    def image_sides(cls, denoiser_config: Mapping[str, Any], vae_scale: int) -> tuple[int, int | None]:
+        return vae_scale * 2, None  # 2x2 patches of latents (pack_latents); rotary positions: no largest side
+
+    @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
         transformer = components.get("transformer")
         kind = transformer[1] if isinstance(transformer, (list, tuple)) else type(transformer).__name__

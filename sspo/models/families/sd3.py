@@ -24,6 +24,12 @@ class StableDiffusion3(FlowMatchingFamily):
     def detects(cls, components: Mapping[str, Any]) -> bool:
         return "transformer" in components and "text_encoder_3" in components
 
+    @classmethod
+    def image_sides(cls, denoiser_config: Mapping[str, Any], vae_scale: int) -> tuple[int, int | None]:
+        # Latents are cut into patch_size patches, whose positions a table of pos_embed_max_size^2 embeds.
+        patch, table = denoiser_config.get("patch_size", 2), denoiser_config.get("pos_embed_max_size")
+        return vae_scale * patch, table * patch * vae_scale if table else None
+
     def condition_kwargs(self, cond: TextCondition) -> dict:
         return {"encoder_hidden_states": cond.embeds, "pooled_projections": cond.pooled}
 
