@@ -17,7 +17,7 @@ import yaml
 import sspo
 from sspo.cli import main
 from sspo.config import allowed, apply_overrides, field_comments, field_type, from_dict, load_config, save_yaml, setting, to_dict, validate
-from sspo.errors import ConfigError
+from sspo.errors import ConfigError, ModelError
 from sspo.io import atomic_path, atomic_write_text
 from sspo.training.config import OptimConfig, TrainConfig, check_environment, resolved
 from sspo.worlds.shapes.base_model import BaseConfig
@@ -440,7 +440,7 @@ def test_every_constrained_field_refuses_values_outside_its_range(root, path, re
         ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer >= 8 that is a multiple of 8"),
         ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
         ("optim.learning_rate=0", "config key 'optim.learning_rate': got 0.0, expected a number > 0"),
-        ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler', 'unipc'"),
+        ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler', 'unipc', or null"),
     ],
 )
 def test_the_dry_run_refuses_an_out_of_range_value_in_one_line(override, line, tmp_path, capsys):
@@ -525,6 +525,18 @@ def test_unset_mixed_precision_is_the_launchs_and_a_set_one_wins(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(ConfigError, match=r"^config key 'mixed_precision': is unset and accelerate's launch asks for 'fp8'"):
         resolved(load())
+
+
+def test_unset_beta_and_sampler_are_the_model_familys_and_set_ones_win(tiny_sd3):
+    def usual(*overrides):
+        cfg = resolved(load("beta=null", "negatives.scheduler=null", *overrides))  # as a config that sets neither
+        return cfg.beta, cfg.negatives.scheduler
+
+    assert TrainConfig().beta is None and TrainConfig().negatives.scheduler is None
+    assert usual("model.pretrained=shapes-base:quick") == (5000.0, "ddim")  # SD-1.5's: Diffusion-DPO's beta
+    assert usual("model.pretrained=shapes-base:flow-quick") == (500.0, "pipeline")  # a world's base by its world, unbuilt or not
+    assert usual(f"model.pretrained={tiny_sd3}") == (500.0, "pipeline")  # by its model_index.json
+    assert usual(f"model.pretrained={tiny_sd3}", "beta=7", "negatives.scheduler=euler") == (7.0, "euler")
 
 
 def test_fp16_without_a_gpu_stops_a_real_run_before_its_folder_is_made(no_gpu, tmp_path, capsys):
@@ -691,7 +703,8 @@ def test_unset_guidance_is_the_models_usual_and_is_recorded_resolved(quick_base,
     assert guidance(f"model.pretrained={sdxl}") == 5.0
     assert guidance("model.pretrained=shapes-base:quick") == guidance("model.pretrained=moving-shapes-base") == 5.0  # the worlds' bases, by name
     assert guidance(f"model.pretrained={sd15}", "negatives.guidance_scale=3") == 3.0
-    assert guidance(f"model.pretrained={sdxl}", "model.family=sd") == 7.5  # a named family decides (SD fits an SDXL folder's components)
+    with pytest.raises(ModelError, match=r"model.family 'sd' does not fit this StableDiffusionXLPipeline, which is sdxl's"):
+        guidance(f"model.pretrained={sdxl}", "model.family=sd")  # SD's components are all there, but its UNet call is not SDXL's
 
 
 def test_eval_refuses_models_of_different_usual_guidance_without_the_flag(quick_base, tmp_path, capsys):

@@ -85,7 +85,9 @@ class NegativesConfig:
 
     # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers; on the shapes world neither matches ddim's
     # 20 steps in the exact reward of its samples with fewer steps (docs/bench/README.md "Few-step samplers").
-    scheduler: str = setting("ddim", choices=SCHEDULERS)  # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc
+    # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc; null: the model family's usual, recorded resolved in the
+    # run's config.yaml: ddim for the diffusion families (SD-1.5, SDXL, AnimateDiff), pipeline for the flow ones (SD3, FLUX)
+    scheduler: str | None = setting(None, choices=SCHEDULERS)
     steps: int = setting(20, at_least=1)  # sampler steps per negative
     # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 1 for the flow
     # base and 5 for the others; else by family: SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5), recorded resolved in the run's config.yaml.
@@ -151,7 +153,9 @@ class TrainConfig:
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)  # checks of SSR against a world's exact rewards
     flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)  # flow-matching families (SD3, FLUX): sigma's density and the error weights
     method: str = setting("sspo", choices=Registered(METHODS))  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
-    beta: float = setting(5000.0, above=0)  # Diffusion-DPO's beta for SD-1.5 (T * omega(lambda_t) folded in)
+    # The DPO temperature, T * omega(lambda_t) folded in; null: the model family's usual, recorded resolved in the run's
+    # config.yaml: Diffusion-DPO's 5000 for SD-1.5's errors (SDXL, AnimateDiff too), 500 for SD3, 1500 for FLUX.1 (docs/method.md).
+    beta: float | None = setting(None, above=0)
     ssr: str = setting("sign", choices=SSR_VARIANTS)  # sign | indicator | off (Table 6 ablations); spin and dpo force off
     ssr_draws: int = setting(1, at_least=1)  # (t, eps) draws whose mean errors decide K; 1 = the paper (the loss's own draw)
     erd: str = setting("uniform", choices=ERD_STRATEGIES)  # uniform (RCR) | initial | last; spin forces last, dpo initial
@@ -229,8 +233,8 @@ class TrainConfig:
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` as the run uses it, with what it leaves unset filled in: ``mixed_precision`` from
-    accelerate's launch, ``negatives.guidance_scale`` from the model. The run's saved config.yaml
-    holds these values, so a resume under another launch is refused."""
+    accelerate's launch, ``negatives.guidance_scale``, ``negatives.scheduler`` and ``beta`` from the
+    model. The run's saved config.yaml holds these values, so a resume under another launch is refused."""
     if cfg.mixed_precision is None:
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
         check(launched in MIXED_PRECISIONS, "mixed_precision", f"is unset and accelerate's launch asks for {launched!r}, which sspo does not "
@@ -241,6 +245,12 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
         guidance = usual_guidance_scale(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
         cfg = dataclasses.replace(cfg, negatives=dataclasses.replace(cfg.negatives, guidance_scale=guidance))
+    if cfg.beta is None or cfg.negatives.scheduler is None:
+        from sspo.worlds.names import usual_family
+
+        family = usual_family(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
+        cfg = dataclasses.replace(cfg, beta=family.default_beta if cfg.beta is None else cfg.beta,
+                                  negatives=dataclasses.replace(cfg.negatives, scheduler=cfg.negatives.scheduler or family.default_sampler))
     return cfg
 
 

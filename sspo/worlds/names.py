@@ -32,6 +32,21 @@ def check_not_a_misspelt_base(name: str, key: str) -> None:
         raise ConfigError(f"{key} {name!r} is neither a folder nor a world's base; did you mean {close[0]!r}?")
 
 
+def usual_family(name: str, family: str = "auto", revision: str | None = None):
+    """The model family class of model ``name``: ``family`` when it names one, a world base's by its
+    world (before it is built), else the one its model_index.json is of."""
+    from sspo.models.families import FAMILIES, family_of
+    from sspo.models.pipeline import load_pipeline_config
+
+    if family in FAMILIES:
+        return FAMILIES[family]
+    name = base_of_folder(name) or name
+    if world := base_world(name):
+        return FAMILIES[world.family_of(name)]
+    check_not_a_misspelt_base(name, "model.pretrained")
+    return type(family_of(load_pipeline_config(name, revision), family))
+
+
 def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None) -> float:
     """The classifier-free guidance model ``name`` is usually sampled with: its world's for a world's
     base, the one its run sampled with for a run's fully fine-tuned ``final/``, else its model

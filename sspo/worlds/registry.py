@@ -96,6 +96,8 @@ class World:
     demo: DemoSettings
     preset_guidance_scales: Mapping[str, float] = dataclasses.field(default_factory=dict)  # presets sampled with another guidance than base_guidance_scale
     preset_pipelines: Mapping[str, str] = dataclasses.field(default_factory=dict)  # presets that are another kind of pipeline than base_pipeline
+    base_family: str = "sd"  # its base's model family (sspo.models.families), known before the base is built: the defaults it trains with
+    preset_families: Mapping[str, str] = dataclasses.field(default_factory=dict)  # presets of another family than base_family
     # `sspo demo --base <base>:<preset>`: the demo of a preset that is another model (a flow-matching base), not a smaller one
     preset_demos: Mapping[str, DemoSettings] = dataclasses.field(default_factory=dict)
     pairs: PairsSettings | None = None  # its Pick-a-Pic-shaped pairs (`sspo pairs --world`); None: it has none
@@ -113,6 +115,10 @@ class World:
     def pipeline_of(self, name: str) -> str:
         """What base ``name`` (``<base>`` or ``<base>:<preset>``) is, for summaries."""
         return self.preset_pipelines.get(self.base_preset(name), self.base_pipeline)
+
+    def family_of(self, name: str) -> str:
+        """The model family of base ``name`` (``<base>`` or ``<base>:<preset>``)."""
+        return self.preset_families.get(self.base_preset(name), self.base_family)
 
     def guidance_scale(self, name: str) -> float:
         """The guidance base ``name`` (``<base>`` or ``<base>:<preset>``) is usually sampled with."""

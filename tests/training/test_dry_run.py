@@ -98,7 +98,7 @@ def test_a_dry_run_of_the_flow_base_says_what_it_is_and_samples_at_its_guidance(
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.lora_targets=[to_q, to_k, to_v, to_out.0]"], "negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"),
+    (["model.lora_targets=[to_q, to_k, to_v, to_out.0]", "negatives.scheduler=ddim"], "negatives.scheduler 'ddim' is a diffusion sampler; sd3 samples by flow matching"),
     (["negatives.scheduler=pipeline"], "'conv1', 'conv2', 'time_emb_proj' name no layer of the transformer"),
 ])
 def test_a_dry_run_checks_a_shipped_world_base_as_the_run_does(overrides, message, tmp_path, capsys):

@@ -74,6 +74,9 @@ class ModelFamily:
     frozen_components: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")  # encoders, frozen in training
     video: ClassVar[bool] = False  # latents (B, C, F, H, W), sampled clips
     default_guidance_scale: ClassVar[float] = 7.5  # the classifier-free guidance its models are usually sampled with
+    # beta's default: Diffusion-DPO's 5000 for SD-1.5's noise-prediction errors (flow families: docs/method.md, "What beta folds")
+    default_beta: ClassVar[float] = 5000.0
+    default_sampler: ClassVar[str] = "ddim"  # negatives.scheduler's default
     samples_with_negative_prompt: ClassVar[bool] = True  # sampling passes the empty prompt to the pipeline as its negative
 
     def __init__(self, pipe, flow=None):

@@ -51,6 +51,7 @@ class FlowMatchingFamily(ModelFamily):
     """The flow-matching objective and sampler; SD3 and FLUX add their denoiser's call and text encoders."""
 
     denoiser_component = "transformer"
+    default_sampler = "pipeline"  # the pipeline's flow-matching Euler sampler; diffusion samplers do not apply
     denoiser_label = "transformer"
 
     def __init__(self, pipe, flow: FlowConfig | None = None):

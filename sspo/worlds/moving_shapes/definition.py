@@ -72,6 +72,7 @@ WORLD = World(
     base_presets=("default", "quick"),
     base_pipeline="tiny AnimateDiff pipeline",
     base_guidance_scale=5.0,
+    base_family="animatediff",
     evaluate=evaluate,
     components=evaluator.COMPONENT_NAMES,
     # the groups, the two motion components a frozen or reversed clip fails, and the share of clips

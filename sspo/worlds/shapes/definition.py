@@ -84,6 +84,7 @@ WORLD = World(
     table_columns=("color", "shape", "size", "position", "background", "quality"),
     round_trip=round_trip,
     preset_pipelines={"flow": "tiny flow-matching SD3 pipeline", "flow-quick": "tiny flow-matching SD3 pipeline"},
+    preset_families={"flow": "sd3", "flow-quick": "sd3"},
     preset_guidance_scales={"flow": 1.0, "flow-quick": 1.0},  # the flow base samples best without guidance (chosen on validation: docs/results/flow-base.md)
     # The regime closest to the paper's: winners sampled from another model (the middle level of
     # `sspo pairs`), the comparison's budget and each arm's settings as the comparison chose them
