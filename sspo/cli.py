@@ -435,6 +435,7 @@ CONTINUE = {
     "train": "the same command with --resume continues from the last saved state",
     "eval": "the same command again continues: the images and scores on disk are kept",
     "compare": "the same command again continues: finished runs are reused and the others resumed",
+    "pairs": "the same command again builds them (a folder a build left without pairs.json is built over)",
 }
 
 

@@ -26,12 +26,20 @@ from sspo.paths import cache_root
 log = logging.getLogger(__name__)
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_path`'s temporary files (``.<name>.<random>.tmp``), which a killed write leaves."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and len(name) > len(TEMPORARY_SUFFIX) + 1
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

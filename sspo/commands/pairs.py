@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
-from sspo.io import check_write_target, entry_list, read_json
+from sspo.io import check_write_target, entry_list, is_temporary, read_json
 from sspo.models.tiny import one_thread
 from sspo.paths import build_lock, cache_root
 from sspo.training.config import TrainConfig
@@ -122,7 +122,11 @@ def existing_pairs(folder: Path) -> dict | None:
     if not folder.exists():
         return None
     names = sorted(p.name for p in folder.iterdir())
-    if not names:
+    # A build stopped before its record (pairs.json, written last) left only its own files: built again.
+    leftovers = [name for name in names if name == "pairs.parquet" or is_temporary(name)]
+    if "pairs.json" not in names and leftovers == names:
+        for name in leftovers:
+            (folder / name).unlink()
         return None
     if not {"pairs.json", "pairs.parquet"} <= set(names):
         raise SSPOError(f"--out {folder} holds files that are not sspo pairs ({entry_list(names)}); choose an empty or new folder")

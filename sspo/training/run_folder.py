@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from sspo.config import load_config
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json, check_write_target, entry_list, missing_folders, remove_empty_folders
+from sspo.io import atomic_write_json, check_write_target, entry_list, is_temporary, missing_folders, remove_empty_folders
 from sspo.paths import PREVIOUS_RUN
 from sspo.training.config import TrainConfig
 from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE, RunLock
@@ -42,11 +41,10 @@ RUN_ENTRIES = frozenset({
 })
 _LOCKS = frozenset({LOCK_FILE, HOLDER_FILE})
 _OUTPUTS = ("checkpoints", "pool", "final", "metrics.jsonl")  # a pre-manifest run holds at least one
-_TEMPORARY = re.compile(r"\..+\.tmp")  # sspo/io.py's atomic writes, left by a killed run
 
 
 def _is_own(name: str) -> bool:
-    return name in RUN_ENTRIES or name in _LOCKS or name == PREVIOUS_RUN or bool(_TEMPORARY.fullmatch(name))
+    return name in RUN_ENTRIES or name in _LOCKS or name == PREVIOUS_RUN or is_temporary(name)
 
 
 def _is_run_folder(run_dir: Path, names: set[str]) -> bool:

@@ -124,6 +124,17 @@ def test_bad_pairs_arguments_are_one_line_errors(argv, message, capsys):
     assert err.startswith("sspo: error:") and message in err and "\n" not in err
 
 
+def test_a_build_stopped_before_its_record_is_built_again(quick_pairs, tmp_path):
+    folder, _ = quick_pairs
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "pairs.parquet").write_bytes((folder / "pairs.parquet").read_bytes())  # pairs.json is written last
+    (stopped / ".pairs.json.x1y2z3a4.tmp").write_text("{")  # a killed write's temporary file
+    again, record, reused = build_pairs(QUICK, stopped)
+    assert not reused and record == json.loads((folder / "pairs.json").read_text())
+    assert sorted(p.name for p in stopped.iterdir()) == ["pairs.json", "pairs.parquet"]
+
+
 def test_built_pairs_leave_nothing_beside_their_folder(quick_pairs):
     folder, _ = quick_pairs
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(folder.name)] == [folder.name]
