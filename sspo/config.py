@@ -32,7 +32,23 @@ T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false, so ``ssr: off`` stays the string 'off'."""
+    """YAML 1.2 booleans: only true/false, so ``ssr: off`` stays the string 'off'; a key given twice
+    in one mapping is an error (PyYAML keeps the last, so a second ``optim:`` section drops the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be set again beside it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if line != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (first on line {line + 1}); keep one",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -130,6 +130,17 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path, capsys):
     assert f"config file {tmp_path / 'bad.yaml'} is not valid YAML" in one_error_line(capsys)
 
 
+def test_a_key_given_twice_in_a_config_file_is_named(tmp_path, capsys):
+    # PyYAML keeps the last: the second optim section would drop the first one's learning rate.
+    (tmp_path / "twice.yaml").write_text("optim:\n  learning_rate: 5.0e-2\noptim:\n  batch_size: 8\n")
+    assert main(["train", str(tmp_path / "twice.yaml"), "--dry-run"]) == 2
+    assert "is not valid YAML: line 3, column 1: 'optim' is given twice (first on line 1); keep one" in one_error_line(capsys)
+    (tmp_path / "merged.yaml").write_text("base: &base {learning_rate: 1.0e-3, batch_size: 2}\noptim:\n  <<: *base\n  batch_size: 8\n")
+    from sspo.config import load_yaml
+
+    assert load_yaml(tmp_path / "merged.yaml")["optim"] == {"learning_rate": 1e-3, "batch_size": 8}  # a merge's keys may be set again
+
+
 OUT_COMMANDS = {
     "eval": ["eval", "--model", "{model}", "--limit", "1", "--out", "{out}"],
     "eval --videos": ["eval", "--videos", "{tmp}", "--metrics", "mtscore", "--out", "{out}"],
