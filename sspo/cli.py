@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sspo.config import split_override
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import check_output_folder, check_write_target, permission_error
+from sspo.io import check_output_folder, check_write_target, os_error_message, os_error_of
 from sspo.logs import set_up_logging
 
 
@@ -476,14 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     except SSPOError as exc:
         print(f"sspo: error: {_named_by_flag(str(exc), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 2
-    except PermissionError as exc:
-        print(f"sspo: error: {permission_error(exc)}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if (lost := _lost_processes(exc)) is None:
-            raise
-        print(f"sspo: error: {lost}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # A failed read or write (a full disk, a read-only folder) anywhere, or a collective another process left.
+        if (failed := os_error_of(exc)) is not None:
+            logging.getLogger("sspo").debug("the failed read or write", exc_info=True)
+            print(f"sspo: error: {os_error_message(failed)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, RuntimeError) and (lost := _lost_processes(exc)) is not None:
+            print(f"sspo: error: {lost}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt as exc:
         how = "stopped by SIGTERM" if isinstance(exc, Stopped) else "interrupted"
         nothing_left = "nothing half-written was left"

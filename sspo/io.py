@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
@@ -46,6 +47,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename != str(tmp):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the file being written, not its temporary name
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -68,6 +73,27 @@ def permission_error(exc: PermissionError) -> SSPOError:
     if path is not None and path.absolute().is_relative_to(cache_root().absolute()):
         return SSPOError(f"{path}: permission denied; set SSPO_CACHE to a folder you can write to")
     return SSPOError(f"{path or exc}: permission denied; choose a path you can read and write, or change its permissions")
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """``exc`` as the OSError it is or reports (safetensors raises its own error for a failed write:
+    "I/O error: No space left on device (os error 28)"); None for any other error."""
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ == "SafetensorError" and (code := re.search(r"\(os error (\d+)\)", str(exc))):
+        return OSError(int(code[1]), os.strerror(int(code[1])))
+    return None
+
+
+def os_error_message(exc: OSError) -> str:
+    """A failed read or write, as one line naming the path and what to do; a cache path names SSPO_CACHE."""
+    if isinstance(exc, PermissionError):
+        return str(permission_error(exc))
+    path = Path(exc.filename) if exc.filename else None
+    in_cache = path is not None and path.absolute().is_relative_to(cache_root().absolute())
+    fix = {errno.ENOSPC: "free disk space, or write elsewhere", errno.EDQUOT: "free disk space, or write elsewhere",
+           errno.EROFS: "set SSPO_CACHE to a folder you can write to" if in_cache else "choose a folder on a writable file system"}.get(exc.errno)
+    return f"{f'{path}: ' if path else ''}{exc.strerror or exc}" + (f"; {fix}" if fix else "")
 
 
 def files_under(root: Path, suffixes: Collection[str] | None = None, skip_prefixes: tuple[str, ...] = (".",), hidden_folders: bool = False) -> list[Path]:
@@ -221,7 +247,12 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except Exception as exc:
+            if (failed := os_error_of(exc)) is None:
+                raise
+            raise OSError(failed.errno, failed.strerror, str(path)) from None
 
 
 def sort_safetensors_metadata(path: str | Path) -> None:

@@ -1,9 +1,12 @@
 """Bad models, prompt files and config files: one `sspo: error:` line naming the problem, no traceback
 (docs/reliability.md lists every bad-input case and its test)."""
 
+import errno
 import json
 import logging
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +142,28 @@ def test_a_key_given_twice_in_a_config_file_is_named(tmp_path, capsys):
     from sspo.config import load_yaml
 
     assert load_yaml(tmp_path / "merged.yaml")["optim"] == {"learning_rate": 1e-3, "batch_size": 8}  # a merge's keys may be set again
+
+
+def test_a_failed_read_or_write_anywhere_is_one_line(quick_base, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(Image.Image, "save", full)  # eval's first sample written to a full disk
+    assert main(["eval", "--model", quick_base, "--limit", "1", "--steps", "1", "--out", str(tmp_path / "e")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sspo: error:")]  # under the progress bar
+    assert len(errors) == 1 and errors[0].endswith("/0-0.png: No space left on device; free disk space, or write elsewhere")
+    monkeypatch.undo()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SSPO_CACHE", str(cache))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(cache / "locks"))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["sample", "--model", "shapes-base:quick", "--prompt", "a red circle", "--out", str(tmp_path / "g.png")]) == 2
+    assert one_error_line(capsys) == f"sspo: error: {cache / 'locks'}: Read-only file system; set SSPO_CACHE to a folder you can write to"
 
 
 OUT_COMMANDS = {

@@ -69,7 +69,7 @@ def test_the_card_of_an_image_model_with_motion_modules_names_the_adapter_wherev
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters" / "motion").mkdir(parents=True)
     cfg = from_dict(TrainConfig, {"model": {"pretrained": "some/sd15", "motion_adapter": "adapters/motion", "revision": "main"},
-                                  "data": {"frames": 8}, "negatives": {"guidance_scale": 7.5}})
+                                  "data": {"frames": 8}, "negatives": {"guidance_scale": 7.5, "scheduler": "ddim"}, "beta": 5000.0})
     card = model_card(cfg, base="some/sd15", video=True, folder="/runs/x/final", processes=1, grid=None, prompt='a "red"\ncircle\\')
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
     compile(code, "card", "exec")  # any prompt or path is a string literal there

@@ -22,7 +22,7 @@ import torch
 
 from sspo.config import load_config, load_yaml
 from sspo.errors import SSPOError
-from sspo.io import DamagedFileError, atomic_path, open_tensors, read_tensors, save_tensors, write_error
+from sspo.io import DamagedFileError, atomic_path, open_tensors, os_error_of, read_tensors, save_tensors, write_error
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
 from sspo.paths import set_aside_note
 from sspo.training.pool import CheckpointPool
@@ -61,8 +61,10 @@ def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | P
             save_tensors(to_kohya(lora), out, metadata=kohya_metadata(lora))
         else:
             write_diffusers(lora, out, run)
-    except OSError as exc:
-        raise write_error(out, exc) from None
+    except Exception as exc:  # safetensors reports a full disk as its own error
+        if (failed := os_error_of(exc)) is None:
+            raise
+        raise write_error(out, failed) from None
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 
 from sspo.config import load_yaml, save_yaml
 from sspo.errors import ConfigError, TrainingError
-from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, os_error_of, read_json, read_jsonl
 from sspo.models.families.base import adapter_config
 from sspo.training.faults import fault_point
 from sspo.training.pool import CheckpointPool
@@ -51,10 +51,10 @@ def disk_errors(what: str, staging: Path | None = None):
     except BaseException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if not isinstance(exc, OSError):
+        if (failed := os_error_of(exc)) is None:
             raise
         raise TrainingError(
-            f"could not write {what}: {exc.strerror or exc} ({exc.filename or staging}); earlier saved states are intact: "
+            f"could not write {what}: {failed.strerror or failed} ({failed.filename or staging}); earlier saved states are intact: "
             "free disk space or fix the folder's permissions, then run again with --resume"
         ) from None
 

@@ -219,6 +219,21 @@ def test_a_failed_write_names_the_fix_for_its_cause(code, fix, lora_run, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_a_full_disk_as_safetensors_reports_it_is_one_line(fmt, lora_run, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "lora.safetensors"
+    status, line = export(capsys, lora_run, "--format", fmt, "--out", str(out))
+    assert status == 2 and line == f"sspo: error: cannot write {out}: No space left on device; free disk space or choose another --out"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--checkpoint", "3"], "--checkpoint 3: the pool of {run} holds checkpoints 0 to 2 (after steps 0, 2, 4)"),
     (["--checkpoint", "last"], "--checkpoint 'last': expected final or the number of a pool checkpoint"),

@@ -234,22 +234,27 @@ def test_nonfinite_skip_counts_skipped_steps_and_keeps_weights_finite(quick_base
     assert all(torch.isfinite(t).all() for t in load_file(final / "pytorch_lora_weights.safetensors").values())
 
 
-def no_space(path):
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+def safetensors_no_space():
+    """What safetensors raises for a write to a full disk: its own error, not an OSError."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
 def fail_third_pool_write(monkeypatch):
-    import sspo.training.pool
+    import safetensors.torch
 
-    real, calls = sspo.training.pool.save_tensors, []
+    real, calls = safetensors.torch.save_file, []
 
-    def save_tensors(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 3:  # theta_2, at the end of the last iteration
-            raise no_space(path)
+    def save_file(tensors, path, metadata=None):
+        if Path(path).parent.name == "pool":
+            calls.append(path)
+        if len(calls) == 3 and calls[-1] == path:  # theta_2, at the end of the last iteration
+            Path(path).write_bytes(b"half")
+            raise safetensors_no_space()
         real(tensors, path, metadata)
 
-    monkeypatch.setattr(sspo.training.pool, "save_tensors", save_tensors)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
 
 def fail_second_checkpoint_save(monkeypatch):
@@ -261,7 +266,7 @@ def fail_second_checkpoint_save(monkeypatch):
         calls.append(output_dir)
         if len(calls) == 2:
             (Path(output_dir) / "model.safetensors").write_bytes(b"half")
-            raise no_space(Path(output_dir) / "model.safetensors")
+            raise safetensors_no_space()
         return real(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)

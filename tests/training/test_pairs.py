@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 
 from sspo.models.condition import TextCondition
 from sspo.models.families.sd import StableDiffusion
-from sspo.training.config import TrainConfig
+from sspo.training.config import NegativesConfig, TrainConfig
 from sspo.training.pairs import PairBuilder, Rows
 
 from test_video_latents import HalfDenoiser, OneCheckpointPool
@@ -39,7 +39,8 @@ def sampled(monkeypatch):
     family = StableDiffusion({"scheduler": DDPMScheduler()})
     monkeypatch.setattr(family, "sample", sample)
     reference = types.SimpleNamespace(pool=OneCheckpointPool(), activate=lambda checkpoint, fused=False: contextlib.nullcontext(HalfDenoiser()))
-    builder = PairBuilder(TrainConfig(method="sspo"), family, reference, None, read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
+    cfg = TrainConfig(method="sspo", beta=5000.0, negatives=NegativesConfig(scheduler="ddim"))  # as resolved for an SD model
+    builder = PairBuilder(cfg, family, reference, None, read_rows=unread, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
     return builder, steps_seen
 
 
