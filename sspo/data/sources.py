@@ -148,9 +148,8 @@ class _ParquetRows:
     def column(self, name: str) -> list:
         """One column of every row (the labels, read before training), a row group at a time."""
         values = []
-        for g in range(len(self._groups)):
-            f, group = self._groups[g]
-            values += self._file(f).read_row_group(group, columns=[name], use_threads=False).column(name).to_pylist()
+        for f, group in self._groups:
+            values += self._read(f, group, [name]).column(name).to_pylist()
         return values
 
     def _group(self, g: int) -> Any:
@@ -158,12 +157,21 @@ class _ParquetRows:
             self._cache.move_to_end(g)
             return self._cache[g]
         f, group = self._groups[g]
-        # One thread: Arrow's pool would hold up to two groups more in flight, and the reader already
-        # runs in each DataLoader worker beside training's threads.
-        self._cache[g] = table = self._file(f).read_row_group(group, columns=self.columns, use_threads=False)
+        self._cache[g] = table = self._read(f, group, self.columns)
         while len(self._cache) > self.cache_groups:
             self._cache.popitem(last=False)
         return table
+
+    def _read(self, f: int, group: int, columns: list[str]) -> Any:
+        import pyarrow as pa
+
+        try:
+            # One thread: Arrow's pool would hold up to two groups more in flight, and the reader already
+            # runs in each DataLoader worker beside training's threads.
+            return self._file(f).read_row_group(group, columns=columns, use_threads=False)
+        except (OSError, pa.ArrowException) as exc:  # a damaged data page: the footer read, the pages do not
+            raise DataError(f"{self.files[f]}: row group {group} cannot be read ({' '.join(str(exc).split())}); the file is damaged: "
+                            "restore or write it again, or leave it out of data.path") from None
 
     def _file(self, f: int) -> Any:
         import pyarrow.parquet as pq

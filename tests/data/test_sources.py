@@ -4,6 +4,7 @@ exactly what the training process would read."""
 
 import io
 import json
+import logging
 import tarfile
 
 import numpy as np
@@ -321,3 +322,19 @@ def test_data_path_from_home_a_relative_miss_and_an_imagefolders_metadata_file(t
         load_dataset_from_config(_cfg("imagez", source="imagefolder"))
     with pytest.raises(DataError, match=rf"data.path {tmp_path / 'images' / 'metadata.jsonl'} is a file; .* set data.path to {tmp_path / 'images'}$"):
         load_dataset_from_config(_cfg(tmp_path / "images" / "metadata.jsonl", source="imagefolder"))
+
+
+def test_a_damaged_row_groups_rows_are_skipped_as_unreadable_naming_the_file(tmp_path, caplog):
+    path = tmp_path / "grouped.parquet"
+    pq.write_table(pa.Table.from_pylist(_pairs(16)), path, row_group_size=8, compression="snappy")
+    first = pq.read_metadata(path).row_group(1).column(1)  # the second group's first image column
+    data = bytearray(path.read_bytes())
+    start = first.data_page_offset + 64
+    data[start : start + 2000] = bytes(2000)  # its compressed page zeroed; the footer is intact
+    path.write_bytes(bytes(data))
+    dataset = load_dataset_from_config(_cfg(path, remove_ties=False))
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[i] for i in range(16)]
+    assert all(_same(item, items[0]) for item in items[8:])  # the group's rows skipped as unreadable, each replaced by the next readable
+    assert sorted(dataset.skipped_rows) == list(range(8, 16))
+    assert f"{path}: row group 1 cannot be read (" in caplog.text and "the file is damaged: restore or write it again" in caplog.text
