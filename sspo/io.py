@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sspo.errors import ConfigError, SSPOError
-from sspo.paths import cache_root
+from sspo.paths import build_lock, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,24 @@ def check_output_folder(folder: str | Path, name: str, command: str, outputs: It
 @contextlib.contextmanager
 def claimed_output_folder(folder: str | Path, name: str, command: str, outputs: Iterable[str], record: dict[str, str] | None = None) -> Iterator[None]:
     """Check ``folder`` (:func:`check_output_folder`) and mark it as ``sspo <command>``'s output while
-    the command writes it; a command that fails before writing anything leaves no mark and no folder
-    it made."""
+    the command writes it, holding a lock on it (in the cache) so that a second command into the same
+    folder is refused rather than each rewriting the other's files from what it read; a command that
+    fails before writing anything leaves no mark and no folder it made."""
+    from filelock import FileLock, Timeout
+
     folder = Path(folder)
+    lock = FileLock(build_lock(folder))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SSPOError(f"{name} {folder} is being written by another sspo {command} right now; wait for it to end, or choose another {name}") from None
+    try:
+        yield from _claimed(folder, name, command, outputs, record)
+    finally:
+        lock.release()
+
+
+def _claimed(folder: Path, name: str, command: str, outputs: Iterable[str], record: dict[str, str] | None) -> Iterator[None]:
     check_output_folder(folder, name, command, outputs, record)
     mark = folder / output_mark(command)
     created = missing_folders(folder)

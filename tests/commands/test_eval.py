@@ -177,6 +177,20 @@ def test_a_resolution_the_model_cannot_take_is_one_error_before_anything_is_writ
     assert not (tmp_path / "e" / "images").exists()
 
 
+def test_a_second_eval_into_a_folder_being_written_is_refused(quick_base, tmp_path, capsys):
+    from filelock import FileLock
+
+    from sspo.paths import build_lock
+
+    out = tmp_path / "e"
+    with FileLock(build_lock(out)):  # as another sspo eval into --out holds it
+        assert main(["eval", "--model", quick_base, "--limit", "1", "--steps", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"sspo: error: --out {out} is being written by another sspo eval right now; "
+                                               "wait for it to end, or choose another --out")
+    assert not out.exists()
+    assert main(["eval", "--model", quick_base, "--limit", "1", "--steps", "1", "--out", str(out)]) == 0  # once it has ended
+
+
 def test_model_specs_names_and_loras():
     specs = model_specs(["m", "m"], ["none", "runs/x/final"])
     assert specs == [ModelSpec("m", "m"), ModelSpec("m + runs/x/final", "m", "runs/x/final")]
