@@ -35,6 +35,14 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and len(name) > len(TEMPORARY_SUFFIX) + 1
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files killed writes left anywhere under ``folder`` (by a command that
+    holds the folder: no write of its own is under way there)."""
+    for path in folder.rglob(".*" + TEMPORARY_SUFFIX) if folder.is_dir() else ():
+        if is_temporary(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``."""

@@ -66,7 +66,7 @@ from sspo.evaluation.sampling import generate, image_grid, sampling_device, save
 from sspo.evaluation.scorers import scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
-from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, claimed_output_folder, file_stats, read_json
+from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, claimed_output_folder, file_stats, read_json, remove_temporaries
 from sspo.video_io import decode_clip, write_clip
 from sspo.worlds.names import shared_guidance_scale
 
@@ -231,6 +231,7 @@ def run_eval(
             check_lora_path(Path(model.lora).expanduser())
         check_metrics_fit(model, metrics)
     with claimed_output_folder(out, "--out", "eval", OUTPUTS):
+        remove_temporaries(out)  # a killed eval's half-written files (the folder is held)
         plans = [missing_samples(model, items, out, settings) for model in models]  # every manifest checked before anything is generated
         if any(plan.todo for plan in plans):  # new images need every metric: a scorer that cannot load is found now, not after generating
             check_scorers_load(metrics, scorer_paths, {m: parse_scorer_options(o) for m, o in scorer_options.items()}, SCORER_FIX)

@@ -18,7 +18,7 @@ import torch
 
 from sspo.config import load_yaml, save_yaml
 from sspo.errors import ConfigError, TrainingError
-from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, os_error_of, read_json, read_jsonl
+from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, os_error_of, read_json, read_jsonl, remove_temporaries
 from sspo.models.families.base import adapter_config
 from sspo.training.faults import fault_point
 from sspo.training.pool import CheckpointPool
@@ -270,6 +270,7 @@ class Checkpointing:
             self._check_logs_cover(state_dir, state, logs)
             for staging in [*(self.run_dir / "checkpoints").glob("*.partial"), self.run_dir / "final.partial"]:
                 shutil.rmtree(staging, ignore_errors=True)  # half-written saves of the killed run
+            remove_temporaries(self.run_dir)  # and its writes' temporary files (the run's lock is held)
             for name, rows in logs.items():  # _read_log kept the rows up to the resumed step
                 atomic_write_text(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in rows))
         if self.pool is not None:

@@ -342,3 +342,13 @@ def test_a_resumed_runs_tensorboard_log_holds_each_step_once(quick_base, tmp_pat
     assert [event.step for event in logged.Scalars("train/loss")] == [1, 2, 3, 4]
     states = [json.loads((state / STATE_FILE).read_text()) for state in saved_states(run)]
     assert len({state["tracker_run_id"] for state in states}) == 1  # wandb's run, continued
+
+
+def test_a_resume_removes_the_temporary_files_of_killed_writes(quick_base, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "iterations=1"))
+    left = [run / "pool" / ".checkpoint-002.safetensors.k1ll3d00.tmp", run / ".metrics.jsonl.k1ll3d00.tmp"]
+    for path in left:  # as a write killed by SIGKILL leaves them (the pool's can be a whole denoiser's size)
+        path.write_bytes(b"half")
+    train(tiny_config(run, quick_base, "iterations=2"), resume=True)
+    assert not any(path.exists() for path in left) and stray_files(run) == []
