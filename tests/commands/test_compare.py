@@ -254,3 +254,18 @@ def test_runs_side_by_side_give_what_runs_one_after_another_give(quick_base, tmp
     assert compare.settings_from(tmp_path / "jobs", ["sft"])["sft"]["overrides"] == chosen["sft"]["overrides"]  # the comparison's folder
     with pytest.raises(ConfigError, match="--jobs 0: expected 1 or more"):
         compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "x", jobs=0)
+
+
+def test_a_reward_matrix_averages_each_prompts_sampler_seeds():
+    runs = [{"heldout": {"per_image": [1.0, 3.0, 5.0, 7.0]}}]  # 2 prompts x 2 sampler seeds
+    assert compare.reward_matrix(runs, "heldout", sampler_seeds=2) == [[2.0, 6.0]]
+    assert compare.reward_matrix(runs, "heldout", sampler_seeds=2, n_seeds=3) == [[2.0, 6.0]] * 3
+
+
+def test_a_claim_is_decided_by_its_interval_not_its_mean():
+    results = {"sspo": [{"heldout": {"per_image": [1.0, 0.0, 1.0]}}], "sft": [{"heldout": {"per_image": [0.0, 0.0, 0.0]}}]}
+    [claim] = compare.claims(results, sampler_seeds=1, n_seeds=1)
+    assert claim["difference"]["mean"] > 0 and claim["difference"]["ci95_low"] < 0
+    assert claim["verdict"] == "undecided (CI includes 0)"
+    [claim] = compare.claims({**results, "sspo": [{"heldout": {"per_image": [1.0, 0.9, 1.1]}}]}, sampler_seeds=1, n_seeds=1)
+    assert claim["verdict"] == "SSPO higher"

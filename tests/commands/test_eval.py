@@ -365,3 +365,11 @@ def test_a_video_eval_rerun_keeps_the_other_models_rows(tmp_path):
     with scores.open(newline="") as f:
         assert list(csv.DictReader(f)) == before
     assert list(json.loads((tmp_path / "out" / "video_summary.json").read_text())["results"]) == ["x"]
+
+
+def test_eval_statistics_are_over_prompts_each_the_mean_of_its_seeds():
+    from sspo.commands.eval import stats_by_category
+    from sspo.evaluation.scorers.stats import mean_ci
+
+    rows = [{"model": "m", "category": None, "prompt_index": p, "seed": s, "r": v} for p, s, v in [(0, 0, 1.0), (0, 1, 3.0), (1, 0, 5.0), (1, 1, 9.0)]]
+    assert stats_by_category(rows, [ModelSpec("m", "x")], ["r"])["m"]["all"]["r"] == mean_ci([2.0, 7.0])  # not over the 4 images

@@ -313,3 +313,10 @@ def test_duplicate_rows_are_kept_like_any_other(tmp_path):
     rows = _rows()
     ds = load_dataset_from_config(_cfg(write_parquet(tmp_path / "p.parquet", rows + rows[:2])))
     assert len(ds) == len(rows) + 2 and ds[len(rows)]["prompt"] == rows[0]["caption"]
+
+
+def test_a_caption_of_only_spaces_skips_its_row(tmp_path):
+    rows = _rows()
+    rows[0]["caption"] = "   "
+    dataset = load_dataset_from_config(_cfg(write_parquet(tmp_path / "pairs.parquet", rows)))
+    assert dataset[0]["prompt"] == rows[1]["caption"] and dataset.skipped_rows == {0}

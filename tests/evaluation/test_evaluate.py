@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sspo.evaluation.evaluate import EvalConfig, eval_items, showcase, showcase_picks, showcase_rewards
@@ -34,3 +35,10 @@ def test_grid_notes_are_drawn_under_their_cells():
     clip = np.zeros((3, 8, 8, 3), dtype=np.uint8) + 255
     frames = clip_grid([[clip, clip]], ["a"], cell=32, notes=[["x", "y"]])
     assert len(frames) == 3 and frames[0].height == 32 + 12
+
+
+def test_a_reward_gain_is_the_model_minus_its_baseline():
+    from sspo.evaluation.evaluate import reward_gain
+
+    gain = reward_gain({"per_image": [2.0, 2.1, 1.9]}, {"per_image": [1.0, 1.0, 1.0]})
+    assert gain["mean"] == pytest.approx(1.0) and gain["ci95_low"] > 0

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from sspo.io import write_parquet
@@ -132,19 +133,20 @@ sys.exit(main(["train", sys.argv[1]]))
 """
 
 
-def test_the_logged_metrics_are_the_mean_over_processes(quick_base, tmp_path):
+def test_the_logged_metrics_are_the_mean_over_processes_and_the_schedule_counts_optimizer_steps(quick_base, tmp_path):
     data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
     run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "rank_metric.py"
     program.write_text(RANK_AS_METRIC)
     config.write_text(yaml.safe_dump({
         "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 2,
-        "output_dir": str(run), "report_to": "none",
+        "optim": {"batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "linear"}, "negatives": {"steps": 2}, "iterations": 1,
+        "steps_per_iteration": 2, "output_dir": str(run), "report_to": "none",
     }))
     done = launch(config, tmp_path, (str(program),))
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["ssr_rate"] for row in rows] == [0.5, 0.5]
+    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 0.0])  # linear to 0 over the run's 2 optimizer steps, as with one process
 
 
 # The second process reads its pool from a folder of its own, as from an output_dir on its machine's own disk.

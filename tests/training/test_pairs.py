@@ -91,3 +91,36 @@ def test_an_iterations_negatives_fill_generation_batches_across_its_micro_batche
     with builder.rows_from({m: rows(m) for m in range(4)}):
         builder.build(list(range(4)), with_reference=False)  # 4 micro-batches of 2, one checkpoint
     assert sizes == [3, 3, 2]
+
+
+def test_erd_per_batch_draws_one_checkpoint_per_micro_batch_and_per_sample_one_each():
+    from sspo.training.pairs import draw
+    from sspo.training.pool import CheckpointPool
+
+    pool = types.SimpleNamespace(draw=lambda erd, rng: CheckpointPool.draw(types.SimpleNamespace(entries=[None] * 5), erd, rng))
+    family = StableDiffusion({"scheduler": DDPMScheduler()})
+    per_batch = draw(torch.Generator().manual_seed(0), (16, 4, 8, 8), pool, "uniform", "batch", family)
+    per_sample = draw(torch.Generator().manual_seed(0), (16, 4, 8, 8), pool, "uniform", "sample", family)
+    assert len(per_batch.checkpoints) == 16 and len(set(per_batch.checkpoints)) == 1  # the paper's: one per micro-batch
+    assert len(set(per_sample.checkpoints)) > 1
+
+
+def test_negatives_are_sampled_by_the_checkpoints_drawn_for_them(monkeypatch):
+    activated = []
+    family = StableDiffusion({"scheduler": DDPMScheduler()})
+    monkeypatch.setattr(family, "sample", lambda denoiser, sampler, cond, uncond, seeds, **kwargs: torch.zeros(len(seeds), *SHAPE[1:]))
+
+    def activate(checkpoint, fused=False):
+        activated.append(checkpoint)
+        return contextlib.nullcontext(HalfDenoiser())
+
+    reference = types.SimpleNamespace(pool=types.SimpleNamespace(draw=lambda erd, rng: rng.randrange(4)), activate=activate)
+    cfg = TrainConfig(method="sspo", erd_per="sample", beta=5000.0, negatives=NegativesConfig(scheduler="ddim"))
+
+    def rows(m: int) -> Rows:
+        return Rows(["a", "b"], TextCondition(torch.zeros(2, 7, 16)), torch.randn(2, *SHAPE[1:]), None)
+
+    builder = PairBuilder(cfg, family, reference, None, read_rows=rows, stream=lambda m: m, device="cpu", autocast=contextlib.nullcontext)
+    batches = builder.build(list(range(6)), with_reference=False)
+    drawn = sorted({checkpoint for batch in batches for checkpoint in batch.draws.checkpoints})
+    assert len(drawn) > 1 and sorted(set(activated)) == drawn  # each drawn checkpoint generated (RCR), not theta_0 alone

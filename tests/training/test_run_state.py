@@ -1,4 +1,9 @@
-from sspo.training.run_state import config_differences, manifest, manifest_problems
+import dataclasses
+
+import pytest
+
+from sspo.training.config import TrainConfig
+from sspo.training.run_state import HARMLESS_KEYS, _harmless, config_differences, flatten, manifest, manifest_problems
 
 
 def test_result_changing_keys_are_named_and_harmless_ones_pass():
@@ -55,3 +60,28 @@ def test_a_key_saved_before_it_existed_counts_as_its_default():
     saved = {"negatives": {"steps": 20}}  # written before negatives.fuse_lora existed: it sampled unfused
     assert config_differences(saved, {"negatives": {"steps": 20, "fuse_lora": False}}, defaults) == []
     assert config_differences(saved, {"negatives": {"steps": 20, "fuse_lora": True}}, defaults) == ["negatives.fuse_lora: False -> True"]
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return [*value, "x"]
+    return f"{value}x" if isinstance(value, str) else "x"
+
+
+DEFAULTS = flatten(dataclasses.asdict(TrainConfig()))
+
+
+@pytest.mark.parametrize("key", sorted(key for key in DEFAULTS if not _harmless(key)))
+def test_every_key_but_the_harmless_ones_stops_a_resume(key):
+    assert config_differences(DEFAULTS, {**DEFAULTS, key: _changed(DEFAULTS[key])}) == [f"{key}: {DEFAULTS[key]!r} -> {_changed(DEFAULTS[key])!r}"]
+
+
+def test_the_harmless_keys_are_the_documented_ones():
+    # docs/reliability.md lists them; another key there would let a resume change a result silently.
+    assert set(HARMLESS_KEYS) == {"iterations", "output_dir", "report_to", "tracker_project", "tracker_run_name", "log_every", "save_every_steps",
+                                  "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor",
+                                  "nonfinite", "model.gradient_checkpointing", "process_timeout_s"}

@@ -447,3 +447,62 @@ def test_image_sizes_the_denoiser_cannot_take_are_refused_before_anything_is_rea
             start(tiny_config(tmp_path / "run", tiny_sd3, *sd3, "data.resolution=64", "data.buckets=true", "data.bucket_step=16",
                               "data.cache_latents=false", "data.world_pairs_per_prompt=1"))
     assert not (tmp_path / "run").exists() and not (tmp_path / "latents").exists()
+
+
+def test_each_process_trains_on_its_own_rows_with_its_own_random_stream():
+    from types import SimpleNamespace
+
+    def process(rank):
+        return SimpleNamespace(cfg=SimpleNamespace(optim=SimpleNamespace(batch_size=4)), accelerator=SimpleNamespace(num_processes=2, process_index=rank),
+                               epoch_length=64, _epoch_order=lambda epoch: torch.arange(64))
+
+    rows = [{row for row, _ in Trainer._placements(process(rank), 3)} for rank in (0, 1)]
+    assert len(rows[0]) == len(rows[1]) == 4 and not rows[0] & rows[1]
+    assert Trainer._stream(process(0), 3) != Trainer._stream(process(1), 3)
+
+
+def test_every_epoch_has_its_own_row_order():
+    from types import SimpleNamespace
+
+    asked = []
+    dataset = SimpleNamespace(epoch_order=lambda epoch, seed, batch: asked.append(epoch) or torch.randperm(8, generator=torch.Generator().manual_seed(seed + epoch)))
+    trainer = SimpleNamespace(dataset=dataset, _epoch_orders={}, cfg=SimpleNamespace(seed=0, optim=SimpleNamespace(batch_size=1)))
+    orders = [Trainer._epoch_order(trainer, epoch).tolist() for epoch in range(3)]
+    assert asked == [0, 1, 2] and orders[0] != orders[1] != orders[2]
+
+
+def test_validation_also_runs_after_the_last_iteration_off_its_cadence(quick_base, tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(Trainer, "validate", lambda self: steps.append(self.global_step) or {})
+    train(tiny_config(tmp_path / "run", quick_base, "method=sft", "iterations=3", "validation.every_iterations=2",
+                      "validation.prompts=[a small red circle on the left]"))
+    assert steps == [4, 6]
+
+
+def test_logged_metrics_are_the_mean_over_accumulated_micro_batches(quick_base, tmp_path, monkeypatch):
+    seen, loss = [], Trainer.loss
+
+    def recorded(self, batch):
+        value, metrics_ = loss(self, batch)
+        seen.append(float(metrics_["loss"]))
+        return value, metrics_
+
+    monkeypatch.setattr(Trainer, "loss", recorded)
+    train(tiny_config(tmp_path / "run", quick_base, "optim.gradient_accumulation_steps=2"))
+    assert [row["loss"] for row in metrics(tmp_path / "run")] == pytest.approx([(a + b) / 2 for a, b in zip(seen[::2], seen[1::2])], rel=1e-6)
+
+
+def test_only_the_newest_checkpoints_total_limit_states_are_kept(quick_base, tmp_path):
+    from sspo.training.run_state import saved_states
+
+    train(tiny_config(tmp_path / "run", quick_base, "method=sft", "iterations=3", "checkpoints_total_limit=1"))
+    assert [state.name for state in saved_states(tmp_path / "run")] == ["step-00000006"]
+
+
+def test_the_count_of_skipped_steps_goes_on_across_a_resume(quick_base, tmp_path):
+    diverging = ("method=sft", "optim.learning_rate=1e9", "nonfinite=skip")
+    train(tiny_config(tmp_path / "run", quick_base, *diverging, "iterations=1"))
+    assert metrics(tmp_path / "run")[-1]["nonfinite_skips"] > 0
+    train(tiny_config(tmp_path / "run", quick_base, *diverging, "iterations=2"), resume=True)
+    train(tiny_config(tmp_path / "whole", quick_base, *diverging, "iterations=2"))
+    assert [row["nonfinite_skips"] for row in metrics(tmp_path / "run")] == [row["nonfinite_skips"] for row in metrics(tmp_path / "whole")]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -197,17 +196,6 @@ def test_prompt_array_and_batch_agree():
     assert math.isnan(mean_scores([], COMPONENT_NAMES)["reward"])
 
 
-def test_fifty_clips_in_a_few_seconds():
-    specs = covering(50)
-    clips = [render_clip(spec) for spec in specs]
-    best = math.inf
-    for _ in range(2):  # best of two: the test machine is shared
-        start = time.perf_counter()
-        evaluate_clips(clips, specs)
-        best = min(best, time.perf_counter() - start)
-    assert best < 5.0, f"50 clips took {best:.2f}s"
-
-
 # --------------------------------------------------------------------------------------------------
 # The VAE round trip
 
@@ -244,3 +232,20 @@ def test_round_trip_scores_table():
         assert table[name] <= table["clean"] - 0.2, (name, table)
     with pytest.raises(ModelError, match="no VAE"):
         load_vae(VAE / "unet" / "missing")
+
+
+def test_a_clip_that_changes_shape_midway_loses_persistence():
+    spec = covering(1)[0]
+    clip = render_clip(spec)
+    other = render_clip(dataclasses.replace(spec, shape="circle" if spec.shape != "circle" else "square"))
+    morphed = clip.copy()
+    morphed[3] = other[3]
+    assert evaluate_clip(clip, spec).persistence == pytest.approx(1.0)
+    assert evaluate_clip(morphed, spec).persistence < 0.9  # one frame of another shape is not the same object
+
+
+def test_an_identity_tie_goes_to_the_shape_the_prompt_names():
+    from sspo.worlds.moving_shapes.evaluator import _identity_shape
+
+    frames = [{"found": True, "plausible": ["circle", "square"]}] * 8  # every frame fits both equally
+    assert _identity_shape(frames, "square") == "square" and _identity_shape(frames, "circle") == "circle"

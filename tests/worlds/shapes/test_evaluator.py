@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -180,13 +179,11 @@ def test_works_at_64():
     assert evaluate(_random_image(7, 64), SPECS[0]).reward <= 0.15
 
 
-def test_hundred_images_in_under_a_second():
-    specs = (SPECS * 3)[:100]
-    images = [np.asarray(render(spec)) for spec in specs]
-    evaluate(images[0], specs[0])  # warm caches
-    best = math.inf
-    for _ in range(2):  # best of two: the test machine is shared
-        start = time.perf_counter()
-        evaluate_batch(images, specs)
-        best = min(best, time.perf_counter() - start)
-    assert best < 1.0, f"100 evaluations took {best:.2f}s"
+def test_a_blurred_object_is_sized_by_any_shape_that_fits_about_as_well():
+    from PIL import Image, ImageFilter
+
+    from sspo.worlds.shapes.world import ShapeSpec
+
+    spec = ShapeSpec(shape="triangle", color="green", size="small", position="left", background="gray")
+    blurred = Image.fromarray(np.asarray(render(spec, 32))).filter(ImageFilter.GaussianBlur(1.5))
+    assert evaluate(blurred, spec).size > 0.9  # sized as the best fit alone (a circle), it reads as the wrong size (~0.3)
