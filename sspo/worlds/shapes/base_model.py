@@ -232,6 +232,8 @@ def cached_build(cfg, build: Callable[[Any, Path, Path], Path], name: str, packa
         return shipped
     given = output is not None
     output = Path(output) if given else cache_folder(cfg, name)
+    if given:
+        check_write_target(output, "base folder")  # a file where a parent folder should be, before any folder is made
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(build_lock(output)):  # parallel test workers and runs share one build
         if not force and _built_from(output, cfg):
@@ -301,8 +303,14 @@ def save_base(pipe, cfg, staging: Path, output: Path, started: float) -> Path:
         if values.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     (staging / RECORD).write_text(json.dumps({"config": to_dict(cfg), "cache_key": cfg.cache_key(), "seconds": round(time.time() - started, 1)}, indent=2))
-    shutil.rmtree(output, ignore_errors=True)
+    # The base it replaces (--force) is moved aside, not deleted, until the new one is in place: a
+    # kill between the two leaves no half-deleted base in `output`, and the next build clears it.
+    replaced = output.with_name(f".{output.name}.replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    if output.exists():
+        os.replace(output, replaced)
     os.replace(staging, output)
+    shutil.rmtree(replaced, ignore_errors=True)
     log.info("built %s in %.0f s at %s", type(pipe).__name__, time.time() - started, output)
     return output
 
