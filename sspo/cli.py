@@ -40,7 +40,7 @@ def _base(args) -> None:
 
 def _sample(args) -> None:
     from sspo.config import Allowed
-    from sspo.evaluation.sampling import clip_grid, generate, image_grid, sampling_device, save_animation, save_png
+    from sspo.evaluation.sampling import check_sample_size, clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.io import write_error
     from sspo.models.families import family_of
     from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config
@@ -48,7 +48,8 @@ def _sample(args) -> None:
     from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
-                              ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1))):
+                              ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1)),
+                              ("--resolution", args.resolution, Allowed(at_least=8))):
         if value is not None and not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
     device = sampling_device(args.device)
@@ -74,9 +75,11 @@ def _sample(args) -> None:
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
     pipe = load_pipeline(model or resolve_model(args.model, key="--model"), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
+    check_sample_size(pipe, args.resolution, "--resolution")
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
-    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames) for seed in seeds]
+    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames, size=args.resolution)
+            for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
     try:
         out = save_animation(clip_grid(rows, labels, prompts), out) if video else save_png(image_grid(rows, labels, prompts), out)
@@ -144,7 +147,7 @@ def _add_eval_arguments(p) -> None:
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
-        "guidance_scale": "classifier-free guidance (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, "
+        "guidance_scale": "classifier-free guidance, or FLUX-dev's guidance embedding's input (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, "
                           "a world's base its world's: 1 for shapes-base:flow, else 5)",
         "batch_size": "images per generation batch",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
@@ -320,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20, at least 1)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none; default: the model's usual, "
-                   "SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none), or FLUX-dev's guidance embedding's input; "
+                   "default: the model's usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native; SD3 and FLUX take multiples of 16): "
+                   "the size a LoRA was trained at, say")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
     p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png; another suffix becomes .png); video models: .gif, .mp4 or .webp (another becomes .gif)")

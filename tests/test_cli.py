@@ -34,6 +34,24 @@ def test_a_missing_lora_is_refused_before_any_model_is_resolved(command, monkeyp
     assert not out.exists()
 
 
+def test_sample_takes_a_resolution_and_refuses_one_the_model_cannot_take(quick_base, tiny_sd3, tmp_path, monkeypatch, capsys):
+    from sspo.evaluation import sampling
+
+    sizes, generate = [], sampling.generate
+
+    def recorded(pipe, prompts, seeds, **kwargs):
+        sizes.append(kwargs["size"])
+        return generate(pipe, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", recorded)
+    sample = ["sample", "--prompt", "a red circle", "--rows", "1", "--steps", "1", "--device", "cpu"]
+    assert main([*sample, "--model", quick_base, "--resolution", "16", "--out", str(tmp_path / "small.png")]) == 0
+    assert sizes == [16]
+    assert main([*sample, "--model", tiny_sd3, "--resolution", "72", "--out", str(tmp_path / "large.png")]) == 2
+    assert "sspo: error: --resolution: sd3's position embedding covers image sides up to 64 px, not 72x72" in capsys.readouterr().err
+    assert not (tmp_path / "large.png").exists()
+
+
 def test_sample_puts_the_pipeline_on_the_accelerator_there_is(monkeypatch):
     import torch
 
