@@ -118,6 +118,20 @@ def check_image_sizes(cfg: TrainConfig, family, denoiser_config: dict, vae_scale
     family.check_image_sizes(denoiser_config, vae_scale, bucket_sizes(data.resolution, data.bucket_step, data.bucket_max_aspect), "data.resolution")
 
 
+def warn_ignored_settings(cfg: TrainConfig, family) -> None:
+    """One warning naming the settings changed from their defaults that this model ignores (a config
+    written for another family), so that a user does not believe them applied."""
+    from sspo.models.families.flow import FlowConfig, FlowMatchingFamily
+
+    ignored = []
+    if not isinstance(family, FlowMatchingFamily) and cfg.flow != FlowConfig():
+        ignored.append(f"flow.* (flow-matching models' keys; {family.name} is trained by denoising)")
+    if cfg.generates_negatives and cfg.negatives.eta and cfg.negatives.scheduler != "ddim":
+        ignored.append(f"negatives.eta (ddim's; negatives.scheduler is {cfg.negatives.scheduler})")
+    if ignored:
+        log.warning("ignored for this model: %s", "; ".join(ignored))
+
+
 def check_frames(cfg: TrainConfig, video: bool, longest: int | None = None) -> None:
     """``data.frames`` fits what the model makes: clips of that many frames (``longest`` at most), or images (0)."""
     if video:
@@ -198,6 +212,8 @@ class Trainer(Checkpointing):
             if (component := self.family.component(name)) is not None:  # SD3 may be saved without T5
                 component.requires_grad_(False).eval()
         check_frames(cfg, self.family.video, self.family.longest_clip)  # the model's frame limit, now that it is loaded
+        if self.accelerator.is_main_process:
+            warn_ignored_settings(cfg, self.family)
         check_image_sizes(cfg, self.family, dict(self.family.denoiser.config), getattr(self.pipe, "vae_scale_factor", 8))
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)
@@ -718,6 +734,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     video, world = files.video, base_world(name)
     if files.config is not None:  # a world's base is checked too once it is shipped or cached
         family = family_of(files.config, cfg.model.family)
+        warn_ignored_settings(cfg, family)
         if cfg.generates_negatives:
             family.check_sampler(cfg.negatives.scheduler)
         revision = None if world else cfg.model.revision

@@ -115,3 +115,16 @@ def test_one_iteration_of_one_step_is_said_in_the_singular(quick_base, pairs, tm
     assert main(["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}", f"output_dir={tmp_path / 'run'}",
                  "iterations=1", "steps_per_iteration=1"]) == 0
     assert "1 iteration x 1 = 1 optimizer step\n" in capsys.readouterr().out
+
+
+def test_settings_the_model_ignores_are_named_in_one_warning(quick_base, pairs, tmp_path, caplog):
+    overrides = [f"model.pretrained={quick_base}", f"data.path={pairs}", f"output_dir={tmp_path / 'run'}"]
+    with caplog.at_level("WARNING"):
+        assert main(["train", SD15, "--dry-run", *overrides, "flow.weighting_scheme=cosmap", "negatives.scheduler=dpm++", "negatives.eta=0.5"]) == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored for this model")]
+    assert warning == ("ignored for this model: flow.* (flow-matching models' keys; sd is trained by denoising); "
+                       "negatives.eta (ddim's; negatives.scheduler is dpm++)")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["train", SD15, "--dry-run", *overrides]) == 0
+    assert "ignored for this model" not in caplog.text
