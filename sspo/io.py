@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -81,6 +82,15 @@ def permission_error(exc: PermissionError) -> SSPOError:
     if path is not None and path.absolute().is_relative_to(cache_root().absolute()):
         return SSPOError(f"{path}: permission denied; set SSPO_CACHE to a folder you can write to")
     return SSPOError(f"{path or exc}: permission denied; choose a path you can read and write, or change its permissions")
+
+
+def file_digest(path: Path) -> dict:
+    """The size and SHA-256 of the file at ``path``: what a record of it checks it against."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def os_error_of(exc: BaseException) -> OSError | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import load_config, to_dict
 from sspo.errors import SSPOError
-from sspo.io import check_write_target, entry_list, is_temporary, read_json
+from sspo.io import check_write_target, entry_list, file_digest, is_temporary, read_json
 from sspo.models.tiny import one_thread
 from sspo.paths import build_lock, cache_root
 from sspo.training.config import TrainConfig
@@ -40,6 +41,8 @@ from sspo.worlds.pairs import (
     write_pairs,
 )
 from sspo.worlds.registry import get_world
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # The generator G
@@ -146,7 +149,12 @@ def build_pairs(cfg: PairsConfig, out: str | Path | None = None, level: str | No
     # The lock lives in the cache, so a folder sspo was given holds nothing but the pairs, even after a failure.
     with FileLock(build_lock(folder)):
         if (record := existing_pairs(folder)) is not None and record.get("key") == key:
-            return folder, record, True
+            if (recorded := record.get("parquet")) is None or file_digest(folder / "pairs.parquet") == recorded:
+                return folder, record, True
+            log.warning("%s is not the file its pairs.json records (cut short or changed since it was built); building the pairs again",
+                        folder / "pairs.parquet")
+            (folder / "pairs.json").unlink()  # first: a build stopped now leaves a folder the next one builds over
+            record = None
         if record is not None:
             raise SSPOError(f"{folder} holds pairs built with other settings; choose another --out (or delete that folder)")
         measured = measure_generator(cfg)

@@ -8,10 +8,11 @@ and the trainer falls back to the previous complete state.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from sspo.io import file_digest
 
 STATE_FILE = "trainer_state.json"  # in each resumable state's folder: its step, pool size and file manifests
 
@@ -30,14 +31,6 @@ def saved_states(run_dir: Path) -> list[Path]:
 HARMLESS_KEYS = ("iterations", "output_dir", "report_to", "tracker_project", "tracker_run_name", "log_every", "save_every_steps",
                  "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor", "nonfinite",
                  "model.gradient_checkpointing", "process_timeout_s")
-
-
-def file_digest(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def manifest(root: Path, files: Iterable[Path]) -> dict[str, dict]:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from sspo.config import setting, validate
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import atomic_write_json, write_parquet
+from sspo.io import atomic_write_json, file_digest, write_parquet
 from sspo.models.tiny import one_thread
 from sspo.worlds.registry import World, base_world, get_world, world_names
 
@@ -295,9 +295,9 @@ def write_pairs(world: World, folder: Path, measured: Measured, head: dict, prom
     folder with ``pairs.json`` is complete."""
     require_kept(measured, head["config"]["tie_threshold"])
     folder.mkdir(parents=True, exist_ok=True)
-    write_parquet(folder / "pairs.parquet", pickapic_rows(world, measured.specs, measured.samples, measured.ranked))
+    parquet = write_parquet(folder / "pairs.parquet", pickapic_rows(world, measured.specs, measured.samples, measured.ranked))
     record = {**head, "prompts": prompts, "prompt_split": "alignment-train combinations without the validation ones",
-              **measured.stats, **extra_stats, "definitions": DEFINITIONS}
+              **measured.stats, **extra_stats, "definitions": DEFINITIONS, "parquet": file_digest(parquet)}
     atomic_write_json(folder / "pairs.json", record)
     return record
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -133,6 +134,18 @@ def test_a_build_stopped_before_its_record_is_built_again(quick_pairs, tmp_path)
     again, record, reused = build_pairs(QUICK, stopped)
     assert not reused and record == json.loads((folder / "pairs.json").read_text())
     assert sorted(p.name for p in stopped.iterdir()) == ["pairs.json", "pairs.parquet"]
+
+
+def test_pairs_whose_parquet_is_not_the_recorded_one_are_built_again(quick_pairs, tmp_path, caplog):
+    folder, _ = quick_pairs
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    whole = (damaged / "pairs.parquet").read_bytes()
+    (damaged / "pairs.parquet").write_bytes(whole[: len(whole) // 2])  # cut short
+    with caplog.at_level("WARNING"):
+        _, record, reused = build_pairs(QUICK, damaged)
+    assert not reused and "is not the file its pairs.json records" in caplog.text
+    assert (damaged / "pairs.parquet").read_bytes() == whole and record == json.loads((folder / "pairs.json").read_text())
 
 
 def test_built_pairs_leave_nothing_beside_their_folder(quick_pairs):
