@@ -488,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sspo: error: {os_error_message(failed)}", file=sys.stderr)
             return 2
         if isinstance(exc, RuntimeError) and (lost := _lost_processes(exc)) is not None:
+            logging.getLogger("sspo").debug("the failed collective", exc_info=True)
             print(f"sspo: error: {lost}", file=sys.stderr)
             return 1
         raise
@@ -536,10 +537,11 @@ def _lost_processes(exc: RuntimeError) -> str | None:
     (None: another error). Only in a multi-process launch, where that process's own error is printed too."""
     import torch.distributed as dist
 
-    backend = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out", "broken pipe", "watchdog")
+    # How gloo and NCCL report a peer that is gone or late; any other error inside a collective is sspo's own, and raised.
+    peer_lost = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting", "watchdog caught collective operation timeout")
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
-    if not isinstance(exc, dist.DistError) and not any(word in str(exc).lower() for word in backend):
+    if not isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)) and not any(words in str(exc).lower() for words in peer_lost):
         return None
     what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"process {dist.get_rank()} lost the others at a collective ({what}): another process stopped (its own error is printed too) "

@@ -36,18 +36,19 @@ class _Loader(yaml.SafeLoader):
     in one mapping is an error (PyYAML keeps the last, so a second ``optim:`` section drops the first)."""
 
     def construct_mapping(self, node, deep=False):
-        first: dict = {}
+        first: dict = {}  # key -> its line
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be set again beside it
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                line = first.setdefault(key, key_node.start_mark.line)
+                seen = key in first
             except TypeError:  # an unhashable key: PyYAML's own error follows
                 continue
-            if line != key_node.start_mark.line:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (first on line {line + 1}); keep one",
+            if seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (first on line {first[key] + 1}); keep one",
                                                         key_node.start_mark)
+            first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
 

@@ -32,16 +32,19 @@ TEMPORARY_SUFFIX = ".tmp"
 
 
 def is_temporary(name: str) -> bool:
-    """Whether ``name`` is one of :func:`atomic_path`'s temporary files (``.<name>.<random>.tmp``), which a killed write leaves."""
-    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and len(name) > len(TEMPORARY_SUFFIX) + 1
+    """Whether ``name`` is a temporary file a killed write leaves: :func:`atomic_path`'s
+    (``.<name>.<random>.tmp``), or the one safetensors writes a file through (``.tmp<6 letters or digits>``)."""
+    return (name.startswith(".") and name.endswith(TEMPORARY_SUFFIX) and len(name) > len(TEMPORARY_SUFFIX) + 1
+            or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name) is not None)
 
 
 def remove_temporaries(folder: Path) -> None:
     """Delete the temporary files killed writes left anywhere under ``folder`` (by a command that
     holds the folder: no write of its own is under way there)."""
-    for path in folder.rglob(".*" + TEMPORARY_SUFFIX) if folder.is_dir() else ():
-        if is_temporary(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
+    for parent, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # not into .git and the like
+        for name in filter(is_temporary, names):
+            Path(parent, name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -57,9 +60,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename != str(tmp):
+        if exc.filename not in (None, str(tmp)):
             raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the file being written, not its temporary name
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the file being written (a full disk names none), not its temporary name
     finally:
         tmp.unlink(missing_ok=True)
 

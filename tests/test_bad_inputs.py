@@ -142,6 +142,9 @@ def test_a_key_given_twice_in_a_config_file_is_named(tmp_path, capsys):
     from sspo.config import load_yaml
 
     assert load_yaml(tmp_path / "merged.yaml")["optim"] == {"learning_rate": 1e-3, "batch_size": 8}  # a merge's keys may be set again
+    (tmp_path / "flow.yaml").write_text("optim: {learning_rate: 1.0e-3, learning_rate: 5.0e-2}\n")
+    assert main(["train", str(tmp_path / "flow.yaml"), "--dry-run"]) == 2
+    assert "line 1, column 32: 'learning_rate' is given twice (first on line 1)" in one_error_line(capsys)
 
 
 def test_a_failed_read_or_write_anywhere_is_one_line(quick_base, tmp_path, capsys, monkeypatch):

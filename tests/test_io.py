@@ -224,3 +224,17 @@ def test_file_stats_follow_linked_folders_and_keep_hidden_ones(tmp_path):
     (data / "linked").symlink_to(shards)
     assert [row[0] for row in file_stats(data)] == [".cache/w.metadata", "linked/a.parquet"]
     assert [row[0] for row in file_stats(data, {".parquet"})] == ["linked/a.parquet"]
+
+
+def test_a_failed_write_names_the_file_written_not_its_temporary_name(tmp_path):
+    import errno
+    import os
+
+    from sspo.io import atomic_path
+
+    target = tmp_path / "scores.csv"
+    for failure in (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), None):  # a full disk names no file; a temporary name is named
+        with pytest.raises(OSError) as failed, atomic_path(target) as tmp:
+            raise failure or OSError(errno.EACCES, os.strerror(errno.EACCES), str(tmp))
+        assert failed.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

@@ -23,9 +23,10 @@ from sspo.errors import SSPOError
 from sspo.io import check_write_target, entry_list, file_digest, is_temporary, read_json
 from sspo.models.tiny import one_thread
 from sspo.paths import build_lock, cache_root
-from sspo.training.config import TrainConfig
+from sspo.training.config import TrainConfig, with_family_defaults
 from sspo.worlds.names import resolve_model
 from sspo.worlds.pairs import (
+    BUILDING,
     PAIRS_VERSION,
     Measured,
     PairsConfig,
@@ -63,8 +64,9 @@ def generator_config(cfg: PairsConfig, output_dir: str | Path) -> TrainConfig:
 def generator_key(cfg: PairsConfig) -> str:
     if cfg.steps == 0:
         return "base"
-    recipe = to_dict(generator_config(cfg, "generator"))
-    recipe.pop("output_dir")  # where G is written is not part of its recipe
+    recipe = to_dict(with_family_defaults(generator_config(cfg, "generator")))
+    for key in ("output_dir", "process_timeout_s"):  # where G is written, how long processes wait: not its recipe
+        recipe.pop(key)
     blob = json.dumps({"v": PAIRS_VERSION, "world": pairs_world(cfg).pairs.version, "steps": cfg.steps, "recipe": recipe}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -125,9 +127,12 @@ def existing_pairs(folder: Path) -> dict | None:
     if not folder.exists():
         return None
     names = sorted(p.name for p in folder.iterdir())
-    # A build stopped before its record (pairs.json, written last) left only its own files: built again.
-    leftovers = [name for name in names if name == "pairs.parquet" or is_temporary(name)]
-    if "pairs.json" not in names and leftovers == names:
+    if not names:
+        return None
+    # A build stopped before its record (pairs.json, written last) left only its own files, its mark
+    # among them: built again. A pairs.parquet without the mark may be the user's, and is refused.
+    leftovers = [name for name in names if name in (BUILDING, "pairs.parquet") or is_temporary(name)]
+    if "pairs.json" not in names and BUILDING in names and leftovers == names:
         for name in leftovers:
             (folder / name).unlink()
         return None

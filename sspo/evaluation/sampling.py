@@ -28,7 +28,6 @@ def sampling_device(name: str = "auto") -> torch.device:
     return device
 
 
-@torch.no_grad()
 def check_sample_size(pipe, size: int | None, key: str = "resolution") -> None:
     """Refuse an image side ``size`` the pipeline's denoiser cannot take (None: its native size), naming ``key``."""
     from sspo.models.families import family_of
@@ -38,6 +37,7 @@ def check_sample_size(pipe, size: int | None, key: str = "resolution") -> None:
         family.check_image_sizes(dict(family.denoiser.config), getattr(pipe, "vae_scale_factor", 8), [(size, size)], key)
 
 
+@torch.no_grad()
 def generate(
     pipe,
     prompts: Sequence[str],

@@ -245,6 +245,11 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
         guidance = usual_guidance_scale(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
         cfg = dataclasses.replace(cfg, negatives=dataclasses.replace(cfg.negatives, guidance_scale=guidance))
+    return with_family_defaults(cfg)
+
+
+def with_family_defaults(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``beta`` and ``negatives.scheduler``, where it leaves them unset, its model family's."""
     if cfg.beta is None or cfg.negatives.scheduler is None:
         from sspo.worlds.names import usual_family
 

@@ -301,15 +301,14 @@ class Trainer(Checkpointing):
 
         check_launch(self.accelerator.num_processes)
         plugin = self.accelerator.state.deepspeed_plugin
-        # accelerate's launch may ask for its own accumulation (a config file's gradient_accumulation_steps,
-        # which `accelerate config` writes for DeepSpeed); the loop accumulates optim's micro-batches.
+        # accelerate's launch may ask for its own accumulation (its config file's gradient_accumulation_steps,
+        # which `accelerate config` writes for DeepSpeed, passed on as $ACCELERATE_GRADIENT_ACCUMULATION_STEPS);
+        # the loop accumulates optim's micro-batches. A DeepSpeed JSON's own value is set to optim's below.
         accum = self.cfg.optim.gradient_accumulation_steps
-        launched = {self.accelerator.gradient_accumulation_steps, (plugin.deepspeed_config if plugin else {}).get("gradient_accumulation_steps", "auto")}
-        launched = {int(n) for n in launched if n != "auto"} - {accum}
-        if launched:
-            raise ConfigError(f"accelerate's launch asks for gradient accumulation {min(launched)} (its config file's gradient_accumulation_steps, or "
-                              f"$ACCELERATE_GRADIENT_ACCUMULATION_STEPS) and optim.gradient_accumulation_steps is {accum}; sspo accumulates "
-                              "optim.gradient_accumulation_steps: remove the launch's setting, or make the two equal")
+        if self.accelerator.gradient_accumulation_steps != accum:
+            raise ConfigError(f"accelerate's launch asks for gradient accumulation {self.accelerator.gradient_accumulation_steps} (its config file's "
+                              f"gradient_accumulation_steps, or $ACCELERATE_GRADIENT_ACCUMULATION_STEPS) and optim.gradient_accumulation_steps is "
+                              f"{accum}; sspo accumulates optim.gradient_accumulation_steps: remove the launch's setting, or make the two equal")
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError(
                 "FSDP is not supported: every process samples negatives and computes reference errors with a whole "

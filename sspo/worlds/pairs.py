@@ -289,16 +289,23 @@ def require_kept(measured: Measured, tie_threshold: float) -> None:
         raise SSPOError(f"every one of G's {len(measured.specs)} pairs is a tie below {tie_threshold} (G's mean exact reward {reward:.3f}); {fix}")
 
 
+# Written before a build's first file and removed after its last: a folder holding it (and no
+# pairs.json) is a build that was stopped, which the next one builds over.
+BUILDING = "pairs.building"
+
+
 def write_pairs(world: World, folder: Path, measured: Measured, head: dict, prompts: int, extra_stats: dict) -> dict:
     """Write ``pairs.parquet`` (the kept pairs), then ``pairs.json``: ``head`` (the recipe), the number
     of training ``prompts``, the statistics (``extra_stats`` after G's) and their definitions. A
     folder with ``pairs.json`` is complete."""
     require_kept(measured, head["config"]["tie_threshold"])
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / BUILDING, {"key": head["key"]})
     parquet = write_parquet(folder / "pairs.parquet", pickapic_rows(world, measured.specs, measured.samples, measured.ranked))
     record = {**head, "prompts": prompts, "prompt_split": "alignment-train combinations without the validation ones",
               **measured.stats, **extra_stats, "definitions": DEFINITIONS, "parquet": file_digest(parquet)}
     atomic_write_json(folder / "pairs.json", record)
+    (folder / BUILDING).unlink()
     return record
 
 

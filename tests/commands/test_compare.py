@@ -20,6 +20,12 @@ def test_compare_writes_tables_and_figures_and_reuses_finished_arms(quick_base, 
     assert "## The paper's claims on held-out prompts" in report and "| sft | higher |" in report
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["results"]) == {"base", "sft", "sspo", "ssr_off"}
+    assert [claim["arm"] for claim in saved["claims"]] == ["sft", "ssr_off", "base"]
+    for claim in saved["claims"]:  # each verdict is its interval's, and the table shows it
+        low, high = claim["difference"]["ci95_low"], claim["difference"]["ci95_high"]
+        assert claim["verdict"] == ("SSPO higher" if low > 0 else "SSPO lower" if high < 0 else "undecided (CI includes 0)")
+        row = report.split(f"\n| {claim['arm']} | {claim['paper']} | ", 1)[1].split("\n", 1)[0]
+        assert row.endswith(f"| {claim['verdict']} |")
     for name in ("figure9_reward.png", "figure4_ssr_rate.png", "grid.png"):
         assert (out / name).stat().st_size > 0
     # Without a grid every arm shares the budget: same steps, batch and learning rate.

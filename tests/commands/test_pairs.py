@@ -17,6 +17,7 @@ from sspo.commands.pairs import build_pairs
 from sspo.config import load_config
 from sspo.data.config import DataConfig
 from sspo.data.dataset import load_dataset_from_config
+from sspo.errors import SSPOError
 from sspo.paths import CONFIGS
 from sspo.training.config import TrainConfig
 from sspo.worlds.pairs import PairsConfig
@@ -129,11 +130,18 @@ def test_a_build_stopped_before_its_record_is_built_again(quick_pairs, tmp_path)
     folder, _ = quick_pairs
     stopped = tmp_path / "stopped"
     stopped.mkdir()
+    (stopped / "pairs.building").write_text("{}")  # the build's mark, written first
     (stopped / "pairs.parquet").write_bytes((folder / "pairs.parquet").read_bytes())  # pairs.json is written last
     (stopped / ".pairs.json.x1y2z3a4.tmp").write_text("{")  # a killed write's temporary file
     again, record, reused = build_pairs(QUICK, stopped)
     assert not reused and record == json.loads((folder / "pairs.json").read_text())
     assert sorted(p.name for p in stopped.iterdir()) == ["pairs.json", "pairs.parquet"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pairs.parquet").write_bytes(b"my own pairs")  # no mark: not a stopped build's
+    with pytest.raises(SSPOError, match="holds files that are not sspo pairs"):
+        build_pairs(QUICK, mine)
+    assert (mine / "pairs.parquet").read_bytes() == b"my own pairs"
 
 
 def test_pairs_whose_parquet_is_not_the_recorded_one_are_built_again(quick_pairs, tmp_path, caplog):
@@ -245,3 +253,12 @@ def test_quick_pairs_sample_with_the_worlds_smaller_base(quick_preset, base, mon
     monkeypatch.setitem(WORLDS, "shapes", dataclasses.replace(shapes, demo=dataclasses.replace(shapes.demo, quick_preset=quick_preset)))
     assert pairs_config("shapes", quick=True).base == base
     assert pairs_config("shapes").base == "shapes-base"
+
+
+def test_the_cache_keys_of_g_and_its_pairs_stay_what_they_were():
+    # Cached generators and pairs are found by these keys: a change rebuilds every user's cache. G trains
+    # by SFT, so beta and the negatives' sampler (unset: its family's) and harmless keys leave them alone.
+    from sspo.commands.pairs import generator_key, pairs_config, pairs_key
+
+    cfg = pairs_config("shapes", steps=100)
+    assert (generator_key(cfg), pairs_key(cfg)) == ("6194a8f6fb47", "44800ca78884")

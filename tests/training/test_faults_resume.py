@@ -347,7 +347,8 @@ def test_a_resumed_runs_tensorboard_log_holds_each_step_once(quick_base, tmp_pat
 def test_a_resume_removes_the_temporary_files_of_killed_writes(quick_base, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, quick_base, "iterations=1"))
-    left = [run / "pool" / ".checkpoint-002.safetensors.k1ll3d00.tmp", run / ".metrics.jsonl.k1ll3d00.tmp"]
+    left = [run / "pool" / ".checkpoint-002.safetensors.k1ll3d00.tmp", run / "pool" / ".tmpK1ll3d", run / ".metrics.jsonl.k1ll3d00.tmp"]
+    # (.tmpK1ll3d: the file safetensors writes a checkpoint through before renaming it onto sspo's temporary name)
     for path in left:  # as a write killed by SIGKILL leaves them (the pool's can be a whole denoiser's size)
         path.write_bytes(b"half")
     train(tiny_config(run, quick_base, "iterations=2"), resume=True)

@@ -390,7 +390,10 @@ def test_deepspeed_gets_the_runs_clipping_and_micro_batch_and_skipping_non_finit
     assert plugin.deepspeed_config == {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2}
     with pytest.raises(ConfigError, match=r"^config key 'nonfinite': skip is not available under DeepSpeed"):
         Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=dataclasses.replace(cfg, nonfinite="skip")))
-    plugin.deepspeed_config["gradient_accumulation_steps"] = 1  # as `accelerate config` writes it for DeepSpeed
+    plugin.deepspeed_config["gradient_accumulation_steps"] = 1  # as accelerate fills it in for a DeepSpeed JSON that leaves it out
+    Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=cfg))
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 2
+    accelerator.gradient_accumulation_steps = 1  # as the launch passes an accelerate config file's value on
     with pytest.raises(ConfigError, match=r"^accelerate's launch asks for gradient accumulation 1 .* optim.gradient_accumulation_steps is 2;"):
         Trainer._check_distributed(SimpleNamespace(accelerator=accelerator, cfg=cfg))
 
