@@ -49,7 +49,7 @@ def _sample(args) -> None:
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
                               ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1)),
-                              ("--resolution", args.resolution, Allowed(at_least=8))):
+                              ("--resolution", args.resolution, Allowed(at_least=8, multiple_of=8))):
         if value is not None and not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
     device = sampling_device(args.device)

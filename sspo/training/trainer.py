@@ -132,6 +132,26 @@ def warn_ignored_settings(cfg: TrainConfig, family) -> None:
         log.warning("ignored for this model: %s", "; ".join(ignored))
 
 
+def check_model_fits(cfg: TrainConfig, files, warn: bool = False) -> None:
+    """What the model's files (model_index.json, component configs; no weights) say of the config:
+    its sampler, image sizes and LoRA targets, checked before any data is read; ``warn``: name the
+    settings it ignores. A world's base is checked once it is shipped or cached."""
+    if files.config is None:
+        return
+    family = family_of(files.config, cfg.model.family)
+    if warn:
+        warn_ignored_settings(cfg, family)
+    if cfg.generates_negatives:
+        family.check_sampler(cfg.negatives.scheduler)
+    if files.video:  # a video denoiser is an image UNet joined to a motion adapter at load
+        return
+    revision = None if base_world(cfg.model.pretrained) else cfg.model.revision
+    denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, revision)
+    check_image_sizes(cfg, family, dict(denoiser.config), vae_scale_factor(component_config(files.folder, files.config, "vae", revision)))
+    if cfg.model.lora:
+        family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
+
+
 def check_frames(cfg: TrainConfig, video: bool, longest: int | None = None) -> None:
     """``data.frames`` fits what the model makes: clips of that many frames (``longest`` at most), or images (0)."""
     if video:
@@ -198,6 +218,7 @@ class Trainer(Checkpointing):
 
         files = model_files(cfg)
         check_frames(cfg, files.video, files.longest_clip)  # before any row is read as an image or a clip
+        check_model_fits(cfg, files)
         self.dataset = open_dataset(cfg)
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
         # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
@@ -728,20 +749,10 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     resumed = resumed_folder(Path(cfg.output_dir))
     if resume:
         check_resumed_config(cfg, resumed, processes)
-    dataset = open_dataset(cfg, read_first_row=False)
     name, files = cfg.model.pretrained, model_files(cfg)
     video, world = files.video, base_world(name)
-    if files.config is not None:  # a world's base is checked too once it is shipped or cached
-        family = family_of(files.config, cfg.model.family)
-        warn_ignored_settings(cfg, family)
-        if cfg.generates_negatives:
-            family.check_sampler(cfg.negatives.scheduler)
-        revision = None if world else cfg.model.revision
-        if not video:  # a video denoiser is an image UNet joined to a motion adapter at load
-            denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, revision)
-            check_image_sizes(cfg, family, dict(denoiser.config), vae_scale_factor(component_config(files.folder, files.config, "vae", revision)))
-            if cfg.model.lora:
-                family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
+    check_model_fits(cfg, files, warn=True)
+    dataset = open_dataset(cfg, read_first_row=False)
     if world:
         model = f"{name} (the {world.name} world's {world.pipeline_of(name)}, shipped or built and cached on first use)"
     else:

@@ -121,7 +121,7 @@ def test_each_family_takes_the_image_sides_its_denoiser_can():
     sd = family_of({"unet": object(), "text_encoder": object(), "scheduler": DDPMScheduler()})
     assert sd3.image_sides({"patch_size": 2, "pos_embed_max_size": 96}, 8) == (16, 1536)  # SD3's transformer, its VAE's 8
     assert flux.image_sides({"patch_size": 1}, 8) == (16, None)  # 2x2 patches packed outside the transformer
-    assert sd.image_sides({}, 8) == (8, None)
+    assert sd.image_sides({}, 8) == sd.image_sides({}, 4) == (8, None)  # SD's pipelines take multiples of 8, whatever the VAE
     sd3.check_image_sizes({"patch_size": 2, "pos_embed_max_size": 96}, 8, [(1024, 1536)], "data.resolution")
     with pytest.raises(ModelError, match=r"^data.resolution: sd3 takes image sides that are multiples of 16 px .*not 24x24; set data.resolution to a multiple of 16$"):
         sd3.check_image_sizes({"patch_size": 2, "pos_embed_max_size": 96}, 8, [(24, 24)], "data.resolution")

@@ -439,7 +439,10 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_is_refused(quic
     assert (run / "final" / "README.md").read_text() == card
 
 
-def test_image_sizes_the_denoiser_cannot_take_are_refused_before_anything_is_read_or_written(tiny_sd3, tmp_path):
+def test_image_sizes_the_denoiser_cannot_take_are_refused_before_anything_is_read_or_written(tiny_sd3, tmp_path, monkeypatch):
+    import sspo.training.trainer
+
+    monkeypatch.setattr(sspo.training.trainer, "open_dataset", lambda *args, **kwargs: pytest.fail("the data was read"))
     # The tiny SD3's VAE scales by 4 and its position embedding covers 8 patches of 2: sides up to 64 px.
     sd3 = ("negatives.scheduler=pipeline", "model.lora_targets=[to_q, to_k, to_v, to_out.0]", "data.cache_latents=true")
     too_large = "data.resolution: sd3's position embedding covers image sides up to 64 px, not 72x72; set data.resolution so that no side is above 64"

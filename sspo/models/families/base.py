@@ -91,8 +91,9 @@ class ModelFamily:
     @classmethod
     def image_sides(cls, denoiser_config: Mapping[str, Any], vae_scale: int) -> tuple[int, int | None]:
         """(the multiple every image side must be, the largest side or None) in pixels, from the
-        denoiser's config and the VAE's scale factor: a UNet takes any multiple of the VAE's factor."""
-        return vae_scale, None
+        denoiser's config and the VAE's scale factor: a UNet pipeline takes multiples of 8 (diffusers'
+        SD pipelines ask for them) that are multiples of the VAE's factor too."""
+        return max(vae_scale, 8), None
 
     def check_image_sizes(self, denoiser_config: Mapping[str, Any], vae_scale: int, sizes: Sequence[tuple[int, int]], key: str) -> None:
         """Refuse (width, height) ``sizes`` the denoiser cannot take: a ModelError naming ``key``."""
