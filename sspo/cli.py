@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")
     p.add_argument("config", help="a YAML file, or a shipped config by name (e.g. demo-shapes)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
     p.set_defaults(func=_train)
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings-from", metavar="RESULTS_JSON", help="instead of --grid: each arm's settings as the comparison that wrote this "
                    "results.json chose them (e.g. another data level at the settings chosen at the middle one)")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every arm")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("pairs", help="Pick-a-Pic-shaped pairs of a world: two samples of a generator, ranked by the exact reward",

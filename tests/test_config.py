@@ -537,6 +537,8 @@ def test_unset_beta_and_sampler_are_the_model_familys_and_set_ones_win(tiny_sd3)
     assert usual("model.pretrained=shapes-base:flow-quick") == (500.0, "pipeline")  # a world's base by its world, unbuilt or not
     assert usual(f"model.pretrained={tiny_sd3}") == (500.0, "pipeline")  # by its model_index.json
     assert usual(f"model.pretrained={tiny_sd3}", "beta=7", "negatives.scheduler=euler") == (7.0, "euler")
+    with pytest.raises(ConfigError, match=r"^model.pretrained 'shapes-bse' is neither a folder nor a world's base; did you mean 'shapes-base'\?"):
+        usual("model.pretrained=shapes-bse")  # named as the config names it, not as sample's --model
 
 
 def test_fp16_without_a_gpu_stops_a_real_run_before_its_folder_is_made(no_gpu, tmp_path, capsys):

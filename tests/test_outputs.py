@@ -48,7 +48,7 @@ def test_validation_grids_and_model_card(quick_base, tmp_path):
     assert (final / "validation.png").read_bytes() == grids[-1].read_bytes()
     # Its code runs as written, in stock diffusers, and samples as the run's validation did.
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "num_inference_steps=2, guidance_scale=5" in code
+    assert "num_inference_steps=2, guidance_scale=5, height=32, width=32" in code  # the size it trained and validated at
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert Image.open(tmp_path / "sample.png").size == (32, 32)

@@ -115,7 +115,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
+    parser.add_argument("overrides", nargs="*", default=[], help="TrainConfig overrides for every arm, e.g. negatives.guidance_scale=7.5")
 
 
 def config_from_args(args) -> BenchConfig:

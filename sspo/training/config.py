@@ -243,7 +243,7 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     if cfg.negatives.guidance_scale is None:
         from sspo.worlds.names import usual_guidance_scale
 
-        guidance = usual_guidance_scale(cfg.model.pretrained, cfg.model.family, cfg.model.revision)
+        guidance = usual_guidance_scale(cfg.model.pretrained, cfg.model.family, cfg.model.revision, key="model.pretrained")
         cfg = dataclasses.replace(cfg, negatives=dataclasses.replace(cfg.negatives, guidance_scale=guidance))
     return with_family_defaults(cfg)
 

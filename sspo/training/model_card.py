@@ -86,7 +86,8 @@ def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, process
     prompt = cfg.validation.prompts[0] if cfg.validation.prompts else prompt or "a photo of a cat"
     imports = "AnimateDiffPipeline, MotionAdapter" if cfg.model.lora and cfg.model.motion_adapter else "DiffusionPipeline"
     guidance = "" if cfg.negatives.guidance_scale is None else f", guidance_scale={cfg.negatives.guidance_scale:g}"  # None: not yet resolved from the model
-    sampling = f"{_literal(prompt)}, num_inference_steps={cfg.negatives.steps}{guidance}, generator=torch.manual_seed(0)"
+    size = f", height={cfg.data.resolution}, width={cfg.data.resolution}"  # the validation's size (SD3 and FLUX would take their native 1024)
+    sampling = f"{_literal(prompt)}, num_inference_steps={cfg.negatives.steps}{guidance}{size}, generator=torch.manual_seed(0)"
     tags = dict.fromkeys(["diffusers", "text-to-video" if video else "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
     sections = [
         "---",

@@ -47,7 +47,7 @@ def usual_family(name: str, family: str = "auto", revision: str | None = None):
     return type(family_of(load_pipeline_config(name, revision), family))
 
 
-def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None) -> float:
+def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None, key: str = "--model") -> float:
     """The classifier-free guidance model ``name`` is usually sampled with: its world's for a world's
     base, the one its run sampled with for a run's fully fine-tuned ``final/``, else its model
     family's (``family``, or the one its model_index.json is of): SD-1.5 and AnimateDiff 7.5, SDXL 5.
@@ -56,7 +56,7 @@ def usual_guidance_scale(name: str, family: str = "auto", revision: str | None =
     world = base_world(name)
     if world:
         return world.guidance_scale(name)
-    check_not_a_misspelt_base(name, "--model")
+    check_not_a_misspelt_base(name, key)
     if (trained := _run_guidance_scale(name)) is not None:
         return trained
     from sspo.models.families import family_of
