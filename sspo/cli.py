@@ -158,7 +158,7 @@ def _add_eval_arguments(p) -> None:
         "scorer_batch_size": "images per scorer batch",
         "grid_prompts": "columns of grid.png",
         "frames": "video models: frames per clip",
-        "resolution": "image side in pixels, a multiple of 8 (default: the model's native)",
+        "resolution": "image side in pixels, a multiple of 8; SD3 and FLUX: of 16 (default: the model's native)",
     }
     defaults = EvalConfig()
     for field in dataclasses.fields(EvalConfig):

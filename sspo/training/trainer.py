@@ -126,6 +126,8 @@ def warn_ignored_settings(cfg: TrainConfig, family) -> None:
     ignored = []
     if not isinstance(family, FlowMatchingFamily) and cfg.flow != FlowConfig():
         ignored.append(f"flow.* (flow-matching models' keys; {family.name} is trained by denoising)")
+    elif family.name != "flux" and cfg.flow.guidance_scale != FlowConfig().guidance_scale:
+        ignored.append(f"flow.guidance_scale (FLUX-dev's guidance embedding's; {family.name} has none)")
     if cfg.generates_negatives and cfg.negatives.eta and cfg.negatives.scheduler != "ddim":
         ignored.append(f"negatives.eta (ddim's; negatives.scheduler is {cfg.negatives.scheduler})")
     if ignored:

@@ -128,3 +128,7 @@ def test_settings_the_model_ignores_are_named_in_one_warning(quick_base, pairs, 
     with caplog.at_level("WARNING"):
         assert main(["train", SD15, "--dry-run", *overrides]) == 0
     assert "ignored for this model" not in caplog.text
+    with caplog.at_level("WARNING"):  # an SD3 model: flow's keys apply, but it has no guidance embedding
+        assert main(["train", "demo-shapes", "--dry-run", "model.pretrained=shapes-base:flow", "model.lora_targets=[to_q, to_k, to_v, to_out.0]",
+                     "flow.guidance_scale=9", f"output_dir={tmp_path / 'run'}"]) == 0
+    assert "ignored for this model: flow.guidance_scale (FLUX-dev's guidance embedding's; sd3 has none)" in caplog.text
