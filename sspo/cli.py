@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_base)
 
     p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
-    p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick|:64px|:flow] or moving-shapes-base[:quick]")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick|:64px|:flow|:flow-quick] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
     p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (default: 8, at least 1)")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate one image per (model, prompt, seed) (resumable), score every image with every metric, "
         "write scores.csv, summary.md/.json, reward_hist.png and grid.png under --out.",
     )
-    p.add_argument("--model", action="append", help="diffusers folder, hub id, or a world's base (shapes-base[:quick|:64px|:flow], moving-shapes-base[:quick]); repeat")
+    p.add_argument("--model", action="append", help="diffusers folder, hub id, or a world's base (shapes-base[:quick|:64px|:flow|:flow-quick], moving-shapes-base[:quick]); repeat")
     p.add_argument("--videos", action="append", metavar="DIR", help="instead of --model: score the generated clips in DIR (<prompt_index>-<seed>.<ext>) "
                    "with the paper's video metrics (docs/video-metrics.md); repeat for several models, --name labels them")
     p.add_argument("--reference-videos", metavar="DIR", help="with --videos: each prompt's reference clip (<prompt_index>.<ext>), for fid, fvd and psnr")

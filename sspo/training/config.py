@@ -27,7 +27,8 @@ REPORTERS = ("tensorboard", "wandb", "none")
 
 @dataclasses.dataclass
 class ModelConfig:
-    pretrained: str = setting("shapes-base", nonempty=True)  # hub id, local diffusers folder, or a world's base: shapes-base[:quick|:64px|:flow], moving-shapes-base[:quick]
+    # A hub id, a local diffusers folder, or a world's base: shapes-base[:quick|:64px|:flow|:flow-quick], moving-shapes-base[:quick].
+    pretrained: str = setting("shapes-base", nonempty=True)
     revision: str | None = None  # a hub model's branch, tag or commit; None: its default branch
     variant: str | None = None  # e.g. fp16 weights on the hub
     # AnimateDiff: a MotionAdapter (hub id or from_pretrained folder) joined to an image pipeline
