@@ -60,7 +60,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename not in (None, str(tmp)):
+        if exc.errno is None or exc.filename not in (None, str(tmp)):
             raise
         raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the file being written (a full disk names none), not its temporary name
     finally:
