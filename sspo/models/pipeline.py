@@ -54,7 +54,9 @@ def denoiser_skeleton(model: str | Path, config: dict, component: str, revision:
     from accelerate import init_empty_weights
 
     cls = getattr(diffusers, config[component][1])
-    with init_empty_weights():
+    # Some layers draw their initial values before init_empty_weights moves them to the meta device:
+    # the global RNG, which seeds a run's LoRA, is left as it was.
+    with torch.random.fork_rng(devices=[]), init_empty_weights():
         return cls.from_config(component_config(model, config, component, revision))
 
 

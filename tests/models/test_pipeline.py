@@ -39,3 +39,13 @@ def test_a_hub_warning_is_printed_once():
             "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err.count("Retrying in 1s") == 1, err
+
+
+def test_a_denoiser_skeleton_leaves_the_global_rng_as_it_was(quick_base):
+    # A run checks its model's files after seeding; the LoRA it then makes draws from the same RNG.
+    import torch
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    skeleton = pipeline.denoiser_skeleton(quick_base, pipeline.load_pipeline_config(quick_base), "unet")
+    assert next(skeleton.parameters()).is_meta and torch.equal(torch.get_rng_state(), before)
