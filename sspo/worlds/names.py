@@ -32,25 +32,24 @@ def check_not_a_misspelt_base(name: str, key: str) -> None:
         raise ConfigError(f"{key} {name!r} is neither a folder nor a world's base; did you mean {close[0]!r}?")
 
 
-def usual_family(name: str, family: str = "auto", revision: str | None = None):
-    """The model family class of model ``name``: ``family`` when it names one, a world base's by its
-    world (before it is built), else the one its model_index.json is of."""
+def usual_family(name: str, family: str = "auto", revision: str | None = None, key: str = "model.pretrained"):
+    """The model family class of model ``name``: a world base's by its world (before it is built), or
+    ``family`` when it names one; else, and for a named family checked to fit, the one its
+    model_index.json is of. A misspelt world base is a ConfigError naming ``key``."""
     from sspo.models.families import FAMILIES, family_of
     from sspo.models.pipeline import load_pipeline_config
 
-    if family in FAMILIES:
-        return FAMILIES[family]
     name = base_of_folder(name) or name
     if world := base_world(name):
-        return FAMILIES[world.family_of(name)]
-    check_not_a_misspelt_base(name, "model.pretrained")
+        return FAMILIES[family] if family in FAMILIES else FAMILIES[world.family_of(name)]
+    check_not_a_misspelt_base(name, key)
     return type(family_of(load_pipeline_config(name, revision), family))
 
 
 def usual_guidance_scale(name: str, family: str = "auto", revision: str | None = None, key: str = "--model") -> float:
     """The classifier-free guidance model ``name`` is usually sampled with: its world's for a world's
     base, the one its run sampled with for a run's fully fine-tuned ``final/``, else its model
-    family's (``family``, or the one its model_index.json is of): SD-1.5 and AnimateDiff 7.5, SDXL 5.
+    family's (:func:`usual_family`): SD-1.5 and AnimateDiff 7.5, SDXL 5.
     A world base given by its shipped or cached folder is that base."""
     name = base_of_folder(name) or name
     world = base_world(name)
@@ -59,10 +58,7 @@ def usual_guidance_scale(name: str, family: str = "auto", revision: str | None =
     check_not_a_misspelt_base(name, key)
     if (trained := _run_guidance_scale(name)) is not None:
         return trained
-    from sspo.models.families import family_of
-    from sspo.models.pipeline import load_pipeline_config
-
-    return family_of(load_pipeline_config(name, revision), family).default_guidance_scale
+    return usual_family(name, family, revision, key).default_guidance_scale
 
 
 def _run_guidance_scale(name: str) -> float | None:
