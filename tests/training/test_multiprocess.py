@@ -32,6 +32,20 @@ def launch(config, tmp_path, program: tuple[str, ...] = ("-m", "sspo", "train"))
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
+def launch_patched(program: str, quick_base: str, tmp_path, run, **settings) -> subprocess.CompletedProcess:
+    """``program`` (``sspo train`` with a patch) in two processes: a tiny run into ``run`` on 8 pairs of
+    the shapes world at 32 px, one iteration of one step unless ``settings`` (top-level keys) say otherwise."""
+    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
+    script, config = tmp_path / "program.py", tmp_path / f"{run.name}.yaml"
+    script.write_text(program)
+    config.write_text(yaml.safe_dump({
+        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 1,
+        "output_dir": str(run), "report_to": "none", **settings,
+    }))
+    return launch(config, tmp_path, (str(script),))
+
+
 def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
     data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
     run = tmp_path / "run"
@@ -100,15 +114,9 @@ sys.exit(main(["train", sys.argv[1]]))
 
 
 def test_a_non_finite_loss_in_one_process_is_skipped_by_all(quick_base, tmp_path):
-    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
-    run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "nan_loss.py"
-    program.write_text(NAN_LOSS_IN_ONE_PROCESS)
-    config.write_text(yaml.safe_dump({
-        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2, "learning_rate": 1e-2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 2,
-        "output_dir": str(run), "report_to": "none", "nonfinite": "skip",
-    }))
-    done = launch(config, tmp_path, (str(program),))
+    run = tmp_path / "run"
+    done = launch_patched(NAN_LOSS_IN_ONE_PROCESS, quick_base, tmp_path, run, optim={"batch_size": 2, "learning_rate": 1e-2}, steps_per_iteration=2,
+                          nonfinite="skip")
     assert done.returncode == 0, done.stderr[-4000:]
     state = json.loads(sorted((run / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
     assert state["nonfinite_skips"] == 1 and state["replicas"][0] == state["replicas"][1]  # one process stepping alone would split them
@@ -134,15 +142,9 @@ sys.exit(main(["train", sys.argv[1]]))
 
 
 def test_the_logged_metrics_are_the_mean_over_processes_and_the_schedule_counts_optimizer_steps(quick_base, tmp_path):
-    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
-    run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "rank_metric.py"
-    program.write_text(RANK_AS_METRIC)
-    config.write_text(yaml.safe_dump({
-        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "linear"}, "negatives": {"steps": 2}, "iterations": 1,
-        "steps_per_iteration": 2, "output_dir": str(run), "report_to": "none",
-    }))
-    done = launch(config, tmp_path, (str(program),))
+    run = tmp_path / "run"
+    done = launch_patched(RANK_AS_METRIC, quick_base, tmp_path, run, optim={"batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "linear"},
+                          steps_per_iteration=2)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["ssr_rate"] for row in rows] == [0.5, 0.5]
@@ -165,15 +167,8 @@ sys.exit(main(["train", sys.argv[1]]))
 
 
 def test_an_output_dir_that_is_not_the_same_folder_in_every_process_is_refused(quick_base, tmp_path):
-    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
-    run, config, program = tmp_path / "run", tmp_path / "ddp.yaml", tmp_path / "own_pool.py"
-    program.write_text(POOL_OF_ITS_OWN)
-    config.write_text(yaml.safe_dump({
-        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 1,
-        "output_dir": str(run), "report_to": "none",
-    }))
-    done = launch(config, tmp_path, (str(program),))
+    run = tmp_path / "run"
+    done = launch_patched(POOL_OF_ITS_OWN, quick_base, tmp_path, run)
     refusal = f"sspo: error: output_dir {run}: process 1 reads another checkpoint pool than the main process wrote"
     assert done.returncode != 0 and done.stderr.count(refusal) == 2, done.stderr[-4000:]
     assert not (run / "checkpoints").exists()
@@ -198,18 +193,9 @@ sys.exit(main(["train", sys.argv[1]]))
 
 
 def test_processes_wait_for_the_main_ones_validation_as_long_as_process_timeout_s(quick_base, tmp_path):
-    data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
-    program = tmp_path / "slow_validation.py"
-    program.write_text(SLOW_VALIDATION)
     for timeout, stops in ((2, True), (60, False)):
-        config, run = tmp_path / f"ddp-{timeout}.yaml", tmp_path / f"run-{timeout}"
-        config.write_text(yaml.safe_dump({
-            "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
-            "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 1,
-            "output_dir": str(run), "report_to": "none", "process_timeout_s": timeout, "method": "sft",
-            "validation": {"every_iterations": 1, "prompts": ["a red circle"]},
-        }))
-        done = launch(config, tmp_path, (str(program),))
+        done = launch_patched(SLOW_VALIDATION, quick_base, tmp_path, tmp_path / f"run-{timeout}", process_timeout_s=timeout, method="sft",
+                              validation={"every_iterations": 1, "prompts": ["a red circle"]})
         assert (done.returncode != 0) == stops, done.stderr[-4000:]
         lost = "sspo: error: process 1 lost the others at a collective ("
         assert (lost in done.stderr) == stops and "[rank1]: Traceback" not in done.stderr, done.stderr[-4000:]
