@@ -743,6 +743,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
 
     from sspo.training.model_card import effective_batch, run_settings
 
+    unset = {"beta": cfg.beta is None, "negatives.scheduler": cfg.negatives.scheduler is None, "negatives.guidance_scale": cfg.negatives.guidance_scale is None}
     cfg = resolved(cfg)
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
@@ -762,6 +763,11 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     check_frames(cfg, video, files.longest_clip)
     validation_metric_prompts(cfg, video)
     rows = {"model": model, **run_settings(cfg, processes, video)}
+    values = {"beta": (f"{cfg.beta:g}", cfg.uses_reference), "negatives.scheduler": (cfg.negatives.scheduler, cfg.generates_negatives),
+              "negatives.guidance_scale": (f"{cfg.negatives.guidance_scale:g}", cfg.generates_negatives)}
+    defaulted = [f"{key}={values[key][0]}" for key, is_unset in unset.items() if is_unset and values[key][1]]
+    if defaulted:  # not the user's choice: the summary says so, since another model family changes them
+        rows["defaults"] = f"{', '.join(defaulted)}: left unset, so the model's usual value{'s' if len(defaulted) > 1 else ''}"
     items = cfg.iterations * cfg.steps_per_iteration * effective_batch(cfg, processes)
     # Integers, since a float overflows for a batch of 400 digits, which the config admits.
     epochs = f"{items / len(dataset):.2f}" if items < 10**15 else f"about 10^{len(str(items // len(dataset))) - 1}"

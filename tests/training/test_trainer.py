@@ -406,6 +406,15 @@ def test_an_accumulation_the_launch_asks_for_is_refused_unless_it_is_the_configs
     Trainer(tiny_config(tmp_path / "run", quick_base, "optim.gradient_accumulation_steps=2"))
 
 
+def test_the_dry_run_names_the_settings_left_to_the_model(quick_base, tmp_path):
+    chosen = dry_run(tiny_config(tmp_path / "run", quick_base, "beta=700", "negatives.scheduler=ddim", "negatives.guidance_scale=3"))
+    assert "defaults" not in chosen and "beta         700" in chosen
+    left = dry_run(tiny_config(tmp_path / "run", quick_base, "beta=null", "negatives.scheduler=null", "negatives.guidance_scale=null"))
+    assert "beta=5000, negatives.scheduler=ddim, negatives.guidance_scale=5: left unset, so the model's usual values" in left
+    sft = dry_run(tiny_config(tmp_path / "run", quick_base, "method=sft", "beta=null", "negatives.guidance_scale=null"))
+    assert "defaults" not in sft  # SFT has neither a reference nor negatives
+
+
 def test_a_resume_by_another_number_of_processes_is_refused(quick_base, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
