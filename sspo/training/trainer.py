@@ -493,6 +493,8 @@ class Trainer(Checkpointing):
                 self.ema.step(self.params)
         elif self.cfg.nonfinite == "skip":
             self.nonfinite_skips += 1
+            if scaler is not None:  # clipping unscaled this step's gradients: the scaler must close the step (and lowers its scale)
+                scaler.update()
         else:
             last = latest_state(self.run_dir)
             raise TrainingError(

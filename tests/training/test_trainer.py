@@ -406,6 +406,40 @@ def test_an_accumulation_the_launch_asks_for_is_refused_unless_it_is_the_configs
     Trainer(tiny_config(tmp_path / "run", quick_base, "optim.gradient_accumulation_steps=2"))
 
 
+def test_an_fp16_step_skipped_for_a_nonfinite_loss_closes_the_loss_scaler_step(monkeypatch):
+    """fp16 needs a GPU, so the GradScaler accelerate makes there is set up by hand on the CPU; the
+    step after a skipped one used to fail in the scaler ("unscale_() has already been called")."""
+    from types import MethodType, SimpleNamespace
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr(accelerator, "native_amp", True)
+    monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+    model = torch.nn.Linear(4, 1)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    losses = iter([float("nan"), 1.0])
+
+    def loss(trainer, batch):
+        value = model(torch.ones(1, 4)).sum() * next(losses)
+        return value, {"loss": value.detach()}
+
+    trainer = SimpleNamespace(accelerator=accelerator, denoiser=model, params=list(model.parameters()), optimizer=optimizer,
+                              lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), ema=None, nonfinite_skips=0,
+                              cfg=SimpleNamespace(optim=SimpleNamespace(max_grad_norm=1.0), nonfinite="skip"), global_step=0,
+                              example_prompt=None, device=torch.device("cpu"))
+    trainer.loss = MethodType(loss, trainer)
+    trainer._mean_over_processes = MethodType(Trainer._mean_over_processes, trainer)
+    batch = SimpleNamespace(rows=SimpleNamespace(prompts=["a prompt"]))
+    skipped = Trainer.optimizer_step(trainer, [batch])
+    before = model.weight.detach().clone()
+    stepped = Trainer.optimizer_step(trainer, [batch])
+    assert skipped["nonfinite_skips"] == stepped["nonfinite_skips"] == 1
+    assert skipped["loss_scale"] == 65536.0 / 2  # the scaler saw the overflow and halved its scale
+    assert not torch.equal(model.weight, before)  # and the next step trained
+
+
 def test_the_dry_run_names_the_settings_left_to_the_model(quick_base, tmp_path):
     chosen = dry_run(tiny_config(tmp_path / "run", quick_base, "beta=700", "negatives.scheduler=ddim", "negatives.guidance_scale=3"))
     assert "defaults" not in chosen and "beta         700" in chosen
