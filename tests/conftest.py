@@ -46,3 +46,14 @@ def unreachable_hub(monkeypatch):
     forget()
     yield
     forget()
+
+
+@pytest.fixture
+def bf16_runs():
+    """For tests that train in bf16 (the rest of the suite trains in fp32): accelerate keeps the
+    first run's mixed precision process-wide, so start from, and leave, a fresh state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

@@ -38,17 +38,6 @@ def test_accelerate_configs_are_valid(path):
     assert cfg.num_processes > 1 and not cfg.use_cpu
 
 
-@pytest.fixture
-def bf16_runs():
-    """These configs train in bf16, the rest of the suite in fp32: accelerate keeps the first run's
-    mixed precision process-wide, so start from, and leave, a fresh state."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)

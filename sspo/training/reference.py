@@ -34,7 +34,9 @@ class ReferenceModel:
             denoiser.set_adapter(POLICY)
             self.copy = None
         else:
-            self.copy = copy.deepcopy(denoiser).to(dtype=dtype).requires_grad_(False).eval()
+            # Each weight in the policy's own dtype (trained ones fp32 under mixed precision): the
+            # reference at theta_n then computes what the policy computed there, as SSR's switch needs.
+            self.copy = copy.deepcopy(denoiser).requires_grad_(False).eval()
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """What the pool stores for the current policy: its adapter, or its trained weights (all

@@ -406,6 +406,16 @@ def test_an_accumulation_the_launch_asks_for_is_refused_unless_it_is_the_configs
     Trainer(tiny_config(tmp_path / "run", quick_base, "optim.gradient_accumulation_steps=2"))
 
 
+def test_a_fully_fine_tuned_reference_at_the_policys_checkpoint_scores_as_the_policy_under_bf16(quick_base, tmp_path, bf16_runs):
+    """Every step's reference is the checkpoint just added, the policy itself: both errors, so both
+    differences, are exactly zero (a bf16 copy of the fp32 trained weights was off by ~1e-5)."""
+    train(tiny_config(tmp_path / "run", quick_base, "method=spin", "model.lora=false", "mixed_precision=bf16", "steps_per_iteration=1",
+                      "optim.learning_rate=1e-4"))
+    rows = metrics(tmp_path / "run")
+    assert [row["reference_checkpoint"] for row in rows] == [0.0, 1.0]
+    assert all(row["dw"] == row["dl"] == 0.0 for row in rows)
+
+
 def test_an_fp16_step_skipped_for_a_nonfinite_loss_closes_the_loss_scaler_step(monkeypatch):
     """fp16 needs a GPU, so the GradScaler accelerate makes there is set up by hand on the CPU; the
     step after a skipped one used to fail in the scaler ("unscale_() has already been called")."""
