@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import re
 import types
 import typing
@@ -85,6 +86,7 @@ def one_of(value: Any, choices: typing.Iterable[Any], key: str) -> None:
     check(value in choices, key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
 
 
+MAX_SEED = 2**32 - 1  # numpy takes 32-bit seeds (accelerate's set_seed seeds it), torch 64: one bound for every seed
 ALLOWED = "sspo.allowed"  # the dataclass field metadata key of a field's Allowed
 
 
@@ -106,7 +108,8 @@ class Allowed:
         """Whether one value (an item, on a list field) is allowed; an empty list is refused by :func:`validate`."""
         try:
             return (
-                (self.choices is None or value in self.choices)
+                not (isinstance(value, float) and not math.isfinite(value))  # inf passes every bound; nan none
+                and (self.choices is None or value in self.choices)
                 and (self.at_least is None or value >= self.at_least)
                 and (self.above is None or value > self.above)
                 and (self.at_most is None or value <= self.at_most)
@@ -308,7 +311,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers, null or booleans
     if unknown:
         # A key of a section given at the top (learning_rate for optim.learning_rate) is named with its section.
         sections = [f"{prefix}{name}.{unknown[0]}" for name in fields

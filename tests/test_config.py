@@ -441,11 +441,19 @@ def test_every_constrained_field_refuses_values_outside_its_range(root, path, re
         ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
         ("optim.learning_rate=0", "config key 'optim.learning_rate': got 0.0, expected a number > 0"),
         ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler', 'unipc', or null"),
+        ("beta=inf", "config key 'beta': got inf, expected a number > 0, or null"),  # inf passes every bound as a comparison
+        ("optim.learning_rate=1e400", "config key 'optim.learning_rate': got inf, expected a number > 0"),
+        ("data.bucket_max_aspect=inf", "config key 'data.bucket_max_aspect': got inf, expected a number >= 1"),
+        ("validation.seed=18446744073709551616", "config key 'validation.seed': got 18446744073709551616, expected an integer in [0, 4294967295]"),
+        ("process_timeout_s=100000000000000", "config key 'process_timeout_s': got 100000000000000, expected an integer in [1, 1000000000]"),
+        ("optim.lr_scheduler=polynomial optim.learning_rate=1e-8",
+         "config key 'optim.learning_rate': got 1e-08, but polynomial decays to diffusers' end value 1e-07, which must be lower; "
+         "raise optim.learning_rate or choose another optim.lr_scheduler"),
     ],
 )
 def test_the_dry_run_refuses_an_out_of_range_value_in_one_line(override, line, tmp_path, capsys):
     """The dry run and a real run load the config the same way, so both stop here, before anything else."""
-    assert main(["train", str(DEMO), override, f"output_dir={tmp_path / 'run'}", "--dry-run"]) == 2
+    assert main(["train", str(DEMO), *override.split(), f"output_dir={tmp_path / 'run'}", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert [l for l in err.splitlines() if l.startswith("sspo: error:")] == [f"sspo: error: {line}"]
     assert "Traceback" not in err and not (tmp_path / "run").exists()
@@ -456,6 +464,15 @@ def test_eval_refuses_an_out_of_range_flag_before_loading_a_model(tmp_path, caps
     err = capsys.readouterr().err
     assert [l for l in err.splitlines() if l.startswith("sspo: error:")] == ["sspo: error: --steps: got 0, expected an integer >= 1"]
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_yaml_key_that_is_not_text_is_an_unknown_key(tmp_path):
+    (tmp_path / "keys.yaml").write_text("1: 2\nfoo: 3\noptim:\n  null: 1\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key '1'; valid keys here: "):
+        load_config(TrainConfig, tmp_path / "keys.yaml")
+    (tmp_path / "keys.yaml").write_text("optim:\n  true: 1\n  bogus: 2\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'optim\.True'; valid keys here: "):
+        load_config(TrainConfig, tmp_path / "keys.yaml")
 
 
 def test_sections_built_in_python_are_checked_too():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sspo.config import Registered, check, setting, validate
+from sspo.config import MAX_SEED, Registered, check, setting, validate
 from sspo.worlds.registry import WORLDS
 
 FILE_SOURCES = ("parquet", "imagefolder", "caption-files", "webdataset", "hf")  # data.source: these, or a world's name (sspo.worlds)
@@ -54,9 +54,9 @@ class DataConfig:
     frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
     frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
     frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
-    seed: int = setting(0, at_least=0)  # seeds SSPOr sides, random crops and flips
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # seeds SSPOr sides, random crops and flips
     world_pairs_per_prompt: int = setting(4, at_least=1)  # a world source: pairs rendered per alignment-train combination
-    world_split_seed: int = setting(0, at_least=0)  # a world source: the world's train / held-out split
+    world_split_seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # a world source: the world's train / held-out split
     world_without_validation: bool = False  # a world source: leave out the validation combinations (choosing settings)
     # Encode every row once (VAE latents, text embeddings) and train from safetensors shards
     # (sspo/training/latent_cache.py). Needs center_crop true, random_flip false and frame_start first:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspo.config import setting, validate
+from sspo.config import MAX_SEED, setting, validate
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, SCORER_CHOICES, build_scorer
 from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set, prompt_set_names
@@ -35,7 +35,7 @@ class EvalConfig:
     # A prompt set (a world's, <world> or <world>-validation: shapes, moving-shapes, ...; pickapic_val | hpsv2 | parti) or a prompt file.
     prompts: str = setting("shapes", nonempty=True)
     metrics: tuple[str, ...] = setting((), choices=SCORER_CHOICES)  # scorers; empty: a world's exact evaluator for its prompts, else the paper's four
-    seeds: tuple[int, ...] = setting((0, 1), at_least=0, nonempty=True)  # sampler seeds: one image per (prompt, seed)
+    seeds: tuple[int, ...] = setting((0, 1), at_least=0, at_most=MAX_SEED, nonempty=True)  # sampler seeds: one image per (prompt, seed)
     steps: int = setting(20, at_least=1)  # sampler steps
     # At most 1: no classifier-free guidance. None: the models' usual by their names (a world's base its world's;
     # SD-1.5 7.5, SDXL 5, SD3 7, FLUX.1 3.5); evaluate_pipeline, given no name, takes its pipeline family's.
@@ -45,7 +45,7 @@ class EvalConfig:
     frames: int = setting(8, at_least=1)  # video models: frames per clip
     dtype: str = setting("fp32", choices=DTYPES)  # dtype of the diffusion model's weights: fp32 | fp16 | bf16
     limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
-    split_seed: int = setting(0, at_least=0)  # a world's prompts: its train/held-out split (must match the training data's)
+    split_seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # a world's prompts: its train/held-out split (must match the training data's)
     prompts_per_split: int = setting(24, at_least=1)  # a world's prompts: prompts per split (seen, held-out)
     prompt_source: str | None = None  # a local copy of a named prompt set (default: its hub dataset)
     scorer_batch_size: int = setting(16, at_least=1)  # images per scorer batch

@@ -7,7 +7,7 @@ import importlib
 import os
 from pathlib import Path
 
-from sspo.config import Registered, check, setting, validate
+from sspo.config import MAX_SEED, Registered, check, setting, validate
 from sspo.data.config import DataConfig
 from sspo.errors import ConfigError
 from sspo.evaluation.scorers import SCORER_CHOICES
@@ -20,6 +20,7 @@ from sspo.worlds.registry import WORLDS
 
 SCHEDULERS = ("ddim", "pipeline", "dpm++", "euler", "unipc")
 # diffusers' get_scheduler names (piecewise_constant, which takes rules as a string, is left out)
+POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler decays polynomial to this learning rate
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 REPORTERS = ("tensorboard", "wandb", "none")
@@ -78,6 +79,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         validate(self, "optim.")
+        check(self.lr_scheduler != "polynomial" or self.learning_rate > POLYNOMIAL_LR_END, "optim.learning_rate",
+              f"got {self.learning_rate:g}, but polynomial decays to diffusers' end value {POLYNOMIAL_LR_END:g}, which must be lower; "
+              "raise optim.learning_rate or choose another optim.lr_scheduler")
 
 
 @dataclasses.dataclass
@@ -118,7 +122,7 @@ class ValidationConfig:
     prompt_file: str | None = setting(None, nonempty=True)  # the prompts `metrics` scores, a file as `sspo eval --prompts` reads (.txt: one per line); None: `prompts`
     scorer_paths: dict[str, str] = dataclasses.field(default_factory=dict)  # metric -> its weights (local path or hub id), as `sspo eval --scorer-path`; default: the published
     scorer_options: dict[str, dict] = dataclasses.field(default_factory=dict)  # metric -> its build_scorer options, as `sspo eval --scorer-option` (pickscore: {processor: PATH})
-    seed: int = setting(0, at_least=0)  # the sampler seed of every validation sample
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # the sampler seed of every validation sample
     prompts_per_split: int = setting(8, at_least=1)  # world_eval: prompts per split (seen, held-out)
 
     def __post_init__(self) -> None:
@@ -165,13 +169,13 @@ class TrainConfig:
     steps_per_iteration: int = setting(25, at_least=1)  # K_updates: optimizer steps per iteration
     pregenerate: bool = True  # generate an iteration's negatives up front, grouped by checkpoint
     cache_reference_errors: bool = True  # with pregenerate: reference errors computed then, too
-    seed: int = setting(0, at_least=0, at_most=2**32 - 1)  # accelerate's set_seed seeds numpy too, which takes 32 bits
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # the run's: initial LoRA weights, data order, noise, every draw
     # no | fp16 (needs a GPU) | bf16; null: accelerate's (`accelerate launch --mixed_precision`, its config file, ACCELERATE_MIXED_PRECISION), else no
     mixed_precision: str | None = setting(None, choices=MIXED_PRECISIONS)
     # Under a multi-process launch, how long a process waits for the others at a collective before it
     # stops with an error. The main process validates, scores and loads reward models alone while the
     # others wait, which can outlast torch's default (10 minutes under NCCL).
-    process_timeout_s: int = setting(3600, at_least=1)
+    process_timeout_s: int = setting(3600, at_least=1, at_most=10**9)
     output_dir: str = setting("runs/sspo", own_folder=True)  # the run's folder: never '', '.', '/', '~', the home or current folder
     report_to: str = setting("tensorboard", choices=REPORTERS)  # tensorboard | wandb (pip install 'sspo[wandb]') | none
     tracker_project: str = setting("sspo", nonempty=True)  # the trackers' project: wandb's project; tensorboard logs to <output_dir>/logs/<tracker_project>/<run name>

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sspo.config import setting, validate
+from sspo.config import MAX_SEED, setting, validate
 from sspo.errors import ConfigError, SSPOError
 from sspo.io import atomic_write_json, file_digest, write_parquet
 from sspo.models.tiny import one_thread
@@ -59,8 +59,8 @@ class PairsConfig:
     base: str = setting("shapes-base", nonempty=True)  # the base G starts from: a world's base or preset ("moving-shapes-base", "shapes-base:quick")
     tie_threshold: float = setting(0.02, at_least=0, below=1)  # pairs whose exact rewards differ by less are dropped as ties
     bt_temperature: float = setting(0.0, at_least=0)  # > 0: label drawn with P(higher reward wins) = sigmoid(diff / T); 0: the higher always wins
-    seed: int = setting(0, at_least=0)  # G's training seed, the sampler's seeds, the sides and labels
-    split_seed: int = setting(0, at_least=0)  # the world's train / held-out split
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # G's training seed, the sampler's seeds, the sides and labels
+    split_seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # the world's train / held-out split
     max_prompts: int | None = setting(None, at_least=1)  # at most this many training prompts (a seeded sample; quick runs)
     pairs_per_prompt: int = setting(1, at_least=1)  # pairs drawn per prompt (two samples each, all with different seeds)
     sampler_steps: int = setting(20, at_least=1)  # G's sampler steps, as the evaluation samples (the world's PairsSettings.sampler_steps)

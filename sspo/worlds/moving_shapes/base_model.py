@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspo.config import check, setting, to_dict, validate
+from sspo.config import MAX_SEED, check, setting, to_dict, validate
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
 from sspo.models.tiny import text_encoder_for, video_components, video_pipeline, video_size, word_table_text_encoder, write_word_tokenizer
@@ -53,7 +53,7 @@ _SECOND_STAGE = ("defect_fraction", "defects", "defect_learning_rate", "vae_defe
 @dataclasses.dataclass
 class VideoBaseConfig:
     size: str = setting("default", choices=("default", "quick"))  # TinySize preset (and the image base preset whose VAE is reused)
-    seed: int = setting(0, at_least=0)  # seeds the renders, the initial weights and the training draws
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # seeds the renders, the initial weights and the training draws
     frames: int = setting(8, at_least=2)  # a clip of one frame has no motion to learn
     clips_per_spec: int = setting(2, at_least=1)  # pretraining clips rendered per combination
     vae_steps: int = setting(600, at_least=0)  # fine-tuning the image world's VAE on this world's frames (0: as it is)

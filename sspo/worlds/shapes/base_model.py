@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sspo.config import check, setting, to_dict, validate
+from sspo.config import MAX_SEED, check, setting, to_dict, validate
 from sspo.errors import ConfigError
 from sspo.io import check_write_target, entry_list
 from sspo.models.condition import TextCondition
@@ -41,7 +41,7 @@ _FORMAT_VERSION = 3  # bump when the recipe changes, so stale caches are rebuilt
 @dataclasses.dataclass
 class BaseConfig:
     size: str = setting("default", choices=("default", "quick", "64px"))  # TinySize preset
-    seed: int = setting(0, at_least=0)  # seeds the renders, the initial weights and the training draws
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # seeds the renders, the initial weights and the training draws
     # The VAE learns in two phases: clean renders first (sharp edges: clean round trips score 0.90,
     # against 0.61 when it learns from the mix at once), then the mix of clean and defective renders
     # at a lower rate, so that the latent also holds the defects (a VAE that never saw a blur

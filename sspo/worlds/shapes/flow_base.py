@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sspo.config import check, setting, to_dict, validate
+from sspo.config import MAX_SEED, check, setting, to_dict, validate
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
 from sspo.models.tiny import word_table_text_encoder
@@ -32,7 +32,7 @@ PACKAGED_FLOW_BASE = Path(__file__).resolve().parent / "weights" / "shapes-base-
 @dataclasses.dataclass
 class FlowBaseConfig:
     size: str = setting("default", choices=("default", "quick"))  # the image base whose VAE and word table it takes
-    seed: int = setting(0, at_least=0)  # seeds the renders, the initial weights and the training draws
+    seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # seeds the renders, the initial weights and the training draws
     layers: int = setting(4, at_least=1)  # MMDiT blocks
     heads: int = setting(4, at_least=1)  # attention heads of 16 dimensions each
     shift: float = setting(3.0, above=0)  # the flow scheduler's shift, SD3's: training and sampling lean to noisier latents
