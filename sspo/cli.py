@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "
                    "optim.learning_rate=3e-4,1e-3 (beta only for arms with a reference); repeat for several keys; "
                    "ARM:KEY=V1,V2 gives one arm its own values (a grid widened past that arm's edge)")
-    p.add_argument("--selection-seeds", type=int, default=1, help="training seeds per grid point when choosing settings "
-                   "(mean validation reward; more than 1 keeps an unstable setting from winning on one lucky seed)")
+    p.add_argument("--selection-seeds", type=int, default=2, help="training seeds per grid point when choosing settings: seeds "
+                   "1000, 1001, ..., apart from the reported runs' (mean validation reward; 2 or more keep an unstable setting "
+                   "from winning on one lucky seed; default 2)")
     p.add_argument("--prompts-per-split", type=int, help="evaluation prompts per split, seen and held-out (default 24; "
                    "more than the held-out combinations means all of them)")
     p.add_argument("--add-point", action="append", metavar="ARM:KEY=V,KEY=V", help="one more point for an arm's grid, e.g. "

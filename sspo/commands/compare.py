@@ -4,7 +4,8 @@ The protocol (docs/results/README.md):
 
 1. **Settings per arm, on a validation split.** With ``--grid KEY=V1,V2,...`` every trained arm is
    run per combination of the grid (``beta`` only for arms with a reference) and per selection seed
-   (``--selection-seeds N``: the first N training seeds, mean reward; default 1), on the world's
+   (``--selection-seeds N``, mean reward; default 2: training seeds 1000, 1001, ..., none of them a
+   seed of step 2, whose runs would otherwise share the luck the choice picked), on the world's
    alignment data *without* its validation combinations, and scored on those validation
    combinations (prompt set ``<world>-validation``); the best combination is that arm's setting.
    Held-out combinations are never looked at while choosing.
@@ -40,7 +41,7 @@ from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_png
-from sspo.evaluation.scorers.stats import mean_ci_crossed
+from sspo.evaluation.scorers.stats import MIN_DECIDING_RUNS, enough_runs, mean_ci_crossed
 from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder, read_json
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
@@ -78,6 +79,7 @@ def table1() -> tuple[str, ...]:
     return ("base", *METHODS, "sspo_r")
 
 
+SELECTION_SEED_START = 1000
 SHOWCASE_CELL = 96
 OUTPUTS = ("runs", "select", "results.md", "results.json", "figure9_reward.png", "figure4_ssr_rate.png", "grid.png")
 QUICK = ["iterations=2", "steps_per_iteration=3", "validation.prompts_per_split=4", "negatives.steps=5"]
@@ -251,6 +253,12 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
     return chosen
 
 
+def selection_seed_list(count: int) -> list[int]:
+    """The training seeds that choose settings: apart from the seeds of the runs reported (0, 1, ...),
+    since a run of the same seed shares its initial weights and draws, and so the luck the choice picked."""
+    return list(range(SELECTION_SEED_START, SELECTION_SEED_START + count))
+
+
 def check_arm_configs(config, settings: Sequence[tuple[str, Sequence[str]]], out: Path, extra: Sequence[str]) -> None:
     """Loads every (arm, overrides) config before any run starts: a bad value in --grid, --add-point or
     an earlier comparison's settings is one error at once, not one after the first runs."""
@@ -311,7 +319,10 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> 
         if arm not in results or "sspo" not in results:
             continue
         diff = paired_difference(results, arm, "heldout", sampler_seeds, n_seeds)
-        verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
+        if not enough_runs(diff):
+            verdict = f"undecided ({diff['runs']} training seeds are too few to decide: train {MIN_DECIDING_RUNS} or more)"
+        else:
+            verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
         found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
     return found
 
@@ -353,7 +364,7 @@ def grid_edges(choice: dict) -> list[str]:
 
 
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
-                 sampler_seeds: int, world: str, selection_seeds: int = 1) -> None:
+                 sampler_seeds: int, world: str, selection_seeds: int = 2) -> None:
     n = len(seeds)
     wall = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
     one_seed = (" With one training seed the CIs are over prompts alone: they leave out how much a method varies from run to run, "
@@ -368,7 +379,9 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
         lines += [f"| {arm} | {' '.join(c['overrides']) or '-'} |" for arm, c in chosen.items()]
         sections.append("\n".join(lines) + "\n")
     if any(c["grid"] for c in chosen.values()):
-        lines = ["## Settings chosen on the validation split\n", "| arm | chosen | validation reward of every grid point |", "|---|---|---|"]
+        lines = ["## Settings chosen on the validation split\n", f"Each grid point trained with seeds {', '.join(map(str, selection_seed_list(selection_seeds)))} "
+                 "(none of them a seed of the runs below) and scored by mean validation reward.\n",
+                 "| arm | chosen | validation reward of every grid point |", "|---|---|---|"]
         for arm, c in chosen.items():
             grid = "; ".join(f"{' '.join(row['overrides'])}: {row['validation_reward']:.3f}"
                              + (f" ({', '.join(f'{r:.3f}' for r in row['per_seed'])})" if len(row["per_seed"]) > 1 else "") for row in c["grid"])
@@ -413,7 +426,7 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen:
 
 
 def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
-                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 1, jobs: int = 1,
+                command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 2, jobs: int = 1,
                 chosen_in: str | Path | None = None, added_points: Sequence[str] = ()) -> dict:
     """Every arm of ``names`` for every training seed (``jobs`` runs at a time), with settings chosen on
     ``grid`` or taken from the comparison whose ``results.json`` is ``chosen_in``; writes the report."""
@@ -440,8 +453,8 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     validation_cfg = EvalConfig(prompts=f"{world}-validation", prompts_per_split=8 if quick else 1000, **sampling)
     if not seeds:
         raise ConfigError("--training-seeds 0: expected 1 or more training runs per arm")
-    if not 1 <= selection_seeds <= len(seeds):
-        raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 to --training-seeds ({len(seeds)})")
+    if selection_seeds < 1:
+        raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 or more training runs per grid point")
     if chosen_in and Path(chosen_in).resolve() in (out.resolve(), (out / "results.json").resolve()):
         raise ConfigError(f"--settings-from {chosen_in} is this comparison's own --out, whose record of the choice the report would replace; "
                           "rerun it with its --grid, or give another --out")
@@ -451,7 +464,8 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
             check_arm_configs(config, [(arm, chosen[arm]["overrides"]) for arm in names], out, extra)
         else:
             parsed = parse_grid(grid)
-            chosen = select_settings(config, names, parsed, seeds[:selection_seeds], out, extra, validation_cfg, jobs, parse_points(added_points, parsed))
+            chosen = select_settings(config, names, parsed, selection_seed_list(selection_seeds), out, extra, validation_cfg, jobs,
+                                     parse_points(added_points, parsed))
         planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
         runs = [(arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]]) for arm, seed in planned]
         check_finished_runs(config, runs, eval_cfg)

@@ -186,10 +186,16 @@ def evaluate_pipeline(pipe, cfg: EvalConfig, device: str | torch.device | None =
     summary = {}
     for category in dict.fromkeys(i.category for i in items):
         members = [k for k, i in enumerate(items) if i.category == category]
+        per_prompt: dict[int, list[float]] = {}
+        for k in members:
+            per_prompt.setdefault(items[k].prompt_index, []).append(scores[primary][k])
         summary[category or "all"] = {c: float(np.mean([values[k] for k in members])) for c, values in scores.items()} | {
             "n": len(members),
-            # The first metric per image, in the fixed order of prompts and seeds: paired CIs between models.
+            # The first metric per image, in the fixed order of prompts and seeds, and per prompt (the
+            # mean over its seeds): paired CIs between models are over prompts, since one prompt's
+            # images are not independent samples.
             "per_image": [scores[primary][k] for k in members],
+            "per_prompt": [float(np.mean(values)) for values in per_prompt.values()],
         }
     return summary, images
 
@@ -240,12 +246,13 @@ def table_columns(world: str) -> tuple[str, ...]:
 def reward_gain(scores: dict, baseline: dict) -> dict:
     """Mean gain of the first metric over ``baseline``, with a 95% CI.
 
-    Paired: each (prompt, seed) is compared with the baseline's image of the same prompt and seed,
-    so the interval is over prompts and seeds, not over two independent means.
+    Paired: each prompt's mean over its seeds is compared with the baseline's on the same prompt and
+    seeds, so the interval is over prompts, not over two independent means (nor over images, which
+    would count a prompt's correlated seeds as independent samples).
     """
     from sspo.evaluation.scorers.stats import mean_ci
 
-    return mean_ci(np.subtract(scores["per_image"], baseline["per_image"]))
+    return mean_ci(np.subtract(scores["per_prompt"], baseline["per_prompt"]))
 
 
 def _interval(stats: dict) -> str:
@@ -268,6 +275,6 @@ def format_table(results: dict[str, dict], columns: Sequence[str], baseline: str
             if target:
                 from sspo.evaluation.scorers.stats import mean_ci
 
-                cells.append(_interval(mean_ci(np.subtract(scores["per_image"], target[1]))))
+                cells.append(_interval(mean_ci(np.subtract(scores["per_prompt"], target[1]))))
             lines.append(f"| {model} | {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -37,8 +37,23 @@ def test_grid_notes_are_drawn_under_their_cells():
     assert len(frames) == 3 and frames[0].height == 32 + 12
 
 
-def test_a_reward_gain_is_the_model_minus_its_baseline():
+def test_a_reward_gain_is_the_model_minus_its_baseline_over_prompts():
     from sspo.evaluation.evaluate import reward_gain
 
-    gain = reward_gain({"per_image": [2.0, 2.1, 1.9]}, {"per_image": [1.0, 1.0, 1.0]})
-    assert gain["mean"] == pytest.approx(1.0) and gain["ci95_low"] > 0
+    gain = reward_gain({"per_prompt": [2.0, 2.1, 1.9]}, {"per_prompt": [1.0, 1.0, 1.0]})
+    assert gain["mean"] == pytest.approx(1.0) and gain["ci95_low"] > 0 and gain["n"] == 3
+
+
+def test_the_summary_averages_each_prompts_seeds_for_the_intervals(monkeypatch):
+    """Two seeds of one prompt are not independent samples: the gains' CIs are over prompts."""
+    from sspo.evaluation import evaluate, sampling
+
+    cfg = EvalConfig(prompts="shapes", prompts_per_split=2, seeds=(0, 1), guidance_scale=1.0)
+    items = eval_items(cfg)
+    monkeypatch.setattr(sampling, "generate", lambda pipe, prompts, seeds, **options: list(range(len(prompts))))
+    monkeypatch.setattr(evaluate, "score_images", lambda images, prompts, metrics, **options: {metrics[0]: [k / 10 for k in images]})
+    summary, _ = evaluate.evaluate_pipeline(None, cfg, device="cpu")
+    for category, scores in summary.items():
+        members = [k for k, i in enumerate(items) if i.category == category]
+        assert scores["per_image"] == [k / 10 for k in members]
+        assert scores["per_prompt"] == pytest.approx([(a + b) / 20 for a, b in zip(members[::2], members[1::2])])

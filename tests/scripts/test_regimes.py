@@ -29,7 +29,7 @@ def test_levels_are_gathered_with_their_r_values_and_paired_differences(quick_ba
     assert (mid["R_base"], mid["R_win"], mid["R_ceil"], mid["pairs"]) == (record["R_base"], record["R_win"], record["R_ceil"], record["pairs"])
     assert clean["R_win"] == clean["R_ceil"] == record["R_ceil"] and clean["R_base"] == record["R_base"]
     assert set(mid["arms"]) == {"base", "sft", "sspo", "ssr_draws_8"} and len(mid["commands"]) == 2
-    assert mid["seeds"] == [0, 1] and mid["selection_seeds"] == 1
+    assert mid["seeds"] == [0, 1] and mid["selection_seeds"] == 2  # the default, though no grid chose anything
     assert mid["settings_from"] == [] and clean["settings_from"] == [str(tmp_path / "mid" / "results.json")]
     sft = mid["arms"]["sft"]
     difference = sft["sspo_minus_arm"]["heldout"]["mean"]

@@ -27,9 +27,16 @@ def mean_ci(values: Iterable[float]) -> dict[str, float | int]:
 
 def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]:
     """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
-    differences), where both the runs and the prompts are samples: the mean's variance is taken as
-    ``var(run means) / runs + var(prompt means) / prompts``, with Welch-Satterthwaite degrees of
-    freedom. One run: the interval is over prompts alone; one prompt: over runs alone.
+    differences), where both the runs and the prompts are samples.
+
+    The two-way crossed model ``y = mu + run + prompt + residual`` gives the mean the variance
+    ``var_run / R + var_prompt / P + var_residual / (R P)``, estimated from the ANOVA mean squares
+    as ``(MS_run + MS_prompt - MS_residual) / (R P)`` (the run and prompt means' spreads each hold
+    the residual once: their plain sum would count it twice), with Satterthwaite's degrees of
+    freedom. Each mean square alone estimates at most that numerator (no component is negative):
+    where chance makes the numerator smaller than the largest of them, that one is taken. One run: the interval is over prompts
+    alone; one prompt: over runs alone. With 2 runs the interval covers less than 95% when runs
+    differ much (``scripts/ci-coverage``); :func:`enough_runs` says when it may decide a claim.
     """
     rows = [[float(v) for v in row] for row in values]
     runs, prompts = len(rows), len(rows[0]) if rows else 0
@@ -42,18 +49,29 @@ def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]
     run_means = [math.fsum(row) / prompts for row in rows]
     prompt_means = [math.fsum(row[j] for row in rows) / runs for j in range(prompts)]
     mean = math.fsum(run_means) / runs
-
-    def variance(xs: list[float]) -> float:
-        m = math.fsum(xs) / len(xs)
-        return math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-
-    between_runs, between_prompts = variance(run_means) / runs, variance(prompt_means) / prompts
-    total = between_runs + between_prompts
-    if total == 0:
+    ms_run = prompts * math.fsum((m - mean) ** 2 for m in run_means) / (runs - 1)
+    ms_prompt = runs * math.fsum((m - mean) ** 2 for m in prompt_means) / (prompts - 1)
+    ms_residual = math.fsum((rows[i][j] - run_means[i] - prompt_means[j] + mean) ** 2 for i in range(runs) for j in range(prompts)) / (
+        (runs - 1) * (prompts - 1))
+    terms = [(ms_run, runs - 1), (ms_prompt, prompts - 1), (-ms_residual, (runs - 1) * (prompts - 1))]
+    total = ms_run + ms_prompt - ms_residual
+    floor = max((ms_run, runs - 1), (ms_prompt, prompts - 1), (ms_residual, (runs - 1) * (prompts - 1)))
+    if total < floor[0]:
+        total, terms = floor[0], [floor]
+    if total <= 0:
         return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "n": runs * prompts, "runs": runs}
-    df = total**2 / (between_runs**2 / (runs - 1) + between_prompts**2 / (prompts - 1))
-    half = t_quantile(0.975, df) * math.sqrt(total)
+    df = total**2 / math.fsum(ms**2 / df for ms, df in terms)
+    half = t_quantile(0.975, df) * math.sqrt(total / (runs * prompts))
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
+
+
+MIN_DECIDING_RUNS = 3  # training seeds a crossed interval needs to decide a claim (scripts/ci-coverage: 2 cover ~88%)
+
+
+def enough_runs(stats: dict) -> bool:
+    """Whether ``mean_ci_crossed``'s interval may decide a claim: over one run it speaks of that run
+    alone (a report says so), over 2 to MIN_DECIDING_RUNS - 1 it is too narrow when runs differ."""
+    return stats.get("runs", 1) == 1 or stats["runs"] >= MIN_DECIDING_RUNS
 
 
 def t_quantile(p: float, df: float) -> float:

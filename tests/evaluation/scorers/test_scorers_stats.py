@@ -36,13 +36,17 @@ def test_mean_ci_edge_cases():
 def test_mean_ci_crossed_by_hand():
     from sspo.evaluation.scorers.stats import mean_ci_crossed, t_quantile
 
-    table = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]  # run means 2, 4; prompt means 2, 3, 4
-    got = mean_ci_crossed(table)
-    a, b = 2.0 / 2, 1.0 / 3  # var(run means) / runs, var(prompt means) / prompts
-    half = t_quantile(0.975, (a + b) ** 2 / (a**2 / 1 + b**2 / 2)) * math.sqrt(a + b)
-    assert got["mean"] == pytest.approx(3.0)
-    assert got["ci95_high"] - got["mean"] == pytest.approx(half)
+    # Run means 7/3, 14/3 and prompt means 2, 3.5, 5 around 3.5; residuals +-1/6, -+1/3, +-1/6.
+    got = mean_ci_crossed([[1.0, 2.0, 4.0], [3.0, 5.0, 6.0]])
+    ms_run, ms_prompt, ms_residual = 3 * 2 * (7 / 6) ** 2 / 1, 2 * (1.5**2 + 0 + 1.5**2) / 2, (4 / 36 + 2 / 9) / 2  # 49/6, 9/2, 1/6
+    total = ms_run + ms_prompt - ms_residual  # 12.5: the residual counted once
+    df = total**2 / (ms_run**2 / 1 + ms_prompt**2 / 2 + ms_residual**2 / 2)
+    assert got["mean"] == pytest.approx(3.5)
+    assert got["ci95_high"] - got["mean"] == pytest.approx(t_quantile(0.975, df) * math.sqrt(total / 6))
     assert got["n"] == 6 and got["runs"] == 2
+    # All spread in the residual (run and prompt means equal): its mean square alone, not a zero width.
+    crossed = mean_ci_crossed([[1.0, 5.0], [5.0, 1.0]])
+    assert crossed["ci95_high"] - crossed["mean"] == pytest.approx(t_quantile(0.975, 1) * math.sqrt(16 / 4))
     one = mean_ci_crossed([[1.0, 2.0, 3.0]])  # one run: over prompts only
     assert one["mean"] == pytest.approx(2.0) and one["runs"] == 1
     one_prompt = mean_ci_crossed([[1.0], [2.0], [4.0]])  # one prompt: over runs only

@@ -1,0 +1,22 @@
+"""``scripts/ci-coverage`` and ``scripts/recheck-claims``: the comparisons' statistics checked by simulation and on the recorded results."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def test_coverage_is_printed_for_every_seed_prompt_and_spread_cell():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "ci-coverage"), "--trials", "40"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \|$", done.stdout, re.M)
+    assert len(rows) == 28 and all(0.5 < float(coverage) <= 1 and float(width) > 0 for *_, coverage, width in rows)
+
+
+def test_recorded_claims_are_decided_again_beside_their_record():
+    done = subprocess.run([sys.executable, str(SCRIPTS / "recheck-claims")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| clean | sft | 5 | -0.019 [-0.036, -0.002] | SSPO lower | " in done.stdout
+    assert re.search(r"^\d+ verdicts? changed\.$", done.stdout, re.M)
