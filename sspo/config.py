@@ -334,6 +334,9 @@ def split_override(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value; write e.g. optim.learning_rate=1e-5")
     key, raw = item.split("=", 1)
+    if re.search(r"\[.*\]$", key.strip()):
+        raise ConfigError(f"override {item!r}: list items cannot be set one at a time; give the whole list, "
+                          f"e.g. {key.strip().partition('[')[0]}=[a,b]")
     return key, raw
 
 

@@ -237,6 +237,8 @@ def test_a_tilde_output_dir_from_a_config_file_is_the_home_folders(tmp_path):
 @pytest.mark.parametrize("argv, line", [
     (["base", "--quick", "--size", "flow"], "--quick is --size quick, and --size flow is another size: give one of them"),
     (["bench", "--model", "tiny", "foo"], "override 'foo' must look like key=value; write e.g. optim.learning_rate=1e-5"),
+    (["train", "demo-shapes", "--dry-run", "model.lora_targets[0]=to_k"],
+     "override 'model.lora_targets[0]=to_k': list items cannot be set one at a time; give the whole list, e.g. model.lora_targets=[a,b]"),
 ])
 def test_conflicting_or_malformed_arguments_are_one_line(argv, line, capsys):
     assert main(argv) == 2
