@@ -33,6 +33,8 @@ class CheckpointPool:
         index = self.root / "pool.json"
         try:
             recorded = read_json(index, what="the checkpoint pool index", fix="it is rebuilt from the checkpoint files", shape=INDEX_SHAPE, default=None)
+            if recorded is not None:
+                _check_names(index, recorded["entries"])
         except DamagedFileError as exc:
             log.warning("%s; rebuilding it from the checkpoint files", exc.problem)
             recorded = None
@@ -78,8 +80,8 @@ class CheckpointPool:
 
     def truncate(self, size: int) -> None:
         """Forget entries past ``size`` (a resumed run rewinds to the pool of its saved state)."""
-        for entry in self.entries[size:]:
-            (self.root / entry["file"]).unlink(missing_ok=True)
+        for index in range(size, len(self.entries)):
+            (self.root / _file_name(index)).unlink(missing_ok=True)
         self.entries = self.entries[:size]
         self._write_index()
 
@@ -108,3 +110,12 @@ class CheckpointPool:
 
 def _file_name(index: int) -> str:
     return f"checkpoint-{index:03d}.safetensors"
+
+
+def _check_names(index: Path, entries: list[dict]) -> None:
+    """Entry ``i`` names the file :meth:`CheckpointPool.add` wrote for it: an index from elsewhere (a
+    shared run) could otherwise name any file, which a resume's truncate would delete."""
+    for i, entry in enumerate(entries):
+        if entry["file"] != _file_name(i):
+            raise DamagedFileError(f"the checkpoint pool index {index} is damaged (entry {i} names {entry['file']!r}, not {_file_name(i)})",
+                                   "it is rebuilt from the checkpoint files")

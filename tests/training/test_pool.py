@@ -182,3 +182,20 @@ def test_loading_a_damaged_checkpoint_names_it(tmp_path):
     checkpoint.write_bytes(checkpoint.read_bytes()[:-20])
     with pytest.raises(DamagedFileError, match=rf"pool checkpoint 1 {checkpoint} is damaged \(.*\); resume the run"):
         pool.load(1)
+
+
+@pytest.mark.parametrize("name", ["{victim}", "../victim.txt", "checkpoint-004.safetensors"])
+def test_an_index_naming_other_files_is_rebuilt_and_truncate_deletes_only_the_pools_own(name, tmp_path, caplog):
+    """A shared run's pool.json may name any file: a resume's truncate past it would delete it."""
+    filled(tmp_path / "pool", 3)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file\n")
+    index = tmp_path / "pool" / "pool.json"
+    recorded = json.loads(index.read_text())
+    recorded["entries"].append({"file": name.format(victim=victim), "step": 30})
+    index.write_text(json.dumps(recorded))
+    pool = CheckpointPool(tmp_path / "pool")
+    pool.truncate(3)
+    assert victim.read_text() == "a user's file\n"
+    assert pool.steps() == [0, 10, 20]
+    assert f"is damaged (entry 3 names {name.format(victim=victim)!r}, not checkpoint-003.safetensors); rebuilding it" in caplog.text
