@@ -5,7 +5,8 @@ holding ``sspo-run.json`` (MANIFEST), which a run writes when it starts. Folders
 before the manifest are known by their layout: a ``config.yaml`` that reads as a TrainConfig, a
 run's output beside it, and nothing but entries a run writes. Any other folder that holds files
 is refused, so a mistyped ``output_dir`` (or an empty one: the current folder) cannot clear a
-user's files. In a run folder only the run's own entries (RUN_ENTRIES) are ever moved or deleted.
+user's files. In a run folder only the run's own entries (RUN_ENTRIES) are ever moved or deleted,
+and a folder where one of them is a symbolic link is refused, so nothing is written through one.
 
 A fresh start (no ``--resume``, or nothing to resume) deletes nothing up front: it moves the
 earlier run's entries into ``.sspo-previous`` (PREVIOUS_RUN) and deletes them only once the new run's
@@ -73,10 +74,29 @@ def check_output_dir(run_dir: str | Path, beside_main: bool = False) -> None:
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if beside_main and all(map(_is_own, names)) or _is_run_folder(run_dir, names):
-        return
-    foreign = [n for n in names if not _is_own(n)] or names - _LOCKS
-    raise ConfigError(f"output_dir {run_dir.resolve()} holds files that are not an sspo run ({entry_list(foreign)}); choose an empty or new folder")
+    if not (beside_main and all(map(_is_own, names)) or _is_run_folder(run_dir, names)):
+        foreign = [n for n in names if not _is_own(n)] or names - _LOCKS
+        raise ConfigError(f"output_dir {run_dir.resolve()} holds files that are not an sspo run ({entry_list(foreign)}); choose an empty or new folder")
+    if links := _links(run_dir):
+        raise ConfigError(f"output_dir {run_dir.resolve()} holds symbolic links where a run writes its own files "
+                          f"({entry_list(str(link.relative_to(run_dir)) for link in links)}); remove them, or choose another output_dir")
+
+
+def _links(folder: Path) -> list[Path]:
+    """The run's own entries in ``folder`` that are symbolic links, with those in its checkpoints/ and
+    in the earlier run set aside there (which goes back in its place): a run folder from elsewhere
+    may carry any, and a run would write, move or delete through them into the files they name."""
+    links = [p for p in folder.iterdir() if _is_own(p.name) and p.is_symlink()]
+    if _is_folder(folder / "checkpoints"):
+        links += [p for p in (folder / "checkpoints").iterdir() if p.is_symlink()]
+    if _is_folder(folder / PREVIOUS_RUN):
+        links += _links(folder / PREVIOUS_RUN)
+    return links
+
+
+def _is_folder(path: Path) -> bool:
+    """A folder, not a link to one: is_dir() follows links."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def _entries(run_dir: Path) -> list[Path]:
@@ -116,7 +136,7 @@ def discard_previous(run_dir: Path) -> None:
 def _put_back(run_dir: Path) -> None:
     """The earlier run set aside in PREVIOUS_RUN in place of what a start without a saved state wrote."""
     previous = run_dir / PREVIOUS_RUN
-    if previous.is_dir():
+    if _is_folder(previous):  # a link's target is not the earlier run: its files are not moved here
         for entry in _entries(run_dir):
             _remove(entry)
         for entry in previous.iterdir():

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from sspo.errors import ConfigError
+from sspo.io import atomic_write_text
 
 LOCK_FILE = ".sspo.lock"
 HOLDER_FILE = ".sspo.pid"
@@ -36,7 +37,7 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-            self.holder_path.write_text(f"{os.getpid()}\n")
+            atomic_write_text(self.holder_path, f"{os.getpid()}\n")  # replaces a link there rather than writing into the file it names
         except Timeout:
             raise ConfigError(
                 f"output_dir {self.path.parent} is in use by a running sspo train (pid {self.holder()}); "

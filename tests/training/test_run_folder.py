@@ -231,3 +231,29 @@ def test_the_dry_run_resumes_what_the_real_resume_puts_back(quick_base, tmp_path
     start_fresh(run)  # as a fresh start killed before its first save leaves the folder
     summary = dry_run(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
     assert f"from {run / 'checkpoints' / state} (the earlier run, which a start stopped before its first save set aside, is put back first)" in summary
+
+
+@pytest.mark.parametrize("link", [PREVIOUS_RUN, HOLDER_FILE, LOCK_FILE, "final.partial", "metrics.jsonl", "checkpoints/step-00000002.partial",
+                                  f"{PREVIOUS_RUN}/metrics.jsonl"])
+def test_a_run_folder_whose_own_entry_is_a_link_is_refused_and_nothing_goes_through_it(link, tmp_path):
+    """A run folder shared as a tarball may carry links where a run writes, moves or deletes its files."""
+    user = user_folder(tmp_path / "mine")
+    before = snapshot(user)
+    run = tmp_path / "run"
+    (run / link).parent.mkdir(parents=True)
+    (run / MANIFEST).write_text('{"kind": "sspo-run", "version": 1}')
+    (run / link).symlink_to(user if link in (PREVIOUS_RUN, "final.partial", "checkpoints/step-00000002.partial") else user / "notes.txt")
+    refused = rf"holds symbolic links where a run writes its own files \({link}\); remove them, or choose another output_dir"
+    with pytest.raises(ConfigError, match=refused), claimed(run):
+        pytest.fail("the folder was taken")
+    assert snapshot(user) == before
+    assert (run / link).is_symlink()
+
+
+def test_a_resume_into_a_run_with_a_linked_staging_folder_is_one_error_and_writes_nothing(earlier_run, quick_base, tmp_path, capsys):
+    project = user_folder(tmp_path / "project")
+    before = snapshot(project)
+    (earlier_run / "final.partial").symlink_to(project)
+    assert main(["train", str(DEMO), *tiny_overrides(earlier_run, quick_base), "--resume"]) == 2
+    assert "holds symbolic links where a run writes its own files (final.partial)" in one_error(capsys.readouterr().err)
+    assert snapshot(project) == before

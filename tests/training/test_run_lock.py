@@ -54,3 +54,13 @@ def test_an_output_dir_that_cannot_be_made_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("a file where a folder should be")
     with pytest.raises(ConfigError, match=r"cannot write output_dir .*file/run: .*; choose a folder you can write to"):
         RunLock(tmp_path / "file" / "run").acquire()
+
+
+def test_a_linked_pid_file_is_replaced_not_written_through(tmp_path):
+    (tmp_path / "notes.txt").write_text("a user's file\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".sspo.pid").symlink_to(tmp_path / "notes.txt")
+    with RunLock(run) as lock:
+        assert lock.holder() == str(os.getpid())
+    assert (tmp_path / "notes.txt").read_text() == "a user's file\n"
