@@ -308,7 +308,7 @@ def test_a_fields_documentation_is_its_comments():
 # Strings any value of which is fine (paths, ids, free text); every other string field declares its choices.
 FREE_TEXT = {
     "ModelConfig": {"revision", "variant", "motion_adapter"},
-    "DataConfig": {"path", "split", "cache_dir"},
+    "DataConfig": {"path", "split"},
     "ValidationConfig": {"prompts"},
     "EvalConfig": {"prompt_source"},
     "BenchConfig": {"model", "overrides"},  # model: a name or a folder, checked in __post_init__; overrides: TrainConfig's own checks
@@ -503,6 +503,13 @@ def test_a_bare_tilde_output_dir_is_refused_as_null():
 def test_an_output_dir_of_its_own_is_accepted(tmp_path):
     assert load(f"output_dir={tmp_path / 'run'}").output_dir == str(tmp_path / "run")
     assert load("output_dir=runs/sspo").output_dir == "runs/sspo"
+
+
+@pytest.mark.parametrize("cache_dir", ["''", ".", "/", "{home}", "{cwd}"])
+def test_a_root_like_latent_cache_dir_is_refused(cache_dir):
+    """A build deletes the damaged shards and index it finds in its folder."""
+    with pytest.raises(ConfigError, match=r"^config key 'data.cache_dir': got .*, expected a folder of the run's own"):
+        load(f"data.cache_dir={cache_dir.format(home=Path.home(), cwd=Path.cwd())}")
 
 
 def test_a_moving_average_of_a_lora_is_refused_with_the_fix():

@@ -62,7 +62,7 @@ class DataConfig:
     # (sspo/training/latent_cache.py). Needs center_crop true, random_flip false and frame_start first:
     # augmentation would change an item's latents from epoch to epoch.
     cache_latents: bool = False
-    cache_dir: str | None = None  # None: $SSPO_CACHE/latents/<hash of model, dtype, data config, data files>
+    cache_dir: str | None = setting(None, own_folder=True)  # None: $SSPO_CACHE/latents/<hash of model, dtype, data config, data files>
 
     def __post_init__(self) -> None:
         validate(self, "data.")

@@ -11,8 +11,10 @@ sizes and times of the data files), ``shard-00000.safetensors``, ... of ``SHARD_
 in the metadata), and ``index.json``, written once every shard is there. By default the folder is
 ``$SSPO_CACHE/latents/<hash of key.json>``, so runs that encode the same rows the same way share
 it whatever their method or output folder. Shards are written atomically: an interrupted build
-keeps its finished shards and resumes; a damaged shard or index is encoded or written again. Several processes build their shares of the shards, then
-all read the whole cache, so the folder must be on a file system they all see.
+keeps its finished shards and resumes; a damaged shard or index is encoded or written again. A
+folder that holds files but no ``key.json``, or another key's, is refused before anything there
+is deleted. Several processes build their shares of the shards, then all read the whole cache, so
+the folder must be on a file system they all see.
 
 Row ``i`` of the cache is what ``dataset[i]`` serves (an unreadable row's replacement included),
 stored in the dtype the encoders produced it in, so training reads exactly what it would have
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 from sspo.data.config import FILE_SOURCES
 from sspo.data.dataset import collate
 from sspo.errors import ConfigError
-from sspo.io import DamagedFileError, atomic_write_json, file_stats, open_tensors, read_json, save_tensors
+from sspo.io import DamagedFileError, atomic_write_json, entry_list, file_stats, open_tensors, read_json, save_tensors
 from sspo.models.condition import TextCondition
 from sspo.models.families import ModelFamily
 from sspo.models.pipeline import encode_images
@@ -172,14 +174,12 @@ class LatentCache:
 
             state = PartialState()
         root = Path(root)
+        _check_folder(root, key)  # every process, before the main one deletes anything there
         if state.is_main_process:
             _drop_damaged(root)
         state.wait_for_everyone()
         if not (root / INDEX_FILE).is_file():
-            if (root / KEY_FILE).is_file():
-                found = read_json(root / KEY_FILE, what="the latent cache key", fix=f"delete {root} to encode the latents again")
-                _check_key(root, found, key)
-            elif state.is_main_process:
+            if state.is_main_process and not (root / KEY_FILE).is_file():
                 atomic_write_json(root / KEY_FILE, key)
             shards = math.ceil(len(dataset) / shard_rows)
             mine = [s for s in range(state.process_index, shards, state.num_processes) if not (root / _shard_name(s)).is_file()]
@@ -214,6 +214,19 @@ def _open_shard(path: Path) -> tuple:
     if not isinstance(prompts, list) or "winners" not in handle.keys():  # noqa: SIM118  (safetensors' handle has keys(), no __contains__)
         raise DamagedFileError(f"latent cache shard {path} is damaged (not a shard this version wrote)", _REBUILD)
     return handle, prompts, handle.keys()
+
+
+def _check_folder(root: Path, key: dict) -> None:
+    """Refuse a folder that is not this key's cache: one holding files but no KEY_FILE (which a build
+    writes before anything else) is a user's, whose ``index.json`` or ``shard-*.safetensors`` the
+    build would delete as damaged. Hidden names (a killed write's temporary file, .DS_Store) are no cache's."""
+    names = [p.name for p in root.iterdir() if not p.name.startswith(".")] if root.is_dir() else []
+    if not names:
+        return
+    if KEY_FILE not in names:
+        raise ConfigError(f"config key 'data.cache_dir': {root} holds files that are not a latent cache ({entry_list(names)}; no {KEY_FILE}); "
+                          "choose an empty or new folder")
+    _check_key(root, read_json(root / KEY_FILE, what="the latent cache key", fix=f"delete {root} to encode the latents again"), key)
 
 
 def _drop_damaged(root: Path) -> None:

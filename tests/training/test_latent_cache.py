@@ -103,6 +103,21 @@ def test_damaged_shards_and_index_are_encoded_and_written_again(quick_base, tmp_
         LatentCache.build(**build)
 
 
+def test_a_folder_that_is_not_a_latent_cache_is_refused_and_left_as_it_was(quick_base, tmp_path):
+    """Its index.json and shard-*.safetensors are a user's files, not damaged ones of the cache."""
+    build = cache_of_24_rows(quick_base, tmp_path)
+    folder = build["root"]
+    folder.mkdir()
+    (folder / "index.json").write_text('{"pages": ["home"]}\n')
+    (folder / "shard-00000.safetensors").write_bytes(b"a user's weights")
+    (folder / "notes.txt").write_text("my notes\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ConfigError, match=r"holds files that are not a latent cache \(index.json, notes.txt, shard-00000.safetensors; no key.json\); "
+                                          "choose an empty or new folder"):
+        LatentCache.build(**build)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):
     family = family_of(load_pipeline(quick_base))
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4")
