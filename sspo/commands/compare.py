@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from sspo.commands.parallel import run_all
-from sspo.config import load_config, load_yaml
+from sspo.config import allowed, field_type, load_config, load_yaml
 from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
@@ -219,7 +220,10 @@ def parse_points(items: Sequence[str], grid: dict[str, list[str]]) -> dict[str, 
 def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
     """A run's folder name: its arm, settings and seed, so that a changed setting (a wider grid
     choosing another point) trains anew instead of reusing a run trained at the old one."""
-    return "-".join([arm, *overrides, f"seed{seed}"])
+    name = "-".join([arm, *overrides, f"seed{seed}"])
+    if "/" in name or ".." in name or "\0" in name:  # a name that would lead out of --out/runs, or that no file system takes
+        raise ConfigError(f"the run folder name {name!r} (arm {arm}'s settings) holds '/', '..' or a NUL byte; give settings whose values hold none of them")
+    return name
 
 
 def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig,
@@ -266,6 +270,22 @@ def check_arm_configs(config, settings: Sequence[tuple[str, Sequence[str]]], out
         arm_config(config, arm, 0, out / "runs" / run_name(arm, overrides, 0), [*extra, *overrides])
 
 
+def chosen_setting(key: str) -> bool:
+    """Whether ``key`` is a TrainConfig setting of the kind a grid chooses: a number, true/false or one
+    of fixed choices. An earlier comparison's results.json may come from anyone: a path, a name or a
+    section set from it could point a run at a user's files (``data.cache_dir``, ``output_dir``)."""
+    *sections, name = key.split(".")
+    section = TrainConfig
+    for part in sections:
+        section = typing.get_type_hints(section).get(part) if dataclasses.is_dataclass(section) else None
+    fields = {f.name: f for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else {}
+    if name not in fields:
+        return False
+    item_type, _, is_list = field_type(section, name)
+    rule = allowed(fields[name])
+    return not is_list and (item_type in (int, float, bool) or rule is not None and rule.choices is not None)
+
+
 def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
     """Each arm's settings as an earlier comparison chose them (its ``results.json``, or the folder holding it)."""
     path = Path(path) / "results.json" if Path(path).is_dir() else path
@@ -274,6 +294,13 @@ def settings_from(path: str | Path, names: Sequence[str]) -> dict[str, dict]:
     if missing:
         raise ConfigError(f"--settings-from {path}: arm {missing[0]!r} was not in that comparison (it has {', '.join(earlier['chosen'])}); "
                           "leave the arm out or choose its settings with --grid")
+    for arm in names:
+        for override in earlier["chosen"][arm]["overrides"] if arm != "base" else []:
+            key = override.partition("=")[0].strip()
+            if not chosen_setting(key):
+                raise ConfigError(f"--settings-from {path}: arm {arm!r}'s settings set {key!r}, which is not a setting a comparison chooses "
+                                  "(a number, true/false or one of fixed choices; never a path, a name or a section); "
+                                  "remove it from that file, or choose the arm's settings with --grid")
     return {arm: {"overrides": earlier["chosen"][arm]["overrides"] if arm != "base" else [], "grid": [], "from": str(path)} for arm in names}
 
 

@@ -198,6 +198,27 @@ def test_damaged_earlier_settings_fail_before_any_run(tmp_path, monkeypatch):
         compare.run_compare(CONFIG, ["sspo"], [0], tmp_path / "cmp", chosen_in=earlier)
 
 
+@pytest.mark.parametrize("override, named", [
+    ("data.cache_dir=/home/someone/photos", "'data.cache_dir'"), ("output_dir=/tmp/elsewhere", "'output_dir'"),
+    ("data={cache_dir: /home/someone/photos}", "'data'"), ("validation.scorer_paths.hps=/x", "'validation.scorer_paths.hps'"),
+])
+def test_earlier_settings_that_are_no_grid_setting_are_refused_before_any_run(override, named, tmp_path, monkeypatch):
+    """A shared results.json could point a run's paths at a user's files."""
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps({"chosen": {"sspo": {"overrides": ["optim.learning_rate=1e-3", override]}}}))
+    monkeypatch.setattr(compare, "run_all", lambda *a, **k: pytest.fail("a run started before the settings were checked"))
+    with pytest.raises(ConfigError, match=rf"arm 'sspo''s settings set {named}, which is not a setting a comparison chooses .*; remove it"):
+        compare.run_compare(CONFIG, ["sspo"], [0], tmp_path / "cmp", chosen_in=earlier)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("value", ["../../elsewhere", "a/b", "x\0y", ".."])
+def test_a_run_folder_name_that_would_leave_the_runs_folder_is_refused(value):
+    with pytest.raises(ConfigError, match=r"holds '/', '..' or a NUL byte; give settings whose values hold none of them"):
+        compare.run_name("sspo", [f"optim.learning_rate={value}"], 0)
+    assert compare.run_name("sspo", ["optim.learning_rate=1e-3", "beta=0.5"], 0) == "sspo-optim.learning_rate=1e-3-beta=0.5-seed0"
+
+
 def test_grid_must_name_values():
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         compare.parse_grid(["optim.learning_rate"])
