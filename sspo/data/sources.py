@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sspo.config import check
-from sspo.data.config import DataConfig
+from sspo.data.config import FILE_SOURCES, DataConfig
 from sspo.errors import DataError
-from sspo.io import files_under
+from sspo.io import file_stats, files_under
 from sspo.video_io import VIDEO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -436,3 +437,14 @@ def open_source(cfg: DataConfig) -> Source:
         relative = "" if Path(cfg.path).is_absolute() else f" (a relative path is taken from the current folder, {Path.cwd()})"
         raise DataError(f"data.path {cfg.path} does not exist{relative}; expected {_EXPECTED[cfg.source]}")
     return _OPENERS[cfg.source](cfg)
+
+
+def local_files_digest(cfg: DataConfig) -> str | None:
+    """A digest of the names, sizes and modification times of every file under a local ``data.path``
+    (metadata, images, captions, shards): it changes when the data is edited in place. None for a
+    world, whose config says what it is, and for a hub dataset, whose name and revision do. Files a
+    table names outside ``data.path`` (absolute image paths) are not covered."""
+    path = Path(cfg.path).expanduser() if cfg.path and cfg.source in FILE_SOURCES else None
+    if path is None or not path.exists():
+        return None
+    return hashlib.sha256(json.dumps(file_stats(path)).encode()).hexdigest()[:16]

@@ -177,7 +177,8 @@ class Checkpointing:
                 state = {
                     "global_step": self.global_step, "pool_size": len(self.pool) if self.pool else 0, "replicas": replicas,
                     "processes": self.accelerator.num_processes,
-                    "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset), "example_prompt": self.example_prompt,
+                    "nonfinite_skips": self.nonfinite_skips, "data_rows": len(self.dataset), "data_files": self.data_digest,
+                    "example_prompt": self.example_prompt,
                     "tracker_run_id": self.tracker_run_id,
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
                     "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
@@ -265,6 +266,9 @@ class Checkpointing:
         if state.get("data_rows", len(self.dataset)) != len(self.dataset) and self.accelerator.is_main_process:  # rows added or removed since the save
             log.warning("the data (%s) holds %d rows, %d when %s was saved: the run goes on, but on other batches than it would have",
                         self.cfg.data.path or self.cfg.data.source, len(self.dataset), state["data_rows"], state_dir.name)
+        elif state.get("data_files", self.data_digest) != self.data_digest and self.accelerator.is_main_process:
+            log.warning("the files of the data (%s) changed since %s was saved (a name, size or modification time): the run goes on "
+                        "with the data as it is now, which the steps before the save did not see", self.cfg.data.path, state_dir.name)
         if self.accelerator.is_main_process:  # forget what the killed run logged after its last save
             logs = {name: self._read_log(name) for name in LOGS if (self.run_dir / name).exists()}  # all read before any is rewritten
             self._check_logs_cover(state_dir, state, logs)

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sspo.data.config import FILE_SOURCES
 from sspo.data.dataset import collate
+from sspo.data.sources import local_files_digest
 from sspo.errors import ConfigError
 from sspo.io import DamagedFileError, atomic_write_json, entry_list, file_stats, open_tensors, read_json, save_tensors
 from sspo.models.condition import TextCondition
@@ -46,11 +46,10 @@ from sspo.training.run_state import HARMLESS_KEYS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # images are encoded upright (EXIF orientation applied)
+FORMAT_VERSION = 4  # the data files' stats as one digest of every file (images and captions too)
 SHARD_ROWS = 1024
 KEY_FILE, INDEX_FILE = "key.json", "index.json"
 _COND_FIELDS = tuple(f.name for f in dataclasses.fields(TextCondition))
-_DATA_SUFFIXES = {".parquet", ".arrow", ".json", ".jsonl", ".csv"}
 INDEX_SHAPE = {"rows": int, "shard_rows": int, "has_losers": bool, "key": dict}
 
 
@@ -78,14 +77,14 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
     """What the cached tensors depend on: ``cfg`` is the TrainConfig, ``model`` the resolved model path.
 
     A hub id (model or data) is keyed by its name and revision only; a local folder also by the
-    sizes and times of its VAE, text encoder and tokenizer files or data files, so editing them in place starts a new cache.
+    sizes and times of its VAE, text encoder and tokenizer files, or of every data file (metadata,
+    images, captions), so editing them in place starts a new cache.
     """
     model_path = Path(model).expanduser()
     data = dataclasses.asdict(cfg.data)
     # How rows are read and where the cache lies do not change what is encoded.
     for setting in ("cache_latents", *(key.removeprefix("data.") for key in HARMLESS_KEYS if key.startswith("data."))):
         data.pop(setting)
-    data_path = Path(cfg.data.path).expanduser() if cfg.data.path and cfg.data.source in FILE_SOURCES else None
     return {
         "version": FORMAT_VERSION,
         "model": str(model_path.resolve()) if model_path.exists() else model,
@@ -94,7 +93,7 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
         "variant": cfg.model.variant,
         "dtype": str(family.vae.dtype),
         "data": data,
-        "data_files": file_stats(data_path, _DATA_SUFFIXES) if data_path is not None else [],
+        "data_files": local_files_digest(cfg.data),
         "rows": rows,
     }
 

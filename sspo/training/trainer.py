@@ -39,6 +39,7 @@ from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.images import bucket_sizes
 from sspo.data.loader import MicroBatchReader
+from sspo.data.sources import local_files_digest
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import component_config, denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit, vae_scale_factor
@@ -222,6 +223,7 @@ class Trainer(Checkpointing):
         check_frames(cfg, files.video, files.longest_clip)  # before any row is read as an image or a clip
         check_model_fits(cfg, files)
         self.dataset = open_dataset(cfg)
+        self.data_digest = local_files_digest(cfg.data)  # saved with each state: a resume can tell data edited in place
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
         # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
         self.epoch_length = self.dataset.epoch_length(cfg.optim.batch_size)

@@ -13,7 +13,7 @@ from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
 from sspo.training import latent_cache
 from sspo.training.config import TrainConfig
-from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
+from sspo.training.latent_cache import FORMAT_VERSION, LatentCache, cache_key, default_dir, encode_rows
 from sspo.training.trainer import open_dataset, train
 
 from test_trainer import metrics, tiny_config
@@ -129,7 +129,7 @@ def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):
     index = json.loads((tmp_path / "c" / "index.json").read_text())
     index["key"]["version"] -= 1  # written by another version of sspo, which may have encoded the images otherwise
     (tmp_path / "c" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match=r"holds latents another version of sspo encoded \(format 2, this one writes 3\); delete it"):
+    with pytest.raises(ConfigError, match=rf"holds latents another version of sspo encoded \(format {FORMAT_VERSION - 1}, this one writes {FORMAT_VERSION}\); delete it"):
         LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
 
 
@@ -159,6 +159,24 @@ def test_editing_any_encoder_or_tokenizer_of_a_local_model_changes_the_key(compo
     assert cache_key(cfg, str(model), family, 4) == before
     (model / component / "weights.safetensors").write_bytes(b"edited")
     assert cache_key(cfg, str(model), family, 4) != before
+
+
+@pytest.mark.parametrize("edited", ["metadata.jsonl", "an image", "a caption file"])
+def test_editing_any_file_of_local_data_in_place_changes_the_key(edited, tmp_path):
+    """The images and captions too, not only the tables: a cache keyed on metadata alone served an
+    image edited in place (same name, same row) with its old latents."""
+    from types import SimpleNamespace
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, content in (("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n'), ("a.png", "png"), ("a.txt", "x")):
+        (data / name).write_text(content)
+    family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
+    cfg = tiny_config(tmp_path / "run", "model", "data.source=imagefolder", f"data.path={data}")
+    before = cache_key(cfg, "model", family, 1)
+    target = {"metadata.jsonl": "metadata.jsonl", "an image": "a.png", "a caption file": "a.txt"}[edited]
+    (data / target).write_text((data / target).read_text() + " edited")
+    assert cache_key(cfg, "model", family, 1) != before
 
 
 @pytest.mark.parametrize("setting, named", [("data.random_flip=true", "data.random_flip"), ("data.center_crop=false", "data.center_crop")])

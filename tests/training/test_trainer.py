@@ -334,7 +334,7 @@ def test_the_progress_bar_shows_only_numbers_the_method_has(method, shown):
     assert list(_postfix(metrics, TrainConfig(method=method))) == shown
 
 
-def test_a_resume_on_data_with_other_rows_says_so(quick_base, tmp_path, caplog):
+def test_a_resume_on_data_with_other_rows_or_edited_files_says_so(quick_base, tmp_path, caplog):
     import logging
 
     from sspo.worlds.shapes.world import make_split, write_imagefolder
@@ -345,11 +345,17 @@ def test_a_resume_on_data_with_other_rows_says_so(quick_base, tmp_path, caplog):
     train(tiny_config(tmp_path / "run", quick_base, *run))
     with caplog.at_level(logging.WARNING, logger="sspo.training"):
         train(tiny_config(tmp_path / "run", quick_base, *run[:3], "iterations=2"), resume=True)
-    assert "holds" not in caplog.text
-    write_imagefolder(tmp_path / "images", specs)  # two rows more
+    assert "holds" not in caplog.text and "changed" not in caplog.text
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("circle", "square", 1))  # a caption edited in place: the same rows
     with caplog.at_level(logging.WARNING, logger="sspo.training"):
         train(tiny_config(tmp_path / "run", quick_base, *run[:3], "iterations=3"), resume=True)
-    assert f"the data ({folder}) holds 6 rows, 4 when step-00000004 was saved: the run goes on, but on other batches" in caplog.text
+    assert f"the files of the data ({folder}) changed since step-00000004 was saved" in caplog.text and "holds" not in caplog.text
+    caplog.clear()
+    write_imagefolder(tmp_path / "images", specs)  # two rows more
+    with caplog.at_level(logging.WARNING, logger="sspo.training"):
+        train(tiny_config(tmp_path / "run", quick_base, *run[:3], "iterations=4"), resume=True)
+    assert f"the data ({folder}) holds 6 rows, 4 when step-00000006 was saved: the run goes on, but on other batches" in caplog.text
 
 
 def test_a_launch_whose_processes_each_run_alone_is_refused(quick_base, tmp_path, monkeypatch):
