@@ -4,7 +4,8 @@ sspo's own clip data is multi-page TIFF (deflate): lossless, and every frame is 
 256-colour palette would change the defects the shapes world renders, and GIF, WebP and APNG
 encoders merge identical consecutive frames into one longer frame (lossless WebP even drops the
 duration of a clip that is one frame throughout), so they are for viewing; reading them expands
-each frame by its duration in frame periods.
+each frame by its duration in frame periods, never past the frames asked for: a few bytes of GIF
+can say "shown for 655 seconds".
 
 Users' clips come as video files (MP4, WebM, MOV, MKV, AVI), read and written through PyAV
 (FFmpeg's own decoders, no second torch), or as folders of frame images; :func:`read_clip` takes
@@ -13,7 +14,9 @@ all of these, and :func:`sample_frames` picks the frames a model trains on.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import re
 import warnings
 from pathlib import Path
@@ -30,6 +33,9 @@ MULTI_FRAME_SUFFIXES = (".tif", ".tiff", ".gif", ".webp", ".png", ".apng")
 # Writing: the first encoder this PyAV build has. yuv420p (what players expect) needs even sizes.
 _VIDEO_ENCODERS = {"mp4": ("libx264", "mpeg4"), "mov": ("libx264", "mpeg4"), "mkv": ("libx264", "mpeg4"), "webm": ("libvpx-vp9", "libvpx")}
 _MUXERS = {"mkv": "matroska"}
+# A clip read whole (no max_frames) may have this many frames: 7 minutes at 10 fps, far more than a
+# video model trains or is evaluated on, and a bound on the memory a small file can claim.
+MAX_CLIP_FRAMES = 4096
 
 
 def _checked(frames: np.ndarray) -> np.ndarray:
@@ -59,17 +65,47 @@ def encode_clip(frames: np.ndarray, fmt: str = "tiff") -> bytes:
     return buffer.getvalue()
 
 
-def decode_clip(source: bytes | str | Path, where: str = "") -> np.ndarray:
-    """Every frame of a multi-frame image file (TIFF, GIF, WebP, APNG) as ``uint8 [F, H, W, 3]``.
+def decode_clip(source: bytes | str | Path, where: str = "", max_frames: int | None = None, first: int = 0) -> np.ndarray:
+    """The frames of a multi-frame image file (TIFF, GIF, WebP, APNG) as ``uint8 [F, H, W, 3]``,
+    ``max_frames`` of them from frame ``first`` (None: all, at most :data:`MAX_CLIP_FRAMES`).
 
     A frame shown for k frame periods counts k times; the period is :data:`FRAME_MS` when every
-    duration is a multiple of it (sspo's own files), else the shortest frame's duration.
+    duration is a multiple of it (sspo's own files), else the shortest frame's duration. Only the
+    frames asked for are decoded into arrays.
     """
+    where = _name(source, where)
+    with _image_errors(source, where), Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as clip:
+        repeats = _repeats(clip)
+        if max_frames is None:
+            _check_length(sum(repeats), where)
+        stop = sum(repeats) if max_frames is None else first + max_frames
+        frames, shown = [], 0
+        for frame, k in zip(ImageSequence.Iterator(clip), repeats):
+            if shown + k > first:
+                frames += [np.asarray(frame.convert("RGB"))] * (min(shown + k, stop) - max(shown, first))
+            shown += k
+            if shown >= stop:
+                break
+    return np.stack(frames)
+
+
+def _repeats(clip: Image.Image) -> list[int]:
+    """How many frame periods each frame of an open multi-frame image is shown for (seeking through
+    the frames keeps none of them)."""
+    durations = [round(frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(clip)]
+    period = FRAME_MS if all(d and d % FRAME_MS == 0 for d in durations) else min(durations) or 1
+    return [max(1, round(d / period)) for d in durations]
+
+
+@contextlib.contextmanager
+def _image_errors(source: bytes | str | Path, where: str):
+    """Whatever PIL raises while a clip file is read, as a DataError naming ``where`` and why."""
     try:
         with warnings.catch_warnings():  # PIL warns of damaged data before it raises: the error below says it once
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as clip:
-                frames = [(np.asarray(frame.convert("RGB")), frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(clip)]
+            yield
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises many types for corrupt data
         suffix = "" if isinstance(source, bytes) else Path(source).suffix.lower()
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, Image.DecompressionBombError)):
@@ -80,10 +116,13 @@ def decode_clip(source: bytes | str | Path, where: str = "") -> np.ndarray:
             reason = f"damaged or cut short: not a readable {suffix.lstrip('.').upper()} file"
         else:
             reason = _reason(exc)
-        raise DataError(f"cannot read clip {_name(source, where)}: {reason}") from None
-    durations = [round(d) for _, d in frames]
-    period = FRAME_MS if all(d and d % FRAME_MS == 0 for d in durations) else min(durations) or 1
-    return np.stack([frame for frame, d in frames for _ in range(max(1, round(d / period)))])
+        raise DataError(f"cannot read clip {where}: {reason}") from None
+
+
+def _check_length(frames: int, where: str) -> None:
+    if frames > MAX_CLIP_FRAMES:
+        raise DataError(f"cannot read clip {where}: it has more than {MAX_CLIP_FRAMES} frames, the most a clip read whole may have "
+                        "(a GIF, WebP or APNG frame counts once for each frame period it is shown); cut it shorter")
 
 
 def write_clip(path: str | Path, frames: np.ndarray) -> Path:
@@ -114,20 +153,34 @@ def _encode_video(frames: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def read_clip(source: bytes | str | Path, where: str = "", max_frames: int | None = None) -> np.ndarray:
+def read_clip(source: bytes | str | Path, where: str = "", max_frames: int | None = None, first: int = 0) -> np.ndarray:
     """Frames ``uint8 [F, H, W, 3]`` of a clip in any form users keep one: a video file
     (:data:`VIDEO_SUFFIXES`; bytes are recognised by their header), a multi-frame image
     (:func:`decode_clip`), or a folder of frame images in name order (``frame_2`` before ``frame_10``).
 
-    ``max_frames`` stops reading there: 16 frames of a long 1080p video need not decode all of it.
-    Anything unreadable is a DataError naming ``where`` (default: the path).
+    ``max_frames`` from frame ``first`` (:func:`clip_length` tells how many there are): 16 frames of a
+    long 1080p video need not decode all of it. Without ``max_frames`` the whole clip, refused past
+    :data:`MAX_CLIP_FRAMES` frames. Anything unreadable is a DataError naming ``where`` (default: the path).
     """
     where = _name(source, where)
     if not isinstance(source, bytes) and Path(source).is_dir():
-        return _read_frame_folder(Path(source), where, max_frames)
+        return _read_frame_folder(Path(source), where, max_frames, first)
     if _is_video(source):
-        return _read_video(source, where, max_frames)
-    return decode_clip(source, where)[:max_frames]
+        return _read_video(source, where, max_frames, first)
+    return decode_clip(source, where, max_frames, first)
+
+
+def clip_length(source: bytes | str | Path, where: str = "") -> int:
+    """How many frames :func:`read_clip` finds in a clip, counted without keeping any (a video is
+    decoded through once)."""
+    where = _name(source, where)
+    if not isinstance(source, bytes) and Path(source).is_dir():
+        return len(_frame_paths(Path(source), where))
+    if _is_video(source):
+        with _decoded_video(source, where) as frames:
+            return sum(1 for _ in frames)
+    with _image_errors(source, where), Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as clip:
+        return sum(_repeats(clip))
 
 
 def _name(source: bytes | str | Path, where: str) -> str:
@@ -148,23 +201,30 @@ def _is_video(source: bytes | str | Path) -> bool:
     return source[4:8] == b"ftyp" or source[:4] == b"\x1a\x45\xdf\xa3" or (source[:4] == b"RIFF" and source[8:12] == b"AVI ")
 
 
-def _read_video(source: bytes | str | Path, where: str, max_frames: int | None) -> np.ndarray:
+def _read_video(source: bytes | str | Path, where: str, max_frames: int | None, first: int) -> np.ndarray:
+    # A whole video is read up to one frame past the limit: its length is known only once decoded.
+    count = MAX_CLIP_FRAMES + 1 if max_frames is None else max_frames
+    with _decoded_video(source, where) as decoded:
+        frames = [frame.to_ndarray(format="rgb24") for frame in itertools.islice(decoded, first, first + count)]  # skipped frames stay unconverted
+    if max_frames is None:
+        _check_length(len(frames), where)
+    if not frames:
+        raise DataError(f"cannot read clip {where}: it has no frames")
+    return np.stack(frames)
+
+
+@contextlib.contextmanager
+def _decoded_video(source: bytes | str | Path, where: str):
+    """The decoded frames of a video's first video stream, as PyAV frames; any failure a DataError naming ``where``."""
     import av
 
-    frames = []
     try:
         with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
             if not container.streams.video:
                 raise ValueError("it has no video stream")
-            for frame in container.decode(container.streams.video[0]):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == max_frames:
-                    break
+            yield container.decode(container.streams.video[0])
     except Exception as exc:  # FFmpeg raises many types for damaged or truncated files
         raise DataError(f"cannot read clip {where}: {_reason(exc)}") from None
-    if not frames:
-        raise DataError(f"cannot read clip {where}: it has no frames")
-    return np.stack(frames)
 
 
 def _natural(path: Path) -> list:
@@ -172,13 +232,21 @@ def _natural(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def _read_frame_folder(folder: Path, where: str, max_frames: int | None) -> np.ndarray:
+def _frame_paths(folder: Path, where: str) -> list[Path]:
     suffixes = Image.registered_extensions()
     paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")), key=_natural)
     if not paths:
         raise DataError(f"cannot read clip {where}: frame folder {folder} has no image files")
+    return paths
+
+
+def _read_frame_folder(folder: Path, where: str, max_frames: int | None, first: int) -> np.ndarray:
+    paths = _frame_paths(folder, where)
+    if max_frames is None:
+        _check_length(len(paths), where)
+    paths = paths[first : None if max_frames is None else first + max_frames]
     frames = []
-    for path in paths[:max_frames]:
+    for path in paths:
         try:
             with Image.open(path) as image:
                 frames.append(np.asarray(image.convert("RGB")))

@@ -14,7 +14,7 @@ from PIL import ExifTags, Image, ImageOps
 from sspo.data.config import DataConfig
 from sspo.data.sources import TarMember
 from sspo.errors import DataError
-from sspo.video_io import VIDEO_SUFFIXES, read_clip, sample_frames
+from sspo.video_io import VIDEO_SUFFIXES, clip_length, read_clip, sample_frames
 
 
 def load_image(path_or_bytes: str | Path | bytes, where: str = "") -> Image.Image:
@@ -88,10 +88,9 @@ def open_clip(value: Any, where: str, cfg: DataConfig, start: float) -> np.ndarr
     """The ``data.frames`` frames of a clip; ``start`` in [0, 1) picks a random start among the possible ones."""
     data, where = _file(value, "clip", where)
     span = (cfg.frames - 1) * cfg.frame_stride + 1
-    random_start = cfg.frame_start == "random"
-    clip = read_clip(data, where, max_frames=None if random_start else span)  # "first" needs no more
-    first = int(start * max(0, len(clip) - span + 1)) if random_start else 0
-    return sample_frames(clip, cfg.frames, cfg.frame_stride, first, where)
+    # A random start counts the frames first, so that only its window is decoded: a long clip need not fit in memory.
+    first = int(start * max(0, clip_length(data, where) - span + 1)) if cfg.frame_start == "random" else 0
+    return sample_frames(read_clip(data, where, max_frames=span, first=first), cfg.frames, cfg.frame_stride, 0, where)
 
 
 def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:

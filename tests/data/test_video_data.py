@@ -19,7 +19,7 @@ from sspo.errors import ConfigError, DataError
 from sspo.models.families.animatediff import AnimateDiff
 from sspo.models.pipeline import decode_images, encode_images
 from sspo.training.latent_cache import LatentCache, encode_rows
-from sspo.video_io import encode_clip, read_clip, sample_frames, write_clip
+from sspo.video_io import MAX_CLIP_FRAMES, clip_length, encode_clip, read_clip, sample_frames, write_clip
 
 RES = 16
 LEVELS = [10 + 20 * i for i in range(12)]  # frame i is a flat grey of LEVELS[i]: survives lossy codecs
@@ -102,6 +102,7 @@ def test_every_format_reads_its_frames_in_order(fmt, tmp_path):
         clip = read_clip(source)
         assert clip.dtype == np.uint8 and clip.shape == (8, RES, RES, 3)
         assert close(frame_levels(clip), LEVELS[:8])
+        assert clip_length(source) == 8 and close(frame_levels(read_clip(source, max_frames=3, first=4)), LEVELS[4:7])
     assert len(read_clip(path, max_frames=3)) == 3
 
 
@@ -110,6 +111,7 @@ def test_frame_folder_in_name_order(tmp_path):
     (folder / ".DS_Store").write_bytes(b"junk")  # neither an image nor a frame
     assert frame_levels(read_clip(folder)) == LEVELS
     assert len(read_clip(folder, max_frames=5)) == 5
+    assert clip_length(folder) == 12 and frame_levels(read_clip(folder, max_frames=2, first=10)) == LEVELS[10:]
     Image.new("RGB", (RES + 2, RES)).save(folder / "frame_12.png")
     with pytest.raises(DataError, match=r"frame_12.png is 18x16 but frame frame_0.png is 16x16"):
         read_clip(folder)
@@ -153,6 +155,42 @@ def test_a_cut_short_tiff_says_so_without_pils_warnings(kept, reason, tmp_path):
         warnings.simplefilter("error")  # PIL's "Truncated File Read" would be raised here
         with pytest.raises(DataError, match=rf"cannot read clip .*cut.tiff: {reason}$"):
             read_clip(tmp_path / "cut.tiff")
+
+
+def long_gif(path):
+    """Two 8x8 frames, the first shown 0 ms, the second 655.35 s (GIF's longest): 655,351 periods of 1 ms, in 300 bytes."""
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[0, 655350], loop=0)
+    return path
+
+
+def peak_memory(read):
+    """``read()`` and the most memory numpy held meanwhile, in bytes."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return read(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_frame_shown_for_long_is_expanded_only_as_far_as_the_frames_asked_for(tmp_path):
+    gif = long_gif(tmp_path / "long.gif")
+    assert clip_length(gif) == 655351
+    (clip, window), peak = peak_memory(lambda: (read_clip(gif, max_frames=16), read_clip(gif, max_frames=3, first=655349)))
+    assert peak < 2**20  # expanded whole: 655,351 frames of 192 bytes, 120 MiB (a 64x64 GIF: 7.5 GiB)
+    assert clip.shape == (16, 8, 8, 3) and clip[0, 0, 0].tolist() == [255, 0, 0] and (clip[1:] == [0, 0, 255]).all()
+    assert len(window) == 2 and (window == [0, 0, 255]).all()  # the clip ends there
+    with pytest.raises(DataError, match=rf"cannot read clip .*long.gif: it has more than {MAX_CLIP_FRAMES} frames, the most a clip read whole may have"):
+        read_clip(gif)
+
+
+def test_a_random_start_decodes_only_its_window(tmp_path):
+    ds = load_dataset_from_config(cfg(clip_folder(tmp_path / "clips", {"long.gif": long_gif(tmp_path / "long.gif").read_bytes()}), frame_start="random"))
+    items, peak = peak_memory(lambda: [ds.item(0, epoch) for epoch in range(3)])
+    assert peak < 2**20 and ds.skipped == 0
+    assert all(item["winner"].shape == (4, 3, RES, RES) for item in items)
 
 
 def test_sample_frames_count_stride_start_and_too_short():
