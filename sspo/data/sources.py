@@ -335,6 +335,25 @@ class TarMember:
 
 
 _TEXT_EXTENSIONS = ("txt", "text", "caption")
+MAX_TEXT_MEMBER = 1 << 20  # bytes of a caption or JSON member, read whole when a shard opens: captions are far shorter
+# A member of a compressed tar cannot be read at its offset, and tarfile would decompress the whole shard to index it.
+_COMPRESSIONS = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
+
+
+def _check_uncompressed(shard: Path) -> None:
+    with open(shard, "rb") as f:
+        head = f.read(6)
+    for magic, (kind, tool) in _COMPRESSIONS.items():
+        if head.startswith(magic):
+            raise DataError(f"tar shard {shard} (data.path) is {kind}-compressed; webdataset shards are read in place, a member at a time: "
+                            f"decompress it into a plain .tar (with {tool}) and point data.path at that")
+
+
+def _small_member(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: Path) -> bytes:
+    if member.size > MAX_TEXT_MEMBER:
+        raise DataError(f"{shard} member {member.name} is {member.size} bytes, more than the {MAX_TEXT_MEMBER} a caption or JSON file may have; "
+                        "shorten it or leave it out of the shard")
+    return tar.extractfile(member).read()
 
 
 def _tar_samples(shard: Path) -> dict[str, dict]:
@@ -343,7 +362,8 @@ def _tar_samples(shard: Path) -> dict[str, dict]:
     ``.json`` file's fields become columns too. Text and JSON are read now, images when used."""
     samples: dict[str, dict] = {}
     try:
-        with tarfile.open(shard) as tar:
+        _check_uncompressed(shard)
+        with tarfile.open(shard, mode="r:") as tar:
             for member in tar:
                 folder, _, name = member.name.rpartition("/")
                 stem, dot, extension = name.partition(".")
@@ -352,10 +372,10 @@ def _tar_samples(shard: Path) -> dict[str, dict]:
                 sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
                 extension = extension.lower()
                 if extension in _TEXT_EXTENSIONS:
-                    sample[extension] = decode_text(tar.extractfile(member).read(), f"{shard} member {member.name}").strip()
+                    sample[extension] = decode_text(_small_member(tar, member, shard), f"{shard} member {member.name}").strip()
                 elif extension == "json":
                     try:
-                        sample.update(json.loads(tar.extractfile(member).read()))
+                        sample.update(json.loads(_small_member(tar, member, shard)))
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{shard} member {member.name} is not valid JSON: {exc}") from None
                 else:

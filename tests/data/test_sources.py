@@ -159,6 +159,30 @@ def test_webdataset_shards_serve_the_parquet_items(tmp_path):
         load_dataset_from_config(_cfg(bad, source="webdataset"))
 
 
+@pytest.mark.parametrize("compression, tool", [("gz", "gunzip"), ("bz2", "bunzip2"), ("xz", "unxz")])
+def test_a_compressed_shard_is_refused_saying_to_decompress_it(compression, tool, tmp_path):
+    # tarfile would open it (decompressing every text member whole), but its images' offsets would point into the decompressed stream.
+    with tarfile.open(tmp_path / "shard.tar", f"w:{compression}") as tar:
+        for name, data in (("a.png", _png(render(SPECS[0], RES))), ("a.txt", SPECS[0].prompt.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=rf"tar shard .*shard.tar \(data.path\) is {compression.replace('gz', 'gzip').replace('bz2', 'bzip2')}-compressed; "
+                                        rf".*decompress it into a plain .tar \(with {tool}\)"):
+        load_dataset_from_config(_cfg(tmp_path / "shard.tar", source="webdataset", image_column="png", text_column="txt"))
+
+
+def test_a_caption_or_json_member_past_the_limit_is_named(tmp_path):
+    from sspo.data.sources import MAX_TEXT_MEMBER
+
+    png = _png(render(SPECS[0], RES))
+    for extension in ("txt", "json"):
+        shard = _tar(tmp_path / f"{extension}.tar", [("a", {"png": png, extension: b" " * (MAX_TEXT_MEMBER + 1)})])
+        with pytest.raises(DataError, match=rf"{extension}.tar member a.{extension} is {MAX_TEXT_MEMBER + 1} bytes, more than the {MAX_TEXT_MEMBER} "
+                                            "a caption or JSON file may have"):
+            load_dataset_from_config(_cfg(shard, source="webdataset", image_column="png", text_column="txt"))
+
+
 def test_a_shard_sample_missing_a_column_is_skipped_naming_what_it_has(tmp_path, caplog):
     import logging
 
