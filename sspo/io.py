@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
@@ -115,6 +116,18 @@ def os_error_message(exc: OSError) -> str:
     fix = {errno.ENOSPC: "free disk space, or write elsewhere", errno.EDQUOT: "free disk space, or write elsewhere",
            errno.EROFS: "set SSPO_CACHE to a folder you can write to" if in_cache else "choose a folder on a writable file system"}.get(exc.errno)
     return f"{f'{path}: ' if path else ''}{exc.strerror or exc}" + (f"; {fix}" if fix else "")
+
+
+def special_file(path: str | Path) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder ("a FIFO", "a socket",
+    "a device"), else None: opening a FIFO waits for a writer, forever, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing or out of reach: opening it says why
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 def files_under(root: Path, suffixes: Collection[str] | None = None, skip_prefixes: tuple[str, ...] = (".",), hidden_folders: bool = False) -> list[Path]:

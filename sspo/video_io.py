@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from sspo.errors import DataError
-from sspo.io import atomic_path
+from sspo.io import atomic_path, special_file
 
 FRAME_MS = 100  # 10 frames per second: GIF stores durations in 10 ms units
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
@@ -247,6 +247,8 @@ def _read_frame_folder(folder: Path, where: str, max_frames: int | None, first: 
     paths = paths[first : None if max_frames is None else first + max_frames]
     frames = []
     for path in paths:
+        if kind := special_file(path):
+            raise DataError(f"cannot read clip {where}: frame {path.name} is {kind}, not a file")
         try:
             with Image.open(path) as image:
                 frames.append(np.asarray(image.convert("RGB")))

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -57,3 +58,17 @@ def bf16_runs():
     AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
+
+
+@pytest.fixture
+def fails_rather_than_hangs():
+    """The test fails at 20 s instead of hanging, as a read from a FIFO nobody writes would (SIGALRM
+    interrupts the blocked open)."""
+    def stop(*_):
+        raise TimeoutError("still running after 20 s: blocked")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -14,6 +14,7 @@ from PIL import ExifTags, Image, ImageOps
 from sspo.data.config import DataConfig
 from sspo.data.sources import TarMember
 from sspo.errors import DataError
+from sspo.io import special_file
 from sspo.video_io import VIDEO_SUFFIXES, clip_length, read_clip, sample_frames
 
 
@@ -53,6 +54,8 @@ def _file(value: Any, what: str, where: str) -> tuple[bytes | str, str]:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), where
     if isinstance(value, (str, Path)):
+        if kind := special_file(value):
+            raise DataError(f"cannot read {what} {value} ({where}): it is {kind}, not a file")
         return str(value), f"{value} ({where})"
     raise DataError(f"cannot read {what} {where}: expected encoded bytes or a path, got {type(value).__name__}")
 

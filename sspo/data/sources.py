@@ -247,6 +247,14 @@ def _metadata_entries(meta: Path, cfg: DataConfig) -> tuple[list[dict], list[str
     return entries, names
 
 
+def _check_inside(name: str, key: str, folder: Path, where: str) -> None:
+    """A metadata file names files inside its own folder, as datasets' imagefolder requires: a
+    downloaded dataset must not read ``../`` or absolute paths elsewhere on this machine."""
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+        raise DataError(f"{where}: {key} {name!r} is outside {folder}; an imagefolder's files are named relative to its metadata file's folder "
+                        "and lie inside it: move the file there (a parquet or hf dataset's path column may name files anywhere)")
+
+
 def _open_imagefolder(cfg: DataConfig) -> Source:
     import pyarrow as pa
 
@@ -254,11 +262,12 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
     folder = meta.parent
     rows, files = [], []
     entries, row_names = _metadata_entries(meta, cfg)
-    for entry in entries:
+    for entry, row_name in zip(entries, row_names):
         # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
         row = {}
         for key, value in entry.items():
             if key == "file_name" or key.endswith("_file_name"):
+                _check_inside(str(value), key, folder, f"{meta} {row_name}")
                 row["image" if key == "file_name" else key[: -len("_file_name")]] = str(folder / str(value))  # str: a CSV's names may read as numbers
                 files.append(folder / str(value))
             else:

@@ -1,6 +1,7 @@
 import io
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -278,6 +279,20 @@ def test_huge_and_truncated_images_are_skipped_and_counted(tmp_path, monkeypatch
         assert [ds[i]["index"] for i in range(3)] == [2, 2, 2]
     assert ds.skipped == 2
     assert "decompression bomb" in caplog.text and "row 1 column 'jpg_1'" in caplog.text
+
+
+def test_a_fifo_or_device_named_by_a_row_is_skipped_as_unreadable(tmp_path, caplog, fails_rather_than_hangs):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    render(SPECS[0], RES).save(tmp_path / "real.png")
+    rows = [{"image": str(path), "text": f"prompt {i}"} for i, path in enumerate([fifo, "/dev/zero", tmp_path / "real.png"])]
+    ds = load_dataset_from_config(_cfg(write_parquet(tmp_path / "paths.parquet", rows)))
+    with caplog.at_level(logging.WARNING, logger="sspo.data.dataset"):
+        assert [ds[i]["prompt"] for i in range(3)] == ["prompt 2"] * 3
+    assert ds.skipped == 2
+    table = tmp_path / "paths.parquet"
+    assert f"cannot read image {fifo} ({table} row 0 column 'image'): it is a FIFO, not a file" in caplog.text
+    assert f"cannot read image /dev/zero ({table} row 1 column 'image'): it is a device, not a file" in caplog.text
 
 
 @pytest.mark.parametrize("label", [2.0, -1.0, float("nan"), None])

@@ -5,6 +5,7 @@ exactly what the training process would read."""
 import io
 import json
 import logging
+import re
 import tarfile
 
 import numpy as np
@@ -288,6 +289,22 @@ def test_files_an_imagefolder_names_are_checked_when_it_opens(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sspo.data"):
         assert len(load_dataset_from_config(_cfg(folder, source="imagefolder"))) == 3
     assert f"1 of the 3 files {folder / 'metadata.csv'} names do not exist, e.g. {folder / '1.jpg'}; their rows are skipped" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["../private/me.png", "a/../../private/me.png", "PRIVATE/me.png"])
+def test_an_imagefolder_file_outside_its_folder_is_refused_naming_the_row(name, tmp_path):
+    folder, private = tmp_path / "downloaded", tmp_path / "private"
+    for at, spec in ((folder / "own.png", SPECS[0]), (private / "me.png", SPECS[1])):
+        at.parent.mkdir(exist_ok=True)
+        render(spec, RES).save(at)
+    name = name.replace("PRIVATE", str(private))  # an absolute path
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a"}) + "\n" for n in ("own.png", name)))
+    with pytest.raises(DataError, match=rf"metadata.jsonl line 2: file_name '{re.escape(name)}' is outside {re.escape(str(folder))}; "
+                                        "an imagefolder's files are named relative to its metadata file's folder and lie inside it"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    # A parquet file's path column may name files anywhere.
+    paths = write_parquet(tmp_path / "paths.parquet", [{"image": str(private / "me.png"), "text": "a"}])
+    assert load_dataset_from_config(_cfg(paths))[0]["prompt"] == "a"
 
 
 def test_a_row_workers_skip_is_logged_once_by_the_training_process(tmp_path, caplog):

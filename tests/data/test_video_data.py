@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import types
 from pathlib import Path
 
@@ -118,6 +119,13 @@ def test_frame_folder_in_name_order(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="frame folder .*empty has no image files"):
         read_clip(tmp_path / "empty")
+
+
+def test_a_fifo_among_a_folders_frames_is_named_not_waited_on(tmp_path, fails_rather_than_hangs):
+    folder = frame_folder(tmp_path / "frames", levels(2))
+    os.mkfifo(folder / "frame_2.png")
+    with pytest.raises(DataError, match=r"cannot read clip .*frames: frame frame_2.png is a FIFO, not a file"):
+        read_clip(folder)
 
 
 def test_mp4_is_written_with_h264_and_even_sizes(tmp_path):
