@@ -39,7 +39,7 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
-    from sspo.config import Allowed
+    from sspo.config import MAX_RESOLUTION, Allowed
     from sspo.evaluation.sampling import check_sample_size, clip_grid, generate, image_grid, sampling_device, save_animation, save_png
     from sspo.io import write_error
     from sspo.models.families import family_of
@@ -49,7 +49,7 @@ def _sample(args) -> None:
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
                               ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1)),
-                              ("--resolution", args.resolution, Allowed(at_least=8, multiple_of=8))):
+                              ("--resolution", args.resolution, Allowed(at_least=8, at_most=MAX_RESOLUTION, multiple_of=8))):
         if value is not None and not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
     device = sampling_device(args.device)

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -31,10 +32,32 @@ from sspo.errors import ConfigError
 
 T = TypeVar("T")
 
+# Values a YAML document may stand for once its aliases are written out: a config holds hundreds,
+# and thirty lines of aliases each naming the one before twice ("billion laughs") stand for 2^30.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias written out (``sizes``: the nodes counted
+    so far, as an alias is the node it names); a node met again inside itself counts once."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false, so ``ssr: off`` stays the string 'off'; a key given twice
-    in one mapping is an error (PyYAML keeps the last, so a second ``optim:`` section drops the first)."""
+    in one mapping is an error (PyYAML keeps the last, so a second ``optim:`` section drops the first);
+    aliases may not expand a document past :data:`MAX_YAML_VALUES` values (PyYAML shares the aliased
+    value, but every walk over it, a check or an error message, would expand it)."""
+
+    def construct_document(self, node):
+        if (size := _expanded_size(node, {})) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(None, None, f"its aliases (*name) expand it to {size} values, more than the {MAX_YAML_VALUES} "
+                                                    "a config may hold", node.start_mark)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         first: dict = {}  # key -> its line
@@ -61,7 +84,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 
 def parse_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # PyYAML parses each level of nesting a level deeper in Python's stack
+        raise yaml.YAMLError(f"it is nested deeper than Python's recursion limit ({sys.getrecursionlimit()}) lets PyYAML read") from None
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -87,6 +113,9 @@ def one_of(value: Any, choices: typing.Iterable[Any], key: str) -> None:
 
 
 MAX_SEED = 2**32 - 1  # numpy takes 32-bit seeds (accelerate's set_seed seeds it), torch 64: one bound for every seed
+# Image sides in pixels: SDXL trains at 1024, FLUX up to about 2 megapixels; past this a typo's
+# image (1000000^2 pixels) fails allocating memory instead of as a config error.
+MAX_RESOLUTION = 4096
 ALLOWED = "sspo.allowed"  # the dataclass field metadata key of a field's Allowed
 
 

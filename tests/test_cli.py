@@ -48,7 +48,7 @@ def test_sample_takes_a_resolution_and_refuses_one_the_model_cannot_take(quick_b
     assert main([*sample, "--model", quick_base, "--resolution", "16", "--out", str(tmp_path / "small.png")]) == 0
     assert sizes == [16]
     assert main([*sample, "--model", quick_base, "--resolution", "36", "--out", str(tmp_path / "odd.png")]) == 2
-    assert "sspo: error: --resolution: got 36, expected an integer >= 8 that is a multiple of 8" in capsys.readouterr().err
+    assert "sspo: error: --resolution: got 36, expected an integer in [8, 4096] that is a multiple of 8" in capsys.readouterr().err
     assert main([*sample, "--model", tiny_sd3, "--resolution", "72", "--out", str(tmp_path / "large.png")]) == 2
     assert "sspo: error: --resolution: sd3's position embedding covers image sides up to 64 px, not 72x72" in capsys.readouterr().err
     assert not (tmp_path / "large.png").exists()

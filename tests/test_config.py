@@ -16,7 +16,7 @@ import yaml
 
 import sspo
 from sspo.cli import main
-from sspo.config import allowed, apply_overrides, field_comments, field_type, from_dict, load_config, save_yaml, setting, to_dict, validate
+from sspo.config import allowed, apply_overrides, field_comments, field_type, from_dict, load_config, load_yaml, save_yaml, setting, to_dict, validate
 from sspo.errors import ConfigError, ModelError
 from sspo.io import atomic_path, atomic_write_text
 from sspo.training.config import OptimConfig, TrainConfig, check_environment, resolved
@@ -437,13 +437,13 @@ def test_every_constrained_field_refuses_values_outside_its_range(root, path, re
         ("negatives.eta=1.5", "config key 'negatives.eta': got 1.5, expected a number in [0, 1]"),
         ("negatives.guidance_scale=-1", "config key 'negatives.guidance_scale': got -1.0, expected a number >= 0, or null"),
         ("validation.every_iterations=-1", "config key 'validation.every_iterations': got -1, expected an integer >= 0"),
-        ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer >= 8 that is a multiple of 8"),
+        ("data.resolution=36", "config key 'data.resolution': got 36, expected an integer in [8, 4096] that is a multiple of 8"),
         ("data.max_samples=0", "config key 'data.max_samples': got 0, expected an integer >= 1, or null"),
         ("optim.learning_rate=0", "config key 'optim.learning_rate': got 0.0, expected a number > 0"),
         ("negatives.scheduler=plms", "config key 'negatives.scheduler': got 'plms', expected one of 'ddim', 'pipeline', 'dpm++', 'euler', 'unipc', or null"),
         ("beta=inf", "config key 'beta': got inf, expected a number > 0, or null"),  # inf passes every bound as a comparison
         ("optim.learning_rate=1e400", "config key 'optim.learning_rate': got inf, expected a number > 0"),
-        ("data.bucket_max_aspect=inf", "config key 'data.bucket_max_aspect': got inf, expected a number >= 1"),
+        ("data.bucket_max_aspect=inf", "config key 'data.bucket_max_aspect': got inf, expected a number in [1, 16]"),
         ("validation.seed=18446744073709551616", "config key 'validation.seed': got 18446744073709551616, expected an integer in [0, 4294967295]"),
         ("process_timeout_s=100000000000000", "config key 'process_timeout_s': got 100000000000000, expected an integer in [1, 1000000000]"),
         ("optim.lr_scheduler=polynomial optim.learning_rate=1e-8",
@@ -473,6 +473,47 @@ def test_a_yaml_key_that_is_not_text_is_an_unknown_key(tmp_path):
     (tmp_path / "keys.yaml").write_text("optim:\n  true: 1\n  bogus: 2\n")
     with pytest.raises(ConfigError, match=r"^unknown config key 'optim\.True'; valid keys here: "):
         load_config(TrainConfig, tmp_path / "keys.yaml")
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("data", "resolution", 1000000, "an integer in [8, 4096] that is a multiple of 8"),  # once a MemoryError rendering the first image
+    ("data", "bucket_step", 8192, "an integer in [8, 4096] that is a multiple of 8"),
+    ("data", "bucket_max_aspect", 1e9, "a number in [1, 16]"),  # once listing buckets for hours
+    ("eval", "resolution", 8192, "an integer in [8, 4096] that is a multiple of 8, or null"),
+    ("bench", "resolution", 8192, "an integer in [8, 4096] that is a multiple of 8, or null"),
+])
+def test_image_sides_and_bucket_aspects_are_bounded(section, key, value, expected):
+    from sspo.benchmark.config import BenchConfig
+    from sspo.data.config import DataConfig
+    from sspo.evaluation.evaluate import EvalConfig
+
+    cls = {"data": DataConfig, "eval": EvalConfig, "bench": BenchConfig}[section]
+    shown = f"data.{key}" if section == "data" else key  # DataConfig names its keys as the data: section's
+    with pytest.raises(ConfigError, match=rf"^config key '{shown}': got {value!r}, expected {re.escape(expected)}$"):
+        from_dict(cls, {key: value})
+
+
+def _laughs(levels: int) -> str:
+    """A flow list of ``levels`` anchored lists, each holding the one before twice: 2^levels strings."""
+    return "[&a0 [lol, lol], " + ", ".join(f"&a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, levels)) + "]"
+
+
+def test_yaml_aliases_expanding_past_the_limit_are_one_line(tmp_path):
+    """PyYAML shares an aliased value, but every walk over it expands it: a "billion laughs" config
+    ended in a MemoryError writing its error message."""
+    (tmp_path / "laughs.yaml").write_text(f"validation:\n  prompts: {_laughs(30)}\n")
+    with pytest.raises(ConfigError, match=r"^config file .*laughs.yaml is not valid YAML: line 1, column 1: its aliases \(\*name\) expand it to \d+ values, "
+                                          r"more than the 100000 a config may hold; correct the file there$"):
+        load_yaml(tmp_path / "laughs.yaml")
+    with pytest.raises(ConfigError, match=r"^override 'validation.prompts=\[&a0 .*': the value is not valid YAML \(line 1, column 1: its aliases"):
+        apply_overrides({}, [f"validation.prompts={_laughs(20)}"])
+    assert apply_overrides({}, ["validation.prompts=[&p a red circle, *p]"]) == {"validation": {"prompts": ["a red circle"] * 2}}  # a few aliases load
+
+
+def test_yaml_nested_past_the_recursion_limit_is_one_line(tmp_path):
+    (tmp_path / "deep.yaml").write_text("validation:\n  prompts: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"^config file .*deep.yaml is not valid YAML: it is nested deeper than Python's recursion limit \(\d+\) lets PyYAML read"):
+        load_yaml(tmp_path / "deep.yaml")
 
 
 def test_sections_built_in_python_are_checked_too():

@@ -29,7 +29,7 @@ import json
 import math
 from pathlib import Path
 
-from sspo.config import Registered, check, load_config, load_yaml, setting, validate
+from sspo.config import MAX_RESOLUTION, Registered, check, load_config, load_yaml, setting, validate
 from sspo.models.architectures import ARCH_MODELS, arch_notes, build_arch, native_resolution
 from sspo.paths import CONFIGS
 from sspo.training.methods import METHODS
@@ -84,7 +84,7 @@ class BenchConfig:
     sampler_steps: tuple[int, ...] = setting((20, 50), at_least=1)  # also measure negative generation at these sampler steps (the paper's 20-50)
     steps_per_iteration: int | None = setting(None, at_least=1)  # K_updates, optimizer steps per iteration (default: the demo config's)
     pool_size: int = setting(3, at_least=1)  # sspo arms: checkpoints in the pool (as mid-training; 1 = {theta_0})
-    resolution: int | None = setting(None, at_least=8, multiple_of=8)  # training resolution, a multiple of the VAE's 8 (default: the model's native one)
+    resolution: int | None = setting(None, at_least=8, at_most=MAX_RESOLUTION, multiple_of=8)  # training resolution, a multiple of the VAE's 8 (default: the model's native one)
     threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU (default: torch's)
     clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with one thread, robust to other jobs on a shared CPU)
     isolate: bool = True  # each arm in a fresh subprocess (off: in this process, CPU memory numbers less clean)

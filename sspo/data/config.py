@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sspo.config import MAX_SEED, Registered, check, setting, validate
+from sspo.config import MAX_RESOLUTION, MAX_SEED, Registered, check, setting, validate
 from sspo.worlds.registry import WORLDS
 
 FILE_SOURCES = ("parquet", "imagefolder", "caption-files", "webdataset", "hf")  # data.source: these, or a world's name (sspo.worlds)
@@ -29,7 +29,7 @@ class DataConfig:
     mode: str = setting("winners", choices=MODES)  # "winners": winner from the label | "random": SSPOr, random side per row
     # Shorter side resized to this, then cropped square. A multiple of 8, the VAE's downsampling
     # factor in SD-1.5, SDXL and AnimateDiff (the tiny worlds' VAEs downsample by 4).
-    resolution: int = setting(512, at_least=8, multiple_of=8)
+    resolution: int = setting(512, at_least=8, at_most=MAX_RESOLUTION, multiple_of=8)
     center_crop: bool = True  # False: random crop (deterministic per seed, row and epoch)
     random_flip: bool = False  # horizontal flip with probability 0.5
     max_samples: int | None = setting(None, at_least=1)  # keep only the first N rows (after tie removal); None = all
@@ -47,8 +47,9 @@ class DataConfig:
     # micro-batch holds one bucket (a bucket's last batch is filled with its first rows again).
     # False: the shorter side resized to resolution, then cropped square.
     buckets: bool = False
-    bucket_step: int = setting(64, at_least=8, multiple_of=8)  # bucket sides are multiples of this: 64 keeps SD's latent sides divisible by 8
-    bucket_max_aspect: float = setting(2.0, at_least=1)  # the widest bucket's width / height, and the tallest's height / width
+    bucket_step: int = setting(64, at_least=8, at_most=MAX_RESOLUTION, multiple_of=8)  # bucket sides are multiples of this: 64 keeps SD's latent sides divisible by 8
+    # The widest bucket's width / height, and the tallest's height / width; at most 16, as the buckets are listed width by width.
+    bucket_max_aspect: float = setting(2.0, at_least=1, at_most=16)
     # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
     # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
     frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image

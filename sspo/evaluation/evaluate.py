@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspo.config import MAX_SEED, setting, validate
+from sspo.config import MAX_RESOLUTION, MAX_SEED, setting, validate
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, SCORER_CHOICES, build_scorer
 from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set, prompt_set_names
@@ -41,7 +41,7 @@ class EvalConfig:
     # SD-1.5 7.5, SDXL 5, SD3 7, FLUX.1 3.5); evaluate_pipeline, given no name, takes its pipeline family's.
     guidance_scale: float | None = setting(None, at_least=0)
     batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
-    resolution: int | None = setting(None, at_least=8, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
+    resolution: int | None = setting(None, at_least=8, at_most=MAX_RESOLUTION, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
     frames: int = setting(8, at_least=1)  # video models: frames per clip
     dtype: str = setting("fp32", choices=DTYPES)  # dtype of the diffusion model's weights: fp32 | fp16 | bf16
     limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
