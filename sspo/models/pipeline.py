@@ -50,10 +50,9 @@ def _locate(model: str | Path) -> str:
 def denoiser_skeleton(model: str | Path, config: dict, component: str, revision: str | None = None) -> torch.nn.Module:
     """The pipeline's ``component`` (``config``: its model_index.json) built from its own config on
     the meta device: every layer, no weights read or allocated."""
-    import diffusers
     from accelerate import init_empty_weights
 
-    cls = getattr(diffusers, config[component][1])
+    cls = _component_class(model, config, component)
     # Some layers draw their initial values before init_empty_weights moves them to the meta device:
     # the global RNG, which seeds a run's LoRA, is left as it was.
     with torch.random.fork_rng(devices=[]), init_empty_weights():
@@ -62,12 +61,25 @@ def denoiser_skeleton(model: str | Path, config: dict, component: str, revision:
 
 def component_config(model: str | Path, config: dict, component: str, revision: str | None = None) -> dict:
     """The config of the pipeline's ``component`` (``config``: its model_index.json), files only."""
-    import diffusers
-
+    cls = _component_class(model, config, component)
     try:
-        return dict(getattr(diffusers, config[component][1]).load_config(_locate(model), subfolder=component, revision=revision))
+        return dict(cls.load_config(_locate(model), subfolder=component, revision=revision))
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
+
+
+def _component_class(model: str | Path, config: dict, component: str) -> type:
+    """The diffusers class that model_index.json (``config``) names for ``component``."""
+    import diffusers
+
+    entry = config.get(component)
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+    cls = getattr(diffusers, name, None) if name else None
+    if not isinstance(cls, type):
+        raise ModelError(f"model_index.json of model {model}: entry {component!r} is {json.dumps(entry)}, not [library, class] naming a class of this "
+                         f"diffusers {diffusers.__version__} (e.g. [\"diffusers\", \"UNet2DConditionModel\"]); copy or download the model again, "
+                         "or upgrade diffusers if the class is newer")
+    return cls
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -119,11 +131,18 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
         config = dict(DiffusionPipeline.load_config(located, revision=revision))
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
+    # A component is [library, class] ([null, null]: left out); other entries are the pipeline's settings.
+    damaged = [name for name, entry in config.items() if isinstance(entry, list) and not (len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry))]
+    if damaged:
+        raise ModelError(f"model_index.json of model {model}: entry {damaged[0]!r} is {json.dumps(config[damaged[0]])}, not [library, class] "
+                         "(e.g. [\"diffusers\", \"UNet2DConditionModel\"]); copy or download the model again")
     from sspo.models.families import FAMILIES
 
-    if not any(family.detects(config) for family in FAMILIES.values()):
+    family = next((family for family in FAMILIES.values() if family.detects(config)), None)
+    if family is None:
         trained = ", ".join(dict.fromkeys(family.title or family.name for family in FAMILIES.values()))
         raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains {trained} pipelines")
+    _component_class(model, config, family.denoiser_component)  # named here, not by diffusers' loading
     if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
     folder = Path(located)

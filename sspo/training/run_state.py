@@ -54,7 +54,8 @@ def manifest_problems(root: Path, recorded: dict[str, dict]) -> list[str]:
     return problems
 
 
-STATE_SHAPE = {"global_step": int, "pool_size": int, "files": {str: {"size": int, "sha256": str}}, "pool_files": {str: {"size": int, "sha256": str}}}
+STATE_SHAPE = {"global_step": int, "pool_size": int, "processes": int, "replicas": [[float]], "nonfinite_skips": int,
+               "files": {str: {"size": int, "sha256": str}}, "pool_files": {str: {"size": int, "sha256": str}}}
 
 
 def read_state(path: Path) -> dict:

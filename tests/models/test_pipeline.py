@@ -1,6 +1,9 @@
-"""Loading pipelines by hub id: an unreachable hub is one clear error at once, not a minute of retries."""
+"""Loading pipelines: by hub id, an unreachable hub is one clear error at once, not a minute of retries;
+from a folder, a damaged model_index.json is one line naming the entry."""
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +52,27 @@ def test_a_denoiser_skeleton_leaves_the_global_rng_as_it_was(quick_base):
     before = torch.get_rng_state()
     skeleton = pipeline.denoiser_skeleton(quick_base, pipeline.load_pipeline_config(quick_base), "unet")
     assert next(skeleton.parameters()).is_meta and torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("entry, what", [
+    ("x", "not [library, class] naming a class of this diffusers"),  # once an IndexError
+    (["diffusers", 5], "not [library, class] (e.g."),  # a TypeError
+    (["diffusers", "NoSuchModel"], "not [library, class] naming a class of this diffusers"),  # an AttributeError
+])
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_a_damaged_model_index_entry_is_one_line_naming_it(entry, what, command, quick_base, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for component in Path(quick_base).iterdir():
+        if component.is_dir():
+            (model / component.name).symlink_to(component)
+    index = json.loads((Path(quick_base) / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps(index | {"unet": entry}))
+    args = {"train": ["train", "demo-shapes", f"model.pretrained={model}", f"output_dir={tmp_path / 'run'}", "--dry-run"],
+            "sample": ["sample", "--model", str(model), "--prompt", "a red circle", "--out", str(tmp_path / "grid.png")]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sspo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"sspo: error: model_index.json of model {model}: entry 'unet' is {json.dumps(entry)}, {what}")
+    assert lines[0].endswith("copy or download the model again" + (", or upgrade diffusers if the class is newer" if "naming" in what else ""))

@@ -44,6 +44,15 @@ def without(key: str):
     return damage
 
 
+def wrong(key: str, value):
+    """The state file with ``key`` of another type: once a TypeError inside the resume check."""
+    def damage(path: Path) -> None:
+        path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+
+    damage.__name__ = f"{key}_{type(value).__name__}"
+    return damage
+
+
 def delete(path: Path) -> None:
     path.unlink()
 
@@ -71,7 +80,8 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-@pytest.mark.parametrize("damage", [truncate, garbage, a_list, without("global_step"), without("files")], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("damage", [truncate, garbage, a_list, without("global_step"), without("files"), wrong("processes", "1"),
+                                    wrong("replicas", 2), wrong("nonfinite_skips", None)], ids=lambda d: d.__name__)
 def test_damaged_state_files_are_named_and_nothing_else_changes(damage, run, quick_base, capsys):
     states = sorted((run / "checkpoints").glob("step-*"))
     for state in states:
