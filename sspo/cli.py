@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "models and seeds this call does not ask for, summary.md/.json, reward_hist.png and grid.png show this call's models")
     _add_eval_arguments(p)
     p.add_argument("--scorer-path", action="append", metavar="METRIC=PATH", help="local weights (or hub id) of a metric's scorer; repeat. "
-                   "With --videos: a video metric's TorchScript backbone (fid=pixels: exact shapes-world features)")
+                   "With --videos: a video metric's TorchScript backbone (fid=pixels: exact shapes-world features); "
+                   "TorchScript runs the code it holds: pass only files you trust")
     p.add_argument("--scorer-option", action="append", metavar="METRIC.OPTION=VALUE", help="a build_scorer option, e.g. pickscore.processor=PATH; repeat "
                    "(with --videos: e.g. fvd.frames=16, fid.bootstrap=0)")
     p.set_defaults(func=_eval)

@@ -166,6 +166,7 @@ def test_eval_help_names_every_metric_and_prompt_set(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert all(name in text for name in (*scorer_names(), *PROMPT_SETS))
     assert "EvalConfig overrides" not in text and "without --prompts" not in text
+    assert "TorchScript runs the code it holds: pass only files you trust" in text  # --scorer-path's video backbones are programs
 
 
 @pytest.mark.parametrize(

@@ -271,7 +271,10 @@ BACKBONES = {
 
 
 def load_torchscript(path: str | Path, what: str) -> torch.jit.ScriptModule:
-    """A TorchScript file on the CPU, in eval mode; a missing or other file is a one-line ModelError naming it."""
+    """A TorchScript file on the CPU, in eval mode; a missing or other file is a one-line ModelError naming it.
+
+    TorchScript is a program, run by loading and calling it: a file from a source the user trusts
+    only (docs/video-metrics.md says so), as there is no data-only way to read it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelError(f"{what}: no such file: {path}")
