@@ -348,8 +348,12 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> 
         diff = paired_difference(results, arm, "heldout", sampler_seeds, n_seeds)
         if not enough_runs(diff):
             verdict = f"undecided ({diff['runs']} training seeds are too few to decide: train {MIN_DECIDING_RUNS} or more)"
+        elif diff["ci95_low"] > 0 or diff["ci95_high"] < 0:
+            verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower"
+        elif paper == "about equal":  # an interval holding 0 is no tie: it bounds how unequal the two may be
+            verdict = f"undecided (CI includes 0; a difference up to {max(-diff['ci95_low'], diff['ci95_high']):.3f} is not ruled out)"
         else:
-            verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower" if diff["ci95_high"] < 0 else "undecided (CI includes 0)"
+            verdict = "undecided (CI includes 0)"
         found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
     return found
 

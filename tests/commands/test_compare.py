@@ -300,6 +300,13 @@ def test_a_claim_is_decided_by_its_interval_not_its_mean():
     assert claim["verdict"] == "SSPO higher"
 
 
+def test_an_about_equal_claim_is_not_called_a_tie_by_an_interval_holding_zero():
+    results = {"sspo": [{"heldout": {"per_image": [1.0, 0.0, 1.0]}}], "indicator": [{"heldout": {"per_image": [0.0, 0.0, 0.0]}}]}
+    [claim] = compare.claims(results, sampler_seeds=1, n_seeds=1)
+    assert claim["paper"] == "about equal"
+    assert claim["verdict"] == f"undecided (CI includes 0; a difference up to {claim['difference']['ci95_high']:.3f} is not ruled out)"
+
+
 @pytest.mark.parametrize("seeds, verdict", [(2, "undecided (2 training seeds are too few to decide: train 3 or more)"), (3, "SSPO higher")])
 def test_a_claim_needs_three_training_seeds_to_be_decided(seeds, verdict):
     """Over 2 seeds a crossed interval covers well under 95% when seeds differ (scripts/ci-coverage)."""
