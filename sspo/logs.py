@@ -6,7 +6,24 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-FORMAT = "%(levelname)s %(name)s: %(message)s"
+VERBOSE_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class UserFormatter(logging.Formatter):
+    """``sspo: message`` (``sspo: warning: message``), as the one-line errors read; a library's
+    record keeps its logger's name. With ``verbose``, every record shows its level and module."""
+
+    def __init__(self, verbose: bool = False):
+        super().__init__(VERBOSE_FORMAT)
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose:
+            return super().format(record)
+        source = "sspo" if record.name == "sspo" or record.name.startswith("sspo.") else record.name
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        text = f"{source}: {level}{record.getMessage()}"
+        return f"{text}\n{self.formatException(record.exc_info)}" if record.exc_info else text
 
 
 class BarSafeHandler(logging.StreamHandler):
@@ -23,7 +40,9 @@ class BarSafeHandler(logging.StreamHandler):
 
 def set_up_logging(verbose: bool, level: int | None = None) -> None:
     """The CLI's logging (INFO, DEBUG with ``verbose``; or ``level``) and :func:`quiet_libraries`."""
-    logging.basicConfig(level=level or (logging.DEBUG if verbose else logging.INFO), format=FORMAT, handlers=[BarSafeHandler()])
+    handler = BarSafeHandler()
+    handler.setFormatter(UserFormatter(verbose))
+    logging.basicConfig(level=level or (logging.DEBUG if verbose else logging.INFO), handlers=[handler])
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.disable_propagation()  # huggingface_hub prints its records itself: through the root too, each came twice

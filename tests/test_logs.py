@@ -24,17 +24,30 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(handler):
 
     from tqdm import tqdm
 
-    from sspo.logs import FORMAT, BarSafeHandler
+    from sspo.logs import BarSafeHandler, UserFormatter
 
     stream = io.StringIO()
     log = logging.getLogger(f"sspo-test-bar-{handler}")
     log.propagate = False
     log.addHandler((BarSafeHandler if handler == "bar-safe" else logging.StreamHandler)(stream))
-    log.handlers[0].setFormatter(logging.Formatter(FORMAT))
+    log.handlers[0].setFormatter(UserFormatter())
     with tqdm(total=3, desc="sft", file=stream, ascii=True) as bar:
         bar.update(1)
         log.warning("skipping unreadable row 3")
         bar.update(2)
     lines = [segment.rpartition("\r")[2] for segment in stream.getvalue().split("\n")]
-    own_line = f"WARNING sspo-test-bar-{handler}: skipping unreadable row 3" in lines
+    own_line = f"sspo-test-bar-{handler}: warning: skipping unreadable row 3" in lines
     assert own_line == (handler == "bar-safe")
+
+
+@pytest.mark.parametrize("verbose, name, level, line", [
+    (False, "sspo.training.trainer", logging.INFO, "sspo: sft: 4 optimizer steps"),
+    (False, "sspo.training.checkpoints", logging.WARNING, "sspo: warning: sft: 4 optimizer steps"),
+    (False, "accelerate", logging.WARNING, "accelerate: warning: sft: 4 optimizer steps"),
+    (True, "sspo.training.trainer", logging.INFO, "INFO sspo.training.trainer: sft: 4 optimizer steps"),
+])
+def test_log_lines_read_as_sspo_speaking_and_name_modules_only_when_verbose(verbose, name, level, line):
+    from sspo.logs import UserFormatter
+
+    record = logging.LogRecord(name, level, __file__, 1, "sft: %d optimizer steps", (4,), None)
+    assert UserFormatter(verbose).format(record) == line

@@ -123,7 +123,7 @@ class Checkpointing:
         self.accelerator.wait_for_everyone()  # every process has opened the earlier run's pool before it moves
         if self.accelerator.is_main_process:
             resumable = could_resume and bool(saved_states(self.run_dir))
-            if start_fresh(self.run_dir):
+            if start_fresh(self.run_dir) and could_resume:  # under --resume the line above said it starts over
                 log.warning("%s holds an earlier run: this one replaces it (the earlier one is deleted at this run's first save%s)",
                             self.run_dir, "; to continue it instead, stop now and pass --resume" if resumable else "")
             if self.pool is not None:
@@ -249,7 +249,7 @@ class Checkpointing:
             damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
         if damaged:
             raise TrainingError(f"--resume: no intact saved state in {self.run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
-        log.warning("--resume: no saved state in %s; starting from scratch", self.run_dir)
+        log.warning("--resume: no saved state in %s; starting from scratch (what a run there wrote is deleted at this run's first save)", self.run_dir)
         return None
 
     def _load_state(self, state_dir: Path) -> None:

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from sspo.models.condition import TextCondition
 from sspo.models.families import ModelFamily, Sampler
@@ -148,9 +149,11 @@ class PairBuilder:
     ``around_phase(name)``, a public attribute that may be set after construction, is a context
     manager entered around each costly phase: ``"generate"`` (sampling the negatives) and
     ``"reference"`` (the reference's forwards). It does nothing by default; ``sspo bench`` times
-    the phases with it.
+    the phases with it. ``progress``, also public: whether sampling the negatives shows a bar of its
+    own (the trainer's, for an iteration's negatives sampled up front).
     """
 
+    progress = False
     compile_backend = "inductor"  # torch.compile's backend for negatives.compile; tests take a faster one
 
     def __init__(self, cfg: TrainConfig, family: ModelFamily, reference: ReferenceModel | None, uncond: TextCondition,
@@ -215,16 +218,19 @@ class PairBuilder:
     def _generate_negatives(self, rows: Sequence[Rows], draws: Sequence[Draws], settings: NegativesConfig) -> list[torch.Tensor]:
         """Every micro-batch's losers x_l, sampled by its pool checkpoints, grouped by checkpoint."""
         losers = [torch.empty_like(r.winners) for r in rows]
-        for checkpoint, members in _by_checkpoint(draws).items():
-            with self.reference.activate(checkpoint, fused=settings.fuse_lora) as denoiser, self.autocast():
-                for chunk in _chunks(members, settings.batch_size, [r.winners for r in rows]):
-                    cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
-                    seeds = [draws[b].sample_seeds[i] for b, i in chunk]
-                    size = rows[chunk[0][0]].winners.shape[2:]
-                    latents = self.sample(denoiser, cond, seeds, settings, size)
-                    for (b, i), latent in zip(chunk, latents):
-                        losers[b][i] = latent
-                    fault_point("negatives")
+        groups = _by_checkpoint(draws)
+        with tqdm(total=sum(map(len, groups.values())), desc="negatives", unit="image", leave=False, disable=not self.progress) as bar:
+            for checkpoint, members in groups.items():
+                with self.reference.activate(checkpoint, fused=settings.fuse_lora) as denoiser, self.autocast():
+                    for chunk in _chunks(members, settings.batch_size, [r.winners for r in rows]):
+                        cond = TextCondition.cat([rows[b].cond[i : i + 1] for b, i in chunk])
+                        seeds = [draws[b].sample_seeds[i] for b, i in chunk]
+                        size = rows[chunk[0][0]].winners.shape[2:]
+                        latents = self.sample(denoiser, cond, seeds, settings, size)
+                        for (b, i), latent in zip(chunk, latents):
+                            losers[b][i] = latent
+                        bar.update(len(chunk))
+                        fault_point("negatives")
         return losers
 
     def sample(self, denoiser, cond: TextCondition, seeds: Sequence[int], settings: NegativesConfig, latent_size: Sequence[int]) -> torch.Tensor:

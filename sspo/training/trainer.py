@@ -248,6 +248,7 @@ class Trainer(Checkpointing):
         self.latent_cache = self._latent_cache() if cfg.data.cache_latents else None
         uncond = self.family.encode_unconditional(self.device, cfg.data.resolution).to("cpu")
         self.pair_builder = PairBuilder(cfg, self.family, self.reference, uncond, self.read_rows, self._stream, self.device, self.accelerator.autocast)
+        self.pair_builder.progress = cfg.pregenerate and self.accelerator.is_local_main_process
 
         self._prepare_optimization(denoiser)
 
@@ -534,7 +535,9 @@ class Trainer(Checkpointing):
         total = cfg.iterations * cfg.steps_per_iteration
         started, first_step, metrics = time.monotonic(), self.global_step, None
         # Closed on an error too, so that the error is printed on a line of its own.
-        with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", disable=not self.accelerator.is_local_main_process) as bar:
+        # smoothing=0: the rate is the mean since the start, which counts the negatives' sampling and
+        # validation between steps once an iteration has passed (a moving average saw one slow step as the pace).
+        with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", smoothing=0, disable=not self.accelerator.is_local_main_process) as bar:
             while self.global_step < total:
                 iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
                 start, last = iteration * self.micro_batches_per_iteration, (iteration + 1) * self.micro_batches_per_iteration
@@ -558,6 +561,8 @@ class Trainer(Checkpointing):
                     bar.set_postfix(_postfix(metrics, cfg))
                     if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
                         self.save_state()
+                if self._validates_after(iteration):
+                    bar.set_postfix_str("validating")
                 self.end_iteration(iteration)
         self._report_replaced_rows()
         final = self.save_final()
@@ -565,8 +570,11 @@ class Trainer(Checkpointing):
         if self.accelerator.is_main_process:
             loss = f", last loss {metrics['loss']:.4f}" if metrics else ""
             steps = self.global_step - first_step
-            log.info("%s: %d optimizer step%s in %.0f s%s; the final model is %s", cfg.method, steps, "" if steps == 1 else "s",
-                     time.monotonic() - started, loss, final)
+            if steps:
+                log.info("%s finished: %d optimizer step%s in %.0f s%s; the final model is %s", cfg.method, steps, "" if steps == 1 else "s",
+                         time.monotonic() - started, loss, final)
+            else:  # a finished run resumed
+                log.info("%s had already finished all %d optimizer steps (raise iterations to train on); the final model is %s", cfg.method, total, final)
         return final
 
     def _report_replaced_rows(self) -> None:
@@ -587,14 +595,17 @@ class Trainer(Checkpointing):
             self._sync_pool()
         # Validation before the save: a run stopped while it validates resumes from the state before, and
         # validates again. A validation that fails (a scorer, memory) keeps the iteration's training.
-        every = self.cfg.validation.every_iterations
-        if every and ((iteration + 1) % every == 0 or iteration + 1 == self.cfg.iterations):
+        if self._validates_after(iteration):
             try:
                 self.validate()
             except Exception:
                 self.save_state()
                 raise
         self.save_state()
+
+    def _validates_after(self, iteration: int) -> bool:
+        every = self.cfg.validation.every_iterations
+        return bool(every) and ((iteration + 1) % every == 0 or iteration + 1 == self.cfg.iterations)
 
     # ----------------------------------------------------------------------------------------------
     # Logging and validation
@@ -626,6 +637,7 @@ class Trainer(Checkpointing):
             self.accelerator.log({f"validation/{k}": v for k, v in scores.items()}, step=self.global_step)
             with open(self.run_dir / "validation.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.global_step, **scores}) + "\n")
+            log.info("validation at step %d: %s", self.global_step, ", ".join(f"{key} {value:.3f}" for key, value in scores.items()))
         return scores
 
     @contextlib.contextmanager

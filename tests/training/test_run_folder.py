@@ -130,6 +130,21 @@ def test_a_fresh_start_over_an_earlier_run_warns_and_names_resume(folder, earlie
                           "to continue it instead, stop now and pass --resume)"]
 
 
+def test_a_resume_with_nothing_saved_says_once_that_it_starts_over(quick_base, tmp_path, monkeypatch, caplog):
+    def stop(self, batches):
+        raise TrainingError("stopped at the first step")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(Trainer, "optimizer_step", stop)
+        with pytest.raises(TrainingError):
+            train(tiny_config(run, quick_base, "method=sft"))  # killed before its first save
+    caplog.clear()
+    train(tiny_config(run, quick_base, "method=sft"), resume=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("sspo")]
+    assert warned == [f"--resume: no saved state in {run}; starting from scratch (what a run there wrote is deleted at this run's first save)"]
+
+
 def test_a_run_that_fails_in_a_new_folder_leaves_no_folder(quick_base, tmp_path, capsys):
     run = tmp_path / "new" / "run"
     data = missing_images(tmp_path)

@@ -283,17 +283,27 @@ def test_tensorboard_logs_under_the_project_and_run_names(names, folder, quick_b
     assert all((tmp_path / "run" / folder) in p.parents for p in events)  # the hyperparameters go to a subfolder of the run's
 
 
-def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples_to_tensorboard(quick_base, clip_model_dir, clip_processor_dir, tmp_path):
+def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples_to_tensorboard(quick_base, clip_model_dir, clip_processor_dir, tmp_path,
+                                                                                                caplog):
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a small red circle on the left, white background\n\na large blue square at the top, black background\n")
     run = tmp_path / "run"
-    train(tiny_config(run, quick_base, "method=sft", "report_to=tensorboard", "validation.every_iterations=1", "validation.metrics=[shapes, pickscore]",
+    cfg = tiny_config(run, quick_base, "method=sft", "report_to=tensorboard", "validation.every_iterations=1", "validation.metrics=[shapes, pickscore]",
                       f"validation.prompt_file={prompts}", f"validation.scorer_paths.pickscore={clip_model_dir}",
-                      f"validation.scorer_options.pickscore.processor={clip_processor_dir}"))
+                      f"validation.scorer_options.pickscore.processor={clip_processor_dir}")
+    with caplog.at_level(logging.INFO, logger="sspo"):
+        train(cfg)
     rows = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation at step")]
+    assert said == [f"validation at step {row['step']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "step") for row in rows]
+    with caplog.at_level(logging.INFO, logger="sspo"):
+        train(cfg, resume=True)  # finished already
+    assert f"sft had already finished all 4 optimizer steps (raise iterations to train on); the final model is {run / 'final'}" in caplog.text
     assert all({"shapes", "shapes.color", "pickscore"} <= set(row) and 0 <= row["shapes"] <= 1 for row in rows)
     assert all(torch.isfinite(torch.tensor(row["pickscore"])) for row in rows)
     events = EventAccumulator(str(run / "logs" / "sspo" / "run"), size_guidance={"images": 0, "scalars": 0}).Reload()
