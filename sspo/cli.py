@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")
-    p.add_argument("config", help="a YAML file, or a shipped config by name (e.g. demo-shapes)")
+    p.add_argument("config", help="a YAML file, a shipped config by name (e.g. demo-shapes), or a run folder (its config.yaml)")
     p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")

@@ -440,19 +440,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def find_config(path: str | Path) -> Path:
-    """The config file ``path`` names: a file there, else for a bare name (``sd15-lora.yaml`` or
-    ``sd15-lora``) the shipped config of that name; a ConfigError listing the shipped names if neither."""
+    """The config file ``path`` names: a file there, a folder's ``config.yaml`` (a run folder: the
+    config it trained with, overrides included, which ``--resume`` needs), else for a bare name
+    (``sd15-lora.yaml`` or ``sd15-lora``) the shipped config of that name; a ConfigError listing the
+    shipped names if none."""
     from sspo.paths import CONFIGS
 
     path = Path(path)
     if path.is_file():
         return path
+    if (path / "config.yaml").is_file():
+        return path / "config.yaml"
     if len(path.parts) == 1:
         shipped = next((c for c in (CONFIGS / path, CONFIGS / f"{path}.yaml") if c.is_file()), None)
         if shipped is not None:
             return shipped
     names = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.yaml")))
-    raise ConfigError(f"config file {path} does not exist; pass a YAML file, or a shipped config by name: {names}")
+    what = f"{path} is a folder without a config.yaml" if path.is_dir() else f"config file {path} does not exist"
+    raise ConfigError(f"{what}; pass a YAML file, a run folder, or a shipped config by name: {names}")
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequence[str] = ()) -> T:

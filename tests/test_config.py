@@ -79,8 +79,17 @@ def test_a_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "sd15-lroa", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sspo: error: config file sd15-lroa does not exist; pass a YAML file, or a shipped config by name: ") and "\n" not in err
-    assert "demo-shapes, " in err and "sd15-lora, sd35-lora, sdxl-lora" in err
+    assert err.startswith("sspo: error: config file sd15-lroa does not exist; pass a YAML file, a run folder, or a shipped config by name: ")
+    assert "\n" not in err and "demo-shapes, " in err and "sd15-lora, sd35-lora, sdxl-lora" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "empty", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("sspo: error: empty is a folder without a config.yaml; pass a YAML file, a run folder, ")
+
+
+def test_a_run_folder_names_the_config_it_trained_with(tmp_path):
+    save_yaml(load("method=dpo", "optim.learning_rate=3e-4"), tmp_path / "run" / "config.yaml")
+    cfg = load_config(TrainConfig, tmp_path / "run", ["iterations=9"])
+    assert (cfg.method, cfg.optim.learning_rate, cfg.iterations) == ("dpo", 3e-4, 9)
 
 
 def test_save_yaml_roundtrip(tmp_path):
