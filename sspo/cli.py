@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sspo.worlds import world_names
 
     parser = Parser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the libraries' own messages")
+    parser.add_argument("--version", action="version", version=f"sspo {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("base", help="build a world's tiny base model (shipped for the default size; cached)")
@@ -433,8 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "flow-matching (SD3-style) base")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")
     p.set_defaults(func=_demo)
+    for command in sub.choices.values():  # also after the command; SUPPRESS keeps one given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging, and the libraries' own messages")
     parser.subcommands = sub.choices  # main reports an unknown option with its subcommand's name
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sspo")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 # What an interrupted command keeps, and how to go on from it.

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -133,6 +134,23 @@ def test_sample_refuses_an_existing_file_before_a_worlds_base_is_built(tmp_path,
     argv = ["sample", "--model", "moving-shapes-base:quick", "--prompt", "a red circle growing, white background", "--out", str(grid.with_suffix(".png"))]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_taken_before_or_after_the_command(where, quick_base, monkeypatch):
+    from sspo import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "set_up_logging", lambda verbose: seen.append(verbose))
+    argv = ["-v", "base", "--quick"] if where == "before" else ["base", "--quick", "--verbose"]
+    assert main(argv) == 0 and seen == [True]
+    assert main(["base", "--quick"]) == 0 and seen == [True, False]
+
+
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and re.fullmatch(r"sspo \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("verbose", [False, True])
