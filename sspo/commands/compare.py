@@ -395,12 +395,13 @@ def grid_edges(choice: dict) -> list[str]:
 
 
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
-                 sampler_seeds: int, world: str, selection_seeds: int = 2) -> None:
+                 sampler_seeds: int, world: str, selection_seeds: int = 2, quick: bool = False) -> None:
     n = len(seeds)
     wall = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
     one_seed = (" With one training seed the CIs are over prompts alone: they leave out how much a method varies from run to run, "
                 "so a verdict below is about this run, not the method; train 2 or more seeds (--training-seeds) to judge a method.") if n == 1 else ""
-    sections = [f"# sspo compare\n\nCommand: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {wall} of wall time "
+    smoke = "**A smoke test (--quick): a few steps per arm at tiny sizes; these numbers are not a result.**\n\n" if quick else ""
+    sections = [f"# sspo compare\n\n{smoke}Command: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {wall} of wall time "
                 "(finished runs are reused, not timed again). "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
                 f"sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).{one_seed}\n"]
@@ -504,7 +505,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         results: dict[str, list[dict]] = {}
         for (arm, _), summary in zip(planned, run_all(tasks, jobs, "training and evaluating")):
             results.setdefault(arm, []).append(summary)
-        write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world, selection_seeds)
+        write_report(out, results, command, seeds, chosen, time.time() - started, len(eval_cfg.seeds), world, selection_seeds, quick)
         write_figures(out, names, seeds, chosen, eval_cfg)
         print((out / "results.md").read_text())
     return results

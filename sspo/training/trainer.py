@@ -63,12 +63,17 @@ log = logging.getLogger(__name__)
 def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
     """The training data, checked against what ``cfg.method`` needs from it and, unless
     ``read_first_row`` is false (a dry run reads no images), to hold a readable row."""
+    from accelerate import PartialState
+
     dataset = load_dataset_from_config(cfg.data)
     if cfg.spec.needs_dataset_losers and not dataset.has_losers:
         others = "/".join(m.name for m in METHODS.values() if not m.needs_dataset_losers)
         raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
     if read_first_row:
         dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
+    if len(dataset) < cfg.optim.batch_size and PartialState().is_main_process:
+        log.warning("the data holds %d row%s, fewer than one micro-batch (optim.batch_size %d): each batch repeats rows; "
+                    "lower optim.batch_size, or add rows", len(dataset), "" if len(dataset) == 1 else "s", cfg.optim.batch_size)
     return dataset
 
 

@@ -15,6 +15,7 @@ def test_compare_writes_tables_and_figures_and_reuses_finished_arms(quick_base, 
     results = compare.run_compare(CONFIG, ["base", "sft", "sspo", "ssr_off"], [0, 1], out, overrides=overrides, quick=True, command="test")
     assert len(results["base"]) == 1 and len(results["sspo"]) == 2  # the base is not trained: one seed
     report = (out / "results.md").read_text()
+    assert "**A smoke test (--quick): a few steps per arm at tiny sizes; these numbers are not a result.**" in report
     assert "Table 1: methods — held-out prompts" in report and "Table 6: SSPO ablations — seen prompts" in report
     assert "| sspo | " in report and "SSPO - arm [95% CI]" in report
     assert "## The paper's claims on held-out prompts" in report and "| sft | higher |" in report

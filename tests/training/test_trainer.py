@@ -466,6 +466,16 @@ def test_an_fp16_step_skipped_for_a_nonfinite_loss_closes_the_loss_scaler_step(m
     assert not torch.equal(model.weight, before)  # and the next step trained
 
 
+def test_data_smaller_than_one_micro_batch_is_named_in_the_dry_run(quick_base, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sspo"):
+        dry_run(tiny_config(tmp_path / "run", quick_base, "data.max_samples=3", "optim.batch_size=4"))
+        dry_run(tiny_config(tmp_path / "run", quick_base, "data.max_samples=4", "optim.batch_size=4"))
+    assert [r.getMessage() for r in caplog.records if "micro-batch" in r.getMessage()] == [
+        "the data holds 3 rows, fewer than one micro-batch (optim.batch_size 4): each batch repeats rows; lower optim.batch_size, or add rows"]
+
+
 def test_the_dry_run_names_the_settings_left_to_the_model(quick_base, tmp_path):
     chosen = dry_run(tiny_config(tmp_path / "run", quick_base, "beta=700", "negatives.scheduler=ddim", "negatives.guidance_scale=3"))
     assert "defaults" not in chosen and "beta         700" in chosen
