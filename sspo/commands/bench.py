@@ -104,6 +104,9 @@ def add_arguments(parser) -> None:
         help = comments[field.name]
         if kind.startswith("tuple"):
             help += f" (comma-separated{', some of ' + ','.join(rule.choices) if rule and rule.choices else ''})"
+        if default is not None and "default" not in help:
+            shown = ("on" if default else "off") if kind == "bool" else ",".join(map(str, default)) if kind.startswith("tuple") else default
+            help += f" (default: {shown})"
         if kind == "bool":
             parser.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=default, help=help)
         elif kind.startswith("tuple"):
