@@ -217,7 +217,7 @@ def _train(args) -> None:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     shown = launched_as_main()  # under a multi-process launch the main process prints, once
     if args.dry_run:
-        summary = dry_run(cfg, resume=args.resume)
+        summary = dry_run(cfg, resume=args.resume, overwrite=args.overwrite)
         if shown:
             print(summary)
         return
@@ -228,7 +228,7 @@ def _train(args) -> None:
 
     before = states()
     try:
-        final = train(cfg, resume=args.resume)
+        final = train(cfg, resume=args.resume, overwrite=args.overwrite)
         if shown:
             print(final)
     except KeyboardInterrupt as exc:
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML file, a shipped config by name (e.g. demo-shapes), or a run folder (its config.yaml)")
     p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir (without it a fresh start there is refused)")
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
     p.set_defaults(func=_train)
 

@@ -307,7 +307,7 @@ def test_a_stopped_run_says_what_goes_on_from_what_is_saved(earlier, saves, resu
     if earlier:
         save_state(4, when=1_000_000)
 
-    def stopped(cfg, resume=False):
+    def stopped(cfg, resume=False, overwrite=False):
         if saves:
             save_state(saves, when=2_000_000)
         raise KeyboardInterrupt

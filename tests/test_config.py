@@ -90,6 +90,7 @@ def test_a_run_folder_names_the_config_it_trained_with(tmp_path):
     save_yaml(load("method=dpo", "optim.learning_rate=3e-4"), tmp_path / "run" / "config.yaml")
     cfg = load_config(TrainConfig, tmp_path / "run", ["iterations=9"])
     assert (cfg.method, cfg.optim.learning_rate, cfg.iterations) == ("dpo", 3e-4, 9)
+    assert cfg.output_dir == str(tmp_path / "run")  # where the folder lies now, not where its config says it was trained
 
 
 def test_save_yaml_roundtrip(tmp_path):

@@ -65,7 +65,7 @@ def evaluate_base(base: str, eval_cfg: EvalConfig) -> tuple[dict, list, float]:
 def train_and_evaluate(cfg: TrainConfig, base: str, eval_cfg: EvalConfig) -> tuple[dict, list, float]:
     """One arm: trained (a LoRA on ``base``), then scored; its summary, images and seconds."""
     started = time.time()
-    final = train(cfg)
+    final = train(cfg, overwrite=True)  # the demo's --out is its own: a demo run again trains its arms again
     summary, images = evaluate_model(base, eval_cfg, lora=final)
     return summary, images, time.time() - started
 

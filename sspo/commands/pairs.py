@@ -241,4 +241,4 @@ def run_pairs(world: str = "shapes", level: str | None = None, steps: int | None
     columns = "" if (first, second) == ("jpg_0", "jpg_1") else f" data.image_0_column={first} data.image_1_column={second}"
     base = f" model.pretrained={cfg.base}" if quick else ""  # the small base G was made from, as the smoke test's
     print(f"  train on it: sspo train {entry.pairs.generator_config.stem}{base} data.source=parquet data.path={folder / 'pairs.parquet'}{columns} "
-          f"validation.world={entry.name}")
+          f"validation.world={entry.name} output_dir=runs/{entry.name}-pairs-{folder.name}")

@@ -735,11 +735,13 @@ def _postfix(metrics: dict, cfg: TrainConfig) -> dict:
     return shown
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train ``cfg`` in its output folder, checked and locked for the run (sspo/training/run_folder.py): a second run
-    into a live run's folder is refused, and a run that fails before its first saved state leaves the folder as it was."""
+    into a live run's folder is refused, a fresh start over a finished run only with ``overwrite``, and a run that
+    fails before its first saved state leaves the folder as it was."""
     cfg = resolved(cfg)
     check_environment(cfg)
+    check_finished_run_kept(cfg.output_dir, resume, overwrite)
     # The main process holds the lock (claimed checks the folder first); the others write nothing the
     # main process does not wait for, and check the folder too, so a refusal stops them all.
     if launched_as_main():
@@ -749,6 +751,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return Trainer(cfg, resume=resume).train()
 
 
+def check_finished_run_kept(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse a fresh start that would replace a finished run's results (its ``final/``) unasked: two
+    experiments given the same output_dir (a config's default) would otherwise keep only the last."""
+    final = Path(output_dir) / "final"
+    if not resume and not overwrite and final.is_dir() and not final.is_symlink():
+        raise ConfigError(f"output_dir {output_dir} holds a finished run ({final}), which a fresh start would replace; choose another "
+                          "output_dir, pass --resume to continue it (raise iterations to train on), or --overwrite to replace it")
+
+
 def launched_as_main() -> bool:
     """Whether this is the main process of a launch (or no launch): the process of rank 0, which the
     launchers (torchrun, accelerate, deepspeed) set in RANK. An accelerate state made before the
@@ -756,7 +767,7 @@ def launched_as_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
+def dry_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> str:
     """A summary of the run ``cfg`` describes (``resume``: continued from its folder's last saved
     state), once its data and model config open (no weights load)."""
     from accelerate import PartialState
@@ -768,6 +779,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False) -> str:
     cfg = resolved(cfg)
     check_environment(cfg)
     check_output_dir(cfg.output_dir)
+    check_finished_run_kept(cfg.output_dir, resume, overwrite)
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes  # as the Accelerator counts them
     check_launch(processes)
     resumed = resumed_folder(Path(cfg.output_dir))

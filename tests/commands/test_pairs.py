@@ -75,8 +75,9 @@ def test_the_printed_training_command_runs_from_any_folder(quick_pairs, tmp_path
     _, stdout = quick_pairs
     command = stdout.split("train on it: ")[1].split()
     assert command[:2] == ["sspo", "train"] and "model.pretrained=shapes-base:quick" in command  # the base --quick pairs were made from
+    assert command[-1].startswith("output_dir=runs/shapes-pairs-")  # its own folder, not the config's default another run may hold
     monkeypatch.chdir(tmp_path)  # not a checkout: a shipped config is found by its name
-    assert main([*command[1:], f"output_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    assert main([*command[1:], "--dry-run"]) == 0
     assert "config, data and model OK" in capsys.readouterr().out
 
 

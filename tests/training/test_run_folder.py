@@ -85,10 +85,23 @@ def missing_images(tmp_path: Path) -> Path:
     return folder
 
 
+def test_a_fresh_start_over_a_finished_run_is_refused_unless_asked(earlier_run, quick_base, capsys):
+    """Two experiments given one output_dir (a config's default) kept only the last one's results."""
+    before = snapshot(earlier_run)
+    for command in (["train", str(DEMO), *tiny_overrides(earlier_run, quick_base), "method=dpo"], ["train", str(earlier_run), "--dry-run"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"sspo: error: output_dir {earlier_run} holds a finished run ({earlier_run / 'final'}), which a fresh start would replace; "
+            "choose another output_dir, pass --resume to continue it (raise iterations to train on), or --overwrite to replace it")
+    assert snapshot(earlier_run) == before
+    assert main(["train", str(earlier_run), "--dry-run", "--overwrite"]) == 0
+
+
 def test_a_rerun_with_data_that_cannot_be_read_keeps_the_earlier_run(earlier_run, quick_base, tmp_path, capsys):
     before = snapshot(earlier_run)
     data = missing_images(tmp_path)
-    assert main(["train", str(DEMO), *tiny_overrides(earlier_run, quick_base), "method=sft", "data.source=imagefolder", f"data.path={data}"]) == 2
+    assert main(["train", str(DEMO), *tiny_overrides(earlier_run, quick_base), "method=sft", "data.source=imagefolder", f"data.path={data}",
+                 "--overwrite"]) == 2
     assert "none of the 4 files" in one_error(capsys.readouterr().err)
     assert snapshot(earlier_run) == before
 
@@ -109,7 +122,7 @@ def test_a_rerun_that_fails_at_its_first_step_puts_the_earlier_run_back(earlier_
 
     monkeypatch.setattr(Trainer, "optimizer_step", fail)
     with pytest.raises(TrainingError, match="the first step failed"):
-        train(tiny_config(earlier_run, quick_base))
+        train(tiny_config(earlier_run, quick_base), overwrite=True)
     assert snapshot(earlier_run) == before
 
 
@@ -121,7 +134,7 @@ def test_a_fresh_start_over_an_earlier_run_warns_and_names_resume(folder, earlie
     monkeypatch.setattr(Trainer, "optimizer_step", stop)
     run = earlier_run if folder == "earlier run" else tmp_path / "new"
     with pytest.raises(TrainingError):
-        train(tiny_config(run, quick_base))
+        train(tiny_config(run, quick_base), overwrite=True)
     warned = [r.getMessage() for r in caplog.records if "holds an earlier run" in r.getMessage()]
     if folder == "new folder":
         assert warned == []
