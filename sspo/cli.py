@@ -362,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with a YAML config (sft, dpo, spin, sspo)")
     p.add_argument("config", help="a YAML file, a shipped config by name (e.g. demo-shapes), or a run folder (its config.yaml)")
     p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. method=sft optim.learning_rate=1e-5")
-    p.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir (without it a fresh start there is refused)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
+    start.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir (without it a fresh start there is refused)")
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
     p.set_defaults(func=_train)
 

@@ -462,8 +462,9 @@ def find_config(path: str | Path) -> Path:
 
 def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequence[str] = ()) -> T:
     """``cls`` from the YAML file ``path`` names (:func:`find_config`; None: the defaults) with ``key=value`` overrides applied."""
-    data = load_yaml(find_config(path)) if path else {}
-    if path and Path(path).is_dir() and "output_dir" in {f.name for f in dataclasses.fields(cls)}:
+    found = find_config(path) if path else None
+    data = load_yaml(found) if found else {}
+    if found == Path(path or "") / "config.yaml" and "output_dir" in {f.name for f in dataclasses.fields(cls)}:
         data["output_dir"] = str(path)  # a run folder trains where it lies now, wherever it was first trained
     return from_dict(cls, apply_overrides(data, overrides, cls))
 

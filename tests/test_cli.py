@@ -253,6 +253,13 @@ def test_a_tilde_output_dir_from_a_config_file_is_the_home_folders(tmp_path):
     assert load_config(TrainConfig, tmp_path / "run.yaml").output_dir == os.path.expanduser("~/runs/x")
 
 
+def test_resume_and_overwrite_are_one_or_the_other(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "demo-shapes", "--resume", "--overwrite"])
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == (
+        "sspo train: error: argument --overwrite: not allowed with argument --resume (sspo train --help lists the options)")
+
+
 @pytest.mark.parametrize("argv, line", [
     (["base", "--quick", "--size", "flow"], "--quick is --size quick, and --size flow is another size: give one of them"),
     (["bench", "--model", "tiny", "foo"], "override 'foo' must look like key=value; write e.g. optim.learning_rate=1e-5"),

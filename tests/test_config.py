@@ -93,6 +93,12 @@ def test_a_run_folder_names_the_config_it_trained_with(tmp_path):
     assert cfg.output_dir == str(tmp_path / "run")  # where the folder lies now, not where its config says it was trained
 
 
+def test_a_folder_named_as_a_shipped_config_leaves_its_output_dir_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-shapes").mkdir()  # no config.yaml: the shipped config of that name is meant
+    assert load_config(TrainConfig, "demo-shapes").output_dir == "runs/demo-shapes"
+
+
 def test_save_yaml_roundtrip(tmp_path):
     cfg = load("method=dpo", "model.lora_targets=[to_q, to_v]", 'validation.prompts=["a red circle, white background"]')
     save_yaml(cfg, tmp_path / "cfg.yaml")

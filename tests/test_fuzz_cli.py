@@ -54,6 +54,7 @@ import pytest
 
 from sspo.cli import main
 from sspo.config import Allowed, allowed, field_type
+from sspo.logs import UserFormatter
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
 
@@ -86,7 +87,7 @@ def run_cli(argv: list[str], capsys) -> Outcome:
     capsys.readouterr()
     escaped = escaped_traceback = None
     handler = logging.StreamHandler(sys.stderr)  # capsys's stream, while it captures
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(UserFormatter())
     logging.getLogger().addHandler(handler)
     try:
         code = main(argv)
@@ -102,7 +103,7 @@ def run_cli(argv: list[str], capsys) -> Outcome:
 
 
 _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|it/s\]|s/it\]")
-_LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
+_LOG_RECORD = re.compile(r"^sspo: (?!error: )|^[\w.-]+: (warning|debug): ")  # UserFormatter's lines, a library's with its level
 _WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")
 _ERROR = re.compile(r"^sspo: error: \S")
 _ARGPARSE_ERROR = re.compile(r"^sspo( \w+)?: error: \S.*--help lists the options\)$")

@@ -42,7 +42,7 @@ from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_png
-from sspo.evaluation.scorers.stats import MIN_DECIDING_RUNS, enough_runs, mean_ci_crossed
+from sspo.evaluation.scorers.stats import MIN_DECIDING_RUNS, mean_ci_crossed
 from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder, read_json
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
@@ -346,8 +346,9 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> 
         if arm not in results or "sspo" not in results:
             continue
         diff = paired_difference(results, arm, "heldout", sampler_seeds, n_seeds)
-        if not enough_runs(diff):
-            verdict = f"undecided ({diff['runs']} training seeds are too few to decide: train {MIN_DECIDING_RUNS} or more)"
+        if diff["runs"] < MIN_DECIDING_RUNS:
+            seeds = f"{diff['runs']} training seed{'s are' if diff['runs'] > 1 else ' is'}"
+            verdict = f"undecided ({seeds} too few to decide: train {MIN_DECIDING_RUNS} or more)"
         elif diff["ci95_low"] > 0 or diff["ci95_high"] < 0:
             verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower"
         elif paper == "about equal":  # an interval holding 0 is no tie: it bounds how unequal the two may be
@@ -398,13 +399,14 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
                  sampler_seeds: int, world: str, selection_seeds: int = 2, quick: bool = False) -> None:
     n = len(seeds)
     wall = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-    one_seed = (" With one training seed the CIs are over prompts alone: they leave out how much a method varies from run to run, "
-                "so a verdict below is about this run, not the method; train 2 or more seeds (--training-seeds) to judge a method.") if n == 1 else ""
+    few_seeds = (" With one training seed the CIs are over prompts alone: they leave out how much a method varies from run to run."
+                 if n == 1 else "") + (f" The paper's claims need {MIN_DECIDING_RUNS} or more training seeds (--training-seeds) to be decided."
+                                       if n < MIN_DECIDING_RUNS else "")
     smoke = "**A smoke test (--quick): a few steps per arm at tiny sizes; these numbers are not a result.**\n\n" if quick else ""
     sections = [f"# sspo compare\n\n{smoke}Command: `{command}`\n\nTraining seeds: {list(seeds)}; this invocation {wall} of wall time "
                 "(finished runs are reused, not timed again). "
                 "Rewards are the exact reward, mean and 95% CI over training seeds and prompts (each prompt averaged over its "
-                f"sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).{one_seed}\n"]
+                f"sampler seeds); SSPO - arm is the paired difference (same training seed, prompt and sampler seed).{few_seeds}\n"]
     earlier = {c["from"] for c in chosen.values() if "from" in c}
     if earlier:
         lines = [f"## Settings as chosen by the comparison in {', '.join(sorted(earlier))}\n", "| arm | settings |", "|---|---|"]

@@ -91,7 +91,8 @@ def open_clip(value: Any, where: str, cfg: DataConfig, start: float) -> np.ndarr
     """The ``data.frames`` frames of a clip; ``start`` in [0, 1) picks a random start among the possible ones."""
     data, where = _file(value, "clip", where)
     span = (cfg.frames - 1) * cfg.frame_stride + 1
-    # A random start counts the frames first, so that only its window is decoded: a long clip need not fit in memory.
+    # A random start counts the frames first, so that only its window is kept: a long clip need not fit in
+    # memory (a video file is decoded through twice, once to count).
     first = int(start * max(0, clip_length(data, where) - span + 1)) if cfg.frame_start == "random" else 0
     return sample_frames(read_clip(data, where, max_frames=span, first=first), cfg.frames, cfg.frame_stride, 0, where)
 

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -468,12 +468,16 @@ def open_source(cfg: DataConfig) -> Source:
     return _OPENERS[cfg.source](cfg)
 
 
-def local_files_digest(cfg: DataConfig) -> str | None:
+def local_files_digest(cfg: DataConfig, leave_out: Sequence[str | Path] = ()) -> str | None:
     """A digest of the names, sizes and modification times of every file under a local ``data.path``
-    (metadata, images, captions, shards): it changes when the data is edited in place. None for a
-    world, whose config says what it is, and for a hub dataset, whose name and revision do. Files a
-    table names outside ``data.path`` (absolute image paths) are not covered."""
+    (metadata, images, captions, shards) but those in the ``leave_out`` folders: it changes when the
+    data is edited in place. None for a world, whose config says what it is, and for a hub dataset,
+    whose name and revision do. Files a table names outside ``data.path`` are not covered."""
     path = Path(cfg.path).expanduser() if cfg.path and cfg.source in FILE_SOURCES else None
     if path is None or not path.exists():
         return None
-    return hashlib.sha256(json.dumps(file_stats(path)).encode()).hexdigest()[:16]
+    root = path.resolve()
+    inside = [Path(folder).expanduser().resolve() for folder in leave_out]
+    skipped = [str(folder.relative_to(root)) + os.sep for folder in inside if folder.is_relative_to(root) and folder != root]
+    stats = [entry for entry in file_stats(path) if not entry[0].startswith(tuple(skipped))]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]

@@ -86,7 +86,7 @@ def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
         state = read_state(latest / STATE_FILE)
     except DamagedFileError:  # the resume falls back to an older intact state
         return
-    trained_by = state["processes"]
+    trained_by = state.get("processes") or len(state.get("replicas") or []) or processes  # one replica fingerprint per process
     if trained_by != processes:
         raise ConfigError(f"--resume: {run_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''}, this launch runs {processes}; "
                           f"resume it with {trained_by} (accelerate launch --num_processes {trained_by}), or train into a new output_dir")
@@ -227,7 +227,7 @@ class Checkpointing:
             local += torch.stack([weights.sum(), weights.square().sum()])
         replicas = self.accelerator.gather(local[None]).tolist()
         if any(r != replicas[0] for r in replicas):
-            log.error("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
+            log.warning("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
         return replicas
 
     def _resumable_state(self) -> Path | None:
@@ -258,7 +258,7 @@ class Checkpointing:
         if self.ema is not None:
             self._load_ema(state_dir)
         self.global_step = state["global_step"]
-        self.nonfinite_skips = state["nonfinite_skips"]
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
         if isinstance(state.get("tracker_run_id"), str):
             self.tracker_run_id = state["tracker_run_id"]
         prompt = state.get("example_prompt")  # the model card's: a finished run resumed writes the same card

@@ -93,9 +93,17 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
         "variant": cfg.model.variant,
         "dtype": str(family.vae.dtype),
         "data": data,
-        "data_files": local_files_digest(cfg.data),
+        "data_files": data_digest(cfg),
         "rows": rows,
     }
+
+
+def data_digest(cfg) -> str | None:
+    """:func:`local_files_digest` of the run's data (``cfg``: the TrainConfig) without the folders
+    sspo writes into, which a save or a cache build under ``data.path`` would otherwise change."""
+    from sspo.paths import cache_root
+
+    return local_files_digest(cfg.data, [cfg.output_dir, cfg.data.cache_dir or cache_root()])
 
 
 def key_digest(key: dict) -> str:

@@ -54,15 +54,20 @@ def manifest_problems(root: Path, recorded: dict[str, dict]) -> list[str]:
     return problems
 
 
-STATE_SHAPE = {"global_step": int, "pool_size": int, "processes": int, "replicas": [[float]], "nonfinite_skips": int,
-               "files": {str: {"size": int, "sha256": str}}, "pool_files": {str: {"size": int, "sha256": str}}}
+STATE_SHAPE = {"global_step": int, "pool_size": int, "files": {str: {"size": int, "sha256": str}}, "pool_files": {str: {"size": int, "sha256": str}}}
+# Recorded by every state since they were added; a state saved before then is read without them.
+LATER_KEYS = {"processes": int, "replicas": [[float]], "nonfinite_skips": int}
 
 
 def read_state(path: Path) -> dict:
     """A resumable state's state file, checked to hold what a resume reads (a DamagedFileError if not)."""
-    from sspo.io import read_json
+    from sspo.io import DamagedFileError, read_json, shape_problem
 
-    return read_json(path, what="the resumable state", shape=STATE_SHAPE, fix="restore it, or train without --resume to start again")
+    fix = "restore it, or train without --resume to start again"
+    state = read_json(path, what="the resumable state", shape=STATE_SHAPE, fix=fix)
+    if problem := shape_problem({k: state[k] for k in LATER_KEYS if k in state}, {k: v for k, v in LATER_KEYS.items() if k in state}):
+        raise DamagedFileError(f"the resumable state {path} is damaged ({problem})", fix)
+    return state
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -39,14 +39,13 @@ from sspo.config import check, save_yaml
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.images import bucket_sizes
 from sspo.data.loader import MicroBatchReader
-from sspo.data.sources import local_files_digest
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import component_config, denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit, vae_scale_factor
 from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
-from sspo.training.latent_cache import LatentCache, cache_key, default_dir, encode_rows
+from sspo.training.latent_cache import LatentCache, cache_key, data_digest, default_dir, encode_rows
 from sspo.training.methods import METHODS
 from sspo.training.pairs import PairBatch, PairBuilder, Rows, mean_over_draws, pair_errors
 from sspo.training.pool import CheckpointPool
@@ -228,7 +227,7 @@ class Trainer(Checkpointing):
         check_frames(cfg, files.video, files.longest_clip)  # before any row is read as an image or a clip
         check_model_fits(cfg, files)
         self.dataset = open_dataset(cfg)
-        self.data_digest = local_files_digest(cfg.data)  # saved with each state: a resume can tell data edited in place
+        self.data_digest = data_digest(cfg)  # saved with each state: a resume can tell data edited in place
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
         # With buckets a multiple of the batch: a micro-batch never spans two epochs, nor two buckets.
         self.epoch_length = self.dataset.epoch_length(cfg.optim.batch_size)
@@ -741,13 +740,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     fails before its first saved state leaves the folder as it was."""
     cfg = resolved(cfg)
     check_environment(cfg)
-    check_finished_run_kept(cfg.output_dir, resume, overwrite)
     # The main process holds the lock (claimed checks the folder first); the others write nothing the
     # main process does not wait for, and check the folder too, so a refusal stops them all.
     if launched_as_main():
-        with claimed(cfg.output_dir):
+        with claimed(cfg.output_dir):  # a run live in the folder is named before a finished one is
+            check_finished_run_kept(cfg.output_dir, resume, overwrite)
             return Trainer(cfg, resume=resume).train()
     check_output_dir(cfg.output_dir, beside_main=True)
+    check_finished_run_kept(cfg.output_dir, resume, overwrite)
     return Trainer(cfg, resume=resume).train()
 
 

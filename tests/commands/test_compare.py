@@ -292,25 +292,31 @@ def test_a_reward_matrix_averages_each_prompts_sampler_seeds():
     assert compare.reward_matrix(runs, "heldout", sampler_seeds=2, n_seeds=3) == [[2.0, 6.0]] * 3
 
 
+def three_seeds(*per_image: float, arm: str = "sft") -> dict:
+    """SSPO with these rewards (shifted a little per seed) against ``arm`` at 0, over 3 training seeds."""
+    return {"sspo": [{"heldout": {"per_image": [r + seed / 100 for r in per_image]}} for seed in range(3)],
+            arm: [{"heldout": {"per_image": [0.0] * len(per_image)}} for _ in range(3)]}
+
+
 def test_a_claim_is_decided_by_its_interval_not_its_mean():
-    results = {"sspo": [{"heldout": {"per_image": [1.0, 0.0, 1.0]}}], "sft": [{"heldout": {"per_image": [0.0, 0.0, 0.0]}}]}
-    [claim] = compare.claims(results, sampler_seeds=1, n_seeds=1)
+    [claim] = compare.claims(three_seeds(1.0, 0.0, 1.0), sampler_seeds=1, n_seeds=3)
     assert claim["difference"]["mean"] > 0 and claim["difference"]["ci95_low"] < 0
     assert claim["verdict"] == "undecided (CI includes 0)"
-    [claim] = compare.claims({**results, "sspo": [{"heldout": {"per_image": [1.0, 0.9, 1.1]}}]}, sampler_seeds=1, n_seeds=1)
+    [claim] = compare.claims(three_seeds(1.0, 0.9, 1.1), sampler_seeds=1, n_seeds=3)
     assert claim["verdict"] == "SSPO higher"
 
 
 def test_an_about_equal_claim_is_not_called_a_tie_by_an_interval_holding_zero():
-    results = {"sspo": [{"heldout": {"per_image": [1.0, 0.0, 1.0]}}], "indicator": [{"heldout": {"per_image": [0.0, 0.0, 0.0]}}]}
-    [claim] = compare.claims(results, sampler_seeds=1, n_seeds=1)
+    [claim] = compare.claims(three_seeds(1.0, 0.0, 1.0, arm="indicator"), sampler_seeds=1, n_seeds=3)
     assert claim["paper"] == "about equal"
     assert claim["verdict"] == f"undecided (CI includes 0; a difference up to {claim['difference']['ci95_high']:.3f} is not ruled out)"
 
 
-@pytest.mark.parametrize("seeds, verdict", [(2, "undecided (2 training seeds are too few to decide: train 3 or more)"), (3, "SSPO higher")])
+@pytest.mark.parametrize("seeds, verdict", [(1, "undecided (1 training seed is too few to decide: train 3 or more)"),
+                                            (2, "undecided (2 training seeds are too few to decide: train 3 or more)"), (3, "SSPO higher")])
 def test_a_claim_needs_three_training_seeds_to_be_decided(seeds, verdict):
-    """Over 2 seeds a crossed interval covers well under 95% when seeds differ (scripts/ci-coverage)."""
+    """One seed's interval is over prompts alone, and over 2 seeds a crossed interval covers well
+    under 95% when seeds differ (scripts/ci-coverage)."""
     sspo = [{"heldout": {"per_image": [1.0 + seed / 10, 0.9, 1.1]}} for seed in range(seeds)]
     sft = [{"heldout": {"per_image": [0.0, 0.0, 0.0]}} for _ in range(seeds)]
     [claim] = compare.claims({"sspo": sspo, "sft": sft}, sampler_seeds=1, n_seeds=seeds)

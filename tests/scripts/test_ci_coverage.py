@@ -19,4 +19,6 @@ def test_recorded_claims_are_decided_again_beside_their_record():
     done = subprocess.run([sys.executable, str(SCRIPTS / "recheck-claims")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| clean | sft | 5 | -0.019 [-0.036, -0.002] | SSPO lower | " in done.stdout
-    assert re.search(r"^\d+ verdicts? changed\.$", done.stdout, re.M)
+    changed = [line for line in done.stdout.splitlines() if line.endswith(" (changed) |")]
+    assert [line.split(" | ")[0:2] for line in changed] == [["| flow-5seeds", "sft"], ["| regimes-mid", "sft"], ["| regimes-mid-replay", "sft"]]
+    assert done.stdout.rstrip().endswith("\n3 verdicts changed.")

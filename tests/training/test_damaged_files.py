@@ -95,6 +95,15 @@ def test_damaged_state_files_are_named_and_nothing_else_changes(damage, run, qui
     assert snapshot(run) == before
 
 
+def test_a_state_saved_before_processes_and_skips_were_recorded_resumes(run, finished_run, quick_base):
+    shutil.rmtree(run / "final")
+    for state in (run / "checkpoints").glob("step-*"):
+        for key in ("processes", "replicas", "nonfinite_skips"):
+            without(key)(state / STATE_FILE)
+    assert resume(run, quick_base) == 0
+    assert_same_weights(final_weights(run), final_weights(finished_run))
+
+
 @pytest.mark.parametrize("damage", [truncate, a_list], ids=lambda d: d.__name__)
 def test_a_damaged_newest_state_file_resumes_from_the_one_before(damage, run, finished_run, quick_base, caplog):
     shutil.rmtree(run / "final")

@@ -179,6 +179,25 @@ def test_editing_any_file_of_local_data_in_place_changes_the_key(edited, tmp_pat
     assert cache_key(cfg, "model", family, 1) != before
 
 
+def test_a_run_or_cache_folder_under_the_data_leaves_the_key_alone(tmp_path, monkeypatch):
+    """A save or a cache build there changes files under data.path, but no data."""
+    from types import SimpleNamespace
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    monkeypatch.setenv("SSPO_CACHE", str(data / "cache"))
+    family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
+    cfg = tiny_config(data / "run", "model", "data.source=imagefolder", f"data.path={data}")
+    before = cache_key(cfg, "model", family, 1)
+    for folder in ("run", "cache"):
+        (data / folder).mkdir()
+        (data / folder / "state.json").write_text("{}")
+    assert cache_key(cfg, "model", family, 1) == before
+    (data / "b.png").write_text("png")
+    assert cache_key(cfg, "model", family, 1) != before
+
+
 @pytest.mark.parametrize("setting, named", [("data.random_flip=true", "data.random_flip"), ("data.center_crop=false", "data.center_crop")])
 def test_cache_with_augmentation_is_a_config_error(setting, named):
     data = apply_overrides({}, ["data.cache_latents=true", setting])

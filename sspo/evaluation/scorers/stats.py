@@ -36,7 +36,7 @@ def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]
     freedom. Each mean square alone estimates at most that numerator (no component is negative):
     where chance makes the numerator smaller than the largest of them, that one is taken. One run: the interval is over prompts
     alone; one prompt: over runs alone. With 2 runs the interval covers less than 95% when runs
-    differ much (``scripts/ci-coverage``); :func:`enough_runs` says when it may decide a claim.
+    differ much (``scripts/ci-coverage``): a claim needs MIN_DECIDING_RUNS.
     """
     rows = [[float(v) for v in row] for row in values]
     runs, prompts = len(rows), len(rows[0]) if rows else 0
@@ -60,18 +60,15 @@ def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]
         total, terms = floor[0], [floor]
     if total <= 0:
         return {"mean": mean, "ci95_low": mean, "ci95_high": mean, "n": runs * prompts, "runs": runs}
-    df = total**2 / math.fsum(ms**2 / df for ms, df in terms)
+    # A negative term can pull Satterthwaite's df below every positive term's (0.4 on a 2x2 table): not below the smallest of those.
+    df = max(total**2 / math.fsum(ms**2 / dof for ms, dof in terms), min(dof for ms, dof in terms if ms > 0))
     half = t_quantile(0.975, df) * math.sqrt(total / (runs * prompts))
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
 
 
-MIN_DECIDING_RUNS = 3  # training seeds a crossed interval needs to decide a claim (scripts/ci-coverage: 2 cover ~88%)
-
-
-def enough_runs(stats: dict) -> bool:
-    """Whether ``mean_ci_crossed``'s interval may decide a claim: over one run it speaks of that run
-    alone (a report says so), over 2 to MIN_DECIDING_RUNS - 1 it is too narrow when runs differ."""
-    return stats.get("runs", 1) == 1 or stats["runs"] >= MIN_DECIDING_RUNS
+# Training seeds a crossed interval needs to decide a claim about a method: one run's interval is over
+# prompts alone (it speaks of that run), and over 2 it covers ~88% when runs differ (scripts/ci-coverage).
+MIN_DECIDING_RUNS = 3
 
 
 def t_quantile(p: float, df: float) -> float:
