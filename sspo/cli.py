@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a world end to end: base model -> its demo arms (SFT, SSPO; Diffusion-DPO for shapes) -> evaluation table, grid and plot",
                        description="A world end to end on this machine: its base model, its Pick-a-Pic-shaped pairs, the demo arms "
                        "trained side by side (SFT and SSPO on the winners, Diffusion-DPO on the pairs), every arm scored exactly "
-                       "with 95% CIs: results.md, grid.png (or grid.gif), training.png in --out. About 4 to 5.5 minutes for the "
+                       "with 95% CIs: results.md, grid.png (or grid.gif), training.png in --out. About 4 to 6 minutes for the "
                        "shapes world on an idle 2-core CPU from an empty cache.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo): new, empty, or one a demo of the same world wrote")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a result)")
