@@ -102,6 +102,7 @@ def _measure(trainer, cfg, b: BenchConfig, arm: str, meter: Meter) -> dict:
     clock = meter.process_time if b.clock == "cpu" else time.perf_counter
     phases = _PhaseTimer(trainer.pair_builder, meter, clock)
     builder = trainer.pair_builder
+    builder.progress = False  # the bench's output is its table: no bar per timed generation
     prep_seconds: list[float] = []
 
     def prepare(first: int, count: int) -> list:
