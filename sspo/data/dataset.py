@@ -201,6 +201,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._row_ids)
 
+    def captions(self, limit: int) -> list[str]:
+        """The captions of the first ``limit`` rows as stored, without reading an image (rows without one left out)."""
+        column = self.cfg.caption_column if self._reader.pairs else self.cfg.text_column
+        found = [self._rows[row_id].get(column) for row_id in self._row_ids[:limit]]
+        return [caption for caption in found if isinstance(caption, str) and caption.strip()]
+
     def __getitem__(self, index: int) -> dict:
         return self.item(index)
 

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sspo.config import check, save_yaml
+from sspo.data.config import FILE_SOURCES
 from sspo.data.dataset import load_dataset_from_config
 from sspo.data.images import bucket_sizes
 from sspo.data.loader import MicroBatchReader
@@ -55,6 +56,7 @@ from sspo.training.run_state import flatten
 from sspo.training.ssr_truth import SSRTruth
 from sspo.worlds import base_world, get_world
 from sspo.worlds.names import check_not_a_misspelt_base, resolve_model
+from sspo.worlds.registry import base_of_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,26 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
         raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
     if read_first_row:
         dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
+    if PartialState().is_main_process:
+        warn_foreign_captions(cfg, dataset)
     if len(dataset) < cfg.optim.batch_size and PartialState().is_main_process:
         log.warning("the data holds %d row%s, fewer than one micro-batch (optim.batch_size %d): each batch repeats rows; "
                     "lower optim.batch_size, or add rows", len(dataset), "" if len(dataset) == 1 else "s", cfg.optim.batch_size)
     return dataset
+
+
+def warn_foreign_captions(cfg: TrainConfig, dataset) -> None:
+    """A world's tiny base knows its world's words only: captions of other data (a user's own photos)
+    reach it as subword fragments, which trains without complaint and learns nothing of them."""
+    base = base_of_folder(cfg.model.pretrained) or cfg.model.pretrained  # a world base given by its folder too
+    world = base_world(base)
+    if world is None or cfg.data.source not in FILE_SOURCES:
+        return
+    captions = dataset.captions(32)
+    foreign = [caption for caption in captions if not world.reads_prompt(caption)]
+    if foreign:
+        log.warning("%d of the first %d captions are not prompts of the %s world (e.g. %r), and %s knows only its world's words; "
+                    "for data of your own, set model.pretrained to a real model", len(foreign), len(captions), world.name, foreign[0], base)
 
 
 @dataclasses.dataclass(frozen=True)

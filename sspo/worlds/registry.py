@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sspo.errors import ConfigError
+from sspo.errors import ConfigError, SSPOError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,14 @@ class World:
     # `sspo demo --base <base>:<preset>`: the demo of a preset that is another model (a flow-matching base), not a smaller one
     preset_demos: Mapping[str, DemoSettings] = dataclasses.field(default_factory=dict)
     pairs: PairsSettings | None = None  # its Pick-a-Pic-shaped pairs (`sspo pairs --world`); None: it has none
+
+    def reads_prompt(self, prompt: str) -> bool:
+        """Whether ``prompt`` is one of this world's prompts."""
+        try:
+            self.parse_prompt(prompt)
+        except SSPOError:
+            return False
+        return True
 
     def demo_of(self, name: str, key: str = "--base") -> DemoSettings:
         """The demo of base ``name`` (``<base>`` or ``<base>:<preset>``); a preset without one is a ConfigError."""

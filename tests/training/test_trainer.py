@@ -466,6 +466,25 @@ def test_an_fp16_step_skipped_for_a_nonfinite_loss_closes_the_loss_scaler_step(m
     assert not torch.equal(model.weight, before)  # and the next step trained
 
 
+def test_own_captions_on_a_worlds_tiny_base_are_named_in_the_dry_run(quick_base, tmp_path, caplog):
+    """The shapes base knows its world's words only: "a photo of my cat" trains on subword fragments."""
+    import logging
+
+    from sspo.worlds.shapes.world import make_split, write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "images", make_split().train[:4])
+    own = [f"method=sft", "data.source=imagefolder", f"data.path={folder}"]
+    with caplog.at_level(logging.WARNING, logger="sspo"):
+        dry_run(tiny_config(tmp_path / "run", quick_base, *own))
+    assert "prompts of the shapes world" not in caplog.text  # the world's own captions
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace(json.loads(metadata.read_text().splitlines()[0])["text"], "a photo of my cat", 1))
+    with caplog.at_level(logging.WARNING, logger="sspo"):
+        dry_run(tiny_config(tmp_path / "run", quick_base, *own))
+    assert ("1 of the first 4 captions are not prompts of the shapes world (e.g. 'a photo of my cat'), and shapes-base:quick knows only "
+            "its world's words; for data of your own, set model.pretrained to a real model") in caplog.text
+
+
 def test_data_smaller_than_one_micro_batch_is_named_in_the_dry_run(quick_base, tmp_path, caplog):
     import logging
 
