@@ -72,11 +72,11 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
         raise DataError(f"method {cfg.method!r} needs (winner, loser) pairs, but data.path {cfg.data.path} has single images; use a Pick-a-Pic-style parquet or method {others}")
     if read_first_row:
         dataset[0]  # the first readable row, or a DataError when no row reads (files all missing, say): before training starts
-    if PartialState().is_main_process:
+    if PartialState().is_main_process:  # warnings about the data, once
         warn_foreign_captions(cfg, dataset)
-    if len(dataset) < cfg.optim.batch_size and PartialState().is_main_process:
-        log.warning("the data holds %d row%s, fewer than one micro-batch (optim.batch_size %d): each batch repeats rows; "
-                    "lower optim.batch_size, or add rows", len(dataset), "" if len(dataset) == 1 else "s", cfg.optim.batch_size)
+        if len(dataset) < cfg.optim.batch_size:
+            log.warning("the data holds %d row%s, fewer than one micro-batch (optim.batch_size %d): each batch repeats rows; "
+                        "lower optim.batch_size, or add rows", len(dataset), "" if len(dataset) == 1 else "s", cfg.optim.batch_size)
     return dataset
 
 
