@@ -473,7 +473,7 @@ def test_own_captions_on_a_worlds_tiny_base_are_named_in_the_dry_run(quick_base,
     from sspo.worlds.shapes.world import make_split, write_imagefolder
 
     folder = write_imagefolder(tmp_path / "images", make_split().train[:4])
-    own = [f"method=sft", "data.source=imagefolder", f"data.path={folder}"]
+    own = ["method=sft", "data.source=imagefolder", f"data.path={folder}"]
     with caplog.at_level(logging.WARNING, logger="sspo"):
         dry_run(tiny_config(tmp_path / "run", quick_base, *own))
     assert "prompts of the shapes world" not in caplog.text  # the world's own captions
