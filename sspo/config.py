@@ -388,20 +388,20 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str], cls: 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        _merge(node, parts[-1], value, _section_type(cls, parts))
+        _merge(node, parts[-1], value, section_type(cls, parts))
     return data
 
 
 def _takes_text(cls: type | None, parts: typing.Sequence[str]) -> bool:
     """Whether key ``parts`` of dataclass ``cls`` is a string field (``str`` or ``str | None``)."""
-    section = _section_type(cls, parts[:-1]) if len(parts) > 1 else cls
+    section = section_type(cls, parts[:-1]) if len(parts) > 1 else cls
     if section is None or not dataclasses.is_dataclass(section):
         return False
     hint = typing.get_type_hints(section).get(parts[-1])
     return hint is str or set(typing.get_args(hint)) == {str, type(None)}
 
 
-def _section_type(cls: type | None, parts: typing.Sequence[str]) -> type | None:
+def section_type(cls: type | None, parts: typing.Sequence[str]) -> type | None:
     """The dataclass that key ``parts`` names in ``cls`` (a section), else None (a value, or a dict field)."""
     for part in parts:
         hint = typing.get_type_hints(cls).get(part) if cls is not None and dataclasses.is_dataclass(cls) else None
@@ -415,7 +415,7 @@ def _merge(node: dict, key: str, value: Any, section: type | None) -> None:
     mapping (``validation.scorer_paths={}``) replaces it."""
     if section is not None and isinstance(value, dict) and isinstance(node.get(key), dict):
         for inner, inner_value in value.items():
-            _merge(node[key], str(inner), inner_value, _section_type(section, [str(inner)]))
+            _merge(node[key], str(inner), inner_value, section_type(section, [str(inner)]))
     else:
         node[key] = value
 

@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import time
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from sspo.commands.parallel import run_all
-from sspo.config import allowed, field_type, load_config, load_yaml
+from sspo.config import allowed, field_type, load_config, load_yaml, section_type
 from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
@@ -275,10 +274,8 @@ def chosen_setting(key: str) -> bool:
     of fixed choices. An earlier comparison's results.json may come from anyone: a path, a name or a
     section set from it could point a run at a user's files (``data.cache_dir``, ``output_dir``)."""
     *sections, name = key.split(".")
-    section = TrainConfig
-    for part in sections:
-        section = typing.get_type_hints(section).get(part) if dataclasses.is_dataclass(section) else None
-    fields = {f.name: f for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else {}
+    section = section_type(TrainConfig, sections)
+    fields = {f.name: f for f in dataclasses.fields(section)} if section is not None else {}
     if name not in fields:
         return False
     item_type, _, is_list = field_type(section, name)
