@@ -262,7 +262,10 @@ def _compare(args) -> None:
 
     if args.training_seeds < 1:
         raise SSPOError(f"--training-seeds {args.training_seeds}: expected 1 or more training runs per arm")
-    run_compare(args.config, arms, list(range(args.training_seeds)), args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
+    if args.first_training_seed < 0:
+        raise SSPOError(f"--first-training-seed {args.first_training_seed}: expected 0 or more")
+    seeds = list(range(args.first_training_seed, args.first_training_seed + args.training_seeds))
+    run_compare(args.config, arms, seeds, args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds, jobs=default_jobs() if args.jobs is None else args.jobs,
                 chosen_in=args.settings_from, added_points=args.add_point or ())
 
@@ -372,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
     p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
     p.add_argument("--ablations", help="comma-separated SSPO variants (default: the paper's Table 6 ablations: ssr_off, indicator, erd_initial, erd_last)")
-    p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds 0..N-1 (default: 3)")
+    p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds K..K+N-1 (default: 3)")
+    p.add_argument("--first-training-seed", type=int, default=0, metavar="K", help="the first training seed K (default 0): seeds no "
+                   "earlier comparison reported, to replicate its claims on fresh runs")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare): new, empty, or one sspo compare wrote, whose finished runs are reused")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: a smoke test, not a result")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="settings chosen per arm on the validation split, e.g. "

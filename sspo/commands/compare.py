@@ -486,6 +486,10 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError("--training-seeds 0: expected 1 or more training runs per arm")
     if selection_seeds < 1:
         raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 or more training runs per grid point")
+    shared = [] if chosen_in else sorted(set(seeds) & set(selection_seed_list(selection_seeds)))
+    if shared:
+        raise ConfigError(f"training seed {shared[0]} also chooses the settings (selection seeds start at {SELECTION_SEED_START}), so its "
+                          "runs would report the luck that chose them: pick --first-training-seed so the seeds end below it")
     if chosen_in and Path(chosen_in).resolve() in (out.resolve(), (out / "results.json").resolve()):
         raise ConfigError(f"--settings-from {chosen_in} is this comparison's own --out, whose record of the choice the report would replace; "
                           "rerun it with its --grid, or give another --out")
