@@ -39,16 +39,16 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
-    from sspo.config import MAX_RESOLUTION, Allowed
-    from sspo.evaluation.sampling import check_sample_size, clip_grid, generate, image_grid, sampling_device, save_animation, save_png
+    from sspo.config import MAX_CLIP_FRAMES, MAX_RESOLUTION, Allowed
+    from sspo.evaluation.sampling import STILL_FORMATS, check_sample_size, clip_grid, generate, image_grid, sampling_device, save_animation, save_image
     from sspo.io import write_error
     from sspo.models.families import family_of
-    from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config
+    from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config, lora_location
     from sspo.worlds import base_world
     from sspo.worlds.names import resolve_model, usual_guidance_scale
 
     for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
-                              ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1)),
+                              ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1, at_most=MAX_CLIP_FRAMES)),
                               ("--resolution", args.resolution, Allowed(at_least=8, at_most=MAX_RESOLUTION, multiple_of=8))):
         if value is not None and not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
@@ -63,18 +63,19 @@ def _sample(args) -> None:
 
         for prompt in prompts:
             parse_prompt(prompt)
-    if args.lora:  # before resolve_model builds a world's base
-        check_lora_path(Path(args.lora).expanduser())
+    lora = lora_location(args.lora) if args.lora else None
+    if lora:  # before resolve_model builds a world's base
+        check_lora_path(lora)
     # Whether the grid is animated (GIF, or MP4 / WebP by the suffix), so which file it is, before any
     # weights load: a world's base says by its world (before it is built), another model by its index.
     world = base_world(args.model)
     model = None if world else resolve_model(args.model, key="--model")
     video = args.motion_adapter is not None or (world.clips if world else family_of(load_pipeline_config(model)).video)
-    suffixes = (".gif", ".mp4", ".webp") if video else (".png",)
-    out = out if out.suffix in suffixes else out.with_suffix(suffixes[0])
+    suffixes = (".gif", ".mp4", ".webp") if video else tuple(STILL_FORMATS)
+    out = out if out.suffix.lower() in suffixes else out.with_suffix(suffixes[0])
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
-    pipe = load_pipeline(model or resolve_model(args.model, key="--model"), lora=args.lora, motion_adapter=args.motion_adapter).to(device)
+    pipe = load_pipeline(model or resolve_model(args.model, key="--model"), lora=lora, motion_adapter=args.motion_adapter).to(device)
     check_sample_size(pipe, args.resolution, "--resolution")
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
@@ -82,7 +83,8 @@ def _sample(args) -> None:
             for seed in seeds]
     labels = [f"seed {s}" for s in seeds]
     try:
-        out = save_animation(clip_grid(rows, labels, prompts), out) if video else save_png(image_grid(rows, labels, prompts), out)
+        out = save_animation(clip_grid(rows, labels, prompts), out) if video else save_image(image_grid(rows, labels, prompts), out,
+                                                                                           STILL_FORMATS[out.suffix.lower()])
     except OSError as exc:
         raise write_error(out, exc) from None
     print(out)
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick|:64px|:flow|:flow-quick] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
     p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (default: 8, at least 1)")
-    p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors)")
+    p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors), or a finished training run's folder for its final LoRA")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20, at least 1)")
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the size a LoRA was trained at, say")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")
-    p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png; another suffix becomes .png); video models: .gif, .mp4 or .webp (another becomes .gif)")
+    p.add_argument("--out", default="grid.png", help="the grid's file (default grid.png; .jpg and .webp are taken too, another suffix becomes .png); "
+                   "video models: .gif, .mp4 or .webp (another becomes .gif)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_sample)
 
@@ -350,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", action="append", metavar="DIR", help="instead of --model: score the generated clips in DIR (<prompt_index>-<seed>.<ext>) "
                    "with the paper's video metrics (docs/video-metrics.md); repeat for several models, --name labels them")
     p.add_argument("--reference-videos", metavar="DIR", help="with --videos: each prompt's reference clip (<prompt_index>.<ext>), for fid, fvd and psnr")
-    p.add_argument("--lora", action="append", help="LoRA folder per --model, in order (none: no LoRA)")
+    p.add_argument("--lora", action="append", help="LoRA folder (or finished training run) per --model, in order (none: no LoRA)")
     p.add_argument("--name", action="append", help="row label per --model (or --videos), in order")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval): new, empty, or one sspo eval wrote; a re-run adds to it: scores.csv keeps the rows of "
                    "models and seeds this call does not ask for, summary.md/.json, reward_hist.png and grid.png show this call's models")

@@ -116,6 +116,9 @@ MAX_SEED = 2**32 - 1  # numpy takes 32-bit seeds (accelerate's set_seed seeds it
 # Image sides in pixels: SDXL trains at 1024, FLUX up to about 2 megapixels; past this a typo's
 # image (1000000^2 pixels) fails allocating memory instead of as a config error.
 MAX_RESOLUTION = 4096
+# Frames of a clip, read or trained: 7 minutes at 10 fps, far more than a video model trains or is
+# evaluated on, and a bound on the memory a small file (or a typo) can claim.
+MAX_CLIP_FRAMES = 4096
 ALLOWED = "sspo.allowed"  # the dataclass field metadata key of a field's Allowed
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from sspo.config import MAX_CLIP_FRAMES
 from sspo.errors import DataError
 from sspo.io import atomic_path, special_file
 
@@ -33,9 +34,6 @@ MULTI_FRAME_SUFFIXES = (".tif", ".tiff", ".gif", ".webp", ".png", ".apng")
 # Writing: the first encoder this PyAV build has. yuv420p (what players expect) needs even sizes.
 _VIDEO_ENCODERS = {"mp4": ("libx264", "mpeg4"), "mov": ("libx264", "mpeg4"), "mkv": ("libx264", "mpeg4"), "webm": ("libvpx-vp9", "libvpx")}
 _MUXERS = {"mkv": "matroska"}
-# A clip read whole (no max_frames) may have this many frames: 7 minutes at 10 fps, far more than a
-# video model trains or is evaluated on, and a bound on the memory a small file can claim.
-MAX_CLIP_FRAMES = 4096
 
 
 def _checked(frames: np.ndarray) -> np.ndarray:

@@ -335,7 +335,11 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, mon
     (["compare", "compare-shapes", "--training-seeds", "-1"], "--training-seeds -1: expected 1 or more training runs per arm"),
     (["eval", "--videos", "{tmp}", "--name", "x", "--name", "y"], "1 --videos but 2 --name: give one --name per --videos, in the same order"),
     (["eval", "--model", "shapes-base", "--seeds", "0,1,0"], "--seeds 0,1,0: 0 given twice, which would repeat the same work; give each once"),
-], ids=["negative seeds", "names per clip folder", "a seed twice"])
+    (["compare", "compare-shapes", "--first-training-seed", "-2"], "--first-training-seed -2: expected 0 or more"),
+    (["compare", "compare-shapes", "--first-training-seed", "998", "--training-seeds", "5", "--out", "{tmp}/c"],
+     "training seed 1000 also chooses the settings (selection seeds start at 1000), so its runs would report the luck that chose them: "
+     "pick --first-training-seed so the seeds end below it"),
+], ids=["negative seeds", "names per clip folder", "a seed twice", "a negative first seed", "final seeds among the selection seeds"])
 def test_counts_are_named_by_the_flag_the_user_gave(argv, line, tmp_path, capsys):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     assert one_error_line(capsys) == f"sspo: error: {line}"

@@ -7,8 +7,9 @@ from PIL import Image
 from sspo.cli import main
 
 
-@pytest.mark.parametrize("name, written", [("grid.png", "grid.png"), ("grid.txt", "grid.png"), ("grid", "grid.png")])
-def test_sample_writes_a_png_grid_and_prints_its_path(name, written, quick_base, tmp_path, capsys):
+@pytest.mark.parametrize("name, written, image_format", [("grid.png", "grid.png", "PNG"), ("grid.txt", "grid.png", "PNG"), ("grid", "grid.png", "PNG"),
+                                                        ("grid.jpg", "grid.jpg", "JPEG"), ("grid.JPEG", "grid.JPEG", "JPEG"), ("grid.webp", "grid.webp", "WEBP")])
+def test_sample_writes_a_grid_in_its_files_format_and_prints_its_path(name, written, image_format, quick_base, tmp_path, capsys):
     code = main(["sample", "--model", quick_base, "--prompt", "a large red circle on the left, white background",
                  "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / name)])
@@ -16,7 +17,7 @@ def test_sample_writes_a_png_grid_and_prints_its_path(name, written, quick_base,
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / written)
     assert sorted(path.name for path in tmp_path.iterdir()) == [written]
     grid = Image.open(tmp_path / written)
-    assert grid.format == "PNG" and grid.width > 2 * 96 and grid.height > 2 * 96
+    assert grid.format == image_format and grid.width > 2 * 96 and grid.height > 2 * 96
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])

@@ -497,8 +497,10 @@ def test_a_yaml_key_that_is_not_text_is_an_unknown_key(tmp_path):
     ("data", "bucket_max_aspect", 1e9, "a number in [1, 16]"),  # once listing buckets for hours
     ("eval", "resolution", 8192, "an integer in [8, 4096] that is a multiple of 8, or null"),
     ("bench", "resolution", 8192, "an integer in [8, 4096] that is a multiple of 8, or null"),
+    ("data", "frames", 10**7, "an integer in [0, 4096]"),  # once 10^7 frames asked of every clip
+    ("eval", "frames", 10**7, "an integer in [1, 4096]"),
 ])
-def test_image_sides_and_bucket_aspects_are_bounded(section, key, value, expected):
+def test_image_sides_clip_lengths_and_bucket_aspects_are_bounded(section, key, value, expected):
     from sspo.benchmark.config import BenchConfig
     from sspo.data.config import DataConfig
     from sspo.evaluation.evaluate import EvalConfig

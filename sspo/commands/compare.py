@@ -40,7 +40,7 @@ from sspo.config import allowed, field_type, load_config, load_yaml, section_typ
 from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
-from sspo.evaluation.sampling import image_grid, save_png
+from sspo.evaluation.sampling import image_grid, save_image
 from sspo.evaluation.scorers.stats import MIN_DECIDING_RUNS, mean_ci_crossed
 from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder, read_json
 from sspo.training.config import TrainConfig, resolved
@@ -116,7 +116,7 @@ def run_arm(config, arm: str, seed: int, run_dir: Path, extra: Sequence[str], ev
     shown = showcase(eval_cfg, images)[0]
     if isinstance(shown[0], np.ndarray):  # clips: their middle frames
         shown = [Image.fromarray(clip[len(clip) // 2]) for clip in shown]
-    save_png(image_grid([shown], cell=SHOWCASE_CELL), run_dir / "showcase.png")
+    save_image(image_grid([shown], cell=SHOWCASE_CELL), run_dir / "showcase.png")
     atomic_write_json(cached, summary | {"settings": reuse_settings(arm, cfg, eval_cfg)})
     return summary
 
@@ -453,7 +453,7 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen:
             with Image.open(path) as strip:
                 rows.append([strip.crop((i * SHOWCASE_CELL, 0, (i + 1) * SHOWCASE_CELL, SHOWCASE_CELL)) for i in range(strip.width // SHOWCASE_CELL)])
         captions = showcase(eval_cfg, [None] * len(eval_items(eval_cfg)))[1]
-        save_png(image_grid(rows, [arm for arm, _ in strips], captions), out / "grid.png")
+        save_image(image_grid(rows, [arm for arm, _ in strips], captions), out / "grid.png")
 
 
 def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,

@@ -21,7 +21,7 @@ from sspo.config import load_config
 from sspo.errors import SSPOError
 from sspo.evaluation.evaluate import EvalConfig, evaluate_model, format_table, showcase, showcase_rewards, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
-from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
+from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_image
 from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder
 from sspo.training.config import TrainConfig
 from sspo.training.methods import METHODS
@@ -133,7 +133,7 @@ def _run_demo(out: Path, quick: bool, world: World, jobs: int, base_name: str, s
     if world.clips:
         grid = save_animation(clip_grid([row for row, _ in rows.values()], list(rows), captions, notes=notes), out / "grid.gif")
     else:
-        grid = save_png(image_grid([row for row, _ in rows.values()], list(rows), captions, notes=notes), out / "grid.png")
+        grid = save_image(image_grid([row for row, _ in rows.values()], list(rows), captions, notes=notes), out / "grid.png")
     runs = {method: [Path(cfg.output_dir)] for method, cfg in configs.items()}
     plot_panels([(*REWARD_PANEL, reward_series(runs)), (*SSR_PANEL, ssr_series(runs))], out / "training.png")
     timings["total"] = time.time() - started

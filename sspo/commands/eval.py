@@ -62,11 +62,12 @@ from sspo.evaluation.evaluate import (
     scores_clips,
     select_prompts,
 )
-from sspo.evaluation.sampling import generate, image_grid, sampling_device, save_png
+from sspo.evaluation.sampling import generate, image_grid, sampling_device, save_image
 from sspo.evaluation.scorers import scorer_names
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.scorers.stats import mean_ci
 from sspo.io import DamagedFileError, atomic_path, atomic_write_json, atomic_write_text, check_image, claimed_output_folder, file_stats, read_json, remove_temporaries
+from sspo.models.pipeline import lora_location
 from sspo.video_io import decode_clip, write_clip
 from sspo.worlds.names import shared_guidance_scale
 
@@ -111,7 +112,7 @@ def model_specs(models: Sequence[str], loras: Sequence[str] | None = None, names
     specs = []
     for i, model in enumerate(models):
         lora = loras[i] if loras else None
-        lora = None if lora in (None, "", "none", "-") else lora
+        lora = None if lora in (None, "", "none", "-") else str(lora_location(lora))
         name = names[i] if names else model + (f" + {lora}" if lora else "")
         specs.append(ModelSpec(name, model, lora))
     check_models(specs)
@@ -160,7 +161,7 @@ def _save_sample(sample, png: Path) -> None:
     if isinstance(sample, np.ndarray):  # a clip, uint8 [F, H, W, 3]
         write_clip(png.with_suffix(".tiff"), sample)
     else:
-        save_png(sample, png)
+        save_image(sample, png)
 
 
 _AGAIN = "delete it and run sspo eval again to generate it again"
@@ -637,4 +638,4 @@ def write_grid(models: Sequence[ModelSpec], selected: Sequence[tuple[int, Prompt
         rows.append(row)
     cell = max(96, min(256, rows[0][0].width)) if rows and rows[0] else 96
     captions = [f"[{i.category}] {i.prompt}" if i.category else i.prompt for i in items]
-    return save_png(image_grid(rows, [m.name for m in models], captions, cell=cell), out / "grid.png")
+    return save_image(image_grid(rows, [m.name for m in models], captions, cell=cell), out / "grid.png")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sspo.config import MAX_RESOLUTION, MAX_SEED, Registered, check, setting, validate
+from sspo.config import MAX_CLIP_FRAMES, MAX_RESOLUTION, MAX_SEED, Registered, check, setting, validate
 from sspo.worlds.registry import WORLDS
 
 FILE_SOURCES = ("parquet", "imagefolder", "caption-files", "webdataset", "hf")  # data.source: these, or a world's name (sspo.worlds)
@@ -52,7 +52,7 @@ class DataConfig:
     bucket_max_aspect: float = setting(2.0, at_least=1, at_most=16)
     # Video: with frames > 0 every image column holds clips (video files, multi-frame images or
     # frame folders) and an item is [frames, 3, H, W], all frames of a pair cropped and flipped alike.
-    frames: int = setting(0, at_least=0)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
+    frames: int = setting(0, at_least=0, at_most=MAX_CLIP_FRAMES)  # 0: images | N: N frames per clip; a shorter clip is skipped like an unreadable image
     frame_stride: int = setting(1, at_least=1)  # take every k-th source frame (2: every other frame)
     frame_start: str = setting("first", choices=FRAME_STARTS)  # "first": from frame 0 | "random": a random start (per seed, row and epoch)
     seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # seeds SSPOr sides, random crops and flips

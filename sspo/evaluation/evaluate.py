@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sspo.config import MAX_RESOLUTION, MAX_SEED, setting, validate
+from sspo.config import MAX_CLIP_FRAMES, MAX_RESOLUTION, MAX_SEED, setting, validate
 from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, SCORER_CHOICES, build_scorer
 from sspo.evaluation.scorers.prompts import PromptItem, load_prompt_set, prompt_set_names
@@ -42,7 +42,7 @@ class EvalConfig:
     guidance_scale: float | None = setting(None, at_least=0)
     batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
     resolution: int | None = setting(None, at_least=8, at_most=MAX_RESOLUTION, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native
-    frames: int = setting(8, at_least=1)  # video models: frames per clip
+    frames: int = setting(8, at_least=1, at_most=MAX_CLIP_FRAMES)  # video models: frames per clip
     dtype: str = setting("fp32", choices=DTYPES)  # dtype of the diffusion model's weights: fp32 | fp16 | bf16
     limit: int | None = setting(None, at_least=1)  # at most N prompts per category (quick runs)
     split_seed: int = setting(0, at_least=0, at_most=MAX_SEED)  # a world's prompts: its train/held-out split (must match the training data's)

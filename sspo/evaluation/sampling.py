@@ -114,7 +114,12 @@ def save_animation(frames: Sequence[Image.Image], path: str | Path) -> Path:
     return write_clip(path, np.stack([np.asarray(frame.convert("RGB")) for frame in frames]))
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
+STILL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # a still grid's suffixes, PNG first: the default
+
+
+def save_image(image: Image.Image, path: str | Path, image_format: str = "PNG") -> Path:
+    """``image`` written whole or not at all; a ``image_format`` other than PNG (sspo sample's grid named
+    .jpg, say) is the user's choice of a lossy file."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=image_format, **({"quality": 95} if image_format in ("JPEG", "WEBP") else {}))
     return Path(path)

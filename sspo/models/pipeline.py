@@ -234,6 +234,16 @@ def check_lora_path(lora: Path) -> None:
         open_tensors(file, what="LoRA weights", fix="pass an intact copy, or train the run again")
 
 
+def lora_location(lora: str | Path) -> Path:
+    """Where a ``--lora`` value's weights are: a finished training run's folder stands for its final LoRA
+    (``RUN/final``); anything else is taken as given (``check_lora_path`` says what is wrong with it)."""
+    lora = Path(lora).expanduser()
+    final = lora / "final"
+    if (lora / "config.yaml").is_file() and not (lora / LORA_FILE).is_file() and (final / LORA_FILE).is_file():
+        return final
+    return lora
+
+
 def _final_of(run: Path) -> str:
     """What to pass instead of a training run's folder ``run`` or a file in it."""
     final = run / "final"

@@ -90,8 +90,9 @@ def warn_foreign_captions(cfg: TrainConfig, dataset) -> None:
     captions = dataset.captions(32)
     foreign = [caption for caption in captions if not world.reads_prompt(caption)]
     if foreign:
-        log.warning("%d of the first %d captions are not prompts of the %s world (e.g. %r), and %s knows only its world's words; "
-                    "for data of your own, set model.pretrained to a real model", len(foreign), len(captions), world.name, foreign[0], base)
+        log.warning("%d of the first %d captions %s of the %s world (e.g. %r), and %s knows only its world's words; "
+                    "for data of your own, set model.pretrained to a real model", len(foreign), len(captions),
+                    "is not a prompt" if len(foreign) == 1 else "are not prompts", world.name, foreign[0], base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -699,7 +700,7 @@ class Trainer(Checkpointing):
     def validation_grid(self, samples: list) -> Path:
         """The samples of ``validation.prompts``: a PNG in the run dir and a tensorboard image (for clips,
         their middle frames; the whole clips beside it as a GIF)."""
-        from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_png
+        from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_image
 
         prompts = self.cfg.validation.prompts
         name = self.run_dir / "validation" / f"step-{self.global_step:08d}"
@@ -712,7 +713,7 @@ class Trainer(Checkpointing):
         if self.cfg.report_to == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation/grid", np.asarray(grid), self.global_step, dataformats="HWC")
-        return save_png(grid, name.with_suffix(".png"))
+        return save_image(grid, name.with_suffix(".png"))
 
     def metric_scores(self, samples: list) -> dict[str, float]:
         """Every column of ``validation.metrics`` averaged over the samples of :attr:`metric_prompts`, the samples sent to the tracker."""

@@ -174,6 +174,15 @@ def test_settings_from_the_comparisons_own_folder_is_refused(tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_the_first_training_seed_shifts_every_arms_seeds(tmp_path, monkeypatch):
+    from sspo.cli import main
+
+    given = {}
+    monkeypatch.setattr(compare, "run_compare", lambda config, arms, seeds, out, **kwargs: given.update(seeds=seeds))
+    assert main(["compare", "compare-shapes", "--training-seeds", "3", "--first-training-seed", "10", "--out", str(tmp_path / "c")]) == 0
+    assert given["seeds"] == [10, 11, 12]
+
+
 def test_no_training_seeds_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--training-seeds 0: expected 1 or more"):
         compare.run_compare(CONFIG, ["sft"], [], tmp_path)

@@ -6,7 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from sspo.cli import main
@@ -171,7 +173,6 @@ def test_a_damaged_line_inside_a_log_is_named_and_nothing_changes(name, bad_line
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
 @pytest.mark.parametrize("lora, instead", [
-    (".", "is a training run's folder; pass its final LoRA: {run}/final"),
     ("pool/checkpoint-001.safetensors", "is in a training run's checkpoint pool (sspo's own format, not a LoRA diffusers loads); pass its final LoRA: {run}/final, "
                                         "or write pool checkpoint N as one: sspo export {run} --format diffusers --checkpoint N"),
     ("pool", "is in a training run's checkpoint pool"),
@@ -188,6 +189,23 @@ def test_lora_at_a_run_folder_or_pool_file_says_what_to_pass(command, lora, inst
     line = error_line(capsys)
     assert line.startswith(f"sspo: error: LoRA path {path} ") and instead.format(run=finished_run) in line
     assert not out.exists()
+
+
+def test_a_finished_runs_folder_as_the_lora_samples_its_final_lora(finished_run, quick_base, tmp_path):
+    grids = []
+    for lora in (finished_run, finished_run / "final"):
+        out = tmp_path / f"{lora.name}.png"
+        assert main(["sample", "--model", quick_base, "--lora", str(lora), "--prompt", "a small red circle on the left", "--steps", "2", "--rows", "1",
+                     "--out", str(out)]) == 0
+        grids.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*grids)
+
+
+def test_an_unfinished_runs_folder_as_the_lora_says_how_to_finish_it(run, quick_base, tmp_path, capsys):
+    shutil.rmtree(run / "final")
+    assert main(["sample", "--model", quick_base, "--lora", str(run), "--prompt", "a small red circle on the left", "--out", str(tmp_path / "g.png")]) == 2
+    assert error_line(capsys) == (f"sspo: error: LoRA path {run} is a training run's folder; pass its final LoRA, {run / 'final'}, once the run "
+                                  "has finished (sspo train CONFIG --resume finishes it)")
 
 
 def test_a_damaged_final_lora_is_named(run, quick_base, capsys):

@@ -481,7 +481,7 @@ def test_own_captions_on_a_worlds_tiny_base_are_named_in_the_dry_run(quick_base,
     metadata.write_text(metadata.read_text().replace(json.loads(metadata.read_text().splitlines()[0])["text"], "a photo of my cat", 1))
     with caplog.at_level(logging.WARNING, logger="sspo"):
         dry_run(tiny_config(tmp_path / "run", quick_base, *own))
-    assert ("1 of the first 4 captions are not prompts of the shapes world (e.g. 'a photo of my cat'), and shapes-base:quick knows only "
+    assert ("1 of the first 4 captions is not a prompt of the shapes world (e.g. 'a photo of my cat'), and shapes-base:quick knows only "
             "its world's words; for data of your own, set model.pretrained to a real model") in caplog.text
 
 
