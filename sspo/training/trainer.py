@@ -56,7 +56,7 @@ from sspo.training.run_state import flatten
 from sspo.training.ssr_truth import SSRTruth
 from sspo.worlds import base_world, get_world
 from sspo.worlds.names import check_not_a_misspelt_base, resolve_model
-from sspo.worlds.registry import base_of_folder
+from sspo.worlds.registry import base_name
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def open_dataset(cfg: TrainConfig, read_first_row: bool = True):
 def warn_foreign_captions(cfg: TrainConfig, dataset) -> None:
     """A world's tiny base knows its world's words only: captions of other data (a user's own photos)
     reach it as subword fragments, which trains without complaint and learns nothing of them."""
-    base = base_of_folder(cfg.model.pretrained) or cfg.model.pretrained  # a world base given by its folder too
+    base = base_name(cfg.model.pretrained)  # a world base given by its folder too
     world = base_world(base)
     if world is None or cfg.data.source not in FILE_SOURCES:
         return

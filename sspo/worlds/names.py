@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sspo.config import load_yaml
 from sspo.errors import ConfigError, SSPOError
-from sspo.worlds.registry import WORLDS, base_of_folder, base_world
+from sspo.worlds.registry import WORLDS, base_name, base_world
 
 
 def resolve_model(name: str, key: str = "model") -> str:
@@ -39,7 +39,7 @@ def usual_family(name: str, family: str = "auto", revision: str | None = None, k
     from sspo.models.families import FAMILIES, family_of
     from sspo.models.pipeline import load_pipeline_config
 
-    name = base_of_folder(name) or name
+    name = base_name(name)
     if world := base_world(name):
         return FAMILIES[family] if family in FAMILIES else FAMILIES[world.family_of(name)]
     check_not_a_misspelt_base(name, key)
@@ -51,7 +51,7 @@ def usual_guidance_scale(name: str, family: str = "auto", revision: str | None =
     base, the one its run sampled with for a run's fully fine-tuned ``final/``, else its model
     family's (:func:`usual_family`): SD-1.5 and AnimateDiff 7.5, SDXL 5.
     A world base given by its shipped or cached folder is that base."""
-    name = base_of_folder(name) or name
+    name = base_name(name)
     world = base_world(name)
     if world:
         return world.guidance_scale(name)

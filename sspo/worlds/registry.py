@@ -194,19 +194,19 @@ def base_world(model: str) -> World | None:
     return next((world for world in WORLDS.values() if world.names_base(model)), None)
 
 
-def base_of_folder(folder: str | Path) -> str | None:
-    """The world base (``shapes-base:quick``, ...) whose shipped or cached folder ``folder`` is, or
-    None: a base given by its path is the base it names (its guidance, say)."""
-    path = Path(folder).expanduser()
+def base_name(model: str) -> str:
+    """The world base (``shapes-base:quick``, ...) whose shipped or cached folder ``model`` is, else
+    ``model`` as given: a base given by its path is the base it names (its guidance, say)."""
+    path = Path(model).expanduser()
     if not (path / "model_index.json").is_file():
-        return None
+        return model
     for world in WORLDS.values():
         for preset in world.base_presets:
             name = world.base if preset == world.base_presets[0] else f"{world.base}:{preset}"
             found = world.find_base(preset)
             if found is not None and Path(found).resolve() == path.resolve():
                 return name
-    return None
+    return model
 
 
 def prompt_set_world(name: str) -> tuple[World, bool] | None:
