@@ -211,13 +211,17 @@ def _scorer_options(pairs: list[str] | None) -> dict[str, dict[str, str]]:
 
 
 def _train(args) -> None:
-    from sspo.config import load_config
+    from sspo.config import load_config, yaml_text
     from sspo.training.config import TrainConfig
     from sspo.training.run_state import STATE_FILE, saved_states
     from sspo.training.trainer import dry_run, launched_as_main, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     shown = launched_as_main()  # under a multi-process launch the main process prints, once
+    if args.print_config:
+        if shown:
+            print(yaml_text(cfg), end="")
+        return
     if args.dry_run:
         summary = dry_run(cfg, resume=args.resume, overwrite=args.overwrite)
         if shown:
@@ -372,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
     start.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir (without it a fresh start there is refused)")
     p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
+    p.add_argument("--print-config", action="store_true", help="print the config with the overrides applied and every default filled in, "
+                   "as YAML that sspo train reads back (the run's config.yaml), and train nothing")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")

@@ -472,7 +472,12 @@ def load_config(cls: type[T], path: str | Path | None, overrides: typing.Sequenc
     return from_dict(cls, apply_overrides(data, overrides, cls))
 
 
+def yaml_text(obj: Any) -> str:
+    """A config dataclass as YAML, every key in declaration order: what ``load_config`` reads back."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def save_yaml(obj: Any, path: str | Path) -> None:
     from sspo.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+    atomic_write_text(path, yaml_text(obj))

@@ -270,3 +270,16 @@ def test_resume_and_overwrite_are_one_or_the_other(capsys):
 def test_conflicting_or_malformed_arguments_are_one_line(argv, line, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"sspo: error: {line}"
+
+
+def test_print_config_prints_yaml_that_trains_as_the_same_config(tmp_path, capsys):
+    from sspo.config import load_config
+    from sspo.training.config import TrainConfig
+
+    overrides = ["method=sft", "optim.learning_rate=3e-4", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", "demo-shapes", *overrides, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert load_config(TrainConfig, tmp_path / "printed.yaml") == load_config(TrainConfig, "demo-shapes", overrides)
+    assert "method: sft\n" in printed and "  learning_rate: 0.0003\n" in printed and "negatives:\n" in printed  # every section, defaults too
+    assert not (tmp_path / "run").exists()
