@@ -142,16 +142,17 @@ def check_image_sizes(cfg: TrainConfig, family, denoiser_config: dict, vae_scale
     family.check_image_sizes(denoiser_config, vae_scale, bucket_sizes(data.resolution, data.bucket_step, data.bucket_max_aspect), "data.resolution")
 
 
-def warn_ignored_settings(cfg: TrainConfig, family) -> None:
+def warn_ignored_settings(cfg: TrainConfig, family, denoiser_config: dict) -> None:
     """One warning naming the settings changed from their defaults that this model ignores (a config
-    written for another family), so that a user does not believe them applied."""
+    written for another family), so that a user does not believe them applied. ``denoiser_config``:
+    the denoiser's config (whether it has a guidance embedding)."""
     from sspo.models.families.flow import FlowConfig, FlowMatchingFamily
 
     ignored = []
     if not isinstance(family, FlowMatchingFamily) and cfg.flow != FlowConfig():
         ignored.append(f"flow.* (flow-matching models' keys; {family.name} is trained by denoising)")
-    elif family.name != "flux" and cfg.flow.guidance_scale != FlowConfig().guidance_scale:
-        ignored.append(f"flow.guidance_scale (FLUX-dev's guidance embedding's; {family.name} has none)")
+    elif cfg.flow.guidance_scale != FlowConfig().guidance_scale and not family.takes_guidance_embedding(denoiser_config):
+        ignored.append(f"flow.guidance_scale (a guidance embedding's input, as FLUX.1-dev has; this {family.name} model has none)")
     if cfg.generates_negatives and cfg.negatives.eta and cfg.negatives.scheduler != "ddim":
         ignored.append(f"negatives.eta (ddim's; negatives.scheduler is {cfg.negatives.scheduler})")
     if ignored:
@@ -165,13 +166,13 @@ def check_model_fits(cfg: TrainConfig, files, warn: bool = False) -> None:
     if files.config is None:
         return
     family = family_of(files.config, cfg.model.family)
+    revision = None if base_world(cfg.model.pretrained) else cfg.model.revision
     if warn:
-        warn_ignored_settings(cfg, family)
+        warn_ignored_settings(cfg, family, component_config(files.folder, files.config, family.denoiser_component, revision))
     if cfg.generates_negatives:
         family.check_sampler(cfg.negatives.scheduler)
     if files.video:  # a video denoiser is an image UNet joined to a motion adapter at load
         return
-    revision = None if base_world(cfg.model.pretrained) else cfg.model.revision
     denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, revision)
     check_image_sizes(cfg, family, dict(denoiser.config), vae_scale_factor(component_config(files.folder, files.config, "vae", revision)))
     if cfg.model.lora:
@@ -261,7 +262,7 @@ class Trainer(Checkpointing):
                 component.requires_grad_(False).eval()
         check_frames(cfg, self.family.video, self.family.longest_clip)  # the model's frame limit, now that it is loaded
         if self.accelerator.is_main_process:
-            warn_ignored_settings(cfg, self.family)
+            warn_ignored_settings(cfg, self.family, dict(self.family.denoiser.config))
         check_image_sizes(cfg, self.family, dict(self.family.denoiser.config), getattr(self.pipe, "vae_scale_factor", 8))
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)
         denoiser = self._prepare_denoiser(self.family.denoiser)

@@ -61,19 +61,33 @@ def test_a_registered_family_trains_every_method_with_its_own_timesteps(method, 
 def test_auto_detects_each_family_from_the_pipeline_components():
     scheduler = DDPMScheduler()
 
-    class UNetMotionModel:  # detection reads the denoiser's class name, as diffusers names it
-        pass
+    def named(name):  # a loaded component: detection reads its class name, as diffusers names it
+        return type(name, (), {})()
 
-    assert family_of({"unet": object(), "text_encoder": object(), "scheduler": scheduler}).name == "sd"
-    assert family_of({"unet": object(), "text_encoder_2": object(), "scheduler": scheduler}).name == "sdxl"
-    assert family_of({"unet": UNetMotionModel(), "scheduler": scheduler}).name == "animatediff"
-    assert family_of({"unet": object(), "motion_adapter": object(), "scheduler": scheduler}).name == "animatediff"
+    unet, clip, clip_projected = named("UNet2DConditionModel"), named("CLIPTextModel"), named("CLIPTextModelWithProjection")
+    assert family_of({"unet": unet, "text_encoder": clip, "scheduler": scheduler}).name == "sd"
+    assert family_of({"unet": unet, "text_encoder": clip, "text_encoder_2": clip_projected, "scheduler": scheduler}).name == "sdxl"
+    assert family_of({"unet": named("UNetMotionModel"), "scheduler": scheduler}).name == "animatediff"
+    assert family_of({"unet": unet, "text_encoder": clip, "motion_adapter": object(), "scheduler": scheduler}).name == "animatediff"
+    assert family_of({"transformer": ["diffusers", "SD3Transformer2DModel"], "text_encoder_3": [None, None]}).name == "sd3"
+    assert family_of({"transformer": ["diffusers", "FluxTransformer2DModel"], "text_encoder": []}).name == "flux"
     with pytest.raises(ModelError, match="no known model family"):
         family_of({"transformer": object(), "scheduler": scheduler})
 
 
+@pytest.mark.parametrize("index", [
+    {"_class_name": "KolorsPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["kolors", "ChatGLMModel"]},  # SD's layout
+    {"_class_name": "HiDreamImagePipeline", "transformer": ["diffusers", "HiDreamImageTransformer2DModel"], "text_encoder_3": ["transformers", "T5EncoderModel"]},
+    {"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"], "text_encoder": ["transformers", "T5EncoderModel"]},
+], ids=["kolors", "hidream", "pixart"])
+def test_a_pipeline_laid_out_as_a_family_but_of_other_models_is_no_family(index):
+    with pytest.raises(ModelError, match=rf"^{index['_class_name']} is of no known model family; sspo trains "):
+        family_of(index)
+
+
 def test_a_named_family_must_fit_the_pipelines_components():
-    sd = {"_class_name": "StableDiffusionPipeline", "unet": object(), "vae": object(), "text_encoder": object(), "scheduler": DDPMScheduler()}
+    sd = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "vae": [], "text_encoder": ["transformers", "CLIPTextModel"],
+          "scheduler": DDPMScheduler()}
     assert family_of(sd, "sd").name == "sd"
     with pytest.raises(ModelError, match=r"model.family 'sdxl' does not fit this StableDiffusionPipeline: it has no text_encoder_2; set model.family to auto"):
         family_of(sd, "sdxl")
@@ -88,7 +102,7 @@ def test_a_named_family_must_fit_the_pipelines_components():
 def test_model_family_accepts_registered_names_only(upper_quarter):
     assert ModelConfig(family=upper_quarter.name).family == upper_quarter.name
     assert ModelConfig(family="auto").family == "auto"
-    with pytest.raises(ConfigError, match="model.family.*'auto', 'sd'"):
+    with pytest.raises(ConfigError, match="model.family.*expected one of 'auto', .*'sd', "):
         ModelConfig(family="kandinsky")
 
 
@@ -118,7 +132,7 @@ def test_the_few_step_solvers_sample_the_quick_base_on_its_own_noise_schedule(ki
 def test_each_family_takes_the_image_sides_its_denoiser_can():
     sd3 = family_of({"transformer": ["diffusers", "SD3Transformer2DModel"], "text_encoder_3": [], "vae": [], "text_encoder": [], "text_encoder_2": []})
     flux = family_of({"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": [], "text_encoder": [], "text_encoder_2": []})
-    sd = family_of({"unet": object(), "text_encoder": object(), "scheduler": DDPMScheduler()})
+    sd = family_of({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": DDPMScheduler()})
     assert sd3.image_sides({"patch_size": 2, "pos_embed_max_size": 96}, 8) == (16, 1536)  # SD3's transformer, its VAE's 8
     assert flux.image_sides({"patch_size": 1}, 8) == (16, None)  # 2x2 patches packed outside the transformer
     assert sd.image_sides({}, 8) == sd.image_sides({}, 4) == (8, None)  # SD's pipelines take multiples of 8, whatever the VAE

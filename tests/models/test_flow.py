@@ -18,7 +18,7 @@ SHIFT = 3.0
 
 def sd3(scheme: str = "logit_normal"):
     """The SD3 family bound to the components training needs (no weights: a denoiser is passed in)."""
-    components = {"transformer": object(), "text_encoder_3": None, "scheduler": FlowMatchEulerDiscreteScheduler(shift=SHIFT)}
+    components = {"transformer": ["diffusers", "SD3Transformer2DModel"], "text_encoder_3": None, "scheduler": FlowMatchEulerDiscreteScheduler(shift=SHIFT)}
     return family_of(components, flow=FlowConfig(weighting_scheme=scheme))
 
 
@@ -33,7 +33,7 @@ def latents_and_noise(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((n, 4, 2, 2), X0), torch.full((n, 4, 2, 2), EPS)
 
 
-def test_sd3_is_detected_by_its_transformer_and_t5_slot():
+def test_sd3_is_detected_by_its_transformer():
     assert sd3().name == "sd3" and sd3().denoiser_label == "transformer"
 
 

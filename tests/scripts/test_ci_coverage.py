@@ -22,3 +22,15 @@ def test_recorded_claims_are_decided_again_beside_their_record():
     changed = [line for line in done.stdout.splitlines() if line.endswith(" (changed) |")]
     assert [line.split(" | ")[0:2] for line in changed] == [["| flow-5seeds", "sft"], ["| regimes-mid", "sft"], ["| regimes-mid-replay", "sft"]]
     assert done.stdout.rstrip().endswith("\n3 verdicts changed.")
+
+
+def test_another_subject_decides_its_own_differences_and_the_swap_negates_sspos():
+    def rows(*argv):
+        done = subprocess.run([sys.executable, str(SCRIPTS / "recheck-claims"), *argv, str(SCRIPTS.parent / "docs/results/regimes-mid")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {line.split(" | ")[1]: line.split(" | ")[5] for line in done.stdout.splitlines() if line.startswith("| regimes-mid |")}
+
+    sspo, spin = rows(), rows("--subject", "spin")
+    assert sspo["spin"] == "-0.031 [-0.050, -0.013]" and spin["spin"] == "+0.031 [+0.013, +0.050]"  # the row of spin itself: spin - SSPO
+    assert set(spin) == {"sft", "dpo", "spin", "ssr_off", "base"} and spin["sft"] != sspo["sft"]

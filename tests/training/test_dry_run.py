@@ -131,4 +131,4 @@ def test_settings_the_model_ignores_are_named_in_one_warning(quick_base, pairs, 
     with caplog.at_level("WARNING"):  # an SD3 model: flow's keys apply, but it has no guidance embedding
         assert main(["train", "demo-shapes", "--dry-run", "model.pretrained=shapes-base:flow", "model.lora_targets=[to_q, to_k, to_v, to_out.0]",
                      "flow.guidance_scale=9", f"output_dir={tmp_path / 'run'}"]) == 0
-    assert "ignored for this model: flow.guidance_scale (FLUX-dev's guidance embedding's; sd3 has none)" in caplog.text
+    assert "ignored for this model: flow.guidance_scale (a guidance embedding's input, as FLUX.1-dev has; this sd3 model has none)" in caplog.text

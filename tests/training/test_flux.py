@@ -15,7 +15,7 @@ from sspo.errors import ModelError
 from sspo.models.families import FAMILIES, family_of
 from sspo.models.families.flux import pack_latents, unpack_latents
 from sspo.models.pipeline import load_pipeline, load_pipeline_config
-from sspo.training.trainer import Trainer, train
+from sspo.training.trainer import Trainer, check_model_fits, model_files, train
 
 from lora_checks import assert_lora_reloads_as_trained
 from test_trainer import metrics, tiny_config
@@ -71,6 +71,16 @@ def test_predict_packs_and_unpacks_exactly_and_tells_the_transformer_sigma_and_g
 def test_schnell_has_no_guidance_input(tmp_path):
     family = family_of(load_pipeline(build_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)))
     assert family.guidance(2, "cpu") is None
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
+def test_flow_guidance_scale_is_named_as_ignored_only_by_a_model_without_a_guidance_embedding(guidance_embeds, tmp_path, caplog):
+    model = str(build_flux_pipeline(tmp_path / "flux", guidance_embeds=guidance_embeds))
+    cfg = flux_config(tmp_path / "run", model, "flow.guidance_scale=9")
+    with caplog.at_level("WARNING"):
+        check_model_fits(cfg, model_files(cfg), warn=True)
+    ignored = "ignored for this model: flow.guidance_scale (a guidance embedding's input, as FLUX.1-dev has; this flux model has none)"
+    assert (ignored in caplog.text) != guidance_embeds
 
 
 def test_negatives_are_the_stock_pipelines_samples_unpacked(tiny_flux):

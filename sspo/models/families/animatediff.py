@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from sspo.models.condition import TextCondition
-from sspo.models.families.base import MOTION, ModelFamily, register
-from sspo.models.families.sd import is_motion_model
+from sspo.models.families.base import MOTION, ModelFamily, component_class, register
 from sspo.models.lora_targets import check_lora_targets
 
 
@@ -27,7 +26,8 @@ class AnimateDiff(ModelFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        return "motion_adapter" in components or is_motion_model(components.get("unet"))
+        # A video UNet, whether or not its motion adapter is listed beside it.
+        return "motion_adapter" in components or component_class(components, "unet") == "UNetMotionModel"
 
     @property
     def longest_clip(self) -> int | None:

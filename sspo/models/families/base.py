@@ -89,6 +89,12 @@ class ModelFamily:
         return False
 
     @classmethod
+    def takes_guidance_embedding(cls, denoiser_config: Mapping[str, Any]) -> bool:
+        """Whether the denoiser has a guidance embedding, whose input ``flow.guidance_scale`` is in training
+        (FLUX.1-dev's); a model without one ignores that setting."""
+        return False
+
+    @classmethod
     def image_sides(cls, denoiser_config: Mapping[str, Any], vae_scale: int) -> tuple[int, int | None]:
         """(the multiple every image side must be, the largest side or None) in pixels, from the
         denoiser's config and the VAE's scale factor: a UNet pipeline takes multiples of 8 (diffusers'
@@ -375,7 +381,18 @@ def family_of(pipe, name: str = "auto", flow=None) -> ModelFamily:
     for family in FAMILIES.values():
         if family.detects(components):
             return family(pipe, flow)
-    raise ModelError(f"{type(pipe).__name__} is of no known model family; sspo trains {', '.join(FAMILIES)} pipelines (set model.family to name one)")
+    raise ModelError(f"{_pipeline_name(pipe)} is of no known model family; sspo trains {', '.join(FAMILIES)} pipelines (set model.family to name one)")
+
+
+def component_class(components: Mapping[str, Any], name: str) -> str | None:
+    """The class name of the pipeline's component ``name``: a model_index.json entry's [library, class]
+    or a loaded component's type; None where it is absent or empty. Families detect by these names,
+    so a pipeline of the same layout with other models (Kolors' GLM encoder, HiDream's transformer)
+    is no family's rather than a wrong one's."""
+    entry = components.get(name)
+    if isinstance(entry, (list, tuple)):
+        return entry[1] if len(entry) == 2 and isinstance(entry[1], str) else None
+    return None if entry is None else type(entry).__name__
 
 
 def _pipeline_name(pipe) -> str:

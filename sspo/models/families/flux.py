@@ -16,7 +16,7 @@ import torch
 
 from sspo.errors import ModelError
 from sspo.models.condition import TextCondition
-from sspo.models.families.base import register
+from sspo.models.families.base import component_class, register
 from sspo.models.families.flow import FlowMatchingFamily
 
 
@@ -57,18 +57,20 @@ class Flux(FlowMatchingFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        transformer = components.get("transformer")
-        kind = transformer[1] if isinstance(transformer, (list, tuple)) else type(transformer).__name__
-        return kind == "FluxTransformer2DModel"
+        return component_class(components, "transformer") == "FluxTransformer2DModel"
 
     def condition_kwargs(self, cond: TextCondition) -> dict:
         """T5's token embeddings and CLIP's pooled one; text tokens all have position id 0, as FluxPipeline gives them."""
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=cond.embeds.device, dtype=cond.embeds.dtype)
         return {"encoder_hidden_states": cond.embeds, "pooled_projections": cond.pooled, "txt_ids": text_ids}
 
+    @classmethod
+    def takes_guidance_embedding(cls, denoiser_config: Mapping[str, Any]) -> bool:
+        return bool(denoiser_config.get("guidance_embeds"))  # FLUX.1-dev's; schnell has none
+
     def guidance(self, batch: int, device) -> torch.Tensor | None:
         """FLUX-dev's guidance embedding input in training (``flow.guidance_scale``); None for a model without one."""
-        if not self.denoiser.config.guidance_embeds:
+        if not self.takes_guidance_embedding(self.denoiser.config):
             return None
         return torch.full((batch,), self.flow.guidance_scale, device=device, dtype=torch.float32)
 

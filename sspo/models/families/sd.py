@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sspo.models.families.base import ModelFamily, register
+from sspo.models.families.base import ModelFamily, component_class, register
 
 
 @register
@@ -19,9 +19,5 @@ class StableDiffusion(ModelFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        return "unet" in components and "text_encoder_2" not in components and "motion_adapter" not in components and not is_motion_model(components["unet"])
-
-
-def is_motion_model(denoiser) -> bool:
-    """A video UNet (AnimateDiff's ``UNetMotionModel``), whether or not a motion adapter is listed beside it."""
-    return type(denoiser).__name__ == "UNetMotionModel"
+        return (component_class(components, "unet") == "UNet2DConditionModel" and component_class(components, "text_encoder") == "CLIPTextModel"
+                and "text_encoder_2" not in components and "motion_adapter" not in components)

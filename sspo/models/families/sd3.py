@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sspo.models.condition import TextCondition
-from sspo.models.families.base import register
+from sspo.models.families.base import component_class, register
 from sspo.models.families.flow import FlowMatchingFamily
 
 
@@ -23,7 +23,7 @@ class StableDiffusion3(FlowMatchingFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        return "transformer" in components and "text_encoder_3" in components
+        return component_class(components, "transformer") == "SD3Transformer2DModel"
 
     @classmethod
     def image_sides(cls, denoiser_config: Mapping[str, Any], vae_scale: int) -> tuple[int, int | None]:

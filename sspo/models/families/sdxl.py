@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sspo.models.condition import TextCondition
-from sspo.models.families.base import ModelFamily, register
+from sspo.models.families.base import ModelFamily, component_class, register
 
 
 @register
@@ -20,7 +20,7 @@ class StableDiffusionXL(ModelFamily):
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
-        return "unet" in components and "text_encoder_2" in components
+        return component_class(components, "unet") == "UNet2DConditionModel" and component_class(components, "text_encoder_2") == "CLIPTextModelWithProjection"
 
     def condition_kwargs(self, cond: TextCondition) -> dict:
         return {"encoder_hidden_states": cond.embeds, "added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": cond.time_ids}}

@@ -10,13 +10,14 @@ from sspo.errors import ModelError, SSPOError
 from sspo.evaluation.scorers import PAPER_METRICS, Scorer, build_scorer, scorer_names
 from sspo.evaluation.scorers.base import resolve_file
 from sspo.models import pipeline
+from sspo.worlds import WORLDS
 from sspo.worlds.shapes import world as shapes
 
 from scorer_models import PROMPTS
 
 
 def test_registry_names_and_unknown_scorer():
-    assert set(scorer_names()) == {"pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", "shapes", "moving-shapes"}
+    assert set(scorer_names()) == {"pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "clip", *WORLDS}  # each world scores its own
     assert set(PAPER_METRICS) <= set(scorer_names())
     with pytest.raises(SSPOError, match="unknown scorer 'pick'.*pickscore"):
         build_scorer("pick")
