@@ -194,6 +194,7 @@ def validation_metric_prompts(cfg: TrainConfig, video: bool) -> list[str]:
     """The prompts ``validation.metrics`` scores, checked before training: readable, of the world a world's metric
     scores, sampled as the metrics' inputs (images or clips), and the scorers' local weights there."""
     from sspo.evaluation.evaluate import check_metric_prompts, check_scorers, scores_clips
+    from sspo.evaluation.scorers import scorer_names
     from sspo.evaluation.scorers.prompts import read_prompt_file
 
     vcfg = cfg.validation
@@ -201,7 +202,7 @@ def validation_metric_prompts(cfg: TrainConfig, video: bool) -> list[str]:
         return []
     for metric in vcfg.metrics:
         if scores_clips(metric) != video:
-            made, fits = ("clips", "moving-shapes") if video else ("images", "shapes, pickscore, ...")
+            made, fits = "clips" if video else "images", ", ".join(name for name in scorer_names() if scores_clips(name) == video)
             raise ConfigError(f"validation.metrics: {metric!r} does not score the {made} this model makes; pick metrics of {made} ({fits})")
     if vcfg.prompt_file is None:
         prompts = list(vcfg.prompts)

@@ -52,6 +52,9 @@ def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
         (["method=dpo", "data.source=imagefolder", "data.path={images}"], "needs (winner, loser) pairs"),
         (["data.streaming=true"], "unknown config key 'data.streaming'"),
         (["data.frames=8"], "'data.frames': is 8 (clips), but the model makes images; set data.frames=0"),
+        (["validation.metrics=[moving-shapes]", "validation.every_iterations=1"],
+         "validation.metrics: 'moving-shapes' does not score the images this model makes; pick metrics of images (pickscore, hpsv2, hpsv21, "
+         "imagereward, aesthetic, clip, shapes)"),
     ],
 )
 def test_dry_run_errors_are_one_line(overrides, message, quick_base, pairs, tmp_path, capsys):
