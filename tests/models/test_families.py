@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sspo.errors import ConfigError, ModelError
+from sspo.models.condition import TextCondition
 from sspo.models.families import FAMILIES, family_of, register
 from sspo.models.families.sd import StableDiffusion
 from sspo.models.pipeline import load_pipeline
@@ -143,3 +144,14 @@ def test_each_family_takes_the_image_sides_its_denoiser_can():
         sd3.check_image_sizes({"patch_size": 2, "pos_embed_max_size": 96}, 8, [(2048, 1024)], "--resolution")
     with pytest.raises(ModelError, match=r"^data.resolution: flux takes image sides that are multiples of 16 px"):
         flux.check_image_sizes({}, 8, [(512, 520)], "data.resolution")
+
+
+def test_a_prediction_of_another_shape_than_the_target_is_refused_not_broadcast():
+    family = family_of({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": DDPMScheduler()})
+    latents = torch.zeros(2, 4, 8, 8)
+
+    def one_channel(sample, timestep, encoder_hidden_states):  # (2, 1, 8, 8) would broadcast against the noise
+        return type("Output", (), {"sample": sample[:, :1]})()
+
+    with pytest.raises(ModelError, match=r"^StableDiffusion.predict gave \(2, 1, 8, 8\) for a target of \(2, 4, 8, 8\); "):
+        family.denoising_errors(one_channel, latents, torch.ones_like(latents), torch.tensor([10, 20]), TextCondition(torch.zeros(2, 3, 5)))

@@ -172,6 +172,9 @@ class ModelFamily:
         noisy = self.add_noise(latents, noise, timesteps)
         pred = self.predict(denoiser, noisy, timesteps, cond.to(latents.device))
         target = self.target(latents, noise, timesteps)
+        if pred.shape != target.shape:  # a broadcast would train on a wrong error without a word
+            raise ModelError(f"{type(self).__name__}.predict gave {tuple(pred.shape)} for a target of {tuple(target.shape)}; a denoiser that "
+                             "also predicts variance (learned sigma) has its extra channels split off in predict")
         return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
     # ----------------------------------------------------------------------------------------------
