@@ -40,7 +40,18 @@ def _base(args) -> None:
 
 def _sample(args) -> None:
     from sspo.config import MAX_CLIP_FRAMES, MAX_RESOLUTION, Allowed
-    from sspo.evaluation.sampling import STILL_FORMATS, check_sample_size, clip_grid, generate, image_grid, sampling_device, save_animation, save_image
+    from sspo.evaluation.sampling import (
+        LONGEST_SIDE,
+        STILL_FORMATS,
+        check_sample_size,
+        clip_grid,
+        generate,
+        image_grid,
+        image_grid_size,
+        sampling_device,
+        save_animation,
+        save_image,
+    )
     from sspo.io import write_error
     from sspo.models.families import family_of
     from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config, lora_location
@@ -75,6 +86,11 @@ def _sample(args) -> None:
     out = out if out.suffix.lower() in suffixes else out.with_suffix(suffixes[0])
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
+    if not video and (longest := LONGEST_SIDE.get(STILL_FORMATS[out.suffix.lower()])):
+        size = image_grid_size(args.rows, len(prompts))
+        if max(size) > longest:  # found now, not after every sample is made
+            raise ConfigError(f"--out {out}: a grid of {args.rows} rows x {len(prompts)} prompts is {size[0]} x {size[1]} pixels, past the "
+                              f"{longest} a side {STILL_FORMATS[out.suffix.lower()]} takes; name a .png, or give fewer --rows or --prompt")
     pipe = load_pipeline(model or resolve_model(args.model, key="--model"), lora=lora, motion_adapter=args.motion_adapter).to(device)
     check_sample_size(pipe, args.resolution, "--resolution")
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
@@ -212,7 +228,7 @@ def _scorer_options(pairs: list[str] | None) -> dict[str, dict[str, str]]:
 
 def _train(args) -> None:
     from sspo.config import load_config, yaml_text
-    from sspo.training.config import TrainConfig
+    from sspo.training.config import TrainConfig, resolved
     from sspo.training.run_state import STATE_FILE, saved_states
     from sspo.training.trainer import dry_run, launched_as_main, train
 
@@ -220,7 +236,7 @@ def _train(args) -> None:
     shown = launched_as_main()  # under a multi-process launch the main process prints, once
     if args.print_config:
         if shown:
-            print(yaml_text(cfg), end="")
+            print(yaml_text(resolved(cfg)), end="")
         return
     if args.dry_run:
         summary = dry_run(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -260,6 +276,7 @@ def _demo(args) -> None:
 
 def _compare(args) -> None:
     from sspo.commands.compare import ABLATIONS, run_compare, table1
+    from sspo.config import MAX_SEED
 
     methods = ",".join(table1()) if args.methods is None else args.methods
     ablations = ",".join(ABLATIONS) if args.ablations is None else args.ablations
@@ -268,8 +285,9 @@ def _compare(args) -> None:
 
     if args.training_seeds < 1:
         raise SSPOError(f"--training-seeds {args.training_seeds}: expected 1 or more training runs per arm")
-    if args.first_training_seed < 0:
-        raise SSPOError(f"--first-training-seed {args.first_training_seed}: expected 0 or more")
+    if not 0 <= args.first_training_seed <= MAX_SEED + 1 - args.training_seeds:
+        raise SSPOError(f"--first-training-seed {args.first_training_seed}: expected 0 to {MAX_SEED + 1 - args.training_seeds} "
+                        f"(its {args.training_seeds} seeds end at {MAX_SEED}, the largest seed)")
     seeds = list(range(args.first_training_seed, args.first_training_seed + args.training_seeds))
     run_compare(args.config, arms, seeds, args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds, jobs=default_jobs() if args.jobs is None else args.jobs,
@@ -375,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the last saved state in output_dir")
     start.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir (without it a fresh start there is refused)")
-    p.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
-    p.add_argument("--print-config", action="store_true", help="print the config with the overrides applied and every default filled in, "
-                   "as YAML that sspo train reads back (the run's config.yaml), and train nothing")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--dry-run", action="store_true", help="check the config, data columns and model folder, print a summary, train nothing")
+    shown.add_argument("--print-config", action="store_true", help="print the config as the run saves it (config.yaml): the overrides applied, "
+                       "every default filled in, the settings left to the model family and the launch named; train nothing")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")

@@ -118,7 +118,7 @@ def test_a_model_of_another_family_is_named_before_loading(tmp_path, capsys):
         load_pipeline(tmp_path)
     capsys.readouterr()  # what loading printed (transformers' notices in a fresh process)
     assert main(["train", "configs/demo-shapes.yaml", f"model.pretrained={tmp_path}", f"output_dir={tmp_path / 'run'}", "report_to=none"]) == 2
-    assert "is of no model family sspo trains; it trains SD-1.5, AnimateDiff, FLUX.1, SD3, SDXL pipelines" in one_error_line(capsys)
+    assert "is of no model family sspo trains; it trains AnimateDiff, FLUX.1, SD-1.5, SD3, SDXL pipelines" in one_error_line(capsys)
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
@@ -335,11 +335,14 @@ def test_sigterm_unwinds_like_ctrl_c_with_its_own_line_and_exit_code(capsys, mon
     (["compare", "compare-shapes", "--training-seeds", "-1"], "--training-seeds -1: expected 1 or more training runs per arm"),
     (["eval", "--videos", "{tmp}", "--name", "x", "--name", "y"], "1 --videos but 2 --name: give one --name per --videos, in the same order"),
     (["eval", "--model", "shapes-base", "--seeds", "0,1,0"], "--seeds 0,1,0: 0 given twice, which would repeat the same work; give each once"),
-    (["compare", "compare-shapes", "--first-training-seed", "-2"], "--first-training-seed -2: expected 0 or more"),
-    (["compare", "compare-shapes", "--first-training-seed", "998", "--training-seeds", "5", "--out", "{tmp}/c"],
+    (["compare", "compare-shapes", "--first-training-seed", "-2"], "--first-training-seed -2: expected 0 to 4294967293 (its 3 seeds end at 4294967295, "
+                                                                   "the largest seed)"),
+    (["compare", "compare-shapes", "--first-training-seed", "4294967294"], "--first-training-seed 4294967294: expected 0 to 4294967293 (its 3 seeds end "
+                                                                           "at 4294967295, the largest seed)"),
+    (["compare", "compare-shapes", "--first-training-seed", "998", "--training-seeds", "5", "--grid", "optim.learning_rate=1e-3,3e-3", "--out", "{tmp}/c"],
      "training seed 1000 also chooses the settings (selection seeds start at 1000), so its runs would report the luck that chose them: "
      "pick --first-training-seed so the seeds end below it"),
-], ids=["negative seeds", "names per clip folder", "a seed twice", "a negative first seed", "final seeds among the selection seeds"])
+], ids=["negative seeds", "names per clip folder", "a seed twice", "a negative first seed", "seeds past the largest", "final seeds among the selection seeds"])
 def test_counts_are_named_by_the_flag_the_user_gave(argv, line, tmp_path, capsys):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     assert one_error_line(capsys) == f"sspo: error: {line}"

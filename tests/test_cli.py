@@ -274,12 +274,24 @@ def test_conflicting_or_malformed_arguments_are_one_line(argv, line, capsys):
 
 def test_print_config_prints_yaml_that_trains_as_the_same_config(tmp_path, capsys):
     from sspo.config import load_config
-    from sspo.training.config import TrainConfig
+    from sspo.training.config import TrainConfig, resolved
 
     overrides = ["method=sft", "optim.learning_rate=3e-4", f"output_dir={tmp_path / 'run'}"]
     assert main(["train", "demo-shapes", *overrides, "--print-config"]) == 0
     printed = capsys.readouterr().out
     (tmp_path / "printed.yaml").write_text(printed)
-    assert load_config(TrainConfig, tmp_path / "printed.yaml") == load_config(TrainConfig, "demo-shapes", overrides)
+    assert load_config(TrainConfig, tmp_path / "printed.yaml") == resolved(load_config(TrainConfig, "demo-shapes", overrides))
     assert "method: sft\n" in printed and "  learning_rate: 0.0003\n" in printed and "negatives:\n" in printed  # every section, defaults too
+    assert "  scheduler: ddim\n" in printed and "mixed_precision: 'no'\n" in printed  # the model's and the launch's, as the run saves them
     assert not (tmp_path / "run").exists()
+
+
+def test_a_grid_past_its_formats_longest_side_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import sspo.models.pipeline
+
+    monkeypatch.setattr(sspo.models.pipeline, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for a grid it cannot write"))
+    out = tmp_path / "big.webp"
+    assert main(["sample", "--model", "shapes-base", "--prompt", "a red circle", "--rows", "171", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"sspo: error: --out {out}: a grid of 171 rows x 1 prompts is 186 x 16460 pixels, past the 16383 a side "
+                                               "WEBP takes; name a .png, or give fewer --rows or --prompt")
+    assert not out.exists()

@@ -225,14 +225,20 @@ def run_name(arm: str, overrides: Sequence[str], seed: int) -> str:
     return name
 
 
-def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig,
-                    jobs: int = 1, added: dict[str, list[list[str]]] | None = None) -> dict[str, dict]:
-    """Each trained arm's best grid point (or ``added`` point) by exact reward on the validation
-    combinations, averaged over training ``seeds`` (one seed can make an unstable setting look best)."""
+def arm_points(names: Sequence[str], grid: dict[str, list[str]], added: dict[str, list[list[str]]] | None = None) -> dict[str, list[list[str]]]:
+    """Each arm's grid points (lists of overrides) with its ``added`` ones; an arm of one point chooses nothing."""
     points = {arm: grid_points(grid, arm) if arm != "base" else [[]] for arm in names}
     for arm, extra_points in (added or {}).items():
         if arm in points:
             points[arm] += [point for point in extra_points if point not in points[arm]]
+    return points
+
+
+def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig,
+                    jobs: int = 1, added: dict[str, list[list[str]]] | None = None) -> dict[str, dict]:
+    """Each trained arm's best grid point (or ``added`` point) by exact reward on the validation
+    combinations, averaged over training ``seeds`` (one seed can make an unstable setting look best)."""
+    points = arm_points(names, grid, added)
     check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
     searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds]
     runs = [(arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"]) for arm, point, seed in searched]
@@ -486,10 +492,14 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError("--training-seeds 0: expected 1 or more training runs per arm")
     if selection_seeds < 1:
         raise ConfigError(f"--selection-seeds {selection_seeds}: expected 1 or more training runs per grid point")
-    shared = [] if chosen_in else sorted(set(seeds) & set(selection_seed_list(selection_seeds)))
-    if shared:
-        raise ConfigError(f"training seed {shared[0]} also chooses the settings (selection seeds start at {SELECTION_SEED_START}), so its "
-                          "runs would report the luck that chose them: pick --first-training-seed so the seeds end below it")
+    if not chosen_in:
+        parsed = parse_grid(grid)
+        added = parse_points(added_points, parsed)
+        choosing = any(len(points) > 1 for points in arm_points(names, parsed, added).values())
+        shared = sorted(set(seeds) & set(selection_seed_list(selection_seeds))) if choosing else []
+        if shared:
+            raise ConfigError(f"training seed {shared[0]} also chooses the settings (selection seeds start at {SELECTION_SEED_START}), so its "
+                              "runs would report the luck that chose them: pick --first-training-seed so the seeds end below it")
     if chosen_in and Path(chosen_in).resolve() in (out.resolve(), (out / "results.json").resolve()):
         raise ConfigError(f"--settings-from {chosen_in} is this comparison's own --out, whose record of the choice the report would replace; "
                           "rerun it with its --grid, or give another --out")
@@ -498,9 +508,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
             chosen = settings_from(chosen_in, names)
             check_arm_configs(config, [(arm, chosen[arm]["overrides"]) for arm in names], out, extra)
         else:
-            parsed = parse_grid(grid)
-            chosen = select_settings(config, names, parsed, selection_seed_list(selection_seeds), out, extra, validation_cfg, jobs,
-                                     parse_points(added_points, parsed))
+            chosen = select_settings(config, names, parsed, selection_seed_list(selection_seeds), out, extra, validation_cfg, jobs, added)
         planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
         runs = [(arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]]) for arm, seed in planned]
         check_finished_runs(config, runs, eval_cfg)

@@ -73,6 +73,11 @@ def generate(
     return images
 
 
+def image_grid_size(n_rows: int, n_cols: int, cell: int = 96, labelled: bool = True, captioned: bool = True, noted: bool = False) -> tuple[int, int]:
+    """(width, height) in pixels of :func:`image_grid`'s grid of ``n_rows`` x ``n_cols`` cells."""
+    return (90 if labelled else 0) + n_cols * cell, (44 if captioned else 0) + n_rows * (cell + (12 if noted else 0))
+
+
 def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96,
                notes: Sequence[Sequence[str]] = ()) -> Image.Image:
     """A grid with one row per model (labelled on the left) and one captioned column per prompt;
@@ -82,7 +87,7 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] 
     label_width = 90 if row_labels else 0
     caption_height = 44 if captions else 0
     row_height = cell + (12 if notes else 0)
-    grid = Image.new("RGB", (label_width + n_cols * cell, caption_height + len(rows) * row_height), "white")
+    grid = Image.new("RGB", image_grid_size(len(rows), n_cols, cell, bool(row_labels), bool(captions), bool(notes)), "white")
     draw = ImageDraw.Draw(grid)
     for c, caption in enumerate(captions):
         lines = textwrap.wrap(caption, width=max(8, cell // 6))[:4]
@@ -115,6 +120,7 @@ def save_animation(frames: Sequence[Image.Image], path: str | Path) -> Path:
 
 
 STILL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # a still grid's suffixes, PNG first: the default
+LONGEST_SIDE = {"JPEG": 65500, "WEBP": 16383}  # pixels a side may have in these formats (PNG: no limit that matters)
 
 
 def save_image(image: Image.Image, path: str | Path, image_format: str = "PNG") -> Path:

@@ -18,7 +18,7 @@ class TextCondition:
     time_ids: torch.Tensor | None = None  # SDXL's size and crop conditioning
 
     def _map(self, fn) -> TextCondition:
-        return TextCondition(**{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in dataclasses.fields(self)})
 
     def to(self, device, dtype=None) -> TextCondition:
         return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype))

@@ -138,12 +138,14 @@ def load_pipeline_config(model: str | Path, revision: str | None = None) -> dict
                          "(e.g. [\"diffusers\", \"UNet2DConditionModel\"]); copy or download the model again")
     from sspo.models.families import FAMILIES
 
-    for name in sorted({family.denoiser_component for family in FAMILIES.values()} & config.keys()):
-        if config[name] != [None, None]:  # families detect by the denoiser's class: a damaged entry is named as such
-            _component_class(model, config, name)
-    if not any(family.detects(config) for family in FAMILIES.values()):
+    family = next((family for family in FAMILIES.values() if family.detects(config)), None)
+    if family is None:
+        for name in sorted({family.denoiser_component for family in FAMILIES.values()} & config.keys()):
+            if config[name] != [None, None]:  # families detect by the denoiser's class: a damaged or newer one is named as such
+                _component_class(model, config, name)
         trained = ", ".join(dict.fromkeys(family.title or family.name for family in FAMILIES.values()))
         raise ModelError(f"model {model} ({config.get('_class_name')}) is of no model family sspo trains; it trains {trained} pipelines")
+    _component_class(model, config, family.denoiser_component)  # named here, not by diffusers' loading
     if "motion_adapter" not in config and "MotionModel" in str(config.get("unet")):
         raise ModelError(f"model {model}: its UNet ({config['unet'][1]}) is a video UNet, but {config.get('_class_name')} is not an AnimateDiff pipeline (no motion_adapter)")
     folder = Path(located)

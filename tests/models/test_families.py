@@ -74,6 +74,8 @@ def test_auto_detects_each_family_from_the_pipeline_components():
     assert family_of({"transformer": ["diffusers", "FluxTransformer2DModel"], "text_encoder": []}).name == "flux"
     with pytest.raises(ModelError, match="no known model family"):
         family_of({"transformer": object(), "scheduler": scheduler})
+    compiled = torch.compile(type("UNet2DConditionModel", (torch.nn.Module,), {})())  # the wrapper's class is OptimizedModule
+    assert family_of({"unet": compiled, "text_encoder": clip, "scheduler": scheduler}).name == "sd"
 
 
 @pytest.mark.parametrize("index", [

@@ -32,5 +32,7 @@ def test_another_subject_decides_its_own_differences_and_the_swap_negates_sspos(
         return {line.split(" | ")[1]: line.split(" | ")[5] for line in done.stdout.splitlines() if line.startswith("| regimes-mid |")}
 
     sspo, spin = rows(), rows("--subject", "spin")
-    assert sspo["spin"] == "-0.031 [-0.050, -0.013]" and spin["spin"] == "+0.031 [+0.013, +0.050]"  # the row of spin itself: spin - SSPO
-    assert set(spin) == {"sft", "dpo", "spin", "ssr_off", "base"} and spin["sft"] != sspo["sft"]
+    assert sspo["spin"] == "-0.031 [-0.050, -0.013]" and spin["sspo"] == "+0.031 [+0.013, +0.050]"  # spin - SSPO
+    assert set(spin) == {"sft", "dpo", "sspo", "ssr_off", "base"} and spin["sft"] != sspo["sft"]
+    done = subprocess.run([sys.executable, str(SCRIPTS / "recheck-claims"), "--subject", "spn"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--subject spn: no comparison among those folders trained that arm" in done.stderr

@@ -395,6 +395,8 @@ def component_class(components: Mapping[str, Any], name: str) -> str | None:
     entry = components.get(name)
     if isinstance(entry, (list, tuple)):
         return entry[1] if len(entry) == 2 and isinstance(entry[1], str) else None
+    entry = getattr(entry, "_orig_mod", entry)  # torch.compile's wrapper
+    entry = entry.get_base_model() if hasattr(entry, "get_base_model") else entry  # peft's
     return None if entry is None else type(entry).__name__
 
 
