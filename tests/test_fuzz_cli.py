@@ -625,7 +625,8 @@ def test_random_sample_flags(quick_base, tmp_path, monkeypatch, capsys):
     (["--rows", "-3"], "--rows: got -3, expected an integer >= 1"),
     (["--guidance-scale", "-0.5"], "--guidance-scale: got -0.5, expected a number >= 0"),
     (["--guidance-scale", "nan"], "--guidance-scale: got nan, expected a number >= 0"),
-    (["--frames", "0"], "--frames: got 0, expected an integer >= 1"),
+    (["--frames", "0"], "--frames: got 0, expected an integer in [1, 4096]"),
+    (["--frames", "100000"], "--frames: got 100000, expected an integer in [1, 4096]"),
 ])
 def test_sample_refuses_an_out_of_range_flag_before_loading_a_model(flags, message, tmp_path, capsys):
     out = tmp_path / "grid.png"
