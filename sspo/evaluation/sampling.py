@@ -73,9 +73,12 @@ def generate(
     return images
 
 
+LABEL_WIDTH, CAPTION_HEIGHT, NOTE_HEIGHT = 90, 44, 12  # pixels of image_grid's row labels, captions (4 lines) and notes
+
+
 def image_grid_size(n_rows: int, n_cols: int, cell: int = 96, labelled: bool = True, captioned: bool = True, noted: bool = False) -> tuple[int, int]:
     """(width, height) in pixels of :func:`image_grid`'s grid of ``n_rows`` x ``n_cols`` cells."""
-    return (90 if labelled else 0) + n_cols * cell, (44 if captioned else 0) + n_rows * (cell + (12 if noted else 0))
+    return LABEL_WIDTH * labelled + n_cols * cell, CAPTION_HEIGHT * captioned + n_rows * (cell + NOTE_HEIGHT * noted)
 
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (), captions: Sequence[str] = (), cell: int = 96,
@@ -84,9 +87,9 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] 
     ``notes[r][c]``, where given, is a short text under cell (r, c) (its exact reward)."""
     n_cols = max(len(r) for r in rows)
     font = ImageFont.load_default()
-    label_width = 90 if row_labels else 0
-    caption_height = 44 if captions else 0
-    row_height = cell + (12 if notes else 0)
+    label_width = LABEL_WIDTH if row_labels else 0
+    caption_height = CAPTION_HEIGHT if captions else 0
+    row_height = cell + (NOTE_HEIGHT if notes else 0)
     grid = Image.new("RGB", image_grid_size(len(rows), n_cols, cell, bool(row_labels), bool(captions), bool(notes)), "white")
     draw = ImageDraw.Draw(grid)
     for c, caption in enumerate(captions):
