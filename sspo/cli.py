@@ -279,7 +279,8 @@ def _compare(args) -> None:
     from sspo.config import MAX_SEED
 
     methods = ",".join(table1()) if args.methods is None else args.methods
-    ablations = ",".join(ABLATIONS) if args.ablations is None else args.ablations
+    # Naming the methods names the arms: the ablations join them only when asked for.
+    ablations = args.ablations if args.ablations is not None else "" if args.methods is not None else ",".join(ABLATIONS)
     arms = [a for a in (methods + "," + ablations).split(",") if a]
     from sspo.commands.parallel import default_jobs
 
@@ -402,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
     p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
-    p.add_argument("--ablations", help="comma-separated SSPO variants (default: the paper's Table 6 ablations: ssr_off, indicator, erd_initial, erd_last)")
+    p.add_argument("--ablations", help="comma-separated SSPO variants (default: none with --methods; without it the paper's "
+                   "Table 6 ablations: ssr_off, indicator, erd_initial, erd_last)")
     p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds K..K+N-1 (default: 3)")
     p.add_argument("--first-training-seed", type=int, default=0, metavar="K", help="the first training seed K (default 0): seeds no "
                    "earlier comparison reported, to replicate its claims on fresh runs")

@@ -183,6 +183,21 @@ def test_the_first_training_seed_shifts_every_arms_seeds(tmp_path, monkeypatch):
     assert given["seeds"] == [10, 11, 12]
 
 
+@pytest.mark.parametrize("flags, arms", [
+    ([], [*compare.table1(), *compare.ABLATIONS]),
+    (["--methods", "sft,sspo"], ["sft", "sspo"]),
+    (["--methods", "sspo", "--ablations", "ssr_off"], ["sspo", "ssr_off"]),
+    (["--ablations", "indicator"], [*compare.table1(), "indicator"]),
+])
+def test_named_methods_train_no_ablation_unless_named(flags, arms, tmp_path, monkeypatch):
+    from sspo.cli import main
+
+    given = {}
+    monkeypatch.setattr(compare, "run_compare", lambda config, arms, seeds, out, **kwargs: given.update(arms=arms))
+    assert main(["compare", "compare-shapes", *flags, "--out", str(tmp_path / "c")]) == 0
+    assert given["arms"] == arms
+
+
 def test_no_training_seeds_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--training-seeds 0: expected 1 or more"):
         compare.run_compare(CONFIG, ["sft"], [], tmp_path)
