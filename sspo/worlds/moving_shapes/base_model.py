@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -44,7 +43,6 @@ from sspo.worlds.moving_shapes import world as motion
 from sspo.worlds.shapes import world as shapes
 from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
-log = logging.getLogger(__name__)
 _FORMAT_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
 _SECOND_STAGE = ("defect_fraction", "defects", "defect_learning_rate", "vae_defect_fraction", "vae_defects")
 
