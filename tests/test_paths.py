@@ -2,7 +2,8 @@ from pathlib import Path
 
 import sspo
 from sspo.paths import build_lock
-from sspo.worlds.shapes.base_model import BaseConfig, cached_build
+from sspo.worlds.base_building import cached_build
+from sspo.worlds.shapes.base_model import BaseConfig
 
 
 def test_a_build_lock_lives_in_the_cache_one_per_target(tmp_path, monkeypatch):

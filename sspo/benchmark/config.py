@@ -112,7 +112,8 @@ BENCH_PAIRS = 64  # rows of the bench's pairs file, one per prompt
 
 def bench_pairs(resolution: int) -> Path:
     """A small Pick-a-Pic-style parquet of shapes-world pairs rendered at ``resolution``, cached."""
-    from sspo.worlds.shapes.world import WORLD_VERSION, cached_parquet, make_split, preference_pairs
+    from sspo.worlds.shapes.world import WORLD_VERSION, make_split, preference_pairs
+    from sspo.worlds.world_data import cached_parquet
 
     return cached_parquet(f"bench-shapes-pairs-v{WORLD_VERSION}-r{resolution}-n{BENCH_PAIRS}.parquet",
                           lambda: preference_pairs(make_split(0).train[:BENCH_PAIRS], 1, seed=0, size=resolution))

@@ -1,6 +1,7 @@
 """The worlds: procedural text-to-image and text-to-video worlds measured exactly, one folder each
 (``sspo/worlds/<world>/``, its ``World`` entry the ``WORLD`` of its ``definition.py``), found here
-and registered in one table (:mod:`sspo.worlds.registry`)."""
+and registered in one table (:mod:`sspo.worlds.registry`). What every world builds its data and
+base model with is shared beside them (:mod:`sspo.worlds.world_data`, :mod:`sspo.worlds.base_building`)."""
 
 import importlib
 import importlib.util

@@ -16,7 +16,7 @@ from sspo.errors import ConfigError
 from sspo.io import write_parquet
 from sspo.worlds import DemoSettings, TrainingDataRequest, World, find_world, register, unregister
 from sspo.worlds.names import resolve_model
-from sspo.worlds.shapes.world import Split, eval_prompts, pair_rows
+from sspo.worlds.world_data import Split, eval_prompts, pair_rows
 
 NAME = "two-colours"
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -31,11 +30,7 @@ from sspo.config import MAX_SEED, check, setting, to_dict, validate
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
 from sspo.models.tiny import text_encoder_for, video_components, video_pipeline, video_size, word_table_text_encoder, write_word_tokenizer
-from sspo.worlds.moving_shapes import world as motion
-from sspo.worlds.shapes import world as shapes
-from sspo.worlds.shapes.base_model import (
-    BaseConfig,
-    build_base,
+from sspo.worlds.base_building import (
     cached_build,
     pretraining_renders,
     save_base,
@@ -44,8 +39,10 @@ from sspo.worlds.shapes.base_model import (
     unit_variance_latents,
     word_conditions,
 )
+from sspo.worlds.moving_shapes import world as motion
+from sspo.worlds.shapes import world as shapes
+from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
-log = logging.getLogger(__name__)
 _FORMAT_VERSION = 2  # bump when the recipe changes, so stale caches are rebuilt
 _SECOND_STAGE = ("defect_fraction", "defects", "defect_learning_rate", "vae_defect_fraction", "vae_defects")
 

@@ -22,8 +22,8 @@ def build_base(preset: str, output: str | Path | None = None, force: bool = Fals
 
 
 def find_base(preset: str) -> Path | None:
+    from sspo.worlds.base_building import existing_base
     from sspo.worlds.moving_shapes.base_model import PACKAGED_VIDEO_BASE, VideoBaseConfig
-    from sspo.worlds.shapes.base_model import existing_base
 
     return existing_base(VideoBaseConfig.preset(preset), "video-base", PACKAGED_VIDEO_BASE)
 

@@ -54,15 +54,10 @@ from sspo.worlds.shapes.world import (
     SIZES,
     WORLD_VERSION,
     ShapeSpec,
-    Split,
     UnknownAttributeError,
-    cached_parquet,
-    eval_prompts,
-    pair_rows,
     render,
-    split_specs,
-    write_captioned_folder,
 )
+from sspo.worlds.world_data import Split, cached_parquet, eval_prompts, pair_rows, split_specs, write_captioned_folder
 
 # Motion name -> the image-world positions it moves between.
 MOVES = {

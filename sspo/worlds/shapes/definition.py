@@ -7,6 +7,7 @@ from pathlib import Path
 from sspo.paths import CONFIGS
 from sspo.worlds.registry import DemoSettings, PairLevel, PairsSettings, TrainingDataRequest, World
 from sspo.worlds.shapes import evaluator, world
+from sspo.worlds.world_data import eval_prompts, png_bytes
 
 
 def training_data(request: TrainingDataRequest) -> Path:
@@ -24,7 +25,8 @@ def build_base(preset: str, output: str | Path | None = None, force: bool = Fals
 
 
 def find_base(preset: str) -> Path | None:
-    from sspo.worlds.shapes.base_model import PACKAGED_BASE, BaseConfig, existing_base
+    from sspo.worlds.base_building import existing_base
+    from sspo.worlds.shapes.base_model import PACKAGED_BASE, BaseConfig
     from sspo.worlds.shapes.flow_base import PACKAGED_FLOW_BASE, PRESETS, FlowBaseConfig
 
     if preset in PRESETS:
@@ -46,7 +48,7 @@ def round_trip(folder: Path) -> dict[str, dict[str, float]]:
 def vae_round_trip(model: str, images: list) -> list:
     from diffusers import AutoencoderKL
 
-    from sspo.worlds.shapes.base_model import round_trip_images
+    from sspo.worlds.base_building import round_trip_images
 
     return round_trip_images(AutoencoderKL.from_pretrained(model, subfolder="vae").eval(), images)
 
@@ -58,7 +60,7 @@ def vae_round_trip(model: str, images: list) -> list:
 PAIRS = PairsSettings(
     generator_config=CONFIGS / "demo-shapes.yaml",
     levels={"low": PairLevel(3, 0.65), "mid": PairLevel(7, 0.72), "high": PairLevel(50, 0.80)},
-    encode=world.png_bytes,
+    encode=png_bytes,
     vae_round_trip=vae_round_trip,
     version=world.WORLD_VERSION,
 )
@@ -69,7 +71,7 @@ WORLD = World(
     clips=False,
     parse_prompt=world.parse_prompt,
     make_split=world.make_split,
-    eval_specs=world.eval_prompts,
+    eval_specs=eval_prompts,
     training_data=training_data,
     pair_columns=("jpg_0", "jpg_1"),
     base="shapes-base",

@@ -21,8 +21,9 @@ from sspo.config import MAX_SEED, check, setting, to_dict, validate
 from sspo.models.families import family_of
 from sspo.models.pipeline import encode_images
 from sspo.models.tiny import word_table_text_encoder
+from sspo.worlds.base_building import cached_build, save_base, train_denoiser
 from sspo.worlds.shapes import world as shapes
-from sspo.worlds.shapes.base_model import BaseConfig, build_base, cached_build, pretraining_images, save_base, train_denoiser
+from sspo.worlds.shapes.base_model import BaseConfig, build_base, pretraining_images
 
 _FORMAT_VERSION = 1  # bump when the recipe changes, so stale caches are rebuilt
 PRESETS = ("flow", "flow-quick")  # the shapes world's base presets this module builds

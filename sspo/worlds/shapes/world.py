@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from sspo.errors import SSPOError
-from sspo.io import write_parquet
+from sspo.worlds.world_data import Split, cached_parquet, pair_rows, png_bytes, split_specs, write_captioned_folder
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -264,60 +263,10 @@ def render_defect(spec: ShapeSpec, rng: random.Random, size: int = 32, defect: s
 # Splits and datasets
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Attribute combinations used for alignment data (``train``) and held out of it (``heldout``).
-
-    ``validation`` is a part of ``train`` set aside for choosing training settings (learning rate,
-    beta): runs that choose settings train on ``train_without_validation`` and score ``validation``,
-    so no choice ever looks at a held-out combination.
-    """
-
-    train: tuple[ShapeSpec, ...]
-    heldout: tuple[ShapeSpec, ...]
-    validation: tuple[ShapeSpec, ...] = ()
-
-    @property
-    def train_without_validation(self) -> tuple[ShapeSpec, ...]:
-        excluded = set(self.validation)
-        return tuple(spec for spec in self.train if spec not in excluded)
-
-
 def make_split(seed: int = 0, heldout_fraction: float = 0.25, validation_fraction: float = 0.1) -> Split:
     """Deterministic split of all combinations into alignment-train and held-out sets, and a
     validation part of train (``validation_fraction`` of all combinations)."""
     return split_specs(all_specs(), seed, heldout_fraction, validation_fraction)
-
-
-def split_specs(specs: Sequence, seed: int, heldout_fraction: float, validation_fraction: float) -> Split:
-    """Deterministic split of a world's combinations (any sortable specs), as :func:`make_split`."""
-    specs = list(specs)
-    random.Random(seed).shuffle(specs)
-    n_heldout = int(round(len(specs) * heldout_fraction))
-    n_validation = int(round(len(specs) * validation_fraction))
-    return Split(
-        train=tuple(sorted(specs[n_heldout:])),
-        heldout=tuple(sorted(specs[:n_heldout])),
-        validation=tuple(sorted(specs[n_heldout : n_heldout + n_validation])),
-    )
-
-
-def eval_prompts(split: Split, per_split: int = 24, seed: int = 0) -> dict[str, list[ShapeSpec]]:
-    """Fixed evaluation specs: ``per_split`` seen (train) and ``per_split`` held-out combinations."""
-    rng = random.Random(seed + 1)
-    return {
-        "seen": sorted(rng.sample(list(split.train), min(per_split, len(split.train)))),
-        "heldout": sorted(rng.sample(list(split.heldout), min(per_split, len(split.heldout)))),
-    }
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """An image as PNG bytes (lossless): what the world's parquet columns hold."""
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def preference_pairs(
@@ -340,42 +289,6 @@ def preference_pairs(
     )
 
 
-def pair_rows(
-    specs: Iterable,
-    per_spec: int,
-    seed: int,
-    clean: Callable[[object], bytes],
-    defective: Callable[[object, random.Random, str], bytes],
-    defects: Sequence[str],
-    columns: tuple[str, str],
-    tie_fraction: float = 0.0,
-) -> list[dict]:
-    """Preference rows of any world: ``caption``, the two ``columns`` (encoded media), ``label_0``
-    and ``defect``. ``clean(spec)`` wins against ``defective(spec, rng, defect)`` for a defect
-    drawn from ``defects``; the winner's column is random; ``tie_fraction`` of rows are ties."""
-    from tqdm.auto import tqdm
-
-    rng = random.Random(seed)
-    first, second = columns
-    rows = []
-    specs = list(specs)
-    # Shown only when rendering is slow (large sizes): built once, then read from the cache.
-    for spec in tqdm(specs, desc="rendering the world's pairs (once, then cached)", unit="prompt", leave=False, delay=2):
-        for _ in range(per_spec):
-            good = clean(spec)
-            defect = rng.choice(defects)
-            bad = defective(spec, rng, defect)
-            tie = rng.random() < tie_fraction
-            if rng.random() < 0.5:
-                row = {first: good, second: bad, "label_0": 1.0}
-            else:
-                row = {first: bad, second: good, "label_0": 0.0}
-            if tie:
-                row["label_0"] = 0.5
-            rows.append({"caption": spec.prompt, **row, "defect": defect})
-    return rows
-
-
 def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int, without_validation: bool = False) -> Path:
     """The world's alignment data (train combinations only, less the validation ones if asked) as a
     cached Pick-a-Pic parquet."""
@@ -389,39 +302,6 @@ def cached_pickapic_parquet(split_seed: int, pairs_per_prompt: int, size: int, w
     return cached_parquet(f"shapes-pairs-v{WORLD_VERSION}-s{split_seed}-n{pairs_per_prompt}-r{size}{suffix}.parquet", rows)
 
 
-def cached_parquet(name: str, rows: Callable[[], list[dict]]) -> Path:
-    """``cache_root()/data/name``, written from ``rows()`` once: under a file lock (parallel workers
-    share one build) and atomically; the name must carry every setting the rows depend on."""
-    from filelock import FileLock
-
-    from sspo.paths import cache_root
-
-    path = cache_root() / "data" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            write_parquet(path, rows())
-    return path
-
-
 def write_imagefolder(folder: str | Path, specs: Iterable[ShapeSpec], size: int = 32) -> Path:
     """Write clean renders as a diffusers/datasets imagefolder with ``metadata.jsonl``."""
     return write_captioned_folder(folder, specs, "png", lambda spec, path: render(spec, size).save(path, format="PNG"))
-
-
-def write_captioned_folder(folder: str | Path, specs: Iterable, suffix: str, save: Callable[[object, Path], None]) -> Path:
-    """An imagefolder-style folder of any world: ``save(spec, path)`` writes each spec's file
-    (``00000.<suffix>``, ...; atomically, through a temporary path) and ``metadata.jsonl`` has a
-    line ``{"file_name", "text": spec.prompt}`` for each."""
-    from sspo.io import atomic_path, atomic_write_text
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, spec in enumerate(specs):
-        name = f"{i:05d}.{suffix}"
-        with atomic_path(folder / name) as tmp:
-            save(spec, tmp)
-        lines.append(json.dumps({"file_name": name, "text": spec.prompt}))
-    atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
-    return folder

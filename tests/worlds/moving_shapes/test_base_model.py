@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from sspo.worlds.base_building import packaged_base
 from sspo.worlds.moving_shapes.base_model import PACKAGED_VIDEO_BASE, VideoBaseConfig, build_video_base
-from sspo.worlds.shapes.base_model import packaged_base
 
 
 def test_the_shipped_video_base_is_the_default_recipe():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sspo.errors import SSPOError
+from sspo.io import write_parquet
 from sspo.video_io import decode_clip
 from sspo.worlds.moving_shapes.world import (
     MOTION_DEFECTS,
@@ -38,7 +39,6 @@ from sspo.worlds.shapes.world import (
     UnknownAttributeError,
     render,
     vocabulary,
-    write_parquet,
 )
 
 MOVING = MotionSpec("circle", "red", "small", "left-to-right", "white")

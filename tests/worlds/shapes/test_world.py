@@ -12,6 +12,7 @@ from PIL import Image
 
 from sspo.data.images import load_image
 from sspo.errors import DataError, SSPOError
+from sspo.io import write_parquet
 from sspo.worlds.shapes.world import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -20,7 +21,6 @@ from sspo.worlds.shapes.world import (
     ShapeSpec,
     UnknownAttributeError,
     all_specs,
-    eval_prompts,
     make_split,
     parse_prompt,
     preference_pairs,
@@ -28,7 +28,6 @@ from sspo.worlds.shapes.world import (
     render_defect,
     vocabulary,
     write_imagefolder,
-    write_parquet,
 )
 
 SPEC = ShapeSpec("circle", "red", "large", "center", "white")
@@ -104,15 +103,6 @@ def test_validation_split_is_alignment_data_never_held_out(tmp_path, monkeypatch
 
     captions = set(pd.read_parquet(cached_pickapic_parquet(0, 1, 32, without_validation=True))["caption"])
     assert captions == {spec.prompt for spec in make_split(0).train_without_validation}
-
-
-def test_eval_prompts_are_fixed_subsets():
-    split = make_split(0)
-    first, again = eval_prompts(split, per_split=10, seed=5), eval_prompts(split, per_split=10, seed=5)
-    assert first == again
-    assert len(first["seen"]) == len(first["heldout"]) == 10
-    assert set(first["seen"]) <= set(split.train)
-    assert set(first["heldout"]) <= set(split.heldout)
 
 
 # --------------------------------------------------------------------------------------------------
