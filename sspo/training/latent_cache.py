@@ -73,8 +73,9 @@ def _encoder_folders(model_path: Path) -> list[str]:
     return sorted(p.name for p in model_path.iterdir() if p.is_dir() and (p.name == "vae" or p.name.startswith(("text_encoder", "tokenizer"))))
 
 
-def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
-    """What the cached tensors depend on: ``cfg`` is the TrainConfig, ``model`` the resolved model path.
+def cache_key(cfg, model: str, family: ModelFamily, rows: int, data_files: str | None) -> dict:
+    """What the cached tensors depend on: ``cfg`` is the TrainConfig, ``model`` the resolved model
+    path, ``data_files`` the data's :func:`data_digest` (taken once per start: it stats every file).
 
     A hub id (model or data) is keyed by its name and revision only; a local folder also by the
     sizes and times of its VAE, text encoder and tokenizer files, or of every data file (metadata,
@@ -93,7 +94,7 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int) -> dict:
         "variant": cfg.model.variant,
         "dtype": str(family.vae.dtype),
         "data": data,
-        "data_files": data_digest(cfg),
+        "data_files": data_files,
         "rows": rows,
     }
 

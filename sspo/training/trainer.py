@@ -401,7 +401,7 @@ class Trainer(Checkpointing):
 
     def _latent_cache(self) -> LatentCache:
         """Every row's latents and text condition (sspo/training/latent_cache.py), encoded now if not cached yet."""
-        key = cache_key(self.cfg, self.base_model, self.family, len(self.dataset))
+        key = cache_key(self.cfg, self.base_model, self.family, len(self.dataset), self.data_digest)
         root = self.cfg.data.cache_dir or default_dir(key)
         return LatentCache.build(self.family, self.dataset, key, root, self.device, self.cfg.optim.batch_size, self.cfg.data.resolution, self.accelerator)
 

@@ -13,7 +13,7 @@ from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
 from sspo.training import latent_cache
 from sspo.training.config import TrainConfig
-from sspo.training.latent_cache import FORMAT_VERSION, LatentCache, cache_key, default_dir, encode_rows
+from sspo.training.latent_cache import FORMAT_VERSION, LatentCache, cache_key, data_digest, default_dir, encode_rows
 from sspo.training.trainer import open_dataset, train
 
 from test_trainer import metrics, tiny_config
@@ -48,7 +48,7 @@ def cache_of_24_rows(quick_base, tmp_path) -> dict:
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=24")
     family = family_of(load_pipeline(quick_base))
     dataset = open_dataset(cfg)
-    key = cache_key(cfg, quick_base, family, len(dataset))
+    key = cache_key(cfg, quick_base, family, len(dataset), data_digest(cfg))
     return {"family": family, "dataset": dataset, "key": key, "root": tmp_path / "c", "device": "cpu", "batch_size": 8, "resolution": 32, "shard_rows": 10}
 
 
@@ -122,22 +122,23 @@ def test_cache_dir_of_other_data_is_refused(quick_base, tmp_path):
     family = family_of(load_pipeline(quick_base))
     cfg = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4")
     dataset = open_dataset(cfg)
-    LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
+    LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4, data_digest(cfg)), tmp_path / "c", "cpu", 4, 32)
     other = tiny_config(tmp_path / "run", quick_base, "data.max_samples=4", "data.mode=random")
     with pytest.raises(ConfigError, match=r"data.cache_dir.*data.mode"):
-        LatentCache.build(family, dataset, cache_key(other, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
+        LatentCache.build(family, dataset, cache_key(other, quick_base, family, 4, data_digest(other)), tmp_path / "c", "cpu", 4, 32)
     index = json.loads((tmp_path / "c" / "index.json").read_text())
     index["key"]["version"] -= 1  # written by another version of sspo, which may have encoded the images otherwise
     (tmp_path / "c" / "index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match=rf"holds latents another version of sspo encoded \(format {FORMAT_VERSION - 1}, this one writes {FORMAT_VERSION}\); delete it"):
-        LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4), tmp_path / "c", "cpu", 4, 32)
+        LatentCache.build(family, dataset, cache_key(cfg, quick_base, family, 4, data_digest(cfg)), tmp_path / "c", "cpu", 4, 32)
 
 
 def test_default_dir_is_shared_by_runs_that_encode_the_same_rows(quick_base, tmp_path):
     family = family_of(load_pipeline(quick_base))
 
     def folder(*overrides):
-        return default_dir(cache_key(tiny_config(tmp_path / "run", quick_base, *overrides), quick_base, family, 64))
+        cfg = tiny_config(tmp_path / "run", quick_base, *overrides)
+        return default_dir(cache_key(cfg, quick_base, family, 64, data_digest(cfg)))
 
     assert folder("method=sft", "output_dir=a", "optim.learning_rate=0.1") == folder("method=sspo", "output_dir=b")
     assert folder() == folder("data.num_workers=2", "data.prefetch_factor=4")  # a resume may change how rows are read
@@ -154,11 +155,11 @@ def test_editing_any_encoder_or_tokenizer_of_a_local_model_changes_the_key(compo
         (model / name / "weights.safetensors").write_bytes(b"0")
     family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
     cfg = tiny_config(tmp_path / "run", str(model))
-    before = cache_key(cfg, str(model), family, 4)
+    before = cache_key(cfg, str(model), family, 4, data_digest(cfg))
     (model / "transformer" / "weights.safetensors").write_bytes(b"trained")  # what training changes keeps the key
-    assert cache_key(cfg, str(model), family, 4) == before
+    assert cache_key(cfg, str(model), family, 4, data_digest(cfg)) == before
     (model / component / "weights.safetensors").write_bytes(b"edited")
-    assert cache_key(cfg, str(model), family, 4) != before
+    assert cache_key(cfg, str(model), family, 4, data_digest(cfg)) != before
 
 
 @pytest.mark.parametrize("edited", ["metadata.jsonl", "an image", "a caption file"])
@@ -173,10 +174,10 @@ def test_editing_any_file_of_local_data_in_place_changes_the_key(edited, tmp_pat
         (data / name).write_text(content)
     family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
     cfg = tiny_config(tmp_path / "run", "model", "data.source=imagefolder", f"data.path={data}")
-    before = cache_key(cfg, "model", family, 1)
+    before = cache_key(cfg, "model", family, 1, data_digest(cfg))
     target = {"metadata.jsonl": "metadata.jsonl", "an image": "a.png", "a caption file": "a.txt"}[edited]
     (data / target).write_text((data / target).read_text() + " edited")
-    assert cache_key(cfg, "model", family, 1) != before
+    assert cache_key(cfg, "model", family, 1, data_digest(cfg)) != before
 
 
 def test_a_run_or_cache_folder_under_the_data_leaves_the_key_alone(tmp_path, monkeypatch):
@@ -189,13 +190,13 @@ def test_a_run_or_cache_folder_under_the_data_leaves_the_key_alone(tmp_path, mon
     monkeypatch.setenv("SSPO_CACHE", str(data / "cache"))
     family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
     cfg = tiny_config(data / "run", "model", "data.source=imagefolder", f"data.path={data}")
-    before = cache_key(cfg, "model", family, 1)
+    before = cache_key(cfg, "model", family, 1, data_digest(cfg))
     for folder in ("run", "cache"):
         (data / folder).mkdir()
         (data / folder / "state.json").write_text("{}")
-    assert cache_key(cfg, "model", family, 1) == before
+    assert cache_key(cfg, "model", family, 1, data_digest(cfg)) == before
     (data / "b.png").write_text("png")
-    assert cache_key(cfg, "model", family, 1) != before
+    assert cache_key(cfg, "model", family, 1, data_digest(cfg)) != before
 
 
 @pytest.mark.parametrize("setting, named", [("data.random_flip=true", "data.random_flip"), ("data.center_crop=false", "data.center_crop")])
@@ -205,7 +206,7 @@ def test_cache_with_augmentation_is_a_config_error(setting, named):
         from_dict(TrainConfig, data)
 
 
-def test_rows_skipped_while_the_cache_is_encoded_are_totalled_at_the_end(quick_base, tmp_path, caplog):
+def test_rows_skipped_while_the_cache_is_encoded_are_totalled_at_the_end(quick_base, tmp_path, caplog, monkeypatch):
     import logging
 
     from sspo.worlds.shapes.world import make_split, write_imagefolder
@@ -213,9 +214,12 @@ def test_rows_skipped_while_the_cache_is_encoded_are_totalled_at_the_end(quick_b
     folder = write_imagefolder(tmp_path / "images", make_split().train[:6])
     (folder / "00002.png").write_bytes(b"garbage")
     run = ["method=sft", "data.source=imagefolder", f"data.path={folder}", "data.cache_latents=true", f"data.cache_dir={tmp_path / 'latents'}"]
+    digests = []  # each one stats every data file: a start takes one, for the cache key and the resume check
+    monkeypatch.setattr(latent_cache, "local_files_digest", lambda *a, **k: digests.append(1) or "digest")
     with caplog.at_level(logging.WARNING, logger="sspo"):
         train(tiny_config(tmp_path / "run", quick_base, *run))
     assert "1 unreadable row was skipped in this run" in caplog.text
+    assert len(digests) == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sspo"):
         train(tiny_config(tmp_path / "again", quick_base, *run))  # the cache is read, no image
