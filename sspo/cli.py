@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="every method and ablation with the same data, budget and seeds")
     p.add_argument("config", help="base YAML config, e.g. configs/compare-shapes.yaml")
-    p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r)")
+    p.add_argument("--methods", help="comma-separated arms (default: base, every method, sspo_r, and the ablations); "
+                   "named, only those arms and the --ablations named")
     p.add_argument("--ablations", help="comma-separated SSPO variants (default: none with --methods; without it the paper's "
                    "Table 6 ablations: ssr_off, indicator, erd_initial, erd_last)")
     p.add_argument("--training-seeds", type=int, default=3, metavar="N", help="training runs per arm, with training seeds K..K+N-1 (default: 3)")

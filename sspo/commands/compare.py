@@ -468,6 +468,8 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
     """Every arm of ``names`` for every training seed (``jobs`` runs at a time), with settings chosen on
     ``grid`` or taken from the comparison whose ``results.json`` is ``chosen_in``; writes the report."""
     names = list(dict.fromkeys(names))  # an arm named twice (--methods sft --ablations sft) is one arm
+    if not names:
+        raise ConfigError("no arm to compare: --methods and --ablations name none; name the arms, e.g. --methods sft,sspo")
     unknown = [a for a in names if a not in arms()]
     if unknown:
         raise ConfigError(f"unknown arm {unknown[0]!r}; expected some of {', '.join(arms())}")

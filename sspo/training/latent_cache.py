@@ -101,10 +101,11 @@ def cache_key(cfg, model: str, family: ModelFamily, rows: int, data_files: str |
 
 def data_digest(cfg) -> str | None:
     """:func:`local_files_digest` of the run's data (``cfg``: the TrainConfig) without the folders
-    sspo writes into, which a save or a cache build under ``data.path`` would otherwise change."""
+    sspo writes into, which a save, a cache build or a world base built under ``data.path`` would
+    otherwise change."""
     from sspo.paths import cache_root
 
-    return local_files_digest(cfg.data, [cfg.output_dir, cfg.data.cache_dir or cache_root()])
+    return local_files_digest(cfg.data, [cfg.output_dir, cache_root(), *([cfg.data.cache_dir] if cfg.data.cache_dir else [])])
 
 
 def key_digest(key: dict) -> str:

@@ -4,7 +4,8 @@ cached under ``cache_root()`` by its recipe's cache key, or built now.
 A world's base recipe is a config dataclass with ``size`` and ``cache_key()``; its build pretrains
 the VAE (:func:`train_vae`) and the denoiser (:func:`train_denoiser`) on the world's renders
 (:func:`pretraining_renders`) and saves the pipeline with its recipe (:func:`save_base`), all
-through :func:`cached_build`.
+through :func:`cached_build`. :func:`round_trip_images` passes images through a VAE as training
+encodes them, for a world's checks of its base.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def pretraining_renders(specs, per_spec: int, cfg, render: Callable, render_defe
 
 def pixel_batch(images) -> torch.Tensor:
     """RGB images as one [-1, 1] batch. Its memory stays in the images' channels-last order: the
-    shipped base was built from that layout, and a contiguous copy changes its bits."""
+    shipped bases were built from that layout, and a contiguous copy changes its bits."""
     return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 

@@ -183,6 +183,13 @@ def test_the_first_training_seed_shifts_every_arms_seeds(tmp_path, monkeypatch):
     assert given["seeds"] == [10, 11, 12]
 
 
+def test_no_arm_is_a_clear_error(tmp_path):
+    from sspo.cli import main
+
+    assert main(["compare", "compare-shapes", "--methods", "", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("flags, arms", [
     ([], [*compare.table1(), *compare.ABLATIONS]),
     (["--methods", "sft,sspo"], ["sft", "sspo"]),

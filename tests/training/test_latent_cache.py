@@ -180,8 +180,10 @@ def test_editing_any_file_of_local_data_in_place_changes_the_key(edited, tmp_pat
     assert cache_key(cfg, "model", family, 1, data_digest(cfg)) != before
 
 
-def test_a_run_or_cache_folder_under_the_data_leaves_the_key_alone(tmp_path, monkeypatch):
-    """A save or a cache build there changes files under data.path, but no data."""
+@pytest.mark.parametrize("cache_dir", [None, "latents"])
+def test_a_run_or_cache_folder_under_the_data_leaves_the_key_alone(cache_dir, tmp_path, monkeypatch):
+    """A save, a cache build or a world base built into sspo's cache there changes files under
+    data.path, but no data (with data.cache_dir set too: a base may be built after the start)."""
     from types import SimpleNamespace
 
     data = tmp_path / "data"
@@ -189,9 +191,10 @@ def test_a_run_or_cache_folder_under_the_data_leaves_the_key_alone(tmp_path, mon
     (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
     monkeypatch.setenv("SSPO_CACHE", str(data / "cache"))
     family = SimpleNamespace(vae=SimpleNamespace(dtype=torch.float32))
-    cfg = tiny_config(data / "run", "model", "data.source=imagefolder", f"data.path={data}")
+    cfg = tiny_config(data / "run", "model", "data.source=imagefolder", f"data.path={data}",
+                      *([f"data.cache_dir={data / cache_dir}"] if cache_dir else []))
     before = cache_key(cfg, "model", family, 1, data_digest(cfg))
-    for folder in ("run", "cache"):
+    for folder in ("run", "cache", *([cache_dir] if cache_dir else [])):
         (data / folder).mkdir()
         (data / folder / "state.json").write_text("{}")
     assert cache_key(cfg, "model", family, 1, data_digest(cfg)) == before
