@@ -10,6 +10,7 @@ encodes them, for a world's checks of its base.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -80,14 +81,15 @@ def word_conditions(text_encoder, tokenizer, prompts: list[str]) -> tuple[TextCo
 
 
 def _dropped(cond: TextCondition, empty: TextCondition, drop: torch.Tensor) -> TextCondition:
-    """``cond`` with the rows ``drop`` marks replaced by the empty prompt's condition."""
-    fields = []
-    for value, blank in ((cond.embeds, empty.embeds), (cond.pooled, empty.pooled), (cond.time_ids, empty.time_ids)):
+    """``cond`` with the rows ``drop`` marks replaced by the empty prompt's condition, in every field."""
+    fields = {}
+    for field in dataclasses.fields(cond):
+        value = getattr(cond, field.name)
         if value is not None:
             value = value.clone()
-            value[drop] = blank
-        fields.append(value)
-    return TextCondition(*fields)
+            value[drop] = getattr(empty, field.name)
+        fields[field.name] = value
+    return TextCondition(**fields)
 
 
 def train_denoiser(family, conds: TextCondition, prompt_of: torch.Tensor, empty: TextCondition, latents, cfg, generator) -> None:
