@@ -2,11 +2,11 @@
 
 A world is one folder (``sspo/worlds/<world>/``: its renderer, data writer, base recipe, exact
 evaluator, built with the shared :mod:`sspo.worlds.world_data` and :mod:`sspo.worlds.base_building`)
-and one :class:`World` entry (its ``definition.py``) that says how the rest of sspo uses it. Data (``data.source: <name>``), evaluation (prompt sets ``<name>`` and
-``<name>-validation``, metric ``<name>``), the trainer's validation, ``sspo compare``, ``sspo
-demo --world <name>`` and ``sspo base --world <name>`` read the entry and nothing else; no code
-outside a world's folder asks which world it is. :func:`register` adds a world (a test's
-throw-away one, or a user's).
+and one :class:`World` entry (its ``definition.py``) that says how the rest of sspo uses it. Data
+(``data.source: <name>``), evaluation (prompt sets ``<name>`` and ``<name>-validation``, metric
+``<name>``), the trainer's validation, ``sspo compare``, ``sspo demo --world <name>`` and ``sspo
+base --world <name>`` read the entry and nothing else; no code outside a world's folder asks which
+world it is. :func:`register` adds a world (a test's throw-away one, or a user's).
 """
 
 from __future__ import annotations
