@@ -157,6 +157,7 @@ def _add_eval_arguments(p) -> None:
     from sspo.evaluation.evaluate import DTYPES, PROMPT_SETS, EvalConfig
     from sspo.evaluation.scorers import PAPER_METRICS, scorer_names
     from sspo.evaluation.video_metrics import VIDEO_METRICS
+    from sspo.models.families import usual_by_family
 
     help = {
         "prompts": f"a prompt set ({' | '.join(PROMPT_SETS)}) or a prompt file (.txt .json .jsonl .tsv .csv .parquet)",
@@ -165,8 +166,8 @@ def _add_eval_arguments(p) -> None:
         f"with --videos, some of {','.join(VIDEO_METRICS)} (default: all)",
         "seeds": "comma-separated sampler seeds: one sample per prompt and seed",
         "steps": "sampler steps",
-        "guidance_scale": "classifier-free guidance, or FLUX-dev's guidance embedding's input (default: the models' usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, "
-                          "a world's base its world's: 1 for shapes-base:flow, else 5)",
+        "guidance_scale": "classifier-free guidance, or FLUX-dev's guidance embedding's input (default: the models' usual, "
+                          f"{usual_by_family('default_guidance_scale')}, a world's base its world's: 1 for shapes-base:flow, else 5)",
         "batch_size": "images per generation batch",
         "dtype": f"dtype of the diffusion model's weights: {' | '.join(DTYPES)}",
         "limit": "at most N prompts per category (quick runs)",
@@ -327,6 +328,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sspo.models.families import usual_by_family
     from sspo.worlds import world_names
 
     parser = Parser(prog="sspo", description="Self-Sampling Preference Optimization for diffusion models")
@@ -356,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20, at least 1)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none), or FLUX-dev's guidance embedding's input; "
-                   "default: the model's usual, SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5, a world's base its world's: 1 for shapes-base:flow, else 5")
+                   f"default: the model's usual, {usual_by_family('default_guidance_scale')}, a world's base its world's: 1 for shapes-base:flow, else 5")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native; SD3 and FLUX take multiples of 16): "
                    "the size a LoRA was trained at, say")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")

@@ -10,12 +10,12 @@ from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
 from sspo.worlds.shapes.world import make_split, preference_pairs
 
-from tiny_pipelines import build_flux_pipeline, build_sd3_pipeline, build_sdxl_pipeline
+from tiny_pipelines import build_flux_pipeline, build_pixart_pipeline, build_sd3_pipeline, build_sdxl_pipeline
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TRAINING = sorted(CONFIGS.glob("*.yaml"))
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
-REAL = ["sd15-lora.yaml", "sd15-full.yaml", "sdxl-lora.yaml", "sd35-lora.yaml", "flux-lora.yaml"]
+REAL = ["sd15-lora.yaml", "sd15-full.yaml", "sdxl-lora.yaml", "sd35-lora.yaml", "flux-lora.yaml", "pixart-lora.yaml"]
 VIDEO = "animatediff-lora.yaml"
 
 
@@ -47,7 +47,7 @@ def pairs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", REAL)
 def test_real_configs_train_with_tiny_stand_ins(name, quick_base, pairs, tmp_path, bf16_runs):
     """The config's own settings (bf16, gradient checkpointing, sampler, validation grid) on tiny sizes."""
-    builders = {"sdxl": build_sdxl_pipeline, "sd35": build_sd3_pipeline, "flux": build_flux_pipeline}
+    builders = {"sdxl": build_sdxl_pipeline, "sd35": build_sd3_pipeline, "flux": build_flux_pipeline, "pixart": build_pixart_pipeline}
     builder = next((build for prefix, build in builders.items() if name.startswith(prefix)), None)
     model = str(builder(tmp_path / "model")) if builder else quick_base
     tiny = [

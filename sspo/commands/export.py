@@ -4,7 +4,7 @@ that other tools load.
 ``kohya`` (UNet LoRAs: SD-1.5, SDXL, AnimateDiff): the key layout of kohya's sd-scripts
 (``lora_unet_<layer>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``), which ComfyUI and
 AUTOMATIC1111 load, and diffusers' ``load_lora_weights`` too. ``diffusers`` (a UNet's or a
-transformer's, SD3 and FLUX): the file ``load_lora_weights`` reads, the adapter's config in its
+transformer's, SD3, FLUX and PixArt-Sigma): the file ``load_lora_weights`` reads, the adapter's config in its
 metadata, as the run's ``final/`` holds it. Both are converted by diffusers' own converters; a kohya
 file is read back by diffusers' kohya reader before it is written, and refused if a layer would not
 come back under its own name.
@@ -158,10 +158,10 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
     return Lora(layers, config, f"checkpoint-{index:03d}", component)
 
 
-def _model_index(run: Path) -> dict[str, str]:
+def _model_index(run: Path) -> dict:
     """What the model ``run`` trained is, from its config.yaml and the model's model_index.json (no
-    weights read): its ``pipeline`` class name and ``denoiser`` component; empty where the model
-    cannot be read here (offline, moved)."""
+    weights read): its ``pipeline`` class name, ``denoiser`` component and ``family`` (a ModelFamily
+    class); empty where the model cannot be read here (offline, moved)."""
     from sspo.models.families import family_of
     from sspo.training.config import TrainConfig
     from sspo.training.trainer import model_files
@@ -170,7 +170,8 @@ def _model_index(run: Path) -> dict[str, str]:
         cfg = load_config(TrainConfig, run / "config.yaml")
         files = model_files(cfg)
         if files.config is not None:
-            return {"pipeline": files.config["_class_name"], "denoiser": family_of(files.config, cfg.model.family).denoiser_component}
+            family = family_of(files.config, cfg.model.family)
+            return {"pipeline": files.config["_class_name"], "denoiser": family.denoiser_component, "family": type(family)}
     except SSPOError:
         pass
     return {}
@@ -212,21 +213,23 @@ def _check_kohya_reads_back(tensors: dict[str, torch.Tensor], lora: Lora) -> Non
 
 
 def write_diffusers(lora: Lora, out: Path, run: Path) -> None:
-    """``lora`` as the file ``load_lora_weights`` reads, written as the run's final LoRA is: by the
-    run's pipeline class (a transformer's layout is its pipeline's), or any UNet pipeline's loader."""
+    """``lora`` as the file ``load_lora_weights`` reads, written as the run's final LoRA is: a
+    transformer's by its family's writer (the layout is its pipeline's), a UNet's by any UNet
+    pipeline's loader."""
     import diffusers
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     loader = StableDiffusionLoraLoaderMixin
     if lora.component != UNET:
-        pipeline = _model_index(run).get("pipeline")
+        model = _model_index(run)
+        pipeline = model.get("pipeline")
         if pipeline is None:
             raise SSPOError(f"{run}'s model (config.yaml's model.pretrained) cannot be read here, and a {lora.component} LoRA's file is written "
                             "by its pipeline; export where the model is, or load the pool checkpoint with peft (docs/coming-from-diffusers.md)")
-        loader = getattr(diffusers, pipeline, None)
-        if loader is None:
+        if not hasattr(diffusers, pipeline):
             raise SSPOError(f"{run}'s model is a {pipeline}, which this diffusers does not have; upgrade diffusers, "
                             "or load the pool checkpoint with peft (docs/coming-from-diffusers.md)")
+        loader = model["family"].lora_writer(getattr(diffusers, pipeline))
     with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
         write_lora(loader, lora.component, lora.layers, lora.config, Path(folder))
         os.replace(Path(folder) / LORA_FILE, tmp)

@@ -37,8 +37,8 @@ class EvalConfig:
     metrics: tuple[str, ...] = setting((), choices=SCORER_CHOICES)  # scorers; empty: a world's exact evaluator for its prompts, else the paper's four
     seeds: tuple[int, ...] = setting((0, 1), at_least=0, at_most=MAX_SEED, nonempty=True)  # sampler seeds: one image per (prompt, seed)
     steps: int = setting(20, at_least=1)  # sampler steps
-    # At most 1: no classifier-free guidance. None: the models' usual by their names (a world's base its world's;
-    # SD-1.5 7.5, SDXL 5, SD3 7, FLUX.1 3.5); evaluate_pipeline, given no name, takes its pipeline family's.
+    # At most 1: no classifier-free guidance. None: the models' usual by their names (a world's base its world's,
+    # else its family's default_guidance_scale); evaluate_pipeline, given no name, takes its pipeline family's.
     guidance_scale: float | None = setting(None, at_least=0)
     batch_size: int = setting(16, at_least=1)  # images per generation batch (a seed fixes its image whatever the batching)
     resolution: int | None = setting(None, at_least=8, at_most=MAX_RESOLUTION, multiple_of=8)  # image side in pixels (a multiple of the VAE's 8); None: the model's native

@@ -62,6 +62,7 @@ def generate(
         raise ConfigError(f"frames: {frames}, but this model's motion modules make clips of at most {longest} frames; ask for {longest} or fewer")
     check_sample_size(pipe, size)
     extra = {"num_frames": frames, "output_type": "np"} if video else {"output_type": "pil"}
+    extra |= family.pipeline_call_kwargs()
     images: list = []
     device = pipe.device
     for start in range(0, len(prompts), batch_size):

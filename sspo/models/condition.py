@@ -16,6 +16,7 @@ class TextCondition:
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None  # pooled text embedding: SDXL, SD3, FLUX
     time_ids: torch.Tensor | None = None  # SDXL's size and crop conditioning
+    mask: torch.Tensor | None = None  # the text tokens' attention mask: PixArt
 
     def _map(self, fn) -> TextCondition:
         return dataclasses.replace(self, **{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in dataclasses.fields(self)})
@@ -52,4 +53,8 @@ class TextCondition:
             kwargs["pooled_prompt_embeds"] = self.pooled
             if negative is not None:
                 kwargs["negative_pooled_prompt_embeds"] = negative.pooled
+        if self.mask is not None:
+            kwargs["prompt_attention_mask"] = self.mask
+            if negative is not None:
+                kwargs["negative_prompt_attention_mask"] = negative.mask
         return kwargs

@@ -336,5 +336,6 @@ class Checkpointing:
             self.cfg, base=self.base_model, video=self.family.video, folder=str(final.resolve()),
             processes=self.accelerator.num_processes, grid="validation.png" if grids else None, prompt=self.example_prompt,
             absent=tuple(name for name, component in self.pipe.components.items() if component is None and name not in self.pipe._optional_components),
+            family=type(self.family),
         )
         (staging / "README.md").write_text(card)

@@ -91,11 +91,11 @@ class NegativesConfig:
     # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers; on the shapes world neither matches ddim's
     # 20 steps in the exact reward of its samples with fewer steps (docs/bench/README.md "Few-step samplers").
     # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc; null: the model family's usual, recorded resolved in the
-    # run's config.yaml: ddim for the diffusion families (SD-1.5, SDXL, AnimateDiff), pipeline for the flow ones (SD3, FLUX)
+    # run's config.yaml: its default_sampler, ddim for SD-1.5, SDXL and AnimateDiff, dpm++ for PixArt-Sigma, pipeline for the flow ones (SD3, FLUX)
     scheduler: str | None = setting(None, choices=SCHEDULERS)
     steps: int = setting(20, at_least=1)  # sampler steps per negative
     # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 1 for the flow
-    # base and 5 for the others; else by family: SD-1.5 and AnimateDiff 7.5, SDXL 5, SD3 7, FLUX.1 3.5), recorded resolved in the run's config.yaml.
+    # base and 5 for the others; else its family's default_guidance_scale), recorded resolved in the run's config.yaml.
     # FLUX-dev takes it as its guidance embedding's input, not as classifier-free guidance.
     guidance_scale: float | None = setting(None, at_least=0)
     eta: float = setting(0.0, at_least=0, at_most=1)  # ddim: 0 is deterministic DDIM, 1 is DDPM-like
@@ -159,7 +159,7 @@ class TrainConfig:
     flow: FlowConfig = dataclasses.field(default_factory=FlowConfig)  # flow-matching families (SD3, FLUX): sigma's density and the error weights
     method: str = setting("sspo", choices=Registered(METHODS))  # a name in sspo.training.methods.METHODS: sft | dpo | spin | sspo
     # The DPO temperature, T * omega(lambda_t) folded in; null: the model family's usual, recorded resolved in the run's
-    # config.yaml: Diffusion-DPO's 5000 for SD-1.5's errors (SDXL, AnimateDiff too), 500 for SD3, 1500 for FLUX.1 (docs/method.md).
+    # config.yaml: its default_beta, Diffusion-DPO's 5000 for SD-1.5's errors, 500 for SD3, 1500 for FLUX.1 (docs/method.md).
     beta: float | None = setting(None, above=0)
     ssr: str = setting("sign", choices=SSR_VARIANTS)  # sign | indicator | off (Table 6 ablations); spin and dpo force off
     ssr_draws: int = setting(1, at_least=1)  # (t, eps) draws whose mean errors decide K; 1 = the paper (the loss's own draw)

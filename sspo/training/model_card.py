@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sspo.models.families import resolve_train_modules
+from sspo.models.families import ModelFamily, resolve_train_modules
 from sspo.training.config import TrainConfig
 from sspo.worlds import base_world
 
@@ -51,10 +51,11 @@ def effective_batch(cfg: TrainConfig, processes: int) -> int:
     return cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * processes
 
 
-def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...]) -> list[str]:
+def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...], family: type[ModelFamily]) -> list[str]:
     """Lines of Python that load the trained model into ``pipe``: DiffusionPipeline picks the
     pipeline class from the folder's model_index.json; the ``absent`` components (null there, as the
-    tiny flow base's T5) are passed as None, which from_pretrained otherwise refuses."""
+    tiny flow base's T5) are passed as None, which from_pretrained otherwise refuses; a LoRA is
+    loaded as ``family`` loads one."""
     base_options = "".join(f", {key}={_literal(value)}" for key, value in (("revision", cfg.model.revision), ("variant", cfg.model.variant)) if value)
     options = "".join(f", {name}=None" for name in absent) + (base_options if cfg.model.lora else "")
     lines = []
@@ -68,7 +69,7 @@ def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...]) 
     else:
         lines.append(f"pipe = DiffusionPipeline.from_pretrained({_literal(base if cfg.model.lora else folder)}{options}, torch_dtype=dtype)")
     if cfg.model.lora:
-        lines.append(f"pipe.load_lora_weights({_literal(folder)})")
+        lines += family.lora_loading_code(folder)
     return lines
 
 
@@ -78,16 +79,18 @@ def _literal(text: str) -> str:
 
 
 def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, processes: int, grid: str | None, prompt: str | None = None,
-               absent: tuple[str, ...] = ()) -> str:
+               absent: tuple[str, ...] = (), family: type[ModelFamily] = ModelFamily) -> str:
     """Markdown with a Hugging Face metadata header: what was trained, how, and how to load and
     sample it as the run's validation did (``prompt``: one of the run's own, if it has no validation
-    prompt; ``absent``: the pipeline's components the model does not have)."""
+    prompt; ``absent``: the pipeline's components the model does not have; ``family``: the model's,
+    which says how its LoRA loads)."""
     table = "\n".join(f"| {key} | {value} |" for key, value in run_settings(cfg, processes, video).items())
     prompt = cfg.validation.prompts[0] if cfg.validation.prompts else prompt or "a photo of a cat"
     imports = "AnimateDiffPipeline, MotionAdapter" if cfg.model.lora and cfg.model.motion_adapter else "DiffusionPipeline"
     guidance = "" if cfg.negatives.guidance_scale is None else f", guidance_scale={cfg.negatives.guidance_scale:g}"  # None: not yet resolved from the model
     size = f", height={cfg.data.resolution}, width={cfg.data.resolution}"  # the validation's size (SD3 and FLUX would take their native 1024)
-    sampling = f"{_literal(prompt)}, num_inference_steps={cfg.negatives.steps}{guidance}{size}, generator=torch.manual_seed(0)"
+    options = "".join(f", {key}={value!r}" for key, value in family.pipeline_call_kwargs().items())
+    sampling = f"{_literal(prompt)}, num_inference_steps={cfg.negatives.steps}{guidance}{size}{options}, generator=torch.manual_seed(0)"
     tags = dict.fromkeys(["diffusers", "text-to-video" if video else "text-to-image", "sspo", cfg.method] + (["lora"] if cfg.model.lora else []))
     sections = [
         "---",
@@ -118,7 +121,7 @@ def model_card(cfg: TrainConfig, *, base: str, video: bool, folder: str, process
         f"from diffusers import {imports}",
         "",
         'device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)',
-        *_loading(cfg, base, folder, absent),
+        *_loading(cfg, base, folder, absent, family),
         "pipe.to(device)",
         f"frames = pipe({sampling}, num_frames={cfg.data.frames}).frames[0]" if video else f"pipe({sampling}).images[0].save(\"sample.png\")",
         "```",

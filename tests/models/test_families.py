@@ -81,8 +81,8 @@ def test_auto_detects_each_family_from_the_pipeline_components():
 @pytest.mark.parametrize("index", [
     {"_class_name": "KolorsPipeline", "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["kolors", "ChatGLMModel"]},  # SD's layout
     {"_class_name": "HiDreamImagePipeline", "transformer": ["diffusers", "HiDreamImageTransformer2DModel"], "text_encoder_3": ["transformers", "T5EncoderModel"]},
-    {"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"], "text_encoder": ["transformers", "T5EncoderModel"]},
-], ids=["kolors", "hidream", "pixart"])
+    {"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"], "text_encoder": ["transformers", "Gemma2Model"]},
+], ids=["kolors", "hidream", "sana"])
 def test_a_pipeline_laid_out_as_a_family_but_of_other_models_is_no_family(index):
     with pytest.raises(ModelError, match=rf"^{index['_class_name']} is of no known model family; sspo trains "):
         family_of(index)

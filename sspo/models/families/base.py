@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -241,6 +242,12 @@ class ModelFamily:
     def _sample_kwargs(self, latent_size: Sequence[int]) -> dict:
         return {}
 
+    @classmethod
+    def pipeline_call_kwargs(cls) -> dict:
+        """What a call of the pipeline with prompts (``sspo sample``, ``sspo eval``, validation, a model
+        card's code) needs besides them."""
+        return {}
+
     def _sampled_latents(self, out, latent_size: Sequence[int]) -> torch.Tensor:
         """The latents of ``latent_size`` in the pipeline's output."""
         return out.images
@@ -270,8 +277,18 @@ class ModelFamily:
         """Save ``denoiser``'s peft adapter ``adapter_name`` as the pipeline's ``load_lora_weights`` reads it."""
         from peft import get_peft_model_state_dict
 
-        write_lora(self.pipe.__class__, self.denoiser_component, get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
+        write_lora(self.lora_writer(type(self.pipe)), self.denoiser_component, get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
                    adapter_config(denoiser, adapter_name), folder)
+
+    @classmethod
+    def lora_writer(cls, pipeline_class: type) -> type:
+        """What writes this family's LoRA file (its ``save_lora_weights``): the pipeline class's LoRA loader."""
+        return pipeline_class
+
+    @classmethod
+    def lora_loading_code(cls, folder: str) -> list[str]:
+        """Lines of Python that load the LoRA saved in ``folder`` into ``pipe``, as a model card shows them."""
+        return [f"pipe.load_lora_weights({json.dumps(folder, ensure_ascii=False)})"]
 
     def full_components(self, denoiser) -> dict:
         """The pipeline's components with ``denoiser`` as trained."""
@@ -355,6 +372,11 @@ def write_lora(loader, component: str, layers: dict[str, torch.Tensor], config: 
 
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def usual_by_family(attribute: str) -> str:
+    """Each registered family's ``attribute`` (a number) as help text gives it: "SD-1.5 7.5, SDXL 5, ..."."""
+    return ", ".join(f"{family.title or family.name} {getattr(family, attribute):g}" for family in FAMILIES.values())
 
 
 def register(family: type[ModelFamily]) -> type[ModelFamily]:
