@@ -1,5 +1,6 @@
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,15 @@ def quick_base() -> str:
     from sspo.worlds.shapes.base_model import BaseConfig, build_base
 
     return str(build_base(BaseConfig.preset("quick")))
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> Path:
+    """Four shapes-world preference pairs as a parquet file: the data of the model families' and configs' tests."""
+    from sspo.io import write_parquet
+    from sspo.worlds.shapes.world import make_split, preference_pairs
+
+    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", preference_pairs(make_split().train[:4], per_spec=1, seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,8 @@ from pathlib import Path
 import pytest
 
 from sspo.config import load_config
-from sspo.io import write_parquet
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import train
-from sspo.worlds.shapes.world import make_split, preference_pairs
 
 from tiny_pipelines import build_flux_pipeline, build_pixart_pipeline, build_sd3_pipeline, build_sdxl_pipeline
 
@@ -36,12 +34,6 @@ def test_accelerate_configs_are_valid(path):
 
     cfg = ClusterConfig.from_yaml_file(str(path))  # rejects unknown keys
     assert cfg.num_processes > 1 and not cfg.use_cpu
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
 
 
 @pytest.mark.parametrize("name", REAL)

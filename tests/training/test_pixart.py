@@ -12,15 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sspo.config import apply_overrides, from_dict
-from sspo.io import write_parquet
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
-from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
-from sspo.worlds.shapes.world import make_split, preference_pairs
 
-from test_trainer import metrics
+from test_trainer import metrics, pairs_config
 
 PROMPT = "a large red circle on the left, white background"
 
@@ -30,27 +26,6 @@ def tiny_pixart(tmp_path_factory) -> str:
     from tiny_pipelines import build_pixart_pipeline
 
     return str(build_pixart_pipeline(tmp_path_factory.mktemp("pixart") / "pipe"))
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
-
-
-def pixart_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
-    """2 iterations x 1 step of batch 2, ``model.family: auto``, the family's own sampler and guidance."""
-    cfg = {
-        "model": {"pretrained": model},
-        "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2, "learning_rate": 1e-2},
-        "negatives": {"steps": 2},
-        "iterations": 2,
-        "steps_per_iteration": 1,
-        "output_dir": str(out),
-        "report_to": "none",
-    }
-    return from_dict(TrainConfig, apply_overrides(cfg, list(overrides)))
 
 
 def test_auto_detects_pixart_and_its_condition_carries_t5_and_its_mask(tiny_pixart):
@@ -68,7 +43,7 @@ def test_auto_detects_pixart_and_its_condition_carries_t5_and_its_mask(tiny_pixa
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "spin", "sspo"])
 def test_every_method_trains_the_transformers_lora(method, tiny_pixart, pairs, tmp_path):
-    trainer = Trainer(pixart_config(tmp_path / "run", tiny_pixart, pairs, f"method={method}"))
+    trainer = Trainer(pairs_config(tmp_path / "run", tiny_pixart, pairs, f"method={method}"))
     assert trainer.family.name == "pixart"
     assert (trainer.cfg.negatives.scheduler, trainer.cfg.negatives.guidance_scale) == ("dpm++", 4.5)  # resolved from the family
     base = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items() if "lora_" in k}
@@ -92,7 +67,7 @@ save_file({"latents": latents.contiguous()}, "latents.safetensors")
 
 def test_the_model_cards_code_loads_the_lora_in_stock_diffusers_as_trained(tiny_pixart, pairs, tmp_path):
     targets = "model.lora_targets=[to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2]"  # the shipped config's
-    trainer = Trainer(pixart_config(tmp_path / "run", tiny_pixart, pairs, "model.lora_rank=4", "model.lora_alpha=16", targets))
+    trainer = Trainer(pairs_config(tmp_path / "run", tiny_pixart, pairs, "model.lora_rank=4", "model.lora_alpha=16", targets))
     final = trainer.train()
     with torch.no_grad():
         trained = trainer.pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent",
@@ -116,7 +91,7 @@ def test_the_lora_exports_as_its_final_file_and_kohyas_layout_is_refused(tiny_pi
     from sspo.cli import main
 
     run, out = tmp_path / "run", tmp_path / "lora.safetensors"
-    final = train(pixart_config(run, tiny_pixart, pairs, "method=sft"))
+    final = train(pairs_config(run, tiny_pixart, pairs, "method=sft"))
     assert main(["export", str(run), "--format", "diffusers", "--out", str(out)]) == 0
     assert out.read_bytes() == (final / "pytorch_lora_weights.safetensors").read_bytes()
     assert main(["export", str(run), "--format", "kohya", "--out", str(tmp_path / "kohya.safetensors")]) == 2
@@ -126,7 +101,7 @@ def test_the_lora_exports_as_its_final_file_and_kohyas_layout_is_refused(tiny_pi
 def test_full_finetune_saves_a_plain_pixart_sigma_folder(tiny_pixart, pairs, tmp_path):
     from diffusers import PixArtSigmaPipeline
 
-    final = train(pixart_config(tmp_path / "run", tiny_pixart, pairs, "model.lora=false", "method=sft"))
+    final = train(pairs_config(tmp_path / "run", tiny_pixart, pairs, "model.lora=false", "method=sft"))
     index = json.loads((final / "model_index.json").read_text())
     assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
     pipe = PixArtSigmaPipeline.from_pretrained(str(final))
@@ -138,7 +113,7 @@ def test_full_finetune_saves_a_plain_pixart_sigma_folder(tiny_pixart, pairs, tmp
 def test_sspo_sample_draws_a_grid_from_the_trained_lora(tiny_pixart, pairs, tmp_path):
     from sspo.cli import main
 
-    final = train(pixart_config(tmp_path / "run", tiny_pixart, pairs, "method=sft", "iterations=1"))
+    final = train(pairs_config(tmp_path / "run", tiny_pixart, pairs, "method=sft", "iterations=1"))
     grid = tmp_path / "grid.png"
     assert main(["sample", "--model", tiny_pixart, "--lora", str(final), "--prompt", PROMPT, "--steps", "2", "--resolution", "32", "--out", str(grid)]) == 0
     assert grid.is_file()

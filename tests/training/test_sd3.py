@@ -10,39 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sspo.config import apply_overrides, from_dict
-from sspo.io import write_parquet
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
-from sspo.worlds.shapes.world import make_split, preference_pairs
 
-from test_trainer import metrics
+from test_trainer import metrics, pairs_config
 
 PROMPT = "a large red circle on the left, white background"
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # what plain diffusers needs to load an SD3 saved without T5
 
 
-@pytest.fixture(scope="session")
-def pairs(tmp_path_factory) -> Path:
-    rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
-
-
 def sd3_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
-    """2 iterations x 1 step of batch 2, ``model.family: auto``, negatives from the pipeline's flow sampler."""
-    cfg = {
-        "model": {"pretrained": model},
-        "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2, "learning_rate": 1e-2},
-        "negatives": {"scheduler": "pipeline", "steps": 2},
-        "iterations": 2,
-        "steps_per_iteration": 1,
-        "output_dir": str(out),
-        "report_to": "none",
-    }
-    return from_dict(TrainConfig, apply_overrides(cfg, list(overrides)))
+    """:func:`pairs_config` with negatives from the pipeline's flow sampler."""
+    return pairs_config(out, model, data, "negatives.scheduler=pipeline", *overrides)
 
 
 def sample(pipe) -> torch.Tensor:

@@ -6,15 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sspo.config import apply_overrides, from_dict
-from sspo.io import write_parquet
 from sspo.models.families import family_of
 from sspo.models.pipeline import load_pipeline
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, train
-from sspo.worlds.shapes.world import make_split, preference_pairs
 
 from lora_checks import assert_lora_reloads_as_trained
+from test_trainer import pairs_config
 from tiny_pipelines import build_sdxl_pipeline
 
 PROMPT = "a large red circle on the left, white background"
@@ -25,25 +23,9 @@ def tiny_sdxl(tmp_path_factory) -> str:
     return str(build_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipeline"))
 
 
-@pytest.fixture(scope="session")
-def pairs(tmp_path_factory) -> Path:
-    rows = preference_pairs(make_split().train[:4], per_spec=1, seed=0)
-    return write_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", rows)
-
-
 def sdxl_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
-    """2 iterations x 1 step of batch 2; the 32 px pairs are trained at 64 px, not the model's native 32."""
-    cfg = {
-        "model": {"pretrained": model},
-        "data": {"source": "parquet", "path": str(data), "resolution": 64},
-        "optim": {"batch_size": 2, "learning_rate": 1e-2},
-        "negatives": {"steps": 2},
-        "iterations": 2,
-        "steps_per_iteration": 1,
-        "output_dir": str(out),
-        "report_to": "none",
-    }
-    return from_dict(TrainConfig, apply_overrides(cfg, list(overrides)))
+    """:func:`pairs_config` with the 32 px pairs trained at 64 px, not the model's native 32."""
+    return pairs_config(out, model, data, "data.resolution=64", *overrides)
 
 
 def test_conditions_carry_pooled_embeds_and_the_training_size(tiny_sdxl):

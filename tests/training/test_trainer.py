@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sspo.config import load_config
+from sspo.config import apply_overrides, from_dict, load_config
 from sspo.errors import ConfigError, DataError, ModelError, SSPOError
 from sspo.training.config import TrainConfig
 from sspo.training.trainer import Trainer, dry_run, train
@@ -28,6 +28,22 @@ def tiny_overrides(out: Path, model: str) -> list[str]:
 
 def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, DEMO, tiny_overrides(out, model) + list(overrides))
+
+
+def pairs_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
+    """2 iterations x 1 step of batch 2 on the pairs file ``data``, 32 px, 2 sampler steps, the
+    family's own sampler and guidance: a model family's tests."""
+    cfg = {
+        "model": {"pretrained": model},
+        "data": {"source": "parquet", "path": str(data), "resolution": 32},
+        "optim": {"batch_size": 2, "learning_rate": 1e-2},
+        "negatives": {"steps": 2},
+        "iterations": 2,
+        "steps_per_iteration": 1,
+        "output_dir": str(out),
+        "report_to": "none",
+    }
+    return from_dict(TrainConfig, apply_overrides(cfg, list(overrides)))
 
 
 def metrics(run: Path) -> list[dict]:
