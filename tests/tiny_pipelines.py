@@ -163,14 +163,16 @@ def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, s
     return folder
 
 
-def build_pixart_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0) -> Path:
-    """Save a randomly initialised tiny ``PixArtSigmaPipeline`` (the PixArt-Sigma code path, offline).
+def build_pixart_pipeline(folder: str | Path, words: Sequence[str] | None = None, size: TinySize | None = None, seed: int = 0,
+                          alpha: bool = False) -> Path:
+    """Save a randomly initialised tiny ``PixArtSigmaPipeline`` (``alpha``: ``PixArtAlphaPipeline``
+    with the size conditioning of PixArt-Alpha's 1024 px models), the PixArt code path, offline.
 
-    As in PixArt-Sigma: one T5 encoder (its token embeddings, with their attention mask, are the
-    only condition), a DiT over 2x2 patches of the latents with learned sigma (``out_channels``
-    twice the latents'), and a DPM-Solver++ scheduler on the linear-beta epsilon schedule.
+    As in PixArt: one T5 encoder (its token embeddings, with their attention mask, are the text
+    condition), a DiT over 2x2 patches of the latents with learned sigma (``out_channels`` twice the
+    latents'), and a DPM-Solver++ scheduler on the linear-beta epsilon schedule.
     """
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     from sspo.models.tiny import write_t5_tokenizer
@@ -184,13 +186,15 @@ def build_pixart_pipeline(folder: str | Path, words: Sequence[str] | None = None
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=t5_hidden, d_kv=8, d_ff=2 * t5_hidden, num_layers=1, num_heads=4,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     latent_side = size.image_size // 2 ** (len(size.vae_channels) - 1)
-    heads, head_dim = 2, 8
+    heads, head_dim = 3 if alpha else 2, 8  # the size embeddings take a third of the width each (height and width, aspect ratio)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=size.latent_channels, out_channels=2 * size.latent_channels,
-        num_layers=2, cross_attention_dim=heads * head_dim, sample_size=latent_side, patch_size=2, caption_channels=t5_hidden,
-        use_additional_conditions=False,
+        num_layers=2, cross_attention_dim=heads * head_dim, patch_size=2, caption_channels=t5_hidden,
+        # PixArtAlphaPipeline tells the sizes to a transformer of sample_size 128 only (its 1024 px models), whatever the images' size
+        sample_size=128 if alpha else latent_side, use_additional_conditions=alpha,
     )
     scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon")
-    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae_for(size), transformer=transformer, scheduler=scheduler)
+    pipeline = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    pipe = pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae_for(size), transformer=transformer, scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -91,7 +91,7 @@ class NegativesConfig:
     # dpm++ (DPM-Solver++ 2M) and unipc (UniPC-2M) are few-step solvers; on the shapes world neither matches ddim's
     # 20 steps in the exact reward of its samples with fewer steps (docs/bench/README.md "Few-step samplers").
     # ddim | pipeline (the pipeline's own) | dpm++ | euler | unipc; null: the model family's usual, recorded resolved in the
-    # run's config.yaml: its default_sampler, ddim for SD-1.5, SDXL and AnimateDiff, dpm++ for PixArt-Sigma, pipeline for the flow ones (SD3, FLUX)
+    # run's config.yaml: its default_sampler, ddim for SD-1.5, SDXL and AnimateDiff, dpm++ for PixArt, pipeline for the flow ones (SD3, FLUX)
     scheduler: str | None = setting(None, choices=SCHEDULERS)
     steps: int = setting(20, at_least=1)  # sampler steps per negative
     # At most 1: no classifier-free guidance. null: the model's usual (a world's base: its world's, 1 for the flow

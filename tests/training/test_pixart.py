@@ -1,6 +1,7 @@
-"""PixArt-Sigma end to end on a tiny offline PixArtSigmaPipeline (T5, a DiT with learned sigma):
-detected, every method trains its transformer, and what it saves loads outside sspo (the LoRA by the
-model card's peft code, a full fine-tune as a plain PixArt-Sigma folder)."""
+"""PixArt end to end on tiny offline PixArtSigmaPipeline and PixArtAlphaPipeline (T5, a DiT with
+learned sigma; the Alpha one conditioned on the image's size): detected, every method trains the
+transformer, and what it saves loads outside sspo (the LoRA by the model card's peft code, a full
+fine-tune as a plain PixArt folder)."""
 
 import json
 import os
@@ -39,6 +40,27 @@ def test_auto_detects_pixart_and_its_condition_carries_t5_and_its_mask(tiny_pixa
     assert cond.mask[0].sum() > cond.mask[1].sum() > 0  # the longer prompt has more tokens, the rest is padding
     noisy = torch.randn(2, pipe.transformer.config.in_channels, 8, 8)
     assert family.predict(pipe.transformer, noisy, torch.tensor([10, 900]), cond).shape == noisy.shape  # the noise half; the variance half is not trained
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart_alpha(tmp_path_factory) -> str:
+    from tiny_pipelines import build_pixart_pipeline
+
+    return str(build_pixart_pipeline(tmp_path_factory.mktemp("pixart-alpha") / "pipe", alpha=True))
+
+
+def test_pixart_alpha_is_told_each_images_size_and_aspect_ratio_as_its_pipeline_tells_it(tiny_pixart_alpha, pairs, tmp_path):
+    trainer = Trainer(pairs_config(tmp_path / "run", tiny_pixart_alpha, pairs, "data.resolution=48"))
+    assert trainer.family.name == "pixart" and type(trainer.pipe).__name__ == "PixArtAlphaPipeline"
+    seen = []
+    transformer = trainer.family.denoiser
+    hook = transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]), with_kwargs=True)
+    trainer.train()
+    hook.remove()
+    trained = [c for c in seen if c["resolution"] is not None and c["resolution"].shape[0] == 2 * 2]  # the losses' calls: winners and losers of 2 pairs
+    assert trained and all(c["resolution"].tolist() == [[48.0, 48.0]] * 4 and c["aspect_ratio"].tolist() == [[1.0]] * 4 for c in trained)
+    assert all(c["resolution"] is not None for c in seen)  # the negatives' and validation's calls too, by the pipeline
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "spin", "sspo"])

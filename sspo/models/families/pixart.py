@@ -1,14 +1,15 @@
-"""PixArt-Sigma: a DiT (``PixArtTransformer2DModel``) over 2x2 patches of image latents, trained on
-SD's epsilon objective with a learned variance (its output is twice the latents' channels: the noise,
-then the variance, which sspo does not train); conditioned on T5's token embeddings and their
-attention mask only.
+"""PixArt-Sigma and PixArt-Alpha: a DiT (``PixArtTransformer2DModel``) over 2x2 patches of image
+latents, trained on SD's epsilon objective with a learned variance (its output is twice the latents'
+channels: the noise, then the variance, which sspo does not train); conditioned on T5's token
+embeddings and their attention mask, and PixArt-Alpha's 1024 px models on the image's size and
+aspect ratio too.
 
-diffusers gives neither ``PixArtSigmaPipeline`` a LoRA loader nor ``PixArtTransformer2DModel``
-peft's adapter methods. A pipeline bound to this family gets both (:func:`with_mixin`): the
+diffusers gives neither PixArt pipeline a LoRA loader nor ``PixArtTransformer2DModel`` peft's
+adapter methods. A pipeline bound to this family gets both (:func:`with_mixin`): the
 transformer diffusers' ``PeftAdapterMixin`` (``add_adapter``, what the trainer adds LoRA with) and
 the pipeline Sana's LoRA loader, whose file layout is this model's too (peft's keys under
-``transformer.``). Class names stay as they were, so a folder saved from them is a plain
-PixArt-Sigma one. Outside sspo, peft loads the LoRA file (:meth:`PixArtSigma.lora_loading_code`).
+``transformer.``). Class names stay as they were, so a folder saved from them is a plain PixArt
+one. Outside sspo, peft loads the LoRA file (:meth:`PixArt.lora_loading_code`).
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def _with_adapters(denoiser):
 
 
 @register
-class PixArtSigma(ModelFamily):
+class PixArt(ModelFamily):
     name = "pixart"
-    title = "PixArt-Sigma"
+    title = "PixArt"
     denoiser_component = "transformer"
     denoiser_label = "transformer"
-    default_guidance_scale = 4.5  # PixArtSigmaPipeline's default
-    default_sampler = "dpm++"  # the scheduler PixArt-Sigma ships
+    default_guidance_scale = 4.5  # the PixArt pipelines' default
+    default_sampler = "dpm++"  # the scheduler PixArt models ship
 
     def __init__(self, pipe, flow=None):
         super().__init__(pipe, flow)
@@ -77,19 +78,27 @@ class PixArtSigma(ModelFamily):
         return SanaLoraLoaderMixin
 
     def condition_kwargs(self, cond: TextCondition) -> dict:
-        # PixArt-Sigma has no size conditioning, but its transformer reads the dict's keys.
-        return {"encoder_hidden_states": cond.embeds, "encoder_attention_mask": cond.mask,
-                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        return {"encoder_hidden_states": cond.embeds, "encoder_attention_mask": cond.mask}
+
+    def size_condition(self, noisy: torch.Tensor) -> dict:
+        """The transformer's ``added_cond_kwargs`` for latents ``noisy``: their image's height and width in
+        pixels and its aspect ratio, as the pipeline passes them to a size-conditioned model
+        (PixArt-Alpha at 1024 px); None for the others (PixArt-Sigma), which read the keys only."""
+        if not self.denoiser.config.get("use_additional_conditions"):
+            return {"resolution": None, "aspect_ratio": None}
+        height, width = (side * self.pipe.vae_scale_factor for side in noisy.shape[-2:])
+        rows = noisy.shape[0]
+        return {"resolution": noisy.new_tensor([[height, width]]).repeat(rows, 1), "aspect_ratio": noisy.new_tensor([[height / width]]).repeat(rows, 1)}
 
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """The predicted noise: the first half of the output channels when the model also predicts its variance."""
-        out = denoiser(noisy, timestep=timesteps, **self.condition_kwargs(cond), return_dict=False)[0]
+        out = denoiser(noisy, timestep=timesteps, **self.condition_kwargs(cond), added_cond_kwargs=self.size_condition(noisy), return_dict=False)[0]
         return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * noisy.shape[1] else out
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], device, size: int | None = None,
                        sizes_and_crops: Sequence[Sequence[int]] | None = None) -> TextCondition:
-        """The pipeline's own encoding: T5's token embeddings at its length (300) and their attention mask."""
+        """The pipeline's own encoding: T5's token embeddings at its length (Sigma 300, Alpha 120) and their attention mask."""
         embeds, mask, _, _ = self.pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, device=device, num_images_per_prompt=1,
                                                      clean_caption=False)
         return TextCondition(embeds, mask=mask)
