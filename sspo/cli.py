@@ -177,7 +177,7 @@ def _add_eval_arguments(p) -> None:
         "scorer_batch_size": "images per scorer batch",
         "grid_prompts": "columns of grid.png",
         "frames": "video models: frames per clip",
-        "resolution": "image side in pixels, a multiple of 8; SD3 and FLUX: of 16 (default: the model's native)",
+        "resolution": "image side in pixels, a multiple of 8; SD3, FLUX and PixArt: of 16 (default: the model's native)",
     }
     defaults = EvalConfig()
     for field in dataclasses.fields(EvalConfig):
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20, at least 1)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (at least 0; at most 1: none), or FLUX-dev's guidance embedding's input; "
                    f"default: the model's usual, {usual_by_family('default_guidance_scale')}, a world's base its world's: 1 for shapes-base:flow, else 5")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native; SD3 and FLUX take multiples of 16): "
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native; SD3, FLUX and PixArt take multiples of 16): "
                    "the size a LoRA was trained at, say")
     p.add_argument("--device", default="auto", help="where to sample: auto (CUDA, else MPS, else the CPU; default), cpu, cuda, cuda:N or mps")
     p.add_argument("--shapes-check", action="store_true", help="reject prompts outside the shapes world")

@@ -53,7 +53,7 @@ def export_lora(run: str | Path, fmt: str, checkpoint: str = FINAL, out: str | P
     lora = read_final(run) if checkpoint == FINAL else read_pool_checkpoint(run, _pool_index(checkpoint))
     if fmt == "kohya" and lora.component != UNET:
         raise SSPOError(f"{run} trained a LoRA of the {lora.component}: kohya's layout is for UNet LoRAs (SD-1.5, SDXL, AnimateDiff); "
-                        "export --format diffusers, the file the pipeline's load_lora_weights reads")
+                        "export --format diffusers, the layout of the run's final/ (the file load_lora_weights reads)")
     out = Path(out) if out else Path(f"{run.resolve().name}-{lora.name}-{fmt}.safetensors")
     _check_out(out, force)
     try:

@@ -1,6 +1,6 @@
 """Diffusers pipelines as the trainer sees them: loaded (with a LoRA) and checked, and their latents.
 
-One code path serves SD-1.5, SDXL, AnimateDiff, SD3 and FLUX (and the tiny shapes-world pipelines, which
+One code path serves SD-1.5, SDXL, AnimateDiff, PixArt, SD3 and FLUX (and the tiny shapes-world pipelines, which
 are the same classes with small sizes); what differs between them is their model family
 (sspo/models/families/): a UNet or a transformer, diffusion or flow matching. Video latents are
 ``(B, C, F, H, W)``.
@@ -175,7 +175,7 @@ def motion_frames_limit(model: str | Path, motion_adapter: str | None = None) ->
 
 def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, revision: str | None = None,
                   variant: str | None = None, motion_adapter: str | Path | None = None):
-    """Load an SD-1.5, SDXL, AnimateDiff, SD3 or FLUX.1 pipeline from a hub id or a local folder, with an optional
+    """Load a pipeline of a known model family from a hub id or a local folder, with an optional
     LoRA; ``motion_adapter`` makes an image pipeline (SD-1.5) an AnimateDiff one."""
     from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter
 

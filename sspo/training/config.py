@@ -37,7 +37,7 @@ class ModelConfig:
     motion_adapter: str | None = None
     # The model family (sspo/models/families/): how training draws timesteps and adds noise, what the
     # denoiser predicts, how negatives are sampled, what LoRA wraps, how weights are saved.
-    # "auto": the registered family that recognises the pipeline (sd, sdxl, animatediff, sd3, flux).
+    # "auto": the registered family that recognises the pipeline (one module of sspo/models/families/ each).
     family: str = setting("auto", choices=Registered(FAMILIES, "auto"))
     lora: bool = True  # False: full fine-tuning of what `train_modules` names
     # What trains: "unet" (every layer of the denoiser), "motion" (a video model's motion modules

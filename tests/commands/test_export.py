@@ -156,7 +156,7 @@ def test_a_transformer_lora_exports_for_load_lora_weights_and_kohyas_layout_is_r
     run, out = tmp_path / "run", tmp_path / "lora.safetensors"
     train(tiny_config(run, tiny_sd3, "method=spin", "negatives.scheduler=pipeline", "model.lora_targets=[to_q]", "iterations=1", "steps_per_iteration=1"))
     refusal = f"sspo: error: {run} trained a LoRA of the transformer: kohya's layout is for UNet LoRAs (SD-1.5, SDXL, AnimateDiff); " \
-              "export --format diffusers, the file the pipeline's load_lora_weights reads"
+              "export --format diffusers, the layout of the run's final/ (the file load_lora_weights reads)"
     assert export(capsys, run, "--format", "kohya", "--out", str(out)) == (2, refusal)
     assert not out.exists()
     final, first, initial = (tmp_path / f"{name}.safetensors" for name in ("final", "first", "initial"))

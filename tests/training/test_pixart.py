@@ -38,8 +38,16 @@ def test_auto_detects_pixart_and_its_condition_carries_t5_and_its_mask(tiny_pixa
     cond = family.encode_prompts([PROMPT, "a small blue square"], "cpu")
     assert cond.embeds.shape == (2, 300, pipe.text_encoder.config.d_model) and cond.mask.shape == (2, 300)
     assert cond.mask[0].sum() > cond.mask[1].sum() > 0  # the longer prompt has more tokens, the rest is padding
-    noisy = torch.randn(2, pipe.transformer.config.in_channels, 8, 8)
-    assert family.predict(pipe.transformer, noisy, torch.tensor([10, 900]), cond).shape == noisy.shape  # the noise half; the variance half is not trained
+    # The noise is the first half of the output (the variance the second), predicted with T5's padding masked out.
+    noisy, timesteps = torch.randn(2, pipe.transformer.config.in_channels, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        predicted = family.predict(pipe.transformer, noisy, timesteps, cond)
+        out = pipe.transformer(noisy, timestep=timesteps, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask,
+                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        unmasked = pipe.transformer(noisy, timestep=timesteps, encoder_hidden_states=cond.embeds,
+                                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    assert out.shape[1] == 2 * noisy.shape[1] and torch.equal(predicted, out[:, : noisy.shape[1]])
+    assert not torch.allclose(unmasked, out, atol=1e-3)  # the mask matters: a prediction without it is another
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,6 @@ class PixArt(ModelFamily):
             f"with safe_open({path}, \"pt\") as lora:",
             "    config = {key.removeprefix(\"transformer.\"): value for key, value in json.loads(lora.metadata()[\"lora_adapter_metadata\"]).items()}",
             "    weights = {key.removeprefix(\"transformer.\"): lora.get_tensor(key) for key in lora.keys()}",
-            "inject_adapter_in_model(LoraConfig(**config), pipe.transformer)",
+            "inject_adapter_in_model(LoraConfig.from_peft_type(**config), pipe.transformer)",  # newer peft's keys dropped, with a warning
             "set_peft_model_state_dict(pipe.transformer, weights)",
         ]
