@@ -100,11 +100,11 @@ class BenchConfig:
               f"got {self.model!r}: expected one of {', '.join(MODELS)} or a diffusers pipeline folder (one holding model_index.json)")
 
 
-# A flow-matching pipeline trains as its shipped config says: LoRA targets, flow matching's sigma
-# draws and guidance, negatives from the pipeline's own sampler (at its steps and guidance), and
-# latents and text embeddings encoded once (data.cache_latents), so T5 runs before the steps.
-FLOW_CONFIGS = {"StableDiffusion3Pipeline": "sd35-lora.yaml", "FluxPipeline": "flux-lora.yaml"}
-FLOW_KEYS = ("model.lora_targets", "flow", "negatives.scheduler", "negatives.steps", "negatives.guidance_scale", "data.cache_latents")
+# A transformer pipeline (SD3, FLUX, PixArt) trains as its family's shipped config says: LoRA
+# targets, flow matching's sigma draws and guidance, negatives from its usual sampler (at its steps
+# and guidance), and latents and text embeddings encoded once (data.cache_latents), so T5 runs
+# before the steps. The UNet families train as the demo config does.
+FAMILY_KEYS = ("model.lora_targets", "flow", "negatives.scheduler", "negatives.steps", "negatives.guidance_scale", "data.cache_latents")
 
 
 BENCH_PAIRS = 64  # rows of the bench's pairs file, one per prompt
@@ -135,15 +135,21 @@ def _model_folder(b: BenchConfig) -> Path:
 
 
 def family_overrides(folder: Path) -> list[str]:
-    """A flow-matching pipeline's settings (:data:`FLOW_KEYS`) from its shipped config; none for the others."""
-    index = folder / "model_index.json"
-    name = FLOW_CONFIGS.get(json.loads(index.read_text()).get("_class_name")) if index.is_file() else None
-    if name is None:
-        return []
+    """The settings (:data:`FAMILY_KEYS`) of the shipped config of the pipeline's family
+    (``ModelFamily.bench_config``); none for a family without one, or a pipeline of none."""
+    from sspo.errors import ModelError
+    from sspo.models.families import family_of
     from sspo.training.run_state import flatten
 
+    index = folder / "model_index.json"
+    try:
+        name = family_of(json.loads(index.read_text())).bench_config if index.is_file() else None
+    except ModelError:  # no known family: the run names the problem
+        name = None
+    if name is None:
+        return []
     return [f"{key}={json.dumps(value)}" for key, value in flatten(load_yaml(CONFIGS / name)).items()
-            if any(key == wanted or key.startswith(wanted + ".") for wanted in FLOW_KEYS)]
+            if any(key == wanted or key.startswith(wanted + ".") for wanted in FAMILY_KEYS)]
 
 
 def model_notes(b: BenchConfig) -> dict:

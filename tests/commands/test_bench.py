@@ -146,6 +146,18 @@ def test_flow_models_train_with_their_shipped_configs_settings(tmp_path):
     assert cfg.data.cache_latents and cfg.data.resolution == 64  # T5 runs once, before the steps; the small VAE's native side
 
 
+def test_a_pixart_folder_trains_with_its_shipped_configs_targets_and_sampler(tmp_path):
+    """A family's shipped config says what its layers are called (the demo's UNet targets name none of a DiT's)."""
+    from sspo.benchmark.config import train_config
+
+    from tiny_pipelines import build_pixart_pipeline
+
+    folder = build_pixart_pipeline(tmp_path / "pixart")
+    cfg = train_config(BenchConfig(model=str(folder)), "sft", tmp_path / "out")
+    assert cfg.model.lora_targets == ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    assert (cfg.negatives.scheduler, cfg.negatives.steps, cfg.negatives.guidance_scale) == ("dpm++", 20, 4.5) and cfg.data.cache_latents
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without a GPU")
 @pytest.mark.parametrize("name", ["sd15", "flux"])
 def test_full_architectures_refuse_the_cpu_unless_allowed(name):

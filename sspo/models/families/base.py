@@ -79,6 +79,9 @@ class ModelFamily:
     default_beta: ClassVar[float] = 5000.0
     default_sampler: ClassVar[str] = "ddim"  # negatives.scheduler's default
     samples_with_negative_prompt: ClassVar[bool] = True  # sampling passes the empty prompt to the pipeline as its negative
+    # The shipped config (sspo/configs/) whose LoRA targets and sampling `sspo bench` trains a pipeline
+    # folder of this family with; None: the demo config's (UNet layers).
+    bench_config: ClassVar[str | None] = None
 
     def __init__(self, pipe, flow=None):
         """``flow``: a flow-matching family's training options (:class:`~sspo.models.families.flow.FlowConfig`); the others have none."""

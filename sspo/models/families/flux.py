@@ -47,6 +47,7 @@ class Flux(FlowMatchingFamily):
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
     default_guidance_scale = 3.5  # FluxPipeline's default (FLUX-dev's guidance embedding; schnell has none)
     default_beta = 1500.0  # 5000 x the mean (1 - sigma)^2 of uniform draws, 1/3, rounded down
+    bench_config = "flux-lora.yaml"
     # FluxPipeline's negative prompt is true CFG (true_cfg_scale), off in its usual call: negatives
     # are sampled with the guidance embedding alone.
     samples_with_negative_prompt = False

@@ -52,6 +52,7 @@ class PixArt(ModelFamily):
     denoiser_label = "transformer"
     default_guidance_scale = 4.5  # the PixArt pipelines' default
     default_sampler = "dpm++"  # the scheduler PixArt models ship
+    bench_config = "pixart-lora.yaml"
 
     def __init__(self, pipe, flow=None):
         super().__init__(pipe, flow)

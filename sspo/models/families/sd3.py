@@ -20,6 +20,7 @@ class StableDiffusion3(FlowMatchingFamily):
     frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     default_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
     default_beta = 500.0  # 5000 x the mean (1 - sigma)^2 of its logit-normal draws with shift 3, ~0.11
+    bench_config = "sd35-lora.yaml"
 
     @classmethod
     def detects(cls, components: Mapping[str, Any]) -> bool:
