@@ -113,12 +113,12 @@ def test_an_incomplete_model_folder_is_one_line(removed, named, quick_base, tmp_
 
 
 def test_a_model_of_another_family_is_named_before_loading(tmp_path, capsys):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
-    with pytest.raises(ModelError, match=r"\(PixArtAlphaPipeline\) is of no model family sspo trains"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]}))
+    with pytest.raises(ModelError, match=r"\(SanaPipeline\) is of no model family sspo trains"):
         load_pipeline(tmp_path)
     capsys.readouterr()  # what loading printed (transformers' notices in a fresh process)
     assert main(["train", "configs/demo-shapes.yaml", f"model.pretrained={tmp_path}", f"output_dir={tmp_path / 'run'}", "report_to=none"]) == 2
-    assert "is of no model family sspo trains; it trains AnimateDiff, FLUX.1, SD-1.5, SD3, SDXL pipelines" in one_error_line(capsys)
+    assert "is of no model family sspo trains; it trains AnimateDiff, FLUX.1, PixArt, SD-1.5, SD3, SDXL pipelines" in one_error_line(capsys)
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
