@@ -4,10 +4,10 @@ that other tools load.
 ``kohya`` (UNet LoRAs: SD-1.5, SDXL, AnimateDiff): the key layout of kohya's sd-scripts
 (``lora_unet_<layer>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``), which ComfyUI and
 AUTOMATIC1111 load, and diffusers' ``load_lora_weights`` too. ``diffusers`` (a UNet's or a
-transformer's, SD3, FLUX and PixArt): the file ``load_lora_weights`` reads, the adapter's config in its
-metadata, as the run's ``final/`` holds it. Both are converted by diffusers' own converters; a kohya
-file is read back by diffusers' kohya reader before it is written, and refused if a layer would not
-come back under its own name.
+transformer's, SD3, FLUX and PixArt): the file ``load_lora_weights`` reads, the adapter's config in
+its metadata, as the run's ``final/`` holds it. Both are converted by diffusers' own converters; a
+kohya file is read back by diffusers' kohya reader before it is written, and refused if a layer
+would not come back under its own name.
 """
 
 from __future__ import annotations
