@@ -20,6 +20,12 @@ from sspo.models.tiny import TinySize, motion_adapter_for, scheduler_for, text_e
 from sspo.worlds.shapes.world import vocabulary
 
 
+def _seeded(folder: str | Path, words: Sequence[str] | None, size: TinySize | None, seed: int) -> tuple[Path, TinySize, list[str]]:
+    """An image builder's folder, size and vocabulary (the shapes world's unless given), with torch seeded for its weights."""
+    torch.manual_seed(seed)
+    return Path(folder), size or TinySize.preset("quick"), list(words or vocabulary())
+
+
 def build_video_pipeline(folder: str | Path, words: Sequence[str], size: TinySize | None = None, max_frames: int = 32, seed: int = 0,
                          identity_motion: bool = True, separate: bool = False) -> Path:
     """Save a tiny ``AnimateDiffPipeline``: word-table text encoder, VAE, a UNet and motion modules
@@ -53,10 +59,7 @@ def build_sdxl_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
     with a projection giving the pooled embedding), and a UNet with ``text_time`` added
     conditioning on the pooled embedding plus six size/crop ids.
     """
-    folder = Path(folder)
-    size = size or TinySize.preset("quick")
-    words = list(words or vocabulary())
-    torch.manual_seed(seed)
+    folder, size, words = _seeded(folder, words, size, seed)
     tokenizer = write_word_tokenizer(folder / "tokenizer", words)
     tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
     time_dim = 8
@@ -95,10 +98,7 @@ def build_flux_pipeline(folder: str | Path, words: Sequence[str] | None = None, 
 
     from sspo.models.tiny import write_t5_tokenizer
 
-    folder = Path(folder)
-    size = size or TinySize.preset("quick")
-    words = list(words or vocabulary())
-    torch.manual_seed(seed)
+    folder, size, words = _seeded(folder, words, size, seed)
     tokenizer = write_word_tokenizer(folder / "tokenizer", words)
     tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2", words)
     t5_hidden = 32
@@ -131,10 +131,7 @@ def build_sd3_pipeline(folder: str | Path, words: Sequence[str] | None = None, s
 
     from sspo.models.tiny import write_t5_tokenizer
 
-    folder = Path(folder)
-    size = size or TinySize.preset("quick")
-    words = list(words or vocabulary())
-    torch.manual_seed(seed)
+    folder, size, words = _seeded(folder, words, size, seed)
     tokenizer = write_word_tokenizer(folder / "tokenizer", words)
     tokenizer_2 = write_word_tokenizer(folder / "tokenizer_2", words)
     latent_side = size.image_size // 2 ** (len(size.vae_channels) - 1)
@@ -177,10 +174,7 @@ def build_pixart_pipeline(folder: str | Path, words: Sequence[str] | None = None
 
     from sspo.models.tiny import write_t5_tokenizer
 
-    folder = Path(folder)
-    size = size or TinySize.preset("quick")
-    words = list(words or vocabulary())
-    torch.manual_seed(seed)
+    folder, size, words = _seeded(folder, words, size, seed)
     tokenizer = write_t5_tokenizer(folder / "tokenizer", words)
     t5_hidden = 32
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=t5_hidden, d_kv=8, d_ff=2 * t5_hidden, num_layers=1, num_heads=4,

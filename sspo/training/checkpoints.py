@@ -289,6 +289,17 @@ class Checkpointing:
         rows = read_jsonl(self.run_dir / name, what="the training log", shape={"step": int}, fix="delete that line (or the log) and resume again")
         return [row for row in rows if row["step"] <= self.global_step]
 
+    def validated(self) -> bool:
+        """Whether the validation at the current step left what it writes last: its scores' row in
+        ``validation.jsonl``, or without scores its grid (other processes: True, they validate nothing)."""
+        vcfg = self.cfg.validation
+        if not self.accelerator.is_main_process:
+            return True
+        if vcfg.metrics or vcfg.world_eval:
+            logged = (self.run_dir / "validation.jsonl").exists() and self._read_log("validation.jsonl")
+            return any(row["step"] == self.global_step for row in logged or [])
+        return not vcfg.prompts or (self.run_dir / "validation" / f"step-{self.global_step:08d}.png").exists()
+
     def _check_logs_cover(self, state_dir: Path, state: dict, logs: dict[str, list[dict]]) -> None:
         """Refuse to resume from a log that lost rows the state was saved after: a resume re-logs only
         the steps after it, so dropping a cut-short row there would leave the log neither whole nor as it was."""

@@ -563,6 +563,10 @@ class Trainer(Checkpointing):
         # smoothing=0: the rate is the mean since the start, which counts the negatives' sampling and
         # validation between steps once an iteration has passed (a moving average saw one slow step as the pace).
         with tqdm(total=total, initial=self.global_step, desc=f"{cfg.method}", smoothing=0, disable=not self.accelerator.is_local_main_process) as bar:
+            finished, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
+            if finished and not step_in_iteration and self._validates_after(finished - 1) and not self.validated():
+                bar.set_postfix_str("validating")  # resumed from a state whose validation was stopped
+                self.validate()
             while self.global_step < total:
                 iteration, step_in_iteration = divmod(self.global_step, cfg.steps_per_iteration)
                 start, last = iteration * self.micro_batches_per_iteration, (iteration + 1) * self.micro_batches_per_iteration
@@ -618,15 +622,11 @@ class Trainer(Checkpointing):
                 with disk_errors(f"pool checkpoint {len(self.pool)} in {self.pool.root}"):
                     self.pool.add(self.reference.policy_state(), step=self.global_step)  # theta_n
             self._sync_pool()
-        # Validation before the save: a run stopped while it validates resumes from the state before, and
-        # validates again. A validation that fails (a scorer, memory) keeps the iteration's training.
-        if self._validates_after(iteration):
-            try:
-                self.validate()
-            except Exception:
-                self.save_state()
-                raise
+        # The save before validation: a run stopped or failing while it validates (a scheduler's
+        # SIGTERM, a scorer, memory) keeps the iteration's training, and its resume validates first.
         self.save_state()
+        if self._validates_after(iteration):
+            self.validate()
 
     def _validates_after(self, iteration: int) -> bool:
         every = self.cfg.validation.every_iterations

@@ -12,6 +12,8 @@ import yaml
 from sspo.io import write_parquet
 from sspo.worlds.shapes.world import make_split, preference_pairs
 
+from test_trainer import pairs_settings
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,11 +40,7 @@ def launch_patched(program: str, quick_base: str, tmp_path, run, **settings) -> 
     data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
     script, config = tmp_path / "program.py", tmp_path / f"{run.name}.yaml"
     script.write_text(program)
-    config.write_text(yaml.safe_dump({
-        "model": {"pretrained": quick_base}, "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2}, "negatives": {"steps": 2}, "iterations": 1, "steps_per_iteration": 1,
-        "output_dir": str(run), "report_to": "none", **settings,
-    }))
+    config.write_text(yaml.safe_dump(pairs_settings(run, quick_base, data) | {"iterations": 1, **settings}))
     return launch(config, tmp_path, (str(script),))
 
 
@@ -50,16 +48,7 @@ def test_two_processes_train_and_keep_identical_replicas(quick_base, tmp_path):
     data = write_parquet(tmp_path / "pairs.parquet", preference_pairs(make_split().train[:8], per_spec=1, seed=0))
     run = tmp_path / "run"
     config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"pretrained": quick_base},
-        "data": {"source": "parquet", "path": str(data), "resolution": 32},
-        "optim": {"batch_size": 2, "learning_rate": 1e-2},
-        "negatives": {"steps": 2},
-        "iterations": 2,
-        "steps_per_iteration": 1,
-        "output_dir": str(run),
-        "report_to": "none",
-    }))
+    config.write_text(yaml.safe_dump(pairs_settings(run, quick_base, data)))
     done = launch(config, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.splitlines() == [str(run / "final")]  # printed once, by the main process

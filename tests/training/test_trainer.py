@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,10 @@ def tiny_config(out: Path, model: str, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, DEMO, tiny_overrides(out, model) + list(overrides))
 
 
-def pairs_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
+def pairs_settings(out: Path, model: str, data: Path) -> dict:
     """2 iterations x 1 step of batch 2 on the pairs file ``data``, 32 px, 2 sampler steps, the
-    family's own sampler and guidance: a model family's tests."""
-    cfg = {
+    family's own sampler and guidance, as a config file holds them."""
+    return {
         "model": {"pretrained": model},
         "data": {"source": "parquet", "path": str(data), "resolution": 32},
         "optim": {"batch_size": 2, "learning_rate": 1e-2},
@@ -43,7 +44,11 @@ def pairs_config(out: Path, model: str, data: Path, *overrides: str) -> TrainCon
         "output_dir": str(out),
         "report_to": "none",
     }
-    return from_dict(TrainConfig, apply_overrides(cfg, list(overrides)))
+
+
+def pairs_config(out: Path, model: str, data: Path, *overrides: str) -> TrainConfig:
+    """:func:`pairs_settings` with ``overrides``: a model family's tests."""
+    return from_dict(TrainConfig, apply_overrides(pairs_settings(out, model, data), list(overrides)))
 
 
 def metrics(run: Path) -> list[dict]:
@@ -325,6 +330,23 @@ def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples
     events = EventAccumulator(str(run / "logs" / "sspo" / "run"), size_guidance={"images": 0, "scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("validation/pickscore")] == [2, 4]
     assert [e.step for e in events.Images("validation/samples")] == [2, 4]
+
+
+def test_a_resume_validates_the_saved_step_only_when_its_validation_did_not_finish(quick_base, tmp_path):
+    run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle on the left, white background\n")
+    cfg = tiny_config(run, quick_base, "method=sft", "validation.every_iterations=1", "validation.metrics=[shapes]", f"validation.prompt_file={prompts}")
+    train(cfg)
+    log_file = run / "validation.jsonl"
+    rows = log_file.read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [2, 4]
+    shutil.rmtree(run / "final")  # stopped while validating step 4: saved, not yet validated
+    log_file.write_text(rows[0] + "\n")
+    train(cfg, resume=True)
+    assert log_file.read_text().splitlines() == rows
+    shutil.rmtree(run / "final")  # stopped after step 4's validation: nothing to do again
+    train(cfg, resume=True)
+    assert log_file.read_text().splitlines() == rows
 
 
 @pytest.mark.parametrize("overrides, error", [
