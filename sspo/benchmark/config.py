@@ -18,8 +18,8 @@ arm                    timed per optimizer step
                        the step is policy-only
 =====================  ==========================================================================
 
-Models: the shapes world's tiny base, or SD-1.5 / SDXL / SD3.5-medium / FLUX.1-dev architectures
-with random weights, or a diffusers pipeline folder.
+Models: the shapes world's tiny base, or SD-1.5 / SDXL / SD3.5-medium / FLUX.1-dev / PixArt-Sigma
+architectures with random weights, or a diffusers pipeline folder.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def pregenerated(arm: str) -> bool:
 
 @dataclasses.dataclass
 class BenchConfig:
-    model: str = "tiny"  # tiny | quick | sd15 | sdxl | sd35m | flux (random-weight architectures, GPU) | a diffusers pipeline folder
+    model: str = "tiny"  # tiny | quick | sd15 | sdxl | sd35m | flux | pixart (random-weight architectures, GPU) | a diffusers pipeline folder
     batch_size: int | None = setting(None, at_least=1)  # per micro-batch (default: the demo config's)
     gradient_accumulation_steps: int | None = setting(None, at_least=1)  # micro-batches per optimizer step (default: the demo config's)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # no | fp16 | bf16: the trainer's mixed_precision
@@ -88,7 +88,7 @@ class BenchConfig:
     threads: int | None = setting(None, at_least=1)  # torch intra-op threads on the CPU (default: torch's)
     clock: str = setting("wall", choices=("wall", "cpu"))  # wall | cpu (process CPU time: with one thread, robust to other jobs on a shared CPU)
     isolate: bool = True  # each arm in a fresh subprocess (off: in this process, CPU memory numbers less clean)
-    allow_cpu: bool = False  # run sd15 / sdxl / sd35m / flux on the CPU anyway
+    allow_cpu: bool = False  # run sd15 / sdxl / sd35m / flux / pixart on the CPU anyway
     realistic: bool = False  # training scale: batch >= 8, the least K_updates giving >= 64 negatives an iteration and full generation batches; flags win
     overrides: tuple[str, ...] = ()  # extra TrainConfig overrides, e.g. negatives.guidance_scale=7.5
 

@@ -1,12 +1,12 @@
-"""SD-1.5, SDXL, SD3.5-medium and FLUX.1-dev architectures with random weights: their real
-topologies, for ``sspo bench`` and tests.
+"""SD-1.5, SDXL, SD3.5-medium, FLUX.1-dev and PixArt-Sigma architectures with random weights:
+their real topologies, for ``sspo bench`` and tests.
 
 ``small=True`` keeps each topology with tiny widths, so tests run them on a CPU in seconds.
 
-The flow models' T5-XXL is replaced by a stand-in: one T5 encoder layer of T5-XXL's widths (so its
-token embeddings are 4096 wide, as the transformers expect) over the world's word vocabulary; the
-pipelines still pad its tokens to their lengths (SD3 256, FLUX 512). The denoisers, VAEs and CLIP
-encoders are full size. ``sspo-arch.json`` in the built folder says so.
+The T5-XXL of the flow models and PixArt is replaced by a stand-in: one T5 encoder layer of
+T5-XXL's widths (so its token embeddings are 4096 wide, as the transformers expect) over the world's
+word vocabulary; the pipelines still pad its tokens to their lengths (SD3 256, FLUX 512, PixArt-Sigma
+300). The denoisers, VAEs and CLIP encoders are full size. ``sspo-arch.json`` in the built folder says so.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from sspo.models.tiny import scheduler_for as sd15_scheduler
 from sspo.models.tiny import write_t5_tokenizer, write_word_tokenizer
 from sspo.paths import build_lock, cache_root
 
-ARCH_MODELS = ("sd15", "sdxl", "sd35m", "flux")
-ARCH_TITLES = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd35m": "SD3.5-medium", "flux": "FLUX.1-dev"}
+ARCH_MODELS = ("sd15", "sdxl", "sd35m", "flux", "pixart")
+ARCH_TITLES = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd35m": "SD3.5-medium", "flux": "FLUX.1-dev", "pixart": "PixArt-Sigma"}
 FLOW_MODELS = ("sd35m", "flux")  # flow-matching transformers, saved in bf16 (the others in fp16)
+T5_MODELS = (*FLOW_MODELS, "pixart")  # conditioned on T5-XXL's token embeddings (a stand-in here)
 ARCH_VERSION = 1  # bump when a built folder's contents change, so cached folders are rebuilt
 METADATA = "sspo-arch.json"
 T5_STAND_IN = ("T5 stand-in: one T5 encoder layer of T5-XXL's widths (d_model 4096, d_ff 10240, 64 heads) over the world's words, "
-               "instead of T5-XXL's 24 layers; its tokens are padded to the pipeline's length (SD3 256, FLUX 512)")
+               "instead of T5-XXL's 24 layers; its tokens are padded to the pipeline's length (SD3 256, FLUX 512, PixArt-Sigma 300)")
 
 
 def _unet_kwargs(name: str, small: bool) -> dict:
@@ -97,8 +98,18 @@ def _flow_transformer_kwargs(name: str, small: bool) -> dict:
     )
 
 
+def _pixart_transformer_kwargs(small: bool) -> dict:
+    """PixArt-Sigma-XL-2-1024-MS's ``PixArtTransformer2DModel`` (``small``: tiny widths)."""
+    heads, head_dim = (2, 8) if small else (16, 72)
+    return dict(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=2 if small else 28,
+        cross_attention_dim=heads * head_dim, patch_size=2, caption_channels=_t5_width("pixart", small), sample_size=8 if small else 128,
+        interpolation_scale=2, use_additional_conditions=False,
+    )
+
+
 def _t5_width(name: str, small: bool) -> int:
-    """T5's token embedding width, the transformer's joint_attention_dim (SD3: at least the two CLIPs' hidden sizes together)."""
+    """T5's token embedding width, the transformer's text width (SD3: at least the two CLIPs' hidden sizes together)."""
     return (64 if name == "sd35m" else 32) if small else 4096
 
 
@@ -144,11 +155,18 @@ def _clip(kind: str, tokenizer, small: bool, projection: bool):
 def arch_components(name: str, tokenizer, small: bool = False, t5_tokenizer=None) -> dict:
     """Randomly initialised components of ``name`` (``small``: the same topology, tiny widths).
 
-    The flow models (``sd35m``, ``flux``) need ``t5_tokenizer`` for their T5 stand-in.
+    The T5 models (``sd35m``, ``flux``, ``pixart``) need ``t5_tokenizer`` for their T5 stand-in.
     """
     if name in FLOW_MODELS:
         return _flow_components(name, tokenizer, t5_tokenizer, small)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+    from transformers import T5EncoderModel
+
+    if name == "pixart":  # T5's tokens alone, SDXL's VAE, the DPM-Solver++ sampler it ships with
+        with torch.device("cpu"):  # the scheduler moves its tables to the CPU, which a meta tensor cannot do
+            scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon")
+        return dict(transformer=PixArtTransformer2DModel(**_pixart_transformer_kwargs(small)), vae=AutoencoderKL(**_vae_kwargs("sdxl", small)),
+                    text_encoder=T5EncoderModel(_t5_config(name, t5_tokenizer, small)), tokenizer=t5_tokenizer, scheduler=scheduler)
 
     components = {
         "unet": UNet2DConditionModel(**_unet_kwargs(name, small)),
@@ -180,8 +198,10 @@ def _flow_components(name: str, tokenizer, t5_tokenizer, small: bool) -> dict:
 
 
 def _pipeline(name: str, components: dict):
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if name == "pixart":
+        return PixArtSigmaPipeline(**components)
     if name == "sdxl":
         return StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
     if name == "sd15":
@@ -200,8 +220,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_arch(name: str, folder: str | Path | None = None, small: bool = False, *, words: Sequence[str]) -> Path:
-    """A diffusers folder with ``name``'s architecture and random weights, cached (SD-1.5 / SDXL in
-    fp16; SD3.5-medium / FLUX.1-dev in bf16, their training precision, with a T5 stand-in).
+    """A diffusers folder with ``name``'s architecture and random weights, cached (SD-1.5 / SDXL /
+    PixArt-Sigma in fp16; SD3.5-medium / FLUX.1-dev in bf16, their training precision; each T5 a stand-in).
 
     The tokenizers are word-level (CLIP's 77-token length; T5's as the pipelines pad it) over
     ``words`` (a world's vocabulary), so prompts are that world's; the CLIP encoders keep CLIP's
@@ -219,7 +239,7 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False,
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer = write_word_tokenizer(staging / "tokenizer-build", words, max_length=77)
-        t5_tokenizer = write_t5_tokenizer(staging / "t5-tokenizer-build", words, max_length=512) if name in FLOW_MODELS else None
+        t5_tokenizer = write_t5_tokenizer(staging / "t5-tokenizer-build", words, max_length=512) if name in T5_MODELS else None
         cuda = torch.cuda.is_available()
         dtype = torch.bfloat16 if name in FLOW_MODELS else torch.float16
         torch.manual_seed(0)
@@ -231,7 +251,7 @@ def build_arch(name: str, folder: str | Path | None = None, small: bool = False,
         for build in ("tokenizer-build", "t5-tokenizer-build"):
             shutil.rmtree(staging / build, ignore_errors=True)
         notes = {"model": name, "small": small, "version": ARCH_VERSION, "weights": f"random, {str(dtype).removeprefix('torch.')}"}
-        if name in FLOW_MODELS:
+        if name in T5_MODELS:
             notes["text_encoder"] = "T5 stand-in: one tiny T5 encoder layer" if small else T5_STAND_IN
         atomic_write_json(staging / METADATA, notes)
         staging.rename(folder)

@@ -116,10 +116,26 @@ def test_flow_architectures_have_the_published_transformer_and_clip_sizes(name, 
     assert t5.config.num_layers == 1 and t5.config.d_model == components["transformer"].config.joint_attention_dim == 4096
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35m", "flux"])
+def test_pixart_architecture_has_the_published_transformer_size(tmp_path):
+    from sspo.models.tiny import write_t5_tokenizer, write_word_tokenizer
+    from sspo.worlds.shapes import world as shapes
+
+    tokenizer = write_word_tokenizer(tmp_path / "clip", shapes.vocabulary(), max_length=77)
+    t5_tokenizer = write_t5_tokenizer(tmp_path / "t5", shapes.vocabulary(), max_length=512)
+    with torch.device("meta"):
+        components = arch_components("pixart", tokenizer, t5_tokenizer=t5_tokenizer)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # PixArt-Sigma-XL-2-1024-MS's transformer file: 2,443,492,488 bytes of fp32, i.e. these x 4 and its header
+    assert count(components["transformer"]) == 610_856_096
+    assert count(components["vae"]) == 83_653_863 and components["vae"].config.scaling_factor == 0.13025  # SDXL's VAE
+    t5 = components["text_encoder"]
+    assert t5.config.num_layers == 1 and t5.config.d_model == components["transformer"].config.caption_channels == 4096
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35m", "flux", "pixart"])
 def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
-    """The SD-1.5 / SDXL / SD3.5 / FLUX topologies (two or three text encoders, pooled embeds, time ids or
-    flow matching with the pipeline's sampler) through the bench."""
+    """The SD-1.5 / SDXL / SD3.5 / FLUX / PixArt topologies (two or three text encoders, pooled embeds, time
+    ids, a T5 alone, or flow matching with the pipeline's sampler) through the bench."""
     from sspo.worlds.shapes import world as shapes
 
     folder = build_arch(name, tmp_path / name, small=True, words=shapes.vocabulary())
@@ -131,8 +147,9 @@ def test_architecture_code_path_runs_at_small_widths(name, tmp_path):
     assert result["arms"]["sspo-pregenerated"]["pregeneration"]["images"] == 2
     assert result["model"]["model"] == name and result["model"]["small"]
     flow = name in ("sd35m", "flux")
-    assert ("T5 stand-in" in result["model"].get("text_encoder", "")) == flow
-    assert (result["summary"]["generation"]["scheduler"] == "pipeline") == flow  # the flow sampler, as the family's config says
+    assert ("T5 stand-in" in result["model"].get("text_encoder", "")) == (flow or name == "pixart")
+    scheduler = "pipeline" if flow else "dpm++" if name == "pixart" else "ddim"  # the family's config's sampler, the demo's otherwise
+    assert result["summary"]["generation"]["scheduler"] == scheduler
 
 
 def test_flow_models_train_with_their_shipped_configs_settings(tmp_path):
