@@ -24,7 +24,7 @@ from sspo.training.faults import fault_point
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY
 from sspo.training.run_folder import discard_previous, start_fresh
-from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, manifest, manifest_problems, read_state, saved_states
+from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, disk_to_come, manifest, manifest_problems, read_state, saved_states, saves_after
 from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
 
 # Learning-rate schedules that do not depend on the run's length: a resume may change `iterations` under them.
@@ -34,6 +34,10 @@ LOGS = ("metrics.jsonl", "validation.jsonl", SSR_TRUTH_FILE)  # the run's JSON-l
 EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
 
 log = logging.getLogger(__name__)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 def latest_state(run_dir: Path) -> Path | None:
@@ -101,13 +105,14 @@ class Checkpointing:
     """Saving and resuming, mixed into :class:`sspo.training.trainer.Trainer`, whose state it reads
     and writes: ``cfg``, ``run_dir``, ``accelerator``, ``device``, ``family``, ``pipe``, ``base_model``,
     ``policy``, ``params``, ``param_names``, ``ema``, ``averaged_weights``, ``pool``, ``reference``, ``global_step``,
-    ``nonfinite_skips`` and ``example_prompt``; it sets ``tracker_run_id``."""
+    ``nonfinite_skips`` and ``example_prompt``; it sets ``tracker_run_id`` and ``disk_checked``."""
 
     def start_or_resume(self, resume: bool) -> None:
         """Continue from the newest intact saved state (``resume``), or start afresh; nothing in the
         output folder is moved or rewritten before this."""
         # The run's id at wandb: a resumed run goes on logging into the run it continues, a fresh start into a new one.
         self.tracker_run_id = uuid.uuid4().hex[:16]
+        self.disk_checked = False  # the free space is checked against what the run will write at its first save
         state_dir = self._resumable_state() if resume else None
         if state_dir is not None:
             self._load_state(state_dir)
@@ -192,8 +197,30 @@ class Checkpointing:
             discard_previous(self.run_dir)
             for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+            if not self.disk_checked:
+                self.disk_checked = True
+                self._warn_if_the_disk_is_short(final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _warn_if_the_disk_is_short(self, state_dir: Path) -> None:
+        """One warning, at the first save, when what the run will still write (measured on this state
+        and the newest pool checkpoint) exceeds the free space: hours before a save would fail."""
+        cfg = self.cfg
+        total = cfg.iterations * cfg.steps_per_iteration
+        saves_left, ends_left = saves_after(self.global_step, total, cfg.steps_per_iteration, cfg.save_every_steps)
+        state_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
+        pool_bytes = (self.pool.root / self.pool.entries[-1]["file"]).stat().st_size if self.pool is not None and cfg.generates_negatives else 0
+        kept = len(saved_states(self.run_dir))
+        final_bytes = sum(p.numel() * p.element_size() for p in self.params)  # at least its trained weights
+        needed = disk_to_come(state_bytes, pool_bytes, kept, cfg.checkpoints_total_limit, saves_left, ends_left) + final_bytes
+        free = shutil.disk_usage(self.run_dir).free
+        if needed > free:
+            pool = f"{ends_left} more pool checkpoint{'s' if ends_left != 1 else ''} of {_gb(pool_bytes)}, " if pool_bytes and ends_left else ""
+            log.warning("%s has %s free, but this run will write about %s more (%sresumable states of %s each: up to "
+                        "checkpoints_total_limit=%d kept and one more while it saves, and the final model): free some space, lower "
+                        "checkpoints_total_limit, or stop and resume on a larger disk", self.run_dir, _gb(free), _gb(needed), pool,
+                        _gb(state_bytes), cfg.checkpoints_total_limit)
 
     def _save_ema(self, folder: Path) -> None:
         from safetensors.torch import save_file

@@ -8,6 +8,7 @@ and the trainer falls back to the previous complete state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,27 @@ STATE_FILE = "trainer_state.json"  # in each resumable state's folder: its step,
 def saved_states(run_dir: Path) -> list[Path]:
     """The folders of the complete resumable states in ``run_dir``, oldest first."""
     return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
+
+
+
+def disk_to_come(state_bytes: int, pool_bytes: int, kept: int, limit: int, saves_left: int, pool_adds_left: int) -> int:
+    """Bytes a run will hold at its fullest beyond what it holds now: the pool checkpoints it adds
+    (``pool_bytes`` each, all kept), and resumable states (``state_bytes`` each) up to ``limit`` kept
+    plus the one being written before the oldest goes; ``kept`` states are there now."""
+    peak_states = min(limit + 1, kept + saves_left)
+    return pool_adds_left * pool_bytes + max(0, peak_states - kept) * state_bytes
+
+
+def saves_after(step: int, total: int, steps_per_iteration: int, save_every_steps: int) -> tuple[int, int]:
+    """``(states saved, iterations ended)`` after ``step`` until ``total`` steps: a state at each
+    iteration's end and every ``save_every_steps`` steps between (0: none between)."""
+    ends = total // steps_per_iteration - step // steps_per_iteration
+    between = 0
+    if save_every_steps:
+        multiples = total // save_every_steps - step // save_every_steps
+        common = math.lcm(save_every_steps, steps_per_iteration)  # a step of both is saved once, as an iteration's end
+        between = multiples - (total // common - step // common)
+    return ends + between, ends
 
 
 # Keys a resumed run may change without changing what it computes. `iterations` only extends

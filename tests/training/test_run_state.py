@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from sspo.training.config import TrainConfig
-from sspo.training.run_state import HARMLESS_KEYS, _harmless, config_differences, flatten, manifest, manifest_problems
+from sspo.training.run_state import HARMLESS_KEYS, _harmless, config_differences, disk_to_come, flatten, manifest, manifest_problems, saves_after
 
 
 def test_result_changing_keys_are_named_and_harmless_ones_pass():
@@ -85,3 +85,23 @@ def test_the_harmless_keys_are_the_documented_ones():
     assert set(HARMLESS_KEYS) == {"iterations", "output_dir", "report_to", "tracker_project", "tracker_run_name", "log_every", "save_every_steps",
                                   "checkpoints_total_limit", "validation", "diagnostics", "data.cache_dir", "data.num_workers", "data.prefetch_factor",
                                   "nonfinite", "model.gradient_checkpointing", "process_timeout_s"}
+
+
+@pytest.mark.parametrize("step, total, per_iteration, every, expected", [
+    (2, 8, 2, 0, (3, 3)),  # iteration ends 4, 6, 8
+    (0, 8, 4, 3, (4, 2)),  # 3, 4 (an end), 6, 8 (an end)
+    (4, 12, 4, 2, (4, 2)),  # 6, 8 (an end), 10, 12 (an end): 8 and 12 saved once
+    (8, 8, 4, 3, (0, 0)),  # finished
+])
+def test_the_saves_still_to_come_count_each_step_once(step, total, per_iteration, every, expected):
+    assert saves_after(step, total, per_iteration, every) == expected
+
+
+@pytest.mark.parametrize("kept, saves_left, pool_adds_left, expected", [
+    (1, 4, 2, 2 * 10 + 2 * 3),  # grows to the limit of 2, plus the one written before the oldest goes
+    (1, 1, 1, 1 * 10 + 1 * 3),  # one more state, under the limit
+    (2, 3, 3, 1 * 10 + 3 * 3),  # at the limit: one state more at a time
+    (1, 0, 0, 0),
+])
+def test_the_disk_to_come_counts_pool_checkpoints_and_the_states_held_at_once(kept, saves_left, pool_adds_left, expected):
+    assert disk_to_come(state_bytes=10, pool_bytes=3, kept=kept, limit=2, saves_left=saves_left, pool_adds_left=pool_adds_left) == expected

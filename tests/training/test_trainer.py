@@ -332,6 +332,30 @@ def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples
     assert [e.step for e in events.Images("validation/samples")] == [2, 4]
 
 
+@pytest.mark.parametrize("free", [10**15, 1000])
+def test_a_disk_too_small_for_what_the_run_will_write_is_said_once_at_the_first_save(free, quick_base, tmp_path, monkeypatch, caplog):
+    import collections
+    import logging
+
+    import sspo.training.checkpoints
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sspo.training.checkpoints.shutil, "disk_usage", lambda path: usage(free, 0, free))
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="sspo"):
+        train(tiny_config(run, quick_base, "iterations=3"))
+    warnings = [r.getMessage() for r in caplog.records if "free, but this run will write" in r.getMessage()]
+    if free > 1000:
+        assert warnings == []
+        return
+    assert len(warnings) == 1 and warnings[0].startswith(f"{run} has 0.0 MB free, but this run will write about ")
+    state = sorted((run / "checkpoints").glob("step-*"))[0]
+    pool = (run / "pool" / "checkpoint-001.safetensors").stat().st_size
+    assert f"2 more pool checkpoints of {pool / 1e6:.1f} MB" in warnings[0]
+    assert f"resumable states of {sum(f.stat().st_size for f in state.rglob('*') if f.is_file()) / 1e6:.1f} MB each" in warnings[0]
+    assert (run / "final").is_dir()  # a warning: the run goes on
+
+
 def test_a_resume_validates_the_saved_step_only_when_its_validation_did_not_finish(quick_base, tmp_path):
     run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
     prompts.write_text("a small red circle on the left, white background\n")
