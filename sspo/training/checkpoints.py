@@ -323,8 +323,8 @@ class Checkpointing:
         if not self.accelerator.is_main_process:
             return True
         if vcfg.metrics or vcfg.world_eval:
-            logged = (self.run_dir / "validation.jsonl").exists() and self._read_log("validation.jsonl")
-            return any(row["step"] == self.global_step for row in logged or [])
+            log_file = self.run_dir / "validation.jsonl"
+            return log_file.exists() and any(row["step"] == self.global_step for row in self._read_log(log_file.name))
         return not vcfg.prompts or (self.run_dir / "validation" / f"step-{self.global_step:08d}.png").exists()
 
     def _check_logs_cover(self, state_dir: Path, state: dict, logs: dict[str, list[dict]]) -> None:

@@ -23,7 +23,6 @@ def saved_states(run_dir: Path) -> list[Path]:
     return sorted(state.parent for state in (run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
 
 
-
 def disk_to_come(state_bytes: int, pool_bytes: int, kept: int, limit: int, saves_left: int, pool_adds_left: int) -> int:
     """Bytes a run will hold at its fullest beyond what it holds now: the pool checkpoints it adds
     (``pool_bytes`` each, all kept), and resumable states (``state_bytes`` each) up to ``limit`` kept
