@@ -159,14 +159,9 @@ def arch_components(name: str, tokenizer, small: bool = False, t5_tokenizer=None
     """
     if name in FLOW_MODELS:
         return _flow_components(name, tokenizer, t5_tokenizer, small)
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel, UNet2DConditionModel
-    from transformers import T5EncoderModel
-
-    if name == "pixart":  # T5's tokens alone, SDXL's VAE, the DPM-Solver++ sampler it ships with
-        with torch.device("cpu"):  # the scheduler moves its tables to the CPU, which a meta tensor cannot do
-            scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon")
-        return dict(transformer=PixArtTransformer2DModel(**_pixart_transformer_kwargs(small)), vae=AutoencoderKL(**_vae_kwargs("sdxl", small)),
-                    text_encoder=T5EncoderModel(_t5_config(name, t5_tokenizer, small)), tokenizer=t5_tokenizer, scheduler=scheduler)
+    if name == "pixart":
+        return _pixart_components(t5_tokenizer, small)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     components = {
         "unet": UNet2DConditionModel(**_unet_kwargs(name, small)),
@@ -195,6 +190,17 @@ def _flow_components(name: str, tokenizer, t5_tokenizer, small: bool) -> dict:
         text_encoder=_clip("clip-l", tokenizer, small, projection=True), tokenizer=tokenizer,
         text_encoder_2=_clip("clip-bigg", tokenizer, small, projection=True), tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
+
+
+def _pixart_components(t5_tokenizer, small: bool) -> dict:
+    """PixArt-Sigma: T5's tokens alone, SDXL's VAE, the DPM-Solver++ sampler it ships with."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5EncoderModel
+
+    with torch.device("cpu"):  # the scheduler moves its tables to the CPU, which a meta tensor cannot do
+        scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon")
+    return dict(transformer=PixArtTransformer2DModel(**_pixart_transformer_kwargs(small)), vae=AutoencoderKL(**_vae_kwargs("sdxl", small)),
+                text_encoder=T5EncoderModel(_t5_config("pixart", t5_tokenizer, small)), tokenizer=t5_tokenizer, scheduler=scheduler)
 
 
 def _pipeline(name: str, components: dict):

@@ -36,6 +36,11 @@ EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
 log = logging.getLogger(__name__)
 
 
+def validation_grid_stem(run_dir: Path, step: int) -> Path:
+    """The validation grid of ``step`` without its suffix (a PNG; for clips a GIF beside it)."""
+    return run_dir / "validation" / f"step-{step:08d}"
+
+
 def _gb(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
@@ -325,7 +330,7 @@ class Checkpointing:
         if vcfg.metrics or vcfg.world_eval:
             log_file = self.run_dir / "validation.jsonl"
             return log_file.exists() and any(row["step"] == self.global_step for row in self._read_log(log_file.name))
-        return not vcfg.prompts or (self.run_dir / "validation" / f"step-{self.global_step:08d}.png").exists()
+        return not vcfg.prompts or validation_grid_stem(self.run_dir, self.global_step).with_suffix(".png").exists()
 
     def _check_logs_cover(self, state_dir: Path, state: dict, logs: dict[str, list[dict]]) -> None:
         """Refuse to resume from a log that lost rows the state was saved after: a resume re-logs only

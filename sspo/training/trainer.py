@@ -43,7 +43,7 @@ from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import component_config, denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit, vae_scale_factor
-from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state
+from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state, validation_grid_stem
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, data_digest, default_dir, encode_rows
@@ -705,7 +705,7 @@ class Trainer(Checkpointing):
         from sspo.evaluation.sampling import clip_grid, image_grid, save_animation, save_image
 
         prompts = self.cfg.validation.prompts
-        name = self.run_dir / "validation" / f"step-{self.global_step:08d}"
+        name = validation_grid_stem(self.run_dir, self.global_step)
         if self.family.video:
             frames = clip_grid([samples], [f"step {self.global_step}"], prompts)
             save_animation(frames, name.with_suffix(".gif"))
