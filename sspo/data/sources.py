@@ -260,25 +260,33 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
 
     meta = _metadata_file(cfg)
     folder = meta.parent
-    rows, files = [], []
+    rows, files, missing, kept_names = [], [], [], []
     entries, row_names = _metadata_entries(meta, cfg)
     for entry, row_name in zip(entries, row_names):
         # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
-        row = {}
+        row, row_files = {}, []
         for key, value in entry.items():
             if key == "file_name" or key.endswith("_file_name"):
                 _check_inside(str(value), key, folder, f"{meta} {row_name}")
                 row["image" if key == "file_name" else key[: -len("_file_name")]] = str(folder / str(value))  # str: a CSV's names may read as numbers
-                files.append(folder / str(value))
+                row_files.append(folder / str(value))
             else:
                 row[key] = value
+        # Checked now (a stat each), so that a dry run finds names written in the wrong case or folder, and counts only rows it can read.
+        files += row_files
+        if row_missing := [path for path in row_files if not path.exists()]:
+            missing += row_missing
+            continue
         rows.append(row)
-    # Checked now (a stat each), so that a dry run finds names written in the wrong case or folder.
-    if missing := [path for path in files if not path.exists()]:
+        kept_names.append(row_name)
+    if missing:
         if len(missing) == len(files):
             raise DataError(f"none of the {len(files)} files {meta} names exists, e.g. {missing[0]}; file names are read relative to {folder}")
+        if not rows:
+            raise DataError(f"every row of {meta} names a file that does not exist ({len(missing)} of its {len(files)} files, e.g. {missing[0]}); "
+                            f"file names are read relative to {folder}")
         log.warning("%d of the %d files %s names do not exist, e.g. %s; their rows are skipped", len(missing), len(files), meta, missing[0])
-    if not rows:
+    if not entries:
         raise DataError(f"{meta} lists no images")
     if not files:  # no file_name (or x_file_name) column on any line
         found = list(dict.fromkeys(key for entry in entries for key in entry))
@@ -293,7 +301,7 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
             raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
 
-    return Source(str(meta), [(str(meta), names)], load, row_names.__getitem__)
+    return Source(str(meta), [(str(meta), names)], load, kept_names.__getitem__)
 
 
 def _open_caption_files(cfg: DataConfig) -> Source:

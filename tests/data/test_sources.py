@@ -287,8 +287,13 @@ def test_files_an_imagefolder_names_are_checked_when_it_opens(tmp_path, caplog):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
     (folder / "metadata.csv").write_text("file_name,text\n0.png,a\n1.jpg,b\n2.png,c\n")
     with caplog.at_level(logging.WARNING, logger="sspo.data"):
-        assert len(load_dataset_from_config(_cfg(folder, source="imagefolder"))) == 3
+        dataset = load_dataset_from_config(_cfg(folder, source="imagefolder"))
     assert f"1 of the 3 files {folder / 'metadata.csv'} names do not exist, e.g. {folder / '1.jpg'}; their rows are skipped" in caplog.text
+    assert len(dataset) == 2  # counted without the row it cannot read, as a dry run reports it
+    assert [dataset[i]["prompt"] for i in range(2)] == ["a", "c"]
+    (folder / "metadata.csv").write_text("file_name,loser_file_name,text\n0.png,0.jpg,a\n2.png,1.jpg,c\n")  # each row misses its loser
+    with pytest.raises(DataError, match=rf"every row of {folder / 'metadata.csv'} names a file that does not exist \(2 of its 4 files, e.g. {folder / '0.jpg'}\)"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
 
 
 @pytest.mark.parametrize("name", ["../private/me.png", "a/../../private/me.png", "PRIVATE/me.png"])
