@@ -318,10 +318,15 @@ def reward_matrix(runs: list[dict], split: str, sampler_seeds: int, n_seeds: int
     return rows * n_seeds if len(rows) == 1 else rows
 
 
-def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, n_seeds: int) -> dict:
+def paired_table(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, n_seeds: int) -> list[list[float]]:
     """SSPO - arm, per training seed and prompt."""
     sspo, other = reward_matrix(results["sspo"], split, sampler_seeds, n_seeds), reward_matrix(results[arm], split, sampler_seeds, n_seeds)
-    return mean_ci_crossed([[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)])
+    return [[a - b for a, b in zip(x, y)] for x, y in zip(sspo, other)]
+
+
+def paired_difference(results: dict[str, list[dict]], arm: str, split: str, sampler_seeds: int, n_seeds: int) -> dict:
+    """Mean and 95% CI of SSPO - arm over training seeds and prompts."""
+    return mean_ci_crossed(paired_table(results, arm, split, sampler_seeds, n_seeds))
 
 
 def _ci(stats: dict) -> str:

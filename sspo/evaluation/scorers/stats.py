@@ -66,6 +66,22 @@ def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": runs * prompts, "runs": runs}
 
 
+def mean_ci_pooled(tables: Sequence[Sequence[Sequence[float]]]) -> dict[str, float | int]:
+    """Mean and 95% CI of the equal-weight average of ``[runs][prompts]`` tables that share their
+    runs' training seeds and their prompts (one effect measured in several levels of one world, each
+    trained on the same seeds and scored on the same prompts): the tables are averaged cell by cell
+    and the average's crossed interval taken (:func:`mean_ci_crossed`), so that what a prompt or a
+    seed does in every table counts once, not as independent draws, which would narrow the interval.
+    It speaks of these tables, not of others like them."""
+    if not tables:
+        raise SSPOError("mean_ci_pooled: no tables")
+    shape = (len(tables[0]), len(tables[0][0]) if tables[0] else 0)
+    if any((len(table), len(table[0]) if table else 0) != shape or any(len(row) != shape[1] for row in table) for table in tables):
+        raise SSPOError("mean_ci_pooled: every table needs the same runs and prompts (the same training seeds, the same prompts)")
+    average = [[math.fsum(float(table[i][j]) for table in tables) / len(tables) for j in range(shape[1])] for i in range(shape[0])]
+    return mean_ci_crossed(average) | {"tables": len(tables)}
+
+
 # Training seeds a crossed interval needs to decide a claim about a method: one run's interval is over
 # prompts alone (it speaks of that run), and over 2 it covers ~88% when runs differ (scripts/ci-coverage).
 MIN_DECIDING_RUNS = 3

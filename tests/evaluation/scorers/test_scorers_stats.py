@@ -56,3 +56,22 @@ def test_mean_ci_crossed_by_hand():
     assert mean_ci_crossed([[1.0, 2.0, 3.0]] * 4)["ci95_high"] == pytest.approx(mean_ci([1.0, 2.0, 3.0])["ci95_high"])
     with pytest.raises(SSPOError):
         mean_ci_crossed([[1.0, 2.0], [1.0]])
+
+
+
+def test_mean_ci_pooled_by_hand():
+    from sspo.evaluation.scorers.stats import mean_ci_crossed, mean_ci_pooled
+
+    # The cell-by-cell average of a and b is the table of test_mean_ci_crossed_by_hand: its interval.
+    a, b = [[0.0, 2.0, 5.0], [3.0, 4.0, 6.0]], [[2.0, 2.0, 3.0], [3.0, 6.0, 6.0]]
+    got = mean_ci_pooled([a, b])
+    assert got == mean_ci_crossed([[1.0, 2.0, 4.0], [3.0, 5.0, 6.0]]) | {"tables": 2}
+    # A prompt that does the same in both tables is one prompt, not two draws: pooling a table with
+    # itself gives its own interval, where treating the copies as independent would narrow it by sqrt(2).
+    assert mean_ci_pooled([a, a]) | {"tables": 1} == mean_ci_crossed(a) | {"tables": 1}
+    with pytest.raises(SSPOError, match="no tables"):
+        mean_ci_pooled([])
+    with pytest.raises(SSPOError, match="the same runs and prompts"):
+        mean_ci_pooled([a, [[1.0, 2.0, 3.0]]])
+    with pytest.raises(SSPOError, match="the same runs and prompts"):
+        mean_ci_pooled([a, [[1.0, 2.0, 3.0], [1.0, 2.0]]])
