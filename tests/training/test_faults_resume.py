@@ -346,6 +346,66 @@ def test_a_resumed_runs_tensorboard_log_holds_each_step_once(quick_base, tmp_pat
     assert len({state["tracker_run_id"] for state in states}) == 1  # wandb's run, continued
 
 
+# What accelerate's wandb tracker calls, each call written as a line of the file FAKE_WANDB_LOG names.
+FAKE_WANDB = """
+import json, os
+
+class _Config(dict):
+    def update(self, values, allow_val_change=False):
+        dict.update(self, values)
+
+config = _Config()
+
+class Image:
+    def __init__(self, data, caption=None):
+        pass
+
+def _record(row):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(row) + "\\n")
+
+class _Run:
+    def log(self, values, step=None, **kwargs):
+        _record({"step": step, "keys": sorted(values)})
+
+    def finish(self):
+        _record({"finish": True})
+
+def init(**kwargs):
+    _record({"init": {key: kwargs.get(key) for key in ("project", "name", "id", "resume")}})
+    return _Run()
+"""
+
+
+def test_a_resumed_run_logs_into_the_wandb_run_it_continues(quick_base, tmp_path, monkeypatch):
+    import importlib.util
+
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    (tmp_path / "wandb.py").write_text(FAKE_WANDB)
+    spec = importlib.util.spec_from_file_location("wandb", tmp_path / "wandb.py")
+    spec.loader.exec_module(fake := importlib.util.module_from_spec(spec))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    # accelerate lists the trackers it can use when it is first imported, which may be before this test.
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [*accelerate.tracking._available_trackers, LoggerType.WANDB])
+    log = tmp_path / "wandb.jsonl"
+    monkeypatch.setenv("FAKE_WANDB_LOG", str(log))
+
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "report_to=wandb", "iterations=1"))
+    train(tiny_config(run, quick_base, "report_to=wandb", "iterations=2"), resume=True)
+    train(tiny_config(tmp_path / "other", quick_base, "report_to=wandb", "iterations=1"))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    first, resumed, other = [row["init"] for row in rows if "init" in row]
+    assert first == resumed == {"project": "sspo", "name": "run", "id": first["id"], "resume": "allow"}
+    assert other["id"] != first["id"] and other["name"] == "other"
+    ends = [i for i, row in enumerate(rows) if "init" in row] + [len(rows)]
+    steps = [[row["step"] for row in rows[a:b] if "train/loss" in row.get("keys", [])] for a, b in zip(ends, ends[1:])]
+    per_iteration = len(steps[0])
+    assert per_iteration and steps[0] + steps[1] == list(range(1, 2 * per_iteration + 1))  # the resumed run goes on from its step
+
+
 def test_a_resume_removes_the_temporary_files_of_killed_writes(quick_base, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, quick_base, "iterations=1"))
