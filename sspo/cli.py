@@ -293,7 +293,7 @@ def _compare(args) -> None:
     seeds = list(range(args.first_training_seed, args.first_training_seed + args.training_seeds))
     run_compare(args.config, arms, seeds, args.out, overrides=args.overrides, quick=args.quick, command=shlex.join(["sspo", *sys.argv[1:]]),
                 grid=args.grid or (), prompts_per_split=args.prompts_per_split, selection_seeds=args.selection_seeds, jobs=default_jobs() if args.jobs is None else args.jobs,
-                chosen_in=args.settings_from, added_points=args.add_point or ())
+                chosen_in=args.settings_from, added_points=args.add_point or (), widen=args.widen)
 
 
 def _pairs(args) -> None:
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "more than the held-out combinations means all of them)")
     p.add_argument("--add-point", action="append", metavar="ARM:KEY=V,KEY=V", help="one more point for an arm's grid, e.g. "
                    "sspo:optim.learning_rate=1e-4,beta=5 (the next step past the edge its best point sits on); repeat")
+    p.add_argument("--widen", type=int, default=0, metavar="N", help="up to N rounds in which an arm whose best point sits on its grid's "
+                   "edge gets the points one step past it and chooses again (the grid's spacing continued), so that no choice stays on "
+                   "an edge; default 0: the report names the edge")
     p.add_argument("--settings-from", metavar="RESULTS_JSON", help="instead of --grid: each arm's settings as the comparison that wrote this "
                    "results.json chose them (e.g. another data level at the settings chosen at the middle one)")
     p.add_argument("--jobs", type=int, help="runs at a time, each a one-thread process (default: one per CPU core; 1 on a GPU)")

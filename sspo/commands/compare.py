@@ -28,6 +28,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -235,19 +236,36 @@ def arm_points(names: Sequence[str], grid: dict[str, list[str]], added: dict[str
 
 
 def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], seeds: Sequence[int], out: Path, extra: Sequence[str], eval_cfg: EvalConfig,
-                    jobs: int = 1, added: dict[str, list[list[str]]] | None = None) -> dict[str, dict]:
+                    jobs: int = 1, added: dict[str, list[list[str]]] | None = None, widen: int = 0) -> dict[str, dict]:
     """Each trained arm's best grid point (or ``added`` point) by exact reward on the validation
-    combinations, averaged over training ``seeds`` (one seed can make an unstable setting look best)."""
+    combinations, averaged over training ``seeds`` (one seed can make an unstable setting look best);
+    up to ``widen`` times, a best point on its grid's edge gets the points one step past it
+    (:func:`points_past_edges`) and the choice is made again."""
     points = arm_points(names, grid, added)
-    check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
-    searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds]
-    runs = [(arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"]) for arm, point, seed in searched]
-    check_finished_runs(config, runs, eval_cfg)
-    tasks = [functools.partial(run_arm, config, *run, eval_cfg) for run in runs]
-    if tasks:
-        log.info("choosing settings: %d runs (%s)", len(tasks), ", ".join(f"{arm} x {len(points[arm]) * len(seeds)}" for arm in names if len(points[arm]) > 1))
-    rewards = {(arm, tuple(point), seed): summary["validation"][eval_cfg.metric_names[0]]
-               for (arm, point, seed), summary in zip(searched, run_all(tasks, jobs, "choosing settings"))}
+    rewards: dict[tuple, float] = {}
+    round_ = 0
+    while True:
+        check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
+        searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds
+                    if (arm, tuple(point), seed) not in rewards]
+        runs = [(arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"]) for arm, point, seed in searched]
+        check_finished_runs(config, runs, eval_cfg)
+        tasks = [functools.partial(run_arm, config, *run, eval_cfg) for run in runs]
+        if tasks and not round_:
+            log.info("choosing settings: %d runs (%s)", len(tasks), ", ".join(f"{arm} x {len(points[arm]) * len(seeds)}" for arm in names if len(points[arm]) > 1))
+        rewards |= {(arm, tuple(point), seed): summary["validation"][eval_cfg.metric_names[0]]
+                    for (arm, point, seed), summary in zip(searched, run_all(tasks, jobs, "choosing settings" if not round_ else f"widening the grids ({round_} of {widen})"))}
+        chosen = _best_points(names, points, seeds, rewards)
+        wider = {arm: new for arm in names if (new := [p for p in points_past_edges(chosen[arm]) if p not in points[arm]])}
+        if not wider or round_ == widen:
+            return chosen
+        for arm, new in wider.items():
+            log.info("%s's choice %s sits on its grid's edge: adding %s", arm, " ".join(chosen[arm]["overrides"]), "; ".join(" ".join(p) for p in new))
+            points[arm] += new
+        round_ += 1
+
+
+def _best_points(names: Sequence[str], points: dict[str, list[list[str]]], seeds: Sequence[int], rewards: dict[tuple, float]) -> dict[str, dict]:
     chosen = {}
     for arm in names:
         if len(points[arm]) == 1:
@@ -371,6 +389,28 @@ def grid_edges(choice: dict) -> list[str]:
     """The chosen settings of an arm (``{"overrides", "grid"}``) on their grid's edge along the axis
     through the choice (the grid points with every other key as chosen), for keys the grid searched
     over several numbers: the highest or lowest tried there, or the only value tried there."""
+    return [f"{key}={value} (the {side} tried)" if side != "only" else f"{key}={value} (the only value tried with the other settings as chosen)"
+            for key, value, side, _ in _edge_axes(choice)]
+
+
+def points_past_edges(choice: dict) -> list[list[str]]:
+    """The grid points one step past each edge :func:`grid_edges` names, the other keys as chosen: the
+    nearest value the grid tried beyond the choice elsewhere, else the grid's spacing continued (on
+    its values' leading digits: 1e-3 after 1e-4, 3e-4; 50000 after 500, 5000)."""
+    overrides = [o.partition("=")[::2] for o in choice["overrides"]]
+    points = []
+    for key, value, side, tried in _edge_axes(choice):
+        for direction in {"lowest": (-1,), "highest": (1,), "only": (-1, 1)}[side]:
+            past = _step_past(value, direction, tried)
+            point = [f"{k}={past if k == key else v}" for k, v in overrides]
+            if point not in points:
+                points.append(point)
+    return points
+
+
+def _edge_axes(choice: dict) -> list[tuple[str, str, str, list[str]]]:
+    """(key, chosen value, "lowest" | "highest" | "only", the key's values anywhere in the grid) for
+    each number key of the choice on its grid's edge (see :func:`grid_edges`)."""
     chosen = dict(o.partition("=")[::2] for o in choice["overrides"])
     rows = [dict(o.partition("=")[::2] for o in row["overrides"]) for row in choice["grid"]]
 
@@ -395,12 +435,33 @@ def grid_edges(choice: dict) -> list[str]:
             continue
         if len(numbers(rows, key)) < 2:
             continue  # not searched
+        tried = list(dict.fromkeys(row[key] for row in rows if key in row))
         axis = numbers([row for row in rows if all(same(row.get(k), v) for k, v in chosen.items() if k != key)], key)
         if len(axis) < 2:
-            edges.append(f"{key}={value} (the only value tried with the other settings as chosen)")
+            edges.append((key, value, "only", tried))
         elif number in (min(axis), max(axis)):
-            edges.append(f"{key}={value} (the {'lowest' if number == min(axis) else 'highest'} tried)")
+            edges.append((key, value, "lowest" if number == min(axis) else "highest", tried))
     return edges
+
+
+def _step_past(value: str, direction: int, tried: list[str]) -> str:
+    """The value one step past ``value`` (``direction`` 1: above, -1: below), written as ``tried`` is."""
+    number = float(value)
+    written = {}
+    for text in tried:
+        with contextlib.suppress(ValueError):
+            written.setdefault(float(text), text)
+    if beyond := [x for x in written if (x - number) * direction > 0]:
+        return written[min(beyond, key=lambda x: abs(x - number))]
+    neighbour = min((x for x in written if x != number), key=lambda x: abs(x - number))  # a searched key has another value
+    if number <= 0 or neighbour <= 0:  # no ratio to continue: the same difference again
+        return f"{number + direction * abs(number - neighbour):g}"
+    target = math.log10(number) + direction * abs(math.log10(number / neighbour))
+    leading = {round(x / 10 ** math.floor(math.log10(x)), 6) for x in written if x > 0}
+    candidates = [(m, e) for m in leading for e in range(math.floor(target) - 1, math.floor(target) + 2)
+                  if (m * 10.0**e - number) * direction > 0 and not math.isclose(m * 10.0**e, number)]
+    m, e = min(candidates, key=lambda c: abs(math.log10(c[0] * 10.0**c[1]) - target))
+    return f"{m:g}e{e}" if any("e" in text.lower() for text in tried) else f"{m * 10.0**e:g}"
 
 
 def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds: Sequence[int], chosen: dict[str, dict], seconds: float,
@@ -469,7 +530,7 @@ def write_figures(out: Path, names: Sequence[str], seeds: Sequence[int], chosen:
 
 def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], out: str | Path, overrides: Sequence[str] = (), quick: bool = False,
                 command: str = "", grid: Sequence[str] = (), prompts_per_split: int | None = None, selection_seeds: int = 2, jobs: int = 1,
-                chosen_in: str | Path | None = None, added_points: Sequence[str] = ()) -> dict:
+                chosen_in: str | Path | None = None, added_points: Sequence[str] = (), widen: int = 0) -> dict:
     """Every arm of ``names`` for every training seed (``jobs`` runs at a time), with settings chosen on
     ``grid`` or taken from the comparison whose ``results.json`` is ``chosen_in``; writes the report."""
     names = list(dict.fromkeys(names))  # an arm named twice (--methods sft --ablations sft) is one arm
@@ -482,6 +543,10 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError(f"--jobs {jobs}: expected 1 or more runs at a time")
     if added_points and not grid:
         raise ConfigError("--add-point adds to a grid: give the --grid it widens")
+    if widen and not grid:
+        raise ConfigError(f"--widen {widen} widens a grid: give the --grid it widens")
+    if widen < 0:
+        raise ConfigError(f"--widen {widen}: expected 0 or more rounds of widening")
     if chosen_in and grid:
         raise ConfigError("--settings-from and --grid both choose the arms' settings; give one of them")
     started = time.time()
@@ -515,7 +580,7 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
             chosen = settings_from(chosen_in, names)
             check_arm_configs(config, [(arm, chosen[arm]["overrides"]) for arm in names], out, extra)
         else:
-            chosen = select_settings(config, names, parsed, selection_seed_list(selection_seeds), out, extra, validation_cfg, jobs, added)
+            chosen = select_settings(config, names, parsed, selection_seed_list(selection_seeds), out, extra, validation_cfg, jobs, added, widen)
         planned = [(arm, seed) for arm in names for seed in (seeds[:1] if arm == "base" else seeds)]  # the untrained base has no seed
         runs = [(arm, seed, out / "runs" / run_name(arm, chosen[arm]["overrides"], seed), [*extra, *chosen[arm]["overrides"]]) for arm, seed in planned]
         check_finished_runs(config, runs, eval_cfg)

@@ -86,6 +86,53 @@ def test_a_choice_at_a_grids_highest_or_lowest_number_is_named():
     assert compare.grid_edges({"overrides": ["optim.learning_rate=3e-4", "beta=500"], "grid": cross}) == []  # interior along both axes
 
 
+def test_the_points_past_an_edge_continue_the_grid():
+    grid = [{"overrides": [f"optim.learning_rate={lr}", f"beta={beta}"]} for lr in ("1e-4", "3e-4", "1e-3") for beta in ("500", "5000")]
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=3e-4", "beta=5000"], "grid": grid}) == [
+        ["optim.learning_rate=3e-4", "beta=50000"]]  # the grid's ratio, 10
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=1e-3", "beta=500"], "grid": grid}) == [
+        ["optim.learning_rate=3e-3", "beta=500"], ["optim.learning_rate=1e-3", "beta=50"]]  # 1e-3 after 1e-4, 3e-4: 3e-3, then 1e-2
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=3e-4", "beta=500"], "grid": grid}) == [["optim.learning_rate=3e-4", "beta=50"]]
+    step = [{"overrides": [f"optim.learning_rate={lr}"]} for lr in ("1e-3", "3e-3")]
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=3e-3"], "grid": step}) == [["optim.learning_rate=1e-2"]]
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=1e-3"], "grid": step}) == [["optim.learning_rate=3e-4"]]
+    plain = [{"overrides": [f"beta={beta}"]} for beta in ("0.05", "0.5")]
+    assert compare.points_past_edges({"overrides": ["beta=0.05"], "grid": plain}) == [["beta=0.005"]]
+    assert compare.points_past_edges({"overrides": ["beta=0"], "grid": [{"overrides": ["beta=0"]}, {"overrides": ["beta=2"]}]}) == [["beta=-2"]]
+    # The only value on the axis through the choice: the nearest values the grid tried elsewhere, each side.
+    cross = [{"overrides": [f"optim.learning_rate={lr}", "beta=0.5"]} for lr in ("3e-5", "1e-4", "3e-4")] + [
+        {"overrides": ["optim.learning_rate=1e-4", f"beta={beta}"]} for beta in ("0.05", "5")]
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=1e-4", "beta=5"], "grid": cross}) == [
+        ["optim.learning_rate=3e-5", "beta=5"], ["optim.learning_rate=3e-4", "beta=5"], ["optim.learning_rate=1e-4", "beta=50"]]
+    assert compare.points_past_edges({"overrides": ["optim.learning_rate=1e-4", "beta=0.5"], "grid": cross}) == []  # interior
+
+
+def test_widening_moves_a_choice_off_its_grids_edge_round_by_round(tmp_path, monkeypatch):
+    """Validation reward peaks at lr 1e-2: from 1e-4, 3e-4, 1e-3 each round adds the next rate up
+    until the best has a worse rate on both sides; rounds run out with the best still on an edge."""
+    import math
+
+    runs = []
+
+    def fake_run_arm(config, arm, seed, run_dir, extra, eval_cfg):
+        runs.append(run_dir.name)
+        return {"validation": {eval_cfg.metric_names[0]: -(math.log10(float(extra[-2].partition("=")[2])) + 2) ** 2}}
+
+    monkeypatch.setattr(compare, "run_arm", fake_run_arm)
+    grid = compare.parse_grid(["optim.learning_rate=1e-4,3e-4,1e-3"])
+    eval_cfg = compare.EvalConfig(prompts="shapes-validation")
+    chosen = compare.select_settings(CONFIG, ["sft"], grid, [0], tmp_path, [], eval_cfg, widen=5)["sft"]
+    assert chosen["overrides"] == ["optim.learning_rate=1e-2"] and compare.grid_edges(chosen) == []
+    assert [row["overrides"][0] for row in chosen["grid"]] == [f"optim.learning_rate={lr}" for lr in ("1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2")]
+    assert len(runs) == len(set(runs)) == 6  # each point trained once
+    short = compare.select_settings(CONFIG, ["sft"], grid, [0], tmp_path / "short", [], eval_cfg, widen=1)["sft"]
+    assert short["overrides"] == ["optim.learning_rate=3e-3"] and compare.grid_edges(short) == ["optim.learning_rate=3e-3 (the highest tried)"]
+    with pytest.raises(ConfigError, match="--widen 2 widens a grid: give the --grid it widens"):
+        compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", widen=2)
+    with pytest.raises(ConfigError, match="--widen -1: expected 0 or more rounds of widening"):
+        compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", grid=["optim.learning_rate=1e-4,1e-3"], widen=-1)
+
+
 def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base, tmp_path, monkeypatch):
     """Re-running with another grid (e.g. one widened past its edge) must not reuse a run trained
     at the setting chosen before."""
