@@ -50,6 +50,9 @@ def test_comparisons_trained_on_other_seeds_are_refused(tmp_path):
     b = comparison(tmp_path / "b", sspo=[[1.0], [2.0]], sft=[[0.0], [0.0]], seeds=(0, 1))
     done = pooled(a, b)
     assert done.returncode == 2 and f"{b} has training seeds [0, 1], {a} [10, 11]: pool comparisons trained and scored alike" in done.stderr
+    c = comparison(tmp_path / "c", sspo=[[1.0, 2.0], [2.0, 3.0]], sft=[[0.0, 0.0], [0.0, 0.0]])  # two prompts, not one
+    done = pooled(a, c)
+    assert done.returncode == 2 and f"{c} has heldout images 2, {a} 1: pool comparisons trained and scored alike" in done.stderr
     done = pooled("--subject", "dpo", a)
     assert done.returncode == 2 and f"--subject dpo: {a} did not train that arm" in done.stderr
 
