@@ -242,10 +242,10 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
     up to ``widen`` times, a best point on its grid's edge gets the points one step past it
     (:func:`points_past_edges`) and the choice is made again."""
     points = arm_points(names, grid, added)
+    check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
     rewards: dict[tuple, float] = {}
     round_ = 0
     while True:
-        check_arm_configs(config, [(arm, point) for arm in names for point in points[arm]], out, extra)
         searched = [(arm, point, seed) for arm in names if len(points[arm]) > 1 for point in points[arm] for seed in seeds
                     if (arm, tuple(point), seed) not in rewards]
         runs = [(arm, seed, out / "select" / run_name(arm, point, seed), [*extra, *point, "data.world_without_validation=true"]) for arm, point, seed in searched]
@@ -259,6 +259,7 @@ def select_settings(config, names: Sequence[str], grid: dict[str, list[str]], se
         wider = {arm: new for arm in names if (new := [p for p in points_past_edges(chosen[arm]) if p not in points[arm]])}
         if not wider or round_ == widen:
             return chosen
+        check_arm_configs(config, [(arm, point) for arm, new in wider.items() for point in new], out, extra)
         for arm, new in wider.items():
             log.info("%s's choice %s sits on its grid's edge: adding %s", arm, " ".join(chosen[arm]["overrides"]), "; ".join(" ".join(p) for p in new))
             points[arm] += new
@@ -372,17 +373,21 @@ def claims(results: dict[str, list[dict]], sampler_seeds: int, n_seeds: int) -> 
         if arm not in results or "sspo" not in results:
             continue
         diff = paired_difference(results, arm, "heldout", sampler_seeds, n_seeds)
-        if diff["runs"] < MIN_DECIDING_RUNS:
-            seeds = f"{diff['runs']} training seed{'s are' if diff['runs'] > 1 else ' is'}"
-            verdict = f"undecided ({seeds} too few to decide: train {MIN_DECIDING_RUNS} or more)"
-        elif diff["ci95_low"] > 0 or diff["ci95_high"] < 0:
-            verdict = "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower"
-        elif paper == "about equal":  # an interval holding 0 is no tie: it bounds how unequal the two may be
-            verdict = f"undecided (CI includes 0; a difference up to {max(-diff['ci95_low'], diff['ci95_high']):.3f} is not ruled out)"
-        else:
-            verdict = "undecided (CI includes 0)"
-        found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": verdict})
+        found.append({"arm": arm, "paper": paper, "difference": diff, "verdict": decide(diff, paper)})
     return found
+
+
+def decide(diff: dict, paper: str) -> str:
+    """What the 95% CI of SSPO - arm (``diff``, as :func:`mean_ci_crossed` gives it) decides about the
+    paper's claim ``paper`` ("higher", "about equal")."""
+    if diff["runs"] < MIN_DECIDING_RUNS:
+        seeds = f"{diff['runs']} training seed{'s are' if diff['runs'] > 1 else ' is'}"
+        return f"undecided ({seeds} too few to decide: train {MIN_DECIDING_RUNS} or more)"
+    if diff["ci95_low"] > 0 or diff["ci95_high"] < 0:
+        return "SSPO higher" if diff["ci95_low"] > 0 else "SSPO lower"
+    if paper == "about equal":  # an interval holding 0 is no tie: it bounds how unequal the two may be
+        return f"undecided (CI includes 0; a difference up to {max(-diff['ci95_low'], diff['ci95_high']):.3f} is not ruled out)"
+    return "undecided (CI includes 0)"
 
 
 def grid_edges(choice: dict) -> list[str]:

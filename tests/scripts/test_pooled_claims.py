@@ -40,7 +40,7 @@ def test_the_pool_is_the_interval_of_the_comparisons_averaged_per_seed_and_promp
     assert cells[2] == f"{want['mean']:+.3f} [{want['ci95_low']:+.3f}, {want['ci95_high']:+.3f}]"
     assert cells[0] == f"{first['mean']:+.3f} [{first['ci95_low']:+.3f}, {first['ci95_high']:+.3f}]" and len(cells) == 4
     # Two seeds are too few to decide, whatever the interval.
-    assert cells[3] == "undecided (a comparison has fewer than 3 training seeds) |"
+    assert cells[3] == "undecided (2 training seeds are too few to decide: train 3 or more) |"
     swapped = rows(pooled("--subject", "sft", a, b).stdout)["sspo"][2]
     assert swapped == f"{-want['mean']:+.3f} [{-want['ci95_high']:+.3f}, {-want['ci95_low']:+.3f}]"
 

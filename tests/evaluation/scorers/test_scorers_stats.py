@@ -58,7 +58,6 @@ def test_mean_ci_crossed_by_hand():
         mean_ci_crossed([[1.0, 2.0], [1.0]])
 
 
-
 def test_mean_ci_pooled_by_hand():
     from sspo.evaluation.scorers.stats import mean_ci_crossed, mean_ci_pooled
 
