@@ -42,7 +42,7 @@ from sspo.errors import ConfigError
 from sspo.evaluation.evaluate import EvalConfig, eval_items, evaluate_model, showcase, table_columns
 from sspo.evaluation.plots import REWARD_PANEL, SSR_PANEL, plot_panels, reward_series, ssr_series
 from sspo.evaluation.sampling import image_grid, save_image
-from sspo.evaluation.scorers.stats import MIN_DECIDING_RUNS, mean_ci_crossed
+from sspo.evaluation.scorers.stats import MIN_DECIDING_RUNS, interval, mean_ci_crossed
 from sspo.io import atomic_write_json, atomic_write_text, claimed_output_folder, read_json
 from sspo.training.config import TrainConfig, resolved
 from sspo.training.methods import METHODS, Method
@@ -348,10 +348,6 @@ def paired_difference(results: dict[str, list[dict]], arm: str, split: str, samp
     return mean_ci_crossed(paired_table(results, arm, split, sampler_seeds, n_seeds))
 
 
-def _ci(stats: dict) -> str:
-    return f"{stats['mean']:.3f} [{stats['ci95_low']:.3f}, {stats['ci95_high']:.3f}]"
-
-
 def table(results: dict[str, list[dict]], names: Sequence[str], split: str, sampler_seeds: int, n_seeds: int, world: str) -> str:
     columns = table_columns(world)[1:]
     lines = ["| arm | reward [95% CI] | " + " | ".join(c.partition(".")[2] for c in columns) + " | SSPO - arm [95% CI] |",
@@ -361,8 +357,8 @@ def table(results: dict[str, list[dict]], names: Sequence[str], split: str, samp
             continue
         runs = results[arm]
         cells = [f"{sum(run[split][c] for run in runs) / len(runs):.3f}" for c in columns]
-        diff = "" if "sspo" not in results or arm == "sspo" else _ci(paired_difference(results, arm, split, sampler_seeds, n_seeds))
-        lines.append(f"| {arm} | {_ci(mean_ci_crossed(reward_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
+        diff = "" if "sspo" not in results or arm == "sspo" else interval(paired_difference(results, arm, split, sampler_seeds, n_seeds))
+        lines.append(f"| {arm} | {interval(mean_ci_crossed(reward_matrix(runs, split, sampler_seeds)))} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
@@ -506,7 +502,7 @@ def write_report(out: Path, results: dict[str, list[dict]], command: str, seeds:
     found = claims(results, sampler_seeds, n)
     if found:
         lines = ["## The paper's claims on held-out prompts\n", "| SSPO vs | paper | SSPO - arm [95% CI] | here |", "|---|---|---|---|"]
-        lines += [f"| {c['arm']} | {c['paper']} | {_ci(c['difference'])} | {c['verdict']} |" for c in found]
+        lines += [f"| {c['arm']} | {c['paper']} | {interval(c['difference'])} | {c['verdict']} |" for c in found]
         sections.append("\n".join(lines) + "\n")
     atomic_write_text(out / "results.md", "\n".join(sections))
     atomic_write_json(out / "results.json", {"command": command, "seeds": list(seeds), "selection_seeds": selection_seeds, "sampler_seeds": sampler_seeds,

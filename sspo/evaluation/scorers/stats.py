@@ -25,6 +25,13 @@ def mean_ci(values: Iterable[float]) -> dict[str, float | int]:
     return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
 
 
+def interval(stats: dict, signed: bool = False) -> str:
+    """``mean [low, high]`` to three decimals, as the reports print a 95% CI; ``signed`` shows a
+    difference's signs (+0.024 [+0.009, +0.038])."""
+    form = "+.3f" if signed else ".3f"
+    return f"{stats['mean']:{form}} [{stats['ci95_low']:{form}}, {stats['ci95_high']:{form}}]"
+
+
 def mean_ci_crossed(values: Sequence[Sequence[float]]) -> dict[str, float | int]:
     """Mean and 95% CI of a ``[runs][prompts]`` table (training seeds x prompts, or their paired
     differences), where both the runs and the prompts are samples.

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from sspo.errors import SSPOError
-from sspo.evaluation.scorers.stats import mean_ci, t_quantile
+from sspo.evaluation.scorers.stats import interval, mean_ci, t_quantile
 
 
 @pytest.mark.parametrize("df,table", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1000, 1.9623)])
@@ -74,3 +74,9 @@ def test_mean_ci_pooled_by_hand():
         mean_ci_pooled([a, [[1.0, 2.0, 3.0]]])
     with pytest.raises(SSPOError, match="the same runs and prompts"):
         mean_ci_pooled([a, [[1.0, 2.0, 3.0], [1.0, 2.0]]])
+
+
+def test_an_interval_prints_as_the_reports_show_it():
+    stats = {"mean": 0.0244, "ci95_low": -0.0091, "ci95_high": 0.0381}
+    assert interval(stats) == "0.024 [-0.009, 0.038]"
+    assert interval(stats, signed=True) == "+0.024 [-0.009, +0.038]"
