@@ -13,13 +13,13 @@ def pooled(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPTS / "pooled-claims"), *map(str, argv)], capture_output=True, text=True, timeout=300)
 
 
-def comparison(folder: Path, sspo: list[list[float]], sft: list[list[float]], seeds=(10, 11)) -> Path:
-    """A results.json of two training seeds, one sampler seed, the rewards [seed][prompt] given."""
+def comparison(folder: Path, seeds=(10, 11), **arms: list[list[float]]) -> Path:
+    """A results.json of two training seeds, one sampler seed, each arm's rewards [seed][prompt] given."""
     def runs(rows):
         return [{"seen": {"per_image": row}, "heldout": {"per_image": row}} for row in rows]
 
     folder.mkdir()
-    (folder / "results.json").write_text(json.dumps({"seeds": list(seeds), "sampler_seeds": 1, "results": {"sspo": runs(sspo), "sft": runs(sft)}}))
+    (folder / "results.json").write_text(json.dumps({"seeds": list(seeds), "sampler_seeds": 1, "results": {arm: runs(rows) for arm, rows in arms.items()}}))
     return folder
 
 
@@ -63,3 +63,38 @@ def test_the_recorded_levels_pooled():
     assert held_out["sft"][3:] == ["+0.024 [+0.009, +0.038]", "SSPO higher |"]
     assert seen["sft"][3:] == ["+0.031 [+0.013, +0.050]", "SSPO higher |"]
     assert held_out["ssr_off"][3:] == ["-0.080 [-0.113, -0.048]", "SSPO lower |"]
+
+
+def test_an_arm_of_other_comparisons_is_paired_with_the_subject(tmp_path):
+    from sspo.evaluation.scorers.stats import mean_ci_crossed
+
+    base = [[0.5, 0.25, 0.75], [0.5, 0.25, 0.75]]  # the same images wherever it is scored
+    a = comparison(tmp_path / "a", sspo=[[1.0, 3.0, 5.0], [4.0, 6.0, 7.0]], sft=[[9.0] * 3] * 2, base=base)
+    b = comparison(tmp_path / "b", sspo=[[2.0, 2.0, 3.0], [3.0, 6.0, 6.0]], sft=[[9.0] * 3] * 2, base=base)
+    a_more = comparison(tmp_path / "a-more", sft=[[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], base=base)
+    b_more = comparison(tmp_path / "b-more", sft=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], base=base)
+    done = pooled(a, b, "--add-arm", f"sft-longer=sft:{a_more},{b_more}")
+    assert done.returncode == 0, done.stderr
+    # a's SSPO minus a-more's SFT, b's minus b-more's: the first test's numbers, pooled the same way.
+    want, first = mean_ci_crossed([[1.0, 2.0, 3.5], [3.0, 5.5, 6.0]]), mean_ci_crossed([[0.0, 2.0, 4.0], [3.0, 5.0, 6.0]])
+    cells = rows(done.stdout)["sft-longer"]
+    assert cells[0] == f"{first['mean']:+.3f} [{first['ci95_low']:+.3f}, {first['ci95_high']:+.3f}]"
+    assert cells[2] == f"{want['mean']:+.3f} [{want['ci95_low']:+.3f}, {want['ci95_high']:+.3f}]"
+    assert rows(done.stdout)["sft"][2].startswith("-")  # the comparisons' own SFT row is still theirs
+
+
+def test_an_added_arm_must_be_trained_and_scored_as_its_comparison(tmp_path):
+    base = [[0.5, 0.25], [0.5, 0.25]]
+    a = comparison(tmp_path / "a", sspo=[[1.0, 2.0], [2.0, 3.0]], base=base)
+    elsewhere = comparison(tmp_path / "elsewhere", sft=[[0.0, 0.0], [0.0, 0.0]], base=[[0.5, 0.3], [0.5, 0.3]])
+    done = pooled(a, "--add-arm", f"x=sft:{elsewhere}")
+    assert done.returncode == 2 and f"the base's heldout rewards differ between {a} and {elsewhere}: they scored other prompts" in done.stderr
+    unscored = comparison(tmp_path / "unscored", sft=[[0.0, 0.0], [0.0, 0.0]])
+    assert f"{a} or {unscored} did not score the base" in pooled(a, "--add-arm", f"x=sft:{unscored}").stderr
+    other_seeds = comparison(tmp_path / "other-seeds", seeds=(0, 1), sft=[[0.0, 0.0], [0.0, 0.0]], base=base)
+    assert f"{other_seeds} has training seeds [0, 1], {a} [10, 11]: pair comparisons" in pooled(a, "--add-arm", f"x=sft:{other_seeds}").stderr
+    fewer = comparison(tmp_path / "fewer", sft=[[0.0], [0.0]], base=[[0.5], [0.5]])
+    assert f"{fewer} has heldout images 1, {a} 2: pair comparisons" in pooled(a, "--add-arm", f"x=sft:{fewer}").stderr
+    assert f"{elsewhere} did not train dpo" in pooled(a, "--add-arm", f"x=dpo:{elsewhere}").stderr
+    assert "2 folders for 1 comparison: give one for each" in pooled(a, "--add-arm", f"x=sft:{elsewhere},{elsewhere}").stderr
+    assert "expected LABEL=ARM:FOLDER,FOLDER" in pooled(a, "--add-arm", "sft").stderr
