@@ -65,6 +65,15 @@ def test_the_recorded_levels_pooled():
     assert held_out["ssr_off"][3:] == ["-0.080 [-0.113, -0.048]", "SSPO lower |"]
 
 
+def test_the_recorded_sft_at_five_times_its_steps_paired_with_the_levels():
+    levels = [RESULTS / f"regimes-{level}-fresh" for level in ("low", "mid", "high")]
+    longer = "sft-5x=sft:" + ",".join(str(RESULTS / f"regimes-{level}-sft5x") for level in ("low", "mid", "high"))
+    held_out = rows(pooled(*levels, "--add-arm", longer).stdout)
+    assert held_out["sft-5x"] == ["-0.004 [-0.038, +0.031]", "+0.036 [+0.003, +0.068]", "+0.034 [+0.015, +0.052]",
+                                  "+0.022 [+0.004, +0.040]", "SSPO higher |"]
+    assert rows(pooled("--subject", "sft", *levels, "--add-arm", longer).stdout)["sft-5x"][3] == "-0.002 [-0.016, +0.013]"
+
+
 def test_an_arm_of_other_comparisons_is_paired_with_the_subject(tmp_path):
     from sspo.evaluation.scorers.stats import mean_ci_crossed
 
@@ -88,7 +97,7 @@ def test_an_added_arm_must_be_trained_and_scored_as_its_comparison(tmp_path):
     a = comparison(tmp_path / "a", sspo=[[1.0, 2.0], [2.0, 3.0]], base=base)
     elsewhere = comparison(tmp_path / "elsewhere", sft=[[0.0, 0.0], [0.0, 0.0]], base=[[0.5, 0.3], [0.5, 0.3]])
     done = pooled(a, "--add-arm", f"x=sft:{elsewhere}")
-    assert done.returncode == 2 and f"the base's heldout rewards differ between {a} and {elsewhere}: they scored other prompts" in done.stderr
+    assert done.returncode == 2 and f"the base's heldout rewards differ between {a} and {elsewhere} (1 of 2 images): they scored other" in done.stderr
     unscored = comparison(tmp_path / "unscored", sft=[[0.0, 0.0], [0.0, 0.0]])
     assert f"{a} or {unscored} did not score the base" in pooled(a, "--add-arm", f"x=sft:{unscored}").stderr
     other_seeds = comparison(tmp_path / "other-seeds", seeds=(0, 1), sft=[[0.0, 0.0], [0.0, 0.0]], base=base)
@@ -98,3 +107,12 @@ def test_an_added_arm_must_be_trained_and_scored_as_its_comparison(tmp_path):
     assert f"{elsewhere} did not train dpo" in pooled(a, "--add-arm", f"x=dpo:{elsewhere}").stderr
     assert "2 folders for 1 comparison: give one for each" in pooled(a, "--add-arm", f"x=sft:{elsewhere},{elsewhere}").stderr
     assert "expected LABEL=ARM:FOLDER,FOLDER" in pooled(a, "--add-arm", "sft").stderr
+
+
+def test_another_cpus_rounding_may_tip_one_image_in_twenty(tmp_path):
+    base = [[0.5] * 20] * 2
+    a = comparison(tmp_path / "a", sspo=[[1.0] * 20, [2.0] * 20], base=base)
+    one_tipped = comparison(tmp_path / "one", sft=[[0.0] * 20] * 2, base=[[0.5] * 19 + [0.51]] * 2)
+    assert pooled(a, "--add-arm", f"x=sft:{one_tipped}").returncode == 0
+    two_tipped = comparison(tmp_path / "two", sft=[[0.0] * 20] * 2, base=[[0.5] * 18 + [0.51] * 2] * 2)
+    assert "(2 of 20 images)" in pooled(a, "--add-arm", f"x=sft:{two_tipped}").stderr
