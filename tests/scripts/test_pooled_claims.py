@@ -107,6 +107,7 @@ def test_an_added_arm_must_be_trained_and_scored_as_its_comparison(tmp_path):
     assert f"{elsewhere} did not train dpo" in pooled(a, "--add-arm", f"x=dpo:{elsewhere}").stderr
     assert "2 folders for 1 comparison: give one for each" in pooled(a, "--add-arm", f"x=sft:{elsewhere},{elsewhere}").stderr
     assert "expected LABEL=ARM:FOLDER,FOLDER" in pooled(a, "--add-arm", "sft").stderr
+    assert "the comparisons have an arm base already; name the added one otherwise" in pooled(a, "--add-arm", f"base=sft:{elsewhere}").stderr
 
 
 def test_another_cpus_rounding_may_tip_one_image_in_twenty(tmp_path):
