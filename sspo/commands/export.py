@@ -142,6 +142,9 @@ def read_pool_checkpoint(run: Path, index: int) -> Lora:
         raise SSPOError(f"{run} keeps no checkpoint pool (its method trains without one); export its final LoRA (--checkpoint final)")
     if index >= len(pool):
         raise SSPOError(f"--checkpoint {index}: the pool of {run} holds checkpoints 0 to {len(pool) - 1} (after steps {', '.join(map(str, pool.steps()))})")
+    if index not in pool.kept():
+        raise SSPOError(f"--checkpoint {index}: the pool of {run} released it (its erd never draws it again); export one it keeps "
+                        f"({', '.join(map(str, pool.kept()))}) or the final model (--checkpoint final)")
     final = run / FINAL / LORA_FILE
     # The pool's index says what it adapts; a pool of an index without it, the final LoRA, or the run's model.
     component = pool.denoiser or (_lora_component(final) if final.is_file() else _model_index(run).get("denoiser", UNET))

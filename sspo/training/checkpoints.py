@@ -191,7 +191,9 @@ class Checkpointing:
                     "example_prompt": self.example_prompt,
                     "tracker_run_id": self.tracker_run_id,
                     "files": manifest(staging, [p for p in staging.rglob("*") if p.is_file()]),
-                    "pool_files": manifest(self.pool.root, [self.pool.root / e["file"] for e in self.pool.entries]) if self.pool else {},
+                    # Only the checkpoints its erd can still draw: the others may be released (_release_pool_files).
+                    "pool_files": manifest(self.pool.root, [self.pool.root / self.pool.entries[i]["file"]
+                                                            for i in self.pool.drawable(self.cfg.effective_erd)]) if self.pool else {},
                     # A resume can then tell a row cut short by a kill after this save from one lost to damage.
                     "log_rows": {name: len(self._read_log(name)) for name in LOGS if (self.run_dir / name).exists()},
                 }
@@ -202,11 +204,26 @@ class Checkpointing:
             discard_previous(self.run_dir)
             for old in saved_states(self.run_dir)[: -self.cfg.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+            self._release_pool_files()
             if not self.disk_checked:
                 self.disk_checked = True
                 self._warn_if_the_disk_is_short(final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _release_pool_files(self) -> None:
+        """Release the pool checkpoints no saved state names: under ``erd: initial`` or ``last`` those
+        never drawn again, whole denoisers when fully fine-tuned (a state names what it can draw)."""
+        if self.pool is None:
+            return
+        keep = set()
+        for state_dir in saved_states(self.run_dir):
+            try:
+                keep |= set(read_state(state_dir / STATE_FILE)["pool_files"])
+            except DamagedFileError:
+                return  # a state whose needs are unknown could need any of them
+        with disk_errors(f"the checkpoint pool {self.pool.root}"):
+            self.pool.release(keep)
 
     def _warn_if_the_disk_is_short(self, state_dir: Path) -> None:
         """One warning, at the first save, when what the run will still write (measured on this state
@@ -215,13 +232,15 @@ class Checkpointing:
         total = cfg.iterations * cfg.steps_per_iteration
         saves_left, ends_left = saves_after(self.global_step, total, cfg.steps_per_iteration, cfg.save_every_steps)
         state_bytes = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file())
-        pool_bytes = (self.pool.root / self.pool.entries[-1]["file"]).stat().st_size if self.pool is not None and cfg.generates_negatives else 0
+        pool_bytes = (self.pool.root / self.pool.entries[self.pool.kept()[-1]]["file"]).stat().st_size if self.pool is not None and cfg.generates_negatives else 0
+        # Under erd initial or last the pool holds at most the checkpoints the kept states can draw, and the one just added.
+        pool_adds = ends_left if cfg.effective_erd == "uniform" else min(ends_left, cfg.checkpoints_total_limit)
         kept = len(saved_states(self.run_dir))
         final_bytes = sum(p.numel() * p.element_size() for p in self.params)  # at least its trained weights
-        needed = disk_to_come(state_bytes, pool_bytes, kept, cfg.checkpoints_total_limit, saves_left, ends_left) + final_bytes
+        needed = disk_to_come(state_bytes, pool_bytes, kept, cfg.checkpoints_total_limit, saves_left, pool_adds) + final_bytes
         free = shutil.disk_usage(self.run_dir).free
         if needed > free:
-            pool = f"{ends_left} more pool checkpoint{'s' if ends_left != 1 else ''} of {_gb(pool_bytes)}, " if pool_bytes and ends_left else ""
+            pool = f"{pool_adds} more pool checkpoint{'s' if pool_adds != 1 else ''} of {_gb(pool_bytes)}, " if pool_bytes and pool_adds else ""
             log.warning("%s has %s free, but this run will write about %s more (%sresumable states of %s each: up to "
                         "checkpoints_total_limit=%d kept and one more while it saves, and the final model): free some space, lower "
                         "checkpoints_total_limit, or stop and resume on a larger disk", self.run_dir, _gb(free), _gb(needed), pool,
@@ -312,6 +331,7 @@ class Checkpointing:
         if self.pool is not None:
             if self.accelerator.is_main_process:
                 self.pool.truncate(state["pool_size"])
+                self._release_pool_files()  # a kill may have come between a save and its release
             self._sync_pool()
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", state_dir, self.global_step)

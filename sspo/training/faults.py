@@ -6,6 +6,7 @@ OOM killer or a pulled plug does to a run. The points are named where a run writ
 something a later resume depends on:
 
 - ``pool_write``        after a pool checkpoint file is written, before the pool index lists it
+- ``pool_release``      after released pool checkpoints' files are emptied, before the index marks them
 - ``checkpoint_save``   inside a resumable save: the state files written, not yet renamed
 - ``final_save``        inside the final save: the weights written, not yet renamed
 - ``validation``        while validating (after sampling, before results are logged)
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("pool_write", "checkpoint_save", "final_save", "validation", "negatives", "latent_cache", "step")
+POINTS = ("pool_write", "pool_release", "checkpoint_save", "final_save", "validation", "negatives", "latent_cache", "step")
 ENV = "SSPO_FAULT"
 _reached: dict[str, int] = {}
 

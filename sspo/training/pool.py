@@ -6,6 +6,10 @@ so the pool survives a restart; only one entry is loaded at a time. ``pool.json`
 only indexes the files (each records its step), so a damaged one is rebuilt from them. A LoRA run's
 pool also holds its adapters' one ``adapter_config.json`` (peft's ``LoraConfig``), with which peft
 loads any of them (docs/coming-from-diffusers.md, "Taking a LoRA elsewhere").
+
+Under ``erd: initial`` or ``last`` most checkpoints are never drawn again; with full fine-tuning each
+is a whole denoiser. :meth:`CheckpointPool.release` replaces such a file by one without tensors that
+keeps its step, so the index, its rebuild and the entries' numbering stay as they were.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sspo.errors import TrainingError
 from sspo.io import DamagedFileError, atomic_write_json, atomic_write_text, open_tensors, read_json, read_tensors, save_tensors
 from sspo.models.families.base import ADAPTER_CONFIG
 from sspo.training.faults import fault_point
@@ -48,8 +53,9 @@ class CheckpointPool:
         entries = []
         while (path := self.root / _file_name(len(entries))).is_file():
             try:
-                _, metadata = open_tensors(path, what="pool checkpoint", fix="the index ends before it")
-                entries.append({"file": path.name, "step": int(metadata["step"])})
+                handle, metadata = open_tensors(path, what="pool checkpoint", fix="the index ends before it")
+                released = {"released": True} if not handle.keys() else {}  # a checkpoint always holds weights
+                entries.append({"file": path.name, "step": int(metadata["step"])} | released)
             except (DamagedFileError, KeyError, ValueError):
                 break  # a resume names a damaged file its state depends on
         return entries
@@ -78,6 +84,22 @@ class CheckpointPool:
         return read_json(self.root / ADAPTER_CONFIG, what="the pool's adapter config", fix="delete it, then resume the run (sspo train CONFIG --resume) to write it again",
                          default=None)
 
+    def drawable(self, strategy: str) -> list[int]:
+        """The indices :meth:`draw` by ``strategy`` can return, now or after more checkpoints are added."""
+        return {"uniform": list(range(len(self.entries))), "initial": [0], "last": [len(self.entries) - 1]}[strategy] if self.entries else []
+
+    def release(self, keep: set[str]) -> None:
+        """Replace the file of every checkpoint not named in ``keep`` by one without tensors (a resume
+        or a draw that needs them is what ``keep`` names). Files first: an index cut short after them
+        leaves entries a later release marks."""
+        released = [entry for entry in self.entries if entry["file"] not in keep and not entry.get("released")]
+        for entry in released:
+            save_tensors({}, self.root / entry["file"], metadata={"step": str(entry["step"])})
+            entry["released"] = True
+        if released:
+            fault_point("pool_release")
+            self._write_index()
+
     def truncate(self, size: int) -> None:
         """Forget entries past ``size`` (a resumed run rewinds to the pool of its saved state)."""
         for index in range(size, len(self.entries)):
@@ -98,6 +120,9 @@ class CheckpointPool:
         raise ValueError(f"erd must be one of {ERD_STRATEGIES}, got {strategy!r}")
 
     def load(self, index: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        if self.entries[index].get("released"):
+            raise TrainingError(f"pool checkpoint {index} in {self.root} was released (its erd never draws it again); "
+                                f"the pool keeps {', '.join(map(str, self.kept()))}")
         return read_tensors(self.root / self.entries[index]["file"], what=f"pool checkpoint {index}", device=str(device),
                             fix="resume the run (sspo train CONFIG --resume) to go back to its last intact state")
 
@@ -106,6 +131,10 @@ class CheckpointPool:
 
     def steps(self) -> list[int]:
         return [entry["step"] for entry in self.entries]
+
+    def kept(self) -> list[int]:
+        """The indices of the checkpoints whose weights the pool still holds."""
+        return [i for i, entry in enumerate(self.entries) if not entry.get("released")]
 
 
 def _file_name(index: int) -> str:

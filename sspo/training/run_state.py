@@ -25,7 +25,7 @@ def saved_states(run_dir: Path) -> list[Path]:
 
 def disk_to_come(state_bytes: int, pool_bytes: int, kept: int, limit: int, saves_left: int, pool_adds_left: int) -> int:
     """Bytes a run will hold at its fullest beyond what it holds now: the pool checkpoints it adds
-    (``pool_bytes`` each, all kept), and resumable states (``state_bytes`` each) up to ``limit`` kept
+    and keeps (``pool_adds_left``, ``pool_bytes`` each), and resumable states (``state_bytes`` each) up to ``limit`` kept
     plus the one being written before the oldest goes; ``kept`` states are there now."""
     peak_states = min(limit + 1, kept + saves_left)
     return pool_adds_left * pool_bytes + max(0, peak_states - kept) * state_bytes

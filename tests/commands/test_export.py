@@ -20,6 +20,7 @@ from sspo.cli import main
 from sspo.commands import export as export_command
 from sspo.commands.export import Lora, read_final, to_kohya
 from sspo.errors import SSPOError
+from sspo.training.pool import CheckpointPool
 from sspo.training.trainer import train
 
 from test_trainer import tiny_config
@@ -154,7 +155,7 @@ def test_a_full_fine_tuning_run_is_refused_with_where_its_model_is(fmt, full_run
 
 def test_a_transformer_lora_exports_for_load_lora_weights_and_kohyas_layout_is_refused(tiny_sd3, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "lora.safetensors"
-    train(tiny_config(run, tiny_sd3, "method=spin", "negatives.scheduler=pipeline", "model.lora_targets=[to_q]", "iterations=1", "steps_per_iteration=1"))
+    train(tiny_config(run, tiny_sd3, "negatives.scheduler=pipeline", "model.lora_targets=[to_q]", "iterations=1", "steps_per_iteration=1"))
     refusal = f"sspo: error: {run} trained a LoRA of the transformer: kohya's layout is for UNet LoRAs (SD-1.5, SDXL, AnimateDiff); " \
               "export --format diffusers, the layout of the run's final/ (the file load_lora_weights reads)"
     assert export(capsys, run, "--format", "kohya", "--out", str(out)) == (2, refusal)
@@ -232,6 +233,17 @@ def test_a_full_disk_as_safetensors_reports_it_is_one_line(fmt, lora_run, tmp_pa
     status, line = export(capsys, lora_run, "--format", fmt, "--out", str(out))
     assert status == 2 and line == f"sspo: error: cannot write {out}: No space left on device; free disk space or choose another --out"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_released_pool_checkpoint_is_one_error_line(lora_run, tmp_path, capsys):
+    """Under erd initial or last a run releases what it never draws again (sspo/training/pool.py)."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    CheckpointPool(run / "pool").release({"checkpoint-000.safetensors", "checkpoint-002.safetensors"})
+    assert export(capsys, run, "--format", "kohya", "--checkpoint", "1") == (
+        2, f"sspo: error: --checkpoint 1: the pool of {run} released it (its erd never draws it again); export one it keeps (0, 2) "
+           "or the final model (--checkpoint final)")
+    assert export(capsys, run, "--format", "kohya", "--checkpoint", "2", "--out", str(tmp_path / "kept.safetensors"))[0] == 0
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -28,6 +28,7 @@ ARMS = {
     "sft": ["method=sft"],
     "dpo": ["method=dpo"],
     "spin": ["method=spin"],
+    "spin_one_state": ["method=spin", "checkpoints_total_limit=1"],  # its pool keeps only what one state can draw
     "sspo": [],
     "sspo_full": ["model.lora=false"],
     "sspo_ema": ["model.lora=false", "optim.ema=true"],  # the final model is the average: a resume must restore it
@@ -98,6 +99,8 @@ KILLS = [
     ("sft", ["final_save:1"], []),
     ("dpo", ["pool_write:1", "checkpoint_save:1"], []),
     ("spin", ["negatives:2"], []),  # erd last: one checkpoint, one generation chunk per iteration
+    ("spin", ["pool_release:1", "pool_release:1"], []),  # theta_0 emptied, not marked; the resume killed releasing it again
+    ("spin_one_state", ["checkpoint_save:2"], []),  # the one kept state's checkpoint outlives its successor's save
     ("sspo_full", ["pool_write:2"], []),
     ("sspo_full", ["checkpoint_save:2", "final_save:1"], []),
     ("sspo_fused", ["negatives:2", "step:2"], ["save_every_steps=1"]),  # killed with a checkpoint merged, then within an iteration
@@ -143,13 +146,16 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage,file", [(truncate, "checkpoints/step-00000004/model.safetensors"), (flip_byte, "pool/checkpoint-002.safetensors")])
-def test_a_damaged_newest_state_is_named_and_the_previous_one_resumes(damage, file, reference, quick_base, tmp_path, caplog):
-    expected = results(reference("sspo"))
-    run = copy_run(reference("sspo"), tmp_path)
+@pytest.mark.parametrize("arm,damage,file", [
+    ("sspo", truncate, "checkpoints/step-00000004/model.safetensors"), ("sspo", flip_byte, "pool/checkpoint-002.safetensors"),
+    ("spin", flip_byte, "pool/checkpoint-002.safetensors"),  # the older state's own checkpoint, 1, was kept for it
+])
+def test_a_damaged_newest_state_is_named_and_the_previous_one_resumes(arm, damage, file, reference, quick_base, tmp_path, caplog):
+    expected = results(reference(arm))
+    run = copy_run(reference(arm), tmp_path)
     shutil.rmtree(run / "final")
     damage(run / file)
-    train(tiny_config(run, quick_base), resume=True)
+    train(tiny_config(run, quick_base, *ARMS[arm]), resume=True)
     assert file in caplog.text and "resuming from the older state" in caplog.text
     assert results(run) == expected
 

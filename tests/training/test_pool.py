@@ -129,6 +129,41 @@ def test_invalid_strategy(tmp_path):
         pool.draw("random", random.Random(0))
 
 
+@pytest.mark.parametrize("strategy, drawable", [("uniform", [0, 1, 2]), ("initial", [0]), ("last", [2])])
+def test_drawable_names_what_draw_can_return(strategy, drawable, tmp_path):
+    pool = filled(tmp_path, 3)
+    assert pool.drawable(strategy) == drawable
+    rng = random.Random(0)
+    assert {pool.draw(strategy, rng) for _ in range(100)} == set(drawable)
+    assert CheckpointPool(tmp_path / "empty").drawable(strategy) == []
+
+
+def test_released_checkpoints_keep_their_entries_through_a_rebuilt_index(tmp_path):
+    from sspo.errors import TrainingError
+
+    pool = filled(tmp_path / "pool", 3)
+    size = (tmp_path / "pool" / "checkpoint-000.safetensors").stat().st_size
+    pool.release({"checkpoint-002.safetensors"})
+    assert pool.kept() == [2] and pool.steps() == [0, 10, 20] and len(pool) == 3
+    for name in ("checkpoint-000.safetensors", "checkpoint-001.safetensors"):
+        with safe_open(str(tmp_path / "pool" / name), framework="pt") as f:
+            assert list(f.keys()) == [] and f.metadata()["step"] in ("0", "10")
+        assert (tmp_path / "pool" / name).stat().st_size < size / 2
+    with pytest.raises(TrainingError, match=r"^pool checkpoint 1 in .* was released .*; the pool keeps 2$"):
+        pool.load(1)
+    assert torch.equal(pool.load(2)["down.weight"], state(2.0)["down.weight"])
+    released = json.loads((tmp_path / "pool" / "pool.json").read_text())["entries"]
+    assert released == [{"file": "checkpoint-000.safetensors", "step": 0, "released": True},
+                        {"file": "checkpoint-001.safetensors", "step": 10, "released": True},
+                        {"file": "checkpoint-002.safetensors", "step": 20}]
+    (tmp_path / "pool" / "pool.json").unlink()
+    assert CheckpointPool(tmp_path / "pool").entries == released
+    pool.release({"checkpoint-002.safetensors"})  # nothing more to release: the index is not rewritten
+    assert not (tmp_path / "pool" / "pool.json").exists()
+    pool.truncate(2)
+    assert pool.add(state(5.0), step=30) == 2 and pool.kept() == [2]
+
+
 def test_truncate_removes_files(tmp_path):
     pool = filled(tmp_path, 4)
     pool.truncate(2)

@@ -94,6 +94,10 @@ def test_every_method_and_variant_trains(arm, quick_base, tmp_path):
             assert [r["reference_checkpoint"] for r in rows] == [0, 0, 1, 1]
         if cfg.effective_erd == "initial":
             assert all(r["reference_checkpoint"] == 0 for r in rows)
+        # Each of the 2 kept states names the checkpoints it can draw; the pool releases the others.
+        kept = {"uniform": [0, 1, 2], "initial": [0], "last": [1, 2]}[cfg.effective_erd]
+        assert [i for i, e in enumerate(pool) if not e.get("released")] == kept
+        assert [bool(load_file(tmp_path / arm / "pool" / e["file"])) for e in pool] == [i in kept for i in range(3)]
     weights = final / ("pytorch_lora_weights.safetensors" if cfg.model.lora else "unet/diffusion_pytorch_model.safetensors")
     assert weights.is_file()
 
@@ -332,8 +336,11 @@ def test_validation_scores_a_prompt_file_with_eval_metrics_and_sends_the_samples
     assert [e.step for e in events.Images("validation/samples")] == [2, 4]
 
 
-@pytest.mark.parametrize("free", [10**15, 1000])
-def test_a_disk_too_small_for_what_the_run_will_write_is_said_once_at_the_first_save(free, quick_base, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("free, overrides, pool_adds", [
+    (10**15, [], None), (1000, [], "2 more pool checkpoints"),
+    (1000, ["method=spin", "checkpoints_total_limit=1"], "1 more pool checkpoint"),  # erd last: the one state's and the one just added
+])
+def test_a_disk_too_small_for_what_the_run_will_write_is_said_once_at_the_first_save(free, overrides, pool_adds, quick_base, tmp_path, monkeypatch, caplog):
     import collections
     import logging
 
@@ -343,15 +350,15 @@ def test_a_disk_too_small_for_what_the_run_will_write_is_said_once_at_the_first_
     monkeypatch.setattr(sspo.training.checkpoints.shutil, "disk_usage", lambda path: usage(free, 0, free))
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="sspo"):
-        train(tiny_config(run, quick_base, "iterations=3"))
+        train(tiny_config(run, quick_base, "iterations=3", *overrides))
     warnings = [r.getMessage() for r in caplog.records if "free, but this run will write" in r.getMessage()]
     if free > 1000:
         assert warnings == []
         return
     assert len(warnings) == 1 and warnings[0].startswith(f"{run} has 0.0 MB free, but this run will write about ")
     state = sorted((run / "checkpoints").glob("step-*"))[0]
-    pool = (run / "pool" / "checkpoint-001.safetensors").stat().st_size
-    assert f"2 more pool checkpoints of {pool / 1e6:.1f} MB" in warnings[0]
+    pool = (run / "pool" / "checkpoint-003.safetensors").stat().st_size
+    assert f"{pool_adds} of {pool / 1e6:.1f} MB, resumable" in warnings[0]
     assert f"resumable states of {sum(f.stat().st_size for f in state.rglob('*') if f.is_file()) / 1e6:.1f} MB each" in warnings[0]
     assert (run / "final").is_dir()  # a warning: the run goes on
 
