@@ -445,8 +445,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def find_config(path: str | Path) -> Path:
     """The config file ``path`` names: a file there, a folder's ``config.yaml`` (a run folder: the
     config it trained with, overrides included, which ``--resume`` needs), else for a bare name
-    (``sd15-lora.yaml`` or ``sd15-lora``) the shipped config of that name; a ConfigError listing the
-    shipped names if none."""
+    ``sd15-lora`` the file ``sd15-lora.yaml`` here, else (for ``sd15-lora.yaml`` too) the shipped
+    config of that name; a ConfigError listing the shipped names if none."""
     from sspo.paths import CONFIGS
 
     path = Path(path)
@@ -454,6 +454,8 @@ def find_config(path: str | Path) -> Path:
         return path
     if (path / "config.yaml").is_file():
         return path / "config.yaml"
+    if len(path.parts) == 1 and path.suffix != ".yaml" and path.with_name(f"{path.name}.yaml").is_file():
+        return path.with_name(f"{path.name}.yaml")
     if len(path.parts) == 1:
         shipped = next((c for c in (CONFIGS / path, CONFIGS / f"{path}.yaml") if c.is_file()), None)
         if shipped is not None:

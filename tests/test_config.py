@@ -72,7 +72,7 @@ def test_a_shipped_config_is_found_by_name_from_any_folder(name, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert load_config(TrainConfig, name).model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     (tmp_path / "sd15-lora.yaml").write_text("method: sft\n")  # a file of that name here is the one meant
-    assert load_config(TrainConfig, "sd15-lora.yaml").method == "sft"
+    assert load_config(TrainConfig, name).method == "sft"
 
 
 def test_a_missing_config_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
