@@ -76,3 +76,11 @@ def test_the_card_of_an_image_model_with_motion_modules_names_the_adapter_wherev
     assert f'MotionAdapter.from_pretrained("{tmp_path / "adapters" / "motion"}", torch_dtype=dtype)' in code
     assert 'AnimateDiffPipeline.from_pretrained("some/sd15", motion_adapter=adapter, revision="main", torch_dtype=dtype)' in code
     assert 'pipe("a \\"red\\"\\ncircle\\\\", num_inference_steps=20, guidance_scale=7.5' in code and "num_frames=8" in code
+
+
+def test_the_card_of_a_world_base_names_the_command_that_prints_that_base():
+    for name, command in [("shapes-base", "sspo base --world shapes"), ("shapes-base:flow", "sspo base --world shapes --size flow"),
+                          ("moving-shapes-base:quick", "sspo base --world moving-shapes --size quick")]:
+        cfg = from_dict(TrainConfig, {"model": {"pretrained": name}, "negatives": {"guidance_scale": 5.0}, "beta": 500.0})
+        card = model_card(cfg, base="/bases/x", video=False, folder="/runs/x/final", processes=1, grid=None, prompt="a prompt")
+        assert f"# {name}: the {name.split('-base')[0]} world's base on this machine; elsewhere, the folder `{command}` prints\n" in card

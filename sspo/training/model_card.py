@@ -60,7 +60,8 @@ def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...], 
     options = "".join(f", {name}=None" for name in absent) + (base_options if cfg.model.lora else "")
     lines = []
     if world := base_world(cfg.model.pretrained):
-        lines.append(f"# {cfg.model.pretrained}: the {world.name} world's base on this machine; elsewhere, the folder `sspo base` prints")
+        lines.append(f"# {cfg.model.pretrained}: the {world.name} world's base on this machine; elsewhere, the folder "
+                     f"`{world.base_command(cfg.model.pretrained)}` prints")
     if cfg.model.lora and cfg.model.motion_adapter:  # an image model joined to motion modules at load
         adapter = Path(cfg.model.motion_adapter).expanduser()
         adapter = str(adapter.resolve()) if adapter.exists() else cfg.model.motion_adapter  # a folder, wherever the code runs from; or a hub id

@@ -149,6 +149,11 @@ class World:
             raise ConfigError(f"{key}: got {name!r}, an unknown preset of {self.base}; expected one of {names}")
         return preset
 
+    def base_command(self, name: str) -> str:
+        """The ``sspo base`` command that prints the folder of base ``name``."""
+        preset = self.base_preset(name)
+        return f"sspo base --world {self.name}" + (f" --size {preset}" if preset != self.base_presets[0] else "")
+
     def names_base(self, name: str) -> bool:
         """``name`` is this world's base (``<base>`` or ``<base>:<preset>``)."""
         return name == self.base or name.startswith(self.base + ":")
