@@ -26,6 +26,7 @@ from sspo.io import DamagedFileError, atomic_path, open_tensors, os_error_of, re
 from sspo.models.families.base import ADAPTER_CONFIG, LORA_FILE, write_lora
 from sspo.paths import set_aside_note
 from sspo.training.pool import CheckpointPool
+from sspo.training.run_folder import is_run_folder
 
 FORMATS = ("kohya", "diffusers")
 FINAL = "final"
@@ -74,6 +75,8 @@ def _check_lora_run(run: Path) -> None:
     if not (run / "config.yaml").is_file():
         inside = f" ({run.parent}, it seems)" if (run.parent / "config.yaml").is_file() else ""  # final/ or pool/ given for the run
         raise SSPOError(f"{run} is not a training run's folder (no config.yaml there); pass the output_dir that sspo train wrote{inside}{set_aside_note(run)}")
+    if not is_run_folder(run):
+        raise SSPOError(f"{run} is not a training run's folder (its config.yaml and files are not what sspo train writes); pass the output_dir that sspo train wrote")
     final = run / FINAL
     if (final / "model_index.json").is_file() or not load_yaml(run / "config.yaml").get("model", {}).get("lora", True):
         where = f"the diffusers folder {final}" + ("" if final.is_dir() else ", once the run has finished")

@@ -65,6 +65,11 @@ def _is_run_folder(run_dir: Path, names: set[str]) -> bool:
     return True
 
 
+def is_run_folder(run_dir: Path) -> bool:
+    """The folder ``run_dir`` holds only what ``sspo train`` wrote there (or nothing)."""
+    return _is_run_folder(run_dir, {p.name for p in run_dir.iterdir()})
+
+
 def check_output_dir(run_dir: str | Path, beside_main: bool = False) -> None:
     """Refuse an ``output_dir`` that exists and holds files but is not a run folder. ``beside_main``:
     in a process beside the main one, which may be setting the folder up (:func:`claimed`) meanwhile,

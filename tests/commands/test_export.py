@@ -264,6 +264,13 @@ def test_runs_without_what_is_asked_for_are_named(lora_run, tmp_path, capsys):
     assert status == 2 and line.endswith(f"pass the output_dir that sspo train wrote ({lora_run}, it seems)")
     status, line = export(capsys, tmp_path / "nothere", "--format", "kohya")
     assert status == 2 and line == f"sspo: error: {tmp_path / 'nothere'} does not exist; pass the output_dir that sspo train wrote"
+    for text in ("cfg\n", "method: sft\n"):  # a folder of the user's own with a config.yaml: no run to finish
+        (tmp_path / "mine").mkdir(exist_ok=True)
+        (tmp_path / "mine" / "config.yaml").write_text(text)
+        (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+        status, line = export(capsys, tmp_path / "mine", "--format", "kohya")
+        assert status == 2 and line == (f"sspo: error: {tmp_path / 'mine'} is not a training run's folder (its config.yaml and files are not what "
+                                        "sspo train writes); pass the output_dir that sspo train wrote")
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     (run / "pool" / "checkpoint-002.safetensors").unlink()
