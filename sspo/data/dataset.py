@@ -43,7 +43,7 @@ class _Reader:
 
     def __init__(self, cfg: DataConfig, source: Source):
         self.cfg = cfg
-        self.where, self.row_name = source.where, source.row_name
+        self.where, self.row_name, self.written = source.where, source.row_name, source.written
         self.skipped = 0
         self._bad: set[int] = set()
         self.unreported: list[tuple[int, str]] = []  # a DataLoader worker's skipped rows, for the training process to log
@@ -51,7 +51,7 @@ class _Reader:
         if cfg.image_0_column not in first and cfg.image_column not in first:
             raise DataError(
                 f"{name} has neither the image column of pairs, {cfg.image_0_column!r} (data.image_0_column), nor that of single "
-                f"images, {cfg.image_column!r} (data.image_column); available columns: {', '.join(map(repr, first))}: set one of those keys to its image column"
+                f"images, {cfg.image_column!r} (data.image_column); available columns: {', '.join(map(self.column, first))}: set one of those keys to its image column"
             )
         self.pairs = cfg.image_0_column in first
         if self.pairs:
@@ -65,12 +65,16 @@ class _Reader:
                 )
         self.keys = {getattr(cfg, k): f"data.{k}" for k in keys}
         for name, columns in source.files:
-            missing = [f"{column!r} (set {key})" for column, key in self.keys.items() if column not in columns]
+            missing = [f"{self.column(column)} (set {key})" for column, key in self.keys.items() if column not in columns]
             if missing:
                 raise DataError(
-                    f"{name} has no column {', '.join(missing)}; available columns: {', '.join(map(repr, columns))}"
+                    f"{name} has no column {', '.join(missing)}; available columns: {', '.join(map(self.column, columns))}"
                 )
         self.columns = list(self.keys)
+
+    def column(self, name: str) -> str:
+        """Column ``name`` as messages quote it: as the data writes it (an imagefolder's file_name, not image)."""
+        return repr(self.written.get(name, name))
 
     def check_labels(self, labels: list) -> None:
         """Every label must say who won; anything else would silently train on the wrong side."""
@@ -92,7 +96,7 @@ class _Reader:
         if absent := [column for column in needed if row.get(column) is None]:  # e.g. a shard's sample with a .png where the others have .jpg
             present = [column for column, value in row.items() if value is not None]
             keys = ", ".join(self.keys.get(column, "data.image_column") for column in absent)
-            raise DataError(f"{where}: nothing in column {', '.join(map(repr, absent))} (this row has {', '.join(map(repr, present)) or 'nothing'}; "
+            raise DataError(f"{where}: nothing in column {', '.join(map(self.column, absent))} (this row has {', '.join(map(self.column, present)) or 'nothing'}; "
                             f"{keys} names the column)")
         if self.pairs:
             prompt = row.get(cfg.caption_column)
@@ -124,10 +128,10 @@ class _Reader:
             return to_tensor(resized)
 
         if cfg.frames:
-            clips = [open_clip(row[n], f"{where} column {n!r}", cfg, start) for n in names]
+            clips = [open_clip(row[n], f"{where} column {self.column(n)}", cfg, start) for n in names]
             tensors = [torch.stack([pixels(Image.fromarray(frame)) for frame in clip]) for clip in clips]
         else:
-            tensors = [pixels(open_image(row[n], f"{where} column {n!r}")) for n in names]
+            tensors = [pixels(open_image(row[n], f"{where} column {self.column(n)}")) for n in names]
         return {
             "prompt": prompt,
             "winner": tensors[0],
@@ -274,7 +278,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         buckets = []
         for row_id in tqdm(self._row_ids, desc="image sizes (data.buckets)", leave=False, disable=len(self._row_ids) < 1000):
             try:
-                width, height = image_size(self._rows[row_id][column], f"{reader.where} {reader.row_name(row_id)} column {column!r}")
+                width, height = image_size(self._rows[row_id][column], f"{reader.where} {reader.row_name(row_id)} column {reader.column(column)}")
             except DataError:
                 width = height = 1
             buckets.append(nearest_bucket(sizes, width, height))

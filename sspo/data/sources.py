@@ -52,6 +52,7 @@ class Source:
     files: list[tuple[str, list[str]]]  # (file, its columns): a shard missing a column is named
     load: Callable[[list[str]], Any]  # load(columns): rows with len, [i] and .column(name)
     row_name: Callable[[int], str] = row_number  # row i as messages name it (a metadata file's: its line)
+    written: dict[str, str] = dataclasses.field(default_factory=dict)  # a renamed column -> its name in the data, for messages
 
 
 class _ArrowRows:
@@ -199,7 +200,9 @@ def _open_parquet(cfg: DataConfig) -> Source:
 def _metadata_file(cfg: DataConfig) -> Path:
     root = Path(cfg.path)
     if root.is_file():
-        raise DataError(f"data.path {root} is a file; an imagefolder is the folder that holds metadata.jsonl or metadata.csv: set data.path to {root.parent}")
+        fix = {".parquet": "for a parquet file set data.source: parquet", ".tar": "for a .tar shard set data.source: webdataset"}.get(
+            root.suffix.lower(), f"set data.path to {root.parent}" if root.name in METADATA_FILES else "set data.path to the folder that holds one")
+        raise DataError(f"data.path {root} is a file; an imagefolder is the folder that holds metadata.jsonl or metadata.csv: {fix}")
     for folder in (root / cfg.split, root):
         found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
         if len(found) > 1:
@@ -222,14 +225,17 @@ def _metadata_entries(meta: Path, cfg: DataConfig) -> tuple[list[dict], list[str
 
         text = pyarrow.csv.ConvertOptions(column_types={cfg.text_column: pa.string(), cfg.caption_column: pa.string()})
         try:
-            entries = pyarrow.csv.read_csv(meta, convert_options=text).to_pylist()
+            # One thread: a parse error then names its row (Row #N, the header row 1, as the file's line).
+            entries = pyarrow.csv.read_csv(meta, read_options=pyarrow.csv.ReadOptions(use_threads=False), convert_options=text).to_pylist()
         except pa.ArrowInvalid as exc:
             if "UTF8" in str(exc):
                 raise DataError(f"{meta} is not UTF-8 text; save it as UTF-8") from None
             with open(meta, encoding="utf-8", errors="replace") as f:
                 header = f.readline()
             separated = "; its header's columns are separated by ';': a CSV's are by ','" if ";" in header and "," not in header else ""
-            raise DataError(f"cannot read {meta}: {exc}{separated}") from None
+            problem, *more = str(exc).splitlines()
+            open_quote = " ... (a quoted field runs on past its line: a quote left open?)" if more else ""
+            raise DataError(f"cannot read {meta}: {problem}{open_quote}{separated}") from None
         return entries, [f"data row {n}" for n in range(1, len(entries) + 1)]
     entries, names = [], []
     for n, line in enumerate(decode_text(meta.read_bytes(), str(meta)).splitlines(), 1):
@@ -260,7 +266,7 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
 
     meta = _metadata_file(cfg)
     folder = meta.parent
-    rows, files, missing, kept_names = [], [], [], []
+    rows, files, missing, kept_names, written = [], [], [], [], {}
     entries, row_names = _metadata_entries(meta, cfg)
     for entry, row_name in zip(entries, row_names):
         # As datasets' imagefolder does: file_name becomes the "image" column, x_file_name becomes "x".
@@ -268,7 +274,8 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         for key, value in entry.items():
             if key == "file_name" or key.endswith("_file_name"):
                 _check_inside(str(value), key, folder, f"{meta} {row_name}")
-                row["image" if key == "file_name" else key[: -len("_file_name")]] = str(folder / str(value))  # str: a CSV's names may read as numbers
+                column = "image" if key == "file_name" else key[: -len("_file_name")]
+                row[column], written[column] = str(folder / str(value)), key  # str: a CSV's names may read as numbers
                 row_files.append(folder / str(value))
             else:
                 row[key] = value
@@ -301,7 +308,7 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a number among the text captions
             raise DataError(f"{meta}: a column mixes types ({exc}); give every line's {', '.join(columns)} one type (text: a string)") from None
 
-    return Source(str(meta), [(str(meta), names)], load, kept_names.__getitem__)
+    return Source(str(meta), [(str(meta), names)], load, kept_names.__getitem__, written)
 
 
 def _open_caption_files(cfg: DataConfig) -> Source:

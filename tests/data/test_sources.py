@@ -270,6 +270,13 @@ def test_an_imagefolder_without_file_name_says_to_name_it_so(tmp_path):
     (folder / "metadata.csv").write_text("file_name;text\n0.png;a red circle, white background\n")  # a comma in a caption
     with pytest.raises(DataError, match=r"metadata.csv: CSV parse error: .*; its header's columns are separated by ';': a CSV's are by ','$"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_text('file_name,text\n0.png,a\n0.png,"a red circle\n0.png,"a blue circle, left"\n')  # a quote left open
+    with pytest.raises(DataError, match=r'metadata.csv: CSV parse error: Row #3: Expected 2 columns, got 3: 0.png,"a red circle \.\.\. '
+                                        r'\(a quoted field runs on past its line: a quote left open\?\)$'):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_text("file_name,caption\n0.png,a red circle\n")  # named as the file names them, file_name not image
+    with pytest.raises(DataError, match=r"metadata.csv has no column 'text' \(set data.text_column\); available columns: 'file_name', 'caption'$"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
     (folder / "metadata.csv").write_bytes("file_name,text\n0.png,café\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"metadata.csv is not UTF-8 text; save it as UTF-8"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
@@ -384,3 +391,14 @@ def test_a_damaged_row_groups_rows_are_skipped_as_unreadable_naming_the_file(tmp
     assert all(_same(item, items[0]) for item in items[8:])  # the group's rows skipped as unreadable, each replaced by the next readable
     assert sorted(dataset.skipped_rows) == list(range(8, 16))
     assert f"{path}: row group 1 cannot be read (" in caplog.text and "the file is damaged: restore or write it again" in caplog.text
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("metadata.jsonl", "set data.path to {parent}"), ("pairs.parquet", "for a parquet file set data.source: parquet"),
+    ("shard-0.tar", "for a .tar shard set data.source: webdataset"), ("notes.txt", "set data.path to the folder that holds one"),
+])
+def test_an_imagefolder_given_a_file_says_what_to_set(name, fix, tmp_path):
+    (tmp_path / name).write_text("")
+    with pytest.raises(DataError, match=rf"^data.path {tmp_path / name} is a file; an imagefolder is the folder that holds metadata.jsonl or metadata.csv: "
+                                        rf"{re.escape(fix.format(parent=tmp_path))}$"):
+        load_dataset_from_config(_cfg(tmp_path / name, source="imagefolder"))

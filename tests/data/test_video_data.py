@@ -323,7 +323,7 @@ def test_corrupt_and_short_clips_are_skipped_counted_and_named(csv, junk_row, tm
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3
     assert "cannot read clip " + str(tmp_path / "clips" / "cut.mp4") in messages[0]
-    assert "junk.webm" in messages[1] and f"{junk_row} column 'image'" in messages[1]
+    assert "junk.webm" in messages[1] and f"{junk_row} column 'file_name'" in messages[1]
     assert "short.mp4" in messages[2] and "it has 2 frames, 4 are needed" in messages[2]
 
 
