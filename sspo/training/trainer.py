@@ -590,9 +590,7 @@ class Trainer(Checkpointing):
                     bar.set_postfix(_postfix(metrics, cfg))
                     if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.global_step % cfg.steps_per_iteration:
                         self.save_state()
-                if self._validates_after(iteration):
-                    bar.set_postfix_str("validating")
-                self.end_iteration(iteration)
+                self.end_iteration(iteration, bar)
         self._report_replaced_rows()
         final = self.save_final()
         self.accelerator.end_training()
@@ -616,7 +614,8 @@ class Trainer(Checkpointing):
             log.warning("%d unreadable row%s skipped in this run (since it started or resumed), each replaced by the next readable "
                         "row; the warnings above name them", replaced, " was" if replaced == 1 else "s were")
 
-    def end_iteration(self, iteration: int) -> None:
+    def end_iteration(self, iteration: int, bar: tqdm) -> None:
+        bar.set_postfix_str("saving")
         if self.cfg.generates_negatives:
             if self.accelerator.is_main_process:
                 with disk_errors(f"pool checkpoint {len(self.pool)} in {self.pool.root}"):
@@ -626,6 +625,7 @@ class Trainer(Checkpointing):
         # SIGTERM, a scorer, memory) keeps the iteration's training, and its resume validates first.
         self.save_state()
         if self._validates_after(iteration):
+            bar.set_postfix_str("validating")  # a stop from here on keeps the iteration
             self.validate()
 
     def _validates_after(self, iteration: int) -> bool:

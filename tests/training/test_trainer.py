@@ -363,6 +363,23 @@ def test_a_disk_too_small_for_what_the_run_will_write_is_said_once_at_the_first_
     assert (run / "final").is_dir()  # a warning: the run goes on
 
 
+def test_the_progress_bar_says_saving_until_the_iterations_state_is_saved_and_validating_after(quick_base, tmp_path, capsys, monkeypatch):
+    """A user who stops the run once it says "validating" keeps the iteration (README: saved before it validates)."""
+    import sspo.training.checkpoints
+
+    saved, save_state = [], sspo.training.checkpoints.Checkpointing.save_state
+
+    def noting(self):
+        saved.append(capsys.readouterr().err)  # what the bar said up to this save
+        return save_state(self)
+
+    monkeypatch.setattr(sspo.training.checkpoints.Checkpointing, "save_state", noting)
+    train(tiny_config(tmp_path / "run", quick_base, "method=sft", "validation.every_iterations=1", "validation.prompts=[a small red circle on the left]"))
+    after = capsys.readouterr().err
+    assert len(saved) == 2 and all(text.rstrip().endswith("saving]") and "validating" not in text.split("saving]")[-1] for text in saved)
+    assert "validating]" in after
+
+
 def test_a_resume_validates_the_saved_step_only_when_its_validation_did_not_finish(quick_base, tmp_path):
     run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
     prompts.write_text("a small red circle on the left, white background\n")
