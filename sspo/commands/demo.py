@@ -32,7 +32,7 @@ from sspo.worlds.names import resolve_model
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("results.md", "results.json", "grid.png", "grid.gif", "training.png")  # and a run folder per arm
-QUICK = ["iterations=2", "steps_per_iteration=2", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
+QUICK = ["iterations=2", "steps_per_iteration=2", "optim.batch_size=4", "validation.prompts_per_split=2", "data.world_pairs_per_prompt=1"]
 
 
 def demo_base(world: World, base: str, quick: bool) -> str:
