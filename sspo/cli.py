@@ -39,6 +39,8 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
+    from tqdm.auto import tqdm
+
     from sspo.config import MAX_CLIP_FRAMES, MAX_RESOLUTION, Allowed
     from sspo.evaluation.sampling import (
         LONGEST_SIDE,
@@ -96,7 +98,7 @@ def _sample(args) -> None:
     guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
     seeds = list(range(args.rows))
     rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames, size=args.resolution)
-            for seed in seeds]
+            for seed in tqdm(seeds, desc="sampling", unit="row")]
     labels = [f"seed {s}" for s in seeds]
     try:
         out = save_animation(clip_grid(rows, labels, prompts), out) if video else save_image(image_grid(rows, labels, prompts), out,

@@ -14,7 +14,9 @@ def test_sample_writes_a_grid_in_its_files_format_and_prints_its_path(name, writ
                  "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / name)])
     assert code == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / written)
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == str(tmp_path / written)
+    assert "sampling: 100%" in captured.err and "2/2" in captured.err  # a bar while the rows are sampled
     assert sorted(path.name for path in tmp_path.iterdir()) == [written]
     grid = Image.open(tmp_path / written)
     assert grid.format == image_format and grid.width > 2 * 96 and grid.height > 2 * 96
