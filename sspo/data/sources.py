@@ -301,6 +301,10 @@ def _open_imagefolder(cfg: DataConfig) -> Source:
         raise DataError(f"{meta} has no file_name column (it has {', '.join(map(repr, found))}{separated}): name the column of file names "
                         "file_name (x_file_name for a column x), as datasets' imagefolder reads it; the files are found beside the metadata file")
     names = list(dict.fromkeys(k for row in rows for k in row))
+    # Known at opening, so a dry run says it; training would skip every row, each with a warning.
+    captions = next((column for column in (cfg.text_column, cfg.caption_column) if column in names), None)
+    if captions and not any(isinstance(row.get(captions), str) and row[captions].strip() for row in rows):
+        raise DataError(f"no row of {meta} has a caption: column {captions!r} is empty or null in every row; write each image's prompt there")
 
     def load(columns: list[str]) -> Any:
         try:

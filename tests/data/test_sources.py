@@ -277,6 +277,9 @@ def test_an_imagefolder_without_file_name_says_to_name_it_so(tmp_path):
     (folder / "metadata.csv").write_text("file_name,caption\n0.png,a red circle\n")  # named as the file names them, file_name not image
     with pytest.raises(DataError, match=r"metadata.csv has no column 'text' \(set data.text_column\); available columns: 'file_name', 'caption'$"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
+    (folder / "metadata.csv").write_text('file_name,text\n0.png,""\n0.png,"  "\n')  # every caption empty: said when it opens, before a dry run ends
+    with pytest.raises(DataError, match=r"^no row of .*metadata.csv has a caption: column 'text' is empty or null in every row; write each image's prompt there$"):
+        load_dataset_from_config(_cfg(folder, source="imagefolder"))
     (folder / "metadata.csv").write_bytes("file_name,text\n0.png,café\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"metadata.csv is not UTF-8 text; save it as UTF-8"):
         load_dataset_from_config(_cfg(folder, source="imagefolder"))
