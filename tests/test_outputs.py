@@ -51,6 +51,7 @@ def test_validation_grids_and_model_card(quick_base, tmp_path):
     assert "num_inference_steps=2, guidance_scale=5, height=32, width=32" in code  # the size it trained and validated at
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "is deprecated" not in done.stderr  # the keywords this diffusers asks for (dtype, not torch_dtype)
     assert Image.open(tmp_path / "sample.png").size == (32, 32)
 
 
@@ -73,8 +74,8 @@ def test_the_card_of_an_image_model_with_motion_modules_names_the_adapter_wherev
     card = model_card(cfg, base="some/sd15", video=True, folder="/runs/x/final", processes=1, grid=None, prompt='a "red"\ncircle\\')
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
     compile(code, "card", "exec")  # any prompt or path is a string literal there
-    assert f'MotionAdapter.from_pretrained("{tmp_path / "adapters" / "motion"}", torch_dtype=dtype)' in code
-    assert 'AnimateDiffPipeline.from_pretrained("some/sd15", motion_adapter=adapter, revision="main", torch_dtype=dtype)' in code
+    assert f'MotionAdapter.from_pretrained("{tmp_path / "adapters" / "motion"}", dtype=dtype)' in code
+    assert 'AnimateDiffPipeline.from_pretrained("some/sd15", motion_adapter=adapter, revision="main", dtype=dtype)' in code
     assert 'pipe("a \\"red\\"\\ncircle\\\\", num_inference_steps=20, guidance_scale=7.5' in code and "num_frames=8" in code
 
 

@@ -192,14 +192,14 @@ def load_pipeline(model: str | Path, *, lora: str | Path | None = None, dtype: t
             check_hub(str(motion_adapter))
         try:
             with muted("diffusers"):  # it logs a missing or damaged file before raising it
-                extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), torch_dtype=dtype)}
+                extra = {"motion_adapter": MotionAdapter.from_pretrained(str(local) if local.exists() else str(motion_adapter), dtype=dtype)}
         except (OSError, ValueError) as exc:
             raise _load_error(motion_adapter, exc) from None
         _check_motion_adapter(model, motion_adapter, extra["motion_adapter"].config, revision)
         loader = AnimateDiffPipeline
     try:
         with muted("diffusers"):
-            pipe = loader.from_pretrained(_locate(model), torch_dtype=dtype, revision=revision, variant=variant, **extra)
+            pipe = loader.from_pretrained(_locate(model), dtype=dtype, revision=revision, variant=variant, **extra)
     except (OSError, ValueError) as exc:
         raise _load_error(model, exc) from None
     if lora:

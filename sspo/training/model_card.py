@@ -65,10 +65,10 @@ def _loading(cfg: TrainConfig, base: str, folder: str, absent: tuple[str, ...], 
     if cfg.model.lora and cfg.model.motion_adapter:  # an image model joined to motion modules at load
         adapter = Path(cfg.model.motion_adapter).expanduser()
         adapter = str(adapter.resolve()) if adapter.exists() else cfg.model.motion_adapter  # a folder, wherever the code runs from; or a hub id
-        lines += [f"adapter = MotionAdapter.from_pretrained({_literal(adapter)}, torch_dtype=dtype)",
-                  f"pipe = AnimateDiffPipeline.from_pretrained({_literal(base)}, motion_adapter=adapter{options}, torch_dtype=dtype)"]
+        lines += [f"adapter = MotionAdapter.from_pretrained({_literal(adapter)}, dtype=dtype)",
+                  f"pipe = AnimateDiffPipeline.from_pretrained({_literal(base)}, motion_adapter=adapter{options}, dtype=dtype)"]
     else:
-        lines.append(f"pipe = DiffusionPipeline.from_pretrained({_literal(base if cfg.model.lora else folder)}{options}, torch_dtype=dtype)")
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({_literal(base if cfg.model.lora else folder)}{options}, dtype=dtype)")
     if cfg.model.lora:
         lines += family.lora_loading_code(folder)
     return lines

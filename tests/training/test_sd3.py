@@ -64,7 +64,7 @@ def test_every_method_trains_the_transformer_by_flow_matching(method, tiny_sd3, 
     base = {k: v.clone() for k, v in trainer.family.denoiser.state_dict().items() if "lora_" in k}
     final = trainer.train()
     assert (final / "pytorch_lora_weights.safetensors").is_file()
-    assert f'DiffusionPipeline.from_pretrained("{tiny_sd3}", text_encoder_3=None, tokenizer_3=None, torch_dtype=dtype)' in (final / "README.md").read_text()
+    assert f'DiffusionPipeline.from_pretrained("{tiny_sd3}", text_encoder_3=None, tokenizer_3=None, dtype=dtype)' in (final / "README.md").read_text()
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     trained = trainer.family.denoiser.state_dict()

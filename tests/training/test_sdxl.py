@@ -46,7 +46,7 @@ def test_sdxl_lora_training_loads_with_stock_load_lora_weights(tiny_sdxl, pairs,
 
     final = train(sdxl_config(tmp_path / "run", tiny_sdxl, pairs))
     assert (final / "pytorch_lora_weights.safetensors").is_file()
-    assert f'DiffusionPipeline.from_pretrained("{tiny_sdxl}", torch_dtype=dtype)' in (final / "README.md").read_text()
+    assert f'DiffusionPipeline.from_pretrained("{tiny_sdxl}", dtype=dtype)' in (final / "README.md").read_text()
     pool = json.loads((tmp_path / "run" / "pool" / "pool.json").read_text())["entries"]
     assert [e["step"] for e in pool] == [0, 1, 2]
 

@@ -65,7 +65,7 @@ def test_every_method_trains_on_the_flow_base(flow_quick, tmp_path):
     for method in ("sft", "dpo", "sspo"):
         final = train(tiny_config(tmp_path / method, flow_quick, f"method={method}", *flow))
         assert (final / "pytorch_lora_weights.safetensors").is_file()
-        assert "text_encoder_3=None, tokenizer_3=None, torch_dtype=dtype)" in (final / "README.md").read_text()
+        assert "text_encoder_3=None, tokenizer_3=None, dtype=dtype)" in (final / "README.md").read_text()
 
 
 def test_shipped_flow_base_is_the_current_recipe():
