@@ -22,7 +22,7 @@ class UserFormatter(logging.Formatter):
             return super().format(record)
         source = "sspo" if record.name == "sspo" or record.name.startswith("sspo.") else record.name
         level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{source}: {level}{record.getMessage()}"
+        text = f"{source}: {level}{record.getMessage().rstrip()}"  # a warning captured from `warnings` ends in a newline
         return f"{text}\n{self.formatException(record.exc_info)}" if record.exc_info else text
 
 

@@ -3,7 +3,7 @@
 The tiny worlds' models gain little from torch's intra-op threads, and on a small shared CPU threads
 spinning against another process slow a step many times over; so each run gets its own process with
 one thread, and ``jobs`` of them go at once. Workers draw no progress bars: one bar here counts
-finished runs. With one job everything runs in this process, one after another, with its own bars,
+finished runs, and their warnings are printed here, above it. With one job everything runs in this process, one after another, with its own bars,
 on one thread too where there is no GPU: a run's numbers do not depend on ``jobs``.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import signal
@@ -58,13 +59,23 @@ def _exit_with(parent: int) -> None:
     os._exit(128 + signal.SIGKILL)
 
 
-def _set_up_worker(verbose: bool) -> None:
+class _Reissue(logging.Handler):
+    """Gives a worker's record to this process's logger of the same name, whose handlers print it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def _set_up_worker(verbose: bool, records: multiprocessing.Queue) -> None:
     # A worker's own INFO lines and bars would interleave with the others'; warnings and errors
     # still show. Bars are silenced here, where they are made, because sspo's bars pass `disable`
     # themselves (off outside the main process of a launch), which TQDM_DISABLE cannot override.
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGINT, _leave_quietly)
     set_up_logging(verbose, level=None if verbose else logging.WARNING)
+    # Printed here, a record would land inside the parent's bar line, which only the parent can clear.
+    logging.getLogger().handlers = [logging.handlers.QueueHandler(records)]
+    logging.captureWarnings(True)
     from tqdm import std
 
     draw = std.tqdm.__init__
@@ -100,9 +111,13 @@ def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
     # Spawned workers read these when they import torch; this process imported it already.
     saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    context = multiprocessing.get_context("spawn")
+    records = context.Queue()
+    listener = logging.handlers.QueueListener(records, _Reissue())
+    listener.start()
     try:
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_set_up_worker, initargs=(logging.getLogger().isEnabledFor(logging.DEBUG),)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context, initializer=_set_up_worker,
+                                                    initargs=(logging.getLogger().isEnabledFor(logging.DEBUG), records)) as pool:
             futures = [pool.submit(_in_worker, task) for task in tasks]
             try:
                 with tqdm(total=len(tasks), desc=desc, unit="run") as bar:
@@ -119,6 +134,7 @@ def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
                         os.kill(process.pid, signal.SIGINT)
                 raise
     finally:
+        listener.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

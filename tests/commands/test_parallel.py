@@ -1,5 +1,7 @@
 import functools
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from sspo.commands.parallel import run_all
 from sspo.errors import SSPOError
 from sspo.io import DamagedFileError
+from sspo.logs import BarSafeHandler, UserFormatter
 
 
 def threads_and_bars(value):
@@ -21,6 +24,30 @@ def fails(value):
     if value == 2:
         raise DamagedFileError("the index /x is damaged (empty)", "delete it")
     return value
+
+
+def warns(value):
+    import warnings
+
+    logging.getLogger("sspo.test_parallel").warning("a worker's warning %d", value)
+    warnings.warn(f"a worker's Python warning {value}", UserWarning, stacklevel=1)
+    return value
+
+
+def test_a_worker_s_warnings_are_printed_above_the_bar_not_inside_its_line(capfd, caplog):
+    handler = BarSafeHandler(sys.stderr)
+    handler.setFormatter(UserFormatter())
+    logger = logging.getLogger("sspo.test_parallel")
+    logger.addHandler(handler)
+    try:
+        assert run_all([functools.partial(warns, v) for v in range(2)], jobs=2, desc="test") == [0, 1]
+    finally:
+        logger.removeHandler(handler)
+    printed = capfd.readouterr().err
+    for value in range(2):
+        at = printed.index(f"sspo: warning: a worker's warning {value}\n")
+        assert printed[at - 1] in "\r\n", printed  # the bar's line was cleared first
+        assert any(f"a worker's Python warning {value}" in r.getMessage() for r in caplog.records if r.name == "py.warnings")
 
 
 def test_tasks_run_in_one_thread_workers_without_bars_and_return_in_order():
