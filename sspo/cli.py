@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sspo.config import split_override
 from sspo.errors import ConfigError, SSPOError
-from sspo.io import check_output_folder, check_write_target, os_error_message, os_error_of
+from sspo.io import check_output_folder, os_error_message, os_error_of
 from sspo.logs import set_up_logging
 
 
@@ -39,73 +39,11 @@ def _base(args) -> None:
 
 
 def _sample(args) -> None:
-    from tqdm.auto import tqdm
+    from sspo.commands.sample import sample_grid
 
-    from sspo.config import MAX_CLIP_FRAMES, MAX_RESOLUTION, Allowed
-    from sspo.evaluation.sampling import (
-        LONGEST_SIDE,
-        STILL_FORMATS,
-        check_sample_size,
-        clip_grid,
-        generate,
-        image_grid,
-        image_grid_size,
-        sampling_device,
-        save_animation,
-        save_image,
-    )
-    from sspo.io import write_error
-    from sspo.models.families import family_of
-    from sspo.models.pipeline import check_lora_path, load_pipeline, load_pipeline_config, lora_location
-    from sspo.worlds import base_world
-    from sspo.worlds.names import resolve_model, usual_guidance_scale
-
-    for flag, value, rule in (("--steps", args.steps, Allowed(at_least=1)), ("--rows", args.rows, Allowed(at_least=1)),
-                              ("--guidance-scale", args.guidance_scale, Allowed(at_least=0)), ("--frames", args.frames, Allowed(at_least=1, at_most=MAX_CLIP_FRAMES)),
-                              ("--resolution", args.resolution, Allowed(at_least=8, at_most=MAX_RESOLUTION, multiple_of=8))):
-        if value is not None and not rule.admits(value):
-            raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
-    device = sampling_device(args.device)
-    out = Path(args.out)
-    if not args.out.strip() or out.is_dir() or args.out.endswith(("/", os.sep)):  # a trailing slash names a folder
-        raise ConfigError(f"--out {args.out!r} is a folder, not a file; name the grid's file, e.g. --out {out / 'grid.png'}")
-    check_write_target(out, "--out", file=True)
-    prompts = args.prompt
-    if args.shapes_check:
-        from sspo.worlds.shapes.world import parse_prompt
-
-        for prompt in prompts:
-            parse_prompt(prompt)
-    lora = lora_location(args.lora) if args.lora else None
-    if lora:  # before resolve_model builds a world's base
-        check_lora_path(lora)
-    # Whether the grid is animated (GIF, or MP4 / WebP by the suffix), so which file it is, before any
-    # weights load: a world's base says by its world (before it is built), another model by its index.
-    world = base_world(args.model)
-    model = None if world else resolve_model(args.model, key="--model")
-    video = args.motion_adapter is not None or (world.clips if world else family_of(load_pipeline_config(model)).video)
-    suffixes = (".gif", ".mp4", ".webp") if video else tuple(STILL_FORMATS)
-    out = out if out.suffix.lower() in suffixes else out.with_suffix(suffixes[0])
-    if out.exists() and not args.force:
-        raise ConfigError(f"--out {out} exists; pass --force to replace it, or name another file")
-    if not video and (longest := LONGEST_SIDE.get(STILL_FORMATS[out.suffix.lower()])):
-        size = image_grid_size(args.rows, len(prompts))
-        if max(size) > longest:  # found now, not after every sample is made
-            raise ConfigError(f"--out {out}: a grid of {args.rows} rows x {len(prompts)} prompts is {size[0]} x {size[1]} pixels, past the "
-                              f"{longest} a side {STILL_FORMATS[out.suffix.lower()]} takes; name a .png, or give fewer --rows or --prompt")
-    pipe = load_pipeline(model or resolve_model(args.model, key="--model"), lora=lora, motion_adapter=args.motion_adapter).to(device)
-    check_sample_size(pipe, args.resolution, "--resolution")
-    guidance = usual_guidance_scale(args.model, family_of(pipe).name) if args.guidance_scale is None else args.guidance_scale
-    seeds = list(range(args.rows))
-    rows = [generate(pipe, prompts, [seed] * len(prompts), steps=args.steps, guidance_scale=guidance, frames=args.frames, size=args.resolution)
-            for seed in tqdm(seeds, desc="sampling", unit="row")]
-    labels = [f"seed {s}" for s in seeds]
-    try:
-        out = save_animation(clip_grid(rows, labels, prompts), out) if video else save_image(image_grid(rows, labels, prompts), out,
-                                                                                           STILL_FORMATS[out.suffix.lower()])
-    except OSError as exc:
-        raise write_error(out, exc) from None
-    print(out)
+    print(sample_grid(args.model, args.prompt, args.out, rows=args.rows, steps=args.steps, guidance_scale=args.guidance_scale, frames=args.frames,
+                      resolution=args.resolution, lora=args.lora, motion_adapter=args.motion_adapter, device=args.device, force=args.force,
+                      shapes_check=args.shapes_check))
 
 
 def _eval(args) -> None:

@@ -2,24 +2,8 @@ import json
 import re
 
 import pytest
-from PIL import Image
 
 from sspo.cli import main
-
-
-@pytest.mark.parametrize("name, written, image_format", [("grid.png", "grid.png", "PNG"), ("grid.txt", "grid.png", "PNG"), ("grid", "grid.png", "PNG"),
-                                                        ("grid.jpg", "grid.jpg", "JPEG"), ("grid.JPEG", "grid.JPEG", "JPEG"), ("grid.webp", "grid.webp", "WEBP")])
-def test_sample_writes_a_grid_in_its_files_format_and_prints_its_path(name, written, image_format, quick_base, tmp_path, capsys):
-    code = main(["sample", "--model", quick_base, "--prompt", "a large red circle on the left, white background",
-                 "--prompt", "a small blue square at the top, black background", "--rows", "2", "--steps", "2", "--device", "cpu",
-                 "--out", str(tmp_path / name)])
-    assert code == 0
-    captured = capsys.readouterr()
-    assert captured.out.strip().splitlines()[-1] == str(tmp_path / written)
-    assert "sampling: 100%" in captured.err and "2/2" in captured.err  # a bar while the rows are sampled
-    assert sorted(path.name for path in tmp_path.iterdir()) == [written]
-    grid = Image.open(tmp_path / written)
-    assert grid.format == image_format and grid.width > 2 * 96 and grid.height > 2 * 96
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
@@ -36,107 +20,6 @@ def test_a_missing_lora_is_refused_before_any_model_is_resolved(command, monkeyp
     err = capsys.readouterr().err.strip()
     assert err == f"sspo: error: LoRA path {lora} does not exist; pass a LoRA folder (a run's final/) or its .safetensors file"
     assert not out.exists()
-
-
-def test_sample_takes_a_resolution_and_refuses_one_the_model_cannot_take(quick_base, tiny_sd3, tmp_path, monkeypatch, capsys):
-    from sspo.evaluation import sampling
-
-    sizes, generate = [], sampling.generate
-
-    def recorded(pipe, prompts, seeds, **kwargs):
-        sizes.append(kwargs["size"])
-        return generate(pipe, prompts, seeds, **kwargs)
-
-    monkeypatch.setattr(sampling, "generate", recorded)
-    sample = ["sample", "--prompt", "a red circle", "--rows", "1", "--steps", "1", "--device", "cpu"]
-    assert main([*sample, "--model", quick_base, "--resolution", "16", "--out", str(tmp_path / "small.png")]) == 0
-    assert sizes == [16]
-    assert main([*sample, "--model", quick_base, "--resolution", "36", "--out", str(tmp_path / "odd.png")]) == 2
-    assert "sspo: error: --resolution: got 36, expected an integer in [8, 4096] that is a multiple of 8" in capsys.readouterr().err
-    assert main([*sample, "--model", tiny_sd3, "--resolution", "72", "--out", str(tmp_path / "large.png")]) == 2
-    assert "sspo: error: --resolution: sd3's position embedding covers image sides up to 64 px, not 72x72" in capsys.readouterr().err
-    assert not (tmp_path / "large.png").exists()
-
-
-def test_sample_puts_the_pipeline_on_the_accelerator_there_is(monkeypatch):
-    import torch
-
-    from sspo.evaluation.sampling import sampling_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert sampling_device("auto") == torch.device("cpu")
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert sampling_device("auto") == torch.device("mps")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert sampling_device("auto") == torch.device("cuda") and sampling_device("cuda:1") == torch.device("cuda:1")
-    assert sampling_device("cpu") == torch.device("cpu")
-
-
-@pytest.mark.parametrize("device, message", [
-    ("gpu0", "--device: got 'gpu0', expected auto, cpu, cuda, cuda:N or mps"),
-    ("cuda", "--device cuda: torch sees no such device here; use --device auto (or cpu)"),
-])
-def test_sample_refuses_a_device_before_loading_a_model(device, message, monkeypatch, tmp_path, capsys):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["sample", "--model", str(tmp_path / "no-model"), "--prompt", "a red circle", "--device", device, "--out", str(tmp_path / "grid.png")]) == 2
-    assert capsys.readouterr().err.strip() == f"sspo: error: {message}"
-
-
-@pytest.mark.parametrize("suffix", [".gif", ".mp4", ".png"])
-def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
-    from sspo.video_io import read_clip
-    from sspo.worlds.moving_shapes.base_model import vocabulary
-
-    from tiny_pipelines import build_video_pipeline
-
-    model = build_video_pipeline(tmp_path / "video", vocabulary(), max_frames=16)
-    out = tmp_path / f"grid{suffix}"
-    if suffix == ".png":  # a still grid's name, for a video model: a GIF beside it, the user's file kept
-        out.write_bytes(b"the user's own image")
-    assert main(["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--rows", "2", "--steps", "2", "--frames", "6", "--out", str(out)]) == 0
-    if suffix == ".png":
-        assert out.read_bytes() == b"the user's own image"
-        out = out.with_suffix(".gif")
-    grid = read_clip(str(out))
-    assert len(grid) == 6 and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
-
-
-def test_sample_replaces_an_existing_file_only_with_force(quick_base, tmp_path, capsys):
-    clip = tmp_path / "red.png"
-    clip.write_bytes(b"the user's own image")
-    argv = ["sample", "--model", quick_base, "--prompt", "a red circle", "--rows", "1", "--steps", "1", "--device", "cpu", "--out", str(clip)]
-    assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == f"sspo: error: --out {clip} exists; pass --force to replace it, or name another file"
-    assert clip.read_bytes() == b"the user's own image"
-    assert main([*argv, "--force"]) == 0
-    assert Image.open(clip).format == "PNG"
-
-
-@pytest.mark.parametrize("home", [False, True])
-def test_sample_refuses_an_existing_file_before_the_model_loads(home, quick_base, tmp_path, capsys, monkeypatch):
-    from sspo.models import pipeline
-
-    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the weights loaded"))
-    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted ~/grid.png is the home folder's, as the shell's is
-    grid = tmp_path / "grid.png"
-    grid.write_bytes(b"the user's own image")
-    out = "~/grid.png" if home else str(grid)
-    assert main(["sample", "--model", quick_base, "--prompt", "a red circle", "--device", "cpu", "--out", out]) == 2
-    assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
-
-
-def test_sample_refuses_an_existing_file_before_a_worlds_base_is_built(tmp_path, capsys, monkeypatch):
-    from sspo.worlds import names
-
-    monkeypatch.setattr(names, "resolve_model", lambda *a, **k: pytest.fail("the base was built"))
-    grid = tmp_path / "grid.gif"  # grid.png named: a video world's base writes a GIF
-    grid.write_bytes(b"the user's own clip")
-    argv = ["sample", "--model", "moving-shapes-base:quick", "--prompt", "a red circle growing, white background", "--out", str(grid.with_suffix(".png"))]
-    assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == f"sspo: error: --out {grid} exists; pass --force to replace it, or name another file"
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -286,14 +169,3 @@ def test_print_config_prints_yaml_that_trains_as_the_same_config(tmp_path, capsy
     assert "method: sft\n" in printed and "  learning_rate: 0.0003\n" in printed and "negatives:\n" in printed  # every section, defaults too
     assert "  scheduler: ddim\n" in printed and "mixed_precision: 'no'\n" in printed  # the model's and the launch's, as the run saves them
     assert not (tmp_path / "run").exists()
-
-
-def test_a_grid_past_its_formats_longest_side_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
-    import sspo.models.pipeline
-
-    monkeypatch.setattr(sspo.models.pipeline, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for a grid it cannot write"))
-    out = tmp_path / "big.webp"
-    assert main(["sample", "--model", "shapes-base", "--prompt", "a red circle", "--rows", "171", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == (f"sspo: error: --out {out}: a grid of 171 rows x 1 prompts is 186 x 16460 pixels, past the 16383 a side "
-                                               "WEBP takes; name a .png, or give fewer --rows or --prompt")
-    assert not out.exists()
