@@ -61,6 +61,7 @@ from sspo.evaluation.evaluate import (
     score_columns,
     scores_clips,
     select_prompts,
+    warn_unused_scorer_settings,
 )
 from sspo.evaluation.sampling import generate, image_grid, sampling_device, save_image
 from sspo.evaluation.scorers import scorer_names
@@ -211,6 +212,7 @@ def run_eval(
     metrics = cfg.metric_names
     scorer_paths, scorer_options = dict(scorer_paths or {}), {k: dict(v) for k, v in (scorer_options or {}).items()}
     check_scorers(scorer_names(), scorer_paths, scorer_options)
+    warn_unused_scorer_settings(metrics, scorer_paths, scorer_options)
     device = device or sampling_device()
 
     set_name = cfg.prompts if cfg.prompts in PROMPT_SETS else Path(cfg.prompts).name

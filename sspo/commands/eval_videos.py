@@ -51,7 +51,7 @@ from sspo.commands.eval import (
 )
 from sspo.config import Allowed
 from sspo.errors import DataError, ModelError, SSPOError
-from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts
+from sspo.evaluation.evaluate import PROMPT_SETS, EvalConfig, select_prompts, warn_unused_scorer_settings
 from sspo.evaluation.scorers.prompts import PromptItem
 from sspo.evaluation.video_metrics import BACKBONES, VIDEO_METRICS, build_video_metric, check_option_value, check_options, frechet_distance
 from sspo.io import atomic_write_json, atomic_write_text, check_output_folder, claimed_output_folder, read_json
@@ -125,6 +125,7 @@ def run_video_eval(
     scorer_paths = dict(scorer_paths or {})
     options = {m: parse_scorer_options(o) for m, o in (scorer_options or {}).items()}
     _check_arguments(metrics, scorer_paths, options, reference)
+    warn_unused_scorer_settings(metrics, scorer_paths, options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # not Apple's MPS: the Fréchet distances' algebra is float64
 
     set_name = cfg.prompts if cfg.prompts in PROMPT_SETS else Path(cfg.prompts).name

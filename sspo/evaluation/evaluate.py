@@ -14,6 +14,7 @@ A method that only memorizes its data improves seen prompts, one that generalize
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -109,8 +110,23 @@ def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_
         if metric not in known:
             raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(known)}")
     for metric, path in scorer_paths.items():
+        if find_world(metric) is not None:
+            raise SSPOError(f"metric {metric!r} is its world's exact evaluator and loads no weights, got {path!r}; give weights for reward models only")
         if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
             raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
+
+
+    for metric, options in scorer_options.items():
+        if find_world(metric) is not None and (other := sorted(set(options) - {"batch_size"})):
+            raise SSPOError(f"metric {metric!r} takes no option {other[0]!r}; its only option is batch_size")
+
+
+def warn_unused_scorer_settings(metrics: Sequence[str], scorer_paths: Mapping[str, object], scorer_options: Mapping[str, Mapping]) -> None:
+    """``--scorer-path`` / ``--scorer-option`` of a metric this call does not compute are ignored: say so."""
+    unused = [metric for metric in dict.fromkeys([*scorer_paths, *scorer_options]) if metric not in metrics]
+    if unused:
+        logging.getLogger("sspo").warning("--scorer-path / --scorer-option given for %s, which is not among the metrics computed (%s): ignored",
+                                          ", ".join(unused), ", ".join(metrics))
 
 
 def load_scorer(metric: str, path: str | None, options: Mapping, device, fix: str):

@@ -130,6 +130,14 @@ def test_a_model_retrained_into_the_same_folder_is_not_served_stale_images(quick
         run_eval([ModelSpec("mine", str(model))], cfg, tmp_path / "eval")
 
 
+def test_weights_or_options_of_a_metric_not_computed_are_a_warning(quick_base, tmp_path, caplog):
+    cfg = EvalConfig(metrics=("shapes",), seeds=(0,), steps=1, prompts_per_split=1)
+    with caplog.at_level("WARNING", logger="sspo"):
+        summary = run_eval([ModelSpec("base", quick_base)], cfg, tmp_path / "eval", scorer_options={"pickscore": {"processor": "x"}})
+    assert "--scorer-path / --scorer-option given for pickscore, which is not among the metrics computed (shapes): ignored" in caplog.text
+    assert summary["metrics"] == ["shapes"]
+
+
 def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
     prompts = {
         "red": ["a large red circle on the left, white background", "a small red square at the top, black background"],
@@ -157,6 +165,8 @@ def test_prompt_file_with_categories_and_a_limit(quick_base, tmp_path):
         (["--prompts", "parti", "--metrics", "shapes", "--prompt-source", "{prompts}"], "metric 'shapes' scores its world's prompts only (use --prompts shapes)"),
         (["--prompts", "shapes", "--limit", "0"], "--limit: got 0, expected an integer >= 1"),
         (["--prompts", "shapes", "--lora", "{missing}"], "does not exist; pass a LoRA folder (a run's final/) or its .safetensors file"),
+        (["--prompts", "shapes", "--metrics", "shapes", "--scorer-path", "shapes=p.txt"], "metric 'shapes' is its world's exact evaluator and loads no weights"),
+        (["--prompts", "shapes", "--metrics", "shapes", "--scorer-option", "shapes.x=1"], "metric 'shapes' takes no option 'x'; its only option is batch_size"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(extra, message, quick_base, tmp_path, capsys):

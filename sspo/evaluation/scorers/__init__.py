@@ -7,6 +7,7 @@ see docs/scorers.md for the files and state-dict layouts each one expects.
 from __future__ import annotations
 
 import importlib
+import re
 
 import torch
 
@@ -60,8 +61,8 @@ def build_scorer(
     try:
         return cls.from_pretrained(path_or_id, device=device, dtype=dtype, **fixed, **options)
     except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise SSPOError(f"scorer {name!r}: {exc}") from None
+        if option := re.search(r"unexpected keyword argument '(\w+)'", str(exc)):
+            raise SSPOError(f"scorer {name!r} takes no option {option[1]!r}; docs/scorers.md lists each scorer's options") from None
         raise
 
 
