@@ -528,7 +528,9 @@ def _named_by_flag(message: str, argv: list[str]) -> str:
     flag = match and "--" + match.group(1).replace("_", "-")
     if match is None or not any(a == flag or a.startswith(flag + "=") for a in argv):
         return message
-    return f"{flag}{match.group(2).replace(', or null', '')}"  # a flag left out is the null
+    key, rest = match.group(1), match.group(2).replace(", or null", "")  # a flag left out is the null
+    rest = re.sub(rf"\bset {key}=(\S+)", rf"pass {flag} \1", rest)  # the fix, in the flag's spelling too
+    return flag + re.sub(rf"\b{key}=(\S+)", rf"{flag} \1", rest)
 
 
 class Stopped(KeyboardInterrupt):

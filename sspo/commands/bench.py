@@ -26,6 +26,7 @@ from sspo.benchmark.measure import run_arm
 from sspo.benchmark.report import format_table, machine_info, result_files, summarize_arms, write_results
 from sspo.config import allowed, field_comments
 from sspo.errors import SSPOError
+from sspo.io import check_write_target
 from sspo.models.architectures import ARCH_MODELS, ARCH_TITLES
 from sspo.training.config import check_environment, resolved
 
@@ -159,6 +160,8 @@ def cli(args) -> None:
         worker(args.worker, args.worker_config, args.worker_out)
         return
     b = config_from_args(args)
+    if args.out:  # before minutes of measuring
+        check_write_target(args.out, "--out", file=True)
     if args.out and not args.force and (existing := [path for path in result_files(args.out) if path.exists()]):
         raise SSPOError(f"--out {args.out}: {' and '.join(map(str, existing))} exist already; pass --force to replace them, or name another --out")
     result = run_bench(b)

@@ -197,7 +197,7 @@ def test_a_setting_this_machine_cannot_run_is_one_line_before_any_arm(tmp_path, 
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.strip() == (
-        "sspo: error: --mixed-precision: fp16 needs a GPU and torch sees none; set mixed_precision=bf16 (which runs on the CPU) or mixed_precision=no")
+        "sspo: error: --mixed-precision: fp16 needs a GPU and torch sees none; pass --mixed-precision bf16 (which runs on the CPU) or --mixed-precision no")
 
 
 def test_an_existing_out_is_replaced_only_with_force(tmp_path, capsys, monkeypatch):
@@ -210,6 +210,17 @@ def test_an_existing_out_is_replaced_only_with_force(tmp_path, capsys, monkeypat
     assert capsys.readouterr().err.strip() == (f"sspo: error: --out {tmp_path / 'summary'}: {tmp_path / 'summary.md'} exist already; "
                                                "pass --force to replace them, or name another --out")
     assert (tmp_path / "summary.md").read_text() == "an eval's table"
+
+
+def test_an_out_under_a_file_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    from sspo.cli import main
+    from sspo.commands import bench
+
+    (tmp_path / "afile.txt").write_text("a user's file")
+    monkeypatch.setattr(bench, "run_bench", lambda b: pytest.fail("measured before refusing --out"))
+    assert main(["bench", "--model", "quick", "--out", str(tmp_path / "afile.txt" / "b")]) == 2
+    assert capsys.readouterr().err.strip() == (f"sspo: error: --out {tmp_path / 'afile.txt' / 'b'}: {tmp_path / 'afile.txt'} is a file, "
+                                               "not a folder; choose another --out")
 
 
 def test_a_list_flag_that_is_not_integers_is_one_line(capsys):
