@@ -29,7 +29,7 @@ def _locate(model: str | Path) -> str:
     must hold a diffusers pipeline."""
     model = str(model)
     if not (model.startswith((".", "/", "~")) or Path(model).exists()):
-        check_hub(model)
+        check_hub(model, gated=True)
         return model
     if not Path(model).expanduser().exists():
         raise ModelError(f"model path {model} does not exist; pass a hub id, a save_pretrained folder or a world's base such as shapes-base")
@@ -88,17 +88,19 @@ def vae_scale_factor(vae_config: dict) -> int:
     return 2 ** (len(blocks) - 1) if blocks else 8
 
 
-def check_hub(model: str) -> None:
+def check_hub(model: str, gated: bool = False) -> None:
     """Refuse hub id ``model`` at once when the hub cannot be reached and offline mode is off, rather
-    than after every file's retries: a ModelError that says how to load it without the hub."""
+    than after every file's retries: a ModelError that says how to load it without the hub (with
+    ``gated``, as a diffusion model may be, what a gated one needs first)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if constants.is_offline_mode() or _hub_reachable():
         return
     cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str) or isinstance(try_to_load_from_cache(model, "config.json"), str)
     fix = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
-           f"download it where the hub is reachable (`hf download {model}`; a gated model such as FLUX.1-dev needs its license accepted "
-           "on the hub and `hf auth login` first) and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
+           f"download it where the hub is reachable (`hf download {model}`"
+           + ("; a gated model such as FLUX.1-dev needs its license accepted on the hub and `hf auth login` first" if gated else "")
+           + ") and pass its folder, or fill the cache there and set HF_HUB_OFFLINE=1")
     raise ModelError(f"cannot load {model!r}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable; {fix}")
 
 
