@@ -53,7 +53,7 @@ def unreachable_hub(monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    forget = pipeline._hub_reachable.cache_clear
+    forget = pipeline.hub_reachable.cache_clear
     forget()
     yield
     forget()

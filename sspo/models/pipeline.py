@@ -94,7 +94,7 @@ def check_hub(model: str, gated: bool = False) -> None:
     ``gated``, as a diffusion model may be, what a gated one needs first)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.is_offline_mode() or _hub_reachable():
+    if constants.is_offline_mode() or hub_reachable():
         return
     cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str) or isinstance(try_to_load_from_cache(model, "config.json"), str)
     fix = ("it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else
@@ -105,7 +105,7 @@ def check_hub(model: str, gated: bool = False) -> None:
 
 
 @functools.cache
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 

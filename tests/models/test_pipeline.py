@@ -25,12 +25,12 @@ def test_offline_mode_loads_from_the_cache_without_asking_the_hub(unreachable_hu
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: pytest.fail("offline mode asked the hub"))
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: pytest.fail("offline mode asked the hub"))
     pipeline.check_hub("someone/some-model")
 
 
 def test_a_local_folder_never_asks_the_hub(quick_base, monkeypatch):
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: pytest.fail("a folder asked the hub"))
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: pytest.fail("a folder asked the hub"))
     assert pipeline.load_pipeline_config(quick_base)["_class_name"] == "StableDiffusionPipeline"
 
 

@@ -87,6 +87,10 @@ def test_unknown_set_and_hub_failures(monkeypatch):
         load_prompt_set("partiprompts")
     import datasets
 
+    from sspo.models import pipeline
+
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: True)  # the hub answers, the download fails
+
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
@@ -95,3 +99,16 @@ def test_unknown_set_and_hub_failures(monkeypatch):
         load_prompt_set("pickapic_val")
     with pytest.raises(DataError, match="nateraw/parti-prompts"):
         load_prompt_set("parti")
+
+
+@pytest.mark.parametrize("name, what", [("parti", "nateraw/parti-prompts (split train)"), ("pickapic_val", "yuvalkirstain/pickapic_v2 (split validation_unique)"),
+                                        ("hpsv2", "zhwang/HPDv2 benchmark/anime.json")])
+def test_a_named_set_from_an_unreachable_hub_is_one_line_at_once(name, what, unreachable_hub, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the download was tried"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the download was tried"))
+    with pytest.raises(DataError) as caught:
+        load_prompt_set(name)
+    assert str(caught.value).startswith(f"cannot load {what}: the Hugging Face hub (http://127.0.0.1:9) is unreachable; download it where the hub is reachable")

@@ -72,7 +72,7 @@ def test_missing_files_and_hub_failures_are_model_errors(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: True)  # the hub answers, the download fails
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: True)  # the hub answers, the download fails
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(ModelError, match="cannot download ImageReward.pt from hub repo 'THUDM/ImageReward'.*local path"):
         build_scorer("imagereward")
@@ -84,7 +84,7 @@ def test_hub_model_load_failure_names_the_source(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("offline")
 
-    monkeypatch.setattr(pipeline, "_hub_reachable", lambda: True)  # the hub answers, the load fails
+    monkeypatch.setattr(pipeline, "hub_reachable", lambda: True)  # the hub answers, the load fails
     monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", offline)
     with pytest.raises(ModelError, match="CLIP model from 'yuvalkirstain/PickScore_v1'"):
         build_scorer("pickscore")
