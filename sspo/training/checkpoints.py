@@ -51,6 +51,31 @@ def latest_state(run_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
+def resume_point(run_dir: Path, pool_root: Path | None) -> Path | None:
+    """The state ``--resume`` continues: the newest whose files, and the pool files (in ``pool_root``)
+    it depends on, are as they were saved, with a warning naming what is wrong with any newer one;
+    None where nothing is saved. No intact state among saved ones is an error."""
+    damaged = []
+    for state_dir in reversed(saved_states(run_dir)):
+        try:
+            state = read_state(state_dir / STATE_FILE)
+        except DamagedFileError as exc:
+            damaged.append(exc.problem)
+            continue
+        problems = manifest_problems(state_dir, state.get("files", {}))
+        if pool_root is not None:
+            problems += manifest_problems(pool_root, state.get("pool_files", {}))
+        if not problems:
+            if damaged:
+                log.warning("resuming from the older state %s: %s", state_dir, "; ".join(damaged))
+            return state_dir
+        damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
+    if damaged:
+        raise TrainingError(f"--resume: no intact saved state in {run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
+    log.warning("--resume: no saved state in %s; starting from scratch (what a run there wrote is deleted at this run's first save)", run_dir)
+    return None
+
+
 @contextlib.contextmanager
 def disk_errors(what: str, staging: Path | None = None):
     """A failed write (a full disk, a read-only folder) as one clear error, its half-written ``staging``
@@ -282,26 +307,7 @@ class Checkpointing:
         return replicas
 
     def _resumable_state(self) -> Path | None:
-        """The newest saved state whose files, and the pool files it depends on, are as they were saved."""
-        damaged = []
-        for state_dir in reversed(saved_states(self.run_dir)):
-            try:
-                state = read_state(state_dir / STATE_FILE)
-            except DamagedFileError as exc:
-                damaged.append(exc.problem)
-                continue
-            problems = manifest_problems(state_dir, state.get("files", {}))
-            if self.pool is not None:
-                problems += manifest_problems(self.pool.root, state.get("pool_files", {}))
-            if not problems:
-                if damaged:
-                    log.warning("resuming from the older state %s: %s", state_dir, "; ".join(damaged))
-                return state_dir
-            damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
-        if damaged:
-            raise TrainingError(f"--resume: no intact saved state in {self.run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
-        log.warning("--resume: no saved state in %s; starting from scratch (what a run there wrote is deleted at this run's first save)", self.run_dir)
-        return None
+        return resume_point(self.run_dir, self.pool.root if self.pool is not None else None)
 
     def _load_state(self, state_dir: Path) -> None:
         state = read_state(state_dir / STATE_FILE)

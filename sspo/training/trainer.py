@@ -43,7 +43,7 @@ from sspo.data.loader import MicroBatchReader
 from sspo.errors import ConfigError, DataError, SSPOError, TrainingError
 from sspo.models.families import family_of
 from sspo.models.pipeline import component_config, denoiser_skeleton, load_pipeline, load_pipeline_config, motion_frames_limit, vae_scale_factor
-from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state, validation_grid_stem
+from sspo.training.checkpoints import Checkpointing, check_resumed_config, disk_errors, latest_state, resume_point, validation_grid_stem
 from sspo.training.config import TrainConfig, check_environment, resolved
 from sspo.training.faults import fault_point
 from sspo.training.latent_cache import LatentCache, cache_key, data_digest, default_dir, encode_rows
@@ -774,9 +774,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
 
 def check_finished_run_kept(output_dir: str, resume: bool, overwrite: bool) -> None:
     """Refuse a fresh start that would replace a finished run's results (its ``final/``) unasked: two
-    experiments given the same output_dir (a config's default) would otherwise keep only the last."""
+    experiments given the same output_dir (a config's default) would otherwise keep only the last.
+    A finished run a killed start set aside counts: the next start puts it back."""
     final = Path(output_dir) / "final"
-    if not resume and not overwrite and final.is_dir() and not final.is_symlink():
+    kept = resumed_folder(Path(output_dir)) / "final"
+    if not resume and not overwrite and kept.is_dir() and not kept.is_symlink():
         raise ConfigError(f"output_dir {output_dir} holds a finished run ({final}), which a fresh start would replace; choose another "
                           "output_dir, pass --resume to continue it (raise iterations to train on), or --overwrite to replace it")
 
@@ -829,7 +831,7 @@ def dry_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
                      f"{epochs} epochs")
     rows["output"] = cfg.output_dir
     if resume:
-        state = latest_state(resumed)
+        state = resume_point(resumed, resumed / "pool" if cfg.uses_reference else None)
         earlier = " (the earlier run, which a start stopped before its first save set aside, is put back first)" if resumed != Path(cfg.output_dir) else ""
         rows["resume"] = f"from {Path(cfg.output_dir) / state.relative_to(resumed)}{earlier}" if state else "nothing saved there yet: starts afresh"
     return "dry run: config, data and model OK\n" + "\n".join(f"  {key:<12} {value}" for key, value in rows.items())

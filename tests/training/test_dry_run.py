@@ -91,6 +91,23 @@ def test_a_dry_run_with_resume_checks_the_resume_as_the_real_run_does(finished_r
     assert "--resume: the config differs from the one" in capsys.readouterr().err
 
 
+def test_a_dry_run_with_resume_names_the_state_the_real_resume_takes_when_the_newest_is_damaged(finished_run, quick_base, tmp_path, capsys, caplog):
+    import shutil
+
+    from sspo.training.run_state import saved_states
+
+    from test_trainer import DEMO, tiny_overrides
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    older, newest = saved_states(run)
+    weights = next(newest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["train", str(DEMO), *tiny_overrides(run, quick_base), "--resume", "--dry-run"]) == 0
+    assert f"resume       from {older}\n" in capsys.readouterr().out
+    assert f"resuming from the older state {older}: {newest} cannot be resumed: " in caplog.text and weights.name in caplog.text
+
+
 def test_a_dry_run_of_the_flow_base_says_what_it_is_and_samples_at_its_guidance(tmp_path, capsys):
     argv = ["train", "demo-shapes", "--dry-run", "model.pretrained=shapes-base:flow", "negatives.scheduler=pipeline",
             "model.lora_targets=[to_q, to_k, to_v, to_out.0]", f"output_dir={tmp_path / 'run'}"]

@@ -261,6 +261,17 @@ def test_the_dry_run_resumes_what_the_real_resume_puts_back(quick_base, tmp_path
     assert f"from {run / 'checkpoints' / state} (the earlier run, which a start stopped before its first save set aside, is put back first)" in summary
 
 
+def test_the_dry_run_refuses_a_fresh_start_over_a_finished_run_a_killed_start_set_aside(quick_base, tmp_path):
+    from sspo.training.trainer import dry_run
+
+    run = tmp_path / "run"
+    train(tiny_config(run, quick_base, "method=sft", "iterations=1"))
+    start_fresh(run)  # as an --overwrite start killed before its first save leaves the folder
+    with pytest.raises(ConfigError, match=rf"output_dir {run} holds a finished run \({run / 'final'}\), which a fresh start would replace"):
+        dry_run(tiny_config(run, quick_base, "method=sft", "iterations=1"))
+    assert "resume" in dry_run(tiny_config(run, quick_base, "method=sft", "iterations=2"), resume=True)
+
+
 @pytest.mark.parametrize("link", [PREVIOUS_RUN, HOLDER_FILE, LOCK_FILE, "final.partial", "metrics.jsonl", "checkpoints/step-00000002.partial",
                                   f"{PREVIOUS_RUN}/metrics.jsonl"])
 def test_a_run_folder_whose_own_entry_is_a_link_is_refused_and_nothing_goes_through_it(link, tmp_path):
