@@ -105,7 +105,11 @@ def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
     if latest is None or not saved.is_file():
         return  # nothing to resume: the run starts from scratch
     saved_config = load_yaml(saved)
-    differences = config_differences(saved_config, dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)()))
+    compared = [dict(saved_config), dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)())]
+    for key in cfg.unused_keys:  # what the method never reads cannot change what it computes
+        for config in compared:
+            config.pop(key, None)
+    differences = config_differences(*compared)
     if differences:
         raise ConfigError(
             f"--resume: the config differs from the one {run_dir} was trained with ({'; '.join(differences)}); "

@@ -235,6 +235,15 @@ class TrainConfig:
     def effective_ssr(self) -> str:
         return self.spec.ssr or self.ssr
 
+    @property
+    def unused_keys(self) -> tuple[str, ...]:
+        """The keys this method never reads: its row fixes them, or it has no reference model,
+        negatives or SSR for them to set."""
+        spec = self.spec
+        unused = {"beta": not spec.uses_reference, "erd": spec.erd is not None or not spec.uses_reference, "erd_per": not spec.generates_negatives,
+                  "ssr": spec.ssr is not None, "ssr_draws": self.effective_ssr == "off", "negatives": not spec.generates_negatives}
+        return tuple(key for key, is_unused in unused.items() if is_unused)
+
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` as the run uses it, with what it leaves unset filled in: ``mixed_precision`` from

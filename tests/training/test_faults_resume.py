@@ -182,6 +182,21 @@ def test_resume_with_a_result_changing_key_names_it_and_keeps_the_saved_config(r
         train(tiny_config(run, quick_base, "model.lora=false"), resume=True)
 
 
+@pytest.mark.parametrize("arm, unread, read", [
+    ("sft", ["beta=100", "negatives.steps=50", "erd=last", "erd_per=sample", "ssr=off", "ssr_draws=3"], "optim.learning_rate=0.5"),
+    ("spin", ["erd=initial", "ssr=indicator", "ssr_draws=3"], "negatives.steps=50"),
+])
+def test_resume_lets_keys_the_method_never_reads_change(arm, unread, read, reference, quick_base):
+    from sspo.training.checkpoints import check_resumed_config
+    from sspo.training.config import resolved
+
+    run = reference(arm)
+    check_resumed_config(resolved(tiny_config(run, quick_base, *ARMS[arm], *unread)), run, processes=1)  # SFT has no reference, SPIN fixes erd and ssr
+    key = read.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"--resume: the config differs .*\({key}: "):
+        check_resumed_config(resolved(tiny_config(run, quick_base, *ARMS[arm], *unread, read)), run, processes=1)
+
+
 def test_resume_under_another_launch_precision_is_refused(reference, quick_base, tmp_path, monkeypatch):
     run = copy_run(reference("sspo"), tmp_path)
     assert "mixed_precision: 'no'" in (run / "config.yaml").read_text()  # resolved when it trained, not left unset
