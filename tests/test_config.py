@@ -67,6 +67,12 @@ def test_missing_file_is_config_error(tmp_path):
         load_config(TrainConfig, tmp_path / "nope.yaml")
 
 
+def test_a_file_that_is_not_a_mapping_is_config_error_with_an_example(tmp_path):
+    (tmp_path / "list.yaml").write_text("- method: sspo\n")
+    with pytest.raises(ConfigError, match=r"list.yaml must contain a mapping at the top level \(key: value lines, e.g. method: sspo\), not a list$"):
+        load_config(TrainConfig, tmp_path / "list.yaml")
+
+
 @pytest.mark.parametrize("name", ["sd15-lora.yaml", "sd15-lora"])
 def test_a_shipped_config_is_found_by_name_from_any_folder(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -544,10 +544,10 @@ def run_compare(config: str | Path, names: Sequence[str], seeds: Sequence[int], 
         raise ConfigError(f"--jobs {jobs}: expected 1 or more runs at a time")
     if added_points and not grid:
         raise ConfigError("--add-point adds to a grid: give the --grid it widens")
-    if widen and not grid:
-        raise ConfigError(f"--widen {widen} widens a grid: give the --grid it widens")
     if widen < 0:
         raise ConfigError(f"--widen {widen}: expected 0 or more rounds of widening")
+    if widen and not grid:
+        raise ConfigError(f"--widen {widen} widens a grid: give the --grid it widens")
     if chosen_in and grid:
         raise ConfigError("--settings-from and --grid both choose the arms' settings; give one of them")
     started = time.time()

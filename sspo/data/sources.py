@@ -192,7 +192,8 @@ def _open_parquet(cfg: DataConfig) -> Source:
     try:
         schemas = [(str(f), pq.read_schema(f).names) for f in files]
     except Exception as exc:  # pyarrow raises several types for a non-parquet file
-        raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}") from None
+        raise DataError(f"cannot read parquet {cfg.path} (data.path): {exc}; give a Parquet file or a folder of them, "
+                        "or set data.source to the data's format (docs/data.md)") from None
     # A shuffle window reads each of its row groups once only if all of them stay in the cache.
     return Source(cfg.path, schemas, lambda columns: _ParquetRows(files, columns, max(2, cfg.shuffle_row_groups)))
 

@@ -596,6 +596,8 @@ class Trainer(Checkpointing):
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             loss = f", last loss {metrics['loss']:.4f}" if metrics else ""
+            if self.nonfinite_skips:  # nonfinite: skip let them pass one warning each; the count belongs in the summary
+                loss += f"; {self.nonfinite_skips} of {self.global_step} skipped for a non-finite loss or gradient"
             steps = self.global_step - first_step
             if steps:
                 log.info("%s finished: %d optimizer step%s in %.0f s%s; the final model is %s", cfg.method, steps, "" if steps == 1 else "s",

@@ -129,8 +129,9 @@ def test_widening_moves_a_choice_off_its_grids_edge_round_by_round(tmp_path, mon
     assert short["overrides"] == ["optim.learning_rate=3e-3"] and compare.grid_edges(short) == ["optim.learning_rate=3e-3 (the highest tried)"]
     with pytest.raises(ConfigError, match="--widen 2 widens a grid: give the --grid it widens"):
         compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", widen=2)
-    with pytest.raises(ConfigError, match="--widen -1: expected 0 or more rounds of widening"):
-        compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", grid=["optim.learning_rate=1e-4,1e-3"], widen=-1)
+    for grid in (["optim.learning_rate=1e-4,1e-3"], None):  # the value's own problem first, with or without a grid
+        with pytest.raises(ConfigError, match="--widen -1: expected 0 or more rounds of widening"):
+            compare.run_compare(CONFIG, ["sft"], [0], tmp_path / "cmp", grid=grid, widen=-1)
 
 
 def test_a_changed_setting_trains_anew_instead_of_reusing_the_old_run(quick_base, tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def test_random_mode_is_deterministic_and_uses_both_sides(tmp_path):
     assert any(picks[0]) and not all(picks[0])
 
 
-def test_missing_column_message(parquet):
+def test_missing_column_message(parquet, tmp_path):
     path, _ = parquet
     with pytest.raises(DataError) as err:
         load_dataset_from_config(_cfg(path, caption_column="prompt"))
@@ -114,6 +114,9 @@ def test_missing_column_message(parquet):
     assert "'caption', 'jpg_0', 'jpg_1', 'label_0'" in message
     with pytest.raises(DataError, match="does-not-exist"):
         load_dataset_from_config(_cfg(path.parent / "does-not-exist.parquet"))
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(DataError, match=r"cannot read parquet .*notes.txt \(data.path\): .*; give a Parquet file or a folder of them, or set data.source"):
+        load_dataset_from_config(_cfg(tmp_path / "notes.txt"))
 
 
 def test_corrupt_image_skipped_and_counted(tmp_path, caplog):

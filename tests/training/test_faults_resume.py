@@ -247,12 +247,14 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_nan_weights(quick_base
         assert all(torch.isfinite(t).all() for t in load_file(weights).values())
 
 
-def test_nonfinite_skip_counts_skipped_steps_and_keeps_weights_finite(quick_base, tmp_path):
-    final = train(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=1e9", "nonfinite=skip"))
+def test_nonfinite_skip_counts_skipped_steps_and_keeps_weights_finite(quick_base, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="sspo"):
+        final = train(tiny_config(tmp_path / "run", quick_base, "optim.learning_rate=1e9", "nonfinite=skip"))
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     skips = [r["nonfinite_skips"] for r in rows]
     assert skips == sorted(skips) and skips[-1] > 0
+    assert f"; {skips[-1]} of 4 skipped for a non-finite loss or gradient; the final model is {final}" in caplog.text  # the summary counts them
     assert all(math.isfinite(r["loss"]) for r, before in zip(rows, [0] + skips) if r["nonfinite_skips"] == before)
     assert all(torch.isfinite(t).all() for t in load_file(final / "pytorch_lora_weights.safetensors").values())
 
