@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write a PNG grid of samples (video models: an animated GIF or MP4 grid)")
     p.add_argument("--model", required=True, help="diffusers folder, hub id, or a world's base: shapes-base[:quick|:64px|:flow|:flow-quick] or moving-shapes-base[:quick]")
     p.add_argument("--motion-adapter", help="a MotionAdapter (hub id or folder) that makes an image --model an AnimateDiff one")
-    p.add_argument("--frames", type=int, default=8, help="video models: frames per clip (default: 8, at least 1)")
+    p.add_argument("--frames", type=int, help="video models: frames per clip (default: 8, at least 1)")
     p.add_argument("--lora", help="LoRA weights folder (pytorch_lora_weights.safetensors), or a finished training run's folder for its final LoRA")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--rows", type=int, default=2, metavar="N", help="rows of the grid, one sampler seed each: seeds 0..N-1 (default: 2, at least 1)")

@@ -652,7 +652,7 @@ def test_sample_refuses_an_out_that_cannot_be_the_grids_file(out, message, tmp_p
 
 def test_sample_takes_the_smallest_allowed_flags(quick_base, tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", quick_base, "--prompt", PROMPT, "--steps", "1", "--rows", "1", "--guidance-scale", "0", "--frames", "1", "--out", str(out)]) == 0
+    assert main(["sample", "--model", quick_base, "--prompt", PROMPT, "--steps", "1", "--rows", "1", "--guidance-scale", "0", "--out", str(out)]) == 0
     assert out.is_file()
 
 

@@ -21,8 +21,10 @@ from sspo.models import pipeline
 from sspo.models.families import family_of
 from sspo.worlds import base_world, names
 
+CLIP_FRAMES = 8  # a video model's clips, unless --frames says
 
-def sample_grid(model: str, prompts: list[str], out: str, *, rows: int = 2, steps: int = 20, guidance_scale: float | None = None, frames: int = 8,
+
+def sample_grid(model: str, prompts: list[str], out: str, *, rows: int = 2, steps: int = 20, guidance_scale: float | None = None, frames: int | None = None,
                 resolution: int | None = None, lora: str | None = None, motion_adapter: str | None = None, device: str = "auto",
                 force: bool = False, shapes_check: bool = False) -> Path:
     """Sample ``rows`` seeds (0..rows-1) of every prompt with ``model`` and write the grid to ``out``
@@ -50,6 +52,8 @@ def sample_grid(model: str, prompts: list[str], out: str, *, rows: int = 2, step
     world = base_world(model)
     resolved = None if world else names.resolve_model(model, key="--model")
     video = motion_adapter is not None or (world.clips if world else family_of(pipeline.load_pipeline_config(resolved)).video)
+    if frames is not None and not video:
+        raise ConfigError(f"--frames {frames}: {model} makes images, not clips; leave --frames out (it is for video models)")
     suffixes = (".gif", ".mp4", ".webp") if video else tuple(sampling.STILL_FORMATS)
     path = path if path.suffix.lower() in suffixes else path.with_suffix(suffixes[0])
     if path.exists() and not force:
@@ -63,6 +67,7 @@ def sample_grid(model: str, prompts: list[str], out: str, *, rows: int = 2, step
     sampling.check_sample_size(pipe, resolution, "--resolution")
     guidance = names.usual_guidance_scale(model, family_of(pipe).name) if guidance_scale is None else guidance_scale
     seeds = list(range(rows))
+    frames = CLIP_FRAMES if frames is None else frames
     grid_rows = [sampling.generate(pipe, prompts, [seed] * len(prompts), steps=steps, guidance_scale=guidance, frames=frames, size=resolution)
                  for seed in tqdm(seeds, desc="sampling", unit="row")]
     labels = [f"seed {s}" for s in seeds]

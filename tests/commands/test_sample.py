@@ -131,3 +131,13 @@ def test_a_grid_past_its_formats_longest_side_is_refused_before_sampling(tmp_pat
     assert capsys.readouterr().err.strip() == (f"sspo: error: --out {out}: a grid of 171 rows x 1 prompts is 186 x 16460 pixels, past the 16383 a side "
                                                "WEBP takes; name a .png, or give fewer --rows or --prompt")
     assert not out.exists()
+
+
+def test_frames_for_an_image_model_are_refused_before_the_model_loads(quick_base, tmp_path, capsys, monkeypatch):
+    from sspo.models import pipeline
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the weights loaded"))
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", quick_base, "--prompt", "a red circle", "--frames", "4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"sspo: error: --frames 4: {quick_base} makes images, not clips; leave --frames out (it is for video models)"
+    assert not out.exists()
