@@ -530,7 +530,7 @@ def _named_by_flag(message: str, argv: list[str]) -> str:
         return message
     key, rest = match.group(1), match.group(2).replace(", or null", "")  # a flag left out is the null
     rest = re.sub(rf"\bset {key}=(\S+)", rf"pass {flag} \1", rest)  # the fix, in the flag's spelling too
-    return flag + re.sub(rf"\b{key}=(\S+)", rf"{flag} \1", rest)
+    return flag + re.sub(rf"(?<![\w.]){key}=(\S+)", rf"{flag} \1", rest)
 
 
 class Stopped(KeyboardInterrupt):

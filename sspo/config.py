@@ -438,7 +438,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}; correct the file there") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must contain a mapping at the top level (key: value lines, e.g. method: sspo), not a {type(data).__name__}")
+        given = {"list": "a list", "str": "a single value", "int": "a number", "float": "a number", "bool": "true or false"}.get(type(data).__name__, "another value")
+        raise ConfigError(f"config file {path} must contain a mapping at the top level (key: value lines, e.g. method: sspo), not {given}")
     return data
 
 

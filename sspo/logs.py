@@ -19,10 +19,10 @@ class UserFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if self.verbose:
-            return super().format(record)
+            return super().format(record).rstrip()  # a warning captured from `warnings` ends in a newline
         source = "sspo" if record.name == "sspo" or record.name.startswith("sspo.") else record.name
         level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{source}: {level}{record.getMessage().rstrip()}"  # a warning captured from `warnings` ends in a newline
+        text = f"{source}: {level}{record.getMessage().rstrip()}"
         return f"{text}\n{self.formatException(record.exc_info)}" if record.exc_info else text
 
 

@@ -51,3 +51,11 @@ def test_log_lines_read_as_sspo_speaking_and_name_modules_only_when_verbose(verb
 
     record = logging.LogRecord(name, level, __file__, 1, "sft: %d optimizer steps", (4,), None)
     assert UserFormatter(verbose).format(record) == line
+
+
+@pytest.mark.parametrize("verbose, line", [(False, "py.warnings: warning: x.py:1: UserWarning: m"), (True, "WARNING py.warnings: x.py:1: UserWarning: m")])
+def test_a_captured_python_warning_ends_its_line_without_a_blank_one(verbose, line):
+    from sspo.logs import UserFormatter
+
+    record = logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, "%s", ("x.py:1: UserWarning: m\n",), None)  # as logging.captureWarnings logs it
+    assert UserFormatter(verbose).format(record) == line

@@ -15,6 +15,7 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
@@ -59,11 +60,31 @@ def _exit_with(parent: int) -> None:
     os._exit(128 + signal.SIGKILL)
 
 
-class _Reissue(logging.Handler):
-    """Gives a worker's record to this process's logger of the same name, whose handlers print it."""
+class _Forwarder:
+    """Gives the workers' log records to this process's loggers of the same names, whose handlers
+    print them above the bar. Its own thread reads with a timeout and is told to stop by a flag,
+    never through the queue: a worker killed while writing to it can leave the queue's write lock
+    held, and a stop message behind that lock would never arrive."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
+    def __init__(self, records: multiprocessing.Queue):
+        self.records = records
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._forward, daemon=True)
+        self.thread.start()
+
+    def _forward(self) -> None:
+        while not (self.done.is_set() and self.records.empty()):  # what the workers wrote before they ended, too
+            try:
+                record = self.records.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError):  # a worker died mid-write: the rest of its records are lost with it
+                return
+            logging.getLogger(record.name).handle(record)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 def _set_up_worker(verbose: bool, records: multiprocessing.Queue) -> None:
@@ -113,8 +134,7 @@ def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     context = multiprocessing.get_context("spawn")
     records = context.Queue()
-    listener = logging.handlers.QueueListener(records, _Reissue())
-    listener.start()
+    forwarder = _Forwarder(records)
     try:
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context, initializer=_set_up_worker,
                                                     initargs=(logging.getLogger().isEnabledFor(logging.DEBUG), records)) as pool:
@@ -134,7 +154,7 @@ def run_all(tasks: Sequence[Callable[[], T]], jobs: int, desc: str) -> list[T]:
                         os.kill(process.pid, signal.SIGINT)
                 raise
     finally:
-        listener.stop()
+        forwarder.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

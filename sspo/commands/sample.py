@@ -1,9 +1,9 @@
 """``sspo sample``: a grid of samples, one row per sampler seed and one column per prompt; an
 animated grid (GIF, MP4 or WebP) for a video model.
 
-Everything a user can get wrong (the flags' values, the device, ``--out`` and whether it exists, a
-grid larger than its image format takes, a LoRA path) is refused before any weights load or a
-world's base is built.
+What a user can get wrong (the flags' values, the device, ``--out`` and whether it exists, a grid
+larger than its image format takes, a LoRA path, ``--frames`` for an image model) is refused before
+any weights load or a world's base is built; a resolution the model cannot take, once it has loaded.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def sample_grid(model: str, prompts: list[str], out: str, *, rows: int = 2, step
                               ("--resolution", resolution, Allowed(at_least=8, at_most=MAX_RESOLUTION, multiple_of=8))):
         if value is not None and not rule.admits(value):
             raise ConfigError(f"{flag}: got {value!r}, expected {rule.describe(type(value))}")
-    on = sampling.sampling_device(device)
+    target = sampling.sampling_device(device)
     path = Path(out)
     if not out.strip() or path.is_dir() or out.endswith(("/", os.sep)):  # a trailing slash names a folder
         raise ConfigError(f"--out {out!r} is a folder, not a file; name the grid's file, e.g. --out {path / 'grid.png'}")
@@ -63,7 +63,7 @@ def sample_grid(model: str, prompts: list[str], out: str, *, rows: int = 2, step
         if max(size) > longest:  # found now, not after every sample is made
             raise ConfigError(f"--out {path}: a grid of {rows} rows x {len(prompts)} prompts is {size[0]} x {size[1]} pixels, past the "
                               f"{longest} a side {sampling.STILL_FORMATS[path.suffix.lower()]} takes; name a .png, or give fewer --rows or --prompt")
-    pipe = pipeline.load_pipeline(resolved or names.resolve_model(model, key="--model"), lora=lora_path, motion_adapter=motion_adapter).to(on)
+    pipe = pipeline.load_pipeline(resolved or names.resolve_model(model, key="--model"), lora=lora_path, motion_adapter=motion_adapter).to(target)
     sampling.check_sample_size(pipe, resolution, "--resolution")
     guidance = names.usual_guidance_scale(model, family_of(pipe).name) if guidance_scale is None else guidance_scale
     seeds = list(range(rows))

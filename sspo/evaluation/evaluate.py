@@ -30,6 +30,8 @@ from sspo.worlds import World, find_world, get_world, prompt_set_world
 PROMPT_SETS = prompt_set_names()  # the worlds' (registered when sspo loads) and the benchmarks'; or a prompt file
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class EvalConfig:
@@ -105,7 +107,8 @@ def scores_clips(metric: str) -> bool:
 
 
 def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_options: Mapping[str, Mapping]) -> None:
-    """Refuse weights or options for a metric not ``known``, and local weights that are not there."""
+    """Refuse weights or options for a metric not ``known``, local weights that are not there, and
+    weights or an option other than ``batch_size`` for a world's exact evaluator."""
     for metric in [*scorer_paths, *scorer_options]:
         if metric not in known:
             raise SSPOError(f"scorer weights or options for unknown metric {metric!r}; expected one of {', '.join(known)}")
@@ -114,8 +117,6 @@ def check_scorers(known: Sequence[str], scorer_paths: Mapping[str, str], scorer_
             raise SSPOError(f"metric {metric!r} is its world's exact evaluator and loads no weights, got {path!r}; give weights for reward models only")
         if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
             raise ModelError(f"weights for metric {metric!r}: no such file or folder: {path}")
-
-
     for metric, options in scorer_options.items():
         if find_world(metric) is not None and (other := sorted(set(options) - {"batch_size"})):
             raise SSPOError(f"metric {metric!r} takes no option {other[0]!r}; its only option is batch_size")
@@ -125,8 +126,8 @@ def warn_unused_scorer_settings(metrics: Sequence[str], scorer_paths: Mapping[st
     """``--scorer-path`` / ``--scorer-option`` of a metric this call does not compute are ignored: say so."""
     unused = [metric for metric in dict.fromkeys([*scorer_paths, *scorer_options]) if metric not in metrics]
     if unused:
-        logging.getLogger("sspo").warning("--scorer-path / --scorer-option given for %s, which is not among the metrics computed (%s): ignored",
-                                          ", ".join(unused), ", ".join(metrics))
+        log.warning("--scorer-path / --scorer-option given for %s, which is not among the metrics computed (%s): ignored",
+                    ", ".join(unused), ", ".join(metrics))
 
 
 def load_scorer(metric: str, path: str | None, options: Mapping, device, fix: str):

@@ -106,7 +106,7 @@ def check_resumed_config(cfg, run_dir: Path, processes: int) -> None:
         return  # nothing to resume: the run starts from scratch
     saved_config = load_yaml(saved)
     compared = [dict(saved_config), dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)())]
-    for key in cfg.unused_keys:  # what the method never reads cannot change what it computes
+    for key in cfg.unused_keys:  # what the method's training never reads cannot change its weights
         for config in compared:
             config.pop(key, None)
     differences = config_differences(*compared)

@@ -237,8 +237,9 @@ class TrainConfig:
 
     @property
     def unused_keys(self) -> tuple[str, ...]:
-        """The keys this method never reads: its row fixes them, or it has no reference model,
-        negatives or SSR for them to set."""
+        """The keys this method's training never reads (its row fixes them, or it has no reference
+        model, negatives or SSR for them to set): they change no trained weight. Validation samples
+        and the model card may still show ``negatives.steps`` and ``guidance_scale``."""
         spec = self.spec
         unused = {"beta": not spec.uses_reference, "erd": spec.erd is not None or not spec.uses_reference, "erd_per": not spec.generates_negatives,
                   "ssr": spec.ssr is not None, "ssr_draws": self.effective_ssr == "off", "negatives": not spec.generates_negatives}

@@ -595,13 +595,13 @@ class Trainer(Checkpointing):
         final = self.save_final()
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
-            loss = f", last loss {metrics['loss']:.4f}" if metrics else ""
-            if self.nonfinite_skips:  # nonfinite: skip let them pass one warning each; the count belongs in the summary
-                loss += f"; {self.nonfinite_skips} of {self.global_step} skipped for a non-finite loss or gradient"
+            tail = f", last loss {metrics['loss']:.4f}" if metrics else ""
+            if self.nonfinite_skips:  # each skipped step was one warning; the summary counts them
+                tail += f"; {self.nonfinite_skips} of {self.global_step} skipped for a non-finite loss or gradient"
             steps = self.global_step - first_step
             if steps:
                 log.info("%s finished: %d optimizer step%s in %.0f s%s; the final model is %s", cfg.method, steps, "" if steps == 1 else "s",
-                         time.monotonic() - started, loss, final)
+                         time.monotonic() - started, tail, final)
             else:  # a finished run resumed
                 log.info("%s had already finished all %d optimizer steps (raise iterations to train on); the final model is %s", cfg.method, total, final)
         return final
@@ -793,8 +793,9 @@ def launched_as_main() -> bool:
 
 
 def dry_run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> str:
-    """A summary of the run ``cfg`` describes (``resume``: continued from its folder's last saved
-    state), once its data and model config open (no weights load)."""
+    """A summary of the run ``cfg`` describes (``resume``: continued from the saved state the real
+    resume takes, whose files it reads to check them), once its data and model config open (no
+    weights load)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 

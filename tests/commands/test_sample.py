@@ -68,8 +68,8 @@ def test_sample_refuses_a_device_before_loading_a_model(device, message, monkeyp
     assert capsys.readouterr().err.strip() == f"sspo: error: {message}"
 
 
-@pytest.mark.parametrize("suffix", [".gif", ".mp4", ".png"])
-def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
+@pytest.mark.parametrize("suffix, frames", [(".gif", 6), (".mp4", 6), (".png", 6), (".gif", 1)])
+def test_sample_writes_an_animated_grid_for_a_video_model(suffix, frames, tmp_path):
     from sspo.video_io import read_clip
     from sspo.worlds.moving_shapes.base_model import vocabulary
 
@@ -79,12 +79,13 @@ def test_sample_writes_an_animated_grid_for_a_video_model(suffix, tmp_path):
     out = tmp_path / f"grid{suffix}"
     if suffix == ".png":  # a still grid's name, for a video model: a GIF beside it, the user's file kept
         out.write_bytes(b"the user's own image")
-    assert main(["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--rows", "2", "--steps", "2", "--frames", "6", "--out", str(out)]) == 0
+    argv = ["sample", "--model", str(model), "--prompt", "a red circle growing, white background", "--rows", "2", "--steps", "2", "--frames", str(frames)]
+    assert main([*argv, "--out", str(out)]) == 0
     if suffix == ".png":
         assert out.read_bytes() == b"the user's own image"
         out = out.with_suffix(".gif")
     grid = read_clip(str(out))
-    assert len(grid) == 6 and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
+    assert len(grid) == frames and grid.shape[1] > 2 * 96  # one grid per frame: captions, two seed rows
 
 
 def test_sample_replaces_an_existing_file_only_with_force(quick_base, tmp_path, capsys):

@@ -61,7 +61,7 @@ def build_scorer(
     try:
         return cls.from_pretrained(path_or_id, device=device, dtype=dtype, **fixed, **options)
     except TypeError as exc:
-        if option := re.search(r"unexpected keyword argument '(\w+)'", str(exc)):
+        if (option := re.search(r"unexpected keyword argument '(\w+)'", str(exc))) and option[1] in options:  # not a library's own mistake
             raise SSPOError(f"scorer {name!r} takes no option {option[1]!r}; docs/scorers.md lists each scorer's options") from None
         raise
 

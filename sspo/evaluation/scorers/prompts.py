@@ -169,7 +169,7 @@ def _hpsv2_file(source: str | None, style: str) -> Path:
     if source is None:
         from huggingface_hub import hf_hub_download
 
-        _check_hub(HPSV2_HUB, f"{HPSV2_HUB} benchmark/{style}.json", "the folder holding the 4 style files")
+        _check_hub(HPSV2_HUB, f"{HPSV2_HUB} benchmark/{style}.json", "the folder holding the 4 style files", f"benchmark/{style}.json")
         try:
             return Path(hf_hub_download(HPSV2_HUB, f"{style}.json", subfolder="benchmark", repo_type="dataset"))
         except Exception as exc:
@@ -205,22 +205,23 @@ def _world(world: World, validation: bool, seed: int, per_split: int) -> list[Pr
     return [PromptItem(spec.prompt, group) for group in ("seen", "heldout") for spec in groups[group]]
 
 
-def _check_hub(dataset_id: str, what: str, local: str) -> None:
+def _check_hub(dataset_id: str, what: str, local: str, downloaded: str) -> None:
     """One line at once when the hub cannot be reached and offline mode is off, not a minute of the
-    download's retries and log lines."""
+    download's retries and log lines. ``downloaded``: a file the download keeps in the hub's cache,
+    whose presence says the set can load offline."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     from sspo.models import pipeline
 
     if constants.is_offline_mode() or pipeline.hub_reachable():
         return
-    cached = isinstance(try_to_load_from_cache(dataset_id, "README.md", repo_type="dataset"), str)
+    cached = isinstance(try_to_load_from_cache(dataset_id, downloaded, repo_type="dataset"), str)
     fix = "it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there" if cached else f"download it where the hub is reachable and pass {local} as the source"
     raise DataError(f"cannot load {what}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable; {fix}")
 
 
 def _hub_columns(dataset_id: str, split: str, columns: list[str]) -> list[list]:
-    _check_hub(dataset_id, f"{dataset_id} (split {split})", "a local copy")
+    _check_hub(dataset_id, f"{dataset_id} (split {split})", "a local copy", "README.md")  # load_dataset reads the card first
     try:
         import datasets
 

@@ -101,14 +101,28 @@ def test_unknown_set_and_hub_failures(monkeypatch):
         load_prompt_set("parti")
 
 
-@pytest.mark.parametrize("name, what", [("parti", "nateraw/parti-prompts (split train)"), ("pickapic_val", "yuvalkirstain/pickapic_v2 (split validation_unique)"),
-                                        ("hpsv2", "zhwang/HPDv2 benchmark/anime.json")])
-def test_a_named_set_from_an_unreachable_hub_is_one_line_at_once(name, what, unreachable_hub, monkeypatch):
+@pytest.mark.parametrize("name, what, downloaded", [
+    ("parti", "nateraw/parti-prompts (split train)", "datasets--nateraw--parti-prompts/snapshots/c0/README.md"),
+    ("pickapic_val", "yuvalkirstain/pickapic_v2 (split validation_unique)", "datasets--yuvalkirstain--pickapic_v2/snapshots/c0/README.md"),
+    ("hpsv2", "zhwang/HPDv2 benchmark/anime.json", "datasets--zhwang--HPDv2/snapshots/c0/benchmark/anime.json"),
+])
+def test_a_named_set_from_an_unreachable_hub_is_one_line_at_once(name, what, downloaded, unreachable_hub, monkeypatch, tmp_path):
     import datasets
     import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing downloaded before
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the download was tried"))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the download was tried"))
     with pytest.raises(DataError) as caught:
         load_prompt_set(name)
     assert str(caught.value).startswith(f"cannot load {what}: the Hugging Face hub (http://127.0.0.1:9) is unreachable; download it where the hub is reachable")
+    cached = tmp_path / "hub" / downloaded  # as a download where the hub was reachable leaves it
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}")
+    refs = tmp_path / "hub" / downloaded.split("/")[0] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("c0")
+    with pytest.raises(DataError, match=r"is unreachable; it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there$"):
+        load_prompt_set(name)
