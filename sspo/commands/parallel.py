@@ -3,8 +3,9 @@
 The tiny worlds' models gain little from torch's intra-op threads, and on a small shared CPU threads
 spinning against another process slow a step many times over; so each run gets its own process with
 one thread, and ``jobs`` of them go at once. Workers draw no progress bars: one bar here counts
-finished runs, and their warnings are printed here, above it. With one job everything runs in this process, one after another, with its own bars,
-on one thread too where there is no GPU: a run's numbers do not depend on ``jobs``.
+finished runs, and their warnings are printed here, above it. With one job everything runs in this
+process, one after another, with its own bars, on one thread too where there is no GPU: a run's
+numbers do not depend on ``jobs``.
 """
 
 from __future__ import annotations

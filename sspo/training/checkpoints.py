@@ -147,7 +147,7 @@ class Checkpointing:
         # The run's id at wandb: a resumed run goes on logging into the run it continues, a fresh start into a new one.
         self.tracker_run_id = uuid.uuid4().hex[:16]
         self.disk_checked = False  # the free space is checked against what the run will write at its first save
-        state_dir = self._resumable_state() if resume else None
+        state_dir = resume_point(self.run_dir, self.pool.root if self.pool is not None else None) if resume else None
         if state_dir is not None:
             self._load_state(state_dir)
         else:
@@ -309,9 +309,6 @@ class Checkpointing:
         if any(r != replicas[0] for r in replicas):
             log.warning("the processes' model replicas differ at step %d: %s", self.global_step, replicas)
         return replicas
-
-    def _resumable_state(self) -> Path | None:
-        return resume_point(self.run_dir, self.pool.root if self.pool is not None else None)
 
     def _load_state(self, state_dir: Path) -> None:
         state = read_state(state_dir / STATE_FILE)
