@@ -23,7 +23,8 @@ from sspo.models.families.base import adapter_config
 from sspo.training.faults import fault_point
 from sspo.training.pool import CheckpointPool
 from sspo.training.reference import POLICY
-from sspo.training.run_folder import discard_previous, start_fresh
+from sspo.training.run_folder import MANIFEST, discard_previous, start_fresh
+from sspo.training.run_lock import HOLDER_FILE, LOCK_FILE
 from sspo.training.run_state import HARMLESS_KEYS, STATE_FILE, config_differences, disk_to_come, manifest, manifest_problems, read_state, saved_states, saves_after
 from sspo.training.ssr_truth import FILE as SSR_TRUTH_FILE
 
@@ -72,7 +73,9 @@ def resume_point(run_dir: Path, pool_root: Path | None) -> Path | None:
         damaged.append(f"{state_dir} cannot be resumed: {'; '.join(problems)}")
     if damaged:
         raise TrainingError(f"--resume: no intact saved state in {run_dir}: {'; '.join(damaged)}; restore the named files, or train without --resume to start again")
-    log.warning("--resume: no saved state in %s; starting from scratch (what a run there wrote is deleted at this run's first save)", run_dir)
+    # sspo's own marks (the run's lock and manifest) are all a new folder holds by now: nothing there to lose.
+    wrote = run_dir.is_dir() and any(entry.name not in (MANIFEST, LOCK_FILE, HOLDER_FILE) for entry in run_dir.iterdir())
+    log.warning("--resume: no saved state in %s; starting from scratch%s", run_dir, " (what a run there wrote is deleted at this run's first save)" if wrote else "")
     return None
 
 

@@ -143,7 +143,8 @@ def test_a_fresh_start_over_an_earlier_run_warns_and_names_resume(folder, earlie
                           "to continue it instead, stop now and pass --resume)"]
 
 
-def test_a_resume_with_nothing_saved_says_once_that_it_starts_over(quick_base, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("left", [False, True], ids=["nothing-left", "a-log-left"])
+def test_a_resume_with_nothing_saved_says_once_that_it_starts_over(left, quick_base, tmp_path, monkeypatch, caplog):
     def stop(self, batches):
         raise TrainingError("stopped at the first step")
 
@@ -151,11 +152,16 @@ def test_a_resume_with_nothing_saved_says_once_that_it_starts_over(quick_base, t
     with monkeypatch.context() as patched:
         patched.setattr(Trainer, "optimizer_step", stop)
         with pytest.raises(TrainingError):
-            train(tiny_config(run, quick_base, "method=sft"))  # killed before its first save
+            train(tiny_config(run, quick_base, "method=sft"))  # failed before its first save: its folder is gone with it
+    if left:  # an earlier run's log without a saved state, which this start deletes
+        run.mkdir()
+        (run / MANIFEST).write_text('{"kind": "sspo-run", "version": 1}')
+        (run / "metrics.jsonl").write_text("")
     caplog.clear()
     train(tiny_config(run, quick_base, "method=sft"), resume=True)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("sspo")]
-    assert warned == [f"--resume: no saved state in {run}; starting from scratch (what a run there wrote is deleted at this run's first save)"]
+    deleted = " (what a run there wrote is deleted at this run's first save)" if left else ""
+    assert warned == [f"--resume: no saved state in {run}; starting from scratch{deleted}"]
 
 
 def test_a_run_that_fails_in_a_new_folder_leaves_no_folder(quick_base, tmp_path, capsys):
