@@ -174,7 +174,13 @@ def check_model_fits(cfg: TrainConfig, files, warn: bool = False) -> None:
     if files.video:  # a video denoiser is an image UNet joined to a motion adapter at load
         return
     denoiser = denoiser_skeleton(files.folder, files.config, family.denoiser_component, revision)
-    check_image_sizes(cfg, family, dict(denoiser.config), vae_scale_factor(component_config(files.folder, files.config, "vae", revision)))
+    vae_scale = vae_scale_factor(component_config(files.folder, files.config, "vae", revision))
+    check_image_sizes(cfg, family, dict(denoiser.config), vae_scale)
+    native = denoiser.config.get("sample_size")  # in latent pixels; FLUX's transformer states none
+    if warn and isinstance(native, int) and not native * vae_scale / 2 <= cfg.data.resolution <= native * vae_scale * 2:
+        log.warning("data.resolution %d is far from the %d px this model was made for (its denoiser's sample_size x its VAE's scale), "
+                    "as a config written for another model would be: set data.resolution=%d, unless that size is meant",
+                    cfg.data.resolution, native * vae_scale, native * vae_scale)
     if cfg.model.lora:
         family.lora_targets(denoiser, cfg.model.lora_targets, family.trained_modules(cfg.model.train_modules))
 

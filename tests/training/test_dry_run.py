@@ -34,6 +34,15 @@ def test_dry_run_prints_a_summary_and_trains_nothing(quick_base, pairs, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("resolution, far", [(512, True), (64, False)])
+def test_a_resolution_far_from_the_models_own_size_is_a_warning(resolution, far, quick_base, pairs, tmp_path, caplog):
+    argv = ["train", SD15, "--dry-run", f"model.pretrained={quick_base}", f"data.path={pairs}", f"data.resolution={resolution}", f"output_dir={tmp_path / 'run'}"]
+    with caplog.at_level("WARNING", logger="sspo"):
+        assert main(argv) == 0
+    warning = f"data.resolution {resolution} is far from the 32 px this model was made for (its denoiser's sample_size x its VAE's scale)"
+    assert (warning in caplog.text) == far  # twice the size or half of it is a choice, not a slip
+
+
 def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
     model = build_sdxl_pipeline(tmp_path / "sdxl")
     assert main(["train", SD15, "--dry-run", f"model.pretrained={model}", f"data.path={pairs}"]) == 0
