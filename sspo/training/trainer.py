@@ -252,7 +252,7 @@ class Trainer(Checkpointing):
 
         files = model_files(cfg)
         check_frames(cfg, files.video, files.longest_clip)  # before any row is read as an image or a clip
-        check_model_fits(cfg, files)
+        check_model_fits(cfg, files, warn=self.accelerator.is_main_process)  # its warnings before a world renders its data
         self.dataset = open_dataset(cfg)
         self.data_digest = data_digest(cfg)  # saved with each state: a resume can tell data edited in place
         self._epoch_orders: dict[int, torch.Tensor] = {}  # epoch -> row order (_epoch_order)
@@ -268,7 +268,7 @@ class Trainer(Checkpointing):
             if (component := self.family.component(name)) is not None:  # SD3 may be saved without T5
                 component.requires_grad_(False).eval()
         check_frames(cfg, self.family.video, self.family.longest_clip)  # the model's frame limit, now that it is loaded
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and files.config is None:  # a world's base built just now, which the check above could not read
             warn_ignored_settings(cfg, self.family, dict(self.family.denoiser.config))
         check_image_sizes(cfg, self.family, dict(self.family.denoiser.config), getattr(self.pipe, "vae_scale_factor", 8))
         self.metric_prompts = validation_metric_prompts(cfg, self.family.video)

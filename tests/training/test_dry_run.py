@@ -43,6 +43,21 @@ def test_a_resolution_far_from_the_models_own_size_is_a_warning(resolution, far,
     assert (warning in caplog.text) == far  # twice the size or half of it is a choice, not a slip
 
 
+def test_a_run_warns_of_a_resolution_far_from_the_models_size_before_it_reads_data(quick_base, tmp_path, monkeypatch, caplog):
+    from sspo.errors import TrainingError
+    from sspo.training import trainer
+
+    from test_trainer import tiny_config
+
+    def stop(cfg, **kwargs):
+        raise TrainingError("stopped where the data is opened")
+
+    monkeypatch.setattr(trainer, "open_dataset", stop)
+    with caplog.at_level("WARNING", logger="sspo"), pytest.raises(TrainingError, match="stopped where the data is opened"):
+        trainer.train(tiny_config(tmp_path / "run", quick_base, "data.resolution=512"))
+    assert caplog.text.count("data.resolution 512 is far from the 32 px this model was made for") == 1
+
+
 def test_dry_run_reads_an_sdxl_folder(pairs, tmp_path, capsys):
     model = build_sdxl_pipeline(tmp_path / "sdxl")
     assert main(["train", SD15, "--dry-run", f"model.pretrained={model}", f"data.path={pairs}"]) == 0
